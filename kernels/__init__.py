@@ -1,0 +1,259 @@
+"""fastbert.kernels: the fused ops of BERT, Triton on CUDA, plain PyTorch elsewhere.
+
+Every public op validates its input here (shared by both backends), then runs either the Triton
+implementation (``fastbert.kernels.<family>``, imported lazily so that importing this package never
+touches a GPU or compiles anything) or ``fastbert.kernels.reference``. See ``_dispatch`` for the
+FASTBERT_KERNELS switch.
+
+Value checks (ids, labels, cu_seqlens) need a host sync on CUDA tensors: they always run on CPU
+tensors and in eager mode, and are skipped inside torch.compile'd regions and CUDA-graph capture.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+
+from . import reference
+from ._dispatch import backend, use_triton
+
+__all__ = [
+    "attention",
+    "varlen_attention",
+    "bias_gelu",
+    "add_layer_norm",
+    "gelu_layer_norm",
+    "embed_layer_norm",
+    "mlm_loss",
+    "backend",
+    "reference",
+]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_APPROXIMATE = ("none", "tanh")
+
+
+def _triton(module: str):
+    return importlib.import_module(f"{__name__}.{module}")
+
+
+def _check_values() -> bool:
+    """Whether data-dependent checks may run (they sync the host with the device)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _check_tensor(name, t, ndim=None, dtypes=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() not in (ndim if isinstance(ndim, tuple) else (ndim,)):
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def _check_same(names_tensors, what="device"):
+    first_name, first = names_tensors[0]
+    for name, t in names_tensors[1:]:
+        if getattr(t, what) != getattr(first, what):
+            raise ValueError(f"{name} is on {what} {getattr(t, what)} but {first_name} is on {getattr(first, what)}"
+                             if what == "device" else
+                             f"{name} has {what} {getattr(t, what)} but {first_name} has {getattr(first, what)}")
+
+
+def _check_dropout(p):
+    if not (0.0 <= float(p) < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+
+
+def _check_width(name, t, n):
+    if t.shape != (n,):
+        raise ValueError(f"{name}: expected shape ({n},), got {tuple(t.shape)}")
+
+
+# ----------------------------------------------------------------------------------------- attention
+
+def attention(q, k, v, key_padding_mask=None, *, causal=False, dropout_p=0.0, softmax_scale=None):
+    """softmax(q kᵀ·scale + mask) v. q (B, H, Sq, D), k/v (B, H, Sk, D), key_padding_mask (B, Sk) bool."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, 4, _FLOAT_DTYPES)
+    _check_same([("q", q), ("k", k), ("v", v)], "device")
+    _check_same([("q", q), ("k", k), ("v", v)], "dtype")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head_dim")
+    if key_padding_mask is not None:
+        _check_tensor("key_padding_mask", key_padding_mask, 2, (torch.bool,))
+        _check_same([("q", q), ("key_padding_mask", key_padding_mask)], "device")
+        if key_padding_mask.shape != (k.shape[0], k.shape[2]):
+            raise ValueError(f"key_padding_mask: expected shape {(k.shape[0], k.shape[2])}, "
+                             f"got {tuple(key_padding_mask.shape)}")
+    _check_dropout(dropout_p)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if use_triton(q):
+        return _triton("flash_attention").attention(q, k, v, key_padding_mask, causal, float(dropout_p), scale)
+    return reference.attention(q, k, v, key_padding_mask, causal=causal, dropout_p=dropout_p, softmax_scale=scale)
+
+
+def _check_cu_seqlens(cu_seqlens, total, max_seqlen):
+    _check_tensor("cu_seqlens", cu_seqlens, 1, (torch.int32,))
+    if cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must hold at least two entries (batch + 1)")
+    if not _check_values():
+        return
+    cu = cu_seqlens.cpu()
+    if int(cu[0]) != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
+    lengths = cu[1:] - cu[:-1]
+    if bool((lengths < 0).any()):
+        raise ValueError("cu_seqlens must be non-decreasing")
+    if int(cu[-1]) != total:
+        raise ValueError(f"cu_seqlens ends at {int(cu[-1])} but q holds {total} tokens")
+    if int(lengths.max()) > max_seqlen:
+        raise ValueError(f"max_seqlen={max_seqlen} is below the longest sequence ({int(lengths.max())})")
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, dropout_p=0.0, softmax_scale=None):
+    """Attention within each packed sequence. q/k/v (total, H, D); cu_seqlens int32 (batch + 1,)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, 3, _FLOAT_DTYPES)
+    _check_same([("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)], "device")
+    _check_same([("q", q), ("k", k), ("v", v)], "dtype")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    max_seqlen = int(max_seqlen)
+    _check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
+    _check_dropout(dropout_p)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if use_triton(q):
+        return _triton("flash_attention").varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal,
+                                                          float(dropout_p), scale)
+    return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, dropout_p=dropout_p,
+                                      softmax_scale=scale)
+
+
+# ------------------------------------------------------------------------------ GELU and LayerNorm
+
+def _check_approximate(approximate):
+    if approximate not in _APPROXIMATE:
+        raise ValueError(f"approximate must be 'none' (erf GELU) or 'tanh', got {approximate!r}")
+
+
+def bias_gelu(x, bias, approximate="none"):
+    """gelu(x + bias); x (..., n), bias (n,)."""
+    _check_tensor("x", x, None, _FLOAT_DTYPES)
+    _check_tensor("bias", bias, 1, _FLOAT_DTYPES)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension")
+    _check_width("bias", bias, x.shape[-1])
+    _check_same([("x", x), ("bias", bias)], "device")
+    _check_approximate(approximate)
+    if use_triton(x):
+        return _triton("gelu").bias_gelu(x, bias, approximate)
+    return reference.bias_gelu(x, bias, approximate)
+
+
+def add_layer_norm(x, residual, weight, bias, eps=1e-12, dropout_p=0.0):
+    """layer_norm(dropout(x) + residual); x, residual (..., n); weight, bias (n,)."""
+    _check_tensor("x", x, None, _FLOAT_DTYPES)
+    _check_tensor("residual", residual, None, _FLOAT_DTYPES)
+    if x.dim() < 1 or x.shape != residual.shape:
+        raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} must have the same shape")
+    for name, t in (("weight", weight), ("bias", bias)):
+        _check_tensor(name, t, 1, _FLOAT_DTYPES)
+        _check_width(name, t, x.shape[-1])
+    _check_same([("x", x), ("residual", residual), ("weight", weight), ("bias", bias)], "device")
+    _check_dropout(dropout_p)
+    if use_triton(x):
+        return _triton("layer_norm").add_layer_norm(x, residual, weight, bias, float(eps), float(dropout_p))
+    return reference.add_layer_norm(x, residual, weight, bias, eps, dropout_p)
+
+
+def gelu_layer_norm(x, bias, weight, ln_bias, eps=1e-12, approximate="none"):
+    """layer_norm(gelu(x + bias)): the MLM head transform after its dense layer."""
+    _check_tensor("x", x, None, _FLOAT_DTYPES)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension")
+    for name, t in (("bias", bias), ("weight", weight), ("ln_bias", ln_bias)):
+        _check_tensor(name, t, 1, _FLOAT_DTYPES)
+        _check_width(name, t, x.shape[-1])
+    _check_same([("x", x), ("bias", bias), ("weight", weight), ("ln_bias", ln_bias)], "device")
+    _check_approximate(approximate)
+    if use_triton(x):
+        return _triton("layer_norm").gelu_layer_norm(x, bias, weight, ln_bias, float(eps), approximate)
+    return reference.gelu_layer_norm(x, bias, weight, ln_bias, eps, approximate)
+
+
+def _check_ids(name, ids, bound):
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor, got {ids.dtype}")
+    if _check_values() and ids.numel() > 0:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= bound:
+            raise ValueError(f"{name}: values must lie in [0, {bound}), got min {lo}, max {hi}")
+
+
+def embed_layer_norm(input_ids, token_type_ids, position_ids, word_weight, position_weight, type_weight,
+                     weight, bias, eps=1e-12, dropout_p=0.0):
+    """dropout(layer_norm(word[ids] + position[pos] + type[tt])); ids (batch, seq).
+
+    token_type_ids None means all zeros; position_ids None means 0..seq-1 in every row.
+    """
+    _check_tensor("input_ids", input_ids, 2)
+    for name, t in (("word_weight", word_weight), ("position_weight", position_weight),
+                    ("type_weight", type_weight)):
+        _check_tensor(name, t, 2, _FLOAT_DTYPES)
+    hidden = word_weight.shape[1]
+    if position_weight.shape[1] != hidden or type_weight.shape[1] != hidden:
+        raise ValueError("word, position and type embedding tables must have the same width")
+    for name, t in (("weight", weight), ("bias", bias)):
+        _check_tensor(name, t, 1, _FLOAT_DTYPES)
+        _check_width(name, t, hidden)
+    if token_type_ids is None:
+        token_type_ids = torch.zeros_like(input_ids)
+    if position_ids is None:
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    for name, t in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
+        _check_tensor(name, t, 2)
+        if t.shape != input_ids.shape:
+            raise ValueError(f"{name}: expected shape {tuple(input_ids.shape)}, got {tuple(t.shape)}")
+    _check_same([("input_ids", input_ids), ("token_type_ids", token_type_ids), ("position_ids", position_ids),
+                 ("word_weight", word_weight), ("position_weight", position_weight), ("type_weight", type_weight),
+                 ("weight", weight), ("bias", bias)], "device")
+    _check_ids("input_ids", input_ids, word_weight.shape[0])
+    _check_ids("token_type_ids", token_type_ids, type_weight.shape[0])
+    _check_ids("position_ids", position_ids, position_weight.shape[0])
+    _check_dropout(dropout_p)
+    if use_triton(word_weight):
+        return _triton("embedding").embed_layer_norm(input_ids, token_type_ids, position_ids, word_weight,
+                                                    position_weight, type_weight, weight, bias, float(eps),
+                                                    float(dropout_p))
+    return reference.embed_layer_norm(input_ids, token_type_ids, position_ids, word_weight, position_weight,
+                                      type_weight, weight, bias, eps, dropout_p)
+
+
+# ----------------------------------------------------------------------------------- masked-LM loss
+
+def mlm_loss(hidden, weight, bias, labels, ignore_index=-100):
+    """Mean cross-entropy of (hidden @ weightᵀ + bias) over rows with label != ignore_index; 0.0 if none."""
+    _check_tensor("hidden", hidden, 2, _FLOAT_DTYPES)
+    _check_tensor("weight", weight, 2, _FLOAT_DTYPES)
+    _check_tensor("bias", bias, 1, _FLOAT_DTYPES)
+    _check_tensor("labels", labels, 1, (torch.int64,))
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight {tuple(weight.shape)} must be (vocab, {hidden.shape[1]})")
+    _check_width("bias", bias, weight.shape[0])
+    if labels.shape[0] != hidden.shape[0]:
+        raise ValueError(f"labels has {labels.shape[0]} rows but hidden has {hidden.shape[0]}")
+    _check_same([("hidden", hidden), ("weight", weight), ("bias", bias), ("labels", labels)], "device")
+    if _check_values() and labels.numel() > 0:
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
+        if bool(bad.any()):
+            raise ValueError(f"labels must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}; "
+                             f"found {labels[bad][:5].tolist()}")
+    if use_triton(hidden):
+        return _triton("linear_cross_entropy").mlm_loss(hidden, weight, bias, labels, int(ignore_index))
+    return reference.mlm_loss(hidden, weight, bias, labels, ignore_index)

@@ -1,0 +1,52 @@
+"""Backend selection for fastbert.kernels (read at call time, so tests can flip it).
+
+FASTBERT_KERNELS:
+  auto      (default) Triton on CUDA tensors, the PyTorch reference on CPU tensors
+  triton    Triton always; CPU tensors need TRITON_INTERPRET=1 set before triton is imported
+  reference the PyTorch reference always (A/B checks, GPUs below sm_80)
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+_BACKENDS = ("auto", "triton", "reference")
+_warned_old_gpu = False
+
+
+def backend() -> str:
+    value = os.environ.get("FASTBERT_KERNELS", "auto").strip().lower() or "auto"
+    if value not in _BACKENDS:
+        raise ValueError(f"FASTBERT_KERNELS={value!r}: expected one of {', '.join(_BACKENDS)}")
+    return value
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when the op on tensor `t` should run its Triton kernel."""
+    global _warned_old_gpu
+    mode = backend()
+    if mode == "reference":
+        return False
+    if t.is_cuda:
+        if torch.cuda.get_device_capability(t.device)[0] < 8:
+            if not _warned_old_gpu:
+                warnings.warn("fastbert: GPUs below sm_80 run the PyTorch reference path", stacklevel=3)
+                _warned_old_gpu = True
+            return False
+        return True
+    if mode == "auto":
+        return False
+    if t.device.type != "cpu":
+        raise ValueError(f"FASTBERT_KERNELS=triton: tensors on {t.device} are not supported")
+    if not interpreting():
+        raise RuntimeError(
+            "FASTBERT_KERNELS=triton on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
+            "in the environment before triton is imported"
+        )
+    return True

@@ -1,0 +1,123 @@
+"""Plain-PyTorch reference of every fastbert op.
+
+Three jobs: the CPU path of the model, the oracle of the kernel tests (run in float64), and the
+baseline of the benchmarks. Written for clarity, not speed: nothing here is fused. Each function
+has the signature of its public twin in ``fastbert.kernels`` and supports autograd through
+PyTorch itself. Input validation lives in ``fastbert.kernels`` (shared by both backends).
+
+Low-precision inputs (fp16, bf16) are computed in fp32 and the result cast back, which is also
+what the Triton kernels promise (fp32 statistics and accumulators, input-dtype storage).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "attention",
+    "varlen_attention",
+    "bias_gelu",
+    "add_layer_norm",
+    "gelu_layer_norm",
+    "embed_layer_norm",
+    "mlm_loss",
+]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def attention(q, k, v, key_padding_mask=None, *, causal=False, dropout_p=0.0, softmax_scale=None):
+    """softmax(q kᵀ · scale + mask) v for q (B, H, Sq, D), k/v (B, H, Sk, D).
+
+    key_padding_mask (B, Sk) bool, True = real key. causal masks key j > query i (top-left aligned,
+    as F.scaled_dot_product_attention(is_causal=True)). A query row with no visible key gives zeros.
+    """
+    dtype = q.dtype
+    ct = _compute_dtype(dtype)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
+    seq_q, seq_k = q.shape[-2], k.shape[-2]
+    visible = torch.ones(seq_q, seq_k, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = torch.tril(visible)
+    visible = visible.expand(q.shape[0], 1, seq_q, seq_k)  # (B, 1, Sq, Sk)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :].to(torch.bool)
+    # A finite fill (not -inf) keeps fully masked rows free of NaN in forward and backward;
+    # their probabilities are zeroed below, so the fill value never reaches the output.
+    scores = scores.masked_fill(~visible, torch.finfo(ct).min)
+    probs = torch.softmax(scores, dim=-1)
+    probs = probs * visible.any(dim=-1, keepdim=True)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p, training=True)
+    return torch.matmul(probs, v.to(ct)).to(dtype)
+
+
+def _varlen_index(cu_seqlens: torch.Tensor, total: int):
+    """(sequence index, position in sequence) of every packed token."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq_idx = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths, output_size=total)
+    pos = torch.arange(total, device=cu_seqlens.device) - cu_seqlens.long()[seq_idx]
+    return seq_idx, pos, lengths
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, dropout_p=0.0, softmax_scale=None):
+    """Attention within each packed sequence: q/k/v (total, H, D), sequence i = rows cu[i]:cu[i+1]."""
+    total, heads, dim = q.shape
+    batch = cu_seqlens.numel() - 1
+    seq_idx, pos, lengths = _varlen_index(cu_seqlens, total)
+    width = max(int(max_seqlen), 1)
+
+    def pad(x):  # (total, H, D) -> (B, H, S, D)
+        padded = x.new_zeros(batch, width, heads, dim).index_put((seq_idx, pos), x)
+        return padded.transpose(1, 2)
+
+    mask = torch.arange(width, device=q.device)[None, :] < lengths[:, None]  # (B, S)
+    out = attention(pad(q), pad(k), pad(v), mask, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale)
+    return out.transpose(1, 2)[seq_idx, pos]  # (total, H, D)
+
+
+def bias_gelu(x, bias, approximate="none"):
+    ct = _compute_dtype(x.dtype)
+    return F.gelu(x.to(ct) + bias.to(ct), approximate=approximate).to(x.dtype)
+
+
+def add_layer_norm(x, residual, weight, bias, eps=1e-12, dropout_p=0.0):
+    ct = _compute_dtype(x.dtype)
+    h = x.to(ct)
+    if dropout_p > 0.0:
+        h = F.dropout(h, p=dropout_p, training=True)
+    h = h + residual.to(ct)
+    return F.layer_norm(h, h.shape[-1:], weight.to(ct), bias.to(ct), eps).to(x.dtype)
+
+
+def gelu_layer_norm(x, bias, weight, ln_bias, eps=1e-12, approximate="none"):
+    ct = _compute_dtype(x.dtype)
+    h = F.gelu(x.to(ct) + bias.to(ct), approximate=approximate)
+    return F.layer_norm(h, h.shape[-1:], weight.to(ct), ln_bias.to(ct), eps).to(x.dtype)
+
+
+def embed_layer_norm(input_ids, token_type_ids, position_ids, word_weight, position_weight, type_weight,
+                     weight, bias, eps=1e-12, dropout_p=0.0):
+    dtype = word_weight.dtype
+    ct = _compute_dtype(dtype)
+    h = (F.embedding(input_ids, word_weight).to(ct)
+         + F.embedding(position_ids, position_weight).to(ct)
+         + F.embedding(token_type_ids, type_weight).to(ct))
+    h = F.layer_norm(h, h.shape[-1:], weight.to(ct), bias.to(ct), eps)
+    if dropout_p > 0.0:
+        h = F.dropout(h, p=dropout_p, training=True)
+    return h.to(dtype)
+
+
+def mlm_loss(hidden, weight, bias, labels, ignore_index=-100):
+    """Mean cross-entropy of hidden @ weightᵀ + bias over rows whose label != ignore_index (0.0 if none)."""
+    ct = _compute_dtype(hidden.dtype)
+    logits = torch.addmm(bias.to(ct), hidden.to(ct), weight.to(ct).t())  # (rows, vocab)
+    total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    count = (labels != ignore_index).sum().clamp(min=1)
+    return (total / count).to(hidden.dtype)

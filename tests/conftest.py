@@ -1,0 +1,45 @@
+"""Test set-up shared by every test module.
+
+TRITON_INTERPRET must be set before triton is first imported, so it is set here, at the top of
+the first file pytest loads. Kernel tests then run the Triton kernels themselves on CPU tensors
+(FASTBERT_KERNELS=triton through the ``triton_kernels`` fixture), not the reference fallback.
+On a machine with a GPU, benchmarks/gpu_check.sh runs the same tests without the interpreter.
+"""
+import os
+import sys
+
+if not os.environ.get("FASTBERT_TEST_GPU"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+sys.path.insert(0, os.path.dirname(__file__))  # for `from tolerance import ...`
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+DEVICE = "cuda" if os.environ.get("FASTBERT_TEST_GPU") and torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture
+def triton_kernels(monkeypatch):
+    """Force the Triton implementation (interpreted on CPU, compiled on CUDA)."""
+    monkeypatch.setenv("FASTBERT_KERNELS", "triton")
+    yield
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    monkeypatch.setenv("FASTBERT_KERNELS", "reference")
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
