@@ -1,0 +1,99 @@
+"""Metrics on hand-checked cases (chunk rules of conlleval; the SQuAD v1.1 evaluation script)."""
+import pytest
+
+from fastbert.metrics import (accuracy, bio_entities, entity_f1, exact_match_score, normalize_answer,
+                              squad_scores, token_f1_score)
+
+
+def test_accuracy():
+    assert accuracy([1, 0, 1, 1], [1, 1, 1, 0]) == 0.5
+    assert accuracy(["a"], ["a"]) == 1.0
+    with pytest.raises(ValueError):
+        accuracy([1], [1, 2])
+    with pytest.raises(ValueError):
+        accuracy([], [])
+
+
+@pytest.mark.parametrize("tags, chunks", [
+    (["O", "O"], []),
+    (["B-PER", "I-PER", "O", "B-LOC"], [("PER", 0, 1), ("LOC", 3, 3)]),
+    # an I- without a B- opens a chunk (conlleval, seqeval default mode)
+    (["O", "I-PER", "I-PER", "O"], [("PER", 1, 2)]),
+    (["I-PER"], [("PER", 0, 0)]),
+    # a type change inside I- tags closes one chunk and opens another
+    (["B-PER", "I-PER", "I-LOC", "I-LOC"], [("PER", 0, 1), ("LOC", 2, 3)]),
+    # B- right after a chunk of the same type starts a new chunk
+    (["B-PER", "B-PER", "I-PER"], [("PER", 0, 0), ("PER", 1, 2)]),
+    (["I-ORG", "B-ORG"], [("ORG", 0, 0), ("ORG", 1, 1)]),
+    # a chunk open at the end of the sentence is closed there; types may contain dashes
+    (["O", "B-geo-loc", "I-geo-loc"], [("geo-loc", 1, 2)]),
+])
+def test_bio_entities(tags, chunks):
+    assert bio_entities(tags) == chunks
+
+
+def test_bad_tag_raises():
+    with pytest.raises(ValueError, match="E-PER"):
+        bio_entities(["E-PER"])
+
+
+def test_entity_f1_hand_counted():
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["B-ORG", "O", "I-MISC"]]
+    pred = [["B-PER", "I-PER", "O", "B-ORG"],  # PER right; LOC missed, ORG spurious
+            ["B-ORG", "I-ORG", "I-MISC"]]      # ORG has the wrong end; MISC(2,2) right
+    # gold chunks: PER, LOC, ORG(0,0), MISC(2,2) = 4; predicted: PER, ORG, ORG(0,1), MISC(2,2) = 4
+    r = entity_f1(gold, pred)
+    assert (r["n_gold"], r["n_pred"], r["n_correct"]) == (4, 4, 2)
+    assert r["precision"] == pytest.approx(0.5) and r["recall"] == pytest.approx(0.5)
+    assert r["f1"] == pytest.approx(0.5)
+
+
+def test_entity_f1_unequal_precision_recall():
+    gold = [["B-A", "I-A", "O", "B-B", "O", "B-C"]]
+    pred = [["B-A", "I-A", "O", "O", "O", "O"]]
+    r = entity_f1(gold, pred)
+    assert r["precision"] == 1.0 and r["recall"] == pytest.approx(1 / 3)
+    assert r["f1"] == pytest.approx(2 * 1 * (1 / 3) / (1 + 1 / 3))
+
+
+def test_entity_f1_chunks_do_not_cross_sentences():
+    # the same tags as one sentence would give one chunk; as two sentences they give two
+    assert entity_f1([["B-X", "I-X"]], [["B-X", "I-X"]])["n_gold"] == 1
+    assert entity_f1([["B-X"], ["I-X"]], [["B-X"], ["I-X"]])["n_gold"] == 2
+
+
+def test_entity_f1_degenerate():
+    assert entity_f1([["O"]], [["O"]])["f1"] == 0.0
+    assert entity_f1([["B-X"]], [["O"]])["f1"] == 0.0
+    with pytest.raises(ValueError, match="sentence 0"):
+        entity_f1([["O", "O"]], [["O"]])
+
+
+@pytest.mark.parametrize("raw, norm", [
+    ("The Eiffel Tower", "eiffel tower"),
+    ("  an apple,  a pear! ", "apple pear"),
+    ("Theater", "theater"),            # 'the' is only removed as a whole word
+    ("U.S.A.", "usa"),
+    ("the", ""),
+])
+def test_normalize_answer(raw, norm):
+    assert normalize_answer(raw) == norm
+
+
+def test_squad_em_and_f1():
+    assert exact_match_score("the Eiffel tower.", "Eiffel Tower") == 1.0
+    assert exact_match_score("Eiffel", "Eiffel Tower") == 0.0
+    # pred tokens {eiffel}, gold {eiffel, tower}: P = 1, R = 1/2, F1 = 2/3
+    assert token_f1_score("Eiffel", "the Eiffel Tower") == pytest.approx(2 / 3)
+    # repeated tokens count with multiplicity: pred [a1 a1 b], gold [a1 b b] -> common 2
+    assert token_f1_score("x x y", "x y y") == pytest.approx(2 / 3)
+    assert token_f1_score("cat", "dog") == 0.0
+    assert token_f1_score("the", "a") == 1.0    # both normalise to empty
+    assert token_f1_score("the", "dog") == 0.0
+
+
+def test_squad_scores_take_best_gold():
+    r = squad_scores(["Paris", "in 1889"], [["paris", "Paris, France"], ["1889", "in the year 1889"]])
+    assert r["exact_match"] == pytest.approx(0.5)
+    # second: vs "1889": P 1/2 R 1 -> 2/3; vs "in year 1889": P 1, R 2/3 -> 0.8
+    assert r["f1"] == pytest.approx((1.0 + 0.8) / 2)
