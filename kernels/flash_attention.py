@@ -1,0 +1,708 @@
+"""Flash attention for BERT in Triton: forward and backward, padded or packed, with dropout.
+
+Computes ``out = dropout(softmax(q kᵀ · scale + mask)) v`` without ever materialising the
+(seq_q, seq_k) score matrix: the forward streams key blocks through an online softmax (running max
+and sum in fp32) and saves one log-sum-exp per query row; the backward recomputes the probabilities
+block by block from it.
+
+Two layouts share the same kernels:
+  * padded:  q (B, H, Sq, D), k/v (B, H, Sk, D), optional key_padding_mask (B, Sk) bool (True = real)
+  * packed:  q/k/v (total, H, D) with cu_seqlens int32 (batch + 1,): sequence i is rows
+             cu_seqlens[i]:cu_seqlens[i+1] and attends only within itself (the unpadded BERT path)
+
+Supports:
+  * fp16, bf16 and fp32 inputs (fp32 dots run with input_precision="ieee", so no tf32 rounding);
+    statistics and accumulators are fp32, outputs are stored in the input dtype
+  * any head_dim <= 128 (padded up to a power of two >= 16 inside the kernel and masked)
+  * any sequence length >= 1 (no multiple-of-block assumption), seq_q != seq_k in the padded layout
+  * causal masking, top-left aligned like F.scaled_dot_product_attention(is_causal=True)
+  * dropout on the probabilities, from Philox counters keyed by a seed that the caller draws from
+    PyTorch's generator; the backward regenerates the same mask from the same seed
+  * strided inputs: only the last dimension must be contiguous, so q/k/v may be views of one fused
+    QKV projection (e.g. ``qkv.view(total, 3, H, D)[:, i]``) without a copy
+  * deterministic gradients: dK/dV come from one program per key block looping over query blocks,
+    dQ from one program per query block looping over key blocks; no atomics
+
+Not supported:
+  * head_dim > 128 (ValueError); float64 runs the PyTorch reference instead
+  * attention bias / arbitrary (Sq, Sk) masks; only key padding and causal masks
+  * seq_q * seq_k >= 2**31 with dropout (the Philox counter is an int32 per head)
+
+Caution:
+  * a query row with no visible key (all its keys padded, or an empty causal prefix) gives zeros and
+    zero gradients; its saved log-sum-exp is +inf so the backward's probabilities are exactly 0
+  * the log-sum-exp is kept in base 2 (``m·log2(e) + log2(l)``): the kernels work with exp2
+  * the custom ops check shapes but not the values of cu_seqlens (fastbert.kernels does, on the host)
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["attention", "varlen_attention", "fwd_config", "bwd_config"]
+
+_LOG2E = 1.4426950408889634
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ------------------------------------------------------------------------------------------ kernels
+
+@triton.jit
+def _sequence_bounds(CU_SEQLENS, b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
+    """(first row of this sequence in the token dimension, its query length, its key length)."""
+    if IS_VARLEN:
+        start = tl.load(CU_SEQLENS + b)
+        end = tl.load(CU_SEQLENS + b + 1)
+        return start, end - start, end - start
+    else:
+        return seqlen_q * 0, seqlen_q, seqlen_k
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V,            # inputs; token rows at stride_*s, last dim contiguous
+    O,                  # output, same layout rules as Q
+    LSE,                # fp32 log2-sum-exp per query row: padded (B, H, Sq), packed (H, total)
+    KPM,                # key padding mask as uint8 (B, Sk), 1 = real key; unused unless HAS_MASK
+    CU_SEQLENS,         # int32 (B + 1,) packed-sequence offsets; unused unless IS_VARLEN
+    SEED,               # int64 (1,) Philox seed drawn by the host; unused unless HAS_DROPOUT
+    stride_qb, stride_qh, stride_qs,  # strides of Q in elements: batch (0 when packed), head, token
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh,             # strides of LSE: batch (0 when packed), head; rows are contiguous
+    stride_mb,                        # stride of KPM between batch rows
+    n_heads,                          # H: program_id(1) enumerates batch * H
+    seqlen_q, seqlen_k,               # padded: Sq, Sk; packed: max_seqlen for both (the grid size)
+    qk_scale,                         # softmax_scale * log2(e): scores go straight to the exp2 domain
+    dropout_p,                        # probability of dropping an attention probability
+    HEAD_DIM: tl.constexpr,           # real head_dim
+    BLOCK_D: tl.constexpr,            # head_dim padded to a power of two >= 16 (tl.dot minimum)
+    BLOCK_M: tl.constexpr,            # query rows per program
+    BLOCK_N: tl.constexpr,            # keys per loop iteration
+    IS_VARLEN: tl.constexpr,          # packed layout (rows from CU_SEQLENS) instead of padded
+    HAS_MASK: tl.constexpr,           # apply KPM
+    CAUSAL: tl.constexpr,             # key j visible to query i only when j <= i
+    HAS_DROPOUT: tl.constexpr,        # apply dropout with SEED
+    DOT_PRECISION: tl.constexpr,      # "ieee" for fp32 inputs, else "tf32" (unused by fp16/bf16 dots)
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    start, len_q, len_k = _sequence_bounds(CU_SEQLENS, b, seqlen_q, seqlen_k, IS_VARLEN)
+    # The grid covers the longest sequence; programs past the end of a shorter one have no rows.
+    if pid_m * BLOCK_M >= len_q:
+        return
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < len_q
+    # 64-bit base offsets: batch * stride can pass 2**31 elements on large inputs.
+    start64 = start.to(tl.int64)
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + start64 * stride_qs
+    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + start64 * stride_ks
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + start64 * stride_vs
+
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    if HAS_DROPOUT:
+        # One Philox key per (batch, head); the counter is the (row, key) position inside it.
+        seed = tl.load(SEED) + pid_bh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    hi = len_k
+    if CAUSAL:
+        hi = tl.minimum(len_k, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < len_k
+        k_t = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None],
+                      other=0.0)
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+        visible = col_ok[None, :] & row_ok[:, None]
+        if HAS_MASK:
+            key_real = tl.load(KPM + b.to(tl.int64) * stride_mb + cols, mask=col_ok, other=0)
+            visible = visible & (key_real != 0)[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no visible key yet keeps m = -inf; subtracting 0 instead keeps exp2 at 0
+        # rather than NaN (-inf - -inf).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            # The normaliser l_i uses the undropped probabilities: dropout acts after the softmax.
+            r = tl.rand(seed, offs_m[:, None] * seqlen_k + cols[None, :])
+            p = tl.where(r >= dropout_p, p, 0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    inv = 1.0 / l_safe
+    if HAS_DROPOUT:
+        inv = inv / (1.0 - dropout_p)
+    out = acc * inv[:, None]
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + start64 * stride_os
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    # +inf for a row without visible keys: the backward's exp2(s - lse) is then exactly 0.
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    l_base = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + start64
+    tl.store(l_base + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_preprocess(
+    O, DO,              # forward output and its gradient, token rows at stride_*s
+    DELTA,              # fp32 out: rowsum(dO * O) per query row, laid out like LSE
+    CU_SEQLENS,         # int32 (B + 1,); unused unless IS_VARLEN
+    stride_ob, stride_oh, stride_os,     # strides of O (batch 0 when packed)
+    stride_dob, stride_doh, stride_dos,  # strides of DO
+    stride_lb, stride_lh,                # strides of DELTA (as LSE)
+    n_heads,                             # H
+    seqlen_q,                            # padded Sq, or max_seqlen when packed
+    HEAD_DIM: tl.constexpr,              # real head_dim
+    BLOCK_D: tl.constexpr,               # head_dim padded to a power of two
+    BLOCK_M: tl.constexpr,               # rows per program
+    IS_VARLEN: tl.constexpr,             # packed layout
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    start, len_q, _unused = _sequence_bounds(CU_SEQLENS, b, seqlen_q, seqlen_q, IS_VARLEN)
+    if pid_m * BLOCK_M >= len_q:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < len_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    start64 = start.to(tl.int64)
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + start64 * stride_os
+    do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + start64 * stride_dos
+    o = tl.load(o_base + offs_m[:, None] * stride_os + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    d_base = DELTA + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + start64
+    tl.store(d_base + offs_m, delta, mask=offs_m < len_q)
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO,        # forward inputs and the output gradient
+    DK, DV,             # outputs, contiguous like K/V in the launcher's layout
+    LSE, DELTA,         # fp32 per query row (log2-sum-exp from the forward, rowsum(dO * O))
+    KPM, CU_SEQLENS, SEED,            # as in _attn_fwd
+    stride_qb, stride_qh, stride_qs,  # strides (batch 0 when packed, head, token) of each tensor
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_dob, stride_doh, stride_dos,
+    stride_dkb, stride_dkh, stride_dks,
+    stride_dvb, stride_dvh, stride_dvs,
+    stride_lb, stride_lh,             # strides of LSE and DELTA
+    stride_mb,                        # stride of KPM between batch rows
+    n_heads, seqlen_q, seqlen_k,      # as in _attn_fwd
+    qk_scale,                         # softmax_scale * log2(e)
+    sm_scale,                         # softmax_scale (dK = scale * dSᵀ q)
+    dropout_p,                        # as in _attn_fwd
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,            # query rows per loop iteration
+    BLOCK_N: tl.constexpr,            # keys per program
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    start, len_q, len_k = _sequence_bounds(CU_SEQLENS, b, seqlen_q, seqlen_k, IS_VARLEN)
+    if pid_n * BLOCK_N >= len_k:
+        return
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    col_ok = offs_n < len_k
+    start64 = start.to(tl.int64)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    q_base = Q + b64 * stride_qb + h64 * stride_qh + start64 * stride_qs
+    do_base = DO + b64 * stride_dob + h64 * stride_doh + start64 * stride_dos
+    k_base = K + b64 * stride_kb + h64 * stride_kh + start64 * stride_ks
+    v_base = V + b64 * stride_vb + h64 * stride_vh + start64 * stride_vs
+    l_base = LSE + b64 * stride_lb + h64 * stride_lh + start64
+    delta_base = DELTA + b64 * stride_lb + h64 * stride_lh + start64
+
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+    key_visible = col_ok
+    if HAS_MASK:
+        key_real = tl.load(KPM + b64 * stride_mb + offs_n, mask=col_ok, other=0)
+        key_visible = key_visible & (key_real != 0)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED) + pid_bh
+        keep_scale = 1.0 / (1.0 - dropout_p)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo = 0
+    if CAUSAL:
+        # Queries above this key block's first key cannot see any of its keys.
+        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    for start_m in range(lo, len_q, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < len_q
+        q_t = tl.load(q_base + rows[None, :] * stride_qs + offs_d[:, None], mask=row_ok[None, :] & d_ok[:, None],
+                      other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dos + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                     other=0.0)
+        lse = tl.load(l_base + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M): Sᵀ
+        visible = key_visible[:, None] & row_ok[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[:, None] <= rows[None, :])
+        p_t = tl.where(visible, tl.math.exp2(s_t - lse[None, :]), 0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            r = tl.rand(seed, rows[None, :] * seqlen_k + offs_n[:, None])
+            keep = r >= dropout_p
+            pd_t = tl.where(keep, p_t * keep_scale, 0.0)
+            dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
+        else:
+            pd_t = p_t
+        dv += tl.dot(pd_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
+
+    dk = dk * sm_scale
+    dk_base = DK + b64 * stride_dkb + h64 * stride_dkh + start64 * stride_dks
+    dv_base = DV + b64 * stride_dvb + h64 * stride_dvh + start64 * stride_dvs
+    tl.store(dk_base + offs_n[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_base + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO,        # forward inputs and the output gradient
+    DQ,                 # output, contiguous like Q in the launcher's layout
+    LSE, DELTA,         # fp32 per query row
+    KPM, CU_SEQLENS, SEED,            # as in _attn_fwd
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_dob, stride_doh, stride_dos,
+    stride_dqb, stride_dqh, stride_dqs,
+    stride_lb, stride_lh,
+    stride_mb,
+    n_heads, seqlen_q, seqlen_k,
+    qk_scale,                         # softmax_scale * log2(e)
+    sm_scale,                         # softmax_scale (dQ = scale * dS k)
+    dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,            # query rows per program
+    BLOCK_N: tl.constexpr,            # keys per loop iteration
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    start, len_q, len_k = _sequence_bounds(CU_SEQLENS, b, seqlen_q, seqlen_k, IS_VARLEN)
+    if pid_m * BLOCK_M >= len_q:
+        return
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < len_q
+    start64 = start.to(tl.int64)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    q_base = Q + b64 * stride_qb + h64 * stride_qh + start64 * stride_qs
+    do_base = DO + b64 * stride_dob + h64 * stride_doh + start64 * stride_dos
+    k_base = K + b64 * stride_kb + h64 * stride_kh + start64 * stride_ks
+    v_base = V + b64 * stride_vb + h64 * stride_vh + start64 * stride_vs
+
+    qd_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=qd_mask, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=qd_mask, other=0.0)
+    lse = tl.load(LSE + b64 * stride_lb + h64 * stride_lh + start64 + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + b64 * stride_lb + h64 * stride_lh + start64 + offs_m, mask=row_ok, other=0.0)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED) + pid_bh
+        keep_scale = 1.0 / (1.0 - dropout_p)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    hi = len_k
+    if CAUSAL:
+        hi = tl.minimum(len_k, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < len_k
+        kv_mask = col_ok[None, :] & d_ok[:, None]
+        k_t = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=kv_mask, other=0.0)
+        v_t = tl.load(v_base + cols[None, :] * stride_vs + offs_d[:, None], mask=kv_mask, other=0.0)
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+        visible = col_ok[None, :] & row_ok[:, None]
+        if HAS_MASK:
+            key_real = tl.load(KPM + b64 * stride_mb + cols, mask=col_ok, other=0)
+            visible = visible & (key_real != 0)[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None])
+        p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            r = tl.rand(seed, offs_m[:, None] * seqlen_k + cols[None, :])
+            dp = tl.where(r >= dropout_p, dp * keep_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
+
+    dq = dq * sm_scale
+    dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh + start64 * stride_dqs
+    tl.store(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+# ------------------------------------------------------------------------------- configurations
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def fwd_config(block_d: int, dtype: torch.dtype) -> dict:
+    """Launch parameters of _attn_fwd (one fixed choice per head_dim / dtype: no autotuning, so the
+    interpreter and ahead-of-time compilation see exactly what a GPU runs)."""
+    if _interpreting():
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=32 if block_d == 128 else 64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if block_d == 128 else 4, num_stages=3)
+
+
+def bwd_config(block_d: int, dtype: torch.dtype) -> dict:
+    """Launch parameters of the two backward kernels: dkdv = (BLOCK_M, BLOCK_N, warps, stages) with
+    BLOCK_N keys per program; dq = the same with BLOCK_M queries per program."""
+    if _interpreting():
+        return dict(dkdv=(64, 64, 4, 1), dq=(64, 64, 4, 1))
+    if dtype == torch.float32:
+        return dict(dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2))
+    warps = 8 if block_d == 128 else 4
+    return dict(dkdv=(32, 128, warps, 3), dq=(128, 32, warps, 3))
+
+
+_PRECISION = {torch.float32: "ieee", torch.float16: "tf32", torch.bfloat16: "tf32"}
+
+
+# --------------------------------------------------------------------------------- host launchers
+
+class _Layout:
+    """How to find (batch, head, token) rows of one tensor: strides for the kernels' addressing
+    base + b*stride_b + h*stride_h + (seq_start + row)*stride_s."""
+
+    @staticmethod
+    def padded(t):  # (B, H, S, D)
+        return t.stride(0), t.stride(1), t.stride(2)
+
+    @staticmethod
+    def packed(t):  # (total, H, D): batch stride 0, the sequence start comes from cu_seqlens
+        return 0, t.stride(1), t.stride(0)
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_kernel_limits(q, k, v):
+    head_dim = q.shape[-1]
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"Triton attention supports head_dim <= {MAX_HEAD_DIM}, got {head_dim}")
+    if q.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"Triton attention takes fp16, bf16 or fp32, got {q.dtype}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} must match q in dtype and device ({q.dtype}, {q.device}); "
+                             f"got {t.dtype}, {t.device}")
+
+
+def _geometry(q, k, cu_seqlens, max_seqlen):
+    """(layout fn, batch, heads, seqlen_q, seqlen_k) for either layout."""
+    if cu_seqlens is None:
+        return _Layout.padded, q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    return _Layout.packed, cu_seqlens.numel() - 1, q.shape[1], max_seqlen, max_seqlen
+
+
+def _lse_strides(lse, cu_seqlens):
+    # padded (B, H, Sq) ; packed (H, total)
+    return (lse.stride(0), lse.stride(1)) if cu_seqlens is None else (0, lse.stride(0))
+
+
+def _lse_empty(q, cu_seqlens):
+    if cu_seqlens is None:
+        return torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    return torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+
+
+def _flash_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, dropout_p, softmax_scale):
+    """Allocate out (contiguous, like q) and lse, launch _attn_fwd; returns (out, lse)."""
+    _check_kernel_limits(q, k, v)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    layout, batch, heads, seqlen_q, seqlen_k = _geometry(q, k, cu_seqlens, max_seqlen)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = _lse_empty(q, cu_seqlens)
+    if out.numel() == 0 or batch == 0 or seqlen_q == 0:
+        return out.zero_(), lse.fill_(float("inf"))
+    head_dim = q.shape[-1]
+    block_d = _block_d(head_dim)
+    cfg = fwd_config(block_d, q.dtype)
+    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
+    grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * heads)
+    _attn_fwd[grid](
+        q, k, v, out, lse, kpm, cu_seqlens, seed,
+        *layout(q), *layout(k), *layout(v), *layout(out), *_lse_strides(lse, cu_seqlens),
+        kpm.stride(0) if kpm is not None else 0,
+        heads, seqlen_q, seqlen_k, softmax_scale * _LOG2E, dropout_p,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        IS_VARLEN=cu_seqlens is not None, HAS_MASK=kpm is not None, CAUSAL=bool(causal),
+        HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=_PRECISION[q.dtype],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out, lse
+
+
+def _flash_bwd(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, dropout_p,
+               softmax_scale):
+    """dQ, dK, dV (contiguous, like q/k/v): a delta pass, then one kernel for dK/dV, one for dQ."""
+    _check_kernel_limits(q, k, v)
+    dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
+    layout, batch, heads, seqlen_q, seqlen_k = _geometry(q, k, cu_seqlens, max_seqlen)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if q.numel() == 0 or k.numel() == 0 or batch == 0 or seqlen_q == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if cu_seqlens is not None:
+        # Tokens beyond cu_seqlens[-1] belong to no sequence; fastbert.kernels forbids them, but the
+        # op alone should still give defined gradients there.
+        dq.zero_(), dk.zero_(), dv.zero_()
+    head_dim = q.shape[-1]
+    block_d = _block_d(head_dim)
+    cfg = bwd_config(block_d, q.dtype)
+    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
+    stride_mb = kpm.stride(0) if kpm is not None else 0
+    lse_strides = _lse_strides(lse, cu_seqlens)
+    is_varlen = cu_seqlens is not None
+    flags = dict(IS_VARLEN=is_varlen, HAS_MASK=kpm is not None, CAUSAL=bool(causal), HAS_DROPOUT=dropout_p > 0.0,
+                 DOT_PRECISION=_PRECISION[q.dtype])
+
+    delta = torch.empty_like(lse)
+    pre_m = 64
+    _attn_bwd_preprocess[(triton.cdiv(seqlen_q, pre_m), batch * heads)](
+        out, dout, delta, cu_seqlens, *layout(out), *layout(dout), *lse_strides, heads, seqlen_q,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_m, IS_VARLEN=is_varlen, num_warps=4,
+    )
+    common = (heads, seqlen_q, seqlen_k, softmax_scale * _LOG2E, softmax_scale, dropout_p)
+    bm, bn, warps, stages = cfg["dkdv"]
+    _attn_bwd_dkdv[(triton.cdiv(seqlen_k, bn), batch * heads)](
+        q, k, v, dout, dk, dv, lse, delta, kpm, cu_seqlens, seed,
+        *layout(q), *layout(k), *layout(v), *layout(dout), *layout(dk), *layout(dv), *lse_strides, stride_mb,
+        *common, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, **flags,
+        num_warps=warps, num_stages=stages,
+    )
+    bm, bn, warps, stages = cfg["dq"]
+    _attn_bwd_dq[(triton.cdiv(seqlen_q, bm), batch * heads)](
+        q, k, v, dout, dq, lse, delta, kpm, cu_seqlens, seed,
+        *layout(q), *layout(k), *layout(v), *layout(dout), *layout(dq), *lse_strides, stride_mb,
+        *common, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, **flags,
+        num_warps=warps, num_stages=stages,
+    )
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------ custom ops
+
+def _require_interpreter():
+    if not _interpreting():
+        raise RuntimeError("fastbert's Triton attention on CPU tensors needs TRITON_INTERPRET=1 set before "
+                           "triton is imported (FASTBERT_KERNELS=triton)")
+
+
+@torch.library.custom_op("fastbert::attention_fwd", mutates_args=(), device_types="cuda")
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                  seed: Optional[torch.Tensor], causal: bool, dropout_p: float,
+                  softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded-layout forward: (out (B, H, Sq, D), lse fp32 (B, H, Sq) in base 2)."""
+    return _flash_fwd(q, k, v, key_padding_mask, None, 0, seed, causal, dropout_p, softmax_scale)
+
+
+@attention_fwd.register_kernel("cpu")
+def _(q, k, v, key_padding_mask, seed, causal, dropout_p, softmax_scale):
+    _require_interpreter()
+    return _flash_fwd(q, k, v, key_padding_mask, None, 0, seed, causal, dropout_p, softmax_scale)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, key_padding_mask, seed, causal, dropout_p, softmax_scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastbert::attention_bwd", mutates_args=(), device_types="cuda")
+def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                  causal: bool, dropout_p: float, softmax_scale: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded-layout backward: (dq, dk, dv)."""
+    return _flash_bwd(dout, q, k, v, out, lse, key_padding_mask, None, 0, seed, causal, dropout_p, softmax_scale)
+
+
+@attention_bwd.register_kernel("cpu")
+def _(dout, q, k, v, out, lse, key_padding_mask, seed, causal, dropout_p, softmax_scale):
+    _require_interpreter()
+    return _flash_bwd(dout, q, k, v, out, lse, key_padding_mask, None, 0, seed, causal, dropout_p, softmax_scale)
+
+
+@attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, key_padding_mask, seed, causal, dropout_p, softmax_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, seed, causal, dropout_p, softmax_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, seed)
+    ctx.causal, ctx.dropout_p, ctx.softmax_scale = causal, dropout_p, softmax_scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, key_padding_mask, seed = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, key_padding_mask, seed, ctx.causal, ctx.dropout_p,
+                               ctx.softmax_scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+@torch.library.custom_op("fastbert::varlen_attention_fwd", mutates_args=(), device_types="cuda")
+def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                         max_seqlen: int, seed: Optional[torch.Tensor], causal: bool, dropout_p: float,
+                         softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed-layout forward: (out (total, H, D), lse fp32 (H, total) in base 2)."""
+    return _flash_fwd(q, k, v, None, cu_seqlens, max_seqlen, seed, causal, dropout_p, softmax_scale)
+
+
+@varlen_attention_fwd.register_kernel("cpu")
+def _(q, k, v, cu_seqlens, max_seqlen, seed, causal, dropout_p, softmax_scale):
+    _require_interpreter()
+    return _flash_fwd(q, k, v, None, cu_seqlens, max_seqlen, seed, causal, dropout_p, softmax_scale)
+
+
+@varlen_attention_fwd.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, seed, causal, dropout_p, softmax_scale):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastbert::varlen_attention_bwd", mutates_args=(), device_types="cuda")
+def varlen_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                         seed: Optional[torch.Tensor], causal: bool, dropout_p: float, softmax_scale: float
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed-layout backward: (dq, dk, dv)."""
+    return _flash_bwd(dout, q, k, v, out, lse, None, cu_seqlens, max_seqlen, seed, causal, dropout_p,
+                      softmax_scale)
+
+
+@varlen_attention_bwd.register_kernel("cpu")
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, seed, causal, dropout_p, softmax_scale):
+    _require_interpreter()
+    return _flash_bwd(dout, q, k, v, out, lse, None, cu_seqlens, max_seqlen, seed, causal, dropout_p,
+                      softmax_scale)
+
+
+@varlen_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, seed, causal, dropout_p, softmax_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, seed, causal, dropout_p, softmax_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed)
+    ctx.max_seqlen, ctx.causal, ctx.dropout_p, ctx.softmax_scale = max_seqlen, causal, dropout_p, softmax_scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _varlen_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_seqlens, seed = ctx.saved_tensors
+    dq, dk, dv = varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, seed, ctx.causal,
+                                      ctx.dropout_p, ctx.softmax_scale)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+varlen_attention_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+
+# ---------------------------------------------------------------------------------- public entry
+
+def _draw_seed(q, dropout_p):
+    """A Philox seed from PyTorch's generator for q's device (no host sync, traceable)."""
+    if dropout_p <= 0.0:
+        return None
+    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=q.device)
+
+
+def _use_reference(q, k):
+    return q.dtype == torch.float64 or q.numel() == 0 or k.numel() == 0
+
+
+def attention(q, k, v, key_padding_mask, causal, dropout_p, softmax_scale):
+    """Padded-layout attention (called by fastbert.kernels.attention after its input checks)."""
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"Triton attention supports head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
+    if _use_reference(q, k):
+        from . import reference
+        return reference.attention(q, k, v, key_padding_mask, causal=causal, dropout_p=dropout_p,
+                                   softmax_scale=softmax_scale)
+    seed = _draw_seed(q, dropout_p)
+    out, _lse = attention_fwd(q, k, v, key_padding_mask, seed, bool(causal), float(dropout_p),
+                              float(softmax_scale))
+    return out
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, dropout_p, softmax_scale):
+    """Packed-layout attention (called by fastbert.kernels.varlen_attention after its input checks)."""
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"Triton attention supports head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
+    if _use_reference(q, k):
+        from . import reference
+        return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, dropout_p=dropout_p,
+                                          softmax_scale=softmax_scale)
+    seed = _draw_seed(q, dropout_p)
+    out, _lse = varlen_attention_fwd(q, k, v, cu_seqlens, int(max_seqlen), seed, bool(causal), float(dropout_p),
+                                     float(softmax_scale))
+    return out
