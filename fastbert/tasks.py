@@ -1,0 +1,455 @@
+"""Fine-tuning tasks: file readers, label sets, tokenisation into features, batching, QA decoding.
+
+Five tasks, five file formats (API.md, "Command line"):
+
+- classify  JSONL ``{"text", "label"}``
+- pair      JSONL ``{"text_a", "text_b", "label"}``
+- ner       CoNLL ``token<TAB>tag`` (BIO tags), a blank line between sentences
+- qa        JSONL ``{"question", "context", "answers": {"text": [...], "answer_start": [...]}}``
+- choice    JSONL ``{"question", "choices": [...], "label"}`` (label = index into choices)
+
+Readers raise ``DataError`` naming the file and the line for anything they cannot use (bad JSON, a
+missing or mistyped field, a tag that is not BIO, an answer_start that does not point at the answer
+text, an empty file). Unknown labels in a dev/test file are an error, not a silent skip.
+
+Over-long input is truncated, never rejected, and the number of truncated examples is reported:
+classify/pair/choice keep the first ``max_length`` tokens (pair and choice trim the longer of the
+two texts first); ner keeps the words that fit, and words cut off are predicted "O" (so they still
+count against recall); qa splits the context into overlapping windows (``doc_stride`` tokens of
+overlap) and questions longer than ``max_query_length`` tokens are cut.
+
+Nothing here imports the model: features are plain lists, and ``collate`` pads a batch to its own
+longest sequence.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from typing import Any, Sequence
+
+import torch
+
+from .metrics import _split_tag
+
+TASKS = ("classify", "pair", "ner", "qa", "choice")
+
+
+class DataError(ValueError):
+    """A problem in a data file; the message names the file and line."""
+
+
+# ----------------------------------------------------------------------------------------- readers
+
+def _open_nonempty(path: str):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: the file is empty")
+    return open(path, encoding="utf-8")
+
+
+def _need(obj: dict, key: str, kind, where: str):
+    if key not in obj:
+        raise DataError(f"{where}: missing field {key!r}")
+    value = obj[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise DataError(f"{where}: field {key!r} should be {want}, got {type(value).__name__}")
+    return value
+
+
+def read_jsonl(path: str, task: str) -> list[dict]:
+    """Read a JSONL file of `task` (classify, pair, qa, choice); each example keeps its line as `_where`."""
+    examples = []
+    with _open_nonempty(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            ex: dict[str, Any] = {"_where": where}
+            if task == "classify":
+                ex["text"] = _need(obj, "text", str, where)
+                ex["label"] = _need(obj, "label", (str, int), where)
+            elif task == "pair":
+                ex["text_a"] = _need(obj, "text_a", str, where)
+                ex["text_b"] = _need(obj, "text_b", str, where)
+                ex["label"] = _need(obj, "label", (str, int), where)
+            elif task == "qa":
+                ex["question"] = _need(obj, "question", str, where)
+                ex["context"] = _need(obj, "context", str, where)
+                answers = _need(obj, "answers", dict, where)
+                texts = _need(answers, "text", list, where + " (answers)")
+                starts = _need(answers, "answer_start", list, where + " (answers)")
+                if len(texts) != len(starts):
+                    raise DataError(f"{where}: answers has {len(texts)} texts but {len(starts)} answer_start")
+                for t, s in zip(texts, starts):
+                    if not isinstance(t, str) or not isinstance(s, int) or isinstance(s, bool):
+                        raise DataError(f"{where}: answers need string texts and integer answer_start")
+                    if ex["context"][s:s + len(t)] != t:
+                        raise DataError(f"{where}: answer_start {s} does not point at the answer {t!r} "
+                                        f"in the context")
+                ex["answers"] = {"text": list(texts), "answer_start": list(starts)}
+            elif task == "choice":
+                ex["question"] = _need(obj, "question", str, where)
+                choices = _need(obj, "choices", list, where)
+                if len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+                    raise DataError(f"{where}: 'choices' should be a list of at least two strings")
+                ex["choices"] = choices
+                label = _need(obj, "label", (int, str), where)
+                if isinstance(label, str):
+                    if label not in choices:
+                        raise DataError(f"{where}: label {label!r} is not one of the choices")
+                    label = choices.index(label)
+                if not 0 <= label < len(choices):
+                    raise DataError(f"{where}: label {label} is out of range for {len(choices)} choices")
+                ex["label"] = label
+            else:
+                raise ValueError(f"read_jsonl: task {task!r} is not a JSONL task")
+            examples.append(ex)
+    if not examples:
+        raise DataError(f"{path}: no examples (only blank lines)")
+    return examples
+
+
+def read_conll(path: str) -> list[dict]:
+    """Sentences of a CoNLL file as {"words", "tags", "_where"} (where = the sentence's first line)."""
+    sentences, words, tags, first = [], [], [], None
+    with _open_nonempty(path) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                if words:
+                    sentences.append({"words": words, "tags": tags, "_where": f"{path}:{first}"})
+                words, tags = [], []
+                continue
+            if line.startswith("-DOCSTART-"):
+                continue
+            parts = line.split("\t")
+            if len(parts) != 2:
+                parts = line.split()
+            if len(parts) != 2 or not parts[0] or not parts[1]:
+                raise DataError(f"{path}:{lineno}: expected 'token<TAB>tag', got {line!r}")
+            try:
+                _split_tag(parts[1])
+            except ValueError as e:
+                raise DataError(f"{path}:{lineno}: {e}") from None
+            if not words:
+                first = lineno
+            words.append(parts[0])
+            tags.append(parts[1])
+    if words:
+        sentences.append({"words": words, "tags": tags, "_where": f"{path}:{first}"})
+    if not sentences:
+        raise DataError(f"{path}: no sentences")
+    return sentences
+
+
+def read_examples(task: str, path: str) -> list[dict]:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    return read_conll(path) if task == "ner" else read_jsonl(path, task)
+
+
+# -------------------------------------------------------------------------------------- label sets
+
+def _label_key(v):
+    return (0, v, "") if isinstance(v, int) else (1, 0, v)
+
+
+def build_label_list(task: str, examples: Sequence[dict]) -> list | None:
+    """Labels of the training file, in a fixed order: sorted values (ints numerically); for NER "O"
+    first, then each type's B- and I- tags. None for qa and choice, which have no label set."""
+    if task in ("classify", "pair"):
+        return sorted({ex["label"] for ex in examples}, key=_label_key)
+    if task == "ner":
+        tags = {t for ex in examples for t in ex["tags"]}
+        tags.discard("O")
+        return ["O"] + sorted(tags, key=lambda t: (t[2:], t[0]))
+    return None
+
+
+def check_labels(task: str, examples: Sequence[dict], labels: Sequence | None, path: str) -> None:
+    """Raise DataError naming the line of the first label the model was not trained on."""
+    if labels is None:
+        return
+    known = set(labels)
+    for ex in examples:
+        seen = ex["tags"] if task == "ner" else [ex["label"]]
+        for lab in seen:
+            if lab not in known:
+                raise DataError(f"{ex['_where']}: label {lab!r} does not occur in the training file "
+                                f"(known labels: {sorted(map(str, known))})")
+
+
+# ------------------------------------------------------------------------------------- tokenizer
+
+def load_tokenizer(model_dir: str):
+    """A `tokenizers.Tokenizer` for a checkpoint folder: tokenizer.json if present, else a BERT
+    WordPiece tokenizer over vocab.txt (lower-cased unless tokenizer_config.json says
+    do_lower_case=false). Padding and truncation are switched off: this module does both itself."""
+    from tokenizers import Tokenizer
+
+    tj = os.path.join(model_dir, "tokenizer.json")
+    if os.path.isfile(tj):
+        tok = Tokenizer.from_file(tj)
+    else:
+        vocab = os.path.join(model_dir, "vocab.txt")
+        if not os.path.isfile(vocab):
+            raise FileNotFoundError(f"{model_dir}: neither tokenizer.json nor vocab.txt found")
+        from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+        lower = True
+        cfg = os.path.join(model_dir, "tokenizer_config.json")
+        if os.path.isfile(cfg):
+            with open(cfg, encoding="utf-8") as f:
+                lower = bool(json.load(f).get("do_lower_case", True))
+        tok = Tokenizer(models.WordPiece.from_file(vocab, unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                    strip_accents=None, lowercase=lower)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        if cls is None or sep is None:
+            raise ValueError(f"{vocab}: the vocabulary has no [CLS] or [SEP] token")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        tok.decoder = decoders.WordPiece()
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def copy_tokenizer_files(src: str, dst: str) -> None:
+    import shutil
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        p = os.path.join(src, name)
+        if os.path.isfile(p) and os.path.abspath(src) != os.path.abspath(dst):
+            shutil.copyfile(p, os.path.join(dst, name))
+
+
+def _special_id(tok, token: str) -> int:
+    i = tok.token_to_id(token)
+    if i is None:
+        raise ValueError(f"the tokenizer has no {token} token")
+    return i
+
+
+# -------------------------------------------------------------------------------------- features
+
+def _encode_truncated(tok, firsts, seconds, max_length, pretokenized=False):
+    """encode_batch with longest-first truncation to max_length; returns (encodings, n_truncated)."""
+    tok.enable_truncation(max_length=max_length, strategy="longest_first")
+    try:
+        inputs = list(firsts) if seconds is None else list(zip(firsts, seconds))
+        encs = tok.encode_batch(inputs, is_pretokenized=pretokenized)
+    finally:
+        tok.no_truncation()
+    return encs, sum(1 for e in encs if e.overflowing)
+
+
+def build_features(task: str, examples: Sequence[dict], tok, max_length: int = 128,
+                   label2id: dict | None = None, doc_stride: int | None = None,
+                   max_query_length: int = 64) -> tuple[list[dict], dict]:
+    """Tokenise examples into features; returns (features, info) with info["truncated"] = how many
+    examples were cut (qa: how many contexts needed more than one window).
+
+    Every feature has input_ids and token_type_ids (choice: one list per choice) and, where the
+    example has one, its label (`labels`; ner: one per token, -100 except on each word's first
+    sub-token; qa: start_positions / end_positions, 0 = [CLS] when the answer is not in the
+    window). Each feature keeps `example` = the index of its example.
+    """
+    if max_length < 8:
+        raise ValueError(f"max_length {max_length} is too small (at least 8)")
+    feats: list[dict] = []
+    if task in ("classify", "pair"):
+        firsts = [ex["text"] if task == "classify" else ex["text_a"] for ex in examples]
+        seconds = None if task == "classify" else [ex["text_b"] for ex in examples]
+        encs, n_trunc = _encode_truncated(tok, firsts, seconds, max_length)
+        for i, (ex, e) in enumerate(zip(examples, encs)):
+            f = {"example": i, "input_ids": e.ids, "token_type_ids": e.type_ids}
+            if label2id is not None:
+                f["labels"] = label2id[ex["label"]]
+            feats.append(f)
+        return feats, {"truncated": n_trunc}
+
+    if task == "ner":
+        encs, n_trunc = _encode_truncated(tok, [ex["words"] for ex in examples], None, max_length,
+                                          pretokenized=True)
+        for i, (ex, e) in enumerate(zip(examples, encs)):
+            labels, first_token = [], {}
+            for pos, w in enumerate(e.word_ids):
+                if w is not None and w not in first_token:
+                    first_token[w] = pos
+                    labels.append(label2id[ex["tags"][w]] if label2id is not None else -100)
+                else:
+                    labels.append(-100)
+            feats.append({"example": i, "input_ids": e.ids, "token_type_ids": e.type_ids,
+                          "labels": labels, "word_starts": first_token})
+        return feats, {"truncated": n_trunc}
+
+    if task == "choice":
+        n_trunc = 0
+        for i, ex in enumerate(examples):
+            encs, t = _encode_truncated(tok, [ex["question"]] * len(ex["choices"]), ex["choices"], max_length)
+            n_trunc += bool(t)
+            f = {"example": i, "input_ids": [e.ids for e in encs],
+                 "token_type_ids": [e.type_ids for e in encs]}
+            if "label" in ex:
+                f["labels"] = ex["label"]
+            feats.append(f)
+        return feats, {"truncated": n_trunc}
+
+    if task == "qa":
+        return _qa_features(examples, tok, max_length, doc_stride, max_query_length)
+    raise ValueError(f"unknown task {task!r}")
+
+
+def qa_windows(n_tokens: int, budget: int, overlap: int) -> list[tuple[int, int]]:
+    """[start, end) token windows of at most `budget` tokens covering 0..n_tokens, consecutive windows
+    sharing `overlap` tokens (the last window may share more, never fewer)."""
+    if budget <= 0:
+        raise ValueError("no room left for the context: the question is as long as max_length")
+    if not 0 <= overlap < budget:
+        raise ValueError(f"doc_stride {overlap} must be smaller than the context room {budget}")
+    windows, start = [], 0
+    while True:
+        end = min(start + budget, n_tokens)
+        windows.append((start, end))
+        if end >= n_tokens:
+            return windows
+        start = end - overlap
+
+
+def char_span_to_tokens(offsets: Sequence[tuple[int, int]], start_char: int, end_char: int):
+    """First and last token (inclusive) overlapping characters [start_char, end_char)."""
+    first = last = None
+    for i, (s, e) in enumerate(offsets):
+        if e > start_char and s < end_char:
+            if first is None:
+                first = i
+            last = i
+    if first is None:
+        raise ValueError(f"no token covers characters [{start_char}, {end_char})")
+    return first, last
+
+
+def _qa_features(examples, tok, max_length, doc_stride, max_query_length):
+    cls_id, sep_id = _special_id(tok, "[CLS]"), _special_id(tok, "[SEP]")
+    if doc_stride is None:
+        doc_stride = max_length // 4
+    feats, n_split, n_q_trunc = [], 0, 0
+    q_encs = tok.encode_batch([ex["question"] for ex in examples], add_special_tokens=False)
+    c_encs = tok.encode_batch([ex["context"] for ex in examples], add_special_tokens=False)
+    for i, (ex, qe, ce) in enumerate(zip(examples, q_encs, c_encs)):
+        q_ids = qe.ids[:max_query_length]
+        n_q_trunc += len(qe.ids) > max_query_length
+        budget = max_length - len(q_ids) - 3
+        windows = qa_windows(len(ce.ids), budget, min(doc_stride, budget - 1))
+        n_split += len(windows) > 1
+        answer = None
+        if ex.get("answers") and ex["answers"]["text"]:
+            s = ex["answers"]["answer_start"][0]
+            answer = char_span_to_tokens(ce.offsets, s, s + len(ex["answers"]["text"][0]))
+        for ws, we in windows:
+            ids = [cls_id] + q_ids + [sep_id] + ce.ids[ws:we] + [sep_id]
+            types = [0] * (len(q_ids) + 2) + [1] * (we - ws + 1)
+            ctx0 = len(q_ids) + 2  # position of the window's first context token
+            offsets = [None] * ctx0 + list(ce.offsets[ws:we]) + [None]
+            f = {"example": i, "input_ids": ids, "token_type_ids": types, "offsets": offsets}
+            if answer is not None:
+                a, b = answer
+                if ws <= a and b < we:
+                    f["start_positions"], f["end_positions"] = ctx0 + a - ws, ctx0 + b - ws
+                else:
+                    f["start_positions"] = f["end_positions"] = 0
+            feats.append(f)
+    return feats, {"truncated": n_split, "questions_truncated": n_q_trunc}
+
+
+def qa_best_spans(examples: Sequence[dict], features: Sequence[dict], start_logits, end_logits,
+                  n_best: int = 20, max_answer_tokens: int = 30) -> list[str]:
+    """The best answer text of each example over all its windows (score = start + end logit),
+    mapped back to the context's characters through the tokenizer's offsets. A span must lie in the
+    context part of one window and end at or after its start."""
+    best: list[tuple[float, str]] = [(-math.inf, "")] * len(examples)
+    for f, sl, el in zip(features, start_logits, end_logits):
+        sl, el = list(map(float, sl)), list(map(float, el))
+        offs = f["offsets"]
+        ctx = [j for j, o in enumerate(offs) if o is not None and j < len(sl)]
+        starts = sorted(ctx, key=lambda j: -sl[j])[:n_best]
+        ends = sorted(ctx, key=lambda j: -el[j])[:n_best]
+        i = f["example"]
+        for s in starts:
+            for e in ends:
+                if e < s or e - s + 1 > max_answer_tokens:
+                    continue
+                score = sl[s] + el[e]
+                if score > best[i][0]:
+                    context = examples[i]["context"]
+                    best[i] = (score, context[offs[s][0]:offs[e][1]])
+    return [text for _, text in best]
+
+
+# --------------------------------------------------------------------------------------- batches
+
+def length_of(feature: dict) -> int:
+    ids = feature["input_ids"]
+    return max(map(len, ids)) if ids and isinstance(ids[0], list) else len(ids)
+
+
+def bucket_batches(lengths: Sequence[int], batch_size: int, shuffle: bool, seed: int = 0,
+                   bucket_factor: int = 50) -> list[list[int]]:
+    """Batches of indices that group similar lengths, so padding to each batch's longest costs
+    little. Training: shuffle, sort within chunks of batch_size * bucket_factor, cut, shuffle the
+    batches. Evaluation: sort everything by length."""
+    idx = list(range(len(lengths)))
+    if not shuffle:
+        idx.sort(key=lambda i: lengths[i])
+        return [idx[k:k + batch_size] for k in range(0, len(idx), batch_size)]
+    rng = random.Random(seed)
+    rng.shuffle(idx)
+    chunk = batch_size * bucket_factor
+    batches = []
+    for c in range(0, len(idx), chunk):
+        part = sorted(idx[c:c + chunk], key=lambda i: lengths[i])
+        batches += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(features: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Pad a batch to its longest sequence: input_ids, token_type_ids, attention_mask and the label
+    tensors present (labels / start_positions / end_positions); ner labels are padded with -100."""
+    multi = isinstance(features[0]["input_ids"][0], list)
+    longest = max(length_of(f) for f in features)
+
+    def pad(seq, value):
+        return list(seq) + [value] * (longest - len(seq))
+
+    if multi:
+        ids = [[pad(s, pad_id) for s in f["input_ids"]] for f in features]
+        types = [[pad(s, 0) for s in f["token_type_ids"]] for f in features]
+        mask = [[pad([1] * len(s), 0) for s in f["input_ids"]] for f in features]
+    else:
+        ids = [pad(f["input_ids"], pad_id) for f in features]
+        types = [pad(f["token_type_ids"], 0) for f in features]
+        mask = [pad([1] * len(f["input_ids"]), 0) for f in features]
+    batch = {"input_ids": torch.tensor(ids, dtype=torch.long),
+             "token_type_ids": torch.tensor(types, dtype=torch.long),
+             "attention_mask": torch.tensor(mask, dtype=torch.long)}
+    if "labels" in features[0]:
+        if isinstance(features[0]["labels"], list):
+            batch["labels"] = torch.tensor([pad(f["labels"], -100) for f in features], dtype=torch.long)
+        else:
+            batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.long)
+    for k in ("start_positions", "end_positions"):
+        if k in features[0]:
+            batch[k] = torch.tensor([f[k] for f in features], dtype=torch.long)
+    return batch

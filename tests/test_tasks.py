@@ -1,0 +1,216 @@
+"""Readers, label sets, features, QA windows and span decoding on hand-checked cases."""
+import json
+
+import pytest
+import torch
+
+from fastbert.tasks import (DataError, build_features, build_label_list, bucket_batches, char_span_to_tokens,
+                            check_labels, collate, load_tokenizer, qa_best_spans, qa_windows, read_examples)
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "near", "big",
+         "red", "door", "where", "is", "it", "##s", "good", "bad", "movie", ".", "?", "a", "b"]
+
+
+@pytest.fixture
+def tok(tmp_path):
+    (tmp_path / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    return load_tokenizer(str(tmp_path))
+
+
+def write(path, lines):
+    path.write_text("".join(l + "\n" for l in lines), encoding="utf-8")
+    return str(path)
+
+
+def jl(*objs):
+    return [json.dumps(o) for o in objs]
+
+
+# ----------------------------------------------------------------------------------------- readers
+
+def test_read_classify_and_labels(tmp_path):
+    p = write(tmp_path / "t.jsonl", jl({"text": "good", "label": 1}, {"text": "bad", "label": 0}) + [""])
+    ex = read_examples("classify", p)
+    assert [e["text"] for e in ex] == ["good", "bad"]
+    assert build_label_list("classify", ex) == [0, 1]
+    assert ex[1]["_where"] == f"{p}:2"
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"text": "x"}'], r"t.jsonl:1: missing field 'label'"),
+    (['{"text": "x", "label": 0}', '{"label": 0}'], r"t.jsonl:2: missing field 'text'"),
+    (['{"text": 3, "label": 0}'], r"t.jsonl:1: field 'text' should be str"),
+    (['{"text": "x", "label": 0}', "{oops"], r"t.jsonl:2: invalid JSON"),
+    (["[1, 2]"], r"t.jsonl:1: expected a JSON object"),
+    ([""], r"no examples"),
+])
+def test_classify_errors_name_file_and_line(tmp_path, lines, message):
+    p = write(tmp_path / "t.jsonl", lines)
+    with pytest.raises(DataError, match=message):
+        read_examples("classify", p)
+
+
+def test_empty_and_missing_files(tmp_path):
+    (tmp_path / "e.jsonl").write_text("")
+    with pytest.raises(DataError, match="e.jsonl: the file is empty"):
+        read_examples("classify", str(tmp_path / "e.jsonl"))
+    with pytest.raises(DataError, match="no such file"):
+        read_examples("ner", str(tmp_path / "missing.conll"))
+
+
+def test_unknown_label_names_line(tmp_path):
+    train = read_examples("pair", write(tmp_path / "a.jsonl", jl({"text_a": "a", "text_b": "b", "label": "yes"})))
+    p = write(tmp_path / "b.jsonl", jl({"text_a": "a", "text_b": "b", "label": "yes"},
+                                      {"text_a": "a", "text_b": "b", "label": "maybe"}))
+    with pytest.raises(DataError, match=r"b.jsonl:2: label 'maybe' does not occur"):
+        check_labels("pair", read_examples("pair", p), build_label_list("pair", train), p)
+
+
+def test_read_conll(tmp_path):
+    p = write(tmp_path / "n.conll", ["the\tO", "red\tB-thing", "door\tI-thing", "", "", "cat\tB-animal", ""])
+    ex = read_examples("ner", p)
+    assert [e["words"] for e in ex] == [["the", "red", "door"], ["cat"]]
+    assert ex[1]["_where"] == f"{p}:6"
+    assert build_label_list("ner", ex) == ["O", "B-animal", "B-thing", "I-thing"]
+    bad = write(tmp_path / "bad.conll", ["the\tO", "red"])
+    with pytest.raises(DataError, match=r"bad.conll:2: expected 'token<TAB>tag'"):
+        read_examples("ner", bad)
+    bad = write(tmp_path / "bad2.conll", ["the\tO", "red\tX-thing"])
+    with pytest.raises(DataError, match=r"bad2.conll:2: tag 'X-thing'"):
+        read_examples("ner", bad)
+
+
+def test_read_qa_and_choice(tmp_path):
+    ctx = "the cat sat"
+    p = write(tmp_path / "q.jsonl", jl({"question": "where", "context": ctx,
+                                        "answers": {"text": ["cat"], "answer_start": [4]}}))
+    assert read_examples("qa", p)[0]["answers"]["answer_start"] == [4]
+    p = write(tmp_path / "q2.jsonl", jl({"question": "where", "context": ctx,
+                                         "answers": {"text": ["cat"], "answer_start": [5]}}))
+    with pytest.raises(DataError, match=r"q2.jsonl:1: answer_start 5 does not point at the answer"):
+        read_examples("qa", p)
+    p = write(tmp_path / "c.jsonl", jl({"question": "q", "choices": ["a", "b"], "label": "b"},
+                                       {"question": "q", "choices": ["a", "b"], "label": 2}))
+    with pytest.raises(DataError, match=r"c.jsonl:2: label 2 is out of range"):
+        read_examples("choice", p)
+
+
+# -------------------------------------------------------------------------------------- features
+
+def test_classify_features_truncate(tok):
+    ex = [{"text": "the cat sat on the mat near", "label": "x"}, {"text": "cat", "label": "y"}]
+    feats, info = build_features("classify", ex, tok, max_length=8, label2id={"x": 0, "y": 1})
+    assert info["truncated"] == 1
+    assert feats[0]["input_ids"] == [2, 5, 6, 7, 8, 5, 9, 3]          # exactly 8, ends in [SEP]
+    assert feats[1]["input_ids"] == [2, 6, 3] and feats[1]["labels"] == 1
+
+
+def test_pair_features_token_types(tok):
+    feats, _ = build_features("pair", [{"text_a": "cat", "text_b": "red door", "label": 0}], tok,
+                              label2id={0: 0})
+    assert feats[0]["input_ids"] == [2, 6, 3, 12, 13, 3]
+    assert feats[0]["token_type_ids"] == [0, 0, 0, 1, 1, 1]
+
+
+def test_ner_labels_first_subtoken_only(tok):
+    ex = [{"words": ["The", "mats", "red"], "tags": ["O", "B-x", "I-x"]}]
+    label2id = {"O": 0, "B-x": 1, "I-x": 2}
+    feats, _ = build_features("ner", ex, tok, label2id=label2id)
+    # [CLS] the mat ##s red [SEP]
+    assert feats[0]["input_ids"] == [2, 5, 9, 17, 12, 3]
+    assert feats[0]["labels"] == [-100, 0, 1, -100, 2, -100]
+    assert feats[0]["word_starts"] == {0: 1, 1: 2, 2: 4}
+
+
+def test_qa_windows_cover_with_overlap():
+    assert qa_windows(11, 6, 2) == [(0, 6), (4, 10), (8, 11)]
+    assert qa_windows(5, 6, 2) == [(0, 5)]
+    assert qa_windows(6, 6, 0) == [(0, 6)]
+    with pytest.raises(ValueError):
+        qa_windows(10, 4, 4)
+
+
+def test_char_span_to_tokens():
+    offsets = [(0, 3), (4, 7), (7, 8), (9, 12)]       # "the mat s red" -> mat ##s
+    assert char_span_to_tokens(offsets, 4, 8) == (1, 2)
+    assert char_span_to_tokens(offsets, 5, 6) == (1, 1)   # inside one token
+    assert char_span_to_tokens(offsets, 9, 12) == (3, 3)
+
+
+def test_qa_answer_across_window_boundary(tok):
+    #          0   1   2   3  4   5   6    7   8   9   10
+    context = "the cat sat on the mat near the big red door"
+    s = context.index("mat near")
+    ex = [{"question": "where", "context": context, "answers": {"text": ["mat near"], "answer_start": [s]}}]
+    # question = 1 token, so the room for context = 10 - 1 - 3 = 6 tokens; overlap 2
+    feats, info = build_features("qa", ex, tok, max_length=10, doc_stride=2)
+    assert info["truncated"] == 1
+    assert len(feats) == 3 and all(len(f["input_ids"]) <= 10 for f in feats)
+    # window 0 covers tokens 0..5: 'mat'(5) is in it, 'near'(6) is not -> labelled [CLS]
+    assert (feats[0]["start_positions"], feats[0]["end_positions"]) == (0, 0)
+    # window 1 covers tokens 4..9; context starts at position 3 ([CLS] where [SEP])
+    f = feats[1]
+    assert f["input_ids"][:3] == [2, 14, 3] and f["input_ids"][-1] == 3
+    assert (f["start_positions"], f["end_positions"]) == (3 + 5 - 4, 3 + 6 - 4)
+    assert f["input_ids"][f["start_positions"]] == 9 and f["input_ids"][f["end_positions"]] == 10
+    assert f["token_type_ids"] == [0, 0, 0] + [1] * 7
+    assert (feats[2]["start_positions"], feats[2]["end_positions"]) == (0, 0)
+
+
+def test_qa_best_span_maps_back_to_characters(tok):
+    context = "The cat sat on the MATS near the Big Red Door"
+    ex = [{"question": "where", "context": context, "answers": {"text": ["x"], "answer_start": [0]}}]
+    feats, _ = build_features("qa", ex, tok, max_length=10, doc_stride=2)
+    # tokens: the cat sat on the mat ##s near the big red door = 12 context tokens
+    # room 6, overlap 2 -> windows (0,6) (4,10) (8,12)
+    assert len(feats) == 3
+
+    def logits(f, start_tok, end_tok, hi):
+        n = len(f["input_ids"])
+        s, e = [0.0] * n, [0.0] * n
+        s[start_tok], e[end_tok] = hi, hi
+        return s, e
+
+    # window 1 points at 'MATS' (tokens mat ##s, positions 3+5-4, 3+6-4); window 2 at 'Big Red Door'
+    s1, e1 = logits(feats[1], 4, 5, 5.0)
+    s2, e2 = logits(feats[2], 3 + 9 - 8, 3 + 11 - 8, 4.0)
+    s0, e0 = logits(feats[0], 0, 0, 9.0)        # a high [CLS] score is never an answer
+    out = qa_best_spans(ex, feats, [s0, s1, s2], [e0, e1, e2])
+    assert out == ["MATS"]
+    s2, e2 = logits(feats[2], 3 + 9 - 8, 3 + 11 - 8, 6.0)
+    assert qa_best_spans(ex, feats, [s0, s1, s2], [e0, e1, e2]) == ["Big Red Door"]
+    # an end before the start is never chosen
+    s1, e1 = logits(feats[1], 5, 4, 50.0)
+    assert qa_best_spans(ex, feats[1:2], [s1], [e1]) != ["MATS"]
+
+
+def test_choice_features_and_collate(tok):
+    ex = [{"question": "where is it", "choices": ["cat", "the big red door"], "label": 1}]
+    feats, _ = build_features("choice", ex, tok)
+    batch = collate(feats)
+    assert batch["input_ids"].shape == (1, 2, 10)
+    assert batch["attention_mask"][0, 0].tolist() == [1] * 7 + [0] * 3
+    assert batch["labels"].tolist() == [1]
+
+
+def test_collate_pads_to_batch_longest_and_ner_labels_with_ignore():
+    feats = [{"input_ids": [2, 5, 3], "token_type_ids": [0, 0, 0], "labels": [-100, 1, -100]},
+             {"input_ids": [2, 3], "token_type_ids": [0, 0], "labels": [-100, -100]}]
+    b = collate(feats)
+    assert b["input_ids"].tolist() == [[2, 5, 3], [2, 3, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert b["labels"].tolist() == [[-100, 1, -100], [-100, -100, -100]]
+    assert b["input_ids"].dtype == torch.long
+
+
+def test_bucket_batches():
+    lengths = [5, 1, 9, 3, 7, 2, 8]
+    ev = bucket_batches(lengths, 3, shuffle=False)
+    assert ev == [[1, 5, 3], [0, 4, 6], [2]]
+    tr = bucket_batches(lengths, 2, shuffle=True, seed=1, bucket_factor=100)
+    assert sorted(i for b in tr for i in b) == list(range(7))
+    for b in tr:   # one chunk holds everything, so each batch is a run of the sorted order
+        order = sorted(range(7), key=lambda i: lengths[i])
+        pos = sorted(order.index(i) for i in b)
+        assert pos == list(range(pos[0], pos[0] + len(b)))
+    assert tr == bucket_batches(lengths, 2, shuffle=True, seed=1, bucket_factor=100)
