@@ -1,0 +1,149 @@
+"""Checkpoint I/O in Hugging Face's layout: config.json + model.safetensors (or pytorch_model.bin,
+read with weights_only=True, never as an arbitrary pickle).
+
+Loading follows transformers' rules: a bare BertModel checkpoint loads into every head class and
+a head checkpoint into BertModel; missing task-head weights are initialised and named in a warning;
+missing encoder/embedding weights or mis-shaped weights raise; `embeddings.position_ids` (a legacy
+buffer) is ignored; other unexpected keys are named in a warning.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from .config import BertConfig
+
+SAFETENSORS = "model.safetensors"
+PYTORCH_BIN = "pytorch_model.bin"
+# Parameters that belong to task heads: transformers initialises these when a checkpoint lacks them.
+HEAD_PREFIXES = ("bert.pooler.", "pooler.", "cls.", "classifier.", "qa_outputs.")
+# Aliases of one Parameter (weight tying): either name satisfies both.
+TIED = {"cls.predictions.decoder.bias": "cls.predictions.bias", "cls.predictions.bias": "cls.predictions.decoder.bias"}
+IGNORED = ("embeddings.position_ids", "bert.embeddings.position_ids", "embeddings.token_type_ids",
+           "bert.embeddings.token_type_ids")
+
+
+def read_state_dict(path: str) -> dict:
+    """Tensors of a checkpoint folder (or a file), with a clear error for a corrupt file."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        for name in (SAFETENSORS, PYTORCH_BIN):
+            if os.path.exists(os.path.join(path, name)):
+                path = os.path.join(path, name)
+                break
+        else:
+            raise FileNotFoundError(f"{path} holds neither {SAFETENSORS} nor {PYTORCH_BIN}")
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {exc}") from exc
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses anything but tensors and plain containers
+        raise ValueError(f"{path} could not be read as a weights-only PyTorch checkpoint: {exc}") from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict")
+    return state
+
+
+def _rename_legacy(key: str) -> str:
+    # TF-converted checkpoints name LayerNorm parameters gamma/beta.
+    if key.endswith(".gamma"):
+        return key[:-6] + ".weight"
+    if key.endswith(".beta"):
+        return key[:-5] + ".bias"
+    return key
+
+
+def _align_prefix(state: dict, expected: set, prefix: str) -> dict:
+    """Add or strip the `bert.` prefix so a base checkpoint fits a head class and vice versa."""
+    has_prefix = any(k.startswith(prefix) for k in state)
+    wants_prefix = any(k.startswith(prefix) for k in expected)
+    if wants_prefix and not has_prefix:
+        return {(prefix + k if k.split(".")[0] in ("embeddings", "encoder", "pooler") else k): v
+                for k, v in state.items()}
+    if has_prefix and not wants_prefix:
+        return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+    return state
+
+
+def load_state_dict_into(model: torch.nn.Module, state: dict) -> None:
+    expected = model.state_dict()
+    state = {_rename_legacy(k): v for k, v in state.items() if k not in IGNORED}
+    state = _align_prefix(state, set(expected), "bert.")
+    state = {k: v for k, v in state.items() if k not in IGNORED}
+
+    tied_decoder = model.config.tie_word_embeddings and "cls.predictions.decoder.weight" in expected
+    missing, mismatched = [], []
+    for key, param in expected.items():
+        if key in state:
+            if tuple(state[key].shape) != tuple(param.shape):
+                mismatched.append(f"{key}: checkpoint {tuple(state[key].shape)}, model {tuple(param.shape)}")
+        elif key in TIED and TIED[key] in state:
+            continue
+        elif key == "cls.predictions.decoder.weight" and tied_decoder:
+            continue  # the word-embedding matrix itself
+        else:
+            missing.append(key)
+    if mismatched:
+        raise ValueError("checkpoint weights have the wrong shape:\n  " + "\n  ".join(mismatched))
+    head_missing = [k for k in missing if k.startswith(HEAD_PREFIXES)]
+    body_missing = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
+    if body_missing:
+        raise ValueError(f"checkpoint lacks encoder/embedding weights: {', '.join(body_missing)}")
+    unexpected = sorted(set(state) - set(expected))
+    if head_missing:
+        warnings.warn(f"{type(model).__name__}: newly initialised (not in the checkpoint): {', '.join(head_missing)}",
+                      stacklevel=3)
+    if unexpected:
+        warnings.warn(f"{type(model).__name__}: checkpoint weights not used: {', '.join(unexpected)}", stacklevel=3)
+
+    with torch.no_grad():
+        params = dict(model.named_parameters(remove_duplicate=False))
+        params.update(dict(model.named_buffers()))
+        for key, target in params.items():
+            source = state.get(key)
+            if source is None and key in TIED:
+                source = state.get(TIED[key])
+            if source is not None:
+                target.copy_(source.to(target.dtype))
+    if tied_decoder and "cls.predictions.decoder.weight" in state and "bert.embeddings.word_embeddings.weight" not in state:
+        with torch.no_grad():
+            model.get_input_embeddings().weight.copy_(state["cls.predictions.decoder.weight"])
+
+
+def load_pretrained(cls, path, dtype=None, **config_overrides):
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is not a checkpoint folder (config.json + {SAFETENSORS})")
+    config = BertConfig.from_pretrained(path, **config_overrides)
+    model = cls(config)
+    load_state_dict_into(model, read_state_dict(path))
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def save_pretrained(model, path) -> None:
+    """config.json + model.safetensors that the transformers class of the same name loads."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(path)
+    state, seen = {}, {}
+    for key, tensor in model.state_dict().items():
+        # safetensors stores no aliases: keep the first name of each shared tensor (as transformers does)
+        ident = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype) if tensor.numel() else None
+        if ident is not None and ident in seen:
+            continue
+        seen[ident] = key
+        state[key] = tensor.detach().contiguous().cpu()
+    tmp = os.path.join(path, SAFETENSORS + ".tmp")
+    save_file(state, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(path, SAFETENSORS))

@@ -1,0 +1,116 @@
+"""BertConfig: the fields of transformers.BertConfig, read from and written to config.json."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+# hidden_act -> the `approximate` argument of GELU (the only activations BERT checkpoints use)
+GELU_APPROXIMATE = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+
+# Named sizes for `fastbert pretrain --config NAME` (hidden, layers, heads); intermediate = 4 x hidden.
+SIZES = {
+    "micro": (64, 2, 2),
+    "tiny": (128, 2, 2),
+    "mini": (256, 4, 4),
+    "small": (512, 4, 8),
+    "medium": (512, 8, 8),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+}
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    classifier_dropout: float | None = None
+    num_labels: int = 2
+    id2label: dict | None = None
+    label2id: dict | None = None
+    tie_word_embeddings: bool = True
+    problem_type: str | None = None
+    architectures: list | None = None
+    # Fields of other config.json files that this class does not model are kept and written back.
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.hidden_act not in GELU_APPROXIMATE:
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; fastbert supports "
+                             f"{', '.join(GELU_APPROXIMATE)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                             f"{self.num_attention_heads}")
+        if self.id2label is not None:
+            self.id2label = {int(k): v for k, v in self.id2label.items()}
+            self.num_labels = len(self.id2label)
+        else:
+            self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        if self.label2id is None or len(self.label2id) != len(self.id2label):
+            self.label2id = {v: k for k, v in self.id2label.items()}
+        self.label2id = {k: int(v) for k, v in self.label2id.items()}
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def gelu_approximate(self) -> str:
+        return GELU_APPROXIMATE[self.hidden_act]
+
+    @classmethod
+    def from_dict(cls, d: dict, **overrides) -> "BertConfig":
+        d = {**d, **overrides}
+        if "num_labels" in overrides and "id2label" not in overrides:
+            # as in transformers: asking for a label count replaces the saved label names
+            d.pop("id2label", None)
+            d.pop("label2id", None)
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        extra = {k: v for k, v in d.items() if k not in known and k != "extra"}
+        return cls(**kwargs, extra=extra)
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides) -> "BertConfig":
+        path = os.fspath(path)
+        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"no config.json at {path}")
+        with open(file, encoding="utf-8") as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{file} is not valid JSON: {exc}") from exc
+        return cls.from_dict(d, **overrides)
+
+    @classmethod
+    def from_size(cls, name: str, **overrides) -> "BertConfig":
+        if name not in SIZES:
+            raise ValueError(f"unknown size {name!r}; choose one of {', '.join(SIZES)}")
+        hidden, layers, heads = SIZES[name]
+        return cls(**{"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+                      "intermediate_size": 4 * hidden, **overrides})
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        extra = d.pop("extra")
+        d["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        d["model_type"] = "bert"
+        return {**extra, **d}
+
+    def save_pretrained(self, path) -> None:
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")

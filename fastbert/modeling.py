@@ -1,0 +1,660 @@
+"""BERT, one readable file. Module and parameter names are those of transformers' Bert classes, so
+checkpoints load in both directions with no remap table.
+
+Two structural choices make it fast before any kernel does:
+1. Unpadded execution. After the embeddings, padding tokens are dropped; the encoder runs on the
+   packed real tokens, (total_tokens, hidden), with variable-length attention over cu_seqlens.
+   Every linear layer then does only useful work. Outputs are scattered back to (batch, seq, hidden)
+   with zeros at padding positions (values there are unspecified by the API; zeros are finite).
+2. The masked-LM head in training runs on the masked rows only, through the fused linear +
+   cross-entropy op, so the (tokens, vocab) logits never exist.
+The hot paths call fastbert.kernels (Triton on CUDA, the PyTorch reference elsewhere).
+
+Shapes: B batch, S sequence, T real tokens (sum of lengths), D hidden, nh heads, hd head_dim, V vocab.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastbert.kernels as K
+
+from .config import BertConfig
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+class ModelOutput(OrderedDict):
+    """Attribute- and key-addressable output; to_tuple() drops None fields, as transformers does."""
+
+    def __init__(self, **fields):
+        super().__init__(**fields)
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, slice)):
+            return self.to_tuple()[key]
+        return super().__getitem__(key)
+
+    def to_tuple(self):
+        return tuple(v for v in self.values() if v is not None)
+
+
+def _finish(output: ModelOutput, return_dict: bool):
+    return output if return_dict else output.to_tuple()
+
+
+# ------------------------------------------------------------------------------------------- layout
+
+class _Packed:
+    """Where the real tokens of a padded (B, S) batch sit once packed into (T, ...) rows."""
+
+    def __init__(self, attention_mask: torch.Tensor):
+        self.batch, self.seq = attention_mask.shape
+        lengths = attention_mask.sum(dim=1, dtype=torch.int32)  # (B,)
+        self.cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))  # (B + 1,)
+        self.all_real = bool(attention_mask.all())
+        if self.all_real:
+            self.indices = None
+            self.max_seqlen = self.seq
+        else:
+            # A real token may sit anywhere in its row (left padding, holes): gather by the mask.
+            self.indices = attention_mask.flatten().nonzero().squeeze(1)  # (T,)
+            self.max_seqlen = int(lengths.max()) if self.batch else 0
+            # Rows must be contiguous per sequence in the packed order: flatten() of a row-major
+            # mask already keeps row b's tokens before row b + 1's, in position order.
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(self.batch * self.seq, *x.shape[2:])  # (B*S, ...)
+        return x if self.indices is None else x.index_select(0, self.indices)  # (T, ...)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        if self.indices is not None:
+            x = x.new_zeros(self.batch * self.seq, *x.shape[1:]).index_copy(0, self.indices, x)
+        return x.view(self.batch, self.seq, *x.shape[1:])  # (B, S, ...)
+
+
+class _Padded:
+    """The padded layout, used when attention probabilities are requested (output_attentions)."""
+
+    def __init__(self, attention_mask: torch.Tensor, dtype: torch.dtype):
+        self.batch, self.seq = attention_mask.shape
+        # Additive mask exactly as transformers builds it, so the returned probabilities match.
+        self.additive = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min  # (B,1,1,S)
+
+    def pack(self, x):
+        return x.reshape(self.batch * self.seq, *x.shape[2:])
+
+    def unpack(self, x):
+        return x.view(self.batch, self.seq, *x.shape[1:])
+
+
+# --------------------------------------------------------------------------------------- embeddings
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None):
+        p = self.config.hidden_dropout_prob if self.training else 0.0
+        if inputs_embeds is None:
+            word = self.word_embeddings.weight
+            if torch.is_grad_enabled() and word.requires_grad and self.word_embeddings.padding_idx is not None:
+                word = _ZeroRowGrad.apply(word, self.word_embeddings.padding_idx)
+            return K.embed_layer_norm(input_ids, token_type_ids, position_ids, word,
+                                      self.position_embeddings.weight, self.token_type_embeddings.weight,
+                                      self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps, p)
+        h = inputs_embeds + self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(h))
+
+
+class _ZeroRowGrad(torch.autograd.Function):
+    """Identity whose gradient skips one row: nn.Embedding(padding_idx=...) semantics for the
+    word table, applied on the embedding path only (the tied MLM decoder still trains that row)."""
+
+    @staticmethod
+    def forward(ctx, weight, row):
+        ctx.row = row
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.index_fill(0, torch.tensor([ctx.row], device=grad.device), 0), None
+
+
+# ------------------------------------------------------------------------------------------ encoder
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.head_dim
+        self.dropout_p = config.attention_probs_dropout_prob
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x, layout):
+        # One GEMM for q, k and v; the concatenated weight is rebuilt each call so that the three
+        # Linear modules (and their state-dict keys) stay the source of truth.
+        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3D, D)
+        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])  # (3D,)
+        nh, hd = self.num_attention_heads, self.attention_head_size
+        qkv = F.linear(x, weight, bias).view(-1, 3, nh, hd)  # (N, 3, nh, hd)
+        p = self.dropout_p if self.training else 0.0
+        if isinstance(layout, _Packed):
+            ctx = K.varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], layout.cu_seqlens, layout.max_seqlen,
+                                     dropout_p=p)  # (T, nh, hd)
+            return ctx.reshape(-1, nh * hd), None
+        # Padded reference path that also returns the probabilities (output_attentions=True).
+        q, k, v = qkv.view(layout.batch, layout.seq, 3, nh, hd).permute(2, 0, 3, 1, 4)  # each (B, nh, S, hd)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(hd) + layout.additive  # (B, nh, S, S)
+        probs = torch.softmax(scores, dim=-1)
+        ctx = F.dropout(probs, p=p, training=p > 0) @ v  # (B, nh, S, hd)
+        return ctx.permute(0, 2, 1, 3).reshape(-1, nh * hd), probs
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, h, residual):
+        p = self.dropout.p if self.training else 0.0
+        return K.add_layer_norm(self.dense(h), residual, self.LayerNorm.weight, self.LayerNorm.bias,
+                                self.LayerNorm.eps, p)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, x, layout):
+        ctx, probs = self.self(x, layout)
+        return self.output(ctx, x), probs
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.approximate = config.gelu_approximate
+
+    def forward(self, x):
+        return K.bias_gelu(F.linear(x, self.dense.weight), self.dense.bias, self.approximate)
+
+
+class BertOutput(BertSelfOutput):
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, x, layout):  # x (N, D), N = T packed or B*S padded
+        x, probs = self.attention(x, layout)
+        return self.output(self.intermediate(x), x), probs
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.gradient_checkpointing = False
+
+    def forward(self, x, layout, output_hidden_states=False, output_attentions=False):
+        hidden, attentions = ([x] if output_hidden_states else None), ([] if output_attentions else None)
+        for layer in self.layer:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, probs = torch.utils.checkpoint.checkpoint(layer, x, layout, use_reentrant=False)
+            else:
+                x, probs = layer(x, layout)
+            if output_hidden_states:
+                hidden.append(x)
+            if output_attentions:
+                attentions.append(probs)
+        return x, hidden, attentions
+
+
+class BertPooler(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, hidden_states):  # (B, S, D) -> (B, D)
+        return self.activation(self.dense(hidden_states[:, 0]))
+
+
+# ---------------------------------------------------------------------------------------- the model
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+class BertPreTrainedModel(nn.Module):
+    """Weight initialisation and checkpoint I/O shared by every class (transformers' scheme)."""
+
+    base_model_prefix = "bert"
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        if not isinstance(config, BertConfig):
+            raise TypeError(f"config must be a fastbert.BertConfig, got {type(config).__name__}")
+        self.config = config
+
+    def post_init(self):
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, BertLMPredictionHead):
+            nn.init.zeros_(module.bias)
+
+    def tie_weights(self):
+        decoder = self.get_output_embeddings()
+        if decoder is not None and self.config.tie_word_embeddings:
+            decoder.weight = self.get_input_embeddings().weight
+
+    def get_input_embeddings(self):
+        return getattr(self, self.base_model_prefix, self).embeddings.word_embeddings
+
+    def get_output_embeddings(self):
+        cls = getattr(self, "cls", None)
+        predictions = getattr(cls, "predictions", None)
+        return predictions.decoder if predictions is not None else None
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.parameters()).dtype
+
+    def gradient_checkpointing_enable(self):
+        getattr(self, self.base_model_prefix, self).encoder.gradient_checkpointing = True
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, **config_overrides):
+        from .checkpoint import load_pretrained
+        return load_pretrained(cls, path, dtype=dtype, **config_overrides)
+
+    def save_pretrained(self, path):
+        from .checkpoint import save_pretrained
+        save_pretrained(self, path)
+
+
+def _check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds):
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in _INT_DTYPES:
+            raise ValueError(f"input_ids must be an integer tensor, got "
+                             f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        shape = tuple(input_ids.shape)
+    else:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(f"inputs_embeds must be (batch, seq, {config.hidden_size}), "
+                             f"got {tuple(inputs_embeds.shape)}")
+        shape = tuple(inputs_embeds.shape[:2])
+    if shape[1] > config.max_position_embeddings:
+        raise ValueError(f"sequence length {shape[1]} exceeds max_position_embeddings "
+                         f"{config.max_position_embeddings}")
+    for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
+                    ("position_ids", position_ids)):
+        if t is not None and tuple(t.shape) != shape and not (name == "position_ids" and t.dim() == 2
+                                                               and t.shape[0] == 1 and t.shape[1] == shape[1]):
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but the input is {shape}")
+    checks = [("token_type_ids", token_type_ids, config.type_vocab_size),
+              ("position_ids", position_ids, config.max_position_embeddings)]
+    if input_ids is not None:
+        checks.insert(0, ("input_ids", input_ids, config.vocab_size))
+    if not torch.compiler.is_compiling():
+        for name, t, bound in checks:
+            if t is not None and t.numel():
+                if t.is_floating_point():
+                    raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+                lo, hi = int(t.min()), int(t.max())
+                if lo < 0 or hi >= bound:
+                    raise ValueError(f"{name} must lie in [0, {bound}); got values in [{lo}, {hi}]")
+    return shape
+
+
+class BertModel(BertPreTrainedModel):
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
+                inputs_embeds=None, output_hidden_states=False, output_attentions=False, return_dict=True,
+                **unused):
+        batch, seq = _check_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids,
+                                   inputs_embeds)
+        device = (input_ids if input_ids is not None else inputs_embeds).device
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=device).expand(batch, seq)
+        else:
+            position_ids = position_ids.expand(batch, seq)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
+        attention_mask = attention_mask.bool()
+
+        h = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, S, D)
+        layout = _Padded(attention_mask, h.dtype) if output_attentions else _Packed(attention_mask)
+        x, hidden, attentions = self.encoder(layout.pack(h), layout, output_hidden_states, output_attentions)
+        sequence_output = layout.unpack(x)  # (B, S, D)
+        pooled = self.pooler(sequence_output) if self.pooler is not None else None
+        return _finish(ModelOutput(
+            last_hidden_state=sequence_output,
+            pooler_output=pooled,
+            hidden_states=tuple(layout.unpack(t) for t in hidden) if hidden is not None else None,
+            attentions=tuple(attentions) if attentions is not None else None,
+        ), return_dict)
+
+
+# -------------------------------------------------------------------------------------------- heads
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.approximate = config.gelu_approximate
+
+    def forward(self, x):
+        return K.gelu_layer_norm(F.linear(x, self.dense.weight), self.dense.bias, self.LayerNorm.weight,
+                                 self.LayerNorm.bias, self.LayerNorm.eps, self.approximate)
+
+
+class BertLMPredictionHead(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder.bias = self.bias  # one Parameter under two names, as in transformers
+
+    def forward(self, sequence_output):  # (..., D) -> (..., V)
+        return self.decoder(self.transform(sequence_output))
+
+    def masked_loss(self, sequence_output, labels):
+        """Mean MLM loss over labelled positions, running the head on those rows only."""
+        flat_labels = labels.reshape(-1)  # (B*S,)
+        rows = (flat_labels != -100).nonzero().squeeze(1)  # (M,)
+        h = sequence_output.reshape(-1, sequence_output.shape[-1]).index_select(0, rows)  # (M, D)
+        return K.mlm_loss(self.transform(h), self.decoder.weight, self.bias, flat_labels.index_select(0, rows))
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+
+    def forward(self, sequence_output):
+        return self.predictions(sequence_output)
+
+
+class BertOnlyNSPHead(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+    def forward(self, pooled_output):
+        return self.seq_relationship(pooled_output)
+
+
+class BertPreTrainingHeads(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+
+def _mlm(head: BertLMPredictionHead, sequence_output, labels, training: bool):
+    """(loss, logits) of the MLM head; masked rows only when training with labels (logits None)."""
+    if labels is not None and training:
+        return head.masked_loss(sequence_output, labels), None
+    logits = head(sequence_output)  # (B, S, V)
+    loss = None
+    if labels is not None:
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    return loss, logits
+
+
+def _bert_kwargs(kw):
+    return {k: kw[k] for k in ("output_hidden_states", "output_attentions") if k in kw}
+
+
+class BertForPreTraining(BertPreTrainedModel):
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config)
+        self.cls = BertPreTrainingHeads(config)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
+                inputs_embeds=None, labels=None, next_sentence_label=None, output_hidden_states=False,
+                output_attentions=False, return_dict=True, **unused):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds,
+                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        mlm_loss, prediction_logits = _mlm(self.cls.predictions, out.last_hidden_state, labels, self.training)
+        nsp_logits = self.cls.seq_relationship(out.pooler_output)  # (B, 2)
+        loss = None
+        if labels is not None and next_sentence_label is not None:
+            loss = mlm_loss + F.cross_entropy(nsp_logits.view(-1, 2), next_sentence_label.view(-1))
+        return _finish(ModelOutput(loss=loss, prediction_logits=prediction_logits,
+                                   seq_relationship_logits=nsp_logits, hidden_states=out.hidden_states,
+                                   attentions=out.attentions), return_dict)
+
+
+class BertForMaskedLM(BertPreTrainedModel):
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.cls = BertOnlyMLMHead(config)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
+                inputs_embeds=None, labels=None, output_hidden_states=False, output_attentions=False,
+                return_dict=True, **unused):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds,
+                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        loss, logits = _mlm(self.cls.predictions, out.last_hidden_state, labels, self.training)
+        return _finish(ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                   attentions=out.attentions), return_dict)
+
+
+class BertForNextSentencePrediction(BertPreTrainedModel):
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config)
+        self.cls = BertOnlyNSPHead(config)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
+                inputs_embeds=None, labels=None, next_sentence_label=None, output_hidden_states=False,
+                output_attentions=False, return_dict=True, **unused):
+        labels = labels if labels is not None else next_sentence_label
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds,
+                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        logits = self.cls(out.pooler_output)  # (B, 2)
+        loss = F.cross_entropy(logits.view(-1, 2), labels.view(-1)) if labels is not None else None
+        return _finish(ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                   attentions=out.attentions), return_dict)
+
+
+def _classifier_dropout(config):
+    p = config.classifier_dropout
+    return nn.Dropout(config.hidden_dropout_prob if p is None else p)
+
+
+def _sequence_classification_loss(config, logits, labels):
+    problem = config.problem_type
+    if problem is None:
+        if config.num_labels == 1:
+            problem = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    if problem == "regression":
+        return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype)) if config.num_labels == 1 \
+            else F.mse_loss(logits, labels.to(logits.dtype))
+    if problem == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, config.num_labels), labels.view(-1))
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+class BertForSequenceClassification(BertPreTrainedModel):
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config)
+        self.dropout = _classifier_dropout(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
+                inputs_embeds=None, labels=None, output_hidden_states=False, output_attentions=False,
+                return_dict=True, **unused):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds,
+                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        logits = self.classifier(self.dropout(out.pooler_output))  # (B, num_labels)
+        loss = _sequence_classification_loss(self.config, logits, labels) if labels is not None else None
+        return _finish(ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                   attentions=out.attentions), return_dict)
+
+
+class BertForTokenClassification(BertPreTrainedModel):
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.dropout = _classifier_dropout(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
+                inputs_embeds=None, labels=None, output_hidden_states=False, output_attentions=False,
+                return_dict=True, **unused):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds,
+                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        logits = self.classifier(self.dropout(out.last_hidden_state))  # (B, S, num_labels)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+        return _finish(ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                   attentions=out.attentions), return_dict)
+
+
+class BertForQuestionAnswering(BertPreTrainedModel):
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
+                inputs_embeds=None, start_positions=None, end_positions=None, output_hidden_states=False,
+                output_attentions=False, return_dict=True, **unused):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds,
+                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        logits = self.qa_outputs(out.last_hidden_state)  # (B, S, 2)
+        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))  # (B, S) each
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            # Positions outside the input (e.g. a truncated answer) are ignored, as in transformers.
+            ignored = start_logits.size(1)
+            start = start_positions.reshape(-1).clamp(0, ignored)
+            end = end_positions.reshape(-1).clamp(0, ignored)
+            loss = (F.cross_entropy(start_logits, start, ignore_index=ignored)
+                    + F.cross_entropy(end_logits, end, ignore_index=ignored)) / 2
+        return _finish(ModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
+                                   hidden_states=out.hidden_states, attentions=out.attentions), return_dict)
+
+
+class BertForMultipleChoice(BertPreTrainedModel):
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config)
+        self.dropout = _classifier_dropout(config)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
+                inputs_embeds=None, labels=None, output_hidden_states=False, output_attentions=False,
+                return_dict=True, **unused):
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if ref is None or ref.dim() < 3:
+            raise ValueError("BertForMultipleChoice takes input of shape (batch, choices, seq)")
+        choices = ref.shape[1]
+
+        def flat(t):  # (B, C, S, ...) -> (B*C, S, ...)
+            return t.reshape(-1, *t.shape[2:]) if t is not None else None
+
+        out = self.bert(flat(input_ids), flat(attention_mask), flat(token_type_ids), flat(position_ids),
+                        inputs_embeds=flat(inputs_embeds), output_hidden_states=output_hidden_states,
+                        output_attentions=output_attentions)
+        logits = self.classifier(self.dropout(out.pooler_output)).view(-1, choices)  # (B, C)
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return _finish(ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                   attentions=out.attentions), return_dict)
+
+
+MODEL_CLASSES = {
+    cls.__name__: cls for cls in (
+        BertModel, BertForPreTraining, BertForMaskedLM, BertForNextSentencePrediction,
+        BertForSequenceClassification, BertForTokenClassification, BertForQuestionAnswering,
+        BertForMultipleChoice)
+}
