@@ -1,0 +1,168 @@
+"""The benchmark harness every kernel and end-to-end benchmark plugs into.
+
+- ``measure(fn)``: median / p20 / p80 milliseconds. On CUDA, triton.testing.do_bench (L2 flushed
+  between runs, CUDA-event timing); on the CPU, a wall-clock loop after warm-up.
+- ``matmul_ceiling_tflops()`` and ``copy_bandwidth_gbps()``: the ceilings measured in the same run,
+  so every figure can be stated as a fraction of what this card actually does.
+- ``Recorder``: rows of results, saved as JSON (machine, versions, git SHA, date on every file), a
+  markdown table and, when asked, a PNG bar chart, under $OUT (the GPU machine's output folder) or
+  benchmarks/results/.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _sync(device):
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(fn, *, warmup: int = 10, rep: int = 50, device=None) -> dict:
+    """Median, p20 and p80 of fn()'s time in milliseconds. `warmup`/`rep` are ms on CUDA, counts on CPU."""
+    cuda = (device is None and torch.cuda.is_available()) or (device is not None and torch.device(device).type == "cuda")
+    if cuda:
+        import triton.testing
+        p20, median, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.2, 0.5, 0.8])
+        return {"median_ms": median, "p20_ms": p20, "p80_ms": p80}
+    for _ in range(max(1, warmup if warmup < 10 else 2)):
+        fn()
+    times = []
+    for _ in range(max(3, rep if rep < 50 else 5)):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
+    return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
+
+
+def matmul_ceiling_tflops(n: int = 8192, dtype=torch.bfloat16) -> float:
+    """bf16 dense matmul rate on this GPU: 2·n³ FLOPs per n×n×n product."""
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    ms = measure(lambda: a @ b, warmup=25, rep=100)["median_ms"]
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12
+
+
+def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy rate, counting bytes read plus bytes written (2 · nbytes per copy)."""
+    src = torch.empty(nbytes // 2, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = measure(lambda: dst.copy_(src), warmup=25, rep=100)["median_ms"]
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine() -> dict:
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git_sha": git_sha(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def output_dir() -> Path:
+    out = os.environ.get("OUT") or os.environ.get("FASTBERT_BENCH_OUT")
+    path = Path(out) if out else RESULTS_DIR
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class Recorder:
+    """Collects result rows and writes <name>.json, <name>.md (and <name>.png with plot())."""
+
+    def __init__(self, name: str, **context):
+        self.name = name
+        self.context = context
+        self.rows: list[dict] = []
+
+    def add(self, **row) -> dict:
+        self.rows.append(row)
+        shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}
+        print(f"[{self.name}] " + "  ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+        return row
+
+    def markdown(self) -> str:
+        if not self.rows:
+            return f"# {self.name}\n\n(no rows)\n"
+        cols = list(dict.fromkeys(k for r in self.rows for k in r))
+        fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+        lines = [f"# {self.name}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in self.rows]
+        meta = machine()
+        lines += ["", f"Machine: {meta.get('gpu', meta['cpu'])}; torch {meta['torch']}, triton {meta.get('triton')}, "
+                      f"git {meta['git_sha']}, {meta['date']}"]
+        return "\n".join(lines) + "\n"
+
+    def save(self, directory=None) -> Path:
+        directory = Path(directory) if directory else output_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        payload = {"name": self.name, "machine": machine(), "context": self.context, "rows": self.rows}
+        path = directory / f"{self.name}.json"
+        path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+        (directory / f"{self.name}.md").write_text(self.markdown())
+        return path
+
+    def plot(self, x: str, y: str, group: str, directory=None, title=None, ylabel=None) -> Path | None:
+        """Grouped bar chart of `y` per `x`, one bar per `group` value."""
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        rows = [r for r in self.rows if r.get(y) is not None]
+        if not rows:
+            return None
+        xs = list(dict.fromkeys(str(r[x]) for r in rows))
+        groups = list(dict.fromkeys(str(r[group]) for r in rows))
+        width = 0.8 / len(groups)
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(xs) * max(1, len(groups)) / 2), 4))
+        for i, g in enumerate(groups):
+            vals = {str(r[x]): r[y] for r in rows if str(r[group]) == g}
+            ax.bar([j + i * width for j in range(len(xs))], [vals.get(v, 0) for v in xs], width, label=g)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(xs))], xs, rotation=20, ha="right")
+        ax.set_ylabel(ylabel or y)
+        ax.set_title(title or self.name)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        directory = Path(directory) if directory else output_dir()
+        path = directory / f"{self.name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
