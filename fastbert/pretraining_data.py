@@ -1,0 +1,497 @@
+"""Pretraining data: corpus reading, tokenized shards, BERT's example creation and masking.
+
+Corpus format (BERT's): UTF-8 text, one sentence per line, a blank line between documents; plain or
+gzip (recognised by its magic bytes, whatever the file name); several files are read in order.
+
+Pipeline:
+1. ``tokenize_corpus`` streams each file once through the tokenizer (``encode_batch`` runs on every
+   core in the tokenizers library's thread pool) into a shard in a cache folder keyed by the file's
+   content hash and the tokenizer's hash: ``tokens.bin`` (flat token ids), ``sentences.npy``
+   (sentence start offsets) and ``documents.npy`` (document start offsets, in sentences). A shard is
+   written into a temporary folder and renamed into place, so an interrupted run leaves no half
+   shard; later runs memory-map it instead of re-reading the text.
+2. ``PretrainingData.epoch`` builds one epoch of segment pairs as BERT's create_pretraining_data does:
+   chunks of whole sentences up to the target length (10% of targets shorter), split at a random
+   sentence into A and B; half the time B is replaced by a span of another document (NSP label 1,
+   "random next"), and the unused sentences go back into the pool; the pair is truncated one token at
+   a time from a random end of the longer segment. Layout: ``[CLS] A [SEP] B [SEP]``, token types 0
+   for ``[CLS] A [SEP]`` and 1 for ``B [SEP]``. The pairs are re-drawn every epoch.
+3. ``PretrainingData.example`` masks one pair: ``round(mask_prob * n)`` (at least 1) of its n
+   non-special tokens are chosen (whole words with ``whole_word_mask``), 80% become [MASK], 10% a
+   random non-special token and 10% stay; labels are -100 elsewhere. The choice is seeded by
+   (seed, epoch, index), so it is re-drawn every epoch, independent of batch size and process count,
+   and repeatable on resume.
+
+Documented behaviours: a document with one sentence can only be segment A (its B is then a random
+span, NSP label 1); NSP needs at least two training documents (else a CorpusError suggests
+``nsp=False``); with ``nsp=False`` B is always the true continuation, or absent when a chunk has one
+sentence (``[CLS] A [SEP]``).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .tokenization import Tokenizer, special_ids
+
+SHARD_VERSION = 1
+IGNORE_INDEX = -100
+
+
+class CorpusError(ValueError):
+    """The corpus is missing, empty, not text, or too small for what was asked."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading text
+# ----------------------------------------------------------------------------------------------
+
+def _open_binary(path: str):
+    if not os.path.exists(path):
+        raise CorpusError(f"corpus file {path!r} does not exist")
+    if os.path.isdir(path):
+        raise CorpusError(f"corpus {path!r} is a folder; give the text files themselves")
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
+
+
+def iter_documents(path: str) -> Iterator[list[str]]:
+    """Yield each document of a BERT-format file as a list of sentences (stripped, non-empty).
+
+    Raises CorpusError for a missing file, a broken gzip stream, NUL bytes or invalid UTF-8 (binary
+    junk), naming the file and line."""
+    doc: list[str] = []
+    try:
+        with _open_binary(path) as raw:
+            for lineno, line in enumerate(raw, 1):
+                if b"\x00" in line:
+                    raise CorpusError(f"{path}:{lineno}: NUL byte: this looks like a binary file, "
+                                      f"not UTF-8 text")
+                try:
+                    text = line.decode("utf-8").strip()
+                except UnicodeDecodeError as e:
+                    raise CorpusError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte "
+                                      f"{e.start}); is this a binary file?") from None
+                if text:
+                    doc.append(text)
+                elif doc:
+                    yield doc
+                    doc = []
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        if isinstance(e, FileNotFoundError):
+            raise CorpusError(f"corpus file {path!r} does not exist") from None
+        raise CorpusError(f"{path}: cannot read ({e})") from None
+    if doc:
+        yield doc
+
+
+def iter_sentences(paths: Sequence[str]) -> Iterator[str]:
+    for path in paths:
+        for doc in iter_documents(path):
+            yield from doc
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("FASTBERT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "fastbert", "corpora")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenized shards
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Shard:
+    tokens: np.ndarray      # (n_tokens,) uint16 or int32, memory-mapped
+    sentences: np.ndarray   # (n_sentences + 1,) int64 start offsets into tokens
+    documents: np.ndarray   # (n_documents + 1,) int64 start offsets into sentences
+    path: str
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.documents) - 1
+
+
+def _write_shard(path: str, tokenizer: Tokenizer, folder: str, batch_sentences: int = 8192) -> None:
+    vocab = tokenizer.get_vocab_size()
+    dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.int32
+    sent_starts, doc_starts = [0], [0]
+    n_tokens = 0
+    pending: list[str] = []
+    pending_docs: list[int] = []  # sentence count of each document in `pending`
+
+    with open(os.path.join(folder, "tokens.bin"), "wb") as out:
+        def flush():
+            nonlocal n_tokens
+            if not pending:
+                return
+            encodings = tokenizer.encode_batch(pending, add_special_tokens=False)
+            k = 0
+            for count in pending_docs:
+                kept = 0
+                for enc in encodings[k:k + count]:
+                    ids = enc.ids
+                    if not ids:  # a line of only control characters tokenizes to nothing
+                        continue
+                    out.write(np.asarray(ids, dtype=dtype).tobytes())
+                    n_tokens += len(ids)
+                    sent_starts.append(n_tokens)
+                    kept += 1
+                k += count
+                if kept:
+                    doc_starts.append(len(sent_starts) - 1)
+            pending.clear()
+            pending_docs.clear()
+
+        for doc in iter_documents(path):
+            pending.extend(doc)
+            pending_docs.append(len(doc))
+            if len(pending) >= batch_sentences:
+                flush()
+        flush()
+    if n_tokens == 0:
+        raise CorpusError(f"corpus file {path!r} is empty (no sentences with tokens)")
+    np.save(os.path.join(folder, "sentences.npy"), np.asarray(sent_starts, dtype=np.int64))
+    np.save(os.path.join(folder, "documents.npy"), np.asarray(doc_starts, dtype=np.int64))
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump({"source": os.path.abspath(path), "dtype": np.dtype(dtype).name, "tokens": n_tokens,
+                   "sentences": len(sent_starts) - 1, "documents": len(doc_starts) - 1,
+                   "version": SHARD_VERSION}, f)
+
+
+def _load_shard(folder: str) -> Shard:
+    with open(os.path.join(folder, "meta.json")) as f:
+        meta = json.load(f)
+    tokens = np.memmap(os.path.join(folder, "tokens.bin"), dtype=np.dtype(meta["dtype"]), mode="r",
+                       shape=(meta["tokens"],))
+    return Shard(tokens, np.load(os.path.join(folder, "sentences.npy"), mmap_mode="r"),
+                 np.load(os.path.join(folder, "documents.npy"), mmap_mode="r"), meta["source"])
+
+
+def shard_key(path: str, tokenizer: Tokenizer) -> str:
+    h = hashlib.sha256()
+    h.update(f"fastbert-shard-v{SHARD_VERSION}\n".encode())
+    h.update(_file_sha256(path).encode())
+    h.update(hashlib.sha256(tokenizer.to_str().encode()).hexdigest().encode())
+    return h.hexdigest()[:32]
+
+
+def tokenize_corpus(paths: Sequence[str], tokenizer: Tokenizer, cache_dir: str | None = None,
+                    log=None) -> "Corpus":
+    """Tokenize each file once into a cached, memory-mapped shard; return the corpus over them."""
+    if not paths:
+        raise CorpusError("no corpus files given")
+    for p in paths:  # fail before any work on a later missing file
+        _open_binary(p).close()
+    cache_dir = cache_dir or default_cache_dir()
+    os.makedirs(cache_dir, exist_ok=True)
+    shards = []
+    for path in paths:
+        folder = os.path.join(cache_dir, shard_key(path, tokenizer))
+        if not os.path.isfile(os.path.join(folder, "meta.json")):
+            if log:
+                log(f"tokenizing {path} into {folder}")
+            tmp = tempfile.mkdtemp(prefix=".tmp-shard-", dir=cache_dir)
+            try:
+                _write_shard(path, tokenizer, tmp)
+                try:
+                    os.rename(tmp, folder)
+                except OSError:  # another process finished the same shard first
+                    if not os.path.isfile(os.path.join(folder, "meta.json")):
+                        raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        shards.append(_load_shard(folder))
+    return Corpus(shards)
+
+
+class Corpus:
+    """Documents of several shards behind one index; a document is a list of sentence id arrays."""
+
+    def __init__(self, shards: list[Shard]):
+        self.shards = shards
+        self._first_doc = np.cumsum([0] + [s.num_documents for s in shards])
+
+    @property
+    def num_documents(self) -> int:
+        return int(self._first_doc[-1])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(sum(len(s.tokens) for s in self.shards))
+
+    def document(self, i: int) -> list[np.ndarray]:
+        k = int(np.searchsorted(self._first_doc, i, side="right")) - 1
+        shard, j = self.shards[k], i - int(self._first_doc[k])
+        s0, s1 = int(shard.documents[j]), int(shard.documents[j + 1])
+        starts = shard.sentences[s0:s1 + 1]
+        return [np.asarray(shard.tokens[starts[t]:starts[t + 1]], dtype=np.int64) for t in range(s1 - s0)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Segment pairs (one epoch)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Instances:
+    """One epoch of segment pairs, flat: instance i is tokens[offsets[i]:offsets[i+1]], laid out
+    [CLS] A [SEP] B [SEP]; len_a[i] counts [CLS] A [SEP] (token type 0)."""
+    tokens: np.ndarray
+    offsets: np.ndarray
+    len_a: np.ndarray
+    nsp_labels: np.ndarray  # 1 = B is a random span of another document, 0 = the true next
+    forced_random: int      # pairs that had to take a random B (a one-sentence chunk)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+
+def _truncate_pair(a: list, b: list, max_tokens: int, rng: np.random.Generator) -> None:
+    """BERT's truncate_seq_pair on [start, end) ranges: drop one token at a time from the longer
+    segment, from its front or back with equal odds."""
+    excess = (a[1] - a[0]) + (b[1] - b[0]) - max_tokens
+    if excess <= 0:
+        return
+    coins = rng.random(excess) < 0.5
+    for front in coins:
+        seg = a if (a[1] - a[0]) > (b[1] - b[0]) else b
+        if front:
+            seg[0] += 1
+        else:
+            seg[1] -= 1
+
+
+def create_instances(corpus: Corpus, doc_ids: np.ndarray, seq_len: int, rng: np.random.Generator, *,
+                     cls_id: int, sep_id: int, short_seq_prob: float = 0.1, nsp: bool = True) -> Instances:
+    """One epoch of BERT segment pairs from the documents ``doc_ids`` (visited in random order)."""
+    max_tokens = seq_len - 3 if nsp else seq_len - 2
+    if max_tokens < 2:
+        raise ValueError(f"seq_len {seq_len} is too short for [CLS] A [SEP] B [SEP]")
+    doc_ids = np.asarray(doc_ids)
+    if nsp and len(doc_ids) < 2:
+        raise CorpusError("next-sentence prediction needs at least two documents to draw random "
+                          "segments from; add documents or pass --no-nsp")
+    pieces, lens, len_a, labels = [], [], [], []
+    forced = 0
+    cls, sep = np.array([cls_id]), np.array([sep_id])
+
+    order = rng.permutation(len(doc_ids))
+    for pos in order:
+        document = corpus.document(int(doc_ids[pos]))
+        target = max_tokens if rng.random() >= short_seq_prob else int(rng.integers(2, max_tokens + 1))
+        chunk: list[np.ndarray] = []
+        length, i = 0, 0
+        while i < len(document):
+            chunk.append(document[i])
+            length += len(document[i])
+            if i == len(document) - 1 or length >= target:
+                a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
+                tokens_a = np.concatenate(chunk[:a_end])
+                is_random = False
+                if nsp and (len(chunk) == 1 or rng.random() < 0.5):
+                    forced += len(chunk) == 1
+                    is_random = True
+                    other = int(rng.integers(0, len(doc_ids) - 1))
+                    other += other >= pos  # any training document but this one
+                    rand_doc = corpus.document(int(doc_ids[other]))
+                    start = int(rng.integers(0, len(rand_doc)))
+                    need, taken = target - len(tokens_a), []
+                    for sent in rand_doc[start:]:
+                        taken.append(sent)
+                        need -= len(sent)
+                        if need <= 0:
+                            break
+                    tokens_b = np.concatenate(taken)
+                    i -= len(chunk) - a_end  # the unused sentences start the next chunk
+                else:
+                    tokens_b = np.concatenate(chunk[a_end:]) if a_end < len(chunk) else tokens_a[:0]
+                ra, rb = [0, len(tokens_a)], [0, len(tokens_b)]
+                _truncate_pair(ra, rb, max_tokens, rng)
+                a = tokens_a[ra[0]:ra[1]]
+                b = tokens_b[rb[0]:rb[1]]
+                parts = [cls, a, sep] + ([b, sep] if len(b) else [])
+                pieces.extend(parts)
+                lens.append(sum(len(p) for p in parts))
+                len_a.append(len(a) + 2)
+                labels.append(int(is_random))
+                chunk, length = [], 0
+                target = max_tokens if rng.random() >= short_seq_prob else int(rng.integers(2, max_tokens + 1))
+            i += 1
+    if not lens:
+        raise CorpusError("the corpus gave no training examples")
+    tokens = np.concatenate(pieces).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    return Instances(tokens, offsets, np.asarray(len_a, np.int32), np.asarray(labels, np.int64), forced)
+
+
+# ----------------------------------------------------------------------------------------------
+# Masking
+# ----------------------------------------------------------------------------------------------
+
+def mask_tokens(tokens: np.ndarray, special: np.ndarray, rng: np.random.Generator, *, mask_prob: float,
+                mask_id: int, random_ids: np.ndarray, continuation: np.ndarray | None = None,
+                max_predictions: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """BERT's create_masked_lm_predictions for one sequence.
+
+    ``special``: bool per position, True where the token may not be masked ([CLS], [SEP], [PAD]).
+    ``continuation``: bool per vocab id ("##" pieces): when given, whole words are masked together.
+    Returns (input_ids, labels) with labels -100 at unmasked positions."""
+    cand = np.flatnonzero(~special)
+    labels = np.full(len(tokens), IGNORE_INDEX, dtype=np.int64)
+    inputs = tokens.astype(np.int64, copy=True)
+    if len(cand) == 0 or mask_prob <= 0:
+        return inputs, labels
+    n_pred = max(1, int(round(len(cand) * mask_prob)))
+    if max_predictions is not None:
+        n_pred = min(n_pred, max_predictions)
+    if continuation is None:
+        chosen = rng.permutation(cand)[:n_pred]
+    else:
+        # words: a candidate that is a "##" piece joins the word before it
+        starts = ~continuation[tokens[cand]]
+        starts[0] = True
+        words = np.split(cand, np.flatnonzero(starts)[1:])
+        picked, count = [], 0
+        for w in rng.permutation(len(words)):
+            if count >= n_pred:
+                break
+            if count + len(words[w]) > n_pred:  # as BERT: skip a word that would overshoot
+                continue
+            picked.append(words[w])
+            count += len(words[w])
+        chosen = np.concatenate(picked) if picked else np.empty(0, np.int64)
+    chosen = np.sort(chosen)
+    labels[chosen] = tokens[chosen]
+    u = rng.random(len(chosen))
+    to_mask = chosen[u < 0.8]
+    to_random = chosen[(u >= 0.8) & (u < 0.9)]
+    inputs[to_mask] = mask_id
+    inputs[to_random] = random_ids[rng.integers(0, len(random_ids), len(to_random))]
+    return inputs, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# The data of a run
+# ----------------------------------------------------------------------------------------------
+
+def split_documents(num_documents: int, eval_fraction: float, seed: int, max_eval_documents: int = 200,
+                    min_train_documents: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out a random ``eval_fraction`` of the documents (at least 2 when there are enough,
+    at most ``max_eval_documents``) for evaluation; none when the corpus is too small."""
+    ids = np.arange(num_documents)
+    n_eval = min(max_eval_documents, int(round(num_documents * eval_fraction)))
+    if eval_fraction > 0:
+        n_eval = max(n_eval, 2)
+    if num_documents - n_eval < min_train_documents or eval_fraction <= 0:
+        return ids, ids[:0]
+    perm = np.random.default_rng([seed, 0x5EED]).permutation(num_documents)
+    return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
+
+
+class PretrainingData:
+    """Examples of a run: epoch ``e`` holds its own segment pairs (seeded by (seed, e)) and each
+    example's mask is seeded by (seed, e, index). A data position is (epoch, index)."""
+
+    EVAL_EPOCH = 2**31 - 1
+
+    def __init__(self, corpus: Corpus, tokenizer: Tokenizer, doc_ids: np.ndarray, *, seq_len: int, seed: int,
+                 mask_prob: float = 0.15, nsp: bool = True, whole_word_mask: bool = False,
+                 short_seq_prob: float = 0.1, max_predictions: int | None = None):
+        if not 0.0 < mask_prob < 1.0:
+            raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
+        self.corpus, self.doc_ids = corpus, np.asarray(doc_ids)
+        self.seq_len, self.seed, self.mask_prob, self.nsp = seq_len, seed, mask_prob, nsp
+        self.short_seq_prob, self.max_predictions = short_seq_prob, max_predictions
+        self.ids = special_ids(tokenizer)
+        vocab = tokenizer.get_vocab_size()
+        specials = {v for v in self.ids.values()}
+        self.special_vocab = np.zeros(vocab, dtype=bool)
+        self.special_vocab[list(specials)] = True
+        # random replacements come from the ordinary tokens, never [CLS]/[SEP]/[PAD]/[MASK]/[UNK]
+        self.random_ids = np.flatnonzero(~self.special_vocab)
+        if whole_word_mask:
+            from .tokenization import continuation_mask
+            self.continuation = continuation_mask(tokenizer)
+        else:
+            self.continuation = None
+        self._cache: tuple[int, Instances] | None = None
+
+    def epoch(self, epoch: int) -> Instances:
+        if self._cache is None or self._cache[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch, 1])
+            self._cache = (epoch, create_instances(
+                self.corpus, self.doc_ids, self.seq_len, rng, cls_id=self.ids["cls"], sep_id=self.ids["sep"],
+                short_seq_prob=self.short_seq_prob, nsp=self.nsp))
+        return self._cache[1]
+
+    def example(self, epoch: int, index: int) -> dict[str, np.ndarray]:
+        inst = self.epoch(epoch)
+        tokens = inst.tokens[inst.offsets[index]:inst.offsets[index + 1]].astype(np.int64)
+        token_types = np.zeros(len(tokens), dtype=np.int64)
+        token_types[inst.len_a[index]:] = 1
+        rng = np.random.default_rng([self.seed, epoch, index, 2])
+        inputs, labels = mask_tokens(tokens, self.special_vocab[tokens], rng, mask_prob=self.mask_prob,
+                                     mask_id=self.ids["mask"], random_ids=self.random_ids,
+                                     continuation=self.continuation, max_predictions=self.max_predictions)
+        return {"input_ids": inputs, "token_type_ids": token_types, "labels": labels,
+                "next_sentence_label": np.int64(inst.nsp_labels[index])}
+
+    def take(self, position: tuple[int, int], count: int) -> tuple[list[dict], tuple[int, int]]:
+        """``count`` examples from ``position`` on, running into the next epoch when one ends."""
+        epoch, index = position
+        out = []
+        while len(out) < count:
+            n = len(self.epoch(epoch))
+            if index >= n:
+                epoch, index = epoch + 1, 0
+                continue
+            out.append(self.example(epoch, index))
+            index += 1
+        return out, (epoch, index)
+
+    def eval_examples(self, limit: int) -> list[dict]:
+        n = min(limit, len(self.epoch(self.EVAL_EPOCH)))
+        examples = [self.example(self.EVAL_EPOCH, i) for i in range(n)]
+        self._cache = None
+        return examples
+
+
+def collate(examples: list[dict], pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Stack examples into int64 tensors, padded to ``pad_to`` (or the longest example); padding has
+    attention_mask 0, token type 0 and label -100."""
+    length = max(len(e["input_ids"]) for e in examples)
+    if pad_to is not None:
+        length = max(length, pad_to)
+    n = len(examples)
+    input_ids = np.full((n, length), pad_id, dtype=np.int64)
+    token_types = np.zeros((n, length), dtype=np.int64)
+    labels = np.full((n, length), IGNORE_INDEX, dtype=np.int64)
+    attention = np.zeros((n, length), dtype=np.int64)
+    for i, e in enumerate(examples):
+        k = len(e["input_ids"])
+        input_ids[i, :k] = e["input_ids"]
+        token_types[i, :k] = e["token_type_ids"]
+        labels[i, :k] = e["labels"]
+        attention[i, :k] = 1
+    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention),
+            "token_type_ids": torch.from_numpy(token_types), "labels": torch.from_numpy(labels),
+            "next_sentence_label": torch.tensor([int(e["next_sentence_label"]) for e in examples])}

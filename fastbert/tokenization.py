@@ -1,0 +1,204 @@
+"""WordPiece tokenizers for pretraining, built on the `tokenizers` library.
+
+Three ways to get one (``build_tokenizer``):
+- load: a ``vocab.txt`` (BERT's format, one token a line), a ``tokenizer.json``, or a folder holding
+  either (a transformers checkpoint folder works);
+- ``"wordpiece"``: train a WordPiece vocabulary on the corpus, with BERT's normalisation (clean-up,
+  CJK characters split apart, lower case and accents stripped unless ``lowercase=False``);
+- ``"chinese"``: the character level of BERT's Chinese models. Every CJK character is its own token
+  (the normaliser puts spaces around each one, so WordPiece never joins them); runs of other scripts
+  (Latin, digits) still get word pieces. Every character of the corpus is kept in the vocabulary.
+
+``save_tokenizer`` writes vocab.txt, tokenizer.json, tokenizer_config.json and
+special_tokens_map.json, so ``transformers.BertTokenizerFast.from_pretrained(folder)`` (and
+``AutoTokenizer``) load the same tokenizer from a run folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Iterator
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK]
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file is missing, unreadable, or lacks a token BERT pretraining needs."""
+
+
+def _bert_pipeline(tok: Tokenizer, lowercase: bool) -> Tokenizer:
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                strip_accents=None, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok
+
+
+def _add_post_processor(tok: Tokenizer) -> Tokenizer:
+    cls_id, sep_id = tok.token_to_id(CLS), tok.token_to_id(SEP)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",
+        special_tokens=[(CLS, cls_id), (SEP, sep_id)])
+    return tok
+
+
+def check_special_tokens(tok: Tokenizer, source: str = "tokenizer") -> None:
+    missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
+    if missing:
+        raise TokenizerError(f"{source}: the vocabulary lacks {', '.join(missing)}; BERT pretraining "
+                             f"needs all of {', '.join(SPECIAL_TOKENS)}")
+
+
+def train_tokenizer(sentences: Iterable[str], kind: str = "wordpiece", vocab_size: int = 8192,
+                    lowercase: bool = True, min_frequency: int = 2) -> Tokenizer:
+    """Train a WordPiece vocabulary (``kind="wordpiece"``) or a Chinese character-level one
+    (``kind="chinese"``) on an iterator of sentences."""
+    if kind not in ("wordpiece", "chinese"):
+        raise ValueError(f"unknown tokenizer kind {kind!r}; expected 'wordpiece' or 'chinese'")
+    tok = _bert_pipeline(Tokenizer(models.WordPiece(unk_token=UNK, continuing_subword_prefix="##")),
+                         lowercase)
+    # English: BERT's 1000 most frequent characters; Chinese: every character must stay (a CJK
+    # character never merges with a neighbour, so a dropped one would become [UNK]).
+    alphabet = {"limit_alphabet": 1000} if kind == "wordpiece" else {}
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+        continuing_subword_prefix="##", show_progress=False, **alphabet)
+    tok.train_from_iterator(sentences, trainer=trainer)
+    if tok.get_vocab_size() <= len(SPECIAL_TOKENS):
+        raise TokenizerError("the corpus gave no tokens to build a vocabulary from")
+    return _add_post_processor(tok)
+
+
+def _read_lowercase_flag(folder: str) -> bool | None:
+    path = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f).get("do_lower_case")
+        if isinstance(value, bool):
+            return value
+    return None
+
+
+def load_vocab_txt(path: str, lowercase: bool = True) -> Tokenizer:
+    vocab: dict[str, int] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                token = line.rstrip("\n").rstrip("\r")
+                if token and token not in vocab:
+                    vocab[token] = len(vocab)
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{path}: not a UTF-8 vocab.txt ({e})") from None
+    if not vocab:
+        raise TokenizerError(f"{path}: the vocabulary file is empty")
+    if UNK not in vocab:
+        raise TokenizerError(f"{path}: the vocabulary lacks {UNK}; BERT pretraining needs all of "
+                             f"{', '.join(SPECIAL_TOKENS)}")
+    tok = _bert_pipeline(Tokenizer(models.WordPiece(vocab, unk_token=UNK, continuing_subword_prefix="##")),
+                         lowercase)
+    check_special_tokens(tok, path)
+    return _add_post_processor(tok)
+
+
+def load_tokenizer(path: str, lowercase: bool | None = None) -> Tokenizer:
+    """Load a vocab.txt, a tokenizer.json, or a folder holding one (tokenizer.json preferred).
+
+    ``lowercase`` applies to vocab.txt only (tokenizer.json carries its own normaliser); when None it
+    is read from a tokenizer_config.json beside the file, else True (uncased BERT)."""
+    if not os.path.exists(path):
+        raise TokenizerError(f"tokenizer {path!r} does not exist (give a vocab.txt, a tokenizer.json, "
+                             f"a folder with one, 'wordpiece' or 'chinese')")
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+            path = os.path.join(path, "tokenizer.json")
+        elif os.path.isfile(os.path.join(path, "vocab.txt")):
+            path = os.path.join(path, "vocab.txt")
+        else:
+            raise TokenizerError(f"folder {folder!r} holds neither tokenizer.json nor vocab.txt")
+    if path.endswith(".json"):
+        try:
+            tok = Tokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises its own Exception type for bad files
+            raise TokenizerError(f"{path}: not a readable tokenizer.json ({e})") from None
+        check_special_tokens(tok, path)
+        return tok
+    if lowercase is None:
+        lowercase = _read_lowercase_flag(folder)
+    return load_vocab_txt(path, True if lowercase is None else lowercase)
+
+
+def is_lowercase(tok: Tokenizer) -> bool:
+    """Whether the tokenizer's normaliser lower-cases (read from its JSON form)."""
+    def walk(node) -> bool:
+        if not node:
+            return False
+        if node.get("type") == "BertNormalizer":
+            return bool(node.get("lowercase"))
+        if node.get("type") == "Lowercase":
+            return True
+        return any(walk(n) for n in node.get("normalizers", []) or [])
+    return walk(json.loads(tok.to_str()).get("normalizer"))
+
+
+def vocab_list(tok: Tokenizer) -> list[str]:
+    """Tokens in id order; ids must be 0..n-1 with no gaps (vocab.txt cannot say otherwise)."""
+    vocab = tok.get_vocab(with_added_tokens=True)
+    tokens = [None] * len(vocab)
+    for token, i in vocab.items():
+        if i >= len(tokens):
+            raise TokenizerError(f"token ids are not contiguous (id {i} for {len(vocab)} tokens)")
+        tokens[i] = token
+    return tokens
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_tokenizer(tok: Tokenizer, folder: str, model_max_length: int = 512) -> None:
+    """Write the four files transformers' BertTokenizerFast reads; each file atomically."""
+    os.makedirs(folder, exist_ok=True)
+    lowercase = is_lowercase(tok)
+    _atomic_write_text(os.path.join(folder, "vocab.txt"), "\n".join(vocab_list(tok)) + "\n")
+    _atomic_write_text(os.path.join(folder, "tokenizer.json"), tok.to_str(pretty=True))
+    special = {"unk_token": UNK, "sep_token": SEP, "pad_token": PAD, "cls_token": CLS, "mask_token": MASK}
+    config = {"tokenizer_class": "BertTokenizer", "do_lower_case": lowercase,
+              "tokenize_chinese_chars": True, "strip_accents": None,
+              "model_max_length": int(model_max_length), "clean_up_tokenization_spaces": False,
+              **special}
+    _atomic_write_text(os.path.join(folder, "tokenizer_config.json"), json.dumps(config, indent=2) + "\n")
+    _atomic_write_text(os.path.join(folder, "special_tokens_map.json"), json.dumps(special, indent=2) + "\n")
+
+
+def build_tokenizer(spec: str | None, sentences: Iterator[str] | None = None, *, vocab_size: int = 8192,
+                    lowercase: bool | None = None) -> Tokenizer:
+    """``spec``: None or "wordpiece" (train on ``sentences``), "chinese" (character level, trained on
+    ``sentences``), or a path to load."""
+    if spec in (None, "wordpiece", "chinese"):
+        if sentences is None:
+            raise ValueError("training a tokenizer needs the corpus sentences")
+        return train_tokenizer(sentences, spec or "wordpiece", vocab_size=vocab_size,
+                               lowercase=True if lowercase is None else lowercase)
+    return load_tokenizer(spec, lowercase)
+
+
+def special_ids(tok: Tokenizer) -> dict[str, int]:
+    return {name: tok.token_to_id(t) for name, t in
+            (("pad", PAD), ("unk", UNK), ("cls", CLS), ("sep", SEP), ("mask", MASK))}
+
+
+def continuation_mask(tok: Tokenizer) -> np.ndarray:
+    """bool per id: True for a word piece that continues the previous token's word ("##...").
+    Whole-word masking groups a token with the continuation pieces after it."""
+    return np.array([t.startswith("##") for t in vocab_list(tok)], dtype=bool)
