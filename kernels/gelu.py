@@ -1,0 +1,221 @@
+"""Fused bias + GELU: y = gelu(x + bias), forward and backward, in Triton.
+
+x (..., n), bias (n,). GELU is either the exact form 0.5 z (1 + erf(z / sqrt 2)) (approximate="none",
+BERT's "gelu") or the tanh form 0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))) (approximate="tanh",
+"gelu_new" / "gelu_pytorch_tanh"), as torch.nn.functional.gelu.
+
+Forward: one pass over x, flattened, BLOCK elements per program (bias read as offs % n, it stays in
+cache). Backward: dx = dy * gelu'(x + bias) and dbias = sum over rows of dx; every program owns a
+group of rows and a block of columns, sums its dbias share in fp32 and writes it to a
+(programs, n) fp32 buffer that torch then reduces: deterministic, and no bf16 rounding of the
+partial sums.
+
+Supports: fp32, fp16, bf16 (math in fp32, stored in the input dtype); any width n; any leading shape;
+non-contiguous x (copied once).
+Not supported: float64 on the GPU path (use the reference).
+Caution: the element-wise `_gelu` / `_gelu_grad` helpers take fp32 input; the layer_norm and
+embedding modules reuse them.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["bias_gelu", "gelu", "gelu_grad"]
+
+_SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2)
+_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
+_SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2 / pi)
+_TANH_COEF = 0.044715
+
+FWD_BLOCK = 2048  # elements per forward program: 16 per thread at 4 warps
+BWD_ELEMS = 4096  # elements per backward tile (BLOCK_M rows x BLOCK_N columns)
+BWD_MAX_BLOCK_N = 1024
+
+
+@triton.jit
+def _tanh(u):
+    # 1 - 2 / (exp(2u) + 1): saturates to +-1 without inf - inf (exp overflow gives 1 - 0).
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def gelu(z, APPROX_TANH: tl.constexpr):
+    """gelu(z) for fp32 z."""
+    if APPROX_TANH:
+        t = _tanh(_SQRT_2_OVER_PI * (z + _TANH_COEF * z * z * z))
+        return 0.5 * z * (1.0 + t)
+    else:
+        return 0.5 * z * (1.0 + tl.erf(z * _SQRT_HALF))
+
+
+@triton.jit
+def gelu_grad(z, APPROX_TANH: tl.constexpr):
+    """d gelu(z) / dz for fp32 z."""
+    if APPROX_TANH:
+        t = _tanh(_SQRT_2_OVER_PI * (z + _TANH_COEF * z * z * z))
+        du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_COEF * z * z)
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du
+    else:
+        return 0.5 * (1.0 + tl.erf(z * _SQRT_HALF)) + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+
+
+@triton.jit
+def _bias_gelu_fwd(
+    X,  # pointer to x, contiguous, numel elements viewed flat
+    BIAS,  # pointer to bias (n,)
+    Y,  # pointer to the output, same layout and dtype as x
+    numel,  # total number of elements of x
+    n,  # width of the last dimension (bias length)
+    APPROX_TANH: tl.constexpr,  # True: tanh GELU, False: erf GELU
+    BLOCK: tl.constexpr,  # elements per program
+):
+    pid = tl.program_id(0).to(tl.int64)  # int64: activations of 32k x 4096 pass 2**31 elements soon
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(BIAS + offs % n, mask=mask, other=0.0).to(tl.float32)
+    y = gelu(x + b, APPROX_TANH)
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bias_gelu_bwd(
+    X,  # pointer to x (rows, n), contiguous
+    BIAS,  # pointer to bias (n,)
+    DY,  # pointer to the output gradient (rows, n), contiguous
+    DX,  # pointer to the input gradient (rows, n), written in x's dtype
+    DBIAS_PART,  # pointer to fp32 partial bias gradients (programs along axis 0, n)
+    rows,  # number of rows
+    n,  # width
+    rows_per_program,  # rows handled by one program along axis 0 (a multiple of BLOCK_M)
+    APPROX_TANH: tl.constexpr,  # True: tanh GELU, False: erf GELU
+    BLOCK_M: tl.constexpr,  # rows per tile
+    BLOCK_N: tl.constexpr,  # columns per tile (power of 2)
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n
+    b = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    start = pid_m * rows_per_program
+    end = tl.minimum(start + rows_per_program, rows)
+    for r0 in range(start, end, BLOCK_M):
+        r = r0 + tl.arange(0, BLOCK_M)
+        mask = (r < end)[:, None] & col_mask[None, :]
+        offs = r.to(tl.int64)[:, None] * n + cols[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        dx = dy * gelu_grad(x + b[None, :], APPROX_TANH)
+        dx = tl.where(mask, dx, 0.0)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        acc += tl.sum(dx, axis=0)
+    tl.store(DBIAS_PART + pid_m * n + cols, acc, mask=col_mask)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # interpreter: few programs, yet more than one, so the partial-sum path is exercised
+
+
+def bwd_config(n: int) -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the backward for width n."""
+    block_n = min(triton.next_power_of_2(n), BWD_MAX_BLOCK_N)
+    block_m = max(1, BWD_ELEMS // block_n)
+    return block_m, block_n, 4
+
+
+def _check(x: torch.Tensor, bias: torch.Tensor):
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"bias_gelu (Triton): x must be fp16, bf16 or fp32, got {x.dtype}")
+    if bias.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"bias_gelu (Triton): bias must be fp16, bf16 or fp32, got {bias.dtype}")
+
+
+def _fwd_impl(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
+    _check(x, bias)
+    x = x.contiguous()
+    bias = bias.contiguous()
+    y = torch.empty_like(x)
+    numel = x.numel()
+    if numel == 0:
+        return y
+    grid = (triton.cdiv(numel, FWD_BLOCK),)
+    _bias_gelu_fwd[grid](x, bias, y, numel, x.shape[-1], APPROX_TANH=approximate == "tanh", BLOCK=FWD_BLOCK,
+                         num_warps=4)
+    return y
+
+
+def _bwd_impl(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, approximate: str):
+    x = x.contiguous()
+    dy = dy.contiguous()
+    bias = bias.contiguous()
+    n = x.shape[-1]
+    rows = x.numel() // n if n else 0
+    dx = torch.empty_like(x)
+    if rows == 0 or n == 0:
+        return dx, torch.zeros_like(bias)
+    block_m, block_n, num_warps = bwd_config(n)
+    col_blocks = triton.cdiv(n, block_n)
+    # Enough programs to fill the GPU about four times over, each with whole tiles of rows.
+    programs = max(1, min(triton.cdiv(rows, block_m), (4 * _sm_count(x.device)) // col_blocks or 1))
+    rows_per_program = triton.cdiv(triton.cdiv(rows, programs), block_m) * block_m
+    programs = triton.cdiv(rows, rows_per_program)
+    partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
+    _bias_gelu_bwd[(programs, col_blocks)](x, bias, dy, dx, partial, rows, n, rows_per_program,
+                                          APPROX_TANH=approximate == "tanh", BLOCK_M=block_m, BLOCK_N=block_n,
+                                          num_warps=num_warps)
+    return dx, partial.sum(0).to(bias.dtype)
+
+
+# ------------------------------------------------------------------------------ custom ops + autograd
+
+@torch.library.custom_op("fastbert::bias_gelu", mutates_args=(), device_types="cuda")
+def _bias_gelu_op(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
+    return _fwd_impl(x, bias, approximate)
+
+
+@torch.library.custom_op("fastbert::bias_gelu_backward", mutates_args=(), device_types="cuda")
+def _bias_gelu_backward_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor,
+                           approximate: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _bwd_impl(dy, x, bias, approximate)
+
+
+# CPU tensors reach these only under FASTBERT_KERNELS=triton with TRITON_INTERPRET=1 (tests).
+_bias_gelu_op.register_kernel("cpu")(_fwd_impl)
+_bias_gelu_backward_op.register_kernel("cpu")(_bwd_impl)
+
+
+@_bias_gelu_op.register_fake
+def _(x, bias, approximate):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@_bias_gelu_backward_op.register_fake
+def _(dy, x, bias, approximate):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(bias)
+
+
+def _setup_context(ctx, inputs, output):
+    x, bias, approximate = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.approximate = approximate
+
+
+def _backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    dx, dbias = _bias_gelu_backward_op(dy, x, bias, ctx.approximate)
+    return dx, dbias, None
+
+
+_bias_gelu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """gelu(x + bias) with the Triton kernels; inputs already validated by fastbert.kernels."""
+    return _bias_gelu_op(x, bias, approximate)

@@ -1,0 +1,477 @@
+"""Fused LayerNorm with its BERT prologues, forward and backward, in Triton.
+
+- add_layer_norm:  y = layer_norm(dropout(x) + residual)   (the end of every attention / FFN block)
+- gelu_layer_norm: y = layer_norm(gelu(x + bias))          (the MLM head transform after its dense)
+
+Forward: one program per row holds the whole row (BLOCK_N = next_power_of_2(n) columns, masked), so
+the prologue, the fp32 mean / rstd and the affine map cost one read of each input and one write.
+It saves only the per-row mean and rstd (fp32); the backward re-reads the inputs and recomputes the
+prologue (dropout mask included) instead of storing the pre-norm sum: the same bytes moved in
+total, and no extra activation memory.
+
+Backward: each program owns a contiguous group of rows, walks them one at a time and keeps its
+share of dweight / dbias (and the GELU bias gradient) in fp32 registers, written once to a
+(programs, n) fp32 buffer that torch reduces afterwards: deterministic, and no bf16 rounding of the
+partial sums.
+
+Dropout: the keep mask is Philox (tl.rand) of (seed, row * n + column), keep when u > p, kept values
+scaled by 1 / (1 - p). The seed is a one-element int64 tensor drawn with torch.randint on the input's
+device (so torch.manual_seed makes it repeatable and nothing syncs with the host, CUDA graphs
+included); the backward regenerates the mask from it rather than saving it: Philox costs a few
+integer ops per element, a saved mask would cost a write and a read of rows x n bytes.
+
+Supports: fp32, fp16, bf16 activations (statistics and math in fp32, output in x's dtype); weights of
+any of these dtypes; widths 1..MAX_WIDTH (8192); any leading shape; non-contiguous inputs (copied).
+Not supported: widths above MAX_WIDTH (a clear ValueError; the row would no longer fit in
+registers); float64 on the GPU path (use the reference).
+Caution: the dropout offsets are int32, so the mask pattern repeats after 2**32 elements in one call.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .gelu import gelu, gelu_grad
+
+__all__ = ["add_layer_norm", "gelu_layer_norm", "dropout_mask", "draw_seed", "MAX_WIDTH"]
+
+MAX_WIDTH = 8192
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ------------------------------------------------------------------------------------ shared helpers
+
+@triton.jit
+def dropout_keep(seed, row, cols, n, p):
+    """Keep mask of row `row`, columns `cols` of a (rows, n) tensor; u ~ U(0, 1) per element."""
+    offs = (row * n + cols).to(tl.int32)  # row is int64: no overflow before the wrap
+    return tl.rand(seed, offs) > p
+
+
+@triton.jit
+def _dropout_mask_kernel(
+    SEED,  # pointer to the int64 seed (one element)
+    MASK,  # pointer to the (rows, n) int8 keep mask to write
+    n,  # width
+    p,  # drop probability
+    BLOCK_N: tl.constexpr,  # power of 2 >= n
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    keep = dropout_keep(tl.load(SEED), row, cols, n, p)
+    tl.store(MASK + row * n + cols, keep.to(tl.int8), mask=cols < n)
+
+
+def draw_seed(device) -> torch.Tensor:
+    """The dropout seed: from PyTorch's generator of `device`, no host sync."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+
+
+def dropout_mask(seed: torch.Tensor, rows: int, n: int, p: float) -> torch.Tensor:
+    """The (rows, n) bool keep mask the kernels use for `seed` (for tests and debugging)."""
+    check_width(n)
+    mask = torch.empty((rows, n), dtype=torch.int8, device=seed.device)
+    if rows and n:
+        _dropout_mask_kernel[(rows,)](seed, mask, n, p, BLOCK_N=row_block(n))
+    return mask.bool()
+
+
+def check_width(n: int):
+    if n > MAX_WIDTH:
+        raise ValueError(f"fastbert LayerNorm kernels support widths up to {MAX_WIDTH}, got {n}; "
+                         "use FASTBERT_KERNELS=reference for wider rows")
+
+
+def row_block(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def row_warps(block_n: int) -> int:
+    # 4-8 fp32 values per thread and vector: enough bytes in flight, no register spills at 8192.
+    return min(max(block_n // 256, 1), 16)
+
+
+def num_partials(rows: int, device: torch.device) -> int:
+    """Programs of a backward: several per SM on a GPU (each reduces its rows' dweight in fp32)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    return max(1, min(rows, 8 * sms))
+
+
+def _check_dtypes(**tensors):
+    for name, t in tensors.items():
+        if t is not None and t.dtype not in _DTYPES:
+            raise TypeError(f"LayerNorm (Triton): {name} must be fp16, bf16 or fp32, got {t.dtype}")
+
+
+# ---------------------------------------------------------------------------- add + LayerNorm kernels
+
+@triton.jit
+def _add_ln_fwd(
+    X,  # pointer to x (rows, n), contiguous: the sublayer output, dropout applies to it
+    R,  # pointer to the residual (rows, n), contiguous
+    W,  # pointer to the LayerNorm weight (n,)
+    B,  # pointer to the LayerNorm bias (n,)
+    Y,  # pointer to the output (rows, n), x's dtype
+    MEAN,  # pointer to the fp32 row means (rows,), saved for the backward
+    RSTD,  # pointer to the fp32 row 1/std (rows,), saved for the backward
+    SEED,  # pointer to the int64 dropout seed (read only when HAS_DROPOUT)
+    n,  # width
+    eps,  # LayerNorm epsilon
+    p,  # drop probability
+    scale,  # 1 / (1 - p)
+    HAS_DROPOUT: tl.constexpr,  # p > 0
+    BLOCK_N: tl.constexpr,  # power of 2 >= n
+):
+    row = tl.program_id(0).to(tl.int64)  # int64 offsets: rows * n may pass 2**31
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < n
+    offs = row * n + cols
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        keep = dropout_keep(tl.load(SEED), row, cols, n, p)
+        x = tl.where(keep, x * scale, 0.0)
+    h = x + r
+    mean = tl.sum(h, axis=0) / n
+    d = tl.where(mask, h - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / n + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + offs, (d * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _add_ln_bwd(
+    X,  # pointer to x (rows, n), contiguous
+    R,  # pointer to the residual (rows, n), contiguous
+    W,  # pointer to the LayerNorm weight (n,)
+    DY,  # pointer to the output gradient (rows, n), contiguous
+    DR,  # pointer to the residual gradient = gradient of the pre-norm sum (rows, n)
+    DX,  # pointer to x's gradient (rows, n) (written only when STORE_DX)
+    DW_PART,  # pointer to fp32 partial weight gradients (programs, n)
+    DB_PART,  # pointer to fp32 partial bias gradients (programs, n)
+    MEAN,  # pointer to the fp32 row means (rows,)
+    RSTD,  # pointer to the fp32 row 1/std (rows,)
+    SEED,  # pointer to the int64 dropout seed (read only when HAS_DROPOUT)
+    rows,  # number of rows
+    n,  # width
+    rows_per_program,  # rows each program walks
+    p,  # drop probability
+    scale,  # 1 / (1 - p)
+    HAS_DROPOUT: tl.constexpr,  # p > 0: regenerate the mask
+    STORE_DX: tl.constexpr,  # x's gradient differs from the residual's (dropout, or another dtype)
+    BLOCK_N: tl.constexpr,  # power of 2 >= n
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < n
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    start = pid.to(tl.int64) * rows_per_program  # int64 rows: offsets may pass 2**31
+    end = tl.minimum(start + rows_per_program, rows)
+    for row in range(start, end):
+        offs = row * n + cols
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, row, cols, n, p)
+            x = tl.where(keep, x * scale, 0.0)
+        mean = tl.load(MEAN + row)
+        rstd = tl.load(RSTD + row)
+        xhat = tl.where(mask, (x + r - mean) * rstd, 0.0)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        dw += dy * xhat
+        db += dy
+        g = dy * w
+        c1 = tl.sum(xhat * g, axis=0) / n
+        c2 = tl.sum(g, axis=0) / n
+        dh = (g - (xhat * c1 + c2)) * rstd
+        tl.store(DR + offs, dh.to(DR.dtype.element_ty), mask=mask)
+        if STORE_DX:
+            if HAS_DROPOUT:
+                dh = tl.where(keep, dh * scale, 0.0)
+            tl.store(DX + offs, dh.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW_PART + pid * n + cols, dw, mask=mask)
+    tl.store(DB_PART + pid * n + cols, db, mask=mask)
+
+
+def _rows(x: torch.Tensor) -> Tuple[int, int]:
+    n = x.shape[-1]
+    return (x.numel() // n if n else 0), n
+
+
+def _add_ln_fwd_impl(x, residual, weight, bias, eps: float, dropout_p: float, seed: Optional[torch.Tensor]):
+    _check_dtypes(x=x, residual=residual, weight=weight, bias=bias)
+    rows, n = _rows(x)
+    check_width(n)
+    x, residual, weight, bias = x.contiguous(), residual.contiguous(), weight.contiguous(), bias.contiguous()
+    y = torch.empty_like(x)
+    mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    if rows == 0 or n == 0:
+        return y, mean, rstd
+    has_dropout = dropout_p > 0.0
+    block_n = row_block(n)
+    _add_ln_fwd[(rows,)](x, residual, weight, bias, y, mean, rstd, seed if has_dropout else mean, n, eps,
+                         dropout_p, 1.0 / (1.0 - dropout_p), HAS_DROPOUT=has_dropout, BLOCK_N=block_n,
+                         num_warps=row_warps(block_n))
+    return y, mean, rstd
+
+
+def _add_ln_bwd_impl(dy, x, residual, weight, mean, rstd, dropout_p: float, seed: Optional[torch.Tensor]):
+    rows, n = _rows(x)
+    x, residual, weight, dy = x.contiguous(), residual.contiguous(), weight.contiguous(), dy.contiguous()
+    has_dropout = dropout_p > 0.0
+    store_dx = has_dropout or x.dtype != residual.dtype
+    dres = torch.empty_like(residual)
+    dx = torch.empty_like(x) if store_dx else x.new_empty((0,))
+    if rows == 0 or n == 0:
+        dres.zero_()
+        dx.zero_()
+        zeros = torch.zeros_like(weight)
+        return dres, dx, zeros, zeros.clone()
+    programs = num_partials(rows, x.device)
+    rows_per_program = triton.cdiv(rows, programs)
+    programs = triton.cdiv(rows, rows_per_program)
+    part = torch.empty((2, programs, n), dtype=torch.float32, device=x.device)
+    block_n = row_block(n)
+    _add_ln_bwd[(programs,)](x, residual, weight, dy, dres, dx if store_dx else dres, part[0], part[1], mean, rstd,
+                             seed if has_dropout else mean, rows, n, rows_per_program, dropout_p,
+                             1.0 / (1.0 - dropout_p), HAS_DROPOUT=has_dropout, STORE_DX=store_dx, BLOCK_N=block_n,
+                             num_warps=row_warps(block_n))
+    # Separate reductions: views of one tensor would alias, which custom ops forbid.
+    return dres, dx, part[0].sum(0).to(weight.dtype), part[1].sum(0).to(weight.dtype)
+
+
+@torch.library.custom_op("fastbert::add_layer_norm", mutates_args=(), device_types="cuda")
+def _add_ln_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               dropout_p: float, seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _add_ln_fwd_impl(x, residual, weight, bias, eps, dropout_p, seed)
+
+
+@torch.library.custom_op("fastbert::add_layer_norm_backward", mutates_args=(), device_types="cuda")
+def _add_ln_backward_op(dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                        mean: torch.Tensor, rstd: torch.Tensor, dropout_p: float, seed: Optional[torch.Tensor]
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d residual, d x or an empty tensor when it equals d residual, d weight, d bias)."""
+    return _add_ln_bwd_impl(dy, x, residual, weight, mean, rstd, dropout_p, seed)
+
+
+# CPU tensors reach these only under FASTBERT_KERNELS=triton with TRITON_INTERPRET=1 (tests).
+_add_ln_op.register_kernel("cpu")(_add_ln_fwd_impl)
+_add_ln_backward_op.register_kernel("cpu")(_add_ln_bwd_impl)
+
+
+@_add_ln_op.register_fake
+def _(x, residual, weight, bias, eps, dropout_p, seed):
+    mean = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), mean, torch.empty_like(mean)
+
+
+@_add_ln_backward_op.register_fake
+def _(dy, x, residual, weight, mean, rstd, dropout_p, seed):
+    store_dx = dropout_p > 0.0 or x.dtype != residual.dtype
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if store_dx else x.new_empty((0,))
+    return (torch.empty_like(residual, memory_format=torch.contiguous_format), dx, torch.empty_like(weight),
+            torch.empty_like(weight))
+
+
+def _add_ln_setup(ctx, inputs, output):
+    x, residual, weight, bias, eps, dropout_p, seed = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, residual, weight, mean, rstd, seed)
+    ctx.dropout_p = dropout_p
+    ctx.bias_dtype = bias.dtype
+
+
+def _add_ln_backward(ctx, dy, _dmean, _drstd):
+    x, residual, weight, mean, rstd, seed = ctx.saved_tensors
+    dres, dx, dw, db = _add_ln_backward_op(dy, x, residual, weight, mean, rstd, ctx.dropout_p, seed)
+    if dx.numel() == 0 and x.numel() != 0:
+        dx = dres  # no dropout and one dtype: the two gradients are the same tensor of values
+    elif x.numel() == 0:
+        dx = torch.zeros_like(x)
+    return dx, dres, dw, db.to(ctx.bias_dtype), None, None, None
+
+
+_add_ln_op.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
+
+
+def add_layer_norm(x, residual, weight, bias, eps: float = 1e-12, dropout_p: float = 0.0) -> torch.Tensor:
+    """layer_norm(dropout(x) + residual) with the Triton kernels; inputs validated by fastbert.kernels."""
+    seed = draw_seed(x.device) if dropout_p > 0.0 else None
+    return _add_ln_op(x, residual, weight, bias, float(eps), float(dropout_p), seed)[0]
+
+
+# --------------------------------------------------------------------------- GELU + LayerNorm kernels
+
+@triton.jit
+def _gelu_ln_fwd(
+    X,  # pointer to x (rows, n), contiguous: the dense layer's output before its bias
+    BIAS,  # pointer to the dense bias (n,), added before GELU
+    W,  # pointer to the LayerNorm weight (n,)
+    B,  # pointer to the LayerNorm bias (n,)
+    Y,  # pointer to the output (rows, n), x's dtype
+    MEAN,  # pointer to the fp32 row means (rows,)
+    RSTD,  # pointer to the fp32 row 1/std (rows,)
+    n,  # width
+    eps,  # LayerNorm epsilon
+    APPROX_TANH: tl.constexpr,  # True: tanh GELU, False: erf GELU
+    BLOCK_N: tl.constexpr,  # power of 2 >= n
+):
+    row = tl.program_id(0).to(tl.int64)  # int64 offsets: rows * n may pass 2**31
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < n
+    offs = row * n + cols
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
+    h = tl.where(mask, gelu(x + c, APPROX_TANH), 0.0)
+    mean = tl.sum(h, axis=0) / n
+    d = tl.where(mask, h - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / n + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + offs, (d * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _gelu_ln_bwd(
+    X,  # pointer to x (rows, n), contiguous
+    BIAS,  # pointer to the dense bias (n,)
+    W,  # pointer to the LayerNorm weight (n,)
+    DY,  # pointer to the output gradient (rows, n), contiguous
+    DX,  # pointer to x's gradient (rows, n)
+    PART,  # pointer to fp32 partial gradients (3, programs, n): dense bias, LN weight, LN bias
+    MEAN,  # pointer to the fp32 row means (rows,)
+    RSTD,  # pointer to the fp32 row 1/std (rows,)
+    rows,  # number of rows
+    n,  # width
+    rows_per_program,  # rows each program walks
+    part_stride,  # programs * n: distance between the three partial buffers
+    APPROX_TANH: tl.constexpr,  # True: tanh GELU, False: erf GELU
+    BLOCK_N: tl.constexpr,  # power of 2 >= n
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < n
+    c = tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    start = pid.to(tl.int64) * rows_per_program  # int64 rows: offsets may pass 2**31
+    end = tl.minimum(start + rows_per_program, rows)
+    for row in range(start, end):
+        offs = row * n + cols
+        z = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) + c
+        mean = tl.load(MEAN + row)
+        rstd = tl.load(RSTD + row)
+        xhat = tl.where(mask, (gelu(z, APPROX_TANH) - mean) * rstd, 0.0)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        dw += dy * xhat
+        db += dy
+        g = dy * w
+        c1 = tl.sum(xhat * g, axis=0) / n
+        c2 = tl.sum(g, axis=0) / n
+        dz = (g - (xhat * c1 + c2)) * rstd * gelu_grad(z, APPROX_TANH)
+        dz = tl.where(mask, dz, 0.0)
+        dc += dz
+        tl.store(DX + offs, dz.to(DX.dtype.element_ty), mask=mask)
+    tl.store(PART + pid * n + cols, dc, mask=mask)
+    tl.store(PART + part_stride + pid * n + cols, dw, mask=mask)
+    tl.store(PART + 2 * part_stride + pid * n + cols, db, mask=mask)
+
+
+def _gelu_ln_fwd_impl(x, bias, weight, ln_bias, eps: float, approximate: str):
+    _check_dtypes(x=x, bias=bias, weight=weight, ln_bias=ln_bias)
+    rows, n = _rows(x)
+    check_width(n)
+    x, bias, weight, ln_bias = x.contiguous(), bias.contiguous(), weight.contiguous(), ln_bias.contiguous()
+    y = torch.empty_like(x)
+    mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    if rows == 0 or n == 0:
+        return y, mean, rstd
+    block_n = row_block(n)
+    _gelu_ln_fwd[(rows,)](x, bias, weight, ln_bias, y, mean, rstd, n, eps, APPROX_TANH=approximate == "tanh",
+                          BLOCK_N=block_n, num_warps=row_warps(block_n))
+    return y, mean, rstd
+
+
+def _gelu_ln_bwd_impl(dy, x, bias, weight, mean, rstd, approximate: str):
+    rows, n = _rows(x)
+    x, bias, weight, dy = x.contiguous(), bias.contiguous(), weight.contiguous(), dy.contiguous()
+    dx = torch.empty_like(x)
+    if rows == 0 or n == 0:
+        dx.zero_()
+        return dx, torch.zeros_like(bias), torch.zeros_like(weight), torch.zeros_like(weight)
+    programs = num_partials(rows, x.device)
+    rows_per_program = triton.cdiv(rows, programs)
+    programs = triton.cdiv(rows, rows_per_program)
+    part = torch.empty((3, programs, n), dtype=torch.float32, device=x.device)
+    block_n = row_block(n)
+    _gelu_ln_bwd[(programs,)](x, bias, weight, dy, dx, part, mean, rstd, rows, n, rows_per_program, programs * n,
+                              APPROX_TANH=approximate == "tanh", BLOCK_N=block_n, num_warps=row_warps(block_n))
+    return dx, part[0].sum(0).to(bias.dtype), part[1].sum(0).to(weight.dtype), part[2].sum(0).to(weight.dtype)
+
+
+@torch.library.custom_op("fastbert::gelu_layer_norm", mutates_args=(), device_types="cuda")
+def _gelu_ln_op(x: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
+                approximate: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _gelu_ln_fwd_impl(x, bias, weight, ln_bias, eps, approximate)
+
+
+@torch.library.custom_op("fastbert::gelu_layer_norm_backward", mutates_args=(), device_types="cuda")
+def _gelu_ln_backward_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor,
+                         mean: torch.Tensor, rstd: torch.Tensor, approximate: str
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d x, d dense bias, d LN weight, d LN bias)."""
+    return _gelu_ln_bwd_impl(dy, x, bias, weight, mean, rstd, approximate)
+
+
+_gelu_ln_op.register_kernel("cpu")(_gelu_ln_fwd_impl)
+_gelu_ln_backward_op.register_kernel("cpu")(_gelu_ln_bwd_impl)
+
+
+@_gelu_ln_op.register_fake
+def _(x, bias, weight, ln_bias, eps, approximate):
+    mean = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), mean, torch.empty_like(mean)
+
+
+@_gelu_ln_backward_op.register_fake
+def _(dy, x, bias, weight, mean, rstd, approximate):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(bias),
+            torch.empty_like(weight), torch.empty_like(weight))
+
+
+def _gelu_ln_setup(ctx, inputs, output):
+    x, bias, weight, ln_bias, eps, approximate = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, bias, weight, mean, rstd)
+    ctx.approximate = approximate
+    ctx.ln_bias_dtype = ln_bias.dtype
+
+
+def _gelu_ln_backward(ctx, dy, _dmean, _drstd):
+    x, bias, weight, mean, rstd = ctx.saved_tensors
+    dx, dbias, dw, db = _gelu_ln_backward_op(dy, x, bias, weight, mean, rstd, ctx.approximate)
+    return dx, dbias, dw, db.to(ctx.ln_bias_dtype), None, None
+
+
+_gelu_ln_op.register_autograd(_gelu_ln_backward, setup_context=_gelu_ln_setup)
+
+
+def gelu_layer_norm(x, bias, weight, ln_bias, eps: float = 1e-12, approximate: str = "none") -> torch.Tensor:
+    """layer_norm(gelu(x + bias)) with the Triton kernels; inputs validated by fastbert.kernels."""
+    return _gelu_ln_op(x, bias, weight, ln_bias, float(eps), approximate)[0]
