@@ -1,0 +1,88 @@
+"""`fastbert encode`: sentence embeddings for lines of text.
+
+    fastbert encode --model DIR [--input FILE] [--output FILE] [--pooling mean|cls] [--normalize]
+
+Reads one text per line (stdin when --input is absent; the newline is stripped, everything else is
+kept, and an empty line still gets an embedding, so row i always belongs to line i). Pooling:
+``mean`` = the mean of the last hidden layer over real tokens ([CLS] and [SEP] included, as
+sentence-transformers does), ``cls`` = the last hidden state of [CLS] (not the pooler's tanh output).
+``--normalize`` divides each vector by its L2 norm. Output: a float32 ``.npy`` array (lines, hidden)
+when --output ends in .npy, otherwise JSONL rows ``{"text", "embedding"}`` (stdout by default).
+Texts longer than --max-length tokens (default: the model's maximum positions, at most 512) are
+truncated, and the count is printed to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from . import tasks as T
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint folder (config.json + weights + tokenizer)")
+    p.add_argument("--input", help="text file, one text per line (default: stdin)")
+    p.add_argument("--output", help="FILE.npy for a numpy array, any other name for JSONL (default: stdout)")
+    p.add_argument("--pooling", choices=("mean", "cls"), default="mean")
+    p.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=None)
+
+
+def embed(model, tok, texts, pooling="mean", normalize=False, batch_size=64, max_length=512):
+    """(len(texts), hidden) float32 embeddings; batches are length-sorted and padded per batch."""
+    feats, info = T.build_features("classify", [{"text": t} for t in texts], tok, max_length)
+    out = torch.empty(len(texts), model.config.hidden_size)
+    model.eval()
+    with torch.inference_mode():
+        for idx in T.bucket_batches([T.length_of(f) for f in feats], batch_size, shuffle=False):
+            b = T.collate([feats[i] for i in idx])
+            h = model(b["input_ids"], b["attention_mask"], b["token_type_ids"]).last_hidden_state.float()
+            if pooling == "cls":
+                v = h[:, 0]
+            else:
+                m = b["attention_mask"].unsqueeze(-1).float()
+                v = (h * m).sum(1) / m.sum(1)
+            if normalize:
+                v = torch.nn.functional.normalize(v, dim=-1)
+            out[idx] = v
+    return out.numpy(), info["truncated"]
+
+
+def main(args) -> int:
+    from .modeling import BertModel
+    try:
+        model = BertModel.from_pretrained(args.model)
+        tok = T.load_tokenizer(args.model)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"fastbert encode: error: {e}", file=sys.stderr)
+        return 2
+    max_length = args.max_length or min(512, model.config.max_position_embeddings)
+    if args.input:
+        with open(args.input, encoding="utf-8") as f:
+            texts = [line.rstrip("\r\n") for line in f]
+    else:
+        texts = [line.rstrip("\r\n") for line in sys.stdin]
+    if not texts:
+        print("fastbert encode: error: no input lines", file=sys.stderr)
+        return 2
+    emb, n_trunc = embed(model, tok, texts, args.pooling, args.normalize, args.batch_size, max_length)
+    if n_trunc:
+        print(f"fastbert encode: {n_trunc} of {len(texts)} texts truncated to {max_length} tokens",
+              file=sys.stderr)
+    if args.output and args.output.endswith(".npy"):
+        import numpy as np
+        np.save(args.output, emb.astype("float32"))
+        return 0
+    f = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for t, v in zip(texts, emb):
+            f.write(json.dumps({"text": t, "embedding": [round(float(x), 6) for x in v]},
+                               ensure_ascii=False) + "\n")
+    finally:
+        if f is not sys.stdout:
+            f.close()
+    return 0

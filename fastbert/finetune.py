@@ -1,0 +1,314 @@
+"""`fastbert finetune`: fine-tune a checkpoint on classify / pair / ner / qa / choice.
+
+    fastbert finetune --task classify --model DIR --train train.jsonl --dev dev.jsonl \
+        [--test test.jsonl] --out OUT [--epochs 3 --batch-size 32 --lr 5e-5 --max-length 128 \
+        --seed 42 --freeze {none,all,N}]
+
+Recipe (BERT's): AdamW (weight decay 0.01, none on biases and LayerNorm), linear warm-up over the
+first 10% of steps then linear decay to zero, gradient clipping at 1.0, dropout as in the config.
+Batches are length-bucketed and padded only to their own longest sequence (the encoder itself runs
+unpadded). The dev set is evaluated after every epoch and the best epoch's weights are kept (ties:
+the earlier epoch); the primary metric is accuracy (classify, pair, choice) or F1 (ner, qa).
+
+Writes into OUT: the fine-tuned model (config.json with id2label/label2id + model.safetensors, plus
+the tokenizer files), ``metrics.json`` = {"dev": {...}, "test": {...}} (fractions in [0, 1]; "test"
+only when --test is given; also the per-epoch "history" and "train_seconds"), and
+``predictions.jsonl`` with one line per test example (if --test).
+
+``--freeze all`` is the feature-based recipe (fastbert.layer_mix.LayerMixModel): a frozen encoder,
+a learned softmax-weighted mix of all hidden layers times a learned scale, and a small head. Its
+default learning rate is 1e-3 (only the head learns). ``--freeze N`` fine-tunes with the embeddings
+and the lowest N layers frozen.
+
+Truncation of over-long inputs is described in fastbert.tasks; the number of truncated examples is
+printed for each file.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+
+from . import tasks as T
+from .metrics import accuracy, entity_f1, squad_scores
+
+PRIMARY = {"classify": "accuracy", "pair": "accuracy", "choice": "accuracy", "ner": "f1", "qa": "f1"}
+
+
+def _freeze_arg(s: str):
+    if s in ("none", "all"):
+        return s
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--freeze takes none, all or a number of layers, not {s!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError("--freeze N needs N >= 0")
+    return n
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, choices=T.TASKS)
+    p.add_argument("--model", required=True, help="checkpoint folder (config.json + weights + tokenizer)")
+    p.add_argument("--train", required=True, help="training file")
+    p.add_argument("--dev", required=True, help="dev file, evaluated after each epoch")
+    p.add_argument("--test", help="test file: metrics and OUT/predictions.jsonl")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--eval-batch-size", type=int, default=None, help="default: 2 x --batch-size")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-5; 1e-3 with --freeze all)")
+    p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps for linear warm-up")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--max-length", type=int, default=128, help="tokens per sequence, special tokens included")
+    p.add_argument("--doc-stride", type=int, default=None, help="qa: overlap of context windows in tokens "
+                   "(default max-length // 4)")
+    p.add_argument("--max-answer-length", type=int, default=30, help="qa: longest answer in tokens")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--freeze", type=_freeze_arg, default="none",
+                   help="none; all (frozen encoder + learned layer mix); or N (freeze the lowest N layers)")
+    p.add_argument("--max-train-examples", type=int, default=None, help="use only the first N training examples")
+    p.add_argument("--max-eval-examples", type=int, default=None, help="use only the first N dev/test examples")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
+def _log(msg: str) -> None:
+    print(f"[finetune] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------- model
+
+def build_model(task, model_dir, labels, freeze):
+    from .modeling import (BertForMultipleChoice, BertForQuestionAnswering, BertForSequenceClassification,
+                           BertForTokenClassification, BertModel)
+    from .layer_mix import LayerMixModel, freeze_lowest
+
+    label_cfg = {}
+    if labels is not None:
+        id2label = {i: str(v) for i, v in enumerate(labels)}
+        label_cfg = {"id2label": id2label, "label2id": {v: i for i, v in id2label.items()},
+                     "num_labels": len(labels)}
+    if freeze == "all":
+        encoder = BertModel.from_pretrained(model_dir, **label_cfg)
+        return LayerMixModel(encoder, task, num_labels=len(labels) if labels else 2)
+    cls = {"classify": BertForSequenceClassification, "pair": BertForSequenceClassification,
+           "ner": BertForTokenClassification, "qa": BertForQuestionAnswering,
+           "choice": BertForMultipleChoice}[task]
+    model = cls.from_pretrained(model_dir, **label_cfg)
+    if isinstance(freeze, int):
+        freeze_lowest(model, freeze)
+    return model
+
+
+def _forward(model, batch):
+    return model(**batch)
+
+
+@torch.inference_mode()
+def predict(model, task, feats, batch_size, progress=False):
+    """Raw predictions per feature: a class index (classify, pair, choice), per-token class ids
+    (ner) or (start_logits, end_logits) lists (qa)."""
+    model.eval()
+    out = [None] * len(feats)
+    batches = T.bucket_batches([T.length_of(f) for f in feats], batch_size, shuffle=False)
+    for idx in _progress(batches, progress, "eval"):
+        fs = [feats[i] for i in idx]
+        batch = T.collate(fs)
+        for k in ("labels", "start_positions", "end_positions"):
+            batch.pop(k, None)
+        res = model(**batch)
+        if task == "qa":
+            for j, i in enumerate(idx):
+                n = len(fs[j]["input_ids"])
+                out[i] = (res.start_logits[j, :n].tolist(), res.end_logits[j, :n].tolist())
+        elif task == "ner":
+            ids = res.logits.argmax(-1)
+            for j, i in enumerate(idx):
+                out[i] = ids[j, :len(fs[j]["input_ids"])].tolist()
+        else:
+            for j, i in zip(res.logits.argmax(-1).tolist(), idx):
+                out[i] = j
+    return out
+
+
+def evaluate(model, task, examples, feats, labels, args, progress=False):
+    """(metrics dict, predictions per example) on a labelled file."""
+    raw = predict(model, task, feats, args.eval_batch_size, progress)
+    if task in ("classify", "pair"):
+        preds = [labels[p] for p in raw]
+        return {"accuracy": accuracy(preds, [ex["label"] for ex in examples]), "n": len(examples)}, preds
+    if task == "choice":
+        return {"accuracy": accuracy(raw, [ex["label"] for ex in examples]), "n": len(examples)}, raw
+    if task == "ner":
+        preds = []
+        for ex, f, ids in zip(examples, feats, raw):
+            # words cut off by truncation (or that tokenise to nothing) are predicted "O"
+            preds.append([labels[ids[f["word_starts"][w]]] if w in f["word_starts"] else "O"
+                          for w in range(len(ex["words"]))])
+        r = entity_f1([ex["tags"] for ex in examples], preds)
+        return {"f1": r["f1"], "precision": r["precision"], "recall": r["recall"], "n": len(examples)}, preds
+    starts = [r[0] for r in raw]
+    ends = [r[1] for r in raw]
+    preds = T.qa_best_spans(examples, feats, starts, ends, max_answer_tokens=args.max_answer_length)
+    r = squad_scores(preds, [ex["answers"]["text"] for ex in examples])
+    return {"exact_match": r["exact_match"], "f1": r["f1"], "n": len(examples)}, preds
+
+
+def _progress(it, enabled, desc):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+    return tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
+
+
+# -------------------------------------------------------------------------------------------- main
+
+def _load(task, path, labels, tok, args, limit, name):
+    examples = T.read_examples(task, path)
+    if limit is not None:
+        examples = examples[:limit]
+    T.check_labels(task, examples, labels, path)
+    label2id = {v: i for i, v in enumerate(labels)} if labels is not None else None
+    feats, info = T.build_features(task, examples, tok, args.max_length, label2id,
+                                   doc_stride=args.doc_stride)
+    if info.get("truncated"):
+        what = "contexts split into several windows" if task == "qa" else f"cut to {args.max_length} tokens"
+        _log(f"{name}: {info['truncated']} of {len(examples)} examples {what}")
+    if info.get("questions_truncated"):
+        _log(f"{name}: {info['questions_truncated']} questions cut to 64 tokens")
+    return examples, feats
+
+
+def _check_choice_counts(examples, n, path):
+    for ex in examples:
+        if len(ex["choices"]) != n:
+            raise T.DataError(f"{ex['_where']}: {len(ex['choices'])} choices, but the training file has "
+                              f"{n} per question (every question needs the same number)")
+
+
+def run(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    task, freeze = args.task, args.freeze
+    if args.lr is None:
+        args.lr = 1e-3 if freeze == "all" else 5e-5
+    if args.eval_batch_size is None:
+        args.eval_batch_size = 2 * args.batch_size
+    for name in ("epochs", "batch_size", "eval_batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+
+    from .config import BertConfig
+    config = BertConfig.from_pretrained(args.model)
+    if args.max_length > config.max_position_embeddings:
+        _log(f"--max-length {args.max_length} is above the model's {config.max_position_embeddings} "
+             f"positions; using {config.max_position_embeddings}")
+        args.max_length = config.max_position_embeddings
+
+    tok = T.load_tokenizer(args.model)
+    train_ex = T.read_examples(task, args.train)
+    if args.max_train_examples is not None:
+        train_ex = train_ex[:args.max_train_examples]
+    labels = T.build_label_list(task, train_ex)
+    if labels is not None and task in ("classify", "pair") and len(labels) < 2:
+        raise T.DataError(f"{args.train}: only one label ({labels[0]!r}) in the training file")
+    train_ex, train_f = _load(task, args.train, labels, tok, args, args.max_train_examples, "train")
+    dev_ex, dev_f = _load(task, args.dev, labels, tok, args, args.max_eval_examples, "dev")
+    test_ex = test_f = None
+    if args.test:
+        test_ex, test_f = _load(task, args.test, labels, tok, args, args.max_eval_examples, "test")
+    if task == "choice":
+        n = len(train_ex[0]["choices"])
+        for exs, path in ((train_ex, args.train), (dev_ex, args.dev), (test_ex or [], args.test)):
+            _check_choice_counts(exs, n, path)
+
+    model = build_model(task, args.model, labels, freeze)
+    from .optim import build_optimizer, warmup_linear_schedule
+    optimizer = build_optimizer(model, args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = math.ceil(len(train_f) / args.batch_size)
+    total = steps_per_epoch * args.epochs
+    scheduler = warmup_linear_schedule(optimizer, int(args.warmup * total), total)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    _log(f"{task}: {len(train_ex)} train examples ({len(train_f)} features), {len(dev_ex)} dev; "
+         f"{args.epochs} epochs x {steps_per_epoch} steps; lr {args.lr}; {trainable:,} trainable parameters")
+
+    metric = PRIMARY[task]
+    best, best_state, history = -1.0, None, []
+    progress = not args.no_progress
+    t0 = time.perf_counter()
+    lengths = [T.length_of(f) for f in train_f]
+    for epoch in range(args.epochs):
+        model.train()
+        batches = T.bucket_batches(lengths, args.batch_size, shuffle=True, seed=args.seed + epoch)
+        bar = _progress(batches, progress, f"epoch {epoch + 1}/{args.epochs}")
+        loss_sum, n = 0.0, 0
+        for idx in bar:
+            batch = T.collate([train_f[i] for i in idx])
+            loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch + 1}")
+            loss.backward()
+            if args.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                               args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.item()
+            n += 1
+            if progress and n % 10 == 0:
+                bar.set_postfix(loss=f"{loss_sum / n:.4f}")
+        train_seconds = time.perf_counter() - t0
+        dev_metrics, _ = evaluate(model, task, dev_ex, dev_f, labels, args)
+        history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(n, 1), **dev_metrics,
+                        "elapsed_seconds": round(time.perf_counter() - t0, 2)})
+        _log(f"epoch {epoch + 1}: train loss {loss_sum / max(n, 1):.4f}, dev {metric} {dev_metrics[metric]:.4f}")
+        if dev_metrics[metric] > best:
+            best = dev_metrics[metric]
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            best_dev, best_epoch = dev_metrics, epoch + 1
+    total_seconds = time.perf_counter() - t0
+
+    model.load_state_dict(best_state)
+    os.makedirs(args.out, exist_ok=True)
+    model.save_pretrained(args.out)
+    T.copy_tokenizer_files(args.model, args.out)
+    result = {"dev": best_dev, "best_epoch": best_epoch, "history": history,
+              "train_seconds": round(total_seconds, 2)}
+    if test_ex is not None:
+        test_metrics, preds = evaluate(model, task, test_ex, test_f, labels, args)
+        result["test"] = test_metrics
+        key = {"ner": "tags", "qa": "answer"}.get(task, "label")
+        with open(os.path.join(args.out, "predictions.jsonl"), "w", encoding="utf-8") as f:
+            for i, p in enumerate(preds):
+                f.write(json.dumps({"index": i, key: p}, ensure_ascii=False) + "\n")
+    ordered = {"dev": result.pop("dev")}
+    if "test" in result:
+        ordered["test"] = result.pop("test")
+    ordered.update(result)
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(ordered, f, indent=2)
+    _log(f"best epoch {best_epoch}: dev {metric} {best:.4f}"
+         + (f", test {metric} {ordered['test'][metric]:.4f}" if "test" in ordered else "")
+         + f"; wrote {args.out}")
+    return ordered
+
+
+def main(args) -> int:
+    try:
+        run(args)
+    except (T.DataError, FileNotFoundError) as e:
+        print(f"fastbert finetune: error: {e}", file=sys.stderr)
+        return 2
+    return 0
