@@ -86,10 +86,16 @@ class _Packed:
 
 
 class _Padded:
-    """The padded layout, used when attention probabilities are requested (output_attentions)."""
+    """The padded layout: every position runs through the encoder, padding is masked as keys only.
 
-    def __init__(self, attention_mask: torch.Tensor, dtype: torch.dtype):
+    Used where values at padding positions matter (the QA loss normalises over every position, as
+    transformers does) and, with want_probs, when attention probabilities are requested.
+    """
+
+    def __init__(self, attention_mask: torch.Tensor, dtype: torch.dtype, want_probs: bool = False):
         self.batch, self.seq = attention_mask.shape
+        self.key_padding_mask = attention_mask  # (B, S) bool
+        self.want_probs = want_probs
         # Additive mask exactly as transformers builds it, so the returned probabilities match.
         self.additive = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min  # (B,1,1,S)
 
@@ -163,8 +169,11 @@ class BertSelfAttention(nn.Module):
             ctx = K.varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], layout.cu_seqlens, layout.max_seqlen,
                                      dropout_p=p)  # (T, nh, hd)
             return ctx.reshape(-1, nh * hd), None
-        # Padded reference path that also returns the probabilities (output_attentions=True).
         q, k, v = qkv.view(layout.batch, layout.seq, 3, nh, hd).permute(2, 0, 3, 1, 4)  # each (B, nh, S, hd)
+        if not layout.want_probs:
+            ctx = K.attention(q, k, v, layout.key_padding_mask, dropout_p=p)  # (B, nh, S, hd)
+            return ctx.permute(0, 2, 1, 3).reshape(-1, nh * hd), None
+        # Reference path that also returns the probabilities (output_attentions=True).
         scores = q @ k.transpose(-1, -2) / math.sqrt(hd) + layout.additive  # (B, nh, S, S)
         probs = torch.softmax(scores, dim=-1)
         ctx = F.dropout(probs, p=p, training=p > 0) @ v  # (B, nh, S, hd)
@@ -375,7 +384,9 @@ class BertModel(BertPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
                 inputs_embeds=None, output_hidden_states=False, output_attentions=False, return_dict=True,
-                **unused):
+                unpad=True, **unused):
+        """unpad=False runs padding positions through the encoder too (their outputs then equal
+        transformers'); the default drops them after the embeddings."""
         batch, seq = _check_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids,
                                    inputs_embeds)
         device = (input_ids if input_ids is not None else inputs_embeds).device
@@ -390,7 +401,10 @@ class BertModel(BertPreTrainedModel):
         attention_mask = attention_mask.bool()
 
         h = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, S, D)
-        layout = _Padded(attention_mask, h.dtype) if output_attentions else _Packed(attention_mask)
+        if output_attentions or not unpad:
+            layout = _Padded(attention_mask, h.dtype, want_probs=output_attentions)
+        else:
+            layout = _Packed(attention_mask)
         x, hidden, attentions = self.encoder(layout.pack(h), layout, output_hidden_states, output_attentions)
         sequence_output = layout.unpack(x)  # (B, S, D)
         pooled = self.pooler(sequence_output) if self.pooler is not None else None
@@ -608,8 +622,10 @@ class BertForQuestionAnswering(BertPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
                 inputs_embeds=None, start_positions=None, end_positions=None, output_hidden_states=False,
                 output_attentions=False, return_dict=True, **unused):
+        # Padding positions stay in: their logits enter the softmax of the span loss in transformers.
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds,
-                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+                        output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                        unpad=False)
         logits = self.qa_outputs(out.last_hidden_state)  # (B, S, 2)
         start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))  # (B, S) each
         loss = None

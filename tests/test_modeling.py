@@ -1,0 +1,244 @@
+"""fastbert's eight Bert classes against transformers': outputs, losses and every parameter gradient.
+
+Judged by the tolerance rule (tests/tolerance.py): fastbert in float32 against transformers in
+float64 must be within k = 4 of transformers' own float32 error. fastbert in float64 must match
+transformers in float64 to ~1e-10 (same maths, different association). Batches mix a length-1 row,
+full rows and padded rows; values at padding positions are unspecified (API.md) and not compared.
+"""
+import warnings
+
+import pytest
+import torch
+
+import fastbert
+from tolerance import assert_close_to_reference
+
+transformers = pytest.importorskip("transformers")
+
+CLASSES = ["BertModel", "BertForPreTraining", "BertForMaskedLM", "BertForNextSentencePrediction",
+           "BertForSequenceClassification", "BertForTokenClassification", "BertForQuestionAnswering",
+           "BertForMultipleChoice"]
+
+CONFIGS = {
+    "gelu-2types": dict(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=40, type_vocab_size=2, hidden_act="gelu"),
+    "tanh-1type": dict(vocab_size=67, hidden_size=24, num_hidden_layers=3, num_attention_heads=2,
+                       intermediate_size=50, max_position_embeddings=24, type_vocab_size=1, hidden_act="gelu_new",
+                       num_labels=3),
+}
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def config_for(name, cfg_name):
+    cfg = dict(CONFIGS[cfg_name])
+    if name == "BertForQuestionAnswering":
+        cfg["num_labels"] = 2  # start and end logits
+    return cfg
+
+
+def make_pair(name, cfg, seed=0):
+    """A transformers model (float64, the reference) and fastbert's twin holding the same weights."""
+    torch.manual_seed(seed)
+    hf = getattr(transformers, name)(transformers.BertConfig(**cfg, **NO_DROPOUT)).double()
+    ours = getattr(fastbert, name)(fastbert.BertConfig(**cfg, **NO_DROPOUT))
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    return hf, ours
+
+
+def make_batch(name, cfg, batch=4, seq=11, choices=2, seed=1):
+    """Rows: full, padded, length 1, padded; labels for every head."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, cfg["vocab_size"], (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    for row, length in zip(range(1, batch), (7, 1, 4)):
+        mask[row, length:] = 0
+    tt = torch.randint(0, cfg["type_vocab_size"], (batch, seq), generator=g)
+    num_labels = cfg.get("num_labels", 2)
+    inputs = dict(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+    mlm = torch.full((batch, seq), -100)
+    pick = (torch.rand(batch, seq, generator=g) < 0.3) & mask.bool()
+    pick[0, 0] = pick[2, 0] = True
+    mlm[pick] = torch.randint(0, cfg["vocab_size"], (int(pick.sum()),), generator=g)
+    labels = {
+        "BertModel": {},
+        "BertForPreTraining": dict(labels=mlm, next_sentence_label=torch.randint(0, 2, (batch,), generator=g)),
+        "BertForMaskedLM": dict(labels=mlm),
+        "BertForNextSentencePrediction": dict(labels=torch.randint(0, 2, (batch,), generator=g)),
+        "BertForSequenceClassification": dict(labels=torch.randint(0, num_labels, (batch,), generator=g)),
+        "BertForTokenClassification": dict(labels=torch.randint(0, num_labels, (batch, seq), generator=g)
+                                           .masked_fill(mask == 0, -100)),
+        "BertForQuestionAnswering": dict(start_positions=torch.tensor([0, 3, 0, 2]),
+                                         end_positions=torch.tensor([5, 6, 0, 50])),  # 50: outside, ignored
+        "BertForMultipleChoice": dict(labels=torch.randint(0, choices, (batch,), generator=g)),
+    }[name]
+    if name == "BertForMultipleChoice":  # (batch, choices, seq): each choice its own lengths
+        inputs = {k: torch.stack([v, v.roll(1, dims=0)], dim=1) for k, v in inputs.items()}
+    return inputs, labels
+
+
+def real_mask(inputs):
+    return inputs["attention_mask"].reshape(-1, inputs["attention_mask"].shape[-1]).bool()
+
+
+def compare(name, ours, base32, ref64, mask, k=4.0):
+    """Compare one output; sequence-shaped tensors only at real positions."""
+    if isinstance(ref64, tuple):
+        for i, (a, b, r) in enumerate(zip(ours, base32, ref64)):
+            compare(f"{name}[{i}]", a, b, r, mask, k)
+        return
+    if ref64.dim() >= 2 and tuple(ref64.shape[:2]) == tuple(mask.shape):
+        ours, base32, ref64 = ours[mask], base32[mask], ref64[mask]
+    elif ref64.dim() >= 3 and ref64.shape[:3] == (mask.shape[0] // ref64.shape[1], ref64.shape[1], mask.shape[1]):
+        flat = lambda t: t.reshape(mask.shape[0], mask.shape[1], *t.shape[3:])[mask]  # noqa: E731
+        ours, base32, ref64 = flat(ours), flat(base32), flat(ref64)
+    assert_close_to_reference(ours, base32, ref64, k=k, name=name)
+
+
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+@pytest.mark.parametrize("name", CLASSES)
+def test_outputs_match_transformers_in_eval(name, cfg_name):
+    cfg = config_for(name, cfg_name)
+    hf64, ours = make_pair(name, cfg)
+    hf32 = getattr(transformers, name)(transformers.BertConfig(**cfg, **NO_DROPOUT))
+    hf32.load_state_dict(hf64.state_dict())
+    inputs, labels = make_batch(name, cfg)
+    mask = real_mask(inputs)
+    hf64.eval(), hf32.eval(), ours.eval()
+    kwargs = dict(**inputs, **labels, output_hidden_states=True)
+    with torch.no_grad():
+        ref, base, out = hf64(**kwargs), hf32(**kwargs), ours(**kwargs)
+        out64 = ours.double()(**kwargs)
+    assert set(ref.keys()) == {k for k, v in out.items() if v is not None}, (ref.keys(), out.keys())
+    for key in ref.keys():
+        compare(f"{name}.{key}", out[key], base[key], ref[key], mask)
+        compare(f"{name}.{key} (float64)", out64[key], ref[key], ref[key], mask, k=0.0)
+
+
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+@pytest.mark.parametrize("name", [c for c in CLASSES if c != "BertModel"])
+def test_loss_and_gradients_match_transformers_in_training(name, cfg_name):
+    """Training mode (dropout off): the masked-rows MLM head must give transformers' loss and grads."""
+    cfg = config_for(name, cfg_name)
+    hf64, ours = make_pair(name, cfg)
+    hf32 = getattr(transformers, name)(transformers.BertConfig(**cfg, **NO_DROPOUT))
+    hf32.load_state_dict(hf64.state_dict())
+    inputs, labels = make_batch(name, cfg)
+    results = []
+    for model in (hf64, hf32, ours):
+        model.train()
+        model.zero_grad()
+        loss = model(**inputs, **labels).loss
+        loss.backward()
+        grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p))
+                 for n, p in model.named_parameters()}
+        results.append((loss.detach(), grads))
+    (ref_loss, ref_g), (base_loss, base_g), (loss, g) = results
+    assert_close_to_reference(loss, base_loss, ref_loss, k=4, name=f"{name}.loss")
+    assert set(g) == set(ref_g)
+    for pname in ref_g:
+        assert_close_to_reference(g[pname], base_g[pname], ref_g[pname], k=4, name=f"{name} grad {pname}")
+
+
+def test_mlm_head_runs_on_masked_rows_only_in_training():
+    cfg = CONFIGS["gelu-2types"]
+    _, ours = make_pair("BertForPreTraining", cfg)
+    inputs, labels = make_batch("BertForPreTraining", cfg)
+    ours.train()
+    out = ours(**inputs, **labels)
+    assert out.prediction_logits is None and out.loss is not None
+    ours.eval()
+    out = ours(**inputs, **labels)
+    assert out.prediction_logits.shape == (*inputs["input_ids"].shape, cfg["vocab_size"])
+
+
+def test_no_masked_token_gives_zero_mlm_loss_and_grads():
+    cfg = CONFIGS["gelu-2types"]
+    _, ours = make_pair("BertForMaskedLM", cfg)
+    inputs, _ = make_batch("BertForMaskedLM", cfg)
+    ours.train()
+    loss = ours(**inputs, labels=torch.full_like(inputs["input_ids"], -100)).loss
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in ours.parameters())
+
+
+def test_return_dict_false_gives_transformers_tuple_order():
+    cfg = CONFIGS["gelu-2types"]
+    hf, ours = make_pair("BertForQuestionAnswering", cfg)
+    inputs, labels = make_batch("BertForQuestionAnswering", cfg)
+    hf.eval(), ours.double().eval()
+    ref = hf(**inputs, **labels, return_dict=False)
+    out = ours(**inputs, **labels, return_dict=False)
+    assert isinstance(out, tuple) and len(out) == len(ref) == 3
+    for a, b in zip(out, ref):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_output_attentions_and_inputs_embeds():
+    cfg = CONFIGS["gelu-2types"]
+    hf, ours = make_pair("BertModel", cfg)
+    hf.eval(), ours.double().eval()
+    hf.set_attn_implementation("eager")
+    inputs, _ = make_batch("BertModel", cfg)
+    mask = real_mask(inputs)
+    ref = hf(**inputs, output_attentions=True)
+    out = ours(**inputs, output_attentions=True)
+    assert len(out.attentions) == cfg["num_hidden_layers"]
+    for a, b in zip(out.attentions, ref.attentions):
+        rows = lambda t: t.transpose(1, 2)[mask]  # (B, nh, S, S) -> real query rows (T, nh, S)  # noqa: E731
+        assert torch.allclose(rows(a), rows(b), atol=1e-10)
+    embeds = hf.embeddings.word_embeddings(inputs["input_ids"])
+    ref = hf(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], token_type_ids=inputs["token_type_ids"])
+    out = ours(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], token_type_ids=inputs["token_type_ids"])
+    assert torch.allclose(out.last_hidden_state[mask], ref.last_hidden_state[mask], atol=1e-10)
+
+
+def test_tied_weights_are_one_parameter_listed_under_both_names():
+    ours = fastbert.BertForPreTraining(fastbert.BertConfig(**CONFIGS["gelu-2types"]))
+    assert ours.cls.predictions.decoder.weight is ours.bert.embeddings.word_embeddings.weight
+    assert ours.cls.predictions.decoder.bias is ours.cls.predictions.bias
+    keys = ours.state_dict().keys()
+    assert "cls.predictions.decoder.weight" in keys and "cls.predictions.bias" in keys
+    assert "cls.predictions.decoder.bias" in keys
+
+
+# ---------------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("case,match", [
+    ("id_out_of_range", "input_ids must lie in"),
+    ("negative_id", "input_ids must lie in"),
+    ("type_out_of_range", "token_type_ids must lie in"),
+    ("too_long", "exceeds max_position_embeddings"),
+    ("mask_shape", "attention_mask has shape"),
+    ("types_shape", "token_type_ids has shape"),
+    ("float_ids", "integer tensor"),
+    ("one_dim", r"\(batch, seq\)"),
+])
+def test_bad_input_raises_clear_error(case, match):
+    cfg = CONFIGS["gelu-2types"]
+    model = fastbert.BertModel(fastbert.BertConfig(**cfg)).eval()
+    ids = torch.randint(0, cfg["vocab_size"], (2, 5))
+    kw = dict(input_ids=ids)
+    if case == "id_out_of_range":
+        kw["input_ids"] = ids.clone().fill_(cfg["vocab_size"])
+    elif case == "negative_id":
+        kw["input_ids"] = ids.clone().fill_(-1)
+    elif case == "type_out_of_range":
+        kw["token_type_ids"] = torch.full_like(ids, 2)
+    elif case == "too_long":
+        kw["input_ids"] = torch.zeros(1, cfg["max_position_embeddings"] + 1, dtype=torch.long)
+    elif case == "mask_shape":
+        kw["attention_mask"] = torch.ones(2, 6)
+    elif case == "types_shape":
+        kw["token_type_ids"] = torch.zeros(1, 5, dtype=torch.long)
+    elif case == "float_ids":
+        kw["input_ids"] = ids.float()
+    elif case == "one_dim":
+        kw["input_ids"] = ids[0]
+    with pytest.raises(ValueError, match=match):
+        model(**kw)
+
+
+def test_unsupported_activation_is_named():
+    with pytest.raises(ValueError, match="relu"):
+        fastbert.BertConfig(hidden_act="relu")
