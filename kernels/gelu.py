@@ -38,7 +38,8 @@ BWD_MAX_BLOCK_N = 1024
 
 @triton.jit
 def _tanh(u):
-    # 1 - 2 / (exp(2u) + 1): saturates to +-1 without inf - inf (exp overflow gives 1 - 0).
+    # 1 - 2 / (exp(2u) + 1), with u clamped where tanh is +-1 in fp32 anyway, so exp never overflows.
+    u = tl.minimum(tl.maximum(u, -15.0), 15.0)
     return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
 
 

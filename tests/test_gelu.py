@@ -1,0 +1,64 @@
+"""K.bias_gelu's Triton kernels (interpreted on the CPU, compiled on CUDA) against float64.
+
+Tolerance rule (tests/tolerance.py): our error <= 2 x PyTorch's own error in the same dtype.
+bf16 runs on CUDA only (the interpreter mishandles bf16 arithmetic).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastbert.kernels as K
+from tolerance import assert_close_to_reference
+
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+WIDTHS = [37, 384, 768, 1000, 3072]
+
+
+def _leaves(dtype, device, *tensors):
+    """The same values as leaves in `dtype` and in float64."""
+    ours = [t.to(device=device, dtype=dtype).clone().requires_grad_() for t in tensors]
+    ref = [t.detach().to(torch.float64).requires_grad_() for t in ours]
+    base = [t.detach().clone().requires_grad_() for t in ours]
+    return ours, base, ref
+
+
+def _check(fn_ours, fn_base, inputs, dtype, device, names):
+    ours, base, ref = _leaves(dtype, device, *inputs)
+    y, y_base, y_ref = fn_ours(*ours), fn_base(*base), fn_base(*ref)
+    assert y.dtype == dtype
+    dy = torch.randn(y.shape, device=device, dtype=torch.float64)
+    for out, leaves in ((y, ours), (y_base, base), (y_ref, ref)):
+        out.backward(dy.to(out.dtype))
+    assert_close_to_reference(y, y_base, y_ref, name="out")
+    for name, a, b, r in zip(names, ours, base, ref):
+        assert_close_to_reference(a.grad, b.grad, r.grad, name=f"d{name}")
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", WIDTHS)
+def test_bias_gelu(triton_kernels, device, n, dtype, approximate):
+    x = torch.randn(2, 3, n) * 3  # spread over GELU's curved part and both tails
+    bias = torch.randn(n)
+    _check(lambda x, b: K.bias_gelu(x, b, approximate),
+           lambda x, b: F.gelu(x + b, approximate=approximate),
+           (x, bias), dtype, device, ("x", "bias"))
+
+
+def test_bias_gelu_many_rows_noncontiguous(triton_kernels, device):
+    # More rows than one backward program holds (partial dbias sums over several programs) and a
+    # transposed input.
+    x = torch.randn(37, 50).t()  # (50, 37), non-contiguous
+    bias = torch.randn(37)
+    _check(lambda x, b: K.bias_gelu(x, b), lambda x, b: F.gelu(x + b), (x, bias), torch.float32, device,
+           ("x", "bias"))
+
+
+def test_bias_gelu_tails_finite(triton_kernels, device):
+    x = torch.tensor([[-1e4, -60.0, -10.0, 0.0, 10.0, 60.0, 1e4, 3.0]], device=device)
+    bias = torch.zeros(8, device=device)
+    for approximate in ("none", "tanh"):
+        y = K.bias_gelu(x, bias, approximate)
+        ref = F.gelu(x.double(), approximate=approximate)
+        assert torch.isfinite(y).all()
+        torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=1e-6)

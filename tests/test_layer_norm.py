@@ -1,0 +1,132 @@
+"""K.add_layer_norm and K.gelu_layer_norm's Triton kernels against float64.
+
+Tolerance rule (tests/tolerance.py): our error <= 2 x PyTorch's own error in the same dtype, for the
+output and every gradient. Dropout: the kernels' Philox mask is rebuilt with
+layer_norm.dropout_mask from the same seed, so forward and backward are checked against the
+reference with that mask; repeatability under torch.manual_seed is checked bit for bit.
+bf16 runs on CUDA only (the interpreter mishandles bf16 arithmetic).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastbert.kernels as K
+from fastbert.kernels import layer_norm as L
+from tolerance import assert_close_to_reference
+
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+WIDTHS = [37, 384, 768, 1000, 3072]
+EPS = 1e-5
+
+
+def _check(fn_ours, fn_base, inputs, dtypes, device, names, seed=None):
+    """Run ours / PyTorch in the test dtype / PyTorch in float64 on the same values; compare all."""
+    ours = [t.to(device=device, dtype=d).clone().requires_grad_() for t, d in zip(inputs, dtypes)]
+    base = [t.detach().clone().requires_grad_() for t in ours]
+    ref = [t.detach().to(torch.float64).requires_grad_() for t in ours]
+    if seed is not None:
+        torch.manual_seed(seed)
+    y = fn_ours(*ours)
+    y_base, y_ref = fn_base(*base), fn_base(*ref)
+    assert y.dtype == dtypes[0] and y.shape == y_ref.shape
+    dy = torch.randn(y.shape, device=device, dtype=torch.float64)
+    for out in (y, y_base, y_ref):
+        out.backward(dy.to(out.dtype))
+    assert_close_to_reference(y, y_base, y_ref, name="out")
+    for name, a, b, r in zip(names, ours, base, ref):
+        assert_close_to_reference(a.grad, b.grad, r.grad, name=f"d{name}")
+
+
+def _ln_params(n):
+    return 1.0 + 0.3 * torch.randn(n), 0.5 * torch.randn(n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", WIDTHS)
+def test_add_layer_norm(triton_kernels, device, n, dtype):
+    x, res = torch.randn(2, 3, n), 2.0 + torch.randn(2, 3, n)  # an offset mean: the centring matters
+    w, b = _ln_params(n)
+    _check(lambda x, r, w, b: K.add_layer_norm(x, r, w, b, EPS),
+           lambda x, r, w, b: F.layer_norm(x + r, (n,), w, b, EPS),
+           (x, res, w, b), [dtype] * 4, device, ("x", "residual", "weight", "bias"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n", [37, 1000])
+def test_add_layer_norm_dropout_matches_reference_with_same_mask(triton_kernels, device, n, dtype):
+    p, rows, seed = 0.25, 6, 1234
+    torch.manual_seed(seed)
+    keep = L.dropout_mask(L.draw_seed(device), rows, n, p)  # the mask the op will draw after the same seed
+    scale = 1.0 / (1.0 - p)
+    x, res = torch.randn(rows, n), torch.randn(rows, n)
+    w, b = _ln_params(n)
+    _check(lambda x, r, w, b: K.add_layer_norm(x, r, w, b, EPS, dropout_p=p),
+           lambda x, r, w, b: F.layer_norm(x * keep.to(x.dtype) * scale + r, (n,), w, b, EPS),
+           (x, res, w, b), [dtype] * 4, device, ("x", "residual", "weight", "bias"), seed=seed)
+    frac = 1.0 - keep.float().mean().item()
+    assert abs(frac - p) < 5 * (p * (1 - p) / keep.numel()) ** 0.5, f"dropped fraction {frac} for p={p}"
+
+
+def test_add_layer_norm_dropout_repeatable(triton_kernels, device):
+    x, res = torch.randn(5, 384, device=device), torch.randn(5, 384, device=device)
+    w, b = (t.to(device) for t in _ln_params(384))
+    torch.manual_seed(7)
+    y1 = K.add_layer_norm(x, res, w, b, EPS, dropout_p=0.5)
+    torch.manual_seed(7)
+    y2 = K.add_layer_norm(x, res, w, b, EPS, dropout_p=0.5)
+    y3 = K.add_layer_norm(x, res, w, b, EPS, dropout_p=0.5)  # the generator moved on: a new mask
+    assert torch.equal(y1, y2)
+    assert not torch.equal(y1, y3)
+
+
+def test_add_layer_norm_mixed_dtypes_noncontiguous(triton_kernels, device):
+    # fp16 activations, fp32 residual stream and LayerNorm parameters; transposed inputs.
+    n = 100
+    x, res = torch.randn(n, 9).t(), torch.randn(n, 9).t()
+    w, b = _ln_params(n)
+    _check(lambda x, r, w, b: K.add_layer_norm(x, r, w, b, EPS),
+           lambda x, r, w, b: F.layer_norm(x.float() + r.float(), (n,), w.float(), b.float(), EPS).to(x.dtype),
+           (x, res, w, b), [torch.float16, torch.float32, torch.float32, torch.float32], device,
+           ("x", "residual", "weight", "bias"))
+
+
+def test_add_layer_norm_many_rows(triton_kernels, device):
+    # More rows than backward programs: each program walks several rows and the partial dweight /
+    # dbias sums of several programs are reduced.
+    n = 64
+    x, res = torch.randn(40, n), torch.randn(40, n)
+    w, b = _ln_params(n)
+    _check(lambda x, r, w, b: K.add_layer_norm(x, r, w, b, 1e-12),
+           lambda x, r, w, b: F.layer_norm(x + r, (n,), w, b, 1e-12),
+           (x, res, w, b), [torch.float32] * 4, device, ("x", "residual", "weight", "bias"))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", WIDTHS)
+def test_gelu_layer_norm(triton_kernels, device, n, dtype, approximate):
+    x = 2.0 * torch.randn(3, n)
+    c = torch.randn(n)
+    w, b = _ln_params(n)
+    _check(lambda x, c, w, b: K.gelu_layer_norm(x, c, w, b, EPS, approximate),
+           lambda x, c, w, b: F.layer_norm(F.gelu(x + c, approximate=approximate), (n,), w, b, EPS),
+           (x, c, w, b), [dtype] * 4, device, ("x", "bias", "weight", "ln_bias"))
+
+
+def test_too_wide_raises(triton_kernels, device):
+    n = L.MAX_WIDTH + 1
+    x = torch.randn(1, n, device=device)
+    ones, zeros = torch.ones(n, device=device), torch.zeros(n, device=device)
+    with pytest.raises(ValueError, match="widths up to"):
+        K.add_layer_norm(x, x, ones, zeros)
+    with pytest.raises(ValueError, match="widths up to"):
+        K.gelu_layer_norm(x, zeros, ones, zeros)
+
+
+def test_max_width(triton_kernels, device):
+    n = L.MAX_WIDTH
+    x, res = torch.randn(2, n), torch.randn(2, n)
+    w, b = _ln_params(n)
+    _check(lambda x, r, w, b: K.add_layer_norm(x, r, w, b, EPS),
+           lambda x, r, w, b: F.layer_norm(x + r, (n,), w, b, EPS),
+           (x, res, w, b), [torch.float32] * 4, device, ("x", "residual", "weight", "bias"))
