@@ -1,0 +1,367 @@
+"""Fused linear + cross-entropy: the masked-LM loss without the (rows, vocab) logits.
+
+Computes, for hidden (rows, h), weight (vocab, h), bias (vocab,), labels (rows,) int64:
+
+    loss = Σ_{r: labels[r] != ignore_index} (lse_r - logit_{r, labels[r]}) / max(1, #labelled rows)
+    logits = hidden @ weightᵀ + bias,  lse_r = log Σ_v exp(logit_{r, v})
+
+and the gradients of hidden, weight and bias.
+
+Design (a chunked design, after Liger-Kernel's fused linear cross-entropy):
+the rows are processed in chunks of ``C`` rows, with C·vocab ≈ ``CHUNK_ELEMENTS``, so at most one
+(C, vocab) block of logits exists at any time (≈ 64 MB in bf16 for vocab 30522), whatever ``rows`` is.
+For each chunk:
+  1. cuBLAS: logits_c = bias + hidden_c @ weightᵀ            (torch.addmm into a reused buffer)
+  2. Triton ``_ce_rows_kernel``, one program per row: an online log-sum-exp over vocabulary tiles
+     (fp32), the per-row loss, and — when gradients are wanted — a second sweep over the same row
+     (still in L1/L2) that overwrites the logits with dlogits = softmax - onehot (zero rows for ignored
+     labels). The 1/count scale is not applied here: it is applied in fp32 at the very end, so the
+     low-precision dlogits keep their full relative precision (p - onehot is O(1); p/count is not).
+  3. cuBLAS: d_hidden_c = dlogits_c @ weight                   (rows are independent: no accumulation)
+  4. Triton ``_dweight_kernel``: d_weight (+)= dlogits_cᵀ @ hidden_c and d_bias (+)= Σ_rows dlogits_c,
+     tl.dot tiles accumulated in fp32 into fp32 buffers — deterministic, no atomics; d_bias comes
+     for free from the dlogits tiles the GEMM loads anyway.
+The gradients are computed during the forward pass (3 GEMMs in all instead of the 4 a recompute-in-
+backward design needs) when autograd will want them; the backward op only multiplies them by
+grad_output / count in fp32 and casts (``_scale_cast_kernel``).
+
+Supports: fp32, fp16, bf16 (hidden, weight and bias are brought to hidden's dtype); any vocab and h;
+non-contiguous hidden / weight; rows with and without labels in any mix; no labelled row at all
+(loss 0.0 and zero gradients); zero rows. The count of labelled rows stays a device tensor and the op
+never synchronises the host, so it can be captured in a CUDA graph and traced by torch.compile.
+Deterministic: fixed reduction orders, no atomics.
+
+Not supported: float64 (the public wrapper computes it with the PyTorch reference); label smoothing,
+class weights, reductions other than the mean.
+
+Caution:
+- Rows whose label is ignore_index still cost their share of the GEMMs: gather the labelled rows
+  first (the model does) — this op cannot compact them without a data-dependent shape.
+- Forward with autograd on holds d_weight in fp32 (vocab·h·4 bytes) until the backward runs.
+- The logits block is in the input dtype (as in eager PyTorch); softmax statistics are fp32.
+- Label range is checked by ``fastbert.kernels.mlm_loss`` (a host sync); here an out-of-range label
+  would read a wrong logit (the target load is masked to stay in bounds, never out of memory).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Elements of the one logits block that exists at a time (2**25 → 64 MB in bf16, 1024 rows of vocab
+# 30522). Tests lower it to force several chunks on tiny inputs.
+CHUNK_ELEMENTS = 1 << 25
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+# ------------------------------------------------------------------------------------ Triton kernels
+
+# compute_grad / accumulate are runtime flags (one uniform branch per program), not constexprs: one
+# compiled variant per dtype instead of two; do_not_specialize keeps the value 1 from forking another.
+@triton.jit(do_not_specialize=["compute_grad"])
+def _ce_rows_kernel(
+    logits_ptr,      # *T (n_rows, vocab): logits of this chunk (bias included); overwritten with
+                     #   softmax - onehot (zeros for ignored rows) when compute_grad
+    labels_ptr,      # *i64 (n_rows,): targets of this chunk's rows
+    loss_ptr,        # *f32 (n_rows,): per-row loss out; 0 for ignored rows
+    vocab,           # number of classes (columns of logits)
+    stride_row,      # elements between consecutive rows of logits
+    ignore_index,    # label value meaning "no target"
+    compute_grad,    # 1: also write dlogits in place; 0: loss only
+    BLOCK_V: tl.constexpr,       # vocabulary tile (power of 2)
+):
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    cols = tl.arange(0, BLOCK_V)
+
+    # Online log-sum-exp with one running (max, sum) per lane, merged once at the end: the loop body
+    # stays element-wise (no cross-lane reduction per tile). The finite initial max keeps
+    # exp(m_old - m_new) away from exp(-inf + inf) = NaN on lanes that only ever see padding.
+    m = tl.full((BLOCK_V,), -1.0e30, tl.float32)
+    s = tl.zeros((BLOCK_V,), tl.float32)
+    for start in range(0, vocab, BLOCK_V):
+        idx = start + cols
+        x = tl.load(row_ptr + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, x)
+        s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
+        m = m_new
+    m_row = tl.max(m, axis=0)
+    lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
+
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    # The clamp keeps the load in bounds even for an ignored row or a label the host did not check.
+    safe_label = tl.minimum(tl.maximum(tl.where(valid, label, 0), 0), vocab - 1)
+    target = tl.load(row_ptr + safe_label).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(valid, lse - target, 0.0))
+
+    if compute_grad != 0:
+        # Ignored rows get exact zeros, so the GEMMs downstream need no row mask.
+        keep = tl.where(valid, 1.0, 0.0)
+        for start in range(0, vocab, BLOCK_V):
+            idx = start + cols
+            in_row = idx < vocab
+            x = tl.load(row_ptr + idx, mask=in_row, other=0.0).to(tl.float32)
+            g = (tl.exp(x - lse) - tl.where(idx == label, 1.0, 0.0)) * keep
+            tl.store(row_ptr + idx, g.to(logits_ptr.dtype.element_ty), mask=in_row)
+
+
+@triton.jit(do_not_specialize=["accumulate"])
+def _dweight_kernel(
+    dlogits_ptr,     # *T (n_rows, vocab): dlogits of this chunk, contiguous rows
+    hidden_ptr,      # *T (n_rows, h): this chunk's hidden rows
+    dw_ptr,          # *f32 (vocab, h): weight gradient (unscaled sum), contiguous
+    db_ptr,          # *f32 (vocab,): bias gradient (unscaled sum)
+    n_rows,          # rows in this chunk: the reduction dimension
+    vocab,           # classes
+    h,               # hidden width
+    stride_dl,       # elements between rows of dlogits
+    stride_hr,       # elements between rows of hidden
+    stride_hc,       # elements between columns of hidden
+    accumulate,      # 1: add to d_weight / d_bias (every chunk but the first); 0: overwrite
+    BLOCK_M: tl.constexpr,       # vocabulary tile (rows of d_weight)
+    BLOCK_N: tl.constexpr,       # hidden tile (columns of d_weight)
+    BLOCK_K: tl.constexpr,       # row tile of the reduction
+    INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands (fp32 accuracy), else "tf32" (unused by 16-bit)
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # vocabulary index
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # hidden index
+    offs_k = tl.arange(0, BLOCK_K)                     # row index
+    mask_m = offs_m < vocab
+    mask_n = offs_n < h
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    col_sum = tl.zeros((BLOCK_M,), tl.float32)
+    for k0 in range(0, n_rows, BLOCK_K):
+        rows = k0 + offs_k
+        mask_k = rows < n_rows
+        # (BLOCK_K, BLOCK_M) tile of dlogits: contiguous along the vocabulary, so loads coalesce.
+        a = tl.load(dlogits_ptr + rows[:, None].to(tl.int64) * stride_dl + offs_m[None, :],
+                    mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        b = tl.load(hidden_ptr + rows[:, None].to(tl.int64) * stride_hr + offs_n[None, :] * stride_hc,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
+        if pid_n == 0:
+            col_sum += tl.sum(a.to(tl.float32), axis=0)
+
+    dw_ptrs = dw_ptr + offs_m[:, None].to(tl.int64) * h + offs_n[None, :]
+    dw_mask = mask_m[:, None] & mask_n[None, :]
+    if accumulate != 0:
+        acc += tl.load(dw_ptrs, mask=dw_mask, other=0.0)
+    tl.store(dw_ptrs, acc, mask=dw_mask)
+    if pid_n == 0:
+        if accumulate != 0:
+            col_sum += tl.load(db_ptr + offs_m, mask=mask_m, other=0.0)
+        tl.store(db_ptr + offs_m, col_sum, mask=mask_m)
+
+
+@triton.jit
+def _scale_cast_kernel(
+    x_ptr,           # *S (n,): input, contiguous
+    out_ptr,         # *T (n,): x * scale in the output dtype
+    scale_ptr,       # *f32 (): the scale (grad_output / count), read on the device (no host sync)
+    n,               # elements
+    BLOCK: tl.constexpr,  # elements per program
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    scale = tl.load(scale_ptr)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (x * scale).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------- launchers
+
+# Triton's interpreter (CPU tensors) pays per program, not per element: there, fewer and larger
+# blocks. The kernels are the same; the GPU configurations are the ones compiled ahead of time in tests.
+
+def _ce_config(vocab: int, interpreted: bool):
+    block_v = min(8192 if interpreted else 4096, triton.next_power_of_2(max(vocab, 16)))
+    return block_v, (8 if block_v >= 2048 else 4)
+
+
+def _dweight_config(dtype: torch.dtype, interpreted: bool):
+    if interpreted:
+        return 2048, 64, 16
+    # fp32 operands double the shared memory per tile: halve BLOCK_K to stay near 100 KB with 3 stages.
+    block_k = 32 if dtype == torch.float32 else 64
+    return 128, 128, block_k
+
+
+def _scale_block(interpreted: bool) -> int:
+    return 1 << 16 if interpreted else 4096
+
+
+def _chunk_rows(rows: int, vocab: int) -> int:
+    c = max(16, CHUNK_ELEMENTS // max(vocab, 1))
+    c = 1 << (c.bit_length() - 1)  # a power of two keeps the GEMM shapes regular
+    return max(1, min(rows, c))
+
+
+def _count(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Labelled rows as an fp32 device tensor, at least 1 (all ignored → loss 0/1 = 0)."""
+    return (labels != ignore_index).sum().clamp_(min=1).to(torch.float32)
+
+
+def _forward(hidden, weight, bias, labels, ignore_index: int, compute_grad: bool):
+    rows, h = hidden.shape
+    vocab = weight.shape[0]
+    dtype = hidden.dtype
+    if dtype not in _TL_DTYPES or weight.dtype != dtype or bias.dtype != dtype:
+        raise TypeError(f"mlm_loss kernel: hidden, weight, bias must share one of fp32/fp16/bf16, "
+                        f"got {hidden.dtype}, {weight.dtype}, {bias.dtype}")
+    labels = labels.contiguous()
+    dev = hidden.device
+    row_loss = torch.empty(rows, device=dev, dtype=torch.float32)
+    if compute_grad:
+        dh = torch.empty(rows, h, device=dev, dtype=dtype)
+        dw = torch.empty(vocab, h, device=dev, dtype=torch.float32) if rows else \
+            torch.zeros(vocab, h, device=dev, dtype=torch.float32)
+        db = torch.empty(vocab, device=dev, dtype=torch.float32) if rows else \
+            torch.zeros(vocab, device=dev, dtype=torch.float32)
+    else:
+        # three distinct tensors: outputs of a custom op may not alias one another
+        dh, dw, db = (torch.empty(0, device=dev, dtype=torch.float32) for _ in range(3))
+
+    chunk = _chunk_rows(rows, vocab)
+    buf = torch.empty(chunk, vocab, device=dev, dtype=dtype) if rows else None
+    interpreted = dev.type == "cpu"
+    block_v, ce_warps = _ce_config(vocab, interpreted)
+    bm, bn, bk = _dweight_config(dtype, interpreted)
+    wt = weight.t()
+    for c0 in range(0, rows, chunk):
+        c1 = min(rows, c0 + chunk)
+        n = c1 - c0
+        logits = buf[:n]
+        h_c = hidden[c0:c1]
+        torch.addmm(bias, h_c, wt, out=logits)
+        _ce_rows_kernel[(n,)](
+            logits, labels[c0:c1], row_loss[c0:c1], vocab, logits.stride(0), ignore_index, int(compute_grad),
+            BLOCK_V=block_v, num_warps=ce_warps,
+        )
+        if not compute_grad:
+            continue
+        torch.mm(logits, weight, out=dh[c0:c1])
+        grid = (triton.cdiv(vocab, bm), triton.cdiv(h, bn))
+        _dweight_kernel[grid](
+            logits, h_c, dw, db, n, vocab, h, logits.stride(0), h_c.stride(0), h_c.stride(1), int(c0 > 0),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+            num_warps=8, num_stages=3,
+        )
+    loss = (row_loss.sum() / _count(labels, ignore_index)).to(dtype)
+    return loss, dh, dw, db
+
+
+def _scale_cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty(x.shape, device=x.device, dtype=dtype)
+    n = x.numel()
+    if n:
+        block = _scale_block(x.device.type == "cpu")
+        _scale_cast_kernel[(triton.cdiv(n, block),)](x, out, scale, n, BLOCK=block, num_warps=8)
+    return out
+
+
+def _backward(grad, labels, ignore_index: int, dh, dw, db):
+    scale = (grad.to(torch.float32) / _count(labels, ignore_index)).reshape(())
+    dtype = dh.dtype
+    return _scale_cast(dh, scale, dtype), _scale_cast(dw, scale, dtype), _scale_cast(db, scale, dtype)
+
+
+# ------------------------------------------------------------------------------------- registration
+
+@torch.library.custom_op("fastbert::mlm_loss", mutates_args=(), device_types="cuda")
+def _mlm_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor,
+                 ignore_index: int, compute_grad: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, Σ dlogits @ W, Σ dlogitsᵀ @ hidden (fp32), Σ dlogits (fp32)); the sums are unscaled
+    (multiply by grad / count) and empty when not compute_grad."""
+    return _forward(hidden, weight, bias, labels, ignore_index, compute_grad)
+
+
+@_mlm_loss_op.register_kernel("cpu")
+def _(hidden, weight, bias, labels, ignore_index, compute_grad):
+    # Reached only under FASTBERT_KERNELS=triton with TRITON_INTERPRET=1: the same Triton kernels.
+    return _forward(hidden, weight, bias, labels, ignore_index, compute_grad)
+
+
+@_mlm_loss_op.register_fake
+def _(hidden, weight, bias, labels, ignore_index, compute_grad):
+    loss = hidden.new_empty((), dtype=hidden.dtype)
+    if compute_grad:
+        return (loss, torch.empty_like(hidden, memory_format=torch.contiguous_format),
+                weight.new_empty(weight.shape, dtype=torch.float32),
+                bias.new_empty(bias.shape, dtype=torch.float32))
+    empty = hidden.new_empty((0,), dtype=torch.float32)
+    return loss, empty, empty.clone(), empty.clone()
+
+
+@torch.library.custom_op("fastbert::mlm_loss_backward", mutates_args=(), device_types="cuda")
+def _mlm_loss_backward_op(grad: torch.Tensor, labels: torch.Tensor, ignore_index: int, dh: torch.Tensor,
+                          dw: torch.Tensor, db: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad / count) · the forward's gradient sums, in the dtype of dh (= hidden's)."""
+    return _backward(grad, labels, ignore_index, dh, dw, db)
+
+
+@_mlm_loss_backward_op.register_kernel("cpu")
+def _(grad, labels, ignore_index, dh, dw, db):
+    return _backward(grad, labels, ignore_index, dh, dw, db)
+
+
+@_mlm_loss_backward_op.register_fake
+def _(grad, labels, ignore_index, dh, dw, db):
+    return (torch.empty_like(dh, memory_format=torch.contiguous_format),
+            torch.empty_like(dw, dtype=dh.dtype, memory_format=torch.contiguous_format),
+            torch.empty_like(db, dtype=dh.dtype, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, ignore_index, compute_grad = inputs
+    _, dh, dw, db = output
+    ctx.mark_non_differentiable(dh, dw, db)
+    ctx.ignore_index = ignore_index
+    ctx.compute_grad = compute_grad
+    if compute_grad:
+        ctx.save_for_backward(labels, dh, dw, db)
+    else:
+        ctx.save_for_backward(labels, hidden, weight, bias)
+
+
+def _backward_rule(ctx, grad_loss, *_unused):
+    if ctx.compute_grad:
+        labels, dh, dw, db = ctx.saved_tensors
+    else:
+        # The forward skipped the gradients (the public wrapper asks for them whenever autograd
+        # will want them): recompute them now, one more GEMM than the precomputed path.
+        labels, hidden, weight, bias = ctx.saved_tensors
+        _, dh, dw, db = _mlm_loss_op(hidden, weight, bias, labels, ctx.ignore_index, True)
+    d_hidden, d_weight, d_bias = _mlm_loss_backward_op(grad_loss, labels, ctx.ignore_index, dh, dw, db)
+    return d_hidden, d_weight, d_bias, None, None, None
+
+
+_mlm_loss_op.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------- public
+
+def mlm_loss(hidden, weight, bias, labels, ignore_index: int = -100):
+    """Mean cross-entropy of hidden @ weightᵀ + bias over labelled rows (see the module docstring).
+
+    Inputs are validated by ``fastbert.kernels.mlm_loss``; this is the Triton path it dispatches to.
+    """
+    dtype = hidden.dtype
+    if dtype == torch.float64:
+        from . import reference
+        return reference.mlm_loss(hidden, weight, bias, labels, ignore_index)
+    # autograd's own casts carry the gradients back to weight / bias dtypes when they differ.
+    weight_c = weight if weight.dtype == dtype else weight.to(dtype)
+    bias_c = bias if bias.dtype == dtype else bias.to(dtype)
+    compute_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad or bias.requires_grad)
+    loss, _, _, _ = _mlm_loss_op(hidden, weight_c, bias_c, labels, int(ignore_index), bool(compute_grad))
+    return loss
