@@ -1,0 +1,512 @@
+"""`fastbert pretrain`: BERT pretraining (masked LM + next-sentence prediction) from a text corpus.
+
+With no arguments it pretrains a tiny BERT on the sample corpus shipped in the package (the first
+chapters of Jane Austen's Emma) and writes ``runs/pretrain-<date>-<time>/``:
+
+    config.json, model.safetensors     the latest model (transformers.BertForPreTraining loads it)
+    vocab.txt, tokenizer.json, ...     the tokenizer (transformers.BertTokenizerFast loads it)
+    metrics.jsonl                      one row per logged step: step, loss, mlm_loss, nsp_loss, lr,
+                                       tokens_per_s, epoch; at evaluations also eval_mlm_loss,
+                                       eval_nsp_loss, mlm_accuracy, nsp_accuracy (held-out documents)
+    loss_curve.png                     the curves of metrics.jsonl
+    run_args.json                      the settings of the run (what --resume continues with)
+    checkpoints/step-N/ + latest       resumable state: model, optimizer, schedule, RNG, data position
+
+``--resume`` continues the run in ``--out`` from its last checkpoint with the settings saved in
+run_args.json (it starts from the beginning if there is no checkpoint yet, and exits 0 at once when
+the run is finished). Under ``torchrun --nproc-per-node N`` each process takes 1/N of every global
+batch (``--batch-size`` is the global batch); the loss is the mean over all masked tokens of the
+global batch whatever N and ``--grad-accum`` are, so runs with the same seed train the same model.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from importlib import resources
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import trainer as T
+from .pretraining_data import (CorpusError, PretrainingData, collate, iter_sentences, split_documents,
+                               tokenize_corpus)
+from .tokenization import TOKENIZER_FILES, TokenizerError, build_tokenizer, load_tokenizer, save_tokenizer
+
+# Settings that define a run: fixed when it starts, read back from run_args.json on --resume.
+RUN_DEFAULTS = {
+    "corpus": None,            # None: the sample corpus in the package
+    "config": "tiny",
+    "tokenizer": "wordpiece",
+    "vocab_size": 8192,
+    "cased": False,
+    "seq_len": 128,
+    "batch_size": 32,
+    "grad_accum": 1,
+    "steps": 600,
+    "lr": None,                # None: by model size (SIZE_LR)
+    "warmup_steps": None,      # None: 10% of the steps
+    "weight_decay": 0.01,
+    "max_grad_norm": 1.0,
+    "mask_prob": 0.15,
+    "whole_word_mask": False,
+    "no_nsp": False,
+    "short_seq_prob": 0.1,
+    "dropout": None,           # None: the config's (0.1 for the named sizes)
+    "pad_to": "batch",
+    "seed": 0,
+    "eval_fraction": 0.05,
+    "eval_examples": 256,
+    "precision": "auto",
+}
+# Peak learning rates that train the named sizes well in a short run (BERT-base used 1e-4).
+SIZE_LR = {"micro": 2e-3, "tiny": 1e-3, "mini": 5e-4, "small": 3e-4, "medium": 2e-4, "base": 1e-4,
+           "large": 5e-5}
+
+
+def sample_corpus_path() -> str:
+    return str(resources.files("fastbert.data").joinpath("sample_corpus.txt"))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = RUN_DEFAULTS
+    g = p.add_argument_group("data")
+    g.add_argument("--corpus", action="append", metavar="PATH",
+                   help="BERT-format text (one sentence per line, blank line between documents), plain or "
+                        "gzip; repeat for several files (default: the sample corpus in the package)")
+    g.add_argument("--tokenizer", metavar="SPEC",
+                   help="'wordpiece' (train a WordPiece vocabulary on the corpus; default), 'chinese' "
+                        "(character level, as BERT's Chinese models), or a vocab.txt / tokenizer.json / folder")
+    g.add_argument("--vocab-size", type=int, help=f"size of a trained vocabulary (default {d['vocab_size']})")
+    g.add_argument("--cased", action="store_true", default=None, help="keep case (default: lower-case)")
+    g.add_argument("--seq-len", type=int, help=f"tokens per example (default {d['seq_len']})")
+    g.add_argument("--mask-prob", type=float, help=f"fraction of tokens to predict (default {d['mask_prob']})")
+    g.add_argument("--whole-word-mask", action="store_true", default=None,
+                   help="mask all pieces of a word together")
+    g.add_argument("--no-nsp", action="store_true", default=None,
+                   help="masked LM only: B is always the true continuation, no NSP loss")
+    g.add_argument("--short-seq-prob", type=float, help="share of shorter target lengths (default 0.1)")
+    g.add_argument("--pad-to", choices=["batch", "max"],
+                   help="pad each batch to its longest example (default) or always to --seq-len")
+    g.add_argument("--eval-fraction", type=float,
+                   help="share of documents held out for evaluation (default 0.05, at least 2)")
+    g.add_argument("--eval-examples", type=int, help="held-out examples per evaluation (default 256)")
+    g.add_argument("--cache-dir", help="where tokenized shards are cached (default ~/.cache/fastbert/corpora)")
+
+    g = p.add_argument_group("model and optimisation")
+    g.add_argument("--config", help="size name (micro, tiny, mini, small, medium, base, large) or a "
+                                    "config.json (default tiny)")
+    g.add_argument("--dropout", type=float, help="hidden and attention dropout (default: the config's)")
+    g.add_argument("--batch-size", type=int, help=f"global batch in examples (default {d['batch_size']})")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")
+    g.add_argument("--steps", type=int, help=f"optimizer steps (default {d['steps']})")
+    g.add_argument("--lr", type=float, help="peak learning rate (default by size: tiny 1e-3 ... base 1e-4)")
+    g.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 10%% of --steps)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.01)")
+    g.add_argument("--max-grad-norm", type=float, help="gradient clipping norm (default 1.0; 0 = off)")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto (default): bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler")
+    g.add_argument("--seed", type=int, help="seed of initialisation, examples, masks and dropout (default 0)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--out", metavar="DIR", help="run folder (default runs/pretrain-<date>-<time>)")
+    g.add_argument("--save-every", type=int, default=None,
+                   help="steps between checkpoints (default: a quarter of the run; the last step always)")
+    g.add_argument("--keep-checkpoints", type=int, default=1, help="checkpoints kept (default 1)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (from the start if none; "
+                        "exit 0 if it is finished)")
+    g.add_argument("--log-every", type=int, default=10, help="steps per metrics.jsonl row (default 10)")
+    g.add_argument("--eval-every", type=int, default=None,
+                   help="steps between held-out evaluations (default: 10 per run; 0 = only at the end)")
+    g.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute encoder layers in the backward pass to save memory")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# ----------------------------------------------------------------------------------------------
+
+def _log(dist: T.Distributed, msg: str) -> None:
+    if dist.is_main:
+        print(f"[fastbert pretrain] {msg}", file=sys.stderr, flush=True)
+
+
+def _resolve_settings(args, stored: dict | None, dist: T.Distributed) -> dict:
+    settings = dict(RUN_DEFAULTS)
+    given = {k: getattr(args, k) for k in RUN_DEFAULTS if getattr(args, k, None) is not None}
+    if stored is not None:
+        for k, v in given.items():
+            if k in stored and stored[k] != v:
+                _log(dist, f"warning: --{k.replace('_', '-')} {v} ignored on --resume; the run uses {stored[k]}")
+        settings.update({k: v for k, v in stored.items() if k in RUN_DEFAULTS})
+    else:
+        settings.update(given)
+    return settings
+
+
+def _build_config(s: dict, vocab_size: int):
+    from .config import SIZES, BertConfig
+    spec = s["config"]
+    if spec in SIZES:
+        config = BertConfig.from_size(spec, vocab_size=vocab_size)
+    elif os.path.isfile(spec) or os.path.isdir(spec):
+        config = BertConfig.from_pretrained(spec)
+        if config.vocab_size < vocab_size:
+            raise ValueError(f"config {spec} has vocab_size {config.vocab_size}, smaller than the "
+                             f"tokenizer's {vocab_size} tokens")
+    else:
+        raise ValueError(f"--config {spec!r} is neither a size name ({', '.join(SIZES)}) nor a config.json")
+    if s["seq_len"] > config.max_position_embeddings:
+        raise ValueError(f"--seq-len {s['seq_len']} is above the model's max_position_embeddings "
+                         f"{config.max_position_embeddings}")
+    if s["dropout"] is not None:
+        config.hidden_dropout_prob = config.attention_probs_dropout_prob = float(s["dropout"])
+    return config
+
+
+def _check_settings(s: dict, dist: T.Distributed) -> None:
+    for k in ("seq_len", "batch_size", "grad_accum", "steps"):
+        if int(s[k]) < 1:
+            raise ValueError(f"--{k.replace('_', '-')} must be at least 1, got {s[k]}")
+    if s["seq_len"] < 8:
+        raise ValueError(f"--seq-len {s['seq_len']} is too short (at least 8)")
+    if not 0 < s["mask_prob"] < 1:
+        raise ValueError(f"--mask-prob must be in (0, 1), got {s['mask_prob']}")
+    if s["batch_size"] % (dist.world_size * s["grad_accum"]):
+        raise ValueError(f"--batch-size {s['batch_size']} must be a multiple of processes x --grad-accum "
+                         f"= {dist.world_size} x {s['grad_accum']}")
+
+
+class PretrainingLoss(torch.nn.Module):
+    """Wraps BertForPreTraining so DDP sees one forward: returns (mlm_loss, nsp_loss, nsp_correct).
+    The MLM head runs on the masked rows only."""
+
+    def __init__(self, model, nsp: bool):
+        super().__init__()
+        self.model, self.nsp = model, nsp
+
+    def forward(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label):
+        out = self.model.bert(input_ids, attention_mask, token_type_ids)
+        mlm = self.model.cls.predictions.masked_loss(out.last_hidden_state, labels)
+        if not self.nsp:
+            return mlm, None
+        logits = self.model.cls.seq_relationship(out.pooler_output).float()
+        return mlm, F.cross_entropy(logits, next_sentence_label)
+
+
+@torch.no_grad()
+def evaluate(model, examples, *, batch_size, device, pad_id, nsp, autocast) -> dict:
+    """MLM accuracy/loss over the masked tokens and NSP accuracy/loss over held-out examples."""
+    was_training = model.training
+    model.eval()
+    mlm_loss = mlm_correct = n_masked = 0.0
+    nsp_loss = nsp_correct = n_seq = 0.0
+    for i in range(0, len(examples), batch_size):
+        b = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
+        with autocast():
+            out = model.bert(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+            sel = b["labels"] != -100
+            logits = model.cls.predictions(out.last_hidden_state[sel]).float()
+            nsp_logits = model.cls.seq_relationship(out.pooler_output).float()
+        targets = b["labels"][sel]
+        mlm_loss += F.cross_entropy(logits, targets, reduction="sum").item()
+        mlm_correct += (logits.argmax(-1) == targets).sum().item()
+        n_masked += targets.numel()
+        if nsp:
+            nsp_loss += F.cross_entropy(nsp_logits, b["next_sentence_label"], reduction="sum").item()
+            nsp_correct += (nsp_logits.argmax(-1) == b["next_sentence_label"]).sum().item()
+            n_seq += len(nsp_logits)
+    model.train(was_training)
+    row = {"eval_mlm_loss": mlm_loss / max(n_masked, 1), "mlm_accuracy": mlm_correct / max(n_masked, 1)}
+    if nsp:
+        row.update(eval_nsp_loss=nsp_loss / max(n_seq, 1), nsp_accuracy=nsp_correct / max(n_seq, 1))
+    return row
+
+
+def main(args) -> int:
+    dist = T.setup_distributed(args.device)
+    try:
+        return _run(args, dist)
+    except (CorpusError, TokenizerError, ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"fastbert pretrain: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        dist.shutdown()
+
+
+def _run(args, dist: T.Distributed) -> int:
+    # ---- the run folder and its settings -----------------------------------------------------
+    if args.resume and not args.out:
+        raise ValueError("--resume needs --out DIR (the run to continue)")
+    out = args.out or dist.broadcast(os.path.join("runs", time.strftime("pretrain-%Y%m%d-%H%M%S")))
+    ckpts = T.CheckpointManager(out, keep=args.keep_checkpoints)
+    stored = None
+    if os.path.isdir(out) and not args.resume and (
+            os.path.exists(os.path.join(out, "run_args.json")) or ckpts.latest() is not None):
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    if args.resume and os.path.isfile(os.path.join(out, "run_args.json")):
+        with open(os.path.join(out, "run_args.json")) as f:
+            stored = json.load(f)
+    s = _resolve_settings(args, stored, dist)
+    _check_settings(s, dist)
+    latest = ckpts.latest() if args.resume else None
+    resume_state = T.load_state(os.path.join(latest, T.STATE_FILE)) if latest else None
+    if resume_state is not None and resume_state["step"] >= s["steps"]:
+        _log(dist, f"{out} is finished (step {resume_state['step']} of {s['steps']}); nothing to do")
+        return 0
+
+    nsp = not s["no_nsp"]
+    corpus_paths = s["corpus"] or [sample_corpus_path()]
+    for p in corpus_paths:
+        if not os.path.isfile(p):
+            raise CorpusError(f"corpus file {p!r} does not exist")
+
+    # ---- tokenizer (the first process builds it; the others load what it saved) ---------------
+    tok_dir = out if (stored is not None and os.path.isfile(os.path.join(out, "tokenizer.json"))) else None
+    if tok_dir:
+        tokenizer = load_tokenizer(tok_dir)
+    else:
+        tokenizer = None
+        if dist.is_main:
+            counted = {"n": 0}
+
+            def sentences():
+                for line in iter_sentences(corpus_paths):
+                    counted["n"] += 1
+                    yield line
+            spec = s["tokenizer"]
+            try:
+                tokenizer = build_tokenizer(None if spec == "wordpiece" else spec, sentences(),
+                                            vocab_size=s["vocab_size"], lowercase=not s["cased"])
+            except TokenizerError:
+                if spec in ("wordpiece", "chinese") and counted["n"] == 0:
+                    raise CorpusError(f"the corpus ({', '.join(corpus_paths)}) is empty") from None
+                raise
+        tok_json = dist.broadcast(tokenizer.to_str() if dist.is_main else None)
+        if not dist.is_main:
+            from tokenizers import Tokenizer
+            tokenizer = Tokenizer.from_str(tok_json)
+
+    config = _build_config(s, tokenizer.get_vocab_size())
+
+    # ---- corpus shards (the first process writes the cache, the others read it) ---------------
+    if dist.is_main:
+        corpus = tokenize_corpus(corpus_paths, tokenizer, args.cache_dir, log=lambda m: _log(dist, m))
+    dist.barrier()
+    if not dist.is_main:
+        corpus = tokenize_corpus(corpus_paths, tokenizer, args.cache_dir)
+    train_docs, eval_docs = split_documents(corpus.num_documents, s["eval_fraction"], s["seed"])
+    common = dict(seq_len=s["seq_len"], mask_prob=s["mask_prob"], nsp=nsp, whole_word_mask=s["whole_word_mask"],
+                  short_seq_prob=s["short_seq_prob"])
+    train_data = PretrainingData(corpus, tokenizer, train_docs, seed=s["seed"], **common)
+    n_epoch0 = len(train_data.epoch(0))  # raises CorpusError early for a corpus too small for NSP
+    eval_examples = []
+    if len(eval_docs) >= (2 if nsp else 1):
+        eval_examples = PretrainingData(corpus, tokenizer, eval_docs, seed=s["seed"], **common).eval_examples(
+            s["eval_examples"])
+    _log(dist, f"corpus: {corpus.num_documents} documents, {corpus.num_tokens:,} tokens; {len(train_docs)} "
+               f"training documents ({n_epoch0} examples per epoch), {len(eval_docs)} held out "
+               f"({len(eval_examples)} evaluation examples)")
+
+    # ---- the run folder (written only now that every input checked out) ----------------------
+    if dist.is_main:
+        os.makedirs(out, exist_ok=True)
+        ckpts.clean_partial()
+        if stored is None:
+            save_tokenizer(tokenizer, out, model_max_length=config.max_position_embeddings)
+            T.atomic_write_json(os.path.join(out, "run_args.json"), s)
+    dist.barrier()
+
+    # ---- model, optimizer, schedule -----------------------------------------------------------
+    from .modeling import BertForPreTraining
+    from .optim import build_optimizer, warmup_linear_schedule
+    device = dist.device
+    torch.manual_seed(s["seed"])
+    if latest:
+        model = BertForPreTraining.from_pretrained(latest)
+        _log(dist, f"resuming from {latest} (step {resume_state['step']})")
+    else:
+        model = BertForPreTraining(config)
+    if s["dropout"] is not None:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = float(s["dropout"])
+    model.to(device).train()
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    n_params = sum(p.numel() for p in model.parameters())
+    lr = s["lr"] if s["lr"] is not None else SIZE_LR.get(s["config"], 1e-4)
+    steps = s["steps"]
+    warmup = s["warmup_steps"] if s["warmup_steps"] is not None else max(1, steps // 10)
+    optimizer = build_optimizer(model, lr=lr, weight_decay=s["weight_decay"])
+    scheduler = warmup_linear_schedule(optimizer, warmup, steps)
+
+    precision = s["precision"]
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def autocast():
+        if amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=amp_dtype)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    loss_module = PretrainingLoss(model, nsp)
+    if args.compile:
+        loss_module = torch.compile(loss_module)
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        loss_module = DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None,
+                          find_unused_parameters=not nsp)
+
+    # ---- state --------------------------------------------------------------------------------
+    step, position = 0, (0, 0)
+    acc = {"mlm": 0.0, "nsp": 0.0, "n": 0}
+    if resume_state is not None:
+        step = int(resume_state["step"])
+        position = (int(resume_state["epoch"]), int(resume_state["index"]))
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        if scaler is not None and "scaler" in resume_state:
+            scaler.load_state_dict(resume_state["scaler"])
+        acc = dict(resume_state["log_acc"])
+        rngs = resume_state["rng"]
+        if len(rngs) != dist.world_size:
+            _log(dist, f"warning: the checkpoint has {len(rngs)} processes' RNG states, this run "
+                       f"{dist.world_size}; dropout draws will differ from an uninterrupted run")
+        T.set_rng_state(rngs[dist.rank % len(rngs)])
+    else:
+        torch.manual_seed(s["seed"] + 1 + dist.rank)  # dropout: a different stream per process
+    metrics = T.MetricsLog(os.path.join(out, "metrics.jsonl"), enabled=dist.is_main)
+    metrics.truncate_after(step)
+
+    save_every = args.save_every or max(1, steps // 4)
+    eval_every = args.eval_every if args.eval_every is not None else max(1, steps // 10)
+    global_batch = s["batch_size"]
+    per_rank = global_batch // dist.world_size
+    micro = per_rank // s["grad_accum"]
+    pad_id = train_data.ids["pad"]
+    pad_to = s["seq_len"] if s["pad_to"] == "max" else None
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    _log(dist, f"model: {s['config']} ({n_params / 1e6:.2f} M parameters), seq {s['seq_len']}, global batch "
+               f"{global_batch} ({dist.world_size} process(es) x {s['grad_accum']} micro-batch(es) of {micro}), "
+               f"{steps} steps, lr {lr:g}, {precision} on {device}; run folder {out}")
+
+    def save(step_now: int) -> None:
+        rngs = dist.gather(T.rng_state())
+        if not dist.is_main:
+            dist.barrier()
+            return
+        state = {"step": step_now, "epoch": position[0], "index": position[1],
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "log_acc": dict(acc), "rng": rngs, "world_size": dist.world_size}
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+
+        def write(folder):
+            model.save_pretrained(folder)
+            for name in TOKENIZER_FILES:
+                T.atomic_copy(os.path.join(out, name), os.path.join(folder, name))
+            T.save_state(os.path.join(folder, T.STATE_FILE), state)
+        folder = ckpts.save(step_now, write)
+        for name in ("config.json", "model.safetensors"):
+            T.atomic_copy(os.path.join(folder, name), os.path.join(out, name))
+        T.plot_metrics(metrics.path, os.path.join(out, "loss_curve.png"),
+                       title=f"fastbert pretrain: {s['config']}, {os.path.basename(os.path.abspath(out))}")
+        dist.barrier()
+
+    if step == 0 and resume_state is None and dist.is_main:
+        # the run folder holds a loadable model from the first moment on
+        model.save_pretrained(out)
+
+    bar = T.progress_bar(steps, step, enabled=dist.is_main and not args.no_progress)
+    tokens_since, time_since = 0.0, 0.0
+    while step < steps:
+        t0 = time.perf_counter()
+        examples, next_position = train_data.take(position, global_batch)
+        n_masked_total = float(sum(int((e["labels"] != -100).sum()) for e in examples))
+        mine = examples[dist.rank * per_rank:(dist.rank + 1) * per_rank]
+        mlm_part = nsp_part = 0.0
+        real_tokens = 0
+        for k in range(s["grad_accum"]):
+            chunk = mine[k * micro:(k + 1) * micro]
+            batch = {key: v.to(device, non_blocking=True) for key, v in collate(chunk, pad_id, pad_to).items()}
+            real_tokens += int(batch["attention_mask"].sum())
+            n_masked = float((batch["labels"] != -100).sum())
+            # Weights that make the summed gradient that of the mean over the whole global batch
+            # (MLM: over its masked tokens; NSP: over its sequences); DDP divides by world_size.
+            w_mlm = n_masked / n_masked_total * dist.world_size
+            w_nsp = len(chunk) / global_batch * dist.world_size
+            last = k == s["grad_accum"] - 1
+            sync = contextlib.nullcontext() if (last or not dist.enabled) else loss_module.no_sync()
+            with sync:
+                with autocast():
+                    mlm, nsp_loss = loss_module(batch["input_ids"], batch["attention_mask"],
+                                                batch["token_type_ids"], batch["labels"],
+                                                batch["next_sentence_label"])
+                loss = mlm.float() * w_mlm
+                if nsp_loss is not None:
+                    loss = loss + nsp_loss * w_nsp
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            mlm_part += float(mlm.detach()) * n_masked / n_masked_total
+            if nsp_loss is not None:
+                nsp_part += float(nsp_loss.detach()) * len(chunk) / global_batch
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if s["max_grad_norm"] and s["max_grad_norm"] > 0:
+            torch.nn.utils.clip_grad_norm_(params, s["max_grad_norm"])
+        lr_now = scheduler.get_last_lr()[0]
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        mlm_step, nsp_step, tokens = dist.sum_floats([mlm_part, nsp_part, float(real_tokens)])
+        step += 1
+        position = next_position
+        acc["mlm"] += mlm_step
+        acc["nsp"] += nsp_step
+        acc["n"] += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        time_since += time.perf_counter() - t0
+        tokens_since += tokens
+        tps = tokens_since / max(time_since, 1e-9)
+        bar.update(1)
+        bar.set_postfix(loss=f"{mlm_step + nsp_step:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+
+        if step % args.log_every == 0 or step == steps or (eval_every and step % eval_every == 0):
+            row = {"step": step, "loss": (acc["mlm"] + acc["nsp"]) / acc["n"], "mlm_loss": acc["mlm"] / acc["n"]}
+            if nsp:
+                row["nsp_loss"] = acc["nsp"] / acc["n"]
+            row.update(lr=lr_now, tokens_per_s=round(tps, 1), epoch=position[0])
+            if eval_examples and ((eval_every and step % eval_every == 0) or step == steps) and dist.is_main:
+                row.update(evaluate(model, eval_examples, batch_size=max(micro, 32), device=device,
+                                    pad_id=pad_id, nsp=nsp, autocast=autocast))
+            metrics.write(row)
+            acc = {"mlm": 0.0, "nsp": 0.0, "n": 0}
+            tokens_since, time_since = 0.0, 0.0
+        if step % save_every == 0 or step == steps:
+            save(step)
+    bar.close()
+    if dist.is_main:
+        rows = T.read_metrics(metrics.path)
+        last_eval = next((r for r in reversed(rows) if "mlm_accuracy" in r), None)
+        summary = f"done: step {step}, mlm_loss {rows[-1]['mlm_loss']:.4f}" if rows else f"done: step {step}"
+        if last_eval:
+            summary += f", held-out MLM accuracy {last_eval['mlm_accuracy']:.3f}"
+            if "nsp_accuracy" in last_eval:
+                summary += f", NSP accuracy {last_eval['nsp_accuracy']:.3f}"
+        _log(dist, f"{summary}; run folder {out}")
+    return 0

@@ -1,0 +1,346 @@
+"""Training-loop pieces shared by pretraining and fine-tuning.
+
+- ``setup_distributed`` / ``Distributed``: one process, or several under ``torchrun`` (NCCL on GPUs,
+  gloo on CPUs), with the helpers a loop needs (barrier, all-reduce of a few floats, broadcast).
+- Atomic files: ``atomic_write_text`` / ``atomic_write_json`` / ``atomic_copy`` write a temporary file
+  in the same folder, fsync it, then ``os.replace`` it over the target, so a crash at any moment
+  leaves either the old or the new file, never a half-written one.
+- ``CheckpointManager``: resumable checkpoints under ``RUN/checkpoints/step-NNNNNNNN/`` (the model in
+  HF format + ``training_state.pt``), each written into a temporary folder and renamed into place,
+  then published by rewriting ``RUN/checkpoints/latest``. Training state holds only tensors and plain
+  Python values, so it loads with ``torch.load(weights_only=True)`` (no pickle of code).
+- ``MetricsLog``: ``metrics.jsonl`` (one JSON row per logged step; on resume, rows past the checkpoint
+  and a torn last line are dropped) and ``plot_metrics`` (loss / accuracy PNG, matplotlib Agg).
+- ``progress_bar``: tqdm on the first process only.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def sum_floats(self, values: list[float]) -> list[float]:
+        """Sum a few floats over processes (float64, so the sum does not depend on dtype)."""
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64,
+                         device=self.device if self.device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def broadcast(self, obj):
+        if not self.enabled:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def shutdown(self) -> None:
+        if self.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def setup_distributed(device: str | None = None) -> Distributed:
+    """Read torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK); start the process group when there
+    are several processes: NCCL when each process has a GPU, gloo otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(minutes=30))
+    return Distributed(rank, world, local_rank, dev)
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic files
+# ----------------------------------------------------------------------------------------------
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _umask_mode() -> int:
+    return 0o666 & ~_umask()
+
+
+def _mkstemp(folder: str, suffix: str = "") -> tuple[int, str]:
+    """mkstemp (mode 0600), then the mode an ordinary new file would get."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    os.chmod(tmp, _umask_mode())
+    return fd, tmp
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = _mkstemp(folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_copy(src: str, dst: str) -> None:
+    folder = os.path.dirname(os.path.abspath(dst))
+    fd, tmp = _mkstemp(folder)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+STATE_FILE = "training_state.pt"
+
+
+class CheckpointManager:
+    """``RUN/checkpoints/step-NNNNNNNN/`` folders + ``RUN/checkpoints/latest`` naming the newest
+    complete one. ``save`` writes a folder under a temporary name, renames it, then rewrites
+    ``latest``; older folders beyond ``keep`` are deleted only after that, so at every instant
+    ``latest`` names a complete checkpoint."""
+
+    def __init__(self, run_dir: str, keep: int = 1):
+        self.run_dir = run_dir
+        self.root = os.path.join(run_dir, "checkpoints")
+        self.keep = max(1, keep)
+
+    def _complete(self, name: str) -> bool:
+        return os.path.isfile(os.path.join(self.root, name, STATE_FILE))
+
+    def latest(self) -> str | None:
+        """Path of the newest complete checkpoint, or None."""
+        pointer = os.path.join(self.root, "latest")
+        if os.path.isfile(pointer):
+            with open(pointer) as f:
+                name = f.read().strip()
+            if name and self._complete(name):
+                return os.path.join(self.root, name)
+        if not os.path.isdir(self.root):
+            return None
+        names = sorted(n for n in os.listdir(self.root) if n.startswith("step-") and self._complete(n))
+        return os.path.join(self.root, names[-1]) if names else None
+
+    def clean_partial(self) -> None:
+        """Remove temporary folders a killed run left behind."""
+        if os.path.isdir(self.root):
+            for n in os.listdir(self.root):
+                if n.startswith(".tmp-"):
+                    shutil.rmtree(os.path.join(self.root, n), ignore_errors=True)
+
+    def save(self, step: int, write_files) -> str:
+        """``write_files(folder)`` writes the checkpoint's files into a fresh folder."""
+        os.makedirs(self.root, exist_ok=True)
+        name = f"step-{step:08d}"
+        final = os.path.join(self.root, name)
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.root)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
+        try:
+            write_files(tmp)
+            for f in os.listdir(tmp):
+                with open(os.path.join(tmp, f), "rb+") as fh:
+                    os.fsync(fh.fileno())
+            _fsync_dir(tmp)
+            if os.path.exists(final):  # re-saving the same step (e.g. the last one): replace it
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        atomic_write_text(os.path.join(self.root, "latest"), name + "\n")
+        steps = sorted(n for n in os.listdir(self.root) if n.startswith("step-") and n != name)
+        for old in steps[:max(0, len(steps) - (self.keep - 1))]:
+            shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
+        return final
+
+
+def save_state(path: str, state: dict) -> None:
+    torch.save(state, path)
+
+
+def load_state(path: str) -> dict:
+    # weights_only: the state holds tensors and plain values only; never unpickle code
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+
+def read_metrics(path: str) -> list[dict]:
+    rows = []
+    if not os.path.isfile(path):
+        return rows
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a kill: everything after it is dropped
+                break
+    return rows
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``; each row is flushed and fsynced as it is written."""
+
+    def __init__(self, path: str, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int) -> None:
+        """Keep the rows up to ``step`` (the checkpoint a resumed run starts from)."""
+        if not self.enabled:
+            return
+        rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def plot_metrics(metrics_path: str, png_path: str, title: str = "") -> None:
+    """Loss curves (left) and held-out accuracies (right) from metrics.jsonl, written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("loss", "train loss"), ("mlm_loss", "train MLM loss"), ("nsp_loss", "train NSP loss"),
+                       ("eval_mlm_loss", "held-out MLM loss")):
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax_loss.plot(*zip(*pts), label=label, marker="o" if key.startswith("eval") else None)
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    for key, label in (("mlm_accuracy", "held-out MLM accuracy"), ("nsp_accuracy", "held-out NSP accuracy")):
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax_acc.plot(*zip(*pts), label=label, marker="o")
+    ax_acc.set_xlabel("step")
+    ax_acc.set_ylabel("accuracy")
+    ax_acc.set_ylim(0, 1)
+    ax_acc.grid(alpha=0.3)
+    if ax_acc.lines:
+        ax_acc.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fd, tmp = _mkstemp(os.path.dirname(os.path.abspath(png_path)), suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, png_path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "pretrain"):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True,
+                smoothing=0.1)

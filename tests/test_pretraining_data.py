@@ -1,0 +1,273 @@
+"""Corpus reading, cached shards, BERT segment pairs and masking.
+
+Statistical checks use honest binomial bounds: a count of n independent draws with probability p is
+accepted within 5 standard deviations of n*p (a false failure about once in 1.7 million runs)."""
+import gzip
+import math
+import os
+
+import numpy as np
+import pytest
+
+from fastbert.pretraining_data import (Corpus, CorpusError, PretrainingData, Shard, collate, create_instances,
+                                       iter_documents, mask_tokens, split_documents, tokenize_corpus)
+from fastbert.tokenization import train_tokenizer
+
+CLS, SEP, MASK, PAD = 2, 3, 4, 0
+
+
+def within_binomial(count, n, p, sigmas=5.0):
+    sd = math.sqrt(n * p * (1 - p))
+    return abs(count - n * p) <= sigmas * sd + 1e-9
+
+
+def synthetic_corpus(doc_sentence_lengths, first_id=100):
+    """A Corpus in memory whose token ids count up from first_id, so every token is unique and its
+    document and position can be read back from its id."""
+    sent_starts, doc_starts, n = [0], [0], 0
+    for doc in doc_sentence_lengths:
+        for length in doc:
+            n += length
+            sent_starts.append(n)
+        doc_starts.append(len(sent_starts) - 1)
+    tokens = np.arange(first_id, first_id + n, dtype=np.int32)
+    return Corpus([Shard(tokens, np.array(sent_starts), np.array(doc_starts), "<memory>")])
+
+
+def doc_of(corpus, token):
+    shard = corpus.shards[0]
+    sentence = np.searchsorted(shard.sentences, token - 100, side="right") - 1
+    return int(np.searchsorted(shard.documents, sentence, side="right") - 1)
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+def test_documents_plain_and_gzip_agree(tmp_path):
+    text = "First sentence.\nSecond one.\n\n\n  Third, in a new document.  \n\nLast doc.\n\n"
+    (tmp_path / "c.txt").write_text(text, encoding="utf-8")
+    with gzip.open(tmp_path / "c.gz", "wt", encoding="utf-8") as f:
+        f.write(text)
+    want = [["First sentence.", "Second one."], ["Third, in a new document."], ["Last doc."]]
+    assert list(iter_documents(str(tmp_path / "c.txt"))) == want
+    assert list(iter_documents(str(tmp_path / "c.gz"))) == want
+    # gzip is recognised by content, not by name
+    os.rename(tmp_path / "c.gz", tmp_path / "plain-name.txt")
+    assert list(iter_documents(str(tmp_path / "plain-name.txt"))) == want
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00", "binary"),
+    (b"caf\xe9 au lait\n", "not UTF-8"),
+    (b"\x1f\x8bthis is not really gzip", "cannot read"),
+])
+def test_binary_junk_is_refused(tmp_path, content, message):
+    path = tmp_path / "junk.txt"
+    path.write_bytes(content)
+    with pytest.raises(CorpusError, match=message):
+        list(iter_documents(str(path)))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(["the cat sat on the mat .", "a dog ran in the park .", "emma smiled ."] * 4,
+                           vocab_size=200, min_frequency=1)
+
+
+def test_missing_and_empty_corpus(tmp_path, tokenizer):
+    with pytest.raises(CorpusError, match="does not exist"):
+        tokenize_corpus([str(tmp_path / "nope.txt")], tokenizer, str(tmp_path / "cache"))
+    (tmp_path / "empty.txt").write_text("\n  \n\n", encoding="utf-8")
+    with pytest.raises(CorpusError, match="empty"):
+        tokenize_corpus([str(tmp_path / "empty.txt")], tokenizer, str(tmp_path / "cache"))
+    # nothing half-written is left in the cache
+    assert [n for n in os.listdir(tmp_path / "cache")] == []
+
+
+def test_shards_are_cached_and_match_direct_encoding(tmp_path, tokenizer):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("the cat sat .\nthe dog ran .\n\nemma smiled .\n", encoding="utf-8")
+    b.write_text("a cat in the park .\n", encoding="utf-8")
+    cache = str(tmp_path / "cache")
+    corpus = tokenize_corpus([str(a), str(b)], tokenizer, cache)
+    assert corpus.num_documents == 3
+    docs = [[s.tolist() for s in corpus.document(i)] for i in range(3)]
+    enc = lambda s: tokenizer.encode(s, add_special_tokens=False).ids  # noqa: E731
+    assert docs == [[enc("the cat sat ."), enc("the dog ran .")], [enc("emma smiled .")],
+                    [enc("a cat in the park .")]]
+    assert isinstance(corpus.shards[0].tokens, np.memmap)
+    shards = sorted(os.listdir(cache))
+    assert len(shards) == 2 and not any(n.startswith(".tmp") for n in shards)
+    # the second time reads the cache: the text is not needed beyond its hash
+    mtimes = {n: os.path.getmtime(os.path.join(cache, n, "tokens.bin")) for n in shards}
+    again = tokenize_corpus([str(a), str(b)], tokenizer, cache)
+    assert [[s.tolist() for s in again.document(i)] for i in range(3)] == docs
+    assert {n: os.path.getmtime(os.path.join(cache, n, "tokens.bin")) for n in shards} == mtimes
+    # another tokenizer gets its own shards
+    other = train_tokenizer(["the cat sat on the mat ."] * 3, vocab_size=100, min_frequency=1)
+    tokenize_corpus([str(a)], other, cache)
+    assert len(os.listdir(cache)) == 3
+
+
+# ---- segment pairs ------------------------------------------------------------------------------
+
+def test_pair_layout_token_types_and_nsp_sources():
+    rng = np.random.default_rng(1)
+    lengths = [[int(x) for x in rng.integers(3, 25, size=rng.integers(1, 30))] for _ in range(40)]
+    corpus = synthetic_corpus(lengths)
+    seq_len = 64
+    inst = create_instances(corpus, np.arange(40), seq_len, np.random.default_rng(0), cls_id=CLS, sep_id=SEP)
+    assert len(inst) > 100
+    saw_short = 0
+    for i in range(len(inst)):
+        ids = inst.tokens[inst.offsets[i]:inst.offsets[i + 1]]
+        la = inst.len_a[i]
+        assert len(ids) <= seq_len
+        assert ids[0] == CLS and ids[la - 1] == SEP and ids[-1] == SEP
+        assert (ids == CLS).sum() == 1 and (ids == SEP).sum() == 2
+        a, b = ids[1:la - 1], ids[la:-1]
+        assert len(a) >= 1 and len(b) >= 1
+        # segments are contiguous runs of the corpus, in order (truncation trims only their ends)
+        assert (np.diff(a) == 1).all() or len({doc_of(corpus, t) for t in a}) == 1
+        da, db = {doc_of(corpus, t) for t in a}, {doc_of(corpus, t) for t in b}
+        assert len(da) == 1 and len(db) == 1
+        if inst.nsp_labels[i] == 0:
+            assert da == db and b[0] > a[-1]  # the true continuation
+        else:
+            assert da != db  # a span of another document
+        saw_short += len(ids) < seq_len - 8
+    assert saw_short > 0
+
+    # NSP: a chunk of two or more sentences flips a fair coin; one-sentence chunks must take a random B
+    n_coin = len(inst) - inst.forced_random
+    heads = int(inst.nsp_labels.sum()) - inst.forced_random
+    assert within_binomial(heads, n_coin, 0.5), (heads, n_coin)
+
+
+def test_token_type_ids_from_example():
+    corpus = synthetic_corpus([[5, 6, 7, 4]] * 6)
+    data = PretrainingData.__new__(PretrainingData)  # fields set by hand: no tokenizer needed
+    data.corpus, data.doc_ids, data.seq_len, data.seed, data.mask_prob = corpus, np.arange(6), 32, 0, 0.15
+    data.nsp, data.short_seq_prob, data.max_predictions, data.continuation = True, 0.1, None, None
+    data.ids = {"pad": PAD, "unk": 1, "cls": CLS, "sep": SEP, "mask": MASK}
+    data.special_vocab = np.zeros(1000, bool)
+    data.special_vocab[:5] = True
+    data.random_ids = np.arange(5, 1000)
+    data._cache = None
+    inst = data.epoch(0)
+    for i in range(len(inst)):
+        ex = data.example(0, i)
+        la = inst.len_a[i]
+        n = inst.offsets[i + 1] - inst.offsets[i]
+        assert ex["token_type_ids"].tolist() == [0] * la + [1] * (n - la)
+        assert ex["next_sentence_label"] == inst.nsp_labels[i]
+
+
+def test_one_sentence_documents_and_nsp_needs_two_documents():
+    corpus = synthetic_corpus([[6]] * 10)
+    inst = create_instances(corpus, np.arange(10), 32, np.random.default_rng(0), cls_id=CLS, sep_id=SEP)
+    # documented: a one-sentence document is segment A with a random B, label 1
+    assert len(inst) == 10 and inst.nsp_labels.tolist() == [1] * 10 and inst.forced_random == 10
+    with pytest.raises(CorpusError, match="at least two documents"):
+        create_instances(corpus, np.arange(1), 32, np.random.default_rng(0), cls_id=CLS, sep_id=SEP)
+    solo = create_instances(synthetic_corpus([[6, 5, 7]]), np.arange(1), 32, np.random.default_rng(0),
+                            cls_id=CLS, sep_id=SEP, nsp=False)
+    assert len(solo) >= 1 and (solo.nsp_labels == 0).all()
+
+
+def test_pairs_are_redrawn_each_epoch_and_repeatable(tmp_path, tokenizer):
+    lines = "\n\n".join("\n".join(f"the cat sat on the mat number {d} {s} ." for s in range(8)) for d in range(12))
+    (tmp_path / "c.txt").write_text(lines, encoding="utf-8")
+    corpus = tokenize_corpus([str(tmp_path / "c.txt")], tokenizer, str(tmp_path / "cache"))
+    mk = lambda seed: PretrainingData(corpus, tokenizer, np.arange(12), seq_len=32, seed=seed)  # noqa: E731
+    d = mk(0)
+    e0 = [d.example(0, i) for i in range(8)]
+    e1 = [d.example(1, i) for i in range(8)]
+    assert any(not np.array_equal(x["input_ids"], y["input_ids"]) for x, y in zip(e0, e1))
+    again = mk(0)
+    assert all(np.array_equal(x["input_ids"], again.example(0, i)["input_ids"]) and
+               np.array_equal(x["labels"], again.example(0, i)["labels"]) for i, x in enumerate(e0))
+    # take() walks across the epoch boundary
+    n0 = len(d.epoch(0))
+    batch, pos = d.take((0, n0 - 2), 5)
+    assert pos == (1, 3) and len(batch) == 5
+    assert np.array_equal(batch[2]["input_ids"], e1[0]["input_ids"])
+
+
+# ---- masking ------------------------------------------------------------------------------------
+
+def test_masking_statistics():
+    vocab = 1000
+    random_ids = np.arange(5, vocab)
+    rng = np.random.default_rng(123)
+    counts = {"mask": 0, "random": 0, "same": 0}
+    total_masked = total_candidates = 0
+    for _ in range(400):
+        n = int(rng.integers(20, 128))
+        tokens = rng.integers(5, vocab, n)
+        tokens[0], tokens[-1] = CLS, SEP
+        special = np.zeros(n, bool)
+        special[[0, n - 1]] = True
+        inputs, labels = mask_tokens(tokens, special, rng, mask_prob=0.15, mask_id=MASK, random_ids=random_ids)
+        chosen = labels != -100
+        n_cand = n - 2
+        assert chosen.sum() == max(1, round(n_cand * 0.15))  # BERT's count, exactly
+        assert not chosen[special].any()  # [CLS]/[SEP] never masked
+        assert (labels[chosen] == tokens[chosen]).all()
+        assert (inputs[~chosen] == tokens[~chosen]).all()  # unmasked positions untouched
+        replaced = inputs[chosen]
+        counts["mask"] += int((replaced == MASK).sum())
+        counts["same"] += int((replaced == tokens[chosen]).sum())
+        counts["random"] += int(((replaced != MASK) & (replaced != tokens[chosen])).sum())
+        assert not np.isin(replaced[replaced != MASK], [PAD, 1, CLS, SEP]).any()
+        total_masked += int(chosen.sum())
+        total_candidates += n_cand
+    assert abs(total_masked / total_candidates - 0.15) < 0.005  # rounding per sequence only
+    # 80 / 10 / 10: a random draw equals the original with probability 1/995
+    p_same = 0.1 + 0.1 / len(random_ids)
+    assert within_binomial(counts["mask"], total_masked, 0.8), counts
+    assert within_binomial(counts["same"], total_masked, p_same), counts
+    assert within_binomial(counts["random"], total_masked, 0.1 - 0.1 / len(random_ids)), counts
+
+
+def test_mask_rate_is_configurable():
+    tokens = np.arange(10, 110)
+    inputs, labels = mask_tokens(tokens, np.zeros(100, bool), np.random.default_rng(0), mask_prob=0.4,
+                                 mask_id=MASK, random_ids=np.arange(5, 200))
+    assert (labels != -100).sum() == 40
+
+
+def test_whole_word_masking_takes_whole_words():
+    # vocab: ids >= 500 are "##" continuation pieces
+    continuation = np.zeros(1000, bool)
+    continuation[500:] = True
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        n = int(rng.integers(30, 100))
+        tokens = np.where(rng.random(n) < 0.4, rng.integers(500, 1000, n), rng.integers(5, 500, n))
+        tokens[0], tokens[1], tokens[-1] = CLS, 7, SEP
+        special = np.isin(tokens, [CLS, SEP])
+        inputs, labels = mask_tokens(tokens, special, rng, mask_prob=0.15, mask_id=MASK,
+                                     random_ids=np.arange(5, 1000), continuation=continuation)
+        chosen = labels != -100
+        assert 1 <= chosen.sum() <= max(1, round((n - 2) * 0.15))
+        # a word is masked entirely or not at all
+        word = np.cumsum(~continuation[tokens] | special)
+        for w in np.unique(word[chosen]):
+            members = (word == w) & ~special
+            assert chosen[members].all()
+
+
+def test_split_and_collate():
+    train, held = split_documents(100, 0.05, seed=3)
+    assert len(held) == 5 and len(train) == 95 and not set(train) & set(held)
+    assert len(split_documents(3, 0.05, seed=3)[1]) == 0  # too small to hold any out
+    ex = [{"input_ids": np.array([2, 9, 4, 3]), "token_type_ids": np.array([0, 0, 0, 0]),
+           "labels": np.array([-100, -100, 8, -100]), "next_sentence_label": np.int64(1)},
+          {"input_ids": np.array([2, 9, 3]), "token_type_ids": np.array([0, 0, 1]),
+           "labels": np.array([-100, 9, -100]), "next_sentence_label": np.int64(0)}]
+    b = collate(ex, PAD)
+    assert b["input_ids"].tolist() == [[2, 9, 4, 3], [2, 9, 3, PAD]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert b["labels"][1].tolist() == [-100, 9, -100, -100]
+    assert b["next_sentence_label"].tolist() == [1, 0]
+    assert collate(ex, PAD, pad_to=6)["input_ids"].shape == (2, 6)

@@ -1,0 +1,116 @@
+"""Tokenizers for pretraining: training, Chinese character level, saving for transformers, bad vocabularies."""
+import json
+import os
+
+import pytest
+
+from fastbert.pretrain import sample_corpus_path
+from fastbert.tokenization import (SPECIAL_TOKENS, TokenizerError, continuation_mask, load_tokenizer,
+                                   save_tokenizer, train_tokenizer, vocab_list)
+
+ZH = ["我爱北京天安门。", "今天天气很好，我们去公园散步吧！", "人民日报发表社论《迈向新世纪》。",
+      "床前明月光，疑是地上霜。", "举头望明月，低头思故乡。"] * 3
+
+
+@pytest.fixture(scope="module")
+def english():
+    with open(sample_corpus_path(), encoding="utf-8") as f:
+        lines = [line for _, line in zip(range(800), f) if line.strip()]
+    return train_tokenizer(lines, vocab_size=2000)
+
+
+def test_trained_wordpiece_is_bert_like(english):
+    assert [english.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert 1000 < english.get_vocab_size() <= 2000
+    enc = english.encode("Emma Woodhouse, handsome and CLEVER.")
+    assert enc.tokens[0] == "[CLS]" and enc.tokens[-1] == "[SEP]"
+    assert enc.tokens[1:3] == ["emma", "woodhouse"]  # lower-cased, known words whole
+    assert "clever" in enc.tokens
+    # an unseen long word falls into word pieces, not [UNK]
+    pieces = english.encode("unbelievableness", add_special_tokens=False).tokens
+    assert len(pieces) > 1 and all(p.startswith("##") for p in pieces[1:]) and "[UNK]" not in pieces
+    pair = english.encode("she smiled.", "he left.")
+    na = len(english.encode("she smiled.", add_special_tokens=False).ids)
+    nb = len(english.encode("he left.", add_special_tokens=False).ids)
+    assert pair.type_ids == [0] * (na + 2) + [1] * (nb + 1)
+    assert pair.tokens[na + 1] == "[SEP]" and pair.tokens[-1] == "[SEP]" and pair.tokens.count("[SEP]") == 2
+
+
+def test_cased_keeps_case():
+    tok = train_tokenizer(["Emma met Harriet .", "Emma smiled ."] * 5, vocab_size=200, lowercase=False)
+    assert tok.encode("Emma", add_special_tokens=False).tokens == ["Emma"]
+
+
+def test_chinese_is_character_level():
+    tok = train_tokenizer(ZH, "chinese", vocab_size=5000, min_frequency=1)
+    text = "今天我们去北京。"
+    tokens = tok.encode(text, add_special_tokens=False).tokens
+    assert tokens == list(text)  # every CJK character (and the full stop) its own token
+    # frequent pairs are NOT merged, even though they repeat in the corpus
+    assert "明月" not in tok.get_vocab() and "天天" not in tok.get_vocab()
+    # every character of the corpus made it into the vocabulary
+    assert all(tok.token_to_id(c) is not None for c in set("".join(ZH)))
+
+
+def test_whole_word_continuation_mask(english):
+    cont = continuation_mask(english)
+    vocab = vocab_list(english)
+    assert len(cont) == english.get_vocab_size()
+    assert all(cont[i] == vocab[i].startswith("##") for i in range(len(vocab)))
+    assert not cont[:5].any()
+
+
+def test_saved_tokenizer_loads_in_transformers(english, tmp_path):
+    from transformers import AutoTokenizer, BertTokenizer, BertTokenizerFast
+
+    save_tokenizer(english, tmp_path, model_max_length=128)
+    assert sorted(os.listdir(tmp_path)) == ["special_tokens_map.json", "tokenizer.json",
+                                           "tokenizer_config.json", "vocab.txt"]
+    text_a, text_b = "Mr. Knightley laughed at Emma's schemes.", "Harriet blushed."
+    ours = english.encode(text_a, text_b)
+    for cls in (BertTokenizerFast, AutoTokenizer, BertTokenizer):
+        hf = cls.from_pretrained(str(tmp_path))
+        got = hf(text_a, text_b)
+        assert got["input_ids"] == ours.ids, cls.__name__
+        assert got["token_type_ids"] == ours.type_ids
+        assert hf.mask_token_id == english.token_to_id("[MASK]")
+    # and it loads back into ours from the folder, the tokenizer.json and the vocab.txt
+    for path in (tmp_path, tmp_path / "tokenizer.json", tmp_path / "vocab.txt"):
+        assert load_tokenizer(str(path)).encode(text_a, text_b).ids == ours.ids, path
+
+
+def test_vocab_txt_lowercase_read_from_config(tmp_path):
+    tok = train_tokenizer(["Emma met Harriet ."] * 5, vocab_size=100, lowercase=False)
+    save_tokenizer(tok, tmp_path)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["do_lower_case"] is False
+    loaded = load_tokenizer(str(tmp_path / "vocab.txt"))
+    assert loaded.encode("Emma", add_special_tokens=False).tokens == ["Emma"]
+
+
+@pytest.mark.parametrize("drop", ["[MASK]", "[CLS]", "[SEP]"])
+def test_vocab_without_special_token_is_refused(tmp_path, drop):
+    tokens = [t for t in SPECIAL_TOKENS + ["the", "cat", "##s"] if t != drop]
+    (tmp_path / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    with pytest.raises(TokenizerError, match=rf"lacks \{drop}"):
+        load_tokenizer(str(tmp_path / "vocab.txt"))
+
+
+def test_tokenizer_json_without_mask_is_refused(english, tmp_path):
+    data = json.loads(english.to_str())
+    data["model"]["vocab"].pop("[MASK]")
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "[MASK]"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(TokenizerError, match=r"lacks \[MASK\]"):
+        load_tokenizer(str(tmp_path / "tokenizer.json"))
+
+
+def test_missing_and_junk_tokenizer_files(tmp_path):
+    with pytest.raises(TokenizerError, match="does not exist"):
+        load_tokenizer(str(tmp_path / "nope.txt"))
+    (tmp_path / "tokenizer.json").write_bytes(b"\x00\x01 not json")
+    with pytest.raises(TokenizerError, match="not a readable tokenizer.json"):
+        load_tokenizer(str(tmp_path / "tokenizer.json"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(TokenizerError, match="neither tokenizer.json nor vocab.txt"):
+        load_tokenizer(str(empty))
