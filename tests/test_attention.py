@@ -1,0 +1,548 @@
+"""Triton attention (kernels/flash_attention.py) against a float64 reference.
+
+The kernels run themselves: in Triton's interpreter on CPU tensors here (fp32, fp16), compiled on a
+GPU under FASTBERT_TEST_GPU=1 (the gpu-marked tests add bf16 and realistic sizes). Every comparison
+follows the rule of tests/tolerance.py: our error against float64 is at most 2x the error of the same
+attention written in plain PyTorch in the same dtype (``torch_attention`` below), forward and all
+three gradients.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastbert.kernels as K
+from fastbert.kernels import flash_attention  # noqa: F401  (registers the fastbert::*attention* ops)
+from fastbert.kernels import reference
+from tolerance import assert_close_to_reference
+
+INTERPRETED_DTYPES = (torch.float32, torch.float16)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def torch_attention(q, k, v, key_padding_mask=None, causal=False, scale=None, keep=None, dropout_p=0.0):
+    """Attention in plain PyTorch, every op in the dtype of q (the "PyTorch in the same dtype" baseline;
+    in float64 it is also the oracle for an explicit dropout mask `keep` (B, H, Sq, Sk) bool)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    sq, sk = q.shape[-2], k.shape[-2]
+    visible = torch.ones(sq, sk, dtype=torch.bool)
+    if causal:
+        visible = visible.tril()
+    visible = visible.expand(q.shape[0], 1, sq, sk)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
+    scores = scores.masked_fill(~visible, torch.finfo(q.dtype).min)
+    probs = torch.softmax(scores, dim=-1) * visible.any(-1, keepdim=True)
+    if keep is not None:
+        probs = probs * keep / (1.0 - dropout_p)
+    return torch.matmul(probs, v)
+
+
+def _leaves(*tensors, dtype):
+    return [t.detach().to(dtype).requires_grad_() for t in tensors]
+
+
+def check_against_reference(ours_fn, baseline_fn, reference_fn, inputs, dtype, names=("out", "dq", "dk", "dv")):
+    """Run ours (dtype), baseline (dtype) and reference (float64) forward + backward on the same inputs."""
+    ours_in, base_in, ref_in = (_leaves(*inputs, dtype=d) for d in (dtype, dtype, torch.float64))
+    ours, base, ref = ours_fn(*ours_in), baseline_fn(*base_in), reference_fn(*ref_in)
+    grad = torch.randn(ref.shape, dtype=torch.float64)
+    results = []
+    for out, leaves in ((ours, ours_in), (base, base_in), (ref, ref_in)):
+        grads = torch.autograd.grad(out, leaves, grad.to(out.dtype))
+        results.append((out, *grads))
+    for name, a, b, r in zip(names, *results):
+        assert a.dtype == dtype, name
+        assert_close_to_reference(a, b, r, name=f"{name} {dtype}")
+    return results[0]
+
+
+def random_mask(batch, seq, empty_row=True):
+    mask = torch.rand(batch, seq) > 0.3
+    mask[:, 0] = True
+    if empty_row:
+        mask[-1] = False  # a batch row with no real key at all
+    return mask
+
+
+def to_device(device, *tensors):
+    return [t.to(device) if t is not None else None for t in tensors]
+
+
+# ------------------------------------------------------------------------------ padded layout
+
+PADDED_CASES = [
+    # batch, heads, seq_q, seq_k, head_dim, mask, causal
+    (1, 1, 1, 1, 16, False, False),     # sequence length 1
+    (2, 2, 17, 17, 32, True, False),    # odd length, a row with no real key
+    (2, 2, 17, 17, 32, True, True),
+    (2, 1, 129, 129, 64, True, False),  # one past two blocks
+    (1, 1, 65, 33, 24, False, True),    # seq_q != seq_k, head_dim not a power of two
+    (1, 2, 31, 31, 128, True, False),   # the largest head_dim
+    (2, 1, 9, 9, 8, True, True),        # head_dim below tl.dot's minimum of 16
+]
+
+
+@pytest.mark.parametrize("dtype", INTERPRETED_DTYPES, ids=str)
+@pytest.mark.parametrize("case", PADDED_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-m{int(c[5])}c{int(c[6])}")
+def test_attention_matches_reference(triton_kernels, device, case, dtype):
+    batch, heads, sq, sk, dim, has_mask, causal = case
+    q = torch.randn(batch, heads, sq, dim)
+    k, v = torch.randn(batch, heads, sk, dim), torch.randn(batch, heads, sk, dim)
+    mask = random_mask(batch, sk) if has_mask else None
+    q, k, v, mask = to_device(device, q, k, v, mask)
+    scale = 0.3  # not the default, to check it is applied in forward and backward
+
+    out, dq, dk, dv = check_against_reference(
+        lambda q, k, v: K.attention(q, k, v, mask, causal=causal, softmax_scale=scale),
+        lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu() if has_mask else None, causal, scale),
+        lambda q, k, v: reference.attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu() if has_mask else None,
+                                            causal=causal, softmax_scale=scale),
+        (q, k, v), dtype)
+    if has_mask:  # the batch row without real keys: exact zeros, zero gradients
+        for t in (out, dq, dk, dv):
+            assert torch.count_nonzero(t[-1]) == 0
+
+
+def test_attention_long_odd_length(triton_kernels, device):
+    """513 = 8 blocks of 64 + 1 in every kernel loop, causal and padded, fp16."""
+    q, k, v = (torch.randn(1, 1, 513, 64) for _ in range(3))
+    mask = torch.arange(513)[None, :] < 500
+    q, k, v, mask = to_device(device, q, k, v, mask)
+    check_against_reference(
+        lambda q, k, v: K.attention(q, k, v, mask, causal=True),
+        lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), True),
+        lambda q, k, v: reference.attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), causal=True),
+        (q, k, v), torch.float16)
+
+
+def test_attention_strided_inputs(triton_kernels, device):
+    """(B, S, H, D) tensors seen as (B, H, S, D) through transpose: no copy needed, same answer."""
+    q, k, v = (torch.randn(2, 19, 3, 32, device=device).transpose(1, 2) for _ in range(3))
+    assert not q.is_contiguous()
+    mask = random_mask(2, 19, empty_row=False).to(device)
+    check_against_reference(
+        lambda q, k, v: K.attention(q, k, v, mask),
+        lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu()),
+        lambda q, k, v: reference.attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu()),
+        (q, k, v), torch.float32)
+
+
+# ------------------------------------------------------------------------------ packed layout
+
+def packed_qkv(lengths, heads, dim, device, dtype):
+    """q, k, v as strided views of one fused projection (total, 3 * heads * dim), as the model has them."""
+    total = sum(lengths)
+    fused = torch.randn(total, 3 * heads * dim, device=device, dtype=dtype)
+    qkv = fused.view(total, 3, heads, dim)
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=device)
+    return qkv[:, 0], qkv[:, 1], qkv[:, 2], cu
+
+
+def padded_view(x, lengths):
+    """(total, H, D) -> (B, H, max_len, D) with zero padding, and the key padding mask."""
+    width = max(lengths)
+    rows, mask = [], torch.zeros(len(lengths), width, dtype=torch.bool)
+    for i, piece in enumerate(torch.split(x, lengths)):
+        rows.append(torch.nn.functional.pad(piece, (0, 0, 0, 0, 0, width - len(piece))).transpose(0, 1))
+        mask[i, :len(piece)] = True
+    return torch.stack(rows), mask
+
+
+def unpadded_view(x, lengths):
+    return torch.cat([x[i, :, :n].transpose(0, 1) for i, n in enumerate(lengths)])
+
+
+@pytest.mark.parametrize("dtype", INTERPRETED_DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lengths,heads,dim", [([1, 17, 64, 5, 129], 2, 32), ([3, 1, 65], 3, 64)])
+def test_varlen_matches_reference(triton_kernels, device, lengths, heads, dim, causal, dtype):
+    q, k, v, cu = packed_qkv(lengths, heads, dim, device, torch.float32)
+    assert q.stride(0) == 3 * heads * dim  # strided views, not copies
+    max_len = max(lengths)
+
+    def baseline(q, k, v):
+        (qp, mask), (kp, _), (vp, _) = (padded_view(t.cpu(), lengths) for t in (q, k, v))
+        return unpadded_view(torch_attention(qp, kp, vp, mask, causal), lengths)
+
+    check_against_reference(
+        lambda q, k, v: K.varlen_attention(q, k, v, cu, max_len, causal=causal),
+        baseline,
+        lambda q, k, v: reference.varlen_attention(q.cpu(), k.cpu(), v.cpu(), cu.cpu(), max_len, causal=causal),
+        (q, k, v), dtype)
+
+
+def test_varlen_strided_views_need_no_copy(triton_kernels, device):
+    """The fused-QKV views give the same bits as contiguous copies of them."""
+    q, k, v, cu = packed_qkv([7, 20], 2, 32, device, torch.float32)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    copies = [t.detach().contiguous().requires_grad_() for t in (q, k, v)]
+    outs = [K.varlen_attention(*ts, cu, 20) for ts in (leaves, copies)]
+    assert torch.equal(outs[0], outs[1])
+    grad = torch.randn_like(outs[0])
+    for a, b in zip(torch.autograd.grad(outs[0], leaves, grad), torch.autograd.grad(outs[1], copies, grad)):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------- dropout
+
+def _one_hot_values(batch, heads, seq, dim, device):
+    """v whose key j is the unit vector e_j: the output row i is then the dropped probabilities P_i· Z_i·."""
+    assert seq <= dim
+    eye = torch.eye(seq, dim)
+    return eye.expand(batch, heads, seq, dim).contiguous().to(device)
+
+
+def _dropout_keep_mask(run, v_one_hot, visible):
+    kept = run(v_one_hot)[..., :visible.shape[-1]].detach().cpu() != 0
+    return kept | ~visible  # masked-out keys have probability 0, their keep bit does not matter
+
+
+@pytest.mark.parametrize("dtype", INTERPRETED_DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_forward_backward_consistent(triton_kernels, device, dtype, causal):
+    """The mask the forward applied (read back through one-hot values) is the mask the backward
+    used: forward and gradients match the float64 oracle with that explicit mask."""
+    batch, heads, seq, dim, p = 2, 2, 40, 64, 0.3
+    q, k = torch.randn(batch, heads, seq, dim), torch.randn(batch, heads, seq, dim)
+    mask = random_mask(batch, seq, empty_row=False)
+    q, k, mask = to_device(device, q, k, mask)
+    visible = mask.cpu()[:, None, None, :].expand(batch, heads, seq, seq)
+    if causal:
+        visible = visible & torch.ones(seq, seq, dtype=torch.bool).tril()
+
+    def run(v, q=q, k=k):
+        torch.manual_seed(1234)
+        return K.attention(q, k, v, mask, causal=causal, dropout_p=p)
+
+    keep = _dropout_keep_mask(lambda v: run(v.to(dtype), q.to(dtype), k.to(dtype)),
+                              _one_hot_values(batch, heads, seq, dim, device), visible)
+    kept_fraction = keep[visible].float().mean().item()
+    n = visible.sum().item()
+    assert abs(kept_fraction - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n), kept_fraction
+
+    v = torch.randn(batch, heads, seq, dim, device=device)
+    check_against_reference(
+        lambda q, k, v: run(v, q, k),
+        lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), causal, keep=keep, dropout_p=p),
+        lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), causal, keep=keep, dropout_p=p),
+        (q, k, v), dtype)
+
+
+def test_varlen_dropout_forward_backward_consistent(triton_kernels, device):
+    lengths, heads, dim, p = [5, 33, 1, 20], 2, 64, 0.25
+    q, k, _, cu = packed_qkv(lengths, heads, dim, device, torch.float32)
+    total, width = sum(lengths), max(lengths)
+    # one-hot values by position inside each sequence
+    pos = torch.cat([torch.arange(n) for n in lengths])
+    v_one_hot = torch.zeros(total, heads, dim)
+    v_one_hot[torch.arange(total), :, pos] = 1.0
+
+    def run(v, q=q, k=k):
+        torch.manual_seed(99)
+        return K.varlen_attention(q, k, v, cu, width, dropout_p=p)
+
+    kept_rows = padded_view(run(v_one_hot.to(device)).detach().cpu(), lengths)[0][..., :width] != 0
+    _, mask = padded_view(q.detach().cpu(), lengths)
+    visible = mask[:, None, None, :] & mask[:, None, :, None]
+    keep = kept_rows | ~visible
+
+    def baseline(q, k, v):
+        (qp, m), (kp, _), (vp, _) = (padded_view(t.cpu(), lengths) for t in (q, k, v))
+        return unpadded_view(torch_attention(qp, kp, vp, m, keep=keep, dropout_p=p), lengths)
+
+    v = torch.randn(total, heads, dim, device=device)
+    check_against_reference(lambda q, k, v: run(v, q, k), baseline, baseline, (q, k, v), torch.float32)
+
+
+def test_dropout_repeatable_under_seed(triton_kernels, device):
+    q, k, v = (torch.randn(2, 2, 23, 32, device=device, requires_grad=True) for _ in range(3))
+    results = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        out = K.attention(q, k, v, dropout_p=0.5)
+        results.append((out, *torch.autograd.grad(out.sum(), (q, k, v))))
+    for a, b in zip(results[0], results[1]):
+        assert torch.equal(a, b)
+    assert not torch.equal(results[0][0], results[2][0])
+
+
+# ------------------------------------------------------------------------------- determinism
+
+def test_backward_is_bitwise_deterministic(triton_kernels, device):
+    q, k, v = (torch.randn(2, 2, 70, 32, device=device, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    mask = random_mask(2, 70, empty_row=False).to(device)
+    grad = torch.randn(2, 2, 70, 32, device=device, dtype=torch.float16)
+    first = torch.autograd.grad(K.attention(q, k, v, mask), (q, k, v), grad)
+    for _ in range(2):
+        again = torch.autograd.grad(K.attention(q, k, v, mask), (q, k, v), grad)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+# -------------------------------------------------------------------- custom ops and compile
+
+def test_opcheck_padded(triton_kernels, device):
+    q, k, v = (torch.randn(2, 2, 9, 16, device=device, requires_grad=True) for _ in range(3))
+    mask = random_mask(2, 9).to(device)
+    seed = torch.tensor([42], dtype=torch.int64, device=device)
+    for args in ((q, k, v, mask, None, False, 0.0, 0.25), (q, k, v, None, seed, True, 0.2, 0.25)):
+        torch.library.opcheck(torch.ops.fastbert.attention_fwd.default, args)
+    # The backward op has no double-backward formula: check it on plain tensors.
+    q, k, v = (t.detach() for t in (q, k, v))
+    out, lse = torch.ops.fastbert.attention_fwd(q, k, v, mask, seed, True, 0.2, 0.25)
+    torch.library.opcheck(torch.ops.fastbert.attention_bwd.default,
+                          (torch.randn_like(out), q, k, v, out, lse, mask, seed, True, 0.2, 0.25))
+
+
+def test_opcheck_varlen(triton_kernels, device):
+    q, k, v, cu = packed_qkv([3, 8], 2, 16, device, torch.float32)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    seed = torch.tensor([7], dtype=torch.int64, device=device)
+    for args in ((q, k, v, cu, 8, None, False, 0.0, 0.25), (q, k, v, cu, 8, seed, True, 0.1, 0.25)):
+        torch.library.opcheck(torch.ops.fastbert.varlen_attention_fwd.default, args)
+    q, k, v = (t.detach() for t in (q, k, v))
+    out, lse = torch.ops.fastbert.varlen_attention_fwd(q, k, v, cu, 8, seed, False, 0.1, 0.25)
+    torch.library.opcheck(torch.ops.fastbert.varlen_attention_bwd.default,
+                          (torch.randn_like(out), q, k, v, out, lse, cu, 8, seed, False, 0.1, 0.25))
+
+
+def test_torch_compile_fullgraph(triton_kernels, device):
+    """The Triton entry points trace into one graph with their backward (aot_eager: the trace is what
+    is tested, not inductor's code generation), dropout included."""
+    fa = flash_attention
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(2, 2, 12, 16, device=device, requires_grad=True) for _ in range(3))
+    mask = random_mask(2, 12).to(device)
+    pq, pk, pv, cu = packed_qkv([4, 8], 2, 16, device, torch.float32)
+    pq, pk, pv = (t.detach().requires_grad_() for t in (pq, pk, pv))
+
+    def fn(q, k, v, pq, pk, pv):
+        padded = fa.attention(q, k, v, mask, False, 0.0, 0.25)
+        packed = fa.varlen_attention(pq, pk, pv, cu, 8, True, 0.0, 0.25)
+        dropped = fa.attention(q, k, v, None, False, 0.5, 0.25)
+        return (padded * padded).sum() + (packed * packed).sum(), dropped
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    args = (q, k, v, pq, pk, pv)
+    torch.manual_seed(3)
+    got, dropped = compiled(*args)
+    torch.manual_seed(3)
+    want, dropped_eager = fn(*args)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # the seed comes from torch.randint inside the graph: the same generator state gives the same mask
+    assert torch.equal(dropped, dropped_eager)
+    assert not torch.equal(dropped, fa.attention(q, k, v, None, False, 0.0, 0.25))
+    for a, b in zip(torch.autograd.grad(got, args), torch.autograd.grad(want, args)):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------- bad inputs
+
+def test_bad_inputs(triton_kernels, device):
+    q = torch.randn(1, 2, 8, 16, device=device)
+    with pytest.raises(ValueError, match="head_dim"):
+        K.attention(*(torch.randn(1, 1, 4, 160, device=device) for _ in range(3)))
+    with pytest.raises(ValueError, match="head_dim"):
+        K.varlen_attention(*(torch.randn(4, 1, 192, device=device) for _ in range(3)),
+                           torch.tensor([0, 4], dtype=torch.int32, device=device), 4)
+    with pytest.raises(ValueError, match="same shape"):
+        K.attention(q, torch.randn(1, 2, 8, 16, device=device), torch.randn(1, 2, 9, 16, device=device))
+    with pytest.raises(ValueError, match="agree"):
+        K.attention(q, torch.randn(1, 2, 8, 32, device=device), torch.randn(1, 2, 8, 32, device=device))
+    with pytest.raises(ValueError, match="dtype"):
+        K.attention(q, q.half(), q)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        K.attention(q, q, q, torch.ones(1, 9, dtype=torch.bool, device=device))
+    if device == "cuda":
+        with pytest.raises(ValueError, match="device"):
+            K.attention(q, q.cpu(), q)
+    packed = torch.randn(6, 2, 16, device=device)
+    with pytest.raises(TypeError, match="int32"):
+        K.varlen_attention(packed, packed, packed, torch.tensor([0, 6], device=device), 6)
+    for cu, message in (([1, 6], "start at 0"), ([0, 4, 3, 6], "non-decreasing"), ([0, 5], "ends at")):
+        with pytest.raises(ValueError, match=message):
+            K.varlen_attention(packed, packed, packed, torch.tensor(cu, dtype=torch.int32, device=device), 6)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        K.varlen_attention(packed, packed, packed, torch.tensor([0, 6], dtype=torch.int32, device=device), 4)
+
+
+def test_float64_runs_the_reference(triton_kernels, device):
+    q, k, v = (torch.randn(1, 2, 5, 16, dtype=torch.float64, device=device) for _ in range(3))
+    torch.testing.assert_close(K.attention(q, k, v), reference.attention(q, k, v), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------- ahead-of-time compilation
+
+_AOT_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fastbert.kernels import flash_attention as fa
+    jobs, archs = json.loads(sys.argv[1])
+    failures = []
+    for kernel, signature, constexprs, options in jobs:
+        for arch in archs:
+            try:
+                src = ASTSource(fn=getattr(fa, kernel), signature=signature, constexprs=constexprs)
+                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+                assert compiled.asm.get("cubin"), "no cubin produced"
+                limit = 232448 if arch == 90 else 166912
+                assert compiled.metadata.shared <= limit, f"shared memory {compiled.metadata.shared} > {limit}"
+            except Exception as exc:
+                failures.append(f"{kernel} sm_{arch} {constexprs} {options}: {type(exc).__name__}: {str(exc)[:300]}")
+    print(json.dumps(failures))
+""")
+
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _aot_jobs(dtype, head_dim, varlen, flags=True):
+    """The launches _flash_fwd/_flash_bwd make for one dtype/head_dim, as (kernel, signature,
+    constexprs, options), with the GPU block configuration of fwd_config/bwd_config."""
+    from fastbert.kernels import flash_attention as fa
+
+    block_d = fa._block_d(head_dim)
+    # The interpreter picks its own blocks; ask for the GPU ones.
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        fwd, bwd = fa.fwd_config(block_d, dtype), fa.bwd_config(block_d, dtype)
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+    elem = "*" + _TRITON_DTYPE[dtype]
+    pointers = {"Q": elem, "K": elem, "V": elem, "O": elem, "DO": elem, "DQ": elem, "DK": elem, "DV": elem,
+                "LSE": "*fp32", "DELTA": "*fp32", "KPM": "*u8", "CU_SEQLENS": "*i32", "SEED": "*i64"}
+    floats = {"qk_scale", "sm_scale", "dropout_p"}
+    flag_values = dict(IS_VARLEN=varlen, HAS_MASK=flags and not varlen, CAUSAL=flags, HAS_DROPOUT=flags,
+                       DOT_PRECISION=fa._PRECISION[dtype], HEAD_DIM=head_dim, BLOCK_D=block_d)
+
+    def job(name, blocks, options):
+        fn = getattr(fa, name)
+        constexprs = {**{k: v for k, v in flag_values.items() if k in fn.arg_names}, **blocks}
+        signature = {}
+        for arg in fn.arg_names:
+            if arg in constexprs:
+                signature[arg] = "constexpr"
+            elif arg in pointers:
+                signature[arg] = pointers[arg]
+            else:
+                signature[arg] = "fp32" if arg in floats else "i32"
+        return [name, signature, constexprs, options]
+
+    jobs = [job("_attn_fwd", dict(BLOCK_M=fwd["BLOCK_M"], BLOCK_N=fwd["BLOCK_N"]),
+                dict(num_warps=fwd["num_warps"], num_stages=fwd["num_stages"]))]
+    for name, key in (("_attn_bwd_dkdv", "dkdv"), ("_attn_bwd_dq", "dq")):
+        bm, bn, warps, stages = bwd[key]
+        jobs.append(job(name, dict(BLOCK_M=bm, BLOCK_N=bn), dict(num_warps=warps, num_stages=stages)))
+    jobs.append(job("_attn_bwd_preprocess", dict(BLOCK_M=64), dict(num_warps=4)))
+    return jobs
+
+
+def _compile(jobs, archs=(90, 80)):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, json.dumps([jobs, list(archs)])], env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    failures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not failures, "\n".join(failures)
+
+
+def test_aot_compile_largest_configs():
+    """The configurations with the most shared memory (head_dim 128, bf16 with every flag on, and the
+    fp32 dK/dV kernel) compile for sm_90 and sm_80 within their shared-memory limits. The whole
+    matrix (every dtype, head_dim and layout) is test_aot_compile_every_config (-m slow: minutes)."""
+    jobs = _aot_jobs(torch.bfloat16, 128, varlen=False)[:3] + _aot_jobs(torch.float32, 128, varlen=False)[1:2]
+    _compile(jobs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_aot_compile_every_config(dtype):
+    jobs = []
+    for head_dim in (16, 32, 64, 96, 128):
+        for varlen in (False, True):
+            jobs += _aot_jobs(dtype, head_dim, varlen)
+    _compile(jobs)
+
+
+# ---------------------------------------------------------------------------------- GPU only
+
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_attention_compiled(triton_kernels, device, dtype, head_dim, causal):
+    if device != "cuda":
+        pytest.skip("needs CUDA (FASTBERT_TEST_GPU=1)")
+    batch, heads, seq = 4, 3, 511
+    q, k, v = (torch.randn(batch, heads, seq, head_dim, device=device) for _ in range(3))
+    mask = random_mask(batch, seq).to(device)
+    out, *_ = check_against_reference(
+        lambda q, k, v: K.attention(q, k, v, mask, causal=causal),
+        lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), causal),
+        lambda q, k, v: reference.attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), causal=causal),
+        (q, k, v), dtype)
+    assert torch.count_nonzero(out[-1]) == 0
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_varlen_compiled(triton_kernels, device, dtype):
+    if device != "cuda":
+        pytest.skip("needs CUDA (FASTBERT_TEST_GPU=1)")
+    lengths, heads, dim = [1, 17, 128, 511, 513, 300], 12, 64
+    q, k, v, cu = packed_qkv(lengths, heads, dim, device, torch.float32)
+
+    def baseline(q, k, v):
+        (qp, mask), (kp, _), (vp, _) = (padded_view(t.cpu(), lengths) for t in (q, k, v))
+        return unpadded_view(torch_attention(qp, kp, vp, mask), lengths)
+
+    check_against_reference(
+        lambda q, k, v: K.varlen_attention(q, k, v, cu, max(lengths)),
+        baseline,
+        lambda q, k, v: reference.varlen_attention(q.cpu(), k.cpu(), v.cpu(), cu.cpu(), max(lengths)),
+        (q, k, v), dtype)
+
+
+@gpu
+def test_gpu_dropout_and_determinism(triton_kernels, device):
+    if device != "cuda":
+        pytest.skip("needs CUDA (FASTBERT_TEST_GPU=1)")
+    batch, heads, seq, dim, p = 2, 4, 64, 64, 0.1
+    q, k = (torch.randn(batch, heads, seq, dim, device=device, dtype=torch.bfloat16) for _ in range(2))
+    mask = random_mask(batch, seq, empty_row=False).to(device)
+    visible = mask.cpu()[:, None, None, :].expand(batch, heads, seq, seq)
+
+    def run(v, q=q, k=k):
+        torch.manual_seed(4321)
+        return K.attention(q, k, v, mask, dropout_p=p)
+
+    keep = _dropout_keep_mask(lambda v: run(v.to(torch.bfloat16)),
+                              _one_hot_values(batch, heads, seq, dim, device), visible)
+    v = torch.randn(batch, heads, seq, dim, device=device)
+    check_against_reference(
+        lambda q, k, v: run(v, q, k),
+        lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), keep=keep, dropout_p=p),
+        lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), keep=keep, dropout_p=p),
+        (q, k, v), torch.bfloat16)
+    qs, ks, vs = (torch.randn(8, 12, 512, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+                  for _ in range(3))
+    grad = torch.randn_like(qs)
+    first = torch.autograd.grad(run(vs, qs, ks), (qs, ks, vs), grad)
+    again = torch.autograd.grad(run(vs, qs, ks), (qs, ks, vs), grad)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
