@@ -125,8 +125,10 @@ def _dweight_kernel(
     BLOCK_K: tl.constexpr,       # row tile of the reduction
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands (fp32 accuracy), else "tf32" (unused by 16-bit)
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # The hidden tiles vary fastest across programs: the few programs that share one dlogits column
+    # block run together and read it from HBM once (the hidden chunk itself stays in L2).
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # vocabulary index
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # hidden index
     offs_k = tl.arange(0, BLOCK_K)                     # row index
@@ -245,7 +247,7 @@ def _forward(hidden, weight, bias, labels, ignore_index: int, compute_grad: bool
         if not compute_grad:
             continue
         torch.mm(logits, weight, out=dh[c0:c1])
-        grid = (triton.cdiv(vocab, bm), triton.cdiv(h, bn))
+        grid = (triton.cdiv(h, bn), triton.cdiv(vocab, bm))
         _dweight_kernel[grid](
             logits, h_c, dw, db, n, vocab, h, logits.stride(0), h_c.stride(0), h_c.stride(1), int(c0 > 0),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
