@@ -1,0 +1,66 @@
+"""End-to-end training-step benchmark: fastbert vs transformers (eager, SDPA[, + torch.compile]).
+
+Runs fastbert.bench (the same code as `fastbert bench`) and records the rows with the harness.
+On a GPU it also measures the bf16 matmul ceiling in the same run and reports MFU =
+useful FLOPs / time / ceiling (useful FLOPs: real tokens only, MLM head on masked rows only;
+formula in fastbert/bench.py).
+
+    python -m benchmarks.bench_model                 # CPU: cpu-small config, pretrain + finetune
+    python -m benchmarks.bench_model --gpu --quick   # GPU: BERT-base seq 128 (+ large seq 512 unless --quick)
+"""
+from __future__ import annotations
+
+import argparse
+import traceback
+
+import torch
+
+from benchmarks.harness import Recorder, matmul_ceiling_tflops
+from fastbert import bench
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="add torch.compile'd competitors")
+    ap.add_argument("--steps", type=int, default=None)
+    args = ap.parse_args(argv)
+    device = "cuda" if args.gpu else "cpu"
+    rec = Recorder(f"model_step_{'gpu' if args.gpu else 'cpu'}")
+    ceiling = matmul_ceiling_tflops() if args.gpu else None
+    competitors = ["fastbert", "transformers-eager", "transformers-sdpa"]
+    if args.compile:
+        competitors += ["transformers-sdpa-compile", "fastbert-compile"]
+    if args.gpu:
+        cases = [("pretrain", "base", 256, 128), ("finetune", "base", 32, 128)]
+        if not args.quick:
+            cases.append(("pretrain", "large", 32, 512))
+        steps = args.steps or (10 if args.quick else 20)
+    else:
+        cases = [("pretrain", "cpu-small", 16, 128), ("finetune", "cpu-small", 32, 128)]
+        steps = args.steps or 5
+    for case, size, batch, seq in cases:
+        try:
+            for row in bench.run(case, size, batch, seq, steps=steps, warmup=3 if args.gpu else 2,
+                                 competitors=competitors, device=device):
+                if ceiling:
+                    row["ceiling_tflops"] = ceiling
+                    row["mfu"] = row["useful_tflops"] / ceiling
+                rec.add(**row)
+        except Exception:  # one failing case must not cost the others
+            traceback.print_exc()
+            rec.add(case=case, size=size, impl="ERROR", error=traceback.format_exc(limit=2)[-300:])
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    rec.save()
+    for r in rec.rows:
+        if "median_ms" in r:
+            r["label"] = f"{r['case']}/{r['size']}"
+    rec.plot(x="label", y="real_tokens_per_s", group="impl", ylabel="real tokens / s (higher is better)",
+             title=f"training step, {rec.rows[0].get('device', device) if rec.rows else device}")
+    print(rec.markdown())
+
+
+if __name__ == "__main__":
+    main()

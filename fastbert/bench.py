@@ -1,0 +1,200 @@
+"""Model-level benchmark: one training step of fastbert beside transformers, in one process.
+
+Cases
+  pretrain   BertForPreTraining, MLM (15% of real tokens labelled) + NSP, AdamW; every row full length.
+  finetune   BertForSequenceClassification on batches drawn from the real length distribution of
+             sentiment_en (fastbert/data/sentiment_en_lengths.json), padded to the batch's longest row.
+Competitors (same weights, same batches): fastbert; transformers with eager attention; transformers
+with SDPA; optionally (--compile) transformers SDPA + torch.compile and fastbert + torch.compile.
+
+Useful FLOPs (for MFU, DESIGN.md): only real tokens count, and the MLM head only on masked rows.
+Per real token and layer, training (fwd + bwd = 3 x fwd) costs 6 * (4 D^2 + 2 D I) for the linear
+layers plus 12 * L * D for attention scores and values (L = its sequence's length); the MLM head
+costs 6 * (D^2 + D V) per masked row; pooler + classifiers are counted too (6 * D^2 per row).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from importlib import resources
+
+import torch
+
+SIZES = {
+    # name: (hidden, layers, heads, intermediate)
+    "cpu-small": (256, 4, 4, 1024),
+    "base": (768, 12, 12, 3072),
+    "large": (1024, 24, 16, 4096),
+}
+
+
+def length_distribution() -> list[int]:
+    """Token lengths of sentiment_en's training texts (histogram shipped with the package)."""
+    data = json.loads(resources.files("fastbert.data").joinpath("sentiment_en_lengths.json").read_text())
+    return [int(k) for k, v in data["histogram"].items() for _ in range(v)]
+
+
+def training_flops(hidden, layers, intermediate, vocab, lengths, masked_rows, batch_rows) -> float:
+    tokens = sum(lengths)
+    linear = 6 * (4 * hidden * hidden + 2 * hidden * intermediate) * tokens * layers
+    attention = 12 * hidden * sum(n * n for n in lengths) * layers
+    mlm = 6 * (hidden * hidden + hidden * vocab) * masked_rows
+    heads = 6 * hidden * hidden * batch_rows
+    return float(linear + attention + mlm + heads)
+
+
+def make_batches(case, n, batch, seq, vocab, seed, device):
+    """n batches: (kwargs for the model, list of real lengths, masked rows)."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    dist = length_distribution() if case == "finetune" else None
+    out = []
+    for _ in range(n):
+        lengths = [seq] * batch if dist is None else [min(seq, rng.choice(dist)) for _ in range(batch)]
+        width = max(lengths)
+        ids = torch.randint(1000, vocab, (batch, width), generator=g)
+        mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+        ids = ids * mask  # [PAD] = 0 at padding
+        tt = torch.zeros_like(ids)
+        kw = dict(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+        masked = 0
+        if case == "pretrain":
+            labels = torch.full_like(ids, -100)
+            pick = (torch.rand(ids.shape, generator=g) < 0.15) & mask.bool()
+            labels[pick] = ids[pick]
+            masked = int(pick.sum())
+            tt[:, width // 2:] = 1
+            kw.update(labels=labels, next_sentence_label=torch.randint(0, 2, (batch,), generator=g))
+        else:
+            kw.update(labels=torch.randint(0, 2, (batch,), generator=g))
+        out.append(({k: v.to(device) for k, v in kw.items()}, lengths, masked))
+    return out
+
+
+def build_models(case, size, vocab, max_len, device, competitors, dtype_note=""):
+    import transformers
+
+    import fastbert
+    hidden, layers, heads, inter = SIZES[size]
+    cfg = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+               intermediate_size=inter, max_position_embeddings=max(512, max_len))
+    name = "BertForPreTraining" if case == "pretrain" else "BertForSequenceClassification"
+    torch.manual_seed(0)
+    ours = getattr(fastbert, name)(fastbert.BertConfig(**cfg))
+    models = {}
+    for comp in competitors:
+        if comp.startswith("fastbert"):
+            m = getattr(fastbert, name)(fastbert.BertConfig(**cfg))
+            m.load_state_dict(ours.state_dict())
+        else:
+            attn = "eager" if "eager" in comp else "sdpa"
+            hf_cfg = transformers.BertConfig(**cfg)
+            hf_cfg._attn_implementation = attn  # read at construction by transformers 4.4x and 5.x
+            m = getattr(transformers, name)(hf_cfg)
+            if hasattr(m, "set_attn_implementation"):
+                m.set_attn_implementation(attn)
+            m.load_state_dict(ours.state_dict())
+        m.to(device).train()
+        step_model = torch.compile(m) if comp.endswith("compile") else m
+        models[comp] = (m, step_model)
+    return models, (hidden, layers, inter)
+
+
+def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2, vocab=30522, competitors=None,
+        device=None, precision=None, seed=0, progress=True):
+    """Median step time per competitor, with tokens/s, MFU (GPU, given a ceiling) and peak memory."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    competitors = competitors or ["fastbert", "transformers-eager", "transformers-sdpa"]
+    precision = precision or ("bf16" if device == "cuda" else "fp32")
+    models, (hidden, layers, inter) = build_models(case, size, vocab, seq, device, competitors)
+    batches = make_batches(case, steps + warmup, batch, seq, vocab, seed, device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" and device == "cuda"
+                else contextlib.nullcontext())
+    results = {}
+    opts = {c: torch.optim.AdamW(m.parameters(), lr=1e-4, **({"fused": True} if device == "cuda" else {}))
+            for c, (m, _) in models.items()}
+    times = {c: [] for c in models}
+    peak = {}
+    for comp, (model, step_model) in models.items():
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        for i, (kw, lengths, masked) in enumerate(batches):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with autocast:
+                loss = step_model(**kw).loss
+            loss.backward()
+            opts[comp].step()
+            opts[comp].zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[comp].append(time.perf_counter() - t0)
+        if device == "cuda":
+            peak[comp] = torch.cuda.max_memory_allocated() / 2 ** 30
+        if progress:
+            print(f"  {case}/{size} {comp}: {statistics.median(times[comp]) * 1e3:.1f} ms/step", file=sys.stderr,
+                  flush=True)
+    measured = batches[warmup:]
+    real_tokens = sum(sum(lengths) for _, lengths, _ in measured) / len(measured)
+    flops = statistics.mean(training_flops(hidden, layers, inter, vocab, lengths, masked, batch)
+                            for _, lengths, masked in measured)
+    for comp in models:
+        med = statistics.median(times[comp])
+        results[comp] = {"case": case, "size": size, "impl": comp, "batch": batch, "seq": seq, "precision": precision,
+                         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                         "median_ms": med * 1e3, "min_ms": min(times[comp]) * 1e3,
+                         "real_tokens_per_s": real_tokens / med, "useful_tflops": flops / med / 1e12,
+                         "peak_mem_gib": peak.get(comp)}
+    base = results.get("transformers-sdpa")
+    for r in results.values():
+        r["speedup_vs_sdpa"] = base["median_ms"] / r["median_ms"] if base else None
+    return list(results.values())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--case", choices=["pretrain", "finetune", "all"], default="all")
+    parser.add_argument("--size", choices=list(SIZES), default=None,
+                        help="model size (default: cpu-small on the CPU, base on a GPU)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per competitor")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="add torch.compile'd competitors")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--json", default=None, help="write the result rows to this file")
+
+
+def main(args) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    size = args.size or ("base" if device == "cuda" else "cpu-small")
+    competitors = ["fastbert", "transformers-eager", "transformers-sdpa"]
+    if args.compile:
+        competitors += ["transformers-sdpa-compile", "fastbert-compile"]
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("fastbert bench needs transformers (pip install 'fastbert[bench]')", file=sys.stderr)
+        return 2
+    rows = []
+    cases = ["pretrain", "finetune"] if args.case == "all" else [args.case]
+    for case in cases:
+        batch = args.batch_size or (16 if case == "pretrain" else 32)
+        rows += run(case, size, batch, args.seq_len, args.steps, args.warmup, competitors=competitors, device=device)
+    cols = ["case", "impl", "median_ms", "real_tokens_per_s", "speedup_vs_sdpa", "peak_mem_gib"]
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
