@@ -39,6 +39,10 @@ Caution:
   first (the model does) — this op cannot compact them without a data-dependent shape.
 - Forward with autograd on holds d_weight in fp32 (vocab·h·4 bytes) until the backward runs.
 - The logits block is in the input dtype (as in eager PyTorch); softmax statistics are fp32.
+- fp32 inputs: the two cuBLAS GEMMs follow torch.backends.cuda.matmul.allow_tf32 (off by default);
+  turning TF32 on globally trades the fp32 accuracy away. The Triton GEMM uses input_precision="ieee".
+- A forward run without gradients (no_grad, or no input requiring grad) that is differentiated anyway
+  (only possible by calling torch.ops.fastbert.mlm_loss directly) recomputes them in the backward.
 - Label range is checked by ``fastbert.kernels.mlm_loss`` (a host sync); here an out-of-range label
   would read a wrong logit (the target load is masked to stay in bounds, never out of memory).
 """
