@@ -41,17 +41,20 @@ def attention(q, k, v, key_padding_mask=None, *, causal=False, dropout_p=0.0, so
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     scores = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
     seq_q, seq_k = q.shape[-2], k.shape[-2]
-    visible = torch.ones(seq_q, seq_k, dtype=torch.bool, device=q.device)
-    if causal:
-        visible = torch.tril(visible)
-    visible = visible.expand(q.shape[0], 1, seq_q, seq_k)  # (B, 1, Sq, Sk)
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, :].to(torch.bool)
-    # A finite fill (not -inf) keeps fully masked rows free of NaN in forward and backward;
-    # their probabilities are zeroed below, so the fill value never reaches the output.
-    scores = scores.masked_fill(~visible, torch.finfo(ct).min)
-    probs = torch.softmax(scores, dim=-1)
-    probs = probs * visible.any(dim=-1, keepdim=True)
+    if key_padding_mask is None and not causal:
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        visible = torch.ones(seq_q, seq_k, dtype=torch.bool, device=q.device)
+        if causal:
+            visible = torch.tril(visible)
+        visible = visible.expand(q.shape[0], 1, seq_q, seq_k)  # (B, 1, Sq, Sk)
+        if key_padding_mask is not None:
+            visible = visible & key_padding_mask[:, None, None, :].to(torch.bool)
+        # A finite fill (not -inf) keeps fully masked rows free of NaN in forward and backward;
+        # their probabilities are zeroed below, so the fill value never reaches the output.
+        scores = scores.masked_fill(~visible, torch.finfo(ct).min)
+        probs = torch.softmax(scores, dim=-1)
+        probs = probs * visible.any(dim=-1, keepdim=True)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
     return torch.matmul(probs, v.to(ct)).to(dtype)
@@ -69,8 +72,13 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, dropout_p
     """Attention within each packed sequence: q/k/v (total, H, D), sequence i = rows cu[i]:cu[i+1]."""
     total, heads, dim = q.shape
     batch = cu_seqlens.numel() - 1
-    seq_idx, pos, lengths = _varlen_index(cu_seqlens, total)
     width = max(int(max_seqlen), 1)
+    if total == batch * width:  # every sequence is max_seqlen long: a plain reshape, no padding
+        def split(x):  # (total, H, D) -> (B, H, S, D)
+            return x.view(batch, width, heads, dim).transpose(1, 2)
+        out = attention(split(q), split(k), split(v), causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale)
+        return out.transpose(1, 2).reshape(total, heads, dim)
+    seq_idx, pos, lengths = _varlen_index(cu_seqlens, total)
 
     def pad(x):  # (total, H, D) -> (B, H, S, D)
         padded = x.new_zeros(batch, width, heads, dim).index_put((seq_idx, pos), x)

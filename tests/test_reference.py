@@ -46,8 +46,8 @@ def test_attention_fully_masked_row_gives_zero_output_and_grads():
         assert torch.isfinite(t.grad).all() and not t.grad[1].any()
 
 
-def test_varlen_matches_per_sequence_attention():
-    lengths = [1, 5, 3, 0, 7]
+@pytest.mark.parametrize("lengths", [[1, 5, 3, 0, 7], [4, 4, 4]])
+def test_varlen_matches_per_sequence_attention(lengths):
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
     q, k, v = (torch.randn(int(cu[-1]), 3, 16, dtype=torch.float64) for _ in range(3))
     out = K.varlen_attention(q, k, v, cu, max(lengths), causal=True)
