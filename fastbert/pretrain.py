@@ -63,7 +63,11 @@ RUN_DEFAULTS = {
     "eval_fraction": 0.05,
     "eval_examples": 256,
     "precision": "auto",
+    "log_every": 10,
+    "eval_every": None,        # None: 10 evaluations per run; 0: only at the end
+    "save_every": None,        # None: a quarter of the run (may be changed on --resume)
 }
+RESUME_OVERRIDABLE = {"save_every"}
 # Peak learning rates that train the named sizes well in a short run (BERT-base used 1e-4).
 SIZE_LR = {"micro": 2e-3, "tiny": 1e-3, "mini": 5e-4, "small": 3e-4, "medium": 2e-4, "base": 1e-4,
            "large": 5e-5}
@@ -121,8 +125,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (from the start if none; "
                         "exit 0 if it is finished)")
-    g.add_argument("--log-every", type=int, default=10, help="steps per metrics.jsonl row (default 10)")
-    g.add_argument("--eval-every", type=int, default=None,
+    g.add_argument("--log-every", type=int, help="steps per metrics.jsonl row (default 10)")
+    g.add_argument("--eval-every", type=int,
                    help="steps between held-out evaluations (default: 10 per run; 0 = only at the end)")
     g.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -143,9 +147,12 @@ def _resolve_settings(args, stored: dict | None, dist: T.Distributed) -> dict:
     given = {k: getattr(args, k) for k in RUN_DEFAULTS if getattr(args, k, None) is not None}
     if stored is not None:
         for k, v in given.items():
+            if k in RESUME_OVERRIDABLE:
+                continue
             if k in stored and stored[k] != v:
                 _log(dist, f"warning: --{k.replace('_', '-')} {v} ignored on --resume; the run uses {stored[k]}")
         settings.update({k: v for k, v in stored.items() if k in RUN_DEFAULTS})
+        settings.update({k: v for k, v in given.items() if k in RESUME_OVERRIDABLE})
     else:
         settings.update(given)
     return settings
@@ -388,8 +395,9 @@ def _run(args, dist: T.Distributed) -> int:
     metrics = T.MetricsLog(os.path.join(out, "metrics.jsonl"), enabled=dist.is_main)
     metrics.truncate_after(step)
 
-    save_every = args.save_every or max(1, steps // 4)
-    eval_every = args.eval_every if args.eval_every is not None else max(1, steps // 10)
+    save_every = s["save_every"] or max(1, steps // 4)
+    eval_every = s["eval_every"] if s["eval_every"] is not None else max(1, steps // 10)
+    log_every = max(1, s["log_every"])
     global_batch = s["batch_size"]
     per_rank = global_batch // dist.world_size
     micro = per_rank // s["grad_accum"]
@@ -486,7 +494,7 @@ def _run(args, dist: T.Distributed) -> int:
         bar.update(1)
         bar.set_postfix(loss=f"{mlm_step + nsp_step:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
 
-        if step % args.log_every == 0 or step == steps or (eval_every and step % eval_every == 0):
+        if step % log_every == 0 or step == steps or (eval_every and step % eval_every == 0):
             row = {"step": step, "loss": (acc["mlm"] + acc["nsp"]) / acc["n"], "mlm_loss": acc["mlm"] / acc["n"]}
             if nsp:
                 row["nsp_loss"] = acc["nsp"] / acc["n"]

@@ -9,6 +9,10 @@ Three ways to get one (``build_tokenizer``):
   (the normaliser puts spaces around each one, so WordPiece never joins them); runs of other scripts
   (Latin, digits) still get word pieces. Every character of the corpus is kept in the vocabulary.
 
+Caution: the `tokenizers` trainer may choose different merges at frequency ties from one run to
+the next (huggingface/tokenizers#1794), so two runs that each train a vocabulary can differ; a run
+keeps its own (``--resume`` reuses it), and ``--tokenizer RUN_DIR`` reuses one across runs.
+
 ``save_tokenizer`` writes vocab.txt, tokenizer.json, tokenizer_config.json and
 special_tokens_map.json, so ``transformers.BertTokenizerFast.from_pretrained(folder)`` (and
 ``AutoTokenizer``) load the same tokenizer from a run folder.
@@ -69,8 +73,15 @@ def train_tokenizer(sentences: Iterable[str], kind: str = "wordpiece", vocab_siz
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
         continuing_subword_prefix="##", show_progress=False, **alphabet)
     tok.train_from_iterator(sentences, trainer=trainer)
-    if tok.get_vocab_size() <= len(SPECIAL_TOKENS):
+    learned = tok.get_vocab()
+    if len(learned) <= len(SPECIAL_TOKENS):
         raise TokenizerError("the corpus gave no tokens to build a vocabulary from")
+    # The trainer numbers tokens in hash-map order, which changes from run to run; renumber them
+    # (special tokens first, then sorted) so the same corpus always gives the same ids.
+    ordered = SPECIAL_TOKENS + sorted(t for t in learned if t not in SPECIAL_TOKENS)
+    vocab = {t: i for i, t in enumerate(ordered)}
+    tok = _bert_pipeline(Tokenizer(models.WordPiece(vocab, unk_token=UNK, continuing_subword_prefix="##")),
+                         lowercase)
     return _add_post_processor(tok)
 
 

@@ -36,6 +36,14 @@ def test_trained_wordpiece_is_bert_like(english):
     assert pair.tokens[na + 1] == "[SEP]" and pair.tokens[-1] == "[SEP]" and pair.tokens.count("[SEP]") == 2
 
 
+def test_same_token_set_gets_the_same_ids():
+    # tokenizers' trainer can pick different merges at frequency ties (huggingface/tokenizers#1794);
+    # what we control: ids follow from the token set alone (specials first, then sorted)
+    tok = train_tokenizer(["the cat sat on the mat ."] * 3, vocab_size=60, min_frequency=1)
+    vocab = vocab_list(tok)
+    assert vocab[:5] == SPECIAL_TOKENS and vocab[5:] == sorted(vocab[5:])
+
+
 def test_cased_keeps_case():
     tok = train_tokenizer(["Emma met Harriet .", "Emma smiled ."] * 5, vocab_size=200, lowercase=False)
     assert tok.encode("Emma", add_special_tokens=False).tokens == ["Emma"]

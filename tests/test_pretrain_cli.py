@@ -1,0 +1,183 @@
+"""`fastbert pretrain` end to end on micro runs: run folder, transformers loading, bitwise resume,
+gradient-accumulation equivalence, and bad input that must fail cleanly."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fastbert.cli import main as cli_main
+from fastbert.pretrain import sample_corpus_path
+from fastbert.trainer import read_metrics
+
+MICRO = ["--config", "micro", "--seq-len", "32", "--batch-size", "4", "--vocab-size", "400",
+         "--eval-examples", "8", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Twelve short documents of the sample corpus (enough for NSP and a held-out pair)."""
+    with open(sample_corpus_path(), encoding="utf-8") as f:
+        lines = [line.strip() for _, line in zip(range(400), f) if line.strip()]
+    docs = ["\n".join(lines[i:i + 15]) for i in range(0, 180, 15)]
+    path = tmp_path_factory.mktemp("corpus") / "c.txt"
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def vocab(corpus, tmp_path_factory):
+    """One trained vocabulary for every run: the trainer of `tokenizers` may break frequency ties
+    differently from run to run (huggingface/tokenizers#1794), and runs compared bitwise must share it."""
+    from fastbert.pretraining_data import iter_sentences
+    from fastbert.tokenization import save_tokenizer, train_tokenizer
+    folder = tmp_path_factory.mktemp("tokenizer")
+    save_tokenizer(train_tokenizer(iter_sentences([corpus]), vocab_size=400), str(folder))
+    return str(folder)
+
+
+def run(corpus, out, *extra, cache=None):
+    argv = ["pretrain", "--corpus", corpus, "--out", str(out), *MICRO,
+            "--cache-dir", str(cache or os.path.join(os.path.dirname(str(out)), "cache")), *extra]
+    return cli_main(argv)
+
+
+def metric_rows(out):
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_run_folder_loads_into_transformers(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert run(corpus, out, "--steps", "4", "--log-every", "2", "--eval-every", "2") == 0
+    for name in ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "metrics.jsonl", "loss_curve.png", "run_args.json"):
+        assert (out / name).is_file(), name
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [2, 4]
+    for r in rows:
+        assert {"step", "loss", "mlm_loss", "nsp_loss", "lr", "tokens_per_s", "mlm_accuracy", "nsp_accuracy"} <= set(r)
+        assert r["loss"] == pytest.approx(r["mlm_loss"] + r["nsp_loss"], rel=1e-6)
+        assert 0 <= r["mlm_accuracy"] <= 1 and 0 <= r["nsp_accuracy"] <= 1
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000004"
+
+    import transformers
+    hf, info = transformers.BertForPreTraining.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    from fastbert import BertForPreTraining
+    ours = BertForPreTraining.from_pretrained(str(out))
+    theirs = hf.state_dict()
+    for k, v in ours.state_dict().items():
+        if k in theirs:
+            assert torch.equal(v, theirs[k]), k
+    tok = transformers.BertTokenizerFast.from_pretrained(str(out))
+    assert tok.mask_token == "[MASK]" and tok.vocab_size == ours.config.vocab_size
+
+
+def test_resume_is_bitwise_identical(corpus, vocab, tmp_path):
+    """6 steps straight vs. 3 steps, checkpoint, resume to 6: same metrics and same weights."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--tokenizer", vocab, "--steps", "6", "--log-every", "1", "--eval-every", "3", "--save-every", "3"]
+    assert run(corpus, a, *common) == 0
+    assert run(corpus, b, *common, "--keep-checkpoints", "2") == 0
+    # turn b back into a run killed after its step-3 checkpoint (with rows of later steps logged)
+    import shutil
+    shutil.rmtree(b / "checkpoints" / "step-00000006")
+    (b / "checkpoints" / "latest").write_text("step-00000003\n")
+    with open(b / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "torn')  # a line cut by the kill
+    assert run(corpus, b, "--resume") == 0
+    assert metric_rows(b) == metric_rows(a)
+    assert [r["step"] for r in metric_rows(b)] == [1, 2, 3, 4, 5, 6]
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    # resuming a finished run does nothing and succeeds
+    before = (b / "metrics.jsonl").read_bytes()
+    assert run(corpus, b, "--resume") == 0
+    assert (b / "metrics.jsonl").read_bytes() == before
+
+
+def test_resume_without_checkpoint_starts_over_and_existing_run_is_protected(corpus, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert run(corpus, out, "--resume", "--steps", "2") == 0  # nothing there yet: starts from step 0
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]  # eval each step of a 2-step run
+    assert run(corpus, out, "--steps", "2") == 2  # no --resume: refuse to overwrite
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_grad_accumulation_matches_one_batch(corpus, vocab, tmp_path):
+    """Weighted micro-batches give the gradient of the whole batch (the same arithmetic DDP uses)."""
+    common = ["--tokenizer", vocab, "--steps", "3", "--log-every", "1", "--dropout", "0", "--pad-to", "max", "--eval-every", "0"]
+    assert run(corpus, tmp_path / "one", *common) == 0
+    assert run(corpus, tmp_path / "acc", *common, "--grad-accum", "2") == 0
+    one, acc = metric_rows(tmp_path / "one"), metric_rows(tmp_path / "acc")
+    for r1, r2 in zip(one, acc, strict=True):
+        for k in ("loss", "mlm_loss", "nsp_loss"):
+            assert r2[k] == pytest.approx(r1[k], rel=2e-5, abs=1e-6), (r1["step"], k)
+
+
+def test_no_nsp_run(corpus, tmp_path):
+    out = tmp_path / "mlm"
+    assert run(corpus, out, "--steps", "2", "--no-nsp", "--whole-word-mask", "--mask-prob", "0.2") == 0
+    row = read_metrics(out / "metrics.jsonl")[-1]
+    assert "nsp_loss" not in row and "nsp_accuracy" not in row and "mlm_accuracy" in row
+    assert row["loss"] == row["mlm_loss"]
+
+
+def _fails_cleanly(capsys, out, rc, pattern):
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and pattern in err, err
+    assert not os.path.exists(out)  # nothing half-written
+
+
+def test_bad_inputs_fail_cleanly(corpus, tmp_path, capsys):
+    out = tmp_path / "never"
+    _fails_cleanly(capsys, out, run(str(tmp_path / "missing.txt"), out), "does not exist")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    _fails_cleanly(capsys, out, run(str(tmp_path / "empty.txt"), out), "empty")
+    (tmp_path / "junk.bin").write_bytes(bytes(range(256)) * 4)
+    _fails_cleanly(capsys, out, run(str(tmp_path / "junk.bin"), out), "binary")
+    (tmp_path / "one.txt").write_text("Just one document.\nWith two sentences.\n")
+    _fails_cleanly(capsys, out, run(str(tmp_path / "one.txt"), out), "at least two documents")
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the"]) + "\n")
+    _fails_cleanly(capsys, out, run(corpus, out, "--tokenizer", str(tmp_path / "vocab.txt")), "lacks [MASK]")
+    cfg = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+           "max_position_embeddings": 16, "vocab_size": 1000}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    _fails_cleanly(capsys, out, run(corpus, out, "--config", str(tmp_path / "config.json")),
+                   "above the model's max_position_embeddings 16")
+    _fails_cleanly(capsys, out, run(corpus, out, "--config", "enormous"), "neither a size name")
+    _fails_cleanly(capsys, out, run(corpus, out, "--batch-size", "3", "--grad-accum", "2"), "multiple of")
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_matches(corpus, vocab, tmp_path):
+    """Kill a run with SIGKILL at random moments, resume until done: same metrics and weights as an
+    uninterrupted run of the same seed."""
+    steps = ["--tokenizer", vocab, "--steps", "24", "--log-every", "1", "--eval-every", "6", "--save-every", "2"]
+    assert run(corpus, tmp_path / "straight", *steps) == 0
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "fastbert.cli", "pretrain", "--corpus", corpus, "--out", str(out), *MICRO,
+           "--cache-dir", str(tmp_path / "cache"), *steps]
+    rng = torch.Generator().manual_seed(0)
+    kills = 0
+    for attempt in range(40):
+        proc = subprocess.Popen(cmd + (["--resume"] if attempt else []), stderr=subprocess.DEVNULL)
+        delay = 2.0 + 6.0 * torch.rand((), generator=rng).item()
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            continue
+        assert proc.returncode == 0
+        break
+    else:
+        pytest.fail("never finished")
+    assert kills >= 1
+    assert metric_rows(out) == metric_rows(tmp_path / "straight")
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
