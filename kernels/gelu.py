@@ -26,10 +26,11 @@ import triton.language as tl
 
 __all__ = ["bias_gelu", "gelu", "gelu_grad"]
 
-_SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2)
-_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
-_SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2 / pi)
-_TANH_COEF = 0.044715
+# constexpr: compiled kernels may read only constexpr globals (the interpreter reads any global)
+_SQRT_HALF = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+_TANH_COEF = tl.constexpr(0.044715)
 
 FWD_BLOCK = 2048  # elements per forward program: 16 per thread at 4 warps
 BWD_ELEMS = 4096  # elements per backward tile (BLOCK_M rows x BLOCK_N columns)
