@@ -1,0 +1,226 @@
+"""Cross-cutting checks of the fused element-wise / LayerNorm / embedding kernels.
+
+- torch.library.opcheck on every custom op (forward and backward ops), in interpreter mode: schema,
+  fake (meta) implementation, autograd registration, and torch.compile's AOT dispatch.
+- Ahead-of-time compilation for sm_90 and sm_80 (no GPU needed) of the kernel configurations the
+  launchers pick, bf16 included: the interpreter accepts programs that a GPU compiler rejects.
+  The default run compiles, per kernel, the BERT-size block in every dtype and flag combination
+  plus the smallest and largest blocks; `-m slow` compiles every block size the launchers can pick.
+"""
+import itertools
+
+import pytest
+import torch
+
+from aot import compile_in_subprocess
+from fastbert.kernels import embedding as E
+from fastbert.kernels import gelu as G
+from fastbert.kernels import layer_norm as L
+
+# ----------------------------------------------------------------------------------------- opcheck
+
+
+def _opcheck(op, args):
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_opcheck_bias_gelu(triton_kernels, approximate):
+    x, b = torch.randn(3, 40, requires_grad=True), torch.randn(40, requires_grad=True)
+    _opcheck(torch.ops.fastbert.bias_gelu.default, (x, b, approximate))
+    _opcheck(torch.ops.fastbert.bias_gelu_backward.default, (torch.randn(3, 40), x.detach(), b.detach(), approximate))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_opcheck_add_layer_norm(triton_kernels, p):
+    x, r = torch.randn(3, 40, requires_grad=True), torch.randn(3, 40, requires_grad=True)
+    w, b = torch.randn(40, requires_grad=True), torch.randn(40, requires_grad=True)
+    seed = L.draw_seed("cpu") if p else None
+    _opcheck(torch.ops.fastbert.add_layer_norm.default, (x, r, w, b, 1e-5, p, seed))
+    _, mean, rstd = torch.ops.fastbert.add_layer_norm(x, r, w, b, 1e-5, p, seed)
+    _opcheck(torch.ops.fastbert.add_layer_norm_backward.default,
+             (torch.randn(3, 40), x.detach(), r.detach(), w.detach(), mean.detach(), rstd.detach(), p, seed))
+
+
+def test_opcheck_gelu_layer_norm(triton_kernels):
+    x, c = torch.randn(3, 40, requires_grad=True), torch.randn(40, requires_grad=True)
+    w, b = torch.randn(40, requires_grad=True), torch.randn(40, requires_grad=True)
+    _opcheck(torch.ops.fastbert.gelu_layer_norm.default, (x, c, w, b, 1e-5, "tanh"))
+    _, mean, rstd = torch.ops.fastbert.gelu_layer_norm(x, c, w, b, 1e-5, "tanh")
+    _opcheck(torch.ops.fastbert.gelu_layer_norm_backward.default,
+             (torch.randn(3, 40), x.detach(), c.detach(), w.detach(), mean.detach(), rstd.detach(), "tanh"))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_opcheck_embed_layer_norm(triton_kernels, p):
+    ids = torch.randint(0, 11, (2, 5))
+    tt = torch.randint(0, 2, (2, 5))
+    pos = torch.arange(5).expand(2, 5)
+    tables = [torch.randn(11, 24, requires_grad=True), torch.randn(7, 24, requires_grad=True),
+              torch.randn(2, 24, requires_grad=True), torch.randn(24, requires_grad=True),
+              torch.randn(24, requires_grad=True)]
+    seed = L.draw_seed("cpu") if p else None
+    _opcheck(torch.ops.fastbert.embed_layer_norm.default, (ids, tt, pos, *tables, 1e-5, p, seed))
+    _, mean, rstd = torch.ops.fastbert.embed_layer_norm(ids, tt, pos, *tables, 1e-5, p, seed)
+    _opcheck(torch.ops.fastbert.embed_layer_norm_backward.default,
+             (torch.randn(2, 5, 24), ids, tt, pos, *[t.detach() for t in tables[:4]], mean.detach(), rstd.detach(),
+              p, seed))
+
+
+def test_compile_fullgraph(triton_kernels):
+    # torch.compile traces through the custom ops (fake kernels) without graph breaks, dropout's
+    # seed draw included. (The modules' entry points: fastbert.kernels' lazy importlib lookup is
+    # itself a graph break, a separate matter.)
+    x, r = torch.randn(4, 32, requires_grad=True), torch.randn(4, 32)
+    w, b = torch.ones(32, requires_grad=True), torch.zeros(32, requires_grad=True)
+
+    def f(x, r, w, b):
+        h = L.gelu_layer_norm(G.bias_gelu(x, b, "none"), b, w, b, 1e-5, "tanh")
+        return L.add_layer_norm(h, r, w, b, 1e-5, 0.0).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(x, r, w, b)
+    out.backward()
+    torch.testing.assert_close(out, f(x, r, w, b))
+
+
+# ---------------------------------------------------------------------------- ahead-of-time compile
+
+_PT = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+ALL_ROW_BLOCKS = [1 << k for k in range(4, 14)]  # row_block(n) for n = 1 .. MAX_WIDTH
+BERT_BLOCKS = [L.row_block(768), L.row_block(1024), L.row_block(4096)]
+
+
+def _row_blocks(exhaustive):
+    return ALL_ROW_BLOCKS if exhaustive else [16, L.row_block(768), L.MAX_WIDTH]
+
+
+def _variants(flags, exhaustive):
+    """bf16 in every flag combination and fp16 / fp32 with every flag on at the BERT block; bf16
+    with every flag on at the smallest and largest blocks."""
+    out = []
+    for block in _row_blocks(exhaustive):
+        for dtype in DTYPES:
+            for values in itertools.product((False, True), repeat=len(flags)):
+                bf16, on = dtype == torch.bfloat16, all(values)
+                if exhaustive or (block in BERT_BLOCKS and (bf16 or on)) or (bf16 and on):
+                    out.append((block, dtype, dict(zip(flags, values))))
+    return out
+
+
+def _bias_gelu_fwd(exhaustive):
+    return [({"X": _PT[d], "BIAS": _PT[d], "Y": _PT[d], "numel": "i32", "n": "i32", "APPROX_TANH": "constexpr",
+              "BLOCK": "constexpr"}, {"APPROX_TANH": a, "BLOCK": G.FWD_BLOCK})
+            for d in DTYPES for a in (False, True) if exhaustive or d == torch.bfloat16 or a]
+
+
+def _bias_gelu_bwd(exhaustive):
+    ns = [1 << k for k in range(0, 11)] if exhaustive else [37, 768]  # 3072 uses 768's blocks
+    configs = []
+    for n in ns:
+        block_m, block_n, _ = G.bwd_config(n)
+        for d in DTYPES:
+            for a in (False, True):
+                if not (exhaustive or (n == 768 and (d == torch.bfloat16 or a)) or (d == torch.bfloat16 and a)):
+                    continue
+                configs.append(({"X": _PT[d], "BIAS": _PT[d], "DY": _PT[d], "DX": _PT[d], "DBIAS_PART": "*fp32",
+                                 "rows": "i32", "n": "i32", "rows_per_program": "i32", "APPROX_TANH": "constexpr",
+                                 "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+                                {"APPROX_TANH": a, "BLOCK_M": block_m, "BLOCK_N": block_n}))
+    return configs
+
+
+def _add_ln_fwd(exhaustive):
+    return [({"X": _PT[d], "R": _PT[d], "W": _PT[d], "B": _PT[d], "Y": _PT[d], "MEAN": "*fp32", "RSTD": "*fp32",
+              "SEED": "*i64", "n": "i32", "eps": "fp32", "p": "fp32", "scale": "fp32", "HAS_DROPOUT": "constexpr",
+              "BLOCK_N": "constexpr"}, {**f, "BLOCK_N": blk})
+            for blk, d, f in _variants(("HAS_DROPOUT",), exhaustive)]
+
+
+def _add_ln_bwd(exhaustive):
+    return [({"X": _PT[d], "R": _PT[d], "W": _PT[d], "DY": _PT[d], "DR": _PT[d], "DX": _PT[d], "DW_PART": "*fp32",
+              "DB_PART": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64", "rows": "i32", "n": "i32",
+              "rows_per_program": "i32", "p": "fp32", "scale": "fp32", "HAS_DROPOUT": "constexpr",
+              "STORE_DX": "constexpr", "BLOCK_N": "constexpr"}, {**f, "BLOCK_N": blk})
+            for blk, d, f in _variants(("HAS_DROPOUT", "STORE_DX"), exhaustive)]
+
+
+def _gelu_ln_fwd(exhaustive):
+    return [({"X": _PT[d], "BIAS": _PT[d], "W": _PT[d], "B": _PT[d], "Y": _PT[d], "MEAN": "*fp32", "RSTD": "*fp32",
+              "n": "i32", "eps": "fp32", "APPROX_TANH": "constexpr", "BLOCK_N": "constexpr"}, {**f, "BLOCK_N": blk})
+            for blk, d, f in _variants(("APPROX_TANH",), exhaustive)]
+
+
+def _gelu_ln_bwd(exhaustive):
+    return [({"X": _PT[d], "BIAS": _PT[d], "W": _PT[d], "DY": _PT[d], "DX": _PT[d], "PART": "*fp32", "MEAN": "*fp32",
+              "RSTD": "*fp32", "rows": "i32", "n": "i32", "rows_per_program": "i32", "part_stride": "i32",
+              "APPROX_TANH": "constexpr", "BLOCK_N": "constexpr"}, {**f, "BLOCK_N": blk})
+            for blk, d, f in _variants(("APPROX_TANH",), exhaustive)]
+
+
+_IDS = {"IDS": "*i64", "TT": "*i64", "POS": "*i64"}
+_STRIDES = {k: "i32" for k in ("s_ids_b", "s_ids_s", "s_tt_b", "s_tt_s", "s_pos_b", "s_pos_s")}
+
+
+def _embed_fwd(exhaustive):
+    return [({**_IDS, "WORD": _PT[d], "POSW": _PT[d], "TYPEW": _PT[d], "W": _PT[d], "B": _PT[d], "Y": _PT[d],
+              "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64", "seq": "i32", **_STRIDES, "n": "i32", "eps": "fp32",
+              "p": "fp32", "scale": "fp32", "HAS_DROPOUT": "constexpr", "BLOCK_N": "constexpr"},
+             {**f, "BLOCK_N": blk})
+            for blk, d, f in _variants(("HAS_DROPOUT",), exhaustive)]
+
+
+def _embed_bwd(exhaustive):
+    return [({**_IDS, "WORD": _PT[d], "POSW": _PT[d], "TYPEW": _PT[d], "W": _PT[d], "DY": _PT[d], "DH": "*fp32",
+              "DW_PART": "*fp32", "DB_PART": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64",
+              "tokens": "i32", "seq": "i32", **_STRIDES, "n": "i32", "rows_per_program": "i32", "p": "fp32",
+              "scale": "fp32", "HAS_DROPOUT": "constexpr", "BLOCK_N": "constexpr"}, {**f, "BLOCK_N": blk})
+            for blk, d, f in _variants(("HAS_DROPOUT",), exhaustive)]
+
+
+def _segment_blocks(exhaustive):
+    return [1 << k for k in range(0, 9)] if exhaustive else [E.SEGMENT_BLOCK_N]
+
+
+def _segment_chunks(exhaustive):
+    return [({"SORTED": "*i64", "PERM": "*i64", "DH": "*fp32", "OUT": _PT[d], "CARRY": "*fp32", "tokens": "i32",
+              "n": "i32", "CHUNK": "constexpr", "BLOCK_N": "constexpr"}, {"CHUNK": 64, "BLOCK_N": blk})
+            for blk in _segment_blocks(exhaustive) for d in DTYPES]
+
+
+def _segment_carries(exhaustive):
+    return [({"SORTED": "*i64", "CARRY": "*fp32", "OUT": _PT[d], "tokens": "i32", "n": "i32", "CHUNK": "constexpr",
+              "BLOCK_N": "constexpr"}, {"CHUNK": 64, "BLOCK_N": blk})
+            for blk in _segment_blocks(exhaustive) for d in DTYPES]
+
+
+def _dropout_mask(exhaustive):
+    return [({"SEED": "*i64", "MASK": "*i8", "n": "i32", "p": "fp32", "BLOCK_N": "constexpr"}, {"BLOCK_N": blk})
+            for blk in _row_blocks(exhaustive)]
+
+
+KERNELS = [
+    ("fastbert.kernels.gelu", "_bias_gelu_fwd", _bias_gelu_fwd),
+    ("fastbert.kernels.gelu", "_bias_gelu_bwd", _bias_gelu_bwd),
+    ("fastbert.kernels.layer_norm", "_add_ln_fwd", _add_ln_fwd),
+    ("fastbert.kernels.layer_norm", "_add_ln_bwd", _add_ln_bwd),
+    ("fastbert.kernels.layer_norm", "_gelu_ln_fwd", _gelu_ln_fwd),
+    ("fastbert.kernels.layer_norm", "_gelu_ln_bwd", _gelu_ln_bwd),
+    ("fastbert.kernels.layer_norm", "_dropout_mask_kernel", _dropout_mask),
+    ("fastbert.kernels.embedding", "_embed_ln_fwd", _embed_fwd),
+    ("fastbert.kernels.embedding", "_embed_ln_bwd", _embed_bwd),
+    ("fastbert.kernels.embedding", "_segment_sum_chunks", _segment_chunks),
+    ("fastbert.kernels.embedding", "_segment_sum_carries", _segment_carries),
+]
+
+
+@pytest.mark.parametrize("module,kernel,configs", KERNELS, ids=[k[1] for k in KERNELS])
+def test_aot_compile(module, kernel, configs):
+    compile_in_subprocess(module, kernel, configs(False))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module,kernel,configs", KERNELS, ids=[k[1] for k in KERNELS])
+def test_aot_compile_every_block(module, kernel, configs):
+    compile_in_subprocess(module, kernel, configs(True), archs=(90,))
