@@ -10,13 +10,22 @@ tensors and in eager mode, and are skipped inside torch.compile'd regions and CU
 """
 from __future__ import annotations
 
-import importlib
 import math
+import sys
 
 import torch
 
 from . import reference
 from ._dispatch import backend, use_triton
+
+# The Triton families are imported here (defining kernels compiles nothing and touches no GPU) so
+# that torch.compile can trace the dispatch below: Dynamo refuses importlib calls inside a graph.
+# Triton reads TRITON_INTERPRET when kernels are defined, i.e. at this import.
+try:
+    from . import embedding, flash_attention, gelu, layer_norm, linear_cross_entropy  # noqa: F401
+    _TRITON_IMPORT_ERROR = None
+except ImportError as exc:  # no triton on this platform: the reference path still works
+    _TRITON_IMPORT_ERROR = exc
 
 __all__ = [
     "attention",
@@ -35,7 +44,11 @@ _APPROXIMATE = ("none", "tanh")
 
 
 def _triton(module: str):
-    return importlib.import_module(f"{__name__}.{module}")
+    mod = sys.modules.get(f"{__name__}.{module}")
+    if mod is None:
+        raise RuntimeError(f"fastbert's Triton kernels are unavailable here ({_TRITON_IMPORT_ERROR}); "
+                           "set FASTBERT_KERNELS=reference")
+    return mod
 
 
 def _check_values() -> bool:
