@@ -74,6 +74,7 @@ def _attn_fwd(
     O,                  # output, same layout rules as Q
     LSE,                # fp32 log2-sum-exp per query row: padded (B, H, Sq), packed (H, total)
     KPM,                # key padding mask as uint8 (B, Sk), 1 = real key; unused unless HAS_MASK
+    KEY_END,            # int32 (B,): 1 + index of the last real key per row (0: none); with HAS_MASK
     CU_SEQLENS,         # int32 (B + 1,) packed-sequence offsets; unused unless IS_VARLEN
     SEED,               # int64 (1,) Philox seed drawn by the host; unused unless HAS_DROPOUT
     stride_qb, stride_qh, stride_qs,  # strides of Q in elements: batch (0 when packed), head, token
@@ -118,6 +119,9 @@ def _attn_fwd(
 
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
                 other=0.0)
+    if HAS_MASK:
+        # Keys past the last real one are all padding: stop the loop there (BERT pads on the right).
+        len_k = tl.minimum(len_k, tl.load(KEY_END + b))
     if HAS_DROPOUT:
         # One Philox key per (batch, head); the counter is the (row, key) position inside it.
         seed = tl.load(SEED) + pid_bh
@@ -213,7 +217,7 @@ def _attn_bwd_dkdv(
     Q, K, V, DO,        # forward inputs and the output gradient
     DK, DV,             # outputs, contiguous like K/V in the launcher's layout
     LSE, DELTA,         # fp32 per query row (log2-sum-exp from the forward, rowsum(dO * O))
-    KPM, CU_SEQLENS, SEED,            # as in _attn_fwd
+    KPM, KEY_END, CU_SEQLENS, SEED,   # as in _attn_fwd
     stride_qb, stride_qh, stride_qs,  # strides (batch 0 when packed, head, token) of each tensor
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -259,9 +263,12 @@ def _attn_bwd_dkdv(
     k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
     key_visible = col_ok
+    hi = len_q
     if HAS_MASK:
         key_real = tl.load(KPM + b64 * stride_mb + offs_n, mask=col_ok, other=0)
         key_visible = key_visible & (key_real != 0)
+        # A block of padding keys only needs its zero gradients written: skip the loop.
+        hi = tl.where(pid_n * BLOCK_N >= tl.load(KEY_END + b), 0, len_q)
     if HAS_DROPOUT:
         seed = tl.load(SEED) + pid_bh
         keep_scale = 1.0 / (1.0 - dropout_p)
@@ -272,7 +279,7 @@ def _attn_bwd_dkdv(
     if CAUSAL:
         # Queries above this key block's first key cannot see any of its keys.
         lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
-    for start_m in range(lo, len_q, BLOCK_M):
+    for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < len_q
         q_t = tl.load(q_base + rows[None, :] * stride_qs + offs_d[:, None], mask=row_ok[None, :] & d_ok[:, None],
@@ -310,7 +317,7 @@ def _attn_bwd_dq(
     Q, K, V, DO,        # forward inputs and the output gradient
     DQ,                 # output, contiguous like Q in the launcher's layout
     LSE, DELTA,         # fp32 per query row
-    KPM, CU_SEQLENS, SEED,            # as in _attn_fwd
+    KPM, KEY_END, CU_SEQLENS, SEED,   # as in _attn_fwd
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -354,6 +361,8 @@ def _attn_bwd_dq(
     do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=qd_mask, other=0.0)
     lse = tl.load(LSE + b64 * stride_lb + h64 * stride_lh + start64 + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + b64 * stride_lb + h64 * stride_lh + start64 + offs_m, mask=row_ok, other=0.0)
+    if HAS_MASK:
+        len_k = tl.minimum(len_k, tl.load(KEY_END + b))
     if HAS_DROPOUT:
         seed = tl.load(SEED) + pid_bh
         keep_scale = 1.0 / (1.0 - dropout_p)
@@ -467,6 +476,14 @@ def _lse_empty(q, cu_seqlens):
     return torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
 
 
+def _key_end(key_padding_mask):
+    """1 + the index of the last real key of each batch row (0 when it has none), on the device."""
+    if key_padding_mask is None:
+        return None
+    positions = torch.arange(1, key_padding_mask.shape[1] + 1, dtype=torch.int32, device=key_padding_mask.device)
+    return torch.where(key_padding_mask, positions, 0).amax(1).to(torch.int32)
+
+
 def _flash_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, dropout_p, softmax_scale):
     """Allocate out (contiguous, like q) and lse, launch _attn_fwd; returns (out, lse)."""
     _check_kernel_limits(q, k, v)
@@ -482,7 +499,7 @@ def _flash_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, 
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
     grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * heads)
     _attn_fwd[grid](
-        q, k, v, out, lse, kpm, cu_seqlens, seed,
+        q, k, v, out, lse, kpm, _key_end(key_padding_mask), cu_seqlens, seed,
         *layout(q), *layout(k), *layout(v), *layout(out), *_lse_strides(lse, cu_seqlens),
         kpm.stride(0) if kpm is not None else 0,
         heads, seqlen_q, seqlen_k, softmax_scale * _LOG2E, dropout_p,
@@ -513,6 +530,7 @@ def _flash_bwd(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen
     block_d = _block_d(head_dim)
     cfg = bwd_config(block_d, q.dtype)
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
+    key_end = _key_end(key_padding_mask)
     stride_mb = kpm.stride(0) if kpm is not None else 0
     lse_strides = _lse_strides(lse, cu_seqlens)
     is_varlen = cu_seqlens is not None
@@ -528,14 +546,14 @@ def _flash_bwd(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen
     common = (heads, seqlen_q, seqlen_k, softmax_scale * _LOG2E, softmax_scale, dropout_p)
     bm, bn, warps, stages = cfg["dkdv"]
     _attn_bwd_dkdv[(triton.cdiv(seqlen_k, bn), batch * heads)](
-        q, k, v, dout, dk, dv, lse, delta, kpm, cu_seqlens, seed,
+        q, k, v, dout, dk, dv, lse, delta, kpm, key_end, cu_seqlens, seed,
         *layout(q), *layout(k), *layout(v), *layout(dout), *layout(dk), *layout(dv), *lse_strides, stride_mb,
         *common, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, **flags,
         num_warps=warps, num_stages=stages,
     )
     bm, bn, warps, stages = cfg["dq"]
     _attn_bwd_dq[(triton.cdiv(seqlen_q, bm), batch * heads)](
-        q, k, v, dout, dq, lse, delta, kpm, cu_seqlens, seed,
+        q, k, v, dout, dq, lse, delta, kpm, key_end, cu_seqlens, seed,
         *layout(q), *layout(k), *layout(v), *layout(dout), *layout(dq), *lse_strides, stride_mb,
         *common, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, **flags,
         num_warps=warps, num_stages=stages,

@@ -422,7 +422,7 @@ def _aot_jobs(dtype, head_dim, varlen, flags=True):
             os.environ["TRITON_INTERPRET"] = saved
     elem = "*" + _TRITON_DTYPE[dtype]
     pointers = {"Q": elem, "K": elem, "V": elem, "O": elem, "DO": elem, "DQ": elem, "DK": elem, "DV": elem,
-                "LSE": "*fp32", "DELTA": "*fp32", "KPM": "*u8", "CU_SEQLENS": "*i32", "SEED": "*i64"}
+                "LSE": "*fp32", "DELTA": "*fp32", "KPM": "*u8", "KEY_END": "*i32", "CU_SEQLENS": "*i32", "SEED": "*i64"}
     floats = {"qk_scale", "sm_scale", "dropout_p"}
     flag_values = dict(IS_VARLEN=varlen, HAS_MASK=flags and not varlen, CAUSAL=flags, HAS_DROPOUT=flags,
                        DOT_PRECISION=fa._PRECISION[dtype], HEAD_DIM=head_dim, BLOCK_D=block_d)
