@@ -1,0 +1,224 @@
+"""Benchmark of K.attention / K.varlen_attention against PyTorch's SDPA, GPU only.
+
+BERT-base attention: bf16, 12 heads, head_dim 64, about 32k tokens per batch (batch = 32768 / seq),
+seq 128 and 512, fill rates 100%, 75%, 50% (the fraction of real tokens; lengths drawn uniformly from
+[(2·fill − 1)·seq, seq], the same lengths for every competitor). Competitors, all in one process:
+
+  fastbert-padded   K.attention on (B, H, S, D) with the key padding mask
+  fastbert-varlen   K.varlen_attention on the packed real tokens, q/k/v as views of one fused
+                    (total, 3, H, D) projection, as the unpadded model calls it
+  sdpa-mask         F.scaled_dot_product_attention on (B, H, S, D) with the boolean mask: a mask rules
+                    out its flash backend (it picks memory-efficient attention)
+  sdpa-flash-equal  SDPA's flash backend, no mask, on B rows of one equal length L̄ with
+                    B·L̄² = Σ L_i²: the same useful work with no length variation, the best case
+                    for a fixed-length kernel; the fair baseline for varlen
+
+Figures, per pass (fwd under no_grad; bwd = autograd.grad of q, k, v with a saved graph; fwd+bwd):
+  FLOPs (useful)  forward 4·Σ_i L_i²·H·D (QKᵀ and PV over real tokens only, 2 FLOPs per MAC);
+                  backward 2.5× forward (dV, dP, dQ, dK, plus the recomputed QKᵀ); padding is not
+                  counted for anyone, so a kernel that computes on padding pays for it in time
+  TFLOP/s         useful FLOPs / median time;  frac_of_ceiling: over the bf16 matmul ceiling
+                  measured in this run (benchmarks.harness.matmul_ceiling_tflops)
+  vs_sdpa_mask    sdpa-mask's time / ours (goal ≥ 1.5 for fastbert-padded and -varlen)
+  vs_flash        sdpa-flash-equal's time / ours (goal ≥ 1.0 for fastbert-varlen)
+
+Run: python -m benchmarks.bench_attention [--quick]   (--quick: < 60 s on an H100)
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+HEADS, HEAD_DIM, TOKENS = 12, 64, 32768
+DTYPE = torch.bfloat16
+
+
+def _lengths(batch, seq, fill, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lo = max(1, round((2 * fill - 1) * seq))
+    return torch.randint(lo, seq + 1, (batch,), generator=g).tolist() if lo < seq else [seq] * batch
+
+
+def _fwd_flops(lengths, heads=HEADS, dim=HEAD_DIM):
+    return 4.0 * sum(n * n for n in lengths) * heads * dim
+
+
+def _sdpa_mask_backend():
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel, SDPBackend
+    except ImportError:  # older torch
+        return None, None
+
+
+class Case:
+    """Tensors of one (seq, fill) case, shared by every competitor."""
+
+    def __init__(self, seq, fill, dropout_p=0.0, tokens=TOKENS, dev="cuda"):
+        self.seq, self.fill, self.dropout_p = seq, fill, dropout_p
+        self.batch = max(1, tokens // seq)
+        self.lengths = _lengths(self.batch, seq, fill)
+        self.total = sum(self.lengths)
+        self.mask = torch.arange(seq, device=dev)[None, :] < torch.tensor(self.lengths, device=dev)[:, None]
+        shape = (self.batch, HEADS, seq, HEAD_DIM)
+        self.q, self.k, self.v = (torch.randn(shape, device=dev, dtype=DTYPE, requires_grad=True) for _ in range(3))
+        self.cu = torch.tensor([0] + torch.tensor(self.lengths).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+        self.qkv = torch.randn(self.total, 3, HEADS, HEAD_DIM, device=dev, dtype=DTYPE, requires_grad=True)
+        # equal-length rows with the same Σ L²: the flash baseline
+        self.eq_len = max(1, round(math.sqrt(sum(n * n for n in self.lengths) / self.batch)))
+        eq_shape = (self.batch, HEADS, self.eq_len, HEAD_DIM)
+        self.eq = [torch.randn(eq_shape, device=dev, dtype=DTYPE, requires_grad=True) for _ in range(3)]
+
+    # each returns (output, inputs to differentiate)
+    def fastbert_padded(self):
+        import fastbert.kernels as K
+        return K.attention(self.q, self.k, self.v, self.mask, dropout_p=self.dropout_p), (self.q, self.k, self.v)
+
+    def fastbert_varlen(self):
+        import fastbert.kernels as K
+        q, k, v = self.qkv[:, 0], self.qkv[:, 1], self.qkv[:, 2]
+        return K.varlen_attention(q, k, v, self.cu, self.seq, dropout_p=self.dropout_p), (q, k, v)
+
+    def sdpa_mask(self):
+        out = F.scaled_dot_product_attention(self.q, self.k, self.v, attn_mask=self.mask[:, None, None, :],
+                                             dropout_p=self.dropout_p)
+        return out, (self.q, self.k, self.v)
+
+    def sdpa_flash_equal(self):
+        sdpa_kernel, backend = _sdpa_mask_backend()
+        q, k, v = self.eq
+        if sdpa_kernel is None:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p), (q, k, v)
+        with sdpa_kernel(backend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p), (q, k, v)
+
+
+IMPLS = {  # baselines first: the fastbert rows carry ratios to them
+    "sdpa-mask": Case.sdpa_mask,
+    "sdpa-flash-equal": Case.sdpa_flash_equal,
+    "fastbert-padded": Case.fastbert_padded,
+    "fastbert-varlen": Case.fastbert_varlen,
+}
+
+
+def _timers(case, impl):
+    """fwd, bwd and fwd+bwd callables for one competitor."""
+    run = IMPLS[impl]
+
+    def fwd():
+        with torch.no_grad():
+            run(case)
+
+    out, inputs = run(case)
+    grad = torch.randn_like(out)
+
+    def bwd():
+        torch.autograd.grad(out, inputs, grad, retain_graph=True)
+
+    def fwd_bwd():
+        o, ins = run(case)
+        torch.autograd.grad(o, ins, grad)
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+
+
+def _sanity(case):
+    """Guard against timing a broken kernel: our outputs on real tokens against SDPA with the mask."""
+    with torch.no_grad():
+        ref, _ = case.sdpa_mask()
+        padded, _ = case.fastbert_padded()
+        packed, _ = case.fastbert_varlen()
+        err_padded = (padded - ref)[case.mask[:, None, :, None].expand_as(ref)].abs().max().item()
+        q, k, v = case.qkv[:, 0], case.qkv[:, 1], case.qkv[:, 2]
+        ref_packed = torch.cat([
+            F.scaled_dot_product_attention(q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None],
+                                           v[a:b].transpose(0, 1)[None])[0].transpose(0, 1)
+            for a, b in zip(case.cu[:-1].tolist()[:8], case.cu[1:].tolist()[:8])])
+        err_packed = (packed[:ref_packed.shape[0]] - ref_packed).abs().max().item()
+    return err_padded, err_packed
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions, no dropout rows (< 60 s)")
+    parser.add_argument("--tokens", type=int, default=TOKENS, help=argparse.SUPPRESS)  # CPU smoke runs
+    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    parser.add_argument("--seqs", type=int, nargs="+", default=[128, 512], help="sequence lengths (128 512)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_attention: needs a CUDA GPU; nothing to do")
+        return 0
+    from benchmarks.harness import Recorder, matmul_ceiling_tflops, measure
+
+    warmup, rep = (5, 20) if args.quick else (25, 100)
+    if args.device != "cuda":  # a smoke run of the script itself (interpreter), not a measurement
+        warmup, rep = 1, 3
+    ceiling = matmul_ceiling_tflops() if args.device == "cuda" else float("nan")
+    rec = Recorder("bench_attention", ceiling_tflops=ceiling, heads=HEADS, head_dim=HEAD_DIM, tokens=TOKENS,
+                   dtype=str(DTYPE), quick=args.quick)
+    print(f"bf16 matmul ceiling: {ceiling:.1f} TFLOP/s")
+    settings = [(seq, fill, 0.0) for seq in args.seqs for fill in (1.0, 0.75, 0.5)]
+    if not args.quick:
+        settings += [(seq, 1.0, 0.1) for seq in args.seqs]  # pretraining: attention dropout 0.1
+    for seq, fill, p in settings:
+        try:
+            case = Case(seq, fill, p, tokens=args.tokens, dev=args.device)
+            if p == 0.0:
+                err_padded, err_packed = _sanity(case)
+                print(f"seq {seq} fill {fill}: max |ours - sdpa| padded {err_padded:.3g}, packed {err_packed:.3g}")
+        except Exception:  # one failing case must not lose the others
+            traceback.print_exc()
+            continue
+        flops = _fwd_flops(case.lengths)
+        eq_flops = _fwd_flops([case.eq_len] * case.batch)
+        times = {}
+        for impl in IMPLS:
+            if p > 0.0 and impl == "sdpa-flash-equal":
+                continue
+            try:
+                timers = _timers(case, impl)
+            except Exception:
+                traceback.print_exc()
+                continue
+            for pass_name, fn in timers.items():
+                try:
+                    t = measure(fn, warmup=warmup, rep=rep, device=args.device)
+                except Exception:
+                    traceback.print_exc()
+                    continue
+                times[(impl, pass_name)] = t["median_ms"]
+                useful = (eq_flops if impl == "sdpa-flash-equal" else flops) * {"fwd": 1.0, "bwd": 2.5,
+                                                                                  "fwd+bwd": 3.5}[pass_name]
+                tflops = useful / (t["median_ms"] * 1e-3) / 1e12
+                row = dict(op="attention", impl=impl, shape=f"{case.batch}x{seq}", seq=seq,
+                           case=f"S{seq} fill{fill:g} p{p:g} {pass_name}",
+                           fill=round(case.total / (case.batch * seq), 3), dropout=p, dtype="bf16",
+                           **{"pass": pass_name}, **t, tflops=tflops, frac_of_ceiling=tflops / ceiling)
+                if impl.startswith("fastbert"):
+                    base = times.get(("sdpa-mask", pass_name))
+                    flash = times.get(("sdpa-flash-equal", pass_name))
+                    row["vs_sdpa_mask"] = base / t["median_ms"] if base else None
+                    # flash's time scaled to the same useful FLOPs (its rows are rounded to one length)
+                    row["vs_flash"] = (flash * flops / eq_flops) / t["median_ms"] if flash else None
+                rec.add(**row)
+            del timers
+        del case
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    path = rec.save()
+    try:
+        rec.plot(x="case", y="tflops", group="impl", ylabel="TFLOP/s (real tokens)")
+    except Exception:
+        traceback.print_exc()
+    print()
+    print(rec.markdown())
+    print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
