@@ -48,7 +48,7 @@ RUN_DEFAULTS = {
     "seq_len": 128,
     "batch_size": 32,
     "grad_accum": 1,
-    "steps": 600,
+    "steps": 200,
     "lr": None,                # None: by model size (SIZE_LR)
     "warmup_steps": None,      # None: 10% of the steps
     "weight_decay": 0.01,

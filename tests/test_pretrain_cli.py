@@ -181,3 +181,63 @@ def test_sigkill_at_random_moments_then_resume_matches(corpus, vocab, tmp_path):
     assert kills >= 1
     assert metric_rows(out) == metric_rows(tmp_path / "straight")
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(corpus, vocab, tmp_path):
+    """`torchrun --nproc-per-node 2` (gloo) with the same global batch gives the loss of one process."""
+    common = ["--tokenizer", vocab, "--steps", "8", "--log-every", "1", "--dropout", "0", "--pad-to", "max",
+              "--eval-every", "0", "--cache-dir", str(tmp_path / "cache")]
+    assert run(corpus, tmp_path / "one", *common) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           "-m", "fastbert.cli", "pretrain", "--corpus", corpus, "--out", str(tmp_path / "two"), *MICRO, *common]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = metric_rows(tmp_path / "one"), metric_rows(tmp_path / "two")
+    assert len(one) == len(two) == 8
+    for r1, r2 in zip(one, two):
+        for k in ("loss", "mlm_loss", "nsp_loss"):
+            assert r2[k] == pytest.approx(r1[k], rel=2e-5, abs=1e-6), (r1["step"], k)
+
+
+@pytest.mark.slow
+def test_loss_curve_matches_transformers_for_100_steps(corpus, vocab, tmp_path):
+    """The same initial weights and batches through fastbert and transformers' BertForPreTraining
+    (dropout off, same AdamW + schedule) give the same loss for 100 steps."""
+    import numpy as np
+    import transformers
+
+    from fastbert import BertConfig, BertForPreTraining
+    from fastbert.optim import build_optimizer, warmup_linear_schedule
+    from fastbert.pretraining_data import PretrainingData, collate, tokenize_corpus
+    from fastbert.tokenization import load_tokenizer
+
+    tok = load_tokenizer(vocab)
+    data = PretrainingData(tokenize_corpus([corpus], tok, str(tmp_path / "cache")), tok, np.arange(12),
+                           seq_len=32, seed=0)
+    config = BertConfig.from_size("micro", vocab_size=tok.get_vocab_size(), hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    ours = BertForPreTraining(config).train()
+    ours.save_pretrained(tmp_path / "init")
+    theirs = transformers.BertForPreTraining.from_pretrained(str(tmp_path / "init"),
+                                                             attn_implementation="eager").train()
+    opts = [build_optimizer(m, lr=1e-3) for m in (ours, theirs)]
+    scheds = [warmup_linear_schedule(o, 10, 100) for o in opts]
+    pos = (0, 0)
+    worst = 0.0
+    for step in range(100):
+        examples, pos = data.take(pos, 4)
+        batch = collate(examples, 0)
+        losses = []
+        for m, o, s in zip((ours, theirs), opts, scheds):
+            loss = m(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            o.step()
+            s.step()
+            o.zero_grad()
+            losses.append(loss.item())
+        worst = max(worst, abs(losses[0] - losses[1]) / abs(losses[1]))
+        assert losses[0] == pytest.approx(losses[1], rel=1e-4), (step, losses)
+    print(f"worst relative loss difference over 100 steps: {worst:.2e}")
