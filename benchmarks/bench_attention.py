@@ -23,6 +23,8 @@ Figures, per pass (fwd under no_grad; bwd = autograd.grad of q, k, v with a save
   vs_flash        sdpa-flash-equal's time / ours (goal ≥ 1.0 for fastbert-varlen)
 
 Run: python -m benchmarks.bench_attention [--quick]   (--quick: < 60 s on an H100)
+     python -m benchmarks.bench_attention --sweep     (block-size sweep of the Triton kernels, ~2 min:
+     fastbert-varlen, full rows, seq 128 and 512; prints the fastest configuration of each kernel)
 """
 from __future__ import annotations
 
@@ -142,9 +144,46 @@ def _sanity(case):
     return err_padded, err_packed
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates; the shipped defaults come first.
+SWEEP = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3),
+            (128, 64, 4, 2), (128, 128, 4, 2)],
+    "dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 4, 2), (32, 128, 8, 2),
+             (16, 128, 4, 4)],
+    "dq": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 2), (128, 64, 4, 2),
+           (64, 128, 8, 2)],
+}
+
+
+def sweep(measure, recorder, seqs, warmup, rep, tokens=TOKENS, device="cuda"):
+    """Time each candidate of one kernel with the others at their defaults (FASTBERT_ATTENTION_CONFIG)."""
+    import json
+    import os
+    for seq in seqs:
+        case = Case(seq, 1.0, tokens=tokens, dev=device)
+        for kind, candidates in SWEEP.items():
+            best = None
+            for cand in candidates:
+                os.environ["FASTBERT_ATTENTION_CONFIG"] = json.dumps({kind: list(cand)})
+                try:
+                    timers = _timers(case, "fastbert-varlen")
+                    t = measure(timers["fwd" if kind == "fwd" else "bwd"], warmup=warmup, rep=rep, device=device)
+                except Exception as exc:  # e.g. out of shared memory
+                    print(f"sweep {kind} {cand}: {type(exc).__name__}: {str(exc)[:120]}")
+                    continue
+                finally:
+                    os.environ.pop("FASTBERT_ATTENTION_CONFIG", None)
+                recorder.add(op="attention-sweep", kernel=kind, seq=seq, config=str(cand), **t)
+                if best is None or t["median_ms"] < best[1]:
+                    best = (cand, t["median_ms"])
+            print(f"sweep seq {seq} {kind}: best {best}")
+        del case
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, no dropout rows (< 60 s)")
+    parser.add_argument("--sweep", action="store_true", help="block-size sweep of the Triton kernels only")
     parser.add_argument("--tokens", type=int, default=TOKENS, help=argparse.SUPPRESS)  # CPU smoke runs
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     parser.add_argument("--seqs", type=int, nargs="+", default=[128, 512], help="sequence lengths (128 512)")
@@ -157,6 +196,12 @@ def main(argv=None):
     warmup, rep = (5, 20) if args.quick else (25, 100)
     if args.device != "cuda":  # a smoke run of the script itself (interpreter), not a measurement
         warmup, rep = 1, 3
+    if args.sweep:
+        rec = Recorder("bench_attention_sweep")
+        sweep(measure, rec, args.seqs, warmup, rep, args.tokens, args.device)
+        print(rec.markdown())
+        print(f"saved {rec.save()}")
+        return 0
     ceiling = matmul_ceiling_tflops() if args.device == "cuda" else float("nan")
     rec = Recorder("bench_attention", ceiling_tflops=ceiling, heads=HEADS, head_dim=HEAD_DIM, tokens=TOKENS,
                    dtype=str(DTYPE), quick=args.quick)

@@ -403,11 +403,36 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def _override(kind):
+    """A launch configuration from FASTBERT_ATTENTION_CONFIG, a JSON object such as
+    {"fwd": [128, 64, 4, 3], "dkdv": [32, 128, 4, 3], "dq": [128, 32, 4, 3]} (BLOCK_M, BLOCK_N, num_warps,
+    num_stages): a knob for tuning sweeps on a GPU (benchmarks/bench_attention.py --sweep), not for
+    users; such a configuration is not compiled ahead of time by the tests."""
+    text = os.environ.get("FASTBERT_ATTENTION_CONFIG")
+    if not text:
+        return None
+    value = _parse_override(text).get(kind)
+    return tuple(int(x) for x in value) if value is not None else None
+
+
+_override_cache: dict = {}
+
+
+def _parse_override(text):
+    if text not in _override_cache:
+        import json
+        _override_cache[text] = json.loads(text)
+    return _override_cache[text]
+
+
 def fwd_config(block_d: int, dtype: torch.dtype) -> dict:
     """Launch parameters of _attn_fwd (one fixed choice per head_dim / dtype: no autotuning, so the
     interpreter and ahead-of-time compilation see exactly what a GPU runs)."""
     if _interpreting():
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
+    override = _override("fwd")
+    if override is not None:
+        return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), override))
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=32 if block_d == 128 else 64, num_warps=4, num_stages=2)
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if block_d == 128 else 4, num_stages=3)
@@ -419,9 +444,15 @@ def bwd_config(block_d: int, dtype: torch.dtype) -> dict:
     if _interpreting():
         return dict(dkdv=(64, 64, 4, 1), dq=(64, 64, 4, 1))
     if dtype == torch.float32:
-        return dict(dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2))
-    warps = 8 if block_d == 128 else 4
-    return dict(dkdv=(32, 128, warps, 3), dq=(128, 32, warps, 3))
+        config = dict(dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2))
+    else:
+        warps = 8 if block_d == 128 else 4
+        config = dict(dkdv=(32, 128, warps, 3), dq=(128, 32, warps, 3))
+    for kind in ("dkdv", "dq"):
+        override = _override(kind)
+        if override is not None:
+            config[kind] = override
+    return config
 
 
 _PRECISION = {torch.float32: "ieee", torch.float16: "tf32", torch.bfloat16: "tf32"}

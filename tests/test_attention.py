@@ -376,6 +376,18 @@ def test_bad_inputs(triton_kernels, device):
         K.varlen_attention(packed, packed, packed, torch.tensor([0, 6], dtype=torch.int32, device=device), 4)
 
 
+def test_config_override_for_gpu_sweeps(monkeypatch):
+    """FASTBERT_ATTENTION_CONFIG (used by bench_attention --sweep) replaces the GPU launch parameters."""
+    fa = flash_attention
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    default = fa.fwd_config(64, torch.bfloat16), fa.bwd_config(64, torch.bfloat16)
+    monkeypatch.setenv("FASTBERT_ATTENTION_CONFIG", '{"fwd": [64, 32, 8, 2], "dq": [32, 16, 4, 1]}')
+    assert fa.fwd_config(64, torch.bfloat16) == dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+    assert fa.bwd_config(64, torch.bfloat16) == dict(dkdv=default[1]["dkdv"], dq=(32, 16, 4, 1))
+    monkeypatch.delenv("FASTBERT_ATTENTION_CONFIG")
+    assert (fa.fwd_config(64, torch.bfloat16), fa.bwd_config(64, torch.bfloat16)) == default
+
+
 def test_float64_runs_the_reference(triton_kernels, device):
     q, k, v = (torch.randn(1, 2, 5, 16, dtype=torch.float64, device=device) for _ in range(3))
     torch.testing.assert_close(K.attention(q, k, v), reference.attention(q, k, v), rtol=0, atol=0)
