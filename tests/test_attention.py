@@ -24,6 +24,10 @@ from fastbert.kernels import reference
 from tolerance import assert_close_to_reference
 
 INTERPRETED_DTYPES = (torch.float32, torch.float16)
+ON_GPU = bool(os.environ.get("FASTBERT_TEST_GPU")) and torch.cuda.is_available()
+# The interpreter matrices below would cost a GPU run dozens of kernel compilations for little news:
+# there the gpu-marked tests (bf16 included, realistic sizes) and the single cases cover CUDA.
+interpreter_matrix = pytest.mark.skipif(ON_GPU, reason="interpreter matrix; CUDA runs the gpu-marked tests")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -58,11 +62,11 @@ def check_against_reference(ours_fn, baseline_fn, reference_fn, inputs, dtype, n
     grad = torch.randn(ref.shape, dtype=torch.float64)
     results = []
     for out, leaves in ((ours, ours_in), (base, base_in), (ref, ref_in)):
-        grads = torch.autograd.grad(out, leaves, grad.to(out.dtype))
+        grads = torch.autograd.grad(out, leaves, grad.to(device=out.device, dtype=out.dtype))
         results.append((out, *grads))
     for name, a, b, r in zip(names, *results):
         assert a.dtype == dtype, name
-        assert_close_to_reference(a, b, r, name=f"{name} {dtype}")
+        assert_close_to_reference(a.cpu(), b.cpu(), r.cpu(), name=f"{name} {dtype}")
     return results[0]
 
 
@@ -92,6 +96,7 @@ PADDED_CASES = [
 ]
 
 
+@interpreter_matrix
 @pytest.mark.parametrize("dtype", INTERPRETED_DTYPES, ids=str)
 @pytest.mark.parametrize("case", PADDED_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-m{int(c[5])}c{int(c[6])}")
 def test_attention_matches_reference(triton_kernels, device, case, dtype):
@@ -162,6 +167,7 @@ def unpadded_view(x, lengths):
     return torch.cat([x[i, :, :n].transpose(0, 1) for i, n in enumerate(lengths)])
 
 
+@interpreter_matrix
 @pytest.mark.parametrize("dtype", INTERPRETED_DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("lengths,heads,dim", [([1, 17, 64, 5, 129], 2, 32), ([3, 1, 65], 3, 64)])
@@ -207,6 +213,7 @@ def _dropout_keep_mask(run, v_one_hot, visible):
     return kept | ~visible  # masked-out keys have probability 0, their keep bit does not matter
 
 
+@interpreter_matrix
 @pytest.mark.parametrize("dtype", INTERPRETED_DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 def test_dropout_forward_backward_consistent(triton_kernels, device, dtype, causal):
@@ -494,9 +501,10 @@ gpu = pytest.mark.gpu
 
 
 @gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("head_dim", [32, 64, 128])
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype,head_dim,causal", [
+    (torch.bfloat16, 64, False), (torch.bfloat16, 64, True), (torch.bfloat16, 128, False),
+    (torch.bfloat16, 32, True), (torch.float16, 64, False), (torch.float32, 64, False), (torch.float32, 128, True),
+], ids=str)
 def test_gpu_attention_compiled(triton_kernels, device, dtype, head_dim, causal):
     if device != "cuda":
         pytest.skip("needs CUDA (FASTBERT_TEST_GPU=1)")
@@ -512,7 +520,7 @@ def test_gpu_attention_compiled(triton_kernels, device, dtype, head_dim, causal)
 
 
 @gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
 def test_gpu_varlen_compiled(triton_kernels, device, dtype):
     if device != "cuda":
         pytest.skip("needs CUDA (FASTBERT_TEST_GPU=1)")
@@ -553,8 +561,11 @@ def test_gpu_dropout_and_determinism(triton_kernels, device):
         (q, k, v), torch.bfloat16)
     qs, ks, vs = (torch.randn(8, 12, 512, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
                   for _ in range(3))
+    mask = random_mask(8, 512, empty_row=False).to(device)
     grad = torch.randn_like(qs)
-    first = torch.autograd.grad(run(vs, qs, ks), (qs, ks, vs), grad)
-    again = torch.autograd.grad(run(vs, qs, ks), (qs, ks, vs), grad)
-    for a, b in zip(first, again):
+    grads = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        grads.append(torch.autograd.grad(K.attention(qs, ks, vs, mask, dropout_p=p), (qs, ks, vs), grad))
+    for a, b in zip(*grads):
         assert torch.equal(a, b)
