@@ -69,12 +69,22 @@ def _sequence_bounds(CU_SEQLENS, b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr)
 
 
 @triton.jit
+def _key_end(KPM_ROW, seqlen_k, MASK_BLOCK: tl.constexpr):
+    """1 + the index of the last real key in one key-padding-mask row (0 when it has none)."""
+    end = seqlen_k * 0
+    for start in range(0, seqlen_k, MASK_BLOCK):
+        cols = start + tl.arange(0, MASK_BLOCK)
+        real = tl.load(KPM_ROW + cols, mask=cols < seqlen_k, other=0)
+        end = tl.maximum(end, tl.max(tl.where(real != 0, cols + 1, 0), 0))
+    return end
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V,            # inputs; token rows at stride_*s, last dim contiguous
     O,                  # output, same layout rules as Q
     LSE,                # fp32 log2-sum-exp per query row: padded (B, H, Sq), packed (H, total)
     KPM,                # key padding mask as uint8 (B, Sk), 1 = real key; unused unless HAS_MASK
-    KEY_END,            # int32 (B,): 1 + index of the last real key per row (0: none); with HAS_MASK
     CU_SEQLENS,         # int32 (B + 1,) packed-sequence offsets; unused unless IS_VARLEN
     SEED,               # int64 (1,) Philox seed drawn by the host; unused unless HAS_DROPOUT
     stride_qb, stride_qh, stride_qs,  # strides of Q in elements: batch (0 when packed), head, token
@@ -91,6 +101,7 @@ def _attn_fwd(
     BLOCK_D: tl.constexpr,            # head_dim padded to a power of two >= 16 (tl.dot minimum)
     BLOCK_M: tl.constexpr,            # query rows per program
     BLOCK_N: tl.constexpr,            # keys per loop iteration
+    MASK_BLOCK: tl.constexpr,         # mask entries read per step when looking for the last real key
     IS_VARLEN: tl.constexpr,          # packed layout (rows from CU_SEQLENS) instead of padded
     HAS_MASK: tl.constexpr,           # apply KPM
     CAUSAL: tl.constexpr,             # key j visible to query i only when j <= i
@@ -121,7 +132,7 @@ def _attn_fwd(
                 other=0.0)
     if HAS_MASK:
         # Keys past the last real one are all padding: stop the loop there (BERT pads on the right).
-        len_k = tl.minimum(len_k, tl.load(KEY_END + b))
+        len_k = _key_end(KPM + b.to(tl.int64) * stride_mb, len_k, MASK_BLOCK)
     if HAS_DROPOUT:
         # One Philox key per (batch, head); the counter is the (row, key) position inside it.
         seed = tl.load(SEED) + pid_bh
@@ -217,7 +228,7 @@ def _attn_bwd_dkdv(
     Q, K, V, DO,        # forward inputs and the output gradient
     DK, DV,             # outputs, contiguous like K/V in the launcher's layout
     LSE, DELTA,         # fp32 per query row (log2-sum-exp from the forward, rowsum(dO * O))
-    KPM, KEY_END, CU_SEQLENS, SEED,   # as in _attn_fwd
+    KPM, CU_SEQLENS, SEED,            # as in _attn_fwd
     stride_qb, stride_qh, stride_qs,  # strides (batch 0 when packed, head, token) of each tensor
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -233,6 +244,7 @@ def _attn_bwd_dkdv(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,            # query rows per loop iteration
     BLOCK_N: tl.constexpr,            # keys per program
+    MASK_BLOCK: tl.constexpr,         # as in _attn_fwd
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -268,7 +280,7 @@ def _attn_bwd_dkdv(
         key_real = tl.load(KPM + b64 * stride_mb + offs_n, mask=col_ok, other=0)
         key_visible = key_visible & (key_real != 0)
         # A block of padding keys only needs its zero gradients written: skip the loop.
-        hi = tl.where(pid_n * BLOCK_N >= tl.load(KEY_END + b), 0, len_q)
+        hi = tl.where(pid_n * BLOCK_N >= _key_end(KPM + b64 * stride_mb, len_k, MASK_BLOCK), 0, len_q)
     if HAS_DROPOUT:
         seed = tl.load(SEED) + pid_bh
         keep_scale = 1.0 / (1.0 - dropout_p)
@@ -317,7 +329,7 @@ def _attn_bwd_dq(
     Q, K, V, DO,        # forward inputs and the output gradient
     DQ,                 # output, contiguous like Q in the launcher's layout
     LSE, DELTA,         # fp32 per query row
-    KPM, KEY_END, CU_SEQLENS, SEED,   # as in _attn_fwd
+    KPM, CU_SEQLENS, SEED,            # as in _attn_fwd
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -332,6 +344,7 @@ def _attn_bwd_dq(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,            # query rows per program
     BLOCK_N: tl.constexpr,            # keys per loop iteration
+    MASK_BLOCK: tl.constexpr,         # as in _attn_fwd
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -362,7 +375,7 @@ def _attn_bwd_dq(
     lse = tl.load(LSE + b64 * stride_lb + h64 * stride_lh + start64 + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + b64 * stride_lb + h64 * stride_lh + start64 + offs_m, mask=row_ok, other=0.0)
     if HAS_MASK:
-        len_k = tl.minimum(len_k, tl.load(KEY_END + b))
+        len_k = _key_end(KPM + b64 * stride_mb, len_k, MASK_BLOCK)
     if HAS_DROPOUT:
         seed = tl.load(SEED) + pid_bh
         keep_scale = 1.0 / (1.0 - dropout_p)
@@ -507,12 +520,9 @@ def _lse_empty(q, cu_seqlens):
     return torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
 
 
-def _key_end(key_padding_mask):
-    """1 + the index of the last real key of each batch row (0 when it has none), on the device."""
-    if key_padding_mask is None:
-        return None
-    positions = torch.arange(1, key_padding_mask.shape[1] + 1, dtype=torch.int32, device=key_padding_mask.device)
-    return torch.where(key_padding_mask, positions, 0).amax(1).to(torch.int32)
+def _mask_block(key_padding_mask):
+    # The whole mask row in one load for BERT's lengths; longer rows take a few steps.
+    return 16 if key_padding_mask is None else min(1024, max(16, triton.next_power_of_2(key_padding_mask.shape[1])))
 
 
 def _flash_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, dropout_p, softmax_scale):
@@ -530,12 +540,13 @@ def _flash_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, 
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
     grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * heads)
     _attn_fwd[grid](
-        q, k, v, out, lse, kpm, _key_end(key_padding_mask), cu_seqlens, seed,
+        q, k, v, out, lse, kpm, cu_seqlens, seed,
         *layout(q), *layout(k), *layout(v), *layout(out), *_lse_strides(lse, cu_seqlens),
         kpm.stride(0) if kpm is not None else 0,
         heads, seqlen_q, seqlen_k, softmax_scale * _LOG2E, dropout_p,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        IS_VARLEN=cu_seqlens is not None, HAS_MASK=kpm is not None, CAUSAL=bool(causal),
+        MASK_BLOCK=_mask_block(key_padding_mask), IS_VARLEN=cu_seqlens is not None, HAS_MASK=kpm is not None,
+        CAUSAL=bool(causal),
         HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=_PRECISION[q.dtype],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -561,11 +572,11 @@ def _flash_bwd(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen
     block_d = _block_d(head_dim)
     cfg = bwd_config(block_d, q.dtype)
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
-    key_end = _key_end(key_padding_mask)
     stride_mb = kpm.stride(0) if kpm is not None else 0
     lse_strides = _lse_strides(lse, cu_seqlens)
     is_varlen = cu_seqlens is not None
-    flags = dict(IS_VARLEN=is_varlen, HAS_MASK=kpm is not None, CAUSAL=bool(causal), HAS_DROPOUT=dropout_p > 0.0,
+    flags = dict(MASK_BLOCK=_mask_block(key_padding_mask), IS_VARLEN=is_varlen, HAS_MASK=kpm is not None,
+                 CAUSAL=bool(causal), HAS_DROPOUT=dropout_p > 0.0,
                  DOT_PRECISION=_PRECISION[q.dtype])
 
     delta = torch.empty_like(lse)
@@ -577,14 +588,14 @@ def _flash_bwd(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen
     common = (heads, seqlen_q, seqlen_k, softmax_scale * _LOG2E, softmax_scale, dropout_p)
     bm, bn, warps, stages = cfg["dkdv"]
     _attn_bwd_dkdv[(triton.cdiv(seqlen_k, bn), batch * heads)](
-        q, k, v, dout, dk, dv, lse, delta, kpm, key_end, cu_seqlens, seed,
+        q, k, v, dout, dk, dv, lse, delta, kpm, cu_seqlens, seed,
         *layout(q), *layout(k), *layout(v), *layout(dout), *layout(dk), *layout(dv), *lse_strides, stride_mb,
         *common, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, **flags,
         num_warps=warps, num_stages=stages,
     )
     bm, bn, warps, stages = cfg["dq"]
     _attn_bwd_dq[(triton.cdiv(seqlen_q, bm), batch * heads)](
-        q, k, v, dout, dq, lse, delta, kpm, key_end, cu_seqlens, seed,
+        q, k, v, dout, dq, lse, delta, kpm, cu_seqlens, seed,
         *layout(q), *layout(k), *layout(v), *layout(dout), *layout(dq), *lse_strides, stride_mb,
         *common, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, **flags,
         num_warps=warps, num_stages=stages,

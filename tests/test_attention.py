@@ -93,6 +93,7 @@ PADDED_CASES = [
     (1, 1, 65, 33, 24, False, True),    # seq_q != seq_k, head_dim not a power of two
     (1, 2, 31, 31, 128, True, False),   # the largest head_dim
     (2, 1, 9, 9, 8, True, True),        # head_dim below tl.dot's minimum of 16
+    (2, 1, 3, 1100, 16, True, False),   # a mask row longer than one 1024-wide scan for its last real key
 ]
 
 
@@ -441,10 +442,10 @@ def _aot_jobs(dtype, head_dim, varlen, flags=True):
             os.environ["TRITON_INTERPRET"] = saved
     elem = "*" + _TRITON_DTYPE[dtype]
     pointers = {"Q": elem, "K": elem, "V": elem, "O": elem, "DO": elem, "DQ": elem, "DK": elem, "DV": elem,
-                "LSE": "*fp32", "DELTA": "*fp32", "KPM": "*u8", "KEY_END": "*i32", "CU_SEQLENS": "*i32", "SEED": "*i64"}
+                "LSE": "*fp32", "DELTA": "*fp32", "KPM": "*u8", "CU_SEQLENS": "*i32", "SEED": "*i64"}
     floats = {"qk_scale", "sm_scale", "dropout_p"}
     flag_values = dict(IS_VARLEN=varlen, HAS_MASK=flags and not varlen, CAUSAL=flags, HAS_DROPOUT=flags,
-                       DOT_PRECISION=fa._PRECISION[dtype], HEAD_DIM=head_dim, BLOCK_D=block_d)
+                       DOT_PRECISION=fa._PRECISION[dtype], HEAD_DIM=head_dim, BLOCK_D=block_d, MASK_BLOCK=512)
 
     def job(name, blocks, options):
         fn = getattr(fa, name)
