@@ -32,7 +32,9 @@ Caution:
   * a query row with no visible key (all its keys padded, or an empty causal prefix) gives zeros and
     zero gradients; its saved log-sum-exp is +inf so the backward's probabilities are exactly 0
   * the log-sum-exp is kept in base 2 (``m·log2(e) + log2(l)``): the kernels work with exp2
-  * the custom ops check shapes but not the values of cu_seqlens (fastbert.kernels does, on the host)
+  * the custom ops check shapes but not the values of cu_seqlens (fastbert.kernels does, on the host);
+    called directly with cu_seqlens[-1] < total, the rows past it are left uninitialised (no memset
+    is spent on rows that fastbert.kernels never lets exist)
 """
 from __future__ import annotations
 
@@ -529,6 +531,7 @@ def _flash_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, 
     """Allocate out (contiguous, like q) and lse, launch _attn_fwd; returns (out, lse)."""
     _check_kernel_limits(q, k, v)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    cu_seqlens = cu_seqlens.contiguous() if cu_seqlens is not None else None
     layout, batch, heads, seqlen_q, seqlen_k = _geometry(q, k, cu_seqlens, max_seqlen)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = _lse_empty(q, cu_seqlens)
@@ -537,7 +540,7 @@ def _flash_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, 
     head_dim = q.shape[-1]
     block_d = _block_d(head_dim)
     cfg = fwd_config(block_d, q.dtype)
-    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
+    kpm = _last_dim_contiguous(key_padding_mask).view(torch.uint8) if key_padding_mask is not None else None
     grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * heads)
     _attn_fwd[grid](
         q, k, v, out, lse, kpm, cu_seqlens, seed,
@@ -558,20 +561,17 @@ def _flash_bwd(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen
     """dQ, dK, dV (contiguous, like q/k/v): a delta pass, then one kernel for dK/dV, one for dQ."""
     _check_kernel_limits(q, k, v)
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
+    cu_seqlens = cu_seqlens.contiguous() if cu_seqlens is not None else None
     layout, batch, heads, seqlen_q, seqlen_k = _geometry(q, k, cu_seqlens, max_seqlen)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if q.numel() == 0 or k.numel() == 0 or batch == 0 or seqlen_q == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    if cu_seqlens is not None:
-        # Tokens beyond cu_seqlens[-1] belong to no sequence; fastbert.kernels forbids them, but the
-        # op alone should still give defined gradients there.
-        dq.zero_(), dk.zero_(), dv.zero_()
     head_dim = q.shape[-1]
     block_d = _block_d(head_dim)
     cfg = bwd_config(block_d, q.dtype)
-    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
+    kpm = _last_dim_contiguous(key_padding_mask).view(torch.uint8) if key_padding_mask is not None else None
     stride_mb = kpm.stride(0) if kpm is not None else 0
     lse_strides = _lse_strides(lse, cu_seqlens)
     is_varlen = cu_seqlens is not None

@@ -132,10 +132,12 @@ def test_attention_long_odd_length(triton_kernels, device):
 
 
 def test_attention_strided_inputs(triton_kernels, device):
-    """(B, S, H, D) tensors seen as (B, H, S, D) through transpose: no copy needed, same answer."""
+    """(B, S, H, D) tensors seen as (B, H, S, D) through transpose: no copy needed, same answer; and
+    a key padding mask that is a transposed view (its last dimension not contiguous)."""
     q, k, v = (torch.randn(2, 19, 3, 32, device=device).transpose(1, 2) for _ in range(3))
     assert not q.is_contiguous()
-    mask = random_mask(2, 19, empty_row=False).to(device)
+    mask = random_mask(2, 19, empty_row=False).t().contiguous().t().to(device)
+    assert mask.stride(-1) != 1
     check_against_reference(
         lambda q, k, v: K.attention(q, k, v, mask),
         lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu()),
@@ -490,9 +492,8 @@ def test_aot_compile_largest_configs():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_aot_compile_every_config(dtype):
     jobs = []
-    for head_dim in (16, 32, 64, 96, 128):
-        for varlen in (False, True):
-            jobs += _aot_jobs(dtype, head_dim, varlen)
+    for head_dim in (16, 64, 96, 128):
+        jobs += _aot_jobs(dtype, head_dim, varlen=False) + _aot_jobs(dtype, head_dim, varlen=True, flags=False)
     _compile(jobs)
 
 
