@@ -203,7 +203,13 @@ class CheckpointManager:
         return os.path.join(self.root, names[-1]) if names else None
 
     def clean_partial(self) -> None:
-        """Remove temporary folders a killed run left behind."""
+        """Remove temporary files and folders a killed run left behind."""
+        if os.path.isdir(self.run_dir):
+            for n in os.listdir(self.run_dir):
+                if n.startswith(".tmp-") or n.endswith(".safetensors.tmp"):
+                    path = os.path.join(self.run_dir, n)
+                    if os.path.isfile(path):
+                        os.unlink(path)
         if os.path.isdir(self.root):
             for n in os.listdir(self.root):
                 if n.startswith(".tmp-"):

@@ -120,10 +120,47 @@ def test_grad_accumulation_matches_one_batch(corpus, vocab, tmp_path):
 
 def test_no_nsp_run(corpus, tmp_path):
     out = tmp_path / "mlm"
-    assert run(corpus, out, "--steps", "2", "--no-nsp", "--whole-word-mask", "--mask-prob", "0.2") == 0
+    assert run(corpus, out, "--steps", "2", "--no-nsp", "--whole-word-mask", "--mask-prob", "0.2",
+               "--activation-checkpointing") == 0
     row = read_metrics(out / "metrics.jsonl")[-1]
     assert "nsp_loss" not in row and "nsp_accuracy" not in row and "mlm_accuracy" in row
     assert row["loss"] == row["mlm_loss"]
+
+
+def test_checkpoint_manager_publishes_only_complete_checkpoints(tmp_path):
+    from fastbert.trainer import STATE_FILE, CheckpointManager
+
+    def writer(tag):
+        def write(folder):
+            (open(os.path.join(folder, "model.bin"), "w")).write(tag)
+            (open(os.path.join(folder, STATE_FILE), "w")).write(tag)
+        return write
+
+    m = CheckpointManager(str(tmp_path), keep=2)
+    assert m.latest() is None
+    m.save(1, writer("one"))
+    m.save(2, writer("two"))
+    m.save(3, writer("three"))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step-00000002", "step-00000003"]
+    assert m.latest().endswith("step-00000003")
+
+    def crash(folder):
+        open(os.path.join(folder, "model.bin"), "w").write("half")
+        raise RuntimeError("killed mid-write")
+    with pytest.raises(RuntimeError):
+        m.save(4, crash)
+    assert m.latest().endswith("step-00000003")
+    assert not any(n.startswith(".tmp") for n in os.listdir(tmp_path / "checkpoints"))
+    # a pointer to a folder without its state file (or no pointer at all) falls back to the newest complete one
+    os.makedirs(tmp_path / "checkpoints" / "step-00000009")
+    (tmp_path / "checkpoints" / "latest").write_text("step-00000009\n")
+    assert m.latest().endswith("step-00000003")
+    # leftovers of a SIGKILL are swept
+    os.makedirs(tmp_path / "checkpoints" / ".tmp-step-00000004-x")
+    (tmp_path / ".tmp-abc").write_text("partial copy")
+    m.clean_partial()
+    assert not (tmp_path / ".tmp-abc").exists()
+    assert not (tmp_path / "checkpoints" / ".tmp-step-00000004-x").exists()
 
 
 def _fails_cleanly(capsys, out, rc, pattern):
@@ -157,7 +194,7 @@ def test_bad_inputs_fail_cleanly(corpus, tmp_path, capsys):
 def test_sigkill_at_random_moments_then_resume_matches(corpus, vocab, tmp_path):
     """Kill a run with SIGKILL at random moments, resume until done: same metrics and weights as an
     uninterrupted run of the same seed."""
-    steps = ["--tokenizer", vocab, "--steps", "24", "--log-every", "1", "--eval-every", "6", "--save-every", "2"]
+    steps = ["--tokenizer", vocab, "--steps", "40", "--log-every", "1", "--eval-every", "6", "--save-every", "3"]
     assert run(corpus, tmp_path / "straight", *steps) == 0
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "fastbert.cli", "pretrain", "--corpus", corpus, "--out", str(out), *MICRO,
@@ -166,7 +203,8 @@ def test_sigkill_at_random_moments_then_resume_matches(corpus, vocab, tmp_path):
     kills = 0
     for attempt in range(40):
         proc = subprocess.Popen(cmd + (["--resume"] if attempt else []), stderr=subprocess.DEVNULL)
-        delay = 2.0 + 6.0 * torch.rand((), generator=rng).item()
+        # random moments; later attempts wait longer so a heavily loaded machine still gets through
+        delay = (1.5 + 4.0 * torch.rand((), generator=rng).item()) * (1 + attempt / 8)
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
@@ -179,6 +217,7 @@ def test_sigkill_at_random_moments_then_resume_matches(corpus, vocab, tmp_path):
     else:
         pytest.fail("never finished")
     assert kills >= 1
+    print(f"{kills} SIGKILLs before the run finished")
     assert metric_rows(out) == metric_rows(tmp_path / "straight")
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
 
@@ -195,9 +234,12 @@ def test_torchrun_two_processes_match_one(corpus, vocab, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = metric_rows(tmp_path / "one"), metric_rows(tmp_path / "two")
     assert len(one) == len(two) == 8
+    worst = 0.0
     for r1, r2 in zip(one, two):
         for k in ("loss", "mlm_loss", "nsp_loss"):
             assert r2[k] == pytest.approx(r1[k], rel=2e-5, abs=1e-6), (r1["step"], k)
+            worst = max(worst, abs(r2[k] - r1[k]) / abs(r1[k]))
+    print(f"torchrun 2 processes vs 1: worst relative loss difference over 8 steps {worst:.2e}")
 
 
 @pytest.mark.slow
