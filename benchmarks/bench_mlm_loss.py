@@ -4,7 +4,7 @@ The masked-LM head's loss for one pretraining batch: 32k tokens, 15% masked → 
 rows (already gathered, every row labelled), vocab 30522, hidden 768 (BERT-base) and 1024
 (BERT-large), bf16. Competitors, all in this one process on the same inputs:
 
-  fastbert        K.mlm_loss (chunked: at most 1024×vocab logits at a time, fp32 weight/bias grads)
+  fastbert        K.mlm_loss (chunked: ≤ 2^26-element logits block, 3 × 1664 rows here, fp32 weight/bias grads)
   eager           F.linear → full (rows, vocab) bf16 logits → F.cross_entropy, autograd
   compile         torch.compile of the eager function
   eager-all-tok   (context, not a target) what BertForMaskedLM does without gathering: the head on

@@ -8,8 +8,18 @@ Computes, for hidden (rows, h), weight (vocab, h), bias (vocab,), labels (rows,)
 and the gradients of hidden, weight and bias.
 
 Design (a chunked design, after Liger-Kernel's fused linear cross-entropy):
-the rows are processed in chunks of ``C`` rows, with C·vocab ≈ ``CHUNK_ELEMENTS``, so at most one
-(C, vocab) block of logits exists at any time (≈ 64 MB in bf16 for vocab 30522), whatever ``rows`` is.
+the rows are processed in balanced chunks of ``C`` rows, C·vocab ≤ ``CHUNK_ELEMENTS``, so at most one
+(C, vocab_pad) block of logits exists at any time (≤ 128 MiB in bf16), whatever ``rows`` is. Its rows
+are padded to vocab_pad = a multiple of 64 columns (30522 → 30528), so that Triton can use 16-byte
+vector loads / stores and cp.async on them and cuBLAS gets an aligned leading dimension; the GEMMs
+see only the first vocab columns (a row-strided view), the padding columns of dlogits are zeros.
+Chunk size trade-off: each chunk reads and rewrites the whole fp32 d_weight (2·vocab·h·4 B, 188 MB
+at BERT-base), so fewer chunks save HBM traffic, but the logits block is the op's largest
+allocation. With 2^26 elements, 4915 masked rows (a 32k-token batch) run as 3 chunks of ≤ 1664 rows
+(102 MB buffer; 564 MB of d_weight traffic instead of 940 MB with the earlier 1024-row chunks) and
+the peak stays ≈ 205 MB at h=768 (buffer + fp32 d_weight + d_hidden): under 1/4 of eager's ≈ 900 MB
+(bf16 logits, log-softmax and their gradient alive at once). 2 chunks would need a 150 MB buffer
+(peak ≈ 250 MB, over 1/4). At h=1024 the fp32 d_weight alone is 125 MB and the peak ≈ 237 MB.
 For each chunk:
   1. cuBLAS: logits_c = bias + hidden_c @ weightᵀ            (torch.addmm into a reused buffer)
   2. Triton ``_ce_rows_kernel``, one program per row: an online log-sum-exp over vocabulary tiles
@@ -38,6 +48,9 @@ Caution:
 - Rows whose label is ignore_index still cost their share of the GEMMs: gather the labelled rows
   first (the model does) — this op cannot compact them without a data-dependent shape.
 - Forward with autograd on holds d_weight in fp32 (vocab·h·4 bytes) until the backward runs.
+- fp32 inputs: the logits block is twice as large (≤ 256 MiB).
+- torch.addmm writes into a row-strided (non-contiguous) view: cuBLAS takes it without a copy, but
+  PyTorch may then add the bias by a copy before the GEMM instead of in a cuBLASLt epilogue.
 - The logits block is in the input dtype (as in eager PyTorch); softmax statistics are fp32.
 - fp32 inputs: the two cuBLAS GEMMs follow torch.backends.cuda.matmul.allow_tf32 (off by default);
   turning TF32 on globally trades the fp32 accuracy away. The Triton GEMM uses input_precision="ieee".
@@ -52,9 +65,10 @@ import torch
 import triton
 import triton.language as tl
 
-# Elements of the one logits block that exists at a time (2**25 → 64 MB in bf16, 1024 rows of vocab
-# 30522). Tests lower it to force several chunks on tiny inputs.
-CHUNK_ELEMENTS = 1 << 25
+# Bound on rows·vocab of the one logits block that exists at a time (2**26 → ≤ 128 MiB in bf16, at
+# most 2198 rows of vocab 30522; see "Chunk size trade-off" above). Interpreted tests use rows far
+# below it, and lower it to force several chunks on tiny inputs.
+CHUNK_ELEMENTS = 1 << 26
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -65,12 +79,15 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 # compiled variant per dtype instead of two; do_not_specialize keeps the value 1 from forking another.
 @triton.jit(do_not_specialize=["compute_grad"])
 def _ce_rows_kernel(
-    logits_ptr,      # *T (n_rows, vocab): logits of this chunk (bias included); overwritten with
-                     #   softmax - onehot (zeros for ignored rows) when compute_grad
+    logits_ptr,      # *T (n_rows, vocab_pad): logits of this chunk (bias included) in columns < vocab,
+                     #   anything (uninitialised) in the padding; overwritten with softmax - onehot
+                     #   (zeros for ignored rows and for the padding columns) when compute_grad
     labels_ptr,      # *i64 (n_rows,): targets of this chunk's rows
     loss_ptr,        # *f32 (n_rows,): per-row loss out; 0 for ignored rows
-    vocab,           # number of classes (columns of logits)
-    stride_row,      # elements between consecutive rows of logits
+    vocab,           # number of classes (real columns of logits)
+    vocab_pad,       # allocated columns, a multiple of 64 >= vocab: the load/store bound, so the
+                     #   bound (and stride_row) are divisible by 16 and the accesses vectorise
+    stride_row,      # elements between consecutive rows of logits (vocab_pad for the launcher's buffer)
     ignore_index,    # label value meaning "no target"
     compute_grad,    # 1: also write dlogits in place; 0: loss only
     BLOCK_V: tl.constexpr,       # vocabulary tile (power of 2)
@@ -84,9 +101,12 @@ def _ce_rows_kernel(
     # exp(m_old - m_new) away from exp(-inf + inf) = NaN on lanes that only ever see padding.
     m = tl.full((BLOCK_V,), -1.0e30, tl.float32)
     s = tl.zeros((BLOCK_V,), tl.float32)
-    for start in range(0, vocab, BLOCK_V):
+    for start in range(0, vocab_pad, BLOCK_V):
         idx = start + cols
-        x = tl.load(row_ptr + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+        x = tl.load(row_ptr + idx, mask=idx < vocab_pad, other=float("-inf")).to(tl.float32)
+        # the padding columns hold garbage (maybe NaN): out of the sum, without breaking the
+        # vocab_pad-aligned mask that lets the load vectorise
+        x = tl.where(idx < vocab, x, float("-inf"))
         m_new = tl.maximum(m, x)
         s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
         m = m_new
@@ -101,26 +121,30 @@ def _ce_rows_kernel(
     tl.store(loss_ptr + row, tl.where(valid, lse - target, 0.0))
 
     if compute_grad != 0:
-        # Ignored rows get exact zeros, so the GEMMs downstream need no row mask.
+        # Ignored rows get exact zeros, so the GEMMs downstream need no row mask; padding columns
+        # too (a select, not a product: the garbage may be NaN), so the d_weight GEMM may read them.
         keep = tl.where(valid, 1.0, 0.0)
-        for start in range(0, vocab, BLOCK_V):
+        for start in range(0, vocab_pad, BLOCK_V):
             idx = start + cols
-            in_row = idx < vocab
-            x = tl.load(row_ptr + idx, mask=in_row, other=0.0).to(tl.float32)
+            in_buf = idx < vocab_pad
+            x = tl.load(row_ptr + idx, mask=in_buf, other=0.0).to(tl.float32)
+            x = tl.where(idx < vocab, x, float("-inf"))   # exp → exactly 0 on the padding
             g = (tl.exp(x - lse) - tl.where(idx == label, 1.0, 0.0)) * keep
-            tl.store(row_ptr + idx, g.to(logits_ptr.dtype.element_ty), mask=in_row)
+            tl.store(row_ptr + idx, g.to(logits_ptr.dtype.element_ty), mask=in_buf)
 
 
 @triton.jit(do_not_specialize=["accumulate"])
 def _dweight_kernel(
-    dlogits_ptr,     # *T (n_rows, vocab): dlogits of this chunk, contiguous rows
+    dlogits_ptr,     # *T (n_rows, vocab_pad): dlogits of this chunk, contiguous rows, zero padding columns
     hidden_ptr,      # *T (n_rows, h): this chunk's hidden rows
     dw_ptr,          # *f32 (vocab, h): weight gradient (unscaled sum), contiguous
     db_ptr,          # *f32 (vocab,): bias gradient (unscaled sum)
     n_rows,          # rows in this chunk: the reduction dimension
-    vocab,           # classes
+    vocab,           # classes: rows of d_weight, the store bound
+    vocab_pad,       # allocated dlogits columns (multiple of 64): the load bound, so the dlogits
+                     #   tile loads vectorise and pipeline (cp.async)
     h,               # hidden width
-    stride_dl,       # elements between rows of dlogits
+    stride_dl,       # elements between rows of dlogits (vocab_pad for the launcher's buffer)
     stride_hr,       # elements between rows of hidden
     stride_hc,       # elements between columns of hidden
     accumulate,      # 1: add to d_weight / d_bias (every chunk but the first); 0: overwrite
@@ -137,6 +161,7 @@ def _dweight_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # hidden index
     offs_k = tl.arange(0, BLOCK_K)                     # row index
     mask_m = offs_m < vocab
+    load_m = offs_m < vocab_pad   # columns vocab..vocab_pad are zeros: harmless in acc / col_sum
     mask_n = offs_n < h
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -146,7 +171,7 @@ def _dweight_kernel(
         mask_k = rows < n_rows
         # (BLOCK_K, BLOCK_M) tile of dlogits: contiguous along the vocabulary, so loads coalesce.
         a = tl.load(dlogits_ptr + rows[:, None].to(tl.int64) * stride_dl + offs_m[None, :],
-                    mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+                    mask=mask_k[:, None] & load_m[None, :], other=0.0)
         b = tl.load(hidden_ptr + rows[:, None].to(tl.int64) * stride_hr + offs_n[None, :] * stride_hc,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
@@ -202,9 +227,20 @@ def _scale_block(interpreted: bool) -> int:
 
 
 def _chunk_rows(rows: int, vocab: int) -> int:
-    c = max(16, CHUNK_ELEMENTS // max(vocab, 1))
-    c = 1 << (c.bit_length() - 1)  # a power of two keeps the GEMM shapes regular
-    return max(1, min(rows, c))
+    """Rows per chunk: the fewest chunks within CHUNK_ELEMENTS, balanced (4915 rows at vocab 30522:
+    3 × 1664 rows, not 2198 + 2198 + 519 — the same dW traffic with a 25% smaller buffer)."""
+    c_max = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    if rows <= c_max:
+        return max(1, rows)
+    c = triton.cdiv(rows, triton.cdiv(rows, c_max))
+    if c_max >= 64:  # multiples of 64 rows keep the GEMM tiles full
+        c = min(c_max, triton.cdiv(c, 64) * 64)
+    return c
+
+
+def _vocab_pad(vocab: int) -> int:
+    """Columns of the logits buffer: a multiple of 64 (16-byte aligned rows in every dtype)."""
+    return triton.cdiv(max(vocab, 1), 64) * 64
 
 
 def _count(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -233,7 +269,11 @@ def _forward(hidden, weight, bias, labels, ignore_index: int, compute_grad: bool
         dh, dw, db = (torch.empty(0, device=dev, dtype=torch.float32) for _ in range(3))
 
     chunk = _chunk_rows(rows, vocab)
-    buf = torch.empty(chunk, vocab, device=dev, dtype=dtype) if rows else None
+    # Padded rows: vocab 30522 is not a multiple of 8, so unpadded rows would be misaligned for
+    # vector loads (Triton) and give cuBLAS an odd leading dimension. The GEMMs see only the
+    # first vocab columns (a row-strided view, which cuBLAS takes as is).
+    vpad = _vocab_pad(vocab)
+    buf = torch.empty(chunk, vpad, device=dev, dtype=dtype) if rows else None
     interpreted = dev.type == "cpu"
     block_v, ce_warps = _ce_config(vocab, interpreted)
     bm, bn, bk = _dweight_config(dtype, interpreted)
@@ -241,11 +281,11 @@ def _forward(hidden, weight, bias, labels, ignore_index: int, compute_grad: bool
     for c0 in range(0, rows, chunk):
         c1 = min(rows, c0 + chunk)
         n = c1 - c0
-        logits = buf[:n]
+        logits = buf[:n, :vocab]
         h_c = hidden[c0:c1]
         torch.addmm(bias, h_c, wt, out=logits)
         _ce_rows_kernel[(n,)](
-            logits, labels[c0:c1], row_loss[c0:c1], vocab, logits.stride(0), ignore_index, int(compute_grad),
+            buf, labels[c0:c1], row_loss[c0:c1], vocab, vpad, vpad, ignore_index, int(compute_grad),
             BLOCK_V=block_v, num_warps=ce_warps,
         )
         if not compute_grad:
@@ -253,7 +293,7 @@ def _forward(hidden, weight, bias, labels, ignore_index: int, compute_grad: bool
         torch.mm(logits, weight, out=dh[c0:c1])
         grid = (triton.cdiv(h, bn), triton.cdiv(vocab, bm))
         _dweight_kernel[grid](
-            logits, h_c, dw, db, n, vocab, h, logits.stride(0), h_c.stride(0), h_c.stride(1), int(c0 > 0),
+            buf, h_c, dw, db, n, vocab, vpad, h, vpad, h_c.stride(0), h_c.stride(1), int(c0 > 0),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
             INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
             num_warps=8, num_stages=3,
