@@ -22,6 +22,10 @@ Supports:
     QKV projection (e.g. ``qkv.view(total, 3, H, D)[:, i]``) without a copy
   * deterministic gradients: dK/dV come from one program per key block looping over query blocks,
     dQ from one program per query block looping over key blocks; no atomics
+  * torch.compile: the custom ops fastbert::attention_fwd/_bwd and fastbert::varlen_attention_fwd/_bwd
+    (with autograd and fake kernels) are what a compiled graph calls; eager calls take an
+    autograd.Function over the same launchers, because the custom-op dispatch alone costs about as
+    much as a short-sequence kernel
 
 Not supported:
   * head_dim > 128 (ValueError); float64 runs the PyTorch reference instead
@@ -740,6 +744,54 @@ def _use_reference(q, k):
     return q.dtype == torch.float64 or q.numel() == 0 or k.numel() == 0
 
 
+class _Attention(torch.autograd.Function):
+    """Eager twin of fastbert::attention_fwd/_bwd: the same launchers without the custom-op dispatch,
+    which costs several times a launch in Python (tens of microseconds per call, as much as the
+    whole forward of a BERT-base layer at seq 128)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, seed, causal, dropout_p, softmax_scale):
+        out, lse = _flash_fwd(q, k, v, key_padding_mask, None, 0, seed, causal, dropout_p, softmax_scale)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, seed)
+        ctx.causal, ctx.dropout_p, ctx.softmax_scale = causal, dropout_p, softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, key_padding_mask, seed = ctx.saved_tensors
+        dq, dk, dv = _flash_bwd(dout, q, k, v, out, lse, key_padding_mask, None, 0, seed, ctx.causal,
+                                ctx.dropout_p, ctx.softmax_scale)
+        return dq, dk, dv, None, None, None, None, None
+
+
+class _VarlenAttention(torch.autograd.Function):
+    """Eager twin of fastbert::varlen_attention_fwd/_bwd (see _Attention)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, seed, causal, dropout_p, softmax_scale):
+        out, lse = _flash_fwd(q, k, v, None, cu_seqlens, max_seqlen, seed, causal, dropout_p, softmax_scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed)
+        ctx.max_seqlen, ctx.causal, ctx.dropout_p, ctx.softmax_scale = max_seqlen, causal, dropout_p, softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu_seqlens, seed = ctx.saved_tensors
+        dq, dk, dv = _flash_bwd(dout, q, k, v, out, lse, None, cu_seqlens, ctx.max_seqlen, seed, ctx.causal,
+                                ctx.dropout_p, ctx.softmax_scale)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def _eager_ok(q):
+    """Whether to take the autograd.Function path: not while torch.compile traces (it needs the custom
+    op), and on CPU tensors only under the interpreter (as the ops' CPU kernels require)."""
+    if torch.compiler.is_compiling():
+        return False
+    if not q.is_cuda:
+        _require_interpreter()
+    return True
+
+
 def attention(q, k, v, key_padding_mask, causal, dropout_p, softmax_scale):
     """Padded-layout attention (called by fastbert.kernels.attention after its input checks)."""
     if q.shape[-1] > MAX_HEAD_DIM:
@@ -749,8 +801,10 @@ def attention(q, k, v, key_padding_mask, causal, dropout_p, softmax_scale):
         return reference.attention(q, k, v, key_padding_mask, causal=causal, dropout_p=dropout_p,
                                    softmax_scale=softmax_scale)
     seed = _draw_seed(q, dropout_p)
-    out, _lse = attention_fwd(q, k, v, key_padding_mask, seed, bool(causal), float(dropout_p),
-                              float(softmax_scale))
+    args = (q, k, v, key_padding_mask, seed, bool(causal), float(dropout_p), float(softmax_scale))
+    if _eager_ok(q):
+        return _Attention.apply(*args)
+    out, _lse = attention_fwd(*args)
     return out
 
 
@@ -763,6 +817,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, dropout_p, softmax
         return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, dropout_p=dropout_p,
                                           softmax_scale=softmax_scale)
     seed = _draw_seed(q, dropout_p)
-    out, _lse = varlen_attention_fwd(q, k, v, cu_seqlens, int(max_seqlen), seed, bool(causal), float(dropout_p),
-                                     float(softmax_scale))
+    args = (q, k, v, cu_seqlens, int(max_seqlen), seed, bool(causal), float(dropout_p), float(softmax_scale))
+    if _eager_ok(q):
+        return _VarlenAttention.apply(*args)
+    out, _lse = varlen_attention_fwd(*args)
     return out

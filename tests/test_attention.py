@@ -326,6 +326,31 @@ def test_opcheck_varlen(triton_kernels, device):
                           (torch.randn_like(out), q, k, v, out, lse, cu, 8, seed, False, 0.1, 0.25))
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_custom_op_matches_eager_path(triton_kernels, device, packed):
+    """Eager calls skip the custom-op dispatch; the ops (what torch.compile calls) give the same bits,
+    dropout included, forward and gradients."""
+    fa = flash_attention
+    if packed:
+        q, k, v, cu = packed_qkv([5, 1, 30], 2, 32, device, torch.float16)
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        eager = lambda: fa.varlen_attention(q, k, v, cu, 30, True, 0.2, 0.3)  # noqa: E731
+        op = lambda: fa.varlen_attention_fwd(q, k, v, cu, 30, fa._draw_seed(q, 0.2), True, 0.2, 0.3)[0]  # noqa: E731
+    else:
+        q, k, v = (torch.randn(2, 2, 21, 32, device=device, dtype=torch.float16, requires_grad=True)
+                   for _ in range(3))
+        mask = random_mask(2, 21).to(device)
+        eager = lambda: fa.attention(q, k, v, mask, False, 0.2, 0.3)  # noqa: E731
+        op = lambda: fa.attention_fwd(q, k, v, mask, fa._draw_seed(q, 0.2), False, 0.2, 0.3)[0]  # noqa: E731
+    results = []
+    for fn in (eager, op):
+        torch.manual_seed(11)
+        out = fn()
+        results.append((out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out))))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_torch_compile_fullgraph(triton_kernels, device):
     """The Triton entry points trace into one graph with their backward (aot_eager: the trace is what
     is tested, not inductor's code generation), dropout included."""
