@@ -42,7 +42,6 @@ Caution:
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
