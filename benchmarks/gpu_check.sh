@@ -11,7 +11,7 @@ R=$(mktemp -d /tmp/fastbert_gpu.XXXX)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PY=${PY:-python3}
-T_TESTS=${T_TESTS:-170} T_ATTN=${T_ATTN:-70} T_FUSED=${T_FUSED:-70} T_MLM=${T_MLM:-60} T_MODEL=${T_MODEL:-110}
+T_TESTS=${T_TESTS:-150} T_ATTN=${T_ATTN:-60} T_FUSED=${T_FUSED:-60} T_MLM=${T_MLM:-50} T_MODEL=${T_MODEL:-100}
 
 bundle() { tar czf "$OUT/gpu_results.tar.gz" -C "$R" . 2>/dev/null; cp "$R/summary.txt" "$OUT/summary.txt" 2>/dev/null; }
 step() {  # step NAME SECONDS CMD...
@@ -50,6 +50,9 @@ step bench_fused "$T_FUSED" env OUT="$R" $PY -m benchmarks.bench_fused --quick
 step bench_mlm_loss "$T_MLM" env OUT="$R" $PY -m benchmarks.bench_mlm_loss --quick
 # (3) the BERT-base training step against transformers eager / SDPA
 step bench_model "$T_MODEL" env OUT="$R" $PY -m benchmarks.bench_model --gpu --quick
+# (4) the main job on the GPU: a short zero-argument-style pretraining run (loop, kernels, checkpoint)
+step pretrain_smoke "${T_PRETRAIN:-45}" fastbert pretrain --steps 40 --out "$R/pretrain_run" --no-progress
+rm -rf "$R/pretrain_run/checkpoints" "$R/pretrain_run/model.safetensors"
 
 echo "=== summary"; cat "$R/summary.txt"
 for f in "$R"/*.md; do [ -f "$f" ] && { echo; cat "$f"; }; done

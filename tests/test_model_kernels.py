@@ -85,3 +85,32 @@ def test_training_with_dropout_is_finite_and_seeded(device, triton_kernels):
         losses.append(model(**batch).loss.item())
     assert all(map(lambda x: x == x and abs(x) < 1e4, losses))
     assert losses[0] == losses[1] != losses[2]
+
+
+@pytest.mark.gpu
+def test_bf16_autocast_training_step_matches_transformers(device, triton_kernels):
+    """bf16 autocast (the GPU training recipe): loss and gradients against transformers float64,
+    judged against transformers' own bf16-autocast error."""
+    if device != "cuda":
+        pytest.skip("bf16 needs a GPU (the interpreter computes bf16 wrongly)")
+    name = "BertForPreTraining"
+    torch.manual_seed(0)
+    hf64 = getattr(transformers, name)(transformers.BertConfig(**CFG)).double().train()
+    hf16 = getattr(transformers, name)(transformers.BertConfig(**CFG)).to(device).train()
+    hf16.load_state_dict(hf64.state_dict())
+    ours = getattr(fastbert, name)(fastbert.BertConfig(**CFG)).to(device).train()
+    ours.load_state_dict(hf64.state_dict())
+    batch = _batch(device, name)
+    batch64 = {k: v.cpu() for k, v in batch.items()}
+    results = []
+    for model, b, amp in ((hf64, batch64, False), (hf16, batch, True), (ours, batch, True)):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            loss = model(**b).loss
+        loss.backward()
+        results.append((loss.detach().float().cpu(), {n: p.grad.float().cpu() for n, p in model.named_parameters()
+                                                      if p.grad is not None}))
+    (rl, rg), (bl, bg), (ol, og) = results
+    assert_close_to_reference(ol, bl, rl.float(), k=4, name="bf16 loss", atol=1e-3)
+    for pname in ("bert.encoder.layer.0.attention.self.query.weight", "bert.embeddings.word_embeddings.weight",
+                  "cls.predictions.transform.dense.weight", "bert.encoder.layer.1.output.LayerNorm.weight"):
+        assert_close_to_reference(og[pname], bg[pname], rg[pname].float(), k=4, name=f"bf16 grad {pname}", atol=1e-3)
