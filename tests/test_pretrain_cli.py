@@ -283,3 +283,20 @@ def test_loss_curve_matches_transformers_for_100_steps(corpus, vocab, tmp_path):
         worst = max(worst, abs(losses[0] - losses[1]) / abs(losses[1]))
         assert losses[0] == pytest.approx(losses[1], rel=1e-4), (step, losses)
     print(f"worst relative loss difference over 100 steps: {worst:.2e}")
+
+
+@pytest.mark.slow
+def test_zero_argument_run(tmp_path):
+    """`fastbert pretrain` with no arguments: tiny BERT on the packaged sample corpus, offline."""
+    env = {**os.environ, "FASTBERT_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "fastbert.cli", "pretrain", "--no-progress"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=3000)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    import transformers
+    _, info = transformers.BertForPreTraining.from_pretrained(str(run_dir), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert rows[-1]["step"] == 200 and rows[-1]["mlm_loss"] < rows[0]["mlm_loss"] - 1.0
+    print(f"zero-argument run: {time.perf_counter() - start:.0f} s; last row {rows[-1]}")
