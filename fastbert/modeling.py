@@ -58,22 +58,25 @@ def _finish(output: ModelOutput, return_dict: bool):
 # ------------------------------------------------------------------------------------------- layout
 
 class _Packed:
-    """Where the real tokens of a padded (B, S) batch sit once packed into (T, ...) rows."""
+    """Where the real tokens of a padded (B, S) batch sit once packed into (T, ...) rows.
+
+    One host sync (the row lengths) per forward; every kernel call after it is sync-free.
+    """
 
     def __init__(self, attention_mask: torch.Tensor):
         self.batch, self.seq = attention_mask.shape
         lengths = attention_mask.sum(dim=1, dtype=torch.int32)  # (B,)
         self.cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))  # (B + 1,)
-        self.all_real = bool(attention_mask.all())
-        if self.all_real:
-            self.indices = None
-            self.max_seqlen = self.seq
+        host = lengths.tolist()
+        self.max_seqlen = max(host, default=0)
+        self.total = sum(host)
+        if self.total == self.batch * self.seq:
+            self.indices = None  # no padding: packing is a reshape
         else:
             # A real token may sit anywhere in its row (left padding, holes): gather by the mask.
-            self.indices = attention_mask.flatten().nonzero().squeeze(1)  # (T,)
-            self.max_seqlen = int(lengths.max()) if self.batch else 0
-            # Rows must be contiguous per sequence in the packed order: flatten() of a row-major
-            # mask already keeps row b's tokens before row b + 1's, in position order.
+            # Row-major order keeps row b's tokens before row b + 1's, in position order, which is
+            # the layout cu_seqlens describes.
+            self.indices = torch.nonzero_static(attention_mask.flatten(), size=self.total).squeeze(1)  # (T,)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(self.batch * self.seq, *x.shape[2:])  # (B*S, ...)
@@ -126,7 +129,8 @@ class BertEmbeddings(nn.Module):
                 word = _ZeroRowGrad.apply(word, self.word_embeddings.padding_idx)
             return K.embed_layer_norm(input_ids, token_type_ids, position_ids, word,
                                       self.position_embeddings.weight, self.token_type_embeddings.weight,
-                                      self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps, p)
+                                      self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps, p,
+                                      validate=False)  # BertModel checked the ids (one sync for all)
         h = inputs_embeds + self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
         return self.dropout(self.LayerNorm(h))
 
@@ -167,7 +171,7 @@ class BertSelfAttention(nn.Module):
         p = self.dropout_p if self.training else 0.0
         if isinstance(layout, _Packed):
             ctx = K.varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], layout.cu_seqlens, layout.max_seqlen,
-                                     dropout_p=p)  # (T, nh, hd)
+                                     dropout_p=p, validate=False)  # (T, nh, hd); the model built cu_seqlens
             return ctx.reshape(-1, nh * hd), None
         q, k, v = qkv.view(layout.batch, layout.seq, 3, nh, hd).permute(2, 0, 3, 1, 4)  # each (B, nh, S, hd)
         if not layout.want_probs:
@@ -360,14 +364,16 @@ def _check_inputs(config, input_ids, attention_mask, token_type_ids, position_id
               ("position_ids", position_ids, config.max_position_embeddings)]
     if input_ids is not None:
         checks.insert(0, ("input_ids", input_ids, config.vocab_size))
-    if not torch.compiler.is_compiling():
-        for name, t, bound in checks:
-            if t is not None and t.numel():
-                if t.is_floating_point():
-                    raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
-                lo, hi = int(t.min()), int(t.max())
-                if lo < 0 or hi >= bound:
-                    raise ValueError(f"{name} must lie in [0, {bound}); got values in [{lo}, {hi}]")
+    checks = [(name, t, bound) for name, t, bound in checks if t is not None and t.numel()]
+    for name, t, _ in checks:
+        if t.is_floating_point() or t.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+    if checks and not torch.compiler.is_compiling():
+        # every min and max in one host sync
+        bounds = torch.stack([v.long() for _, t, _ in checks for v in t.aminmax()]).tolist()
+        for (name, _, bound), lo, hi in zip(checks, bounds[0::2], bounds[1::2]):
+            if lo < 0 or hi >= bound:
+                raise ValueError(f"{name} must lie in [0, {bound}); got values in [{lo}, {hi}]")
     return shape
 
 
@@ -446,7 +452,10 @@ class BertLMPredictionHead(nn.Module):
         flat_labels = labels.reshape(-1)  # (B*S,)
         rows = (flat_labels != -100).nonzero().squeeze(1)  # (M,)
         h = sequence_output.reshape(-1, sequence_output.shape[-1]).index_select(0, rows)  # (M, D)
-        return K.mlm_loss(self.transform(h), self.decoder.weight, self.bias, flat_labels.index_select(0, rows))
+        h = self.transform(h)
+        # at least fp32: under bf16 autocast a bf16 loss would be rounded to ~3 significant digits
+        return K.mlm_loss(h, self.decoder.weight, self.bias, flat_labels.index_select(0, rows),
+                          out_dtype=torch.promote_types(h.dtype, torch.float32))
 
 
 class BertOnlyMLMHead(nn.Module):

@@ -7,6 +7,8 @@ FASTBERT_KERNELS switch.
 
 Value checks (ids, labels, cu_seqlens) need a host sync on CUDA tensors: they always run on CPU
 tensors and in eager mode, and are skipped inside torch.compile'd regions and CUDA-graph capture.
+Ops with value checks take ``validate=False`` for callers that vouch for their input (the model
+checks its inputs once per step with a single sync, then calls every layer with validate=False).
 """
 from __future__ import annotations
 
@@ -111,11 +113,11 @@ def attention(q, k, v, key_padding_mask=None, *, causal=False, dropout_p=0.0, so
     return reference.attention(q, k, v, key_padding_mask, causal=causal, dropout_p=dropout_p, softmax_scale=scale)
 
 
-def _check_cu_seqlens(cu_seqlens, total, max_seqlen):
+def _check_cu_seqlens(cu_seqlens, total, max_seqlen, validate=True):
     _check_tensor("cu_seqlens", cu_seqlens, 1, (torch.int32,))
     if cu_seqlens.numel() < 2:
         raise ValueError("cu_seqlens must hold at least two entries (batch + 1)")
-    if not _check_values():
+    if not (validate and _check_values()):
         return
     cu = cu_seqlens.cpu()
     if int(cu[0]) != 0:
@@ -129,7 +131,8 @@ def _check_cu_seqlens(cu_seqlens, total, max_seqlen):
         raise ValueError(f"max_seqlen={max_seqlen} is below the longest sequence ({int(lengths.max())})")
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, dropout_p=0.0, softmax_scale=None):
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, dropout_p=0.0, softmax_scale=None,
+                     validate=True):
     """Attention within each packed sequence. q/k/v (total, H, D); cu_seqlens int32 (batch + 1,)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, 3, _FLOAT_DTYPES)
@@ -138,7 +141,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, dropout_p
     if not (q.shape == k.shape == v.shape):
         raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     max_seqlen = int(max_seqlen)
-    _check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
+    _check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen, validate)
     _check_dropout(dropout_p)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if use_triton(q):
@@ -200,17 +203,17 @@ def gelu_layer_norm(x, bias, weight, ln_bias, eps=1e-12, approximate="none"):
     return reference.gelu_layer_norm(x, bias, weight, ln_bias, eps, approximate)
 
 
-def _check_ids(name, ids, bound):
+def _check_ids(name, ids, bound, validate=True):
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(f"{name}: expected an integer tensor, got {ids.dtype}")
-    if _check_values() and ids.numel() > 0:
+    if validate and _check_values() and ids.numel() > 0:
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= bound:
             raise ValueError(f"{name}: values must lie in [0, {bound}), got min {lo}, max {hi}")
 
 
 def embed_layer_norm(input_ids, token_type_ids, position_ids, word_weight, position_weight, type_weight,
-                     weight, bias, eps=1e-12, dropout_p=0.0):
+                     weight, bias, eps=1e-12, dropout_p=0.0, *, validate=True):
     """dropout(layer_norm(word[ids] + position[pos] + type[tt])); ids (batch, seq).
 
     token_type_ids None means all zeros; position_ids None means 0..seq-1 in every row.
@@ -236,9 +239,9 @@ def embed_layer_norm(input_ids, token_type_ids, position_ids, word_weight, posit
     _check_same([("input_ids", input_ids), ("token_type_ids", token_type_ids), ("position_ids", position_ids),
                  ("word_weight", word_weight), ("position_weight", position_weight), ("type_weight", type_weight),
                  ("weight", weight), ("bias", bias)], "device")
-    _check_ids("input_ids", input_ids, word_weight.shape[0])
-    _check_ids("token_type_ids", token_type_ids, type_weight.shape[0])
-    _check_ids("position_ids", position_ids, position_weight.shape[0])
+    _check_ids("input_ids", input_ids, word_weight.shape[0], validate)
+    _check_ids("token_type_ids", token_type_ids, type_weight.shape[0], validate)
+    _check_ids("position_ids", position_ids, position_weight.shape[0], validate)
     _check_dropout(dropout_p)
     if use_triton(word_weight):
         return _triton("embedding").embed_layer_norm(input_ids, token_type_ids, position_ids, word_weight,
@@ -250,8 +253,12 @@ def embed_layer_norm(input_ids, token_type_ids, position_ids, word_weight, posit
 
 # ----------------------------------------------------------------------------------- masked-LM loss
 
-def mlm_loss(hidden, weight, bias, labels, ignore_index=-100):
-    """Mean cross-entropy of (hidden @ weightᵀ + bias) over rows with label != ignore_index; 0.0 if none."""
+def mlm_loss(hidden, weight, bias, labels, ignore_index=-100, *, out_dtype=None, validate=True):
+    """Mean cross-entropy of (hidden @ weightᵀ + bias) over rows with label != ignore_index; 0.0 if none.
+
+    The loss has hidden's dtype unless out_dtype says otherwise (the model asks for float32 so that
+    a bf16 forward does not round its loss to bf16, as autocast's cross-entropy does not).
+    """
     _check_tensor("hidden", hidden, 2, _FLOAT_DTYPES)
     _check_tensor("weight", weight, 2, _FLOAT_DTYPES)
     _check_tensor("bias", bias, 1, _FLOAT_DTYPES)
@@ -262,11 +269,14 @@ def mlm_loss(hidden, weight, bias, labels, ignore_index=-100):
     if labels.shape[0] != hidden.shape[0]:
         raise ValueError(f"labels has {labels.shape[0]} rows but hidden has {hidden.shape[0]}")
     _check_same([("hidden", hidden), ("weight", weight), ("bias", bias), ("labels", labels)], "device")
-    if _check_values() and labels.numel() > 0:
+    if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be a floating dtype, got {out_dtype}")
+    if validate and _check_values() and labels.numel() > 0:
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
         if bool(bad.any()):
             raise ValueError(f"labels must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}; "
                              f"found {labels[bad][:5].tolist()}")
     if use_triton(hidden):
-        return _triton("linear_cross_entropy").mlm_loss(hidden, weight, bias, labels, int(ignore_index))
-    return reference.mlm_loss(hidden, weight, bias, labels, ignore_index)
+        loss = _triton("linear_cross_entropy").mlm_loss(hidden, weight, bias, labels, int(ignore_index))
+        return loss if out_dtype is None else loss.to(out_dtype)  # TODO(mlm fp32 out): pass through
+    return reference.mlm_loss(hidden, weight, bias, labels, ignore_index, out_dtype)

@@ -95,12 +95,14 @@ def bias_gelu(x, bias, approximate="none"):
 
 
 def add_layer_norm(x, residual, weight, bias, eps=1e-12, dropout_p=0.0):
-    ct = _compute_dtype(x.dtype)
+    """The output dtype is that of x + residual (an fp32 residual stream stays fp32 under autocast)."""
+    out_dtype = torch.promote_types(x.dtype, residual.dtype)
+    ct = _compute_dtype(out_dtype)
     h = x.to(ct)
     if dropout_p > 0.0:
         h = F.dropout(h, p=dropout_p, training=True)
     h = h + residual.to(ct)
-    return F.layer_norm(h, h.shape[-1:], weight.to(ct), bias.to(ct), eps).to(x.dtype)
+    return F.layer_norm(h, h.shape[-1:], weight.to(ct), bias.to(ct), eps).to(out_dtype)
 
 
 def gelu_layer_norm(x, bias, weight, ln_bias, eps=1e-12, approximate="none"):
@@ -122,10 +124,12 @@ def embed_layer_norm(input_ids, token_type_ids, position_ids, word_weight, posit
     return h.to(dtype)
 
 
-def mlm_loss(hidden, weight, bias, labels, ignore_index=-100):
-    """Mean cross-entropy of hidden @ weightᵀ + bias over rows whose label != ignore_index (0.0 if none)."""
+def mlm_loss(hidden, weight, bias, labels, ignore_index=-100, out_dtype=None):
+    """Mean cross-entropy of hidden @ weightᵀ + bias over rows whose label != ignore_index (0.0 if none).
+
+    The loss is returned in out_dtype (default: hidden's dtype)."""
     ct = _compute_dtype(hidden.dtype)
     logits = torch.addmm(bias.to(ct), hidden.to(ct), weight.to(ct).t())  # (rows, vocab)
     total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
     count = (labels != ignore_index).sum().clamp(min=1)
-    return (total / count).to(hidden.dtype)
+    return (total / count).to(out_dtype or hidden.dtype)

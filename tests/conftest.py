@@ -10,6 +10,11 @@ import sys
 
 if not os.environ.get("FASTBERT_TEST_GPU"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+elif os.environ.get("PYTEST_XDIST_WORKER"):
+    # One Triton cache per xdist worker: workers compiling the same kernel at once must not share
+    # cache files (a GPU run under -n 8 saw a C++ length_error from inside a kernel launch).
+    os.environ.setdefault("TRITON_CACHE_DIR",
+                          os.path.join(os.path.expanduser("~/.triton"), "cache-" + os.environ["PYTEST_XDIST_WORKER"]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
