@@ -17,8 +17,9 @@ only when --test is given; also the per-epoch "history" and "train_seconds"), an
 
 ``--freeze all`` is the feature-based recipe (fastbert.layer_mix.LayerMixModel): a frozen encoder,
 a learned softmax-weighted mix of all hidden layers times a learned scale, and a small head. Its
-default learning rate is 1e-3 (only the head learns). ``--freeze N`` fine-tunes with the embeddings
-and the lowest N layers frozen.
+default learning rate is 1e-2: only the mix and a linear head learn (MiniLM, 2000 sentiment_en
+examples x 2 epochs: 1e-3 reached 0.640 dev accuracy, 1e-2 reached 0.758). ``--freeze N``
+fine-tunes with the embeddings and the lowest N layers frozen.
 
 Truncation of over-long inputs is described in fastbert.tasks; the number of truncated examples is
 printed for each file.
@@ -64,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--eval-batch-size", type=int, default=None, help="default: 2 x --batch-size")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-5; 1e-3 with --freeze all)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-5; 1e-2 with --freeze all)")
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps for linear warm-up")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -181,7 +182,7 @@ def _load(task, path, labels, tok, args, limit, name):
     feats, info = T.build_features(task, examples, tok, args.max_length, label2id,
                                    doc_stride=args.doc_stride)
     if info.get("truncated"):
-        what = "contexts split into several windows" if task == "qa" else f"cut to {args.max_length} tokens"
+        what = "had their context split into several windows" if task == "qa" else f"cut to {args.max_length} tokens"
         _log(f"{name}: {info['truncated']} of {len(examples)} examples {what}")
     if info.get("questions_truncated"):
         _log(f"{name}: {info['questions_truncated']} questions cut to 64 tokens")
@@ -202,7 +203,7 @@ def run(args) -> dict:
     torch.manual_seed(args.seed)
     task, freeze = args.task, args.freeze
     if args.lr is None:
-        args.lr = 1e-3 if freeze == "all" else 5e-5
+        args.lr = 1e-2 if freeze == "all" else 5e-5
     if args.eval_batch_size is None:
         args.eval_batch_size = 2 * args.batch_size
     for name in ("epochs", "batch_size", "eval_batch_size"):
