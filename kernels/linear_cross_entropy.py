@@ -11,26 +11,27 @@ Design (a chunked design, after Liger-Kernel's fused linear cross-entropy):
 the rows are processed in balanced chunks of ``C`` rows, C·vocab ≤ ``CHUNK_ELEMENTS``, so at most one
 (C, vocab_pad) block of logits exists at any time (≤ 128 MiB in bf16), whatever ``rows`` is. Its rows
 are padded to vocab_pad = a multiple of 64 columns (30522 → 30528), so that Triton can use 16-byte
-vector loads / stores and cp.async on them and cuBLAS gets an aligned leading dimension; the GEMMs
-see only the first vocab columns (a row-strided view), the padding columns of dlogits are zeros.
-Chunk size trade-off: each chunk reads and rewrites the whole fp32 d_weight (2·vocab·h·4 B, 188 MB
-at BERT-base), so fewer chunks save HBM traffic, but the logits block is the op's largest
-allocation. With 2^26 elements, 4915 masked rows (a 32k-token batch) run as 3 chunks of ≤ 1664 rows
-(102 MB buffer; 564 MB of d_weight traffic instead of 940 MB with the earlier 1024-row chunks) and
-the peak stays ≈ 205 MB at h=768 (buffer + fp32 d_weight + d_hidden): under 1/4 of eager's ≈ 900 MB
+vector loads / stores on them and cuBLAS gets an aligned leading dimension; the GEMMs see only the
+first vocab columns (a row-strided view), the padding columns of dlogits are zeros.
+Chunk size trade-off: each chunk after the first writes its fp32 d_weight product to a scratch and
+adds it into the fp32 d_weight (4·vocab·h·4 B, 375 MB at BERT-base), so fewer chunks save HBM
+traffic, but the logits block is the op's largest allocation. With 2^26 elements, 4915 masked rows
+(a 32k-token batch) run as 3 chunks of ≤ 1664 rows (102 MB buffer) and the peak stays ≈ 220 MB at
+h=768 (buffer + fp32 d_weight + 16 MiB scratch + d_hidden): about 1/4 of eager's ≈ 900 MB
 (bf16 logits, log-softmax and their gradient alive at once). 2 chunks would need a 150 MB buffer
 (peak ≈ 250 MB, over 1/4). At h=1024 the fp32 d_weight alone is 125 MB and the peak ≈ 237 MB.
 For each chunk:
-  1. cuBLAS: logits_c = bias + hidden_c @ weightᵀ            (torch.addmm into a reused buffer)
-  2. Triton ``_ce_rows_kernel``, one program per row: an online log-sum-exp over vocabulary tiles
-     (fp32), the per-row loss, and — when gradients are wanted — a second sweep over the same row
+  1. cuBLAS: logits_c = hidden_c @ weightᵀ                    (torch.mm into a reused buffer)
+  2. Triton ``_ce_rows_kernel``, one program per row: adds the bias, an online log-sum-exp over
+     vocabulary tiles (fp32) that also picks out the target logit, the per-row loss, and — when
+     gradients are wanted — a second sweep over the same row
      (still in L1/L2) that overwrites the logits with dlogits = softmax - onehot (zero rows for ignored
      labels). The 1/count scale is not applied here: it is applied in fp32 at the very end, so the
      low-precision dlogits keep their full relative precision (p - onehot is O(1); p/count is not).
   3. cuBLAS: d_hidden_c = dlogits_c @ weight                   (rows are independent: no accumulation)
-  4. Triton ``_dweight_kernel``: d_weight (+)= dlogits_cᵀ @ hidden_c and d_bias (+)= Σ_rows dlogits_c,
-     tl.dot tiles accumulated in fp32 into fp32 buffers — deterministic, no atomics; d_bias comes
-     for free from the dlogits tiles the GEMM loads anyway.
+  4. cuBLAS: d_weight (+)= dlogits_cᵀ @ hidden_c with fp32 accumulation and an fp32 result (mm's
+     out_dtype for 16-bit inputs; later chunks through a ≤ 16 MiB fp32 scratch, a block of vocabulary
+     rows at a time, added into the fp32 d_weight); d_bias (+)= Σ_rows dlogits_c (torch.sum in fp32).
 The gradients are computed during the forward pass (3 GEMMs in all instead of the 4 a recompute-in-
 backward design needs) when autograd will want them; the backward op only multiplies them by
 grad_output / count in fp32 and casts (``_scale_cast_kernel``).
@@ -39,7 +40,7 @@ Supports: fp32, fp16, bf16 (hidden, weight and bias are brought to hidden's dtyp
 non-contiguous hidden / weight; rows with and without labels in any mix; no labelled row at all
 (loss 0.0 and zero gradients); zero rows. The count of labelled rows stays a device tensor and the op
 never synchronises the host, so it can be captured in a CUDA graph and traced by torch.compile.
-Deterministic: fixed reduction orders, no atomics.
+Deterministic: fixed reduction orders, no atomics (cuBLAS and torch.sum are deterministic here).
 
 Not supported: float64 (the public wrapper computes it with the PyTorch reference); label smoothing,
 class weights, reductions other than the mean.
@@ -49,17 +50,22 @@ Caution:
   first (the model does) — this op cannot compact them without a data-dependent shape.
 - Forward with autograd on holds d_weight in fp32 (vocab·h·4 bytes) until the backward runs.
 - fp32 inputs: the logits block is twice as large (≤ 256 MiB).
-- torch.addmm writes into a row-strided (non-contiguous) view: cuBLAS takes it without a copy, but
-  PyTorch may then add the bias by a copy before the GEMM instead of in a cuBLASLt epilogue.
+- The GEMMs write into / read a row-strided (non-contiguous) view, which cuBLAS takes without a
+  copy; the bias is added in the CE-row kernel (addmm into such a view copies the bias in first).
+- fp32 d_weight accumulation across chunks relies on torch.mm(..., out_dtype=torch.float32) on CUDA
+  (PyTorch ≥ 2.8); the CPU (interpreter) path upcasts to fp32 instead.
 - The logits block is in the input dtype (as in eager PyTorch); softmax statistics are fp32.
-- fp32 inputs: the two cuBLAS GEMMs follow torch.backends.cuda.matmul.allow_tf32 (off by default);
-  turning TF32 on globally trades the fp32 accuracy away. The Triton GEMM uses input_precision="ieee".
+- fp32 inputs: the three cuBLAS GEMMs follow torch.backends.cuda.matmul.allow_tf32 (off by default);
+  turning TF32 on globally trades the fp32 accuracy away.
 - A forward run without gradients (no_grad, or no input requiring grad) that is differentiated anyway
   (only possible by calling torch.ops.fastbert.mlm_loss directly) recomputes them in the backward.
 - Label range is checked by ``fastbert.kernels.mlm_loss`` (a host sync); here an out-of-range label
-  would read a wrong logit (the target load is masked to stay in bounds, never out of memory).
+  matches no column (target 0 or -inf: a wrong loss, never an out-of-bounds access).
+- The loss is in hidden's dtype unless out_dtype=torch.float32 (then the fp32 sum / count as is).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -75,13 +81,15 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 
 # ------------------------------------------------------------------------------------ Triton kernels
 
-# compute_grad / accumulate are runtime flags (one uniform branch per program), not constexprs: one
-# compiled variant per dtype instead of two; do_not_specialize keeps the value 1 from forking another.
+# compute_grad is a runtime flag (one uniform branch per program), not a constexpr: one compiled
+# variant per dtype instead of two; do_not_specialize keeps the value 1 from forking another.
 @triton.jit(do_not_specialize=["compute_grad"])
 def _ce_rows_kernel(
-    logits_ptr,      # *T (n_rows, vocab_pad): logits of this chunk (bias included) in columns < vocab,
+    logits_ptr,      # *T (n_rows, vocab_pad): hidden @ weightᵀ of this chunk (no bias) in columns < vocab,
                      #   anything (uninitialised) in the padding; overwritten with softmax - onehot
                      #   (zeros for ignored rows and for the padding columns) when compute_grad
+    bias_ptr,        # *T (vocab_pad,): bias, zero-padded like the rows (so its loads vectorise too);
+                     #   added here, so the cuBLAS GEMM needs no bias copy into the row-strided output
     labels_ptr,      # *i64 (n_rows,): targets of this chunk's rows
     loss_ptr,        # *f32 (n_rows,): per-row loss out; 0 for ignored rows
     vocab,           # number of classes (real columns of logits)
@@ -95,98 +103,45 @@ def _ce_rows_kernel(
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     cols = tl.arange(0, BLOCK_V)
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
 
     # Online log-sum-exp with one running (max, sum) per lane, merged once at the end: the loop body
     # stays element-wise (no cross-lane reduction per tile). The finite initial max keeps
     # exp(m_old - m_new) away from exp(-inf + inf) = NaN on lanes that only ever see padding.
+    # The target logit is picked out in the same sweep: a separate load of it after the sweep could
+    # race with other threads of this program already overwriting that column with dlogits.
     m = tl.full((BLOCK_V,), -1.0e30, tl.float32)
     s = tl.zeros((BLOCK_V,), tl.float32)
+    t = tl.zeros((BLOCK_V,), tl.float32)
     for start in range(0, vocab_pad, BLOCK_V):
         idx = start + cols
         x = tl.load(row_ptr + idx, mask=idx < vocab_pad, other=float("-inf")).to(tl.float32)
+        b = tl.load(bias_ptr + idx, mask=idx < vocab_pad, other=0.0).to(tl.float32)
         # the padding columns hold garbage (maybe NaN): out of the sum, without breaking the
         # vocab_pad-aligned mask that lets the load vectorise
-        x = tl.where(idx < vocab, x, float("-inf"))
+        x = tl.where(idx < vocab, x + b, float("-inf"))
+        t += tl.where(idx == label, x, 0.0)
         m_new = tl.maximum(m, x)
         s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
         m = m_new
     m_row = tl.max(m, axis=0)
     lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
-
-    label = tl.load(labels_ptr + row)
-    valid = label != ignore_index
-    # The clamp keeps the load in bounds even for an ignored row or a label the host did not check.
-    safe_label = tl.minimum(tl.maximum(tl.where(valid, label, 0), 0), vocab - 1)
-    target = tl.load(row_ptr + safe_label).to(tl.float32)
+    target = tl.sum(t, axis=0)
     tl.store(loss_ptr + row, tl.where(valid, lse - target, 0.0))
 
     if compute_grad != 0:
         # Ignored rows get exact zeros, so the GEMMs downstream need no row mask; padding columns
-        # too (a select, not a product: the garbage may be NaN), so the d_weight GEMM may read them.
+        # too (a select, not a product: the garbage may be NaN), so d_bias may sum whole rows.
         keep = tl.where(valid, 1.0, 0.0)
         for start in range(0, vocab_pad, BLOCK_V):
             idx = start + cols
             in_buf = idx < vocab_pad
             x = tl.load(row_ptr + idx, mask=in_buf, other=0.0).to(tl.float32)
-            x = tl.where(idx < vocab, x, float("-inf"))   # exp → exactly 0 on the padding
+            b = tl.load(bias_ptr + idx, mask=in_buf, other=0.0).to(tl.float32)
+            x = tl.where(idx < vocab, x + b, float("-inf"))   # exp → exactly 0 on the padding
             g = (tl.exp(x - lse) - tl.where(idx == label, 1.0, 0.0)) * keep
             tl.store(row_ptr + idx, g.to(logits_ptr.dtype.element_ty), mask=in_buf)
-
-
-@triton.jit(do_not_specialize=["accumulate"])
-def _dweight_kernel(
-    dlogits_ptr,     # *T (n_rows, vocab_pad): dlogits of this chunk, contiguous rows, zero padding columns
-    hidden_ptr,      # *T (n_rows, h): this chunk's hidden rows
-    dw_ptr,          # *f32 (vocab, h): weight gradient (unscaled sum), contiguous
-    db_ptr,          # *f32 (vocab,): bias gradient (unscaled sum)
-    n_rows,          # rows in this chunk: the reduction dimension
-    vocab,           # classes: rows of d_weight, the store bound
-    vocab_pad,       # allocated dlogits columns (multiple of 64): the load bound, so the dlogits
-                     #   tile loads vectorise and pipeline (cp.async)
-    h,               # hidden width
-    stride_dl,       # elements between rows of dlogits (vocab_pad for the launcher's buffer)
-    stride_hr,       # elements between rows of hidden
-    stride_hc,       # elements between columns of hidden
-    accumulate,      # 1: add to d_weight / d_bias (every chunk but the first); 0: overwrite
-    BLOCK_M: tl.constexpr,       # vocabulary tile (rows of d_weight)
-    BLOCK_N: tl.constexpr,       # hidden tile (columns of d_weight)
-    BLOCK_K: tl.constexpr,       # row tile of the reduction
-    INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands (fp32 accuracy), else "tf32" (unused by 16-bit)
-):
-    # The hidden tiles vary fastest across programs: the few programs that share one dlogits column
-    # block run together and read it from HBM once (the hidden chunk itself stays in L2).
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # vocabulary index
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # hidden index
-    offs_k = tl.arange(0, BLOCK_K)                     # row index
-    mask_m = offs_m < vocab
-    load_m = offs_m < vocab_pad   # columns vocab..vocab_pad are zeros: harmless in acc / col_sum
-    mask_n = offs_n < h
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    col_sum = tl.zeros((BLOCK_M,), tl.float32)
-    for k0 in range(0, n_rows, BLOCK_K):
-        rows = k0 + offs_k
-        mask_k = rows < n_rows
-        # (BLOCK_K, BLOCK_M) tile of dlogits: contiguous along the vocabulary, so loads coalesce.
-        a = tl.load(dlogits_ptr + rows[:, None].to(tl.int64) * stride_dl + offs_m[None, :],
-                    mask=mask_k[:, None] & load_m[None, :], other=0.0)
-        b = tl.load(hidden_ptr + rows[:, None].to(tl.int64) * stride_hr + offs_n[None, :] * stride_hc,
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
-        if pid_n == 0:
-            col_sum += tl.sum(a.to(tl.float32), axis=0)
-
-    dw_ptrs = dw_ptr + offs_m[:, None].to(tl.int64) * h + offs_n[None, :]
-    dw_mask = mask_m[:, None] & mask_n[None, :]
-    if accumulate != 0:
-        acc += tl.load(dw_ptrs, mask=dw_mask, other=0.0)
-    tl.store(dw_ptrs, acc, mask=dw_mask)
-    if pid_n == 0:
-        if accumulate != 0:
-            col_sum += tl.load(db_ptr + offs_m, mask=mask_m, other=0.0)
-        tl.store(db_ptr + offs_m, col_sum, mask=mask_m)
 
 
 @triton.jit
@@ -212,14 +167,6 @@ def _scale_cast_kernel(
 def _ce_config(vocab: int, interpreted: bool):
     block_v = min(8192 if interpreted else 4096, triton.next_power_of_2(max(vocab, 16)))
     return block_v, (8 if block_v >= 2048 else 4)
-
-
-def _dweight_config(dtype: torch.dtype, interpreted: bool):
-    if interpreted:
-        return 2048, 64, 16
-    # fp32 operands double the shared memory per tile: halve BLOCK_K to stay near 100 KB with 3 stages.
-    block_k = 32 if dtype == torch.float32 else 64
-    return 128, 128, block_k
 
 
 def _scale_block(interpreted: bool) -> int:
@@ -248,7 +195,53 @@ def _count(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return (labels != ignore_index).sum().clamp_(min=1).to(torch.float32)
 
 
-def _forward(hidden, weight, bias, labels, ignore_index: int, compute_grad: bool):
+def _empty(shape, device, dtype) -> torch.Tensor:
+    """Every buffer this module allocates without initialising it (tests fill them with NaN)."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def _dw_block_rows(h: int) -> int:
+    """Rows of d_weight per accumulation GEMM: an fp32 scratch of ≤ 2^22 elements (16 MiB)."""
+    return max(64, ((1 << 22) // max(h, 1)) // 64 * 64)
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (fp32) = a @ b with fp32 accumulation and no rounding to a's dtype: cuBLAS computes
+    16-bit products in fp32 and writes fp32 (mm's out_dtype; the CPU, for the interpreter, upcasts)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.mm(a.float(), b.float(), out=out)
+
+
+def _accumulate_dweight(dl: torch.Tensor, h_c: torch.Tensor, dw: torch.Tensor, db: torch.Tensor,
+                        first: bool) -> None:
+    """dw (+)= dlᵀ @ h_c and db (+)= Σ_rows dl, all sums in fp32.
+
+    cuBLAS does the GEMM. The first chunk writes dw directly; later chunks need the product in fp32
+    before adding it (cuBLAS' own beta=1 accumulation into an fp32 C is not exposed for 16-bit A/B by
+    every PyTorch release), so they go through a ≤ 16 MiB fp32 scratch, a block of vocabulary rows
+    at a time, instead of a second (vocab, h) fp32 buffer. fp32 inputs accumulate in place (addmm_)."""
+    dlt = dl.t()
+    if first:
+        _mm_f32(dlt, h_c, dw)
+        torch.sum(dl, dim=0, dtype=torch.float32, out=db)
+        return
+    if dl.dtype == torch.float32:
+        dw.addmm_(dlt, h_c)
+    else:
+        vocab, h = dw.shape
+        step = _dw_block_rows(h)
+        scratch = _empty((min(step, vocab), h), dw.device, torch.float32)
+        for v0 in range(0, vocab, step):
+            v1 = min(vocab, v0 + step)
+            part = _mm_f32(dlt[v0:v1], h_c, scratch[:v1 - v0])
+            dw[v0:v1].add_(part)
+    db.add_(torch.sum(dl, dim=0, dtype=torch.float32))
+
+
+def _forward(hidden, weight, bias, labels, ignore_index: int, compute_grad: bool, fp32_out: bool):
     rows, h = hidden.shape
     vocab = weight.shape[0]
     dtype = hidden.dtype
@@ -257,12 +250,12 @@ def _forward(hidden, weight, bias, labels, ignore_index: int, compute_grad: bool
                         f"got {hidden.dtype}, {weight.dtype}, {bias.dtype}")
     labels = labels.contiguous()
     dev = hidden.device
-    row_loss = torch.empty(rows, device=dev, dtype=torch.float32)
+    row_loss = _empty((rows,), dev, torch.float32)
     if compute_grad:
-        dh = torch.empty(rows, h, device=dev, dtype=dtype)
-        dw = torch.empty(vocab, h, device=dev, dtype=torch.float32) if rows else \
+        dh = _empty((rows, h), dev, dtype)
+        dw = _empty((vocab, h), dev, torch.float32) if rows else \
             torch.zeros(vocab, h, device=dev, dtype=torch.float32)
-        db = torch.empty(vocab, device=dev, dtype=torch.float32) if rows else \
+        db = _empty((vocab,), dev, torch.float32) if rows else \
             torch.zeros(vocab, device=dev, dtype=torch.float32)
     else:
         # three distinct tensors: outputs of a custom op may not alias one another
@@ -273,33 +266,29 @@ def _forward(hidden, weight, bias, labels, ignore_index: int, compute_grad: bool
     # vector loads (Triton) and give cuBLAS an odd leading dimension. The GEMMs see only the
     # first vocab columns (a row-strided view, which cuBLAS takes as is).
     vpad = _vocab_pad(vocab)
-    buf = torch.empty(chunk, vpad, device=dev, dtype=dtype) if rows else None
+    buf = _empty((chunk, vpad), dev, dtype) if rows else None
+    bias_pad = torch.zeros(vpad, device=dev, dtype=dtype)
+    bias_pad[:vocab] = bias
     interpreted = dev.type == "cpu"
     block_v, ce_warps = _ce_config(vocab, interpreted)
-    bm, bn, bk = _dweight_config(dtype, interpreted)
     wt = weight.t()
     for c0 in range(0, rows, chunk):
         c1 = min(rows, c0 + chunk)
         n = c1 - c0
         logits = buf[:n, :vocab]
         h_c = hidden[c0:c1]
-        torch.addmm(bias, h_c, wt, out=logits)
+        # mm, not addmm: with a row-strided out, addmm would first copy the broadcast bias into it
+        torch.mm(h_c, wt, out=logits)
         _ce_rows_kernel[(n,)](
-            buf, labels[c0:c1], row_loss[c0:c1], vocab, vpad, vpad, ignore_index, int(compute_grad),
+            buf, bias_pad, labels[c0:c1], row_loss[c0:c1], vocab, vpad, vpad, ignore_index, int(compute_grad),
             BLOCK_V=block_v, num_warps=ce_warps,
         )
         if not compute_grad:
             continue
         torch.mm(logits, weight, out=dh[c0:c1])
-        grid = (triton.cdiv(h, bn), triton.cdiv(vocab, bm))
-        _dweight_kernel[grid](
-            buf, h_c, dw, db, n, vocab, vpad, h, vpad, h_c.stride(0), h_c.stride(1), int(c0 > 0),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-            num_warps=8, num_stages=3,
-        )
-    loss = (row_loss.sum() / _count(labels, ignore_index)).to(dtype)
-    return loss, dh, dw, db
+        _accumulate_dweight(logits, h_c, dw, db, first=c0 == 0)
+    loss = row_loss.sum() / _count(labels, ignore_index)
+    return (loss if fp32_out else loss.to(dtype)), dh, dw, db
 
 
 def _scale_cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -322,22 +311,23 @@ def _backward(grad, labels, ignore_index: int, dh, dw, db):
 
 @torch.library.custom_op("fastbert::mlm_loss", mutates_args=(), device_types="cuda")
 def _mlm_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor,
-                 ignore_index: int, compute_grad: bool
+                 ignore_index: int, compute_grad: bool, fp32_out: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, Σ dlogits @ W, Σ dlogitsᵀ @ hidden (fp32), Σ dlogits (fp32)); the sums are unscaled
-    (multiply by grad / count) and empty when not compute_grad."""
-    return _forward(hidden, weight, bias, labels, ignore_index, compute_grad)
+    (multiply by grad / count) and empty when not compute_grad. The loss is fp32 when fp32_out,
+    else in hidden's dtype."""
+    return _forward(hidden, weight, bias, labels, ignore_index, compute_grad, fp32_out)
 
 
 @_mlm_loss_op.register_kernel("cpu")
-def _(hidden, weight, bias, labels, ignore_index, compute_grad):
+def _(hidden, weight, bias, labels, ignore_index, compute_grad, fp32_out=False):
     # Reached only under FASTBERT_KERNELS=triton with TRITON_INTERPRET=1: the same Triton kernels.
-    return _forward(hidden, weight, bias, labels, ignore_index, compute_grad)
+    return _forward(hidden, weight, bias, labels, ignore_index, compute_grad, fp32_out)
 
 
 @_mlm_loss_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, compute_grad):
-    loss = hidden.new_empty((), dtype=hidden.dtype)
+def _(hidden, weight, bias, labels, ignore_index, compute_grad, fp32_out=False):
+    loss = hidden.new_empty((), dtype=torch.float32 if fp32_out else hidden.dtype)
     if compute_grad:
         return (loss, torch.empty_like(hidden, memory_format=torch.contiguous_format),
                 weight.new_empty(weight.shape, dtype=torch.float32),
@@ -367,7 +357,7 @@ def _(grad, labels, ignore_index, dh, dw, db):
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, ignore_index, compute_grad = inputs
+    hidden, weight, bias, labels, ignore_index, compute_grad, *_ = inputs
     _, dh, dw, db = output
     ctx.mark_non_differentiable(dh, dw, db)
     ctx.ignore_index = ignore_index
@@ -386,8 +376,9 @@ def _backward_rule(ctx, grad_loss, *_unused):
         # will want them): recompute them now, one more GEMM than the precomputed path.
         labels, hidden, weight, bias = ctx.saved_tensors
         _, dh, dw, db = _mlm_loss_op(hidden, weight, bias, labels, ctx.ignore_index, True)
+    # grad_loss may be fp32 (fp32_out) or 16-bit: the backward op reads it in fp32 either way
     d_hidden, d_weight, d_bias = _mlm_loss_backward_op(grad_loss, labels, ctx.ignore_index, dh, dw, db)
-    return d_hidden, d_weight, d_bias, None, None, None
+    return d_hidden, d_weight, d_bias, None, None, None, None
 
 
 _mlm_loss_op.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -395,19 +386,28 @@ _mlm_loss_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 # ------------------------------------------------------------------------------------------- public
 
-def mlm_loss(hidden, weight, bias, labels, ignore_index: int = -100):
+def mlm_loss(hidden, weight, bias, labels, ignore_index: int = -100,
+             out_dtype: Optional[torch.dtype] = None):
     """Mean cross-entropy of hidden @ weightᵀ + bias over labelled rows (see the module docstring).
 
+    out_dtype: None → the loss in hidden's dtype; torch.float32 → the fp32 sum / count, never
+    rounded to a 16-bit dtype (what autocast's cross-entropy returns: a bf16 loss near 5 would
+    otherwise carry an ulp of 0.03). Gradients are in the inputs' dtypes either way.
     Inputs are validated by ``fastbert.kernels.mlm_loss``; this is the Triton path it dispatches to.
     """
     dtype = hidden.dtype
+    if out_dtype is not None and out_dtype not in (dtype, torch.float32):
+        raise ValueError(f"mlm_loss: out_dtype must be None, hidden's dtype or torch.float32, got {out_dtype}")
     if dtype == torch.float64:
         from . import reference
-        return reference.mlm_loss(hidden, weight, bias, labels, ignore_index)
+        loss = reference.mlm_loss(hidden, weight, bias, labels, ignore_index)
+        return loss if out_dtype is None else loss.to(out_dtype)
     # autograd's own casts carry the gradients back to weight / bias dtypes when they differ.
     weight_c = weight if weight.dtype == dtype else weight.to(dtype)
     bias_c = bias if bias.dtype == dtype else bias.to(dtype)
     compute_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or bias.requires_grad)
-    loss, _, _, _ = _mlm_loss_op(hidden, weight_c, bias_c, labels, int(ignore_index), bool(compute_grad))
+    fp32_out = out_dtype == torch.float32 and dtype != torch.float32
+    loss, _, _, _ = _mlm_loss_op(hidden, weight_c, bias_c, labels, int(ignore_index), bool(compute_grad),
+                                 bool(fp32_out))
     return loss
