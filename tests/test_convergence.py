@@ -1,8 +1,8 @@
 """A tiny BERT trained with the Triton kernels follows the reference's loss curve.
 
 Same initial weights, same batches, same optimizer: FASTBERT_KERNELS=triton (every fused op runs its
-Triton kernel, in the interpreter on the CPU) against FASTBERT_KERNELS=reference in fp32, and the
-reference in float64 as the oracle. The tolerance rule of DESIGN.md for a whole model: over the
+Triton kernel: in the interpreter on the CPU, compiled on a CUDA run through the `device` fixture)
+against FASTBERT_KERNELS=reference in fp32, and the reference in float64 as the oracle. The tolerance rule of DESIGN.md for a whole model: over the
 curve, the Triton run's distance to the float64 run is at most 4 x the fp32 reference's distance
 (plus a tiny floor). Dropout is off here (the two backends draw different masks); the kernels'
 dropout is checked against the reference with the same mask in the kernel tests.
@@ -45,12 +45,13 @@ def _batches(steps, distinct=2):
     return [out[i % distinct] for i in range(steps)]
 
 
-def _train(model, batches, monkeypatch, backend, dtype):
+def _train(model, batches, monkeypatch, backend, dtype, device):
     monkeypatch.setenv("FASTBERT_KERNELS", backend)
-    model = model.to(dtype).train()
+    model = model.to(device=device, dtype=dtype).train()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.01)
     losses = []
-    for inputs, mask, tt, labels, nsp in batches:
+    for batch in batches:
+        inputs, mask, tt, labels, nsp = (t.to(device) for t in batch)
         out = model(input_ids=inputs, attention_mask=mask, token_type_ids=tt, labels=labels,
                     next_sentence_label=nsp)
         opt.zero_grad(set_to_none=True)
@@ -60,12 +61,12 @@ def _train(model, batches, monkeypatch, backend, dtype):
     return torch.stack(losses)
 
 
-def test_tiny_bert_loss_curve_matches_reference(monkeypatch):
+def test_tiny_bert_loss_curve_matches_reference(monkeypatch, device):
     torch.manual_seed(0)
     model = fastbert.BertForPreTraining(_config())
     batches = _batches(STEPS)
-    ref64 = _train(copy.deepcopy(model), batches, monkeypatch, "reference", torch.float64)
-    ref32 = _train(copy.deepcopy(model), batches, monkeypatch, "reference", torch.float32)
-    ours = _train(copy.deepcopy(model), batches, monkeypatch, "triton", torch.float32)
+    ref64 = _train(copy.deepcopy(model), batches, monkeypatch, "reference", torch.float64, device)
+    ref32 = _train(copy.deepcopy(model), batches, monkeypatch, "reference", torch.float32, device)
+    ours = _train(copy.deepcopy(model), batches, monkeypatch, "triton", torch.float32, device)
     assert_close_to_reference(ours, ref32, ref64, k=4, name="loss curve")
     assert ours[-4:].mean() < ours[:4].mean() - 0.5, f"the loss did not go down: {ours.tolist()}"
