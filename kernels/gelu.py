@@ -38,18 +38,30 @@ BWD_MAX_BLOCK_N = 1024
 
 
 @triton.jit
-def _tanh(u):
-    # 1 - 2 / (exp(2u) + 1), with u clamped where tanh is +-1 in fp32 anyway, so exp never overflows.
-    u = tl.minimum(tl.maximum(u, -15.0), 15.0)
-    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+def _tanh_parts(u):
+    """(1 + tanh(u), 1 - tanh(u)^2) for fp32 u, both to a few ulp *relative* error.
+
+    Built from e = exp(-2|u|) in (0, 1]: 1 + tanh u = 2 / (1 + e) for u >= 0 and 2 e / (1 + e) for
+    u < 0; 1 - tanh^2 u = 4 e / (1 + e)^2. No subtraction anywhere, so nothing cancels: forming tanh
+    first (e.g. 1 - 2 / (exp(2u) + 1)) and then 1 + t or 1 - t*t loses the small results to
+    cancellation near t = -1 / |t| = 1 (GELU of z <= -3, its derivative at |z| >= 3), where fast
+    exp/div make it worse than PyTorch's accurate tanh. Divisions are IEEE-rounded (div_rn): the
+    compiled `/` is the 2-ulp approximate division.
+    """
+    e = tl.exp(-2.0 * tl.abs(u))  # underflows to 0 for large |u|: the limits 2 or 0, and 0, exactly
+    d = 1.0 + e
+    inv = tl.math.div_rn(1.0, d)
+    one_plus_t = tl.where(u >= 0, 2.0 * inv, 2.0 * e * inv)
+    one_minus_t2 = 4.0 * e * inv * inv
+    return one_plus_t, one_minus_t2
 
 
 @triton.jit
 def gelu(z, APPROX_TANH: tl.constexpr):
     """gelu(z) for fp32 z."""
     if APPROX_TANH:
-        t = _tanh(_SQRT_2_OVER_PI * (z + _TANH_COEF * z * z * z))
-        return 0.5 * z * (1.0 + t)
+        one_plus_t, _ = _tanh_parts(_SQRT_2_OVER_PI * (z + _TANH_COEF * z * z * z))
+        return 0.5 * z * one_plus_t
     else:
         return 0.5 * z * (1.0 + tl.erf(z * _SQRT_HALF))
 
@@ -58,9 +70,9 @@ def gelu(z, APPROX_TANH: tl.constexpr):
 def gelu_grad(z, APPROX_TANH: tl.constexpr):
     """d gelu(z) / dz for fp32 z."""
     if APPROX_TANH:
-        t = _tanh(_SQRT_2_OVER_PI * (z + _TANH_COEF * z * z * z))
+        one_plus_t, one_minus_t2 = _tanh_parts(_SQRT_2_OVER_PI * (z + _TANH_COEF * z * z * z))
         du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_COEF * z * z)
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du
+        return 0.5 * one_plus_t + 0.5 * z * one_minus_t2 * du
     else:
         return 0.5 * (1.0 + tl.erf(z * _SQRT_HALF)) + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
 
