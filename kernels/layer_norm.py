@@ -20,8 +20,9 @@ device (so torch.manual_seed makes it repeatable and nothing syncs with the host
 included); the backward regenerates the mask from it rather than saving it: Philox costs a few
 integer ops per element, a saved mask would cost a write and a read of rows x n bytes.
 
-Supports: fp32, fp16, bf16 activations (statistics and math in fp32, output in x's dtype); weights of
-any of these dtypes; widths 1..MAX_WIDTH (8192); any leading shape; non-contiguous inputs (copied).
+Supports: fp32, fp16, bf16 activations (statistics and math in fp32; add_layer_norm's output in
+promote_types(x, residual), as x + residual, gradients in each input's own dtype; gelu_layer_norm's
+in x's dtype); weights of any of these dtypes; widths 1..MAX_WIDTH (8192); any leading shape; non-contiguous inputs (copied).
 Not supported: widths above MAX_WIDTH (a clear ValueError; the row would no longer fit in
 registers); float64 on the GPU path (use the reference).
 Caution: the dropout offsets are int32, so the mask pattern repeats after 2**32 elements in one call.
@@ -114,7 +115,7 @@ def _add_ln_fwd(
     R,  # pointer to the residual (rows, n), contiguous
     W,  # pointer to the LayerNorm weight (n,)
     B,  # pointer to the LayerNorm bias (n,)
-    Y,  # pointer to the output (rows, n), x's dtype
+    Y,  # pointer to the output (rows, n), in promote_types(x, residual)
     MEAN,  # pointer to the fp32 row means (rows,), saved for the backward
     RSTD,  # pointer to the fp32 row 1/std (rows,), saved for the backward
     SEED,  # pointer to the int64 dropout seed (read only when HAS_DROPOUT)
@@ -208,12 +209,18 @@ def _rows(x: torch.Tensor) -> Tuple[int, int]:
     return (x.numel() // n if n else 0), n
 
 
+def _out_dtype(x, residual) -> torch.dtype:
+    # As x + residual would be: under bf16 autocast the residual stream (fp32) stays fp32, as in
+    # transformers, whose LayerNorm runs and returns in fp32 there.
+    return torch.promote_types(x.dtype, residual.dtype)
+
+
 def _add_ln_fwd_impl(x, residual, weight, bias, eps: float, dropout_p: float, seed: Optional[torch.Tensor]):
     _check_dtypes(x=x, residual=residual, weight=weight, bias=bias)
     rows, n = _rows(x)
     check_width(n)
     x, residual, weight, bias = x.contiguous(), residual.contiguous(), weight.contiguous(), bias.contiguous()
-    y = torch.empty_like(x)
+    y = torch.empty(x.shape, dtype=_out_dtype(x, residual), device=x.device)
     mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     if rows == 0 or n == 0:
@@ -273,7 +280,7 @@ _add_ln_backward_op.register_kernel("cpu")(_add_ln_bwd_impl)
 @_add_ln_op.register_fake
 def _(x, residual, weight, bias, eps, dropout_p, seed):
     mean = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), mean, torch.empty_like(mean)
+    return x.new_empty(x.shape, dtype=_out_dtype(x, residual)), mean, torch.empty_like(mean)
 
 
 @_add_ln_backward_op.register_fake

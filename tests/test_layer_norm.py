@@ -19,8 +19,10 @@ WIDTHS = [37, 384, 768, 1000, 3072]
 EPS = 1e-5
 
 
-def _check(fn_ours, fn_base, inputs, dtypes, device, names, seed=None):
-    """Run ours / PyTorch in the test dtype / PyTorch in float64 on the same values; compare all."""
+def _check(fn_ours, fn_base, inputs, dtypes, device, names, seed=None, out_dtype=None):
+    """Run ours / PyTorch in the test dtype / PyTorch in float64 on the same values; compare all.
+
+    out_dtype: the output dtype expected from ours (default: the first input's)."""
     ours = [t.to(device=device, dtype=d).clone().requires_grad_() for t, d in zip(inputs, dtypes)]
     base = [t.detach().clone().requires_grad_() for t in ours]
     ref = [t.detach().to(torch.float64).requires_grad_() for t in ours]
@@ -28,7 +30,7 @@ def _check(fn_ours, fn_base, inputs, dtypes, device, names, seed=None):
         torch.manual_seed(seed)
     y = fn_ours(*ours)
     y_base, y_ref = fn_base(*base), fn_base(*ref)
-    assert y.dtype == dtypes[0] and y.shape == y_ref.shape
+    assert y.dtype == (out_dtype or dtypes[0]) and y.shape == y_ref.shape
     dy = torch.randn(y.shape, device=device, dtype=torch.float64)
     for out in (y, y_base, y_ref):
         out.backward(dy.to(out.dtype))
@@ -79,15 +81,48 @@ def test_add_layer_norm_dropout_repeatable(triton_kernels, device):
     assert not torch.equal(y1, y3)
 
 
-def test_add_layer_norm_mixed_dtypes_noncontiguous(triton_kernels, device):
-    # fp16 activations, fp32 residual stream and LayerNorm parameters; transposed inputs.
-    n = 100
-    x, res = torch.randn(n, 9).t(), torch.randn(n, 9).t()
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("x_dtype,res_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float16)])
+def test_add_layer_norm_mixed_dtypes_noncontiguous(triton_kernels, device, x_dtype, res_dtype, p):
+    # The bf16-autocast pattern in fp16 (the interpreter's stand-in for bf16): a low-precision
+    # sublayer output added to an fp32 residual stream with fp32 LayerNorm parameters. The output is
+    # promote_types(x, residual), as x + residual and transformers' fp32 LayerNorm give, and each
+    # gradient comes back in its input's dtype. Transposed inputs (copied inside).
+    n, rows, seed = 100, 9, 99
+    torch.manual_seed(seed)
+    keep = L.dropout_mask(L.draw_seed(device), rows, n, p) if p else None
+    scale = 1.0 / (1.0 - p)
+    x, res = torch.randn(n, rows).t(), torch.randn(n, rows).t()
     w, b = _ln_params(n)
-    _check(lambda x, r, w, b: K.add_layer_norm(x, r, w, b, EPS),
-           lambda x, r, w, b: F.layer_norm(x.float() + r.float(), (n,), w.float(), b.float(), EPS).to(x.dtype),
-           (x, res, w, b), [torch.float16, torch.float32, torch.float32, torch.float32], device,
-           ("x", "residual", "weight", "bias"))
+    out_dtype = torch.promote_types(x_dtype, res_dtype)
+
+    def base(x, r, w, b):
+        x = x.to(out_dtype)
+        if keep is not None:
+            x = x * keep.to(out_dtype) * scale
+        return F.layer_norm(x + r.to(out_dtype), (n,), w.to(out_dtype), b.to(out_dtype), EPS)
+
+    _check(lambda x, r, w, b: K.add_layer_norm(x, r, w, b, EPS, dropout_p=p), base,
+           (x, res, w, b), [x_dtype, res_dtype, torch.float32, torch.float32], device,
+           ("x", "residual", "weight", "bias"), seed=seed if p else None, out_dtype=out_dtype)
+
+
+def test_add_layer_norm_mixed_dtypes_fake_and_grad_dtypes(triton_kernels, device):
+    # The fake (meta) implementation promises the same dtypes the kernels produce.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    x = torch.randn(3, 8, dtype=torch.float16, device=device, requires_grad=True)
+    r = torch.randn(3, 8, dtype=torch.float32, device=device, requires_grad=True)
+    w, b = torch.ones(8, device=device, requires_grad=True), torch.zeros(8, device=device, requires_grad=True)
+    y = K.add_layer_norm(x, r, w, b, EPS)
+    y.sum().backward()
+    assert y.dtype == torch.float32
+    assert (x.grad.dtype, r.grad.dtype, w.grad.dtype, b.grad.dtype) == (torch.float16, torch.float32,
+                                                                        torch.float32, torch.float32)
+    mode = FakeTensorMode()
+    fx, fr, fw, fb = (mode.from_tensor(t.detach()) for t in (x, r, w, b))
+    with mode:
+        fy = torch.ops.fastbert.add_layer_norm(fx, fr, fw, fb, EPS, 0.0, None)[0]
+    assert fy.dtype == torch.float32 and fy.shape == y.shape
 
 
 def test_add_layer_norm_many_rows(triton_kernels, device):
