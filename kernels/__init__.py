@@ -277,6 +277,6 @@ def mlm_loss(hidden, weight, bias, labels, ignore_index=-100, *, out_dtype=None,
             raise ValueError(f"labels must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}; "
                              f"found {labels[bad][:5].tolist()}")
     if use_triton(hidden):
-        loss = _triton("linear_cross_entropy").mlm_loss(hidden, weight, bias, labels, int(ignore_index))
-        return loss if out_dtype is None else loss.to(out_dtype)  # TODO(mlm fp32 out): pass through
+        return _triton("linear_cross_entropy").mlm_loss(hidden, weight, bias, labels, int(ignore_index),
+                                                        out_dtype=out_dtype)
     return reference.mlm_loss(hidden, weight, bias, labels, ignore_index, out_dtype)

@@ -210,9 +210,16 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor
     16-bit products in fp32 and writes fp32 (mm's out_dtype; the CPU, for the interpreter, upcasts)."""
     if a.dtype == torch.float32:
         return torch.mm(a, b, out=out)
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    global _MM_OUT_DTYPE
+    if a.is_cuda and _MM_OUT_DTYPE:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32, out=out)
+        except (TypeError, RuntimeError, NotImplementedError):  # mm's out_dtype came with torch 2.8
+            _MM_OUT_DTYPE = False
     return torch.mm(a.float(), b.float(), out=out)
+
+
+_MM_OUT_DTYPE = True
 
 
 def _accumulate_dweight(dl: torch.Tensor, h_c: torch.Tensor, dw: torch.Tensor, db: torch.Tensor,
