@@ -221,15 +221,33 @@ def _setup_context(ctx, inputs, output):
     ctx.approximate = approximate
 
 
-def _backward(ctx, dy):
+def _backward(ctx, dy, backward=_bias_gelu_backward_op):
     x, bias = ctx.saved_tensors
-    dx, dbias = _bias_gelu_backward_op(dy, x, bias, ctx.approximate)
+    dx, dbias = backward(dy, x, bias, ctx.approximate)
     return dx, dbias, None
 
 
 _bias_gelu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _BiasGelu(torch.autograd.Function):
+    """Eager twin of fastbert::bias_gelu(_backward): the same launchers without the custom-op
+    dispatch, whose Python overhead (tens of microseconds per call) rivals the kernels at BERT sizes.
+    torch.compile traces the custom ops instead."""
+
+    @staticmethod
+    def forward(ctx, x, bias, approximate):
+        y = _fwd_impl(x, bias, approximate)
+        _setup_context(ctx, (x, bias, approximate), y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _backward(ctx, dy, backward=_bwd_impl)
+
+
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """gelu(x + bias) with the Triton kernels; inputs already validated by fastbert.kernels."""
-    return _bias_gelu_op(x, bias, approximate)
+    if torch.compiler.is_compiling():
+        return _bias_gelu_op(x, bias, approximate)
+    return _BiasGelu.apply(x, bias, approximate)

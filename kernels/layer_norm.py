@@ -299,9 +299,9 @@ def _add_ln_setup(ctx, inputs, output):
     ctx.bias_dtype = bias.dtype
 
 
-def _add_ln_backward(ctx, dy, _dmean, _drstd):
+def _add_ln_backward(ctx, dy, _dmean, _drstd, backward=_add_ln_backward_op):
     x, residual, weight, mean, rstd, seed = ctx.saved_tensors
-    dres, dx, dw, db = _add_ln_backward_op(dy, x, residual, weight, mean, rstd, ctx.dropout_p, seed)
+    dres, dx, dw, db = backward(dy, x, residual, weight, mean, rstd, ctx.dropout_p, seed)
     if dx.numel() == 0 and x.numel() != 0:
         dx = dres  # no dropout and one dtype: the two gradients are the same tensor of values
     elif x.numel() == 0:
@@ -312,10 +312,28 @@ def _add_ln_backward(ctx, dy, _dmean, _drstd):
 _add_ln_op.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
 
 
+class _AddLayerNorm(torch.autograd.Function):
+    """Eager twin of fastbert::add_layer_norm(_backward): the same launchers without the custom-op
+    dispatch, whose Python overhead (tens of microseconds per call, forward and backward) is as long
+    as the kernels themselves at BERT sizes. torch.compile traces the custom ops instead."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, dropout_p, seed):
+        y, mean, rstd = _add_ln_fwd_impl(x, residual, weight, bias, eps, dropout_p, seed)
+        _add_ln_setup(ctx, (x, residual, weight, bias, eps, dropout_p, seed), (y, mean, rstd))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _add_ln_backward(ctx, dy, None, None, backward=_add_ln_bwd_impl)
+
+
 def add_layer_norm(x, residual, weight, bias, eps: float = 1e-12, dropout_p: float = 0.0) -> torch.Tensor:
     """layer_norm(dropout(x) + residual) with the Triton kernels; inputs validated by fastbert.kernels."""
     seed = draw_seed(x.device) if dropout_p > 0.0 else None
-    return _add_ln_op(x, residual, weight, bias, float(eps), float(dropout_p), seed)[0]
+    if torch.compiler.is_compiling():
+        return _add_ln_op(x, residual, weight, bias, float(eps), float(dropout_p), seed)[0]
+    return _AddLayerNorm.apply(x, residual, weight, bias, float(eps), float(dropout_p), seed)
 
 
 # --------------------------------------------------------------------------- GELU + LayerNorm kernels
@@ -470,15 +488,31 @@ def _gelu_ln_setup(ctx, inputs, output):
     ctx.ln_bias_dtype = ln_bias.dtype
 
 
-def _gelu_ln_backward(ctx, dy, _dmean, _drstd):
+def _gelu_ln_backward(ctx, dy, _dmean, _drstd, backward=_gelu_ln_backward_op):
     x, bias, weight, mean, rstd = ctx.saved_tensors
-    dx, dbias, dw, db = _gelu_ln_backward_op(dy, x, bias, weight, mean, rstd, ctx.approximate)
+    dx, dbias, dw, db = backward(dy, x, bias, weight, mean, rstd, ctx.approximate)
     return dx, dbias, dw, db.to(ctx.ln_bias_dtype), None, None
 
 
 _gelu_ln_op.register_autograd(_gelu_ln_backward, setup_context=_gelu_ln_setup)
 
 
+class _GeluLayerNorm(torch.autograd.Function):
+    """Eager twin of fastbert::gelu_layer_norm(_backward) (see _AddLayerNorm)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, weight, ln_bias, eps, approximate):
+        y, mean, rstd = _gelu_ln_fwd_impl(x, bias, weight, ln_bias, eps, approximate)
+        _gelu_ln_setup(ctx, (x, bias, weight, ln_bias, eps, approximate), (y, mean, rstd))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _gelu_ln_backward(ctx, dy, None, None, backward=_gelu_ln_bwd_impl)
+
+
 def gelu_layer_norm(x, bias, weight, ln_bias, eps: float = 1e-12, approximate: str = "none") -> torch.Tensor:
     """layer_norm(gelu(x + bias)) with the Triton kernels; inputs validated by fastbert.kernels."""
-    return _gelu_ln_op(x, bias, weight, ln_bias, float(eps), approximate)[0]
+    if torch.compiler.is_compiling():
+        return _gelu_ln_op(x, bias, weight, ln_bias, float(eps), approximate)[0]
+    return _GeluLayerNorm.apply(x, bias, weight, ln_bias, float(eps), approximate)
