@@ -194,45 +194,10 @@ def _attn_fwd(
 
 
 @triton.jit
-def _attn_bwd_preprocess(
-    O, DO,              # forward output and its gradient, token rows at stride_*s
-    DELTA,              # fp32 out: rowsum(dO * O) per query row, laid out like LSE
-    CU_SEQLENS,         # int32 (B + 1,); unused unless IS_VARLEN
-    stride_ob, stride_oh, stride_os,     # strides of O (batch 0 when packed)
-    stride_dob, stride_doh, stride_dos,  # strides of DO
-    stride_lb, stride_lh,                # strides of DELTA (as LSE)
-    n_heads,                             # H
-    seqlen_q,                            # padded Sq, or max_seqlen when packed
-    HEAD_DIM: tl.constexpr,              # real head_dim
-    BLOCK_D: tl.constexpr,               # head_dim padded to a power of two
-    BLOCK_M: tl.constexpr,               # rows per program
-    IS_VARLEN: tl.constexpr,             # packed layout
-):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    start, len_q, _unused = _sequence_bounds(CU_SEQLENS, b, seqlen_q, seqlen_q, IS_VARLEN)
-    if pid_m * BLOCK_M >= len_q:
-        return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < len_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    start64 = start.to(tl.int64)
-    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + start64 * stride_os
-    do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + start64 * stride_dos
-    o = tl.load(o_base + offs_m[:, None] * stride_os + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, 1)
-    d_base = DELTA + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + start64
-    tl.store(d_base + offs_m, delta, mask=offs_m < len_q)
-
-
-@triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO,        # forward inputs and the output gradient
     DK, DV,             # outputs, contiguous like K/V in the launcher's layout
-    LSE, DELTA,         # fp32 per query row (log2-sum-exp from the forward, rowsum(dO * O))
+    LSE, DELTA,         # fp32 per query row: log2-sum-exp from the forward, rowsum(dO * O) from _attn_bwd_dq
     KPM, CU_SEQLENS, SEED,            # as in _attn_fwd
     stride_qb, stride_qh, stride_qs,  # strides (batch 0 when packed, head, token) of each tensor
     stride_kb, stride_kh, stride_ks,
@@ -331,13 +296,15 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO,        # forward inputs and the output gradient
+    Q, K, V, O, DO,     # forward inputs, forward output and its gradient
     DQ,                 # output, contiguous like Q in the launcher's layout
-    LSE, DELTA,         # fp32 per query row
+    LSE,                # fp32 log2-sum-exp per query row, from the forward
+    DELTA,              # fp32 out: rowsum(dO * O) per query row (laid out like LSE), read by _attn_bwd_dkdv
     KPM, CU_SEQLENS, SEED,            # as in _attn_fwd
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os,
     stride_dob, stride_doh, stride_dos,
     stride_dqb, stride_dqh, stride_dqs,
     stride_lb, stride_lh,
@@ -378,7 +345,12 @@ def _attn_bwd_dq(
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=qd_mask, other=0.0)
     do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=qd_mask, other=0.0)
     lse = tl.load(LSE + b64 * stride_lb + h64 * stride_lh + start64 + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + b64 * stride_lb + h64 * stride_lh + start64 + offs_m, mask=row_ok, other=0.0)
+    # This program owns these query rows and already holds dO: computing delta here rather than in a
+    # pre-pass saves a launch and a second read of dO; the dK/dV kernel runs after this one.
+    o_base = O + b64 * stride_ob + h64 * stride_oh + start64 * stride_os
+    o = tl.load(o_base + offs_m[:, None] * stride_os + offs_d[None, :], mask=qd_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + b64 * stride_lb + h64 * stride_lh + start64 + offs_m, delta, mask=row_ok)
     if HAS_MASK:
         len_k = _key_end(KPM + b64 * stride_mb, len_k, MASK_BLOCK)
     if HAS_DROPOUT:
@@ -418,7 +390,18 @@ def _attn_bwd_dq(
 # ------------------------------------------------------------------------------- configurations
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, _next_pow2(head_dim))
+
+
+# Plain-Python twins of triton.cdiv / triton.next_power_of_2: those are ConstexprFunctions, whose
+# call from the host goes through Triton's JIT machinery (tens of microseconds per call on a busy
+# host) and the launchers call them on every attention call.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
 def _override(kind):
@@ -484,11 +467,13 @@ class _Layout:
 
     @staticmethod
     def padded(t):  # (B, H, S, D)
-        return t.stride(0), t.stride(1), t.stride(2)
+        s = t.stride()
+        return s[0], s[1], s[2]
 
     @staticmethod
     def packed(t):  # (total, H, D): batch stride 0, the sequence start comes from cu_seqlens
-        return 0, t.stride(1), t.stride(0)
+        s = t.stride()
+        return 0, s[1], s[0]
 
 
 def _last_dim_contiguous(t):
@@ -527,7 +512,7 @@ def _lse_empty(q, cu_seqlens):
 
 def _mask_block(key_padding_mask):
     # The whole mask row in one load for BERT's lengths; longer rows take a few steps.
-    return 16 if key_padding_mask is None else min(1024, max(16, triton.next_power_of_2(key_padding_mask.shape[1])))
+    return 16 if key_padding_mask is None else min(1024, max(16, _next_pow2(key_padding_mask.shape[1])))
 
 
 def _flash_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, dropout_p, softmax_scale):
@@ -544,7 +529,7 @@ def _flash_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, 
     block_d = _block_d(head_dim)
     cfg = fwd_config(block_d, q.dtype)
     kpm = _last_dim_contiguous(key_padding_mask).view(torch.uint8) if key_padding_mask is not None else None
-    grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * heads)
+    grid = (_cdiv(seqlen_q, cfg["BLOCK_M"]), batch * heads)
     _attn_fwd[grid](
         q, k, v, out, lse, kpm, cu_seqlens, seed,
         *layout(q), *layout(k), *layout(v), *layout(out), *_lse_strides(lse, cu_seqlens),
@@ -561,7 +546,7 @@ def _flash_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, 
 
 def _flash_bwd(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, dropout_p,
                softmax_scale):
-    """dQ, dK, dV (contiguous, like q/k/v): a delta pass, then one kernel for dK/dV, one for dQ."""
+    """dQ, dK, dV (contiguous, like q/k/v): one kernel for dQ (which also writes delta), then one for dK/dV."""
     _check_kernel_limits(q, k, v)
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
     cu_seqlens = cu_seqlens.contiguous() if cu_seqlens is not None else None
@@ -583,23 +568,19 @@ def _flash_bwd(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen
                  DOT_PRECISION=_PRECISION[q.dtype])
 
     delta = torch.empty_like(lse)
-    pre_m = 64
-    _attn_bwd_preprocess[(triton.cdiv(seqlen_q, pre_m), batch * heads)](
-        out, dout, delta, cu_seqlens, *layout(out), *layout(dout), *lse_strides, heads, seqlen_q,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_m, IS_VARLEN=is_varlen, num_warps=4,
-    )
     common = (heads, seqlen_q, seqlen_k, softmax_scale * _LOG2E, softmax_scale, dropout_p)
-    bm, bn, warps, stages = cfg["dkdv"]
-    _attn_bwd_dkdv[(triton.cdiv(seqlen_k, bn), batch * heads)](
-        q, k, v, dout, dk, dv, lse, delta, kpm, cu_seqlens, seed,
-        *layout(q), *layout(k), *layout(v), *layout(dout), *layout(dk), *layout(dv), *lse_strides, stride_mb,
+    # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV kernel reads (stream order).
+    bm, bn, warps, stages = cfg["dq"]
+    _attn_bwd_dq[(_cdiv(seqlen_q, bm), batch * heads)](
+        q, k, v, out, dout, dq, lse, delta, kpm, cu_seqlens, seed,
+        *layout(q), *layout(k), *layout(v), *layout(out), *layout(dout), *layout(dq), *lse_strides, stride_mb,
         *common, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, **flags,
         num_warps=warps, num_stages=stages,
     )
-    bm, bn, warps, stages = cfg["dq"]
-    _attn_bwd_dq[(triton.cdiv(seqlen_q, bm), batch * heads)](
-        q, k, v, dout, dq, lse, delta, kpm, cu_seqlens, seed,
-        *layout(q), *layout(k), *layout(v), *layout(dout), *layout(dq), *lse_strides, stride_mb,
+    bm, bn, warps, stages = cfg["dkdv"]
+    _attn_bwd_dkdv[(_cdiv(seqlen_k, bn), batch * heads)](
+        q, k, v, dout, dk, dv, lse, delta, kpm, cu_seqlens, seed,
+        *layout(q), *layout(k), *layout(v), *layout(dout), *layout(dk), *layout(dv), *lse_strides, stride_mb,
         *common, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, **flags,
         num_warps=warps, num_stages=stages,
     )

@@ -492,7 +492,6 @@ def _aot_jobs(dtype, head_dim, varlen, flags=True):
     for name, key in (("_attn_bwd_dkdv", "dkdv"), ("_attn_bwd_dq", "dq")):
         bm, bn, warps, stages = bwd[key]
         jobs.append(job(name, dict(BLOCK_M=bm, BLOCK_N=bn), dict(num_warps=warps, num_stages=stages)))
-    jobs.append(job("_attn_bwd_preprocess", dict(BLOCK_M=64), dict(num_warps=4)))
     return jobs
 
 
