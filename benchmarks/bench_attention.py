@@ -22,6 +22,8 @@ Figures, per pass (fwd under no_grad; bwd = autograd.grad of q, k, v with a save
                   measured in this run (benchmarks.harness.matmul_ceiling_tflops)
   vs_sdpa_mask    sdpa-mask's time / ours (goal ≥ 1.5 for fastbert-padded and -varlen)
   vs_flash        sdpa-flash-equal's time / ours (goal ≥ 1.0 for fastbert-varlen)
+  host_ms         host time to enqueue one call (20 calls, no sync): close to median_ms means the
+                  pass is launch/Python-bound (short sequences), not kernel-bound
 
 Run: python -m benchmarks.bench_attention [--quick]   (--quick: < 60 s on an H100)
      python -m benchmarks.bench_attention --sweep     (block-size sweep of the Triton kernels, ~2 min:
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import time
 import traceback
 
 import torch
@@ -128,6 +131,21 @@ def _timers(case, impl):
         torch.autograd.grad(o, ins, grad)
 
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+
+
+def _host_ms(fn, device, n=20):
+    """Host time to enqueue one call (no sync inside the loop): when it reaches median_ms the pass is
+    bound by Python/launch overhead, not by the kernels, and do_bench's figure is the host's."""
+    if device != "cuda":
+        return None
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t0) / n * 1e3
+    torch.cuda.synchronize()
+    return host
 
 
 def _sanity(case):
@@ -234,6 +252,7 @@ def main(argv=None):
             for pass_name, fn in timers.items():
                 try:
                     t = measure(fn, warmup=warmup, rep=rep, device=args.device)
+                    t["host_ms"] = _host_ms(fn, args.device)
                 except Exception:
                     traceback.print_exc()
                     continue
