@@ -50,6 +50,7 @@ step bench_fused "$T_FUSED" env OUT="$R" $PY -m benchmarks.bench_fused --quick
 step bench_mlm_loss "$T_MLM" env OUT="$R" $PY -m benchmarks.bench_mlm_loss --quick
 # (3) the BERT-base training step against transformers eager / SDPA
 step bench_model "$T_MODEL" env OUT="$R" $PY -m benchmarks.bench_model --gpu --quick
+step profile_step "${T_PROFILE:-45}" env OUT="$R" $PY -m benchmarks.profile_step
 # (4) the main job on the GPU: a short zero-argument-style pretraining run (loop, kernels, checkpoint)
 step pretrain_smoke "${T_PRETRAIN:-45}" fastbert pretrain --steps 40 --out "$R/pretrain_run" --no-progress
 rm -rf "$R/pretrain_run/checkpoints" "$R/pretrain_run/model.safetensors"
