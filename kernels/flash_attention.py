@@ -21,7 +21,8 @@ Supports:
   * strided inputs: only the last dimension must be contiguous, so q/k/v may be views of one fused
     QKV projection (e.g. ``qkv.view(total, 3, H, D)[:, i]``) without a copy
   * deterministic gradients: dK/dV come from one program per key block looping over query blocks,
-    dQ from one program per query block looping over key blocks; no atomics
+    dQ from one program per query block looping over key blocks; no atomics. The backward is two
+    launches: the dQ kernel runs first and also writes delta = rowsum(dO·O), which dK/dV reads
   * torch.compile: the custom ops fastbert::attention_fwd/_bwd and fastbert::varlen_attention_fwd/_bwd
     (with autograd and fake kernels) are what a compiled graph calls; eager calls take an
     autograd.Function over the same launchers, because the custom-op dispatch alone costs about as
