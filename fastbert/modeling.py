@@ -170,8 +170,9 @@ class BertSelfAttention(nn.Module):
         qkv = F.linear(x, weight, bias).view(-1, 3, nh, hd)  # (N, 3, nh, hd)
         p = self.dropout_p if self.training else 0.0
         if isinstance(layout, _Packed):
-            ctx = K.varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], layout.cu_seqlens, layout.max_seqlen,
-                                     dropout_p=p, validate=False)  # (T, nh, hd); the model built cu_seqlens
+            q, k, v = qkv.unbind(1)  # (T, nh, hd) views; unbind's backward is one stack, not 3 zero-filled grads
+            ctx = K.varlen_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, dropout_p=p,
+                                     validate=False)  # (T, nh, hd); the model built cu_seqlens itself
             return ctx.reshape(-1, nh * hd), None
         q, k, v = qkv.view(layout.batch, layout.seq, 3, nh, hd).permute(2, 0, 3, 1, 4)  # each (B, nh, S, hd)
         if not layout.want_probs:
