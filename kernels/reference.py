@@ -52,7 +52,7 @@ def attention(q, k, v, key_padding_mask=None, *, causal=False, dropout_p=0.0, so
             visible = visible & key_padding_mask[:, None, None, :].to(torch.bool)
         # A finite fill (not -inf) keeps fully masked rows free of NaN in forward and backward;
         # their probabilities are zeroed below, so the fill value never reaches the output.
-        scores = scores.masked_fill(~visible, torch.finfo(ct).min)
+        scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)  # autocast may make it 16-bit
         probs = torch.softmax(scores, dim=-1)
         probs = probs * visible.any(dim=-1, keepdim=True)
     if dropout_p > 0.0:
