@@ -273,6 +273,7 @@ def run(args) -> dict:
         train_seconds = time.perf_counter() - t0
         dev_metrics, _ = evaluate(model, task, dev_ex, dev_f, labels, args)
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(n, 1), **dev_metrics,
+                        "train_seconds": round(train_seconds, 2),
                         "elapsed_seconds": round(time.perf_counter() - t0, 2)})
         _log(f"epoch {epoch + 1}: train loss {loss_sum / max(n, 1):.4f}, dev {metric} {dev_metrics[metric]:.4f}")
         if dev_metrics[metric] > best:

@@ -15,8 +15,6 @@ Shapes: B batch, S sequence, T real tokens (sum of lengths), D hidden, nh heads,
 from __future__ import annotations
 
 import math
-import os
-import warnings
 from collections import OrderedDict
 
 import torch
@@ -493,10 +491,6 @@ def _mlm(head: BertLMPredictionHead, sequence_output, labels, training: bool):
     if labels is not None:
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
     return loss, logits
-
-
-def _bert_kwargs(kw):
-    return {k: kw[k] for k in ("output_hidden_states", "output_attentions") if k in kw}
 
 
 class BertForPreTraining(BertPreTrainedModel):

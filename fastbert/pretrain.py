@@ -23,13 +23,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import sys
 import time
 from importlib import resources
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

@@ -9,7 +9,6 @@ dropout is checked against the reference with the same mask in the kernel tests.
 """
 import copy
 
-import pytest
 import torch
 
 import fastbert

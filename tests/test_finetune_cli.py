@@ -1,6 +1,5 @@
 """`fastbert finetune` and `fastbert encode` end to end on a micro model and tiny files."""
 import json
-import os
 import random
 
 import numpy as np

@@ -5,7 +5,6 @@ float64 must be within k = 4 of transformers' own float32 error. fastbert in flo
 transformers in float64 to ~1e-10 (same maths, different association). Batches mix a length-1 row,
 full rows and padded rows; values at padding positions are unspecified (API.md) and not compared.
 """
-import warnings
 
 import pytest
 import torch

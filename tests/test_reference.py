@@ -1,13 +1,11 @@
 """The reference ops (the CPU path and the oracle of the kernel tests) against torch.nn.functional
 in float64, plus the input checks every backend shares."""
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastbert.kernels as K
-from fastbert.kernels import reference as R
 
 
 @pytest.fixture(autouse=True)
