@@ -437,7 +437,9 @@ def fwd_config(block_d: int, dtype: torch.dtype) -> dict:
         return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), override))
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=32 if block_d == 128 else 64, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if block_d == 128 else 4, num_stages=3)
+    if block_d <= 64:  # H200 sweep (benchmarks/results/gpu-h200-2026-11-26-sweep): -8% at seq 512
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
 
 
 def bwd_config(block_d: int, dtype: torch.dtype) -> dict:
@@ -449,7 +451,8 @@ def bwd_config(block_d: int, dtype: torch.dtype) -> dict:
         config = dict(dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2))
     else:
         warps = 8 if block_d == 128 else 4
-        config = dict(dkdv=(32, 128, warps, 3), dq=(128, 32, warps, 3))
+        # dQ with 64-key blocks and 8 warps: -9% at seq 512 in the H200 sweep (head_dim <= 64)
+        config = dict(dkdv=(32, 128, warps, 3), dq=(128, 64, 8, 3) if block_d <= 64 else (128, 32, warps, 3))
     for kind in ("dkdv", "dq"):
         override = _override(kind)
         if override is not None:
