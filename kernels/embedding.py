@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layer_norm import check_width, draw_seed, dropout_keep, num_partials, row_block, row_warps
+from .layer_norm import check_width, draw_seed, dropout_keep, normalize, num_partials, row_block, row_warps
 
 __all__ = ["embed_layer_norm", "segment_sum"]
 
@@ -97,9 +97,7 @@ def _embed_ln_fwd(
     mask = cols < n
     h = _gather_sum(IDS, TT, POS, WORD, POSW, TYPEW, row, seq, s_ids_b, s_ids_s, s_tt_b, s_tt_s, s_pos_b, s_pos_s,
                     n, cols, mask)
-    mean = tl.sum(h, axis=0) / n
-    d = tl.where(mask, h - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / n + eps)
+    d, mean, rstd = normalize(h, mask, n, eps)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
     y = d * rstd * w + b

@@ -46,6 +46,15 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # ------------------------------------------------------------------------------------ shared helpers
 
 @triton.jit
+def normalize(h, mask, n, eps):
+    """LayerNorm statistics of one fp32 row h (masked lanes ignored): (h - mean, mean, 1/std)."""
+    mean = tl.sum(h, axis=0) / n
+    d = tl.where(mask, h - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / n + eps)
+    return d, mean, rstd
+
+
+@triton.jit
 def dropout_keep(seed, row, cols, n, p):
     """Keep mask of row `row`, columns `cols` of a (rows, n) tensor; u ~ U(0, 1) per element."""
     offs = (row * n + cols).to(tl.int32)  # row is int64: no overflow before the wrap
@@ -136,9 +145,7 @@ def _add_ln_fwd(
         keep = dropout_keep(tl.load(SEED), row, cols, n, p)
         x = tl.where(keep, x * scale, 0.0)
     h = x + r
-    mean = tl.sum(h, axis=0) / n
-    d = tl.where(mask, h - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / n + eps)
+    d, mean, rstd = normalize(h, mask, n, eps)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + offs, (d * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
@@ -359,9 +366,7 @@ def _gelu_ln_fwd(
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     c = tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
     h = tl.where(mask, gelu(x + c, APPROX_TANH), 0.0)
-    mean = tl.sum(h, axis=0) / n
-    d = tl.where(mask, h - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / n + eps)
+    d, mean, rstd = normalize(h, mask, n, eps)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + offs, (d * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
