@@ -49,6 +49,10 @@ class ModelOutput(OrderedDict):
         return tuple(v for v in self.values() if v is not None)
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _finish(output: ModelOutput, return_dict: bool):
     return output if return_dict else output.to_tuple()
 
@@ -406,7 +410,9 @@ class BertModel(BertPreTrainedModel):
         attention_mask = attention_mask.bool()
 
         h = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, S, D)
-        if output_attentions or not unpad:
+        # Unpadding needs one host sync (the row lengths), which CUDA-graph capture forbids: a
+        # captured step runs the padded layout (its shapes are static, padding is masked as keys).
+        if output_attentions or not unpad or _capturing():
             layout = _Padded(attention_mask, h.dtype, want_probs=output_attentions)
         else:
             layout = _Packed(attention_mask)
