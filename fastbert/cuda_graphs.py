@@ -1,0 +1,167 @@
+"""Whole training steps captured as CUDA graphs, one graph per bucket of input shapes.
+
+Fine-tuning batches are small (BERT-base on 32 sentences of ~60 tokens is ~1 GFLOP per layer),
+so an eager step is bound by the host: hundreds of kernel launches, each paying Python and driver
+time. A CUDA graph replays the whole step — forward, backward, gradient clipping and the
+optimizer — as one launch. Graphs need static shapes, so every batch is padded up to a bucket
+(rows x sequence length); the encoder then runs its padded layout (fastbert/modeling.py: inside
+capture it cannot unpad, which needs a host sync), and padding rows carry ignored labels.
+
+    step = GraphedTrainStep(model, optimizer, batch_size=32, seq_buckets=(32, 64, 96, 128))
+    for batch in loader:           # dicts of (B, S) tensors, S <= 128, B <= 32
+        loss = step(batch)         # a device tensor; .item() only when logging
+        scheduler.step()           # a tensor learning rate is updated in place, so graphs see it
+
+Supports: any fastbert model whose loss ignores label -100 (sequence classification with
+num_labels > 1, token classification, multiple choice) in fp32 or under bf16/fp16 autocast;
+torch.optim.Adam / AdamW with capturable=True (or fused=True), whose learning rate this class turns
+into a device tensor so that schedulers keep working.
+Not supported: losses that synchronise the host (the masked-LM head picks its rows with nonzero(),
+so pretraining runs eager), float labels (regression, multi-label: padding rows cannot be marked
+ignored), question answering (its span loss counts every position), gradient accumulation.
+Caution: capturing a bucket runs the step twice eagerly first (kernel compilation, cuBLAS and
+allocator warm-up); the first of those warm-ups also creates the optimizer state. Parameters and
+optimizer state are restored afterwards, so the graphs train exactly as eager steps would,
+apart from the dropout random numbers. Each bucket keeps its own activation memory pool.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+PAD_LABEL = -100
+_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class GraphedTrainStep:
+    """Callable running one training step per batch, replaying a CUDA graph per (rows, seq) bucket."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int,
+                 seq_buckets: Sequence[int], max_grad_norm: Optional[float] = None,
+                 autocast_dtype: Optional[torch.dtype] = None, warmup_steps: int = 2):
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {device}")
+        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            raise TypeError(f"GraphedTrainStep supports Adam and AdamW, got {type(optimizer).__name__}")
+        for group in optimizer.param_groups:
+            if not (group.get("capturable") or group.get("fused")):
+                raise ValueError("the optimizer must be built with capturable=True (or fused=True) to be captured")
+        if getattr(getattr(model, "config", None), "num_labels", 2) == 1 and hasattr(model, "classifier"):
+            raise ValueError("regression heads (num_labels == 1) cannot ignore padding rows; run them eagerly")
+        if not seq_buckets or sorted(seq_buckets) != list(seq_buckets) or min(seq_buckets) < 1:
+            raise ValueError(f"seq_buckets must be increasing positive lengths, got {seq_buckets}")
+        self.model, self.optimizer, self.device = model, optimizer, device
+        self.batch_size, self.seq_buckets = int(batch_size), tuple(int(s) for s in seq_buckets)
+        self.max_grad_norm, self.autocast_dtype, self.warmup_steps = max_grad_norm, autocast_dtype, warmup_steps
+        # A float learning rate would be baked into the captured kernels; a device tensor is read at
+        # every replay, and LRScheduler fills tensors in place (torch >= 2.4).
+        for group in optimizer.param_groups:
+            if not isinstance(group["lr"], torch.Tensor):
+                group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        self.graphs: Dict[Tuple[int, int], Tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
+
+    # ----------------------------------------------------------------------------------- batches
+
+    def bucket(self, rows: int, seq: int) -> Tuple[int, int]:
+        if rows > self.batch_size:
+            raise ValueError(f"batch has {rows} rows, more than batch_size={self.batch_size}")
+        for s in self.seq_buckets:
+            if seq <= s:
+                return self.batch_size, s
+        raise ValueError(f"sequence length {seq} exceeds the largest bucket {self.seq_buckets[-1]}")
+
+    # ------------------------------------------------------------------------------------- steps
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        # Autocast's weight-cast cache must be off: cached casts would be freed between replays.
+        return torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False)
+
+    def _step(self, static: dict) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=False)
+        with self._autocast():
+            loss = self.model(**static).loss
+        loss.backward()
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm, foreach=True)
+        self.optimizer.step()
+        return loss.detach()
+
+    def _capture(self, shape: Tuple[int, int], example: dict):
+        static = {k: v.to(self.device, copy=True) for k, v in pad_batch(example, shape).items()}
+        params = list(self.model.parameters())
+        saved_params = [p.detach().clone() for p in params]
+        saved_state = {p: {k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)}
+                       for p, s in self.optimizer.state.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup_steps):
+                self._step(static)  # compiles kernels; the first time, creates grads and optimizer state
+        torch.cuda.current_stream().wait_stream(side)
+        # Undo the warm-up: parameters back; optimizer state back, or zero where the warm-up created
+        # it (Adam's step and moments all start at 0).
+        with torch.no_grad():
+            for p, s in zip(params, saved_params):
+                p.copy_(s)
+            for p, state in self.optimizer.state.items():
+                for k, v in state.items():
+                    if isinstance(v, torch.Tensor):
+                        v.copy_(saved_state[p][k]) if p in saved_state else v.zero_()
+        del saved_params, saved_state
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = self._step(static)
+        return graph, static, loss
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        ids = batch["input_ids"]
+        rows, seq = ids.shape[0], ids.shape[-1]  # (B, S), or (B, choices, S) for multiple choice
+        shape = self.bucket(rows, seq)
+        if shape not in self.graphs:
+            self.graphs[shape] = self._capture(shape, batch)
+        graph, static, loss = self.graphs[shape]
+        padded = pad_batch(batch, shape)
+        if padded.keys() != static.keys():
+            raise ValueError(f"every batch must carry the same inputs: captured with {sorted(static)}, "
+                             f"got {sorted(padded)}")
+        for name, value in padded.items():
+            static[name].copy_(value, non_blocking=True)
+        graph.replay()
+        return loss
+
+
+def pad_batch(batch: dict, shape: Tuple[int, int]) -> dict:
+    """Pad (B, S) inputs and labels to (rows, seq) = shape; multiple-choice (B, C, S) pads B and S.
+
+    Inputs pad with 0 (attention_mask 0: a padding row attends to nothing and gives zeros),
+    labels with -100, which every supported loss ignores.
+    """
+    rows, seq = shape
+    labels = batch.get("labels")
+    if labels is not None and labels.is_floating_point():
+        raise ValueError("float labels (regression, multi-label) cannot mark padding rows as ignored; "
+                         "run those heads eagerly")
+    out = {}
+    for name, t in batch.items():
+        if t is None:
+            continue
+        if name in _INPUTS or (name == "labels" and t.dim() == batch["input_ids"].dim()):
+            fill = PAD_LABEL if name == "labels" else 0
+            pad_seq = seq - t.shape[-1]
+            if pad_seq < 0:
+                raise ValueError(f"{name} is longer ({t.shape[-1]}) than the bucket ({seq})")
+            t = torch.nn.functional.pad(t, (0, pad_seq), value=fill)
+        elif name != "labels":
+            raise ValueError(f"GraphedTrainStep does not know how to pad the input {name!r}")
+        if t.shape[0] > rows:
+            raise ValueError(f"{name} has {t.shape[0]} rows, more than the bucket's {rows}")
+        if t.shape[0] < rows:
+            fill = PAD_LABEL if name == "labels" else 0
+            t = torch.cat([t, t.new_full((rows - t.shape[0], *t.shape[1:]), fill)])
+        out[name] = t
+    return out
