@@ -8,6 +8,9 @@ Two structural choices make it fast before any kernel does:
    with zeros at padding positions (values there are unspecified by the API; zeros are finite).
 2. The masked-LM head in training runs on the masked rows only, through the fused linear +
    cross-entropy op, so the (tokens, vocab) logits never exist.
+3. Packed rows (a fastbert extension, see BertModel.forward): an attention_mask that numbers the
+   examples sharing a row (1, 2, 3, ...) makes each example its own varlen-attention sequence, so
+   pretraining can fill rows with several short examples instead of padding.
 The hot paths call fastbert.kernels (Triton on CUDA, the PyTorch reference elsewhere).
 
 Shapes: B batch, S sequence, T real tokens (sum of lengths), D hidden, nh heads, hd head_dim, V vocab.
@@ -60,25 +63,72 @@ def _finish(output: ModelOutput, return_dict: bool):
 # ------------------------------------------------------------------------------------------- layout
 
 class _Packed:
-    """Where the real tokens of a padded (B, S) batch sit once packed into (T, ...) rows.
+    """Where the real tokens of a (B, S) batch sit once packed into (T, ...) rows, and where each
+    sequence of the varlen attention starts.
 
-    One host sync (the row lengths) per forward; every kernel call after it is sync-free.
+    A 0/1 (or bool) mask gives one sequence per row. An integer mask may also number the examples
+    packed into a row (1, 2, 3, ...; 0 = padding), each example's tokens contiguous among the row's
+    real tokens: every example is then its own sequence, so attention never crosses examples.
+    Everything is computed on the device and read back in one host sync (five numbers); every
+    kernel call after it is sync-free.
     """
 
     def __init__(self, attention_mask: torch.Tensor):
         self.batch, self.seq = attention_mask.shape
-        lengths = attention_mask.sum(dim=1, dtype=torch.int32)  # (B,)
-        self.cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))  # (B + 1,)
-        host = lengths.tolist()
-        self.max_seqlen = max(host, default=0)
-        self.total = sum(host)
+        m = attention_mask
+        if m.dtype == torch.bool or m.is_floating_point():
+            m = m != 0  # bool and float masks are 0/1 masks, as before packing existed
+        m = m.long()  # (B, S) example number of each token, 0 = padding
+        real = m != 0  # (B, S)
+        # Example numbers never decrease along a valid row, so the running maximum of the tokens
+        # before a token is the number of the last real token before it (0 at the row's start).
+        prev = F.pad(m[:, :-1], (1, 0)).cummax(dim=1).values if m.numel() else m  # (B, S)
+        self.starts = real & (m != prev)  # (B, S) first token of each example
+        # an example number that goes back (an example split in two), skips one, or is negative
+        bad = real & ((m < prev) | (m > prev + 1))
+        # A row of padding only keeps a zero-length sequence, so a 0/1 mask gives exactly one
+        # sequence per row (cu_seqlens of B + 1 entries, as before packing existed).
+        boundary = self.starts.clone()
+        boundary[:, :1] |= ~real.any(dim=1, keepdim=True)
+        seg = torch.cumsum(boundary.flatten(), 0) - 1  # (B*S,) sequence of each token; -1 before the first
+        lengths = torch.zeros(max(self.batch * self.seq, self.batch), dtype=torch.int32, device=m.device).scatter_add_(
+            0, seg.clamp(min=0), real.flatten().int())  # (B*S,) tokens per sequence, zeros past the last
+        stats = [real.sum(), boundary.sum(), lengths.max(), bad.sum(), m.max()] if m.numel() else []
+        total, n_seqs, self.max_seqlen, n_bad, top = (
+            torch.stack([t.long() for t in stats]).tolist() if stats else (0, self.batch, 0, 0, 0))
+        if n_bad:
+            raise ValueError(
+                f"attention_mask: {n_bad} token(s) break the packed-example numbering; a row must number "
+                f"its examples 1, 2, 3, ... in order, each example's tokens contiguous (0 = padding)")
+        self.total = total
+        self.cu_seqlens = F.pad(torch.cumsum(lengths[:n_seqs], 0, dtype=torch.int32), (1, 0))  # (n_seqs + 1,)
+        self.packed = top > 1  # some row holds two or more examples
+        self.max_examples = top
+        self.m = m
         if self.total == self.batch * self.seq:
             self.indices = None  # no padding: packing is a reshape
         else:
             # A real token may sit anywhere in its row (left padding, holes): gather by the mask.
             # Row-major order keeps row b's tokens before row b + 1's, in position order, which is
             # the layout cu_seqlens describes.
-            self.indices = torch.nonzero_static(attention_mask.flatten(), size=self.total).squeeze(1)  # (T,)
+            self.indices = torch.nonzero_static(real.flatten(), size=self.total).squeeze(1)  # (T,)
+
+    def position_ids(self) -> torch.Tensor:
+        """(B, S) positions that restart at 0 at the first token of every example."""
+        col = torch.arange(self.seq, device=self.m.device).expand(self.batch, self.seq)  # (B, S)
+        start_col = torch.where(self.starts, col, 0).cummax(dim=1).values  # (B, S)
+        return col - start_col
+
+    def first_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each example's first token sits in the flattened (B*S) batch: (positions (B, E),
+        present (B, E) bool), E = the most examples in a row; absent slots point at position 0."""
+        b, e = self.batch, self.max_examples
+        row = torch.arange(b, device=self.m.device)[:, None]  # (B, 1)
+        slot = torch.where(self.starts, row * e + self.m - 1, b * e).flatten()  # (B*S,); b*e: not a start
+        flat_pos = torch.arange(b * self.seq, device=self.m.device)
+        first = torch.full((b * e + 1,), -1, dtype=torch.long, device=self.m.device).scatter_(0, slot, flat_pos)
+        first = first[:-1].view(b, e)
+        return first.clamp(min=0), first >= 0
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(self.batch * self.seq, *x.shape[2:])  # (B*S, ...)
@@ -371,13 +421,23 @@ def _check_inputs(config, input_ids, attention_mask, token_type_ids, position_id
     for name, t, _ in checks:
         if t.is_floating_point() or t.dtype == torch.bool:
             raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+    # An integer mask may number packed examples (values above 1): its range joins the same sync.
+    if (attention_mask is not None and attention_mask.numel() and not attention_mask.is_floating_point()
+            and attention_mask.dtype != torch.bool):
+        checks.append(("attention_mask", attention_mask, None))
+    mask_max = None
     if checks and K._check_values():  # skipped under torch.compile and CUDA-graph capture
         # every min and max in one host sync
         bounds = torch.stack([v.long() for _, t, _ in checks for v in t.aminmax()]).tolist()
         for (name, _, bound), lo, hi in zip(checks, bounds[0::2], bounds[1::2]):
-            if lo < 0 or hi >= bound:
+            if bound is None:  # the mask
+                if lo < 0:
+                    raise ValueError(f"attention_mask must be 0 (padding), 1 (real token) or, in packed "
+                                     f"rows, an example number 1, 2, 3, ...; got {lo}")
+                mask_max = hi
+            elif lo < 0 or hi >= bound:
                 raise ValueError(f"{name} must lie in [0, {bound}); got values in [{lo}, {hi}]")
-    return shape
+    return shape, mask_max
 
 
 class BertModel(BertPreTrainedModel):
@@ -395,30 +455,62 @@ class BertModel(BertPreTrainedModel):
                 inputs_embeds=None, output_hidden_states=False, output_attentions=False, return_dict=True,
                 unpad=True, **unused):
         """unpad=False runs padding positions through the encoder too (their outputs then equal
-        transformers'); the default drops them after the embeddings."""
-        batch, seq = _check_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids,
-                                   inputs_embeds)
+        transformers'); the default drops them after the embeddings.
+
+        Packed rows (a fastbert extension; transformers has no equivalent): an integer
+        attention_mask may hold, instead of 1, the number of the example each token belongs to
+        (1, 2, 3, ... in order along the row, each example's tokens contiguous; 0 = padding), as
+        Graphcore's packed BERT does. Every example is then its own sequence for attention (no token
+        attends across examples), and
+        - position_ids and token_type_ids are per token and should restart for every example; when
+          position_ids is None they are made so (0, 1, ... from each example's first token);
+        - pooler_output is (batch, max_examples, hidden): the pooler on each example's first token,
+          zeros in the slots past a row's last example;
+        - last_hidden_state and hidden_states stay (batch, seq, hidden).
+        A batch is packed when some mask value is above 1; a 0/1 mask (int, bool or float) gives
+        exactly the outputs it gave before packing existed. A mask that numbers a row's examples out
+        of order, skips a number or splits an example around another raises ValueError. Packing
+        needs the unpadded layout: a packed mask is refused with output_attentions=True or
+        unpad=False (so by BertForQuestionAnswering); that check shares the input check's host sync,
+        so it is skipped in compiled regions and CUDA-graph capture, where a packed mask is NOT
+        supported (capture runs the padded layout, whose attention would cross examples).
+        """
+        (batch, seq), mask_max = _check_inputs(self.config, input_ids, attention_mask, token_type_ids,
+                                               position_ids, inputs_embeds)
         device = (input_ids if input_ids is not None else inputs_embeds).device
-        if position_ids is None:
-            position_ids = torch.arange(seq, device=device).expand(batch, seq)
-        else:
-            position_ids = position_ids.expand(batch, seq)
+        # Unpadding needs one host sync (the row lengths), which CUDA-graph capture forbids: a
+        # captured step runs the padded layout (its shapes are static, padding is masked as keys).
+        padded = output_attentions or not unpad or _capturing()
+        if padded and mask_max is not None and mask_max > 1:
+            raise ValueError("packed attention masks (example numbers above 1) run on the unpadded layout only: "
+                             "not with output_attentions=True, unpad=False or BertForQuestionAnswering")
         if token_type_ids is None:
             token_type_ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
         if attention_mask is None:
             attention_mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
-        attention_mask = attention_mask.bool()
+        layout = None if padded else _Packed(attention_mask)
+        if position_ids is None:
+            if layout is not None and layout.packed:
+                position_ids = layout.position_ids()
+            else:
+                position_ids = torch.arange(seq, device=device).expand(batch, seq)
+        else:
+            position_ids = position_ids.expand(batch, seq)
 
         h = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, S, D)
-        # Unpadding needs one host sync (the row lengths), which CUDA-graph capture forbids: a
-        # captured step runs the padded layout (its shapes are static, padding is masked as keys).
-        if output_attentions or not unpad or _capturing():
-            layout = _Padded(attention_mask, h.dtype, want_probs=output_attentions)
-        else:
-            layout = _Packed(attention_mask)
+        if layout is None:
+            layout = _Padded(attention_mask.bool(), h.dtype, want_probs=output_attentions)
         x, hidden, attentions = self.encoder(layout.pack(h), layout, output_hidden_states, output_attentions)
         sequence_output = layout.unpack(x)  # (B, S, D)
-        pooled = self.pooler(sequence_output) if self.pooler is not None else None
+        pooled = None
+        if self.pooler is not None:
+            if isinstance(layout, _Packed) and layout.packed:
+                first, present = layout.first_tokens()  # (B, E) each
+                heads = sequence_output.reshape(batch * seq, 1, -1).index_select(0, first.flatten())  # (B*E, 1, D)
+                pooled = self.pooler(heads).view(batch, layout.max_examples, -1)  # (B, E, D)
+                pooled = pooled * present[..., None].to(pooled.dtype)
+            else:
+                pooled = self.pooler(sequence_output)  # (B, D)
         return _finish(ModelOutput(
             last_hidden_state=sequence_output,
             pooler_output=pooled,
@@ -499,7 +591,30 @@ def _mlm(head: BertLMPredictionHead, sequence_output, labels, training: bool):
     return loss, logits
 
 
+def _nsp_loss(logits, labels):
+    """Mean cross-entropy over the labelled sentence pairs; packed rows give (B, E, 2) logits and take
+    (B, E) labels with -100 in the slots past a row's last example (ignored)."""
+    if labels.numel() * logits.shape[-1] != logits.numel():
+        raise ValueError(f"next_sentence_label has shape {tuple(labels.shape)} but there are "
+                         f"{tuple(logits.shape[:-1])} sentence pairs (packed rows: (batch, max_examples), "
+                         f"-100 past a row's last example)")
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def _refuse_packed(name, pooled):
+    if pooled.dim() == 3:
+        raise ValueError(f"{name} does not take packed rows (attention_mask values above 1); packing is for "
+                         f"BertModel, BertForPreTraining, BertForMaskedLM, BertForNextSentencePrediction and "
+                         f"BertForTokenClassification")
+
+
 class BertForPreTraining(BertPreTrainedModel):
+    """MLM + NSP. Packed rows (see BertModel.forward; a fastbert extension): labels stay per token;
+    seq_relationship_logits are (batch, max_examples, 2), one pair per example, and
+    next_sentence_label is (batch, max_examples) with -100 where a row holds fewer examples, so the
+    NSP loss is the mean over the real examples (and the MLM loss the mean over every masked token
+    of the batch, as unpacked)."""
+
     def __init__(self, config: BertConfig):
         super().__init__(config)
         self.bert = BertModel(config)
@@ -512,10 +627,10 @@ class BertForPreTraining(BertPreTrainedModel):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         mlm_loss, prediction_logits = _mlm(self.cls.predictions, out.last_hidden_state, labels, self.training)
-        nsp_logits = self.cls.seq_relationship(out.pooler_output)  # (B, 2)
+        nsp_logits = self.cls.seq_relationship(out.pooler_output)  # (B, 2); packed rows (B, E, 2)
         loss = None
         if labels is not None and next_sentence_label is not None:
-            loss = mlm_loss + F.cross_entropy(nsp_logits.view(-1, 2), next_sentence_label.view(-1))
+            loss = mlm_loss + _nsp_loss(nsp_logits, next_sentence_label)
         return _finish(ModelOutput(loss=loss, prediction_logits=prediction_logits,
                                    seq_relationship_logits=nsp_logits, hidden_states=out.hidden_states,
                                    attentions=out.attentions), return_dict)
@@ -551,8 +666,8 @@ class BertForNextSentencePrediction(BertPreTrainedModel):
         labels = labels if labels is not None else next_sentence_label
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions)
-        logits = self.cls(out.pooler_output)  # (B, 2)
-        loss = F.cross_entropy(logits.view(-1, 2), labels.view(-1)) if labels is not None else None
+        logits = self.cls(out.pooler_output)  # (B, 2); packed rows (B, E, 2)
+        loss = _nsp_loss(logits, labels) if labels is not None else None
         return _finish(ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                    attentions=out.attentions), return_dict)
 
@@ -593,6 +708,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
                 return_dict=True, **unused):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        _refuse_packed(type(self).__name__, out.pooler_output)
         logits = self.classifier(self.dropout(out.pooler_output))  # (B, num_labels)
         loss = _sequence_classification_loss(self.config, logits, labels) if labels is not None else None
         return _finish(ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
@@ -672,6 +788,7 @@ class BertForMultipleChoice(BertPreTrainedModel):
         out = self.bert(flat(input_ids), flat(attention_mask), flat(token_type_ids), flat(position_ids),
                         inputs_embeds=flat(inputs_embeds), output_hidden_states=output_hidden_states,
                         output_attentions=output_attentions)
+        _refuse_packed(type(self).__name__, out.pooler_output)
         logits = self.classifier(self.dropout(out.pooler_output)).view(-1, choices)  # (B, C)
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return _finish(ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
