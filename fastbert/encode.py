@@ -9,7 +9,9 @@ sentence-transformers does), ``cls`` = the last hidden state of [CLS] (not the p
 ``--normalize`` divides each vector by its L2 norm. Output: a float32 ``.npy`` array (lines, hidden)
 when --output ends in .npy, otherwise JSONL rows ``{"text", "embedding"}`` (stdout by default).
 Texts longer than --max-length tokens (default: the model's maximum positions, at most 512) are
-truncated, and the count is printed to stderr.
+truncated, and the count is printed to stderr. ``--device`` / ``--precision`` as for `fastbert
+finetune` (fastbert.runtime): default cuda when a GPU is visible, auto = bf16 autocast there; the
+pooling itself and the output are always fp32.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import sys
 
 import torch
 
+from . import runtime as R
 from . import tasks as T
 
 
@@ -30,17 +33,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-length", type=int, default=None)
+    R.add_device_arguments(p)
 
 
-def embed(model, tok, texts, pooling="mean", normalize=False, batch_size=64, max_length=512):
-    """(len(texts), hidden) float32 embeddings; batches are length-sorted and padded per batch."""
+def embed(model, tok, texts, pooling="mean", normalize=False, batch_size=64, max_length=512,
+          device=None, precision="fp32"):
+    """(len(texts), hidden) float32 embeddings; batches are length-sorted and padded per batch.
+    The model must already be on `device` (default: the CPU)."""
+    device = torch.device("cpu") if device is None else torch.device(device)
     feats, info = T.build_features("classify", [{"text": t} for t in texts], tok, max_length)
     out = torch.empty(len(texts), model.config.hidden_size)
     model.eval()
     with torch.inference_mode():
         for idx in T.bucket_batches([T.length_of(f) for f in feats], batch_size, shuffle=False):
-            b = T.collate([feats[i] for i in idx])
-            h = model(b["input_ids"], b["attention_mask"], b["token_type_ids"]).last_hidden_state.float()
+            b = {k: v.to(device, non_blocking=True) for k, v in T.collate([feats[i] for i in idx]).items()}
+            with R.autocast(precision, device):
+                h = model(b["input_ids"], b["attention_mask"], b["token_type_ids"]).last_hidden_state
+            h = h.float()
             if pooling == "cls":
                 v = h[:, 0]
             else:
@@ -48,14 +57,16 @@ def embed(model, tok, texts, pooling="mean", normalize=False, batch_size=64, max
                 v = (h * m).sum(1) / m.sum(1)
             if normalize:
                 v = torch.nn.functional.normalize(v, dim=-1)
-            out[idx] = v
+            out[idx] = v.cpu()
     return out.numpy(), info["truncated"]
 
 
 def main(args) -> int:
     from .modeling import BertModel
     try:
-        model = BertModel.from_pretrained(args.model)
+        device = R.resolve_device(args.device)
+        precision = R.resolve_precision(args.precision, device)
+        model = BertModel.from_pretrained(args.model).to(device)
         tok = T.load_tokenizer(args.model)
     except (FileNotFoundError, ValueError) as e:
         print(f"fastbert encode: error: {e}", file=sys.stderr)
@@ -69,7 +80,8 @@ def main(args) -> int:
     if not texts:
         print("fastbert encode: error: no input lines", file=sys.stderr)
         return 2
-    emb, n_trunc = embed(model, tok, texts, args.pooling, args.normalize, args.batch_size, max_length)
+    emb, n_trunc = embed(model, tok, texts, args.pooling, args.normalize, args.batch_size, max_length,
+                         device, precision)
     if n_trunc:
         print(f"fastbert encode: {n_trunc} of {len(texts)} texts truncated to {max_length} tokens",
               file=sys.stderr)

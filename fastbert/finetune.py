@@ -2,7 +2,7 @@
 
     fastbert finetune --task classify --model DIR --train train.jsonl --dev dev.jsonl \
         [--test test.jsonl] --out OUT [--epochs 3 --batch-size 32 --lr 5e-5 --max-length 128 \
-        --seed 42 --freeze {none,all,N}]
+        --seed 42 --freeze {none,all,N} --device cuda --precision auto --random-init]
 
 Recipe (BERT's): AdamW (weight decay 0.01, none on biases and LayerNorm), linear warm-up over the
 first 10% of steps then linear decay to zero, gradient clipping at 1.0, dropout as in the config.
@@ -12,8 +12,23 @@ the earlier epoch); the primary metric is accuracy (classify, pair, choice) or F
 
 Writes into OUT: the fine-tuned model (config.json with id2label/label2id + model.safetensors, plus
 the tokenizer files), ``metrics.json`` = {"dev": {...}, "test": {...}} (fractions in [0, 1]; "test"
-only when --test is given; also the per-epoch "history" and "train_seconds"), and
-``predictions.jsonl`` with one line per test example (if --test).
+only when --test is given), and ``predictions.jsonl`` with one line per test example (if --test).
+metrics.json also records the run: the per-epoch "history", "train_seconds" (wall time of the
+training steps only: forward, backward, optimizer; dev evaluations excluded, the device synchronised
+before the clock is read), "eval_seconds", "impl", "device", "precision" and "threads".
+
+``--device`` / ``--precision`` mean what they mean for ``fastbert pretrain`` (fastbert.runtime):
+default cuda when a GPU is visible; auto precision = bf16 autocast on a GPU with bf16, fp32 on the CPU.
+
+``--random-init`` keeps the config and tokenizer of --model but starts from freshly initialised
+weights (seeded by --seed): the "no pretraining" arm of a two-stage comparison.
+
+``--impl transformers`` is a benchmarking switch, not a user feature: it runs this same loop
+(data order, batches padded to the batch maximum, optimizer, schedule, seed, evaluation) on the
+``transformers`` class of the same name (needs transformers installed), with the very same initial
+weights: the fastbert model is built first (checkpoint or --random-init, task head seeded) and its
+state dict is loaded into the transformers model. With ``--freeze all`` the layer mix runs on a frozen
+``transformers.BertModel``; ``--freeze N`` freezes the same parameters in both.
 
 ``--freeze all`` is the feature-based recipe (fastbert.layer_mix.LayerMixModel): a frozen encoder,
 a learned softmax-weighted mix of all hidden layers times a learned scale, and a small head. Its
@@ -27,7 +42,6 @@ printed for each file.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -37,10 +51,22 @@ import time
 
 import torch
 
+from . import runtime as R
 from . import tasks as T
 from .metrics import accuracy, entity_f1, squad_scores
+from .runtime import add_device_arguments
 
 PRIMARY = {"classify": "accuracy", "pair": "accuracy", "choice": "accuracy", "ner": "f1", "qa": "f1"}
+HEADS = {"classify": "BertForSequenceClassification", "pair": "BertForSequenceClassification",
+         "ner": "BertForTokenClassification", "qa": "BertForQuestionAnswering",
+         "choice": "BertForMultipleChoice"}
+
+
+CHECK_EVERY = 10  # training steps between reads of the loss (finiteness check, progress bar)
+
+
+class UsageError(ValueError):
+    """A command-line setting that cannot work here (device, precision, a missing package)."""
 
 
 def _freeze_arg(s: str):
@@ -78,6 +104,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="none; all (frozen encoder + learned layer mix); or N (freeze the lowest N layers)")
     p.add_argument("--max-train-examples", type=int, default=None, help="use only the first N training examples")
     p.add_argument("--max-eval-examples", type=int, default=None, help="use only the first N dev/test examples")
+    p.add_argument("--random-init", action="store_true",
+                   help="use the config and tokenizer of --model but freshly initialised weights")
+    p.add_argument("--impl", choices=("fastbert", "transformers"), default="fastbert",
+                   help="benchmarking switch: run the same loop on the transformers class of the same name "
+                        "(same initial weights; needs transformers)")
+    add_device_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
@@ -88,9 +120,11 @@ def _log(msg: str) -> None:
 
 # ------------------------------------------------------------------------------------------- model
 
-def build_model(task, model_dir, labels, freeze):
-    from .modeling import (BertForMultipleChoice, BertForQuestionAnswering, BertForSequenceClassification,
-                           BertForTokenClassification, BertModel)
+def build_model(task, model_dir, labels, freeze, random_init=False):
+    """The fastbert model for `task`: the checkpoint's weights (task head freshly initialised when
+    the checkpoint has none), or with random_init every weight fresh; the caller seeds torch."""
+    from . import modeling as M
+    from .config import BertConfig
     from .layer_mix import LayerMixModel, freeze_lowest
 
     label_cfg = {}
@@ -98,26 +132,62 @@ def build_model(task, model_dir, labels, freeze):
         id2label = {i: str(v) for i, v in enumerate(labels)}
         label_cfg = {"id2label": id2label, "label2id": {v: i for i, v in id2label.items()},
                      "num_labels": len(labels)}
+    cls = M.BertModel if freeze == "all" else getattr(M, HEADS[task])
+    if random_init:
+        model = cls(BertConfig.from_pretrained(model_dir, **label_cfg))
+    else:
+        model = cls.from_pretrained(model_dir, **label_cfg)
     if freeze == "all":
-        encoder = BertModel.from_pretrained(model_dir, **label_cfg)
-        return LayerMixModel(encoder, task, num_labels=len(labels) if labels else 2)
-    cls = {"classify": BertForSequenceClassification, "pair": BertForSequenceClassification,
-           "ner": BertForTokenClassification, "qa": BertForQuestionAnswering,
-           "choice": BertForMultipleChoice}[task]
-    model = cls.from_pretrained(model_dir, **label_cfg)
+        return LayerMixModel(model, task, num_labels=len(labels) if labels else 2)
     if isinstance(freeze, int):
         freeze_lowest(model, freeze)
     return model
 
 
-def _forward(model, batch):
-    return model(**batch)
+def _require_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise UsageError("--impl transformers needs the transformers package (pip install transformers)") from None
+    return transformers
+
+
+def _transformers_copy(model, class_name):
+    """The transformers class `class_name` with `model`'s config and exactly its weights."""
+    transformers = _require_transformers()
+    config = transformers.BertConfig.from_dict(model.config.to_dict())
+    hf = getattr(transformers, class_name)(config)
+    # strict: every weight of the fastbert model has its place, none is left at transformers' init
+    hf.load_state_dict(model.state_dict(), strict=True)
+    return hf
+
+
+def to_transformers(model, task, freeze):
+    """The same model as `model` (built by build_model) on transformers' modules: same weights, the
+    same parameters frozen; the layer mix and its head (fastbert.layer_mix) run on a transformers
+    BertModel for --freeze all."""
+    from .layer_mix import LayerMixModel, freeze_lowest
+    if freeze == "all":
+        hf = LayerMixModel(_transformers_copy(model.encoder, "BertModel"), task, num_labels=model.num_labels,
+                           dropout=model.dropout.p)
+        hf.mix.load_state_dict(model.mix.state_dict())
+        hf.head.load_state_dict(model.head.state_dict())
+        return hf
+    hf = _transformers_copy(model, HEADS[task])
+    if isinstance(freeze, int):
+        freeze_lowest(hf, freeze)
+    return hf
+
+
+def _to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @torch.inference_mode()
-def predict(model, task, feats, batch_size, progress=False):
+def predict(model, task, feats, batch_size, progress=False, device=None, precision="fp32"):
     """Raw predictions per feature: a class index (classify, pair, choice), per-token class ids
     (ner) or (start_logits, end_logits) lists (qa)."""
+    device = device or torch.device("cpu")
     model.eval()
     out = [None] * len(feats)
     batches = T.bucket_batches([T.length_of(f) for f in feats], batch_size, shuffle=False)
@@ -126,13 +196,16 @@ def predict(model, task, feats, batch_size, progress=False):
         batch = T.collate(fs)
         for k in ("labels", "start_positions", "end_positions"):
             batch.pop(k, None)
-        res = model(**batch)
+        with R.autocast(precision, device):
+            res = model(**_to_device(batch, device))
+        # one device-to-host copy per batch, not one per example
         if task == "qa":
+            starts, ends = res.start_logits.float().cpu(), res.end_logits.float().cpu()
             for j, i in enumerate(idx):
                 n = len(fs[j]["input_ids"])
-                out[i] = (res.start_logits[j, :n].tolist(), res.end_logits[j, :n].tolist())
+                out[i] = (starts[j, :n].tolist(), ends[j, :n].tolist())
         elif task == "ner":
-            ids = res.logits.argmax(-1)
+            ids = res.logits.argmax(-1).cpu()
             for j, i in enumerate(idx):
                 out[i] = ids[j, :len(fs[j]["input_ids"])].tolist()
         else:
@@ -141,9 +214,9 @@ def predict(model, task, feats, batch_size, progress=False):
     return out
 
 
-def evaluate(model, task, examples, feats, labels, args, progress=False):
+def evaluate(model, task, examples, feats, labels, args, progress=False, device=None, precision="fp32"):
     """(metrics dict, predictions per example) on a labelled file."""
-    raw = predict(model, task, feats, args.eval_batch_size, progress)
+    raw = predict(model, task, feats, args.eval_batch_size, progress, device, precision)
     if task in ("classify", "pair"):
         preds = [labels[p] for p in raw]
         return {"accuracy": accuracy(preds, [ex["label"] for ex in examples]), "n": len(examples)}, preds
@@ -199,6 +272,15 @@ def _check_choice_counts(examples, n, path):
 def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        device = R.resolve_device(args.device)
+        precision = R.resolve_precision(args.precision, device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.impl == "transformers":
+        transformers = _require_transformers()
+        if args.no_progress:
+            transformers.utils.logging.disable_progress_bar()  # its save_pretrained draws one
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     task, freeze = args.task, args.freeze
@@ -234,63 +316,101 @@ def run(args) -> dict:
         for exs, path in ((train_ex, args.train), (dev_ex, args.dev), (test_ex or [], args.test)):
             _check_choice_counts(exs, n, path)
 
-    model = build_model(task, args.model, labels, freeze)
+    model = build_model(task, args.model, labels, freeze, random_init=args.random_init)
+    if args.impl == "transformers":
+        model = to_transformers(model, task, freeze)
+    model.to(device)
+    # Both implementations start their dropout streams from the same seed, whatever building
+    # (and, for transformers, re-initialising) the model drew.
+    torch.manual_seed(args.seed)
     from .optim import build_optimizer, warmup_linear_schedule
     optimizer = build_optimizer(model, args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train_f) / args.batch_size)
     total = steps_per_epoch * args.epochs
     scheduler = warmup_linear_schedule(optimizer, int(args.warmup * total), total)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    scaler = R.grad_scaler(precision, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    threads = torch.get_num_threads()
     _log(f"{task}: {len(train_ex)} train examples ({len(train_f)} features), {len(dev_ex)} dev; "
-         f"{args.epochs} epochs x {steps_per_epoch} steps; lr {args.lr}; {trainable:,} trainable parameters")
+         f"{args.epochs} epochs x {steps_per_epoch} steps; lr {args.lr}; "
+         f"{sum(p.numel() for p in trainable):,} trainable parameters; impl {args.impl}"
+         f"{' (random init)' if args.random_init else ''}; {precision} on {R.describe(device)}")
 
     metric = PRIMARY[task]
     best, best_state, history = -1.0, None, []
     progress = not args.no_progress
-    t0 = time.perf_counter()
+    train_seconds = eval_seconds = 0.0
+    t_start = time.perf_counter()
     lengths = [T.length_of(f) for f in train_f]
     for epoch in range(args.epochs):
         model.train()
         batches = T.bucket_batches(lengths, args.batch_size, shuffle=True, seed=args.seed + epoch)
         bar = _progress(batches, progress, f"epoch {epoch + 1}/{args.epochs}")
-        loss_sum, n = 0.0, 0
+        R.synchronize(device)
+        t0 = time.perf_counter()
+        # the loss is summed on the device and read every CHECK_EVERY steps, not once per step:
+        # a host sync per step would keep a GPU waiting on Python
+        loss_acc = torch.zeros((), dtype=torch.float64, device=device)
+        loss_sum, n, checked = 0.0, 0, 0
         for idx in bar:
-            batch = T.collate([train_f[i] for i in idx])
-            loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch + 1}")
-            loss.backward()
+            batch = _to_device(T.collate([train_f[i] for i in idx]), device)
+            with R.autocast(precision, device):
+                loss = model(**batch).loss
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             if args.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                               args.max_grad_norm)
-            optimizer.step()
+                torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.item()
+            loss_acc += loss.detach()
             n += 1
-            if progress and n % 10 == 0:
-                bar.set_postfix(loss=f"{loss_sum / n:.4f}")
-        train_seconds = time.perf_counter() - t0
-        dev_metrics, _ = evaluate(model, task, dev_ex, dev_f, labels, args)
+            if n % CHECK_EVERY == 0 or n == len(batches):
+                loss_sum = float(loss_acc)
+                if not math.isfinite(loss_sum):
+                    raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1}, "
+                                             f"steps {checked + 1}..{n} of the epoch")
+                checked = n
+                if progress:
+                    bar.set_postfix(loss=f"{loss_sum / n:.4f}")
+        R.synchronize(device)
+        train_seconds += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        dev_metrics, _ = evaluate(model, task, dev_ex, dev_f, labels, args, device=device, precision=precision)
+        eval_seconds += time.perf_counter() - t1
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(n, 1), **dev_metrics,
                         "train_seconds": round(train_seconds, 2),
-                        "elapsed_seconds": round(time.perf_counter() - t0, 2)})
-        _log(f"epoch {epoch + 1}: train loss {loss_sum / max(n, 1):.4f}, dev {metric} {dev_metrics[metric]:.4f}")
+                        "elapsed_seconds": round(time.perf_counter() - t_start, 2)})
+        _log(f"epoch {epoch + 1}: train loss {loss_sum / max(n, 1):.4f}, dev {metric} {dev_metrics[metric]:.4f} "
+             f"({train_seconds:.1f} s of training so far)")
         if dev_metrics[metric] > best:
             best = dev_metrics[metric]
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             best_dev, best_epoch = dev_metrics, epoch + 1
-    total_seconds = time.perf_counter() - t0
+    total_seconds = time.perf_counter() - t_start
 
     model.load_state_dict(best_state)
+    result = {"dev": best_dev, "best_epoch": best_epoch, "history": history,
+              "train_seconds": round(train_seconds, 2), "eval_seconds": round(eval_seconds, 2),
+              "total_seconds": round(total_seconds, 2), "impl": args.impl, "random_init": args.random_init,
+              "device": str(device), "device_name": R.describe(device), "precision": precision,
+              "threads": threads, "steps": total, "train_features": len(train_f)}
+    if args.impl == "transformers":
+        cfg = getattr(model, "config", None)
+        result["attn_implementation"] = getattr(cfg, "_attn_implementation", None)
+    if test_ex is not None:
+        test_metrics, preds = evaluate(model, task, test_ex, test_f, labels, args, device=device,
+                                       precision=precision)
+        result["test"] = test_metrics
     os.makedirs(args.out, exist_ok=True)
     model.save_pretrained(args.out)
     T.copy_tokenizer_files(args.model, args.out)
-    result = {"dev": best_dev, "best_epoch": best_epoch, "history": history,
-              "train_seconds": round(total_seconds, 2)}
     if test_ex is not None:
-        test_metrics, preds = evaluate(model, task, test_ex, test_f, labels, args)
-        result["test"] = test_metrics
         key = {"ner": "tags", "qa": "answer"}.get(task, "label")
         with open(os.path.join(args.out, "predictions.jsonl"), "w", encoding="utf-8") as f:
             for i, p in enumerate(preds):
@@ -303,14 +423,14 @@ def run(args) -> dict:
         json.dump(ordered, f, indent=2)
     _log(f"best epoch {best_epoch}: dev {metric} {best:.4f}"
          + (f", test {metric} {ordered['test'][metric]:.4f}" if "test" in ordered else "")
-         + f"; wrote {args.out}")
+         + f"; {train_seconds:.1f} s of training; wrote {args.out}")
     return ordered
 
 
 def main(args) -> int:
     try:
         run(args)
-    except (T.DataError, FileNotFoundError) as e:
+    except (T.DataError, FileNotFoundError, UsageError) as e:
         print(f"fastbert finetune: error: {e}", file=sys.stderr)
         return 2
     return 0

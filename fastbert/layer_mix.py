@@ -11,7 +11,10 @@ reads the mix: a masked mean over tokens then a linear layer (classify, pair, ch
 layer per token (ner: num_labels outputs; qa: start and end logits).
 
 The encoder runs under torch.no_grad, so training costs one forward pass of the encoder per batch
-and the optimiser sees only the mix and the head (a few thousand parameters).
+and the optimiser sees only the mix and the head (a few thousand parameters). The encoder is any
+module called as ``encoder(input_ids, attention_mask, token_type_ids, output_hidden_states=True)``
+that returns ``.hidden_states`` and has a BERT ``.config``: fastbert's BertModel, or transformers'
+(the baseline arm of ``fastbert finetune --impl transformers``).
 
 Saving writes the frozen encoder as a ``BertModel`` checkpoint (config.json with id2label, plus
 model.safetensors) and the learned part as ``layer_mix.safetensors`` + ``layer_mix.json``.
@@ -64,7 +67,7 @@ def _masked_mean(x, mask):  # x (B, S, D), mask (B, S) -> (B, D)
 
 
 class LayerMixModel(nn.Module):
-    """A frozen ``fastbert.BertModel`` + learned scalar mix of all its layers + a task head."""
+    """A frozen BertModel (fastbert's or transformers') + learned scalar mix of all its layers + a task head."""
 
     def __init__(self, encoder: nn.Module, task: str, num_labels: int = 2, dropout: float = 0.1):
         super().__init__()

@@ -77,7 +77,7 @@ def test_finetune_each_task(micro_model, tmp_path, task, freeze):
     out = tmp_path / "out"
     rc = cli(["finetune", "--task", task, "--model", micro_model, "--train", files["train"],
               "--dev", files["dev"], "--test", files["test"], "--out", str(out), "--epochs", "2",
-              "--batch-size", "8", "--max-length", "24", "--freeze", freeze, "--lr", "1e-3"]
+              "--batch-size", "8", "--max-length", "24", "--freeze", freeze, "--lr", "1e-3", "--device", "cpu"]
              + ([] if task == "qa" else ["--no-progress"]))  # qa runs with the tqdm bar
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
@@ -115,7 +115,7 @@ def test_classify_learns_an_easy_rule(micro_model, tmp_path):
     out = tmp_path / "out"
     assert cli(["finetune", "--task", "classify", "--model", micro_model, "--train", tr, "--dev", dv,
                 "--out", str(out), "--epochs", "4", "--batch-size", "16", "--lr", "2e-3",
-                "--max-length", "16", "--no-progress"]) == 0
+                "--max-length", "16", "--no-progress", "--device", "cpu"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert "test" not in m
     assert m["dev"]["accuracy"] >= 0.9
@@ -125,7 +125,7 @@ def test_finetune_bad_input_is_a_clear_error(micro_model, tmp_path, capsys):
     tr = _jsonl(tmp_path / "tr.jsonl", [{"text": "good", "label": "a"}, {"text": "bad", "label": "b"}])
     dv = _jsonl(tmp_path / "dv.jsonl", [{"text": "good", "label": "a"}, {"text": "bad", "label": "c"}])
     base = ["finetune", "--task", "classify", "--model", micro_model, "--train", tr, "--out",
-            str(tmp_path / "o"), "--no-progress"]
+            str(tmp_path / "o"), "--no-progress", "--device", "cpu"]
     assert cli(base + ["--dev", dv]) == 2
     assert "dv.jsonl:2: label 'c' does not occur in the training file" in capsys.readouterr().err
     (tmp_path / "empty.jsonl").write_text("")
@@ -143,7 +143,7 @@ def test_encode_npy_and_jsonl(micro_model, tmp_path, monkeypatch):
     inp = tmp_path / "in.txt"
     inp.write_text("\n".join(lines) + "\n")
     assert cli(["encode", "--model", micro_model, "--input", str(inp), "--output", str(tmp_path / "e.npy"),
-                "--pooling", "mean", "--normalize"]) == 0
+                "--pooling", "mean", "--normalize", "--device", "cpu", "--precision", "fp32"]) == 0
     emb = np.load(tmp_path / "e.npy")
     assert emb.shape == (3, 32)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
@@ -154,9 +154,104 @@ def test_encode_npy_and_jsonl(micro_model, tmp_path, monkeypatch):
     np.testing.assert_allclose(emb[2], (h / h.norm()).numpy(), rtol=1e-4, atol=1e-5)
 
     assert cli(["encode", "--model", micro_model, "--input", str(inp), "--output", str(tmp_path / "e.jsonl"),
-                "--pooling", "cls"]) == 0
+                "--pooling", "cls", "--device", "cpu"]) == 0
     rows = [json.loads(l) for l in (tmp_path / "e.jsonl").read_text().splitlines()]
     assert [r["text"] for r in rows] == lines
     with torch.no_grad():
         cls0 = model(torch.tensor([tok.encode(lines[0]).ids])).last_hidden_state[0, 0]
     np.testing.assert_allclose(rows[0]["embedding"], cls0.numpy(), rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------- device, random init, baseline arm
+
+@pytest.fixture(scope="module")
+def micro_no_dropout(tmp_path_factory):
+    """A micro checkpoint without dropout, so two implementations of the same loop must agree step by step."""
+    from fastbert.config import BertConfig
+    from fastbert.modeling import BertModel
+    d = tmp_path_factory.mktemp("micro_nodrop")
+    torch.manual_seed(1)
+    cfg = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    BertModel(cfg).save_pretrained(str(d))
+    (d / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    return str(d)
+
+
+@pytest.mark.parametrize("task, freeze", [("ner", "1"), ("classify", "all")])
+def test_transformers_arm_runs_the_same_loop(micro_no_dropout, tmp_path, task, freeze):
+    # Same initial weights (head included), data order, batches, optimizer and schedule: without
+    # dropout the two implementations must give the same training losses and dev predictions.
+    pytest.importorskip("transformers")
+    files = make_data(task, tmp_path, random.Random(2))
+    runs = {}
+    for impl in ("fastbert", "transformers"):
+        out = tmp_path / impl
+        assert cli(["finetune", "--task", task, "--model", micro_no_dropout, "--train", files["train"],
+                    "--dev", files["dev"], "--test", files["test"], "--out", str(out), "--epochs", "2",
+                    "--batch-size", "8", "--max-length", "24", "--lr", "3e-3", "--freeze", freeze,
+                    "--impl", impl, "--device", "cpu", "--threads", "1", "--no-progress"]) == 0
+        runs[impl] = (json.loads((out / "metrics.json").read_text()),
+                      (out / "predictions.jsonl").read_text())
+    (fb, fb_pred), (hf, hf_pred) = runs["fastbert"], runs["transformers"]
+    fb_loss = [h["train_loss"] for h in fb["history"]]
+    assert fb_loss[1] < fb_loss[0]  # it trains at all
+    assert [h["train_loss"] for h in hf["history"]] == pytest.approx(fb_loss, rel=1e-5)
+    assert hf["dev"] == fb["dev"] and hf_pred == fb_pred
+    assert (fb["impl"], hf["impl"]) == ("fastbert", "transformers")
+    for m in (fb, hf):
+        assert m["device"] == "cpu" and m["precision"] == "fp32" and m["threads"] == 1
+        assert 0 < m["train_seconds"] <= m["total_seconds"]
+
+
+def test_random_init_keeps_config_and_tokenizer(micro_model, tmp_path):
+    from safetensors.torch import load_file
+    from fastbert.finetune import build_model
+    ckpt = load_file(f"{micro_model}/model.safetensors")
+    torch.manual_seed(5)
+    a = build_model("classify", micro_model, ["neg", "pos"], "none", random_init=True)
+    torch.manual_seed(5)
+    b = build_model("classify", micro_model, ["neg", "pos"], "none", random_init=True)
+    torch.manual_seed(5)
+    pre = build_model("classify", micro_model, ["neg", "pos"], "none")
+    sa, sb, sp = a.state_dict(), b.state_dict(), pre.state_dict()
+    assert sa.keys() == sp.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # seeded: the same fresh weights every time
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(sp[key], ckpt[key.removeprefix("bert.")])
+    assert not torch.allclose(sa[key], sp[key])
+    assert a.config.hidden_size == pre.config.hidden_size and a.config.id2label == {0: "neg", 1: "pos"}
+    # through the command line: recorded in metrics.json, tokenizer files copied
+    files = make_data("classify", tmp_path, random.Random(3))
+    out = tmp_path / "out"
+    assert cli(["finetune", "--task", "classify", "--model", micro_model, "--train", files["train"],
+                "--dev", files["dev"], "--out", str(out), "--epochs", "1", "--batch-size", "8",
+                "--max-length", "24", "--random-init", "--device", "cpu", "--no-progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["random_init"] is True and (out / "vocab.txt").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--device", "cpu", "--precision", "fp16"], "fp16 needs a CUDA device"),
+    (["--device", "tpu:0"], "--device 'tpu:0'"),
+    (["--device", "nonsense"], "expected cpu, cuda or cuda:N"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA GPU is available")]))
+def test_device_and_precision_errors(micro_model, tmp_path, capsys, extra, message):
+    base = ["--model", micro_model, "--no-progress"]
+    tr = _jsonl(tmp_path / "tr.jsonl", [{"text": "good", "label": 1}, {"text": "bad", "label": 0}])
+    assert cli(["finetune", "--task", "classify", "--train", tr, "--dev", tr, "--out", str(tmp_path / "o")]
+               + base + extra) == 2
+    assert message in capsys.readouterr().err
+    (tmp_path / "in.txt").write_text("good\n")
+    assert cli(["encode", "--model", micro_model, "--input", str(tmp_path / "in.txt")] + extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_transformers_arm_without_transformers_is_a_clear_error(micro_model, tmp_path, capsys, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
+    tr = _jsonl(tmp_path / "tr.jsonl", [{"text": "good", "label": 1}, {"text": "bad", "label": 0}])
+    assert cli(["finetune", "--task", "classify", "--model", micro_model, "--train", tr, "--dev", tr,
+                "--out", str(tmp_path / "o"), "--impl", "transformers", "--device", "cpu"]) == 2
+    assert "--impl transformers needs the transformers package" in capsys.readouterr().err
