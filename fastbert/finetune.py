@@ -20,6 +20,10 @@ before the clock is read), "eval_seconds", "impl", "device", "precision" and "th
 ``--device`` / ``--precision`` mean what they mean for ``fastbert pretrain`` (fastbert.runtime):
 default cuda when a GPU is visible; auto precision = bf16 autocast on a GPU with bf16, fp32 on the CPU.
 
+``--labels FILE`` fixes the label set (one a line, in id order; e.g. ner_en/labels.txt) instead of
+taking the labels seen in the training file: needed when a shortened training file lacks a tag that
+the dev file has.
+
 ``--random-init`` keeps the config and tokenizer of --model but starts from freshly initialised
 weights (seeded by --seed): the "no pretraining" arm of a two-stage comparison.
 
@@ -104,6 +108,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="none; all (frozen encoder + learned layer mix); or N (freeze the lowest N layers)")
     p.add_argument("--max-train-examples", type=int, default=None, help="use only the first N training examples")
     p.add_argument("--max-eval-examples", type=int, default=None, help="use only the first N dev/test examples")
+    p.add_argument("--labels", metavar="FILE",
+                   help="classify / pair / ner: the label set, one label a line, in id order (default: the "
+                        "labels seen in the training file); needed when a short training file lacks some")
     p.add_argument("--random-init", action="store_true",
                    help="use the config and tokenizer of --model but freshly initialised weights")
     p.add_argument("--impl", choices=("fastbert", "transformers"), default="fastbert",
@@ -262,6 +269,30 @@ def _load(task, path, labels, tok, args, limit, name):
     return examples, feats
 
 
+def read_label_file(path, task, train_ex):
+    """The label list of --labels FILE; integer labels when the training file's labels are integers."""
+    from .metrics import _split_tag
+    if task not in ("classify", "pair", "ner"):
+        raise UsageError(f"--labels applies to classify, pair and ner, not {task}")
+    with T._open_nonempty(path) as f:
+        names = [line.strip() for line in f if line.strip()]
+    if len(set(names)) != len(names):
+        raise T.DataError(f"{path}: a label is listed twice")
+    if task == "ner":
+        for name in names:
+            try:
+                _split_tag(name)
+            except ValueError as e:
+                raise T.DataError(f"{path}: {e}") from None
+        return names
+    if all(isinstance(ex["label"], int) for ex in train_ex):
+        try:
+            return [int(n) for n in names]
+        except ValueError:
+            raise T.DataError(f"{path}: the training labels are integers, but the file lists {names}") from None
+    return names
+
+
 def _check_choice_counts(examples, n, path):
     for ex in examples:
         if len(ex["choices"]) != n:
@@ -303,7 +334,7 @@ def run(args) -> dict:
     train_ex = T.read_examples(task, args.train)
     if args.max_train_examples is not None:
         train_ex = train_ex[:args.max_train_examples]
-    labels = T.build_label_list(task, train_ex)
+    labels = read_label_file(args.labels, task, train_ex) if args.labels else T.build_label_list(task, train_ex)
     if labels is not None and task in ("classify", "pair") and len(labels) < 2:
         raise T.DataError(f"{args.train}: only one label ({labels[0]!r}) in the training file")
     train_ex, train_f = _load(task, args.train, labels, tok, args, args.max_train_examples, "train")

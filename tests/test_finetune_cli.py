@@ -255,3 +255,19 @@ def test_transformers_arm_without_transformers_is_a_clear_error(micro_model, tmp
     assert cli(["finetune", "--task", "classify", "--model", micro_model, "--train", tr, "--dev", tr,
                 "--out", str(tmp_path / "o"), "--impl", "transformers", "--device", "cpu"]) == 2
     assert "--impl transformers needs the transformers package" in capsys.readouterr().err
+
+
+def test_label_file(tmp_path):
+    from fastbert.finetune import read_label_file
+    from fastbert.tasks import DataError
+    (tmp_path / "ner.txt").write_text("O\nB-X\nI-X\nB-Y\n\n")
+    assert read_label_file(str(tmp_path / "ner.txt"), "ner", []) == ["O", "B-X", "I-X", "B-Y"]
+    (tmp_path / "cls.txt").write_text("1\n0\n")
+    assert read_label_file(str(tmp_path / "cls.txt"), "classify", [{"label": 0}]) == [1, 0]
+    assert read_label_file(str(tmp_path / "cls.txt"), "classify", [{"label": "0"}]) == ["1", "0"]
+    (tmp_path / "bad.txt").write_text("O\nX-1\n")
+    with pytest.raises(DataError, match="bad.txt"):
+        read_label_file(str(tmp_path / "bad.txt"), "ner", [])
+    (tmp_path / "dup.txt").write_text("a\na\n")
+    with pytest.raises(DataError, match="listed twice"):
+        read_label_file(str(tmp_path / "dup.txt"), "classify", [{"label": "a"}])
