@@ -17,6 +17,18 @@ run_args.json (it starts from the beginning if there is no checkpoint yet, and e
 the run is finished). Under ``torchrun --nproc-per-node N`` each process takes 1/N of every global
 batch (``--batch-size`` is the global batch); the loss is the mean over all masked tokens of the
 global batch whatever N and ``--grad-accum`` are, so runs with the same seed train the same model.
+
+``--pack`` fills each row of ``--seq-len`` tokens with several whole examples (best-fit, see
+fastbert.pretraining_data) instead of one example and padding; the model keeps them apart (each
+example attends only to itself, positions and token types restart, one NSP prediction per example).
+``--batch-size`` then counts rows, so a step holds more examples; the losses stay means over the
+masked tokens and over the sentence pairs of the global batch. The examples themselves are BERT's
+(the same ``--short-seq-prob``): packing removes padding without changing what an example looks like.
+How much that is depends on the corpus: on the sample corpus (long chapters) at --seq-len 128 the
+real tokens per row go from 96.8% to 99.4%; with ``--short-seq-prob 1.0`` (shorter examples), where
+padding would take 28% of every row, packing keeps 93.5% real. ``--max-example-len N`` makes every
+example at most N tokens (more, shorter examples per row). Evaluation runs unpacked, so its figures
+compare across packed and unpacked runs.
 """
 from __future__ import annotations
 
@@ -32,8 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from . import trainer as T
-from .pretraining_data import (CorpusError, PretrainingData, collate, iter_sentences, split_documents,
-                               tokenize_corpus)
+from .pretraining_data import (CorpusError, PretrainingData, collate, collate_packed, iter_sentences,
+                               split_documents, tokenize_corpus)
 from .tokenization import TOKENIZER_FILES, TokenizerError, build_tokenizer, load_tokenizer, save_tokenizer
 
 # Settings that define a run: fixed when it starts, read back from run_args.json on --resume.
@@ -55,6 +67,8 @@ RUN_DEFAULTS = {
     "whole_word_mask": False,
     "no_nsp": False,
     "short_seq_prob": 0.1,
+    "pack": False,
+    "max_example_len": None,   # None: --seq-len
     "dropout": None,           # None: the config's (0.1 for the named sizes)
     "pad_to": "batch",
     "seed": 0,
@@ -93,6 +107,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-nsp", action="store_true", default=None,
                    help="masked LM only: B is always the true continuation, no NSP loss")
     g.add_argument("--short-seq-prob", type=float, help="share of shorter target lengths (default 0.1)")
+    g.add_argument("--pack", action="store_true", default=None,
+                   help="pack several whole examples into each row of --seq-len tokens (kept apart in "
+                        "attention; --batch-size counts rows); default off")
+    g.add_argument("--max-example-len", type=int,
+                   help="longest example in tokens (default --seq-len); with --pack, shorter examples "
+                        "share rows")
     g.add_argument("--pad-to", choices=["batch", "max"],
                    help="pad each batch to its longest example (default) or always to --seq-len")
     g.add_argument("--eval-fraction", type=float,
@@ -182,6 +202,8 @@ def _check_settings(s: dict, dist: T.Distributed) -> None:
             raise ValueError(f"--{k.replace('_', '-')} must be at least 1, got {s[k]}")
     if s["seq_len"] < 8:
         raise ValueError(f"--seq-len {s['seq_len']} is too short (at least 8)")
+    if s["max_example_len"] is not None and not 8 <= s["max_example_len"] <= s["seq_len"]:
+        raise ValueError(f"--max-example-len must lie in [8, --seq-len {s['seq_len']}], got {s['max_example_len']}")
     if not 0 < s["mask_prob"] < 1:
         raise ValueError(f"--mask-prob must be in (0, 1), got {s['mask_prob']}")
     if s["batch_size"] % (dist.world_size * s["grad_accum"]):
@@ -197,13 +219,14 @@ class PretrainingLoss(torch.nn.Module):
         super().__init__()
         self.model, self.nsp = model, nsp
 
-    def forward(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label):
-        out = self.model.bert(input_ids, attention_mask, token_type_ids)
+    def forward(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label, position_ids=None):
+        out = self.model.bert(input_ids, attention_mask, token_type_ids, position_ids)
         mlm = self.model.cls.predictions.masked_loss(out.last_hidden_state, labels)
         if not self.nsp:
             return mlm, None
-        logits = self.model.cls.seq_relationship(out.pooler_output).float()
-        return mlm, F.cross_entropy(logits, next_sentence_label)
+        logits = self.model.cls.seq_relationship(out.pooler_output).float()  # (B, 2); packed (B, E, 2)
+        # packed rows: labels (B, E), -100 in the empty slots (ignored)
+        return mlm, F.cross_entropy(logits.reshape(-1, 2), next_sentence_label.reshape(-1))
 
 
 @torch.no_grad()
@@ -309,8 +332,9 @@ def _run(args, dist: T.Distributed) -> int:
         corpus = tokenize_corpus(corpus_paths, tokenizer, args.cache_dir)
     train_docs, eval_docs = split_documents(corpus.num_documents, s["eval_fraction"], s["seed"])
     common = dict(seq_len=s["seq_len"], mask_prob=s["mask_prob"], nsp=nsp, whole_word_mask=s["whole_word_mask"],
-                  short_seq_prob=s["short_seq_prob"])
-    train_data = PretrainingData(corpus, tokenizer, train_docs, seed=s["seed"], **common)
+                  short_seq_prob=s["short_seq_prob"], max_example_len=s["max_example_len"])
+    pack = bool(s["pack"])
+    train_data = PretrainingData(corpus, tokenizer, train_docs, seed=s["seed"], pack=pack, **common)
     n_epoch0 = len(train_data.epoch(0))  # raises CorpusError early for a corpus too small for NSP
     eval_examples = []
     if len(eval_docs) >= (2 if nsp else 1):
@@ -319,6 +343,11 @@ def _run(args, dist: T.Distributed) -> int:
     _log(dist, f"corpus: {corpus.num_documents} documents, {corpus.num_tokens:,} tokens; {len(train_docs)} "
                f"training documents ({n_epoch0} examples per epoch), {len(eval_docs)} held out "
                f"({len(eval_examples)} evaluation examples)")
+    if pack:
+        inst0, rows0 = train_data.epoch(0), train_data.rows(0)
+        _log(dist, f"packing: {len(rows0)} rows of {s['seq_len']} per epoch ({n_epoch0 / len(rows0):.2f} examples "
+                   f"per row), {int(inst0.offsets[-1]) / (len(rows0) * s['seq_len']):.1%} real tokens "
+                   f"(unpacked {int(inst0.offsets[-1]) / (n_epoch0 * s['seq_len']):.1%})")
 
     # ---- the run folder (written only now that every input checked out) ----------------------
     if dist.is_main:
@@ -438,34 +467,42 @@ def _run(args, dist: T.Distributed) -> int:
     tokens_since, time_since = 0.0, 0.0
     while step < steps:
         t0 = time.perf_counter()
-        examples, next_position = train_data.take(position, global_batch)
+        # items: examples, or packed rows of examples (--pack); --batch-size counts items
+        if pack:
+            items, next_position = train_data.take_rows(position, global_batch)
+            examples = [e for row in items for e in row]
+        else:
+            items, next_position = train_data.take(position, global_batch)
+            examples = items
         n_masked_total = float(sum(int((e["labels"] != -100).sum()) for e in examples))
-        mine = examples[dist.rank * per_rank:(dist.rank + 1) * per_rank]
+        mine = items[dist.rank * per_rank:(dist.rank + 1) * per_rank]
         mlm_part = nsp_part = 0.0
         real_tokens = 0
         for k in range(s["grad_accum"]):
             chunk = mine[k * micro:(k + 1) * micro]
-            batch = {key: v.to(device, non_blocking=True) for key, v in collate(chunk, pad_id, pad_to).items()}
-            real_tokens += int(batch["attention_mask"].sum())
+            batch = {key: v.to(device, non_blocking=True)
+                     for key, v in (collate_packed if pack else collate)(chunk, pad_id, pad_to).items()}
+            real_tokens += int((batch["attention_mask"] != 0).sum())
             n_masked = float((batch["labels"] != -100).sum())
+            n_pairs = sum(len(row) for row in chunk) if pack else len(chunk)
             # Weights that make the summed gradient that of the mean over the whole global batch
-            # (MLM: over its masked tokens; NSP: over its sequences); DDP divides by world_size.
+            # (MLM: over its masked tokens; NSP: over its sentence pairs); DDP divides by world_size.
             w_mlm = n_masked / n_masked_total * dist.world_size
-            w_nsp = len(chunk) / global_batch * dist.world_size
+            w_nsp = n_pairs / len(examples) * dist.world_size
             last = k == s["grad_accum"] - 1
             sync = contextlib.nullcontext() if (last or not dist.enabled) else loss_module.no_sync()
             with sync:
                 with autocast():
                     mlm, nsp_loss = loss_module(batch["input_ids"], batch["attention_mask"],
                                                 batch["token_type_ids"], batch["labels"],
-                                                batch["next_sentence_label"])
+                                                batch["next_sentence_label"], batch.get("position_ids"))
                 loss = mlm.float() * w_mlm
                 if nsp_loss is not None:
                     loss = loss + nsp_loss * w_nsp
                 (scaler.scale(loss) if scaler is not None else loss).backward()
             mlm_part += float(mlm.detach()) * n_masked / n_masked_total
             if nsp_loss is not None:
-                nsp_part += float(nsp_loss.detach()) * len(chunk) / global_batch
+                nsp_part += float(nsp_loss.detach()) * n_pairs / len(examples)
         if scaler is not None:
             scaler.unscale_(optimizer)
         if s["max_grad_norm"] and s["max_grad_norm"] > 0:

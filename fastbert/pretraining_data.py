@@ -22,6 +22,17 @@ Pipeline:
    (seed, epoch, index), so it is re-drawn every epoch, independent of batch size and process count,
    and repeatable on resume.
 
+4. Packing (``pack=True``): the examples of an epoch, created and masked exactly as above, are
+   packed whole into rows of ``seq_len`` tokens by best-fit decreasing (``pack_examples``; seeded
+   row order), so a row holds several examples and little padding. A data position is then
+   (epoch, row). ``collate_packed`` numbers the examples of a row in its attention_mask (1, 2, ...;
+   0 = padding), restarts position_ids and token types per example, and gives the NSP labels as
+   (rows, max examples per row) with -100 in the empty slots: the model input of packed rows that
+   fastbert.BertModel documents. The example lengths are BERT's (``short_seq_prob`` as unpacked), so
+   packing changes what a step holds, not the distribution of examples: it removes the padding of
+   short examples (document ends, the short targets). ``max_example_len`` below ``seq_len`` makes
+   every example shorter (more of them per row, less context each).
+
 Documented behaviours: a document with one sentence can only be segment A (its B is then a random
 span, NSP label 1); NSP needs at least two training documents (else a CorpusError suggests
 ``nsp=False``); with ``nsp=False`` B is always the true continuation, or absent when a chunk has one
@@ -393,6 +404,37 @@ def mask_tokens(tokens: np.ndarray, special: np.ndarray, rng: np.random.Generato
 # The data of a run
 # ----------------------------------------------------------------------------------------------
 
+def pack_examples(lengths: np.ndarray, capacity: int, rng: np.random.Generator | None = None) -> list[np.ndarray]:
+    """Pack items of the given lengths whole into rows of ``capacity`` tokens; returns each row's item
+    indices (ascending). Best-fit decreasing: the longest item first, each into the open row whose
+    free space it fills most tightly (a new row when none has room). Rows come in ``rng``'s random
+    order (as made when None). Every length must be in [1, capacity]."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and (lengths.min() < 1 or lengths.max() > capacity):
+        raise ValueError(f"item lengths must lie in [1, {capacity}], got [{lengths.min()}, {lengths.max()}]")
+    # open rows by free space: free[r] lists the rows with r tokens free (r = 0: full, never reused)
+    free: list[list[int]] = [[] for _ in range(capacity + 1)]
+    rows: list[list[int]] = []
+    for i in np.argsort(-lengths, kind="stable"):
+        n = int(lengths[i])
+        r = n
+        while r <= capacity and not free[r]:
+            r += 1
+        if r > capacity:
+            rows.append([])
+            row = len(rows) - 1
+        else:
+            row = free[r].pop()
+        rows[row].append(int(i))
+        left = min(r, capacity) - n
+        if left:
+            free[left].append(row)
+    out = [np.sort(np.asarray(r, dtype=np.int64)) for r in rows]
+    if rng is not None:
+        out = [out[k] for k in rng.permutation(len(out))]
+    return out
+
+
 def split_documents(num_documents: int, eval_fraction: float, seed: int, max_eval_documents: int = 200,
                     min_train_documents: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Hold out a random ``eval_fraction`` of the documents (at least 2 when there are enough,
@@ -415,9 +457,14 @@ class PretrainingData:
 
     def __init__(self, corpus: Corpus, tokenizer: Tokenizer, doc_ids: np.ndarray, *, seq_len: int, seed: int,
                  mask_prob: float = 0.15, nsp: bool = True, whole_word_mask: bool = False,
-                 short_seq_prob: float = 0.1, max_predictions: int | None = None):
+                 short_seq_prob: float = 0.1, max_predictions: int | None = None, pack: bool = False,
+                 max_example_len: int | None = None):
         if not 0.0 < mask_prob < 1.0:
             raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
+        shortest = 5 if nsp else 4  # [CLS] A [SEP] B [SEP] with two tokens of text at least
+        if max_example_len is not None and not shortest <= max_example_len <= seq_len:
+            raise ValueError(f"max_example_len must lie in [{shortest}, seq_len={seq_len}], got {max_example_len}")
+        self.pack, self.max_example_len = pack, max_example_len or seq_len
         self.corpus, self.doc_ids = corpus, np.asarray(doc_ids)
         self.seq_len, self.seed, self.mask_prob, self.nsp = seq_len, seed, mask_prob, nsp
         self.short_seq_prob, self.max_predictions = short_seq_prob, max_predictions
@@ -434,12 +481,13 @@ class PretrainingData:
         else:
             self.continuation = None
         self._cache: tuple[int, Instances] | None = None
+        self._rows: tuple[int, list[np.ndarray]] | None = None
 
     def epoch(self, epoch: int) -> Instances:
         if self._cache is None or self._cache[0] != epoch:
             rng = np.random.default_rng([self.seed, epoch, 1])
             self._cache = (epoch, create_instances(
-                self.corpus, self.doc_ids, self.seq_len, rng, cls_id=self.ids["cls"], sep_id=self.ids["sep"],
+                self.corpus, self.doc_ids, self.max_example_len, rng, cls_id=self.ids["cls"], sep_id=self.ids["sep"],
                 short_seq_prob=self.short_seq_prob, nsp=self.nsp))
         return self._cache[1]
 
@@ -465,6 +513,27 @@ class PretrainingData:
                 epoch, index = epoch + 1, 0
                 continue
             out.append(self.example(epoch, index))
+            index += 1
+        return out, (epoch, index)
+
+    def rows(self, epoch: int) -> list[np.ndarray]:
+        """The packed rows of an epoch: each the indices of the examples it holds (``pack=True``)."""
+        if self._rows is None or self._rows[0] != epoch:
+            inst = self.epoch(epoch)
+            self._rows = (epoch, pack_examples(np.diff(inst.offsets), self.seq_len,
+                                               np.random.default_rng([self.seed, epoch, 3])))
+        return self._rows[1]
+
+    def take_rows(self, position: tuple[int, int], count: int) -> tuple[list[list[dict]], tuple[int, int]]:
+        """``count`` packed rows (each a list of examples) from ``position`` = (epoch, row) on."""
+        epoch, index = position
+        out = []
+        while len(out) < count:
+            rows = self.rows(epoch)
+            if index >= len(rows):
+                epoch, index = epoch + 1, 0
+                continue
+            out.append([self.example(epoch, int(i)) for i in rows[index]])
             index += 1
         return out, (epoch, index)
 
@@ -495,3 +564,35 @@ def collate(examples: list[dict], pad_id: int, pad_to: int | None = None) -> dic
     return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention),
             "token_type_ids": torch.from_numpy(token_types), "labels": torch.from_numpy(labels),
             "next_sentence_label": torch.tensor([int(e["next_sentence_label"]) for e in examples])}
+
+
+def collate_packed(rows: list[list[dict]], pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Packed rows (each a list of examples laid end to end) as the model input of packed rows:
+    attention_mask numbers the examples of a row 1, 2, ... (0 = padding), position_ids and
+    token_type_ids restart per example, labels are per token (-100 at padding), and
+    next_sentence_label is (rows, max examples per row) with -100 in the empty slots. Rows are
+    padded to ``pad_to`` (or the longest row)."""
+    length = max(sum(len(e["input_ids"]) for e in row) for row in rows)
+    if pad_to is not None:
+        length = max(length, pad_to)
+    n, width = len(rows), max(len(row) for row in rows)
+    input_ids = np.full((n, length), pad_id, dtype=np.int64)
+    token_types = np.zeros((n, length), dtype=np.int64)
+    positions = np.zeros((n, length), dtype=np.int64)
+    labels = np.full((n, length), IGNORE_INDEX, dtype=np.int64)
+    attention = np.zeros((n, length), dtype=np.int64)
+    nsp = np.full((n, width), IGNORE_INDEX, dtype=np.int64)
+    for i, row in enumerate(rows):
+        at = 0
+        for j, e in enumerate(row):
+            k = len(e["input_ids"])
+            input_ids[i, at:at + k] = e["input_ids"]
+            token_types[i, at:at + k] = e["token_type_ids"]
+            positions[i, at:at + k] = np.arange(k)
+            labels[i, at:at + k] = e["labels"]
+            attention[i, at:at + k] = j + 1
+            nsp[i, j] = int(e["next_sentence_label"])
+            at += k
+    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention),
+            "token_type_ids": torch.from_numpy(token_types), "position_ids": torch.from_numpy(positions),
+            "labels": torch.from_numpy(labels), "next_sentence_label": torch.from_numpy(nsp)}

@@ -152,7 +152,8 @@ def test_token_type_ids_from_example():
     data.special_vocab = np.zeros(1000, bool)
     data.special_vocab[:5] = True
     data.random_ids = np.arange(5, 1000)
-    data._cache = None
+    data._cache = data._rows = None
+    data.pack, data.max_example_len = False, 32
     inst = data.epoch(0)
     for i in range(len(inst)):
         ex = data.example(0, i)
@@ -271,3 +272,93 @@ def test_split_and_collate():
     assert b["labels"][1].tolist() == [-100, 9, -100, -100]
     assert b["next_sentence_label"].tolist() == [1, 0]
     assert collate(ex, PAD, pad_to=6)["input_ids"].shape == (2, 6)
+
+
+# ---- packing ------------------------------------------------------------------------------------
+
+def test_pack_examples_places_every_item_once_within_capacity():
+    from fastbert.pretraining_data import pack_examples
+    rng = np.random.default_rng(11)
+    for capacity in (16, 128):
+        lengths = rng.integers(1, capacity + 1, size=500)
+        lengths[:20] = capacity  # full rows on their own
+        rows = pack_examples(lengths, capacity, np.random.default_rng(0))
+        flat = np.concatenate(rows)
+        assert sorted(flat.tolist()) == list(range(len(lengths)))  # every item once, none split
+        assert all(lengths[r].sum() <= capacity for r in rows)
+        assert all((np.diff(r) > 0).all() for r in rows)
+        # best-fit decreasing uses at most 11/9 OPT + 1 rows, and OPT >= ceil(total / capacity)
+        assert len(rows) <= 11 / 9 * math.ceil(lengths.sum() / capacity) + 1
+        again = pack_examples(lengths, capacity, np.random.default_rng(0))
+        assert all(np.array_equal(a, b) for a, b in zip(rows, again))  # seeded, repeatable
+    with pytest.raises(ValueError, match="item lengths"):
+        pack_examples(np.array([3, 17]), 16)
+
+
+def packing_data(corpus, n_docs, seq_len, seed=0, **kw):
+    """PretrainingData over a synthetic corpus with fields set by hand (no tokenizer needed)."""
+    data = PretrainingData.__new__(PretrainingData)
+    data.corpus, data.doc_ids, data.seq_len, data.seed, data.mask_prob = corpus, np.arange(n_docs), seq_len, seed, 0.15
+    data.nsp, data.short_seq_prob, data.max_predictions, data.continuation = True, 1.0, None, None
+    data.pack, data.max_example_len = True, kw.get("max_example_len", seq_len)
+    data.ids = {"pad": PAD, "unk": 1, "cls": CLS, "sep": SEP, "mask": MASK}
+    vocab = 100 + sum(sum(d) for d in kw["lengths"])
+    data.special_vocab = np.zeros(vocab, bool)
+    data.special_vocab[:5] = True
+    data.random_ids = np.arange(5, vocab)
+    data._cache = data._rows = None
+    return data
+
+
+def test_packed_rows_hold_whole_examples_restarting_positions():
+    from fastbert.pretraining_data import collate_packed
+    rng = np.random.default_rng(2)
+    lengths = [[int(x) for x in rng.integers(2, 12, size=rng.integers(1, 12))] for _ in range(60)]
+    corpus = synthetic_corpus(lengths)
+    seq_len = 48
+    data = packing_data(corpus, 60, seq_len, lengths=lengths, max_example_len=30)
+    inst = data.epoch(0)
+    rows = data.rows(0)
+    assert sorted(np.concatenate(rows).tolist()) == list(range(len(inst)))
+    assert max(len(r) for r in rows) >= 2 and len(rows) < len(inst)
+    batch_rows, pos = data.take_rows((0, len(rows) - 3), 5)
+    assert pos == (1, 2) and len(batch_rows) == 5  # runs on into the next epoch
+    batch_rows, _ = data.take_rows((0, 0), len(rows))
+    b = collate_packed(batch_rows, PAD, pad_to=seq_len)
+    assert b["input_ids"].shape == (len(rows), seq_len)  # never longer than seq_len
+    width = max(len(r) for r in rows)
+    assert b["next_sentence_label"].shape == (len(rows), width)
+    counts = {"masked": 0, "mask": 0, "random": 0, "same": 0}
+    for r, idx in enumerate(rows):
+        mask, at = b["attention_mask"][r].numpy(), 0
+        assert (b["next_sentence_label"][r, len(idx):] == -100).all()
+        for j, i in enumerate(idx):
+            ex = data.example(0, int(i))
+            n = len(ex["input_ids"])
+            span = slice(at, at + n)
+            assert (mask[span] == j + 1).all()  # the example whole, in one row, numbered j + 1
+            assert np.array_equal(b["input_ids"][r, span].numpy(), ex["input_ids"])
+            assert np.array_equal(b["token_type_ids"][r, span].numpy(), ex["token_type_ids"])
+            assert np.array_equal(b["labels"][r, span].numpy(), ex["labels"])
+            assert b["position_ids"][r, span].tolist() == list(range(n))  # positions restart
+            assert b["next_sentence_label"][r, j] == inst.nsp_labels[i]
+            assert n <= 30  # max_example_len
+            # masking per example, exactly as unpacked: round(15%) of its non-special tokens
+            original = inst.tokens[inst.offsets[i]:inst.offsets[i + 1]]
+            special = np.isin(original, [CLS, SEP])
+            chosen = ex["labels"] != -100
+            assert chosen.sum() == max(1, round((~special).sum() * 0.15)) and not chosen[special].any()
+            got = ex["input_ids"][chosen]
+            counts["masked"] += int(chosen.sum())
+            counts["mask"] += int((got == MASK).sum())
+            counts["same"] += int((got == original[chosen]).sum())
+            counts["random"] += int(((got != MASK) & (got != original[chosen])).sum())
+            at += n
+        assert (mask[at:] == 0).all() and (b["labels"][r, at:] == -100).all()
+    assert within_binomial(counts["mask"], counts["masked"], 0.8), counts
+    assert within_binomial(counts["random"] + counts["same"], counts["masked"], 0.2), counts
+    # NSP: a chunk of two or more sentences flips a fair coin
+    n_coin = len(inst) - inst.forced_random
+    assert within_binomial(int(inst.nsp_labels.sum()) - inst.forced_random, n_coin, 0.5)
+    # far less padding than one example per row
+    assert inst.offsets[-1] / (len(rows) * seq_len) > 0.9 > inst.offsets[-1] / (len(inst) * seq_len)
