@@ -165,3 +165,81 @@ def test_max_width(triton_kernels, device):
     _check(lambda x, r, w, b: K.add_layer_norm(x, r, w, b, EPS),
            lambda x, r, w, b: F.layer_norm(x + r, (n,), w, b, EPS),
            (x, res, w, b), [torch.float32] * 4, device, ("x", "residual", "weight", "bias"))
+
+
+# ------------------------------------------------------------------- row tiles and backward row ranges
+
+def test_bwd_grid_covers_every_row_once():
+    # The backward grid: every program non-empty (each writes its partial row), rows_per_program a
+    # multiple of the step, never more programs than row tiles, at most per_sm programs per SM.
+    for rows in (1, 2, 15, 16, 17, 33, 100, 1000, 32768, 32769):
+        for block_m in (1, 2, 16):
+            for per_sm in (1, 4, 64):
+                programs, rpp = L.bwd_grid(rows, block_m, torch.device("cpu"), per_sm)
+                assert rpp % block_m == 0 and 1 <= programs <= max(1, per_sm * L.sm_count(torch.device("cpu")))
+                assert (programs - 1) * rpp < rows <= programs * rpp
+                assert programs <= -(-rows // block_m)
+
+
+def _add_ln_case(rows, n, p, device, dtype=torch.float32, seed=21):
+    torch.manual_seed(seed)
+    keep = L.dropout_mask(L.draw_seed(device), rows, n, p) if p else None
+    x, res = torch.randn(rows, n), 1.0 + torch.randn(rows, n)
+    w, b = _ln_params(n)
+
+    def base(x, r, w, b):
+        if keep is not None:
+            x = x * keep.to(x.dtype) / (1.0 - p)
+        return F.layer_norm(x + r, (n,), w, b, EPS)
+
+    _check(lambda x, r, w, b: K.add_layer_norm(x, r, w, b, EPS, dropout_p=p), base,
+           (x, res, w, b), [dtype] * 4, device, ("x", "residual", "weight", "bias"), seed=seed if p else None)
+
+
+@pytest.mark.parametrize("rows", [1, 17, 45])
+@pytest.mark.parametrize("n", [37, 300])  # 16 rows per tile (both passes); 2 rows per tile
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_add_layer_norm_row_counts(triton_kernels, device, rows, n, p):
+    # Row counts that are not multiples of the rows per tile or per program, and a single row.
+    _add_ln_case(rows, n, p, device)
+
+
+def test_add_layer_norm_more_programs_than_rows(triton_kernels, device, monkeypatch):
+    # Asked for far more programs than there are row tiles: the grid is capped, each program still
+    # owns at least one tile and writes its partial sums.
+    monkeypatch.setattr(L, "BWD_FALLBACK_PROGRAMS_PER_SM", 64)
+    monkeypatch.setattr(L, "_RESIDENT", {k: 64 for k in L._RESIDENT})
+    _add_ln_case(5, 40, 0.3, device)
+    _add_ln_case(3, 300, 0.0, device)
+
+
+@pytest.mark.parametrize("rows", [1, 19])
+def test_gelu_layer_norm_row_counts(triton_kernels, device, rows):
+    n = 37
+    x, c = 2.0 * torch.randn(rows, n), torch.randn(n)
+    w, b = _ln_params(n)
+    _check(lambda x, c, w, b: K.gelu_layer_norm(x, c, w, b, EPS),
+           lambda x, c, w, b: F.layer_norm(F.gelu(x + c), (n,), w, b, EPS),
+           (x, c, w, b), [torch.float32] * 4, device, ("x", "bias", "weight", "ln_bias"))
+
+
+def test_dropout_mask_rows_and_columns_independent(device):
+    # One Philox call serves four columns: the mask must still look independent across columns
+    # (the four outputs of a call) and rows (neighbouring counters), and drop a fraction p.
+    p, rows, n = 0.5, 64, 200
+    keep = L.dropout_mask(torch.tensor([123], dtype=torch.int64, device=device), rows, n, p).float().cpu()
+    sd = (p * (1 - p) / keep.numel()) ** 0.5
+    assert abs(1.0 - keep.mean().item() - p) < 5 * sd
+    for shift in (1, 2, 3, 4):  # agreement of column c with column c + shift: 1/2 for independent bits
+        agree = (keep[:, :-shift] == keep[:, shift:]).float().mean().item()
+        assert abs(agree - 0.5) < 5 * 0.5 / (rows * (n - shift)) ** 0.5, (shift, agree)
+    agree = (keep[:-1] == keep[1:]).float().mean().item()
+    assert abs(agree - 0.5) < 5 * 0.5 / ((rows - 1) * n) ** 0.5
+    other = L.dropout_mask(torch.tensor([124], dtype=torch.int64, device=device), rows, n, p).float().cpu()
+    assert abs((keep == other).float().mean().item() - 0.5) < 5 * 0.5 / keep.numel() ** 0.5
+
+
+def test_dropout_threshold_edges():
+    assert L.dropout_threshold(0.0) == -2**31  # every int32 draw kept
+    assert L.dropout_threshold(0.5) == 0
+    assert L.dropout_threshold(1.0 - 2**-40) == 2**31 - 1  # p < 1 keeps (almost) nothing, no overflow
