@@ -82,20 +82,20 @@ class _Packed:
         real = m != 0  # (B, S)
         # Example numbers never decrease along a valid row, so the running maximum of the tokens
         # before a token is the number of the last real token before it (0 at the row's start).
-        prev = F.pad(m[:, :-1], (1, 0)).cummax(dim=1).values if m.numel() else m  # (B, S)
-        self.starts = real & (m != prev)  # (B, S) first token of each example
-        # an example number that goes back (an example split in two), skips one, or is negative
-        bad = real & ((m < prev) | (m > prev + 1))
+        step = m - F.pad(m[:, :-1], (1, 0)).cummax(dim=1).values if m.numel() else m  # (B, S)
+        self.starts = real & (step != 0)  # (B, S) first token of each example
+        # a number that goes back (an example split around another), skips one, or is negative
+        bad = real & (step.clamp(0, 1) != step)
         # A row of padding only keeps a zero-length sequence, so a 0/1 mask gives exactly one
         # sequence per row (cu_seqlens of B + 1 entries, as before packing existed).
         boundary = self.starts.clone()
         boundary[:, :1] |= ~real.any(dim=1, keepdim=True)
-        seg = torch.cumsum(boundary.flatten(), 0) - 1  # (B*S,) sequence of each token; -1 before the first
-        lengths = torch.zeros(max(self.batch * self.seq, self.batch), dtype=torch.int32, device=m.device).scatter_add_(
-            0, seg.clamp(min=0), real.flatten().int())  # (B*S,) tokens per sequence, zeros past the last
+        seg = (boundary.flatten().cumsum(0) - 1).clamp_(min=0)  # (B*S,) sequence of each token
+        lengths = torch.zeros(max(self.batch * self.seq, self.batch), dtype=torch.long, device=m.device)
+        lengths.scatter_add_(0, seg, real.flatten().long())  # (B*S,) tokens per sequence, zeros past the last
         stats = [real.sum(), boundary.sum(), lengths.max(), bad.sum(), m.max()] if m.numel() else []
         total, n_seqs, self.max_seqlen, n_bad, top = (
-            torch.stack([t.long() for t in stats]).tolist() if stats else (0, self.batch, 0, 0, 0))
+            torch.stack(stats).tolist() if stats else (0, self.batch, 0, 0, 0))
         if n_bad:
             raise ValueError(
                 f"attention_mask: {n_bad} token(s) break the packed-example numbering; a row must number "
