@@ -7,6 +7,10 @@ formula in fastbert/bench.py).
 
     python -m benchmarks.bench_model                 # CPU: cpu-small config, pretrain + finetune
     python -m benchmarks.bench_model --gpu --quick   # GPU: BERT-base seq 128 (+ large seq 512 unless --quick)
+    python -m benchmarks.bench_model --compile       # + fastbert-compile and transformers-sdpa-compile
+
+Each row's median_ms is the median over the timed steps (p20_ms / p80_ms / repeats beside it), so
+benchmarks/compare.py can flag a slower step against the committed results of the same card.
 """
 from __future__ import annotations
 
@@ -24,14 +28,13 @@ def main(argv=None):
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--compile", action="store_true", help="add torch.compile'd competitors")
-    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per competitor (rows: their median)")
+    ap.add_argument("--no-padded", action="store_true", help="finetune: skip the fastbert-padded row")
     args = ap.parse_args(argv)
     device = "cuda" if args.gpu else "cpu"
     rec = Recorder(f"model_step_{'gpu' if args.gpu else 'cpu'}")
     ceiling = matmul_ceiling_tflops() if args.gpu else None
-    competitors = ["fastbert", "transformers-eager", "transformers-sdpa"]
-    if args.compile:
-        competitors += ["transformers-sdpa-compile", "fastbert-compile"]
+    competitors = bench.competitor_list(args.compile)
     if args.gpu:
         cases = [("pretrain", "base", 256, 128), ("finetune", "base", 32, 128)]
         if not args.quick:
@@ -42,8 +45,10 @@ def main(argv=None):
         steps = args.steps or 5
     for case, size, batch, seq in cases:
         try:
+            # finetune also runs fastbert with padding through the encoder: what unpadding alone is worth
+            comps = competitors + (["fastbert-padded"] if case == "finetune" and not args.no_padded else [])
             for row in bench.run(case, size, batch, seq, steps=steps, warmup=3 if args.gpu else 2,
-                                 competitors=competitors, device=device):
+                                 competitors=comps, device=device):
                 if ceiling:
                     row["ceiling_tflops"] = ceiling
                     row["mfu"] = row["useful_tflops"] / ceiling

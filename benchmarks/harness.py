@@ -64,11 +64,26 @@ def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
 
 
 def git_sha() -> str:
+    """The checkout's short SHA; FASTBERT_GIT_SHA where there is no .git (the GPU machine gets none)."""
+    if os.environ.get("FASTBERT_GIT_SHA"):
+        return os.environ["FASTBERT_GIT_SHA"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux): CPU timings compare only on the same model."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def machine() -> dict:
@@ -79,6 +94,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
     }
     try:
         import triton

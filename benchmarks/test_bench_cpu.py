@@ -1,17 +1,136 @@
-"""pytest-benchmark view of the CPU training step (run: pytest benchmarks/ --benchmark-enable).
+"""CPU checks of the benchmark tools, and a pytest-benchmark view of the CPU training step.
 
-Not part of the default test command (testpaths = tests/): timings are benchmarks, not tests.
+Run: python -m pytest -q benchmarks/test_bench_cpu.py (not part of the default test command,
+testpaths = tests/). The training-step timings are benchmarks (pytest benchmarks/ --benchmark-enable);
+the rest are tests of benchmarks/compare.py, benchmarks/bench_encode.py and benchmarks/pretrain_race.py.
 """
+import json
+
 import pytest
 
+from benchmarks import compare
 from fastbert import bench
 
-pytest.importorskip("transformers")
+# ------------------------------------------------------------------------------ compare.py
 
+
+def _write(folder, name, rows, gpu="NVIDIA H200", date="2026-11-26T03:00:00Z"):
+    folder.mkdir(parents=True, exist_ok=True)
+    machine = {"date": date, "torch": "2.11.0", "cpu": "x86_64", "cpu_count": 16}
+    if gpu:
+        machine["gpu"] = gpu
+    (folder / f"{name}.json").write_text(json.dumps({"name": name, "machine": machine, "context": {},
+                                                      "rows": rows}))
+
+
+def _rows(scale=None, drop=()):
+    """Kernel rows as the harness writes them; scale maps impl -> factor on the timings."""
+    scale = scale or {}
+    rows = []
+    for impl in ("fastbert", "eager"):
+        for p in ("fwd", "fwd+bwd"):
+            if (impl, p) in drop:
+                continue
+            ms = {"fwd": 0.10, "fwd+bwd": 0.30}[p] * (2 if impl == "eager" else 1) * scale.get(impl, 1.0)
+            rows.append({"op": "bias_gelu", "size": "base", "shape": "32768x3072", "dtype": "bf16", "impl": impl,
+                         "pass": p, "median_ms": ms, "p20_ms": ms * 0.99, "p80_ms": ms * 1.01,
+                         "gbps": 1000 / ms, "speedup_vs_eager": 1.0})
+    return rows
+
+
+def test_compare_flags_a_slower_row_and_exits_nonzero(tmp_path, capsys):
+    _write(tmp_path / "old", "bench_fused", _rows())
+    _write(tmp_path / "new", "bench_fused", _rows(scale={"fastbert": 1.2}))  # 20% slower, beyond p20-p80
+    rc = compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old")])
+    out = capsys.readouterr().out
+    assert rc == 1
+    flagged = [line for line in out.splitlines() if "SLOWER" in line]
+    assert len(flagged) == 2 and all("impl=fastbert" in line and "1.200" in line for line in flagged)
+    assert "2 of 4 compared rows more than 10% slower" in out
+    assert compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old"), "--warn-only"]) == 0
+    # a looser threshold lets the same 20% pass
+    assert compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old"), "--threshold", "0.25"]) == 0
+
+
+def test_compare_passes_within_threshold_and_marks_faster(tmp_path, capsys):
+    _write(tmp_path / "old", "bench_fused", _rows())
+    _write(tmp_path / "new", "bench_fused", _rows(scale={"fastbert": 1.05, "eager": 0.8}))
+    rc = compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "SLOWER" not in out and out.count("faster") == 2
+    assert "0 of 4 compared rows" in out
+
+
+def test_compare_refuses_another_card(tmp_path, capsys):
+    _write(tmp_path / "old", "bench_fused", _rows(), gpu="NVIDIA H100 80GB HBM3")
+    _write(tmp_path / "new", "bench_fused", _rows())
+    rc = compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "refusing to compare across cards" in err and "H100" in err and "H200" in err
+
+
+def test_compare_refuses_unknown_card(tmp_path, capsys):
+    _write(tmp_path / "old", "bench_fused", _rows())
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "bench_fused.json").write_text(json.dumps(_rows()))  # bare rows: no machine, no device
+    assert compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old")]) == 2
+    assert "cannot tell which card" in capsys.readouterr().err
+    # the folder's env.txt (what gpu_check.sh writes) names the card
+    (tmp_path / "new" / "env.txt").write_text("name, memory.total [MiB]\nNVIDIA H200, 143771 MiB, 580.1\n")
+    assert compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old")]) == 0
+
+
+def test_compare_reports_missing_and_failed_rows(tmp_path, capsys):
+    _write(tmp_path / "old", "bench_fused", _rows())
+    new = _rows(drop={("eager", "fwd")}) + [{"op": "bias_gelu", "impl": "ERROR", "error": "RuntimeError: boom"}]
+    _write(tmp_path / "new", "bench_fused", new)
+    rc = compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old")])
+    out = capsys.readouterr().out
+    assert rc == 0  # missing rows alone are reported, not failed ...
+    assert "baseline rows missing from the new run (1):" in out and "impl=eager pass=fwd" in out
+    assert "rows that failed in the new run (1):" in out
+    # ... unless asked
+    assert compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old"), "--fail-on-missing"]) == 1
+
+
+def test_compare_auto_baseline_takes_the_newest_of_the_same_card(tmp_path, capsys):
+    root = tmp_path / "results"
+    _write(root / "gpu-h200-old", "bench_fused", _rows(scale={"fastbert": 0.5}), date="2026-11-01T00:00:00Z")
+    _write(root / "gpu-h200-new", "bench_fused", _rows(), date="2026-11-20T00:00:00Z")
+    _write(root / "gpu-h100-newest", "bench_fused", _rows(scale={"fastbert": 0.5}), gpu="NVIDIA H100 80GB HBM3",
+           date="2026-11-25T00:00:00Z")
+    _write(root / "gpu_latest", "bench_fused", _rows(), date="2026-11-26T00:00:00Z")  # the new run itself
+    rc = compare.main([str(root / "gpu_latest"), "--results-root", str(root)])
+    out = capsys.readouterr().out
+    assert rc == 0, out  # against gpu-h200-new (equal), not the faster older H200 run nor the H100 run
+    assert "gpu-h200-new" in out.splitlines()[0]
+    # no committed results of this card at all
+    _write(tmp_path / "a100", "bench_fused", _rows(), gpu="NVIDIA A100-SXM4-80GB")
+    assert compare.main([str(tmp_path / "a100"), "--results-root", str(root)]) == 2
+    assert "no committed results" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~2 s on an idle 2-core machine, 10+ s on a busy one
+def test_compare_model_step_rows_join_on_case_and_impl(tmp_path, capsys):
+    rows = bench.run("finetune", "cpu-small", 4, 16, steps=2, warmup=1, vocab=2000, competitors=["fastbert"],
+                     device="cpu", progress=False)
+    _write(tmp_path / "old", "model_step_cpu", rows, gpu=None)
+    slower = [dict(r, median_ms=r["median_ms"] * 1.5, real_tokens_per_s=r["real_tokens_per_s"] / 1.5) for r in rows]
+    _write(tmp_path / "new", "model_step_cpu", slower, gpu=None)
+    assert compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old")]) == 1
+    out = capsys.readouterr().out
+    assert "model_step_cpu: case=finetune" in out or "model_step_cpu: (single row)" in out
+    assert rows[0]["repeats"] == 2 and rows[0]["p20_ms"] <= rows[0]["median_ms"] <= rows[0]["p80_ms"]
+
+
+# ------------------------------------------------------------------------------ training step (pytest-benchmark)
 
 @pytest.mark.parametrize("case", ["pretrain", "finetune"])
 @pytest.mark.parametrize("impl", ["fastbert", "transformers-sdpa"])
 def test_training_step_cpu(benchmark, case, impl):
+    pytest.importorskip("transformers")
     batch = 16 if case == "pretrain" else 32
     models, _ = bench.build_models(case, "cpu-small", 30522, 128, "cpu", [impl])
     model, _ = models[impl]
@@ -26,3 +145,63 @@ def test_training_step_cpu(benchmark, case, impl):
 
     loss = benchmark.pedantic(step, rounds=3, warmup_rounds=1)
     assert loss.isfinite()
+
+
+# ------------------------------------------------------------------------------ bench_encode.py
+
+def test_encode_embeddings_agree_with_transformers_fp32():
+    """fastbert's unpadded encoder and transformers' padded one give the same mean-pooled embeddings."""
+    pytest.importorskip("transformers")
+    import contextlib
+
+    import torch
+
+    from benchmarks import bench_encode as E
+    cfg = dict(E.MINILM, num_hidden_layers=2)  # MiniLM's widths, fewer layers: the test stays quick
+    models, used = E.load_models(("fastbert", "transformers-sdpa"), "cpu", "random", cfg)
+    assert used == "random"
+    ids, mask, lengths = E.make_batches(1, 12, seed=3)[0]
+    assert min(lengths) < ids.shape[1]  # real padding in the batch
+    emb = {k: E.embed(m, ids, mask, contextlib.nullcontext) for k, m in models.items()}
+    cos = torch.nn.functional.cosine_similarity(emb["fastbert"], emb["transformers-sdpa"], dim=-1)
+    assert cos.min() > 0.999, cos.min()
+    torch.testing.assert_close(emb["fastbert"], emb["transformers-sdpa"], rtol=1e-4, atol=1e-5)
+
+
+def test_encode_run_rows():
+    pytest.importorskip("transformers")
+    from benchmarks import bench_encode as E
+    cfg = dict(E.MINILM, num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+               vocab_size=2000)
+    rows, _ = E.run(batch=8, n_batches=2, repeats=2, impls=("fastbert", "transformers-sdpa"), device="cpu",
+                       weights="random", config=cfg, progress=False)
+    assert [r["impl"] for r in rows] == ["fastbert", "transformers-sdpa"]
+    for r in rows:
+        assert r["n_sentences"] == 16 and r["repeats"] == 2 and r["sentences_per_s"] > 0
+        assert r["cos_min_vs_sdpa"] > 0.999 and 0 < r["padding_frac"] < 1
+
+
+# ------------------------------------------------------------------------------ pretrain_race.py
+
+@pytest.mark.slow  # trains a tokenizer on the sample corpus: ~10-20 s
+def test_pretrain_race_smoke(tmp_path, monkeypatch):
+    """Two competitors, same start, same batches: the first step's losses agree; files are written."""
+    pytest.importorskip("transformers")
+    from importlib import resources
+
+    from benchmarks import pretrain_race
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    corpus = str(resources.files("fastbert.data").joinpath("sample_corpus.txt"))
+    rc = pretrain_race.main([corpus, "--config", "micro", "--seq-len", "24", "--batch-size", "4", "--steps", "2",
+                             "--vocab-size", "500", "--eval-examples", "8", "--warmup-untimed", "1",
+                             "--cache-dir", str(tmp_path / "cache"), "--workers", "1"])
+    assert rc == 0
+    out = tmp_path / "out"
+    rows = json.loads((out / "pretrain_race.json").read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["fastbert", "transformers-sdpa"]
+    assert all(r["steps"] == 2 and r["stopped_by"] == "steps" and r["real_tokens_per_s"] > 0 for r in rows)
+    curves = json.loads((out / "pretrain_race_curves.json").read_text())["curves"]
+    first = [curves[k][0] for k in ("fastbert", "transformers-sdpa")]
+    assert first[0][2] == pytest.approx(first[1][2], rel=1e-5)  # MLM loss before any update
+    assert first[0][3] == pytest.approx(first[1][3], rel=1e-5)  # NSP loss
+    assert (out / "pretrain_race.png").stat().st_size > 0 and (out / "pretrain_race.md").is_file()

@@ -5,7 +5,10 @@ Cases
   finetune   BertForSequenceClassification on batches drawn from the real length distribution of
              sentiment_en (fastbert/data/sentiment_en_lengths.json), padded to the batch's longest row.
 Competitors (same weights, same batches): fastbert; transformers with eager attention; transformers
-with SDPA; optionally (--compile) transformers SDPA + torch.compile and fastbert + torch.compile.
+with SDPA; optionally (--compile) transformers SDPA + torch.compile and fastbert + torch.compile; and
+for finetune, fastbert-padded: fastbert with padding run through the encoder (BertModel's unpad=False),
+which shows what unpadding alone is worth on real lengths.
+Each row's median_ms is the median over the timed steps (p20/p80 beside it, `repeats` = their count).
 
 Useful FLOPs (for MFU, DESIGN.md): only real tokens count, and the MLM head only on masked rows.
 Per real token and layer, training (fwd + bwd = 3 x fwd) costs 6 * (4 D^2 + 2 D I) for the linear
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import random
@@ -92,6 +96,9 @@ def build_models(case, size, vocab, max_len, device, competitors, dtype_note="")
         if comp.startswith("fastbert"):
             m = getattr(fastbert, name)(fastbert.BertConfig(**cfg))
             m.load_state_dict(ours.state_dict())
+            if comp.startswith("fastbert-padded"):
+                # the heads do not take unpad=, so the encoder's forward gets it bound (this instance only)
+                m.bert.forward = functools.partial(m.bert.forward, unpad=False)
         else:
             attn = "eager" if "eager" in comp else "sdpa"
             hf_cfg = transformers.BertConfig(**cfg)
@@ -129,6 +136,11 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
         # compile caches warm for everyone), then the same batches are timed.
         schedule = batches[:warmup] + batches[warmup:] if case == "pretrain" else batches[warmup:] * 2
         timed_from = warmup if case == "pretrain" else len(batches) - warmup
+        if comp.endswith("compile"):
+            # torch.compile recompiles on new shapes (fastbert's masked-row count, finetune's lengths)
+            # until it marks them dynamic: one untimed pass over every batch first, so the timed
+            # steps measure the compiled step, not the compiler.
+            schedule, timed_from = batches + schedule, timed_from + len(batches)
         for i, (kw, lengths, masked) in enumerate(schedule):
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -153,15 +165,25 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
                             for _, lengths, masked in measured)
     for comp in models:
         med = statistics.median(times[comp])
+        q = statistics.quantiles(times[comp], n=10, method="inclusive") if len(times[comp]) > 1 else [med] * 9
         results[comp] = {"case": case, "size": size, "impl": comp, "batch": batch, "seq": seq, "precision": precision,
                          "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                         "median_ms": med * 1e3, "min_ms": min(times[comp]) * 1e3,
+                         "median_ms": med * 1e3, "p20_ms": q[1] * 1e3, "p80_ms": q[7] * 1e3,
+                         "min_ms": min(times[comp]) * 1e3, "repeats": len(times[comp]),
                          "real_tokens_per_s": real_tokens / med, "useful_tflops": flops / med / 1e12,
                          "peak_mem_gib": peak.get(comp)}
     base = results.get("transformers-sdpa")
     for r in results.values():
         r["speedup_vs_sdpa"] = base["median_ms"] / r["median_ms"] if base else None
     return list(results.values())
+
+
+def competitor_list(compile_: bool = False) -> list[str]:
+    """The competitors of a run; with compile_, torch.compile'd fastbert and transformers SDPA too."""
+    comps = ["fastbert", "transformers-eager", "transformers-sdpa"]
+    if compile_:
+        comps += ["transformers-sdpa-compile", "fastbert-compile"]
+    return comps
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -173,6 +195,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per competitor")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="add torch.compile'd competitors")
+    parser.add_argument("--padded", action="store_true",
+                        help="finetune: add fastbert-padded (padding run through the encoder) beside unpadded fastbert")
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", default=None, help="write the result rows to this file")
 
@@ -180,9 +204,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     size = args.size or ("base" if device == "cuda" else "cpu-small")
-    competitors = ["fastbert", "transformers-eager", "transformers-sdpa"]
-    if args.compile:
-        competitors += ["transformers-sdpa-compile", "fastbert-compile"]
+    competitors = competitor_list(args.compile)
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -192,7 +214,8 @@ def main(args) -> int:
     cases = ["pretrain", "finetune"] if args.case == "all" else [args.case]
     for case in cases:
         batch = args.batch_size or (16 if case == "pretrain" else 32)
-        rows += run(case, size, batch, args.seq_len, args.steps, args.warmup, competitors=competitors, device=device)
+        comps = competitors + (["fastbert-padded"] if case == "finetune" and args.padded else [])
+        rows += run(case, size, batch, args.seq_len, args.steps, args.warmup, competitors=comps, device=device)
     cols = ["case", "impl", "median_ms", "real_tokens_per_s", "speedup_vs_sdpa", "peak_mem_gib"]
     print(" | ".join(cols))
     for r in rows:
