@@ -7,40 +7,47 @@ Computes, for hidden (rows, h), weight (vocab, h), bias (vocab,), labels (rows,)
 
 and the gradients of hidden, weight and bias.
 
-Design (a chunked design, after Liger-Kernel's fused linear cross-entropy):
-the rows are processed in balanced chunks of ``C`` rows, C·vocab ≤ ``CHUNK_ELEMENTS``, so at most one
-(C, vocab_pad) block of logits exists at any time (≤ 128 MiB in bf16), whatever ``rows`` is. Its rows
-are padded to vocab_pad = a multiple of 64 columns (30522 → 30528), so that Triton can use 16-byte
-vector loads / stores on them and cuBLAS gets an aligned leading dimension; the GEMMs see only the
-first vocab columns (a row-strided view), the padding columns of dlogits are zeros.
-Chunk size trade-off: each chunk after the first writes its fp32 d_weight product to a scratch and
-adds it into the fp32 d_weight (4·vocab·h·4 B, 375 MB at BERT-base), so fewer chunks save HBM
-traffic, but the logits block is the op's largest allocation. With 2^26 elements, 4915 masked rows
-(a 32k-token batch) run as 3 chunks of ≤ 1664 rows (102 MB buffer) and the peak stays ≈ 220 MB at
-h=768 (buffer + fp32 d_weight + 16 MiB scratch + d_hidden): about 1/4 of eager's ≈ 900 MB
-(bf16 logits, log-softmax and their gradient alive at once). 2 chunks would need a 150 MB buffer
-(peak ≈ 250 MB, over 1/4). At h=1024 the fp32 d_weight alone is 125 MB and the peak ≈ 237 MB.
-For each chunk:
-  1. cuBLAS: logits_c = hidden_c @ weightᵀ                    (torch.mm into a reused buffer)
-  2. Triton ``_ce_rows_kernel``, one program per row: adds the bias, an online log-sum-exp over
-     vocabulary tiles (fp32) that also picks out the target logit, the per-row loss, and — when
-     gradients are wanted — a second sweep over the same row
-     (still in L1/L2) that overwrites the logits with dlogits = softmax - onehot (zero rows for ignored
-     labels). The 1/count scale is not applied here: it is applied in fp32 at the very end, so the
-     low-precision dlogits keep their full relative precision (p - onehot is O(1); p/count is not).
-  3. cuBLAS: d_hidden_c = dlogits_c @ weight                   (rows are independent: no accumulation)
-  4. cuBLAS: d_weight (+)= dlogits_cᵀ @ hidden_c with fp32 accumulation and an fp32 result (mm's
-     out_dtype for 16-bit inputs; later chunks through a ≤ 16 MiB fp32 scratch, a block of vocabulary
-     rows at a time, added into the fp32 d_weight); d_bias (+)= Σ_rows dlogits_c (torch.sum in fp32).
+Design (chunked, after the idea of Liger-Kernel's fused linear cross-entropy). The rows are
+processed in balanced chunks of C rows whose logits block (C, vocab_pad) in the input dtype is at
+most ``CHUNK_BYTES`` (64 MiB: 4915 masked rows at vocab 30522 in bf16 run as 4 × 1024 + 819 rows),
+so at most one such block exists at any time, whatever ``rows`` is. The block's rows are padded to
+vocab_pad = a multiple of 64 columns (30522 → 30528): 16-byte aligned rows for vector loads and
+an aligned leading dimension for cuBLAS. For each chunk:
+  1. cuBLAS: logits = hidden_c @ weightᵀ, in two GEMMs: the first vocab8 = vocab rounded down to a
+     multiple of 8 columns (30520), and the < 8 remaining columns (a tiny GEMM). Why: with a
+     vocabulary dimension that is not a multiple of 8, cuBLAS falls back to 4-byte-aligned kernels
+     (seen on an H200: ``cutlass_80_..._align2`` at ≈ 240 TFLOP/s for both the logits and the
+     d_hidden GEMM, ≈ 2 ms of the 3.65 ms fwd+bwd); the split keeps every big GEMM dimension aligned.
+  2. Triton ``_ce_rows_lse_kernel``, one program per row: adds the bias, online log-sum-exp over
+     vocabulary tiles in fp32 (one exp per element: a tile-wise running max), the per-row loss.
+  3. (gradients wanted) Triton ``_ce_rows_grad_kernel``, one program per stripe of 64 columns, looping
+     over the chunk's rows: overwrites the logits in place with dlogits = softmax - onehot (exact
+     zeros for ignored rows and for the padding columns) and adds its columns' Σ_rows dlogits into
+     the fp32 d_bias: column ownership makes that sum deterministic and free (no extra pass over the
+     block, no atomics). The 1/count scale is not applied here but in fp32 at the very end, so the
+     16-bit dlogits keep their full relative precision (p - onehot is O(1); p/count is not).
+  4. cuBLAS: d_hidden_c = dlogits @ weight with fp32 output (mm's out_dtype; the < 8 tail columns
+     added by a tiny beta=1 GEMM), rows are independent: no accumulation across chunks.
+  5. cuBLAS: d_weight (+)= dlogitsᵀ @ hidden_c over all vocab_pad columns (the padding rows of
+     d_weight get zeros) with fp32 accumulation into the fp32 d_weight: the first chunk writes it
+     (beta=0), later chunks add inside the GEMM (addmm with out_dtype=float32 and beta=1, PyTorch
+     ≥ 2.10); older PyTorch goes through a ≤ 16 MiB fp32 scratch, a block of rows at a time.
 The gradients are computed during the forward pass (3 GEMMs in all instead of the 4 a recompute-in-
-backward design needs) when autograd will want them; the backward op only multiplies them by
-grad_output / count in fp32 and casts (``_scale_cast_kernel``).
+backward design needs) for the inputs that autograd will want; the backward op only multiplies them
+by grad_output / count in fp32 and casts (``_mlm_scale_cast_kernel``), which is valid because the
+loss is a scalar.
+
+Memory at BERT-base (4915 × 768 × 30522, bf16): logits block 60 MiB + fp32 d_weight 89 MiB + fp32
+d_hidden 14 MiB ≈ 165 MiB at the forward's peak, about 1/5 of eager PyTorch's ≈ 860 MiB (bf16
+logits, log-softmax and their gradient alive at once). A larger CHUNK_BYTES means fewer beta=1
+passes over the fp32 d_weight (94 MB read + write each) but a larger block.
 
 Supports: fp32, fp16, bf16 (hidden, weight and bias are brought to hidden's dtype); any vocab and h;
-non-contiguous hidden / weight; rows with and without labels in any mix; no labelled row at all
-(loss 0.0 and zero gradients); zero rows. The count of labelled rows stays a device tensor and the op
-never synchronises the host, so it can be captured in a CUDA graph and traced by torch.compile.
-Deterministic: fixed reduction orders, no atomics (cuBLAS and torch.sum are deterministic here).
+non-contiguous hidden / weight; rows with and without labels in any mix; a chunk with no labelled
+row; no labelled row at all (loss 0.0 and zero gradients); zero rows; gradients for any subset of
+hidden / weight / bias (the others' GEMMs are skipped). The count of labelled rows stays a device
+tensor and the op never synchronises the host, so it can be captured in a CUDA graph and traced by
+torch.compile. Deterministic: fixed reduction orders, no atomics.
 
 Not supported: float64 (the public wrapper computes it with the PyTorch reference); label smoothing,
 class weights, reductions other than the mean.
@@ -48,20 +55,16 @@ class weights, reductions other than the mean.
 Caution:
 - Rows whose label is ignore_index still cost their share of the GEMMs: gather the labelled rows
   first (the model does) — this op cannot compact them without a data-dependent shape.
-- Forward with autograd on holds d_weight in fp32 (vocab·h·4 bytes) until the backward runs.
-- fp32 inputs: the logits block is twice as large (≤ 256 MiB).
-- The GEMMs write into / read a row-strided (non-contiguous) view, which cuBLAS takes without a
-  copy; the bias is added in the CE-row kernel (addmm into such a view copies the bias in first).
-- fp32 d_weight accumulation across chunks relies on torch.mm(..., out_dtype=torch.float32) on CUDA
-  (PyTorch ≥ 2.8); the CPU (interpreter) path upcasts to fp32 instead.
-- The logits block is in the input dtype (as in eager PyTorch); softmax statistics are fp32.
-- fp32 inputs: the three cuBLAS GEMMs follow torch.backends.cuda.matmul.allow_tf32 (off by default);
-  turning TF32 on globally trades the fp32 accuracy away.
-- A forward run without gradients (no_grad, or no input requiring grad) that is differentiated anyway
-  (only possible by calling torch.ops.fastbert.mlm_loss directly) recomputes them in the backward.
-- Label range is checked by ``fastbert.kernels.mlm_loss`` (a host sync); here an out-of-range label
-  matches no column (target 0 or -inf: a wrong loss, never an out-of-bounds access).
+- Forward with autograd on holds d_weight and d_hidden in fp32 until the backward runs.
+- The logits block is in the input dtype (rounded as eager PyTorch rounds its logits); softmax
+  statistics and every GEMM accumulation are fp32. fp32 inputs: the block is twice as large, and the
+  cuBLAS GEMMs follow torch.backends.cuda.matmul.allow_tf32 (off by default).
+- Label range is checked by ``fastbert.kernels.mlm_loss`` (a host sync, skipped with validate=False,
+  under torch.compile and in CUDA-graph capture). Unchecked, a label outside [0, vocab) that is not
+  ignore_index makes that row's loss (hence the mean) NaN; it never causes an out-of-bounds access.
 - The loss is in hidden's dtype unless out_dtype=torch.float32 (then the fp32 sum / count as is).
+- A forward run without some gradient (no_grad, or flags off when calling
+  torch.ops.fastbert.mlm_loss directly) that is differentiated anyway recomputes it in the backward.
 """
 from __future__ import annotations
 
@@ -71,82 +74,118 @@ import torch
 import triton
 import triton.language as tl
 
-# Bound on rows·vocab of the one logits block that exists at a time (2**26 → ≤ 128 MiB in bf16, at
-# most 2198 rows of vocab 30522; see "Chunk size trade-off" above). Interpreted tests use rows far
-# below it, and lower it to force several chunks on tiny inputs.
-CHUNK_ELEMENTS = 1 << 26
+# Bound on the bytes of the one logits block that exists at a time (see "Memory" above).
+CHUNK_BYTES = 64 << 20
+# Tests set this to force a fixed number of rows per chunk on tiny inputs (None: from CHUNK_BYTES).
+CHUNK_ROWS: Optional[int] = None
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-# ------------------------------------------------------------------------------------ Triton kernels
+# ------------------------------------------------------------------------------------------ kernels
 
-# compute_grad is a runtime flag (one uniform branch per program), not a constexpr: one compiled
-# variant per dtype instead of two; do_not_specialize keeps the value 1 from forking another.
-@triton.jit(do_not_specialize=["compute_grad"])
-def _ce_rows_kernel(
-    logits_ptr,      # *T (n_rows, vocab_pad): hidden @ weightᵀ of this chunk (no bias) in columns < vocab,
-                     #   anything (uninitialised) in the padding; overwritten with softmax - onehot
-                     #   (zeros for ignored rows and for the padding columns) when compute_grad
-    bias_ptr,        # *T (vocab_pad,): bias, zero-padded like the rows (so its loads vectorise too);
-                     #   added here, so the cuBLAS GEMM needs no bias copy into the row-strided output
-    labels_ptr,      # *i64 (n_rows,): targets of this chunk's rows
-    loss_ptr,        # *f32 (n_rows,): per-row loss out; 0 for ignored rows
-    vocab,           # number of classes (real columns of logits)
-    vocab_pad,       # allocated columns, a multiple of 64 >= vocab: the load/store bound, so the
-                     #   bound (and stride_row) are divisible by 16 and the accesses vectorise
-    stride_row,      # elements between consecutive rows of logits (vocab_pad for the launcher's buffer)
-    ignore_index,    # label value meaning "no target"
-    compute_grad,    # 1: also write dlogits in place; 0: loss only
-    BLOCK_V: tl.constexpr,       # vocabulary tile (power of 2)
-):
-    row = tl.program_id(0)
-    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
-    cols = tl.arange(0, BLOCK_V)
-    label = tl.load(labels_ptr + row)
-    valid = label != ignore_index
-
-    # Online log-sum-exp with one running (max, sum) per lane, merged once at the end: the loop body
-    # stays element-wise (no cross-lane reduction per tile). The finite initial max keeps
-    # exp(m_old - m_new) away from exp(-inf + inf) = NaN on lanes that only ever see padding.
-    # The target logit is picked out in the same sweep: a separate load of it after the sweep could
-    # race with other threads of this program already overwriting that column with dlogits.
-    m = tl.full((BLOCK_V,), -1.0e30, tl.float32)
-    s = tl.zeros((BLOCK_V,), tl.float32)
-    t = tl.zeros((BLOCK_V,), tl.float32)
-    for start in range(0, vocab_pad, BLOCK_V):
-        idx = start + cols
-        x = tl.load(row_ptr + idx, mask=idx < vocab_pad, other=float("-inf")).to(tl.float32)
-        b = tl.load(bias_ptr + idx, mask=idx < vocab_pad, other=0.0).to(tl.float32)
-        # the padding columns hold garbage (maybe NaN): out of the sum, without breaking the
-        # vocab_pad-aligned mask that lets the load vectorise
-        x = tl.where(idx < vocab, x + b, float("-inf"))
-        t += tl.where(idx == label, x, 0.0)
-        m_new = tl.maximum(m, x)
-        s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
-        m = m_new
-    m_row = tl.max(m, axis=0)
-    lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
-    target = tl.sum(t, axis=0)
-    tl.store(loss_ptr + row, tl.where(valid, lse - target, 0.0))
-
-    if compute_grad != 0:
-        # Ignored rows get exact zeros, so the GEMMs downstream need no row mask; padding columns
-        # too (a select, not a product: the garbage may be NaN), so d_bias may sum whole rows.
-        keep = tl.where(valid, 1.0, 0.0)
-        for start in range(0, vocab_pad, BLOCK_V):
-            idx = start + cols
-            in_buf = idx < vocab_pad
-            x = tl.load(row_ptr + idx, mask=in_buf, other=0.0).to(tl.float32)
-            b = tl.load(bias_ptr + idx, mask=in_buf, other=0.0).to(tl.float32)
-            x = tl.where(idx < vocab, x + b, float("-inf"))   # exp → exactly 0 on the padding
-            g = (tl.exp(x - lse) - tl.where(idx == label, 1.0, 0.0)) * keep
-            tl.store(row_ptr + idx, g.to(logits_ptr.dtype.element_ty), mask=in_buf)
+@triton.jit
+def _lse_tile(row_ptrs, bias_ptr, start, cols, vocab, vocab_pad, rmask):
+    """One (BLOCK_R, BLOCK_V) tile: logits + bias in fp32, -inf outside the vocabulary."""
+    idx = start + cols
+    in_buf = idx < vocab_pad  # vocab_pad-aligned mask: 16-byte vector loads
+    x = tl.load(row_ptrs + idx, mask=rmask & in_buf, other=0.0).to(tl.float32)
+    b = tl.load(bias_ptr + idx, mask=in_buf, other=0.0).to(tl.float32)
+    # the padding columns hold garbage (maybe NaN) or old dlogits: out of the sums
+    return tl.where(idx < vocab, x + b, float("-inf"))
 
 
 @triton.jit
-def _scale_cast_kernel(
-    x_ptr,           # *S (n,): input, contiguous
+def _ce_rows_lse_kernel(
+    logits_ptr,      # *T (n_rows, stride_row): the chunk's logits without bias; read only
+    bias_ptr,        # *T (vocab_pad,): bias, zero-padded
+    labels_ptr,      # *i64 (n_rows,): target class or ignore_index
+    lse_ptr,         # *f32 (n_rows,): out, log Σ_v exp(logit + bias)
+    loss_ptr,        # *f32 (n_rows,): out, lse - target logit; 0 for ignored rows, NaN for bad labels
+    n_rows,          # rows in this chunk
+    vocab,           # real columns
+    vocab_pad,       # columns in the buffer (a multiple of 64)
+    stride_row,      # elements between rows of the logits buffer
+    ignore_index,    # label value of rows without a target
+    BLOCK_R: tl.constexpr,  # rows per program: 1 on a GPU; many in the interpreter (per-program cost)
+    BLOCK_V: tl.constexpr,  # vocabulary tile (power of 2)
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < n_rows
+    row_ptrs = logits_ptr + rows.to(tl.int64)[:, None] * stride_row
+    cols = tl.arange(0, BLOCK_V)[None, :]
+    rmask2 = rmask[:, None]
+    # Online log-sum-exp with a per-tile running max: one exp per element (a per-lane running max
+    # needs two, and the exps, not the bytes, then bound the kernel). The first tile is peeled so
+    # the running max starts finite (every tile start < vocab: vocab_pad - vocab < 64 <= BLOCK_V).
+    x = _lse_tile(row_ptrs, bias_ptr, 0, cols, vocab, vocab_pad, rmask2)
+    m = tl.max(x, axis=1)
+    s = tl.sum(tl.exp(x - m[:, None]), axis=1)
+    for start in range(BLOCK_V, vocab_pad, BLOCK_V):
+        x = _lse_tile(row_ptrs, bias_ptr, start, cols, vocab, vocab_pad, rmask2)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        m = m_new
+    lse = m + tl.log(s)
+
+    label = tl.load(labels_ptr + rows, mask=rmask, other=ignore_index)
+    in_range = (label >= 0) & (label < vocab)
+    lab = tl.where(in_range, label, 0)  # clamped: an unchecked bad label never reads out of bounds
+    # nothing in this kernel writes the rows, so the target logits may simply be loaded again
+    target = (tl.load(logits_ptr + rows.to(tl.int64) * stride_row + lab, mask=rmask, other=0.0).to(tl.float32)
+              + tl.load(bias_ptr + lab, mask=rmask, other=0.0).to(tl.float32))
+    loss = tl.where(in_range, lse - target, float("nan"))
+    tl.store(lse_ptr + rows, lse, mask=rmask)
+    tl.store(loss_ptr + rows, tl.where(label != ignore_index, loss, 0.0), mask=rmask)
+
+
+@triton.jit
+def _ce_rows_grad_kernel(
+    logits_ptr,      # *T (n_rows, stride_row): logits without bias in, dlogits = softmax - onehot out
+    bias_ptr,        # *T (vocab_pad,): bias, zero-padded
+    labels_ptr,      # *i64 (n_rows,)
+    lse_ptr,         # *f32 (n_rows,): from _ce_rows_lse_kernel
+    db_ptr,          # *f32 (vocab_pad,): d_bias accumulator, += Σ_rows dlogits (when ACC_DB)
+    n_rows,          # rows in this chunk
+    vocab,           # real columns
+    vocab_pad,       # columns in the buffer (a multiple of 64)
+    stride_row,      # elements between rows of the logits buffer
+    ignore_index,    # label value of rows without a target
+    ACC_DB: tl.constexpr,   # accumulate d_bias (else db_ptr is not touched)
+    BLOCK_R: tl.constexpr,  # rows per step (power of 2)
+    BLOCK_C: tl.constexpr,  # columns owned by this program (power of 2)
+):
+    # One program owns a stripe of columns over all rows: its d_bias sums need no atomics and no
+    # second pass over the block, and the bias stripe is loaded once.
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    in_buf = cols < vocab_pad
+    real = cols < vocab
+    b = tl.load(bias_ptr + cols, mask=in_buf, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_C,), tl.float32)
+    for r0 in range(0, n_rows, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        rmask = rows < n_rows
+        label = tl.load(labels_ptr + rows, mask=rmask, other=ignore_index)
+        lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+        offs = rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
+        mask = rmask[:, None] & in_buf[None, :]
+        x = tl.load(logits_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        z = tl.where(real[None, :], x + b[None, :], float("-inf"))  # exp → exactly 0 on the padding
+        g = tl.exp(z - lse[:, None]) - tl.where(cols[None, :] == label[:, None], 1.0, 0.0)
+        # ignored rows: exact zeros (a select, not a product), so the GEMMs need no row mask
+        g = tl.where((label != ignore_index)[:, None], g, 0.0).to(logits_ptr.dtype.element_ty)
+        tl.store(logits_ptr + offs, g, mask=mask)
+        if ACC_DB:
+            # the rounded values: d_bias is then exactly the column sum of what the GEMMs see
+            acc += tl.sum(g.to(tl.float32), axis=0)
+    if ACC_DB:
+        d = tl.load(db_ptr + cols, mask=in_buf, other=0.0)
+        tl.store(db_ptr + cols, d + acc, mask=in_buf)
+
+
+@triton.jit
+def _mlm_scale_cast_kernel(
+    x_ptr,           # *f32 (n,): input, contiguous
     out_ptr,         # *T (n,): x * scale in the output dtype
     scale_ptr,       # *f32 (): the scale (grad_output / count), read on the device (no host sync)
     n,               # elements
@@ -161,33 +200,49 @@ def _scale_cast_kernel(
 
 # ---------------------------------------------------------------------------------------- launchers
 
-# Triton's interpreter (CPU tensors) pays per program, not per element: there, fewer and larger
-# blocks. The kernels are the same; the GPU configurations are the ones compiled ahead of time in tests.
+# Triton's interpreter (CPU tensors) pays per program and per op, not per element: there, fewer and
+# larger blocks. The kernels are the same; the GPU configurations are compiled ahead of time in tests.
+_LSE_BLOCK = {False: 8192, True: 32768}  # [interpreted]: largest vocabulary tile of the lse kernel
 
-def _ce_config(vocab: int, interpreted: bool):
-    block_v = min(8192 if interpreted else 4096, triton.next_power_of_2(max(vocab, 16)))
-    return block_v, (8 if block_v >= 2048 else 4)
+
+def _lse_config(vocab_pad: int, interpreted: bool):
+    """(BLOCK_R, BLOCK_V, num_warps). GPU: one row per program, 8 KiB-element tiles with 8 warps
+    (≈ 50 registers: many programs per SM keep loads in flight through the reductions)."""
+    block_v = min(_LSE_BLOCK[interpreted], triton.next_power_of_2(vocab_pad))
+    block_r = max(1, min(64, (1 << 18) // block_v)) if interpreted else 1
+    return block_r, block_v, (8 if block_v >= 2048 else 4)
+
+
+def _grad_config(vocab_pad: int, interpreted: bool):
+    """(BLOCK_R, BLOCK_C, num_warps). GPU: 64-column stripes → 477 programs at vocab 30522, each
+    moving 8 KB (bf16) per step, enough in flight per SM; the interpreter: wide stripes."""
+    if interpreted:
+        return 64, min(4096, triton.next_power_of_2(vocab_pad)), 4
+    return 64, 64, 4
 
 
 def _scale_block(interpreted: bool) -> int:
     return 1 << 16 if interpreted else 4096
 
 
-def _chunk_rows(rows: int, vocab: int) -> int:
-    """Rows per chunk: the fewest chunks within CHUNK_ELEMENTS, balanced (4915 rows at vocab 30522:
-    3 × 1664 rows, not 2198 + 2198 + 519 — the same dW traffic with a 25% smaller buffer)."""
-    c_max = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+def _vocab_pad(vocab: int) -> int:
+    """Columns of the logits buffer: a multiple of 64 (16-byte aligned rows in every dtype)."""
+    return triton.cdiv(max(vocab, 1), 64) * 64
+
+
+def _chunk_rows(rows: int, vocab_pad: int, elem_bytes: int) -> int:
+    """Rows per chunk: the fewest chunks whose block fits CHUNK_BYTES, balanced and rounded up to
+    a multiple of 64 rows when that still fits (4915 rows of 30528 bf16 columns: 4 × 1024 + 819,
+    not 1099 × 4 + 519)."""
+    if CHUNK_ROWS is not None:
+        return max(1, min(rows, CHUNK_ROWS))
+    c_max = max(1, CHUNK_BYTES // (vocab_pad * elem_bytes))
     if rows <= c_max:
         return max(1, rows)
     c = triton.cdiv(rows, triton.cdiv(rows, c_max))
     if c_max >= 64:  # multiples of 64 rows keep the GEMM tiles full
         c = min(c_max, triton.cdiv(c, 64) * 64)
     return c
-
-
-def _vocab_pad(vocab: int) -> int:
-    """Columns of the logits buffer: a multiple of 64 (16-byte aligned rows in every dtype)."""
-    return triton.cdiv(max(vocab, 1), 64) * 64
 
 
 def _count(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -201,54 +256,67 @@ def _empty(shape, device, dtype) -> torch.Tensor:
 
 
 def _dw_block_rows(h: int) -> int:
-    """Rows of d_weight per accumulation GEMM: an fp32 scratch of ≤ 2^22 elements (16 MiB)."""
+    """Rows per accumulation GEMM on the scratch path: an fp32 scratch of ≤ 2^22 elements (16 MiB)."""
     return max(64, ((1 << 22) // max(h, 1)) // 64 * 64)
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out (fp32) = a @ b with fp32 accumulation and no rounding to a's dtype: cuBLAS computes
-    16-bit products in fp32 and writes fp32 (mm's out_dtype; the CPU, for the interpreter, upcasts)."""
-    if a.dtype == torch.float32:
-        return torch.mm(a, b, out=out)
-    global _MM_OUT_DTYPE
-    if a.is_cuda and _MM_OUT_DTYPE:
+# Whether torch.mm(A_16bit, B_16bit, out_dtype=torch.float32, out=C_fp32) works here (PyTorch ≥ 2.8
+# on CUDA), and torch.addmm(C_fp32, A_16bit, B_16bit, out_dtype=torch.float32, out=C_fp32) (fp32
+# self: PyTorch ≥ 2.10); None until first tried. Both only fail in their argument checks, before
+# anything runs, so a try costs nothing and leaves nothing to undo.
+_MM_F32: Optional[bool] = None
+_ADDMM_F32: Optional[bool] = None
+_API_ERRORS = (TypeError, RuntimeError, NotImplementedError)
+
+
+def _mm_f32_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out (fp32) = a @ b for 16-bit a, b: fp32 accumulation and result (the CPU upcasts)."""
+    global _MM_F32
+    if out.is_cuda and _MM_F32 is not False:
         try:
-            return torch.mm(a, b, out_dtype=torch.float32, out=out)
-        except (TypeError, RuntimeError, NotImplementedError):  # mm's out_dtype came with torch 2.8
-            _MM_OUT_DTYPE = False
-    return torch.mm(a.float(), b.float(), out=out)
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+            _MM_F32 = True
+            return
+        except _API_ERRORS:
+            _MM_F32 = False
+    torch.mm(a.float(), b.float(), out=out)  # PyTorch < 2.8 on CUDA: correct, slower, chunk-sized temps
 
 
-_MM_OUT_DTYPE = True
+def _gemm_f32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """out (fp32) = a @ b, or out += a @ b when accumulate: fp32 accumulation, one rounding.
 
-
-def _accumulate_dweight(dl: torch.Tensor, h_c: torch.Tensor, dw: torch.Tensor, db: torch.Tensor,
-                        first: bool) -> None:
-    """dw (+)= dlᵀ @ h_c and db (+)= Σ_rows dl, all sums in fp32.
-
-    cuBLAS does the GEMM. The first chunk writes dw directly; later chunks need the product in fp32
-    before adding it (cuBLAS' own beta=1 accumulation into an fp32 C is not exposed for 16-bit A/B by
-    every PyTorch release), so they go through a ≤ 16 MiB fp32 scratch, a block of vocabulary rows
-    at a time, instead of a second (vocab, h) fp32 buffer. fp32 inputs accumulate in place (addmm_)."""
-    dlt = dl.t()
-    if first:
-        _mm_f32(dlt, h_c, dw)
-        torch.sum(dl, dim=0, dtype=torch.float32, out=db)
+    cuBLAS on CUDA; accumulation inside the GEMM (beta=1) where PyTorch exposes it for 16-bit
+    inputs, else through a bounded fp32 scratch, a block of rows at a time. The CPU (Triton's
+    interpreter runs) always takes the scratch path, so the interpreted tests cover it."""
+    global _ADDMM_F32
+    if a.dtype == torch.float32:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
         return
-    if dl.dtype == torch.float32:
-        dw.addmm_(dlt, h_c)
-    else:
-        vocab, h = dw.shape
-        step = _dw_block_rows(h)
-        scratch = _empty((min(step, vocab), h), dw.device, torch.float32)
-        for v0 in range(0, vocab, step):
-            v1 = min(vocab, v0 + step)
-            part = _mm_f32(dlt[v0:v1], h_c, scratch[:v1 - v0])
-            dw[v0:v1].add_(part)
-    db.add_(torch.sum(dl, dim=0, dtype=torch.float32))
+    if not accumulate:
+        _mm_f32_into(out, a, b)
+        return
+    if out.is_cuda and _ADDMM_F32 is not False:
+        try:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+            _ADDMM_F32 = True
+            return
+        except _API_ERRORS:
+            _ADDMM_F32 = False
+    rows = out.shape[0]
+    step = _dw_block_rows(out.shape[1])
+    scratch = _empty((min(step, rows), out.shape[1]), out.device, torch.float32)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        part = scratch[:r1 - r0]
+        _mm_f32_into(part, a[r0:r1], b)
+        out[r0:r1].add_(part)
 
 
-def _forward(hidden, weight, bias, labels, ignore_index: int, compute_grad: bool, fp32_out: bool):
+def _forward(hidden, weight, bias, labels, ignore_index: int, grad_hidden: bool, grad_weight: bool,
+             grad_bias: bool, fp32_out: bool):
     rows, h = hidden.shape
     vocab = weight.shape[0]
     dtype = hidden.dtype
@@ -257,43 +325,59 @@ def _forward(hidden, weight, bias, labels, ignore_index: int, compute_grad: bool
                         f"got {hidden.dtype}, {weight.dtype}, {bias.dtype}")
     labels = labels.contiguous()
     dev = hidden.device
-    row_loss = _empty((rows,), dev, torch.float32)
-    if compute_grad:
-        dh = _empty((rows, h), dev, dtype)
-        dw = _empty((vocab, h), dev, torch.float32) if rows else \
-            torch.zeros(vocab, h, device=dev, dtype=torch.float32)
-        db = _empty((vocab,), dev, torch.float32) if rows else \
-            torch.zeros(vocab, device=dev, dtype=torch.float32)
-    else:
-        # three distinct tensors: outputs of a custom op may not alias one another
-        dh, dw, db = (torch.empty(0, device=dev, dtype=torch.float32) for _ in range(3))
-
-    chunk = _chunk_rows(rows, vocab)
-    # Padded rows: vocab 30522 is not a multiple of 8, so unpadded rows would be misaligned for
-    # vector loads (Triton) and give cuBLAS an odd leading dimension. The GEMMs see only the
-    # first vocab columns (a row-strided view, which cuBLAS takes as is).
-    vpad = _vocab_pad(vocab)
-    buf = _empty((chunk, vpad), dev, dtype) if rows else None
-    bias_pad = torch.zeros(vpad, device=dev, dtype=dtype)
-    bias_pad[:vocab] = bias
+    f32 = torch.float32
     interpreted = dev.type == "cpu"
-    block_v, ce_warps = _ce_config(vocab, interpreted)
-    wt = weight.t()
-    for c0 in range(0, rows, chunk):
-        c1 = min(rows, c0 + chunk)
-        n = c1 - c0
-        logits = buf[:n, :vocab]
-        h_c = hidden[c0:c1]
-        # mm, not addmm: with a row-strided out, addmm would first copy the broadcast bias into it
-        torch.mm(h_c, wt, out=logits)
-        _ce_rows_kernel[(n,)](
-            buf, bias_pad, labels[c0:c1], row_loss[c0:c1], vocab, vpad, vpad, ignore_index, int(compute_grad),
-            BLOCK_V=block_v, num_warps=ce_warps,
-        )
-        if not compute_grad:
-            continue
-        torch.mm(logits, weight, out=dh[c0:c1])
-        _accumulate_dweight(logits, h_c, dw, db, first=c0 == 0)
+    vpad = _vocab_pad(vocab)
+    vocab8 = vocab // 8 * 8  # the columns the big GEMMs see (see step 1 of the module docstring)
+    any_grad = grad_hidden or grad_weight or grad_bias
+
+    lse = _empty((rows,), dev, f32)
+    row_loss = _empty((rows,), dev, f32)
+    # distinct tensors where a gradient is not computed: outputs of a custom op may not alias
+    dh = _empty((rows, h), dev, f32) if grad_hidden else torch.empty(0, device=dev, dtype=f32)
+    if grad_weight:
+        dw = _empty((vpad, h), dev, f32) if rows else torch.zeros(vpad, h, device=dev, dtype=f32)
+    else:
+        dw = torch.empty(0, device=dev, dtype=f32)
+    db = torch.zeros(vpad, device=dev, dtype=f32) if grad_bias else torch.empty(0, device=dev, dtype=f32)
+
+    if rows:
+        chunk = _chunk_rows(rows, vpad, hidden.element_size())
+        buf = _empty((chunk, vpad), dev, dtype)
+        bias_pad = torch.zeros(vpad, device=dev, dtype=dtype)
+        bias_pad[:vocab] = bias
+        w_main, w_tail = weight[:vocab8], weight[vocab8:]
+        lse_r, block_v, lse_warps = _lse_config(vpad, interpreted)
+        block_r, block_c, grad_warps = _grad_config(vpad, interpreted)
+        for c0 in range(0, rows, chunk):
+            c1 = min(rows, c0 + chunk)
+            n = c1 - c0
+            h_c = hidden[c0:c1]
+            g = buf[:n]  # (n, vpad), contiguous
+            # mm, not addmm: into a row-strided out, addmm would first copy the broadcast bias in
+            if vocab8:
+                torch.mm(h_c, w_main.t(), out=g[:, :vocab8])
+            if vocab8 < vocab:
+                torch.mm(h_c, w_tail.t(), out=g[:, vocab8:vocab])
+            _ce_rows_lse_kernel[(triton.cdiv(n, lse_r),)](
+                buf, bias_pad, labels[c0:c1], lse[c0:c1], row_loss[c0:c1], n, vocab, vpad, vpad, ignore_index,
+                BLOCK_R=lse_r, BLOCK_V=block_v, num_warps=lse_warps,
+            )
+            if not any_grad:
+                continue
+            _ce_rows_grad_kernel[(triton.cdiv(vpad, block_c),)](
+                buf, bias_pad, labels[c0:c1], lse[c0:c1], db if grad_bias else lse, n, vocab, vpad, vpad,
+                ignore_index, ACC_DB=bool(grad_bias), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=grad_warps,
+            )
+            if grad_hidden:
+                d = dh[c0:c1]
+                if vocab8:
+                    _gemm_f32(d, g[:, :vocab8], w_main, accumulate=False)
+                if vocab8 < vocab:
+                    _gemm_f32(d, g[:, vocab8:vocab], w_tail, accumulate=vocab8 > 0)
+            if grad_weight:
+                # all vocab_pad columns (the padding ones are zeros): every GEMM dimension aligned
+                _gemm_f32(dw, g.t(), h_c, accumulate=c0 > 0)
     loss = row_loss.sum() / _count(labels, ignore_index)
     return (loss if fp32_out else loss.to(dtype)), dh, dw, db
 
@@ -304,88 +388,93 @@ def _scale_cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> tor
     n = x.numel()
     if n:
         block = _scale_block(x.device.type == "cpu")
-        _scale_cast_kernel[(triton.cdiv(n, block),)](x, out, scale, n, BLOCK=block, num_warps=8)
+        _mlm_scale_cast_kernel[(triton.cdiv(n, block),)](x, out, scale, n, BLOCK=block, num_warps=8)
     return out
 
 
-def _backward(grad, labels, ignore_index: int, dh, dw, db):
+def _computed(x: torch.Tensor) -> bool:
+    """The forward returns an empty 1-D tensor for a gradient it did not compute (d_bias, when
+    computed, has vocab_pad >= 64 elements; d_hidden of zero rows is (0, h))."""
+    return not (x.dim() == 1 and x.numel() == 0)
+
+
+def _backward(grad, labels, ignore_index: int, dh, dw, db, vocab: int, dtype: torch.dtype):
     scale = (grad.to(torch.float32) / _count(labels, ignore_index)).reshape(())
-    dtype = dh.dtype
-    return _scale_cast(dh, scale, dtype), _scale_cast(dw, scale, dtype), _scale_cast(db, scale, dtype)
+    return tuple(_scale_cast(x, scale, dtype) if _computed(x) else torch.empty(0, device=x.device, dtype=dtype)
+                 for x in (dh, dw[:vocab], db[:vocab]))
 
 
 # ------------------------------------------------------------------------------------- registration
 
 @torch.library.custom_op("fastbert::mlm_loss", mutates_args=(), device_types="cuda")
 def _mlm_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor,
-                 ignore_index: int, compute_grad: bool, fp32_out: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, Σ dlogits @ W, Σ dlogitsᵀ @ hidden (fp32), Σ dlogits (fp32)); the sums are unscaled
-    (multiply by grad / count) and empty when not compute_grad. The loss is fp32 when fp32_out,
-    else in hidden's dtype."""
-    return _forward(hidden, weight, bias, labels, ignore_index, compute_grad, fp32_out)
+                 ignore_index: int, grad_hidden: bool, grad_weight: bool, grad_bias: bool,
+                 fp32_out: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, Σ dlogits @ W (rows, h), Σ dlogitsᵀ @ hidden (vocab_pad, h), Σ dlogits (vocab_pad,)),
+    the last three in fp32, unscaled (multiply by grad / count), each empty (0,) when its flag is off.
+    The loss is fp32 when fp32_out, else in hidden's dtype."""
+    return _forward(hidden, weight, bias, labels, ignore_index, grad_hidden, grad_weight, grad_bias, fp32_out)
 
 
 @_mlm_loss_op.register_kernel("cpu")
-def _(hidden, weight, bias, labels, ignore_index, compute_grad, fp32_out=False):
+def _(hidden, weight, bias, labels, ignore_index, grad_hidden, grad_weight, grad_bias, fp32_out=False):
     # Reached only under FASTBERT_KERNELS=triton with TRITON_INTERPRET=1: the same Triton kernels.
-    return _forward(hidden, weight, bias, labels, ignore_index, compute_grad, fp32_out)
+    return _forward(hidden, weight, bias, labels, ignore_index, grad_hidden, grad_weight, grad_bias, fp32_out)
 
 
 @_mlm_loss_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, compute_grad, fp32_out=False):
-    loss = hidden.new_empty((), dtype=torch.float32 if fp32_out else hidden.dtype)
-    if compute_grad:
-        return (loss, torch.empty_like(hidden, memory_format=torch.contiguous_format),
-                weight.new_empty(weight.shape, dtype=torch.float32),
-                bias.new_empty(bias.shape, dtype=torch.float32))
-    empty = hidden.new_empty((0,), dtype=torch.float32)
-    return loss, empty, empty.clone(), empty.clone()
+def _(hidden, weight, bias, labels, ignore_index, grad_hidden, grad_weight, grad_bias, fp32_out=False):
+    f32 = torch.float32
+    loss = hidden.new_empty((), dtype=f32 if fp32_out else hidden.dtype)
+    vpad = _vocab_pad(weight.shape[0])
+    dh = hidden.new_empty(hidden.shape, dtype=f32) if grad_hidden else hidden.new_empty((0,), dtype=f32)
+    dw = weight.new_empty((vpad, weight.shape[1]), dtype=f32) if grad_weight else weight.new_empty((0,), dtype=f32)
+    db = bias.new_empty((vpad,), dtype=f32) if grad_bias else bias.new_empty((0,), dtype=f32)
+    return loss, dh, dw, db
 
 
 @torch.library.custom_op("fastbert::mlm_loss_backward", mutates_args=(), device_types="cuda")
 def _mlm_loss_backward_op(grad: torch.Tensor, labels: torch.Tensor, ignore_index: int, dh: torch.Tensor,
-                          dw: torch.Tensor, db: torch.Tensor
+                          dw: torch.Tensor, db: torch.Tensor, vocab: int, dtype: torch.dtype
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad / count) · the forward's gradient sums, in the dtype of dh (= hidden's)."""
-    return _backward(grad, labels, ignore_index, dh, dw, db)
+    """(grad / count) · the forward's gradient sums (the first vocab rows of dw / db) in dtype;
+    empty (0,) where the forward computed none."""
+    return _backward(grad, labels, ignore_index, dh, dw, db, vocab, dtype)
 
 
 @_mlm_loss_backward_op.register_kernel("cpu")
-def _(grad, labels, ignore_index, dh, dw, db):
-    return _backward(grad, labels, ignore_index, dh, dw, db)
+def _(grad, labels, ignore_index, dh, dw, db, vocab, dtype):
+    return _backward(grad, labels, ignore_index, dh, dw, db, vocab, dtype)
 
 
 @_mlm_loss_backward_op.register_fake
-def _(grad, labels, ignore_index, dh, dw, db):
-    return (torch.empty_like(dh, memory_format=torch.contiguous_format),
-            torch.empty_like(dw, dtype=dh.dtype, memory_format=torch.contiguous_format),
-            torch.empty_like(db, dtype=dh.dtype, memory_format=torch.contiguous_format))
+def _(grad, labels, ignore_index, dh, dw, db, vocab, dtype):
+    return tuple(x[:n].new_empty(x[:n].shape, dtype=dtype) if _computed(x) else x.new_empty((0,), dtype=dtype)
+                 for x, n in ((dh, dh.shape[0]), (dw, vocab), (db, vocab)))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, ignore_index, compute_grad, *_ = inputs
+    hidden, weight, bias, labels, ignore_index, grad_hidden, grad_weight, grad_bias, *_ = inputs
     _, dh, dw, db = output
     ctx.mark_non_differentiable(dh, dw, db)
     ctx.ignore_index = ignore_index
-    ctx.compute_grad = compute_grad
-    if compute_grad:
-        ctx.save_for_backward(labels, dh, dw, db)
-    else:
-        ctx.save_for_backward(labels, hidden, weight, bias)
+    ctx.computed = (grad_hidden, grad_weight, grad_bias)
+    ctx.vocab = weight.shape[0]
+    ctx.dtype = hidden.dtype
+    # the inputs cost no memory here (the caller holds them); they allow a recompute (see below)
+    ctx.save_for_backward(labels, hidden, weight, bias, dh, dw, db)
 
 
 def _backward_rule(ctx, grad_loss, *_unused):
-    if ctx.compute_grad:
-        labels, dh, dw, db = ctx.saved_tensors
-    else:
-        # The forward skipped the gradients (the public wrapper asks for them whenever autograd
-        # will want them): recompute them now, one more GEMM than the precomputed path.
-        labels, hidden, weight, bias = ctx.saved_tensors
-        _, dh, dw, db = _mlm_loss_op(hidden, weight, bias, labels, ctx.ignore_index, True)
+    labels, hidden, weight, bias, dh, dw, db = ctx.saved_tensors
+    needed = tuple(bool(x) for x in ctx.needs_input_grad[:3])
+    if any(n and not c for n, c in zip(needed, ctx.computed)):
+        # The forward skipped a gradient that autograd wants (the public wrapper asks for exactly
+        # those autograd will want): recompute, one more GEMM than the precomputed path.
+        _, dh, dw, db = _mlm_loss_op(hidden, weight, bias, labels, ctx.ignore_index, *needed)
     # grad_loss may be fp32 (fp32_out) or 16-bit: the backward op reads it in fp32 either way
-    d_hidden, d_weight, d_bias = _mlm_loss_backward_op(grad_loss, labels, ctx.ignore_index, dh, dw, db)
-    return d_hidden, d_weight, d_bias, None, None, None, None
+    grads = _mlm_loss_backward_op(grad_loss, labels, ctx.ignore_index, dh, dw, db, ctx.vocab, ctx.dtype)
+    return tuple(g if n else None for g, n in zip(grads, needed)) + (None,) * 6
 
 
 _mlm_loss_op.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -412,9 +501,9 @@ def mlm_loss(hidden, weight, bias, labels, ignore_index: int = -100,
     # autograd's own casts carry the gradients back to weight / bias dtypes when they differ.
     weight_c = weight if weight.dtype == dtype else weight.to(dtype)
     bias_c = bias if bias.dtype == dtype else bias.to(dtype)
-    compute_grad = torch.is_grad_enabled() and (
-        hidden.requires_grad or weight.requires_grad or bias.requires_grad)
+    grad_on = torch.is_grad_enabled()
     fp32_out = out_dtype == torch.float32 and dtype != torch.float32
-    loss, _, _, _ = _mlm_loss_op(hidden, weight_c, bias_c, labels, int(ignore_index), bool(compute_grad),
-                                 bool(fp32_out))
+    loss, _, _, _ = _mlm_loss_op(hidden, weight_c, bias_c, labels, int(ignore_index),
+                                 bool(grad_on and hidden.requires_grad), bool(grad_on and weight_c.requires_grad),
+                                 bool(grad_on and bias_c.requires_grad), bool(fp32_out))
     return loss
