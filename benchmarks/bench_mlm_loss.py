@@ -4,7 +4,10 @@ The masked-LM head's loss for one pretraining batch: 32k tokens, 15% masked → 
 rows (already gathered, every row labelled), vocab 30522, hidden 768 (BERT-base) and 1024
 (BERT-large), bf16. Competitors, all in this one process on the same inputs:
 
-  fastbert        K.mlm_loss (chunked: ≤ 2^26-element logits block, 3 × 1664 rows here, fp32 weight/bias grads)
+  fastbert        K.mlm_loss(validate=False, as the model calls it after its one input check per step):
+                  chunked, a ≤ 64 MiB logits block (4 × 1024 + 819 rows here), fp32 weight/bias grads
+  fastbert-chunkN (h=768 only) the same with CHUNK_BYTES = N MiB: the block size vs the fp32 d_weight
+                  accumulation passes (one per chunk after the first)
   eager           F.linear → full (rows, vocab) bf16 logits → F.cross_entropy, autograd
   compile         torch.compile of the eager function
   eager-all-tok   (context, not a target) what BertForMaskedLM does without gathering: the head on
@@ -20,8 +23,11 @@ Figures (forward+backward = loss, then torch.autograd.grad w.r.t. hidden, weight
                   it (inputs excluded; the three returned gradients included, for every competitor)
   speedup / mem_ratio  eager's time / ours and our peak / eager's, same shape, same run.
 Goal (issue 4): fastbert ≥ 2× eager at ≤ 1/4 of eager's peak memory.
+Also written: mlm_loss_kernels.md, where fastbert's fwd+bwd time goes at h=768 (torch.profiler, one
+call after warm-up, per kernel), and the context field addmm_fp32_accumulate (whether d_weight
+accumulates inside cuBLAS's GEMM, PyTorch ≥ 2.10, or through the fp32 scratch).
 
-Run: python -m benchmarks.bench_mlm_loss [--quick]   (--quick: < 60 s on an H100)
+Run: python -m benchmarks.bench_mlm_loss [--quick]   (--quick: < 30 s on an H100/H200)
 """
 from __future__ import annotations
 
@@ -43,7 +49,44 @@ def _eager(hidden, weight, bias, labels):
 
 def _fastbert(hidden, weight, bias, labels):
     import fastbert.kernels as K
-    return K.mlm_loss(hidden, weight, bias, labels, IGNORE)
+    return K.mlm_loss(hidden, weight, bias, labels, IGNORE, validate=False)
+
+
+def _with_chunk_bytes(nbytes):
+    def run(hidden, weight, bias, labels):
+        from fastbert.kernels import linear_cross_entropy as lce
+        saved, lce.CHUNK_BYTES = lce.CHUNK_BYTES, nbytes
+        try:
+            return _fastbert(hidden, weight, bias, labels)
+        finally:
+            lce.CHUNK_BYTES = saved
+    return run
+
+
+def _kernel_breakdown(fn, inputs, path):
+    """One fwd+bwd under torch.profiler: device time per kernel, largest first, as markdown (the
+    same filter as benchmarks/profile_step.py), and the wall time (the gap = GPU idle)."""
+    from torch.profiler import ProfilerActivity, profile
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start.record()
+        _fwd_bwd(fn, *inputs)
+        end.record()
+        torch.cuda.synchronize()
+    rows = []
+    for evt in prof.key_averages():
+        t = getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0))
+        if t > 0 and evt.device_type == torch.autograd.DeviceType.CUDA:
+            rows.append((t / 1e3, evt.count, evt.key))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    lines = ["# mlm_loss: fastbert fwd+bwd per kernel (4915 x 768 x 30522 bf16, one call, profiled)", "",
+             f"wall {start.elapsed_time(end):.3f} ms (under the profiler); kernel time {total:.3f} ms", "",
+             "| ms | calls | kernel |", "|---|---|---|"]
+    lines += [f"| {ms:.3f} | {n} | {name[:110]} |" for ms, n, name in rows[:25]]
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    print(text)
 
 
 def _inputs(rows, h, masked_fraction=1.0, seed=0):
@@ -75,7 +118,7 @@ def _peak_mib(fn, *args):
 
 
 def main(argv=None):
-    from benchmarks.harness import Recorder, matmul_ceiling_tflops, measure
+    from benchmarks.harness import Recorder, matmul_ceiling_tflops, measure, output_dir
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions; torch.compile at h=768 only")
@@ -94,6 +137,8 @@ def main(argv=None):
         impls = [("fastbert", _fastbert), ("eager", _eager)]
         if not (args.quick and h != 768):
             impls.append(("compile", compiled))
+        if h == 768:
+            impls += [(f"fastbert-chunk{mib}MiB", _with_chunk_bytes(mib << 20)) for mib in (32, 128)]
         inputs = _inputs(rows, h)
         flops_fwd = 2 * rows * h * VOCAB
         eager_ms = eager_peak = None
@@ -103,7 +148,7 @@ def main(argv=None):
                 loss, _ = _fwd_bwd(fn, *inputs)  # warm-up: Triton / inductor compile here
                 losses[name] = loss.float().item()
                 t_fwd = None
-                if not (args.quick and name == "compile"):  # a no-grad graph is one more inductor compile
+                if not (args.quick and (name == "compile" or "chunk" in name)):  # (one more inductor compile)
                     with torch.no_grad():
                         t_fwd = measure(lambda: fn(*inputs), warmup=warmup, rep=rep)
                 t = measure(lambda: _fwd_bwd(fn, *inputs), warmup=warmup, rep=rep)
@@ -127,6 +172,14 @@ def main(argv=None):
                 row["mem_ratio_vs_eager"] = row["peak_mib"] / eager_peak
         if losses:
             print(f"h={h}: losses {', '.join(f'{k}={v:.5f}' for k, v in losses.items())}")
+        if h == 768:
+            try:
+                _kernel_breakdown(_fastbert, inputs, output_dir() / "mlm_loss_kernels.md")
+            except Exception:
+                traceback.print_exc()
+            from fastbert.kernels import linear_cross_entropy as lce
+            rec.context["addmm_fp32_accumulate"] = lce._ADDMM_F32
+            print(f"d_weight accumulation inside the GEMM (addmm out_dtype=float32): {lce._ADDMM_F32}")
         del inputs
         torch.cuda.empty_cache()
 

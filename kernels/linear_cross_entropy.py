@@ -20,11 +20,11 @@ an aligned leading dimension for cuBLAS. For each chunk:
      d_hidden GEMM, ≈ 2 ms of the 3.65 ms fwd+bwd); the split keeps every big GEMM dimension aligned.
   2. Triton ``_ce_rows_lse_kernel``, one program per row: adds the bias, online log-sum-exp over
      vocabulary tiles in fp32 (one exp per element: a tile-wise running max), the per-row loss.
-  3. (gradients wanted) Triton ``_ce_rows_grad_kernel``, one program per stripe of 64 columns, looping
-     over the chunk's rows: overwrites the logits in place with dlogits = softmax - onehot (exact
-     zeros for ignored rows and for the padding columns) and adds its columns' Σ_rows dlogits into
-     the fp32 d_bias: column ownership makes that sum deterministic and free (no extra pass over the
-     block, no atomics). The 1/count scale is not applied here but in fp32 at the very end, so the
+  3. (gradients wanted) Triton ``_ce_rows_grad_kernel``, one program per stripe of 64 columns and
+     split of ≥ 256 rows, looping over its rows: overwrites the logits in place with dlogits =
+     softmax - onehot (exact zeros for ignored rows and for the padding columns) and adds its
+     Σ_rows dlogits into an fp32 d_bias partial row of its split (summed once at the end): tile
+     ownership makes that sum deterministic and free (no extra pass over the block, no atomics). The 1/count scale is not applied here but in fp32 at the very end, so the
      16-bit dlogits keep their full relative precision (p - onehot is O(1); p/count is not).
   4. cuBLAS: d_hidden_c = dlogits @ weight with fp32 output (mm's out_dtype; the < 8 tail columns
      added by a tiny beta=1 GEMM), rows are independent: no accumulation across chunks.
@@ -145,8 +145,10 @@ def _ce_rows_grad_kernel(
     bias_ptr,        # *T (vocab_pad,): bias, zero-padded
     labels_ptr,      # *i64 (n_rows,)
     lse_ptr,         # *f32 (n_rows,): from _ce_rows_lse_kernel
-    db_ptr,          # *f32 (vocab_pad,): d_bias accumulator, += Σ_rows dlogits (when ACC_DB)
+    db_ptr,          # *f32 (num_programs(1), vocab_pad): d_bias partial sums, one row per row split,
+                     #   += Σ over the split's rows of dlogits (when ACC_DB)
     n_rows,          # rows in this chunk
+    rows_per_split,  # rows of one row split (a multiple of BLOCK_R)
     vocab,           # real columns
     vocab_pad,       # columns in the buffer (a multiple of 64)
     stride_row,      # elements between rows of the logits buffer
@@ -155,16 +157,20 @@ def _ce_rows_grad_kernel(
     BLOCK_R: tl.constexpr,  # rows per step (power of 2)
     BLOCK_C: tl.constexpr,  # columns owned by this program (power of 2)
 ):
-    # One program owns a stripe of columns over all rows: its d_bias sums need no atomics and no
-    # second pass over the block, and the bias stripe is loaded once.
+    # Program (c, s) owns column stripe c of row split s: its d_bias partial sums need no atomics
+    # and no second pass over the block (deterministic: fixed split, fixed order), and the bias
+    # stripe is loaded once.
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(1)
     in_buf = cols < vocab_pad
     real = cols < vocab
     b = tl.load(bias_ptr + cols, mask=in_buf, other=0.0).to(tl.float32)
-    acc = tl.zeros((BLOCK_C,), tl.float32)
-    for r0 in range(0, n_rows, BLOCK_R):
+    r_begin = split * rows_per_split
+    r_end = tl.minimum(n_rows, r_begin + rows_per_split)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)  # reduced over rows once, at the end
+    for r0 in range(r_begin, r_end, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
-        rmask = rows < n_rows
+        rmask = rows < r_end
         label = tl.load(labels_ptr + rows, mask=rmask, other=ignore_index)
         lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
         offs = rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
@@ -172,15 +178,17 @@ def _ce_rows_grad_kernel(
         x = tl.load(logits_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         z = tl.where(real[None, :], x + b[None, :], float("-inf"))  # exp → exactly 0 on the padding
         g = tl.exp(z - lse[:, None]) - tl.where(cols[None, :] == label[:, None], 1.0, 0.0)
-        # ignored rows: exact zeros (a select, not a product), so the GEMMs need no row mask
+        # ignored (and masked) rows: exact zeros (a select, not a product), so the GEMMs need no
+        # row mask and the d_bias sums no row mask either
         g = tl.where((label != ignore_index)[:, None], g, 0.0).to(logits_ptr.dtype.element_ty)
         tl.store(logits_ptr + offs, g, mask=mask)
         if ACC_DB:
             # the rounded values: d_bias is then exactly the column sum of what the GEMMs see
-            acc += tl.sum(g.to(tl.float32), axis=0)
+            acc += g.to(tl.float32)
     if ACC_DB:
-        d = tl.load(db_ptr + cols, mask=in_buf, other=0.0)
-        tl.store(db_ptr + cols, d + acc, mask=in_buf)
+        part_ptr = db_ptr + split * vocab_pad + cols
+        d = tl.load(part_ptr, mask=in_buf, other=0.0)
+        tl.store(part_ptr, d + tl.sum(acc, axis=0), mask=in_buf)
 
 
 @triton.jit
@@ -213,12 +221,13 @@ def _lse_config(vocab_pad: int, interpreted: bool):
     return block_r, block_v, (8 if block_v >= 2048 else 4)
 
 
-def _grad_config(vocab_pad: int, interpreted: bool):
-    """(BLOCK_R, BLOCK_C, num_warps). GPU: 64-column stripes → 477 programs at vocab 30522, each
-    moving 8 KB (bf16) per step, enough in flight per SM; the interpreter: wide stripes."""
+def _grad_config(vocab_pad: int, chunk_rows: int, interpreted: bool):
+    """(BLOCK_R, BLOCK_C, num_warps, row_splits). GPU: 64 × 64 tiles (8 KB in bf16 per step), 477
+    column stripes at vocab 30522 × up to 8 row splits of ≥ 256 rows (1908 programs for 1024-row
+    chunks: enough in flight per SM to cover memory latency). Interpreter: wide stripes, one split."""
     if interpreted:
-        return 64, min(4096, triton.next_power_of_2(vocab_pad)), 4
-    return 64, 64, 4
+        return 64, min(4096, triton.next_power_of_2(vocab_pad)), 4, 1
+    return 64, 64, 4, max(1, min(8, chunk_rows // 256))
 
 
 def _scale_block(interpreted: bool) -> int:
@@ -339,7 +348,9 @@ def _forward(hidden, weight, bias, labels, ignore_index: int, grad_hidden: bool,
         dw = _empty((vpad, h), dev, f32) if rows else torch.zeros(vpad, h, device=dev, dtype=f32)
     else:
         dw = torch.empty(0, device=dev, dtype=f32)
-    db = torch.zeros(vpad, device=dev, dtype=f32) if grad_bias else torch.empty(0, device=dev, dtype=f32)
+    db = torch.empty(0, device=dev, dtype=f32)
+    if grad_bias and not rows:
+        db = torch.zeros(vpad, device=dev, dtype=f32)
 
     if rows:
         chunk = _chunk_rows(rows, vpad, hidden.element_size())
@@ -348,7 +359,9 @@ def _forward(hidden, weight, bias, labels, ignore_index: int, grad_hidden: bool,
         bias_pad[:vocab] = bias
         w_main, w_tail = weight[:vocab8], weight[vocab8:]
         lse_r, block_v, lse_warps = _lse_config(vpad, interpreted)
-        block_r, block_c, grad_warps = _grad_config(vpad, interpreted)
+        block_r, block_c, grad_warps, splits = _grad_config(vpad, chunk, interpreted)
+        # d_bias partial sums, one row per row split of the gradient kernel, summed at the end
+        db_part = torch.zeros(splits, vpad, device=dev, dtype=f32) if grad_bias else lse
         for c0 in range(0, rows, chunk):
             c1 = min(rows, c0 + chunk)
             n = c1 - c0
@@ -365,8 +378,9 @@ def _forward(hidden, weight, bias, labels, ignore_index: int, grad_hidden: bool,
             )
             if not any_grad:
                 continue
-            _ce_rows_grad_kernel[(triton.cdiv(vpad, block_c),)](
-                buf, bias_pad, labels[c0:c1], lse[c0:c1], db if grad_bias else lse, n, vocab, vpad, vpad,
+            per_split = triton.cdiv(triton.cdiv(n, splits), block_r) * block_r
+            _ce_rows_grad_kernel[(triton.cdiv(vpad, block_c), splits)](
+                buf, bias_pad, labels[c0:c1], lse[c0:c1], db_part, n, per_split, vocab, vpad, vpad,
                 ignore_index, ACC_DB=bool(grad_bias), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=grad_warps,
             )
             if grad_hidden:
@@ -378,6 +392,8 @@ def _forward(hidden, weight, bias, labels, ignore_index: int, grad_hidden: bool,
             if grad_weight:
                 # all vocab_pad columns (the padding ones are zeros): every GEMM dimension aligned
                 _gemm_f32(dw, g.t(), h_c, accumulate=c0 > 0)
+        if grad_bias:
+            db = db_part.sum(0) if splits > 1 else db_part[0].clone()
     loss = row_loss.sum() / _count(labels, ignore_index)
     return (loss if fp32_out else loss.to(dtype)), dh, dw, db
 

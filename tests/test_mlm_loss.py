@@ -124,11 +124,12 @@ def test_chunk_without_labelled_rows(triton_kernels, device, monkeypatch, dtype)
 
 def test_several_vocabulary_tiles_and_column_stripes(triton_kernels, device, monkeypatch):
     """The lse kernel's online log-sum-exp over several vocabulary tiles (the GPU path for vocab >
-    8192; the interpreter otherwise takes one tile) and the gradient kernel over several column
-    stripes and row steps with short last ones: vocab 1031 → 1088 columns = 4 tiles of 256 + 64,
-    5 stripes of 256 columns (the last 64 wide), rows in steps of 16 over chunks of 21."""
+    8192; the interpreter otherwise takes one tile) and the gradient kernel's GPU-style grid:
+    several column stripes and row splits with short last ones. vocab 1031 → 1088 columns = 4
+    tiles of 256 + 64, 5 stripes of 256 columns (the last 64 wide); chunks of 21 rows (the last
+    of 8) in 2 row splits of 16 rows (the second one short, then empty)."""
     monkeypatch.setattr(lce, "_LSE_BLOCK", {True: 256, False: 256})
-    monkeypatch.setattr(lce, "_grad_config", lambda vocab_pad, interpreted: (16, 256, 4))
+    monkeypatch.setattr(lce, "_grad_config", lambda vocab_pad, chunk_rows, interpreted: (16, 256, 4, 2))
     monkeypatch.setattr(lce, "CHUNK_ROWS", 21)
     assert lce._lse_config(1088, True)[1] == 256
     _check_against_reference(50, 37, 1031, torch.float32, device, ignored=0.3)
@@ -428,9 +429,9 @@ def _lse_jobs(vocab, dtype, div16):
 
 
 def _grad_jobs(vocab, dtype, div16, acc_db):
-    block_r, block_c, warps = lce._grad_config(lce._vocab_pad(vocab), interpreted=False)
+    block_r, block_c, warps, _ = lce._grad_config(lce._vocab_pad(vocab), 1024, interpreted=False)
     sig = {"logits_ptr": _ptr(dtype), "bias_ptr": _ptr(dtype), "labels_ptr": "*i64", "lse_ptr": "*fp32",
-           "db_ptr": "*fp32", "n_rows": "i32", "vocab": "i32", "vocab_pad": "i32", "stride_row": "i32",
+           "db_ptr": "*fp32", "n_rows": "i32", "rows_per_split": "i32", "vocab": "i32", "vocab_pad": "i32", "stride_row": "i32",
            "ignore_index": "i32", "ACC_DB": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
     return [("_ce_rows_grad_kernel", sig, {"ACC_DB": acc_db, "BLOCK_R": block_r, "BLOCK_C": block_c},
              div16, arch, warps) for arch in (90, 80)]
