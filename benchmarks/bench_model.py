@@ -29,6 +29,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--compile", action="store_true", help="add torch.compile'd competitors")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per competitor (rows: their median)")
+    ap.add_argument("--case", choices=["pretrain", "finetune", "all"], default="all",
+                    help="run only these cases (e.g. --compile --case pretrain to bound compile time)")
     ap.add_argument("--no-padded", action="store_true", help="finetune: skip the fastbert-padded row")
     args = ap.parse_args(argv)
     device = "cuda" if args.gpu else "cpu"
@@ -43,6 +45,7 @@ def main(argv=None):
     else:
         cases = [("pretrain", "cpu-small", 16, 128), ("finetune", "cpu-small", 32, 128)]
         steps = args.steps or 5
+    cases = [c for c in cases if args.case in ("all", c[0])]
     for case, size, batch, seq in cases:
         try:
             # finetune also runs fastbert with padding through the encoder: what unpadding alone is worth

@@ -7,8 +7,8 @@
 NEW_DIR holds what benchmarks/harness.py's Recorder wrote (``<bench>.json``: {"name", "machine",
 "context", "rows"}), e.g. the folder benchmarks/gpu_check.sh fills; a bare JSON list of rows
 (``fastbert bench --json``) works too. Rows are joined on their identifying fields: every field that
-is not a measurement (measurements: ``*_ms``, ``*_per_s``, TFLOP/s, GB/s, memory, MFU, ratios, ...;
-see MEASUREMENT and ``--ignore-field``), so a row is "bench_attention: op=attention impl=fastbert
+is not a measurement (measurements: ``*_ms``, ``*_per_s``, TFLOP/s, GB/s, memory, MFU, ratios, every
+float but a few settings such as dropout; see MEASUREMENT, FLOAT_SETTINGS and ``--ignore-field``), so a row is "bench_attention: op=attention impl=fastbert
 seq=512 dtype=bf16 pass=fwd+bwd ..." on both sides. The compared figure is ``median_ms`` (the median
 of repeated measurements: do_bench's on a GPU, the median over timed steps for the model step);
 a row whose new median is more than ``--threshold`` (default 10%) above the old one is flagged.
@@ -40,7 +40,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MEASUREMENT = re.compile(
     r"(_ms|_s|_per_s|tflops|gbps|_gib|_mib|_gb|_mb|mfu|frac_of_ceiling|_ratio|_err|_error)$"
     r"|^(speedup|vs_|mem_ratio|peak|ratio|cos)"
-    r"|^(device|label|error|repeats|n_steps|notes?|weights)$")
+    r"|^(device|label|error|repeats|n_steps|steps|stopped_by|notes?|weights)$")
+# Float fields are measurements too, except these settings (attention benchmark's fill and dropout).
+FLOAT_SETTINGS = {"fill", "dropout", "dropout_p", "p", "mask_prob", "lr", "threshold"}
 METRIC = "median_ms"
 
 
@@ -71,7 +73,7 @@ def card_of(payload: dict, rows: list[dict], folder: Path) -> str | None:
     env = _card_from_env_txt(folder)
     if env:
         return env
-    if machine.get("cpu") or devices == {"cpu"}:
+    if machine.get("cpu_model") or machine.get("cpu"):  # bare CPU rows name no model: unknown
         model = machine.get("cpu_model") or machine.get("cpu") or "unknown model"
         cores = machine.get("cpu_count")
         return f"CPU {model}" + (f" ({cores} cores)" if cores else "")
@@ -151,9 +153,14 @@ def auto_baseline(new: dict[str, dict], new_dir: Path, root: Path) -> dict[str, 
 
 # ------------------------------------------------------------------------------------------ joining
 
+def is_identifying(key: str, value) -> bool:
+    if MEASUREMENT.search(key) or key == METRIC:
+        return False
+    return not isinstance(value, float) or key in FLOAT_SETTINGS
+
+
 def identity(row: dict, ignore: set[str]) -> tuple:
-    return tuple(sorted((k, repr(v)) for k, v in row.items()
-                        if k not in ignore and not MEASUREMENT.search(k) and k != METRIC))
+    return tuple(sorted((k, repr(v)) for k, v in row.items() if k not in ignore and is_identifying(k, v)))
 
 
 def keyed_rows(rows: list[dict], ignore: set[str]) -> dict[tuple, dict]:

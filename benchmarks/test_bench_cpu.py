@@ -205,3 +205,26 @@ def test_pretrain_race_smoke(tmp_path, monkeypatch):
     assert first[0][2] == pytest.approx(first[1][2], rel=1e-5)  # MLM loss before any update
     assert first[0][3] == pytest.approx(first[1][3], rel=1e-5)  # NSP loss
     assert (out / "pretrain_race.png").stat().st_size > 0 and (out / "pretrain_race.md").is_file()
+
+
+@pytest.mark.slow  # trains a tokenizer and builds three epochs: ~10 s
+def test_pretrain_race_batches_are_the_cli_batches(tmp_path):
+    """Epochs built in parallel processes give exactly the batches `fastbert pretrain` takes, in order."""
+    from importlib import resources
+
+    import torch
+
+    from benchmarks.pretrain_race import build_batches
+    from fastbert.pretraining_data import PretrainingData, collate, split_documents, tokenize_corpus
+    corpus = str(resources.files("fastbert.data").joinpath("sample_corpus.txt"))
+    tok, batches, _, info = build_batches([corpus], vocab_size=600, seq_len=24, batch_size=8, steps=900,
+                                          cache_dir=str(tmp_path), eval_examples=0, workers=2)
+    assert info["epochs_used"] > 1  # the parallel path ran
+    shards = tokenize_corpus([corpus], tok, str(tmp_path))
+    train_docs, _ = split_documents(shards.num_documents, 0.05, 0)
+    data = PretrainingData(shards, tok, train_docs, seq_len=24, seed=0, mask_prob=0.15, nsp=True)
+    position = (0, 0)
+    for b in batches:
+        examples, position = data.take(position, 8)
+        expected = collate(examples, data.ids["pad"])
+        assert all(torch.equal(expected[k], b[k]) for k in expected)
