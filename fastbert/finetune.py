@@ -113,6 +113,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "labels seen in the training file); needed when a short training file lacks some")
     p.add_argument("--random-init", action="store_true",
                    help="use the config and tokenizer of --model but freshly initialised weights")
+    p.add_argument("--batching", choices=("bucketed", "random"), default="bucketed",
+                   help="training batches: bucketed by length (default; little padding) or random, as "
+                        "transformers' Trainer makes them (group_by_length=False), each padded to its longest")
     p.add_argument("--impl", choices=("fastbert", "transformers"), default="fastbert",
                    help="benchmarking switch: run the same loop on the transformers class of the same name "
                         "(same initial weights; needs transformers)")
@@ -375,7 +378,10 @@ def run(args) -> dict:
     lengths = [T.length_of(f) for f in train_f]
     for epoch in range(args.epochs):
         model.train()
-        batches = T.bucket_batches(lengths, args.batch_size, shuffle=True, seed=args.seed + epoch)
+        if getattr(args, "batching", "bucketed") == "random":
+            batches = T.random_batches(len(lengths), args.batch_size, seed=args.seed + epoch)
+        else:
+            batches = T.bucket_batches(lengths, args.batch_size, shuffle=True, seed=args.seed + epoch)
         bar = _progress(batches, progress, f"epoch {epoch + 1}/{args.epochs}")
         R.synchronize(device)
         t0 = time.perf_counter()
@@ -428,7 +434,8 @@ def run(args) -> dict:
     model.load_state_dict(best_state)
     result = {"dev": best_dev, "best_epoch": best_epoch, "history": history,
               "train_seconds": round(train_seconds, 2), "eval_seconds": round(eval_seconds, 2),
-              "total_seconds": round(total_seconds, 2), "impl": args.impl, "random_init": args.random_init,
+              "total_seconds": round(total_seconds, 2), "impl": args.impl,
+              "batching": args.batching, "random_init": args.random_init,
               "device": str(device), "device_name": R.describe(device), "precision": precision,
               "threads": threads, "steps": total, "train_features": len(train_f)}
     if args.impl == "transformers":

@@ -424,6 +424,13 @@ def bucket_batches(lengths: Sequence[int], batch_size: int, shuffle: bool, seed:
     return batches
 
 
+def random_batches(n: int, batch_size: int, seed: int = 0) -> list[list[int]]:
+    """Shuffled consecutive batches, as transformers' Trainer draws them by default."""
+    idx = list(range(n))
+    random.Random(seed).shuffle(idx)
+    return [idx[k:k + batch_size] for k in range(0, n, batch_size)]
+
+
 def collate(features: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Pad a batch to its longest sequence: input_ids, token_type_ids, attention_mask and the label
     tensors present (labels / start_positions / end_positions); ner labels are padded with -100."""

@@ -51,12 +51,15 @@ def test_finetune_ab_writes_both_arms_and_the_ratio(setup, tmp_path):
     assert rc == 0
     payload = json.loads((out / "finetune_ab.json").read_text())
     rows = {(r["experiment"], r["impl"]): r for r in payload["rows"]}
-    assert set(rows) == {("sentiment_en", "fastbert"), ("sentiment_en", "transformers"),
-                         ("ner_en", "fastbert"), ("ner_en", "transformers"), ("frozen", "fastbert")}
+    assert set(rows) == {(name, impl) for name in ("sentiment_en", "ner_en")
+                         for impl in ("fastbert", "transformers", "transformers-random")} | {("frozen", "fastbert")}
     for name in ("sentiment_en", "ner_en"):
-        fb, hf = rows[(name, "fastbert")], rows[(name, "transformers")]
-        assert fb["speedup_vs_transformers"] == pytest.approx(hf["train_seconds"] / fb["train_seconds"], rel=1e-2)
-        assert fb["steps"] == hf["steps"] and fb["threads"] == hf["threads"] == 1
+        fb, hf, rnd = rows[(name, "fastbert")], rows[(name, "transformers")], rows[(name, "transformers-random")]
+        for other in (hf, rnd):
+            assert other["fastbert_speedup"] == pytest.approx(other["train_seconds"] / fb["train_seconds"], rel=1e-2)
+            assert other["steps"] == fb["steps"] and other["threads"] == 1
+        assert fb["threads"] == 1
+        assert payload["context"]["arms"][f"{name}/transformers-random"]["batching"] == "random"
         arms = payload["context"]["arms"]  # every arm's full metrics.json
         assert arms[f"{name}/transformers"]["impl"] == "transformers"
         assert arms[f"{name}/fastbert"]["train_seconds"] == fb["train_seconds"]

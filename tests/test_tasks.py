@@ -214,3 +214,11 @@ def test_bucket_batches():
         pos = sorted(order.index(i) for i in b)
         assert pos == list(range(pos[0], pos[0] + len(b)))
     assert tr == bucket_batches(lengths, 2, shuffle=True, seed=1, bucket_factor=100)
+
+
+def test_random_batches_cover_every_example_once_in_a_seeded_order():
+    from fastbert.tasks import random_batches
+    a, b, c = (random_batches(70, 32, seed=s) for s in (1, 1, 2))
+    assert [len(x) for x in a] == [32, 32, 6]
+    assert sorted(i for x in a for i in x) == list(range(70))
+    assert a == b and a != c
