@@ -303,21 +303,30 @@ def test_packed_model_on_triton_kernels(device, triton_kernels, monkeypatch):
 
 # ---- `fastbert pretrain --pack` ------------------------------------------------------------------
 
-def test_pretrain_cli_with_packing_trains(tmp_path):
+@pytest.fixture(scope="module")
+def packed_run(tmp_path_factory):
+    """20 steps of `fastbert pretrain --pack` (micro) on twelve short documents of the sample corpus,
+    checkpoints at steps 10 and 20; returns (run folder, argv)."""
     from fastbert.cli import main as cli_main
     from fastbert.pretrain import sample_corpus_path
-    from fastbert.trainer import read_metrics
+    tmp = tmp_path_factory.mktemp("packed_run")
     with open(sample_corpus_path(), encoding="utf-8") as f:
         lines = [line.strip() for _, line in zip(range(400), f) if line.strip()]
     docs = ["\n".join(lines[i:i + 15]) for i in range(0, 180, 15)]
-    corpus = tmp_path / "c.txt"
+    corpus = tmp / "c.txt"
     corpus.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
-    out = tmp_path / "run"
+    out = tmp / "run"
     argv = ["pretrain", "--corpus", str(corpus), "--out", str(out), "--config", "micro", "--seq-len", "64",
             "--batch-size", "4", "--vocab-size", "300", "--eval-examples", "8", "--no-progress", "--pack",
             "--max-example-len", "32", "--steps", "20", "--log-every", "5", "--eval-every", "0",
-            "--cache-dir", str(tmp_path / "cache")]
+            "--save-every", "10", "--keep-checkpoints", "2", "--cache-dir", str(tmp / "cache")]
     assert cli_main(argv) == 0
+    return out, argv
+
+
+def test_pretrain_cli_with_packing_trains(packed_run):
+    from fastbert.trainer import read_metrics
+    out, _ = packed_run
     rows = read_metrics(os.path.join(out, "metrics.jsonl"))
     assert [r["step"] for r in rows] == [5, 10, 15, 20]
     # 20 micro steps: NSP learns fast, MLM slowly (a few dozen masked tokens per step)
@@ -325,5 +334,26 @@ def test_pretrain_cli_with_packing_trains(tmp_path):
     assert all(0 < r["nsp_loss"] < 1.5 for r in rows) and "mlm_accuracy" in rows[-1]
     with open(out / "run_args.json") as f:
         assert '"pack": true' in f.read()
-    model = fastbert.BertForPreTraining.from_pretrained(str(out))
-    assert model.config.max_position_embeddings >= 64
+    fastbert.BertForPreTraining.from_pretrained(str(out))
+
+
+def test_packed_run_resumes_bit_for_bit(packed_run, tmp_path):
+    """Rewound to its step-10 checkpoint, the run continues over the same packed rows (the data
+    position is (epoch, row)) to the same weights."""
+    import shutil
+
+    from fastbert.cli import main as cli_main
+    out, argv = packed_run
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    shutil.rmtree(again / "checkpoints" / "step-00000020")
+    (again / "checkpoints" / "latest").write_text("step-00000010\n")
+    (again / "model.safetensors").unlink()  # only the resumed steps may write it back
+    assert cli_main(["pretrain", "--out", str(again), "--resume", "--no-progress",
+                     "--cache-dir", argv[argv.index("--cache-dir") + 1]]) == 0
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    from fastbert.trainer import read_metrics
+
+    def rows(run):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(run / "metrics.jsonl")]
+    assert rows(again) == rows(out) and [r["step"] for r in rows(again)] == [5, 10, 15, 20]
