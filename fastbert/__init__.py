@@ -10,6 +10,7 @@ from .modeling import (
     BertForTokenClassification,
     BertModel,
 )
+from .patch import patch, unpatch
 
 __version__ = "0.1.0"
 __all__ = [

@@ -1,0 +1,402 @@
+"""Make a transformers Bert model run fastbert's kernels, in place.
+
+    model = transformers.BertForSequenceClassification.from_pretrained(path)
+    fastbert.patch(model)         # same object, same Parameters, same state-dict keys; returns model
+    ...                           # train / evaluate as before (a Trainer script included)
+    fastbert.unpatch(model)       # transformers' own forward again, bit for bit
+
+    with fastbert.patch(model):   # or patched for one block only
+        ...
+
+How: each module whose forward fastbert replaces has its class swapped (``module.__class__``) for a
+subclass of its own transformers class whose forward is fastbert's. fastbert/modeling.py uses
+transformers' module and attribute names, so most of its forward functions run on transformers'
+modules as they are; the few attributes that differ (dropout probability, GELU form) are read
+through properties of the subclass. No Parameter, buffer or hook is touched, so an optimizer made
+before or after patching keeps working; ``isinstance(model, transformers.BertForX)`` stays true;
+the class name, which save_pretrained writes into config.json, stays the same; ``.to()``,
+``.half()``, ``copy.deepcopy``, pickling and ``save_pretrained`` (loadable by unpatched
+transformers) keep working.
+
+Supports: transformers' BertModel, BertForPreTraining, BertForMaskedLM,
+BertForNextSentencePrediction, BertForSequenceClassification, BertForTokenClassification,
+BertForQuestionAnswering and BertForMultipleChoice (transformers 5.x), with hidden_act "gelu",
+"gelu_new", "gelu_pytorch_tanh" (or their "_python" spellings); positional or keyword arguments as
+transformers takes them, return_dict, inputs_embeds, output_hidden_states (also 5.2x's index
+selection), output_attentions, labels for every head, gradient checkpointing through transformers'
+own switch.
+
+Not supported (patch raises, naming the reason): other models, subclasses of these classes,
+is_decoder / add_cross_attention / is_causal, position_embedding_type other than "absolute", other
+activations, modules replaced by adapters or quantized layers (e.g. LoRA, bitsandbytes: only plain
+nn.Linear / nn.LayerNorm / nn.Embedding), modules whose forward was overridden on the instance
+(accelerate hooks, device_map offloading), a model wrapped by torch.compile / DDP (patch first).
+
+Caution, where a patched model differs from transformers (exactly as fastbert's own classes do):
+- With MLM labels in training mode the MLM head runs on the masked rows only: the loss is
+  transformers' loss, and prediction_logits / logits are None. In eval mode they are full.
+- Values at padding positions are unspecified but finite.
+- attention_mask must be (batch, seq) (0/1, bool or float); 4-D masks raise ValueError. Integer
+  values above 1 are fastbert's packed rows (see fastbert.modeling.BertModel.forward).
+- config._attn_implementation is ignored: fastbert's attention always runs; output_attentions=True
+  runs fastbert's reference (eager) attention for that call.
+- Forward hooks on the Linear / LayerNorm / Embedding modules inside the encoder and the MLM
+  transform do not fire (the fused kernels read their weights); hooks on Bert* modules do.
+"""
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import types
+
+import torch
+import torch.nn as nn
+
+import fastbert.kernels as K
+
+from . import modeling as fb
+
+__all__ = ["patch", "unpatch"]
+
+HEADS = [name for name in fb.MODEL_CLASSES if name != "BertModel"]
+
+# transformers' output class of each model class (module, name)
+_OUTPUTS = {
+    "BertModel": ("transformers.modeling_outputs", "BaseModelOutputWithPoolingAndCrossAttentions"),
+    "BertForPreTraining": ("transformers.models.bert.modeling_bert", "BertForPreTrainingOutput"),
+    "BertForMaskedLM": ("transformers.modeling_outputs", "MaskedLMOutput"),
+    "BertForNextSentencePrediction": ("transformers.modeling_outputs", "NextSentencePredictorOutput"),
+    "BertForSequenceClassification": ("transformers.modeling_outputs", "SequenceClassifierOutput"),
+    "BertForTokenClassification": ("transformers.modeling_outputs", "TokenClassifierOutput"),
+    "BertForQuestionAnswering": ("transformers.modeling_outputs", "QuestionAnsweringModelOutput"),
+    "BertForMultipleChoice": ("transformers.modeling_outputs", "MultipleChoiceModelOutput"),
+}
+
+# transformers' Bert modules whose forward is left as it is (it computes what fastbert's would).
+_KEPT = ("BertPooler", "BertOnlyMLMHead", "BertOnlyNSPHead", "BertPreTrainingHeads")
+_PLAIN = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.Dropout, nn.ModuleList, nn.Tanh)
+
+# Set while a patched head runs its encoder, so that the encoder returns an output object even
+# when config.return_dict is False (fastbert's head forwards read its attributes).
+_INNER = contextvars.ContextVar("fastbert_patch_inner", default=False)
+
+
+def _bert_module():
+    from transformers.models.bert import modeling_bert  # imported on first use: transformers is optional
+    return modeling_bert
+
+
+@functools.cache
+def _approximate_by_type() -> dict:
+    """transformers' GELU module type -> the `approximate` argument of fastbert's GELU kernels."""
+    from transformers.activations import ACT2FN
+    return {type(ACT2FN[name]): approximate for name, approximate in
+            (("gelu", "none"), ("gelu_python", "none"), ("gelu_new", "tanh"), ("gelu_pytorch_tanh", "tanh"),
+             ("gelu_python_tanh", "tanh"))}
+
+
+def _approximate(act) -> str:
+    return _approximate_by_type()[type(act)]
+
+
+# ------------------------------------------------------------------------------ forward functions
+
+def _embeddings_forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None):
+    """fastbert.modeling.BertEmbeddings.forward, reading the dropout probability from the module
+    (transformers' embeddings hold no config)."""
+    p = self.dropout.p if self.training else 0.0
+    if inputs_embeds is None:
+        word = self.word_embeddings.weight
+        if torch.is_grad_enabled() and word.requires_grad and self.word_embeddings.padding_idx is not None:
+            word = fb._ZeroRowGrad.apply(word, self.word_embeddings.padding_idx)
+        return K.embed_layer_norm(input_ids, token_type_ids, position_ids, word,
+                                  self.position_embeddings.weight, self.token_type_embeddings.weight,
+                                  self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps, p,
+                                  validate=False)  # the model checked the ids (one sync for all)
+    h = inputs_embeds + self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
+    return self.dropout(self.LayerNorm(h))
+
+
+def _encoder_forward(self, x, layout, output_hidden_states=False, output_attentions=False):
+    """fastbert.modeling.BertEncoder.forward, except that gradient checkpointing is transformers'
+    (its BertLayer checkpoints its own call when model.gradient_checkpointing_enable() was called)."""
+    hidden, attentions = ([x] if output_hidden_states else None), ([] if output_attentions else None)
+    for layer in self.layer:
+        x, probs = layer(x, layout)
+        if output_hidden_states:
+            hidden.append(x)
+        if output_attentions:
+            attentions.append(probs)
+    return x, hidden, attentions
+
+
+def _masked_loss(self, sequence_output, labels):
+    """fastbert's masked-rows MLM loss on transformers' head. transformers' decoder adds
+    decoder.bias, which is the head's `bias` only when the two are tied (not with
+    tie_word_embeddings=False), so the view below hands fastbert the decoder's own bias."""
+    decoder = self.decoder
+    bias = decoder.bias if decoder.bias is not None else decoder.weight.new_zeros(decoder.out_features)
+    view = types.SimpleNamespace(transform=self.transform, decoder=decoder, bias=bias)
+    return fb.BertLMPredictionHead.masked_loss(view, sequence_output, labels)
+
+
+def _arguments(self, args, kwargs) -> dict:
+    """Every argument by name, bound by the signature of transformers' own forward (positional
+    arguments keep transformers' order); its **kwargs are merged in."""
+    sig, var_kw = _signature(type(self)._fastbert_original)
+    try:
+        bound = sig.bind(self, *args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"{type(self).__name__}.forward(): {exc}") from None
+    a = dict(bound.arguments)
+    a.pop(next(iter(sig.parameters)))  # self
+    a.update(a.pop(var_kw, None) or {})
+    if a.pop("is_causal", False):
+        raise ValueError("fastbert runs BERT as a bidirectional encoder; is_causal=True is not supported")
+    return a
+
+
+@functools.cache
+def _signature(original):
+    sig = inspect.signature(original.forward)
+    var_kw = next((p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    return sig, var_kw
+
+
+def _flags(config, a):
+    """return_dict, output_attentions, output_hidden_states, defaulting to the config's as
+    transformers does."""
+    return_dict = a.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(config, "return_dict", True)
+    output_attentions = a.pop("output_attentions", None)
+    if output_attentions is None:
+        output_attentions = getattr(config, "output_attentions", False)
+    output_hidden_states = a.pop("output_hidden_states", None)
+    if output_hidden_states is None:
+        output_hidden_states = getattr(config, "output_hidden_states", False)
+    return return_dict, bool(output_attentions), output_hidden_states
+
+
+def _output(name, fields: dict, return_dict: bool):
+    import importlib
+    module, cls = _OUTPUTS[name]
+    out = getattr(importlib.import_module(module), cls)(**fields)
+    return out if return_dict else out.to_tuple()
+
+
+def _model_forward(self, *args, **kwargs):
+    a = _arguments(self, args, kwargs)
+    return_dict, output_attentions, output_hidden_states = _flags(self.config, a)
+    return_dict = return_dict or _INNER.get()
+    # transformers 5.2x: output_hidden_states may select layers by index (others come back None)
+    selected = None
+    if not isinstance(output_hidden_states, bool):
+        picks = [output_hidden_states] if isinstance(output_hidden_states, int) else list(output_hidden_states)
+        n = self.config.num_hidden_layers + 1
+        selected = {i % n for i in picks if -n <= i < n}
+    out = fb.BertModel.forward(self, a.get("input_ids"), a.get("attention_mask"), a.get("token_type_ids"),
+                               a.get("position_ids"), inputs_embeds=a.get("inputs_embeds"),
+                               output_hidden_states=bool(output_hidden_states) or selected is not None,
+                               output_attentions=output_attentions, unpad=a.get("unpad", True))
+    hidden = out.hidden_states
+    if hidden is not None and selected is not None:
+        hidden = tuple(h if i in selected else None for i, h in enumerate(hidden))
+    return _output("BertModel", dict(last_hidden_state=out.last_hidden_state, pooler_output=out.pooler_output,
+                                     hidden_states=hidden, attentions=out.attentions), return_dict)
+
+
+def _head_forward(self, *args, **kwargs):
+    name = type(self).__name__
+    if not _is_patched(self.bert):
+        # the encoder alone was unpatched: transformers' head forward drives it as it expects
+        return type(self)._fastbert_original.forward(self, *args, **kwargs)
+    a = _arguments(self, args, kwargs)
+    return_dict, a["output_attentions"], a["output_hidden_states"] = _flags(self.config, a)
+    if name == "BertForSequenceClassification":
+        _set_problem_type(self, a.get("labels"))
+    token = _INNER.set(True) if not getattr(self.config, "return_dict", True) else None
+    try:
+        out = getattr(fb, name).forward(self, **a)  # arguments fastbert does not take land in its **unused
+    finally:
+        if token is not None:
+            _INNER.reset(token)
+    return _output(name, dict(out.items()), return_dict)
+
+
+def _set_problem_type(self, labels):
+    """transformers records the problem type it infers from the first labels in the config."""
+    if labels is None or self.config.problem_type is not None:
+        return
+    if self.num_labels == 1:
+        self.config.problem_type = "regression"
+    elif self.num_labels > 1 and labels.dtype in (torch.long, torch.int):
+        self.config.problem_type = "single_label_classification"
+    else:
+        self.config.problem_type = "multi_label_classification"
+
+
+# ------------------------------------------------------------------------------ patched classes
+
+def _with_signature(impl, original):
+    """impl under transformers' signature: Trainer keeps the dataset columns, finds the label
+    names and decides on loss kwargs by inspecting model.forward."""
+    @functools.wraps(original.forward)
+    def forward(self, *args, **kwargs):
+        return impl(self, *args, **kwargs)
+    return forward
+
+
+def _members(name: str, original) -> dict:
+    """The attributes a patched subclass of transformers' class `name` overrides."""
+    if name == "BertModel":
+        return {"forward": _with_signature(_model_forward, original)}
+    if name in HEADS:
+        return {"forward": _with_signature(_head_forward, original)}
+    return {
+        "BertEmbeddings": {"forward": _embeddings_forward},
+        "BertEncoder": {"forward": _encoder_forward},
+        "BertLayer": {"forward": fb.BertLayer.forward},
+        "BertAttention": {"forward": fb.BertAttention.forward},
+        "BertSelfAttention": {"forward": fb.BertSelfAttention.forward,
+                              "dropout_p": property(lambda self: self.dropout.p)},
+        "BertSelfOutput": {"forward": fb.BertSelfOutput.forward},
+        "BertOutput": {"forward": fb.BertSelfOutput.forward},
+        "BertIntermediate": {"forward": fb.BertIntermediate.forward,
+                             "approximate": property(lambda self: _approximate(self.intermediate_act_fn))},
+        "BertPredictionHeadTransform": {"forward": fb.BertPredictionHeadTransform.forward,
+                                        "approximate": property(lambda self: _approximate(self.transform_act_fn))},
+        "BertLMPredictionHead": {"masked_loss": _masked_loss},
+    }[name]
+
+
+_PATCHED_NAMES = ("BertModel", *HEADS, "BertEmbeddings", "BertEncoder", "BertLayer", "BertAttention",
+                  "BertSelfAttention", "BertSelfOutput", "BertOutput", "BertIntermediate",
+                  "BertPredictionHeadTransform", "BertLMPredictionHead")
+
+
+def _enter(self):
+    return self
+
+
+def _exit(self, *exc):
+    unpatch(self)
+    return False
+
+
+@functools.cache
+def _patched_class(name: str):
+    original = getattr(_bert_module(), name)
+    members = {
+        **_members(name, original),
+        "_fastbert_original": original,
+        "__enter__": _enter,
+        "__exit__": _exit,
+        "__module__": __name__,
+        # pickle finds the class again as fastbert.patch._patched.<name>
+        "__qualname__": f"_patched.{name}",
+        "__doc__": f"transformers' {name}, running fastbert's kernels (fastbert.patch).",
+    }
+    return type(original)(name, (original,), members)
+
+
+class _PatchedClasses:
+    """Namespace of the patched classes, built on first use (also when unpickling)."""
+
+    def __getattr__(self, name):
+        if name not in _PATCHED_NAMES:
+            raise AttributeError(name)
+        return _patched_class(name)
+
+
+_patched = _PatchedClasses()
+
+
+def _original(cls):
+    return cls.__dict__.get("_fastbert_original", cls)
+
+
+def _is_patched(module) -> bool:
+    return "_fastbert_original" in type(module).__dict__
+
+
+# ---------------------------------------------------------------------------------- the checks
+
+def _check(model) -> None:
+    """Raise, naming the reason, unless fastbert can run every part of `model`."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastbert.patch takes a transformers Bert model, got {type(model).__name__}")
+    top = _original(type(model))
+    if isinstance(model, fb.BertPreTrainedModel):
+        raise TypeError(f"{top.__name__} is already fastbert's own class; patch transformers' models")
+    mb = _bert_module()
+    if top.__name__ not in fb.MODEL_CLASSES or getattr(mb, top.__name__) is not top:
+        hint = ""
+        if hasattr(model, "_orig_mod") or hasattr(model, "module"):
+            hint = " (a torch.compile / DDP wrapper? patch the model before wrapping it)"
+        elif any(issubclass(top, getattr(mb, n)) for n in fb.MODEL_CLASSES):
+            hint = " (a subclass of a transformers Bert class: its own forward would be lost)"
+        raise TypeError(f"fastbert.patch supports transformers' {', '.join(fb.MODEL_CLASSES)}; "
+                        f"got {top.__module__}.{top.__qualname__}{hint}")
+    config = model.config
+    reasons = []
+    if getattr(config, "is_decoder", False):
+        reasons.append("is_decoder=True (fastbert runs BERT as a bidirectional encoder)")
+    if getattr(config, "add_cross_attention", False):
+        reasons.append("add_cross_attention=True (no cross-attention in fastbert)")
+    if getattr(config, "is_causal", False):
+        reasons.append("is_causal=True (fastbert runs BERT as a bidirectional encoder)")
+    position = getattr(config, "position_embedding_type", "absolute")
+    if position not in (None, "absolute"):
+        reasons.append(f"position_embedding_type={position!r} (fastbert has absolute position embeddings only)")
+    acts = [m.intermediate_act_fn for m in model.modules() if isinstance(m, mb.BertIntermediate)]
+    acts += [m.transform_act_fn for m in model.modules() if isinstance(m, mb.BertPredictionHeadTransform)]
+    if any(type(act) not in _approximate_by_type() for act in acts):
+        reasons.append(f"hidden_act={getattr(config, 'hidden_act', None)!r} (fastbert runs gelu, gelu_new and "
+                       f"gelu_pytorch_tanh)")
+    if reasons:
+        raise ValueError(f"fastbert.patch cannot run this {top.__name__}: {'; '.join(reasons)}")
+
+    kinds = tuple(getattr(mb, n) for n in (*_PATCHED_NAMES, *_KEPT)) + _PLAIN + tuple(_approximate_by_type())
+    for path, m in model.named_modules():
+        where = path or top.__name__
+        if type(m) not in kinds and _original(type(m)) not in kinds:
+            raise TypeError(f"fastbert.patch: {where} is a {type(m).__module__}.{type(m).__qualname__}; fastbert "
+                            f"runs transformers' own Bert modules with plain nn.Linear / nn.LayerNorm / "
+                            f"nn.Embedding only (adapters such as LoRA and quantized layers are not supported)")
+        if "forward" in m.__dict__:
+            raise TypeError(f"fastbert.patch: {where} has its forward replaced on the instance (accelerate hooks, "
+                            f"device_map offloading or another patch); fastbert cannot run it")
+        if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.scale_grad_by_freq or m.sparse):
+            raise ValueError(f"fastbert.patch: {where} uses max_norm / scale_grad_by_freq / sparse, which "
+                             f"fastbert's embedding kernel does not")
+        if isinstance(m, nn.LayerNorm) and (m.weight is None or m.bias is None):
+            raise ValueError(f"fastbert.patch: {where} has no affine weight or bias")
+
+
+# ----------------------------------------------------------------------------------- public API
+
+def patch(model):
+    """Make a transformers Bert model run fastbert's kernels, in place; returns the same model.
+
+    Also a context manager: ``with fastbert.patch(model): ...`` unpatches on leaving the block.
+    Patching a patched model changes nothing. Raises TypeError / ValueError naming what fastbert
+    cannot run (see the module docstring)."""
+    _check(model)
+    for m in model.modules():
+        name = type(m).__name__
+        if not _is_patched(m) and name in _PATCHED_NAMES and type(m) is getattr(_bert_module(), name):
+            m.__class__ = _patched_class(name)
+    return model
+
+
+def unpatch(model):
+    """Give every module patched by fastbert.patch its transformers class back; returns the model.
+    A model that is not patched is returned unchanged."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastbert.unpatch takes a model, got {type(model).__name__}")
+    for m in model.modules():
+        if _is_patched(m):
+            m.__class__ = type(m)._fastbert_original
+    return model

@@ -1,0 +1,381 @@
+"""fastbert.patch: a transformers Bert model, patched in place, against fastbert's own class.
+
+Judged as tests/test_modeling.py judges fastbert's classes (and with its helpers): the patched
+model in float32 against transformers in float64 within k = 4 of transformers' own float32 error;
+the patched model in float64 against fastbert's class in float64 to ~1e-12 (the same kernels on the
+same weights). Values at padding positions are unspecified (API.md): compared only at real
+positions, and checked finite everywhere.
+"""
+import copy
+import inspect
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastbert
+from test_modeling import CLASSES, CONFIGS, NO_DROPOUT, compare, config_for, make_batch, make_pair, real_mask
+from tolerance import assert_close_to_reference
+
+transformers = pytest.importorskip("transformers")
+
+
+def patched_copy(hf, dtype=None):
+    """A new transformers model with hf's weights in hf's dtype (or `dtype`), patched; hf stays as it is."""
+    model = type(hf)(hf.config).to(dtype or next(hf.parameters()).dtype)
+    model.load_state_dict(hf.state_dict(), strict=True)
+    return fastbert.patch(model)
+
+
+def hf_model(name, cfg, **extra):
+    torch.manual_seed(0)
+    return getattr(transformers, name)(transformers.BertConfig(**{**cfg, **extra}))
+
+
+def grads(model):
+    return {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+
+
+def assert_finite(out):
+    for key, value in out.items():
+        for t in (value if isinstance(value, tuple) else (value,)):
+            assert t is None or torch.isfinite(t).all(), f"{key}: non-finite values (padding included)"
+
+
+# ---------------------------------------------------------------------------------- numerics
+
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+@pytest.mark.parametrize("name", CLASSES)
+def test_patched_outputs_match_in_eval(name, cfg_name):
+    cfg = config_for(name, cfg_name)
+    hf64, ours = make_pair(name, cfg)
+    base32 = type(hf64)(hf64.config)
+    base32.load_state_dict(hf64.state_dict())
+    patched32 = patched_copy(base32)
+    patched64 = patched_copy(base32, torch.float64)
+    inputs, labels = make_batch(name, cfg)
+    mask = real_mask(inputs)
+    kwargs = dict(**inputs, **labels, output_hidden_states=True)
+    for m in (hf64, base32, patched32, patched64, ours):
+        m.eval()
+    ours.double()
+    with torch.no_grad():
+        ref, base, out, out64, fb64 = (m(**kwargs) for m in (hf64, base32, patched32, patched64, ours))
+    assert type(out) is type(ref)  # transformers' own output class
+    assert set(ref.keys()) == set(out.keys()) == set(out64.keys())
+    assert_finite(out)
+    for key in ref.keys():
+        compare(f"{name}.{key}", out[key], base[key], ref[key], mask)
+        compare(f"{name}.{key} (float64 vs fastbert)", out64[key], fb64[key], fb64[key], mask, k=0.0)
+
+
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+@pytest.mark.parametrize("name", [c for c in CLASSES if c != "BertModel"])
+def test_patched_loss_and_gradients_match_in_training(name, cfg_name):
+    """Training mode (dropout off): loss and every parameter gradient, the MLM head on masked rows."""
+    cfg = config_for(name, cfg_name)
+    hf64, ours = make_pair(name, cfg)
+    base32 = type(hf64)(hf64.config)
+    base32.load_state_dict(hf64.state_dict())
+    patched32 = patched_copy(base32)
+    patched64 = patched_copy(base32, torch.float64)
+    ours.double()
+    inputs, labels = make_batch(name, cfg)
+    results = []
+    for model in (hf64, base32, patched32, patched64, ours):
+        model.train()
+        model.zero_grad()
+        out = model(**inputs, **labels)
+        out.loss.backward()
+        results.append((out, grads(model)))
+    (ref, ref_g), (base, base_g), (out, g), (out64, g64), (fb, fb_g) = results
+    if name in ("BertForPreTraining", "BertForMaskedLM"):  # masked rows only: no full logits
+        assert out.get("prediction_logits") is None and out.get("logits") is None
+    assert_close_to_reference(out.loss, base.loss, ref.loss, k=4, name=f"{name}.loss")
+    assert_close_to_reference(out64.loss, fb.loss, fb.loss, k=0, name=f"{name}.loss (float64 vs fastbert)")
+    assert set(g) == set(ref_g) == set(g64) == set(fb_g)
+    for pname in ref_g:
+        assert_close_to_reference(g[pname], base_g[pname], ref_g[pname], k=4, name=f"{name} grad {pname}")
+    for pname in fb_g:
+        assert_close_to_reference(g64[pname], fb_g[pname], fb_g[pname], k=0, name=f"{name} grad {pname} (float64)")
+
+
+def test_mlm_decoder_bias_untied_is_the_one_used():
+    """With tie_word_embeddings=False transformers' decoder keeps its own bias (not the head's
+    `bias`); the masked-rows loss must use the one transformers' forward adds."""
+    cfg = {**CONFIGS["gelu-2types"], "tie_word_embeddings": False}
+    hf64 = hf_model("BertForMaskedLM", cfg, **NO_DROPOUT).double()
+    with torch.no_grad():
+        hf64.cls.predictions.decoder.bias.normal_()
+    assert hf64.cls.predictions.decoder.bias is not hf64.cls.predictions.bias
+    patched = patched_copy(hf64, torch.float64)
+    inputs, labels = make_batch("BertForMaskedLM", cfg)
+    hf64.train(), patched.train()
+    ref, out = hf64(**inputs, **labels).loss, patched(**inputs, **labels).loss
+    assert_close_to_reference(out, ref, ref, k=0, atol=1e-10, name="loss")
+
+
+# -------------------------------------------------------------------------- the same object
+
+def test_patch_keeps_object_parameters_and_state_dict():
+    cfg = CONFIGS["gelu-2types"]
+    model = hf_model("BertForPreTraining", cfg)
+    params = list(model.named_parameters())
+    state = model.state_dict()
+    buffers = list(model.named_buffers())
+    signature = inspect.signature(model.forward)
+    labels = transformers.utils.find_labels(type(model))
+    assert fastbert.patch(model) is model
+    assert isinstance(model, transformers.BertForPreTraining) and type(model).__name__ == "BertForPreTraining"
+    assert isinstance(model.bert.encoder.layer[0].attention.self, transformers.models.bert.modeling_bert.BertSelfAttention)
+    assert [(n, id(p)) for n, p in model.named_parameters()] == [(n, id(p)) for n, p in params]
+    assert [(n, id(b)) for n, b in model.named_buffers()] == [(n, id(b)) for n, b in buffers]
+    after = model.state_dict()
+    assert list(after) == list(state)
+    assert all(after[k].data_ptr() == state[k].data_ptr() for k in state)
+    # what Trainer inspects: the forward signature (dataset columns, **kwargs) and the label names
+    assert inspect.signature(model.forward) == signature
+    assert transformers.utils.find_labels(type(model)) == labels
+    assert fastbert.patch(model) is model  # patching twice changes nothing
+    assert fastbert.unpatch(model) is model and type(model) is transformers.BertForPreTraining
+
+
+def test_optimizer_made_before_patching_trains_the_patched_model():
+    cfg = CONFIGS["gelu-2types"]
+    model = hf_model("BertForSequenceClassification", cfg, **NO_DROPOUT)
+    inputs, labels = make_batch("BertForSequenceClassification", cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    before = model.classifier.weight.detach().clone()
+    fastbert.patch(model).train()
+    model(**inputs, **labels).loss.backward()
+    opt.step()
+    assert not torch.equal(model.classifier.weight, before)
+    assert model.classifier.weight.grad is not None
+
+
+def test_unpatch_and_context_manager_restore_outputs_bit_exactly():
+    cfg = CONFIGS["gelu-2types"]
+    model = hf_model("BertForMaskedLM", cfg).eval()
+    inputs, labels = make_batch("BertForMaskedLM", cfg)
+    with torch.no_grad():
+        before = model(**inputs, **labels)
+        with fastbert.patch(model) as same:
+            assert same is model and type(model) is not transformers.BertForMaskedLM
+            patched = model(**inputs, **labels)
+        assert all(type(m).__module__.startswith(("transformers", "torch")) for m in model.modules())
+        after_context = model(**inputs, **labels)
+        fastbert.patch(model)
+        fastbert.unpatch(model)
+        after = model(**inputs, **labels)
+    assert not torch.equal(patched.logits, before.logits)  # it did run something else
+    for out in (after_context, after):
+        assert torch.equal(out.logits, before.logits) and torch.equal(out.loss, before.loss)
+
+
+def test_deepcopy_pickle_dtype_and_save_pretrained(tmp_path):
+    cfg = CONFIGS["gelu-2types"]
+    hf64 = hf_model("BertForTokenClassification", cfg).double().eval()
+    inputs, _ = make_batch("BertForTokenClassification", cfg)
+    mask = real_mask(inputs)
+    with torch.no_grad():
+        ref = hf64(**inputs).logits
+    model = patched_copy(hf64, torch.float32).eval()  # float32 until .double() below
+    clone = copy.deepcopy(model)
+    assert type(clone) is type(model) and type(clone.bert.encoder) is type(model.bert.encoder)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    unpickled = torch.load(buf, weights_only=False)
+    assert type(unpickled) is type(model)
+    with torch.no_grad():
+        for m in (clone.double(), unpickled.double(), model.double()):
+            out = m(**inputs).logits
+            assert out.dtype == torch.float64
+            assert_close_to_reference(out[mask], ref[mask], ref[mask], k=0, atol=1e-10, name="logits")
+    model.save_pretrained(tmp_path)
+    loaded = transformers.BertForTokenClassification.from_pretrained(tmp_path)
+    assert type(loaded) is transformers.BertForTokenClassification
+    assert loaded.config.architectures == ["BertForTokenClassification"]
+    saved, state = loaded.state_dict(), model.state_dict()
+    assert set(saved) == set(state) and all(torch.equal(saved[k].double(), state[k]) for k in state)
+
+
+def test_gradient_checkpointing_through_transformers_switch():
+    cfg = CONFIGS["tanh-1type"]
+    hf = hf_model("BertForMaskedLM", cfg, **NO_DROPOUT).double()
+    plain, ckpt = patched_copy(hf), patched_copy(hf)
+    # transformers 5.2x renamed the switch (the old name warns)
+    (getattr(ckpt, "activation_checkpointing_enable", None) or ckpt.gradient_checkpointing_enable)()
+    assert ckpt.bert.encoder.layer[0].gradient_checkpointing
+    inputs, labels = make_batch("BertForMaskedLM", cfg)
+    for m in (plain, ckpt):
+        m.train()
+        m(**inputs, **labels).loss.backward()
+    g, gc = grads(plain), grads(ckpt)
+    for pname in g:
+        assert_close_to_reference(gc[pname], g[pname], g[pname], k=0, name=pname)
+
+
+# ------------------------------------------------------------------------ transformers' API
+
+def test_return_dict_false_gives_transformers_tuple_order():
+    cfg = config_for("BertForPreTraining", "gelu-2types")
+    hf64 = hf_model("BertForPreTraining", cfg, **NO_DROPOUT).double().eval()
+    model = patched_copy(hf64).eval()
+    inputs, labels = make_batch("BertForPreTraining", cfg)
+    mask = real_mask(inputs)
+    with torch.no_grad():
+        ref = hf64(**inputs, **labels, output_hidden_states=True, return_dict=False)
+        out = model(**inputs, **labels, output_hidden_states=True, return_dict=False)
+        # the config's return_dict=False too (the head then drives its encoder as an object)
+        model.config.return_dict = hf64.config.return_dict = False
+        ref_cfg, out_cfg = hf64(**inputs, **labels), model(**inputs, **labels)
+        positional = model(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])
+    assert isinstance(out, tuple) and len(out) == len(ref) == 4  # loss, prediction, seq_relationship, hidden
+    assert isinstance(out_cfg, tuple) and len(out_cfg) == len(ref_cfg) == 3
+    assert isinstance(positional, tuple) and len(positional) == 2
+    for o, r in ((out, ref), (out_cfg, ref_cfg)):
+        for i, (a, b) in enumerate(zip(o, r)):
+            compare(f"output[{i}]", a, b, b, mask, k=0.0)
+
+
+def test_inputs_embeds():
+    cfg = config_for("BertForMultipleChoice", "gelu-2types")
+    for name in ("BertModel", "BertForMultipleChoice"):
+        hf64 = hf_model(name, cfg, **NO_DROPOUT).double().eval()
+        model = patched_copy(hf64).eval()
+        inputs, _ = make_batch(name, cfg)
+        mask = real_mask(inputs)
+        embeds = hf64.get_input_embeddings()(inputs.pop("input_ids"))  # (B, S, D) or (B, C, S, D)
+        with torch.no_grad():
+            ref, out = hf64(inputs_embeds=embeds, **inputs), model(inputs_embeds=embeds, **inputs)
+        for key in ref.keys():
+            compare(f"{name}.{key}", out[key], ref[key], ref[key], mask, k=0.0)
+
+
+def test_output_attentions_and_hidden_states():
+    cfg = CONFIGS["gelu-2types"]
+    hf64 = hf_model("BertForSequenceClassification", cfg, **NO_DROPOUT).double().eval()
+    hf64.set_attn_implementation("eager")
+    model = patched_copy(hf64).eval()
+    inputs, labels = make_batch("BertForSequenceClassification", cfg)
+    mask = real_mask(inputs)
+    with torch.no_grad():
+        ref = hf64(**inputs, **labels, output_attentions=True, output_hidden_states=True)
+        out = model(**inputs, **labels, output_attentions=True, output_hidden_states=True)
+    assert len(out.attentions) == len(ref.attentions) == cfg["num_hidden_layers"]
+    for i, (a, b) in enumerate(zip(out.attentions, ref.attentions)):
+        rows = lambda t: t.transpose(1, 2)[mask]  # (B, nh, S, S) -> real query rows (T, nh, S)  # noqa: E731
+        assert_close_to_reference(rows(a), rows(b), rows(b), k=0, atol=1e-10, name=f"attentions[{i}]")
+    compare("hidden_states", out.hidden_states, ref.hidden_states, ref.hidden_states, mask, k=0.0)
+    compare("logits", out.logits, ref.logits, ref.logits, mask, k=0.0)
+    # transformers 5.2x selects hidden states by index (the others None): the same selection
+    with torch.no_grad():
+        picked = model(**inputs, output_hidden_states=[0, -1]).hidden_states
+    assert len(picked) == cfg["num_hidden_layers"] + 1 and picked[1] is None
+    compare("hidden_states[0, -1]", (picked[0], picked[-1]), (ref.hidden_states[0], ref.hidden_states[-1]),
+            (ref.hidden_states[0], ref.hidden_states[-1]), mask, k=0.0)
+
+
+def test_trainer_style_steps_give_fastbert_losses():
+    """A few optimizer steps with dropout on: the patched transformers model and fastbert's class
+    draw the same dropout masks from the same seed, so the losses agree step by step. The
+    optimizer is made before patching; forward gets Trainer's extra num_items_in_batch."""
+    cfg = {**CONFIGS["gelu-2types"], "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
+    name = "BertForPreTraining"
+    hf = hf_model(name, cfg).double()
+    ours = fastbert.BertForPreTraining(fastbert.BertConfig(**cfg)).double()
+    ours.load_state_dict(hf.state_dict())
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-2)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-2)
+    fastbert.patch(hf)
+    losses = []
+    inputs, labels = make_batch(name, cfg)
+    for step in range(4):
+        step_losses = []
+        for model, opt in ((hf, opt_hf), (ours, opt_ours)):
+            model.train()
+            torch.manual_seed(100 + step)
+            kwargs = dict(num_items_in_batch=torch.tensor(7)) if model is hf else {}
+            loss = model(**inputs, **labels, **kwargs).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            step_losses.append(loss.detach())
+        losses.append(step_losses)
+        assert_close_to_reference(step_losses[0], step_losses[1], step_losses[1], k=0, name=f"loss at step {step}")
+    assert losses[-1][0] < losses[0][0]  # it trains
+
+
+def test_patched_model_on_triton_kernels(device, triton_kernels):
+    """The patched model through the Triton kernels (interpreted on CPU, compiled on a GPU) against
+    transformers in float64: training loss and every gradient. BertForPreTraining takes every
+    kernel of the unpadded path (embeddings + LayerNorm, varlen attention, bias-GELU, add +
+    LayerNorm, GELU + LayerNorm, the masked-rows MLM loss)."""
+    name = "BertForPreTraining"
+    cfg = dict(vocab_size=67, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+               max_position_embeddings=16, **NO_DROPOUT)
+    hf64 = hf_model(name, cfg).double()
+    base32 = type(hf64)(hf64.config).to(device)
+    base32.load_state_dict(hf64.state_dict())
+    patched = patched_copy(base32)
+    inputs, labels = make_batch(name, {**cfg, "type_vocab_size": 2}, batch=3, seq=7)
+    results = []
+    for model in (hf64, base32, patched):
+        model.train()
+        on = {k: v.to(next(model.parameters()).device) for k, v in {**inputs, **labels}.items()}
+        loss = model(**on).loss
+        loss.backward()
+        results.append((loss.detach().cpu(), {n: g.cpu() for n, g in grads(model).items()}))
+    (rl, rg), (bl, bg), (ol, og) = results
+    assert_close_to_reference(ol, bl, rl, k=4, name=f"{name}.loss")
+    for pname in rg:
+        assert_close_to_reference(og[pname], bg[pname], rg[pname], k=4, name=f"{name} grad {pname}")
+
+
+# ------------------------------------------------------------------------------------ errors
+
+class _LoRALinear(nn.Linear):
+    """Stands in for an adapter that changes what a Linear computes."""
+
+
+@pytest.mark.parametrize("case,error,match", [
+    ("not_bert", TypeError, "supports transformers' BertModel"),
+    ("fastbert_class", TypeError, "already fastbert's own class"),
+    ("subclass", TypeError, "subclass of a transformers Bert class"),
+    ("compiled", TypeError, "patch the model before wrapping it"),
+    ("relu", ValueError, "hidden_act='relu'"),
+    ("decoder", ValueError, "is_decoder=True"),
+    ("cross_attention", ValueError, "add_cross_attention=True"),
+    ("relative_positions", ValueError, "position_embedding_type='relative_key'"),
+    ("adapter", TypeError, "bert.encoder.layer.0.attention.self.query is a .*_LoRALinear"),
+    ("instance_forward", TypeError, "bert.pooler has its forward replaced on the instance"),
+])
+def test_unsupported_models_raise_naming_the_reason(case, error, match):
+    cfg = CONFIGS["gelu-2types"]
+    name, extra = "BertForSequenceClassification", {}
+    if case == "relu":
+        extra = dict(hidden_act="relu")
+    elif case == "decoder":
+        name, extra = "BertForMaskedLM", dict(is_decoder=True)
+    elif case == "cross_attention":
+        name, extra = "BertModel", dict(is_decoder=True, add_cross_attention=True)
+    elif case == "relative_positions":
+        extra = dict(position_embedding_type="relative_key")
+    model = hf_model(name, cfg, **extra)
+    if case == "not_bert":
+        model = transformers.RobertaModel(transformers.RobertaConfig(**cfg))
+    elif case == "fastbert_class":
+        model = fastbert.BertModel(fastbert.BertConfig(**cfg))
+    elif case == "subclass":
+        model = type("MyBert", (transformers.BertForSequenceClassification,), {})(model.config)
+    elif case == "compiled":
+        model = torch.compile(model)
+    elif case == "adapter":
+        model.bert.encoder.layer[0].attention.self.query = _LoRALinear(cfg["hidden_size"], cfg["hidden_size"])
+    elif case == "instance_forward":
+        model.bert.pooler.forward = lambda h: h[:, 0]
+    with pytest.raises(error, match=match):
+        fastbert.patch(model)
+    assert all(not type(m).__qualname__.startswith("_patched") for m in model.modules())  # left as it was
