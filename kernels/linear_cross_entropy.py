@@ -16,16 +16,18 @@ an aligned leading dimension for cuBLAS. For each chunk:
   1. cuBLAS: logits = hidden_c @ weightᵀ, in two GEMMs: the first vocab8 = vocab rounded down to a
      multiple of 8 columns (30520), and the < 8 remaining columns (a tiny GEMM). Why: with a
      vocabulary dimension that is not a multiple of 8, cuBLAS falls back to 4-byte-aligned kernels
-     (seen on an H200: ``cutlass_80_..._align2`` at ≈ 240 TFLOP/s for both the logits and the
-     d_hidden GEMM, ≈ 2 ms of the 3.65 ms fwd+bwd); the split keeps every big GEMM dimension aligned.
-  2. Triton ``_ce_rows_lse_kernel``, one program per row: adds the bias, online log-sum-exp over
+     (an H200 profile of the earlier unsplit version: ``cutlass_80_..._align2`` at ≈ 240 TFLOP/s for
+     both the logits and the d_hidden GEMM, ≈ 2 ms of its 3.65 ms fwd+bwd); the split keeps every
+     big GEMM dimension a multiple of 8.
+  2. Triton ``_ce_rows_lse_kernel``, one program per row (on a GPU): adds the bias, online log-sum-exp over
      vocabulary tiles in fp32 (one exp per element: a tile-wise running max), the per-row loss.
   3. (gradients wanted) Triton ``_ce_rows_grad_kernel``, one program per stripe of 64 columns and
      split of ≥ 256 rows, looping over its rows: overwrites the logits in place with dlogits =
      softmax - onehot (exact zeros for ignored rows and for the padding columns) and adds its
      Σ_rows dlogits into an fp32 d_bias partial row of its split (summed once at the end): tile
-     ownership makes that sum deterministic and free (no extra pass over the block, no atomics). The 1/count scale is not applied here but in fp32 at the very end, so the
-     16-bit dlogits keep their full relative precision (p - onehot is O(1); p/count is not).
+     ownership makes that sum deterministic and free (no extra pass over the block, no atomics).
+     The 1/count scale is not applied here but in fp32 at the very end, so the 16-bit dlogits
+     keep their full relative precision (p - onehot is O(1); p/count is not).
   4. cuBLAS: d_hidden_c = dlogits @ weight with fp32 output (mm's out_dtype; the < 8 tail columns
      added by a tiny beta=1 GEMM), rows are independent: no accumulation across chunks.
   5. cuBLAS: d_weight (+)= dlogitsᵀ @ hidden_c over all vocab_pad columns (the padding rows of
@@ -57,8 +59,8 @@ Caution:
   first (the model does) — this op cannot compact them without a data-dependent shape.
 - Forward with autograd on holds d_weight and d_hidden in fp32 until the backward runs.
 - The logits block is in the input dtype (rounded as eager PyTorch rounds its logits); softmax
-  statistics and every GEMM accumulation are fp32. fp32 inputs: the block is twice as large, and the
-  cuBLAS GEMMs follow torch.backends.cuda.matmul.allow_tf32 (off by default).
+  statistics and every GEMM accumulation are fp32. fp32 inputs: half as many rows per chunk, and
+  the cuBLAS GEMMs follow torch.backends.cuda.matmul.allow_tf32 (off by default).
 - Label range is checked by ``fastbert.kernels.mlm_loss`` (a host sync, skipped with validate=False,
   under torch.compile and in CUDA-graph capture). Unchecked, a label outside [0, vocab) that is not
   ignore_index makes that row's loss (hence the mean) NaN; it never causes an out-of-bounds access.
