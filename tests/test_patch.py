@@ -22,8 +22,10 @@ transformers = pytest.importorskip("transformers")
 
 
 def patched_copy(hf, dtype=None):
-    """A new transformers model with hf's weights in hf's dtype (or `dtype`), patched; hf stays as it is."""
-    model = type(hf)(hf.config).to(dtype or next(hf.parameters()).dtype)
+    """A new transformers model with hf's weights, on hf's device, in hf's dtype (or `dtype`),
+    patched; hf stays as it is."""
+    like = next(hf.parameters())
+    model = type(hf)(hf.config).to(like.device, dtype or like.dtype)
     model.load_state_dict(hf.state_dict(), strict=True)
     return fastbert.patch(model)
 
@@ -171,6 +173,19 @@ def test_unpatch_and_context_manager_restore_outputs_bit_exactly():
     assert not torch.equal(patched.logits, before.logits)  # it did run something else
     for out in (after_context, after):
         assert torch.equal(out.logits, before.logits) and torch.equal(out.loss, before.loss)
+
+
+def test_head_whose_encoder_alone_was_unpatched_runs_transformers_forward():
+    cfg = CONFIGS["tanh-1type"]
+    hf64 = hf_model("BertForMaskedLM", cfg, **NO_DROPOUT).double().eval()
+    model = patched_copy(hf64).eval()
+    fastbert.unpatch(model.bert)
+    assert type(model) is not transformers.BertForMaskedLM and type(model.bert) is transformers.BertModel
+    inputs, labels = make_batch("BertForMaskedLM", cfg)
+    with torch.no_grad():
+        ref, out = hf64(**inputs, **labels), model(**inputs, **labels)
+    for key in ref.keys():  # every position: transformers' encoder ran
+        assert_close_to_reference(out[key], ref[key], ref[key], k=0, name=key)
 
 
 def test_deepcopy_pickle_dtype_and_save_pretrained(tmp_path):
