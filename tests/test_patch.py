@@ -323,6 +323,47 @@ def test_trainer_style_steps_give_fastbert_losses():
     assert losses[-1][0] < losses[0][0]  # it trains
 
 
+@pytest.mark.slow  # ~15 s, most of it Trainer's set-up
+def test_transformers_trainer_runs_the_patched_model(tmp_path):
+    """transformers.Trainer itself (it needs accelerate): three SGD steps and an evaluation, the
+    patched model against the unpatched one in float64. The optimizer is made before patching;
+    training runs the masked-rows MLM head, evaluation gets full logits back."""
+    pytest.importorskip("accelerate")
+    cfg = CONFIGS["gelu-2types"]
+    name = "BertForMaskedLM"
+    examples = []
+    for seed in range(4):
+        inputs, labels = make_batch(name, cfg, seed=seed)
+        examples += [{k: v[i] for k, v in {**inputs, **labels}.items()} for i in range(len(inputs["input_ids"]))]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, per_device_eval_batch_size=8,
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True)
+    results = []
+    for patched in (False, True):
+        model = hf_model(name, cfg, **NO_DROPOUT).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        if patched:
+            fastbert.patch(model)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=examples, eval_dataset=examples,
+                                       optimizers=(opt, None))
+        trainer.train()
+        prediction = trainer.predict(examples)
+        assert type(model) is not transformers.BertForMaskedLM if patched else type(model) is transformers.BertForMaskedLM
+        results.append((dict(model.named_parameters()), prediction))
+    (ref_params, ref_pred), (params, pred) = results
+    initial = hf_model(name, cfg, **NO_DROPOUT).double().state_dict()
+    assert not torch.equal(params["bert.encoder.layer.0.attention.self.query.weight"],
+                           initial["bert.encoder.layer.0.attention.self.query.weight"])  # it trained
+    for pname, ref in ref_params.items():
+        assert_close_to_reference(params[pname], ref, ref, k=0, name=pname)
+    loss, ref_loss = torch.tensor(pred.metrics["test_loss"]), torch.tensor(ref_pred.metrics["test_loss"])
+    assert_close_to_reference(loss, ref_loss, ref_loss, k=0, name="eval loss")
+    logits, ref_logits = torch.as_tensor(pred.predictions), torch.as_tensor(ref_pred.predictions)
+    mask = torch.stack([e["attention_mask"] for e in examples]).bool()
+    assert logits.shape == ref_logits.shape == (len(examples), mask.shape[1], cfg["vocab_size"])
+    assert_close_to_reference(logits[mask], ref_logits[mask], ref_logits[mask], k=0, name="eval logits")
+
+
 def test_patched_model_on_triton_kernels(device, triton_kernels):
     """The patched model through the Triton kernels (interpreted on CPU, compiled on a GPU) against
     transformers in float64: training loss and every gradient. BertForPreTraining takes every
