@@ -32,14 +32,17 @@ def main(argv=None):
     ap.add_argument("--case", choices=["pretrain", "finetune", "all"], default="all",
                     help="run only these cases (e.g. --compile --case pretrain to bound compile time)")
     ap.add_argument("--no-padded", action="store_true", help="finetune: skip the fastbert-padded row")
+    ap.add_argument("--large", action="store_true", help="GPU: only the BERT-large seq-512 pretraining step")
+    ap.add_argument("--name", default=None, help="results file name (default model_step_gpu / model_step_cpu)")
     args = ap.parse_args(argv)
     device = "cuda" if args.gpu else "cpu"
-    rec = Recorder(f"model_step_{'gpu' if args.gpu else 'cpu'}")
+    rec = Recorder(args.name or f"model_step_{'gpu' if args.gpu else 'cpu'}")
     ceiling = matmul_ceiling_tflops() if args.gpu else None
-    competitors = bench.competitor_list(args.compile)
     if args.gpu:
         cases = [("pretrain", "base", 256, 128), ("finetune", "base", 32, 128)]
-        if not args.quick:
+        if args.large:
+            cases = []
+        if args.large or not args.quick:
             cases.append(("pretrain", "large", 32, 512))
         steps = args.steps or (10 if args.quick else 20)
     else:
@@ -49,7 +52,8 @@ def main(argv=None):
     for case, size, batch, seq in cases:
         try:
             # finetune also runs fastbert with padding through the encoder: what unpadding alone is worth
-            comps = competitors + (["fastbert-padded"] if case == "finetune" and not args.no_padded else [])
+            comps = bench.competitor_list(args.compile, case, device) + (
+                ["fastbert-padded"] if case == "finetune" and not args.no_padded else [])
             for row in bench.run(case, size, batch, seq, steps=steps, warmup=3 if args.gpu else 2,
                                  competitors=comps, device=device):
                 if ceiling:

@@ -124,8 +124,17 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" and device == "cuda"
                 else contextlib.nullcontext())
     results = {}
-    opts = {c: torch.optim.AdamW(m.parameters(), lr=1e-4, **({"fused": True} if device == "cuda" else {}))
-            for c, (m, _) in models.items()}
+    # fused AdamW for everyone (one pass per tensor; CPU and CUDA): the optimizer is a cost every
+    # competitor pays alike, so the cheapest one keeps the ratios about the models
+    opts = {c: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for c, (m, _) in models.items()}
+    graphed = {}
+    for comp, (m, _) in models.items():
+        if comp == "fastbert-graphs":
+            from .cuda_graphs import GraphedTrainStep
+            graphed[comp] = GraphedTrainStep(
+                m, opts[comp], batch_size=batch, seq_buckets=tuple(b for b in (32, 64, 96, 128, 256, 384, 512)
+                                                                   if b < seq) + (seq,),
+                autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
     times = {c: [] for c in models}
     peak = {}
     for comp, (model, step_model) in models.items():
@@ -145,11 +154,14 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with autocast:
-                loss = step_model(**kw).loss
-            loss.backward()
-            opts[comp].step()
-            opts[comp].zero_grad(set_to_none=True)
+            if comp in graphed:  # forward, backward and optimizer replayed as one CUDA graph
+                graphed[comp](kw)
+            else:
+                with autocast:
+                    loss = step_model(**kw).loss
+                loss.backward()
+                opts[comp].step()
+                opts[comp].zero_grad(set_to_none=True)
             if device == "cuda":
                 torch.cuda.synchronize()
             if i >= timed_from:
@@ -178,9 +190,12 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
     return list(results.values())
 
 
-def competitor_list(compile_: bool = False) -> list[str]:
-    """The competitors of a run; with compile_, torch.compile'd fastbert and transformers SDPA too."""
+def competitor_list(compile_: bool = False, case: str = "pretrain", device: str = "cpu") -> list[str]:
+    """The competitors of a run; with compile_, torch.compile'd fastbert and transformers SDPA too;
+    fine-tuning on CUDA adds fastbert with the whole step as CUDA graphs (fastbert/cuda_graphs.py)."""
     comps = ["fastbert", "transformers-eager", "transformers-sdpa"]
+    if case == "finetune" and str(device).startswith("cuda"):
+        comps.append("fastbert-graphs")
     if compile_:
         comps += ["transformers-sdpa-compile", "fastbert-compile"]
     return comps
@@ -204,7 +219,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     size = args.size or ("base" if device == "cuda" else "cpu-small")
-    competitors = competitor_list(args.compile)
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -214,7 +228,8 @@ def main(args) -> int:
     cases = ["pretrain", "finetune"] if args.case == "all" else [args.case]
     for case in cases:
         batch = args.batch_size or (16 if case == "pretrain" else 32)
-        comps = competitors + (["fastbert-padded"] if case == "finetune" and args.padded else [])
+        comps = competitor_list(args.compile, case, device) + (["fastbert-padded"] if case == "finetune" and args.padded
+                                                               else [])
         rows += run(case, size, batch, args.seq_len, args.steps, args.warmup, competitors=comps, device=device)
     cols = ["case", "impl", "median_ms", "real_tokens_per_s", "speedup_vs_sdpa", "peak_mem_gib"]
     print(" | ".join(cols))
