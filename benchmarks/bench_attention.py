@@ -25,9 +25,13 @@ Figures, per pass (fwd under no_grad; bwd = autograd.grad of q, k, v with a save
   host_ms         host time to enqueue one call (20 calls, no sync): close to median_ms means the
                   pass is launch/Python-bound (short sequences), not kernel-bound
 
+Dropout rows (p 0.1, full rows: BERT pretraining) time the in-kernel Philox mask; --quick keeps the
+seq-128 one, the BERT-base pretraining shape. SDPA draws its own mask (not the same bits).
+
 Run: python -m benchmarks.bench_attention [--quick]   (--quick: < 60 s on an H100)
-     python -m benchmarks.bench_attention --sweep     (block-size sweep of the Triton kernels, ~2 min:
-     fastbert-varlen, full rows, seq 128 and 512; prints the fastest configuration of each kernel)
+     python -m benchmarks.bench_attention --sweep [--dropout 0.1]  (block-size sweep of the Triton
+     kernels, ~2 min: fastbert-varlen, full rows, seq 128 and 512; prints the fastest configuration of
+     each kernel; with --dropout, of the kernels with dropout on)
 """
 from __future__ import annotations
 
@@ -175,16 +179,15 @@ SWEEP = {
 }
 
 
-def sweep(measure, recorder, seqs, warmup, rep, tokens=TOKENS, device="cuda"):
-    """Time each candidate of one kernel with the others at their defaults (FASTBERT_ATTENTION_CONFIG)."""
-    import json
-    import os
+def sweep(measure, recorder, seqs, warmup, rep, tokens=TOKENS, device="cuda", dropout_p=0.0):
+    """Time each candidate of one kernel with the others at their defaults (flash_attention.set_config_override)."""
+    from fastbert.kernels import flash_attention as fa
     for seq in seqs:
-        case = Case(seq, 1.0, tokens=tokens, dev=device)
+        case = Case(seq, 1.0, dropout_p, tokens=tokens, dev=device)
         for kind, candidates in SWEEP.items():
             best = None
             for cand in candidates:
-                os.environ["FASTBERT_ATTENTION_CONFIG"] = json.dumps({kind: list(cand)})
+                fa.set_config_override({kind: list(cand)})
                 try:
                     timers = _timers(case, "fastbert-varlen")
                     t = measure(timers["fwd" if kind == "fwd" else "bwd"], warmup=warmup, rep=rep, device=device)
@@ -192,8 +195,8 @@ def sweep(measure, recorder, seqs, warmup, rep, tokens=TOKENS, device="cuda"):
                     print(f"sweep {kind} {cand}: {type(exc).__name__}: {str(exc)[:120]}")
                     continue
                 finally:
-                    os.environ.pop("FASTBERT_ATTENTION_CONFIG", None)
-                recorder.add(op="attention-sweep", kernel=kind, seq=seq, config=str(cand), **t)
+                    fa.set_config_override(None)
+                recorder.add(op="attention-sweep", kernel=kind, seq=seq, dropout=dropout_p, config=str(cand), **t)
                 if best is None or t["median_ms"] < best[1]:
                     best = (cand, t["median_ms"])
             print(f"sweep seq {seq} {kind}: best {best}")
@@ -202,7 +205,8 @@ def sweep(measure, recorder, seqs, warmup, rep, tokens=TOKENS, device="cuda"):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions, no dropout rows (< 60 s)")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions, one dropout row (< 60 s)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="--sweep only: attention dropout (0)")
     parser.add_argument("--sweep", action="store_true", help="block-size sweep of the Triton kernels only")
     parser.add_argument("--tokens", type=int, default=TOKENS, help=argparse.SUPPRESS)  # CPU smoke runs
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
@@ -218,7 +222,7 @@ def main(argv=None):
         warmup, rep = 1, 3
     if args.sweep:
         rec = Recorder("bench_attention_sweep")
-        sweep(measure, rec, args.seqs, warmup, rep, args.tokens, args.device)
+        sweep(measure, rec, args.seqs, warmup, rep, args.tokens, args.device, args.dropout)
         print(rec.markdown())
         print(f"saved {rec.save()}")
         return 0
@@ -227,8 +231,8 @@ def main(argv=None):
                    dtype=str(DTYPE), quick=args.quick)
     print(f"bf16 matmul ceiling: {ceiling:.1f} TFLOP/s")
     settings = [(seq, fill, 0.0) for seq in args.seqs for fill in (1.0, 0.75, 0.5)]
-    if not args.quick:
-        settings += [(seq, 1.0, 0.1) for seq in args.seqs]  # pretraining: attention dropout 0.1
+    # pretraining: attention dropout 0.1 (--quick: seq 128, BERT-base pretraining's shape)
+    settings += [(seq, 1.0, 0.1) for seq in args.seqs if not args.quick or seq == min(args.seqs)]
     for seq, fill, p in settings:
         try:
             case = Case(seq, fill, p, tokens=args.tokens, dev=args.device)

@@ -16,8 +16,12 @@ Supports:
   * any head_dim <= 128 (padded up to a power of two >= 16 inside the kernel and masked)
   * any sequence length >= 1 (no multiple-of-block assumption), seq_q != seq_k in the padded layout
   * causal masking, top-left aligned like F.scaled_dot_product_attention(is_causal=True)
-  * dropout on the probabilities, from Philox counters keyed by a seed that the caller draws from
-    PyTorch's generator; the backward regenerates the same mask from the same seed
+  * dropout on the probabilities, from Philox4x32-10 keyed by a seed drawn from PyTorch's generator
+    (torch.manual_seed makes it repeatable) plus the (batch, head) index. One Philox call gives 128
+    bits = 16 bits for each of 8 consecutive keys of one query row (_dropout_keep documents the exact
+    mapping; tests/test_attention.py recomputes it in numpy), 8x fewer calls than one per element.
+    The forward and both backward kernels regenerate the mask through one helper (_score_tile), as a
+    pure function of (seed, row, key), whatever their block shapes
   * strided inputs: only the last dimension must be contiguous, so q/k/v may be views of one fused
     QKV projection (e.g. ``qkv.view(total, 3, H, D)[:, i]``) without a copy
   * deterministic gradients: dK/dV come from one program per key block looping over query blocks,
@@ -31,12 +35,17 @@ Supports:
 Not supported:
   * head_dim > 128 (ValueError); float64 runs the PyTorch reference instead
   * attention bias / arbitrary (Sq, Sk) masks; only key padding and causal masks
-  * seq_q * seq_k >= 2**31 with dropout (the Philox counter is an int32 per head)
+  * seq_q * ceil(seq_k / 8) >= 2**31 with dropout (the Philox counter is an int32 per head; ValueError)
 
 Caution:
   * a query row with no visible key (all its keys padded, or an empty causal prefix) gives zeros and
     zero gradients; its saved log-sum-exp is +inf so the backward's probabilities are exactly 0
   * the log-sum-exp is kept in base 2 (``m·log2(e) + log2(l)``): the kernels work with exp2
+  * dropout_p is quantised to 16 bits: the kernels drop with probability round(p·65536)/65536
+    (``effective_dropout_p``; within 2**-17 of p, e.g. 0.1 -> 0.100006) and scale kept values by
+    1/(1 - that), so the output's expectation is exact; the reference path uses p itself
+  * launch decisions are cached per (dtype, head_dim, layout, flags); FASTBERT_ATTENTION_CONFIG is
+    read once (``set_config_override`` changes it at run time)
   * the custom ops check shapes but not the values of cu_seqlens (fastbert.kernels does, on the host);
     called directly with cu_seqlens[-1] < total, the rows past it are left uninitialised (no memset
     is spent on rows that fastbert.kernels never lets exist)
@@ -50,15 +59,23 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["attention", "varlen_attention", "fwd_config", "bwd_config"]
+__all__ = ["attention", "varlen_attention", "fwd_config", "bwd_config", "effective_dropout_p",
+           "set_config_override"]
 
 _LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
 
 
+_INTERPRETING: Optional[bool] = None
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether TRITON_INTERPRET is set: read once, as Triton reads it once (when the kernels are defined)."""
+    global _INTERPRETING
+    if _INTERPRETING is None:
+        _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _INTERPRETING
 
 
 # ------------------------------------------------------------------------------------------ kernels
@@ -86,6 +103,55 @@ def _key_end(KPM_ROW, seqlen_k, MASK_BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _dropout_keep(seed, rows, col_start, seqlen_k, drop_threshold, BLOCK_N: tl.constexpr):
+    """Dropout keep mask (len(rows), BLOCK_N) of keys col_start + [0, BLOCK_N) (col_start a multiple of 8).
+
+    One Philox4x32-10 call gives 128 random bits: 8 keys' worth of 16 bits. Key 8g + 2w + h of query
+    row i takes half h (0 = low) of word w of randint4x(seed, i * cdiv(seqlen_k, 8) + g), and is kept
+    when those 16 bits are >= drop_threshold = round(p * 65536). A pure function of (seed, row, key):
+    the forward and both backward kernels regenerate the same mask whatever their block shapes.
+    """
+    BLOCK_M: tl.constexpr = rows.shape[0]
+    groups = col_start // 8 + tl.arange(0, BLOCK_N // 8)
+    counter = rows[:, None] * ((seqlen_k + 7) // 8) + groups[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, counter)
+    # join + reshape lays the four words of one call side by side: column 4g + w holds word w
+    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N // 2))
+    bits = tl.reshape(tl.join(words & 0xFFFF, words >> 16), (BLOCK_M, BLOCK_N))
+    return bits.to(tl.int32) >= drop_threshold
+
+
+@triton.jit
+def _score_tile(a, b, rows, cols, col_start, row_ok, key_ok, qk_scale, seed, seqlen_k, drop_threshold,
+                CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, TRANSPOSED: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """The block every kernel recomputes: scores in the exp2 domain with invisible pairs at -inf, and
+    the dropout keep mask of the same tile.
+
+    rows: query indices, cols: key indices = col_start + arange (col_start a multiple of 8); row_ok /
+    key_ok: which of them take part (in range, real key). Not TRANSPOSED: a = q (M, D), b = kᵀ (D, N),
+    tiles (M, N). TRANSPOSED (the dK/dV kernel): a = k (N, D), b = qᵀ (D, M), tiles (N, M).
+    Without dropout the keep mask is a placeholder that must not be used.
+    """
+    s = tl.dot(a, b, input_precision=DOT_PRECISION) * qk_scale
+    if TRANSPOSED:
+        visible = key_ok[:, None] & row_ok[None, :]
+        if CAUSAL:
+            visible = visible & (cols[:, None] <= rows[None, :])
+    else:
+        visible = row_ok[:, None] & key_ok[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= rows[:, None])
+    s = tl.where(visible, s, float("-inf"))
+    keep = visible
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, rows, col_start, seqlen_k, drop_threshold, cols.shape[0])
+        if TRANSPOSED:
+            keep = tl.trans(keep)
+    return s, keep
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V,            # inputs; token rows at stride_*s, last dim contiguous
     O,                  # output, same layout rules as Q
@@ -102,7 +168,8 @@ def _attn_fwd(
     n_heads,                          # H: program_id(1) enumerates batch * H
     seqlen_q, seqlen_k,               # padded: Sq, Sk; packed: max_seqlen for both (the grid size)
     qk_scale,                         # softmax_scale * log2(e): scores go straight to the exp2 domain
-    dropout_p,                        # probability of dropping an attention probability
+    drop_threshold,                   # dropout: drop when 16 random bits < this (round(p * 65536))
+    keep_scale,                       # dropout: 1 / (1 - drop_threshold / 65536), the kept values' scale
     HEAD_DIM: tl.constexpr,           # real head_dim
     BLOCK_D: tl.constexpr,            # head_dim padded to a power of two >= 16 (tl.dot minimum)
     BLOCK_M: tl.constexpr,            # query rows per program
@@ -139,8 +206,9 @@ def _attn_fwd(
     if HAS_MASK:
         # Keys past the last real one are all padding: stop the loop there (BERT pads on the right).
         len_k = _key_end(KPM + b.to(tl.int64) * stride_mb, len_k, MASK_BLOCK)
+    seed = 0
     if HAS_DROPOUT:
-        # One Philox key per (batch, head); the counter is the (row, key) position inside it.
+        # One Philox key per (batch, head); the counter is the (row, group of 8 keys) inside it.
         seed = tl.load(SEED) + pid_bh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -155,14 +223,12 @@ def _attn_fwd(
         col_ok = cols < len_k
         k_t = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None],
                       other=0.0)
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
-        visible = col_ok[None, :] & row_ok[:, None]
+        key_ok = col_ok
         if HAS_MASK:
             key_real = tl.load(KPM + b.to(tl.int64) * stride_mb + cols, mask=col_ok, other=0)
-            visible = visible & (key_real != 0)[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None])
-        s = tl.where(visible, s, float("-inf"))
+            key_ok = key_ok & (key_real != 0)
+        s, keep = _score_tile(q, k_t, offs_m, cols, start_n, row_ok, key_ok, qk_scale, seed, seqlen_k, drop_threshold,
+                              CAUSAL, HAS_DROPOUT, False, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no visible key yet keeps m = -inf; subtracting 0 instead keeps exp2 at 0
         # rather than NaN (-inf - -inf).
@@ -172,8 +238,7 @@ def _attn_fwd(
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
             # The normaliser l_i uses the undropped probabilities: dropout acts after the softmax.
-            r = tl.rand(seed, offs_m[:, None] * seqlen_k + cols[None, :])
-            p = tl.where(r >= dropout_p, p, 0.0)
+            p = tl.where(keep, p, 0.0)
         v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
                     other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -183,7 +248,7 @@ def _attn_fwd(
     l_safe = tl.where(empty, 1.0, l_i)
     inv = 1.0 / l_safe
     if HAS_DROPOUT:
-        inv = inv / (1.0 - dropout_p)
+        inv = inv * keep_scale
     out = acc * inv[:, None]
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + start64 * stride_os
     tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty),
@@ -211,7 +276,7 @@ def _attn_bwd_dkdv(
     n_heads, seqlen_q, seqlen_k,      # as in _attn_fwd
     qk_scale,                         # softmax_scale * log2(e)
     sm_scale,                         # softmax_scale (dK = scale * dSᵀ q)
-    dropout_p,                        # as in _attn_fwd
+    drop_threshold, keep_scale,       # as in _attn_fwd
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,            # query rows per loop iteration
     BLOCK_N: tl.constexpr,            # keys per program
@@ -245,16 +310,16 @@ def _attn_bwd_dkdv(
     kv_mask = col_ok[:, None] & d_ok[None, :]
     k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-    key_visible = col_ok
+    key_ok = col_ok
     hi = len_q
     if HAS_MASK:
         key_real = tl.load(KPM + b64 * stride_mb + offs_n, mask=col_ok, other=0)
-        key_visible = key_visible & (key_real != 0)
+        key_ok = key_ok & (key_real != 0)
         # A block of padding keys only needs its zero gradients written: skip the loop.
         hi = tl.where(pid_n * BLOCK_N >= _key_end(KPM + b64 * stride_mb, len_k, MASK_BLOCK), 0, len_q)
+    seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED) + pid_bh
-        keep_scale = 1.0 / (1.0 - dropout_p)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -271,17 +336,14 @@ def _attn_bwd_dkdv(
                      other=0.0)
         lse = tl.load(l_base + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-        s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M): Sᵀ
-        visible = key_visible[:, None] & row_ok[None, :]
-        if CAUSAL:
-            visible = visible & (offs_n[:, None] <= rows[None, :])
-        p_t = tl.where(visible, tl.math.exp2(s_t - lse[None, :]), 0.0)
+        # Sᵀ and the keep mask as (BLOCK_N, BLOCK_M) tiles
+        s_t, keep_t = _score_tile(k, q_t, rows, offs_n, pid_n * BLOCK_N, row_ok, key_ok, qk_scale, seed, seqlen_k,
+                                  drop_threshold, CAUSAL, HAS_DROPOUT, True, DOT_PRECISION)
+        p_t = tl.math.exp2(s_t - lse[None, :])  # 0 where invisible (s = -inf) or the row is empty (lse = +inf)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            r = tl.rand(seed, rows[None, :] * seqlen_k + offs_n[:, None])
-            keep = r >= dropout_p
-            pd_t = tl.where(keep, p_t * keep_scale, 0.0)
-            dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
+            pd_t = tl.where(keep_t, p_t * keep_scale, 0.0)
+            dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
         else:
             pd_t = p_t
         dv += tl.dot(pd_t.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -313,7 +375,7 @@ def _attn_bwd_dq(
     n_heads, seqlen_q, seqlen_k,
     qk_scale,                         # softmax_scale * log2(e)
     sm_scale,                         # softmax_scale (dQ = scale * dS k)
-    dropout_p,
+    drop_threshold, keep_scale,       # as in _attn_fwd
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,            # query rows per program
     BLOCK_N: tl.constexpr,            # keys per loop iteration
@@ -354,9 +416,9 @@ def _attn_bwd_dq(
     tl.store(DELTA + b64 * stride_lb + h64 * stride_lh + start64 + offs_m, delta, mask=row_ok)
     if HAS_MASK:
         len_k = _key_end(KPM + b64 * stride_mb, len_k, MASK_BLOCK)
+    seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED) + pid_bh
-        keep_scale = 1.0 / (1.0 - dropout_p)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     hi = len_k
@@ -368,18 +430,16 @@ def _attn_bwd_dq(
         kv_mask = col_ok[None, :] & d_ok[:, None]
         k_t = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=kv_mask, other=0.0)
         v_t = tl.load(v_base + cols[None, :] * stride_vs + offs_d[:, None], mask=kv_mask, other=0.0)
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
-        visible = col_ok[None, :] & row_ok[:, None]
+        key_ok = col_ok
         if HAS_MASK:
             key_real = tl.load(KPM + b64 * stride_mb + cols, mask=col_ok, other=0)
-            visible = visible & (key_real != 0)[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None])
-        p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
+            key_ok = key_ok & (key_real != 0)
+        s, keep = _score_tile(q, k_t, offs_m, cols, start_n, row_ok, key_ok, qk_scale, seed, seqlen_k, drop_threshold,
+                              CAUSAL, HAS_DROPOUT, False, DOT_PRECISION)
+        p = tl.math.exp2(s - lse[:, None])  # 0 where invisible (s = -inf) or the row is empty (lse = +inf)
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            r = tl.rand(seed, offs_m[:, None] * seqlen_k + cols[None, :])
-            dp = tl.where(r >= dropout_p, dp * keep_scale, 0.0)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
 
@@ -405,32 +465,36 @@ def _next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+_config_override: Optional[dict] = None   # {kind: (BLOCK_M, BLOCK_N, num_warps, num_stages)}
+_config_override_read = False
+
+
+def set_config_override(config: Optional[dict]) -> None:
+    """Replace the GPU launch parameters with e.g. {"fwd": [128, 64, 4, 3], "dkdv": [32, 128, 4, 3],
+    "dq": [128, 32, 4, 3]} (BLOCK_M, BLOCK_N, num_warps, num_stages), or go back to the defaults with
+    None: a knob for tuning sweeps on a GPU (benchmarks/bench_attention.py --sweep), not for users;
+    such a configuration is not compiled ahead of time by the tests. The environment variable
+    FASTBERT_ATTENTION_CONFIG (the same object in JSON) is read once, at the first launch."""
+    global _config_override, _config_override_read
+    _config_override = {kind: tuple(int(x) for x in value) for kind, value in config.items()} if config else None
+    _config_override_read = True
+    _FWD_PLANS.clear()
+    _BWD_PLANS.clear()
+
+
 def _override(kind):
-    """A launch configuration from FASTBERT_ATTENTION_CONFIG, a JSON object such as
-    {"fwd": [128, 64, 4, 3], "dkdv": [32, 128, 4, 3], "dq": [128, 32, 4, 3]} (BLOCK_M, BLOCK_N, num_warps,
-    num_stages): a knob for tuning sweeps on a GPU (benchmarks/bench_attention.py --sweep), not for
-    users; such a configuration is not compiled ahead of time by the tests."""
-    text = os.environ.get("FASTBERT_ATTENTION_CONFIG")
-    if not text:
-        return None
-    value = _parse_override(text).get(kind)
-    return tuple(int(x) for x in value) if value is not None else None
-
-
-_override_cache: dict = {}
-
-
-def _parse_override(text):
-    if text not in _override_cache:
+    if not _config_override_read:
         import json
-        _override_cache[text] = json.loads(text)
-    return _override_cache[text]
+        text = os.environ.get("FASTBERT_ATTENTION_CONFIG")
+        set_config_override(json.loads(text) if text else None)
+    return None if _config_override is None else _config_override.get(kind)
 
 
-def fwd_config(block_d: int, dtype: torch.dtype) -> dict:
+def fwd_config(block_d: int, dtype: torch.dtype, interpreting: Optional[bool] = None) -> dict:
     """Launch parameters of _attn_fwd (one fixed choice per head_dim / dtype: no autotuning, so the
-    interpreter and ahead-of-time compilation see exactly what a GPU runs)."""
-    if _interpreting():
+    interpreter and ahead-of-time compilation see exactly what a GPU runs). `interpreting` defaults
+    to whether TRITON_INTERPRET was set (False asks for the GPU choice, e.g. to compile it ahead of time)."""
+    if _interpreting() if interpreting is None else interpreting:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
     override = _override("fwd")
     if override is not None:
@@ -442,10 +506,10 @@ def fwd_config(block_d: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
 
 
-def bwd_config(block_d: int, dtype: torch.dtype) -> dict:
+def bwd_config(block_d: int, dtype: torch.dtype, interpreting: Optional[bool] = None) -> dict:
     """Launch parameters of the two backward kernels: dkdv = (BLOCK_M, BLOCK_N, warps, stages) with
     BLOCK_N keys per program; dq = the same with BLOCK_M queries per program."""
-    if _interpreting():
+    if _interpreting() if interpreting is None else interpreting:
         return dict(dkdv=(64, 64, 4, 1), dq=(64, 64, 4, 1))
     if dtype == torch.float32:
         config = dict(dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2))
@@ -462,29 +526,88 @@ def bwd_config(block_d: int, dtype: torch.dtype) -> dict:
 
 _PRECISION = {torch.float32: "ieee", torch.float16: "tf32", torch.bfloat16: "tf32"}
 
+# Launch decisions per (dtype, head_dim, layout, mask scan width, causal, dropout): built once, so a
+# call only gathers strides and launches (the eager path's host time is what limits short sequences).
+_FWD_PLANS: dict = {}
+_BWD_PLANS: dict = {}
+
+
+def _flags(key):
+    dtype, head_dim, varlen, mask_block, causal, dropout = key
+    return dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), MASK_BLOCK=mask_block or 16, IS_VARLEN=varlen,
+                HAS_MASK=mask_block is not None, CAUSAL=causal, HAS_DROPOUT=dropout, DOT_PRECISION=_PRECISION[dtype])
+
+
+def _fwd_plan(key):
+    """(BLOCK_M, keyword arguments of the _attn_fwd launch) for one plan key."""
+    plan = _FWD_PLANS.get(key)
+    if plan is None:
+        flags = _flags(key)
+        cfg = fwd_config(flags["BLOCK_D"], key[0])
+        plan = cfg["BLOCK_M"], dict(flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        _FWD_PLANS[key] = plan
+    return plan
+
+
+def _bwd_plan(key):
+    """(dQ BLOCK_M, dQ launch keywords, dK/dV BLOCK_N, dK/dV launch keywords) for one plan key."""
+    plan = _BWD_PLANS.get(key)
+    if plan is None:
+        flags = _flags(key)
+        cfg = bwd_config(flags["BLOCK_D"], key[0])
+        (dq_m, dq_n, dq_warps, dq_stages), (kv_m, kv_n, kv_warps, kv_stages) = cfg["dq"], cfg["dkdv"]
+        plan = (dq_m, dict(flags, BLOCK_M=dq_m, BLOCK_N=dq_n, num_warps=dq_warps, num_stages=dq_stages),
+                kv_n, dict(flags, BLOCK_M=kv_m, BLOCK_N=kv_n, num_warps=kv_warps, num_stages=kv_stages))
+        _BWD_PLANS[key] = plan
+    return plan
+
+
+def _plan_key(q, key_padding_mask, varlen, causal, dropout_p):
+    # The whole mask row in one load for BERT's lengths; longer rows take a few steps.
+    mask_block = None if key_padding_mask is None else min(1024, max(16, _next_pow2(key_padding_mask.shape[1])))
+    return q.dtype, q.shape[-1], varlen, mask_block, bool(causal), dropout_p > 0.0
+
+
+# ------------------------------------------------------------------------------------------ dropout
+
+def _drop_threshold(p: float) -> int:
+    return min(65535, round(p * 65536.0))
+
+
+def effective_dropout_p(p: float) -> float:
+    """The drop probability the kernels apply for dropout_p = p: round(p * 65536) / 65536 (16 random
+    bits per element); kept values are scaled by 1 / (1 - that), so the output's expectation is exact."""
+    return _drop_threshold(p) / 65536.0 if p > 0.0 else 0.0
+
+
+_DROPOUT_ARGS: dict = {0.0: (0, 1.0)}
+
+
+def _dropout_args(p: float):
+    """(drop_threshold, keep_scale) kernel arguments for dropout_p = p."""
+    args = _DROPOUT_ARGS.get(p)
+    if args is None:
+        threshold = _drop_threshold(p)
+        args = _DROPOUT_ARGS[p] = (threshold, 65536.0 / (65536 - threshold))
+    return args
+
+
+def _check_dropout_counter(seqlen_q, seqlen_k):
+    # The Philox counter of (row, group of 8 keys) is an int32 per (batch, head).
+    if seqlen_q * ((seqlen_k + 7) // 8) >= 2 ** 31:
+        raise ValueError(f"Triton attention dropout supports seq_q * ceil(seq_k / 8) < 2**31, got seq_q={seqlen_q}, "
+                         f"seq_k={seqlen_k}")
+
 
 # --------------------------------------------------------------------------------- host launchers
-
-class _Layout:
-    """How to find (batch, head, token) rows of one tensor: strides for the kernels' addressing
-    base + b*stride_b + h*stride_h + (seq_start + row)*stride_s."""
-
-    @staticmethod
-    def padded(t):  # (B, H, S, D)
-        s = t.stride()
-        return s[0], s[1], s[2]
-
-    @staticmethod
-    def packed(t):  # (total, H, D): batch stride 0, the sequence start comes from cu_seqlens
-        s = t.stride()
-        return 0, s[1], s[0]
-
 
 def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _check_kernel_limits(q, k, v):
+    """The checks of the custom ops (fastbert.kernels has done them before the eager path)."""
     head_dim = q.shape[-1]
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"Triton attention supports head_dim <= {MAX_HEAD_DIM}, got {head_dim}")
@@ -496,54 +619,47 @@ def _check_kernel_limits(q, k, v):
                              f"got {t.dtype}, {t.device}")
 
 
-def _geometry(q, k, cu_seqlens, max_seqlen):
-    """(layout fn, batch, heads, seqlen_q, seqlen_k) for either layout."""
-    if cu_seqlens is None:
-        return _Layout.padded, q.shape[0], q.shape[1], q.shape[2], k.shape[2]
-    return _Layout.packed, cu_seqlens.numel() - 1, q.shape[1], max_seqlen, max_seqlen
+def _rows(t, varlen):
+    """(batch, head, token) strides of a q/k/v-like tensor: padded (B, H, S, D); packed (total, H, D),
+    whose batch stride is 0 (the sequence start comes from cu_seqlens)."""
+    s = t.stride()
+    return (0, s[1], s[0]) if varlen else (s[0], s[1], s[2])
 
 
-def _lse_strides(lse, cu_seqlens):
-    # padded (B, H, Sq) ; packed (H, total)
-    return (lse.stride(0), lse.stride(1)) if cu_seqlens is None else (0, lse.stride(0))
-
-
-def _lse_empty(q, cu_seqlens):
-    if cu_seqlens is None:
-        return torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    return torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
-
-
-def _mask_block(key_padding_mask):
-    # The whole mask row in one load for BERT's lengths; longer rows take a few steps.
-    return 16 if key_padding_mask is None else min(1024, max(16, _next_pow2(key_padding_mask.shape[1])))
+def _contiguous_rows(shape, varlen):
+    """_rows of a contiguous tensor of `shape` (the ones the launchers allocate), without asking it."""
+    if varlen:
+        return 0, shape[2], shape[1] * shape[2]
+    return shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3]
 
 
 def _flash_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, dropout_p, softmax_scale):
     """Allocate out (contiguous, like q) and lse, launch _attn_fwd; returns (out, lse)."""
-    _check_kernel_limits(q, k, v)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    cu_seqlens = cu_seqlens.contiguous() if cu_seqlens is not None else None
-    layout, batch, heads, seqlen_q, seqlen_k = _geometry(q, k, cu_seqlens, max_seqlen)
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    varlen = cu_seqlens is not None
+    if varlen:
+        cu_seqlens = cu_seqlens.contiguous()
+        total, heads = q.shape[0], q.shape[1]
+        batch, seqlen_q, seqlen_k = cu_seqlens.shape[0] - 1, max_seqlen, max_seqlen
+        lse = torch.empty((heads, total), dtype=torch.float32, device=q.device)
+        lse_strides = (0, total)
+    else:
+        batch, heads, seqlen_q = q.shape[0], q.shape[1], q.shape[2]
+        seqlen_k = k.shape[2]
+        lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+        lse_strides = (heads * seqlen_q, seqlen_q)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = _lse_empty(q, cu_seqlens)
-    if out.numel() == 0 or batch == 0 or seqlen_q == 0:
+    if q.numel() == 0 or batch == 0 or seqlen_q == 0:
         return out.zero_(), lse.fill_(float("inf"))
-    head_dim = q.shape[-1]
-    block_d = _block_d(head_dim)
-    cfg = fwd_config(block_d, q.dtype)
-    kpm = _last_dim_contiguous(key_padding_mask).view(torch.uint8) if key_padding_mask is not None else None
-    grid = (_cdiv(seqlen_q, cfg["BLOCK_M"]), batch * heads)
-    _attn_fwd[grid](
+    if dropout_p > 0.0:
+        _check_dropout_counter(seqlen_q, seqlen_k)
+    block_m, launch = _fwd_plan(_plan_key(q, key_padding_mask, varlen, causal, dropout_p))
+    kpm = None if key_padding_mask is None else _last_dim_contiguous(key_padding_mask).view(torch.uint8)
+    _attn_fwd[(_cdiv(seqlen_q, block_m), batch * heads)](
         q, k, v, out, lse, kpm, cu_seqlens, seed,
-        *layout(q), *layout(k), *layout(v), *layout(out), *_lse_strides(lse, cu_seqlens),
-        kpm.stride(0) if kpm is not None else 0,
-        heads, seqlen_q, seqlen_k, softmax_scale * _LOG2E, dropout_p,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        MASK_BLOCK=_mask_block(key_padding_mask), IS_VARLEN=cu_seqlens is not None, HAS_MASK=kpm is not None,
-        CAUSAL=bool(causal),
-        HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=_PRECISION[q.dtype],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        *_rows(q, varlen), *_rows(k, varlen), *_rows(v, varlen), *_contiguous_rows(q.shape, varlen), *lse_strides,
+        0 if kpm is None else kpm.stride(0),
+        heads, seqlen_q, seqlen_k, softmax_scale * _LOG2E, *_dropout_args(dropout_p), **launch,
     )
     return out, lse
 
@@ -551,42 +667,38 @@ def _flash_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, 
 def _flash_bwd(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, dropout_p,
                softmax_scale):
     """dQ, dK, dV (contiguous, like q/k/v): one kernel for dQ (which also writes delta), then one for dK/dV."""
-    _check_kernel_limits(q, k, v)
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
-    cu_seqlens = cu_seqlens.contiguous() if cu_seqlens is not None else None
-    layout, batch, heads, seqlen_q, seqlen_k = _geometry(q, k, cu_seqlens, max_seqlen)
+    varlen = cu_seqlens is not None
+    if varlen:
+        cu_seqlens = cu_seqlens.contiguous()
+        total, heads = q.shape[0], q.shape[1]
+        batch, seqlen_q, seqlen_k = cu_seqlens.shape[0] - 1, max_seqlen, max_seqlen
+        lse_strides = (0, lse.stride(0))
+    else:
+        batch, heads, seqlen_q = q.shape[0], q.shape[1], q.shape[2]
+        seqlen_k = k.shape[2]
+        lse_strides = (lse.stride(0), lse.stride(1))
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if q.numel() == 0 or k.numel() == 0 or batch == 0 or seqlen_q == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    head_dim = q.shape[-1]
-    block_d = _block_d(head_dim)
-    cfg = bwd_config(block_d, q.dtype)
-    kpm = _last_dim_contiguous(key_padding_mask).view(torch.uint8) if key_padding_mask is not None else None
-    stride_mb = kpm.stride(0) if kpm is not None else 0
-    lse_strides = _lse_strides(lse, cu_seqlens)
-    is_varlen = cu_seqlens is not None
-    flags = dict(MASK_BLOCK=_mask_block(key_padding_mask), IS_VARLEN=is_varlen, HAS_MASK=kpm is not None,
-                 CAUSAL=bool(causal), HAS_DROPOUT=dropout_p > 0.0,
-                 DOT_PRECISION=_PRECISION[q.dtype])
-
+    dq_m, dq_launch, kv_n, kv_launch = _bwd_plan(_plan_key(q, key_padding_mask, varlen, causal, dropout_p))
+    kpm = None if key_padding_mask is None else _last_dim_contiguous(key_padding_mask).view(torch.uint8)
+    stride_mb = 0 if kpm is None else kpm.stride(0)
+    q_rows, k_rows, v_rows, do_rows = _rows(q, varlen), _rows(k, varlen), _rows(v, varlen), _rows(dout, varlen)
     delta = torch.empty_like(lse)
-    common = (heads, seqlen_q, seqlen_k, softmax_scale * _LOG2E, softmax_scale, dropout_p)
+    common = (heads, seqlen_q, seqlen_k, softmax_scale * _LOG2E, softmax_scale, *_dropout_args(dropout_p))
     # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV kernel reads (stream order).
-    bm, bn, warps, stages = cfg["dq"]
-    _attn_bwd_dq[(_cdiv(seqlen_q, bm), batch * heads)](
+    _attn_bwd_dq[(_cdiv(seqlen_q, dq_m), batch * heads)](
         q, k, v, out, dout, dq, lse, delta, kpm, cu_seqlens, seed,
-        *layout(q), *layout(k), *layout(v), *layout(out), *layout(dout), *layout(dq), *lse_strides, stride_mb,
-        *common, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, **flags,
-        num_warps=warps, num_stages=stages,
+        *q_rows, *k_rows, *v_rows, *_rows(out, varlen), *do_rows, *_contiguous_rows(q.shape, varlen),
+        *lse_strides, stride_mb, *common, **dq_launch,
     )
-    bm, bn, warps, stages = cfg["dkdv"]
-    _attn_bwd_dkdv[(_cdiv(seqlen_k, bn), batch * heads)](
+    _attn_bwd_dkdv[(_cdiv(seqlen_k, kv_n), batch * heads)](
         q, k, v, dout, dk, dv, lse, delta, kpm, cu_seqlens, seed,
-        *layout(q), *layout(k), *layout(v), *layout(dout), *layout(dk), *layout(dv), *lse_strides, stride_mb,
-        *common, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, **flags,
-        num_warps=warps, num_stages=stages,
+        *q_rows, *k_rows, *v_rows, *do_rows, *_contiguous_rows(k.shape, varlen), *_contiguous_rows(v.shape, varlen),
+        *lse_strides, stride_mb, *common, **kv_launch,
     )
     return dq, dk, dv
 
@@ -604,12 +716,14 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
                   seed: Optional[torch.Tensor], causal: bool, dropout_p: float,
                   softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded-layout forward: (out (B, H, Sq, D), lse fp32 (B, H, Sq) in base 2)."""
+    _check_kernel_limits(q, k, v)
     return _flash_fwd(q, k, v, key_padding_mask, None, 0, seed, causal, dropout_p, softmax_scale)
 
 
 @attention_fwd.register_kernel("cpu")
 def _(q, k, v, key_padding_mask, seed, causal, dropout_p, softmax_scale):
     _require_interpreter()
+    _check_kernel_limits(q, k, v)
     return _flash_fwd(q, k, v, key_padding_mask, None, 0, seed, causal, dropout_p, softmax_scale)
 
 
@@ -624,12 +738,14 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                   causal: bool, dropout_p: float, softmax_scale: float
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Padded-layout backward: (dq, dk, dv)."""
+    _check_kernel_limits(q, k, v)
     return _flash_bwd(dout, q, k, v, out, lse, key_padding_mask, None, 0, seed, causal, dropout_p, softmax_scale)
 
 
 @attention_bwd.register_kernel("cpu")
 def _(dout, q, k, v, out, lse, key_padding_mask, seed, causal, dropout_p, softmax_scale):
     _require_interpreter()
+    _check_kernel_limits(q, k, v)
     return _flash_bwd(dout, q, k, v, out, lse, key_padding_mask, None, 0, seed, causal, dropout_p, softmax_scale)
 
 
@@ -661,12 +777,14 @@ def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
                          max_seqlen: int, seed: Optional[torch.Tensor], causal: bool, dropout_p: float,
                          softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed-layout forward: (out (total, H, D), lse fp32 (H, total) in base 2)."""
+    _check_kernel_limits(q, k, v)
     return _flash_fwd(q, k, v, None, cu_seqlens, max_seqlen, seed, causal, dropout_p, softmax_scale)
 
 
 @varlen_attention_fwd.register_kernel("cpu")
 def _(q, k, v, cu_seqlens, max_seqlen, seed, causal, dropout_p, softmax_scale):
     _require_interpreter()
+    _check_kernel_limits(q, k, v)
     return _flash_fwd(q, k, v, None, cu_seqlens, max_seqlen, seed, causal, dropout_p, softmax_scale)
 
 
@@ -681,6 +799,7 @@ def varlen_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
                          seed: Optional[torch.Tensor], causal: bool, dropout_p: float, softmax_scale: float
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Packed-layout backward: (dq, dk, dv)."""
+    _check_kernel_limits(q, k, v)
     return _flash_bwd(dout, q, k, v, out, lse, None, cu_seqlens, max_seqlen, seed, causal, dropout_p,
                       softmax_scale)
 
@@ -688,6 +807,7 @@ def varlen_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
 @varlen_attention_bwd.register_kernel("cpu")
 def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, seed, causal, dropout_p, softmax_scale):
     _require_interpreter()
+    _check_kernel_limits(q, k, v)
     return _flash_bwd(dout, q, k, v, out, lse, None, cu_seqlens, max_seqlen, seed, causal, dropout_p,
                       softmax_scale)
 

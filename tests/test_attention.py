@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -80,6 +81,29 @@ def random_mask(batch, seq, empty_row=True):
 
 def to_device(device, *tensors):
     return [t.to(device) if t is not None else None for t in tensors]
+
+
+def philox_keep_mask(seed, batch, heads, seq_q, seq_k, p, rng_seq_k=None):
+    """The keep mask (B, H, Sq, Sk) bool that flash_attention documents, computed independently in numpy:
+    Philox4x32-10 keyed by seed + b * H + h; counter i * ceil(rng_seq_k / 8) + j // 8 (rng_seq_k: the
+    kernels' seq_k, max_seqlen when packed); key j takes 16-bit half (j % 2) of word (j % 8) // 2 and is
+    kept when it is >= round(p * 65536)."""
+    m32 = np.uint64(0xFFFFFFFF)
+    groups = ((seq_k if rng_seq_k is None else rng_seq_k) + 7) // 8
+    counter = (np.arange(seq_q, dtype=np.uint64)[:, None] * np.uint64(groups)
+               + np.arange((seq_k + 7) // 8, dtype=np.uint64)[None, :])
+    key = (np.uint64(seed) + np.arange(batch * heads, dtype=np.uint64)).reshape(batch, heads, 1, 1)
+    k0, k1 = key & m32, key >> np.uint64(32)
+    c0 = np.broadcast_to(counter, (batch, heads) + counter.shape)
+    c1 = c2 = c3 = np.zeros_like(c0)
+    a, b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    for _ in range(10):
+        p0, p1 = b * c2, a * c0  # 32 x 32 -> 64-bit products: (high word, low word)
+        c0, c2, c1, c3 = (p0 >> np.uint64(32)) ^ c1 ^ k0, (p1 >> np.uint64(32)) ^ c3 ^ k1, p0 & m32, p1 & m32
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & m32, (k1 + np.uint64(0xBB67AE85)) & m32
+    words = np.stack([c0, c1, c2, c3], -1)
+    halves = np.stack([words & np.uint64(0xFFFF), words >> np.uint64(16)], -1).reshape(batch, heads, seq_q, -1)
+    return torch.from_numpy(halves[..., :seq_k] >= min(65535, round(p * 65536)))
 
 
 # ------------------------------------------------------------------------------ padded layout
@@ -216,12 +240,19 @@ def _dropout_keep_mask(run, v_one_hot, visible):
     return kept | ~visible  # masked-out keys have probability 0, their keep bit does not matter
 
 
+def _seed_of(torch_seed, q, p):
+    """The Philox seed an attention call draws right after torch.manual_seed(torch_seed)."""
+    torch.manual_seed(torch_seed)
+    return int(flash_attention._draw_seed(q, p))
+
+
 @interpreter_matrix
 @pytest.mark.parametrize("dtype", INTERPRETED_DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 def test_dropout_forward_backward_consistent(triton_kernels, device, dtype, causal):
-    """The mask the forward applied (read back through one-hot values) is the mask the backward
-    used: forward and gradients match the float64 oracle with that explicit mask."""
+    """The mask the forward applied (read back through one-hot values) is the documented Philox mask,
+    and it is the mask both backward kernels used: forward and gradients match the float64 oracle
+    with that explicit mask and the effective (16-bit) drop probability."""
     batch, heads, seq, dim, p = 2, 2, 40, 64, 0.3
     q, k = torch.randn(batch, heads, seq, dim), torch.randn(batch, heads, seq, dim)
     mask = random_mask(batch, seq, empty_row=False)
@@ -236,16 +267,35 @@ def test_dropout_forward_backward_consistent(triton_kernels, device, dtype, caus
 
     keep = _dropout_keep_mask(lambda v: run(v.to(dtype), q.to(dtype), k.to(dtype)),
                               _one_hot_values(batch, heads, seq, dim, device), visible)
-    kept_fraction = keep[visible].float().mean().item()
-    n = visible.sum().item()
-    assert abs(kept_fraction - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n), kept_fraction
-
+    documented = philox_keep_mask(_seed_of(1234, q, p), batch, heads, seq, seq, p)
+    assert torch.equal(keep[visible], documented[visible])
+    p_eff = flash_attention.effective_dropout_p(p)
     v = torch.randn(batch, heads, seq, dim, device=device)
     check_against_reference(
         lambda q, k, v: run(v, q, k),
-        lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), causal, keep=keep, dropout_p=p),
-        lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), causal, keep=keep, dropout_p=p),
+        lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), causal, keep=keep, dropout_p=p_eff),
+        lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), causal, keep=keep, dropout_p=p_eff),
         (q, k, v), dtype)
+
+
+def test_dropout_multiblock_against_documented_mask(triton_kernels, device):
+    """Several key and query blocks in every kernel (the dK/dV kernel's transposed tiles included), an
+    odd length, a padded row: out, dQ, dK, dV against float64 with the documented mask."""
+    batch, heads, seq, dim, p = 2, 1, 137, 16, 0.2
+    q, k, v = (torch.randn(batch, heads, seq, dim, device=device) for _ in range(3))
+    mask = (torch.arange(seq)[None, :] < torch.tensor([[seq], [100]])).to(device)
+    keep = philox_keep_mask(_seed_of(77, q, p), batch, heads, seq, seq, p)
+    p_eff = flash_attention.effective_dropout_p(p)
+
+    def run(q, k, v):
+        torch.manual_seed(77)
+        return K.attention(q, k, v, mask, dropout_p=p)
+
+    check_against_reference(
+        run,
+        lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), keep=keep, dropout_p=p_eff),
+        lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), keep=keep, dropout_p=p_eff),
+        (q, k, v), torch.float32)
 
 
 def test_varlen_dropout_forward_backward_consistent(triton_kernels, device):
@@ -263,15 +313,46 @@ def test_varlen_dropout_forward_backward_consistent(triton_kernels, device):
 
     kept_rows = padded_view(run(v_one_hot.to(device)).detach().cpu(), lengths)[0][..., :width] != 0
     _, mask = padded_view(q.detach().cpu(), lengths)
-    visible = mask[:, None, None, :] & mask[:, None, :, None]
+    visible = (mask[:, None, None, :] & mask[:, None, :, None]).expand(len(lengths), heads, width, width)
     keep = kept_rows | ~visible
+    # positions inside each sequence; the counter's row stride comes from max_seqlen
+    documented = philox_keep_mask(_seed_of(99, q, p), len(lengths), heads, width, width, p, rng_seq_k=width)
+    assert torch.equal(keep[visible], documented[visible])
+    p_eff = flash_attention.effective_dropout_p(p)
 
     def baseline(q, k, v):
         (qp, m), (kp, _), (vp, _) = (padded_view(t.cpu(), lengths) for t in (q, k, v))
-        return unpadded_view(torch_attention(qp, kp, vp, m, keep=keep, dropout_p=p), lengths)
+        return unpadded_view(torch_attention(qp, kp, vp, m, keep=keep, dropout_p=p_eff), lengths)
 
     v = torch.randn(total, heads, dim, device=device)
     check_against_reference(lambda q, k, v: run(v, q, k), baseline, baseline, (q, k, v), torch.float32)
+
+
+def test_dropout_mask_statistics():
+    """The documented mask (which the tests above show the kernels apply bit for bit) over 2M
+    elements: keep rate 1 - p at every position of an 8-key Philox group, and no repetition across
+    heads or batch rows, nor between neighbouring keys or rows: each within 5 sigma of a fair coin."""
+    p = 0.1
+    masks = philox_keep_mask(2 ** 61 + 12345, 2, 4, 512, 512, p).double()  # 8 (batch, head) pairs
+    p_eff = flash_attention.effective_dropout_p(p)
+    assert abs(p_eff - p) <= 2 ** -17
+
+    def within_5_sigma(fraction, expected, n):
+        sigma = math.sqrt(expected * (1 - expected) / n)
+        assert abs(fraction - expected) < 5 * sigma, (fraction, expected, sigma)
+
+    within_5_sigma(masks.mean().item(), 1 - p_eff, masks.numel())
+    per_position = masks.view(2, 4, 512, 64, 8).mean((0, 1, 2, 3))
+    for fraction in per_position.tolist():
+        within_5_sigma(fraction, 1 - p_eff, masks.numel() // 8)
+    agree = (1 - p_eff) ** 2 + p_eff ** 2  # P(two independent bits agree)
+    flat = masks.view(8, -1)
+    for i in range(8):
+        for j in range(i + 1, 8):
+            within_5_sigma((flat[i] == flat[j]).double().mean().item(), agree, flat.shape[1])
+    within_5_sigma((masks[..., 1:] == masks[..., :-1]).double().mean().item(), agree, masks[..., 1:].numel())
+    within_5_sigma((masks[..., 1:, :] == masks[..., :-1, :]).double().mean().item(), agree,
+                   masks[..., 1:, :].numel())
 
 
 def test_dropout_repeatable_under_seed(triton_kernels, device):
@@ -284,6 +365,21 @@ def test_dropout_repeatable_under_seed(triton_kernels, device):
     for a, b in zip(results[0], results[1]):
         assert torch.equal(a, b)
     assert not torch.equal(results[0][0], results[2][0])
+
+
+def test_dropout_quantisation():
+    fa = flash_attention
+    assert fa.effective_dropout_p(0.0) == 0.0
+    assert fa.effective_dropout_p(0.5) == 0.5
+    assert fa.effective_dropout_p(0.1) == 6554 / 65536
+    assert fa.effective_dropout_p(0.9999999) == 65535 / 65536  # never drops everything
+    for p in (1e-6, 0.1, 0.3, 0.999):
+        threshold, scale = fa._dropout_args(p)
+        assert abs(fa.effective_dropout_p(p) - p) <= 2 ** -17
+        assert scale == 1.0 / (1.0 - fa.effective_dropout_p(p))
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        fa._check_dropout_counter(2 ** 17, 2 ** 17 + 1)
+    fa._check_dropout_counter(2 ** 16, 2 ** 16)
 
 
 # ------------------------------------------------------------------------------- determinism
@@ -412,15 +508,21 @@ def test_bad_inputs(triton_kernels, device):
 
 
 def test_config_override_for_gpu_sweeps(monkeypatch):
-    """FASTBERT_ATTENTION_CONFIG (used by bench_attention --sweep) replaces the GPU launch parameters."""
+    """set_config_override (used by bench_attention --sweep), or FASTBERT_ATTENTION_CONFIG read once at
+    the first launch, replaces the GPU launch parameters; None restores the defaults."""
     fa = flash_attention
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    default = fa.fwd_config(64, torch.bfloat16), fa.bwd_config(64, torch.bfloat16)
-    monkeypatch.setenv("FASTBERT_ATTENTION_CONFIG", '{"fwd": [64, 32, 8, 2], "dq": [32, 16, 4, 1]}')
-    assert fa.fwd_config(64, torch.bfloat16) == dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
-    assert fa.bwd_config(64, torch.bfloat16) == dict(dkdv=default[1]["dkdv"], dq=(32, 16, 4, 1))
-    monkeypatch.delenv("FASTBERT_ATTENTION_CONFIG")
-    assert (fa.fwd_config(64, torch.bfloat16), fa.bwd_config(64, torch.bfloat16)) == default
+    gpu = dict(interpreting=False)
+    default = fa.fwd_config(64, torch.bfloat16, **gpu), fa.bwd_config(64, torch.bfloat16, **gpu)
+    try:
+        fa.set_config_override({"fwd": [64, 32, 8, 2], "dq": [32, 16, 4, 1]})
+        assert fa.fwd_config(64, torch.bfloat16, **gpu) == dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+        assert fa.bwd_config(64, torch.bfloat16, **gpu) == dict(dkdv=default[1]["dkdv"], dq=(32, 16, 4, 1))
+        monkeypatch.setenv("FASTBERT_ATTENTION_CONFIG", '{"dkdv": [16, 32, 4, 1]}')
+        monkeypatch.setattr(fa, "_config_override_read", False)  # as in a fresh process
+        assert fa.bwd_config(64, torch.bfloat16, **gpu) == dict(dkdv=(16, 32, 4, 1), dq=default[1]["dq"])
+    finally:
+        fa.set_config_override(None)
+    assert (fa.fwd_config(64, torch.bfloat16, **gpu), fa.bwd_config(64, torch.bfloat16, **gpu)) == default
 
 
 def test_float64_runs_the_reference(triton_kernels, device):
@@ -454,24 +556,19 @@ _AOT_SCRIPT = textwrap.dedent("""
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def _aot_jobs(dtype, head_dim, varlen, flags=True):
-    """The launches _flash_fwd/_flash_bwd make for one dtype/head_dim, as (kernel, signature,
-    constexprs, options), with the GPU block configuration of fwd_config/bwd_config."""
+def _aot_jobs(dtype, head_dim, varlen, causal=True, dropout=True):
+    """The launches _flash_fwd/_flash_bwd make for one dtype/head_dim (padded: with a key padding mask),
+    as (kernel, signature, constexprs, options), with the GPU block configuration of fwd_config/bwd_config."""
     from fastbert.kernels import flash_attention as fa
 
     block_d = fa._block_d(head_dim)
     # The interpreter picks its own blocks; ask for the GPU ones.
-    saved = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        fwd, bwd = fa.fwd_config(block_d, dtype), fa.bwd_config(block_d, dtype)
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
+    fwd, bwd = fa.fwd_config(block_d, dtype, interpreting=False), fa.bwd_config(block_d, dtype, interpreting=False)
     elem = "*" + _TRITON_DTYPE[dtype]
     pointers = {"Q": elem, "K": elem, "V": elem, "O": elem, "DO": elem, "DQ": elem, "DK": elem, "DV": elem,
                 "LSE": "*fp32", "DELTA": "*fp32", "KPM": "*u8", "CU_SEQLENS": "*i32", "SEED": "*i64"}
-    floats = {"qk_scale", "sm_scale", "dropout_p"}
-    flag_values = dict(IS_VARLEN=varlen, HAS_MASK=flags and not varlen, CAUSAL=flags, HAS_DROPOUT=flags,
+    floats = {"qk_scale", "sm_scale", "keep_scale"}
+    flag_values = dict(IS_VARLEN=varlen, HAS_MASK=not varlen, CAUSAL=causal, HAS_DROPOUT=dropout,
                        DOT_PRECISION=fa._PRECISION[dtype], HEAD_DIM=head_dim, BLOCK_D=block_d, MASK_BLOCK=512)
 
     def job(name, blocks, options):
@@ -506,9 +603,11 @@ def _compile(jobs, archs=(90, 80)):
 
 def test_aot_compile_largest_configs():
     """The configurations with the most shared memory (head_dim 128, bf16 with every flag on, and the
-    fp32 dK/dV kernel) compile for sm_90 and sm_80 within their shared-memory limits. The whole
-    matrix (every dtype, head_dim and layout) is test_aot_compile_every_config (-m slow: minutes)."""
-    jobs = _aot_jobs(torch.bfloat16, 128, varlen=False)[:3] + _aot_jobs(torch.float32, 128, varlen=False)[1:2]
+    fp32 dK/dV kernel), and the BERT training launch (bf16, head_dim 64, packed, dropout), compile for
+    sm_90 and sm_80 within their shared-memory limits. The whole matrix (every dtype, head_dim and
+    layout) is test_aot_compile_every_config (-m slow: minutes)."""
+    jobs = (_aot_jobs(torch.bfloat16, 128, varlen=False) + _aot_jobs(torch.float32, 128, varlen=False)[1:2]
+            + _aot_jobs(torch.bfloat16, 64, varlen=True, causal=False))
     _compile(jobs)
 
 
@@ -517,7 +616,8 @@ def test_aot_compile_largest_configs():
 def test_aot_compile_every_config(dtype):
     jobs = []
     for head_dim in (16, 64, 96, 128):
-        jobs += _aot_jobs(dtype, head_dim, varlen=False) + _aot_jobs(dtype, head_dim, varlen=True, flags=False)
+        jobs += (_aot_jobs(dtype, head_dim, varlen=False) + _aot_jobs(dtype, head_dim, varlen=True, causal=False)
+                 + _aot_jobs(dtype, head_dim, varlen=True, causal=False, dropout=False))
     _compile(jobs)
 
 
@@ -566,25 +666,50 @@ def test_gpu_varlen_compiled(triton_kernels, device, dtype):
 
 @gpu
 def test_gpu_dropout_and_determinism(triton_kernels, device):
+    """Compiled dropout: the forward's mask bit for bit (one-hot values, 2 key blocks), then out, dQ,
+    dK, dV against float64 with the documented mask over several blocks of every kernel, padded and
+    packed (the model's training launch), bf16; and bitwise-repeatable gradients."""
     if device != "cuda":
         pytest.skip("needs CUDA (FASTBERT_TEST_GPU=1)")
-    batch, heads, seq, dim, p = 2, 4, 64, 64, 0.1
+    p = 0.1
+    p_eff = flash_attention.effective_dropout_p(p)
+    batch, heads, seq, dim = 2, 4, 128, 128
     q, k = (torch.randn(batch, heads, seq, dim, device=device, dtype=torch.bfloat16) for _ in range(2))
-    mask = random_mask(batch, seq, empty_row=False).to(device)
-    visible = mask.cpu()[:, None, None, :].expand(batch, heads, seq, seq)
+    torch.manual_seed(4321)
+    kept = K.attention(q, k, _one_hot_values(batch, heads, seq, dim, device).bfloat16(), dropout_p=p)
+    documented = philox_keep_mask(_seed_of(4321, q, p), batch, heads, seq, seq, p)
+    assert torch.equal(kept[..., :seq].cpu() != 0, documented)
 
-    def run(v, q=q, k=k):
+    batch, heads, seq, dim = 2, 4, 300, 64
+    q, k, v = (torch.randn(batch, heads, seq, dim, device=device) for _ in range(3))
+    mask = random_mask(batch, seq, empty_row=False).to(device)
+    keep = philox_keep_mask(_seed_of(4321, q, p), batch, heads, seq, seq, p)
+
+    def run(q, k, v):
         torch.manual_seed(4321)
         return K.attention(q, k, v, mask, dropout_p=p)
 
-    keep = _dropout_keep_mask(lambda v: run(v.to(torch.bfloat16)),
-                              _one_hot_values(batch, heads, seq, dim, device), visible)
-    v = torch.randn(batch, heads, seq, dim, device=device)
     check_against_reference(
-        lambda q, k, v: run(v, q, k),
-        lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), keep=keep, dropout_p=p),
-        lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), keep=keep, dropout_p=p),
+        run,
+        lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), keep=keep, dropout_p=p_eff),
+        lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), keep=keep, dropout_p=p_eff),
         (q, k, v), torch.bfloat16)
+
+    lengths, heads = [1, 17, 128, 300, 257], 12
+    q, k, v, cu = packed_qkv(lengths, heads, 64, device, torch.float32)
+    width = max(lengths)
+    keep = philox_keep_mask(_seed_of(99, q, p), len(lengths), heads, width, width, p, rng_seq_k=width)
+
+    def packed_run(q, k, v):
+        torch.manual_seed(99)
+        return K.varlen_attention(q, k, v, cu, width, dropout_p=p, validate=False)
+
+    def baseline(q, k, v):
+        (qp, m), (kp, _), (vp, _) = (padded_view(t.cpu(), lengths) for t in (q, k, v))
+        return unpadded_view(torch_attention(qp, kp, vp, m, keep=keep, dropout_p=p_eff), lengths)
+
+    check_against_reference(packed_run, baseline, baseline, (q, k, v), torch.bfloat16)
+
     qs, ks, vs = (torch.randn(8, 12, 512, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
                   for _ in range(3))
     mask = random_mask(8, 512, empty_row=False).to(device)
