@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
-# The one GPU call of a session (DESIGN.md, GPU protocol). Runs from the repo root on the device
-# machine: installs offline, runs the GPU test subset (compiled kernels, bf16 included), then the
-# kernel and model benchmarks with every competitor in the same process. Each step has its own
-# time limit so one failure or hang does not cost the rest; results are re-bundled after every
-# step into $OUT/gpu_results.tar.gz (the device tool returns at most 8 files), so a run cut short
-# still brings back what it finished. Budget: about 7 minutes on one H100/H200.
+# The GPU calls of a session (DESIGN.md, GPU protocol). Runs from the repo root on the device
+# machine: installs offline, then the steps named in $STEPS (default: all, in priority order), each
+# under its own time limit so one failure or hang does not cost the rest. Results are re-bundled
+# after every step into $OUT/gpu_results.tar.gz (the device tool returns few files), so a run cut
+# short still brings back what it finished.
+#
+#   bash benchmarks/gpu_check.sh                                   # everything (~13 min on an H200; compile and profile only when named)
+#   STEPS="tests model kernels encode large compare" bash benchmarks/gpu_check.sh  # a session's first call
+#   STEPS="zh race" bash benchmarks/gpu_check.sh                    # its second, on the warm machine
+#
+# Steps: tests (GPU test subset: compiled kernels, bf16), model (BERT-base pretraining + fine-tuning
+# step vs transformers, CUDA graphs), kernels (attention, fused, mlm_loss benchmarks), encode
+# (inference throughput), zh (two-stage Chinese: pretrain + fine-tune vs random init), race (real
+# pretraining, loss vs wall-clock, fastbert vs transformers), large (BERT-large seq 512 step),
+# compile (torch.compile'd competitors), profile (where a step's GPU time goes), compare (regression
+# check against the committed results of the same card).
+# Data for zh and race: gpu_data/ (git-ignored; copy zh.txt.gz, en.txt.gz, sentiment_zh/ there and
+# name it in the device tool's carry).
 set -u
 OUT=${OUT:-$PWD/benchmarks/results/gpu_latest}
-R=$(mktemp -d /tmp/fastbert_gpu.XXXX)
-mkdir -p "$OUT"
+R=${R:-$(mktemp -d /tmp/fastbert_gpu.XXXX)}
+mkdir -p "$OUT" "$R"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PY=${PY:-python3}
-T_TESTS=${T_TESTS:-150} T_ATTN=${T_ATTN:-60} T_FUSED=${T_FUSED:-60} T_MLM=${T_MLM:-50} T_MODEL=${T_MODEL:-100}
+STEPS=${STEPS:-"tests model kernels encode large zh race compare"}
+export FASTBERT_GIT_SHA=${FASTBERT_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 
 bundle() { tar czf "$OUT/gpu_results.tar.gz" -C "$R" . 2>/dev/null; cp "$R/summary.txt" "$OUT/summary.txt" 2>/dev/null; }
 step() {  # step NAME SECONDS CMD...
@@ -20,41 +33,58 @@ step() {  # step NAME SECONDS CMD...
   echo "=== $name (limit ${limit}s)"
   timeout --kill-after=10 "$limit" "$@" > "$R/$name.log" 2>&1
   local rc=$?
-  tail -n 25 "$R/$name.log"
+  tail -n 30 "$R/$name.log"
   echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$R/summary.txt"
   bundle
 }
+want() { case " $STEPS " in *" $1 "*) return 0;; *) return 1;; esac; }
 
 {
-  date -u; git rev-parse HEAD 2>/dev/null; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  date -u; echo "git $FASTBERT_GIT_SHA"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
   $PY -c "import transformers; print('transformers', transformers.__version__)"
 } > "$R/env.txt" 2>&1
-cat "$R/env.txt"; cp "$R/env.txt" "$R/summary.txt"
+cat "$R/env.txt"; cat "$R/env.txt" >> "$R/summary.txt"; echo "steps: $STEPS" >> "$R/summary.txt"
 
 $PY -m pip install -q --no-build-isolation --no-deps --no-index -e . > "$R/install.log" 2>&1 \
-  || { echo "editable install failed; using PYTHONPATH shim" | tee -a "$R/summary.txt"; }
+  || echo "editable install failed" | tee -a "$R/summary.txt"
 $PY -c "import fastbert.kernels" 2>/dev/null || echo "fastbert.kernels not importable" | tee -a "$R/summary.txt"
-
-# (1) GPU tests: the kernel suites with device=cuda (compiled kernels, bf16 tests marked gpu), the
-#     whole model on the kernels; AOT compile tests are CPU-side guards and skipped here.
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-step tests "$T_TESTS" env FASTBERT_TEST_GPU=1 $PY -m pytest -q -m "not slow" -k "not aot" $XDIST -p no:cacheprovider \
-  --timeout 150 --junitxml="$R/tests.xml" \
-  tests/test_attention.py tests/test_gelu.py tests/test_layer_norm.py tests/test_embedding.py tests/test_fused_ops.py \
-  tests/test_mlm_loss.py tests/test_model_kernels.py tests/test_convergence.py
 
-# (2) kernel benchmarks, each beside its competitors and the ceilings measured in the same run
-step bench_attention "$T_ATTN" env OUT="$R" $PY -m benchmarks.bench_attention --quick
-step bench_fused "$T_FUSED" env OUT="$R" $PY -m benchmarks.bench_fused --quick
-step bench_mlm_loss "$T_MLM" env OUT="$R" $PY -m benchmarks.bench_mlm_loss --quick
-# (3) the BERT-base training step against transformers eager / SDPA
-step bench_model "$T_MODEL" env OUT="$R" $PY -m benchmarks.bench_model --gpu --quick
-step profile_step "${T_PROFILE:-45}" env OUT="$R" $PY -m benchmarks.profile_step
-# (4) the main job on the GPU: a short zero-argument-style pretraining run (loop, kernels, checkpoint)
-step pretrain_smoke "${T_PRETRAIN:-45}" fastbert pretrain --steps 40 --out "$R/pretrain_run" --no-progress
-rm -rf "$R/pretrain_run/checkpoints" "$R/pretrain_run/model.safetensors"
+# (1) GPU tests: every kernel suite compiled on CUDA (fp32, fp16, bf16), the model on the kernels,
+#     CUDA graphs, compile, patching, packing; the AOT compile tests are CPU-side guards, skipped here.
+want tests && step tests "${T_TESTS:-170}" env FASTBERT_TEST_GPU=1 $PY -m pytest -q -m "not slow" -k "not aot" \
+  $XDIST -p no:cacheprovider --timeout 160 --junitxml="$R/tests.xml" \
+  tests/test_attention.py tests/test_gelu.py tests/test_layer_norm.py tests/test_embedding.py \
+  tests/test_fused_ops.py tests/test_mlm_loss.py tests/test_model_kernels.py tests/test_convergence.py \
+  tests/test_cuda_graphs.py tests/test_compile_model.py tests/test_patch.py tests/test_packing.py
+want tests && { grep -c "occupancy query failed" "$R/tests.log" | sed 's/^/LayerNorm occupancy-query failures: /' \
+  | tee -a "$R/summary.txt"; grep -E "passed|failed" "$R/tests.log" | tail -1 | tee -a "$R/summary.txt"; }
+# (2) BERT-base training steps against transformers eager / SDPA, fastbert with CUDA graphs
+want model && step bench_model "${T_MODEL:-150}" env OUT="$R" $PY -m benchmarks.bench_model --gpu --quick
+# (3) kernel benchmarks, each beside its competitors and the ceilings measured in the same run
+want kernels && step bench_attention "${T_ATTN:-60}" env OUT="$R" $PY -m benchmarks.bench_attention --quick
+want kernels && step bench_fused "${T_FUSED:-60}" env OUT="$R" $PY -m benchmarks.bench_fused --quick
+want kernels && step bench_mlm_loss "${T_MLM:-45}" env OUT="$R" $PY -m benchmarks.bench_mlm_loss --quick
+# (4) inference throughput (MiniLM architecture, real sentence lengths)
+want encode && step bench_encode "${T_ENCODE:-60}" env OUT="$R" $PY -m benchmarks.bench_encode --gpu \
+  --batch-size 128 --batch-size 1024
+# (5) two-stage Chinese: pretrain on zh.txt.gz, fine-tune on sentiment_zh vs random init
+want zh && step zh_two_stage "${T_ZH:-300}" env OUT="$R" ZH_TOTAL_SECONDS=$(( ${T_ZH:-300} - 15 )) \
+  ZH_PRETRAIN_SECONDS=${ZH_PRETRAIN_SECONDS:-100} bash benchmarks/zh_two_stage.sh gpu_data/zh.txt.gz gpu_data/sentiment_zh
+# (6) a short real pretraining race on en.txt.gz: loss vs wall-clock time
+want race && step pretrain_race "${T_RACE:-150}" env OUT="$R" $PY -m benchmarks.pretrain_race gpu_data/en.txt.gz \
+  --config base --batch-size 128 --seconds ${RACE_SECONDS:-25} --max-steps 1000
+# (7) BERT-large seq 512 and the torch.compile'd competitors
+want large && step bench_model_large "${T_LARGE:-90}" env OUT="$R" \
+  $PY -m benchmarks.bench_model --gpu --large --name model_step_gpu_large
+want compile && step bench_model_compile "${T_COMPILE:-240}" env OUT="$R" \
+  $PY -m benchmarks.bench_model --gpu --quick --compile --case pretrain --no-padded --name model_step_gpu_compile
+want profile && step profile_step "${T_PROFILE:-45}" env OUT="$R" $PY -m benchmarks.profile_step
+# (8) regression check against the committed results of this card
+want compare && step compare 60 $PY -m benchmarks.compare "$R" --warn-only
 
 echo "=== summary"; cat "$R/summary.txt"
-for f in "$R"/*.md; do [ -f "$f" ] && { echo; cat "$f"; }; done
+for f in "$R"/*.md; do [ -f "$f" ] && { echo; echo "## $(basename "$f")"; cat "$f"; }; done
 bundle
