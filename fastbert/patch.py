@@ -87,17 +87,18 @@ def _bert_module():
     return modeling_bert
 
 
-@functools.cache
-def _approximate_by_type() -> dict:
-    """transformers' GELU module type -> the `approximate` argument of fastbert's GELU kernels."""
-    from transformers.activations import ACT2FN
-    return {type(ACT2FN[name]): approximate for name, approximate in
-            (("gelu", "none"), ("gelu_python", "none"), ("gelu_new", "tanh"), ("gelu_pytorch_tanh", "tanh"),
-             ("gelu_python_tanh", "tanh"))}
+# transformers' GELU module type -> the `approximate` argument of fastbert's GELU kernels; filled by
+# the first patch. A plain dict (no functools.cache) in the forward path, which torch.compile traces.
+_APPROXIMATE: dict = {}
 
 
-def _approximate(act) -> str:
-    return _approximate_by_type()[type(act)]
+def _gelu_types() -> dict:
+    if not _APPROXIMATE:
+        from transformers.activations import ACT2FN
+        for name, approximate in (("gelu", "none"), ("gelu_python", "none"), ("gelu_new", "tanh"),
+                                  ("gelu_pytorch_tanh", "tanh"), ("gelu_python_tanh", "tanh")):
+            _APPROXIMATE[type(ACT2FN[name])] = approximate
+    return _APPROXIMATE
 
 
 # ------------------------------------------------------------------------------ forward functions
@@ -142,26 +143,25 @@ def _masked_loss(self, sequence_output, labels):
 
 
 def _arguments(self, args, kwargs) -> dict:
-    """Every argument by name, bound by the signature of transformers' own forward (positional
-    arguments keep transformers' order); its **kwargs are merged in."""
-    sig, var_kw = _signature(type(self)._fastbert_original)
-    try:
-        bound = sig.bind(self, *args, **kwargs)
-    except TypeError as exc:
-        raise TypeError(f"{type(self).__name__}.forward(): {exc}") from None
-    a = dict(bound.arguments)
-    a.pop(next(iter(sig.parameters)))  # self
-    a.update(a.pop(var_kw, None) or {})
+    """Every argument by name: positional ones in the order of transformers' own forward."""
+    names = type(self)._fastbert_positional
+    if len(args) > len(names):
+        raise TypeError(f"{type(self).__name__}.forward() takes {len(names)} positional arguments, "
+                        f"got {len(args)}")
+    a = dict(zip(names, args))
+    for key in kwargs:
+        if key in a:
+            raise TypeError(f"{type(self).__name__}.forward() got multiple values for argument {key!r}")
+    a.update(kwargs)
     if a.pop("is_causal", False):
         raise ValueError("fastbert runs BERT as a bidirectional encoder; is_causal=True is not supported")
     return a
 
 
-@functools.cache
-def _signature(original):
-    sig = inspect.signature(original.forward)
-    var_kw = next((p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
-    return sig, var_kw
+def _positional_names(original) -> tuple:
+    """The names transformers' forward gives its positional arguments (self left out)."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in inspect.signature(original.forward).parameters.values() if p.kind in kinds)[1:]
 
 
 def _flags(config, a):
@@ -179,10 +179,8 @@ def _flags(config, a):
     return return_dict, bool(output_attentions), output_hidden_states
 
 
-def _output(name, fields: dict, return_dict: bool):
-    import importlib
-    module, cls = _OUTPUTS[name]
-    out = getattr(importlib.import_module(module), cls)(**fields)
+def _output(self, fields: dict, return_dict: bool):
+    out = type(self)._fastbert_output(**fields)
     return out if return_dict else out.to_tuple()
 
 
@@ -203,7 +201,7 @@ def _model_forward(self, *args, **kwargs):
     hidden = out.hidden_states
     if hidden is not None and selected is not None:
         hidden = tuple(h if i in selected else None for i, h in enumerate(hidden))
-    return _output("BertModel", dict(last_hidden_state=out.last_hidden_state, pooler_output=out.pooler_output,
+    return _output(self, dict(last_hidden_state=out.last_hidden_state, pooler_output=out.pooler_output,
                                      hidden_states=hidden, attentions=out.attentions), return_dict)
 
 
@@ -222,7 +220,7 @@ def _head_forward(self, *args, **kwargs):
     finally:
         if token is not None:
             _INNER.reset(token)
-    return _output(name, dict(out.items()), return_dict)
+    return _output(self, dict(out.items()), return_dict)
 
 
 def _set_problem_type(self, labels):
@@ -250,10 +248,12 @@ def _with_signature(impl, original):
 
 def _members(name: str, original) -> dict:
     """The attributes a patched subclass of transformers' class `name` overrides."""
-    if name == "BertModel":
-        return {"forward": _with_signature(_model_forward, original)}
-    if name in HEADS:
-        return {"forward": _with_signature(_head_forward, original)}
+    if name == "BertModel" or name in HEADS:
+        import importlib
+        module, output = _OUTPUTS[name]
+        return {"forward": _with_signature(_model_forward if name == "BertModel" else _head_forward, original),
+                "_fastbert_positional": _positional_names(original),
+                "_fastbert_output": getattr(importlib.import_module(module), output)}
     return {
         "BertEmbeddings": {"forward": _embeddings_forward},
         "BertEncoder": {"forward": _encoder_forward},
@@ -264,9 +264,9 @@ def _members(name: str, original) -> dict:
         "BertSelfOutput": {"forward": fb.BertSelfOutput.forward},
         "BertOutput": {"forward": fb.BertSelfOutput.forward},
         "BertIntermediate": {"forward": fb.BertIntermediate.forward,
-                             "approximate": property(lambda self: _approximate(self.intermediate_act_fn))},
+                             "approximate": property(lambda self: _APPROXIMATE[type(self.intermediate_act_fn)])},
         "BertPredictionHeadTransform": {"forward": fb.BertPredictionHeadTransform.forward,
-                                        "approximate": property(lambda self: _approximate(self.transform_act_fn))},
+                                        "approximate": property(lambda self: _APPROXIMATE[type(self.transform_act_fn)])},
         "BertLMPredictionHead": {"masked_loss": _masked_loss},
     }[name]
 
@@ -288,6 +288,7 @@ def _exit(self, *exc):
 @functools.cache
 def _patched_class(name: str):
     original = getattr(_bert_module(), name)
+    _gelu_types()  # the GELU properties read it (also in a process that only unpickles a patched model)
     members = {
         **_members(name, original),
         "_fastbert_original": original,
@@ -318,7 +319,7 @@ def _original(cls):
 
 
 def _is_patched(module) -> bool:
-    return "_fastbert_original" in type(module).__dict__
+    return hasattr(type(module), "_fastbert_original")  # transformers' own classes never have it
 
 
 # ---------------------------------------------------------------------------------- the checks
@@ -352,13 +353,13 @@ def _check(model) -> None:
         reasons.append(f"position_embedding_type={position!r} (fastbert has absolute position embeddings only)")
     acts = [m.intermediate_act_fn for m in model.modules() if isinstance(m, mb.BertIntermediate)]
     acts += [m.transform_act_fn for m in model.modules() if isinstance(m, mb.BertPredictionHeadTransform)]
-    if any(type(act) not in _approximate_by_type() for act in acts):
+    if any(type(act) not in _gelu_types() for act in acts):
         reasons.append(f"hidden_act={getattr(config, 'hidden_act', None)!r} (fastbert runs gelu, gelu_new and "
                        f"gelu_pytorch_tanh)")
     if reasons:
         raise ValueError(f"fastbert.patch cannot run this {top.__name__}: {'; '.join(reasons)}")
 
-    kinds = tuple(getattr(mb, n) for n in (*_PATCHED_NAMES, *_KEPT)) + _PLAIN + tuple(_approximate_by_type())
+    kinds = tuple(getattr(mb, n) for n in (*_PATCHED_NAMES, *_KEPT)) + _PLAIN + tuple(_gelu_types())
     for path, m in model.named_modules():
         where = path or top.__name__
         if type(m) not in kinds and _original(type(m)) not in kinds:

@@ -392,6 +392,21 @@ def test_patched_model_on_triton_kernels(device, triton_kernels):
 
 # ------------------------------------------------------------------------------------ errors
 
+def test_bad_call_arguments_raise_as_transformers_would():
+    cfg = CONFIGS["gelu-2types"]
+    model = fastbert.patch(hf_model("BertForSequenceClassification", cfg))
+    inputs, _ = make_batch("BertForSequenceClassification", cfg)
+    ids = inputs["input_ids"]
+    with pytest.raises(TypeError, match="multiple values for argument 'input_ids'"):
+        model(ids, input_ids=ids)
+    with pytest.raises(TypeError, match="positional arguments"):
+        model(*([None] * 9))
+    with pytest.raises(ValueError, match="is_causal=True"):
+        model(ids, is_causal=True)
+    with pytest.raises(ValueError, match="attention_mask has shape"):  # 4-D masks: fastbert takes (batch, seq)
+        model(ids, attention_mask=inputs["attention_mask"][:, None, None, :])
+
+
 class _LoRALinear(nn.Linear):
     """Stands in for an adapter that changes what a Linear computes."""
 
