@@ -30,7 +30,8 @@ Not supported (patch raises, naming the reason): other models, subclasses of the
 is_decoder / add_cross_attention / is_causal, position_embedding_type other than "absolute", other
 activations, modules replaced by adapters or quantized layers (e.g. LoRA, bitsandbytes: only plain
 nn.Linear / nn.LayerNorm / nn.Embedding), modules whose forward was overridden on the instance
-(accelerate hooks, device_map offloading), a model wrapped by torch.compile / DDP (patch first).
+(accelerate hooks, device_map offloading), a model already wrapped by torch.compile or DDP (patch
+first, then wrap: torch.compile traces the patched forward).
 
 Caution, where a patched model differs from transformers (exactly as fastbert's own classes do):
 - With MLM labels in training mode the MLM head runs on the masked rows only: the loss is
@@ -59,7 +60,7 @@ from . import modeling as fb
 
 __all__ = ["patch", "unpatch"]
 
-HEADS = [name for name in fb.MODEL_CLASSES if name != "BertModel"]
+_HEADS = [name for name in fb.MODEL_CLASSES if name != "BertModel"]
 
 # transformers' output class of each model class (module, name)
 _OUTPUTS = {
@@ -248,7 +249,7 @@ def _with_signature(impl, original):
 
 def _members(name: str, original) -> dict:
     """The attributes a patched subclass of transformers' class `name` overrides."""
-    if name == "BertModel" or name in HEADS:
+    if name == "BertModel" or name in _HEADS:
         import importlib
         module, output = _OUTPUTS[name]
         return {"forward": _with_signature(_model_forward if name == "BertModel" else _head_forward, original),
@@ -271,7 +272,7 @@ def _members(name: str, original) -> dict:
     }[name]
 
 
-_PATCHED_NAMES = ("BertModel", *HEADS, "BertEmbeddings", "BertEncoder", "BertLayer", "BertAttention",
+_PATCHED_NAMES = ("BertModel", *_HEADS, "BertEmbeddings", "BertEncoder", "BertLayer", "BertAttention",
                   "BertSelfAttention", "BertSelfOutput", "BertOutput", "BertIntermediate",
                   "BertPredictionHeadTransform", "BertLMPredictionHead")
 
