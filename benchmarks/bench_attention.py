@@ -32,6 +32,8 @@ Run: python -m benchmarks.bench_attention [--quick]   (--quick: < 60 s on an H10
      python -m benchmarks.bench_attention --sweep [--dropout 0.1]  (block-size sweep of the Triton
      kernels, ~2 min: fastbert-varlen, full rows, seq 128 and 512; prints the fastest configuration of
      each kernel; with --dropout, of the kernels with dropout on)
+     python -m benchmarks.bench_attention --host-cpu  (no GPU: host microseconds of the eager fwd+bwd
+     with the kernel launches stubbed, i.e. the Python that precedes Triton's launcher)
 """
 from __future__ import annotations
 
@@ -203,15 +205,79 @@ def sweep(measure, recorder, seqs, warmup, rep, tokens=TOKENS, device="cuda", dr
         del case
 
 
+def host_cpu(bursts=30, calls=100):
+    """Host time of one eager fwd+bwd on this CPU (no GPU needed) with the three kernel launches
+    stubbed: fastbert.kernels' checks, the launchers (allocation, plan lookup, strides) and the
+    autograd.Function, without Triton's launch path or the kernels. BERT-base heads, 8 x 128 tokens,
+    bf16, GPU launch configurations. CPU thread time (a shared machine's wall time is noise), the
+    minimum over bursts; 'floor' is a no-op autograd.Function under the same autograd.grad."""
+    import os
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # lets CPU tensors through to the Triton launchers
+    os.environ["FASTBERT_KERNELS"] = "triton"
+    import fastbert.kernels as K
+    from fastbert.kernels import flash_attention as fa
+
+    class _Stub:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+    for name in ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv"):
+        setattr(fa, name, _Stub())
+    fa._INTERPRETING = False  # the GPU configurations
+    fa._require_interpreter = lambda: None
+    batch, seq = 8, 128
+    qkv = torch.randn(batch * seq, 3, HEADS, HEAD_DIM, dtype=DTYPE, requires_grad=True)
+    cu = torch.arange(0, batch * seq + 1, seq, dtype=torch.int32)
+    q4, k4, v4 = (torch.randn(batch, HEADS, seq, HEAD_DIM, dtype=DTYPE, requires_grad=True) for _ in range(3))
+    mask = torch.ones(batch, seq, dtype=torch.bool)
+    g3, g4 = torch.randn(batch * seq, HEADS, HEAD_DIM, dtype=DTYPE), torch.randn_like(q4)
+
+    class _Noop(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            return torch.empty(q.shape, dtype=q.dtype)
+
+        @staticmethod
+        def backward(ctx, g):
+            return tuple(torch.empty(g.shape, dtype=g.dtype) for _ in range(3))
+
+    def varlen(p):
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        torch.autograd.grad(K.varlen_attention(q, k, v, cu, seq, dropout_p=p, validate=False), (q, k, v), g3)
+
+    def padded(p):
+        torch.autograd.grad(K.attention(q4, k4, v4, mask, dropout_p=p), (q4, k4, v4), g4)
+
+    def floor(p):
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        torch.autograd.grad(_Noop.apply(q, k, v), (q, k, v), g3)
+
+    print("| case | host us per fwd+bwd (CPU thread time, min over bursts) |\n|---|---|")
+    for fn, p in ((varlen, 0.0), (varlen, 0.1), (padded, 0.0), (padded, 0.1), (floor, 0.0)):
+        for _ in range(calls):
+            fn(p)
+        best = float("inf")
+        for _ in range(bursts):
+            t0 = time.thread_time()
+            for _ in range(calls):
+                fn(p)
+            best = min(best, (time.thread_time() - t0) / calls * 1e6)
+        print(f"| {fn.__name__} p={p} | {best:.1f} |")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, one dropout row (< 60 s)")
     parser.add_argument("--dropout", type=float, default=0.0, help="--sweep only: attention dropout (0)")
     parser.add_argument("--sweep", action="store_true", help="block-size sweep of the Triton kernels only")
+    parser.add_argument("--host-cpu", action="store_true",
+                        help="host time of the eager fwd+bwd on the CPU, kernel launches stubbed (no GPU)")
     parser.add_argument("--tokens", type=int, default=TOKENS, help=argparse.SUPPRESS)  # CPU smoke runs
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     parser.add_argument("--seqs", type=int, nargs="+", default=[128, 512], help="sequence lengths (128 512)")
     args = parser.parse_args(argv)
+    if args.host_cpu:
+        return host_cpu()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_attention: needs a CUDA GPU; nothing to do")
         return 0
