@@ -107,6 +107,8 @@ def build_models(case, size, vocab, max_len, device, competitors, dtype_note="")
             if hasattr(m, "set_attn_implementation"):
                 m.set_attn_implementation(attn)
             m.load_state_dict(ours.state_dict())
+            if comp == "transformers-patched":  # the same transformers model after one fastbert.patch(model)
+                fastbert.patch(m)
         m.to(device).train()
         step_model = torch.compile(m) if comp.endswith("compile") else m
         models[comp] = (m, step_model)
@@ -194,6 +196,8 @@ def competitor_list(compile_: bool = False, case: str = "pretrain", device: str 
     """The competitors of a run; with compile_, torch.compile'd fastbert and transformers SDPA too;
     fine-tuning on CUDA adds fastbert with the whole step as CUDA graphs (fastbert/cuda_graphs.py)."""
     comps = ["fastbert", "transformers-eager", "transformers-sdpa"]
+    if str(device).startswith("cuda"):
+        comps.append("transformers-patched")
     if case == "finetune" and str(device).startswith("cuda"):
         comps.append("fastbert-graphs")
     if compile_:
