@@ -232,6 +232,14 @@ def test_uninitialised_buffers_single_short_chunk(triton_kernels, device, monkey
     assert torch.isfinite(loss) and abs(loss.item() - ref.item()) < 1e-5 * max(1.0, abs(ref.item()))
 
 
+def _ancestry(event):
+    names = []
+    while event is not None:
+        names.append(event.name)
+        event = event.cpu_parent
+    return names
+
+
 def test_no_allocation_larger_than_a_chunk(triton_kernels, device, monkeypatch):
     """The op never holds the (rows, vocab) logits: with chunks of 16 of 128 rows, every tensor
     allocated during forward + backward (seen by PyTorch's allocator through the profiler, the
@@ -241,6 +249,15 @@ def test_no_allocation_larger_than_a_chunk(triton_kernels, device, monkeypatch):
     from torch.profiler import ProfilerActivity, profile
     if device != "cpu":
         pytest.skip("the CUDA memory bound is test_gpu_memory_quarter_of_eager")
+    if os.environ.get("FASTBERT_ALLOC_CHILD") != "1":
+        # Measured in a fresh process: after other tests built transformers models in this one, the
+        # profiler attributed a (rows, vocab)-sized block to the generated backward, which no
+        # dispatch-level trace of the op could reproduce; a clean process keeps the bound strict.
+        child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+                                f"{__file__}::test_no_allocation_larger_than_a_chunk"],
+                               env={**os.environ, "FASTBERT_ALLOC_CHILD": "1"}, capture_output=True, text=True)
+        assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-2000:]
+        return
     rows, h, vocab, chunk = 128, 8, 1031, 16
     monkeypatch.setattr(lce, "CHUNK_ROWS", chunk)
     buffers = []
@@ -258,8 +275,10 @@ def test_no_allocation_larger_than_a_chunk(triton_kernels, device, monkeypatch):
     vpad = lce._vocab_pad(vocab)
     chunk_bytes = chunk * vpad * 4
     full_logits = rows * vocab * 4
-    largest = max(e.self_cpu_memory_usage for e in prof.events())
-    assert 0 < largest <= chunk_bytes < full_logits / 7, (largest, chunk_bytes, full_logits)
+    events = sorted(prof.events(), key=lambda e: e.self_cpu_memory_usage, reverse=True)
+    largest = events[0].self_cpu_memory_usage
+    assert 0 < largest <= chunk_bytes < full_logits / 7, (
+        largest, chunk_bytes, full_logits, [(e.name, e.self_cpu_memory_usage, _ancestry(e)) for e in events[:3]])
     assert [s for s, _ in buffers if len(s) == 2 and s[1] == vpad] == [(chunk, vpad)]
     reference = _run(K.reference.mlm_loss, _leaves((hidden, weight, bias), torch.float64), labels)
     baseline = _run(_pytorch_mlm_loss, _leaves((hidden, weight, bias), torch.float32), labels)
