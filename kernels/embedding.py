@@ -20,10 +20,9 @@ Backward, in two steps:
    programs instead of serialised in one. Rows of ids absent from the batch are zero.
 
 Dropout after the LayerNorm, with layer_norm's mask (layer_norm.dropout_keep: one Philox call per
-four elements of a token's row, token = the row index), kept values scaled by 1 / (1 - p); the seed
-is a one-element tensor drawn from PyTorch's generator on the tables' device (torch.manual_seed makes
-it repeatable, no host sync); the backward regenerates the mask instead of storing it (see
-layer_norm.py).
+four elements of a token's row, token = the row index), kept values scaled by 1 / (1 - p); the seed is a one-element tensor drawn from PyTorch's generator on the
+tables' device (torch.manual_seed makes it repeatable, no host sync); the backward regenerates the
+mask instead of storing it (see layer_norm.py).
 
 Supports: fp32, fp16, bf16 tables (math in fp32, output in the word table's dtype); LayerNorm
 weights of those dtypes; any integer id dtype; non-contiguous (e.g. expanded) id tensors, read
