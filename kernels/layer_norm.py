@@ -36,7 +36,6 @@ p is applied in steps of 2**-32.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -173,8 +172,6 @@ def resident_programs(kernel, key, device: torch.device, args, constexprs: dict,
         return hit
     try:
         compiled = kernel.warmup(*args, grid=(1,), num_warps=num_warps, **constexprs)
-        if hasattr(compiled, "result"):  # Triton's asynchronous compile mode hands back a future
-            compiled = compiled.result()
         compiled._init_handles()
         props = torch.cuda.get_device_properties(device)
         regs_per_sm = getattr(props, "regs_per_multiprocessor", 65536)
@@ -185,9 +182,7 @@ def resident_programs(kernel, key, device: torch.device, args, constexprs: dict,
         by_smem = smem_per_sm // (compiled.metadata.shared + 1024)  # + 1 KB reserved per block (sm_80+)
         by_threads = threads_per_sm // (32 * num_warps)
         resident = max(1, min(by_regs, by_smem, by_threads, 32))
-    except Exception as exc:  # a Triton without this API: a fixed guess, still correct, maybe slower
-        warnings.warn(f"fastbert LayerNorm: occupancy query failed ({type(exc).__name__}: {exc}); "
-                      f"using {BWD_FALLBACK_PROGRAMS_PER_SM} backward programs per SM", stacklevel=2)
+    except Exception:  # an older / newer Triton without this API: a fixed guess, still correct
         resident = BWD_FALLBACK_PROGRAMS_PER_SM
     _RESIDENT[cache_key] = resident
     return resident
