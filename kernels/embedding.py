@@ -1,15 +1,13 @@
 """BERT's embedding layer in Triton: y = dropout(layer_norm(word[ids] + position[pos] + type[tt])).
 
-Forward: a program per BLOCK_M tokens (layer_norm.fwd_config: one token at BERT widths) gathers
-their three table rows, sums them, normalises with fp32 statistics, applies the affine map and
-dropout, and writes each row once; it saves the fp32 mean and rstd of each token (nothing else: the
-backward re-gathers the rows, cheaper than storing the sum).
+Forward: one program per token gathers its three table rows, sums them, normalises with fp32
+statistics, applies the affine map and dropout, and writes the row once; it saves the fp32 mean and
+rstd of each token (nothing else: the backward re-gathers the rows, cheaper than storing the sum).
 
 Backward, in two steps:
-1. A row kernel (layer_norm's backward structure: a few programs per SM, each walking a contiguous
-   range of tokens BLOCK_M at a time) regenerates the dropout mask, recomputes the normalised row
-   and writes the gradient of the pre-norm sum, dh, in fp32 (tokens, n); each program also reduces
-   its share of the LayerNorm weight / bias gradients in fp32 (a (programs, n) buffer summed by torch).
+1. A row kernel regenerates the dropout mask, recomputes the normalised row and writes the gradient
+   of the pre-norm sum, dh, in fp32 (tokens, n); each program also reduces its share of the
+   LayerNorm weight / bias gradients in fp32 (a (programs, n) buffer summed by torch).
 2. Each table's gradient is a deterministic segment sum of dh: the tokens are stably sorted by id
    (torch.sort, stable), the sorted list is cut into chunks of CHUNK tokens, and a program per
    (chunk, column block) sums each run of equal ids in order, in fp32. A run that lies inside one
@@ -19,8 +17,8 @@ Backward, in two steps:
    bitwise repeatable, and a run as long as half the batch (token type 0) is spread over many
    programs instead of serialised in one. Rows of ids absent from the batch are zero.
 
-Dropout after the LayerNorm, with layer_norm's mask (layer_norm.dropout_keep: one Philox call per
-four elements of a token's row, token = the row index), kept values scaled by 1 / (1 - p); the seed is a one-element tensor drawn from PyTorch's generator on the
+Dropout: Philox (tl.rand) of (seed, token * n + column) after the LayerNorm, keep when u > p, kept
+values scaled by 1 / (1 - p); the seed is a one-element tensor drawn from PyTorch's generator on the
 tables' device (torch.manual_seed makes it repeatable, no host sync); the backward regenerates the
 mask instead of storing it (see layer_norm.py).
 
@@ -41,8 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layer_norm import (bwd_config, bwd_grid, check_width, draw_seed, dropout_keep, dropout_threshold, fwd_config,
-                         normalize, resident_programs)
+from .layer_norm import check_width, draw_seed, dropout_keep, normalize, num_partials, row_block, row_warps
 
 __all__ = ["embed_layer_norm", "segment_sum"]
 
@@ -56,17 +53,17 @@ def segment_chunk(device: torch.device) -> int:
 
 
 @triton.jit
-def _gather_sum(IDS, TT, POS, WORD, POSW, TYPEW, row, row_mask, seq, s_ids_b, s_ids_s, s_tt_b, s_tt_s, s_pos_b,
-                s_pos_s, n, cols, mask):
-    """word[ids] + position[pos] + type[tt] of tokens `row` (int64, (BLOCK_M,)), in fp32 (BLOCK_M, BLOCK_N)."""
+def _gather_sum(IDS, TT, POS, WORD, POSW, TYPEW, row, seq, s_ids_b, s_ids_s, s_tt_b, s_tt_s, s_pos_b, s_pos_s,
+                n, cols, mask):
+    """word[ids] + position[pos] + type[tt] of token `row` (int64), in fp32."""
     b = row // seq
     s = row % seq
-    wid = tl.load(IDS + b * s_ids_b + s * s_ids_s, mask=row_mask, other=0).to(tl.int64)
-    tid = tl.load(TT + b * s_tt_b + s * s_tt_s, mask=row_mask, other=0).to(tl.int64)
-    pid = tl.load(POS + b * s_pos_b + s * s_pos_s, mask=row_mask, other=0).to(tl.int64)
-    h = tl.load(WORD + wid[:, None] * n + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    h += tl.load(POSW + pid[:, None] * n + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    h += tl.load(TYPEW + tid[:, None] * n + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    wid = tl.load(IDS + b * s_ids_b + s * s_ids_s).to(tl.int64)
+    tid = tl.load(TT + b * s_tt_b + s * s_tt_s).to(tl.int64)
+    pid = tl.load(POS + b * s_pos_b + s * s_pos_s).to(tl.int64)
+    h = tl.load(WORD + wid * n + cols, mask=mask, other=0.0).to(tl.float32)
+    h += tl.load(POSW + pid * n + cols, mask=mask, other=0.0).to(tl.float32)
+    h += tl.load(TYPEW + tid * n + cols, mask=mask, other=0.0).to(tl.float32)
     return h
 
 
@@ -84,36 +81,32 @@ def _embed_ln_fwd(
     MEAN,  # pointer to the fp32 token means (batch * seq,)
     RSTD,  # pointer to the fp32 token 1/std (batch * seq,)
     SEED,  # pointer to the int64 dropout seed (read only when HAS_DROPOUT)
-    tokens,  # batch * seq
     seq,  # sequence length (to split a token index into batch, position)
     s_ids_b, s_ids_s,  # strides of input_ids (elements)
     s_tt_b, s_tt_s,  # strides of token_type_ids
     s_pos_b, s_pos_s,  # strides of position_ids (often 0 along batch: an expanded arange)
     n,  # width
     eps,  # LayerNorm epsilon
-    threshold,  # int32 dropout keep threshold (layer_norm.dropout_threshold(p))
+    p,  # drop probability
     scale,  # 1 / (1 - p)
     HAS_DROPOUT: tl.constexpr,  # p > 0
-    BLOCK_M: tl.constexpr,  # tokens per program
-    BLOCK_N: tl.constexpr,  # power of 2 >= n, >= 16
+    BLOCK_N: tl.constexpr,  # power of 2 >= n
 ):
-    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
-    col_mask = cols < n
-    row_mask = row < tokens
-    mask = row_mask[:, None] & col_mask[None, :]
-    h = _gather_sum(IDS, TT, POS, WORD, POSW, TYPEW, row, row_mask, seq, s_ids_b, s_ids_s, s_tt_b, s_tt_s, s_pos_b,
-                    s_pos_s, n, cols, mask)
+    mask = cols < n
+    h = _gather_sum(IDS, TT, POS, WORD, POSW, TYPEW, row, seq, s_ids_b, s_ids_s, s_tt_b, s_tt_s, s_pos_b, s_pos_s,
+                    n, cols, mask)
     d, mean, rstd = normalize(h, mask, n, eps)
-    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
-    y = d * rstd[:, None] * w[None, :] + b[None, :]
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    y = d * rstd * w + b
     if HAS_DROPOUT:
-        keep = dropout_keep(tl.load(SEED), row, n, threshold, BLOCK_M, BLOCK_N)
+        keep = dropout_keep(tl.load(SEED), row, cols, n, p)
         y = tl.where(keep, y * scale, 0.0)
-    tl.store(Y + row[:, None] * n + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(MEAN + row, mean, mask=row_mask)
-    tl.store(RSTD + row, rstd, mask=row_mask)
+    tl.store(Y + row * n + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
 
 
 @triton.jit
@@ -125,54 +118,48 @@ def _embed_ln_bwd(
     DH,  # pointer to the fp32 gradient of the pre-norm sum (tokens, n), written here
     DW_PART,  # pointer to fp32 partial LayerNorm weight gradients (programs, n)
     DB_PART,  # pointer to fp32 partial LayerNorm bias gradients (programs, n)
-    MEAN,  # pointer to the fp32 token means (tokens,)
-    RSTD,  # pointer to the fp32 token 1/std (tokens,)
+    MEAN,  # pointer to the fp32 token means
+    RSTD,  # pointer to the fp32 token 1/std
     SEED,  # pointer to the int64 dropout seed (read only when HAS_DROPOUT)
     tokens,  # batch * seq
     seq,  # sequence length
     s_ids_b, s_ids_s, s_tt_b, s_tt_s, s_pos_b, s_pos_s,  # id strides (elements)
     n,  # width
-    rows_per_program,  # tokens each program walks (a multiple of BLOCK_M)
-    threshold,  # int32 dropout keep threshold
+    rows_per_program,  # tokens each program walks
+    p,  # drop probability
     scale,  # 1 / (1 - p)
     HAS_DROPOUT: tl.constexpr,  # p > 0: regenerate the mask
-    BLOCK_M: tl.constexpr,  # tokens per step
-    BLOCK_N: tl.constexpr,  # power of 2 >= n, >= 16
-    NUM_STAGES: tl.constexpr,  # token tiles in flight (see layer_norm.bwd_config)
+    BLOCK_N: tl.constexpr,  # power of 2 >= n
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    col_mask = cols < n
-    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    mask = cols < n
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if HAS_DROPOUT:
         seed = tl.load(SEED)
     start = pid.to(tl.int64) * rows_per_program  # int64 rows: offsets may pass 2**31
     end = tl.minimum(start + rows_per_program, tokens)
-    for row0 in tl.range(start, end, BLOCK_M, num_stages=NUM_STAGES):
-        row = row0 + tl.arange(0, BLOCK_M)
-        row_mask = row < end
-        mask = row_mask[:, None] & col_mask[None, :]
-        offs = row[:, None] * n + cols[None, :]
-        h = _gather_sum(IDS, TT, POS, WORD, POSW, TYPEW, row, row_mask, seq, s_ids_b, s_ids_s, s_tt_b, s_tt_s,
-                        s_pos_b, s_pos_s, n, cols, mask)
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + row, mask=row_mask, other=0.0)
-        rstd = tl.load(RSTD + row, mask=row_mask, other=0.0)
-        xhat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
+    for row in range(start, end):
+        h = _gather_sum(IDS, TT, POS, WORD, POSW, TYPEW, row, seq, s_ids_b, s_ids_s, s_tt_b, s_tt_s, s_pos_b,
+                        s_pos_s, n, cols, mask)
+        mean = tl.load(MEAN + row)
+        rstd = tl.load(RSTD + row)
+        xhat = tl.where(mask, (h - mean) * rstd, 0.0)
+        dy = tl.load(DY + row * n + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, row, n, threshold, BLOCK_M, BLOCK_N)
+            keep = dropout_keep(seed, row, cols, n, p)
             dy = tl.where(keep, dy * scale, 0.0)
-        dw += tl.sum(dy * xhat, axis=0)
-        db += tl.sum(dy, axis=0)
-        g = dy * w[None, :]
-        c1 = tl.sum(xhat * g, axis=1) / n
-        c2 = tl.sum(g, axis=1) / n
-        dh = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-        tl.store(DH + offs, dh, mask=mask)
-    tl.store(DW_PART + pid * n + cols, dw, mask=col_mask)
-    tl.store(DB_PART + pid * n + cols, db, mask=col_mask)
+        dw += dy * xhat
+        db += dy
+        g = dy * w
+        c1 = tl.sum(xhat * g, axis=0) / n
+        c2 = tl.sum(g, axis=0) / n
+        dh = (g - (xhat * c1 + c2)) * rstd
+        tl.store(DH + row * n + cols, dh, mask=mask)
+    tl.store(DW_PART + pid * n + cols, dw, mask=mask)
+    tl.store(DB_PART + pid * n + cols, db, mask=mask)
 
 
 @triton.jit
@@ -301,12 +288,12 @@ def _fwd_impl(input_ids, token_type_ids, position_ids, word_weight, position_wei
     if tokens == 0 or n == 0:
         return y, mean, rstd
     has_dropout = dropout_p > 0.0
-    block_m, block_n, num_warps = fwd_config(n)
-    _embed_ln_fwd[(triton.cdiv(tokens, block_m),)](
-        input_ids, token_type_ids, position_ids, word_weight, position_weight, type_weight, weight, bias, y, mean,
-        rstd, seed if has_dropout else mean, tokens, seq, *_strides(input_ids, token_type_ids, position_ids), n, eps,
-        dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), HAS_DROPOUT=has_dropout, BLOCK_M=block_m,
-        BLOCK_N=block_n, num_warps=num_warps)
+    block_n = row_block(n)
+    _embed_ln_fwd[(tokens,)](input_ids, token_type_ids, position_ids, word_weight, position_weight, type_weight,
+                             weight, bias, y, mean, rstd, seed if has_dropout else mean, seq,
+                             *_strides(input_ids, token_type_ids, position_ids), n, eps, dropout_p,
+                             1.0 / (1.0 - dropout_p), HAS_DROPOUT=has_dropout, BLOCK_N=block_n,
+                             num_warps=row_warps(block_n))
     return y, mean, rstd
 
 
@@ -320,24 +307,18 @@ def _bwd_impl(dy, input_ids, token_type_ids, position_ids, word_weight, position
     weight, dy = weight.contiguous(), dy.contiguous()
     has_dropout = dropout_p > 0.0
     dh = torch.empty((tokens, n), dtype=torch.float32, device=dy.device)
-    block_m, block_n, num_warps, stages = bwd_config(n)
-    consts = dict(HAS_DROPOUT=has_dropout, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=stages)
-
-    def args(dw_part, db_part, rows_per_program):
-        return (input_ids, token_type_ids, position_ids, word_weight, position_weight, type_weight, weight, dy, dh,
-                dw_part, db_part, mean, rstd, seed if has_dropout else mean, tokens, seq,
-                *_strides(input_ids, token_type_ids, position_ids), n, rows_per_program,
-                dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p))
-
+    programs = max(1, num_partials(tokens, dy.device))
+    rows_per_program = triton.cdiv(tokens, programs) if tokens else 1
+    programs = triton.cdiv(tokens, rows_per_program) if tokens else 0
+    part = torch.zeros((2, max(programs, 1), n), dtype=torch.float32, device=dy.device)
     if tokens and n:
-        key = (input_ids.dtype, token_type_ids.dtype, position_ids.dtype, word_weight.dtype, position_weight.dtype,
-               type_weight.dtype, weight.dtype, dy.dtype, n % 16 == 0, tuple(consts.items()))
-        per_sm = resident_programs(_embed_ln_bwd, key, dy.device, args(mean, mean, 16), consts, num_warps)
-        programs, rows_per_program = bwd_grid(tokens, block_m, dy.device, per_sm)
-        part = torch.empty((2, programs, n), dtype=torch.float32, device=dy.device)
-        _embed_ln_bwd[(programs,)](*args(part[0], part[1], rows_per_program), num_warps=num_warps, **consts)
-    else:
-        part = torch.zeros((2, 1, n), dtype=torch.float32, device=dy.device)
+        block_n = row_block(n)
+        _embed_ln_bwd[(programs,)](input_ids, token_type_ids, position_ids, word_weight, position_weight,
+                                   type_weight, weight, dy, dh, part[0], part[1], mean, rstd,
+                                   seed if has_dropout else mean, tokens, seq,
+                                   *_strides(input_ids, token_type_ids, position_ids), n, rows_per_program,
+                                   dropout_p, 1.0 / (1.0 - dropout_p), HAS_DROPOUT=has_dropout, BLOCK_N=block_n,
+                                   num_warps=row_warps(block_n))
     d_word = segment_sum(input_ids, dh, word_weight.shape[0], word_weight.dtype)
     d_pos = segment_sum(position_ids, dh, position_weight.shape[0], position_weight.dtype)
     d_type = segment_sum(token_type_ids, dh, type_weight.shape[0], type_weight.dtype)

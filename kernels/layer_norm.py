@@ -3,36 +3,29 @@
 - add_layer_norm:  y = layer_norm(dropout(x) + residual)   (the end of every attention / FFN block)
 - gelu_layer_norm: y = layer_norm(gelu(x + bias))          (the MLM head transform after its dense)
 
-Every kernel works on tiles of BLOCK_M whole rows x BLOCK_N (= next_power_of_2(n), masked) columns,
-statistics and math in fp32, so a row is read once and written once.
+Forward: one program per row holds the whole row (BLOCK_N = next_power_of_2(n) columns, masked), so
+the prologue, the fp32 mean / rstd and the affine map cost one read of each input and one write.
+It saves only the per-row mean and rstd (fp32); the backward re-reads the inputs and recomputes the
+prologue (dropout mask included) instead of storing the pre-norm sum: the same bytes moved in
+total, and no extra activation memory.
 
-Forward: a program per BLOCK_M rows (BLOCK_M = 1 at BERT widths, several rows for narrow ones, so a
-program still moves a few KB). It saves only the per-row mean and rstd (fp32); the backward
-re-reads the inputs and recomputes the prologue (dropout mask included) instead of storing the
-pre-norm sum: the same bytes moved in total, and no extra activation memory.
+Backward: each program owns a contiguous group of rows, walks them one at a time and keeps its
+share of dweight / dbias (and the GELU bias gradient) in fp32 registers, written once to a
+(programs, n) fp32 buffer that torch reduces afterwards: deterministic, and no bf16 rounding of the
+partial sums.
 
-Backward: a persistent-style grid of a few programs per SM; each owns a contiguous range of rows,
-walks it BLOCK_M rows at a time (the saved mean / rstd reused, BLOCK_M rows of loads in flight per
-step), writes dx row by row and keeps its share of dweight / dbias (and GELU's bias gradient) in
-fp32 registers, written once to a (programs, n) fp32 buffer that torch sums afterwards: no atomics,
-deterministic, and no bf16 rounding of partial sums.
+Dropout: the keep mask is Philox (tl.rand) of (seed, row * n + column), keep when u > p, kept values
+scaled by 1 / (1 - p). The seed is a one-element int64 tensor drawn with torch.randint on the input's
+device (so torch.manual_seed makes it repeatable and nothing syncs with the host, CUDA graphs
+included); the backward regenerates the mask from it rather than saving it: Philox costs a few
+integer ops per element, a saved mask would cost a write and a read of rows x n bytes.
 
-Dropout: the keep mask of element (row, col) is output col % 4 of Philox4x32-10(seed, counter
-row * ceil(n / 4) + col // 4) (tl.randint4x), kept when that 32-bit draw (as int32) is >= a
-threshold that drops a fraction p, kept values scaled by 1 / (1 - p). One Philox call serves four
-elements: a call costs ~20 wide integer multiplies, and one call per element (tl.rand) took as long
-as the memory traffic of the whole LayerNorm at BERT widths. The seed is a one-element int64
-tensor drawn with torch.randint on the input's device (torch.manual_seed makes it repeatable and
-nothing syncs with the host, CUDA graphs included); the backward regenerates the mask from it
-rather than saving it (a saved mask costs a write and a read of rows x n bytes).
-
-Supports: fp32, fp16, bf16 activations (add_layer_norm's output in promote_types(x, residual), as
-x + residual, gradients in each input's own dtype; gelu_layer_norm's in x's dtype); weights of any
-of these dtypes; widths 1..MAX_WIDTH (8192); any leading shape; non-contiguous inputs (copied).
+Supports: fp32, fp16, bf16 activations (statistics and math in fp32; add_layer_norm's output in
+promote_types(x, residual), as x + residual, gradients in each input's own dtype; gelu_layer_norm's
+in x's dtype); weights of any of these dtypes; widths 1..MAX_WIDTH (8192); any leading shape; non-contiguous inputs (copied).
 Not supported: widths above MAX_WIDTH (a clear ValueError; the row would no longer fit in
 registers); float64 on the GPU path (use the reference).
-Caution: Philox counters are 32-bit, so the mask pattern repeats after 2**34 elements in one call;
-p is applied in steps of 2**-32.
+Caution: the dropout offsets are int32, so the mask pattern repeats after 2**32 elements in one call.
 """
 from __future__ import annotations
 
@@ -44,57 +37,42 @@ import triton.language as tl
 
 from .gelu import gelu, gelu_grad
 
-__all__ = ["add_layer_norm", "gelu_layer_norm", "dropout_mask", "draw_seed", "MAX_WIDTH", "fwd_config",
-           "bwd_config"]
+__all__ = ["add_layer_norm", "gelu_layer_norm", "dropout_mask", "draw_seed", "MAX_WIDTH"]
 
 MAX_WIDTH = 8192
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-FWD_TILE = 1024  # elements per forward program at least: rows of n < 1024 are grouped
-BWD_TILE = 1024  # elements per backward step: one row of 1024 (BERT widths), several narrower rows
-BWD_STAGES = 3  # backward row tiles in flight per program at BERT widths: two prefetched (cp.async)
-# into shared memory while one computes; fewer for wide rows (shared memory: 8192 fp32 columns x 3
-# tensors x 2 buffers would pass sm_80's 163 KB)
-BWD_FALLBACK_PROGRAMS_PER_SM = 4  # when the occupancy query is unavailable (and in the interpreter)
+
 
 # ------------------------------------------------------------------------------------ shared helpers
 
 @triton.jit
 def normalize(h, mask, n, eps):
-    """LayerNorm statistics of an fp32 tile h (rows, BLOCK_N), masked lanes ignored:
-    (h - mean, masked to 0), mean (rows,), 1/std (rows,)."""
-    mean = tl.sum(h, axis=1) / n
-    d = tl.where(mask, h - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / n + eps)
+    """LayerNorm statistics of one fp32 row h (masked lanes ignored): (h - mean, mean, 1/std)."""
+    mean = tl.sum(h, axis=0) / n
+    d = tl.where(mask, h - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / n + eps)
     return d, mean, rstd
 
 
 @triton.jit
-def dropout_keep(seed, rows, n, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keep mask (BLOCK_M, BLOCK_N) of rows `rows` (int64, (BLOCK_M,)), columns 0..BLOCK_N-1, of a
-    (*, n) tensor: output col % 4 of Philox(seed, row * ceil(n / 4) + col // 4), kept when >= threshold."""
-    quads = tl.arange(0, BLOCK_N // 4)
-    counter = (rows[:, None] * ((n + 3) // 4) + quads[None, :]).to(tl.uint32)  # wraps mod 2**32
-    r0, r1, r2, r3 = tl.randint4x(seed, counter)
-    # join(join(r0, r2), join(r1, r3))[i, q, a, b] = r(2a + b)[i, q]: flattened, column 4q + m gets r(m).
-    bits = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N))
-    return bits.to(tl.int32, bitcast=True) >= threshold
+def dropout_keep(seed, row, cols, n, p):
+    """Keep mask of row `row`, columns `cols` of a (rows, n) tensor; u ~ U(0, 1) per element."""
+    offs = (row * n + cols).to(tl.int32)  # row is int64: no overflow before the wrap
+    return tl.rand(seed, offs) > p
 
 
 @triton.jit
 def _dropout_mask_kernel(
     SEED,  # pointer to the int64 seed (one element)
     MASK,  # pointer to the (rows, n) int8 keep mask to write
-    rows,  # number of rows
     n,  # width
-    threshold,  # int32 keep threshold (dropout_threshold(p))
-    BLOCK_M: tl.constexpr,  # rows per program
-    BLOCK_N: tl.constexpr,  # power of 2 >= n, >= 16
+    p,  # drop probability
+    BLOCK_N: tl.constexpr,  # power of 2 >= n
 ):
-    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
-    keep = dropout_keep(tl.load(SEED), row, n, threshold, BLOCK_M, BLOCK_N)
-    mask = (row < rows)[:, None] & (cols < n)[None, :]
-    tl.store(MASK + row[:, None] * n + cols[None, :], keep.to(tl.int8), mask=mask)
+    keep = dropout_keep(tl.load(SEED), row, cols, n, p)
+    tl.store(MASK + row * n + cols, keep.to(tl.int8), mask=cols < n)
 
 
 def draw_seed(device) -> torch.Tensor:
@@ -102,19 +80,12 @@ def draw_seed(device) -> torch.Tensor:
     return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
 
 
-def dropout_threshold(p: float) -> int:
-    """int32 threshold t with P(int32 draw >= t) = 1 - p (to 2**-32): floor(p * 2**32) - 2**31."""
-    return min(int(p * 2.0**32), 2**32 - 1) - 2**31
-
-
 def dropout_mask(seed: torch.Tensor, rows: int, n: int, p: float) -> torch.Tensor:
     """The (rows, n) bool keep mask the kernels use for `seed` (for tests and debugging)."""
     check_width(n)
     mask = torch.empty((rows, n), dtype=torch.int8, device=seed.device)
     if rows and n:
-        block_m, block_n, num_warps = fwd_config(n)
-        _dropout_mask_kernel[(triton.cdiv(rows, block_m),)](seed, mask, rows, n, dropout_threshold(p),
-                                                           BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+        _dropout_mask_kernel[(rows,)](seed, mask, n, p, BLOCK_N=row_block(n))
     return mask.bool()
 
 
@@ -125,75 +96,18 @@ def check_width(n: int):
 
 
 def row_block(n: int) -> int:
-    # >= 16: dropout draws four columns per Philox call, and tiny aranges are awkward to lay out
     return max(16, triton.next_power_of_2(n))
 
 
-def tile_warps(elements: int) -> int:
-    # 8 fp32 values per thread and tensor up to 8 warps (4 at BERT-base/large widths: 1024 columns),
-    # 16 warps only for 8192-wide tiles, whose row reductions then stay at 16 values per thread.
-    return min(max(elements // 256, 1), 8 if elements <= 4096 else 16)
+def row_warps(block_n: int) -> int:
+    # 4-8 fp32 values per thread and vector: enough bytes in flight, no register spills at 8192.
+    return min(max(block_n // 256, 1), 16)
 
 
-def fwd_config(n: int) -> Tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of the forward kernels for width n."""
-    block_n = row_block(n)
-    block_m = max(1, FWD_TILE // block_n)
-    return block_m, block_n, tile_warps(block_m * block_n)
-
-
-def bwd_config(n: int) -> Tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, NUM_STAGES) of the backward kernels for width n."""
-    block_n = row_block(n)
-    block_m = max(1, BWD_TILE // block_n)
-    tile = block_m * block_n
-    stages = BWD_STAGES if tile <= 1024 else min(BWD_STAGES, 2) if tile <= 4096 else 1
-    return block_m, block_n, tile_warps(tile), stages
-
-
-def sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2  # interpreter: few programs, yet more than one, so the partial-sum path is exercised
-
-
-_RESIDENT = {}  # (kernel, device, launch key) -> programs per SM that fit at once
-
-
-def resident_programs(kernel, key, device: torch.device, args, constexprs: dict, num_warps: int) -> int:
-    """Programs of `kernel` (compiled for these args) that one SM holds at once, from its registers
-    and shared memory: the backward grid is exactly one resident wave, so no program waits for a
-    second wave and the partial-sum buffers stay small. Cached per launch key."""
-    if device.type != "cuda":
-        return BWD_FALLBACK_PROGRAMS_PER_SM
-    cache_key = (kernel.__name__ if hasattr(kernel, "__name__") else id(kernel), device.index, key)
-    hit = _RESIDENT.get(cache_key)
-    if hit is not None:
-        return hit
-    try:
-        compiled = kernel.warmup(*args, grid=(1,), num_warps=num_warps, **constexprs)
-        compiled._init_handles()
-        props = torch.cuda.get_device_properties(device)
-        regs_per_sm = getattr(props, "regs_per_multiprocessor", 65536)
-        smem_per_sm = getattr(props, "shared_memory_per_multiprocessor", 232448)
-        threads_per_sm = getattr(props, "max_threads_per_multi_processor", 2048)
-        warp_regs = -(-max(compiled.n_regs, 1) * 32 // 256) * 256  # allocated per warp in units of 256
-        by_regs = regs_per_sm // (warp_regs * num_warps)
-        by_smem = smem_per_sm // (compiled.metadata.shared + 1024)  # + 1 KB reserved per block (sm_80+)
-        by_threads = threads_per_sm // (32 * num_warps)
-        resident = max(1, min(by_regs, by_smem, by_threads, 32))
-    except Exception:  # an older / newer Triton without this API: a fixed guess, still correct
-        resident = BWD_FALLBACK_PROGRAMS_PER_SM
-    _RESIDENT[cache_key] = resident
-    return resident
-
-
-def bwd_grid(rows: int, block_m: int, device: torch.device, per_sm: int) -> Tuple[int, int]:
-    """(programs, rows_per_program) of a backward: at most per_sm programs per SM, rows_per_program
-    a multiple of block_m, every program non-empty (so every partial row is written)."""
-    programs = max(1, min(triton.cdiv(rows, block_m), per_sm * sm_count(device)))
-    rows_per_program = triton.cdiv(triton.cdiv(rows, programs), block_m) * block_m
-    return triton.cdiv(rows, rows_per_program), rows_per_program
+def num_partials(rows: int, device: torch.device) -> int:
+    """Programs of a backward: several per SM on a GPU (each reduces its rows' dweight in fp32)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    return max(1, min(rows, 8 * sms))
 
 
 def _check_dtypes(**tensors):
@@ -214,31 +128,29 @@ def _add_ln_fwd(
     MEAN,  # pointer to the fp32 row means (rows,), saved for the backward
     RSTD,  # pointer to the fp32 row 1/std (rows,), saved for the backward
     SEED,  # pointer to the int64 dropout seed (read only when HAS_DROPOUT)
-    rows,  # number of rows
     n,  # width
     eps,  # LayerNorm epsilon
-    threshold,  # int32 dropout keep threshold (dropout_threshold(p))
+    p,  # drop probability
     scale,  # 1 / (1 - p)
     HAS_DROPOUT: tl.constexpr,  # p > 0
-    BLOCK_M: tl.constexpr,  # rows per program
-    BLOCK_N: tl.constexpr,  # power of 2 >= n, >= 16
+    BLOCK_N: tl.constexpr,  # power of 2 >= n
 ):
-    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: rows * n may pass 2**31
+    row = tl.program_id(0).to(tl.int64)  # int64 offsets: rows * n may pass 2**31
     cols = tl.arange(0, BLOCK_N)
-    row_mask = row < rows
-    mask = row_mask[:, None] & (cols < n)[None, :]
-    offs = row[:, None] * n + cols[None, :]
+    mask = cols < n
+    offs = row * n + cols
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = dropout_keep(tl.load(SEED), row, n, threshold, BLOCK_M, BLOCK_N)
+        keep = dropout_keep(tl.load(SEED), row, cols, n, p)
         x = tl.where(keep, x * scale, 0.0)
-    d, mean, rstd = normalize(x + r, mask, n, eps)
-    w = tl.load(W + cols, mask=cols < n, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=cols < n, other=0.0).to(tl.float32)
-    tl.store(Y + offs, (d * rstd[:, None] * w[None, :] + b[None, :]).to(Y.dtype.element_ty), mask=mask)
-    tl.store(MEAN + row, mean, mask=row_mask)
-    tl.store(RSTD + row, rstd, mask=row_mask)
+    h = x + r
+    d, mean, rstd = normalize(h, mask, n, eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + offs, (d * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
 
 
 @triton.jit
@@ -256,53 +168,47 @@ def _add_ln_bwd(
     SEED,  # pointer to the int64 dropout seed (read only when HAS_DROPOUT)
     rows,  # number of rows
     n,  # width
-    rows_per_program,  # rows each program walks (a multiple of BLOCK_M)
-    threshold,  # int32 dropout keep threshold
+    rows_per_program,  # rows each program walks
+    p,  # drop probability
     scale,  # 1 / (1 - p)
     HAS_DROPOUT: tl.constexpr,  # p > 0: regenerate the mask
     STORE_DX: tl.constexpr,  # x's gradient differs from the residual's (dropout, or another dtype)
-    BLOCK_M: tl.constexpr,  # rows per step
-    BLOCK_N: tl.constexpr,  # power of 2 >= n, >= 16
-    NUM_STAGES: tl.constexpr,  # row tiles in flight (> 1: the next tiles' loads are issued, through
-    # shared memory, while this one is computed)
+    BLOCK_N: tl.constexpr,  # power of 2 >= n
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    col_mask = cols < n
-    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    mask = cols < n
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if HAS_DROPOUT:
         seed = tl.load(SEED)
     start = pid.to(tl.int64) * rows_per_program  # int64 rows: offsets may pass 2**31
     end = tl.minimum(start + rows_per_program, rows)
-    for row0 in tl.range(start, end, BLOCK_M, num_stages=NUM_STAGES):
-        row = row0 + tl.arange(0, BLOCK_M)
-        row_mask = row < end
-        mask = row_mask[:, None] & col_mask[None, :]
-        offs = row[:, None] * n + cols[None, :]
+    for row in range(start, end):
+        offs = row * n + cols
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + row, mask=row_mask, other=0.0)
-        rstd = tl.load(RSTD + row, mask=row_mask, other=0.0)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, row, n, threshold, BLOCK_M, BLOCK_N)
+            keep = dropout_keep(seed, row, cols, n, p)
             x = tl.where(keep, x * scale, 0.0)
-        xhat = tl.where(mask, (x + r - mean[:, None]) * rstd[:, None], 0.0)
-        dw += tl.sum(dy * xhat, axis=0)
-        db += tl.sum(dy, axis=0)
-        g = dy * w[None, :]
-        c1 = tl.sum(xhat * g, axis=1) / n
-        c2 = tl.sum(g, axis=1) / n
-        dh = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        mean = tl.load(MEAN + row)
+        rstd = tl.load(RSTD + row)
+        xhat = tl.where(mask, (x + r - mean) * rstd, 0.0)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        dw += dy * xhat
+        db += dy
+        g = dy * w
+        c1 = tl.sum(xhat * g, axis=0) / n
+        c2 = tl.sum(g, axis=0) / n
+        dh = (g - (xhat * c1 + c2)) * rstd
         tl.store(DR + offs, dh.to(DR.dtype.element_ty), mask=mask)
         if STORE_DX:
             if HAS_DROPOUT:
                 dh = tl.where(keep, dh * scale, 0.0)
             tl.store(DX + offs, dh.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DW_PART + pid * n + cols, dw, mask=col_mask)
-    tl.store(DB_PART + pid * n + cols, db, mask=col_mask)
+    tl.store(DW_PART + pid * n + cols, dw, mask=mask)
+    tl.store(DB_PART + pid * n + cols, db, mask=mask)
 
 
 def _rows(x: torch.Tensor) -> Tuple[int, int]:
@@ -327,11 +233,10 @@ def _add_ln_fwd_impl(x, residual, weight, bias, eps: float, dropout_p: float, se
     if rows == 0 or n == 0:
         return y, mean, rstd
     has_dropout = dropout_p > 0.0
-    block_m, block_n, num_warps = fwd_config(n)
-    _add_ln_fwd[(triton.cdiv(rows, block_m),)](
-        x, residual, weight, bias, y, mean, rstd, seed if has_dropout else mean, rows, n, eps,
-        dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), HAS_DROPOUT=has_dropout, BLOCK_M=block_m,
-        BLOCK_N=block_n, num_warps=num_warps)
+    block_n = row_block(n)
+    _add_ln_fwd[(rows,)](x, residual, weight, bias, y, mean, rstd, seed if has_dropout else mean, n, eps,
+                         dropout_p, 1.0 / (1.0 - dropout_p), HAS_DROPOUT=has_dropout, BLOCK_N=block_n,
+                         num_warps=row_warps(block_n))
     return y, mean, rstd
 
 
@@ -347,19 +252,15 @@ def _add_ln_bwd_impl(dy, x, residual, weight, mean, rstd, dropout_p: float, seed
         dx.zero_()
         zeros = torch.zeros_like(weight)
         return dres, dx, zeros, zeros.clone()
-    block_m, block_n, num_warps, stages = bwd_config(n)
-    consts = dict(HAS_DROPOUT=has_dropout, STORE_DX=store_dx, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=stages)
-
-    def args(dw_part, db_part, rows_per_program):
-        return (x, residual, weight, dy, dres, dx if store_dx else dres, dw_part, db_part, mean, rstd,
-                seed if has_dropout else mean, rows, n, rows_per_program, dropout_threshold(dropout_p),
-                1.0 / (1.0 - dropout_p))
-
-    key = (x.dtype, residual.dtype, weight.dtype, dy.dtype, n % 16 == 0, tuple(consts.items()))
-    per_sm = resident_programs(_add_ln_bwd, key, x.device, args(mean, mean, 16), consts, num_warps)
-    programs, rows_per_program = bwd_grid(rows, block_m, x.device, per_sm)
+    programs = num_partials(rows, x.device)
+    rows_per_program = triton.cdiv(rows, programs)
+    programs = triton.cdiv(rows, rows_per_program)
     part = torch.empty((2, programs, n), dtype=torch.float32, device=x.device)
-    _add_ln_bwd[(programs,)](*args(part[0], part[1], rows_per_program), num_warps=num_warps, **consts)
+    block_n = row_block(n)
+    _add_ln_bwd[(programs,)](x, residual, weight, dy, dres, dx if store_dx else dres, part[0], part[1], mean, rstd,
+                             seed if has_dropout else mean, rows, n, rows_per_program, dropout_p,
+                             1.0 / (1.0 - dropout_p), HAS_DROPOUT=has_dropout, STORE_DX=store_dx, BLOCK_N=block_n,
+                             num_warps=row_warps(block_n))
     # Separate reductions: views of one tensor would alias, which custom ops forbid.
     return dres, dx, part[0].sum(0).to(weight.dtype), part[1].sum(0).to(weight.dtype)
 
@@ -453,28 +354,24 @@ def _gelu_ln_fwd(
     Y,  # pointer to the output (rows, n), x's dtype
     MEAN,  # pointer to the fp32 row means (rows,)
     RSTD,  # pointer to the fp32 row 1/std (rows,)
-    rows,  # number of rows
     n,  # width
     eps,  # LayerNorm epsilon
     APPROX_TANH: tl.constexpr,  # True: tanh GELU, False: erf GELU
-    BLOCK_M: tl.constexpr,  # rows per program
-    BLOCK_N: tl.constexpr,  # power of 2 >= n, >= 16
+    BLOCK_N: tl.constexpr,  # power of 2 >= n
 ):
-    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: rows * n may pass 2**31
+    row = tl.program_id(0).to(tl.int64)  # int64 offsets: rows * n may pass 2**31
     cols = tl.arange(0, BLOCK_N)
-    col_mask = cols < n
-    row_mask = row < rows
-    mask = row_mask[:, None] & col_mask[None, :]
-    offs = row[:, None] * n + cols[None, :]
+    mask = cols < n
+    offs = row * n + cols
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    c = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)
-    h = tl.where(mask, gelu(x + c[None, :], APPROX_TANH), 0.0)
+    c = tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
+    h = tl.where(mask, gelu(x + c, APPROX_TANH), 0.0)
     d, mean, rstd = normalize(h, mask, n, eps)
-    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
-    tl.store(Y + offs, (d * rstd[:, None] * w[None, :] + b[None, :]).to(Y.dtype.element_ty), mask=mask)
-    tl.store(MEAN + row, mean, mask=row_mask)
-    tl.store(RSTD + row, rstd, mask=row_mask)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + offs, (d * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
 
 
 @triton.jit
@@ -489,46 +386,40 @@ def _gelu_ln_bwd(
     RSTD,  # pointer to the fp32 row 1/std (rows,)
     rows,  # number of rows
     n,  # width
-    rows_per_program,  # rows each program walks (a multiple of BLOCK_M)
+    rows_per_program,  # rows each program walks
     part_stride,  # programs * n: distance between the three partial buffers
     APPROX_TANH: tl.constexpr,  # True: tanh GELU, False: erf GELU
-    BLOCK_M: tl.constexpr,  # rows per step
-    BLOCK_N: tl.constexpr,  # power of 2 >= n, >= 16
-    NUM_STAGES: tl.constexpr,  # row tiles in flight (> 1: the next tiles' loads are issued, through
-    # shared memory, while this one is computed)
+    BLOCK_N: tl.constexpr,  # power of 2 >= n
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    col_mask = cols < n
-    c = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)
-    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    mask = cols < n
+    c = tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     dc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
     start = pid.to(tl.int64) * rows_per_program  # int64 rows: offsets may pass 2**31
     end = tl.minimum(start + rows_per_program, rows)
-    for row0 in tl.range(start, end, BLOCK_M, num_stages=NUM_STAGES):
-        row = row0 + tl.arange(0, BLOCK_M)
-        row_mask = row < end
-        mask = row_mask[:, None] & col_mask[None, :]
-        offs = row[:, None] * n + cols[None, :]
-        z = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) + c[None, :]
+    for row in range(start, end):
+        offs = row * n + cols
+        z = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) + c
+        mean = tl.load(MEAN + row)
+        rstd = tl.load(RSTD + row)
+        xhat = tl.where(mask, (gelu(z, APPROX_TANH) - mean) * rstd, 0.0)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + row, mask=row_mask, other=0.0)
-        rstd = tl.load(RSTD + row, mask=row_mask, other=0.0)
-        xhat = tl.where(mask, (gelu(z, APPROX_TANH) - mean[:, None]) * rstd[:, None], 0.0)
-        dw += tl.sum(dy * xhat, axis=0)
-        db += tl.sum(dy, axis=0)
-        g = dy * w[None, :]
-        c1 = tl.sum(xhat * g, axis=1) / n
-        c2 = tl.sum(g, axis=1) / n
-        dz = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None] * gelu_grad(z, APPROX_TANH)
+        dw += dy * xhat
+        db += dy
+        g = dy * w
+        c1 = tl.sum(xhat * g, axis=0) / n
+        c2 = tl.sum(g, axis=0) / n
+        dz = (g - (xhat * c1 + c2)) * rstd * gelu_grad(z, APPROX_TANH)
         dz = tl.where(mask, dz, 0.0)
-        dc += tl.sum(dz, axis=0)
+        dc += dz
         tl.store(DX + offs, dz.to(DX.dtype.element_ty), mask=mask)
-    tl.store(PART + pid * n + cols, dc, mask=col_mask)
-    tl.store(PART + part_stride + pid * n + cols, dw, mask=col_mask)
-    tl.store(PART + 2 * part_stride + pid * n + cols, db, mask=col_mask)
+    tl.store(PART + pid * n + cols, dc, mask=mask)
+    tl.store(PART + part_stride + pid * n + cols, dw, mask=mask)
+    tl.store(PART + 2 * part_stride + pid * n + cols, db, mask=mask)
 
 
 def _gelu_ln_fwd_impl(x, bias, weight, ln_bias, eps: float, approximate: str):
@@ -541,10 +432,9 @@ def _gelu_ln_fwd_impl(x, bias, weight, ln_bias, eps: float, approximate: str):
     rstd = torch.empty_like(mean)
     if rows == 0 or n == 0:
         return y, mean, rstd
-    block_m, block_n, num_warps = fwd_config(n)
-    _gelu_ln_fwd[(triton.cdiv(rows, block_m),)](x, bias, weight, ln_bias, y, mean, rstd, rows, n, eps,
-                                                APPROX_TANH=approximate == "tanh", BLOCK_M=block_m,
-                                                BLOCK_N=block_n, num_warps=num_warps)
+    block_n = row_block(n)
+    _gelu_ln_fwd[(rows,)](x, bias, weight, ln_bias, y, mean, rstd, n, eps, APPROX_TANH=approximate == "tanh",
+                          BLOCK_N=block_n, num_warps=row_warps(block_n))
     return y, mean, rstd
 
 
@@ -555,17 +445,13 @@ def _gelu_ln_bwd_impl(dy, x, bias, weight, mean, rstd, approximate: str):
     if rows == 0 or n == 0:
         dx.zero_()
         return dx, torch.zeros_like(bias), torch.zeros_like(weight), torch.zeros_like(weight)
-    block_m, block_n, num_warps, stages = bwd_config(n)
-    consts = dict(APPROX_TANH=approximate == "tanh", BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=stages)
-
-    def args(part, rows_per_program, programs):
-        return (x, bias, weight, dy, dx, part, mean, rstd, rows, n, rows_per_program, programs * n)
-
-    key = (x.dtype, bias.dtype, weight.dtype, dy.dtype, n % 16 == 0, tuple(consts.items()))
-    per_sm = resident_programs(_gelu_ln_bwd, key, x.device, args(mean, 16, 16), consts, num_warps)
-    programs, rows_per_program = bwd_grid(rows, block_m, x.device, per_sm)
+    programs = num_partials(rows, x.device)
+    rows_per_program = triton.cdiv(rows, programs)
+    programs = triton.cdiv(rows, rows_per_program)
     part = torch.empty((3, programs, n), dtype=torch.float32, device=x.device)
-    _gelu_ln_bwd[(programs,)](*args(part, rows_per_program, programs), num_warps=num_warps, **consts)
+    block_n = row_block(n)
+    _gelu_ln_bwd[(programs,)](x, bias, weight, dy, dx, part, mean, rstd, rows, n, rows_per_program, programs * n,
+                              APPROX_TANH=approximate == "tanh", BLOCK_N=block_n, num_warps=row_warps(block_n))
     return dx, part[0].sum(0).to(bias.dtype), part[1].sum(0).to(weight.dtype), part[2].sum(0).to(weight.dtype)
 
 

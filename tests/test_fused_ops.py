@@ -138,6 +138,24 @@ def test_eager_path_equals_custom_ops(triton_kernels, device):
 _PT = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ALL_ROW_BLOCKS = [1 << k for k in range(4, 14)]  # row_block(n) for n = 1 .. MAX_WIDTH
+BERT_BLOCKS = [L.row_block(768), L.row_block(1024), L.row_block(4096)]
+
+
+def _row_blocks(exhaustive):
+    return ALL_ROW_BLOCKS if exhaustive else [16, L.row_block(768), L.MAX_WIDTH]
+
+
+def _variants(flags, exhaustive):
+    """bf16 in every flag combination and fp16 / fp32 with every flag on at the BERT block; bf16
+    with every flag on at the smallest and largest blocks."""
+    out = []
+    for block in _row_blocks(exhaustive):
+        for dtype in DTYPES:
+            for values in itertools.product((False, True), repeat=len(flags)):
+                bf16, on = dtype == torch.bfloat16, all(values)
+                if exhaustive or (block in BERT_BLOCKS and (bf16 or on)) or (bf16 and on):
+                    out.append((block, dtype, dict(zip(flags, values))))
+    return out
 
 
 def _bias_gelu_fwd(exhaustive):
@@ -162,87 +180,32 @@ def _bias_gelu_bwd(exhaustive):
     return configs
 
 
-def _opts(num_warps, sig, n):
-    """The launch's num_warps, and its specialisation: aligned pointers, n a multiple of 16 when it is."""
-    div = [k for k, v in sig.items() if v.startswith("*")] + (["n"] if n % 16 == 0 else [])
-    return {"num_warps": num_warps, "divisible": div}
-
-
-def _ln_widths(exhaustive):
-    # the launchers' configurations depend on n only through row_block(n) (and n % 16)
-    return ALL_ROW_BLOCKS + [768, 1000] if exhaustive else [16, 768, 1000, L.MAX_WIDTH]
-
-
-def _ln_variants(flags, exhaustive):
-    """(n, x dtype, other dtype, flags): bf16 in every flag combination and fp16 / fp32 with every flag
-    on at BERT's width; bf16 with every flag on at the others; bf16 x with an fp32 residual stream
-    (bf16 autocast) at BERT's width."""
-    out = []
-    for n in _ln_widths(exhaustive):
-        for dtype in DTYPES:
-            for values in itertools.product((False, True), repeat=len(flags)):
-                bf16, on = dtype == torch.bfloat16, all(values)
-                if exhaustive or (n == 768 and (bf16 or on)) or (bf16 and on):
-                    out.append((n, dtype, dtype, dict(zip(flags, values))))
-        if n == 768 or exhaustive:
-            out += [(n, torch.bfloat16, torch.float32, dict(zip(flags, values)))
-                    for values in itertools.product((False, True), repeat=len(flags))]
-    return out
-
-
 def _add_ln_fwd(exhaustive):
-    configs = []
-    for n, d, rd, f in _ln_variants(("HAS_DROPOUT",), exhaustive):
-        block_m, block_n, warps = L.fwd_config(n)
-        out = torch.promote_types(d, rd)
-        sig = {"X": _PT[d], "R": _PT[rd], "W": "*fp32", "B": "*fp32", "Y": _PT[out], "MEAN": "*fp32",
-               "RSTD": "*fp32", "SEED": "*i64", "rows": "i32", "n": "i32", "eps": "fp32", "threshold": "i32",
-               "scale": "fp32", "HAS_DROPOUT": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
-        configs.append((sig, {**f, "BLOCK_M": block_m, "BLOCK_N": block_n}, _opts(warps, sig, n)))
-    return configs
+    return [({"X": _PT[d], "R": _PT[d], "W": _PT[d], "B": _PT[d], "Y": _PT[d], "MEAN": "*fp32", "RSTD": "*fp32",
+              "SEED": "*i64", "n": "i32", "eps": "fp32", "p": "fp32", "scale": "fp32", "HAS_DROPOUT": "constexpr",
+              "BLOCK_N": "constexpr"}, {**f, "BLOCK_N": blk})
+            for blk, d, f in _variants(("HAS_DROPOUT",), exhaustive)]
 
 
 def _add_ln_bwd(exhaustive):
-    configs = []
-    for n, d, rd, f in _ln_variants(("HAS_DROPOUT", "STORE_DX"), exhaustive):
-        if rd != d and not f["STORE_DX"]:
-            continue  # mixed dtypes always store dx
-        block_m, block_n, warps, stages = L.bwd_config(n)
-        sig = {"X": _PT[d], "R": _PT[rd], "W": "*fp32", "DY": _PT[rd], "DR": _PT[rd], "DX": _PT[d],
-               "DW_PART": "*fp32", "DB_PART": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64",
-               "rows": "i32", "n": "i32", "rows_per_program": "i32", "threshold": "i32", "scale": "fp32",
-               "HAS_DROPOUT": "constexpr", "STORE_DX": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-               "NUM_STAGES": "constexpr"}
-        configs.append((sig, {**f, "BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": stages},
-                        _opts(warps, sig, n)))
-    return configs
+    return [({"X": _PT[d], "R": _PT[d], "W": _PT[d], "DY": _PT[d], "DR": _PT[d], "DX": _PT[d], "DW_PART": "*fp32",
+              "DB_PART": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64", "rows": "i32", "n": "i32",
+              "rows_per_program": "i32", "p": "fp32", "scale": "fp32", "HAS_DROPOUT": "constexpr",
+              "STORE_DX": "constexpr", "BLOCK_N": "constexpr"}, {**f, "BLOCK_N": blk})
+            for blk, d, f in _variants(("HAS_DROPOUT", "STORE_DX"), exhaustive)]
 
 
 def _gelu_ln_fwd(exhaustive):
-    configs = []
-    for n, d, rd, f in _ln_variants(("APPROX_TANH",), exhaustive):
-        if rd != d:
-            continue
-        block_m, block_n, warps = L.fwd_config(n)
-        sig = {"X": _PT[d], "BIAS": _PT[d], "W": _PT[d], "B": _PT[d], "Y": _PT[d], "MEAN": "*fp32", "RSTD": "*fp32",
-               "rows": "i32", "n": "i32", "eps": "fp32", "APPROX_TANH": "constexpr", "BLOCK_M": "constexpr",
-               "BLOCK_N": "constexpr"}
-        configs.append((sig, {**f, "BLOCK_M": block_m, "BLOCK_N": block_n}, _opts(warps, sig, n)))
-    return configs
+    return [({"X": _PT[d], "BIAS": _PT[d], "W": _PT[d], "B": _PT[d], "Y": _PT[d], "MEAN": "*fp32", "RSTD": "*fp32",
+              "n": "i32", "eps": "fp32", "APPROX_TANH": "constexpr", "BLOCK_N": "constexpr"}, {**f, "BLOCK_N": blk})
+            for blk, d, f in _variants(("APPROX_TANH",), exhaustive)]
 
 
 def _gelu_ln_bwd(exhaustive):
-    configs = []
-    for n, d, rd, f in _ln_variants(("APPROX_TANH",), exhaustive):
-        if rd != d:
-            continue
-        block_m, block_n, warps, stages = L.bwd_config(n)
-        sig = {"X": _PT[d], "BIAS": _PT[d], "W": _PT[d], "DY": _PT[d], "DX": _PT[d], "PART": "*fp32", "MEAN": "*fp32",
-               "RSTD": "*fp32", "rows": "i32", "n": "i32", "rows_per_program": "i32", "part_stride": "i32",
-               "APPROX_TANH": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "NUM_STAGES": "constexpr"}
-        configs.append((sig, {**f, "BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": stages},
-                        _opts(warps, sig, n)))
-    return configs
+    return [({"X": _PT[d], "BIAS": _PT[d], "W": _PT[d], "DY": _PT[d], "DX": _PT[d], "PART": "*fp32", "MEAN": "*fp32",
+              "RSTD": "*fp32", "rows": "i32", "n": "i32", "rows_per_program": "i32", "part_stride": "i32",
+              "APPROX_TANH": "constexpr", "BLOCK_N": "constexpr"}, {**f, "BLOCK_N": blk})
+            for blk, d, f in _variants(("APPROX_TANH",), exhaustive)]
 
 
 _IDS = {"IDS": "*i64", "TT": "*i64", "POS": "*i64"}
@@ -250,32 +213,19 @@ _STRIDES = {k: "i32" for k in ("s_ids_b", "s_ids_s", "s_tt_b", "s_tt_s", "s_pos_
 
 
 def _embed_fwd(exhaustive):
-    configs = []
-    for n, d, rd, f in _ln_variants(("HAS_DROPOUT",), exhaustive):
-        if rd != d:
-            continue
-        block_m, block_n, warps = L.fwd_config(n)
-        sig = {**_IDS, "WORD": _PT[d], "POSW": _PT[d], "TYPEW": _PT[d], "W": _PT[d], "B": _PT[d], "Y": _PT[d],
-               "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64", "tokens": "i32", "seq": "i32", **_STRIDES,
-               "n": "i32", "eps": "fp32", "threshold": "i32", "scale": "fp32", "HAS_DROPOUT": "constexpr",
-               "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
-        configs.append((sig, {**f, "BLOCK_M": block_m, "BLOCK_N": block_n}, _opts(warps, sig, n)))
-    return configs
+    return [({**_IDS, "WORD": _PT[d], "POSW": _PT[d], "TYPEW": _PT[d], "W": _PT[d], "B": _PT[d], "Y": _PT[d],
+              "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64", "seq": "i32", **_STRIDES, "n": "i32", "eps": "fp32",
+              "p": "fp32", "scale": "fp32", "HAS_DROPOUT": "constexpr", "BLOCK_N": "constexpr"},
+             {**f, "BLOCK_N": blk})
+            for blk, d, f in _variants(("HAS_DROPOUT",), exhaustive)]
 
 
 def _embed_bwd(exhaustive):
-    configs = []
-    for n, d, rd, f in _ln_variants(("HAS_DROPOUT",), exhaustive):
-        block_m, block_n, warps, stages = L.bwd_config(n)
-        # tables in d; under bf16 autocast the output (fp32 tables) and so dy are fp32 (rd)
-        sig = {**_IDS, "WORD": _PT[d], "POSW": _PT[d], "TYPEW": _PT[d], "W": _PT[d], "DY": _PT[rd], "DH": "*fp32",
-               "DW_PART": "*fp32", "DB_PART": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64",
-               "tokens": "i32", "seq": "i32", **_STRIDES, "n": "i32", "rows_per_program": "i32", "threshold": "i32",
-               "scale": "fp32", "HAS_DROPOUT": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-               "NUM_STAGES": "constexpr"}
-        configs.append((sig, {**f, "BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": stages},
-                        _opts(warps, sig, n)))
-    return configs
+    return [({**_IDS, "WORD": _PT[d], "POSW": _PT[d], "TYPEW": _PT[d], "W": _PT[d], "DY": _PT[d], "DH": "*fp32",
+              "DW_PART": "*fp32", "DB_PART": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64",
+              "tokens": "i32", "seq": "i32", **_STRIDES, "n": "i32", "rows_per_program": "i32", "p": "fp32",
+              "scale": "fp32", "HAS_DROPOUT": "constexpr", "BLOCK_N": "constexpr"}, {**f, "BLOCK_N": blk})
+            for blk, d, f in _variants(("HAS_DROPOUT",), exhaustive)]
 
 
 def _segment_blocks(exhaustive):
@@ -295,13 +245,8 @@ def _segment_carries(exhaustive):
 
 
 def _dropout_mask(exhaustive):
-    configs = []
-    for n in _ln_widths(exhaustive):
-        block_m, block_n, warps = L.fwd_config(n)
-        sig = {"SEED": "*i64", "MASK": "*i8", "rows": "i32", "n": "i32", "threshold": "i32", "BLOCK_M": "constexpr",
-               "BLOCK_N": "constexpr"}
-        configs.append((sig, {"BLOCK_M": block_m, "BLOCK_N": block_n}, _opts(warps, sig, n)))
-    return configs
+    return [({"SEED": "*i64", "MASK": "*i8", "n": "i32", "p": "fp32", "BLOCK_N": "constexpr"}, {"BLOCK_N": blk})
+            for blk in _row_blocks(exhaustive)]
 
 
 KERNELS = [
