@@ -128,7 +128,10 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
     results = {}
     # fused AdamW for everyone (one pass per tensor; CPU and CUDA): the optimizer is a cost every
     # competitor pays alike, so the cheapest one keeps the ratios about the models
-    opts = {c: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for c, (m, _) in models.items()}
+    # (the CUDA-graph competitor's optimizer must also be capturable: its step counter lives on the GPU)
+    opts = {c: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True, **({"capturable": True} if c == "fastbert-graphs"
+                                                                         else {}))
+            for c, (m, _) in models.items()}
     graphed = {}
     for comp, (m, _) in models.items():
         if comp == "fastbert-graphs":
@@ -138,7 +141,7 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
                                                                    if b < seq) + (seq,),
                 autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
     times = {c: [] for c in models}
-    peak = {}
+    peak, failed = {}, {}
     for comp, (model, step_model) in models.items():
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -152,22 +155,27 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
             # until it marks them dynamic: one untimed pass over every batch first, so the timed
             # steps measure the compiled step, not the compiler.
             schedule, timed_from = batches + schedule, timed_from + len(batches)
-        for i, (kw, lengths, masked) in enumerate(schedule):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            if comp in graphed:  # forward, backward and optimizer replayed as one CUDA graph
-                graphed[comp](kw)
-            else:
-                with autocast:
-                    loss = step_model(**kw).loss
-                loss.backward()
-                opts[comp].step()
-                opts[comp].zero_grad(set_to_none=True)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if i >= timed_from:
-                times[comp].append(time.perf_counter() - t0)
+        try:
+            for i, (kw, lengths, masked) in enumerate(schedule):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                if comp in graphed:  # forward, backward and optimizer replayed as one CUDA graph
+                    graphed[comp](kw)
+                else:
+                    with autocast:
+                        loss = step_model(**kw).loss
+                    loss.backward()
+                    opts[comp].step()
+                    opts[comp].zero_grad(set_to_none=True)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                if i >= timed_from:
+                    times[comp].append(time.perf_counter() - t0)
+        except Exception as exc:  # one failing competitor must not cost the others' rows
+            failed[comp] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            print(f"  {case}/{size} {comp}: FAILED {failed[comp]}", file=sys.stderr, flush=True)
+            continue
         if device == "cuda":
             peak[comp] = torch.cuda.max_memory_allocated() / 2 ** 30
         if progress:
@@ -178,6 +186,9 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
     flops = statistics.mean(training_flops(hidden, layers, inter, vocab, lengths, masked, batch)
                             for _, lengths, masked in measured)
     for comp in models:
+        if comp in failed:
+            results[comp] = {"case": case, "size": size, "impl": comp, "error": failed[comp]}
+            continue
         med = statistics.median(times[comp])
         q = statistics.quantiles(times[comp], n=10, method="inclusive") if len(times[comp]) > 1 else [med] * 9
         results[comp] = {"case": case, "size": size, "impl": comp, "batch": batch, "seq": seq, "precision": precision,
@@ -188,7 +199,8 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
                          "peak_mem_gib": peak.get(comp)}
     base = results.get("transformers-sdpa")
     for r in results.values():
-        r["speedup_vs_sdpa"] = base["median_ms"] / r["median_ms"] if base else None
+        if "median_ms" in r:
+            r["speedup_vs_sdpa"] = base["median_ms"] / r["median_ms"] if base and "median_ms" in base else None
     return list(results.values())
 
 
@@ -238,7 +250,8 @@ def main(args) -> int:
     cols = ["case", "impl", "median_ms", "real_tokens_per_s", "speedup_vs_sdpa", "peak_mem_gib"]
     print(" | ".join(cols))
     for r in rows:
-        print(" | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+        cells = (r.get(c, r.get("error", "") if c == "median_ms" else "") for c in cols)
+        print(" | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in cells))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -14,7 +14,7 @@ capture it cannot unpad, which needs a host sync), and padding rows carry ignore
 
 Supports: any fastbert model whose loss ignores label -100 (sequence classification with
 num_labels > 1, token classification, multiple choice) in fp32 or under bf16/fp16 autocast;
-torch.optim.Adam / AdamW with capturable=True (or fused=True), whose learning rate this class turns
+torch.optim.Adam / AdamW with capturable=True (fused=True too, if wanted), whose learning rate this class turns
 into a device tensor so that schedulers keep working.
 Not supported: losses that synchronise the host (the masked-LM head picks its rows with nonzero(),
 so pretraining runs eager), float labels (regression, multi-label: padding rows cannot be marked
@@ -47,8 +47,9 @@ class GraphedTrainStep:
         if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             raise TypeError(f"GraphedTrainStep supports Adam and AdamW, got {type(optimizer).__name__}")
         for group in optimizer.param_groups:
-            if not (group.get("capturable") or group.get("fused")):
-                raise ValueError("the optimizer must be built with capturable=True (or fused=True) to be captured")
+            # fused=True alone keeps the step counter on the host, which a captured step cannot read
+            if not group.get("capturable"):
+                raise ValueError("the optimizer must be built with capturable=True (fused=True may be added)")
         if getattr(getattr(model, "config", None), "num_labels", 2) == 1 and hasattr(model, "classifier"):
             raise ValueError("regression heads (num_labels == 1) cannot ignore padding rows; run them eagerly")
         if not seq_buckets or sorted(seq_buckets) != list(seq_buckets) or min(seq_buckets) < 1:

@@ -198,7 +198,9 @@ class _ZeroRowGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.index_fill(0, torch.tensor([ctx.row], device=grad.device), 0), None
+        grad = grad.clone()
+        grad[ctx.row] = 0  # a fill kernel: no index tensor copied from the host (CUDA-graph capture forbids that)
+        return grad, None
 
 
 # ------------------------------------------------------------------------------------------ encoder
