@@ -36,6 +36,7 @@ Not supported:
   * head_dim > 128 (ValueError); float64 runs the PyTorch reference instead
   * attention bias / arbitrary (Sq, Sk) masks; only key padding and causal masks
   * seq_q * ceil(seq_k / 8) >= 2**31 with dropout (the Philox counter is an int32 per head; ValueError)
+  * more than 65535 (sequences x heads) in one call: CUDA's grid y limit (ValueError; split the batch)
 
 Caution:
   * a query row with no visible key (all its keys padded, or an empty causal prefix) gives zeros and
@@ -457,6 +458,9 @@ def _block_d(head_dim: int) -> int:
 # Plain-Python twins of triton.cdiv / triton.next_power_of_2: those are ConstexprFunctions, whose
 # call from the host goes through Triton's JIT machinery (tens of microseconds per call on a busy
 # host) and the launchers call them on every attention call.
+_MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y, the (sequence x head) axis of every launch
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -651,6 +655,9 @@ def _flash_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.numel() == 0 or batch == 0 or seqlen_q == 0:
         return out.zero_(), lse.fill_(float("inf"))
+    if batch * heads > _MAX_GRID_Y:
+        raise ValueError(f"attention: batch x heads = {batch} x {heads} exceeds the {_MAX_GRID_Y} sequences x heads "
+                         f"one launch covers (CUDA's grid y limit); split the batch")
     if dropout_p > 0.0:
         _check_dropout_counter(seqlen_q, seqlen_k)
     block_m, launch = _fwd_plan(_plan_key(q, key_padding_mask, varlen, causal, dropout_p))

@@ -720,3 +720,12 @@ def test_gpu_dropout_and_determinism(triton_kernels, device):
         grads.append(torch.autograd.grad(K.attention(qs, ks, vs, mask, dropout_p=p), (qs, ks, vs), grad))
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+def test_too_many_sequences_for_one_launch_is_a_clear_error(triton_kernels, device):
+    """(sequences x heads) is the grid's y axis, which CUDA caps at 65535: refused before launching."""
+    n = 65536  # one-token sequences, one head
+    q = torch.randn(n, 1, 16, device=device)
+    cu = torch.arange(n + 1, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="65535"):
+        K.varlen_attention(q, q, q, cu, 1)
