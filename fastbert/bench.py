@@ -10,6 +10,10 @@ for finetune, fastbert-padded: fastbert with padding run through the encoder (Be
 which shows what unpadding alone is worth on real lengths.
 Each row's median_ms is the median over the timed steps (p20/p80 beside it, `repeats` = their count).
 
+Timing: every competitor first runs each batch shape once untimed, alone (caches, compilation,
+CUDA-graph capture; its peak memory is taken there, less what the other resident models hold);
+then the timed steps go round robin, step i of every competitor before step i + 1 of any.
+
 Useful FLOPs (for MFU, DESIGN.md): only real tokens count, and the MLM head only on masked rows.
 Per real token and layer, training (fwd + bwd = 3 x fwd) costs 6 * (4 D^2 + 2 D I) for the linear
 layers plus 12 * L * D for attention scores and values (L = its sequence's length); the MLM head
@@ -142,45 +146,61 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
                 autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
     times = {c: [] for c in models}
     peak, failed = {}, {}
-    for comp, (model, step_model) in models.items():
+
+    def step(comp, kw):
+        if comp in graphed:  # forward, backward and optimizer replayed as one CUDA graph
+            graphed[comp](kw)
+            return
+        with autocast:
+            loss = models[comp][1](**kw).loss
+        loss.backward()
+        opts[comp].step()
+        opts[comp].zero_grad(set_to_none=True)
+
+    # Phase 1, one competitor at a time, untimed: every batch shape once (allocator, cuBLAS, Triton
+    # and compile caches, CUDA-graph capture), and its peak memory. Every model stays resident in
+    # this process, so a peak counts only what this competitor holds: the memory in use before its
+    # phase, less its own weights, is the others' and is subtracted.
+    warm = batches if case == "finetune" or any(c.endswith("compile") for c in models) else batches[:warmup]
+    for comp, (model, _) in models.items():
+        own = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
         if device == "cuda":
+            torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        # Variable-length batches: every shape is seen once untimed first (allocator, cuBLAS and
-        # compile caches warm for everyone), then the same batches are timed.
-        schedule = batches[:warmup] + batches[warmup:] if case == "pretrain" else batches[warmup:] * 2
-        timed_from = warmup if case == "pretrain" else len(batches) - warmup
-        if comp.endswith("compile"):
-            # torch.compile recompiles on new shapes (fastbert's masked-row count, finetune's lengths)
-            # until it marks them dynamic: one untimed pass over every batch first, so the timed
-            # steps measure the compiled step, not the compiler.
-            schedule, timed_from = batches + schedule, timed_from + len(batches)
+            others = torch.cuda.memory_allocated() - own
         try:
-            for i, (kw, lengths, masked) in enumerate(schedule):
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                if comp in graphed:  # forward, backward and optimizer replayed as one CUDA graph
-                    graphed[comp](kw)
-                else:
-                    with autocast:
-                        loss = step_model(**kw).loss
-                    loss.backward()
-                    opts[comp].step()
-                    opts[comp].zero_grad(set_to_none=True)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                if i >= timed_from:
-                    times[comp].append(time.perf_counter() - t0)
+            for kw, _, _ in warm:
+                step(comp, kw)
         except Exception as exc:  # one failing competitor must not cost the others' rows
             failed[comp] = f"{type(exc).__name__}: {str(exc)[:300]}"
             print(f"  {case}/{size} {comp}: FAILED {failed[comp]}", file=sys.stderr, flush=True)
             continue
         if device == "cuda":
-            peak[comp] = torch.cuda.max_memory_allocated() / 2 ** 30
-        if progress:
-            print(f"  {case}/{size} {comp}: {statistics.median(times[comp]) * 1e3:.1f} ms/step", file=sys.stderr,
-                  flush=True)
+            torch.cuda.synchronize()
+            peak[comp] = (torch.cuda.max_memory_allocated() - others) / 2 ** 30
+    # Phase 2, timed, round robin: step i of every competitor before step i + 1 of any, so that
+    # clocks, temperature and the machine's other load drift alike for all.
+    for kw, _, _ in batches[warmup:]:
+        for comp in models:
+            if comp in failed:
+                continue
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            try:
+                step(comp, kw)
+            except Exception as exc:
+                failed[comp] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                continue
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[comp].append(time.perf_counter() - t0)
+    if progress:
+        for comp in models:
+            if comp not in failed:
+                print(f"  {case}/{size} {comp}: {statistics.median(times[comp]) * 1e3:.1f} ms/step", file=sys.stderr,
+                      flush=True)
     measured = batches[warmup:]
     real_tokens = sum(sum(lengths) for _, lengths, _ in measured) / len(measured)
     flops = statistics.mean(training_flops(hidden, layers, inter, vocab, lengths, masked, batch)
