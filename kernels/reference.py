@@ -39,6 +39,8 @@ def attention(q, k, v, key_padding_mask=None, *, causal=False, dropout_p=0.0, so
     dtype = q.dtype
     ct = _compute_dtype(dtype)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if dtype != torch.float64:
+        return _fused_attention(q, k, v, key_padding_mask, causal, dropout_p, scale)
     scores = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
     seq_q, seq_k = q.shape[-2], k.shape[-2]
     if key_padding_mask is None and not causal:
@@ -58,6 +60,24 @@ def attention(q, k, v, key_padding_mask=None, *, causal=False, dropout_p=0.0, so
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
     return torch.matmul(probs, v.to(ct)).to(dtype)
+
+
+def _fused_attention(q, k, v, key_padding_mask, causal, dropout_p, scale):
+    """The same through PyTorch's fused attention (the CPU path's speed; float64 keeps the explicit
+    oracle above). A row with no visible key attends to every key instead (finite), then is zeroed,
+    so its output and its gradients are 0, as the explicit path gives."""
+    if key_padding_mask is None and not causal:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    seq_q, seq_k = q.shape[-2], k.shape[-2]
+    visible = torch.ones(seq_q, seq_k, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = torch.tril(visible)
+    visible = visible.expand(q.shape[0], 1, seq_q, seq_k)  # (B, 1, Sq, Sk)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :].to(torch.bool)
+    has_key = visible.any(dim=-1, keepdim=True)  # (B, 1, Sq, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~has_key, dropout_p=dropout_p, scale=scale)
+    return torch.where(has_key, out, out.new_zeros(()))
 
 
 def _varlen_index(cu_seqlens: torch.Tensor, total: int):
