@@ -284,18 +284,22 @@ def test_dropout_multiblock_against_documented_mask(triton_kernels, device):
     batch, heads, seq, dim, p = 2, 1, 137, 16, 0.2
     q, k, v = (torch.randn(batch, heads, seq, dim, device=device) for _ in range(3))
     mask = (torch.arange(seq)[None, :] < torch.tensor([[seq], [100]])).to(device)
-    keep = philox_keep_mask(_seed_of(77, q, p), batch, heads, seq, seq, p)
+    _check_padded_dropout(q, k, v, mask, p, 77, torch.float32)
+
+
+def _check_padded_dropout(q, k, v, mask, p, seed, dtype):
+    """out, dQ, dK, dV of K.attention with dropout, seeded, against float64 with the documented mask."""
+    keep = philox_keep_mask(_seed_of(seed, q, p), *q.shape[:3], k.shape[2], p)
     p_eff = flash_attention.effective_dropout_p(p)
 
     def run(q, k, v):
-        torch.manual_seed(77)
+        torch.manual_seed(seed)
         return K.attention(q, k, v, mask, dropout_p=p)
 
-    check_against_reference(
-        run,
-        lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), keep=keep, dropout_p=p_eff),
-        lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), keep=keep, dropout_p=p_eff),
-        (q, k, v), torch.float32)
+    def reference(q, k, v):
+        return torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), keep=keep, dropout_p=p_eff)
+
+    check_against_reference(run, reference, reference, (q, k, v), dtype)
 
 
 def test_varlen_dropout_forward_backward_consistent(triton_kernels, device):
@@ -683,17 +687,7 @@ def test_gpu_dropout_and_determinism(triton_kernels, device):
     batch, heads, seq, dim = 2, 4, 300, 64
     q, k, v = (torch.randn(batch, heads, seq, dim, device=device) for _ in range(3))
     mask = random_mask(batch, seq, empty_row=False).to(device)
-    keep = philox_keep_mask(_seed_of(4321, q, p), batch, heads, seq, seq, p)
-
-    def run(q, k, v):
-        torch.manual_seed(4321)
-        return K.attention(q, k, v, mask, dropout_p=p)
-
-    check_against_reference(
-        run,
-        lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), keep=keep, dropout_p=p_eff),
-        lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), keep=keep, dropout_p=p_eff),
-        (q, k, v), torch.bfloat16)
+    _check_padded_dropout(q, k, v, mask, p, 4321, torch.bfloat16)
 
     lengths, heads = [1, 17, 128, 300, 257], 12
     q, k, v, cu = packed_qkv(lengths, heads, 64, device, torch.float32)
