@@ -36,30 +36,35 @@ def attention(q, k, v, key_padding_mask=None, *, causal=False, dropout_p=0.0, so
     key_padding_mask (B, Sk) bool, True = real key. causal masks key j > query i (top-left aligned,
     as F.scaled_dot_product_attention(is_causal=True)). A query row with no visible key gives zeros.
     """
-    dtype = q.dtype
-    ct = _compute_dtype(dtype)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if dtype != torch.float64:
+    if q.dtype != torch.float64:
         return _fused_attention(q, k, v, key_padding_mask, causal, dropout_p, scale)
-    scores = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
-    seq_q, seq_k = q.shape[-2], k.shape[-2]
+    # float64: the explicit oracle
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
     if key_padding_mask is None and not causal:
         probs = torch.softmax(scores, dim=-1)
     else:
-        visible = torch.ones(seq_q, seq_k, dtype=torch.bool, device=q.device)
-        if causal:
-            visible = torch.tril(visible)
-        visible = visible.expand(q.shape[0], 1, seq_q, seq_k)  # (B, 1, Sq, Sk)
-        if key_padding_mask is not None:
-            visible = visible & key_padding_mask[:, None, None, :].to(torch.bool)
+        visible = _visible_keys(q, k, key_padding_mask, causal)  # (B, 1, Sq, Sk)
         # A finite fill (not -inf) keeps fully masked rows free of NaN in forward and backward;
         # their probabilities are zeroed below, so the fill value never reaches the output.
-        scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)  # autocast may make it 16-bit
+        scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1)
         probs = probs * visible.any(dim=-1, keepdim=True)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
-    return torch.matmul(probs, v.to(ct)).to(dtype)
+    return torch.matmul(probs, v)
+
+
+def _visible_keys(q, k, key_padding_mask, causal):
+    """(B, 1, Sq, Sk) bool: which keys each query may see (key padding and the causal triangle)."""
+    seq_q, seq_k = q.shape[-2], k.shape[-2]
+    visible = torch.ones(seq_q, seq_k, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = torch.tril(visible)
+    visible = visible.expand(q.shape[0], 1, seq_q, seq_k)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :].to(torch.bool)
+    return visible
 
 
 def _fused_attention(q, k, v, key_padding_mask, causal, dropout_p, scale):
@@ -68,13 +73,7 @@ def _fused_attention(q, k, v, key_padding_mask, causal, dropout_p, scale):
     so its output and its gradients are 0, as the explicit path gives."""
     if key_padding_mask is None and not causal:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-    seq_q, seq_k = q.shape[-2], k.shape[-2]
-    visible = torch.ones(seq_q, seq_k, dtype=torch.bool, device=q.device)
-    if causal:
-        visible = torch.tril(visible)
-    visible = visible.expand(q.shape[0], 1, seq_q, seq_k)  # (B, 1, Sq, Sk)
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, :].to(torch.bool)
+    visible = _visible_keys(q, k, key_padding_mask, causal)  # (B, 1, Sq, Sk)
     has_key = visible.any(dim=-1, keepdim=True)  # (B, 1, Sq, 1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~has_key, dropout_p=dropout_p, scale=scale)
     return torch.where(has_key, out, out.new_zeros(()))
