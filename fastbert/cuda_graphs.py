@@ -92,8 +92,8 @@ class GraphedTrainStep:
         self.optimizer.step()
         return loss.detach()
 
-    def _capture(self, shape: Tuple[int, int], example: dict):
-        static = {k: v.to(self.device, copy=True) for k, v in pad_batch(example, shape).items()}
+    def _capture(self, padded: dict):
+        static = {k: v.to(self.device, copy=True) for k, v in padded.items()}
         params = list(self.model.parameters())
         saved_params = [p.detach().clone() for p in params]
         saved_state = {p: {k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)}
@@ -123,10 +123,10 @@ class GraphedTrainStep:
         ids = batch["input_ids"]
         rows, seq = ids.shape[0], ids.shape[-1]  # (B, S), or (B, choices, S) for multiple choice
         shape = self.bucket(rows, seq)
-        if shape not in self.graphs:
-            self.graphs[shape] = self._capture(shape, batch)
-        graph, static, loss = self.graphs[shape]
         padded = pad_batch(batch, shape)
+        if shape not in self.graphs:
+            self.graphs[shape] = self._capture(padded)
+        graph, static, loss = self.graphs[shape]
         if padded.keys() != static.keys():
             raise ValueError(f"every batch must carry the same inputs: captured with {sorted(static)}, "
                              f"got {sorted(padded)}")
