@@ -47,15 +47,20 @@ def assert_finite(out):
 
 # ---------------------------------------------------------------------------------- numerics
 
+def _models(name, cfg):
+    """transformers in float64, fastbert's class, transformers in float32, and patched copies of the
+    float32 model in float32 and float64 — all with the same weights."""
+    hf64, ours = make_pair(name, cfg)
+    base32 = type(hf64)(hf64.config)
+    base32.load_state_dict(hf64.state_dict())
+    return hf64, ours, base32, patched_copy(base32), patched_copy(base32, torch.float64)
+
+
 @pytest.mark.parametrize("cfg_name", list(CONFIGS))
 @pytest.mark.parametrize("name", CLASSES)
 def test_patched_outputs_match_in_eval(name, cfg_name):
     cfg = config_for(name, cfg_name)
-    hf64, ours = make_pair(name, cfg)
-    base32 = type(hf64)(hf64.config)
-    base32.load_state_dict(hf64.state_dict())
-    patched32 = patched_copy(base32)
-    patched64 = patched_copy(base32, torch.float64)
+    hf64, ours, base32, patched32, patched64 = _models(name, cfg)
     inputs, labels = make_batch(name, cfg)
     mask = real_mask(inputs)
     kwargs = dict(**inputs, **labels, output_hidden_states=True)
@@ -77,11 +82,7 @@ def test_patched_outputs_match_in_eval(name, cfg_name):
 def test_patched_loss_and_gradients_match_in_training(name, cfg_name):
     """Training mode (dropout off): loss and every parameter gradient, the MLM head on masked rows."""
     cfg = config_for(name, cfg_name)
-    hf64, ours = make_pair(name, cfg)
-    base32 = type(hf64)(hf64.config)
-    base32.load_state_dict(hf64.state_dict())
-    patched32 = patched_copy(base32)
-    patched64 = patched_copy(base32, torch.float64)
+    hf64, ours, base32, patched32, patched64 = _models(name, cfg)
     ours.double()
     inputs, labels = make_batch(name, cfg)
     results = []
