@@ -8,6 +8,11 @@ Three ways to get one (``build_tokenizer``):
 - ``"chinese"``: the character level of BERT's Chinese models. Every CJK character is its own token
   (the normaliser puts spaces around each one, so WordPiece never joins them); runs of other scripts
   (Latin, digits) still get word pieces. Every character of the corpus is kept in the vocabulary.
+  Text is NFKC-normalised first, so full-width and half-width forms (１/1, ！/!) are one token.
+
+Caution: a vocab.txt carries no normaliser. A Chinese vocabulary loaded from vocab.txt alone (or by
+transformers' slow ``BertTokenizer``) skips the NFKC step; load the run folder's tokenizer.json
+(``BertTokenizerFast``) to tokenize exactly as in training.
 
 Caution: the `tokenizers` trainer may choose different merges at frequency ties from one run to
 the next (huggingface/tokenizers#1794), so two runs that each train a vocabulary can differ; a run
@@ -35,9 +40,12 @@ class TokenizerError(ValueError):
     """A tokenizer file is missing, unreadable, or lacks a token BERT pretraining needs."""
 
 
-def _bert_pipeline(tok: Tokenizer, lowercase: bool) -> Tokenizer:
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                strip_accents=None, lowercase=lowercase)
+def _bert_pipeline(tok: Tokenizer, lowercase: bool, nfkc: bool = False) -> Tokenizer:
+    bert = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                      strip_accents=None, lowercase=lowercase)
+    # NFKC folds full-width digits, Latin letters and punctuation (１，Ａ！) into their ASCII forms, so
+    # news text written full width and reviews written half width share one token per character.
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), bert]) if nfkc else bert
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
     return tok
@@ -64,8 +72,9 @@ def train_tokenizer(sentences: Iterable[str], kind: str = "wordpiece", vocab_siz
     (``kind="chinese"``) on an iterator of sentences."""
     if kind not in ("wordpiece", "chinese"):
         raise ValueError(f"unknown tokenizer kind {kind!r}; expected 'wordpiece' or 'chinese'")
+    nfkc = kind == "chinese"
     tok = _bert_pipeline(Tokenizer(models.WordPiece(unk_token=UNK, continuing_subword_prefix="##")),
-                         lowercase)
+                         lowercase, nfkc)
     # English: BERT's 1000 most frequent characters; Chinese: every character must stay (a CJK
     # character never merges with a neighbour, so a dropped one would become [UNK]).
     alphabet = {"limit_alphabet": 1000} if kind == "wordpiece" else {}
@@ -81,7 +90,7 @@ def train_tokenizer(sentences: Iterable[str], kind: str = "wordpiece", vocab_siz
     ordered = SPECIAL_TOKENS + sorted(t for t in learned if t not in SPECIAL_TOKENS)
     vocab = {t: i for i, t in enumerate(ordered)}
     tok = _bert_pipeline(Tokenizer(models.WordPiece(vocab, unk_token=UNK, continuing_subword_prefix="##")),
-                         lowercase)
+                         lowercase, nfkc)
     return _add_post_processor(tok)
 
 

@@ -1,6 +1,7 @@
 """Tokenizers for pretraining: training, Chinese character level, saving for transformers, bad vocabularies."""
 import json
 import os
+import unicodedata
 
 import pytest
 
@@ -56,8 +57,11 @@ def test_chinese_is_character_level():
     assert tokens == list(text)  # every CJK character (and the full stop) its own token
     # frequent pairs are NOT merged, even though they repeat in the corpus
     assert "明月" not in tok.get_vocab() and "天天" not in tok.get_vocab()
-    # every character of the corpus made it into the vocabulary
-    assert all(tok.token_to_id(c) is not None for c in set("".join(ZH)))
+    # every character of the corpus made it into the vocabulary (in its NFKC form: "，" is ",")
+    assert all(tok.token_to_id(c) is not None for c in set(unicodedata.normalize("NFKC", "".join(ZH))))
+    # full-width and half-width forms are one token, so news text and reviews share them
+    full, half = (tok.encode(t, add_special_tokens=False).ids for t in ("好，去！", "好,去!"))
+    assert full == half and tok.token_to_id("[UNK]") not in half
 
 
 def test_whole_word_continuation_mask(english):
