@@ -198,7 +198,11 @@ class _ZeroRowGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone()
+        # In place: the gradient is the embedding op's own fresh (vocab, hidden) buffer with no other
+        # reader, and a copy of it cost ~45 ms of a ~500 ms MiniLM fine-tuning step on the CPU. A
+        # broadcast or strided gradient (no such op returns one today) is copied first.
+        if not grad.is_contiguous():
+            grad = grad.contiguous()
         grad[ctx.row] = 0  # a fill kernel: no index tensor copied from the host (CUDA-graph capture forbids that)
         return grad, None
 
