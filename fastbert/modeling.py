@@ -199,8 +199,8 @@ class _ZeroRowGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         # In place: the gradient is the embedding op's own fresh (vocab, hidden) buffer with no other
-        # reader, and a copy of it cost ~45 ms of a ~500 ms MiniLM fine-tuning step on the CPU. A
-        # broadcast or strided gradient (no such op returns one today) is copied first.
+        # reader; a copy of it cost 17 ms of a 293 ms MiniLM fine-tuning step (16 x 30 tokens, 2 CPU
+        # threads). A broadcast or strided gradient (no op returns one today) is copied first.
         if not grad.is_contiguous():
             grad = grad.contiguous()
         grad[ctx.row] = 0  # a fill kernel: no index tensor copied from the host (CUDA-graph capture forbids that)
