@@ -5,7 +5,7 @@
 # after every step into $OUT/gpu_results.tar.gz (the device tool returns few files), so a run cut
 # short still brings back what it finished.
 #
-#   bash benchmarks/gpu_check.sh                                   # everything (~13 min on an H200; compile and profile only when named)
+#   bash benchmarks/gpu_check.sh                                   # everything (~13 min on an H200; compile, profile and both only when named)
 #   STEPS="tests model kernels encode large compare" bash benchmarks/gpu_check.sh  # a session's first call
 #   STEPS="zh race" bash benchmarks/gpu_check.sh                    # its second, on the warm machine
 #
@@ -13,8 +13,9 @@
 # step vs transformers, CUDA graphs), kernels (attention, fused, mlm_loss benchmarks), encode
 # (inference throughput), zh (two-stage Chinese: pretrain + fine-tune vs random init), race (real
 # pretraining, loss vs wall-clock, fastbert vs transformers), large (BERT-large seq 512 step),
-# compile (torch.compile'd competitors), profile (where a step's GPU time goes), compare (regression
-# check against the committed results of the same card).
+# compile (torch.compile'd competitors), profile (where a step's GPU time goes), both (own class vs
+# transformers + fastbert.patch: cold/warm shapes and a kernel diff), compare (regression check
+# against the committed results of the same card).
 # Data for zh and race: gpu_data/ (git-ignored; copy zh.txt.gz, en.txt.gz, sentiment_zh/ there and
 # name it in the device tool's carry).
 set -u
@@ -82,6 +83,7 @@ want large && step bench_model_large "${T_LARGE:-90}" env OUT="$R" \
 want compile && step bench_model_compile "${T_COMPILE:-240}" env OUT="$R" \
   $PY -m benchmarks.bench_model --gpu --quick --compile --case pretrain --no-padded --name model_step_gpu_compile
 want profile && step profile_step "${T_PROFILE:-45}" env OUT="$R" $PY -m benchmarks.profile_step
+want both && step profile_both "${T_BOTH:-240}" env OUT="$R" $PY -m benchmarks.profile_both --steps 12 --batches 6 --cold 4
 # (8) regression check against the committed results of this card
 want compare && step compare 60 $PY -m benchmarks.compare "$R" --warn-only
 
