@@ -19,10 +19,9 @@ import statistics
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.harness import output_dir
-from benchmarks.profile_step import family
+from benchmarks.profile_step import family, is_kernel, profile_once, train_step
 from fastbert import bench
 
 HOST = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaMalloc", "cudaFree",
@@ -48,11 +47,7 @@ def main(argv=None):
     opts = {c: torch.optim.AdamW(models[c][0].parameters(), lr=1e-4, fused=True) for c in comps}
 
     def step(c, kw):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = models[c][1](**kw).loss
-        loss.backward()
-        opts[c].step()
-        opts[c].zero_grad(set_to_none=True)
+        train_step(models[c][1], opts[c], kw)
 
     def timed(c, kw):
         torch.cuda.synchronize()
@@ -82,24 +77,14 @@ def main(argv=None):
     kw = warm_b[0][0]
     per = {}
     for c in comps:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            start.record()
-            step(c, kw)
-            end.record()
-            torch.cuda.synchronize()
+        wall, k_ms, k_n, prof = profile_once(lambda c=c: step(c, kw))
         if args.trace:
             prof.export_chrome_trace(str(output_dir() / f"trace_{c}.json"))
-        k_ms, k_n, host = collections.Counter(), collections.Counter(), collections.Counter()
+        host = collections.Counter()
         for e in prof.key_averages():
-            t = getattr(e, "self_device_time_total", 0)
-            if t > 0 and e.device_type == torch.autograd.DeviceType.CUDA:
-                k_ms[e.key] += t / 1e3
-                k_n[e.key] += e.count
-            elif e.key in HOST:
+            if e.key in HOST and not is_kernel(e):
                 host[e.key] += e.count
-        per[c] = (start.elapsed_time(end), k_ms, k_n, host)
+        per[c] = (wall, k_ms, k_n, host)
     lines += ["", "| impl | wall ms (profiled) | kernel ms | GPU idle ms | launches | " + " | ".join(HOST) + " |",
               "|---|---|---|---|---|" + "---|" * len(HOST)]
     for c, (wall, k_ms, k_n, host) in per.items():

@@ -31,6 +31,41 @@ def family(name: str) -> str:
     return "other"
 
 
+def train_step(model, opt, kw) -> None:
+    """One bf16-autocast training step: forward, backward, AdamW, gradients dropped."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(**kw).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def is_kernel(evt) -> bool:
+    return kernel_ms(evt) > 0 and evt.device_type == torch.autograd.DeviceType.CUDA
+
+
+def kernel_ms(evt) -> float:
+    return getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0)) / 1e3
+
+
+def profile_once(step):
+    """torch.profiler over one call of step(): (wall ms between CUDA events, GPU ms per kernel name,
+    calls per kernel name, the profiler for anything else)."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+    kernels, counts = collections.Counter(), collections.Counter()
+    for evt in prof.key_averages():
+        if is_kernel(evt):
+            kernels[evt.key] += kernel_ms(evt)
+            counts[evt.key] += evt.count
+    return start.elapsed_time(end), kernels, counts, prof
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="base")
@@ -42,30 +77,9 @@ def main(argv=None):
     kw = bench.make_batches("pretrain", 1, args.batch, args.seq, 30522, 0, "cuda")[0][0]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**kw).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
     for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-    wall_ms = start.elapsed_time(end)
-    kernels = collections.Counter()
-    counts = collections.Counter()
-    for evt in prof.key_averages():
-        t = getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0))
-        if t > 0 and evt.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[evt.key] += t / 1e3
-            counts[evt.key] += evt.count
+        train_step(model, opt, kw)
+    wall_ms, kernels, counts, _ = profile_once(lambda: train_step(model, opt, kw))
     total = sum(kernels.values())
     fams = collections.Counter()
     for k, t in kernels.items():
