@@ -29,6 +29,10 @@ real tokens per row go from 96.8% to 99.4%; with ``--short-seq-prob 1.0`` (short
 padding would take 28% of every row, packing keeps 93.5% real. ``--max-example-len N`` makes every
 example at most N tokens (more, shorter examples per row). Evaluation runs unpacked, so its figures
 compare across packed and unpacked runs.
+
+``--init-from DIR`` starts a new run from the weights of an earlier one (continued pretraining: a
+fresh optimizer, warm-up and schedule; DIR's tokenizer and config). Use it to train a finished run
+further, or on another corpus; pass another ``--seed`` to see other examples and masks.
 """
 from __future__ import annotations
 
@@ -51,6 +55,7 @@ from .tokenization import TOKENIZER_FILES, TokenizerError, build_tokenizer, load
 # Settings that define a run: fixed when it starts, read back from run_args.json on --resume.
 RUN_DEFAULTS = {
     "corpus": None,            # None: the sample corpus in the package
+    "init_from": None,         # a model folder whose weights, config and tokenizer the run starts from
     "config": "tiny",
     "tokenizer": "wordpiece",
     "vocab_size": 8192,
@@ -121,6 +126,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", help="where tokenized shards are cached (default ~/.cache/fastbert/corpora)")
 
     g = p.add_argument_group("model and optimisation")
+    g.add_argument("--init-from", metavar="DIR",
+                   help="start from the weights of this model folder (e.g. a finished run) with a fresh "
+                        "optimizer and schedule; its tokenizer and config are used")
     g.add_argument("--config", help="size name (micro, tiny, mini, small, medium, base, large) or a "
                                     "config.json (default tiny)")
     g.add_argument("--dropout", type=float, help="hidden and attention dropout (default: the config's)")
@@ -173,6 +181,17 @@ def _resolve_settings(args, stored: dict | None, dist: T.Distributed) -> dict:
         settings.update({k: v for k, v in given.items() if k in RESUME_OVERRIDABLE})
     else:
         settings.update(given)
+        init = settings["init_from"]
+        if init is not None:
+            for k in ("tokenizer", "config", "vocab_size", "cased"):
+                if k in given:
+                    raise ValueError(f"--init-from takes the tokenizer and config of {init}; "
+                                     f"do not pass --{k.replace('_', '-')}")
+            for f in ("config.json", "model.safetensors", "tokenizer.json"):
+                if not os.path.isfile(os.path.join(init, f)):
+                    raise FileNotFoundError(f"--init-from {init}: no {f} there (expected a model folder "
+                                            f"written by fastbert pretrain or save_pretrained)")
+            settings["tokenizer"] = settings["config"] = init
     return settings
 
 
@@ -366,6 +385,9 @@ def _run(args, dist: T.Distributed) -> int:
     if latest:
         model = BertForPreTraining.from_pretrained(latest)
         _log(dist, f"resuming from {latest} (step {resume_state['step']})")
+    elif s["init_from"] is not None:
+        model = BertForPreTraining.from_pretrained(s["init_from"])
+        _log(dist, f"starting from the weights of {s['init_from']}")
     else:
         model = BertForPreTraining(config)
     if s["dropout"] is not None:

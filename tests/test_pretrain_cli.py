@@ -118,6 +118,35 @@ def test_grad_accumulation_matches_one_batch(corpus, vocab, tmp_path):
             assert r2[k] == pytest.approx(r1[k], rel=2e-5, abs=1e-6), (r1["step"], k)
 
 
+def test_init_from_starts_from_the_weights_of_an_earlier_run(corpus, vocab, tmp_path, capsys):
+    from safetensors.torch import load_file
+    first = tmp_path / "first"
+    assert run(corpus, first, "--steps", "3", "--tokenizer", vocab) == 0
+    cont = tmp_path / "cont"
+    base = ["pretrain", "--corpus", corpus, "--init-from", str(first), "--seq-len", "32", "--batch-size", "4",
+            "--eval-examples", "8", "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    # lr 0: AdamW leaves every weight as loaded, so the new run's model must be the first run's bit for bit
+    assert cli_main(base + ["--out", str(cont), "--steps", "1", "--lr", "0"]) == 0
+    a, b = load_file(first / "model.safetensors"), load_file(cont / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert (cont / "vocab.txt").read_text() == (first / "vocab.txt").read_text()
+    # and with a learning rate it trains on: a fresh schedule that starts with warm-up
+    assert cli_main(base + ["--out", str(tmp_path / "more"), "--steps", "4", "--lr", "1e-3",
+                            "--warmup-steps", "2", "--log-every", "1"]) == 0
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "more" / "metrics.jsonl")]
+    assert lrs[0] < lrs[1] and lrs[1] > lrs[-1]
+    c = load_file(tmp_path / "more" / "model.safetensors")
+    assert not torch.equal(a["bert.encoder.layer.0.attention.self.query.weight"],
+                           c["bert.encoder.layer.0.attention.self.query.weight"])
+    capsys.readouterr()
+    assert cli_main(base + ["--out", str(tmp_path / "x"), "--config", "micro"]) == 2
+    assert "do not pass --config" in capsys.readouterr().err
+    assert cli_main(base[:4] + [str(tmp_path / "nowhere")] + base[5:] + ["--out", str(tmp_path / "y")]) == 2
+    assert "no config.json there" in capsys.readouterr().err
+
+
 def test_no_nsp_run(corpus, tmp_path):
     out = tmp_path / "mlm"
     assert run(corpus, out, "--steps", "2", "--no-nsp", "--whole-word-mask", "--mask-prob", "0.2",
