@@ -54,7 +54,6 @@ import types
 import torch
 import torch.nn as nn
 
-import fastbert.kernels as K
 
 from . import modeling as fb
 
@@ -109,13 +108,7 @@ def _embeddings_forward(self, input_ids=None, token_type_ids=None, position_ids=
     (transformers' embeddings hold no config)."""
     p = self.dropout.p if self.training else 0.0
     if inputs_embeds is None:
-        word = self.word_embeddings.weight
-        if torch.is_grad_enabled() and word.requires_grad and self.word_embeddings.padding_idx is not None:
-            word = fb._ZeroRowGrad.apply(word, self.word_embeddings.padding_idx)
-        return K.embed_layer_norm(input_ids, token_type_ids, position_ids, word,
-                                  self.position_embeddings.weight, self.token_type_embeddings.weight,
-                                  self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps, p,
-                                  validate=False)  # the model checked the ids (one sync for all)
+        return fb.embed_ids(self, input_ids, token_type_ids, position_ids, p)
     h = inputs_embeds + self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
     return self.dropout(self.LayerNorm(h))
 

@@ -6,6 +6,8 @@ transformers in float64 to ~1e-10 (same maths, different association). Batches m
 full rows and padded rows; values at padding positions are unspecified (API.md) and not compared.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -199,6 +201,43 @@ def test_tied_weights_are_one_parameter_listed_under_both_names():
     keys = ours.state_dict().keys()
     assert "cls.predictions.decoder.weight" in keys and "cls.predictions.bias" in keys
     assert "cls.predictions.decoder.bias" in keys
+
+
+def test_word_embedding_gradient_reuses_its_memory_only_when_no_one_holds_it():
+    """On the CPU the word table's gradient is written into one buffer, step after step (see
+    fastbert.modeling._ReusedGradBuffer): it must be the gradient transformers gets, adopted as .grad
+    without a copy, never overwrite a gradient the caller kept, and accumulate when .grad is kept."""
+    name = "BertForTokenClassification"
+    cfg = config_for(name, "gelu-2types")
+    hf64, ours = make_pair(name, cfg, seed=3)
+    hf32 = copy.deepcopy(hf64).float()
+    inputs, labels = make_batch(name, cfg)
+    inputs["input_ids"] = inputs["input_ids"] * inputs["attention_mask"]  # padding id 0: its row gets no gradient
+    word = ours.bert.embeddings.word_embeddings.weight
+
+    def backward():
+        ours(**inputs, **labels).loss.backward()
+
+    backward()
+    first = word.grad.clone()
+    for hf in (hf32, hf64):
+        hf(**inputs, **labels).loss.backward()
+    assert_close_to_reference(first, hf32.bert.embeddings.word_embeddings.weight.grad,
+                              hf64.bert.embeddings.word_embeddings.weight.grad, name="word grad")
+    assert first[0].abs().sum() == 0 and first.abs().sum() > 0
+    buffer = ours.bert.embeddings._word_grad.buf
+    assert word.grad.data_ptr() == buffer.data_ptr()  # adopted, not copied
+    ours.zero_grad(set_to_none=True)
+    backward()
+    assert word.grad.data_ptr() == buffer.data_ptr() and torch.equal(word.grad, first)  # reused, same values
+    kept = word.grad
+    ours.zero_grad(set_to_none=True)
+    backward()
+    assert word.grad.data_ptr() != kept.data_ptr() and torch.equal(kept, first)  # the kept one untouched
+    ours.zero_grad(set_to_none=False)
+    backward()
+    backward()
+    torch.testing.assert_close(word.grad, 2 * first, rtol=1e-6, atol=1e-7)  # accumulated into the kept .grad
 
 
 # ---------------------------------------------------------------------------------------- bad input
