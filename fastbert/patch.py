@@ -54,7 +54,6 @@ import types
 import torch
 import torch.nn as nn
 
-
 from . import modeling as fb
 
 __all__ = ["patch", "unpatch"]
