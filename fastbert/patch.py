@@ -393,4 +393,5 @@ def unpatch(model):
     for m in model.modules():
         if _is_patched(m):
             m.__class__ = type(m)._fastbert_original
+            m.__dict__.pop("_word_grad", None)  # the CPU word-gradient buffer of fastbert.modeling.embed_ids
     return model

@@ -176,6 +176,18 @@ def test_unpatch_and_context_manager_restore_outputs_bit_exactly():
         assert torch.equal(out.logits, before.logits) and torch.equal(out.loss, before.loss)
 
 
+def test_unpatch_drops_the_cpu_word_gradient_buffer():
+    cfg = CONFIGS["gelu-2types"]
+    model = hf_model("BertForSequenceClassification", cfg).train()
+    inputs, labels = make_batch("BertForSequenceClassification", cfg)
+    fastbert.patch(model)
+    model(**inputs, **labels).loss.backward()
+    emb = model.bert.embeddings
+    assert emb._word_grad.buf.data_ptr() == emb.word_embeddings.weight.grad.data_ptr()
+    fastbert.unpatch(model)
+    assert "_word_grad" not in emb.__dict__
+
+
 def test_head_whose_encoder_alone_was_unpatched_runs_transformers_forward():
     cfg = CONFIGS["tanh-1type"]
     hf64 = hf_model("BertForMaskedLM", cfg, **NO_DROPOUT).double().eval()
