@@ -53,13 +53,14 @@ $PY -m pip install -q --no-build-isolation --no-deps --no-index -e . > "$R/insta
 $PY -c "import fastbert.kernels" 2>/dev/null || echo "fastbert.kernels not importable" | tee -a "$R/summary.txt"
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 
+# TEST_FILES narrows the GPU test step (e.g. to the files a change touched, when device time is short).
+TEST_FILES=${TEST_FILES:-"tests/test_attention.py tests/test_gelu.py tests/test_layer_norm.py tests/test_embedding.py
+  tests/test_fused_ops.py tests/test_mlm_loss.py tests/test_model_kernels.py tests/test_convergence.py
+  tests/test_cuda_graphs.py tests/test_compile_model.py tests/test_patch.py tests/test_packing.py"}
 # (1) GPU tests: every kernel suite compiled on CUDA (fp32, fp16, bf16), the model on the kernels,
 #     CUDA graphs, compile, patching, packing; the AOT compile tests are CPU-side guards, skipped here.
 want tests && step tests "${T_TESTS:-170}" env FASTBERT_TEST_GPU=1 $PY -m pytest -q -m "not slow" -k "not aot" \
-  $XDIST -p no:cacheprovider --timeout 160 --junitxml="$R/tests.xml" \
-  tests/test_attention.py tests/test_gelu.py tests/test_layer_norm.py tests/test_embedding.py \
-  tests/test_fused_ops.py tests/test_mlm_loss.py tests/test_model_kernels.py tests/test_convergence.py \
-  tests/test_cuda_graphs.py tests/test_compile_model.py tests/test_patch.py tests/test_packing.py
+  $XDIST -p no:cacheprovider --timeout 160 --junitxml="$R/tests.xml" $TEST_FILES
 want tests && { grep -c "occupancy query failed" "$R/tests.log" | sed 's/^/LayerNorm occupancy-query failures: /' \
   | tee -a "$R/summary.txt"; grep -E "passed|failed" "$R/tests.log" | tail -1 | tee -a "$R/summary.txt"; }
 # (2) BERT-base training steps against transformers eager / SDPA, fastbert with CUDA graphs
