@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastbert.kernels as K
+from fastbert.kernels._workspace import ReusedBuffer
 
 from .config import BertConfig
 
@@ -192,7 +193,7 @@ def embed_ids(emb, input_ids, token_type_ids, position_ids, p: float):
         # the same ops as the reference embed_layer_norm (fp32: no casts), with the word gather swapped
         cache = emb.__dict__.get("_word_grad")
         if cache is None:
-            cache = emb._word_grad = _ReusedGradBuffer()
+            cache = emb._word_grad = ReusedBuffer()
         h = (_GatherRows.apply(word, input_ids, pad, cache) + F.embedding(position_ids, emb.position_embeddings.weight)
              + F.embedding(token_type_ids, emb.token_type_embeddings.weight))
         h = F.layer_norm(h, h.shape[-1:], emb.LayerNorm.weight, emb.LayerNorm.bias, emb.LayerNorm.eps)
@@ -205,41 +206,9 @@ def embed_ids(emb, input_ids, token_type_ids, position_ids, p: float):
                               validate=False)  # the model checked the ids (one sync for all)
 
 
-class _ReusedGradBuffer:
-    """One (vocab, hidden) gradient buffer handed to autograd step after step.
-
-    Why: on the CPU a fresh word-embedding gradient (47 MB for 30522 x 384 in fp32) lies above glibc's
-    largest mmap threshold (32 MiB), so every step maps new pages that the kernel zero-fills on first
-    touch: 20 ms per step on one core of a 2-core EPYC, against 1.5 ms to zero memory already mapped.
-    Caution: the buffer is reused only when no tensor but ours holds its memory (the previous .grad
-    was set to None, or added into a .grad kept by zero_grad(set_to_none=False)); otherwise a fresh
-    one is made, so a gradient the caller kept is never overwritten. It stays allocated with the model.
-    """
-
-    def __init__(self):
-        self.buf = None
-
-    def take(self, shape, dtype, device) -> torch.Tensor:
-        b = self.buf
-        if b is not None and b.shape == shape and b.dtype == dtype and b.device == device and _sole_owner(b):
-            b.zero_()
-        else:
-            b = self.buf = torch.zeros(shape, dtype=dtype, device=device)
-        # A new tensor over the same memory: AccumulateGrad adopts a gradient as .grad without a copy
-        # only when no other tensor object refers to it (ours, self.buf, is a different one).
-        return b.view(shape)
-
-
-def _sole_owner(t: torch.Tensor) -> bool:
-    try:  # storage references: t itself, the temporary storage object below, and any other tensor
-        return torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2
-    except AttributeError:  # a PyTorch without this private counter: never reuse
-        return False
-
-
 class _GatherRows(torch.autograd.Function):
     """F.embedding(ids, weight) whose weight gradient (index_add of the output gradient, the padding
-    row zeroed as nn.Embedding(padding_idx) does) is written into a _ReusedGradBuffer."""
+    row zeroed as nn.Embedding(padding_idx) does) is written into a reused buffer (kernels/_workspace.py)."""
 
     @staticmethod
     def forward(ctx, weight, ids, padding_idx, cache):
@@ -250,7 +219,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         ids, = ctx.saved_tensors
-        gw = ctx.cache.take(ctx.weight_shape, grad.dtype, grad.device)
+        gw = ctx.cache.take(ctx.weight_shape, grad.dtype, grad.device, zero=True)
         gw.index_add_(0, ids.reshape(-1), grad.reshape(-1, grad.shape[-1]))  # (B*S, H) rows into (vocab, H)
         if ctx.padding_idx is not None:
             gw[ctx.padding_idx] = 0

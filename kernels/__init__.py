@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from . import reference
+from . import cpu_mlm_loss, reference
 from ._dispatch import backend, use_triton
 
 # The Triton families are imported here (defining kernels compiles nothing and touches no GPU) so
@@ -279,4 +279,6 @@ def mlm_loss(hidden, weight, bias, labels, ignore_index=-100, *, out_dtype=None,
     if use_triton(hidden):
         return _triton("linear_cross_entropy").mlm_loss(hidden, weight, bias, labels, int(ignore_index),
                                                         out_dtype=out_dtype)
+    if cpu_mlm_loss.applies(hidden, weight, bias, out_dtype):
+        return cpu_mlm_loss.mlm_loss(hidden, weight, bias, labels, int(ignore_index))
     return reference.mlm_loss(hidden, weight, bias, labels, ignore_index, out_dtype)

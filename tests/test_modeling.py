@@ -205,7 +205,7 @@ def test_tied_weights_are_one_parameter_listed_under_both_names():
 
 def test_word_embedding_gradient_reuses_its_memory_only_when_no_one_holds_it():
     """On the CPU the word table's gradient is written into one buffer, step after step (see
-    fastbert.modeling._ReusedGradBuffer): it must be the gradient transformers gets, adopted as .grad
+    fastbert.kernels._workspace.ReusedBuffer): it must be the gradient transformers gets, adopted as .grad
     without a copy, never overwrite a gradient the caller kept, and accumulate when .grad is kept."""
     name = "BertForTokenClassification"
     cfg = config_for(name, "gelu-2types")

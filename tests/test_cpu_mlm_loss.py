@@ -1,0 +1,124 @@
+"""The CPU fast path of K.mlm_loss (kernels/cpu_mlm_loss.py: vocabulary-chunked GEMMs, gradient
+formed in the forward, reused workspace) against the float64 reference, by the shared tolerance rule."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastbert.kernels as K
+from fastbert.kernels import cpu_mlm_loss as cml
+from test_mlm_loss import IGNORE, _check_against_reference, _inputs, _leaves, _run
+from tolerance import assert_close_to_reference
+
+CPU = "cpu"
+
+
+@pytest.fixture
+def fast_path(monkeypatch):
+    """Auto backend (the CPU path under test) and a count of the calls that took it."""
+    monkeypatch.setenv("FASTBERT_KERNELS", "auto")
+    calls = []
+    real = cml._ChunkedMLMLoss.apply
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+    monkeypatch.setattr(cml._ChunkedMLMLoss, "apply", counted)
+    return calls
+
+
+@pytest.mark.parametrize("rows,h,vocab,cols", [
+    (45, 37, 1031, None),   # one chunk (2048 columns at this width)
+    (45, 37, 1031, 128),    # 8 chunks of 128 and a 7-column tail
+    (33, 64, 1031, 1000),   # 1000 + 31
+    (6, 64, 30522, None),   # BERT's vocabulary: 14 chunks of 2048 and a 1850-column tail
+    (1, 16, 5, None),       # vocab smaller than a chunk, one row
+])
+def test_loss_and_grads(fast_path, monkeypatch, rows, h, vocab, cols):
+    if cols is not None:
+        monkeypatch.setattr(cml, "chunk_columns", lambda hidden_size: cols)
+    _check_against_reference(rows, h, vocab, torch.float32, CPU)
+    assert len(fast_path) == 1
+
+
+def test_noncontiguous_hidden_mostly_labelled(fast_path, monkeypatch):
+    monkeypatch.setattr(cml, "chunk_columns", lambda hidden_size: 256)
+    _check_against_reference(40, 48, 1031, torch.float32, CPU, noncontiguous=True, ignored=0.1,
+                             ignore_index=-1)
+    assert len(fast_path) == 1
+
+
+def test_chunk_columns_hold_about_one_mib_of_weight():
+    assert [cml.chunk_columns(h) for h in (16, 256, 384, 768, 1024, 4096)] == [2048, 1024, 512, 256, 256, 128]
+
+
+def test_all_ignored_and_no_rows_give_zeros(fast_path):
+    hidden, weight, bias, labels = _inputs(9, 37, 1031, torch.float32, CPU)
+    for h, lab in ((hidden, torch.full_like(labels, IGNORE)), (hidden[:0], labels[:0])):
+        leaves = _leaves((h, weight, bias), torch.float32)
+        loss, dh, dw, db = _run(K.mlm_loss, leaves, lab)
+        assert loss.item() == 0.0 and dh.shape == h.shape
+        for g in (dh, dw, db):
+            assert torch.count_nonzero(g) == 0
+    assert len(fast_path) == 2
+
+
+def test_incoming_gradient_and_a_subset_of_gradients(fast_path):
+    hidden, weight, bias, labels = _inputs(30, 37, 1031, torch.float32, CPU)
+    ref = _leaves((hidden, weight, bias), torch.float64)
+    (K.reference.mlm_loss(*ref, labels) * -2.5).backward()
+    base = _leaves((hidden, weight, bias), torch.float32)
+    (K.reference.mlm_loss(*base, labels) * -2.5).backward()
+    for wanted in ((True, True, True), (False, True, False), (True, False, True)):
+        leaves = [t.detach().float().requires_grad_(w) for t, w in zip((hidden, weight, bias), wanted)]
+        (K.mlm_loss(*leaves, labels) * -2.5).backward()
+        for t, w, b, r in zip(leaves, wanted, base, ref):
+            assert (t.grad is not None) == w
+            if w:
+                assert_close_to_reference(t.grad, b.grad, r.grad, k=2, name=f"grad x -2.5 {wanted}")
+    assert len(fast_path) == 3
+
+
+def test_workspace_reused_across_steps_never_while_a_backward_holds_it(fast_path):
+    hidden, weight, bias, labels = _inputs(20, 37, 1031, torch.float32, CPU)
+    other = _inputs(20, 37, 1031, torch.float32, CPU)[0]
+    first = _run(K.mlm_loss, _leaves((hidden, weight, bias), torch.float32), labels)
+    buf = cml._WORKSPACE.buf
+    again = _run(K.mlm_loss, _leaves((hidden, weight, bias), torch.float32), labels)
+    assert cml._WORKSPACE.buf is buf  # the step after reused it ...
+    for a, b in zip(first, again):  # ... and computes bitwise the same
+        assert torch.equal(a, b)
+    # Two forwards before either backward: the second must not overwrite the first's saved gradient.
+    alone = _run(K.mlm_loss, _leaves((other, weight, bias), torch.float32), labels)
+    la, lb = _leaves((hidden, weight, bias), torch.float32), _leaves((other, weight, bias), torch.float32)
+    loss_a, loss_b = K.mlm_loss(*la, labels), K.mlm_loss(*lb, labels)
+    loss_b.backward()
+    loss_a.backward()
+    for t, g in zip(la, first[1:]):
+        assert torch.equal(t.grad, g)
+    for t, g in zip(lb, alone[1:]):
+        assert torch.equal(t.grad, g)
+    with torch.no_grad():  # no gradient wanted: nothing is kept, and the loss is the same
+        assert torch.equal(K.mlm_loss(*la, labels), first[0])
+    assert len(fast_path) == 6
+
+
+@pytest.mark.parametrize("bad", [1031, 1040, -1])
+def test_unvalidated_bad_label_gives_nan(fast_path, bad):
+    hidden, weight, bias, labels = _inputs(8, 37, 1031, torch.float32, CPU)
+    labels[3] = bad
+    leaves = _leaves((hidden, weight, bias), torch.float32)
+    loss = K.mlm_loss(*leaves, labels, validate=False)
+    assert torch.isnan(loss)
+    loss.backward()
+    for t in leaves:
+        assert torch.isfinite(t.grad).all()
+
+
+def test_not_taken_for_other_backends_dtypes_or_out_dtypes(fast_path, monkeypatch):
+    hidden, weight, bias, labels = _inputs(8, 37, 1031, torch.float32, CPU)
+    K.mlm_loss(hidden, weight, bias, labels)  # float64: the reference (the oracle itself)
+    K.mlm_loss(hidden.float(), weight.float(), bias.float(), labels, out_dtype=torch.float64)
+    monkeypatch.setenv("FASTBERT_KERNELS", "reference")
+    K.mlm_loss(hidden.float(), weight.float(), bias.float(), labels)
+    assert fast_path == []
