@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import cpu_dropout
+
 __all__ = [
     "attention",
     "varlen_attention",
@@ -37,9 +39,10 @@ def attention(q, k, v, key_padding_mask=None, *, causal=False, dropout_p=0.0, so
     as F.scaled_dot_product_attention(is_causal=True)). A query row with no visible key gives zeros.
     """
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if q.dtype != torch.float64:
+    if q.dtype != torch.float64 and not (dropout_p > 0.0 and q.dtype == torch.float32 and cpu_dropout.applies(q)):
         return _fused_attention(q, k, v, key_padding_mask, causal, dropout_p, scale)
-    # float64: the explicit oracle
+    # float64: the explicit oracle; fp32 CPU training too, whose dropout masks are cheaper here
+    # (16-bit draws, kernels/cpu_dropout.py) than inside F.scaled_dot_product_attention
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
     if key_padding_mask is None and not causal:
         probs = torch.softmax(scores, dim=-1)
@@ -51,8 +54,13 @@ def attention(q, k, v, key_padding_mask=None, *, causal=False, dropout_p=0.0, so
         probs = torch.softmax(scores, dim=-1)
         probs = probs * visible.any(dim=-1, keepdim=True)
     if dropout_p > 0.0:
-        probs = F.dropout(probs, p=dropout_p, training=True)
+        probs = dropout(probs, dropout_p)
     return torch.matmul(probs, v)
+
+
+def dropout(x, p):
+    """Training-mode dropout: 16-bit draws on the CPU (kernels/cpu_dropout.py), F.dropout elsewhere."""
+    return cpu_dropout.dropout(x, p) if cpu_dropout.applies(x) else F.dropout(x, p=p, training=True)
 
 
 def _visible_keys(q, k, key_padding_mask, causal):
@@ -119,7 +127,7 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-12, dropout_p=0.0):
     ct = _compute_dtype(out_dtype)
     h = x.to(ct)
     if dropout_p > 0.0:
-        h = F.dropout(h, p=dropout_p, training=True)
+        h = dropout(h, dropout_p)
     h = h + residual.to(ct)
     return F.layer_norm(h, h.shape[-1:], weight.to(ct), bias.to(ct), eps).to(out_dtype)
 
@@ -139,7 +147,7 @@ def embed_layer_norm(input_ids, token_type_ids, position_ids, word_weight, posit
          + F.embedding(token_type_ids, type_weight).to(ct))
     h = F.layer_norm(h, h.shape[-1:], weight.to(ct), bias.to(ct), eps)
     if dropout_p > 0.0:
-        h = F.dropout(h, p=dropout_p, training=True)
+        h = dropout(h, dropout_p)
     return h.to(dtype)
 
 

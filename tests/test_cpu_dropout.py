@@ -1,0 +1,74 @@
+"""Dropout with 16-bit draws on the CPU (kernels/cpu_dropout.py): rate, scale, gradient, seeding."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastbert.kernels import cpu_dropout, reference
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 1e-3])
+def test_drop_rate_and_scale(p):
+    x = torch.rand(1000, 1001) + 0.5  # no zeros of its own; 1001 columns: n is not a multiple of 3
+    torch.manual_seed(0)
+    out = cpu_dropout.dropout(x, p)
+    dropped = out == 0
+    p_eff = round(p * 65536) / 65536
+    sigma = math.sqrt(p_eff * (1 - p_eff) / x.numel())
+    assert abs(dropped.float().mean().item() - p_eff) < 5 * sigma
+    # every one of the three 16-bit lanes of a 64-bit draw carries the same rate (no biased lane)
+    for lane in range(3):
+        rate = dropped.reshape(-1)[lane::3].float().mean().item()
+        assert abs(rate - p_eff) < 5 * math.sqrt(3) * sigma, lane
+    kept = ~dropped
+    assert torch.equal(out[kept], x[kept] * (1 / (1 - p_eff)))  # exact expectation-preserving scale
+
+
+@pytest.mark.parametrize("shape", [(1,), (2,), (4,), (3, 37), (2, 3, 5, 7)])
+def test_gradient_uses_the_forward_mask(shape):
+    x = (torch.rand(shape, dtype=torch.float64) + 0.5).requires_grad_()
+    out = cpu_dropout.dropout(x, 0.3)
+    g = torch.randn(shape, dtype=torch.float64)
+    out.backward(g)
+    scale = 65536 / (65536 - round(0.3 * 65536))
+    kept = out.detach() != 0  # x has no zeros of its own
+    assert torch.equal(out.detach(), torch.where(kept, x.detach() * scale, 0.0))
+    assert torch.equal(x.grad, torch.where(kept, g * scale, 0.0))
+
+
+def test_seeded_repeatable_and_edge_probabilities():
+    x = torch.randn(50, 30)
+    torch.manual_seed(7)
+    a = cpu_dropout.dropout(x, 0.2)
+    torch.manual_seed(7)
+    b = cpu_dropout.dropout(x, 0.2)
+    assert torch.equal(a, b) and not torch.equal(a, cpu_dropout.dropout(x, 0.2))
+    assert cpu_dropout.dropout(x, 0.0) is x
+    assert torch.count_nonzero(cpu_dropout.dropout(x, 1.0)) == 0
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="dropout probability"):
+            cpu_dropout.dropout(x, bad)
+
+
+def test_reference_ops_use_it_on_the_cpu_and_match_the_same_mask():
+    """The reference's add_layer_norm with dropout equals LayerNorm(mask * scale * x + residual) for the
+    mask the same seed draws, and attention's probabilities are dropped with it too."""
+    x, r = torch.randn(4, 9, 37, dtype=torch.float64), torch.randn(4, 9, 37, dtype=torch.float64)
+    w, b = torch.randn(37, dtype=torch.float64), torch.randn(37, dtype=torch.float64)
+    torch.manual_seed(11)
+    got = reference.add_layer_norm(x, r, w, b, 1e-5, 0.25)
+    torch.manual_seed(11)
+    keep, scale = cpu_dropout.keep_mask(x.shape, 0.25)
+    want = F.layer_norm(x * keep * scale + r, (37,), w, b, 1e-5)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+    q, k, v = (torch.randn(2, 3, 5, 8) for _ in range(3))
+    torch.manual_seed(4)
+    out = reference.attention(q, k, v, dropout_p=0.4)
+    torch.manual_seed(4)
+    keep, scale = cpu_dropout.keep_mask((2, 3, 5, 5), 0.4)
+    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)
+    torch.testing.assert_close(out, (probs * keep * scale) @ v, rtol=1e-5, atol=1e-6)
