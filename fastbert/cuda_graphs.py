@@ -12,12 +12,23 @@ capture it cannot unpad, which needs a host sync), and padding rows carry ignore
         loss = step(batch)         # a device tensor; .item() only when logging
         scheduler.step()           # a tensor learning rate is updated in place, so graphs see it
 
+Pretraining (BertForPreTraining, BertForMaskedLM) needs ``max_masked_rows=K``: the masked-LM head
+normally runs on exactly the labelled rows, which nonzero() finds with a host sync; in a graph it
+runs on K rows instead — every labelled row, then unlabelled ones whose -100 labels add nothing —
+so K must bound the labelled tokens of any batch (fastbert's masking labels at most
+max(1, round(0.15 n)) of a row's n candidate tokens: rows x (round(0.15 seq) + 1) is safe). A batch
+whose labels are on the CPU is checked before it is copied (a clear error); one already on the GPU
+cannot be checked without a sync, and a loss computed with rows left out comes back NaN.
+
+    step = GraphedTrainStep(model, optimizer, batch_size=256, seq_buckets=(128,),
+                            max_masked_rows=256 * 21, autocast_dtype=torch.bfloat16)
+
 Supports: any fastbert model whose loss ignores label -100 (sequence classification with
-num_labels > 1, token classification, multiple choice) in fp32 or under bf16/fp16 autocast;
+num_labels > 1, token classification, multiple choice, masked LM + next-sentence prediction) in fp32
+or under bf16/fp16 autocast;
 torch.optim.Adam / AdamW with capturable=True (fused=True too, if wanted), whose learning rate this class turns
 into a device tensor so that schedulers keep working.
-Not supported: losses that synchronise the host (the masked-LM head picks its rows with nonzero(),
-so pretraining runs eager), float labels (regression, multi-label: padding rows cannot be marked
+Not supported: packed pretraining rows (position_ids and per-example NSP labels), float labels (regression, multi-label: padding rows cannot be marked
 ignored), question answering (its span loss counts every position), gradient accumulation.
 Caution: capturing a bucket runs the step twice eagerly first (kernel compilation, cuBLAS and
 allocator warm-up); the first of those warm-ups also creates the optimizer state. Parameters and
@@ -33,6 +44,7 @@ import torch
 
 PAD_LABEL = -100
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+_ROW_LABELS = ("next_sentence_label",)  # one label per row: padding rows get -100
 
 
 class GraphedTrainStep:
@@ -40,7 +52,15 @@ class GraphedTrainStep:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int,
                  seq_buckets: Sequence[int], max_grad_norm: Optional[float] = None,
-                 autocast_dtype: Optional[torch.dtype] = None, warmup_steps: int = 2):
+                 autocast_dtype: Optional[torch.dtype] = None, warmup_steps: int = 2,
+                 max_masked_rows: Optional[int] = None):
+        self.mlm_heads = [m for m in model.modules() if hasattr(m, "masked_loss")]
+        if self.mlm_heads and max_masked_rows is None:
+            raise ValueError("a masked-LM model needs max_masked_rows (a bound on the labelled tokens of a "
+                             "batch): the head runs on that many rows inside the graph")
+        if max_masked_rows is not None and int(max_masked_rows) < 1:
+            raise ValueError(f"max_masked_rows must be positive, got {max_masked_rows}")
+        self.max_masked_rows = None if max_masked_rows is None else int(max_masked_rows)
         device = next(model.parameters()).device
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {device}")
@@ -82,9 +102,19 @@ class GraphedTrainStep:
         # Autocast's weight-cast cache must be off: cached casts would be freed between replays.
         return torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False)
 
+    @contextlib.contextmanager
+    def _static_mlm_rows(self):
+        for head in self.mlm_heads:
+            head.static_rows = self.max_masked_rows
+        try:
+            yield
+        finally:
+            for head in self.mlm_heads:
+                head.static_rows = None
+
     def _step(self, static: dict) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=False)
-        with self._autocast():
+        with self._autocast(), self._static_mlm_rows():
             loss = self.model(**static).loss
         loss.backward()
         if self.max_grad_norm:
@@ -124,6 +154,12 @@ class GraphedTrainStep:
         rows, seq = ids.shape[0], ids.shape[-1]  # (B, S), or (B, choices, S) for multiple choice
         shape = self.bucket(rows, seq)
         padded = pad_batch(batch, shape)
+        labels = padded.get("labels")
+        if self.mlm_heads and labels is not None and labels.device.type == "cpu":
+            masked = int((labels != PAD_LABEL).sum())
+            if masked > self.max_masked_rows:
+                raise ValueError(f"batch has {masked} labelled tokens, more than max_masked_rows="
+                                 f"{self.max_masked_rows}")
         if shape not in self.graphs:
             self.graphs[shape] = self._capture(padded)
         graph, static, loss = self.graphs[shape]
@@ -157,12 +193,15 @@ def pad_batch(batch: dict, shape: Tuple[int, int]) -> dict:
             if pad_seq < 0:
                 raise ValueError(f"{name} is longer ({t.shape[-1]}) than the bucket ({seq})")
             t = torch.nn.functional.pad(t, (0, pad_seq), value=fill)
+        elif name in _ROW_LABELS:
+            if t.dim() != 1:
+                raise ValueError(f"{name} must be one label per row (packed rows are not supported)")
         elif name != "labels":
             raise ValueError(f"GraphedTrainStep does not know how to pad the input {name!r}")
         if t.shape[0] > rows:
             raise ValueError(f"{name} has {t.shape[0]} rows, more than the bucket's {rows}")
         if t.shape[0] < rows:
-            fill = PAD_LABEL if name == "labels" else 0
+            fill = PAD_LABEL if name == "labels" or name in _ROW_LABELS else 0
             t = torch.cat([t, t.new_full((rows - t.shape[0], *t.shape[1:]), fill)])
         out[name] = t
     return out

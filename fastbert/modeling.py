@@ -53,6 +53,17 @@ class ModelOutput(OrderedDict):
         return tuple(v for v in self.values() if v is not None)
 
 
+def _static_label_rows(flat_labels, k: int):
+    """(K,) row indices without a host sync: every labelled row (label != -100) in order, then
+    unlabelled ones (their -100 labels add nothing to the loss) up to K = min(k, rows); and a 0-dim
+    bool that is True when more than K rows are labelled (some were left out: the caller poisons
+    its loss with NaN rather than return a wrong one)."""
+    labelled = flat_labels != -100
+    k = min(int(k), flat_labels.numel())
+    order = torch.argsort((~labelled).to(torch.uint8), stable=True)  # labelled first, each group in order
+    return order[:k], labelled.sum() > k
+
+
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
@@ -190,14 +201,14 @@ def embed_ids(emb, input_ids, token_type_ids, position_ids, p: float):
     pad = emb.word_embeddings.padding_idx
     grad = torch.is_grad_enabled() and word.requires_grad
     if grad and word.device.type == "cpu" and word.dtype == torch.float32 and not torch.compiler.is_compiling():
-        # the same ops as the reference embed_layer_norm (fp32: no casts), with the word gather swapped
+        # the reference embed_layer_norm (fp32: no casts) with the word gather swapped
         cache = emb.__dict__.get("_word_grad")
         if cache is None:
             cache = emb._word_grad = ReusedBuffer()
-        h = (_GatherRows.apply(word, input_ids, pad, cache) + F.embedding(position_ids, emb.position_embeddings.weight)
-             + F.embedding(token_type_ids, emb.token_type_embeddings.weight))
-        h = F.layer_norm(h, h.shape[-1:], emb.LayerNorm.weight, emb.LayerNorm.bias, emb.LayerNorm.eps)
-        return K.reference.dropout(h, p) if p > 0.0 else h
+        return K.reference.embed_layer_norm(input_ids, token_type_ids, position_ids, word,
+                                            emb.position_embeddings.weight, emb.token_type_embeddings.weight,
+                                            emb.LayerNorm.weight, emb.LayerNorm.bias, emb.LayerNorm.eps, p,
+                                            word_rows=_GatherRows.apply(word, input_ids, pad, cache))
     if grad and pad is not None:
         word = _ZeroRowGrad.apply(word, pad)
     return K.embed_layer_norm(input_ids, token_type_ids, position_ids, word,
@@ -589,15 +600,25 @@ class BertLMPredictionHead(nn.Module):
     def forward(self, sequence_output):  # (..., D) -> (..., V)
         return self.decoder(self.transform(sequence_output))
 
+    # Rows the head runs on when a step is captured as a CUDA graph (fastbert/cuda_graphs.py sets it
+    # while capturing): a fixed count K, chosen without the host sync of nonzero(). None: exactly the
+    # labelled rows.
+    static_rows = None
+
     def masked_loss(self, sequence_output, labels):
         """Mean MLM loss over labelled positions, running the head on those rows only."""
         flat_labels = labels.reshape(-1)  # (B*S,)
-        rows = (flat_labels != -100).nonzero().squeeze(1)  # (M,)
+        static = getattr(self, "static_rows", None)
+        if static is None:
+            rows = (flat_labels != -100).nonzero().squeeze(1)  # (M,)
+        else:
+            rows, overflow = _static_label_rows(flat_labels, static)  # (K,)
         h = sequence_output.reshape(-1, sequence_output.shape[-1]).index_select(0, rows)  # (M, D)
         h = self.transform(h)
         # at least fp32: under bf16 autocast a bf16 loss would be rounded to ~3 significant digits
-        return K.mlm_loss(h, self.decoder.weight, self.bias, flat_labels.index_select(0, rows),
+        loss = K.mlm_loss(h, self.decoder.weight, self.bias, flat_labels.index_select(0, rows),
                           out_dtype=torch.promote_types(h.dtype, torch.float32))
+        return loss if static is None else loss.masked_fill(overflow, math.nan)
 
 
 class BertOnlyMLMHead(nn.Module):

@@ -131,7 +131,8 @@ def _masked_loss(self, sequence_output, labels):
     tie_word_embeddings=False), so the view below hands fastbert the decoder's own bias."""
     decoder = self.decoder
     bias = decoder.bias if decoder.bias is not None else decoder.weight.new_zeros(decoder.out_features)
-    view = types.SimpleNamespace(transform=self.transform, decoder=decoder, bias=bias)
+    view = types.SimpleNamespace(transform=self.transform, decoder=decoder, bias=bias,
+                                 static_rows=getattr(self, "static_rows", None))
     return fb.BertLMPredictionHead.masked_loss(view, sequence_output, labels)
 
 

@@ -32,7 +32,10 @@ compare across packed and unpacked runs.
 
 ``--init-from DIR`` starts a new run from the weights of an earlier one (continued pretraining: a
 fresh optimizer, warm-up and schedule; DIR's tokenizer and config). Use it to train a finished run
-further, or on another corpus; pass another ``--seed`` to see other examples and masks.
+further, or on another corpus; pass another ``--seed`` to see other examples and masks. Caution:
+the seed also picks the held-out documents, so with another seed on the same corpus the new run's
+evaluation set overlaps the documents the first run trained on (its held-out figures read higher
+than they are); keep the seed to keep the held-out set, or continue on another corpus.
 """
 from __future__ import annotations
 

@@ -139,10 +139,13 @@ def gelu_layer_norm(x, bias, weight, ln_bias, eps=1e-12, approximate="none"):
 
 
 def embed_layer_norm(input_ids, token_type_ids, position_ids, word_weight, position_weight, type_weight,
-                     weight, bias, eps=1e-12, dropout_p=0.0):
+                     weight, bias, eps=1e-12, dropout_p=0.0, *, word_rows=None):
+    """word_rows: the word rows already gathered (input_ids' shape + (hidden,)), for a caller that
+    gathers them its own way (fastbert.modeling.embed_ids on the CPU); default F.embedding."""
     dtype = word_weight.dtype
     ct = _compute_dtype(dtype)
-    h = (F.embedding(input_ids, word_weight).to(ct)
+    word = F.embedding(input_ids, word_weight) if word_rows is None else word_rows
+    h = (word.to(ct)
          + F.embedding(position_ids, position_weight).to(ct)
          + F.embedding(token_type_ids, type_weight).to(ct))
     h = F.layer_norm(h, h.shape[-1:], weight.to(ct), bias.to(ct), eps)

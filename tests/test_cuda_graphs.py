@@ -86,3 +86,112 @@ def test_graphed_steps_train_like_eager_steps():
     d_g = torch.cat([(p - p0).flatten() for p, p0 in zip(graphed.parameters(), init)])
     assert d_e.norm() > 0
     assert (d_g - d_e).norm() <= 1e-3 * d_e.norm(), ((d_g - d_e).norm() / d_e.norm()).item()
+
+
+# ------------------------------------------------------------------ pretraining: a fixed count of MLM rows
+
+def _pretraining_batch(rows=4, seq=12, vocab=97, seed=2, masked=0.3):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (rows, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # one padded row
+    labels = torch.where((torch.rand(rows, seq, generator=g) < masked) & mask.bool(), ids, -100)
+    return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
+            "labels": labels, "next_sentence_label": torch.randint(0, 2, (rows,), generator=g)}
+
+
+def test_static_label_rows_keep_every_labelled_row_in_order():
+    from fastbert.modeling import _static_label_rows
+    labels = torch.tensor([-100, 7, -100, 3, 9, -100, -100, 2])
+    rows, overflow = _static_label_rows(labels, 6)
+    assert rows.tolist() == [1, 3, 4, 7, 0, 2] and not overflow
+    rows, overflow = _static_label_rows(labels, 3)  # 4 labelled rows, room for 3
+    assert rows.tolist() == [1, 3, 4] and overflow
+    assert _static_label_rows(labels, 100)[0].tolist() == [1, 3, 4, 7, 0, 2, 5, 6]
+
+
+@pytest.mark.parametrize("impl", ["fastbert", "transformers-patched"])
+def test_static_mlm_rows_give_the_labelled_rows_loss_and_gradients(impl):
+    """The graph's MLM head (K rows: the labelled ones, then -100 rows) gives the loss and gradients
+    of the eager head (exactly the labelled rows), by the shared tolerance rule against float64;
+    more labelled rows than K poisons the loss with NaN instead of dropping some silently."""
+    import transformers
+
+    from tolerance import assert_close_to_reference
+    cfg = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    ours = fastbert.BertForPreTraining(fastbert.BertConfig(**cfg)).train()
+    if impl == "transformers-patched":
+        hf = transformers.BertForPreTraining(transformers.BertConfig(**cfg)).train()
+        hf.load_state_dict(ours.state_dict())
+        ours = fastbert.patch(hf)
+    batch = _pretraining_batch()
+    n_labelled = int((batch["labels"] != -100).sum())
+    head = ours.cls.predictions
+
+    def run(model, dtype, static):
+        m = model.to(dtype)
+        m.zero_grad(set_to_none=True)
+        head.static_rows = static
+        try:
+            loss = m(**batch).loss
+        finally:
+            head.static_rows = None
+        loss.backward()
+        return [loss.detach()] + [p.grad.detach().clone() for p in m.parameters() if p.grad is not None]
+
+    reference = run(ours, torch.float64, None)
+    dynamic = run(ours, torch.float32, None)
+    static = run(ours, torch.float32, n_labelled + 9)
+    assert len(static) == len(dynamic) == len(reference)
+    for i, (a, b, r) in enumerate(zip(static, dynamic, reference)):
+        assert_close_to_reference(a, b, r, k=2, name=f"{impl} tensor {i}")
+    head.static_rows = n_labelled - 1
+    assert torch.isnan(ours(**batch).loss)
+    head.static_rows = None
+
+
+def test_pad_batch_next_sentence_label_and_masked_lm_needs_a_row_bound():
+    batch = _pretraining_batch(rows=2, seq=5)
+    out = pad_batch(batch, (3, 8))
+    assert out["next_sentence_label"].tolist() == batch["next_sentence_label"].tolist() + [-100]
+    assert (out["labels"][2] == -100).all() and (out["labels"][:, 5:] == -100).all()
+    with pytest.raises(ValueError, match="one label per row"):
+        pad_batch({**batch, "next_sentence_label": torch.zeros(2, 2, dtype=torch.long)}, (3, 8))
+    model = fastbert.BertForPreTraining(fastbert.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    with pytest.raises(ValueError, match="max_masked_rows"):
+        GraphedTrainStep(model, torch.optim.AdamW(model.parameters()), batch_size=2, seq_buckets=(8,))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphed_pretraining_steps_train_like_eager_steps():
+    """MLM + NSP, dropout off, fp32: graphed steps (K MLM rows, padded rows, a padded batch) give
+    the eager steps' losses and update; a CPU batch with more labelled tokens than K is refused."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = fastbert.BertConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=96, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    eager = fastbert.BertForPreTraining(cfg).cuda().train()
+    graphed = fastbert.BertForPreTraining(cfg).cuda().train()
+    graphed.load_state_dict(eager.state_dict())
+    init = [p.detach().clone() for p in eager.parameters()]
+    batches = [_pretraining_batch(rows=r, seq=16, seed=s) for s, r in enumerate([4, 3, 4, 4, 2, 4])]
+    opt_e = torch.optim.AdamW(eager.parameters(), lr=1e-3, capturable=True)
+    opt_g = torch.optim.AdamW(graphed.parameters(), lr=1e-3, capturable=True)
+    step = GraphedTrainStep(graphed, opt_g, batch_size=4, seq_buckets=(16,), max_masked_rows=4 * 16 // 2)
+    for batch in batches:
+        loss_e = eager(**{k: v.cuda() for k, v in batch.items()}).loss
+        loss_e.backward()
+        opt_e.step()
+        opt_e.zero_grad()
+        loss_g = step(batch)
+        torch.testing.assert_close(loss_g, loss_e.detach(), rtol=1e-4, atol=1e-5)
+    assert len(step.graphs) == 1 and graphed.cls.predictions.static_rows is None
+    d_e = torch.cat([(p - p0).flatten() for p, p0 in zip(eager.parameters(), init)])
+    d_g = torch.cat([(p - p0).flatten() for p, p0 in zip(graphed.parameters(), init)])
+    assert d_e.norm() > 0 and (d_g - d_e).norm() <= 1e-3 * d_e.norm()
+    with pytest.raises(ValueError, match="max_masked_rows"):
+        step(_pretraining_batch(rows=4, seq=16, masked=0.9))
