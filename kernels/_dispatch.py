@@ -1,7 +1,8 @@
 """Backend selection for fastbert.kernels (read at call time, so tests can flip it).
 
 FASTBERT_KERNELS:
-  auto      (default) Triton on CUDA tensors, the PyTorch reference on CPU tensors
+  auto      (default) Triton on CUDA tensors, plain PyTorch on CPU tensors: the reference, except
+            mlm_loss on fp32, which takes the CPU-tuned cpu_mlm_loss (same result within fp32 rounding)
   triton    Triton always; CPU tensors need TRITON_INTERPRET=1 set before triton is imported
   reference the PyTorch reference always (A/B checks, GPUs below sm_80)
 """
