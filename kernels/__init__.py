@@ -2,8 +2,8 @@
 
 Every public op validates its input here (shared by both backends), then runs either the Triton
 implementation (``fastbert.kernels.<family>``, imported lazily so that importing this package never
-touches a GPU or compiles anything) or ``fastbert.kernels.reference``. See ``_dispatch`` for the
-FASTBERT_KERNELS switch.
+touches a GPU or compiles anything) or ``fastbert.kernels.reference`` (on fp32 CPU tensors, mlm_loss
+takes ``cpu_mlm_loss``, the reference's CPU-tuned twin). See ``_dispatch`` for the FASTBERT_KERNELS switch.
 
 Value checks (ids, labels, cu_seqlens) need a host sync on CUDA tensors: they always run on CPU
 tensors and in eager mode, and are skipped inside torch.compile'd regions and CUDA-graph capture.
