@@ -16,12 +16,14 @@ Pretraining (BertForPreTraining, BertForMaskedLM) needs ``max_masked_rows=K``: t
 normally runs on exactly the labelled rows, which nonzero() finds with a host sync; in a graph it
 runs on K rows instead — every labelled row, then unlabelled ones whose -100 labels add nothing —
 so K must bound the labelled tokens of any batch (fastbert's masking labels at most
-max(1, round(0.15 n)) of a row's n candidate tokens: rows x (round(0.15 seq) + 1) is safe). A batch
-whose labels are on the CPU is checked before it is copied (a clear error); one already on the GPU
-cannot be checked without a sync, and a loss computed with rows left out comes back NaN.
+max(1, round(mask_prob · n)) of a row's n candidate tokens: rows × (round(mask_prob · seq) + 1) is safe).
+A batch whose labels are on the CPU is checked before it is copied (a clear error). One already on
+the GPU cannot be checked without a sync: if it holds more than K labelled tokens, its masked-LM
+term is dropped — that step trains on the next-sentence loss alone — and the returned loss is NaN,
+so check the loss when you log it (or keep labels on the CPU).
 
     step = GraphedTrainStep(model, optimizer, batch_size=256, seq_buckets=(128,),
-                            max_masked_rows=256 * 21, autocast_dtype=torch.bfloat16)
+                            max_masked_rows=256 * (round(0.15 * 128) + 1), autocast_dtype=torch.bfloat16)
 
 Supports: any fastbert model whose loss ignores label -100 (sequence classification with
 num_labels > 1, token classification, multiple choice, masked LM + next-sentence prediction) in fp32
@@ -104,13 +106,17 @@ class GraphedTrainStep:
 
     @contextlib.contextmanager
     def _static_mlm_rows(self):
+        before = [head.__dict__.get("static_rows") for head in self.mlm_heads]
         for head in self.mlm_heads:
             head.static_rows = self.max_masked_rows
         try:
             yield
         finally:
-            for head in self.mlm_heads:
-                head.static_rows = None
+            for head, value in zip(self.mlm_heads, before):
+                if value is None:
+                    head.__dict__.pop("static_rows", None)  # back to the class default (None)
+                else:
+                    head.static_rows = value
 
     def _step(self, static: dict) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=False)

@@ -167,31 +167,67 @@ def test_pad_batch_next_sentence_label_and_masked_lm_needs_a_row_bound():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_graphed_pretraining_steps_train_like_eager_steps():
-    """MLM + NSP, dropout off, fp32: graphed steps (K MLM rows, padded rows, a padded batch) give
-    the eager steps' losses and update; a CPU batch with more labelled tokens than K is refused."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    cfg = fastbert.BertConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              intermediate_size=96, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+@pytest.mark.parametrize("impl", ["fastbert", "transformers-patched"])
+def test_graphed_pretraining_steps_train_like_eager_steps(monkeypatch, impl):
+    """MLM + NSP, dropout off, fp32, clipping: graphed steps (K MLM rows, padded rows, a padded batch)
+    give the eager steps' losses and update; a CPU batch with more labelled tokens than K is refused,
+    and a GPU one (which cannot be checked without a sync) gives a NaN loss and finite weights."""
+    import transformers
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    cfg = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=96, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
-    eager = fastbert.BertForPreTraining(cfg).cuda().train()
-    graphed = fastbert.BertForPreTraining(cfg).cuda().train()
+    eager = fastbert.BertForPreTraining(fastbert.BertConfig(**cfg)).cuda().train()
+    if impl == "fastbert":
+        graphed = fastbert.BertForPreTraining(fastbert.BertConfig(**cfg))
+    else:
+        graphed = fastbert.patch(transformers.BertForPreTraining(transformers.BertConfig(**cfg)))
     graphed.load_state_dict(eager.state_dict())
+    graphed.cuda().train()
     init = [p.detach().clone() for p in eager.parameters()]
     batches = [_pretraining_batch(rows=r, seq=16, seed=s) for s, r in enumerate([4, 3, 4, 4, 2, 4])]
     opt_e = torch.optim.AdamW(eager.parameters(), lr=1e-3, capturable=True)
     opt_g = torch.optim.AdamW(graphed.parameters(), lr=1e-3, capturable=True)
-    step = GraphedTrainStep(graphed, opt_g, batch_size=4, seq_buckets=(16,), max_masked_rows=4 * 16 // 2)
+    step = GraphedTrainStep(graphed, opt_g, batch_size=4, seq_buckets=(16,), max_masked_rows=4 * 16 // 2,
+                            max_grad_norm=1.0)
     for batch in batches:
         loss_e = eager(**{k: v.cuda() for k, v in batch.items()}).loss
         loss_e.backward()
+        torch.nn.utils.clip_grad_norm_(eager.parameters(), 1.0)
         opt_e.step()
         opt_e.zero_grad()
         loss_g = step(batch)
         torch.testing.assert_close(loss_g, loss_e.detach(), rtol=1e-4, atol=1e-5)
-    assert len(step.graphs) == 1 and graphed.cls.predictions.static_rows is None
+    assert len(step.graphs) == 1 and getattr(graphed.cls.predictions, "static_rows", None) is None
     d_e = torch.cat([(p - p0).flatten() for p, p0 in zip(eager.parameters(), init)])
     d_g = torch.cat([(p - p0).flatten() for p, p0 in zip(graphed.parameters(), init)])
     assert d_e.norm() > 0 and (d_g - d_e).norm() <= 1e-3 * d_e.norm()
+    over = _pretraining_batch(rows=4, seq=16, masked=0.9)
     with pytest.raises(ValueError, match="max_masked_rows"):
-        step(_pretraining_batch(rows=4, seq=16, masked=0.9))
+        step(over)
+    assert torch.isnan(step({k: v.cuda() for k, v in over.items()}))
+    assert all(torch.isfinite(p).all() for p in graphed.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_static_label_rows_replay_at_bert_base_size():
+    """The argsort that picks the MLM rows, captured at a BERT-base bucket (32768 labels: PyTorch's
+    large-sort path, not the small in-place one) and replayed on new labels, matches nonzero()."""
+    from fastbert.modeling import _static_label_rows
+    g = torch.Generator().manual_seed(3)
+
+    def labels():
+        return torch.where(torch.rand(256 * 128, generator=g) < 0.15, 7, -100).cuda()
+    static = labels()
+    for _ in range(2):  # warm-up off the capture stream
+        _static_label_rows(static, 5120)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        rows, overflow = _static_label_rows(static, 5120)
+    for _ in range(3):
+        static.copy_(labels())
+        graph.replay()
+        want = (static != -100).nonzero().squeeze(1)
+        assert not overflow.item()
+        assert torch.equal(rows[:len(want)], want) and (static[rows[len(want):]] == -100).all()
