@@ -26,14 +26,15 @@ Supports: fp32 CPU tensors; any number of rows (0 too), width and vocabulary; no
 (copied); any subset of the three gradients; an incoming gradient other than 1.
 Not supported: other dtypes and devices, torch.compile — fastbert.kernels.mlm_loss sends those to the
 reference or Triton (`applies` says which calls come here).
-Caution: the workspace is reused only when no pending backward still holds it (two forwards before
-one backward get two workspaces) and stays allocated between calls (rows × vocab × 4 B: 37 MB at
+Caution: the workspace (one per thread) is reused only when no pending backward still holds it (two
+forwards before one backward get two workspaces) and stays allocated between calls (rows × vocab × 4 B: 37 MB at
 BERT's vocabulary and 307 rows). The gradient is formed in the forward whenever one is wanted, so a
 forward under autograd costs the same whether or not backward runs.
 """
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -42,7 +43,14 @@ from ._workspace import ReusedBuffer
 
 __all__ = ["applies", "mlm_loss", "chunk_columns"]
 
-_WORKSPACE = ReusedBuffer()
+_LOCAL = threading.local()  # one workspace per thread: two threads never hand out the same one
+
+
+def _workspace() -> ReusedBuffer:
+    ws = getattr(_LOCAL, "workspace", None)
+    if ws is None:
+        ws = _LOCAL.workspace = ReusedBuffer()
+    return ws
 
 
 def chunk_columns(hidden_size: int) -> int:
@@ -68,7 +76,7 @@ class _ChunkedMLMLoss(torch.autograd.Function):
         hidden = hidden.contiguous()
         rows, vocab = hidden.shape[0], weight.shape[0]
         c = chunk_columns(hidden.shape[1])
-        flat = _WORKSPACE.take((rows * vocab,), torch.float32, hidden.device, zero=False)
+        flat = _workspace().take((rows * vocab,), torch.float32, hidden.device, zero=False)
         row_max = hidden.new_full((rows,), -math.inf)
         blocks = []
         for s in range(0, vocab, c):

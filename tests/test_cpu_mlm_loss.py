@@ -83,9 +83,9 @@ def test_workspace_reused_across_steps_never_while_a_backward_holds_it(fast_path
     hidden, weight, bias, labels = _inputs(20, 37, 1031, torch.float32, CPU)
     other = _inputs(20, 37, 1031, torch.float32, CPU)[0]
     first = _run(K.mlm_loss, _leaves((hidden, weight, bias), torch.float32), labels)
-    buf = cml._WORKSPACE.buf
+    buf = cml._workspace().buf
     again = _run(K.mlm_loss, _leaves((hidden, weight, bias), torch.float32), labels)
-    assert cml._WORKSPACE.buf is buf  # the step after reused it ...
+    assert cml._workspace().buf is buf  # the step after reused it ...
     for a, b in zip(first, again):  # ... and computes bitwise the same
         assert torch.equal(a, b)
     # Two forwards before either backward: the second must not overwrite the first's saved gradient.
@@ -122,3 +122,20 @@ def test_not_taken_for_other_backends_dtypes_or_out_dtypes(fast_path, monkeypatc
     monkeypatch.setenv("FASTBERT_KERNELS", "reference")
     K.mlm_loss(hidden.float(), weight.float(), bias.float(), labels)
     assert fast_path == []
+
+
+def test_each_thread_has_its_own_workspace(fast_path):
+    import threading
+    hidden, weight, bias, labels = _inputs(12, 37, 1031, torch.float32, CPU)
+    here = _run(K.mlm_loss, _leaves((hidden, weight, bias), torch.float32), labels)
+    seen = {}
+
+    def other():
+        seen["result"] = _run(K.mlm_loss, _leaves((hidden, weight, bias), torch.float32), labels)
+        seen["buf"] = cml._workspace().buf
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert seen["buf"] is not cml._workspace().buf
+    for a, b in zip(here, seen["result"]):
+        assert torch.equal(a, b)
