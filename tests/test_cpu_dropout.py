@@ -72,3 +72,15 @@ def test_reference_ops_use_it_on_the_cpu_and_match_the_same_mask():
     keep, scale = cpu_dropout.keep_mask((2, 3, 5, 5), 0.4)
     probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)
     torch.testing.assert_close(out, (probs * keep * scale) @ v, rtol=1e-5, atol=1e-6)
+
+
+def test_the_three_lanes_of_a_draw_are_independent():
+    """At p = 0.5, two lanes of one 64-bit draw both drop a quarter of the time (a lane reused twice
+    would make it a half)."""
+    x = torch.ones(3 * 200_000)
+    torch.manual_seed(1)
+    dropped = (cpu_dropout.dropout(x, 0.5) == 0).view(-1, 3)
+    sigma = math.sqrt(0.25 * 0.75 / dropped.shape[0])
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        both = (dropped[:, a] & dropped[:, b]).float().mean().item()
+        assert abs(both - 0.25) < 5 * sigma, (a, b, both)

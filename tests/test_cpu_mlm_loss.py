@@ -37,7 +37,14 @@ def fast_path(monkeypatch):
 def test_loss_and_grads(fast_path, monkeypatch, rows, h, vocab, cols):
     if cols is not None:
         monkeypatch.setattr(cml, "chunk_columns", lambda hidden_size: cols)
-    _check_against_reference(rows, h, vocab, torch.float32, CPU)
+    c = cml.chunk_columns(h)
+    # labels at the edges of the chunks: the last column, the first column of the second chunk, the
+    # first column of the last (short) chunk; the rest random with half ignored
+    labels = torch.randint(0, vocab, (rows,))
+    labels[torch.rand(rows) < 0.5] = IGNORE
+    for i, col in enumerate((vocab - 1, min(c, vocab - 1), (vocab - 1) // c * c)[:rows]):
+        labels[i] = col
+    _check_against_reference(rows, h, vocab, torch.float32, CPU, labels=labels)
     assert len(fast_path) == 1
 
 
@@ -100,6 +107,8 @@ def test_workspace_reused_across_steps_never_while_a_backward_holds_it(fast_path
         assert torch.equal(t.grad, g)
     with torch.no_grad():  # no gradient wanted: nothing is kept, and the loss is the same
         assert torch.equal(K.mlm_loss(*la, labels), first[0])
+    from fastbert.kernels._workspace import sole_owner
+    assert sole_owner(cml._workspace().buf)  # free for the next call
     assert len(fast_path) == 6
 
 

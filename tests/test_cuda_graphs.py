@@ -108,6 +108,13 @@ def test_static_label_rows_keep_every_labelled_row_in_order():
     rows, overflow = _static_label_rows(labels, 3)  # 4 labelled rows, room for 3
     assert rows.tolist() == [1, 3, 4] and overflow
     assert _static_label_rows(labels, 100)[0].tolist() == [1, 3, 4, 7, 0, 2, 5, 6]
+    assert not _static_label_rows(labels, 4)[1]  # exactly K labelled rows is no overflow
+    # long enough for an unstable sort to reorder: the labelled rows come in nonzero()'s order
+    many = torch.where(torch.rand(5000, generator=torch.Generator().manual_seed(0)) < 0.15, 1, -100)
+    want = (many != -100).nonzero().squeeze(1)
+    rows, overflow = _static_label_rows(many, len(want) + 50)
+    assert torch.equal(rows[:len(want)], want) and not overflow
+    assert torch.equal(rows[len(want):], (many == -100).nonzero().squeeze(1)[:50])
 
 
 @pytest.mark.parametrize("impl", ["fastbert", "transformers-patched"])
@@ -147,6 +154,8 @@ def test_static_mlm_rows_give_the_labelled_rows_loss_and_gradients(impl):
     assert len(static) == len(dynamic) == len(reference)
     for i, (a, b, r) in enumerate(zip(static, dynamic, reference)):
         assert_close_to_reference(a, b, r, k=2, name=f"{impl} tensor {i}")
+    head.static_rows = n_labelled  # exactly full: a finite loss, the eager one
+    assert_close_to_reference(ours(**batch).loss.detach(), dynamic[0], reference[0], k=2, name="K = labelled")
     head.static_rows = n_labelled - 1
     assert torch.isnan(ours(**batch).loss)
     head.static_rows = None
