@@ -32,7 +32,7 @@ def applies(x: torch.Tensor) -> bool:
 
 def keep_mask(shape, p: float, device="cpu") -> tuple[torch.Tensor, float]:
     """(bool mask of `shape`, scale): True where an element is kept, and 1 / P(keep)."""
-    n = shape.numel() if isinstance(shape, torch.Size) else torch.Size(shape).numel()
+    n = torch.Size(shape).numel()
     threshold = round(p * _LEVELS)  # drop when the 16-bit uniform u < threshold
     draws = torch.empty((n + 2) // 3, dtype=torch.int64, device=device).random_()  # 63 random bits each
     lanes = draws.view(torch.int16).view(-1, 4)[:, :3]  # the three low 16-bit lanes (the top one has 15 bits)
@@ -62,7 +62,4 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
         return x
     if round(p * _LEVELS) >= _LEVELS:  # p = 1 (or within 2**-17 of it): everything dropped
         return x * 0.0
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _Dropout.apply(x, p)
-    keep, scale = keep_mask(x.shape, p, x.device)
-    return x.mul(keep).mul_(scale)
+    return _Dropout.apply(x, p)  # without autograd, apply runs the forward and keeps nothing
