@@ -17,7 +17,9 @@ then the timed steps go round robin, step i of every competitor before step i + 
 Useful FLOPs (for MFU, DESIGN.md): only real tokens count, and the MLM head only on masked rows.
 Per real token and layer, training (fwd + bwd = 3 x fwd) costs 6 * (4 D^2 + 2 D I) for the linear
 layers plus 12 * L * D for attention scores and values (L = its sequence's length); the MLM head
-costs 6 * (D^2 + D V) per masked row; pooler + classifiers are counted too (6 * D^2 per row).
+costs 6 * (D^2 + D V) per masked row; pooler + classifiers are counted too (6 * D^2 per row). In
+pretraining nothing reads the last layer's output at a token that is neither masked nor a row's
+first, so there such a token counts only its key and value projections (6 * 2 D^2).
 """
 from __future__ import annotations
 
@@ -48,10 +50,17 @@ def length_distribution() -> list[int]:
     return [int(k) for k, v in data["histogram"].items() for _ in range(v)]
 
 
-def training_flops(hidden, layers, intermediate, vocab, lengths, masked_rows, batch_rows) -> float:
+def training_flops(hidden, layers, intermediate, vocab, lengths, masked_rows, batch_rows, read_rows=None) -> float:
+    """read_rows: the tokens whose last-layer output something reads (None: all)."""
     tokens = sum(lengths)
-    linear = 6 * (4 * hidden * hidden + 2 * hidden * intermediate) * tokens * layers
-    attention = 12 * hidden * sum(n * n for n in lengths) * layers
+    per_token = 6 * (4 * hidden * hidden + 2 * hidden * intermediate)
+    per_layer_attention = 12 * hidden * sum(n * n for n in lengths)
+    linear = per_token * tokens * layers
+    attention = per_layer_attention * layers
+    if read_rows is not None and tokens:
+        unread = max(0, tokens - read_rows)  # last layer: key and value projections only
+        linear -= unread * (per_token - 6 * 2 * hidden * hidden)
+        attention -= per_layer_attention * unread / tokens
     mlm = 6 * (hidden * hidden + hidden * vocab) * masked_rows
     heads = 6 * hidden * hidden * batch_rows
     return float(linear + attention + mlm + heads)
@@ -213,7 +222,8 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
                       flush=True)
     measured = batches[warmup:]
     real_tokens = sum(sum(lengths) for _, lengths, _ in measured) / len(measured)
-    flops = statistics.mean(training_flops(hidden, layers, inter, vocab, lengths, masked, batch)
+    flops = statistics.mean(training_flops(hidden, layers, inter, vocab, lengths, masked, batch,
+                                           read_rows=masked + batch if case == "pretrain" else None)
                             for _, lengths, masked in measured)
     for comp in models:
         if comp in failed:

@@ -116,8 +116,8 @@ def _encoder_forward(self, x, layout, output_hidden_states=False, output_attenti
     """fastbert.modeling.BertEncoder.forward, except that gradient checkpointing is transformers'
     (its BertLayer checkpoints its own call when model.gradient_checkpointing_enable() was called)."""
     hidden, attentions = ([x] if output_hidden_states else None), ([] if output_attentions else None)
-    for layer in self.layer:
-        x, probs = layer(x, layout)
+    for i, layer in enumerate(self.layer):
+        x, probs = layer(x, layout, fb._last_layer_rows(layout, i, len(self.layer)))
         if output_hidden_states:
             hidden.append(x)
         if output_attentions:
@@ -191,7 +191,8 @@ def _model_forward(self, *args, **kwargs):
     out = fb.BertModel.forward(self, a.get("input_ids"), a.get("attention_mask"), a.get("token_type_ids"),
                                a.get("position_ids"), inputs_embeds=a.get("inputs_embeds"),
                                output_hidden_states=bool(output_hidden_states) or selected is not None,
-                               output_attentions=output_attentions, unpad=a.get("unpad", True))
+                               output_attentions=output_attentions, unpad=a.get("unpad", True),
+                               output_rows=a.get("output_rows"))
     hidden = out.hidden_states
     if hidden is not None and selected is not None:
         hidden = tuple(h if i in selected else None for i, h in enumerate(hidden))

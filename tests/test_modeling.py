@@ -152,6 +152,64 @@ def test_mlm_head_runs_on_masked_rows_only_in_training():
     assert out.prediction_logits.shape == (*inputs["input_ids"].shape, cfg["vocab_size"])
 
 
+def rows_through_last_feed_forward(model, **kwargs) -> int:
+    """How many rows the last encoder layer's feed-forward ran on in one forward of `model`."""
+    seen = []
+    hook = model.bert.encoder.layer[-1].intermediate.register_forward_hook(
+        lambda module, args, out: seen.append(args[0].shape[0]))
+    try:
+        model(**kwargs)
+    finally:
+        hook.remove()
+    assert len(seen) == 1
+    return seen[0]
+
+
+def check_last_layer_runs_on_the_rows_read(model, name, cfg):
+    """Training with MLM labels, the last layer runs past its attention on the labelled tokens and each
+    row's first token only (the loss and gradients are those of the full layer: the training-mode
+    parity tests judge them); with hidden states asked for, in eval mode, or without labels, on
+    every real token."""
+    inputs, labels = make_batch(name, cfg)
+    real = inputs["attention_mask"].bool()
+    read = (labels["labels"] != -100) & real
+    read[:, 0] |= real[:, 0]
+    model.train()
+    assert rows_through_last_feed_forward(model, **inputs, **labels) == int(read.sum()) < int(real.sum())
+    assert rows_through_last_feed_forward(model, **inputs, **labels, output_hidden_states=True) == int(real.sum())
+    assert rows_through_last_feed_forward(model, **inputs) == int(real.sum())
+    model.eval()
+    assert rows_through_last_feed_forward(model, **inputs, **labels) == int(real.sum())
+
+
+@pytest.mark.parametrize("name", ["BertForPreTraining", "BertForMaskedLM"])
+def test_last_layer_runs_on_the_rows_read_only_when_training_with_labels(name):
+    cfg = CONFIGS["tanh-1type"]
+    check_last_layer_runs_on_the_rows_read(make_pair(name, cfg)[1], name, cfg)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    cfg = CONFIGS["gelu-2types"]
+    hf64, plain = make_pair("BertForPreTraining", cfg)
+    plain.double()
+    ckpt = copy.deepcopy(plain)
+    ckpt.gradient_checkpointing_enable()
+    inputs, labels = make_batch("BertForPreTraining", cfg)
+    for m in (plain, ckpt):
+        m.train()
+        m(**inputs, **labels).loss.backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        assert_close_to_reference(q.grad, p.grad, p.grad, k=0, name=name)
+
+
+def test_output_rows_of_the_wrong_shape_are_refused():
+    cfg = CONFIGS["gelu-2types"]
+    _, ours = make_pair("BertModel", cfg)
+    inputs, _ = make_batch("BertModel", cfg)
+    with pytest.raises(ValueError, match="output_rows has shape"):
+        ours(**inputs, output_rows=torch.ones(2, 3, dtype=torch.bool))
+
+
 def test_no_masked_token_gives_zero_mlm_loss_and_grads():
     cfg = CONFIGS["gelu-2types"]
     _, ours = make_pair("BertForMaskedLM", cfg)

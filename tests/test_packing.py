@@ -173,8 +173,9 @@ class _LayoutBeforePacking:
     """fastbert's unpadded layout as it was before packed rows (the oracle of the 0/1 case)."""
 
     packed = False
+    rows = None  # output_rows came later (every row is computed)
 
-    def __init__(self, attention_mask):
+    def __init__(self, attention_mask, output_rows=None):
         self.batch, self.seq = attention_mask.shape
         attention_mask = attention_mask.bool()
         lengths = attention_mask.sum(dim=1, dtype=torch.int32)

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 
 import fastbert
-from test_modeling import CLASSES, CONFIGS, NO_DROPOUT, compare, config_for, make_batch, make_pair, real_mask
+from test_modeling import (CLASSES, CONFIGS, NO_DROPOUT, check_last_layer_runs_on_the_rows_read, compare, config_for,
+                           make_batch, make_pair, real_mask)
 from tolerance import assert_close_to_reference
 
 transformers = pytest.importorskip("transformers")
@@ -227,6 +228,12 @@ def test_deepcopy_pickle_dtype_and_save_pretrained(tmp_path):
     assert loaded.config.architectures == ["BertForTokenClassification"]
     saved, state = loaded.state_dict(), model.state_dict()
     assert set(saved) == set(state) and all(torch.equal(saved[k].double(), state[k]) for k in state)
+
+
+@pytest.mark.parametrize("name", ["BertForPreTraining", "BertForMaskedLM"])
+def test_patched_last_layer_runs_on_the_rows_read_only_when_training_with_labels(name):
+    cfg = CONFIGS["tanh-1type"]
+    check_last_layer_runs_on_the_rows_read(patched_copy(hf_model(name, cfg)), name, cfg)
 
 
 def test_gradient_checkpointing_through_transformers_switch():
