@@ -161,11 +161,16 @@ class _Packed:
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         if self.rows is not None and x.shape[0] == self.rows.shape[0]:  # the last layer's output rows only
-            x = x.new_zeros(self.batch * self.seq, *x.shape[1:]).index_copy(0, self.row_positions, x)
-            return x.view(self.batch, self.seq, *x.shape[1:])  # (B, S, ...), zeros where not computed
+            return _scatter_rows(x, self.row_positions, self.batch, self.seq)
         if self.indices is not None:
             x = x.new_zeros(self.batch * self.seq, *x.shape[1:]).index_copy(0, self.indices, x)
         return x.view(self.batch, self.seq, *x.shape[1:])  # (B, S, ...)
+
+
+def _scatter_rows(x, positions, batch, seq):
+    """(R, ...) rows at flat positions (R,) of a (batch, seq) grid -> (batch, seq, ...), zeros elsewhere."""
+    x = x.new_zeros(batch * seq, *x.shape[1:]).index_copy(0, positions, x)
+    return x.view(batch, seq, *x.shape[1:])
 
 
 class _Padded:
@@ -175,10 +180,20 @@ class _Padded:
     transformers does) and, with want_probs, when attention probabilities are requested.
     """
 
-    def __init__(self, attention_mask: torch.Tensor, dtype: torch.dtype, want_probs: bool = False):
+    def __init__(self, attention_mask: torch.Tensor, dtype: torch.dtype, want_probs: bool = False,
+                 output_rows: torch.Tensor | None = None, max_rows: int | None = None):
         self.batch, self.seq = attention_mask.shape
         self.key_padding_mask = attention_mask  # (B, S) bool
         self.want_probs = want_probs
+        # rows, as in _Packed, but a fixed count (max_rows) chosen without a host sync, so that a
+        # CUDA graph can hold it: the wanted positions and column 0 first, in order, then others.
+        # More wanted positions than max_rows would drop some: the caller's bound must cover them.
+        self.rows = self.row_positions = None
+        if output_rows is not None and max_rows is not None and max_rows < self.batch * self.seq:
+            keep = output_rows.bool().clone()
+            keep[:, 0] = True  # the pooler's token
+            order = torch.argsort((~keep).flatten().to(torch.uint8), stable=True)  # (B*S,) kept first
+            self.rows = self.row_positions = order[:max_rows]  # (R,); packing is a reshape here
         # Additive mask exactly as transformers builds it, so the returned probabilities match.
         self.additive = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min  # (B,1,1,S)
 
@@ -186,6 +201,8 @@ class _Padded:
         return x.reshape(self.batch * self.seq, *x.shape[2:])
 
     def unpack(self, x):
+        if self.rows is not None and x.shape[0] == self.rows.shape[0]:  # the last layer's output rows only
+            return _scatter_rows(x, self.row_positions, self.batch, self.seq)
         return x.view(self.batch, self.seq, *x.shape[1:])
 
 
@@ -536,7 +553,7 @@ class BertModel(BertPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
                 inputs_embeds=None, output_hidden_states=False, output_attentions=False, return_dict=True,
-                unpad=True, output_rows=None, **unused):
+                unpad=True, output_rows=None, max_output_rows=None, **unused):
         """unpad=False runs padding positions through the encoder too (their outputs then equal
         transformers'); the default drops them after the embeddings.
 
@@ -546,8 +563,9 @@ class BertModel(BertPreTrainedModel):
         on the pooler's (every example's first token, column 0) only — its attention still sees every
         token as key and value, so those rows are exact — and last_hidden_state is 0 elsewhere. In
         pretraining (15% of tokens labelled) that skips ~80% of the last layer's linear work. Ignored
-        with output_hidden_states or on the padded layout (output_attentions, unpad=False, CUDA-graph
-        capture).
+        with output_hidden_states or output_attentions, and on the padded layout (unpad=False, CUDA-graph
+        capture) unless max_output_rows bounds the count: there the last layer runs on exactly that
+        many rows (the wanted ones first), a shape fixed without a host sync, as a CUDA graph needs.
 
         Packed rows (a fastbert extension; transformers has no equivalent): an integer
         attention_mask may hold, instead of 1, the number of the example each token belongs to
@@ -593,7 +611,9 @@ class BertModel(BertPreTrainedModel):
 
         h = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, S, D)
         if layout is None:
-            layout = _Padded(attention_mask.bool(), h.dtype, want_probs=output_attentions)
+            rows_ok = not (output_hidden_states or output_attentions)
+            layout = _Padded(attention_mask.bool(), h.dtype, want_probs=output_attentions,
+                             output_rows=output_rows if rows_ok else None, max_rows=max_output_rows)
         x, hidden, attentions = self.encoder(layout.pack(h), layout, output_hidden_states, output_attentions)
         sequence_output = layout.unpack(x)  # (B, S, D)
         pooled = None
@@ -695,13 +715,17 @@ def _mlm(head: BertLMPredictionHead, sequence_output, labels, training: bool):
     return loss, logits
 
 
-def _mlm_rows(labels, training: bool, input_ids, inputs_embeds):
+def _mlm_rows(head, labels, training: bool, input_ids, inputs_embeds) -> dict:
     """BertModel's output_rows for an MLM head: the labelled positions when the head will read only
-    those (training with labels, see _mlm), else None (every row)."""
+    those (training with labels, see _mlm); and when the head runs a fixed K rows (static_rows, in a
+    CUDA graph), the bound K + batch (the labelled rows and each row's first token)."""
     if labels is None or not training or getattr(labels, "dim", lambda: 0)() != 2:
-        return None
+        return {}
     shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
-    return labels != -100 if labels.shape == shape else None
+    if labels.shape != shape:
+        return {}
+    static = getattr(head, "static_rows", None)
+    return dict(output_rows=labels != -100, max_output_rows=None if static is None else int(static) + shape[0])
 
 
 def _nsp_loss(logits, labels):
@@ -739,7 +763,7 @@ class BertForPreTraining(BertPreTrainedModel):
                 output_attentions=False, return_dict=True, **unused):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                        output_rows=_mlm_rows(labels, self.training, input_ids, inputs_embeds))
+                        **_mlm_rows(self.cls.predictions, labels, self.training, input_ids, inputs_embeds))
         mlm_loss, prediction_logits = _mlm(self.cls.predictions, out.last_hidden_state, labels, self.training)
         nsp_logits = self.cls.seq_relationship(out.pooler_output)  # (B, 2); packed rows (B, E, 2)
         loss = None
@@ -762,7 +786,7 @@ class BertForMaskedLM(BertPreTrainedModel):
                 return_dict=True, **unused):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                        output_rows=_mlm_rows(labels, self.training, input_ids, inputs_embeds))
+                        **_mlm_rows(self.cls.predictions, labels, self.training, input_ids, inputs_embeds))
         loss, logits = _mlm(self.cls.predictions, out.last_hidden_state, labels, self.training)
         return _finish(ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                    attentions=out.attentions), return_dict)

@@ -192,7 +192,7 @@ def _model_forward(self, *args, **kwargs):
                                a.get("position_ids"), inputs_embeds=a.get("inputs_embeds"),
                                output_hidden_states=bool(output_hidden_states) or selected is not None,
                                output_attentions=output_attentions, unpad=a.get("unpad", True),
-                               output_rows=a.get("output_rows"))
+                               output_rows=a.get("output_rows"), max_output_rows=a.get("max_output_rows"))
     hidden = out.hidden_states
     if hidden is not None and selected is not None:
         hidden = tuple(h if i in selected else None for i, h in enumerate(hidden))

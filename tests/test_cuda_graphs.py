@@ -126,12 +126,18 @@ def test_static_label_rows_keep_every_labelled_row_in_order():
     assert torch.equal(rows[len(want):], (many == -100).nonzero().squeeze(1)[:50])
 
 
+@pytest.mark.parametrize("capture_layout", [False, True], ids=["unpadded", "capture-layout"])
 @pytest.mark.parametrize("impl", ["fastbert", "transformers-patched"])
-def test_static_mlm_rows_give_the_labelled_rows_loss_and_gradients(impl):
+def test_static_mlm_rows_give_the_labelled_rows_loss_and_gradients(impl, capture_layout, monkeypatch):
     """The graph's MLM head (K rows: the labelled ones, then -100 rows) gives the loss and gradients
     of the eager head (exactly the labelled rows), by the shared tolerance rule against float64;
-    more labelled rows than K poisons the loss with NaN instead of dropping some silently."""
+    more labelled rows than K poisons the loss with NaN instead of dropping some silently.
+    capture-layout: the model believes it is being captured (as in GraphedTrainStep), so it runs the
+    padded layout and its last layer on exactly K + batch rows (max_output_rows)."""
     import transformers
+
+    from fastbert import modeling
+    from test_modeling import rows_through_last_feed_forward
 
     from tolerance import assert_close_to_reference
     cfg = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
@@ -159,6 +165,10 @@ def test_static_mlm_rows_give_the_labelled_rows_loss_and_gradients(impl):
 
     reference = run(ours, torch.float64, None)
     dynamic = run(ours, torch.float32, None)
+    if capture_layout:
+        monkeypatch.setattr(modeling, "_capturing", lambda: True)
+        head.static_rows = n_labelled + 9
+        assert rows_through_last_feed_forward(ours, **batch) == n_labelled + 9 + len(batch["input_ids"])
     static = run(ours, torch.float32, n_labelled + 9)
     assert len(static) == len(dynamic) == len(reference)
     for i, (a, b, r) in enumerate(zip(static, dynamic, reference)):
