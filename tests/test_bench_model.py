@@ -1,0 +1,27 @@
+"""fastbert/bench.py's model-step competitors compute what they claim to (the timing itself lives in
+benchmarks/, not in tests)."""
+import pytest
+import torch
+
+from fastbert import bench
+
+
+def test_masked_head_floor_gives_the_transformers_model_loss_and_gradients():
+    """The floor competitor (transformers' modules, MLM head on masked rows) computes transformers'
+    own pretraining loss and gradients, only cheaper (dropout off, float64)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=1301, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=48, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = transformers.BertForPreTraining(cfg).double().train()
+    kw = bench.make_batches("pretrain", 1, 3, 17, 1301, 5, "cpu")[0][0]
+    results = []
+    for step in (model, bench.MaskedHeadPretraining(model)):
+        model.zero_grad()
+        loss = step(**kw).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (want, want_g), (got, got_g) = results
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
