@@ -12,17 +12,18 @@ from fastbert.kernels import cpu_dropout, reference
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 1e-3])
 def test_drop_rate_and_scale(p):
-    x = torch.rand(1000, 1001) + 0.5  # no zeros of its own; 1001 columns: n is not a multiple of 3
+    x = torch.rand(1000, 1001) + 0.5  # no zeros of its own; 1001 columns: n is not a multiple of 4
     torch.manual_seed(0)
     out = cpu_dropout.dropout(x, p)
     dropped = out == 0
-    p_eff = round(p * 65536) / 65536
+    p_eff = round(p * 32768) / 32768
     sigma = math.sqrt(p_eff * (1 - p_eff) / x.numel())
     assert abs(dropped.float().mean().item() - p_eff) < 5 * sigma
-    # every one of the three 16-bit lanes of a 64-bit draw carries the same rate (no biased lane)
-    for lane in range(3):
-        rate = dropped.reshape(-1)[lane::3].float().mean().item()
-        assert abs(rate - p_eff) < 5 * math.sqrt(3) * sigma, lane
+    # every one of the four 16-bit lanes of a 64-bit draw carries the same rate (lane 0 has 15 random
+    # bits, the others 16: none may be biased)
+    for lane in range(4):
+        rate = dropped.reshape(-1)[lane::4].float().mean().item()
+        assert abs(rate - p_eff) < 5 * math.sqrt(4) * sigma, lane
     kept = ~dropped
     assert torch.equal(out[kept], x[kept] * (1 / (1 - p_eff)))  # exact expectation-preserving scale
 
@@ -33,7 +34,7 @@ def test_gradient_uses_the_forward_mask(shape):
     out = cpu_dropout.dropout(x, 0.3)
     g = torch.randn(shape, dtype=torch.float64)
     out.backward(g)
-    scale = 65536 / (65536 - round(0.3 * 65536))
+    scale = 32768 / (32768 - round(0.3 * 32768))
     kept = out.detach() != 0  # x has no zeros of its own
     assert torch.equal(out.detach(), torch.where(kept, x.detach() * scale, 0.0))
     assert torch.equal(x.grad, torch.where(kept, g * scale, 0.0))
@@ -74,13 +75,13 @@ def test_reference_ops_use_it_on_the_cpu_and_match_the_same_mask():
     torch.testing.assert_close(out, (probs * keep * scale) @ v, rtol=1e-5, atol=1e-6)
 
 
-def test_the_three_lanes_of_a_draw_are_independent():
-    """At p = 0.5, two lanes of one 64-bit draw both drop a quarter of the time (a lane reused twice
-    would make it a half)."""
-    x = torch.ones(3 * 200_000)
+def test_the_four_lanes_of_a_draw_are_independent():
+    """At p = 0.5, two lanes of one 64-bit draw both drop a quarter of the time (a lane reused twice,
+    or two lanes sharing the bit that the doubling moves between them, would show otherwise)."""
+    x = torch.ones(4 * 200_000)
     torch.manual_seed(1)
-    dropped = (cpu_dropout.dropout(x, 0.5) == 0).view(-1, 3)
+    dropped = (cpu_dropout.dropout(x, 0.5) == 0).view(-1, 4)
     sigma = math.sqrt(0.25 * 0.75 / dropped.shape[0])
-    for a, b in ((0, 1), (0, 2), (1, 2)):
+    for a, b in ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)):
         both = (dropped[:, a] & dropped[:, b]).float().mean().item()
         assert abs(both - 0.25) < 5 * sigma, (a, b, both)
