@@ -39,10 +39,15 @@ def attention(q, k, v, key_padding_mask=None, *, causal=False, dropout_p=0.0, so
     as F.scaled_dot_product_attention(is_causal=True)). A query row with no visible key gives zeros.
     """
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if q.dtype != torch.float64 and not (dropout_p > 0.0 and q.dtype == torch.float32 and cpu_dropout.applies(q)):
+    if q.dtype != torch.float64 and not (dropout_p > 0.0 and cpu_dropout.applies(q)):
         return _fused_attention(q, k, v, key_padding_mask, causal, dropout_p, scale)
-    # float64: the explicit oracle; fp32 CPU training too, whose dropout masks are cheaper here
-    # (16-bit draws, kernels/cpu_dropout.py) than inside F.scaled_dot_product_attention
+    if q.dtype in (torch.float16, torch.bfloat16):  # CPU training in low precision: the fp32 path below
+        with torch.autocast("cpu", enabled=False):
+            out = attention(q.float(), k.float(), v.float(), key_padding_mask, causal=causal, dropout_p=dropout_p,
+                            softmax_scale=scale)
+        return out.to(q.dtype)
+    # float64: the explicit oracle; CPU training too, whose dropout masks are cheaper here (16-bit
+    # draws, kernels/cpu_dropout.py) than inside F.scaled_dot_product_attention
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
     if key_padding_mask is None and not causal:
         probs = torch.softmax(scores, dim=-1)

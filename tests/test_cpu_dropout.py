@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fastbert.kernels import cpu_dropout, reference
+from tolerance import assert_close_to_reference
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 1e-3])
@@ -85,3 +86,21 @@ def test_the_four_lanes_of_a_draw_are_independent():
     for a, b in ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)):
         both = (dropped[:, a] & dropped[:, b]).float().mean().item()
         assert abs(both - 0.25) < 5 * sigma, (a, b, both)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_attention_with_dropout_computes_in_fp32(dtype):
+    """CPU attention with dropout on bf16/fp16 inputs (as under autocast): scores, softmax and the
+    dropped probabilities in fp32 (the reference's promise), then one rounding to the input dtype —
+    within 2x of the float64 answer rounded once to that dtype, the best any result in it can be."""
+    q, k, v = (torch.randn(2, 3, 17, 8).to(dtype) for _ in range(3))
+    torch.manual_seed(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = reference.attention(q, k, v, dropout_p=0.3)
+    torch.manual_seed(5)
+    keep, scale = cpu_dropout.keep_mask((2, 3, 17, 17), 0.3)
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    probs = torch.softmax(q64 @ k64.transpose(-1, -2) / math.sqrt(8), dim=-1)
+    want = (probs * keep * scale) @ v64
+    assert out.dtype == dtype
+    assert_close_to_reference(out, want.to(dtype), want, k=2, name=str(dtype))
