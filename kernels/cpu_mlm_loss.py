@@ -22,8 +22,14 @@ allocations every step, which glibc maps fresh and the kernel zero-fills page by
 
 Forward + backward at that shape: 153 ms (reference) → 94 ms.
 
-Supports: fp32 CPU tensors; any number of rows (0 too), width and vocabulary; non-contiguous hidden
-(copied); any subset of the three gradients; an incoming gradient other than 1.
+bf16 hidden (the MLM head under CPU autocast) with fp32 weight and bias: the GEMMs take bf16 operands
+(the weight cast once per call), as autocast's own linear layer would, while the logits, softmax and
+gradients stay fp32 (the logits of a chunk are rounded to bf16 by its GEMM, then the bias is added in
+fp32). The reference under autocast rounds the full logits to bf16 and runs F.cross_entropy on them.
+
+Supports: fp32 CPU tensors, or bf16 hidden with fp32 weight and bias; any number of rows (0 too),
+width and vocabulary; non-contiguous hidden (copied); any subset of the three gradients; an incoming
+gradient other than 1.
 Not supported: other dtypes and devices, torch.compile — fastbert.kernels.mlm_loss sends those to the
 reference or Triton (`applies` says which calls come here).
 Caution: the workspace (one per thread) is reused only when no pending backward still holds it (two
@@ -61,28 +67,38 @@ def chunk_columns(hidden_size: int) -> int:
 
 def applies(hidden, weight, bias, out_dtype) -> bool:
     return (backend() == "auto" and hidden.device.type == "cpu" and weight.shape[0] > 0
-            and hidden.dtype == weight.dtype == bias.dtype == torch.float32
+            and hidden.dtype in (torch.float32, torch.bfloat16) and weight.dtype == bias.dtype == torch.float32
             and out_dtype in (None, torch.float32) and not torch.compiler.is_compiling())
 
 
-def mlm_loss(hidden, weight, bias, labels, ignore_index: int = -100) -> torch.Tensor:
-    return _ChunkedMLMLoss.apply(hidden, weight, bias, labels, ignore_index)
+def mlm_loss(hidden, weight, bias, labels, ignore_index: int = -100, out_dtype=None) -> torch.Tensor:
+    """The loss in out_dtype (default: hidden's), computed in fp32."""
+    loss = _ChunkedMLMLoss.apply(hidden, weight, bias, labels, ignore_index)
+    return loss.to(out_dtype or hidden.dtype)
 
 
 class _ChunkedMLMLoss(torch.autograd.Function):
 
     @staticmethod
+    @torch.autocast("cpu", enabled=False)  # the dtypes below are chosen here, not by autocast
     def forward(ctx, hidden, weight, bias, labels, ignore_index):
         hidden = hidden.contiguous()
         rows, vocab = hidden.shape[0], weight.shape[0]
         c = chunk_columns(hidden.shape[1])
+        low = hidden.dtype != torch.float32  # bf16 operands (the weight cast once), fp32 logits
+        w = weight.to(hidden.dtype) if low else weight
+        scratch = hidden.new_empty(rows * c) if low else None  # one chunk's bf16 logits
         flat = _workspace().take((rows * vocab,), torch.float32, hidden.device, zero=False)
-        row_max = hidden.new_full((rows,), -math.inf)
+        row_max = flat.new_full((rows,), -math.inf)
         blocks = []
         for s in range(0, vocab, c):
             e = min(vocab, s + c)
             block = flat[s * rows:e * rows].view(rows, e - s)  # logits of columns s..e, contiguous
-            torch.addmm(bias[s:e], hidden, weight[s:e].t(), out=block)
+            if low:
+                torch.add(torch.mm(hidden, w[s:e].t(), out=scratch[:block.numel()].view(rows, e - s)), bias[s:e],
+                          out=block)
+            else:
+                torch.addmm(bias[s:e], hidden, weight[s:e].t(), out=block)
             torch.maximum(row_max, block.amax(1), out=row_max)
             blocks.append(block)
 
@@ -110,28 +126,38 @@ class _ChunkedMLMLoss(torch.autograd.Function):
             for block in blocks:
                 block.mul_(per_row[:, None])  # softmax · scale
             flat.index_put_((at_label,), -scale, accumulate=True)  # − onehot · scale
-            ctx.save_for_backward(hidden, weight)
+            ctx.save_for_backward(hidden, w)
             ctx.blocks, ctx.chunk = blocks, c
         return loss
 
     @staticmethod
+    @torch.autocast("cpu", enabled=False)
     def backward(ctx, grad):
-        hidden, weight = ctx.saved_tensors
+        hidden, w = ctx.saved_tensors  # w: the weight in hidden's dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        d_hidden = torch.zeros_like(hidden) if need_h else None
-        d_weight = torch.empty_like(weight) if need_w else None
-        d_bias = weight.new_empty(weight.shape[0]) if need_b else None
+        low = hidden.dtype != torch.float32
+        d_hidden = hidden.new_zeros(hidden.shape, dtype=torch.float32) if need_h else None
+        d_weight = w.new_empty(w.shape, dtype=torch.float32) if need_w else None
+        d_bias = w.new_empty(w.shape[0], dtype=torch.float32) if need_b else None
+        scratch = hidden.new_empty(hidden.shape[0] * ctx.chunk) if low else None  # one chunk's bf16 gradient
         for i, block in enumerate(ctx.blocks):
             s = i * ctx.chunk
             e = s + block.shape[1]
+            g = scratch[:block.numel()].view(block.shape).copy_(block) if low else block
             if need_h:
-                d_hidden.addmm_(block, weight[s:e])  # (rows, c) @ (c, h)
+                if low:  # bf16 product, accumulated over the chunks in fp32
+                    d_hidden.add_(torch.mm(g, w[s:e]))
+                else:
+                    d_hidden.addmm_(g, w[s:e])  # (rows, c) @ (c, h)
             if need_w:
-                torch.mm(block.t(), hidden, out=d_weight[s:e])  # (c, rows) @ (rows, h)
+                if low:
+                    d_weight[s:e].copy_(torch.mm(g.t(), hidden))
+                else:
+                    torch.mm(g.t(), hidden, out=d_weight[s:e])  # (c, rows) @ (rows, h)
             if need_b:
                 torch.sum(block, 0, out=d_bias[s:e])
         if float(grad) != 1.0:
-            for g in (d_hidden, d_weight, d_bias):
-                if g is not None:
-                    g.mul_(grad)
-        return d_hidden, d_weight, d_bias, None, None
+            for t in (d_hidden, d_weight, d_bias):
+                if t is not None:
+                    t.mul_(grad)
+        return (d_hidden.to(hidden.dtype) if need_h else None), d_weight, d_bias, None, None

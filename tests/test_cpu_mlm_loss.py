@@ -143,3 +143,32 @@ def test_each_thread_has_its_own_workspace(fast_path):
     assert seen["buf"] is not cml._workspace().buf
     for a, b in zip(here, seen["result"]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("rows,h,vocab,cols", [
+    (45, 37, 1031, 128),   # 8 chunks and a 7-column tail
+    (6, 64, 30522, None),  # BERT's vocabulary
+    (1, 16, 5, None),
+])
+def test_bf16_hidden_as_under_autocast(fast_path, monkeypatch, rows, h, vocab, cols):
+    """bf16 hidden with fp32 weight and bias (the MLM head under CPU autocast): the fp32 loss and the
+    three gradients within 2x of the reference's own error under autocast (bf16 logits, then
+    F.cross_entropy), against float64."""
+    if cols is not None:
+        monkeypatch.setattr(cml, "chunk_columns", lambda hidden_size: cols)
+    hidden, weight, bias, labels = _inputs(rows, h, vocab, torch.float64, CPU)
+    reference = _run(K.reference.mlm_loss, _leaves((hidden, weight, bias), torch.float64), labels)
+
+    def under_autocast(fn):
+        leaves = [hidden.to(torch.bfloat16).requires_grad_(), *_leaves((weight, bias), torch.float32)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn(*leaves, labels, out_dtype=torch.float32)
+        loss.backward()
+        return [loss.detach()] + [t.grad for t in leaves]
+
+    baseline = under_autocast(K.reference.mlm_loss)
+    ours = under_autocast(K.mlm_loss)
+    assert len(fast_path) == 1
+    for name, a, b, r in zip(("loss", "d_hidden", "d_weight", "d_bias"), ours, baseline, reference):
+        assert a.dtype == b.dtype, name
+        assert_close_to_reference(a, b, r, k=2, name=f"{name} bf16 rows={rows} vocab={vocab}")
