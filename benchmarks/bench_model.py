@@ -34,6 +34,7 @@ def main(argv=None):
     ap.add_argument("--no-padded", action="store_true", help="finetune: skip the fastbert-padded row")
     ap.add_argument("--large", action="store_true", help="GPU: only the BERT-large seq-512 pretraining step")
     ap.add_argument("--name", default=None, help="results file name (default model_step_gpu / model_step_cpu)")
+    ap.add_argument("--bf16", action="store_true", help="CPU: every competitor under bf16 autocast (default fp32)")
     args = ap.parse_args(argv)
     device = "cuda" if args.gpu else "cpu"
     rec = Recorder(args.name or f"model_step_{'gpu' if args.gpu else 'cpu'}")
@@ -55,7 +56,8 @@ def main(argv=None):
             comps = bench.competitor_list(args.compile, case, device) + (
                 ["fastbert-padded"] if case == "finetune" and not args.no_padded else [])
             for row in bench.run(case, size, batch, seq, steps=steps, warmup=3 if args.gpu else 2,
-                                 competitors=comps, device=device):
+                                 competitors=comps, device=device,
+                                 precision="bf16" if args.bf16 or args.gpu else "fp32"):
                 if ceiling:
                     row["ceiling_tflops"] = ceiling
                     row["mfu"] = row["useful_tflops"] / ceiling

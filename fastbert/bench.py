@@ -161,7 +161,8 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
     precision = precision or ("bf16" if device == "cuda" else "fp32")
     models, (hidden, layers, inter) = build_models(case, size, vocab, seq, device, competitors)
     batches = make_batches(case, steps + warmup, batch, seq, vocab, seed, device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" and device == "cuda"
+    # bf16: autocast for every competitor alike (on the CPU too: avx512_bf16 / AMX machines)
+    autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
     results = {}
     # fused AdamW for everyone (one pass per tensor; CPU and CUDA): the optimizer is a cost every
