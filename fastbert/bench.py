@@ -54,7 +54,9 @@ def length_distribution() -> list[int]:
 
 
 def training_flops(hidden, layers, intermediate, vocab, lengths, masked_rows, batch_rows, read_rows=None) -> float:
-    """read_rows: the tokens whose last-layer output something reads (None: all)."""
+    """read_rows: the tokens whose last-layer output something reads (None: all); the attention they
+    leave out is counted as their share of the tokens, exact when every sequence has the same length
+    (the pretraining batches: full rows)."""
     tokens = sum(lengths)
     per_token = 6 * (4 * hidden * hidden + 2 * hidden * intermediate)
     per_layer_attention = 12 * hidden * sum(n * n for n in lengths)
@@ -248,9 +250,14 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
                       flush=True)
     measured = batches[warmup:]
     real_tokens = sum(sum(lengths) for _, lengths, _ in measured) / len(measured)
+    def read_rows(kw):  # the labelled tokens and each row's first (the pooler's)
+        labels = kw["labels"]
+        first = torch.arange(labels.shape[1], device=labels.device) == 0
+        return int(((labels != -100) | first).sum())
+
     flops = statistics.mean(training_flops(hidden, layers, inter, vocab, lengths, masked, batch,
-                                           read_rows=masked + batch if case == "pretrain" else None)
-                            for _, lengths, masked in measured)
+                                           read_rows=read_rows(kw) if case == "pretrain" else None)
+                            for kw, lengths, masked in measured)
     for comp in models:
         if comp in failed:
             results[comp] = {"case": case, "size": size, "impl": comp, "error": failed[comp]}

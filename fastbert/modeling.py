@@ -81,8 +81,8 @@ class _Packed:
     A 0/1 (or bool) mask gives one sequence per row. An integer mask may also number the examples
     packed into a row (1, 2, 3, ...; 0 = padding), each example's tokens contiguous among the row's
     real tokens: every example is then its own sequence, so attention never crosses examples.
-    Everything is computed on the device and read back in one host sync (five numbers); every
-    kernel call after it is sync-free.
+    Everything is computed on the device and read back in one host sync (five numbers, six with
+    output_rows); every kernel call after it is sync-free.
     """
 
     def __init__(self, attention_mask: torch.Tensor, output_rows: torch.Tensor | None = None):
@@ -561,7 +561,8 @@ class BertModel(BertPreTrainedModel):
         labels): a (batch, seq) bool mask of the positions whose last_hidden_state the caller reads.
         The last layer then runs its output projection, LayerNorms and feed-forward on those rows and
         on the pooler's (every example's first token, column 0) only — its attention still sees every
-        token as key and value, so those rows are exact — and last_hidden_state is 0 elsewhere. In
+        token as key and value, so those rows are exact — and last_hidden_state is 0 at the rows not
+        computed (the padded layout's fixed count may compute some unwanted rows too). In
         pretraining (15% of tokens labelled) that skips ~80% of the last layer's linear work. Ignored
         with output_hidden_states or output_attentions, and on the padded layout (unpad=False, CUDA-graph
         capture) unless max_output_rows bounds the count: there the last layer runs on exactly that

@@ -39,8 +39,11 @@ def _model(device):
     return fastbert.BertModel(cfg).to(device).train()
 
 
+@pytest.mark.parametrize("rows", [False, True], ids=["all-rows", "read-rows"])
 @pytest.mark.parametrize("layout_name", ["packed", "padded"])
-def test_encoder_compiles_fullgraph(triton_kernels, device, layout_name, fresh_process):
+def test_encoder_compiles_fullgraph(triton_kernels, device, layout_name, rows, fresh_process):
+    """read-rows: the last layer past its attention on some rows only (BertModel's output_rows; in the
+    padded layout a fixed count, as under CUDA-graph capture)."""
     if fresh_process:
         return
     torch._dynamo.reset()
@@ -49,7 +52,10 @@ def test_encoder_compiles_fullgraph(triton_kernels, device, layout_name, fresh_p
     mask[1, 5:] = 0
     mask[2, 1:] = 0  # a length-1 row
     h = torch.randn(3, 9, 32, device=device)
-    layout = _Packed(mask) if layout_name == "packed" else _Padded(mask.bool(), h.dtype)
+    read = (torch.arange(27, device=device).view(3, 9) % 4 == 1) if rows else None
+    layout = (_Packed(mask, read) if layout_name == "packed"
+              else _Padded(mask.bool(), h.dtype, output_rows=read, max_rows=12 if rows else None))
+    assert (layout.rows is not None) == rows
     x = layout.pack(h)
 
     def run(fn):
@@ -67,6 +73,34 @@ def test_encoder_compiles_fullgraph(triton_kernels, device, layout_name, fresh_p
             assert g is None
         else:
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_pretraining_model_compiles_and_gives_eager_loss_and_gradients(reference_kernels, fresh_process):
+    """BertForPreTraining training with MLM labels (the last layer on the read rows, the MLM head on the
+    masked rows): compiled with graph breaks at the host syncs, it gives eager's loss and gradients."""
+    if fresh_process:
+        return
+    torch._dynamo.reset()
+    cfg = fastbert.BertConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=48, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = fastbert.BertForPreTraining(cfg).train()
+    ids = torch.randint(1, 101, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    labels = torch.where(torch.rand(3, 7) < 0.3, ids, -100)
+    labels[0, 2] = 5
+    kw = dict(input_ids=ids, attention_mask=mask, labels=labels, next_sentence_label=torch.tensor([0, 1, 1]))
+    results = []
+    for fn in (model, torch.compile(model, backend="aot_eager")):
+        model.zero_grad()
+        loss = fn(**kw).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (want, want_g), (got, got_g) = results
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert len(got_g) == len(want_g)
+    for g, w in zip(got_g, want_g):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
 def test_whole_model_compiles_with_breaks_only_at_the_layout(reference_kernels, fresh_process):

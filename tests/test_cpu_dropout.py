@@ -17,11 +17,10 @@ def test_drop_rate_and_scale(p):
     torch.manual_seed(0)
     out = cpu_dropout.dropout(x, p)
     dropped = out == 0
-    p_eff = round(p * 32768) / 32768
+    p_eff = round(p * 65536) / 65536
     sigma = math.sqrt(p_eff * (1 - p_eff) / x.numel())
     assert abs(dropped.float().mean().item() - p_eff) < 5 * sigma
-    # every one of the four 16-bit lanes of a 64-bit draw carries the same rate (lane 0 has 15 random
-    # bits, the others 16: none may be biased)
+    # every one of the four 16-bit lanes of a 64-bit draw carries the same rate (no biased lane)
     for lane in range(4):
         rate = dropped.reshape(-1)[lane::4].float().mean().item()
         assert abs(rate - p_eff) < 5 * math.sqrt(4) * sigma, lane
@@ -35,7 +34,7 @@ def test_gradient_uses_the_forward_mask(shape):
     out = cpu_dropout.dropout(x, 0.3)
     g = torch.randn(shape, dtype=torch.float64)
     out.backward(g)
-    scale = 32768 / (32768 - round(0.3 * 32768))
+    scale = 65536 / (65536 - round(0.3 * 65536))
     kept = out.detach() != 0  # x has no zeros of its own
     assert torch.equal(out.detach(), torch.where(kept, x.detach() * scale, 0.0))
     assert torch.equal(x.grad, torch.where(kept, g * scale, 0.0))
@@ -76,9 +75,23 @@ def test_reference_ops_use_it_on_the_cpu_and_match_the_same_mask():
     torch.testing.assert_close(out, (probs * keep * scale) @ v, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("p", [1 / 65536, 0.1, 0.5, 65535 / 65536])
+def test_every_lane_keeps_exactly_65536_minus_threshold_of_its_values(monkeypatch, p):
+    """Draws whose four lanes each run through all 65536 values: every lane keeps exactly
+    65536 - round(p * 65536) of them (a uniform lane is then kept with exactly 1 - p_eff)."""
+    u = torch.arange(65536, dtype=torch.int32)
+    signed = torch.where(u >= 32768, u - 65536, u).to(torch.int16)  # the int16 view of unsigned u
+    words = signed[:, None].expand(65536, 4).contiguous().view(torch.int64).view(-1)  # lanes (u, u, u, u)
+    monkeypatch.setattr(cpu_dropout, "_draws", lambda n, device: words[:n])
+    keep, scale = cpu_dropout.keep_mask((65536, 4), p)
+    t = round(p * 65536)
+    assert keep.sum(0).tolist() == [65536 - t] * 4
+    assert scale == 65536 / (65536 - t)
+
+
 def test_the_four_lanes_of_a_draw_are_independent():
-    """At p = 0.5, two lanes of one 64-bit draw both drop a quarter of the time (a lane reused twice,
-    or two lanes sharing the bit that the doubling moves between them, would show otherwise)."""
+    """At p = 0.5, two lanes of one 64-bit draw both drop a quarter of the time (a lane reused twice
+    would make it a half)."""
     x = torch.ones(4 * 200_000)
     torch.manual_seed(1)
     dropped = (cpu_dropout.dropout(x, 0.5) == 0).view(-1, 4)

@@ -195,9 +195,13 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     ckpt = copy.deepcopy(plain)
     ckpt.gradient_checkpointing_enable()
     inputs, labels = make_batch("BertForPreTraining", cfg)
-    for m in (plain, ckpt):
+    for m, forwards in ((plain, 1), (ckpt, 2)):  # checkpointing runs each layer again in the backward
+        calls = []
+        hook = m.bert.encoder.layer[-1].register_forward_pre_hook(lambda *args: calls.append(1))
         m.train()
         m(**inputs, **labels).loss.backward()
+        hook.remove()
+        assert len(calls) == forwards
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
         assert_close_to_reference(q.grad, p.grad, p.grad, k=0, name=name)
 
