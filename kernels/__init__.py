@@ -12,13 +12,31 @@ checks its inputs once per step with a single sync, then calls every layer with 
 """
 from __future__ import annotations
 
+import importlib
 import math
 import sys
 
-import torch
+if __name__ != "fastbert.kernels":
+    # This folder installs as fastbert.kernels. From the repository root it is also importable as a
+    # plain `kernels` — and transformers imports a package of that name when it probes for Hugging
+    # Face's `kernels`. Executed a second time, its modules would define fastbert's torch.library ops
+    # again, which replaces them and leaves every handle of the first copy dangling (crashes inside
+    # the dispatcher, now or later). So under any other name it is fastbert.kernels, modules and all:
+    # the imports below then find them in sys.modules and define nothing.
+    try:
+        _package = importlib.import_module("fastbert.kernels")
+    except ImportError:  # fastbert is not installed: this is the only copy, and it runs as is
+        _package = None
+    if _package is not None:
+        for _name, _module in list(sys.modules.items()):
+            if _name.startswith("fastbert.kernels."):
+                sys.modules[__name__ + _name[len("fastbert.kernels"):]] = _module
+        sys.modules[__name__] = _package  # what the import statement returns
 
-from . import cpu_mlm_loss, reference
-from ._dispatch import backend, use_triton
+import torch  # noqa: E402
+
+from . import cpu_mlm_loss, reference  # noqa: E402
+from ._dispatch import backend, use_triton  # noqa: E402
 
 # The Triton families are imported here (defining kernels compiles nothing and touches no GPU) so
 # that torch.compile can trace the dispatch below: Dynamo refuses importlib calls inside a graph.

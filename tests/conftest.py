@@ -53,3 +53,12 @@ def reference_kernels(monkeypatch):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The CLIs' --threads sets torch's thread count for the process; later tests must not inherit
+    it (a GEMM's rounding depends on how it is split, and the tolerance rule compares against one)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
