@@ -33,7 +33,8 @@ into a device tensor so that schedulers keep working.
 Not supported: packed pretraining rows (position_ids and per-example NSP labels), float labels (regression, multi-label: padding rows cannot be marked
 ignored), question answering (its span loss counts every position), gradient accumulation.
 Caution: capturing a bucket runs the step twice eagerly first (kernel compilation, cuBLAS and
-allocator warm-up); the first of those warm-ups also creates the optimizer state. Parameters and
+allocator warm-up), in the layout and shapes the capture will use (modeling.graph_layout()); the
+first of those warm-ups also creates the optimizer state. Parameters and
 optimizer state are restored afterwards, so the graphs train exactly as eager steps would,
 apart from the dropout random numbers. Each bucket keeps its own activation memory pool.
 """
@@ -43,6 +44,8 @@ import contextlib
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+
+from .modeling import graph_layout
 
 PAD_LABEL = -100
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -136,7 +139,7 @@ class GraphedTrainStep:
                        for p, s in self.optimizer.state.items()}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), graph_layout():  # the layout and shapes the capture will meet
             for _ in range(self.warmup_steps):
                 self._step(static)  # compiles kernels; the first time, creates grads and optimizer state
         torch.cuda.current_stream().wait_stream(side)

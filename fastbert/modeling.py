@@ -17,6 +17,7 @@ Shapes: B batch, S sequence, T real tokens (sum of lengths), D hidden, nh heads,
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 
@@ -64,8 +65,25 @@ def _static_label_rows(flat_labels, k: int):
     return order[:k], labelled.sum() > k
 
 
+_GRAPH_LAYOUT = False  # set by graph_layout()
+
+
 def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    """Whether to run as a CUDA graph is captured: the padded layout, no host syncs."""
+    return _GRAPH_LAYOUT or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+@contextlib.contextmanager
+def graph_layout():
+    """Run eager steps exactly as a captured one will (the padded layout, fixed row counts), so that a
+    warm-up before capture meets every shape the graph will: Triton specialisations, cuBLAS
+    heuristics and allocations then happen outside the capture."""
+    global _GRAPH_LAYOUT
+    before, _GRAPH_LAYOUT = _GRAPH_LAYOUT, True
+    try:
+        yield
+    finally:
+        _GRAPH_LAYOUT = before
 
 
 def _finish(output: ModelOutput, return_dict: bool):

@@ -165,8 +165,8 @@ def test_static_mlm_rows_give_the_labelled_rows_loss_and_gradients(impl, capture
 
     reference = run(ours, torch.float64, None)
     dynamic = run(ours, torch.float32, None)
-    if capture_layout:
-        monkeypatch.setattr(modeling, "_capturing", lambda: True)
+    if capture_layout:  # what GraphedTrainStep's warm-up runs (and the capture, which a CPU cannot)
+        monkeypatch.setattr(modeling, "_GRAPH_LAYOUT", True)
         head.static_rows = n_labelled + 9
         assert rows_through_last_feed_forward(ours, **batch) == n_labelled + 9 + len(batch["input_ids"])
     static = run(ours, torch.float32, n_labelled + 9)
@@ -250,3 +250,30 @@ def test_static_label_rows_replay_at_bert_base_size():
         want = (static != -100).nonzero().squeeze(1)
         assert not overflow.item()
         assert torch.equal(rows[:len(want)], want) and (static[rows[len(want):]] == -100).all()
+
+
+def test_graph_layout_runs_eager_steps_as_the_capture_will():
+    """GraphedTrainStep warms up inside modeling.graph_layout(): the padded layout (every position
+    through the encoder, as in the captured graph), restored on exit, errors included."""
+    from fastbert import modeling
+    model = fastbert.BertModel(fastbert.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1,
+                                                   num_attention_heads=4, intermediate_size=48)).eval()
+    ids = torch.randint(5, 97, (3, 8))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+
+    def rows():
+        seen = []
+        hook = model.encoder.layer[0].intermediate.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+        model(ids, mask)
+        hook.remove()
+        return seen[0]
+
+    assert rows() == int(mask.sum()) == 21
+    with modeling.graph_layout():
+        assert rows() == 24
+    assert rows() == 21
+    with pytest.raises(RuntimeError):
+        with modeling.graph_layout():
+            raise RuntimeError("inside")
+    assert not modeling._GRAPH_LAYOUT
