@@ -35,9 +35,14 @@ def test_pad_batch_errors(bad, message):
         pad_batch(bad, (2, 5))
 
 
+def _tiny(name):
+    """A one-layer fastbert model of class `name` (vocabulary 50, hidden 16)."""
+    return getattr(fastbert, name)(fastbert.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                       num_attention_heads=2, intermediate_size=32))
+
+
 def test_rejects_cpu_models_and_plain_optimizers():
-    model = fastbert.BertForSequenceClassification(fastbert.BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    model = _tiny("BertForSequenceClassification")
     with pytest.raises(ValueError, match="CUDA"):
         GraphedTrainStep(model, torch.optim.AdamW(model.parameters()), batch_size=2, seq_buckets=(8,))
 
@@ -187,8 +192,7 @@ def test_pad_batch_next_sentence_label_and_masked_lm_needs_a_row_bound():
     assert (out["labels"][2] == -100).all() and (out["labels"][:, 5:] == -100).all()
     with pytest.raises(ValueError, match="one label per row"):
         pad_batch({**batch, "next_sentence_label": torch.zeros(2, 2, dtype=torch.long)}, (3, 8))
-    model = fastbert.BertForPreTraining(fastbert.BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    model = _tiny("BertForPreTraining")
     with pytest.raises(ValueError, match="max_masked_rows"):
         GraphedTrainStep(model, torch.optim.AdamW(model.parameters()), batch_size=2, seq_buckets=(8,))
 
@@ -256,18 +260,14 @@ def test_graph_layout_runs_eager_steps_as_the_capture_will():
     """GraphedTrainStep warms up inside modeling.graph_layout(): the padded layout (every position
     through the encoder, as in the captured graph), restored on exit, errors included."""
     from fastbert import modeling
-    model = fastbert.BertModel(fastbert.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1,
-                                                   num_attention_heads=4, intermediate_size=48)).eval()
-    ids = torch.randint(5, 97, (3, 8))
+    from test_modeling import rows_through_last_feed_forward
+    model = _tiny("BertModel").eval()
+    ids = torch.randint(5, 50, (3, 8))
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
 
     def rows():
-        seen = []
-        hook = model.encoder.layer[0].intermediate.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
-        model(ids, mask)
-        hook.remove()
-        return seen[0]
+        return rows_through_last_feed_forward(model, input_ids=ids, attention_mask=mask)
 
     assert rows() == int(mask.sum()) == 21
     with modeling.graph_layout():

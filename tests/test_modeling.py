@@ -153,9 +153,10 @@ def test_mlm_head_runs_on_masked_rows_only_in_training():
 
 
 def rows_through_last_feed_forward(model, **kwargs) -> int:
-    """How many rows the last encoder layer's feed-forward ran on in one forward of `model`."""
+    """How many rows the last encoder layer's feed-forward ran on in one forward of `model` (a head
+    class or BertModel)."""
     seen = []
-    hook = model.bert.encoder.layer[-1].intermediate.register_forward_hook(
+    hook = getattr(model, "bert", model).encoder.layer[-1].intermediate.register_forward_hook(
         lambda module, args, out: seen.append(args[0].shape[0]))
     try:
         model(**kwargs)
