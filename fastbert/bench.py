@@ -38,6 +38,7 @@ import types
 from importlib import resources
 
 import torch
+import torch.nn.functional as F
 
 SIZES = {
     # name: (hidden, layers, heads, intermediate)
@@ -109,7 +110,6 @@ class MaskedHeadPretraining(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label):
-        import torch.nn.functional as F
         out = self.model.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         rows = (labels.flatten() != -100).nonzero().squeeze(1)  # (M,)
         h = out.last_hidden_state.flatten(0, 1).index_select(0, rows)  # (M, D)
