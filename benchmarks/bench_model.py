@@ -20,7 +20,7 @@ import traceback
 import torch
 
 from benchmarks.harness import Recorder, matmul_ceiling_tflops
-from fastbert import bench
+from fastbert import bench, runtime
 
 
 def main(argv=None):
@@ -35,7 +35,12 @@ def main(argv=None):
     ap.add_argument("--large", action="store_true", help="GPU: only the BERT-large seq-512 pretraining step")
     ap.add_argument("--name", default=None, help="results file name (default model_step_gpu / model_step_cpu)")
     ap.add_argument("--bf16", action="store_true", help="CPU: every competitor under bf16 autocast (default fp32)")
+    ap.add_argument("--tuned-malloc", action="store_true",
+                    help="glibc malloc tuned as the fastbert commands run (fastbert.runtime.tune_cpu_allocator), "
+                         "for every competitor in this process; default: glibc's own settings")
     args = ap.parse_args(argv)
+    # before any model or batch exists: the setting is process-wide and every competitor runs under it
+    malloc = "tuned" if args.tuned_malloc and runtime.tune_cpu_allocator() else "glibc-default"
     device = "cuda" if args.gpu else "cpu"
     rec = Recorder(args.name or f"model_step_{'gpu' if args.gpu else 'cpu'}")
     ceiling = matmul_ceiling_tflops() if args.gpu else None
@@ -58,6 +63,7 @@ def main(argv=None):
             for row in bench.run(case, size, batch, seq, steps=steps, warmup=3 if args.gpu else 2,
                                  competitors=comps, device=device,
                                  precision="bf16" if args.bf16 or args.gpu else "fp32"):
+                row["malloc"] = malloc
                 if ceiling:
                     row["ceiling_tflops"] = ceiling
                     row["mfu"] = row["useful_tflops"] / ceiling

@@ -40,6 +40,8 @@ from importlib import resources
 import torch
 import torch.nn.functional as F
 
+from . import runtime
+
 SIZES = {
     # name: (hidden, layers, heads, intermediate)
     "cpu-small": (256, 4, 4, 1024),
@@ -303,9 +305,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="finetune: add fastbert-padded (padding run through the encoder) beside unpadded fastbert")
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", default=None, help="write the result rows to this file")
+    parser.add_argument("--tuned-malloc", action="store_true",
+                        help="run every competitor with glibc malloc tuned as the other fastbert commands run it "
+                             "(fastbert.runtime.tune_cpu_allocator); default: glibc's own settings")
 
 
 def main(args) -> int:
+    if args.tuned_malloc and runtime.tune_cpu_allocator() is None:
+        print("--tuned-malloc: not applied (not glibc, or FASTBERT_MALLOC_TUNING=0)", file=sys.stderr)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     size = args.size or ("base" if device == "cuda" else "cpu-small")
     try:

@@ -5,6 +5,8 @@ import argparse
 import importlib
 import sys
 
+from . import runtime
+
 # subcommand -> (module, one-line help); each module defines add_arguments(parser) and main(args) -> int
 COMMANDS = {
     "pretrain": ("fastbert.pretrain", "pretrain BERT (masked LM + next-sentence prediction) on a corpus"),
@@ -29,6 +31,8 @@ def main(argv=None) -> int:
     # missing optional dependency) does not tax the others.
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
+        if argv[0] != "bench":  # bench decides for itself (--tuned-malloc), for all its competitors alike
+            runtime.tune_cpu_allocator()
         module = importlib.import_module(COMMANDS[argv[0]][0])
         parser = argparse.ArgumentParser(prog=f"fastbert {argv[0]}", description=COMMANDS[argv[0]][1])
         module.add_arguments(parser)

@@ -6,12 +6,17 @@
   (the CPU always runs fp32 under auto); ``bf16`` / ``fp16`` = autocast in that dtype (fp16 trains
   with a GradScaler); ``fp32`` = no autocast. Weights and optimizer state stay fp32 in every mode.
 
+- ``tune_cpu_allocator()``: glibc malloc settings for a training loop on the CPU (below); the
+  commands call it, a library user may.
+
 Nothing here runs at import.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import os
 
 import torch
 
@@ -83,3 +88,51 @@ def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+# glibc's mallopt parameter numbers (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_allocator_tuning: dict | None = None
+
+
+def tune_cpu_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 << 31) - 1,
+                       top_pad: int = 64 << 20) -> dict | None:
+    """Keep freed tensor memory in the process instead of handing it back to the kernel.
+
+    A CPU training step allocates and frees the same few hundred MB of activations every step.
+    glibc serves blocks above its adaptive mmap threshold (128 KB, rising to at most 32 MB) with
+    fresh mmaps, and trims the heap top once more than twice that threshold is free, so each step
+    faults its buffers in again, a zero-filled page at a time. On this project's 2-core VM that cost
+    fastbert's pretraining step ~5-8k faults and up to 40 ms of system time (its GELU backward ran
+    5x slower inside the step than alone), and transformers' step ~250k faults and ~1 s (its 250 MB
+    of logits). These settings -- heap allocations up to ``mmap_threshold``, no trim below
+    ``trim_threshold`` (the largest value mallopt takes), ``top_pad`` extra per heap growth -- take
+    both to a steady state with almost no faults (benchmarks/results/cpu-2026-11-26-s8/RUN.md).
+    The cost: memory freed by the program stays mapped to the process (its peak, not more).
+
+    Process-wide, for every library in the process; call it before the first large allocations.
+    The `fastbert` commands call it (`fastbert bench` only with --tuned-malloc, so that its ratios
+    can be measured under either allocator, for every competitor alike). Returns the settings
+    applied, or None where nothing changed: not glibc, or ``FASTBERT_MALLOC_TUNING=0`` in the
+    environment. Idempotent: the first call's settings stay.
+    """
+    global _allocator_tuning
+    if _allocator_tuning is not None:
+        return dict(_allocator_tuning)
+    if os.environ.get("FASTBERT_MALLOC_TUNING", "1") == "0":
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc only: musl's mallopt accepts the call and does nothing
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    settings = {"mmap_threshold": mmap_threshold, "trim_threshold": trim_threshold, "top_pad": top_pad}
+    codes = {"mmap_threshold": _M_MMAP_THRESHOLD, "trim_threshold": _M_TRIM_THRESHOLD, "top_pad": _M_TOP_PAD}
+    for name, value in settings.items():
+        if not 0 <= value < 2**31:
+            raise ValueError(f"tune_cpu_allocator: {name}={value} must fit a C int (0 <= value < 2**31)")
+        if mallopt(ctypes.c_int(codes[name]), ctypes.c_int(value)) != 1:
+            raise ValueError(f"tune_cpu_allocator: glibc rejected {name}={value}")
+    _allocator_tuning = settings
+    return dict(settings)
