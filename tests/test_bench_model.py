@@ -35,3 +35,33 @@ def test_useful_flops_by_hand():
     assert bench.training_flops(2, 1, 4, 3, [2], 1, 1) == 192 * 2 + 96 + 60 + 24
     assert bench.training_flops(2, 1, 4, 3, [2], 1, 1, read_rows=1) == 192 + 48 + 96 / 2 + 60 + 24
     assert bench.training_flops(2, 1, 4, 3, [2], 1, 1, read_rows=2) == 192 * 2 + 96 + 60 + 24
+
+
+def test_summarize_runs_takes_the_median_of_per_run_ratios(tmp_path):
+    """benchmarks/summarize_runs.py: each run's ratio is taken within that run, and the series median
+    is the median of those ratios (a ratio of medians from different runs would compare unlike runs)."""
+    import json
+
+    from benchmarks import summarize_runs
+
+    def write(name, date, malloc, fast, sdpa):
+        rows = [dict(case="pretrain", precision="fp32", malloc=malloc, impl=impl, median_ms=ms)
+                for impl, ms in (("fastbert", fast), ("transformers-sdpa", sdpa))]
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model_step_cpu.json").write_text(json.dumps(
+            {"name": "model_step_cpu", "machine": {"date": date, "git_sha": "abc"}, "context": {}, "rows": rows}))
+
+    # per-run ratios 4, 2, 3, 5: median 3.5; the ratio of the median times would be 350 / 125 = 2.8
+    write("a", "2026-01-01T00:01Z", "glibc-default", 100, 400)
+    write("b", "2026-01-01T00:02Z", "glibc-default", 150, 300)
+    write("c", "2026-01-01T00:03Z", "glibc-default", 100, 300)
+    write("d", "2026-01-01T00:04Z", "glibc-default", 200, 1000)
+    write("e", "2026-01-01T00:05Z", "tuned", 100, 250)
+    runs = summarize_runs.load_runs(tmp_path)
+    assert [r["file"] for r in runs] == [f"{x}/model_step_cpu.json" for x in "abcde"]  # by date
+    assert summarize_runs.main([str(tmp_path)]) == 0
+    text = (tmp_path / "summary.md").read_text()
+    assert "| pretrain | fp32 | glibc-default | 4 | **3.50×** | 2.00–5.00× |" in text
+    assert "| pretrain | fp32 | tuned | 1 | **2.50×** | 2.50–2.50× |" in text
+    assert (tmp_path / "summary.png").stat().st_size > 0
