@@ -311,7 +311,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    if args.tuned_malloc and runtime.tune_cpu_allocator() is None:
+    tuned = bool(args.tuned_malloc and runtime.tune_cpu_allocator())
+    if args.tuned_malloc and not tuned:
         print("--tuned-malloc: not applied (not glibc, or FASTBERT_MALLOC_TUNING=0)", file=sys.stderr)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     size = args.size or ("base" if device == "cuda" else "cpu-small")
@@ -327,11 +328,17 @@ def main(args) -> int:
         comps = competitor_list(args.compile, case, device) + (["fastbert-padded"] if case == "finetune" and args.padded
                                                                else [])
         rows += run(case, size, batch, args.seq_len, args.steps, args.warmup, competitors=comps, device=device)
+    for r in rows:
+        r["malloc"] = "tuned" if tuned else "glibc-default"
     cols = ["case", "impl", "median_ms", "real_tokens_per_s", "speedup_vs_sdpa", "peak_mem_gib"]
     print(" | ".join(cols))
     for r in rows:
         cells = (r.get(c, r.get("error", "") if c == "median_ms" else "") for c in cols)
         print(" | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in cells))
+    if device == "cpu":
+        # the CPU ratios depend on it: transformers' pretraining step re-faults ~250 MB of logits per step
+        print("malloc: " + ("tuned for every competitor (fastbert.runtime.tune_cpu_allocator)" if tuned else
+                            "glibc defaults for every competitor (--tuned-malloc: as the fastbert commands run)"))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
