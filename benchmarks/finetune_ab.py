@@ -113,7 +113,13 @@ def main(argv=None) -> int:
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--tuned-malloc", action="store_true",
+                   help="every arm with glibc malloc tuned as the fastbert commands run it "
+                        "(fastbert.runtime.tune_cpu_allocator); default: glibc's own settings")
     args = p.parse_args(argv)
+    # process-wide and before anything is allocated, so every arm runs under the same allocator
+    from fastbert import runtime
+    malloc = "tuned" if args.tuned_malloc and runtime.tune_cpu_allocator() else "glibc-default"
 
     names = [n.strip() for n in args.experiments.split(",") if n.strip()]
     unknown = [n for n in names if n not in EXPERIMENTS]
@@ -128,7 +134,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     smoke = any(v is not None for v in (args.max_train_examples, args.max_eval_examples, args.epochs))
-    rec = Recorder("finetune_ab", model=model, data_root=args.data_root, threads=torch.get_num_threads(),
+    rec = Recorder("finetune_ab", model=model, data_root=args.data_root, threads=torch.get_num_threads(), malloc=malloc,
                    smoke=smoke, max_train_examples=args.max_train_examples,
                    max_eval_examples=args.max_eval_examples, epochs_override=args.epochs,
                    experiments={n: {k: v for k, v in EXPERIMENTS[n].items() if k != "impls"} for n in names},
