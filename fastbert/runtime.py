@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import ctypes
 import os
+import warnings
 
 import torch
 
@@ -129,10 +130,17 @@ def tune_cpu_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 <
         return None
     settings = {"mmap_threshold": mmap_threshold, "trim_threshold": trim_threshold, "top_pad": top_pad}
     codes = {"mmap_threshold": _M_MMAP_THRESHOLD, "trim_threshold": _M_TRIM_THRESHOLD, "top_pad": _M_TOP_PAD}
-    for name, value in settings.items():
+    for name, value in settings.items():  # all checked before any is applied
         if not 0 <= value < 2**31:
             raise ValueError(f"tune_cpu_allocator: {name}={value} must fit a C int (0 <= value < 2**31)")
+    for name, value in settings.items():
         if mallopt(ctypes.c_int(codes[name]), ctypes.c_int(value)) != 1:
-            raise ValueError(f"tune_cpu_allocator: glibc rejected {name}={value}")
+            # glibc before ~2.35 caps M_MMAP_THRESHOLD at 32 MB on 64-bit: take the cap, never fail a command
+            if name == "mmap_threshold" and value > 32 << 20 and mallopt(ctypes.c_int(codes[name]),
+                                                                          ctypes.c_int(32 << 20)) == 1:
+                settings[name] = 32 << 20
+                continue
+            warnings.warn(f"tune_cpu_allocator: glibc rejected {name}={value}; left at its default")
+            settings[name] = None
     _allocator_tuning = settings
     return dict(settings)

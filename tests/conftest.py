@@ -16,6 +16,9 @@ elif os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("TRITON_CACHE_DIR",
                           os.path.join(os.path.expanduser("~/.triton"), "cache-" + os.environ["PYTEST_XDIST_WORKER"]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# tests that call the CLI in-process must not retune malloc for the rest of the session
+# (tests/test_runtime.py probes it in subprocesses without this variable)
+os.environ["FASTBERT_MALLOC_TUNING"] = "0"
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 sys.path.insert(0, os.path.dirname(__file__))  # for `from tolerance import ...`
