@@ -35,12 +35,9 @@ def main(argv=None):
     ap.add_argument("--large", action="store_true", help="GPU: only the BERT-large seq-512 pretraining step")
     ap.add_argument("--name", default=None, help="results file name (default model_step_gpu / model_step_cpu)")
     ap.add_argument("--bf16", action="store_true", help="CPU: every competitor under bf16 autocast (default fp32)")
-    ap.add_argument("--tuned-malloc", action="store_true",
-                    help="glibc malloc tuned as the fastbert commands run (fastbert.runtime.tune_cpu_allocator), "
-                         "for every competitor in this process; default: glibc's own settings")
+    runtime.add_malloc_argument(ap)
     args = ap.parse_args(argv)
-    # before any model or batch exists: the setting is process-wide and every competitor runs under it
-    malloc = "tuned" if args.tuned_malloc and runtime.tune_cpu_allocator() else "glibc-default"
+    malloc = runtime.apply_malloc_flag(args.tuned_malloc)  # before any model or batch exists
     device = "cuda" if args.gpu else "cpu"
     rec = Recorder(args.name or f"model_step_{'gpu' if args.gpu else 'cpu'}")
     ceiling = matmul_ceiling_tflops() if args.gpu else None

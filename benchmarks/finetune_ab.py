@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness import RESULTS_DIR, Recorder
+from fastbert import runtime
 
 DATA_ROOT = "/work/shared/data"
 
@@ -113,13 +114,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--tuned-malloc", action="store_true",
-                   help="every arm with glibc malloc tuned as the fastbert commands run it "
-                        "(fastbert.runtime.tune_cpu_allocator); default: glibc's own settings")
+    runtime.add_malloc_argument(p)
     args = p.parse_args(argv)
-    # process-wide and before anything is allocated, so every arm runs under the same allocator
-    from fastbert import runtime
-    malloc = "tuned" if args.tuned_malloc and runtime.tune_cpu_allocator() else "glibc-default"
+    malloc = runtime.apply_malloc_flag(args.tuned_malloc)  # before anything is allocated: every arm alike
 
     names = [n.strip() for n in args.experiments.split(",") if n.strip()]
     unknown = [n for n in names if n not in EXPERIMENTS]

@@ -119,6 +119,27 @@ def output_dir() -> Path:
     return path
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None where matplotlib is missing (plots are extras)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, path, dpi: int = 110) -> Path:
+    """Lay out, write and close a figure; returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return Path(path)
+
+
 class Recorder:
     """Collects result rows and writes <name>.json, <name>.md (and <name>.png with plot())."""
 
@@ -156,11 +177,8 @@ class Recorder:
 
     def plot(self, x: str, y: str, group: str, directory=None, title=None, ylabel=None) -> Path | None:
         """Grouped bar chart of `y` per `x`, one bar per `group` value."""
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        plt = pyplot()
+        if plt is None:
             return None
         rows = [r for r in self.rows if r.get(y) is not None]
         if not rows:
@@ -176,9 +194,5 @@ class Recorder:
         ax.set_ylabel(ylabel or y)
         ax.set_title(title or self.name)
         ax.legend(fontsize=8)
-        fig.tight_layout()
         directory = Path(directory) if directory else output_dir()
-        path = directory / f"{self.name}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return save_figure(fig, directory / f"{self.name}.png")

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Recorder, output_dir
+from benchmarks.harness import Recorder, output_dir, pyplot, save_figure
 
 DEFAULT_CORPUS = "/work/shared/data/pretrain/en.txt.gz"
 IMPLS = ("fastbert", "transformers-sdpa", "transformers-eager")
@@ -267,11 +267,8 @@ def time_to(curve, target, window):
 
 
 def plot(curves, path, title, window):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(12, 4.2))
     for impl, curve in curves.items():
@@ -291,10 +288,7 @@ def plot(curves, path, title, window):
     ax_s.legend()
     ax_s.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -26,10 +26,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("competitors", nargs="*", default=["fastbert", "transformers-sdpa"])
     ap.add_argument("--case", choices=["pretrain", "finetune"], default="pretrain")
-    ap.add_argument("--tuned-malloc", action="store_true")
+    runtime.add_malloc_argument(ap)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    malloc = "tuned" if args.tuned_malloc and runtime.tune_cpu_allocator() else "glibc-default"
+    malloc = runtime.apply_malloc_flag(args.tuned_malloc)
     torch.set_num_threads(args.threads)
     batch = 16 if args.case == "pretrain" else 32
     models, _ = bench.build_models(args.case, "cpu-small", 30522, 128, "cpu", args.competitors)
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         n = len(times)
         print(f"{comp} | {statistics.median(times) * 1e3:.0f} | {(r1.ru_minflt - r0.ru_minflt) // n} | "
               f"{(r1.ru_stime - r0.ru_stime) / n:.3f} | {(r1.ru_utime - r0.ru_utime) / n:.3f}", flush=True)
-        del models[comp], opt
+        del models[comp], model, step_model, opt  # free this competitor before the next one's turn
     return 0
 
 

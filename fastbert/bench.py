@@ -305,15 +305,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="finetune: add fastbert-padded (padding run through the encoder) beside unpadded fastbert")
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", default=None, help="write the result rows to this file")
-    parser.add_argument("--tuned-malloc", action="store_true",
-                        help="run every competitor with glibc malloc tuned as the other fastbert commands run it "
-                             "(fastbert.runtime.tune_cpu_allocator); default: glibc's own settings")
+    runtime.add_malloc_argument(parser)
 
 
 def main(args) -> int:
-    tuned = bool(args.tuned_malloc and runtime.tune_cpu_allocator())
-    if args.tuned_malloc and not tuned:
-        print("--tuned-malloc: not applied (not glibc, or FASTBERT_MALLOC_TUNING=0)", file=sys.stderr)
+    malloc = runtime.apply_malloc_flag(args.tuned_malloc)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     size = args.size or ("base" if device == "cuda" else "cpu-small")
     try:
@@ -329,7 +325,7 @@ def main(args) -> int:
                                                                else [])
         rows += run(case, size, batch, args.seq_len, args.steps, args.warmup, competitors=comps, device=device)
     for r in rows:
-        r["malloc"] = "tuned" if tuned else "glibc-default"
+        r["malloc"] = malloc
     cols = ["case", "impl", "median_ms", "real_tokens_per_s", "speedup_vs_sdpa", "peak_mem_gib"]
     print(" | ".join(cols))
     for r in rows:
@@ -337,7 +333,7 @@ def main(args) -> int:
         print(" | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in cells))
     if device == "cpu":
         # the CPU ratios depend on it: transformers' pretraining step re-faults ~250 MB of logits per step
-        print("malloc: " + ("tuned for every competitor (fastbert.runtime.tune_cpu_allocator)" if tuned else
+        print("malloc: " + ("tuned for every competitor (fastbert.runtime.tune_cpu_allocator)" if malloc == "tuned" else
                             "glibc defaults for every competitor (--tuned-malloc: as the fastbert commands run)"))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

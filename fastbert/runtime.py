@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import ctypes
 import os
+import sys
 import warnings
 
 import torch
@@ -144,3 +145,27 @@ def tune_cpu_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 <
             settings[name] = None
     _allocator_tuning = settings
     return dict(settings)
+
+
+MALLOC_HELP = ("glibc malloc tuned as the fastbert commands run it (fastbert.runtime.tune_cpu_allocator), for every "
+               "competitor in this process; default: glibc's own settings")
+
+
+def add_malloc_argument(p: argparse.ArgumentParser) -> None:
+    """``--tuned-malloc`` for benchmarks that compare competitors inside one process."""
+    p.add_argument("--tuned-malloc", action="store_true", help=MALLOC_HELP)
+
+
+def apply_malloc_flag(tuned_malloc: bool) -> str:
+    """Apply ``--tuned-malloc`` and return the label results record: "tuned" or "glibc-default".
+
+    Call it before any model or batch exists: the setting is process-wide, so every competitor of
+    the run gets the same allocator. Says so on stderr where the flag was given but nothing changed.
+    """
+    if not tuned_malloc:
+        return "glibc-default"
+    if tune_cpu_allocator():
+        return "tuned"
+    print("--tuned-malloc: not applied (not glibc, or FASTBERT_MALLOC_TUNING=0)", file=sys.stderr)
+    return "glibc-default"
+

@@ -39,29 +39,39 @@ def test_useful_flops_by_hand():
 
 def test_summarize_runs_takes_the_median_of_per_run_ratios(tmp_path):
     """benchmarks/summarize_runs.py: each run's ratio is taken within that run, and the series median
-    is the median of those ratios (a ratio of medians from different runs would compare unlike runs)."""
+    is the median of those ratios (a ratio of medians from different runs would compare unlike runs);
+    a run differing in batch or malloc is its own series; a run without the baseline has no ratio."""
     import json
 
     from benchmarks import summarize_runs
 
-    def write(name, date, malloc, fast, sdpa):
-        rows = [dict(case="pretrain", precision="fp32", malloc=malloc, impl=impl, median_ms=ms)
-                for impl, ms in (("fastbert", fast), ("transformers-sdpa", sdpa))]
+    def write(name, date, malloc, timings, batch=16):
+        rows = [dict(case="pretrain", size="cpu-small", batch=batch, seq=128, device="cpu", precision="fp32",
+                     malloc=malloc, impl=impl, median_ms=ms) for impl, ms in timings.items()]
         folder = tmp_path / name
         folder.mkdir()
         (folder / "model_step_cpu.json").write_text(json.dumps(
             {"name": "model_step_cpu", "machine": {"date": date, "git_sha": "abc"}, "context": {}, "rows": rows}))
 
+    def both(fast, sdpa):
+        return {"fastbert": fast, "transformers-sdpa": sdpa}
+
     # per-run ratios 4, 2, 3, 5: median 3.5; the ratio of the median times would be 350 / 125 = 2.8
-    write("a", "2026-01-01T00:01Z", "glibc-default", 100, 400)
-    write("b", "2026-01-01T00:02Z", "glibc-default", 150, 300)
-    write("c", "2026-01-01T00:03Z", "glibc-default", 100, 300)
-    write("d", "2026-01-01T00:04Z", "glibc-default", 200, 1000)
-    write("e", "2026-01-01T00:05Z", "tuned", 100, 250)
+    write("a", "2026-01-01T00:01Z", "glibc-default", both(100, 400))
+    write("b", "2026-01-01T00:02Z", "glibc-default", both(150, 300))
+    write("c", "2026-01-01T00:03Z", "glibc-default", both(100, 300))
+    write("d", "2026-01-01T00:04Z", "glibc-default", both(200, 1000))
+    write("e", "2026-01-01T00:05Z", "tuned", both(100, 250))
+    write("f", "2026-01-01T00:06Z", "glibc-default", {"fastbert": 90})  # baseline failed: listed, no ratio
+    write("g", "2026-01-01T00:07Z", "glibc-default", both(200, 300), batch=32)
     runs = summarize_runs.load_runs(tmp_path)
-    assert [r["file"] for r in runs] == [f"{x}/model_step_cpu.json" for x in "abcde"]  # by date
+    assert [r["file"] for r in runs] == [f"{x}/model_step_cpu.json" for x in "abcdefg"]  # by date
     assert summarize_runs.main([str(tmp_path)]) == 0
     text = (tmp_path / "summary.md").read_text()
-    assert "| pretrain | fp32 | glibc-default | 4 | **3.50×** | 2.00–5.00× |" in text
-    assert "| pretrain | fp32 | tuned | 1 | **2.50×** | 2.50–2.50× |" in text
+    series = "| pretrain | cpu-small | {} | 128 | cpu | fp32 | {} |"
+    assert series.format(16, "glibc-default") + " 4 | **3.50×** | 2.00–5.00× |" in text
+    assert series.format(16, "tuned") + " 1 | **2.50×** | 2.50–2.50× |" in text
+    assert series.format(32, "glibc-default") + " 1 | **1.50×** | 1.50–1.50× |" in text
+    assert series.format(16, "glibc-default") + " 00:06 abc | 90 |  | — |" in text
+    assert "nan" not in text
     assert (tmp_path / "summary.png").stat().st_size > 0
