@@ -16,6 +16,10 @@
 # full warm-up/decay schedule. If the main run is cut by its time limit, the last checkpoint it saved
 # (a quarter of the run apart) is fine-tuned and the summary says which step that was.
 #
+# Pretrain on the GPU, fine-tune on the CPU (the fine-tuning grid over seeds costs CPU time, not device
+# time): ZH_EXPORT=1 ZH_LRS="" brings the model back as $OUT/zh_model.tar.gz (bf16 weights, tokenizer,
+# config, metrics); then, on the CPU, benchmarks/zh_grid.py fine-tunes both arms over lrs x seeds.
+#
 # Shrink everything for a CPU smoke test, e.g.:
 #   OUT=/tmp/zh ZH_DEVICE=cpu ZH_PRECISION=fp32 ZH_SIZE=micro ZH_BATCH=8 ZH_SEQ=64 ZH_CAL_STEPS=4 \
 #   ZH_PRETRAIN_SECONDS=10 ZH_FT_EPOCHS=1 ZH_MAX_TRAIN=64 ZH_MAX_EVAL=64 bash benchmarks/zh_two_stage.sh small.txt.gz
@@ -37,7 +41,7 @@ ZH_STEPS=${ZH_STEPS:-}                    # set to skip the calibration
 ZH_FALLBACK_STEPS=${ZH_FALLBACK_STEPS:-3000}  # if the calibration fails
 ZH_FT_EPOCHS=${ZH_FT_EPOCHS:-3}
 ZH_FT_BATCH=${ZH_FT_BATCH:-32}
-ZH_LRS=${ZH_LRS:-"1e-4 2e-4"}             # each run for both arms; the first pair runs first
+ZH_LRS=${ZH_LRS-"1e-4 2e-4"}              # each run for both arms, the first pair first; "" = none
 ZH_MAX_TRAIN=${ZH_MAX_TRAIN:-}
 ZH_MAX_EVAL=${ZH_MAX_EVAL:-}
 ZH_TOTAL_SECONDS=${ZH_TOTAL_SECONDS:-330}
@@ -121,6 +125,35 @@ if [ -z "$LATEST" ]; then
   cat "$R/logs/steps.txt"; bundle; exit 1
 fi
 echo "pretrained checkpoint: $LATEST of $STEPS steps" | tee -a "$R/logs/steps.txt"
+# The finished run's model sits in the run folder; a run cut short has it only in its last checkpoint.
+MODEL="$R/pretrain"; [ -f "$MODEL/model.safetensors" ] || MODEL="$R/pretrain/checkpoints/$LATEST"
+
+# (a1) optional: bring the pretrained model back (ZH_EXPORT=1) so that CPU sessions can fine-tune it
+# over many seeds: $OUT/zh_model.tar.gz (or ZH_EXPORT_PATH), floating weights in bf16 (mini: ~10 MB; the device tool
+# returns files of at most 16 MiB), with its tokenizer, config, metrics and run arguments.
+if [ "${ZH_EXPORT:-0}" = 1 ]; then
+  $PY - "$MODEL" "$R/pretrain" "${ZH_EXPORT_PATH:-$OUT/zh_model.tar.gz}" <<'EXPORT' 2>&1 | tee -a "$R/logs/steps.txt"
+import os, shutil, sys, tarfile, tempfile
+import torch
+from safetensors.torch import load_file, save_file
+model, run, dest = sys.argv[1:4]
+stage = os.path.join(tempfile.mkdtemp(), "zh_model")
+os.mkdir(stage)
+state = load_file(os.path.join(model, "model.safetensors"))
+save_file({k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous() for k, v in state.items()},
+          os.path.join(stage, "model.safetensors"), metadata={"format": "pt"})
+for src, names in ((model, ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                            "vocab.txt")), (run, ("metrics.jsonl", "run_args.json", "loss_curve.png"))):
+    for name in names:
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), stage)
+with tarfile.open(dest, "w:gz") as tar:
+    tar.add(stage, arcname="zh_model")
+size = os.path.getsize(dest)
+print(f"export: {dest} {size / 2**20:.1f} MiB (bf16 weights of {os.path.basename(os.path.normpath(model))})"
+      + ("" if size < 16 << 20 else " -- over the device tool's 16 MiB per file: it will not come back"))
+EXPORT
+fi
 
 summary() {
   $PY - "$R" "$OUT" "$ZH_SIZE" "$STEPS" "$LATEST" "$ZH_LRS" <<'EOF'
@@ -188,16 +221,19 @@ if ab and arms and arms[0].get("pretrained"):
     lines += ["", f"Same fine-tuning on transformers (pretrained, lr {lrs[0]}): dev accuracy "
                   f"{ab['dev']['accuracy']:.4f}, {ab['train_seconds']} s of training vs fastbert {fb_s} s "
                   f"(ratio {ab['train_seconds'] / max(fb_s, 1e-9):.2f})."]
-lines += ["", f"Fine-tuning: classify, {arms[0].get('pretrained', arms[0].get('random', {})).get('device', '?')}; "
-              "same seed, epochs, batch, max length 128 and lr for both arms; the random arm keeps the "
-              "pretrained run's config and tokenizer (fastbert finetune --random-init)."]
+if arms:
+    lines += ["", f"Fine-tuning: classify, {arms[0].get('pretrained', arms[0].get('random', {})).get('device', '?')}; "
+                  "same seed, epochs, batch, max length 128 and lr for both arms; the random arm keeps the "
+                  "pretrained run's config and tokenizer (fastbert finetune --random-init)."]
+else:
+    lines += ["", "No fine-tuning in this run (ZH_LRS empty)."]
 json.dump(res, open(f"{out}/zh_summary.json", "w"), indent=1)
 open(f"{out}/zh_summary.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF
 }
 
-FT=(--task classify --model "$R/pretrain" --train "$ZH_DATA/train.jsonl" --dev "$ZH_DATA/dev.jsonl"
+FT=(--task classify --model "$MODEL" --train "$ZH_DATA/train.jsonl" --dev "$ZH_DATA/dev.jsonl"
     --epochs "$ZH_FT_EPOCHS" --batch-size "$ZH_FT_BATCH" --max-length 128 --seed 42
     --device "$ZH_DEVICE" --no-progress)
 [ -n "$ZH_MAX_TRAIN" ] && FT+=(--max-train-examples "$ZH_MAX_TRAIN")
@@ -208,7 +244,7 @@ for lr in $ZH_LRS; do
   summary > /dev/null 2>&1
 done
 # (d) optional: the first pretrained fine-tuning again on transformers, for a GPU speed ratio
-if [ "${ZH_AB:-0}" = 1 ]; then
+if [ "${ZH_AB:-0}" = 1 ] && [ -n "${ZH_LRS// /}" ]; then
   set -- $ZH_LRS
   step ft-transformers "$T_FT" "${FB[@]}" finetune "${FT[@]}" --lr "$1" --impl transformers --out "$R/ft-transformers"
 fi
