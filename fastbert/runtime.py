@@ -67,6 +67,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a resolved precision (None for fp32)."""
+    return _AMP_DTYPES.get(precision)
+
+
 def autocast(precision: str, device: torch.device):
     """A context for the forward pass: torch.autocast in bf16/fp16, nothing in fp32."""
     dtype = _AMP_DTYPES.get(precision)

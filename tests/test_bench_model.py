@@ -75,3 +75,21 @@ def test_summarize_runs_takes_the_median_of_per_run_ratios(tmp_path):
     assert series.format(16, "glibc-default") + " 00:06 abc | 90 |  | — |" in text
     assert "nan" not in text
     assert (tmp_path / "summary.png").stat().st_size > 0
+
+
+def test_encode_bench_keeps_the_other_rows_when_a_competitor_fails():
+    """benchmarks/bench_encode.py: a competitor that raises (here fastbert-graphs, which needs CUDA)
+    becomes an error row; the others are timed and compared as usual."""
+    pytest.importorskip("transformers")
+    from benchmarks import bench_encode
+    config = dict(bench_encode.MINILM, vocab_size=1200, hidden_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, intermediate_size=64)
+    rows, used = bench_encode.run(batch=4, n_batches=2, repeats=1, impls=("fastbert", "fastbert-graphs",
+                                  "transformers-sdpa"), device="cpu", weights="random", config=config,
+                                  progress=False)
+    by = {r["impl"]: r for r in rows}
+    assert used == "random" and set(by) == {"fastbert", "fastbert-graphs", "transformers-sdpa"}
+    assert "CUDA graphs need the model on a CUDA device" in by["fastbert-graphs"]["error"]
+    assert "median_ms" not in by["fastbert-graphs"]
+    assert by["fastbert"]["median_ms"] > 0 and by["transformers-sdpa"]["speedup_vs_sdpa"] == 1.0
+    assert by["fastbert"]["cos_min_vs_sdpa"] > 0.9999  # same weights, same vectors

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fastbert
-from fastbert.cuda_graphs import GraphedTrainStep, pad_batch
+from fastbert.cuda_graphs import GraphedEncoder, GraphedTrainStep, pad_batch, padded_embeddings
 
 
 def test_pad_batch_rows_and_sequence():
@@ -277,3 +277,88 @@ def test_graph_layout_runs_eager_steps_as_the_capture_will():
         with modeling.graph_layout():
             raise RuntimeError("inside")
     assert not modeling._GRAPH_LAYOUT
+
+
+def _ragged_batch(rows, seq, vocab=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (rows, seq), generator=g)
+    lengths = torch.randint(2, seq + 1, (rows,), generator=g)
+    lengths[0] = seq  # the longest row sets the batch's width, as encode's batches do
+    mask = (torch.arange(seq)[None] < lengths[:, None]).long()
+    types = (torch.arange(seq)[None] >= lengths[:, None] // 2).long() * mask
+    return ids * mask, mask, types
+
+
+@pytest.mark.parametrize("pooling, normalize", [("mean", False), ("mean", True), ("cls", False)])
+def test_padded_embeddings_equal_the_eager_encoder(pooling, normalize):
+    """What GraphedEncoder captures — the padded layout over a bucket with padding rows and columns —
+    gives encode's eager vectors (unpadded encoder) for the real rows, on the CPU."""
+    from fastbert import modeling
+    from fastbert.encode import pool
+    model = _tiny("BertModel").double().eval()
+    ids, mask, types = _ragged_batch(5, 11)
+    with torch.no_grad():
+        want = pool(model(ids, mask, types).last_hidden_state, mask, pooling, normalize)
+        static = pad_batch({"input_ids": ids, "attention_mask": mask, "token_type_ids": types}, (8, 16))
+        with modeling.graph_layout():
+            got = padded_embeddings(model, static, pooling, normalize)
+    assert got.shape == (8, 16) and got.dtype == torch.float32
+    torch.testing.assert_close(got[:5], want, rtol=1e-6, atol=1e-6)
+    assert (got[5:] == 0).all() if pooling == "mean" else torch.isfinite(got[5:]).all()
+
+
+def test_graphed_encoder_argument_errors():
+    model = _tiny("BertModel")
+    with pytest.raises(ValueError, match="CUDA"):
+        GraphedEncoder(model, batch_size=4, seq_buckets=(8,))
+    if torch.cuda.is_available():
+        model = model.cuda()
+        for kw, message in ((dict(pooling="max"), "pooling"), (dict(seq_buckets=(16, 8)), "increasing"),
+                            (dict(batch_size=0), "positive")):
+            with pytest.raises(ValueError, match=message):
+                GraphedEncoder(model, **{"batch_size": 4, "seq_buckets": (8,), **kw})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("autocast_dtype, pooling", [(None, "mean"), (None, "cls"), (torch.bfloat16, "mean")])
+def test_graphed_encoder_gives_the_eager_embeddings(autocast_dtype, pooling):
+    """Replays (two buckets interleaved, short batches, inputs on the GPU and on the CPU) give the
+    eager unpadded encoder's vectors; a returned tensor survives later replays; one graph per
+    bucket; a batch longer than any bucket is refused."""
+    from fastbert.encode import pool
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = fastbert.BertConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=96)
+    torch.manual_seed(0)
+    model = fastbert.BertModel(cfg).cuda().eval()
+    normalize = pooling == "mean"
+    enc = GraphedEncoder(model, batch_size=8, seq_buckets=(16, 32), pooling=pooling, normalize=normalize,
+                         autocast_dtype=autocast_dtype)
+
+    def eager(ids, mask, types):
+        with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            return pool(model(ids, mask, types).last_hidden_state, mask, pooling, normalize)
+
+    kept = []
+    with torch.inference_mode():
+        for i, (rows, seq) in enumerate([(8, 12), (8, 30), (5, 9), (8, 16), (3, 32)]):
+            batch = _ragged_batch(rows, seq, vocab=97, seed=i)
+            on_gpu = [t.cuda() for t in batch]
+            got = enc(*(on_gpu if i % 2 == 0 else batch))  # CPU inputs are padded there, then copied
+            want = eager(*on_gpu)
+            assert got.shape == (rows, 64) and got.is_cuda and got.dtype == torch.float32
+            if autocast_dtype is None:
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            else:  # bf16 autocast in both: the padded and unpadded layouts round differently
+                assert torch.nn.functional.cosine_similarity(got, want, dim=-1).min() > 0.999
+            kept.append((got, want))
+        # the first result, after four more replays (two of them in its own bucket), is still its batch's
+        first, first_want = kept[0]
+        if autocast_dtype is None:
+            torch.testing.assert_close(first, first_want, rtol=1e-4, atol=1e-5)
+        else:
+            assert torch.nn.functional.cosine_similarity(first, first_want, dim=-1).min() > 0.999
+        assert sorted(enc.graphs) == [(8, 16), (8, 32)]
+        with pytest.raises(ValueError, match="exceeds the largest bucket"):
+            enc(*(t.cuda() for t in _ragged_batch(2, 33, vocab=97)))

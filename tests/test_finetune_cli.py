@@ -162,6 +162,23 @@ def test_encode_npy_and_jsonl(micro_model, tmp_path, monkeypatch):
     np.testing.assert_allclose(rows[0]["embedding"], cls0.numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_encode_cuda_graphs(micro_model, tmp_path, capsys):
+    """--cuda-graphs: a clear error without a GPU; on a GPU, the eager command's vectors."""
+    from fastbert.encode import length_buckets
+    assert length_buckets(512) == (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448, 480, 512)
+    assert length_buckets(40) == (32, 40) and length_buckets(32) == (32,)
+    inp = tmp_path / "in.txt"
+    inp.write_text("the cat sat\ngood movie\nwhere is it ?\n" + "the big red door is near the mat .\n" * 4)
+    base = ["encode", "--model", micro_model, "--input", str(inp), "--precision", "fp32", "--batch-size", "4"]
+    assert cli(base + ["--device", "cpu", "--cuda-graphs"]) == 2
+    assert "--cuda-graphs needs a CUDA device" in capsys.readouterr().err
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert cli(base + ["--device", "cuda", "--output", str(tmp_path / "g.npy"), "--cuda-graphs"]) == 0
+        assert cli(base + ["--device", "cuda", "--output", str(tmp_path / "e.npy")]) == 0
+        np.testing.assert_allclose(np.load(tmp_path / "g.npy"), np.load(tmp_path / "e.npy"), rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------- device, random init, baseline arm
 
 @pytest.fixture(scope="module")
