@@ -164,15 +164,16 @@ class GraphedTrainStep:
             if masked > self.max_masked_rows:
                 raise ValueError(f"batch has {masked} labelled tokens, more than max_masked_rows="
                                  f"{self.max_masked_rows}")
-        if shape not in self.graphs:
-            self.graphs[shape] = self._capture(padded)
-        graph, static, loss = self.graphs[shape]
-        if padded.keys() != static.keys():
-            raise ValueError(f"every batch must carry the same inputs: captured with {sorted(static)}, "
-                             f"got {sorted(padded)}")
-        for name, value in padded.items():
-            static[name].copy_(value, non_blocking=True)
-        graph.replay()
+        with torch.cuda.device(self.device):  # streams, capture and Triton launches on the model's GPU
+            if shape not in self.graphs:
+                self.graphs[shape] = self._capture(padded)
+            graph, static, loss = self.graphs[shape]
+            if padded.keys() != static.keys():
+                raise ValueError(f"every batch must carry the same inputs: captured with {sorted(static)}, "
+                                 f"got {sorted(padded)}")
+            for name, value in padded.items():
+                static[name].copy_(value, non_blocking=True)
+            graph.replay()
         return loss
 
 
