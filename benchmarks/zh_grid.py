@@ -62,6 +62,13 @@ def load_result(run_dir: Path) -> dict | None:
             "epochs": [h["accuracy"] for h in m["history"]], "train_seconds": m["train_seconds"]}
 
 
+def prune_run(run_dir: Path) -> None:
+    """Keep what the summary reads (metrics.json) and the run's config; drop weights and tokenizer files."""
+    for f in run_dir.iterdir():
+        if f.is_file() and f.name not in ("metrics.json", "config.json"):
+            f.unlink()
+
+
 def _stats(xs: list[float]) -> dict:
     return {"n": len(xs), "mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0,
             "min": min(xs), "max": max(xs)}
@@ -145,6 +152,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per process")
     ap.add_argument("--arms", default=",".join(ARMS), help="pretrained, random or both (default both)")
     ap.add_argument("--out", type=Path, default=None, help="default benchmarks/results/zh-grid-<model folder name>")
+    ap.add_argument("--keep-models", action="store_true",
+                    help="keep each run's fine-tuned weights and tokenizer copy (default: only metrics.json and "
+                         "config.json stay; a mini run's weights are 20 MB)")
     ap.add_argument("--max-train-examples", type=int, help="quick smoke: only the first N training examples")
     ap.add_argument("--max-eval-examples", type=int, help="quick smoke: only the first N dev examples")
     args = ap.parse_args(argv)
@@ -196,6 +206,8 @@ def main(argv=None) -> int:
             res = load_result(out / "runs" / run_name(arm, lr, seed)) if rc == 0 else None
             if res:
                 results[(arm, lr, seed)] = res
+                if not args.keep_models:
+                    prune_run(out / "runs" / run_name(arm, lr, seed))
             else:
                 failed.append(run_name(arm, lr, seed))
             acc = f"{res['accuracy']:.4f}" if res else f"FAILED rc={rc} (logs/{run_name(arm, lr, seed)}.log)"

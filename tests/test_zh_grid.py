@@ -40,6 +40,11 @@ def test_finished_runs_are_read_back_and_unfinished_ones_are_not(tmp_path):
     cut.mkdir()
     (cut / "metrics.json").write_text('{"dev": {"accur')  # a run killed while writing
     assert zh_grid.load_result(cut) is None and zh_grid.load_result(tmp_path / "absent") is None
+    for name in ("model.safetensors", "vocab.txt", "config.json"):
+        (done / name).write_text("x")
+    zh_grid.prune_run(done)  # what stays is what the summary and a reader need
+    assert sorted(f.name for f in done.iterdir()) == ["config.json", "metrics.json"]
+    assert zh_grid.load_result(done)["accuracy"] == 0.75
 
 
 def test_bad_arguments_are_clear_errors(tmp_path, capsys):
