@@ -13,7 +13,7 @@ score is its best epoch's dev accuracy (the dev set picks the epoch, alike for b
 One fine-tuning seed is a noisy judge on 1,000 dev examples (one point is ~1.2 standard errors), so
 the summary compares the arms on the mean over seeds at each lr, the paired per-seed differences (the
 same seed draws the same batches for both arms), and the best lr of each arm. Runs that finished are
-kept in --out/runs and skipped when the command is started again, so an interrupted grid resumes.
+kept in --out/finetune (their metrics.json) and skipped when the command is started again, so an interrupted grid resumes.
 Writes --out/grid.md, grid.json and grid.png.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ from benchmarks.harness import pyplot, save_figure
 
 DATA = "/work/shared/data/sentiment_zh"
 ARMS = ("pretrained", "random")
+RUNS = "finetune"  # one folder per run under --out (not "runs/", which .gitignore keeps out of the repo)
 
 
 def run_name(arm: str, lr: str, seed: int) -> str:
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
         print(f"zh_grid: need at least one lr and seed, and arms from {ARMS}", file=sys.stderr)
         return 2
     out = args.out or Path("benchmarks/results") / f"zh-grid-{Path(model).name}"
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / RUNS).mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
 
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
     for seed in seeds:  # seed-major: a cut grid still has whole seeds of every lr and arm
         for lr in lrs:
             for arm in arms:
-                done = load_result(out / "runs" / run_name(arm, lr, seed))
+                done = load_result(out / RUNS / run_name(arm, lr, seed))
                 if done:
                     results[(arm, lr, seed)] = done
                 else:
@@ -194,7 +195,7 @@ def main(argv=None) -> int:
         name = run_name(arm, lr, seed)
         t0 = time.time()
         with open(out / "logs" / f"{name}.log", "w") as log:
-            rc = subprocess.run(finetune_command(model, args.data, arm, lr, seed, out / "runs" / name, args),
+            rc = subprocess.run(finetune_command(model, args.data, arm, lr, seed, out / RUNS / name, args),
                                 stdout=log, stderr=subprocess.STDOUT, env=env).returncode
         return job, rc, time.time() - t0
 
@@ -203,11 +204,11 @@ def main(argv=None) -> int:
         futures = [pool.submit(one, job) for job in todo]
         for n, fut in enumerate(as_completed(futures), 1):
             (arm, lr, seed), rc, secs = fut.result()
-            res = load_result(out / "runs" / run_name(arm, lr, seed)) if rc == 0 else None
+            res = load_result(out / RUNS / run_name(arm, lr, seed)) if rc == 0 else None
             if res:
                 results[(arm, lr, seed)] = res
                 if not args.keep_models:
-                    prune_run(out / "runs" / run_name(arm, lr, seed))
+                    prune_run(out / RUNS / run_name(arm, lr, seed))
             else:
                 failed.append(run_name(arm, lr, seed))
             acc = f"{res['accuracy']:.4f}" if res else f"FAILED rc={rc} (logs/{run_name(arm, lr, seed)}.log)"
