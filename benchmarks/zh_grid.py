@@ -13,8 +13,8 @@ score is its best epoch's dev accuracy (the dev set picks the epoch, alike for b
 One fine-tuning seed is a noisy judge on 1,000 dev examples (one point is ~1.2 standard errors), so
 the summary compares the arms on the mean over seeds at each lr, the paired per-seed differences (the
 same seed draws the same batches for both arms), and the best lr of each arm. Runs that finished are
-kept in --out/finetune (their metrics.json) and skipped when the command is started again, so an interrupted grid resumes.
-Writes --out/grid.md, grid.json and grid.png.
+kept in --out/finetune (their metrics.json) and skipped when the command is started again, so an
+interrupted grid resumes. Writes --out/grid.md, grid.json and grid.png.
 """
 from __future__ import annotations
 

@@ -96,12 +96,6 @@ class GraphedTrainStep:
 
     # ------------------------------------------------------------------------------------- steps
 
-    def _autocast(self):
-        if self.autocast_dtype is None:  # fp32 even inside a caller's autocast (whose cache a graph must not use)
-            return torch.autocast("cuda", enabled=False)
-        # Autocast's weight-cast cache must be off: cached casts would be freed between replays.
-        return torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False)
-
     @contextlib.contextmanager
     def _static_mlm_rows(self):
         before = [head.__dict__.get("static_rows") for head in self.mlm_heads]
@@ -118,7 +112,7 @@ class GraphedTrainStep:
 
     def _step(self, static: dict) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=False)
-        with self._autocast(), self._static_mlm_rows():
+        with graph_autocast("cuda", self.autocast_dtype), self._static_mlm_rows():
             loss = self.model(**static).loss
         loss.backward()
         if self.max_grad_norm:
@@ -132,12 +126,8 @@ class GraphedTrainStep:
         saved_params = [p.detach().clone() for p in params]
         saved_state = {p: {k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)}
                        for p, s in self.optimizer.state.items()}
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), graph_layout():  # the layout and shapes the capture will meet
-            for _ in range(self.warmup_steps):
-                self._step(static)  # compiles kernels; the first time, creates grads and optimizer state
-        torch.cuda.current_stream().wait_stream(side)
+        # compiles kernels; the first time, creates grads and optimizer state
+        _warm_up(lambda: self._step(static), self.warmup_steps)
         # Undo the warm-up: parameters back; optimizer state back, or zero where the warm-up created
         # it (Adam's step and moments all start at 0).
         with torch.no_grad():
@@ -164,17 +154,7 @@ class GraphedTrainStep:
             if masked > self.max_masked_rows:
                 raise ValueError(f"batch has {masked} labelled tokens, more than max_masked_rows="
                                  f"{self.max_masked_rows}")
-        with torch.cuda.device(self.device):  # streams, capture and Triton launches on the model's GPU
-            if shape not in self.graphs:
-                self.graphs[shape] = self._capture(padded)
-            graph, static, loss = self.graphs[shape]
-            if padded.keys() != static.keys():
-                raise ValueError(f"every batch must carry the same inputs: captured with {sorted(static)}, "
-                                 f"got {sorted(padded)}")
-            for name, value in padded.items():
-                static[name].copy_(value, non_blocking=True)
-            graph.replay()
-        return loss
+        return _replay(self.graphs, shape, padded, self._capture, self.device)
 
 
 class GraphedEncoder:
@@ -223,12 +203,8 @@ class GraphedEncoder:
         # inference tensors there would break a later capture outside inference mode (torch < 2.11).
         with torch.inference_mode(False), torch.no_grad():
             static = {k: v.to(self.device, copy=True) for k, v in padded.items()}
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), graph_layout():  # the shapes the capture will meet
-                for _ in range(self.warmup_steps):
-                    padded_embeddings(self.model, static, self.pooling, self.normalize, self.autocast_dtype)
-            torch.cuda.current_stream().wait_stream(side)
+            _warm_up(lambda: padded_embeddings(self.model, static, self.pooling, self.normalize,
+                                               self.autocast_dtype), self.warmup_steps)
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
@@ -249,17 +225,8 @@ class GraphedEncoder:
         rows = input_ids.shape[0]
         shape = self.bucket(rows, input_ids.shape[-1])
         padded = pad_batch(batch, shape)
-        with torch.cuda.device(self.device):  # streams, capture and Triton launches on the model's GPU
-            if shape not in self.graphs:
-                self.graphs[shape] = self._capture(padded)
-            graph, static, out = self.graphs[shape]
-            if padded.keys() != static.keys():
-                raise ValueError(f"every batch must carry the same inputs: captured with {sorted(static)}, "
-                                 f"got {sorted(padded)}")
-            for name, value in padded.items():
-                static[name].copy_(value, non_blocking=True)
-            graph.replay()
-            return out[:rows].clone()  # before any other bucket's replay, which may reuse this memory
+        out = _replay(self.graphs, shape, padded, self._capture, self.device)
+        return out[:rows].clone()  # before any other bucket's replay, which may reuse this memory
 
 
 def padded_embeddings(model, static: dict, pooling: str, normalize: bool,
@@ -267,13 +234,44 @@ def padded_embeddings(model, static: dict, pooling: str, normalize: bool,
     """What GraphedEncoder captures: the model on a padded (rows, seq) batch, pooled (fp32, (rows, hidden)).
     Run it under modeling.graph_layout() to get the captured layout eagerly (its tests do, on the CPU)."""
     from .encode import pool
-    device_type = static["input_ids"].device.type
-    # fp32 means fp32 even inside a caller's autocast; the weight-cast cache must stay off in a graph
-    ctx = (torch.autocast(device_type, dtype=autocast_dtype, cache_enabled=False) if autocast_dtype is not None
-           else torch.autocast(device_type, enabled=False))
-    with ctx:
+    with graph_autocast(static["input_ids"].device.type, autocast_dtype):
         hidden = model(static["input_ids"], static["attention_mask"], static.get("token_type_ids")).last_hidden_state
     return pool(hidden, static["attention_mask"], pooling, normalize)
+
+
+def graph_autocast(device_type: str, dtype: Optional[torch.dtype]):
+    """Autocast for a graphed forward: `dtype`, or fp32 (None) even inside a caller's autocast. The
+    weight-cast cache stays off: cached casts would be freed between replays."""
+    if dtype is None:
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=dtype, cache_enabled=False)
+
+
+def _warm_up(fn, steps: int) -> None:
+    """Run fn `steps` times on a side stream in the captured layout: kernel compilation, cuBLAS
+    heuristics and allocator growth happen there, outside the capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), graph_layout():
+        for _ in range(steps):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def _replay(graphs: dict, shape, padded: dict, capture, device):
+    """Replay the graph of `shape` (capturing it first, from `padded`) on `padded`'s values; returns
+    the graph's output tensor (overwritten by the next replay of this graph)."""
+    with torch.cuda.device(device):  # streams, capture and Triton launches on the model's GPU
+        if shape not in graphs:
+            graphs[shape] = capture(padded)
+        graph, static, out = graphs[shape]
+        if padded.keys() != static.keys():
+            raise ValueError(f"every batch must carry the same inputs: captured with {sorted(static)}, "
+                             f"got {sorted(padded)}")
+        for name, value in padded.items():
+            static[name].copy_(value, non_blocking=True)
+        graph.replay()
+        return out
 
 
 def _check_buckets(batch_size: int, seq_buckets: Sequence[int]) -> None:

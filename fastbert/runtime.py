@@ -74,7 +74,7 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 
 def autocast(precision: str, device: torch.device):
     """A context for the forward pass: torch.autocast in bf16/fp16, nothing in fp32."""
-    dtype = _AMP_DTYPES.get(precision)
+    dtype = autocast_dtype(precision)
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
