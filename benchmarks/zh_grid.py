@@ -19,6 +19,7 @@ interrupted grid resumes. Writes --out/grid.md, grid.json and grid.png.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -33,6 +34,12 @@ from benchmarks.harness import pyplot, save_figure
 DATA = "/work/shared/data/sentiment_zh"
 ARMS = ("pretrained", "random")
 RUNS = "finetune"  # one folder per run under --out (not "runs/", which .gitignore keeps out of the repo)
+SETTINGS = "grid_run.json"  # what a run was started with, to compare on read-back
+KEPT = ("metrics.json", "config.json", SETTINGS)
+# What makes two models "the same model" for the comparison: the pretrained arm and the random arm
+# must share shape and vocabulary (the classifier head's num_labels and the like may differ).
+SHAPE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+              "max_position_embeddings", "type_vocab_size")
 
 
 def run_name(arm: str, lr: str, seed: int) -> str:
@@ -53,6 +60,40 @@ def finetune_command(model: str, data: str, arm: str, lr: str, seed: int, out: P
     return cmd
 
 
+def data_digest(data: str) -> str:
+    """The data's identity wherever its folder lies: sha256 over train.jsonl then dev.jsonl."""
+    h = hashlib.sha256()
+    for split in ("train", "dev"):
+        h.update(Path(data, f"{split}.jsonl").read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run_settings(arm: str, lr: str, seed: int, digest: str, args) -> dict:
+    return {"arm": arm, "lr": lr, "seed": seed, "data_sha256": digest, "epochs": args.epochs,
+            "batch_size": args.batch_size, "max_length": args.max_length,
+            "max_train_examples": args.max_train_examples, "max_eval_examples": args.max_eval_examples}
+
+
+def model_shape(config_path: Path) -> dict:
+    config = json.loads(Path(config_path).read_text())
+    return {k: config.get(k) for k in SHAPE_KEYS}
+
+
+def read_back_mismatch(run_dir: Path, settings: dict, shape: dict) -> str | None:
+    """Why a finished run cannot join this grid (settings or model shape differ), or None if it can."""
+    try:
+        ran = json.loads((run_dir / SETTINGS).read_text())
+    except (OSError, ValueError):
+        return f"no readable {SETTINGS} (the settings it ran with are unknown)"
+    diff = [f"{k} {ran.get(k)!r} (command: {v!r})" for k, v in settings.items() if ran.get(k) != v]
+    try:
+        ran_shape = model_shape(run_dir / "config.json")
+    except (OSError, ValueError):
+        return "no readable config.json (the model shape it ran with is unknown)"
+    diff += [f"{k} {ran_shape[k]!r} (model: {v!r})" for k, v in shape.items() if ran_shape[k] != v]
+    return "; ".join(diff) or None
+
+
 def load_result(run_dir: Path) -> dict | None:
     """{"accuracy", "best_epoch", "epochs": [...], "train_seconds"} of a finished run, else None."""
     try:
@@ -64,9 +105,9 @@ def load_result(run_dir: Path) -> dict | None:
 
 
 def prune_run(run_dir: Path) -> None:
-    """Keep what the summary reads (metrics.json) and the run's config; drop weights and tokenizer files."""
+    """Keep what the summary and a later read-back need (KEPT); drop weights and tokenizer files."""
     for f in run_dir.iterdir():
-        if f.is_file() and f.name not in ("metrics.json", "config.json"):
+        if f.is_file() and f.name not in KEPT:
             f.unlink()
 
 
@@ -179,15 +220,24 @@ def main(argv=None) -> int:
     (out / "logs").mkdir(exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
 
-    results, todo = {}, []
+    shape, digest = model_shape(Path(model) / "config.json"), data_digest(args.data)
+    results, todo, refused = {}, [], []
     for seed in seeds:  # seed-major: a cut grid still has whole seeds of every lr and arm
         for lr in lrs:
             for arm in arms:
-                done = load_result(out / RUNS / run_name(arm, lr, seed))
-                if done:
+                run_dir = out / RUNS / run_name(arm, lr, seed)
+                done = load_result(run_dir)
+                why = done and read_back_mismatch(run_dir, run_settings(arm, lr, seed, digest, args), shape)
+                if why:
+                    refused.append(f"  {run_dir}: {why}")
+                elif done:
                     results[(arm, lr, seed)] = done
                 else:
                     todo.append((arm, lr, seed))
+    if refused:
+        print("zh_grid: finished runs in --out that this command would mix with runs of other settings "
+              "(move them away or pick another --out):\n" + "\n".join(refused), file=sys.stderr)
+        return 2
     print(f"zh_grid: {len(results)} runs done, {len(todo)} to go, {args.workers} at a time", flush=True)
 
     def one(job):
@@ -207,6 +257,8 @@ def main(argv=None) -> int:
             res = load_result(out / RUNS / run_name(arm, lr, seed)) if rc == 0 else None
             if res:
                 results[(arm, lr, seed)] = res
+                (out / RUNS / run_name(arm, lr, seed) / SETTINGS).write_text(
+                    json.dumps(run_settings(arm, lr, seed, digest, args), indent=1))
                 if not args.keep_models:
                     prune_run(out / RUNS / run_name(arm, lr, seed))
             else:

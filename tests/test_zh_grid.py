@@ -42,8 +42,9 @@ def test_finished_runs_are_read_back_and_unfinished_ones_are_not(tmp_path):
     assert zh_grid.load_result(cut) is None and zh_grid.load_result(tmp_path / "absent") is None
     for name in ("model.safetensors", "vocab.txt", "config.json"):
         (done / name).write_text("x")
-    zh_grid.prune_run(done)  # what stays is what the summary and a reader need
-    assert sorted(f.name for f in done.iterdir()) == ["config.json", "metrics.json"]
+    (done / zh_grid.SETTINGS).write_text("{}")
+    zh_grid.prune_run(done)  # what stays is what the summary, a reader and a later read-back need
+    assert sorted(f.name for f in done.iterdir()) == ["config.json", "grid_run.json", "metrics.json"]
     assert zh_grid.load_result(done)["accuracy"] == 0.75
 
 
@@ -53,3 +54,68 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
     assert zh_grid.main([str(tmp_path), "--data", str(tmp_path / "nodata")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+SHAPE = {"vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+         "intermediate_size": 64, "max_position_embeddings": 64, "type_vocab_size": 2}
+
+
+def _finished_grid(tmp_path):
+    """A model folder, a data folder and a grid folder whose every run has finished, as a real grid
+    would leave them (metrics.json, the fine-tuned config.json, grid_run.json)."""
+    model, data, out = tmp_path / "model", tmp_path / "data", tmp_path / "grid"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**SHAPE, "architectures": ["BertForPreTraining"]}))
+    data.mkdir()
+    for split in ("train", "dev"):
+        (data / f"{split}.jsonl").write_text(f'{{"text": "{split}", "label": 1}}\n')
+    argv = [str(model), "--data", str(data), "--out", str(out), "--lrs", "1e-4", "--seeds", "1,2",
+            "--epochs", "3", "--batch-size", "8"]
+    args = zh_grid.argparse.Namespace(epochs=3, batch_size=8, max_length=128, max_train_examples=None,
+                                      max_eval_examples=None)
+    for arm in zh_grid.ARMS:
+        for seed, acc in ((1, 0.8), (2, 0.9)):
+            run = out / zh_grid.RUNS / zh_grid.run_name(arm, "1e-4", seed)
+            run.mkdir(parents=True)
+            (run / "metrics.json").write_text(json.dumps(
+                {"dev": {"accuracy": acc + (arm == "pretrained") * 0.05}, "best_epoch": 1, "train_seconds": 1.0,
+                 "history": [{"epoch": 1, "accuracy": acc}]}))
+            (run / "config.json").write_text(json.dumps({**SHAPE, "architectures": ["BertForSequenceClassification"]}))
+            (run / zh_grid.SETTINGS).write_text(json.dumps(
+                zh_grid.run_settings(arm, "1e-4", seed, zh_grid.data_digest(str(data)), args)))
+    return argv, out
+
+
+def test_a_finished_grid_is_read_back_and_summarised_without_running_anything(tmp_path, capsys):
+    argv, out = _finished_grid(tmp_path)
+    assert zh_grid.main(argv) == 0
+    assert "4 runs done, 0 to go" in capsys.readouterr().out  # 2 arms x 2 seeds, nothing started
+    summary = json.loads((out / "grid.json").read_text())["summary"]
+    assert summary["best_difference"] == pytest.approx(0.05)
+    assert summary["per_lr"][0]["paired_difference"]["n"] == 2
+
+
+@pytest.mark.parametrize("change", ["epochs", "batch", "data", "model shape", "no settings file"])
+def test_a_finished_run_with_other_settings_is_refused_not_mixed_in(tmp_path, capsys, change):
+    argv, out = _finished_grid(tmp_path)
+    run = out / zh_grid.RUNS / zh_grid.run_name("random", "1e-4", 2)
+    if change == "epochs":
+        argv[argv.index("--epochs") + 1] = "6"
+    elif change == "batch":
+        argv[argv.index("--batch-size") + 1] = "32"
+    elif change == "data":
+        (tmp_path / "data" / "dev.jsonl").write_text('{"text": "other", "label": 0}\n')
+    elif change == "model shape":
+        (run / "config.json").write_text(json.dumps({**SHAPE, "vocab_size": 51}))
+    else:
+        (run / zh_grid.SETTINGS).unlink()
+    assert zh_grid.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "would mix" in err and str(run) in err
+    expected = {"epochs": "epochs 3 (command: 6)", "batch": "batch_size 8 (command: 32)",
+                "data": "data_sha256", "model shape": "vocab_size 51 (model: 50)",
+                "no settings file": "no readable grid_run.json"}[change]
+    assert expected in err
+    # one line per refused run: all four when the command's settings or the data change, else the edited one
+    assert err.count("\n  ") == (4 if change in ("epochs", "batch", "data") else 1)
+    assert not (out / "grid.json").exists()
