@@ -357,7 +357,7 @@ def run(args) -> dict:
     # Both implementations start their dropout streams from the same seed, whatever building
     # (and, for transformers, re-initialising) the model drew.
     torch.manual_seed(args.seed)
-    from .optim import build_optimizer, warmup_linear_schedule
+    from .optim import build_optimizer, optimizer_step, warmup_linear_schedule
     optimizer = build_optimizer(model, args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train_f) / args.batch_size)
     total = steps_per_epoch * args.epochs
@@ -394,17 +394,7 @@ def run(args) -> dict:
             with R.autocast(precision, device):
                 loss = model(**batch).loss
             (scaler.scale(loss) if scaler is not None else loss).backward()
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if args.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, scheduler, trainable, args.max_grad_norm, scaler)
             loss_acc += loss.detach()
             n += 1
             if n % CHECK_EVERY == 0 or n == len(batches):

@@ -37,3 +37,19 @@ def warmup_linear_schedule(optimizer, warmup_steps: int, total_steps: int):
             return (step + 1) / max(1, warmup_steps)
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def optimizer_step(optimizer, scheduler, params, max_grad_norm: float | None = None, scaler=None) -> None:
+    """One update after backward: unscale (fp16), clip the global grad norm, step, advance the schedule
+    and free the gradients. ``scaler`` is a GradScaler for fp16, None otherwise."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    if max_grad_norm and max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)

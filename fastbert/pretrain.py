@@ -382,7 +382,7 @@ def _run(args, dist: T.Distributed) -> int:
 
     # ---- model, optimizer, schedule -----------------------------------------------------------
     from .modeling import BertForPreTraining
-    from .optim import build_optimizer, warmup_linear_schedule
+    from .optim import build_optimizer, optimizer_step, warmup_linear_schedule
     device = dist.device
     torch.manual_seed(s["seed"])
     if latest:
@@ -528,18 +528,8 @@ def _run(args, dist: T.Distributed) -> int:
             mlm_part += float(mlm.detach()) * n_masked / n_masked_total
             if nsp_loss is not None:
                 nsp_part += float(nsp_loss.detach()) * n_pairs / len(examples)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if s["max_grad_norm"] and s["max_grad_norm"] > 0:
-            torch.nn.utils.clip_grad_norm_(params, s["max_grad_norm"])
         lr_now = scheduler.get_last_lr()[0]
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, scheduler, params, s["max_grad_norm"], scaler)
         mlm_step, nsp_step, tokens = dist.sum_floats([mlm_part, nsp_part, float(real_tokens)])
         step += 1
         position = next_position
