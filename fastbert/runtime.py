@@ -102,6 +102,17 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _allocator_tuning: dict | None = None
 
 
+def _glibc():
+    """This process's C library when it is glibc, else None (musl's mallopt accepts the call and does
+    nothing). A function of its own so tests can hand tune_cpu_allocator a fake one."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version, libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
 def tune_cpu_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 << 31) - 1,
                        top_pad: int = 64 << 20) -> dict | None:
     """Keep freed tensor memory in the process instead of handing it back to the kernel.
@@ -120,20 +131,19 @@ def tune_cpu_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 <
     Process-wide, for every library in the process; call it before the first large allocations.
     The `fastbert` commands call it (`fastbert bench` only with --tuned-malloc, so that its ratios
     can be measured under either allocator, for every competitor alike). Returns the settings
-    applied, or None where nothing changed: not glibc, or ``FASTBERT_MALLOC_TUNING=0`` in the
-    environment. Idempotent: the first call's settings stay.
+    applied (a value glibc rejected is None, with a warning), or None where nothing changed: not
+    glibc, or ``FASTBERT_MALLOC_TUNING=0`` in the environment. Idempotent: the first call's settings
+    stay.
     """
     global _allocator_tuning
     if _allocator_tuning is not None:
         return dict(_allocator_tuning)
     if os.environ.get("FASTBERT_MALLOC_TUNING", "1") == "0":
         return None
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # glibc only: musl's mallopt accepts the call and does nothing
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         return None
+    mallopt = libc.mallopt
     settings = {"mmap_threshold": mmap_threshold, "trim_threshold": trim_threshold, "top_pad": top_pad}
     codes = {"mmap_threshold": _M_MMAP_THRESHOLD, "trim_threshold": _M_TRIM_THRESHOLD, "top_pad": _M_TOP_PAD}
     for name, value in settings.items():  # all checked before any is applied
@@ -169,8 +179,12 @@ def apply_malloc_flag(tuned_malloc: bool) -> str:
     """
     if not tuned_malloc:
         return "glibc-default"
-    if tune_cpu_allocator():
-        return "tuned"
-    print("--tuned-malloc: not applied (not glibc, or FASTBERT_MALLOC_TUNING=0)", file=sys.stderr)
-    return "glibc-default"
+    applied = tune_cpu_allocator()
+    if applied is None:
+        print("--tuned-malloc: not applied (not glibc, or FASTBERT_MALLOC_TUNING=0)", file=sys.stderr)
+        return "glibc-default"
+    if all(v is None for v in applied.values()):
+        print("--tuned-malloc: not applied (glibc rejected every setting)", file=sys.stderr)
+        return "glibc-default"
+    return "tuned"
 

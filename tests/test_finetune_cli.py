@@ -162,8 +162,8 @@ def test_encode_npy_and_jsonl(micro_model, tmp_path, monkeypatch):
     np.testing.assert_allclose(rows[0]["embedding"], cls0.numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_encode_cuda_graphs(micro_model, tmp_path, capsys):
-    """--cuda-graphs: a clear error without a GPU; on a GPU, the eager command's vectors."""
+def test_encode_cuda_graphs_needs_a_gpu(micro_model, tmp_path, capsys):
+    """--cuda-graphs on the CPU: a clear error, not a crash halfway."""
     from fastbert.encode import length_buckets
     assert length_buckets(512) == (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448, 480, 512)
     assert length_buckets(40) == (32, 40) and length_buckets(32) == (32,)
@@ -172,11 +172,29 @@ def test_encode_cuda_graphs(micro_model, tmp_path, capsys):
     base = ["encode", "--model", micro_model, "--input", str(inp), "--precision", "fp32", "--batch-size", "4"]
     assert cli(base + ["--device", "cpu", "--cuda-graphs"]) == 2
     assert "--cuda-graphs needs a CUDA device" in capsys.readouterr().err
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = False
-        assert cli(base + ["--device", "cuda", "--output", str(tmp_path / "g.npy"), "--cuda-graphs"]) == 0
-        assert cli(base + ["--device", "cuda", "--output", str(tmp_path / "e.npy")]) == 0
-        np.testing.assert_allclose(np.load(tmp_path / "g.npy"), np.load(tmp_path / "e.npy"), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_encode_cuda_graphs_gives_the_eager_commands_vectors(micro_model, tmp_path, precision):
+    """--cuda-graphs on a GPU (benchmarks/gpu_check.sh, compiled kernels): the same vectors as the
+    eager command, in both precisions; the graphs run the padded layout, the eager command the
+    unpadded one, so bf16 agrees to its rounding, fp32 (TF32 off) to 1e-4."""
+    inp = tmp_path / "in.txt"
+    inp.write_text("the cat sat\ngood movie\nwhere is it ?\n" + "the big red door is near the mat .\n" * 4)
+    base = ["encode", "--model", micro_model, "--input", str(inp), "--precision", precision, "--batch-size", "4",
+            "--device", "cuda", "--normalize"]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert cli(base + ["--output", str(tmp_path / "g.npy"), "--cuda-graphs"]) == 0
+    assert cli(base + ["--output", str(tmp_path / "e.npy")]) == 0
+    graphed, eager = np.load(tmp_path / "g.npy"), np.load(tmp_path / "e.npy")
+    assert graphed.shape == eager.shape == (7, 32)
+    if precision == "fp32":
+        np.testing.assert_allclose(graphed, eager, rtol=1e-4, atol=1e-5)
+    else:  # normalised vectors: bf16's 8-bit mantissa over a few layers, not a different computation
+        np.testing.assert_allclose(graphed, eager, atol=3e-2)
+        assert (graphed * eager).sum(1).min() > 0.999
 
 
 # ------------------------------------------------------------------- device, random init, baseline arm

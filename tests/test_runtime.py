@@ -15,22 +15,25 @@ IS_GLIBC = platform.libc_ver()[0] == "glibc"
 # (older glibc caps it at 32 MB, where tune_cpu_allocator falls back to the cap).
 PROBES = IS_GLIBC and tuple(map(int, platform.libc_ver()[1].split(".")[:2])) >= (2, 35)
 
-# Allocates a 48 MB tensor and reports how glibc served it: from an mmap of its own (hblkhd grows)
-# or from the heap (arena grows), and whether the heap still holds it after the free.
+# Mallocs a 48 MB block and reports how glibc served it: from an mmap of its own (hblkhd grows) or
+# from the heap (arena grows, by the block plus M_TOP_PAD), and how much of that growth the heap still
+# holds after the free (M_TRIM_THRESHOLD). Plain malloc/free with nothing allocated in between, so the
+# block sits at the heap top, where a trim would take it.
 _PROBE = r"""
 import ctypes, json, sys
-import torch
 from fastbert import runtime
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
                 "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
 applied = runtime.tune_cpu_allocator() if sys.argv[1] == "tune" else None
 before = libc.mallinfo2()
-x = torch.ones(12 << 20)  # 48 MB: above glibc's default mmap threshold (at most 32 MB)
+block = libc.malloc(48 << 20)  # above glibc's default mmap threshold (at most 32 MB)
 during = libc.mallinfo2()
-del x
+libc.free(block)
 after = libc.mallinfo2()
 print(json.dumps({"applied": applied, "again": runtime.tune_cpu_allocator() if applied else None,
                   "mmapped_mb": (during.hblkhd - before.hblkhd) >> 20,
@@ -54,8 +57,13 @@ def test_tuned_allocator_serves_large_blocks_from_the_heap_and_keeps_them():
     tuned = _probe("tune")
     assert tuned["applied"] == {"mmap_threshold": 1 << 30, "trim_threshold": (1 << 31) - 1, "top_pad": 64 << 20}
     assert tuned["again"] == tuned["applied"]  # idempotent
-    assert tuned["mmapped_mb"] == 0 and tuned["heap_growth_mb"] >= 48
-    assert tuned["heap_kept_mb"] >= 48  # freed, but not trimmed: the next step's block needs no new pages
+    assert tuned["mmapped_mb"] == 0
+    # from the heap, grown by the block and M_TOP_PAD's 64 MB (less a page or two of the heap's own
+    # bookkeeping: the MB are rounded down); glibc's default would grow it by the block alone
+    assert tuned["heap_growth_mb"] >= 48 + 64 - 2
+    # freed at the heap top but not trimmed (glibc trims once 128 KB is free there by default):
+    # the next step's block needs no new pages
+    assert tuned["heap_kept_mb"] == tuned["heap_growth_mb"]
 
 
 @pytest.mark.skipif(not PROBES, reason="the probes need glibc >= 2.35 (mallinfo2, uncapped mmap threshold)")
@@ -65,15 +73,57 @@ def test_allocator_tuning_opt_out():
     assert res["mmapped_mb"] >= 48  # glibc's defaults untouched
 
 
-def test_allocator_tuning_rejects_values_mallopt_cannot_take(monkeypatch):
-    monkeypatch.setattr(runtime, "_allocator_tuning", None)  # as in a fresh process
+class FakeGlibc:
+    """Records mallopt calls; ``accept(code, value)`` says whether glibc would take a setting."""
+    def __init__(self, accept=lambda code, value: True):
+        self.calls, self.accept = [], accept
+
+    def mallopt(self, code, value):
+        self.calls.append((code.value, value.value))
+        return 1 if self.accept(code.value, value.value) else 0
+
+
+@pytest.fixture
+def fresh_runtime(monkeypatch):
+    """tune_cpu_allocator as in a fresh process (its first call's settings are kept per process)."""
+    monkeypatch.setattr(runtime, "_allocator_tuning", None)
     monkeypatch.delenv("FASTBERT_MALLOC_TUNING", raising=False)
-    if not IS_GLIBC:  # nothing to tune, so nothing is checked or applied
-        assert runtime.tune_cpu_allocator(mmap_threshold=1 << 31) is None
-        return
-    with pytest.raises(ValueError, match="mmap_threshold"):
-        runtime.tune_cpu_allocator(mmap_threshold=1 << 31)
-    assert runtime._allocator_tuning is None  # nothing recorded as applied
+    return monkeypatch
+
+
+def test_allocator_tuning_checks_every_value_before_applying_any(fresh_runtime):
+    libc = FakeGlibc()
+    fresh_runtime.setattr(runtime, "_glibc", lambda: libc)
+    with pytest.raises(ValueError, match="top_pad"):  # the last one checked
+        runtime.tune_cpu_allocator(top_pad=1 << 31)
+    assert libc.calls == [] and runtime._allocator_tuning is None
+    assert runtime.tune_cpu_allocator() == {"mmap_threshold": 1 << 30, "trim_threshold": (1 << 31) - 1,
+                                            "top_pad": 64 << 20}
+    assert sorted(libc.calls) == sorted([(runtime._M_MMAP_THRESHOLD, 1 << 30),
+                                         (runtime._M_TRIM_THRESHOLD, (1 << 31) - 1), (runtime._M_TOP_PAD, 64 << 20)])
+
+
+def test_an_older_glibc_gets_the_32_mb_mmap_cap(fresh_runtime):
+    libc = FakeGlibc(lambda code, value: code != runtime._M_MMAP_THRESHOLD or value <= 32 << 20)
+    fresh_runtime.setattr(runtime, "_glibc", lambda: libc)
+    assert runtime.tune_cpu_allocator()["mmap_threshold"] == 32 << 20
+    assert runtime.apply_malloc_flag(True) == "tuned"
+
+
+def test_settings_glibc_rejects_are_reported_and_not_labelled_tuned(fresh_runtime, capsys):
+    fresh_runtime.setattr(runtime, "_glibc", lambda: FakeGlibc(lambda code, value: False))
+    with pytest.warns(UserWarning, match="glibc rejected") as caught:
+        assert runtime.apply_malloc_flag(True) == "glibc-default"
+    assert len(caught) == 3
+    assert runtime._allocator_tuning == {"mmap_threshold": None, "trim_threshold": None, "top_pad": None}
+    assert "glibc rejected every setting" in capsys.readouterr().err
+
+
+def test_no_glibc_means_nothing_to_tune(fresh_runtime, capsys):
+    fresh_runtime.setattr(runtime, "_glibc", lambda: None)
+    assert runtime.tune_cpu_allocator() is None
+    assert runtime.apply_malloc_flag(True) == "glibc-default"
+    assert "not applied" in capsys.readouterr().err
 
 
 def test_malloc_flag_label(monkeypatch, capsys):

@@ -11,7 +11,7 @@ def test_summary_pairs_seeds_and_picks_each_arms_best_lr():
     acc = {("pretrained", "1e-4", 1): 0.80, ("pretrained", "1e-4", 2): 0.82,
            ("pretrained", "3e-4", 1): 0.84, ("pretrained", "3e-4", 2): 0.83,
            ("random", "1e-4", 1): 0.81, ("random", "1e-4", 2): 0.80,
-           ("random", "3e-4", 1): 0.78}  # seed 2 of random 3e-4 missing: no pair for it
+           ("random", "3e-4", 2): 0.78}  # seed 1 of random 3e-4 missing: no pair for it
     results = {k: {"accuracy": v} for k, v in acc.items()}
     s = zh_grid.summarize(results, ["1e-4", "3e-4"], [1, 2])
     lo, hi = s["per_lr"]
@@ -19,7 +19,7 @@ def test_summary_pairs_seeds_and_picks_each_arms_best_lr():
     assert lo["paired_difference"]["n"] == 2 and lo["paired_difference"]["mean"] == pytest.approx(0.005)
     assert lo["paired_difference"]["sd"] == pytest.approx(0.0212132, abs=1e-6)  # diffs -0.01, +0.02
     assert hi["random"]["n"] == 1 and hi["paired_difference"]["n"] == 1
-    assert hi["paired_difference"]["mean"] == pytest.approx(0.06)
+    assert hi["paired_difference"]["mean"] == pytest.approx(0.05)  # seed 2's pair: 0.83 - 0.78
     # each arm at its own best lr by mean over seeds: pretrained 3e-4 (0.835), random 1e-4 (0.805)
     assert s["best"]["pretrained"]["lr"] == "3e-4" and s["best"]["random"]["lr"] == "1e-4"
     assert s["best_difference"] == pytest.approx(0.03)
@@ -119,3 +119,47 @@ def test_a_finished_run_with_other_settings_is_refused_not_mixed_in(tmp_path, ca
     # one line per refused run: all four when the command's settings or the data change, else the edited one
     assert err.count("\n  ") == (4 if change in ("epochs", "batch", "data") else 1)
     assert not (out / "grid.json").exists()
+
+
+# Stands in for `fastbert finetune`: writes what a finished run leaves (metrics.json, config.json and a
+# weights file the grid prunes) into its --out; the accuracy encodes arm and seed.
+_FAKE_FINETUNE = r"""
+import json, pathlib, sys
+out, arm, seed = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+out.mkdir(parents=True, exist_ok=True)
+acc = 0.8 + 0.01 * seed + (0.05 if arm == "pretrained" else 0.0)
+(out / "metrics.json").write_text(json.dumps({"dev": {"accuracy": acc}, "best_epoch": 1, "train_seconds": 1.0,
+                                              "history": [{"epoch": 1, "accuracy": acc}]}))
+(out / "config.json").write_text(json.dumps(json.loads(sys.argv[4])))
+(out / "model.safetensors").write_text("weights")
+"""
+
+
+def test_a_grid_resumes_from_the_runs_it_wrote_itself(tmp_path, monkeypatch, capsys):
+    """The whole loop with a stand-in fine-tuning command: the first call runs every job and keeps
+    each run's settings; a second call with the same arguments reads all of them back and runs nothing;
+    one with another max length refuses them."""
+    argv, out = _finished_grid(tmp_path)
+    import shutil
+    shutil.rmtree(out)
+    started = []
+
+    def fake_command(model, data, arm, lr, seed, run_out, args):
+        started.append((arm, lr, seed))
+        return [zh_grid.sys.executable, "-c", _FAKE_FINETUNE, str(run_out), arm, str(seed), json.dumps(SHAPE)]
+
+    monkeypatch.setattr(zh_grid, "finetune_command", fake_command)
+    assert zh_grid.main(argv) == 0
+    assert "0 runs done, 4 to go" in capsys.readouterr().out and len(started) == 4
+    run = out / zh_grid.RUNS / zh_grid.run_name("pretrained", "1e-4", 2)
+    assert sorted(f.name for f in run.iterdir()) == ["config.json", "grid_run.json", "metrics.json"]
+    first = json.loads((out / "grid.json").read_text())["summary"]
+    assert first["best_difference"] == pytest.approx(0.05)
+
+    started.clear()
+    assert zh_grid.main(argv) == 0
+    assert "4 runs done, 0 to go" in capsys.readouterr().out and started == []
+    assert json.loads((out / "grid.json").read_text())["summary"] == first
+
+    assert zh_grid.main(argv + ["--max-length", "64"]) == 2
+    assert "max_length 128 (command: 64)" in capsys.readouterr().err and started == []
