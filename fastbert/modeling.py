@@ -344,6 +344,16 @@ class BertSelfAttention(nn.Module):
         return ctx.permute(0, 2, 1, 3).reshape(-1, nh * hd), probs
 
 
+def _matmul_copy_dtype(residual):
+    """Under autocast an fp32 residual stream is cast for every matmul it feeds: return the autocast
+    dtype then (the LayerNorm that makes the stream writes that copy itself), else None."""
+    device = residual.device.type
+    if residual.dtype != torch.float32 or not torch.is_autocast_enabled(device):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
+
+
 class BertSelfOutput(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -352,9 +362,13 @@ class BertSelfOutput(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, h, residual):
+        """-> (y, y_mm): y the residual stream; y_mm the next matmul's input, y itself or, under
+        autocast over an fp32 stream, y in the autocast dtype from the same kernel."""
         p = self.dropout.p if self.training else 0.0
-        return K.add_layer_norm(self.dense(h), residual, self.LayerNorm.weight, self.LayerNorm.bias,
-                                self.LayerNorm.eps, p)
+        low = _matmul_copy_dtype(residual)
+        y = K.add_layer_norm(self.dense(h), residual, self.LayerNorm.weight, self.LayerNorm.bias,
+                             self.LayerNorm.eps, p, low_dtype=low)
+        return y if low is not None else (y, y)
 
 
 class BertAttention(nn.Module):
@@ -363,10 +377,11 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, x, layout, rows=None):
-        """rows (R,): continue past the attention on these rows only (the last layer, when the caller
+    def forward(self, x, layout, rows=None, x_mm=None):
+        """-> ((y, y_mm), probs) (see BertSelfOutput). x_mm: x as the QKV matmul's input (None: x).
+        rows (R,): continue past the attention on these rows only (the last layer, when the caller
         reads R of the T outputs; see _Packed); every row is still a key and value."""
-        ctx, probs = self.self(x, layout)
+        ctx, probs = self.self(x if x_mm is None else x_mm, layout)
         if rows is not None:
             ctx, x = ctx.index_select(0, rows), x.index_select(0, rows)  # (R, D) each
         return self.output(ctx, x), probs
@@ -395,9 +410,11 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, x, layout, rows=None):  # x (N, D), N = T packed or B*S padded; out (R, D) given rows
-        x, probs = self.attention(x, layout, rows)
-        return self.output(self.intermediate(x), x), probs
+    def forward(self, x, layout, rows=None, x_mm=None):  # x (N, D), N = T packed or B*S padded; out (R, D) given rows
+        """-> (y, probs, y_mm): y_mm is y as the next layer's matmul input (see BertSelfOutput)."""
+        (h, h_mm), probs = self.attention(x, layout, rows, x_mm)
+        y, y_mm = self.output(self.intermediate(h_mm), h)
+        return y, probs, y_mm
 
 
 class BertEncoder(nn.Module):
@@ -408,12 +425,13 @@ class BertEncoder(nn.Module):
 
     def forward(self, x, layout, output_hidden_states=False, output_attentions=False):
         hidden, attentions = ([x] if output_hidden_states else None), ([] if output_attentions else None)
+        x_mm = None  # the embeddings' output: the first QKV matmul casts it (autocast)
         for i, layer in enumerate(self.layer):
             rows = _last_layer_rows(layout, i, len(self.layer))
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, probs = torch.utils.checkpoint.checkpoint(layer, x, layout, rows, use_reentrant=False)
+                x, probs, x_mm = torch.utils.checkpoint.checkpoint(layer, x, layout, rows, x_mm, use_reentrant=False)
             else:
-                x, probs = layer(x, layout, rows)
+                x, probs, x_mm = layer(x, layout, rows, x_mm)
             if output_hidden_states:
                 hidden.append(x)
             if output_attentions:

@@ -119,8 +119,9 @@ def _encoder_forward(self, x, layout, output_hidden_states=False, output_attenti
     """fastbert.modeling.BertEncoder.forward, except that gradient checkpointing is transformers'
     (its BertLayer checkpoints its own call when model.gradient_checkpointing_enable() was called)."""
     hidden, attentions = ([x] if output_hidden_states else None), ([] if output_attentions else None)
+    x_mm = None
     for i, layer in enumerate(self.layer):
-        x, probs = layer(x, layout, fb._last_layer_rows(layout, i, len(self.layer)))
+        x, probs, x_mm = layer(x, layout, fb._last_layer_rows(layout, i, len(self.layer)), x_mm)
         if output_hidden_states:
             hidden.append(x)
         if output_attentions:

@@ -190,8 +190,12 @@ def bias_gelu(x, bias, approximate="none"):
     return reference.bias_gelu(x, bias, approximate)
 
 
-def add_layer_norm(x, residual, weight, bias, eps=1e-12, dropout_p=0.0):
-    """layer_norm(dropout(x) + residual); x, residual (..., n); weight, bias (n,)."""
+def add_layer_norm(x, residual, weight, bias, eps=1e-12, dropout_p=0.0, *, low_dtype=None):
+    """layer_norm(dropout(x) + residual); x, residual (..., n); weight, bias (n,).
+
+    low_dtype (torch.bfloat16 or torch.float16): return (y, y.to(low_dtype)) instead of y — under
+    autocast, y is the fp32 residual stream and its copy the next matmul's input. The Triton kernels
+    write both in one pass and add the two gradients in the backward kernel (no cast kernels)."""
     _check_tensor("x", x, None, _FLOAT_DTYPES)
     _check_tensor("residual", residual, None, _FLOAT_DTYPES)
     if x.dim() < 1 or x.shape != residual.shape:
@@ -201,9 +205,13 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-12, dropout_p=0.0):
         _check_width(name, t, x.shape[-1])
     _check_same([("x", x), ("residual", residual), ("weight", weight), ("bias", bias)], "device")
     _check_dropout(dropout_p)
+    if low_dtype not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"low_dtype must be None, torch.bfloat16 or torch.float16, got {low_dtype}")
     if use_triton(x):
-        return _triton("layer_norm").add_layer_norm(x, residual, weight, bias, float(eps), float(dropout_p))
-    return reference.add_layer_norm(x, residual, weight, bias, eps, dropout_p)
+        return _triton("layer_norm").add_layer_norm(x, residual, weight, bias, float(eps), float(dropout_p),
+                                                    low_dtype)
+    y = reference.add_layer_norm(x, residual, weight, bias, eps, dropout_p)
+    return y if low_dtype is None else (y, y.to(low_dtype))
 
 
 def gelu_layer_norm(x, bias, weight, ln_bias, eps=1e-12, approximate="none"):

@@ -20,6 +20,14 @@ device (so torch.manual_seed makes it repeatable and nothing syncs with the host
 included); the backward regenerates the mask from it rather than saving it: Philox costs a few
 integer ops per element, a saved mask would cost a write and a read of rows x n bytes.
 
+Low-precision copy (add_layer_norm(..., low_dtype=bf16 or fp16)): under autocast the fp32 residual
+stream feeds the next block's matmul, which would cast it in a kernel of its own (read 4 bytes, write
+2, per element), and in the backward autograd would cast that matmul's input gradient back to fp32
+and add it to the residual's gradient (two more kernels). With low_dtype the forward also writes y
+in that dtype (the same rounding as y.to(low_dtype)) and the backward takes both output gradients
+and adds them in fp32 as it loads them (the same rounding as the add), so three elementwise passes
+over the activations become one extra write and one extra read.
+
 Supports: fp32, fp16, bf16 activations (statistics and math in fp32; add_layer_norm's output in
 promote_types(x, residual), as x + residual, gradients in each input's own dtype; gelu_layer_norm's
 in x's dtype); weights of any of these dtypes; widths 1..MAX_WIDTH (8192); any leading shape; non-contiguous inputs (copied).
@@ -125,6 +133,7 @@ def _add_ln_fwd(
     W,  # pointer to the LayerNorm weight (n,)
     B,  # pointer to the LayerNorm bias (n,)
     Y,  # pointer to the output (rows, n), in promote_types(x, residual)
+    Y_LOW,  # pointer to the output's low-precision copy (rows, n) (written only when STORE_LOW)
     MEAN,  # pointer to the fp32 row means (rows,), saved for the backward
     RSTD,  # pointer to the fp32 row 1/std (rows,), saved for the backward
     SEED,  # pointer to the int64 dropout seed (read only when HAS_DROPOUT)
@@ -133,6 +142,7 @@ def _add_ln_fwd(
     p,  # drop probability
     scale,  # 1 / (1 - p)
     HAS_DROPOUT: tl.constexpr,  # p > 0
+    STORE_LOW: tl.constexpr,  # also write y in Y_LOW's dtype (the next matmul's input under autocast)
     BLOCK_N: tl.constexpr,  # power of 2 >= n
 ):
     row = tl.program_id(0).to(tl.int64)  # int64 offsets: rows * n may pass 2**31
@@ -148,7 +158,10 @@ def _add_ln_fwd(
     d, mean, rstd = normalize(h, mask, n, eps)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + offs, (d * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
+    y = d * rstd * w + b
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    if STORE_LOW:  # from the fp32 value, as y.to(low) would round it (y's own dtype is fp32 here)
+        tl.store(Y_LOW + offs, y.to(Y_LOW.dtype.element_ty), mask=mask)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
 
@@ -159,6 +172,7 @@ def _add_ln_bwd(
     R,  # pointer to the residual (rows, n), contiguous
     W,  # pointer to the LayerNorm weight (n,)
     DY,  # pointer to the output gradient (rows, n), contiguous
+    DY_LOW,  # pointer to the low-precision copy's gradient (rows, n) (read only when HAS_DY_LOW)
     DR,  # pointer to the residual gradient = gradient of the pre-norm sum (rows, n)
     DX,  # pointer to x's gradient (rows, n) (written only when STORE_DX)
     DW_PART,  # pointer to fp32 partial weight gradients (programs, n)
@@ -172,6 +186,7 @@ def _add_ln_bwd(
     p,  # drop probability
     scale,  # 1 / (1 - p)
     HAS_DROPOUT: tl.constexpr,  # p > 0: regenerate the mask
+    HAS_DY_LOW: tl.constexpr,  # the low-precision copy has a gradient too: add it to DY's
     STORE_DX: tl.constexpr,  # x's gradient differs from the residual's (dropout, or another dtype)
     BLOCK_N: tl.constexpr,  # power of 2 >= n
 ):
@@ -196,6 +211,8 @@ def _add_ln_bwd(
         rstd = tl.load(RSTD + row)
         xhat = tl.where(mask, (x + r - mean) * rstd, 0.0)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DY_LOW:
+            dy += tl.load(DY_LOW + offs, mask=mask, other=0.0).to(tl.float32)
         dw += dy * xhat
         db += dy
         g = dy * w
@@ -222,27 +239,34 @@ def _out_dtype(x, residual) -> torch.dtype:
     return torch.promote_types(x.dtype, residual.dtype)
 
 
-def _add_ln_fwd_impl(x, residual, weight, bias, eps: float, dropout_p: float, seed: Optional[torch.Tensor]):
+def _add_ln_fwd_impl(x, residual, weight, bias, eps: float, dropout_p: float, seed: Optional[torch.Tensor],
+                     low_dtype: Optional[torch.dtype] = None):
+    """(y, mean, rstd, y_low): y_low is y in low_dtype from the same kernel, or None without low_dtype."""
     _check_dtypes(x=x, residual=residual, weight=weight, bias=bias)
     rows, n = _rows(x)
     check_width(n)
     x, residual, weight, bias = x.contiguous(), residual.contiguous(), weight.contiguous(), bias.contiguous()
     y = torch.empty(x.shape, dtype=_out_dtype(x, residual), device=x.device)
+    y_low = None if low_dtype is None else torch.empty(x.shape, dtype=low_dtype, device=x.device)
     mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     if rows == 0 or n == 0:
-        return y, mean, rstd
+        return y, mean, rstd, y_low
     has_dropout = dropout_p > 0.0
     block_n = row_block(n)
-    _add_ln_fwd[(rows,)](x, residual, weight, bias, y, mean, rstd, seed if has_dropout else mean, n, eps,
-                         dropout_p, 1.0 / (1.0 - dropout_p), HAS_DROPOUT=has_dropout, BLOCK_N=block_n,
+    _add_ln_fwd[(rows,)](x, residual, weight, bias, y, y if y_low is None else y_low, mean, rstd,
+                         seed if has_dropout else mean, n, eps, dropout_p, 1.0 / (1.0 - dropout_p),
+                         HAS_DROPOUT=has_dropout, STORE_LOW=y_low is not None, BLOCK_N=block_n,
                          num_warps=row_warps(block_n))
-    return y, mean, rstd
+    return y, mean, rstd, y_low
 
 
-def _add_ln_bwd_impl(dy, x, residual, weight, mean, rstd, dropout_p: float, seed: Optional[torch.Tensor]):
+def _add_ln_bwd_impl(dy, x, residual, weight, mean, rstd, dropout_p: float, seed: Optional[torch.Tensor],
+                     dy_low: Optional[torch.Tensor] = None):
+    """dy_low: the gradient of the low-precision copy, added to dy's in the kernel (None: none)."""
     rows, n = _rows(x)
     x, residual, weight, dy = x.contiguous(), residual.contiguous(), weight.contiguous(), dy.contiguous()
+    dy_low = None if dy_low is None else dy_low.contiguous()
     has_dropout = dropout_p > 0.0
     store_dx = has_dropout or x.dtype != residual.dtype
     dres = torch.empty_like(residual)
@@ -257,18 +281,23 @@ def _add_ln_bwd_impl(dy, x, residual, weight, mean, rstd, dropout_p: float, seed
     programs = triton.cdiv(rows, rows_per_program)
     part = torch.empty((2, programs, n), dtype=torch.float32, device=x.device)
     block_n = row_block(n)
-    _add_ln_bwd[(programs,)](x, residual, weight, dy, dres, dx if store_dx else dres, part[0], part[1], mean, rstd,
-                             seed if has_dropout else mean, rows, n, rows_per_program, dropout_p,
-                             1.0 / (1.0 - dropout_p), HAS_DROPOUT=has_dropout, STORE_DX=store_dx, BLOCK_N=block_n,
+    _add_ln_bwd[(programs,)](x, residual, weight, dy, dy if dy_low is None else dy_low, dres, dx if store_dx else dres,
+                             part[0], part[1], mean, rstd, seed if has_dropout else mean, rows, n, rows_per_program,
+                             dropout_p, 1.0 / (1.0 - dropout_p), HAS_DROPOUT=has_dropout,
+                             HAS_DY_LOW=dy_low is not None, STORE_DX=store_dx, BLOCK_N=block_n,
                              num_warps=row_warps(block_n))
     # Separate reductions: views of one tensor would alias, which custom ops forbid.
     return dres, dx, part[0].sum(0).to(weight.dtype), part[1].sum(0).to(weight.dtype)
 
 
+def _add_ln_op_impl(x, residual, weight, bias, eps: float, dropout_p: float, seed: Optional[torch.Tensor]):
+    return _add_ln_fwd_impl(x, residual, weight, bias, eps, dropout_p, seed)[:3]  # (y, mean, rstd): no copy
+
+
 @torch.library.custom_op("fastbert::add_layer_norm", mutates_args=(), device_types="cuda")
 def _add_ln_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                dropout_p: float, seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _add_ln_fwd_impl(x, residual, weight, bias, eps, dropout_p, seed)
+    return _add_ln_op_impl(x, residual, weight, bias, eps, dropout_p, seed)
 
 
 @torch.library.custom_op("fastbert::add_layer_norm_backward", mutates_args=(), device_types="cuda")
@@ -280,7 +309,7 @@ def _add_ln_backward_op(dy: torch.Tensor, x: torch.Tensor, residual: torch.Tenso
 
 
 # CPU tensors reach these only under FASTBERT_KERNELS=triton with TRITON_INTERPRET=1 (tests).
-_add_ln_op.register_kernel("cpu")(_add_ln_fwd_impl)
+_add_ln_op.register_kernel("cpu")(_add_ln_op_impl)
 _add_ln_backward_op.register_kernel("cpu")(_add_ln_bwd_impl)
 
 
@@ -322,25 +351,40 @@ _add_ln_op.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
 class _AddLayerNorm(torch.autograd.Function):
     """Eager twin of fastbert::add_layer_norm(_backward): the same launchers without the custom-op
     dispatch, whose Python overhead (tens of microseconds per call, forward and backward) is as long
-    as the kernels themselves at BERT sizes. torch.compile traces the custom ops instead."""
+    as the kernels themselves at BERT sizes. torch.compile traces the custom ops instead.
+    With low_dtype it returns (y, y_low) and its backward takes both gradients (see the module doc)."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, dropout_p, seed):
-        y, mean, rstd = _add_ln_fwd_impl(x, residual, weight, bias, eps, dropout_p, seed)
+    def forward(ctx, x, residual, weight, bias, eps, dropout_p, seed, low_dtype):
+        y, mean, rstd, y_low = _add_ln_fwd_impl(x, residual, weight, bias, eps, dropout_p, seed, low_dtype)
         _add_ln_setup(ctx, (x, residual, weight, bias, eps, dropout_p, seed), (y, mean, rstd))
-        return y
+        if y_low is None:
+            return y
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a tensor of zeros
+        return y, y_low
 
     @staticmethod
-    def backward(ctx, dy):
-        return _add_ln_backward(ctx, dy, None, None, backward=_add_ln_bwd_impl)
+    def backward(ctx, dy, dy_low=None):
+        if dy is None:  # only the copy was used
+            dy, dy_low = dy_low, None
+        if dy is None:
+            return (None,) * 8
+
+        def backward(*args):
+            return _add_ln_bwd_impl(*args, dy_low=dy_low)
+
+        return (*_add_ln_backward(ctx, dy, None, None, backward=backward), None)
 
 
-def add_layer_norm(x, residual, weight, bias, eps: float = 1e-12, dropout_p: float = 0.0) -> torch.Tensor:
-    """layer_norm(dropout(x) + residual) with the Triton kernels; inputs validated by fastbert.kernels."""
+def add_layer_norm(x, residual, weight, bias, eps: float = 1e-12, dropout_p: float = 0.0,
+                   low_dtype: Optional[torch.dtype] = None):
+    """layer_norm(dropout(x) + residual) with the Triton kernels; inputs validated by fastbert.kernels.
+    With low_dtype: (y, y.to(low_dtype)), both written by the forward kernel."""
     seed = draw_seed(x.device) if dropout_p > 0.0 else None
-    if torch.compiler.is_compiling():
-        return _add_ln_op(x, residual, weight, bias, float(eps), float(dropout_p), seed)[0]
-    return _AddLayerNorm.apply(x, residual, weight, bias, float(eps), float(dropout_p), seed)
+    if torch.compiler.is_compiling():  # the custom op has one output; Inductor fuses the cast itself
+        y = _add_ln_op(x, residual, weight, bias, float(eps), float(dropout_p), seed)[0]
+        return y if low_dtype is None else (y, y.to(low_dtype))
+    return _AddLayerNorm.apply(x, residual, weight, bias, float(eps), float(dropout_p), seed, low_dtype)
 
 
 # --------------------------------------------------------------------------- GELU + LayerNorm kernels

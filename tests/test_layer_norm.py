@@ -165,3 +165,81 @@ def test_max_width(triton_kernels, device):
     _check(lambda x, r, w, b: K.add_layer_norm(x, r, w, b, EPS),
            lambda x, r, w, b: F.layer_norm(x + r, (n,), w, b, EPS),
            (x, res, w, b), [torch.float32] * 4, device, ("x", "residual", "weight", "bias"))
+
+
+# ------------------------------------------------- add_layer_norm with a low-precision copy (autocast)
+
+def _low_dtype(device):
+    # bf16 is what autocast uses; the interpreter mishandles bf16 arithmetic, so on the CPU fp16 stands in
+    return torch.bfloat16 if device == "cuda" else torch.float16
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("rows, n", [(9, 100), (40, 768)])
+def test_add_layer_norm_low_copy(triton_kernels, device, rows, n, p):
+    """low_dtype: the copy is y.to(low_dtype) bit for bit, and the backward, given gradients for both
+    outputs, is the float64 reference's with the two gradients summed (the autocast pattern: a low
+    sublayer output, an fp32 residual stream whose copy feeds the next matmul). Odd width, several
+    rows per backward program, transposed inputs, dropout."""
+    low, seed = _low_dtype(device), 7
+    torch.manual_seed(seed)
+    keep = L.dropout_mask(L.draw_seed(device), rows, n, p) if p else None
+    x, res = torch.randn(n, rows).t(), 1.0 + torch.randn(n, rows).t()
+    w, b = _ln_params(n)
+    ours = [t.to(device=device, dtype=d).requires_grad_() for t, d in
+            zip((x, res, w, b), (low, torch.float32, torch.float32, torch.float32))]
+    base = [t.detach().clone().requires_grad_() for t in ours]
+    ref = [t.detach().to(torch.float64).requires_grad_() for t in ours]
+
+    def plain(x, r, w, b):
+        h = x.to(r.dtype) if keep is None else x.to(r.dtype) * keep.to(r.dtype) / (1.0 - p)
+        return F.layer_norm(h + r, (n,), w.to(r.dtype), b.to(r.dtype), EPS)
+
+    torch.manual_seed(seed)
+    y, y_low = K.add_layer_norm(*ours, EPS, dropout_p=p, low_dtype=low)
+    assert y.dtype == torch.float32 and y_low.dtype == low
+    assert torch.equal(y_low, y.to(low))
+    dy = torch.randn(rows, n, device=device)
+    dy_low = torch.randn(rows, n, device=device).to(low)
+    torch.autograd.backward([y, y_low], [dy, dy_low])
+    y_base = plain(*base)
+    torch.autograd.backward([y_base, y_base.to(low)], [dy, dy_low])
+    y_ref = plain(*ref)
+    y_ref.backward(dy.double() + dy_low.double())
+    assert_close_to_reference(y, y_base, y_ref, name="out")
+    for name, a, bb, r in zip(("x", "residual", "weight", "bias"), ours, base, ref):
+        assert a.grad.dtype == a.dtype
+        assert_close_to_reference(a.grad, bb.grad, r.grad, name=f"d{name}")
+
+
+@pytest.mark.parametrize("used", ["y", "copy"])
+def test_add_layer_norm_low_copy_one_output_used(triton_kernels, device, used):
+    """Only one of the two outputs reaches the loss (the last layer's copy is never read): the
+    gradients are those of the single-output op given that output's gradient, bit for bit."""
+    low, rows, n = _low_dtype(device), 6, 48
+    x, res = torch.randn(rows, n, device=device).to(low), torch.randn(rows, n, device=device)
+    w, b = (t.to(device) for t in _ln_params(n))
+    g = torch.randn(rows, n, device=device)
+    if used == "copy":
+        g = g.to(low)
+
+    def grads(dual):
+        inputs = [t.detach().clone().requires_grad_() for t in (x, res, w, b)]
+        if dual:
+            y, y_low = K.add_layer_norm(*inputs, EPS, low_dtype=low)
+            (y if used == "y" else y_low).backward(g)
+        else:
+            K.add_layer_norm(*inputs, EPS).backward(g.float())
+        return [t.grad for t in inputs]
+
+    for a, s in zip(grads(True), grads(False)):
+        assert torch.equal(a, s)
+
+
+def test_add_layer_norm_low_copy_reference_path_and_errors(reference_kernels):
+    x, res = torch.randn(3, 8), torch.randn(3, 8)
+    w, b = _ln_params(8)
+    y, y_low = K.add_layer_norm(x, res, w, b, EPS, low_dtype=torch.bfloat16)
+    assert torch.equal(y, K.add_layer_norm(x, res, w, b, EPS)) and torch.equal(y_low, y.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="low_dtype"):
+        K.add_layer_norm(x, res, w, b, EPS, low_dtype=torch.float64)

@@ -114,3 +114,53 @@ def test_bf16_autocast_training_step_matches_transformers(device, triton_kernels
     for pname in ("bert.encoder.layer.0.attention.self.query.weight", "bert.embeddings.word_embeddings.weight",
                   "cls.predictions.transform.dense.weight", "bert.encoder.layer.1.output.LayerNorm.weight"):
         assert_close_to_reference(og[pname], bg[pname], rg[pname].float(), k=4, name=f"bf16 grad {pname}", atol=1e-3)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_autocast_low_copy_changes_no_bit(device, triton_kernels, monkeypatch, dropout):
+    """Under autocast every LayerNorm that makes the fp32 residual stream also writes its copy in the
+    autocast dtype for the next matmul, and takes that copy's gradient in its backward kernel
+    (K.add_layer_norm(low_dtype=...)). That is the same arithmetic as autocast's cast and autograd's
+    add: loss and every gradient equal the unfused model's bit for bit. fp16 stands in for bf16 on the
+    CPU (the interpreter computes bf16 wrongly)."""
+    from fastbert import modeling
+    low = torch.bfloat16 if device == "cuda" else torch.float16
+    name = "BertForPreTraining"
+    cfg = dict(CFG, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    torch.manual_seed(0)
+    model = getattr(fastbert, name)(fastbert.BertConfig(**cfg)).to(device).train()
+    batch = _batch(device, name)
+    calls = []
+    real = modeling.K.add_layer_norm
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("low_dtype"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(modeling.K, "add_layer_norm", spy)
+    # the copies are what the matmuls read: the feed-forward's and the second QKV's input dtypes
+    seen = []
+    for module in (model.bert.encoder.layer[0].intermediate, model.bert.encoder.layer[1].attention.self):
+        module.register_forward_hook(lambda m, args, out: seen.append(args[0].dtype))
+
+    def step(fused):
+        if not fused:
+            monkeypatch.setattr(modeling, "_matmul_copy_dtype", lambda residual: None)
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        seen.clear()
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        with torch.autocast(device, dtype=low):
+            loss = model(**batch).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads, list(calls), list(seen)
+
+    loss_f, grads_f, calls_f, seen_f = step(True)
+    loss_u, grads_u, calls_u, seen_u = step(False)
+    assert calls_f == [low] * 4 and calls_u == [None] * 4  # 2 layers x (attention, feed-forward)
+    assert seen_f == [low, low] and seen_u == [torch.float32, torch.float32]
+    assert torch.isfinite(loss_f) and torch.equal(loss_f, loss_u)
+    assert grads_f.keys() == grads_u.keys() and len(grads_f) > 20
+    for n in grads_f:
+        assert torch.equal(grads_f[n], grads_u[n]), n
