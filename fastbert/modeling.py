@@ -34,15 +34,20 @@ from .config import BertConfig
 # ------------------------------------------------------------------------------------------ outputs
 
 class ModelOutput(OrderedDict):
-    """Attribute- and key-addressable output; to_tuple() drops None fields, as transformers does."""
+    """Attribute- and key-addressable output, as transformers' ModelOutput: a None field is not a key
+    (keys(), items(), to_tuple() and integer indexing skip it; Trainer's evaluation reads items())
+    but reads as None by attribute; an undeclared name is an AttributeError."""
 
     def __init__(self, **fields):
-        super().__init__(**fields)
+        super().__init__((k, v) for k, v in fields.items() if v is not None)
+        self.__dict__["_declared"] = tuple(fields)
 
     def __getattr__(self, name):
         try:
             return self[name]
         except KeyError:
+            if name in self.__dict__.get("_declared", ()):
+                return None
             raise AttributeError(name) from None
 
     def __getitem__(self, key):

@@ -238,6 +238,27 @@ def test_return_dict_false_gives_transformers_tuple_order():
         assert torch.allclose(a, b, atol=1e-10)
 
 
+@pytest.mark.parametrize("name", ["BertForSequenceClassification", "BertForPreTraining"])
+def test_outputs_list_what_transformers_lists(name):
+    """A field that is None is not a key (keys, items, integer index), as in transformers: Trainer's
+    evaluation collects logits from items(), and a None there breaks its concatenation. Attribute
+    access still reads None, an undeclared name raises."""
+    import copy
+    cfg = CONFIGS["gelu-2types"]
+    hf, ours = make_pair(name, cfg)
+    inputs, labels = make_batch(name, cfg)
+    hf.eval(), ours.double().eval()
+    for kwargs in ({}, labels, dict(labels, output_hidden_states=True)):
+        ref, out = hf(**inputs, **kwargs), ours(**inputs, **kwargs)
+        assert list(out.keys()) == list(ref.keys()), kwargs
+        assert all(v is not None for _, v in out.items())
+        assert out[0].shape == ref[0].shape  # values: the parity tests above (padding positions differ)
+    assert out.attentions is None and "attentions" not in out
+    with pytest.raises(AttributeError):
+        out.no_such_field
+    assert copy.copy(out).attentions is None and list(copy.copy(out).keys()) == list(out.keys())
+
+
 def test_output_attentions_and_inputs_embeds():
     cfg = CONFIGS["gelu-2types"]
     hf, ours = make_pair("BertModel", cfg)
