@@ -108,6 +108,14 @@ def _check_width(name, t, n):
 
 # ----------------------------------------------------------------------------------------- attention
 
+def _check_interpreted_dtype(q):
+    # Triton 3.6's interpreter computes tl.dot on bf16 operands wrongly (outputs ~1e8 for unit
+    # inputs); the compiled kernels are right. Refuse rather than return a silent wrong answer.
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        raise TypeError("attention on bf16 CPU tensors with FASTBERT_KERNELS=triton: Triton's interpreter "
+                        "computes bf16 matrix products wrongly; use fp16 or fp32 there, or the reference kernels")
+
+
 def attention(q, k, v, key_padding_mask=None, *, causal=False, dropout_p=0.0, softmax_scale=None):
     """softmax(q kᵀ·scale + mask) v. q (B, H, Sq, D), k/v (B, H, Sk, D), key_padding_mask (B, Sk) bool."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -127,6 +135,7 @@ def attention(q, k, v, key_padding_mask=None, *, causal=False, dropout_p=0.0, so
     _check_dropout(dropout_p)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if use_triton(q):
+        _check_interpreted_dtype(q)
         return _triton("flash_attention").attention(q, k, v, key_padding_mask, causal, float(dropout_p), scale)
     return reference.attention(q, k, v, key_padding_mask, causal=causal, dropout_p=dropout_p, softmax_scale=scale)
 
@@ -163,6 +172,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, dropout_p
     _check_dropout(dropout_p)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if use_triton(q):
+        _check_interpreted_dtype(q)
         return _triton("flash_attention").varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal,
                                                           float(dropout_p), scale)
     return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, dropout_p=dropout_p,

@@ -509,6 +509,12 @@ def test_bad_inputs(triton_kernels, device):
             K.varlen_attention(packed, packed, packed, torch.tensor(cu, dtype=torch.int32, device=device), 6)
     with pytest.raises(ValueError, match="max_seqlen"):
         K.varlen_attention(packed, packed, packed, torch.tensor([0, 6], dtype=torch.int32, device=device), 4)
+    if device == "cpu":  # bf16 in the interpreter: refused, not a silently wrong result
+        with pytest.raises(TypeError, match="interpreter"):
+            K.attention(q.bfloat16(), q.bfloat16(), q.bfloat16())
+        with pytest.raises(TypeError, match="interpreter"):
+            b = packed.bfloat16()
+            K.varlen_attention(b, b, b, torch.tensor([0, 6], dtype=torch.int32, device=device), 6)
 
 
 def test_config_override_for_gpu_sweeps(monkeypatch):
