@@ -61,6 +61,13 @@ class BertConfig:
             self.label2id = {v: k for k, v in self.id2label.items()}
         self.label2id = {k: int(v) for k, v in self.label2id.items()}
 
+    def __getattr__(self, name):
+        # Called only for names that are not fields: the extra fields read as attributes, as in transformers.
+        extra = self.__dict__.get("extra") or {}
+        if name in extra:
+            return extra[name]
+        raise AttributeError(f"BertConfig has no field {name!r}")
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
@@ -114,3 +121,19 @@ class BertConfig:
         with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2, sort_keys=True)
             f.write("\n")
+
+
+_dataclass_init = BertConfig.__init__
+
+
+def _init_keeping_extra_fields(self, *args, **kwargs):
+    """The dataclass __init__, taking keywords it does not model as transformers does
+    (``BertConfig(**transformers_config.to_dict())`` works): they go to ``extra`` and are written back."""
+    known = {f.name for f in fields(BertConfig)}
+    extra = {k: kwargs.pop(k) for k in list(kwargs) if k not in known}
+    _dataclass_init(self, *args, **kwargs)
+    self.extra = {**self.extra, **extra}
+
+
+_init_keeping_extra_fields.__signature__ = __import__("inspect").signature(_dataclass_init)
+BertConfig.__init__ = _init_keeping_extra_fields

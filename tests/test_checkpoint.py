@@ -135,6 +135,23 @@ def test_config_round_trip_keeps_labels(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "bert"
 
 
+def test_config_takes_transformers_fields_it_does_not_model(tmp_path):
+    """BertConfig(**fields) as transformers: a field it does not model is kept (readable as an
+    attribute, written back to config.json); a misspelt attribute is still an error."""
+    hf = transformers.BertConfig(**CFG, output_hidden_states=True)
+    cfg = fastbert.BertConfig(**hf.to_dict())
+    assert cfg.hidden_size == CFG["hidden_size"] and cfg.transformers_version == transformers.__version__
+    assert cfg.extra["output_hidden_states"] is True
+    with pytest.raises(AttributeError, match="no field 'hiden_size'"):
+        cfg.hiden_size
+    cfg.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["transformers_version"] == transformers.__version__ and saved["hidden_size"] == CFG["hidden_size"]
+    assert fastbert.BertConfig.from_pretrained(tmp_path) == cfg
+    with pytest.raises(ValueError, match="hidden_act"):  # the checks of __post_init__ still run
+        fastbert.BertConfig(hidden_act="relu", some_new_field=1)
+
+
 # ------------------------------------------------------------------------------ the real checkpoint
 
 def _minilm():
