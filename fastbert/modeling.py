@@ -897,6 +897,9 @@ class BertForSequenceClassification(BertPreTrainedModel):
 
 
 class BertForTokenClassification(BertPreTrainedModel):
+    """Padding positions are not run through the encoder: label them -100 (transformers' collators
+    do), or the loss includes logits of unspecified values there."""
+
     def __init__(self, config: BertConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
