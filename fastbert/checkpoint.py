@@ -99,9 +99,9 @@ def load_state_dict_into(model: torch.nn.Module, state: dict) -> None:
     unexpected = sorted(set(state) - set(expected))
     if head_missing:
         warnings.warn(f"{type(model).__name__}: newly initialised (not in the checkpoint): {', '.join(head_missing)}",
-                      stacklevel=3)
+                      stacklevel=4)  # the from_pretrained caller
     if unexpected:
-        warnings.warn(f"{type(model).__name__}: checkpoint weights not used: {', '.join(unexpected)}", stacklevel=3)
+        warnings.warn(f"{type(model).__name__}: checkpoint weights not used: {', '.join(unexpected)}", stacklevel=4)
 
     with torch.no_grad():
         params = dict(model.named_parameters(remove_duplicate=False))

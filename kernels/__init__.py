@@ -160,7 +160,11 @@ def _check_cu_seqlens(cu_seqlens, total, max_seqlen, validate=True):
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, dropout_p=0.0, softmax_scale=None,
                      validate=True):
-    """Attention within each packed sequence. q/k/v (total, H, D); cu_seqlens int32 (batch + 1,)."""
+    """Attention within each packed sequence. q/k/v (total, H, D); cu_seqlens int32 (batch + 1,).
+
+    Value checks (cu_seqlens starts at 0, never decreases, ends at total; max_seqlen covers the
+    longest; validate=False skips them) read cu_seqlens on the host: on CUDA tensors a sync, skipped
+    inside torch.compile'd regions and CUDA-graph capture."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, 3, _FLOAT_DTYPES)
     _check_same([("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)], "device")
@@ -253,6 +257,8 @@ def embed_layer_norm(input_ids, token_type_ids, position_ids, word_weight, posit
     """dropout(layer_norm(word[ids] + position[pos] + type[tt])); ids (batch, seq).
 
     token_type_ids None means all zeros; position_ids None means 0..seq-1 in every row.
+    Value checks (ids within their tables; validate=False skips them) read the ids on the host: on CUDA
+    tensors a sync, skipped inside torch.compile'd regions and CUDA-graph capture.
     """
     _check_tensor("input_ids", input_ids, 2)
     for name, t in (("word_weight", word_weight), ("position_weight", position_weight),
@@ -294,6 +300,9 @@ def mlm_loss(hidden, weight, bias, labels, ignore_index=-100, *, out_dtype=None,
 
     The loss has hidden's dtype unless out_dtype says otherwise (the model asks for float32 so that
     a bf16 forward does not round its loss to bf16, as autocast's cross-entropy does not).
+    Value checks (labels within the vocabulary or ignore_index; validate=False skips them) read the
+    labels on the host: on CUDA tensors a sync, skipped inside torch.compile'd regions and CUDA-graph
+    capture.
     """
     _check_tensor("hidden", hidden, 2, _FLOAT_DTYPES)
     _check_tensor("weight", weight, 2, _FLOAT_DTYPES)

@@ -24,8 +24,17 @@ def backend() -> str:
     return value
 
 
-def interpreting() -> bool:
+def _interpret_flag() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Triton reads TRITON_INTERPRET when fastbert.kernels defines its kernels (this module is imported
+# just before): what counts is the value then, not a later change of the environment.
+_INTERPRETING_AT_IMPORT = _interpret_flag()
+
+
+def interpreting() -> bool:
+    return _INTERPRETING_AT_IMPORT
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -46,8 +55,9 @@ def use_triton(t: torch.Tensor) -> bool:
     if t.device.type != "cpu":
         raise ValueError(f"FASTBERT_KERNELS=triton: tensors on {t.device} are not supported")
     if not interpreting():
+        late = " (it was set after fastbert.kernels was imported, too late for Triton)" if _interpret_flag() else ""
         raise RuntimeError(
             "FASTBERT_KERNELS=triton on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
-            "in the environment before triton is imported"
+            f"in the environment before triton is imported{late}"
         )
     return True

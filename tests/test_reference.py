@@ -152,7 +152,15 @@ def test_bad_input_raises_clear_error(call, exc, match):
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    """What counts is TRITON_INTERPRET when the kernels were defined (import), as for Triton itself:
+    unset then, the op says so, and says "too late" when it was set afterwards."""
+    from fastbert.kernels import _dispatch
     monkeypatch.setenv("FASTBERT_KERNELS", "triton")
+    monkeypatch.setattr(_dispatch, "_INTERPRETING_AT_IMPORT", False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1") as info:
+        K.bias_gelu(torch.randn(2, 4), torch.randn(4))
+    assert "too late" not in str(info.value)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="set after fastbert.kernels was imported"):
         K.bias_gelu(torch.randn(2, 4), torch.randn(4))
