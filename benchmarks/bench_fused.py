@@ -10,6 +10,12 @@ State bytes (s = 2 bytes for bf16, T tokens, n width, V vocab; vectors of n and 
                    bwd  3 T n s (read x, dy; write dx)
   add_layer_norm   fwd  3 T n s (read x, residual; write y)
                    bwd  4 T n s (read dy, x, residual; write d residual), + T n s for dx when p > 0
+  add_layer_norm   the autocast pattern (x bf16, residual fp32, y fp32 plus its bf16 copy for the next matmul):
+   + bf16 copy     fwd  (2 + 4 + 4 + 2) T n (read x, residual; write y, copy)
+                   bwd  (4 + 2 + 2 + 4 + 4 + 2) T n (read dy, d copy, x, residual; write d residual, dx)
+                   fastbert fuses the copy and its gradient (low_dtype=); "fastbert-unfused" is the single-
+                   output op followed by .to(bf16), autograd adding the two gradients (what the model ran
+                   before the fusion); eager / compile: F.layer_norm on x.float() + residual, then .to
   gelu_layer_norm  fwd  2 T n s (read x, write y)
                    bwd  3 T n s (read dy, x; write dx)
   embed_layer_norm fwd  2 T n s (gather word rows, write y; position/type rows stay in cache)
@@ -66,6 +72,22 @@ def _make_cases(hidden: int, ffn: int, dev: str = "cuda", batch: int = BATCH, se
                       eager=lambda x, r, w, b: F.layer_norm(x + r, (hidden,), w, b, EPS),
                       fwd_bytes=3 * TOKENS * hidden * S, bwd_bytes=4 * TOKENS * hidden * S))
 
+    # add_layer_norm as the model runs it under bf16 autocast: fp32 residual stream and its bf16 copy
+    r32, w32, b32 = r.float(), w.float(), bb.float()
+
+    def copy_eager(x, r, w, b):
+        y = F.layer_norm(x.float() + r, (hidden,), w, b, EPS)
+        return y, y.to(DT)
+
+    def copy_unfused(x, r, w, b):
+        y = K.add_layer_norm(x, r, w, b, EPS, 0.0)
+        return y, y.to(DT)
+
+    cases.append(dict(op="add_layer_norm + bf16 copy", n=hidden, inputs=(x, r32, w32, b32), grad_inputs=(0, 1, 2, 3),
+                      ours=lambda x, r, w, b: K.add_layer_norm(x, r, w, b, EPS, 0.0, low_dtype=DT),
+                      eager=copy_eager, extra=[("fastbert-unfused", copy_unfused)],
+                      fwd_bytes=12 * TOKENS * hidden, bwd_bytes=18 * TOKENS * hidden))
+
     # gelu_layer_norm (MLM head transform; benchmarked on all tokens for a bandwidth figure)
     x, c = g(TOKENS, hidden), g(hidden)
     cases.append(dict(op="gelu_layer_norm", n=hidden, inputs=(x, c, w, bb), grad_inputs=(0, 1, 2, 3),
@@ -93,6 +115,7 @@ def _make_cases(hidden: int, ffn: int, dev: str = "cuda", batch: int = BATCH, se
 
 
 def _fwd_bwd(fn, inputs, grad_idx, dy):
+    """dy: a tensor, or a tuple of them for an op with several outputs (each gets its gradient)."""
     leaves = [t.detach().requires_grad_(i in grad_idx) for i, t in enumerate(inputs)]
     wanted = [leaves[i] for i in grad_idx]
 
@@ -126,7 +149,7 @@ def main(argv=None):
             traceback.print_exc()
             continue
         for case in cases:
-            impls = [("fastbert", case["ours"]), ("eager", case["eager"])]
+            impls = [("fastbert", case["ours"]), ("eager", case["eager"]), *case.get("extra", [])]
             if not args.smoke:
                 impls.append(("torch.compile", torch.compile(case["eager"])))
             times = {}
@@ -140,7 +163,7 @@ def main(argv=None):
                             nbytes = case["fwd_bytes"]
                         else:
                             y = fn(*case["inputs"])
-                            dy = torch.randn_like(y)
+                            dy = tuple(map(torch.randn_like, y)) if isinstance(y, tuple) else torch.randn_like(y)
                             run = _fwd_bwd(fn, case["inputs"], case["grad_inputs"], dy)
                             run()
                             nbytes = case["fwd_bytes"] + case["bwd_bytes"]
@@ -162,7 +185,10 @@ def main(argv=None):
             for row in rec.rows:
                 if row["op"] == case["op"] and row["size"] == size and row["impl"] == "fastbert":
                     ours = times.get(("fastbert", row["pass"]))
-                    for other, key in (("eager", "speedup_vs_eager"), ("torch.compile", "speedup_vs_compile")):
+                    for other, key in (("eager", "speedup_vs_eager"), ("torch.compile", "speedup_vs_compile"),
+                                       ("fastbert-unfused", "speedup_vs_unfused")):
+                        if other == "fastbert-unfused" and not case.get("extra"):
+                            continue
                         theirs = times.get((other, row["pass"]))
                         row[key] = theirs / ours if ours and theirs else None
     path = rec.save("/tmp" if args.smoke else None)

@@ -349,14 +349,35 @@ class BertSelfAttention(nn.Module):
         return ctx.permute(0, 2, 1, 3).reshape(-1, nh * hd), probs
 
 
+# The matmul copy. Under autocast the fp32 residual stream is cast for each matmul it feeds, and
+# autograd casts that matmul's input gradient back and adds it to the stream's. Instead, each residual
+# LayerNorm also writes the copy (K.add_layer_norm(low_dtype=)) and its backward adds the copy's
+# gradient: BertLayer passes (y, y_mm) pairs. Modules keep transformers' return values; a module with
+# a hook is called as a module, and the next matmul then casts its output as before.
+
 def _matmul_copy_dtype(residual):
-    """Under autocast an fp32 residual stream is cast for every matmul it feeds: return the autocast
-    dtype then (the LayerNorm that makes the stream writes that copy itself), else None."""
+    """The autocast dtype when autocast will cast this fp32 residual stream for a matmul, else None."""
     device = residual.device.type
     if residual.dtype != torch.float32 or not torch.is_autocast_enabled(device):
         return None
     dtype = torch.get_autocast_dtype(device)
     return dtype if dtype in (torch.bfloat16, torch.float16) else None
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a hook (the module's own or a global one) would see a call of this module."""
+    from torch.nn.modules import module as m
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or m._global_forward_hooks or m._global_forward_pre_hooks
+                or m._global_backward_hooks or m._global_backward_pre_hooks)
+
+
+def _add_norm_with_copy(module, h, residual, low_dtype):
+    """(y, y_mm) for a BertSelfOutput / BertOutput: y = module(h, residual), y_mm its matmul copy."""
+    if low_dtype is None or _hooked(module):
+        y = module(h, residual)
+        return y, y
+    return module.add_norm(h, residual, low_dtype)
 
 
 class BertSelfOutput(nn.Module):
@@ -367,13 +388,13 @@ class BertSelfOutput(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, h, residual):
-        """-> (y, y_mm): y the residual stream; y_mm the next matmul's input, y itself or, under
-        autocast over an fp32 stream, y in the autocast dtype from the same kernel."""
+        return self.add_norm(h, residual)
+
+    def add_norm(self, h, residual, low_dtype=None):
+        """LayerNorm(dropout(dense(h)) + residual); with low_dtype, (y, y in low_dtype) from one kernel."""
         p = self.dropout.p if self.training else 0.0
-        low = _matmul_copy_dtype(residual)
-        y = K.add_layer_norm(self.dense(h), residual, self.LayerNorm.weight, self.LayerNorm.bias,
-                             self.LayerNorm.eps, p, low_dtype=low)
-        return y if low is not None else (y, y)
+        return K.add_layer_norm(self.dense(h), residual, self.LayerNorm.weight, self.LayerNorm.bias,
+                                self.LayerNorm.eps, p, low_dtype=low_dtype)
 
 
 class BertAttention(nn.Module):
@@ -382,14 +403,17 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, x, layout, rows=None, x_mm=None):
-        """-> ((y, y_mm), probs) (see BertSelfOutput). x_mm: x as the QKV matmul's input (None: x).
-        rows (R,): continue past the attention on these rows only (the last layer, when the caller
-        reads R of the T outputs; see _Packed); every row is still a key and value."""
+    def forward(self, x, layout, rows=None, x_mm=None, low_dtype=None):
+        """-> (y, probs); with low_dtype ((y, y_mm), probs) (the matmul copy, above). x_mm: x as the
+        QKV matmul's input (None: x). rows (R,): continue past the attention on these rows only (the
+        last layer, when the caller reads R of the T outputs; see _Packed); every row is still a key
+        and value."""
         ctx, probs = self.self(x if x_mm is None else x_mm, layout)
         if rows is not None:
             ctx, x = ctx.index_select(0, rows), x.index_select(0, rows)  # (R, D) each
-        return self.output(ctx, x), probs
+        if low_dtype is None:
+            return self.output(ctx, x), probs
+        return _add_norm_with_copy(self.output, ctx, x, low_dtype), probs
 
 
 class BertIntermediate(nn.Module):
@@ -416,9 +440,13 @@ class BertLayer(nn.Module):
         self.output = BertOutput(config)
 
     def forward(self, x, layout, rows=None, x_mm=None):  # x (N, D), N = T packed or B*S padded; out (R, D) given rows
-        """-> (y, probs, y_mm): y_mm is y as the next layer's matmul input (see BertSelfOutput)."""
-        (h, h_mm), probs = self.attention(x, layout, rows, x_mm)
-        y, y_mm = self.output(self.intermediate(h_mm), h)
+        """-> (y, probs, y_mm): y_mm is y as the next layer's QKV input (the matmul copy, above)."""
+        low = _matmul_copy_dtype(x)
+        if low is not None and not _hooked(self.attention):
+            (h, h_mm), probs = self.attention(x, layout, rows, x_mm, low)
+        else:
+            (h, probs), h_mm = self.attention(x, layout, rows, x_mm), None
+        y, y_mm = _add_norm_with_copy(self.output, self.intermediate(h if h_mm is None else h_mm), h, low)
         return y, probs, y_mm
 
 
@@ -434,7 +462,9 @@ class BertEncoder(nn.Module):
         for i, layer in enumerate(self.layer):
             rows = _last_layer_rows(layout, i, len(self.layer))
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, probs, x_mm = torch.utils.checkpoint.checkpoint(layer, x, layout, rows, x_mm, use_reentrant=False)
+                # no copy across checkpoints: a checkpoint keeps its inputs until backward
+                x, probs, _ = torch.utils.checkpoint.checkpoint(layer, x, layout, rows, None, use_reentrant=False)
+                x_mm = None
             else:
                 x, probs, x_mm = layer(x, layout, rows, x_mm)
             if output_hidden_states:

@@ -121,7 +121,11 @@ def _encoder_forward(self, x, layout, output_hidden_states=False, output_attenti
     hidden, attentions = ([x] if output_hidden_states else None), ([] if output_attentions else None)
     x_mm = None
     for i, layer in enumerate(self.layer):
-        x, probs, x_mm = layer(x, layout, fb._last_layer_rows(layout, i, len(self.layer)), x_mm)
+        # a checkpointed call keeps its inputs until backward: no matmul copy across it
+        checkpointed = getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled()
+        x, probs, x_mm = layer(x, layout, fb._last_layer_rows(layout, i, len(self.layer)),
+                               None if checkpointed else x_mm)
+        x_mm = None if checkpointed else x_mm
         if output_hidden_states:
             hidden.append(x)
         if output_attentions:
@@ -260,8 +264,8 @@ def _members(name: str, original) -> dict:
         "BertAttention": {"forward": fb.BertAttention.forward},
         "BertSelfAttention": {"forward": fb.BertSelfAttention.forward,
                               "dropout_p": property(lambda self: self.dropout.p)},
-        "BertSelfOutput": {"forward": fb.BertSelfOutput.forward},
-        "BertOutput": {"forward": fb.BertSelfOutput.forward},
+        "BertSelfOutput": {"forward": fb.BertSelfOutput.forward, "add_norm": fb.BertSelfOutput.add_norm},
+        "BertOutput": {"forward": fb.BertSelfOutput.forward, "add_norm": fb.BertSelfOutput.add_norm},
         "BertIntermediate": {"forward": fb.BertIntermediate.forward,
                              "approximate": property(lambda self: _APPROXIMATE[type(self.intermediate_act_fn)])},
         "BertPredictionHeadTransform": {"forward": fb.BertPredictionHeadTransform.forward,

@@ -160,8 +160,8 @@ def _add_ln_fwd(
     b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
     y = d * rstd * w + b
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
-    if STORE_LOW:  # from the fp32 value, as y.to(low) would round it (y's own dtype is fp32 here)
-        tl.store(Y_LOW + offs, y.to(Y_LOW.dtype.element_ty), mask=mask)
+    if STORE_LOW:  # y.to(low) of the stored y (a no-op first cast when y is fp32, as in the model)
+        tl.store(Y_LOW + offs, y.to(Y.dtype.element_ty).to(Y_LOW.dtype.element_ty), mask=mask)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
 

@@ -164,3 +164,78 @@ def test_autocast_low_copy_changes_no_bit(device, triton_kernels, monkeypatch, d
     assert grads_f.keys() == grads_u.keys() and len(grads_f) > 20
     for n in grads_f:
         assert torch.equal(grads_f[n], grads_u[n]), n
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["fastbert", "patched-transformers"])
+def test_autocast_low_copy_keeps_module_outputs_for_hooks(device, triton_kernels, patched):
+    """Under autocast, forward hooks on BertSelfOutput / BertOutput / BertAttention see what
+    transformers' modules return (a tensor; (tensor, weights)), and a hook's replacement takes effect:
+    a hooked module is called as a module and its output cast by the next matmul, unhooked ones write
+    the copy (fastbert's class and a fastbert.patch'ed transformers model alike)."""
+    low = torch.bfloat16 if device == "cuda" else torch.float16
+    torch.manual_seed(0)
+    if patched:
+        model = fastbert.patch(transformers.BertModel(transformers.BertConfig(**CFG)).to(device).eval())
+    else:
+        model = fastbert.BertModel(fastbert.BertConfig(**CFG)).to(device).eval()
+    batch = {k: v for k, v in _batch(device, "BertForSequenceClassification").items() if k != "labels"}
+    layer = model.encoder.layer[0]
+
+    def run():
+        with torch.no_grad(), torch.autocast(device, dtype=low):
+            return model(**batch).last_hidden_state.float()
+
+    plain = run()
+    seen = {}
+    hooks = [layer.output.register_forward_hook(lambda m, a, out: seen.setdefault("output", out)),
+             layer.attention.register_forward_hook(lambda m, a, out: seen.setdefault("attention", out)),
+             layer.attention.output.register_forward_hook(lambda m, a, out: seen.setdefault("attn_output", out))]
+    assert torch.equal(run(), plain)  # observing hooks change nothing
+    assert isinstance(seen["output"], torch.Tensor) and isinstance(seen["attn_output"], torch.Tensor)
+    assert isinstance(seen["attention"], tuple) and len(seen["attention"]) == 2
+    assert isinstance(seen["attention"][0], torch.Tensor) and seen["attention"][0].dtype == torch.float32
+    for h in hooks:
+        h.remove()
+    hook = layer.output.register_forward_hook(lambda m, a, out: out.roll(1, -1))  # a replacing hook (LayerNorm would undo a scale or a shift)
+    changed = run()
+    hook.remove()
+    assert torch.isfinite(changed).all() and not torch.allclose(changed, plain, atol=1e-2)
+    assert torch.equal(run(), plain)
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["fastbert", "patched-transformers"])
+def test_autocast_low_copy_is_not_kept_across_checkpoints(device, triton_kernels, patched):
+    """With gradient checkpointing, layers do not pass the copy to each other (a checkpoint keeps its
+    inputs until backward: it would hold a second activation per layer), and gradients are those of
+    the unfused model bit for bit."""
+    from fastbert import modeling
+    low = torch.bfloat16 if device == "cuda" else torch.float16
+    torch.manual_seed(0)
+    if patched:
+        model = fastbert.patch(transformers.BertForPreTraining(transformers.BertConfig(**CFG)).to(device).train())
+    else:
+        model = fastbert.BertForPreTraining(fastbert.BertConfig(**CFG)).to(device).train()
+    model.gradient_checkpointing_enable()
+    batch = _batch(device, "BertForPreTraining")
+    qkv_inputs = []
+    hook = model.bert.encoder.layer[1].attention.self.register_forward_hook(
+        lambda m, args, out: qkv_inputs.append(args[0].dtype))
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=low):
+            model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    fused = grads()
+    assert qkv_inputs and set(qkv_inputs) == {torch.float32}  # layer 1 got the stream, not a kept copy
+    hook.remove()
+    original = modeling._matmul_copy_dtype
+    modeling._matmul_copy_dtype = lambda residual: None
+    try:
+        unfused = grads()
+    finally:
+        modeling._matmul_copy_dtype = original
+    assert fused.keys() == unfused.keys()
+    for n in fused:
+        assert torch.equal(fused[n], unfused[n]), n
