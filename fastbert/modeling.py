@@ -333,15 +333,17 @@ class BertSelfAttention(nn.Module):
         nh, hd = self.num_attention_heads, self.attention_head_size
         qkv = F.linear(x, weight, bias).view(-1, 3, nh, hd)  # (N, 3, nh, hd)
         p = self.dropout_p if self.training else 0.0
+        # The qkv-packed ops read q, k, v as strided views, write the context in the layout the output
+        # matmul reads and return one gradient for qkv: no permute, stack or reshape copies.
         if isinstance(layout, _Packed):
-            q, k, v = qkv.unbind(1)  # (T, nh, hd) views; unbind's backward is one stack, not 3 zero-filled grads
-            ctx = K.varlen_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, dropout_p=p,
-                                     validate=False)  # (T, nh, hd); the model built cu_seqlens itself
+            ctx = K.varlen_attention_qkvpacked(qkv, layout.cu_seqlens, layout.max_seqlen, dropout_p=p,
+                                               validate=False)  # (T, nh, hd); the model built cu_seqlens itself
+            return ctx.reshape(-1, nh * hd), None
+        if not layout.want_probs:
+            ctx = K.attention_qkvpacked(qkv.view(layout.batch, layout.seq, 3, nh, hd), layout.key_padding_mask,
+                                        dropout_p=p)  # (B, S, nh, hd)
             return ctx.reshape(-1, nh * hd), None
         q, k, v = qkv.view(layout.batch, layout.seq, 3, nh, hd).permute(2, 0, 3, 1, 4)  # each (B, nh, S, hd)
-        if not layout.want_probs:
-            ctx = K.attention(q, k, v, layout.key_padding_mask, dropout_p=p)  # (B, nh, S, hd)
-            return ctx.permute(0, 2, 1, 3).reshape(-1, nh * hd), None
         # Reference path that also returns the probabilities (output_attentions=True).
         scores = q @ k.transpose(-1, -2) / math.sqrt(hd) + layout.additive  # (B, nh, S, S)
         probs = torch.softmax(scores, dim=-1)

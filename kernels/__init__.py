@@ -50,6 +50,8 @@ except ImportError as exc:  # no triton on this platform: the reference path sti
 __all__ = [
     "attention",
     "varlen_attention",
+    "attention_qkvpacked",
+    "varlen_attention_qkvpacked",
     "bias_gelu",
     "add_layer_norm",
     "gelu_layer_norm",
@@ -118,6 +120,31 @@ def _check_interpreted_dtype(q):
 
 def attention(q, k, v, key_padding_mask=None, *, causal=False, dropout_p=0.0, softmax_scale=None):
     """softmax(q kᵀ·scale + mask) v. q (B, H, Sq, D), k/v (B, H, Sk, D), key_padding_mask (B, Sk) bool."""
+    scale = _check_attention(q, k, v, key_padding_mask, dropout_p, softmax_scale)
+    if use_triton(q):
+        _check_interpreted_dtype(q)
+        return _triton("flash_attention").attention(q, k, v, key_padding_mask, causal, float(dropout_p), scale)
+    return reference.attention(q, k, v, key_padding_mask, causal=causal, dropout_p=dropout_p, softmax_scale=scale)
+
+
+def attention_qkvpacked(qkv, key_padding_mask=None, *, causal=False, dropout_p=0.0, softmax_scale=None):
+    """attention() on one fused QKV projection: qkv (B, S, 3, H, D) -> (B, S, H, D), the layout of the
+    next matmul's input. On the Triton path the output is written in that layout and the gradient
+    comes back as one dqkv, without the copies that q/k/v views would cost through autograd."""
+    _check_tensor("qkv", qkv, 5, _FLOAT_DTYPES)
+    if qkv.shape[2] != 3:
+        raise ValueError(f"qkv: expected shape (batch, seq, 3, heads, head_dim), got {tuple(qkv.shape)}")
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, S, D) views
+    scale = _check_attention(q, k, v, key_padding_mask, dropout_p, softmax_scale)
+    if use_triton(qkv):
+        _check_interpreted_dtype(qkv)
+        return _triton("flash_attention").attention_qkvpacked(qkv, key_padding_mask, causal, float(dropout_p), scale)
+    return reference.attention_qkvpacked(qkv, key_padding_mask, causal=causal, dropout_p=dropout_p,
+                                         softmax_scale=scale)
+
+
+def _check_attention(q, k, v, key_padding_mask, dropout_p, softmax_scale) -> float:
+    """The checks of attention(); returns the softmax scale."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, 4, _FLOAT_DTYPES)
     _check_same([("q", q), ("k", k), ("v", v)], "device")
@@ -133,11 +160,7 @@ def attention(q, k, v, key_padding_mask=None, *, causal=False, dropout_p=0.0, so
             raise ValueError(f"key_padding_mask: expected shape {(k.shape[0], k.shape[2])}, "
                              f"got {tuple(key_padding_mask.shape)}")
     _check_dropout(dropout_p)
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if use_triton(q):
-        _check_interpreted_dtype(q)
-        return _triton("flash_attention").attention(q, k, v, key_padding_mask, causal, float(dropout_p), scale)
-    return reference.attention(q, k, v, key_padding_mask, causal=causal, dropout_p=dropout_p, softmax_scale=scale)
+    return float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
 
 
 def _check_cu_seqlens(cu_seqlens, total, max_seqlen, validate=True):
@@ -158,13 +181,8 @@ def _check_cu_seqlens(cu_seqlens, total, max_seqlen, validate=True):
         raise ValueError(f"max_seqlen={max_seqlen} is below the longest sequence ({int(lengths.max())})")
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, dropout_p=0.0, softmax_scale=None,
-                     validate=True):
-    """Attention within each packed sequence. q/k/v (total, H, D); cu_seqlens int32 (batch + 1,).
-
-    Value checks (cu_seqlens starts at 0, never decreases, ends at total; max_seqlen covers the
-    longest; validate=False skips them) read cu_seqlens on the host: on CUDA tensors a sync, skipped
-    inside torch.compile'd regions and CUDA-graph capture."""
+def _check_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, validate):
+    """The checks of varlen_attention(); returns (max_seqlen, softmax scale)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, 3, _FLOAT_DTYPES)
     _check_same([("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)], "device")
@@ -174,7 +192,17 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, dropout_p
     max_seqlen = int(max_seqlen)
     _check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen, validate)
     _check_dropout(dropout_p)
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return max_seqlen, float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, dropout_p=0.0, softmax_scale=None,
+                     validate=True):
+    """Attention within each packed sequence. q/k/v (total, H, D); cu_seqlens int32 (batch + 1,).
+
+    Value checks (cu_seqlens starts at 0, never decreases, ends at total; max_seqlen covers the
+    longest; validate=False skips them) read cu_seqlens on the host: on CUDA tensors a sync, skipped
+    inside torch.compile'd regions and CUDA-graph capture."""
+    max_seqlen, scale = _check_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, validate)
     if use_triton(q):
         _check_interpreted_dtype(q)
         return _triton("flash_attention").varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal,
@@ -327,3 +355,20 @@ def mlm_loss(hidden, weight, bias, labels, ignore_index=-100, *, out_dtype=None,
     if cpu_mlm_loss.applies(hidden, weight, bias, out_dtype):
         return cpu_mlm_loss.mlm_loss(hidden, weight, bias, labels, int(ignore_index), out_dtype)
     return reference.mlm_loss(hidden, weight, bias, labels, ignore_index, out_dtype)
+
+
+def varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, *, causal=False, dropout_p=0.0, softmax_scale=None,
+                               validate=True):
+    """varlen_attention() on one fused QKV projection: qkv (total, 3, H, D) -> (total, H, D); on the
+    Triton path the gradient comes back as one dqkv (no stack copy). Checks as varlen_attention."""
+    _check_tensor("qkv", qkv, 4, _FLOAT_DTYPES)
+    if qkv.shape[1] != 3:
+        raise ValueError(f"qkv: expected shape (total, 3, heads, head_dim), got {tuple(qkv.shape)}")
+    q, k, v = qkv.unbind(1)
+    max_seqlen, scale = _check_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, validate)
+    if use_triton(qkv):
+        _check_interpreted_dtype(qkv)
+        return _triton("flash_attention").varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, causal,
+                                                                    float(dropout_p), scale)
+    return reference.varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, causal=causal, dropout_p=dropout_p,
+                                                softmax_scale=scale)

@@ -22,8 +22,12 @@ Supports:
     mapping; tests/test_attention.py recomputes it in numpy), 8x fewer calls than one per element.
     The forward and both backward kernels regenerate the mask through one helper (_score_tile), as a
     pure function of (seed, row, key), whatever their block shapes
-  * strided inputs: only the last dimension must be contiguous, so q/k/v may be views of one fused
-    QKV projection (e.g. ``qkv.view(total, 3, H, D)[:, i]``) without a copy
+  * strided inputs and outputs: only the last dimension must be contiguous, so q/k/v may be views of
+    one fused QKV projection (e.g. ``qkv.view(total, 3, H, D)[:, i]``) without a copy; the qkv-packed
+    entries (attention_qkvpacked: qkv (B, S, 3, H, D) -> (B, S, H, D); varlen_attention_qkvpacked: qkv
+    (T, 3, H, D) -> (T, H, D)) also write the output in the next matmul's layout and the gradient into
+    one dqkv, saving the permute copy forward and the stack / reshape copy backward that q/k/v views
+    cost through autograd
   * deterministic gradients: dK/dV come from one program per key block looping over query blocks,
     dQ from one program per query block looping over key blocks; no atomics. The backward is two
     launches: the dQ kernel runs first and also writes delta = rowsum(dO·O), which dK/dV reads
@@ -60,7 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["attention", "varlen_attention", "fwd_config", "bwd_config", "effective_dropout_p",
+__all__ = ["attention", "varlen_attention", "attention_qkvpacked", "varlen_attention_qkvpacked", "fwd_config", "bwd_config", "effective_dropout_p",
            "set_config_override"]
 
 _LOG2E = 1.4426950408889634
@@ -263,7 +267,7 @@ def _attn_fwd(
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO,        # forward inputs and the output gradient
-    DK, DV,             # outputs, contiguous like K/V in the launcher's layout
+    DK, DV,             # outputs; token rows at stride_dk*/stride_dv*, last dim contiguous
     LSE, DELTA,         # fp32 per query row: log2-sum-exp from the forward, rowsum(dO * O) from _attn_bwd_dq
     KPM, CU_SEQLENS, SEED,            # as in _attn_fwd
     stride_qb, stride_qh, stride_qs,  # strides (batch 0 when packed, head, token) of each tensor
@@ -361,7 +365,7 @@ def _attn_bwd_dkdv(
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, O, DO,     # forward inputs, forward output and its gradient
-    DQ,                 # output, contiguous like Q in the launcher's layout
+    DQ,                 # output; token rows at stride_dq*, last dim contiguous
     LSE,                # fp32 log2-sum-exp per query row, from the forward
     DELTA,              # fp32 out: rowsum(dO * O) per query row (laid out like LSE), read by _attn_bwd_dkdv
     KPM, CU_SEQLENS, SEED,            # as in _attn_fwd
@@ -630,15 +634,10 @@ def _rows(t, varlen):
     return (0, s[1], s[0]) if varlen else (s[0], s[1], s[2])
 
 
-def _contiguous_rows(shape, varlen):
-    """_rows of a contiguous tensor of `shape` (the ones the launchers allocate), without asking it."""
-    if varlen:
-        return 0, shape[2], shape[1] * shape[2]
-    return shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3]
-
-
-def _flash_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, dropout_p, softmax_scale):
-    """Allocate out (contiguous, like q) and lse, launch _attn_fwd; returns (out, lse)."""
+def _flash_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, dropout_p, softmax_scale,
+               out=None):
+    """Allocate out (contiguous, like q) and lse, launch _attn_fwd; returns (out, lse). out: a given
+    output of q's shape (any strides with a contiguous last dim), written in place."""
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     varlen = cu_seqlens is not None
     if varlen:
@@ -652,7 +651,7 @@ def _flash_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, 
         seqlen_k = k.shape[2]
         lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
         lse_strides = (heads * seqlen_q, seqlen_q)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     if q.numel() == 0 or batch == 0 or seqlen_q == 0:
         return out.zero_(), lse.fill_(float("inf"))
     if batch * heads > _MAX_GRID_Y:
@@ -664,7 +663,7 @@ def _flash_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, 
     kpm = None if key_padding_mask is None else _last_dim_contiguous(key_padding_mask).view(torch.uint8)
     _attn_fwd[(_cdiv(seqlen_q, block_m), batch * heads)](
         q, k, v, out, lse, kpm, cu_seqlens, seed,
-        *_rows(q, varlen), *_rows(k, varlen), *_rows(v, varlen), *_contiguous_rows(q.shape, varlen), *lse_strides,
+        *_rows(q, varlen), *_rows(k, varlen), *_rows(v, varlen), *_rows(out, varlen), *lse_strides,
         0 if kpm is None else kpm.stride(0),
         heads, seqlen_q, seqlen_k, softmax_scale * _LOG2E, *_dropout_args(dropout_p), **launch,
     )
@@ -672,8 +671,10 @@ def _flash_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, 
 
 
 def _flash_bwd(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, dropout_p,
-               softmax_scale):
-    """dQ, dK, dV (contiguous, like q/k/v): one kernel for dQ (which also writes delta), then one for dK/dV."""
+               softmax_scale, grads=None):
+    """dQ, dK, dV (contiguous, like q/k/v): one kernel for dQ (which also writes delta), then one for dK/dV.
+    grads: given (dq, dk, dv) of q/k/v's shapes (any strides with a contiguous last dim, e.g. views of
+    one dqkv buffer), written in place."""
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
     varlen = cu_seqlens is not None
     if varlen:
@@ -685,9 +686,9 @@ def _flash_bwd(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen
         batch, heads, seqlen_q = q.shape[0], q.shape[1], q.shape[2]
         seqlen_k = k.shape[2]
         lse_strides = (lse.stride(0), lse.stride(1))
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if grads is None:
+        grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    dq, dk, dv = grads
     if q.numel() == 0 or k.numel() == 0 or batch == 0 or seqlen_q == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     dq_m, dq_launch, kv_n, kv_launch = _bwd_plan(_plan_key(q, key_padding_mask, varlen, causal, dropout_p))
@@ -699,12 +700,12 @@ def _flash_bwd(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen
     # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV kernel reads (stream order).
     _attn_bwd_dq[(_cdiv(seqlen_q, dq_m), batch * heads)](
         q, k, v, out, dout, dq, lse, delta, kpm, cu_seqlens, seed,
-        *q_rows, *k_rows, *v_rows, *_rows(out, varlen), *do_rows, *_contiguous_rows(q.shape, varlen),
+        *q_rows, *k_rows, *v_rows, *_rows(out, varlen), *do_rows, *_rows(dq, varlen),
         *lse_strides, stride_mb, *common, **dq_launch,
     )
     _attn_bwd_dkdv[(_cdiv(seqlen_k, kv_n), batch * heads)](
         q, k, v, dout, dk, dv, lse, delta, kpm, cu_seqlens, seed,
-        *q_rows, *k_rows, *v_rows, *do_rows, *_contiguous_rows(k.shape, varlen), *_contiguous_rows(v.shape, varlen),
+        *q_rows, *k_rows, *v_rows, *do_rows, *_rows(dk, varlen), *_rows(dv, varlen),
         *lse_strides, stride_mb, *common, **kv_launch,
     )
     return dq, dk, dv
@@ -893,6 +894,56 @@ class _VarlenAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
+class _AttentionQKVPacked(torch.autograd.Function):
+    """_Attention on one fused projection: qkv (B, S, 3, H, D) in, out (B, S, H, D). The kernels read
+    q/k/v as strided views, write the output in (B, S, H, D) (a view of it is the next matmul's
+    (B*S, H*D) input) and the gradients into one dqkv like qkv: no permute copy forward, no stack or
+    reshape copy backward (which q/k/v views of qkv would cost through autograd)."""
+
+    @staticmethod
+    def forward(ctx, qkv, key_padding_mask, seed, causal, dropout_p, softmax_scale):
+        q, k, v = _split_padded(qkv)
+        out = qkv.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3])  # (B, S, H, D)
+        _, lse = _flash_fwd(q, k, v, key_padding_mask, None, 0, seed, causal, dropout_p, softmax_scale,
+                            out=out.transpose(1, 2))
+        ctx.save_for_backward(qkv, out, lse, key_padding_mask, seed)
+        ctx.causal, ctx.dropout_p, ctx.softmax_scale = causal, dropout_p, softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qkv, out, lse, key_padding_mask, seed = ctx.saved_tensors
+        dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+        _flash_bwd(dout.transpose(1, 2), *_split_padded(qkv), out.transpose(1, 2), lse, key_padding_mask, None, 0,
+                   seed, ctx.causal, ctx.dropout_p, ctx.softmax_scale, grads=_split_padded(dqkv))
+        return dqkv, None, None, None, None, None
+
+
+class _VarlenAttentionQKVPacked(torch.autograd.Function):
+    """_VarlenAttention on one fused projection: qkv (T, 3, H, D) in, out (T, H, D); the gradients go
+    into one dqkv like qkv (see _AttentionQKVPacked)."""
+
+    @staticmethod
+    def forward(ctx, qkv, cu_seqlens, max_seqlen, seed, causal, dropout_p, softmax_scale):
+        out, lse = _flash_fwd(*qkv.unbind(1), None, cu_seqlens, max_seqlen, seed, causal, dropout_p, softmax_scale)
+        ctx.save_for_backward(qkv, out, lse, cu_seqlens, seed)
+        ctx.max_seqlen, ctx.causal, ctx.dropout_p, ctx.softmax_scale = max_seqlen, causal, dropout_p, softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qkv, out, lse, cu_seqlens, seed = ctx.saved_tensors
+        dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+        _flash_bwd(dout, *qkv.unbind(1), out, lse, None, cu_seqlens, ctx.max_seqlen, seed, ctx.causal,
+                   ctx.dropout_p, ctx.softmax_scale, grads=dqkv.unbind(1))
+        return dqkv, None, None, None, None, None, None
+
+
+def _split_padded(qkv):
+    """(B, S, 3, H, D) -> q, k, v as (B, H, S, D) views."""
+    return tuple(t.transpose(1, 2) for t in qkv.unbind(2))
+
+
 def _eager_ok(q):
     """Whether to take the autograd.Function path: not while torch.compile traces (it needs the custom
     op), and on CPU tensors only under the interpreter (as the ops' CPU kernels require)."""
@@ -933,3 +984,25 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, dropout_p, softmax
         return _VarlenAttention.apply(*args)
     out, _lse = varlen_attention_fwd(*args)
     return out
+
+
+def attention_qkvpacked(qkv, key_padding_mask, causal, dropout_p, softmax_scale):
+    """attention() on one fused projection qkv (B, S, 3, H, D); returns (B, S, H, D)."""
+    q, k, v = _split_padded(qkv)
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"Triton attention supports head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
+    if _use_reference(q, k) or not _eager_ok(q):  # float64 / empty, or traced: the unpacked path
+        return attention(q, k, v, key_padding_mask, causal, dropout_p, softmax_scale).transpose(1, 2)
+    return _AttentionQKVPacked.apply(qkv, key_padding_mask, _draw_seed(q, dropout_p), bool(causal),
+                                     float(dropout_p), float(softmax_scale))
+
+
+def varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, causal, dropout_p, softmax_scale):
+    """varlen_attention() on one fused projection qkv (T, 3, H, D); returns (T, H, D)."""
+    q, k, v = qkv.unbind(1)
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"Triton attention supports head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
+    if _use_reference(q, k) or not _eager_ok(q):
+        return varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, dropout_p, softmax_scale)
+    return _VarlenAttentionQKVPacked.apply(qkv, cu_seqlens, int(max_seqlen), _draw_seed(q, dropout_p), bool(causal),
+                                           float(dropout_p), float(softmax_scale))

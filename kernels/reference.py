@@ -20,6 +20,8 @@ from . import cpu_dropout
 __all__ = [
     "attention",
     "varlen_attention",
+    "attention_qkvpacked",
+    "varlen_attention_qkvpacked",
     "bias_gelu",
     "add_layer_norm",
     "gelu_layer_norm",
@@ -119,6 +121,19 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, dropout_p
     mask = torch.arange(width, device=q.device)[None, :] < lengths[:, None]  # (B, S)
     out = attention(pad(q), pad(k), pad(v), mask, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale)
     return out.transpose(1, 2)[seq_idx, pos]  # (total, H, D)
+
+
+def attention_qkvpacked(qkv, key_padding_mask=None, *, causal=False, dropout_p=0.0, softmax_scale=None):
+    """attention() on qkv (B, S, 3, H, D) -> (B, S, H, D)."""
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    return attention(q, k, v, key_padding_mask, causal=causal, dropout_p=dropout_p,
+                     softmax_scale=softmax_scale).transpose(1, 2)
+
+
+def varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, *, causal=False, dropout_p=0.0, softmax_scale=None):
+    """varlen_attention() on qkv (total, 3, H, D) -> (total, H, D)."""
+    return varlen_attention(*qkv.unbind(1), cu_seqlens, max_seqlen, causal=causal, dropout_p=dropout_p,
+                            softmax_scale=softmax_scale)
 
 
 def bias_gelu(x, bias, approximate="none"):

@@ -729,3 +729,79 @@ def test_too_many_sequences_for_one_launch_is_a_clear_error(triton_kernels, devi
     cu = torch.arange(n + 1, dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match="65535"):
         K.varlen_attention(q, q, q, cu, 1)
+
+
+# ------------------------------------------------------------------------ one fused QKV projection
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_qkvpacked_gives_the_unpacked_bits(triton_kernels, device, layout, dropout_p):
+    """attention_qkvpacked / varlen_attention_qkvpacked take the model's fused projection (qkv with
+    a 3 axis) and return the next matmul's layout; outputs and the gradient (one dqkv) equal the
+    unpacked ops' on views of the same qkv bit for bit (same kernels, strided reads and writes), with
+    dropout (same seed) and padding. Odd sizes: 2 heads of 24, sequences 7 and 13."""
+    lengths, heads, dim = [7, 13], 2, 24
+    if layout == "padded":
+        qkv = torch.randn(2, 13, 3, heads, dim, device=device)
+        mask = torch.arange(13, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
+
+        def packed(x):
+            return K.attention_qkvpacked(x, mask, dropout_p=dropout_p)  # (B, S, H, D)
+
+        def unpacked(x):
+            q, k, v = (t.transpose(1, 2) for t in x.unbind(2))
+            return K.attention(q, k, v, mask, dropout_p=dropout_p).transpose(1, 2)
+    else:
+        qkv = torch.randn(sum(lengths), 3, heads, dim, device=device)
+        cu = torch.tensor([0, 7, 20], dtype=torch.int32, device=device)
+
+        def packed(x):
+            return K.varlen_attention_qkvpacked(x, cu, 13, dropout_p=dropout_p)
+
+        def unpacked(x):
+            return K.varlen_attention(*x.unbind(1), cu, 13, dropout_p=dropout_p)
+
+    grad = None
+    results = []
+    for fn in (packed, unpacked):
+        x = qkv.detach().clone().requires_grad_()
+        torch.manual_seed(11)
+        out = fn(x)
+        grad = torch.randn_like(out) if grad is None else grad
+        out.backward(grad)
+        results.append((out.detach(), x.grad))
+    (out_p, g_p), (out_u, g_u) = results
+    assert out_p.shape == out_u.shape and torch.equal(out_p, out_u)
+    assert torch.equal(g_p, g_u) and g_p.abs().sum() > 0
+    if layout == "padded":
+        # the output is laid out for the next matmul: (B, S, H*D) is a view, no copy
+        assert out_p.is_contiguous()
+        assert out_p[1, 7:].abs().sum() > 0 and torch.isfinite(g_p).all()  # padded queries still attend
+
+
+def test_qkvpacked_gradient_is_one_buffer(triton_kernels, device):
+    """The point of the packed ops: autograd's path from the output to qkv has no unbind (whose
+    backward stacks three gradients into a new tensor) and no permute / reshape copy."""
+    qkv = torch.randn(9, 3, 2, 16, device=device, requires_grad=True)
+    out = K.varlen_attention_qkvpacked(qkv, torch.tensor([0, 4, 9], dtype=torch.int32, device=device), 5)
+    assert "QKVPacked" in type(out.grad_fn).__name__
+    assert type(out.grad_fn.next_functions[0][0]).__name__ == "AccumulateGrad"
+    qkv5 = torch.randn(2, 5, 3, 2, 16, device=device, requires_grad=True)
+    out5 = K.attention_qkvpacked(qkv5)
+    assert "QKVPacked" in type(out5.grad_fn).__name__ and out5.is_contiguous()
+
+
+def test_qkvpacked_reference_path_and_errors(reference_kernels):
+    qkv = torch.randn(2, 6, 3, 2, 8, dtype=torch.float64)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    torch.testing.assert_close(K.attention_qkvpacked(qkv), K.attention(q, k, v).transpose(1, 2), rtol=0, atol=0)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    flat = torch.randn(12, 3, 2, 8, dtype=torch.float64)
+    torch.testing.assert_close(K.varlen_attention_qkvpacked(flat, cu, 7), K.varlen_attention(*flat.unbind(1), cu, 7),
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="3, heads"):
+        K.attention_qkvpacked(torch.randn(2, 6, 4, 2, 8))
+    with pytest.raises(ValueError, match="total, 3"):
+        K.varlen_attention_qkvpacked(torch.randn(12, 2, 2, 8), cu, 7)
+    with pytest.raises(ValueError, match="ends at"):
+        K.varlen_attention_qkvpacked(flat[:11], cu, 7)
