@@ -211,6 +211,23 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, dropout_p
                                       softmax_scale=scale)
 
 
+def varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, *, causal=False, dropout_p=0.0, softmax_scale=None,
+                               validate=True):
+    """varlen_attention() on one fused QKV projection: qkv (total, 3, H, D) -> (total, H, D); on the
+    Triton path the gradient comes back as one dqkv (no stack copy). Checks as varlen_attention."""
+    _check_tensor("qkv", qkv, 4, _FLOAT_DTYPES)
+    if qkv.shape[1] != 3:
+        raise ValueError(f"qkv: expected shape (total, 3, heads, head_dim), got {tuple(qkv.shape)}")
+    q, k, v = qkv.unbind(1)
+    max_seqlen, scale = _check_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, validate)
+    if use_triton(qkv):
+        _check_interpreted_dtype(qkv)
+        return _triton("flash_attention").varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, causal,
+                                                                    float(dropout_p), scale)
+    return reference.varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, causal=causal, dropout_p=dropout_p,
+                                                softmax_scale=scale)
+
+
 # ------------------------------------------------------------------------------ GELU and LayerNorm
 
 def _check_approximate(approximate):
@@ -356,19 +373,3 @@ def mlm_loss(hidden, weight, bias, labels, ignore_index=-100, *, out_dtype=None,
         return cpu_mlm_loss.mlm_loss(hidden, weight, bias, labels, int(ignore_index), out_dtype)
     return reference.mlm_loss(hidden, weight, bias, labels, ignore_index, out_dtype)
 
-
-def varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, *, causal=False, dropout_p=0.0, softmax_scale=None,
-                               validate=True):
-    """varlen_attention() on one fused QKV projection: qkv (total, 3, H, D) -> (total, H, D); on the
-    Triton path the gradient comes back as one dqkv (no stack copy). Checks as varlen_attention."""
-    _check_tensor("qkv", qkv, 4, _FLOAT_DTYPES)
-    if qkv.shape[1] != 3:
-        raise ValueError(f"qkv: expected shape (total, 3, heads, head_dim), got {tuple(qkv.shape)}")
-    q, k, v = qkv.unbind(1)
-    max_seqlen, scale = _check_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, validate)
-    if use_triton(qkv):
-        _check_interpreted_dtype(qkv)
-        return _triton("flash_attention").varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, causal,
-                                                                    float(dropout_p), scale)
-    return reference.varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, causal=causal, dropout_p=dropout_p,
-                                                softmax_scale=scale)

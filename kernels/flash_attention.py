@@ -41,6 +41,8 @@ Not supported:
   * attention bias / arbitrary (Sq, Sk) masks; only key padding and causal masks
   * seq_q * ceil(seq_k / 8) >= 2**31 with dropout (the Philox counter is an int32 per head; ValueError)
   * more than 65535 (sequences x heads) in one call: CUDA's grid y limit (ValueError; split the batch)
+  * a sequence whose rows reach 2**31 elements from its start (seq x token stride, e.g. ~930k tokens of
+    a BERT-base qkv view): offsets within a sequence are int32 (ValueError)
 
 Caution:
   * a query row with no visible key (all its keys padded, or an empty causal prefix) gives zeros and
@@ -64,7 +66,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["attention", "varlen_attention", "attention_qkvpacked", "varlen_attention_qkvpacked", "fwd_config", "bwd_config", "effective_dropout_p",
+__all__ = ["attention", "varlen_attention", "attention_qkvpacked", "varlen_attention_qkvpacked",
+           "fwd_config", "bwd_config", "effective_dropout_p",
            "set_config_override"]
 
 _LOG2E = 1.4426950408889634
@@ -608,6 +611,22 @@ def _check_dropout_counter(seqlen_q, seqlen_k):
                          f"seq_k={seqlen_k}")
 
 
+def _check_row_offsets(seqlen, varlen, *tensors):
+    """Row offsets inside a sequence are int32 in the kernels (row * token stride; the sequence base
+    is int64): refuse shapes whose in-sequence offsets would wrap rather than address wrong memory."""
+    stride = max(_rows(t, varlen)[2] for t in tensors)
+    if seqlen * stride >= 2 ** 31:
+        raise ValueError(f"Triton attention: a sequence of {seqlen} tokens at a token stride of {stride} elements "
+                         "passes 2**31 elements within one sequence; split it or use the reference kernels")
+
+
+def _check_given(name, given, like):
+    if given.shape != like.shape or given.dtype != like.dtype or given.device != like.device or given.stride(-1) != 1:
+        raise ValueError(f"attention: the given {name} must match {tuple(like.shape)} {like.dtype} on {like.device} "
+                         f"with a contiguous last dimension, got {tuple(given.shape)} {given.dtype} "
+                         f"stride {given.stride()}")
+
+
 # --------------------------------------------------------------------------------- host launchers
 
 def _last_dim_contiguous(t):
@@ -651,9 +670,13 @@ def _flash_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, 
         seqlen_k = k.shape[2]
         lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
         lse_strides = (heads * seqlen_q, seqlen_q)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    else:
+        _check_given("out", out, q)
     if q.numel() == 0 or batch == 0 or seqlen_q == 0:
         return out.zero_(), lse.fill_(float("inf"))
+    _check_row_offsets(max(seqlen_q, seqlen_k), varlen, q, k, v, out)
     if batch * heads > _MAX_GRID_Y:
         raise ValueError(f"attention: batch x heads = {batch} x {heads} exceeds the {_MAX_GRID_Y} sequences x heads "
                          f"one launch covers (CUDA's grid y limit); split the batch")
@@ -672,9 +695,9 @@ def _flash_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, 
 
 def _flash_bwd(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, dropout_p,
                softmax_scale, grads=None):
-    """dQ, dK, dV (contiguous, like q/k/v): one kernel for dQ (which also writes delta), then one for dK/dV.
-    grads: given (dq, dk, dv) of q/k/v's shapes (any strides with a contiguous last dim, e.g. views of
-    one dqkv buffer), written in place."""
+    """dQ, dK, dV: one kernel for dQ (which also writes delta), then one for dK/dV. Allocated contiguous,
+    or grads: given (dq, dk, dv) of q/k/v's shapes (any strides with a contiguous last dim, e.g. views
+    of one dqkv buffer), written in place."""
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
     varlen = cu_seqlens is not None
     if varlen:
@@ -688,9 +711,13 @@ def _flash_bwd(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen
         lse_strides = (lse.stride(0), lse.stride(1))
     if grads is None:
         grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    else:
+        for name, given, like in zip(("dq", "dk", "dv"), grads, (q, k, v)):
+            _check_given(name, given, like)
     dq, dk, dv = grads
     if q.numel() == 0 or k.numel() == 0 or batch == 0 or seqlen_q == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    _check_row_offsets(max(seqlen_q, seqlen_k), varlen, q, k, v, out, dout, dq, dk, dv)
     dq_m, dq_launch, kv_n, kv_launch = _bwd_plan(_plan_key(q, key_padding_mask, varlen, causal, dropout_p))
     kpm = None if key_padding_mask is None else _last_dim_contiguous(key_padding_mask).view(torch.uint8)
     stride_mb = 0 if kpm is None else kpm.stride(0)

@@ -733,33 +733,34 @@ def test_too_many_sequences_for_one_launch_is_a_clear_error(triton_kernels, devi
 
 # ------------------------------------------------------------------------ one fused QKV projection
 
-@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("dropout_p, causal", [(0.0, False), (0.25, False), (0.0, True)])
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_qkvpacked_gives_the_unpacked_bits(triton_kernels, device, layout, dropout_p):
+def test_qkvpacked_gives_the_unpacked_bits(triton_kernels, device, layout, dropout_p, causal):
     """attention_qkvpacked / varlen_attention_qkvpacked take the model's fused projection (qkv with
     a 3 axis) and return the next matmul's layout; outputs and the gradient (one dqkv) equal the
     unpacked ops' on views of the same qkv bit for bit (same kernels, strided reads and writes), with
-    dropout (same seed) and padding. Odd sizes: 2 heads of 24, sequences 7 and 13."""
+    dropout (same seed), causal masking, padding and a non-contiguous output gradient. Odd sizes: 2
+    heads of 24, sequences 7 and 13."""
     lengths, heads, dim = [7, 13], 2, 24
     if layout == "padded":
         qkv = torch.randn(2, 13, 3, heads, dim, device=device)
         mask = torch.arange(13, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
 
         def packed(x):
-            return K.attention_qkvpacked(x, mask, dropout_p=dropout_p)  # (B, S, H, D)
+            return K.attention_qkvpacked(x, mask, dropout_p=dropout_p, causal=causal)  # (B, S, H, D)
 
         def unpacked(x):
             q, k, v = (t.transpose(1, 2) for t in x.unbind(2))
-            return K.attention(q, k, v, mask, dropout_p=dropout_p).transpose(1, 2)
+            return K.attention(q, k, v, mask, dropout_p=dropout_p, causal=causal).transpose(1, 2)
     else:
         qkv = torch.randn(sum(lengths), 3, heads, dim, device=device)
         cu = torch.tensor([0, 7, 20], dtype=torch.int32, device=device)
 
         def packed(x):
-            return K.varlen_attention_qkvpacked(x, cu, 13, dropout_p=dropout_p)
+            return K.varlen_attention_qkvpacked(x, cu, 13, dropout_p=dropout_p, causal=causal)
 
         def unpacked(x):
-            return K.varlen_attention(*x.unbind(1), cu, 13, dropout_p=dropout_p)
+            return K.varlen_attention(*x.unbind(1), cu, 13, dropout_p=dropout_p, causal=causal)
 
     grad = None
     results = []
@@ -767,7 +768,8 @@ def test_qkvpacked_gives_the_unpacked_bits(triton_kernels, device, layout, dropo
         x = qkv.detach().clone().requires_grad_()
         torch.manual_seed(11)
         out = fn(x)
-        grad = torch.randn_like(out) if grad is None else grad
+        # a non-contiguous output gradient (a transposed buffer), as a later permute would hand back
+        grad = torch.randn(out.shape[::-1], device=device).permute(*reversed(range(out.dim()))) if grad is None else grad
         out.backward(grad)
         results.append((out.detach(), x.grad))
     (out_p, g_p), (out_u, g_u) = results
@@ -805,3 +807,19 @@ def test_qkvpacked_reference_path_and_errors(reference_kernels):
         K.varlen_attention_qkvpacked(torch.randn(12, 2, 2, 8), cu, 7)
     with pytest.raises(ValueError, match="ends at"):
         K.varlen_attention_qkvpacked(flat[:11], cu, 7)
+
+
+def test_given_outputs_and_long_rows_are_checked(triton_kernels, device):
+    """The launchers' given outputs must match q/k/v with a contiguous last dim; offsets within a
+    sequence are int32 in the kernels, so a sequence whose rows pass 2**31 elements is refused (here
+    faked with a huge token stride: an expanded view, nothing allocated)."""
+    q = torch.randn(1, 2, 8, 16, device=device)
+    with pytest.raises(ValueError, match="given out"):
+        flash_attention._flash_fwd(q, q, q, None, None, 0, None, False, 0.0, 0.25, out=torch.empty(1, 2, 8, 8))
+    with pytest.raises(ValueError, match="given dq"):
+        flash_attention._flash_bwd(q, q, q, q, q, torch.zeros(1, 2, 8), None, None, 0, None, False, 0.0, 0.25,
+                                   grads=(q.transpose(-1, -2), q, q))
+    qkv_view = torch.empty(2, 3, 12, 64, device=device)[:, 0]  # (T, H, D) at BERT-base's qkv token stride 2304
+    flash_attention._check_row_offsets(932_000, True, qkv_view)  # 2.147e9 - a little: allowed
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        flash_attention._check_row_offsets(933_000, True, qkv_view)
