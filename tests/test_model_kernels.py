@@ -124,7 +124,7 @@ def test_autocast_low_copy_changes_no_bit(device, triton_kernels, monkeypatch, d
     add: loss and every gradient equal the unfused model's bit for bit. fp16 stands in for bf16 on the
     CPU (the interpreter computes bf16 wrongly)."""
     from fastbert import modeling
-    low = torch.bfloat16 if device == "cuda" else torch.float16
+    low = _low_dtype(device)
     name = "BertForPreTraining"
     cfg = dict(CFG, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     torch.manual_seed(0)
@@ -166,18 +166,28 @@ def test_autocast_low_copy_changes_no_bit(device, triton_kernels, monkeypatch, d
         assert torch.equal(grads_f[n], grads_u[n]), n
 
 
+def _low_dtype(device):
+    # autocast's dtype in the model tests: bf16 on a GPU; fp16 stands in on the CPU (the interpreter
+    # computes bf16 wrongly)
+    return torch.bfloat16 if device == "cuda" else torch.float16
+
+
+def _fastbert_or_patched(name, patched, device):
+    """fastbert's class `name`, or transformers' with fastbert.patch, seeded the same way."""
+    torch.manual_seed(0)
+    if patched:
+        return fastbert.patch(getattr(transformers, name)(transformers.BertConfig(**CFG)).to(device))
+    return getattr(fastbert, name)(fastbert.BertConfig(**CFG)).to(device)
+
+
 @pytest.mark.parametrize("patched", [False, True], ids=["fastbert", "patched-transformers"])
 def test_autocast_low_copy_keeps_module_outputs_for_hooks(device, triton_kernels, patched):
     """Under autocast, forward hooks on BertSelfOutput / BertOutput / BertAttention see what
     transformers' modules return (a tensor; (tensor, weights)), and a hook's replacement takes effect:
     a hooked module is called as a module and its output cast by the next matmul, unhooked ones write
     the copy (fastbert's class and a fastbert.patch'ed transformers model alike)."""
-    low = torch.bfloat16 if device == "cuda" else torch.float16
-    torch.manual_seed(0)
-    if patched:
-        model = fastbert.patch(transformers.BertModel(transformers.BertConfig(**CFG)).to(device).eval())
-    else:
-        model = fastbert.BertModel(fastbert.BertConfig(**CFG)).to(device).eval()
+    low = _low_dtype(device)
+    model = _fastbert_or_patched("BertModel", patched, device).eval()
     batch = {k: v for k, v in _batch(device, "BertForSequenceClassification").items() if k != "labels"}
     layer = model.encoder.layer[0]
 
@@ -209,12 +219,8 @@ def test_autocast_low_copy_is_not_kept_across_checkpoints(device, triton_kernels
     inputs until backward: it would hold a second activation per layer), and gradients are those of
     the unfused model bit for bit."""
     from fastbert import modeling
-    low = torch.bfloat16 if device == "cuda" else torch.float16
-    torch.manual_seed(0)
-    if patched:
-        model = fastbert.patch(transformers.BertForPreTraining(transformers.BertConfig(**CFG)).to(device).train())
-    else:
-        model = fastbert.BertForPreTraining(fastbert.BertConfig(**CFG)).to(device).train()
+    low = _low_dtype(device)
+    model = _fastbert_or_patched("BertForPreTraining", patched, device).train()
     model.gradient_checkpointing_enable()
     batch = _batch(device, "BertForPreTraining")
     qkv_inputs = []
