@@ -354,8 +354,9 @@ class BertSelfAttention(nn.Module):
 # The matmul copy. Under autocast the fp32 residual stream is cast for each matmul it feeds, and
 # autograd casts that matmul's input gradient back and adds it to the stream's. Instead, each residual
 # LayerNorm also writes the copy (K.add_layer_norm(low_dtype=)) and its backward adds the copy's
-# gradient: BertLayer passes (y, y_mm) pairs. Modules keep transformers' return values; a module with
-# a hook is called as a module, and the next matmul then casts its output as before.
+# gradient; the copy goes to the next QKV or feed-forward matmul. Hooks keep their meaning: modules
+# return what transformers' do, and a copy is made or used only where no hook could change the value
+# between the LayerNorm and the matmul (else the matmul casts the stream itself, as before).
 
 def _matmul_copy_dtype(residual):
     """The autocast dtype when autocast will cast this fp32 residual stream for a matmul, else None."""
@@ -375,10 +376,9 @@ def _hooked(module: nn.Module) -> bool:
 
 
 def _add_norm_with_copy(module, h, residual, low_dtype):
-    """(y, y_mm) for a BertSelfOutput / BertOutput: y = module(h, residual), y_mm its matmul copy."""
+    """(y, y_mm) for a BertSelfOutput / BertOutput: y = module(h, residual), y_mm its matmul copy or None."""
     if low_dtype is None or _hooked(module):
-        y = module(h, residual)
-        return y, y
+        return module(h, residual), None
     return module.add_norm(h, residual, low_dtype)
 
 
@@ -441,15 +441,20 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, x, layout, rows=None, x_mm=None):  # x (N, D), N = T packed or B*S padded; out (R, D) given rows
-        """-> (y, probs, y_mm): y_mm is y as the next layer's QKV input (the matmul copy, above)."""
+    def forward(self, x, layout, rows=None, x_mm=None, with_copy=False):
+        """x (N, D), N = T packed or B*S padded -> (y, probs), y (R, D) given rows. with_copy: also
+        return y's matmul copy for the next layer's QKV (or None): (y, probs, y_mm). x_mm: x's copy."""
         low = _matmul_copy_dtype(x)
-        if low is not None and not _hooked(self.attention):
-            (h, h_mm), probs = self.attention(x, layout, rows, x_mm, low)
+        if _hooked(self.attention):  # a pre-hook may change x: the QKV matmul must read what it passes on
+            low = x_mm = None
+        if low is None:
+            h, probs = self.attention(x, layout, rows, x_mm)
+            h_mm = None
         else:
-            (h, probs), h_mm = self.attention(x, layout, rows, x_mm), None
-        y, y_mm = _add_norm_with_copy(self.output, self.intermediate(h if h_mm is None else h_mm), h, low)
-        return y, probs, y_mm
+            (h, h_mm), probs = self.attention(x, layout, rows, x_mm, low)
+        y, y_mm = _add_norm_with_copy(self.output, self.intermediate(h if h_mm is None else h_mm), h,
+                                      _matmul_copy_dtype(h) if with_copy else None)
+        return (y, probs, y_mm) if with_copy else (y, probs)
 
 
 class BertEncoder(nn.Module):
@@ -460,20 +465,30 @@ class BertEncoder(nn.Module):
 
     def forward(self, x, layout, output_hidden_states=False, output_attentions=False):
         hidden, attentions = ([x] if output_hidden_states else None), ([] if output_attentions else None)
-        x_mm = None  # the embeddings' output: the first QKV matmul casts it (autocast)
+        x_mm = None  # the matmul copy of x (see above); the embeddings' output has none
         for i, layer in enumerate(self.layer):
             rows = _last_layer_rows(layout, i, len(self.layer))
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # no copy across checkpoints: a checkpoint keeps its inputs until backward
-                x, probs, _ = torch.utils.checkpoint.checkpoint(layer, x, layout, rows, None, use_reentrant=False)
+                x, probs = torch.utils.checkpoint.checkpoint(layer, x, layout, rows, use_reentrant=False)
                 x_mm = None
             else:
-                x, probs, x_mm = layer(x, layout, rows, x_mm)
+                x, probs, x_mm = _layer_with_copy(layer, x, layout, rows, x_mm, i < len(self.layer) - 1)
             if output_hidden_states:
                 hidden.append(x)
             if output_attentions:
                 attentions.append(probs)
         return x, hidden, attentions
+
+
+def _layer_with_copy(layer, x, layout, rows, x_mm, copy_wanted):
+    """A BertLayer call passing the matmul copy in and out, except into and out of a hooked layer
+    (a hook may change x or replace y; a hooked layer returns transformers' (y, probs))."""
+    if _hooked(layer):
+        return (*layer(x, layout, rows), None)
+    if not copy_wanted:
+        return (*layer(x, layout, rows, x_mm), None)
+    return layer(x, layout, rows, x_mm, with_copy=True)
 
 
 def _last_layer_rows(layout, i: int, n_layers: int):

@@ -121,11 +121,12 @@ def _encoder_forward(self, x, layout, output_hidden_states=False, output_attenti
     hidden, attentions = ([x] if output_hidden_states else None), ([] if output_attentions else None)
     x_mm = None
     for i, layer in enumerate(self.layer):
-        # a checkpointed call keeps its inputs until backward: no matmul copy across it
-        checkpointed = getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled()
-        x, probs, x_mm = layer(x, layout, fb._last_layer_rows(layout, i, len(self.layer)),
-                               None if checkpointed else x_mm)
-        x_mm = None if checkpointed else x_mm
+        rows = fb._last_layer_rows(layout, i, len(self.layer))
+        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+            x, probs = layer(x, layout, rows)  # checkpointed: no matmul copy kept across it
+            x_mm = None
+        else:
+            x, probs, x_mm = fb._layer_with_copy(layer, x, layout, rows, x_mm, i < len(self.layer) - 1)
         if output_hidden_states:
             hidden.append(x)
         if output_attentions:

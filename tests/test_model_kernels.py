@@ -158,7 +158,8 @@ def test_autocast_low_copy_changes_no_bit(device, triton_kernels, monkeypatch, d
 
     loss_f, grads_f, calls_f, seen_f = step(True)
     loss_u, grads_u, calls_u, seen_u = step(False)
-    assert calls_f == [low] * 4 and calls_u == [None] * 4  # 2 layers x (attention, feed-forward)
+    # 2 layers x (attention, feed-forward); the last layer's output feeds no QKV matmul: no copy there
+    assert calls_f == [low, low, low, None] and calls_u == [None] * 4
     assert seen_f == [low, low] and seen_u == [torch.float32, torch.float32]
     assert torch.isfinite(loss_f) and torch.equal(loss_f, loss_u)
     assert grads_f.keys() == grads_u.keys() and len(grads_f) > 20
@@ -245,3 +246,30 @@ def test_autocast_low_copy_is_not_kept_across_checkpoints(device, triton_kernels
     assert fused.keys() == unfused.keys()
     for n in fused:
         assert torch.equal(fused[n], unfused[n]), n
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["fastbert", "patched-transformers"])
+def test_autocast_low_copy_with_stream_changing_hooks(device, triton_kernels, patched):
+    """Under autocast, a hook replacing a layer's output and a pre-hook changing an attention's input
+    give the same bits as the model without any matmul copy: no copy is passed around them."""
+    from fastbert import modeling
+    low = _low_dtype(device)
+    model = _fastbert_or_patched("BertModel", patched, device).eval()
+    batch = {k: v for k, v in _batch(device, "BertForSequenceClassification").items() if k != "labels"}
+    layers = model.encoder.layer
+    layers[0].register_forward_hook(
+        lambda m, a, out: (out[0].roll(1, -1), *out[1:]) if isinstance(out, tuple) else out.roll(1, -1))
+    layers[1].attention.register_forward_pre_hook(lambda m, args: (args[0] * 1.5, *args[1:]))
+
+    def run():
+        with torch.no_grad(), torch.autocast(device, dtype=low):
+            return model(**batch).last_hidden_state
+
+    fused = run()
+    original = modeling._matmul_copy_dtype
+    modeling._matmul_copy_dtype = lambda residual: None
+    try:
+        unfused = run()
+    finally:
+        modeling._matmul_copy_dtype = original
+    assert torch.equal(fused, unfused)

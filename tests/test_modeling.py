@@ -259,6 +259,32 @@ def test_outputs_list_what_transformers_lists(name):
     assert copy.copy(out).attentions is None and list(copy.copy(out).keys()) == list(out.keys())
 
 
+@pytest.mark.parametrize("patched", [False, True], ids=["fastbert", "patched-transformers"])
+def test_hooks_that_change_the_stream_reach_every_matmul(patched):
+    """A forward hook replacing a BertLayer's output and a pre-hook changing BertAttention's input
+    reach the next QKV matmul as in transformers (the layers pass no stale matmul copy around them)."""
+    cfg = CONFIGS["tanh-1type"]
+    hf, ours = make_pair("BertModel", cfg)
+    if patched:
+        ours = fastbert.patch(make_pair("BertModel", cfg)[0])
+    inputs, _ = make_batch("BertModel", cfg)
+    hf.eval(), ours.double().eval()
+    hooks = []
+    for model in (hf, ours):
+        layers = model.encoder.layer
+        hooks.append(layers[0].register_forward_hook(  # transformers' layer returns a tensor, fastbert's a tuple
+            lambda m, a, out: (out[0].roll(1, -1), *out[1:]) if isinstance(out, tuple) else out.roll(1, -1)))
+        hooks.append(layers[1].attention.register_forward_pre_hook(lambda m, args: (args[0] * 1.5, *args[1:])))
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        want, got = hf(**inputs).last_hidden_state, ours(**inputs).last_hidden_state
+    assert torch.allclose(got[real], want[real], atol=1e-9)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        assert not torch.allclose(ours(**inputs).last_hidden_state[real], want[real], atol=1e-3)  # the hooks mattered
+
+
 def test_output_attentions_and_inputs_embeds():
     cfg = CONFIGS["gelu-2types"]
     hf, ours = make_pair("BertModel", cfg)
