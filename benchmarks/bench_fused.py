@@ -193,7 +193,8 @@ def main(argv=None):
                         row[key] = theirs / ours if ours and theirs else None
     path = rec.save("/tmp" if args.smoke else None)
     try:
-        rec.plot(x="op", y="frac_of_ceiling", group="impl", title="fraction of copy bandwidth (bf16, 32k tokens)")
+        rec.plot(x="op", y="frac_of_ceiling", group="impl", directory="/tmp" if args.smoke else None,
+                 title="fraction of copy bandwidth (bf16, 32k tokens)")
     except Exception:
         traceback.print_exc()
     print()

@@ -61,7 +61,8 @@ def finetune_command(model: str, data: str, arm: str, lr: str, seed: int, out: P
 
 
 def data_digest(data: str) -> str:
-    """The data's identity wherever its folder lies: sha256 over train.jsonl then dev.jsonl."""
+    """The data's identity wherever its folder lies: sha256 over train.jsonl then dev.jsonl, its first
+    16 hex digits (64 bits: a fingerprint, not a security check)."""
     h = hashlib.sha256()
     for split in ("train", "dev"):
         h.update(Path(data, f"{split}.jsonl").read_bytes())
@@ -195,8 +196,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arms", default=",".join(ARMS), help="pretrained, random or both (default both)")
     ap.add_argument("--out", type=Path, default=None, help="default benchmarks/results/zh-grid-<model folder name>")
     ap.add_argument("--keep-models", action="store_true",
-                    help="keep each run's fine-tuned weights and tokenizer copy (default: only metrics.json and "
-                         "config.json stay; a mini run's weights are 20 MB)")
+                    help="keep each run's fine-tuned weights and tokenizer copy (default: only metrics.json, "
+                         "config.json and grid_run.json stay; a mini run's weights are 20 MB)")
     ap.add_argument("--max-train-examples", type=int, help="quick smoke: only the first N training examples")
     ap.add_argument("--max-eval-examples", type=int, help="quick smoke: only the first N dev examples")
     args = ap.parse_args(argv)
@@ -244,6 +245,9 @@ def main(argv=None) -> int:
         arm, lr, seed = job
         name = run_name(arm, lr, seed)
         t0 = time.time()
+        # the settings go in first: a grid killed after a run finished still knows what it ran with
+        (out / RUNS / name).mkdir(parents=True, exist_ok=True)
+        (out / RUNS / name / SETTINGS).write_text(json.dumps(run_settings(arm, lr, seed, digest, args), indent=1))
         with open(out / "logs" / f"{name}.log", "w") as log:
             rc = subprocess.run(finetune_command(model, args.data, arm, lr, seed, out / RUNS / name, args),
                                 stdout=log, stderr=subprocess.STDOUT, env=env).returncode
@@ -257,8 +261,6 @@ def main(argv=None) -> int:
             res = load_result(out / RUNS / run_name(arm, lr, seed)) if rc == 0 else None
             if res:
                 results[(arm, lr, seed)] = res
-                (out / RUNS / run_name(arm, lr, seed) / SETTINGS).write_text(
-                    json.dumps(run_settings(arm, lr, seed, digest, args), indent=1))
                 if not args.keep_models:
                     prune_run(out / RUNS / run_name(arm, lr, seed))
             else:

@@ -1,6 +1,7 @@
 """BertConfig: the fields of transformers.BertConfig, read from and written to config.json."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -68,6 +69,13 @@ class BertConfig:
             return extra[name]
         raise AttributeError(f"BertConfig has no field {name!r}")
 
+    def __setattr__(self, name, value):
+        # A name that is neither a field nor a class attribute is an extra field, saved with the rest.
+        if name in _FIELDS or name.startswith("_") or hasattr(type(self), name):
+            object.__setattr__(self, name, value)
+        else:
+            self.extra[name] = value
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
@@ -123,17 +131,17 @@ class BertConfig:
             f.write("\n")
 
 
+_FIELDS = frozenset(f.name for f in fields(BertConfig))
 _dataclass_init = BertConfig.__init__
 
 
 def _init_keeping_extra_fields(self, *args, **kwargs):
     """The dataclass __init__, taking keywords it does not model as transformers does
     (``BertConfig(**transformers_config.to_dict())`` works): they go to ``extra`` and are written back."""
-    known = {f.name for f in fields(BertConfig)}
-    extra = {k: kwargs.pop(k) for k in list(kwargs) if k not in known}
+    extra = {k: kwargs.pop(k) for k in list(kwargs) if k not in _FIELDS}
     _dataclass_init(self, *args, **kwargs)
     self.extra = {**self.extra, **extra}
 
 
-_init_keeping_extra_fields.__signature__ = __import__("inspect").signature(_dataclass_init)
+_init_keeping_extra_fields.__signature__ = inspect.signature(_dataclass_init)
 BertConfig.__init__ = _init_keeping_extra_fields

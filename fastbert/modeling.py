@@ -50,6 +50,15 @@ class ModelOutput(OrderedDict):
                 return None
             raise AttributeError(name) from None
 
+    def __setattr__(self, name, value):
+        if name in self.__dict__.get("_declared", ()):  # a field: the key follows, as in transformers
+            if value is None:
+                self.pop(name, None)
+            else:
+                self[name] = value
+        else:
+            super().__setattr__(name, value)
+
     def __getitem__(self, key):
         if isinstance(key, (int, slice)):
             return self.to_tuple()[key]

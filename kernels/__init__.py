@@ -372,4 +372,3 @@ def mlm_loss(hidden, weight, bias, labels, ignore_index=-100, *, out_dtype=None,
     if cpu_mlm_loss.applies(hidden, weight, bias, out_dtype):
         return cpu_mlm_loss.mlm_loss(hidden, weight, bias, labels, int(ignore_index), out_dtype)
     return reference.mlm_loss(hidden, weight, bias, labels, ignore_index, out_dtype)
-

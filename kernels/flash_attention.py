@@ -38,6 +38,8 @@ Supports:
 
 Not supported:
   * head_dim > 128 (ValueError); float64 runs the PyTorch reference instead
+  * bf16 in Triton's CPU interpreter (fastbert.kernels raises TypeError: Triton 3.6's interpreter
+    computes bf16 tl.dot wrongly); compiled GPU kernels take bf16
   * attention bias / arbitrary (Sq, Sk) masks; only key padding and causal masks
   * seq_q * ceil(seq_k / 8) >= 2**31 with dropout (the Philox counter is an int32 per head; ValueError)
   * more than 65535 (sequences x heads) in one call: CUDA's grid y limit (ValueError; split the batch)
@@ -66,6 +68,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _dispatch
+
 __all__ = ["attention", "varlen_attention", "attention_qkvpacked", "varlen_attention_qkvpacked",
            "fwd_config", "bwd_config", "effective_dropout_p",
            "set_config_override"]
@@ -75,15 +79,10 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
 
 
-_INTERPRETING: Optional[bool] = None
-
-
 def _interpreting() -> bool:
-    """Whether TRITON_INTERPRET is set: read once, as Triton reads it once (when the kernels are defined)."""
-    global _INTERPRETING
-    if _INTERPRETING is None:
-        _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    return _INTERPRETING
+    """Whether Triton interprets these kernels: TRITON_INTERPRET as it was when they were defined
+    (one flag for the whole package: _dispatch records it at import)."""
+    return _dispatch.interpreting()
 
 
 # ------------------------------------------------------------------------------------------ kernels

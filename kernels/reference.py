@@ -2,8 +2,9 @@
 
 Three jobs: the CPU path of the model, the oracle of the kernel tests (run in float64), and the
 baseline of the benchmarks. Written for clarity, not speed: nothing here is fused. Each function
-has the signature of its public twin in ``fastbert.kernels`` and supports autograd through
-PyTorch itself. Input validation lives in ``fastbert.kernels`` (shared by both backends).
+has the signature of its public twin in ``fastbert.kernels`` less the keywords that only concern
+the dispatch there (``validate``, ``add_layer_norm``'s ``low_dtype``: fastbert.kernels casts itself),
+and supports autograd through PyTorch itself. Input validation lives in ``fastbert.kernels``.
 
 Low-precision inputs (fp16, bf16) are computed in fp32 and the result cast back, which is also
 what the Triton kernels promise (fp32 statistics and accumulators, input-dtype storage).

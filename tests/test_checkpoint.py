@@ -148,6 +148,11 @@ def test_config_takes_transformers_fields_it_does_not_model(tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["transformers_version"] == transformers.__version__ and saved["hidden_size"] == CFG["hidden_size"]
     assert fastbert.BertConfig.from_pretrained(tmp_path) == cfg
+    cfg.use_cache, cfg.new_flag, cfg.hidden_size = False, 3, 64  # an extra, a new name, a field
+    saved = cfg.to_dict()
+    assert (saved["use_cache"], saved["new_flag"], saved["hidden_size"]) == (False, 3, 64)
+    with pytest.raises(AttributeError):
+        cfg.head_dim = 5  # a property stays read-only
     with pytest.raises(ValueError, match="hidden_act"):  # the checks of __post_init__ still run
         fastbert.BertConfig(hidden_act="relu", some_new_field=1)
 

@@ -181,18 +181,19 @@ def _bias_gelu_bwd(exhaustive):
 
 
 def _add_ln_fwd(exhaustive):
-    return [({"X": _PT[d], "R": _PT[d], "W": _PT[d], "B": _PT[d], "Y": _PT[d], "MEAN": "*fp32", "RSTD": "*fp32",
-              "SEED": "*i64", "n": "i32", "eps": "fp32", "p": "fp32", "scale": "fp32", "HAS_DROPOUT": "constexpr",
-              "BLOCK_N": "constexpr"}, {**f, "BLOCK_N": blk})
-            for blk, d, f in _variants(("HAS_DROPOUT",), exhaustive)]
+    # Y_LOW / DY_LOW: the matmul copy is bf16 beside an fp32 stream in the model, whatever X's dtype here
+    return [({"X": _PT[d], "R": _PT[d], "W": _PT[d], "B": _PT[d], "Y": _PT[d], "Y_LOW": "*bf16", "MEAN": "*fp32",
+              "RSTD": "*fp32", "SEED": "*i64", "n": "i32", "eps": "fp32", "p": "fp32", "scale": "fp32",
+              "HAS_DROPOUT": "constexpr", "STORE_LOW": "constexpr", "BLOCK_N": "constexpr"}, {**f, "BLOCK_N": blk})
+            for blk, d, f in _variants(("HAS_DROPOUT", "STORE_LOW"), exhaustive)]
 
 
 def _add_ln_bwd(exhaustive):
-    return [({"X": _PT[d], "R": _PT[d], "W": _PT[d], "DY": _PT[d], "DR": _PT[d], "DX": _PT[d], "DW_PART": "*fp32",
-              "DB_PART": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64", "rows": "i32", "n": "i32",
-              "rows_per_program": "i32", "p": "fp32", "scale": "fp32", "HAS_DROPOUT": "constexpr",
-              "STORE_DX": "constexpr", "BLOCK_N": "constexpr"}, {**f, "BLOCK_N": blk})
-            for blk, d, f in _variants(("HAS_DROPOUT", "STORE_DX"), exhaustive)]
+    return [({"X": _PT[d], "R": _PT[d], "W": _PT[d], "DY": _PT[d], "DY_LOW": "*bf16", "DR": _PT[d], "DX": _PT[d],
+              "DW_PART": "*fp32", "DB_PART": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64", "rows": "i32",
+              "n": "i32", "rows_per_program": "i32", "p": "fp32", "scale": "fp32", "HAS_DROPOUT": "constexpr",
+              "HAS_DY_LOW": "constexpr", "STORE_DX": "constexpr", "BLOCK_N": "constexpr"}, {**f, "BLOCK_N": blk})
+            for blk, d, f in _variants(("HAS_DROPOUT", "HAS_DY_LOW", "STORE_DX"), exhaustive)]
 
 
 def _gelu_ln_fwd(exhaustive):

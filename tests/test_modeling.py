@@ -257,6 +257,10 @@ def test_outputs_list_what_transformers_lists(name):
     with pytest.raises(AttributeError):
         out.no_such_field
     assert copy.copy(out).attentions is None and list(copy.copy(out).keys()) == list(out.keys())
+    out.attentions = (torch.zeros(1),)  # setting a field sets its key, as in transformers; None removes it
+    assert "attentions" in out and out["attentions"] is out.attentions
+    out.attentions = None
+    assert "attentions" not in out and out.attentions is None
 
 
 @pytest.mark.parametrize("patched", [False, True], ids=["fastbert", "patched-transformers"])
