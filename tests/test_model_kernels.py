@@ -173,6 +173,14 @@ def _low_dtype(device):
     return torch.bfloat16 if device == "cuda" else torch.float16
 
 
+def _without_matmul_copy(fn):
+    """fn() with the model's matmul copy turned off (autocast then casts the stream itself)."""
+    from fastbert import modeling
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(modeling, "_matmul_copy_dtype", lambda residual: None)
+        return fn()
+
+
 def _fastbert_or_patched(name, patched, device):
     """fastbert's class `name`, or transformers' with fastbert.patch, seeded the same way."""
     torch.manual_seed(0)
@@ -219,7 +227,6 @@ def test_autocast_low_copy_is_not_kept_across_checkpoints(device, triton_kernels
     """With gradient checkpointing, layers do not pass the copy to each other (a checkpoint keeps its
     inputs until backward: it would hold a second activation per layer), and gradients are those of
     the unfused model bit for bit."""
-    from fastbert import modeling
     low = _low_dtype(device)
     model = _fastbert_or_patched("BertForPreTraining", patched, device).train()
     model.gradient_checkpointing_enable()
@@ -237,12 +244,7 @@ def test_autocast_low_copy_is_not_kept_across_checkpoints(device, triton_kernels
     fused = grads()
     assert qkv_inputs and set(qkv_inputs) == {torch.float32}  # layer 1 got the stream, not a kept copy
     hook.remove()
-    original = modeling._matmul_copy_dtype
-    modeling._matmul_copy_dtype = lambda residual: None
-    try:
-        unfused = grads()
-    finally:
-        modeling._matmul_copy_dtype = original
+    unfused = _without_matmul_copy(grads)
     assert fused.keys() == unfused.keys()
     for n in fused:
         assert torch.equal(fused[n], unfused[n]), n
@@ -252,7 +254,6 @@ def test_autocast_low_copy_is_not_kept_across_checkpoints(device, triton_kernels
 def test_autocast_low_copy_with_stream_changing_hooks(device, triton_kernels, patched):
     """Under autocast, a hook replacing a layer's output and a pre-hook changing an attention's input
     give the same bits as the model without any matmul copy: no copy is passed around them."""
-    from fastbert import modeling
     low = _low_dtype(device)
     model = _fastbert_or_patched("BertModel", patched, device).eval()
     batch = {k: v for k, v in _batch(device, "BertForSequenceClassification").items() if k != "labels"}
@@ -266,10 +267,5 @@ def test_autocast_low_copy_with_stream_changing_hooks(device, triton_kernels, pa
             return model(**batch).last_hidden_state
 
     fused = run()
-    original = modeling._matmul_copy_dtype
-    modeling._matmul_copy_dtype = lambda residual: None
-    try:
-        unfused = run()
-    finally:
-        modeling._matmul_copy_dtype = original
+    unfused = _without_matmul_copy(run)
     assert torch.equal(fused, unfused)
