@@ -121,6 +121,31 @@ class MaskedHeadPretraining(torch.nn.Module):
         return types.SimpleNamespace(loss=mlm + nsp)
 
 
+@contextlib.contextmanager
+def copies_unfused():
+    """fastbert's model as it ran before two copy removals, for an A/B in one run: autocast casts the
+    residual stream for each matmul (no K.add_layer_norm(low_dtype=) copy), and attention takes q/k/v
+    views of the fused projection (unbind's stack / permute copies) instead of the qkv-packed ops."""
+    import fastbert.kernels as K
+
+    from . import modeling
+
+    def attention_qkvpacked(qkv, key_padding_mask=None, **kw):  # (B, S, 3, H, D) -> (B, S, H, D)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        return K.attention(q, k, v, key_padding_mask, **kw).transpose(1, 2)
+
+    def varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, **kw):  # (T, 3, H, D) -> (T, H, D)
+        return K.varlen_attention(*qkv.unbind(1), cu_seqlens, max_seqlen, **kw)
+
+    saved = (modeling._matmul_copy_dtype, modeling.K.attention_qkvpacked, modeling.K.varlen_attention_qkvpacked)
+    modeling._matmul_copy_dtype = lambda residual: None
+    modeling.K.attention_qkvpacked, modeling.K.varlen_attention_qkvpacked = attention_qkvpacked, varlen_attention_qkvpacked
+    try:
+        yield
+    finally:
+        modeling._matmul_copy_dtype, modeling.K.attention_qkvpacked, modeling.K.varlen_attention_qkvpacked = saved
+
+
 def build_models(case, size, vocab, max_len, device, competitors, dtype_note=""):
     import transformers
 
@@ -194,7 +219,7 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
         if comp in graphed:  # forward, backward and optimizer replayed as one CUDA graph
             graphed[comp](kw)
             return
-        with autocast:
+        with autocast, (copies_unfused() if comp == "fastbert-unfused" else contextlib.nullcontext()):
             loss = models[comp][1](**kw).loss
         loss.backward()
         opts[comp].step()
@@ -281,10 +306,11 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
 
 def competitor_list(compile_: bool = False, case: str = "pretrain", device: str = "cpu") -> list[str]:
     """The competitors of a run; with compile_, torch.compile'd fastbert and transformers SDPA too;
-    CUDA adds fastbert with the whole step as CUDA graphs (fastbert/cuda_graphs.py)."""
+    CUDA adds fastbert with the whole step as CUDA graphs (fastbert/cuda_graphs.py) and fastbert with
+    its copy removals turned off (copies_unfused: their A/B, in the same run)."""
     comps = ["fastbert", "transformers-eager", "transformers-sdpa"]
     if str(device).startswith("cuda"):
-        comps += ["transformers-patched", "fastbert-graphs"]
+        comps += ["transformers-patched", "fastbert-graphs", "fastbert-unfused"]
     elif case == "pretrain":
         comps += ["transformers-sdpa-masked-head"]
     if compile_:

@@ -120,3 +120,40 @@ def test_fused_bench_copy_case_times_one_computation(triton_kernels):
             # bf16 copies (and the bf16 dx) may differ by one bf16 rounding: the interpreter truncates
             torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
     assert not torch.equal(results["fastbert"][2], torch.zeros_like(results["fastbert"][2]))
+
+
+def test_unfused_competitor_is_the_model_without_its_copy_removals(triton_kernels):
+    """fastbert.bench's 'fastbert-unfused' competitor (copies_unfused) runs the model with autocast's
+    casts and q/k/v views instead of the matmul copy and the qkv-packed attention: the same loss and
+    gradients bit for bit (interpreted kernels, fp16 autocast standing in for bf16), a different autograd
+    path, and everything restored afterwards."""
+    import fastbert
+    from fastbert import bench, modeling
+    cfg = fastbert.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=48, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    torch.manual_seed(0)
+    model = fastbert.BertForPreTraining(cfg).train()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 97, (3, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    labels = torch.where(torch.rand(ids.shape, generator=g) < 0.3, ids, -100) * mask + (mask - 1) * 100
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels, next_sentence_label=torch.tensor([0, 1, 0]))
+    originals = (modeling._matmul_copy_dtype, modeling.K.attention_qkvpacked, modeling.K.varlen_attention_qkvpacked)
+
+    def step(unfused):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(2)
+        with torch.autocast("cpu", dtype=torch.float16), (bench.copies_unfused() if unfused else nullcontext()):
+            if unfused:
+                assert modeling.K.varlen_attention_qkvpacked is not originals[2]
+            loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    from contextlib import nullcontext
+    (loss_f, grads_f), (loss_u, grads_u) = step(False), step(True)
+    assert (modeling._matmul_copy_dtype, modeling.K.attention_qkvpacked,
+            modeling.K.varlen_attention_qkvpacked) == originals
+    assert torch.isfinite(loss_f) and torch.equal(loss_f, loss_u) and len(grads_f) == len(grads_u) > 20
+    assert all(torch.equal(a, b) for a, b in zip(grads_f, grads_u))
