@@ -131,8 +131,7 @@ def copies_unfused():
     from . import modeling
 
     def attention_qkvpacked(qkv, key_padding_mask=None, **kw):  # (B, S, 3, H, D) -> (B, S, H, D)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
-        return K.attention(q, k, v, key_padding_mask, **kw).transpose(1, 2)
+        return K.attention(*K.reference.split_qkv(qkv), key_padding_mask, **kw).transpose(1, 2)
 
     def varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, **kw):  # (T, 3, H, D) -> (T, H, D)
         return K.varlen_attention(*qkv.unbind(1), cu_seqlens, max_seqlen, **kw)

@@ -91,10 +91,8 @@ class BertConfig:
             # as in transformers: asking for a label count replaces the saved label names
             d.pop("id2label", None)
             d.pop("label2id", None)
-        known = {f.name for f in fields(cls)} - {"extra"}
-        kwargs = {k: v for k, v in d.items() if k in known}
-        extra = {k: v for k, v in d.items() if k not in known and k != "extra"}
-        return cls(**kwargs, extra=extra)
+        d.pop("extra", None)  # to_dict writes extras at the top level; the constructor files them again
+        return cls(**d)
 
     @classmethod
     def from_pretrained(cls, path, **overrides) -> "BertConfig":

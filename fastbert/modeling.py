@@ -18,6 +18,7 @@ Shapes: B batch, S sequence, T real tokens (sum of lengths), D hidden, nh heads,
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections import OrderedDict
 
@@ -453,7 +454,8 @@ class BertLayer(nn.Module):
     def forward(self, x, layout, rows=None, x_mm=None, with_copy=False):
         """x (N, D), N = T packed or B*S padded -> (y, probs), y (R, D) given rows. with_copy: also
         return y's matmul copy for the next layer's QKV (or None): (y, probs, y_mm). x_mm: x's copy."""
-        low = _matmul_copy_dtype(x)
+        stream_low = _matmul_copy_dtype(x)  # h below is the same stream (dtype, device)
+        low = stream_low
         if _hooked(self.attention):  # a pre-hook may change x: the QKV matmul must read what it passes on
             low = x_mm = None
         if low is None:
@@ -462,7 +464,7 @@ class BertLayer(nn.Module):
         else:
             (h, h_mm), probs = self.attention(x, layout, rows, x_mm, low)
         y, y_mm = _add_norm_with_copy(self.output, self.intermediate(h if h_mm is None else h_mm), h,
-                                      _matmul_copy_dtype(h) if with_copy else None)
+                                      stream_low if with_copy else None)
         return (y, probs, y_mm) if with_copy else (y, probs)
 
 
@@ -473,21 +475,34 @@ class BertEncoder(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x, layout, output_hidden_states=False, output_attentions=False):
-        hidden, attentions = ([x] if output_hidden_states else None), ([] if output_attentions else None)
-        x_mm = None  # the matmul copy of x (see above); the embeddings' output has none
-        for i, layer in enumerate(self.layer):
-            rows = _last_layer_rows(layout, i, len(self.layer))
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                # no copy across checkpoints: a checkpoint keeps its inputs until backward
-                x, probs = torch.utils.checkpoint.checkpoint(layer, x, layout, rows, use_reentrant=False)
-                x_mm = None
-            else:
-                x, probs, x_mm = _layer_with_copy(layer, x, layout, rows, x_mm, i < len(self.layer) - 1)
-            if output_hidden_states:
-                hidden.append(x)
-            if output_attentions:
-                attentions.append(probs)
-        return x, hidden, attentions
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+
+        def checkpointed(layer):
+            return functools.partial(torch.utils.checkpoint.checkpoint, layer, use_reentrant=False)
+
+        return run_layers(self.layer, x, layout, output_hidden_states, output_attentions,
+                          checkpointed if checkpointing else lambda layer: None)
+
+
+def run_layers(layers, x, layout, output_hidden_states, output_attentions, checkpointed):
+    """The encoder loop -> (last x, hidden states or None, attention probabilities or None).
+    checkpointed(layer): the checkpointed call of that layer, returning (y, probs), or None for a plain
+    call. The matmul copy passes between plain calls only: a checkpoint keeps its inputs until backward."""
+    hidden, attentions = ([x] if output_hidden_states else None), ([] if output_attentions else None)
+    x_mm = None  # the matmul copy of x (see above); the embeddings' output has none
+    for i, layer in enumerate(layers):
+        rows = _last_layer_rows(layout, i, len(layers))
+        call = checkpointed(layer)
+        if call is not None:
+            x, probs = call(x, layout, rows)
+            x_mm = None
+        else:
+            x, probs, x_mm = _layer_with_copy(layer, x, layout, rows, x_mm, i < len(layers) - 1)
+        if output_hidden_states:
+            hidden.append(x)
+        if output_attentions:
+            attentions.append(probs)
+    return x, hidden, attentions
 
 
 def _layer_with_copy(layer, x, layout, rows, x_mm, copy_wanted):

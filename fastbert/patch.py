@@ -118,20 +118,11 @@ def _embeddings_forward(self, input_ids=None, token_type_ids=None, position_ids=
 def _encoder_forward(self, x, layout, output_hidden_states=False, output_attentions=False):
     """fastbert.modeling.BertEncoder.forward, except that gradient checkpointing is transformers'
     (its BertLayer checkpoints its own call when model.gradient_checkpointing_enable() was called)."""
-    hidden, attentions = ([x] if output_hidden_states else None), ([] if output_attentions else None)
-    x_mm = None
-    for i, layer in enumerate(self.layer):
-        rows = fb._last_layer_rows(layout, i, len(self.layer))
-        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
-            x, probs = layer(x, layout, rows)  # checkpointed: no matmul copy kept across it
-            x_mm = None
-        else:
-            x, probs, x_mm = fb._layer_with_copy(layer, x, layout, rows, x_mm, i < len(self.layer) - 1)
-        if output_hidden_states:
-            hidden.append(x)
-        if output_attentions:
-            attentions.append(probs)
-    return x, hidden, attentions
+    def checkpointed(layer):  # transformers' layer checkpoints its own call
+        on = getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled()
+        return layer if on else None
+
+    return fb.run_layers(self.layer, x, layout, output_hidden_states, output_attentions, checkpointed)
 
 
 def _masked_loss(self, sequence_output, labels):

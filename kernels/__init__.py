@@ -134,8 +134,7 @@ def attention_qkvpacked(qkv, key_padding_mask=None, *, causal=False, dropout_p=0
     _check_tensor("qkv", qkv, 5, _FLOAT_DTYPES)
     if qkv.shape[2] != 3:
         raise ValueError(f"qkv: expected shape (batch, seq, 3, heads, head_dim), got {tuple(qkv.shape)}")
-    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, S, D) views
-    scale = _check_attention(q, k, v, key_padding_mask, dropout_p, softmax_scale)
+    scale = _check_attention(*reference.split_qkv(qkv), key_padding_mask, dropout_p, softmax_scale)
     if use_triton(qkv):
         _check_interpreted_dtype(qkv)
         return _triton("flash_attention").attention_qkvpacked(qkv, key_padding_mask, causal, float(dropout_p), scale)

@@ -69,6 +69,7 @@ import triton
 import triton.language as tl
 
 from . import _dispatch
+from .reference import split_qkv
 
 __all__ = ["attention", "varlen_attention", "attention_qkvpacked", "varlen_attention_qkvpacked",
            "fwd_config", "bwd_config", "effective_dropout_p",
@@ -928,7 +929,7 @@ class _AttentionQKVPacked(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, key_padding_mask, seed, causal, dropout_p, softmax_scale):
-        q, k, v = _split_padded(qkv)
+        q, k, v = split_qkv(qkv)
         out = qkv.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3])  # (B, S, H, D)
         _, lse = _flash_fwd(q, k, v, key_padding_mask, None, 0, seed, causal, dropout_p, softmax_scale,
                             out=out.transpose(1, 2))
@@ -940,8 +941,8 @@ class _AttentionQKVPacked(torch.autograd.Function):
     def backward(ctx, dout):
         qkv, out, lse, key_padding_mask, seed = ctx.saved_tensors
         dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
-        _flash_bwd(dout.transpose(1, 2), *_split_padded(qkv), out.transpose(1, 2), lse, key_padding_mask, None, 0,
-                   seed, ctx.causal, ctx.dropout_p, ctx.softmax_scale, grads=_split_padded(dqkv))
+        _flash_bwd(dout.transpose(1, 2), *split_qkv(qkv), out.transpose(1, 2), lse, key_padding_mask, None, 0,
+                   seed, ctx.causal, ctx.dropout_p, ctx.softmax_scale, grads=split_qkv(dqkv))
         return dqkv, None, None, None, None, None
 
 
@@ -963,11 +964,6 @@ class _VarlenAttentionQKVPacked(torch.autograd.Function):
         _flash_bwd(dout, *qkv.unbind(1), out, lse, None, cu_seqlens, ctx.max_seqlen, seed, ctx.causal,
                    ctx.dropout_p, ctx.softmax_scale, grads=dqkv.unbind(1))
         return dqkv, None, None, None, None, None, None
-
-
-def _split_padded(qkv):
-    """(B, S, 3, H, D) -> q, k, v as (B, H, S, D) views."""
-    return tuple(t.transpose(1, 2) for t in qkv.unbind(2))
 
 
 def _eager_ok(q):
@@ -1014,7 +1010,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, dropout_p, softmax
 
 def attention_qkvpacked(qkv, key_padding_mask, causal, dropout_p, softmax_scale):
     """attention() on one fused projection qkv (B, S, 3, H, D); returns (B, S, H, D)."""
-    q, k, v = _split_padded(qkv)
+    q, k, v = split_qkv(qkv)
     if q.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"Triton attention supports head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
     if _use_reference(q, k) or not _eager_ok(q):  # float64 / empty, or traced: the unpacked path

@@ -124,10 +124,14 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, dropout_p
     return out.transpose(1, 2)[seq_idx, pos]  # (total, H, D)
 
 
+def split_qkv(qkv):
+    """q, k, v as (B, H, S, D) views of a padded fused projection qkv (B, S, 3, H, D)."""
+    return tuple(t.transpose(1, 2) for t in qkv.unbind(2))
+
+
 def attention_qkvpacked(qkv, key_padding_mask=None, *, causal=False, dropout_p=0.0, softmax_scale=None):
     """attention() on qkv (B, S, 3, H, D) -> (B, S, H, D)."""
-    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
-    return attention(q, k, v, key_padding_mask, causal=causal, dropout_p=dropout_p,
+    return attention(*split_qkv(qkv), key_padding_mask, causal=causal, dropout_p=dropout_p,
                      softmax_scale=softmax_scale).transpose(1, 2)
 
 
