@@ -823,3 +823,35 @@ def test_given_outputs_and_long_rows_are_checked(triton_kernels, device):
     flash_attention._check_row_offsets(932_000, True, qkv_view)  # 2.147e9 - a little: allowed
     with pytest.raises(ValueError, match="2\\*\\*31"):
         flash_attention._check_row_offsets(933_000, True, qkv_view)
+
+
+@pytest.mark.parametrize("dtype", INTERPRETED_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_qkvpacked_matches_float64(triton_kernels, device, layout, dtype):
+    """The qkv-packed entries on their own against float64, by the tolerance rule (fp32 and fp16,
+    odd sizes, a padded and an empty row): the output and the gradients of q, k and v, which reach the
+    kernels as one stacked qkv (the gradient comes back as one dqkv and is split by stack's backward)."""
+    heads, dim = 2, 24
+    if layout == "padded":
+        mask = random_mask(3, 13).to(device)
+        q, k, v = (torch.randn(3, heads, 13, dim, device=device) for _ in range(3))
+
+        def run(q, k, v):  # (B, H, S, D) each -> (B, H, S, D)
+            qkv = torch.stack([t.transpose(1, 2) for t in (q, k, v)], dim=2)  # (B, S, 3, H, D)
+            return K.attention_qkvpacked(qkv, mask).transpose(1, 2)
+
+        baseline = lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu())  # noqa: E731
+        oracle = lambda q, k, v: reference.attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu())  # noqa: E731
+    else:
+        lengths = [5, 1, 17]
+        q, k, v, cu = packed_qkv(lengths, heads, dim, device, torch.float32)
+
+        def run(q, k, v):  # (T, H, D) each
+            return K.varlen_attention_qkvpacked(torch.stack([q, k, v], dim=1), cu, 17)
+
+        def baseline(q, k, v):
+            (qp, m), (kp, _), (vp, _) = (padded_view(t.cpu(), lengths) for t in (q, k, v))
+            return unpadded_view(torch_attention(qp, kp, vp, m), lengths)
+
+        oracle = lambda q, k, v: reference.varlen_attention(q.cpu(), k.cpu(), v.cpu(), cu.cpu(), 17)  # noqa: E731
+    check_against_reference(run, baseline, oracle, (q, k, v), dtype)
