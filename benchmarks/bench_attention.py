@@ -8,6 +8,8 @@ seq 128 and 512, fill rates 100%, 75%, 50% (the fraction of real tokens; lengths
   fastbert-varlen   K.varlen_attention on the packed real tokens (validate=False, as the model
                     calls it: no host sync for the cu_seqlens checks), q/k/v as views of one fused
                     (total, 3, H, D) projection, as the unpadded model calls it
+  fastbert-varlen-split  the same with the one-launch fused backward turned off (seq <= 128 only,
+                    where it is on): the A/B of that kernel against the dQ + dK/dV pair
   sdpa-mask         F.scaled_dot_product_attention on (B, H, S, D) with the boolean mask: a mask rules
                     out its flash backend (it picks memory-efficient attention)
   sdpa-flash-equal  SDPA's flash backend, no mask, on B rows of one equal length L̄ with
@@ -115,7 +117,9 @@ IMPLS = {  # baselines first: the fastbert rows carry ratios to them
     "sdpa-flash-equal": Case.sdpa_flash_equal,
     "fastbert-padded": Case.fastbert_padded,
     "fastbert-varlen": Case.fastbert_varlen,
+    "fastbert-varlen-split": Case.fastbert_varlen,  # run under SPLIT_BACKWARD's config override
 }
+SPLIT_BACKWARD = {"fastbert-varlen-split": {"fused": []}}
 
 
 def _timers(case, impl):
@@ -178,18 +182,26 @@ SWEEP = {
              (16, 128, 4, 4), (64, 128, 8, 2)],
     "dq": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 2), (128, 64, 4, 2),
            (64, 128, 8, 2), (128, 64, 4, 3)],
+    # the one-launch backward: only sequences within its BLOCK_N (the seq-128 rows)
+    "fused": [(32, 128, 4, 3), (64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (16, 128, 4, 4), (64, 128, 4, 2),
+              (32, 128, 4, 2), (128, 128, 8, 2)],
 }
 
 
 def sweep(measure, recorder, seqs, warmup, rep, tokens=TOKENS, device="cuda", dropout_p=0.0):
-    """Time each candidate of one kernel with the others at their defaults (flash_attention.set_config_override)."""
+    """Time each candidate of one kernel with the others at their defaults (flash_attention.set_config_override);
+    the dQ and dK/dV candidates with the fused backward off, so their first (default) rows at seq 128 are
+    the split backward the fused candidates replace."""
     from fastbert.kernels import flash_attention as fa
     for seq in seqs:
         case = Case(seq, 1.0, dropout_p, tokens=tokens, dev=device)
         for kind, candidates in SWEEP.items():
             best = None
             for cand in candidates:
-                fa.set_config_override({kind: list(cand)})
+                if kind == "fused" and seq > cand[1]:
+                    continue  # longer sequences take the split path whatever this candidate is
+                # dQ and dK/dV candidates on the split path: at seq 128 the default would be the fused kernel
+                fa.set_config_override({kind: list(cand)} if kind in ("fwd", "fused") else {kind: list(cand), "fused": []})
                 try:
                     timers = _timers(case, "fastbert-varlen")
                     t = measure(timers["fwd" if kind == "fwd" else "bwd"], warmup=warmup, rep=rep, device=device)
@@ -220,9 +232,10 @@ def host_cpu(bursts=30, calls=100):
     class _Stub:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
-    for name in ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv"):
+    for name in ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv", "_attn_bwd_fused"):
         setattr(fa, name, _Stub())
-    fa._INTERPRETING = False  # the GPU configurations
+    fa._interpreting = lambda: False  # the GPU configurations (and so the fused backward at seq 128)
+    K._check_interpreted_dtype = lambda q: None  # bf16 is refused only because the interpreter would compute it
     fa._require_interpreter = lambda: None
     batch, seq = 8, 128
     qkv = torch.randn(batch * seq, 3, HEADS, HEAD_DIM, dtype=DTYPE, requires_grad=True)
@@ -282,6 +295,7 @@ def main(argv=None):
         print("bench_attention: needs a CUDA GPU; nothing to do")
         return 0
     from benchmarks.harness import Recorder, matmul_ceiling_tflops, measure
+    from fastbert.kernels import flash_attention as fa
 
     warmup, rep = (5, 20) if args.quick else (25, 100)
     if args.device != "cuda":  # a smoke run of the script itself (interpreter), not a measurement
@@ -314,10 +328,14 @@ def main(argv=None):
         for impl in IMPLS:
             if p > 0.0 and impl == "sdpa-flash-equal":
                 continue
+            if impl in SPLIT_BACKWARD and seq > (fa.bwd_config(HEAD_DIM, DTYPE)["fused"] or (0, 0))[1]:
+                continue  # the split path is the default there: fastbert-varlen already times it
+            fa.set_config_override(SPLIT_BACKWARD.get(impl))
             try:
                 timers = _timers(case, impl)
             except Exception:
                 traceback.print_exc()
+                fa.set_config_override(None)
                 continue
             for pass_name, fn in timers.items():
                 try:
@@ -342,6 +360,7 @@ def main(argv=None):
                     row["vs_flash"] = (flash * flops / eq_flops) / t["median_ms"] if flash else None
                 rec.add(**row)
             del timers
+            fa.set_config_override(None)
         del case
         if args.device == "cuda":
             torch.cuda.empty_cache()

@@ -15,7 +15,8 @@
 # pretraining, loss vs wall-clock, fastbert vs transformers), large (BERT-large seq 512 step),
 # compile (torch.compile'd competitors), profile (where a step's GPU time goes), both (own class vs
 # transformers + fastbert.patch: cold/warm shapes and a kernel diff), compare (regression check
-# against the committed results of the same card).
+# against the committed results of the same card), sweep (launch-configuration sweeps of the
+# Triton kernels, only when named).
 # Data for zh and race: gpu_data/ (git-ignored; copy zh.txt.gz, en.txt.gz, sentiment_zh/ there and
 # name it in the device tool's carry).
 set -u
@@ -69,6 +70,10 @@ want model && step bench_model "${T_MODEL:-150}" env OUT="$R" $PY -m benchmarks.
 want kernels && step bench_attention "${T_ATTN:-60}" env OUT="$R" $PY -m benchmarks.bench_attention --quick
 want kernels && step bench_fused "${T_FUSED:-60}" env OUT="$R" $PY -m benchmarks.bench_fused --quick
 want kernels && step bench_mlm_loss "${T_MLM:-45}" env OUT="$R" $PY -m benchmarks.bench_mlm_loss --quick
+# (3b) launch-configuration sweeps (only when named): the fused one-launch attention backward's candidates
+# against the split dQ + dK/dV pair at seq 128 (SWEEP_SEQS="128 512" adds the split kernels at 512)
+want sweep && step bench_attention_sweep "${T_SWEEP:-120}" env OUT="$R" $PY -m benchmarks.bench_attention --sweep \
+  --seqs ${SWEEP_SEQS:-128}
 # (4) inference throughput (MiniLM architecture, real sentence lengths)
 want encode && step bench_encode "${T_ENCODE:-90}" env OUT="$R" $PY -m benchmarks.bench_encode --gpu \
   --batch-size 128 --batch-size 1024

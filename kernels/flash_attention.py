@@ -28,9 +28,13 @@ Supports:
     (T, 3, H, D) -> (T, H, D)) also write the output in the next matmul's layout and the gradient into
     one dqkv, saving the permute copy forward and the stack / reshape copy backward that q/k/v views
     cost through autograd
-  * deterministic gradients: dK/dV come from one program per key block looping over query blocks,
-    dQ from one program per query block looping over key blocks; no atomics. The backward is two
-    launches: the dQ kernel runs first and also writes delta = rowsum(dO·O), which dK/dV reads
+  * deterministic gradients, no atomics. Sequences that fit one key block (max(seq_q, seq_k) <= the
+    fused kernel's BLOCK_N: 128 tokens for head_dim <= 64 in fp16/bf16, so BERT's pretraining length)
+    take one launch: a program per (sequence, head) holds K and V, walks the query blocks once and
+    writes each block's dQ as it goes (no other key block adds to it) — five matmuls per tile. Longer
+    sequences take two launches: dQ from one program per query block looping over key blocks (it also
+    writes delta = rowsum(dO·O)), then dK/dV from one program per key block looping over query blocks —
+    seven matmuls per tile, since the dQ kernel recomputes S and dP
   * torch.compile: the custom ops fastbert::attention_fwd/_bwd and fastbert::varlen_attention_fwd/_bwd
     (with autograd and fake kernels) are what a compiled graph calls; eager calls take an
     autograd.Function over the same launchers, because the custom-op dispatch alone costs about as
@@ -456,6 +460,106 @@ def _attn_bwd_dq(
     tl.store(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qd_mask)
 
 
+@triton.jit
+def _attn_bwd_fused(
+    Q, K, V, O, DO,     # forward inputs, forward output and its gradient
+    DQ, DK, DV,         # outputs; token rows at their own strides, last dim contiguous
+    LSE,                # fp32 log2-sum-exp per query row, from the forward
+    KPM, CU_SEQLENS, SEED,            # as in _attn_fwd
+    stride_qb, stride_qh, stride_qs,  # strides (batch 0 when packed, head, token) of each tensor
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os,
+    stride_dob, stride_doh, stride_dos,
+    stride_dqb, stride_dqh, stride_dqs,
+    stride_dkb, stride_dkh, stride_dks,
+    stride_dvb, stride_dvh, stride_dvs,
+    stride_lb, stride_lh,             # strides of LSE
+    stride_mb,                        # stride of KPM between batch rows
+    n_heads, seqlen_q, seqlen_k,      # as in _attn_fwd; the host guarantees seqlen_k <= BLOCK_N
+    qk_scale,                         # softmax_scale * log2(e)
+    sm_scale,                         # softmax_scale (dQ = scale * dS k, dK = scale * dSᵀ q)
+    drop_threshold, keep_scale,       # as in _attn_fwd
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,            # query rows per loop iteration
+    BLOCK_N: tl.constexpr,            # keys per program: every key of the sequence
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """The whole backward of one (sequence, head) whose keys fit one block (BERT's 128 tokens): the
+    program holds K and V, walks the query blocks once and finishes each block's dQ on the spot,
+    since no other key block contributes to it. Five matmuls per tile instead of the split path's
+    seven (the dQ kernel recomputes S and dP), one launch instead of two, delta = rowsum(dO * O) in
+    registers, and still no atomics."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    start, len_q, len_k = _sequence_bounds(CU_SEQLENS, b, seqlen_q, seqlen_k, IS_VARLEN)
+
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    col_ok = offs_n < len_k
+    start64 = start.to(tl.int64)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    q_base = Q + b64 * stride_qb + h64 * stride_qh + start64 * stride_qs
+    o_base = O + b64 * stride_ob + h64 * stride_oh + start64 * stride_os
+    do_base = DO + b64 * stride_dob + h64 * stride_doh + start64 * stride_dos
+    dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh + start64 * stride_dqs
+    l_base = LSE + b64 * stride_lb + h64 * stride_lh + start64
+
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b64 * stride_kb + h64 * stride_kh + start64 * stride_ks + offs_n[:, None] * stride_ks
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * stride_vb + h64 * stride_vh + start64 * stride_vs + offs_n[:, None] * stride_vs
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    key_ok = col_ok
+    if HAS_MASK:
+        key_real = tl.load(KPM + b64 * stride_mb + offs_n, mask=col_ok, other=0)
+        key_ok = key_ok & (key_real != 0)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED) + pid_bh
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # Every query row gets its dQ written here, even one that sees no key (its gradient is then 0:
+    # p = 0 there), so the loop never skips a block.
+    for start_m in range(0, len_q, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < len_q
+        qd_mask = row_ok[:, None] & d_ok[None, :]
+        q_t = tl.load(q_base + rows[None, :] * stride_qs + offs_d[:, None], mask=row_ok[None, :] & d_ok[:, None],
+                      other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dos + offs_d[None, :], mask=qd_mask, other=0.0)
+        o = tl.load(o_base + rows[:, None] * stride_os + offs_d[None, :], mask=qd_mask, other=0.0)
+        lse = tl.load(l_base + rows, mask=row_ok, other=float("inf"))
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        # Sᵀ and the keep mask as (BLOCK_N, BLOCK_M) tiles, as in _attn_bwd_dkdv
+        s_t, keep_t = _score_tile(k, q_t, rows, offs_n, 0, row_ok, key_ok, qk_scale, seed, seqlen_k,
+                                  drop_threshold, CAUSAL, HAS_DROPOUT, True, DOT_PRECISION)
+        p_t = tl.math.exp2(s_t - lse[None, :])  # 0 where invisible (s = -inf) or the row is empty (lse = +inf)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            pd_t = tl.where(keep_t, p_t * keep_scale, 0.0)
+            dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
+        else:
+            pd_t = p_t
+        dv += tl.dot(pd_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q_t.dtype)
+        dk += tl.dot(ds_t, tl.trans(q_t), input_precision=DOT_PRECISION)
+        dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION) * sm_scale
+        tl.store(dq_base + rows[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qd_mask)
+
+    dk = dk * sm_scale
+    dk_base = DK + b64 * stride_dkb + h64 * stride_dkh + start64 * stride_dks
+    dv_base = DV + b64 * stride_dvb + h64 * stride_dvh + start64 * stride_dvs
+    tl.store(dk_base + offs_n[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_base + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
 # ------------------------------------------------------------------------------- configurations
 
 def _block_d(head_dim: int) -> int:
@@ -518,20 +622,26 @@ def fwd_config(block_d: int, dtype: torch.dtype, interpreting: Optional[bool] = 
 
 
 def bwd_config(block_d: int, dtype: torch.dtype, interpreting: Optional[bool] = None) -> dict:
-    """Launch parameters of the two backward kernels: dkdv = (BLOCK_M, BLOCK_N, warps, stages) with
-    BLOCK_N keys per program; dq = the same with BLOCK_M queries per program."""
+    """Launch parameters of the backward kernels, each (BLOCK_M, BLOCK_N, warps, stages): dkdv with
+    BLOCK_N keys per program; dq with BLOCK_M queries per program; fused (the one-launch backward of
+    sequences of at most its BLOCK_N tokens) with BLOCK_M queries per loop step, or None: never fused.
+    An override {"fused": []} turns the fused path off (a sweep's baseline)."""
     if _interpreting() if interpreting is None else interpreting:
-        return dict(dkdv=(64, 64, 4, 1), dq=(64, 64, 4, 1))
-    if dtype == torch.float32:
-        config = dict(dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2))
+        # 16-row steps: the tests' short sequences take several loop iterations of the fused kernel.
+        config = dict(dkdv=(64, 64, 4, 1), dq=(64, 64, 4, 1), fused=(16, 64, 4, 1))
+    elif dtype == torch.float32:
+        config = dict(dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2), fused=(32, 64, 4, 2))
     else:
         warps = 8 if block_d == 128 else 4
-        # dQ with 64-key blocks and 8 warps: -9% at seq 512 in the H200 sweep (head_dim <= 64)
-        config = dict(dkdv=(32, 128, warps, 3), dq=(128, 64, 8, 3) if block_d <= 64 else (128, 32, warps, 3))
-    for kind in ("dkdv", "dq"):
+        # dQ with 64-key blocks and 8 warps: -9% at seq 512 in the H200 sweep (head_dim <= 64). The fused
+        # kernel starts from the dK/dV kernel's shape (it is that kernel plus dQ); head_dim 128 keeps it
+        # to 64 keys, where its fp32 dK/dV accumulators still fit the registers.
+        config = dict(dkdv=(32, 128, warps, 3), dq=(128, 64, 8, 3) if block_d <= 64 else (128, 32, warps, 3),
+                      fused=(32, 128, 4, 3) if block_d <= 64 else (32, 64, 4, 3))
+    for kind in ("dkdv", "dq", "fused"):
         override = _override(kind)
         if override is not None:
-            config[kind] = override
+            config[kind] = override or None
     return config
 
 
@@ -562,14 +672,20 @@ def _fwd_plan(key):
 
 
 def _bwd_plan(key):
-    """(dQ BLOCK_M, dQ launch keywords, dK/dV BLOCK_N, dK/dV launch keywords) for one plan key."""
+    """(dQ BLOCK_M, dQ launch keywords, dK/dV BLOCK_N, dK/dV launch keywords, fused BLOCK_N, fused launch
+    keywords) for one plan key; fused BLOCK_N is 0 when the fused kernel is off."""
     plan = _BWD_PLANS.get(key)
     if plan is None:
         flags = _flags(key)
         cfg = bwd_config(flags["BLOCK_D"], key[0])
         (dq_m, dq_n, dq_warps, dq_stages), (kv_m, kv_n, kv_warps, kv_stages) = cfg["dq"], cfg["dkdv"]
         plan = (dq_m, dict(flags, BLOCK_M=dq_m, BLOCK_N=dq_n, num_warps=dq_warps, num_stages=dq_stages),
-                kv_n, dict(flags, BLOCK_M=kv_m, BLOCK_N=kv_n, num_warps=kv_warps, num_stages=kv_stages))
+                kv_n, dict(flags, BLOCK_M=kv_m, BLOCK_N=kv_n, num_warps=kv_warps, num_stages=kv_stages), 0, None)
+        if cfg["fused"] is not None:
+            f_m, f_n, f_warps, f_stages = cfg["fused"]
+            fused_flags = {k: v for k, v in flags.items() if k != "MASK_BLOCK"}  # it never scans for the last key
+            plan = plan[:4] + (f_n, dict(fused_flags, BLOCK_M=f_m, BLOCK_N=f_n, num_warps=f_warps,
+                                         num_stages=f_stages))
         _BWD_PLANS[key] = plan
     return plan
 
@@ -695,7 +811,8 @@ def _flash_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, 
 
 def _flash_bwd(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, dropout_p,
                softmax_scale, grads=None):
-    """dQ, dK, dV: one kernel for dQ (which also writes delta), then one for dK/dV. Allocated contiguous,
+    """dQ, dK, dV: for sequences within the fused kernel's key block, that one kernel; otherwise one kernel
+    for dQ (which also writes delta), then one for dK/dV. Allocated contiguous,
     or grads: given (dq, dk, dv) of q/k/v's shapes (any strides with a contiguous last dim, e.g. views
     of one dqkv buffer), written in place."""
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
@@ -718,12 +835,22 @@ def _flash_bwd(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen
     if q.numel() == 0 or k.numel() == 0 or batch == 0 or seqlen_q == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     _check_row_offsets(max(seqlen_q, seqlen_k), varlen, q, k, v, out, dout, dq, dk, dv)
-    dq_m, dq_launch, kv_n, kv_launch = _bwd_plan(_plan_key(q, key_padding_mask, varlen, causal, dropout_p))
+    dq_m, dq_launch, kv_n, kv_launch, fused_n, fused_launch = _bwd_plan(
+        _plan_key(q, key_padding_mask, varlen, causal, dropout_p))
     kpm = None if key_padding_mask is None else _last_dim_contiguous(key_padding_mask).view(torch.uint8)
     stride_mb = 0 if kpm is None else kpm.stride(0)
     q_rows, k_rows, v_rows, do_rows = _rows(q, varlen), _rows(k, varlen), _rows(v, varlen), _rows(dout, varlen)
-    delta = torch.empty_like(lse)
     common = (heads, seqlen_q, seqlen_k, softmax_scale * _LOG2E, softmax_scale, *_dropout_args(dropout_p))
+    if max(seqlen_q, seqlen_k) <= fused_n:
+        # Every key of a sequence in one block: one program per (sequence, head) does it all. Long query
+        # sides stay on the split path, whose grid also spreads the query blocks.
+        _attn_bwd_fused[(1, batch * heads)](
+            q, k, v, out, dout, dq, dk, dv, lse, kpm, cu_seqlens, seed,
+            *q_rows, *k_rows, *v_rows, *_rows(out, varlen), *do_rows, *_rows(dq, varlen), *_rows(dk, varlen),
+            *_rows(dv, varlen), *lse_strides, stride_mb, *common, **fused_launch,
+        )
+        return dq, dk, dv
+    delta = torch.empty_like(lse)
     # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV kernel reads (stream order).
     _attn_bwd_dq[(_cdiv(seqlen_q, dq_m), batch * heads)](
         q, k, v, out, dout, dq, lse, delta, kpm, cu_seqlens, seed,

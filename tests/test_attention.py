@@ -386,6 +386,90 @@ def test_dropout_quantisation():
     fa._check_dropout_counter(2 ** 16, 2 ** 16)
 
 
+# ------------------------------------------------------------------- fused one-launch backward
+
+class _Forbidden:
+    """Stands in for a kernel the path under test must not launch."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getitem__(self, grid):
+        raise AssertionError(f"{self.name} was launched")
+
+
+@pytest.fixture(params=["fused", "split"])
+def bwd_path(request, monkeypatch):
+    """Runs a test once through the one-launch backward (the split kernels forbidden) and once through
+    the dQ + dK/dV kernels (the fused kernel turned off by the config override, and forbidden)."""
+    fa = flash_attention
+    if request.param == "fused":
+        for name in ("_attn_bwd_dq", "_attn_bwd_dkdv"):
+            monkeypatch.setattr(fa, name, _Forbidden(name))
+    else:
+        fa.set_config_override({"fused": []})
+        monkeypatch.setattr(fa, "_attn_bwd_fused", _Forbidden("_attn_bwd_fused"))
+    yield request.param
+    fa.set_config_override(None)
+
+
+FUSED_CASES = [
+    # batch, heads, seq_q, seq_k, head_dim, mask, causal: within the interpreter's fused key block (64),
+    # several of its 16-row query steps, a ragged last step
+    (2, 2, 37, 37, 24, True, False),    # odd head_dim, a batch row without real keys
+    (2, 1, 64, 64, 32, True, True),     # exactly one key block, causal
+    (1, 2, 50, 19, 16, False, False),   # seq_q != seq_k
+    (3, 1, 1, 1, 8, False, True),       # one token, head_dim below tl.dot's minimum
+]
+
+
+@interpreter_matrix
+@pytest.mark.parametrize("dtype", INTERPRETED_DTYPES, ids=str)
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-m{int(c[5])}c{int(c[6])}")
+def test_fused_and_split_backward_match_float64(triton_kernels, device, bwd_path, case, dtype):
+    batch, heads, sq, sk, dim, has_mask, causal = case
+    q = torch.randn(batch, heads, sq, dim)
+    k, v = torch.randn(batch, heads, sk, dim), torch.randn(batch, heads, sk, dim)
+    mask = random_mask(batch, sk) if has_mask else None
+    q, k, v, mask = to_device(device, q, k, v, mask)
+    cpu_mask = mask.cpu() if has_mask else None
+    out, dq, dk, dv = check_against_reference(
+        lambda q, k, v: K.attention(q, k, v, mask, causal=causal, softmax_scale=0.3),
+        lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), cpu_mask, causal, 0.3),
+        lambda q, k, v: reference.attention(q.cpu(), k.cpu(), v.cpu(), cpu_mask, causal=causal, softmax_scale=0.3),
+        (q, k, v), dtype)
+    if has_mask:
+        for t in (dq, dk, dv):
+            assert torch.count_nonzero(t[-1]) == 0
+
+
+@interpreter_matrix
+@pytest.mark.parametrize("dtype", INTERPRETED_DTYPES, ids=str)
+def test_fused_and_split_backward_packed_views(triton_kernels, device, bwd_path, dtype):
+    """The BERT launch: packed sequences (one of a single token, one filling the block) as strided
+    views of one fused projection."""
+    lengths, heads, dim = [1, 17, 64, 30], 2, 32
+    q, k, v, cu = packed_qkv(lengths, heads, dim, device, torch.float32)
+
+    def baseline(q, k, v):
+        (qp, mask), (kp, _), (vp, _) = (padded_view(t.cpu(), lengths) for t in (q, k, v))
+        return unpadded_view(torch_attention(qp, kp, vp, mask), lengths)
+
+    check_against_reference(
+        lambda q, k, v: K.varlen_attention(q, k, v, cu, 64),
+        baseline,
+        lambda q, k, v: reference.varlen_attention(q.cpu(), k.cpu(), v.cpu(), cu.cpu(), 64),
+        (q, k, v), dtype)
+
+
+def test_fused_and_split_backward_dropout(triton_kernels, device, bwd_path):
+    """Dropout in the fused kernel regenerates the forward's documented mask (float64 oracle with it)."""
+    batch, heads, seq, dim = 2, 2, 45, 16
+    q, k, v = (torch.randn(batch, heads, seq, dim, device=device) for _ in range(3))
+    mask = (torch.arange(seq)[None, :] < torch.tensor([[seq], [30]])).to(device)
+    _check_padded_dropout(q, k, v, mask, 0.25, 5, torch.float16)
+
+
 # ------------------------------------------------------------------------------- determinism
 
 def test_backward_is_bitwise_deterministic(triton_kernels, device):
@@ -526,10 +610,11 @@ def test_config_override_for_gpu_sweeps(monkeypatch):
     try:
         fa.set_config_override({"fwd": [64, 32, 8, 2], "dq": [32, 16, 4, 1]})
         assert fa.fwd_config(64, torch.bfloat16, **gpu) == dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
-        assert fa.bwd_config(64, torch.bfloat16, **gpu) == dict(dkdv=default[1]["dkdv"], dq=(32, 16, 4, 1))
-        monkeypatch.setenv("FASTBERT_ATTENTION_CONFIG", '{"dkdv": [16, 32, 4, 1]}')
+        assert fa.bwd_config(64, torch.bfloat16, **gpu) == dict(dkdv=default[1]["dkdv"], dq=(32, 16, 4, 1),
+                                                                fused=default[1]["fused"])
+        monkeypatch.setenv("FASTBERT_ATTENTION_CONFIG", '{"dkdv": [16, 32, 4, 1], "fused": []}')
         monkeypatch.setattr(fa, "_config_override_read", False)  # as in a fresh process
-        assert fa.bwd_config(64, torch.bfloat16, **gpu) == dict(dkdv=(16, 32, 4, 1), dq=default[1]["dq"])
+        assert fa.bwd_config(64, torch.bfloat16, **gpu) == dict(dkdv=(16, 32, 4, 1), dq=default[1]["dq"], fused=None)
     finally:
         fa.set_config_override(None)
     assert (fa.fwd_config(64, torch.bfloat16, **gpu), fa.bwd_config(64, torch.bfloat16, **gpu)) == default
@@ -596,7 +681,9 @@ def _aot_jobs(dtype, head_dim, varlen, causal=True, dropout=True):
 
     jobs = [job("_attn_fwd", dict(BLOCK_M=fwd["BLOCK_M"], BLOCK_N=fwd["BLOCK_N"]),
                 dict(num_warps=fwd["num_warps"], num_stages=fwd["num_stages"]))]
-    for name, key in (("_attn_bwd_dkdv", "dkdv"), ("_attn_bwd_dq", "dq")):
+    for name, key in (("_attn_bwd_dkdv", "dkdv"), ("_attn_bwd_dq", "dq"), ("_attn_bwd_fused", "fused")):
+        if bwd[key] is None:
+            continue
         bm, bn, warps, stages = bwd[key]
         jobs.append(job(name, dict(BLOCK_M=bm, BLOCK_N=bn), dict(num_warps=warps, num_stages=stages)))
     return jobs
@@ -613,11 +700,12 @@ def _compile(jobs, archs=(90, 80)):
 
 def test_aot_compile_largest_configs():
     """The configurations with the most shared memory (head_dim 128, bf16 with every flag on, and the
-    fp32 dK/dV kernel), and the BERT training launch (bf16, head_dim 64, packed, dropout), compile for
-    sm_90 and sm_80 within their shared-memory limits. The whole matrix (every dtype, head_dim and
-    layout) is test_aot_compile_every_config (-m slow: minutes)."""
-    jobs = (_aot_jobs(torch.bfloat16, 128, varlen=False) + _aot_jobs(torch.float32, 128, varlen=False)[1:2]
-            + _aot_jobs(torch.bfloat16, 64, varlen=True, causal=False))
+    fp32 dK/dV and fused backward kernels), and the BERT training launch (bf16, head_dim 64, packed,
+    dropout), compile for sm_90 and sm_80 within their shared-memory limits. The whole matrix (every
+    dtype, head_dim and layout) is test_aot_compile_every_config (-m slow: minutes)."""
+    fp32 = [job for job in _aot_jobs(torch.float32, 128, varlen=False) if job[0] in ("_attn_bwd_dkdv", "_attn_bwd_fused")]
+    jobs = _aot_jobs(torch.bfloat16, 128, varlen=False) + fp32 + _aot_jobs(torch.bfloat16, 64, varlen=True, causal=False)
+    assert {job[0] for job in jobs} == {"_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv", "_attn_bwd_fused"}
     _compile(jobs)
 
 
