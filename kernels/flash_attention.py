@@ -630,14 +630,17 @@ def bwd_config(block_d: int, dtype: torch.dtype, interpreting: Optional[bool] = 
         # 16-row steps: the tests' short sequences take several loop iterations of the fused kernel.
         config = dict(dkdv=(64, 64, 4, 1), dq=(64, 64, 4, 1), fused=(16, 64, 4, 1))
     elif dtype == torch.float32:
-        config = dict(dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2), fused=(32, 64, 4, 2))
+        # The fused kernel's fp32 tiles spill even at 8 warps with head_dim 128 (ptxas: ~21 KB per thread;
+        # benchmarks/ptxas_report.py), so that case keeps the split kernels.
+        config = dict(dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2), fused=(32, 64, 8, 2) if block_d <= 64 else None)
     else:
         warps = 8 if block_d == 128 else 4
         # dQ with 64-key blocks and 8 warps: -9% at seq 512 in the H200 sweep (head_dim <= 64). The fused
-        # kernel starts from the dK/dV kernel's shape (it is that kernel plus dQ); head_dim 128 keeps it
-        # to 64 keys, where its fp32 dK/dV accumulators still fit the registers.
+        # kernel is the dK/dV kernel plus dQ: at 4 warps it spills 400-550 bytes per thread where 8 warps
+        # spill none (ptxas, benchmarks/results/ptxas-cpu-2026-11-27-s11); head_dim 128 keeps it to
+        # 64 keys and 16-row steps, the largest tiles that do not spill. Not yet timed on a GPU.
         config = dict(dkdv=(32, 128, warps, 3), dq=(128, 64, 8, 3) if block_d <= 64 else (128, 32, warps, 3),
-                      fused=(32, 128, 4, 3) if block_d <= 64 else (32, 64, 4, 3))
+                      fused=(32, 128, 8, 3) if block_d <= 64 else (16, 64, 8, 3))
     for kind in ("dkdv", "dq", "fused"):
         override = _override(kind)
         if override is not None:
