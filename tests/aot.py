@@ -8,6 +8,8 @@ TRITON_INTERPRET, so ``compile_in_subprocess`` runs a small script in a clean ch
 Usage from a test:
     compile_in_subprocess("fastbert.kernels.gelu", "_bias_gelu_fwd",
                           [({"x_ptr": "*bf16", ..., "BLOCK": "constexpr"}, {"BLOCK": 1024}), ...])
+A configuration may carry a third element, the compile options of its launch (e.g. {"num_warps": 8}):
+the layout, hence what the compiler accepts, depends on them.
 """
 from __future__ import annotations
 
@@ -27,20 +29,22 @@ _SCRIPT = textwrap.dedent("""
     module, kernel, configs, archs = json.loads(sys.argv[1])
     fn = getattr(importlib.import_module(module), kernel)
     failures = []
-    for signature, constexprs in configs:
+    for config in configs:
+        signature, constexprs, options = (list(config) + [None])[:3]
         for arch in archs:
             try:
                 src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
                 assert compiled.asm.get("cubin"), "no cubin produced"
             except Exception as exc:  # report every failing configuration, not just the first
-                failures.append(f"sm_{arch} {constexprs} {signature}: {type(exc).__name__}: {str(exc)[:400]}")
+                failures.append(f"sm_{arch} {constexprs} {options or ''} {signature}: "
+                                f"{type(exc).__name__}: {str(exc)[:400]}")
     print(json.dumps(failures))
 """)
 
 
 def compile_in_subprocess(module: str, kernel: str, configs, archs=ARCHS, timeout=900):
-    """Compile `module.kernel` for each (signature, constexprs) and arch; raise listing every failure."""
+    """Compile `module.kernel` for each (signature, constexprs[, options]) and arch; raise listing every failure."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     payload = json.dumps([module, kernel, [list(c) for c in configs], list(archs)])
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, payload], env=env, capture_output=True, text=True,
