@@ -3,16 +3,25 @@
 - add_layer_norm:  y = layer_norm(dropout(x) + residual)   (the end of every attention / FFN block)
 - gelu_layer_norm: y = layer_norm(gelu(x + bias))          (the MLM head transform after its dense)
 
-Forward: one program per row holds the whole row (BLOCK_N = next_power_of_2(n) columns, masked), so
-the prologue, the fp32 mean / rstd and the affine map cost one read of each input and one write.
-It saves only the per-row mean and rstd (fp32); the backward re-reads the inputs and recomputes the
+Forward: each program holds a (BLOCK_M, BLOCK_N) tile, BLOCK_M whole rows (BLOCK_N =
+next_power_of_2(n) columns, masked; rows past the end masked too), so the prologue, the fp32 mean /
+rstd (reductions along the row) and the affine map cost one read of each input and one write. It
+saves only the per-row mean and rstd (fp32); the backward re-reads the inputs and recomputes the
 prologue (dropout mask included) instead of storing the pre-norm sum: the same bytes moved in
 total, and no extra activation memory.
 
-Backward: each program owns a contiguous group of rows, walks them one at a time and keeps its
-share of dweight / dbias (and the GELU bias gradient) in fp32 registers, written once to a
+Backward: each program owns a contiguous group of rows (a multiple of BLOCK_M), walks it one
+(BLOCK_M, BLOCK_N) tile per step (optionally software-pipelined: the next tiles' loads in flight
+during this one's math) and keeps its share of dweight / dbias (and the GELU bias gradient) in fp32
+(BLOCK_M, BLOCK_N) registers, summed over the tile's rows once at the end and written to a
 (programs, n) fp32 buffer that torch reduces afterwards: deterministic, and no bf16 rounding of the
 partial sums.
+
+Launch parameters: ln_config(n, kind) -> (BLOCK_M, num_warps, backward programs per SM, pipelining
+stages), one fixed choice per width and kernel (reasoned from ptxas' register counts, see the note
+above FWD_TILE; no autotuning), a small one in the interpreter; set_ln_config_override / FASTBERT_LN_CONFIG
+replace it for tuning sweeps (benchmarks/bench_ln_sweep.py) and tests. BLOCK_M = 1 is the one-row
+launch of before the tiling (one_row_config).
 
 Dropout: the keep mask is Philox (tl.rand) of (seed, row * n + column), keep when u > p, kept values
 scaled by 1 / (1 - p). The seed is a one-element int64 tensor drawn with torch.randint on the input's
@@ -30,22 +39,33 @@ over the activations become one extra write and one extra read.
 
 Supports: fp32, fp16, bf16 activations (statistics and math in fp32; add_layer_norm's output in
 promote_types(x, residual), as x + residual, gradients in each input's own dtype; gelu_layer_norm's
-in x's dtype); weights of any of these dtypes; widths 1..MAX_WIDTH (8192); any leading shape; non-contiguous inputs (copied).
+in x's dtype); weights of any of these dtypes; widths 1..MAX_WIDTH (8192); any leading shape and any
+number of rows (a multiple of BLOCK_M or not; rows x n past 2**31: int64 offsets); non-contiguous
+inputs (copied). The dropout mask does not depend on the launch parameters; outputs and gradients
+only through the fp32 rounding of the row reductions, and dweight / dbias through their summation
+order (deterministic for one configuration, not bit-equal across configurations).
 Not supported: widths above MAX_WIDTH (a clear ValueError; the row would no longer fit in
 registers); float64 on the GPU path (use the reference).
 Caution: the dropout offsets are int32, so the mask pattern repeats after 2**32 elements in one call.
+Rows of 4096-8192 spill registers in the backward, as before the tiling (ptxas, sm_90: up to ~600
+bytes per thread at 8192; a row is the smallest tile). An override is not compiled ahead of time by
+the tests: a sweep may try a configuration the compiler rejects (reported per configuration).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import json
+import os
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from . import _dispatch
 from .gelu import gelu, gelu_grad
 
-__all__ = ["add_layer_norm", "gelu_layer_norm", "dropout_mask", "draw_seed", "MAX_WIDTH"]
+__all__ = ["add_layer_norm", "gelu_layer_norm", "dropout_mask", "draw_seed", "MAX_WIDTH", "ln_config",
+           "set_ln_config_override"]
 
 MAX_WIDTH = 8192
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -63,8 +83,20 @@ def normalize(h, mask, n, eps):
 
 
 @triton.jit
+def normalize_rows(h, mask, n, eps):
+    """normalize of each row of an fp32 (BLOCK_M, BLOCK_N) tile h: (h - mean, mean, 1/std), the two
+    statistics (BLOCK_M,). Rows past the end (all lanes masked) give mean 0 and a finite rstd."""
+    mean = tl.sum(h, axis=1) / n
+    d = tl.where(mask, h - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / n + eps)
+    return d, mean, rstd
+
+
+@triton.jit
 def dropout_keep(seed, row, cols, n, p):
-    """Keep mask of row `row`, columns `cols` of a (rows, n) tensor; u ~ U(0, 1) per element."""
+    """Keep mask of row `row`, columns `cols` of a (rows, n) tensor; u ~ U(0, 1) per element. A tile
+    passes rows[:, None] and cols[None, :]: the mask depends on the element's index only, never on
+    how rows are grouped into programs."""
     offs = (row * n + cols).to(tl.int32)  # row is int64: no overflow before the wrap
     return tl.rand(seed, offs) > p
 
@@ -118,6 +150,138 @@ def num_partials(rows: int, device: torch.device) -> int:
     return max(1, min(rows, 8 * sms))
 
 
+# ------------------------------------------------------------- launch parameters of the LN kernels
+
+LN_KINDS = ("add_fwd", "add_bwd", "gelu_fwd", "gelu_bwd")
+
+
+class LnConfig(NamedTuple):
+    block_m: int  # rows per tile (power of 2): a forward program's rows, a backward loop step's rows
+    num_warps: int
+    programs_per_sm: int = 0  # backward: programs per SM (each writes one row of partial sums); forward: 0
+    num_stages: int = 0  # backward: software-pipelining stages of its row loop (1: none); forward: 0
+
+
+# Register budget, from ptxas -v of these kernels for sm_90 (triton 3.6, the model's dtypes and flags):
+# a forward holds ~6 registers per element of its tile, a backward ~15 (x, residual, dy, xhat, g, dh,
+# the two accumulators, 64-bit offsets). So a forward tile gets 16 fp32 values per thread (4 rows of
+# 768 over 8 warps: ~100 registers, no spills) and a backward tile 8 (one row of 768 over 4 warps:
+# ~120 registers; 16 values spilled at 255 registers). Per SM that is ~8 forward rows and ~4
+# backward rows at once whatever the tile (the register file is the cap), so what a larger tile buys
+# is fewer, longer programs: 4x fewer forward programs of 4 rows each, and for narrow rows (< 512
+# wide) several rows per backward step, where one-row programs hit the 32-programs-per-SM limit with
+# few bytes in flight. Rows of 768-8192 keep the one-row backward of before (warps = BLOCK_N / 256).
+# Not measured on a GPU yet: benchmarks/bench_ln_sweep.py times the alternatives (larger backward
+# tiles, pipelined backward loops, programs per SM) against these defaults and BLOCK_M = 1.
+FWD_TILE, FWD_VALUES_PER_THREAD = 4096, 16
+BWD_TILE, BWD_VALUES_PER_THREAD = 1024, 8
+BWD_PROGRAMS_PER_SM = 8  # as before the tiling: two waves of the ~4 one-row programs an SM holds
+BWD_STAGES = 1
+# The interpreter's cost grows with tile elements x programs: two-row tiles keep the tests' tiny
+# shapes fast and still exercise partial tiles, several tiles per backward program and the
+# cross-program partial sums (2 'SMs' on the CPU: up to 8 backward programs).
+INTERPRETER_CONFIG = {"fwd": LnConfig(2, 4), "bwd": LnConfig(2, 4, 4, 1)}
+
+_ln_override: Optional[dict] = None  # {kind: LnConfig}
+_ln_override_read = False
+_ln_configs: dict = {}  # (kind, block_n, interpreting) -> LnConfig
+
+
+def set_ln_config_override(config: Optional[dict]) -> None:
+    """Replace the launch parameters of some LayerNorm kernels, e.g. {"add_fwd": [4, 8],
+    "add_bwd": [2, 8, 4, 2], "gelu_fwd": [1, 4], "gelu_bwd": [1, 4, 8]}: [BLOCK_M, num_warps] for a
+    forward, [BLOCK_M, num_warps, programs per SM(, pipelining stages, default 1)] for a backward (on
+    the CPU 'SMs' are 2), or go back to the defaults with None. A knob for tuning sweeps
+    (benchmarks/bench_ln_sweep.py) and tests, not for users: it applies to every width and in the
+    interpreter too, and such a configuration is not compiled ahead of time by the tests.
+    FASTBERT_LN_CONFIG (the same object in JSON) is read once, at the first launch."""
+    global _ln_override, _ln_override_read
+    parsed = None
+    if config:
+        parsed = {}
+        for kind, value in config.items():
+            if kind not in LN_KINDS:
+                raise ValueError(f"LayerNorm config override: unknown kind {kind!r} (expected one of {LN_KINDS})")
+            value = [int(v) for v in value]
+            backward = kind.endswith("_bwd")
+            if len(value) not in ((3, 4) if backward else (2,)):
+                raise ValueError(f"LayerNorm config override {kind}: expected [BLOCK_M, num_warps"
+                                 f"{', programs_per_sm[, num_stages]' if backward else ''}], got {value}")
+            block_m, warps = value[:2]
+            if block_m < 1 or block_m & (block_m - 1) or warps < 1 or warps > 32 or warps & (warps - 1):
+                raise ValueError(f"LayerNorm config override {kind}: BLOCK_M and num_warps must be powers of 2 "
+                                 f"(num_warps <= 32), got {value}")
+            if backward and min(value[2:]) < 1:
+                raise ValueError(f"LayerNorm config override {kind}: programs_per_sm and num_stages must be "
+                                 f">= 1, got {value}")
+            parsed[kind] = LnConfig(block_m, warps, *(value[2:] + [1])[:2]) if backward else LnConfig(block_m, warps)
+    _ln_override = parsed
+    _ln_override_read = True
+    _ln_configs.clear()
+
+
+def _ln_override_for(kind: str) -> Optional[LnConfig]:
+    if not _ln_override_read:
+        text = os.environ.get("FASTBERT_LN_CONFIG")
+        set_ln_config_override(json.loads(text) if text else None)
+    return None if _ln_override is None else _ln_override.get(kind)
+
+
+def _gpu_config(block_n: int, backward: bool) -> LnConfig:
+    tile, per_thread = (BWD_TILE, BWD_VALUES_PER_THREAD) if backward else (FWD_TILE, FWD_VALUES_PER_THREAD)
+    block_m = max(1, tile // block_n)
+    warps = min(16, max(1, block_m * block_n // (32 * per_thread)))
+    return LnConfig(block_m, warps, BWD_PROGRAMS_PER_SM, BWD_STAGES) if backward else LnConfig(block_m, warps)
+
+
+def ln_config(n: int, kind: str, interpreting: Optional[bool] = None) -> LnConfig:
+    """Launch parameters of one LayerNorm kernel (kind in LN_KINDS) for width n: one fixed choice per
+    width, no autotuning, so ahead-of-time compilation sees what a GPU runs. `interpreting` defaults to
+    whether Triton interprets the kernels (False asks for the GPU choice). An override wins over both."""
+    if interpreting is None:
+        interpreting = _dispatch.interpreting()
+    block_n = row_block(n)
+    key = (kind, block_n, interpreting)
+    config = _ln_configs.get(key)
+    if config is None:
+        if kind not in LN_KINDS:
+            raise ValueError(f"unknown LayerNorm kernel kind {kind!r} (expected one of {LN_KINDS})")
+        backward = kind.endswith("_bwd")
+        config = _ln_override_for(kind)
+        if config is None:
+            config = (INTERPRETER_CONFIG["bwd" if backward else "fwd"] if interpreting
+                      else _gpu_config(block_n, backward))
+        _ln_configs[key] = config
+    return config
+
+
+def one_row_config(n: int, kind: str) -> LnConfig:
+    """The launch of these kernels before the tiling (one row per program or loop step, warps from
+    row_warps, 8 backward programs per SM, no pipelining): the baseline a GPU sweep compares against."""
+    warps = row_warps(row_block(n))
+    return LnConfig(1, warps, 8, 1) if kind.endswith("_bwd") else LnConfig(1, warps)
+
+
+_sm_counts: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2  # interpreter: a few programs, so the cross-program partial sums are exercised
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index]
+
+
+def backward_split(rows: int, config: LnConfig, device: torch.device) -> Tuple[int, int]:
+    """(programs, rows_per_program) of a backward: rows_per_program is a multiple of BLOCK_M, so only
+    the last tile of the last program is partial."""
+    programs = max(1, min(triton.cdiv(rows, config.block_m), config.programs_per_sm * _sm_count(device)))
+    rows_per_program = triton.cdiv(triton.cdiv(rows, programs), config.block_m) * config.block_m
+    return triton.cdiv(rows, rows_per_program), rows_per_program
+
+
 def _check_dtypes(**tensors):
     for name, t in tensors.items():
         if t is not None and t.dtype not in _DTYPES:
@@ -137,33 +301,40 @@ def _add_ln_fwd(
     MEAN,  # pointer to the fp32 row means (rows,), saved for the backward
     RSTD,  # pointer to the fp32 row 1/std (rows,), saved for the backward
     SEED,  # pointer to the int64 dropout seed (read only when HAS_DROPOUT)
+    rows,  # number of rows
     n,  # width
     eps,  # LayerNorm epsilon
     p,  # drop probability
     scale,  # 1 / (1 - p)
     HAS_DROPOUT: tl.constexpr,  # p > 0
     STORE_LOW: tl.constexpr,  # also write y in Y_LOW's dtype (the next matmul's input under autocast)
+    BLOCK_M: tl.constexpr,  # rows per program (power of 2)
     BLOCK_N: tl.constexpr,  # power of 2 >= n
 ):
-    row = tl.program_id(0).to(tl.int64)  # int64 offsets: rows * n may pass 2**31
+    first = tl.program_id(0).to(tl.int64) * BLOCK_M
+    row = first + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < n
-    offs = row * n + cols
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+    row_mask = row < rows
+    mask = row_mask[:, None] & (cols < n)[None, :]
+    # An int64 base (rows * n may pass 2**31) plus int32 offsets within the tile: one 64-bit add per
+    # pointer instead of 64-bit offsets per element.
+    base = first * n
+    offs = tl.arange(0, BLOCK_M)[:, None] * n + cols[None, :]
+    x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(R + base + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = dropout_keep(tl.load(SEED), row, cols, n, p)
+        keep = dropout_keep(tl.load(SEED), row[:, None], cols[None, :], n, p)
         x = tl.where(keep, x * scale, 0.0)
     h = x + r
-    d, mean, rstd = normalize(h, mask, n, eps)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    y = d * rstd * w + b
-    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    d, mean, rstd = normalize_rows(h, mask, n, eps)
+    w = tl.load(W + cols, mask=cols < n, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=cols < n, other=0.0).to(tl.float32)
+    y = d * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(Y + base + offs, y.to(Y.dtype.element_ty), mask=mask)
     if STORE_LOW:  # y.to(low) of the stored y (a no-op first cast when y is fp32, as in the model)
-        tl.store(Y_LOW + offs, y.to(Y.dtype.element_ty).to(Y_LOW.dtype.element_ty), mask=mask)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+        tl.store(Y_LOW + base + offs, y.to(Y.dtype.element_ty).to(Y_LOW.dtype.element_ty), mask=mask)
+    tl.store(MEAN + row, mean, mask=row_mask)
+    tl.store(RSTD + row, rstd, mask=row_mask)
 
 
 @triton.jit
@@ -188,27 +359,40 @@ def _add_ln_bwd(
     HAS_DROPOUT: tl.constexpr,  # p > 0: regenerate the mask
     HAS_DY_LOW: tl.constexpr,  # the low-precision copy has a gradient too: add it to DY's
     STORE_DX: tl.constexpr,  # x's gradient differs from the residual's (dropout, or another dtype)
+    BLOCK_M: tl.constexpr,  # rows per loop step (power of 2); rows_per_program is a multiple of it
     BLOCK_N: tl.constexpr,  # power of 2 >= n
+    NUM_STAGES: tl.constexpr,  # > 1: software-pipeline the loop's loads (cp.async into shared memory)
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < n
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    col_mask = cols < n
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    # Per-tile-row accumulators, reduced over rows once after the loop: no cross-warp reduction in
+    # the loop, and a fixed summation order (deterministic).
+    dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    db = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_DROPOUT:
         seed = tl.load(SEED)
     start = pid.to(tl.int64) * rows_per_program  # int64 rows: offsets may pass 2**31
     end = tl.minimum(start + rows_per_program, rows)
-    for row in range(start, end):
-        offs = row * n + cols
+    # One tile of rows per step, and with NUM_STAGES > 1 the next tiles' loads in flight during this
+    # one's math: the one-row loop waited on each row's loads, then its two reductions, in turn.
+    # Registers cap a backward at ~4 rows of 768 per SM (~120 registers x 128 threads per row on sm_90);
+    # pipelined stages sit in shared memory instead.
+    for first in tl.range(start, end, BLOCK_M, num_stages=NUM_STAGES):
+        row = first + tl.arange(0, BLOCK_M)
+        row_mask = row < end
+        mask = row_mask[:, None] & col_mask[None, :]
+        # int64 offsets per element: here (unlike the forwards) ptxas spilled more with an int64
+        # base plus int32 offsets (sm_90, BLOCK_M 4: 376 bytes of spills instead of 36)
+        offs = row[:, None] * n + cols[None, :]
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, row, cols, n, p)
+            keep = dropout_keep(seed, row[:, None], cols[None, :], n, p)
             x = tl.where(keep, x * scale, 0.0)
-        mean = tl.load(MEAN + row)
-        rstd = tl.load(RSTD + row)
+        mean = tl.load(MEAN + row, mask=row_mask, other=0.0)[:, None]
+        rstd = tl.load(RSTD + row, mask=row_mask, other=0.0)[:, None]
         xhat = tl.where(mask, (x + r - mean) * rstd, 0.0)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_DY_LOW:
@@ -216,16 +400,16 @@ def _add_ln_bwd(
         dw += dy * xhat
         db += dy
         g = dy * w
-        c1 = tl.sum(xhat * g, axis=0) / n
-        c2 = tl.sum(g, axis=0) / n
+        c1 = tl.sum(xhat * g, axis=1)[:, None] / n
+        c2 = tl.sum(g, axis=1)[:, None] / n
         dh = (g - (xhat * c1 + c2)) * rstd
         tl.store(DR + offs, dh.to(DR.dtype.element_ty), mask=mask)
         if STORE_DX:
             if HAS_DROPOUT:
                 dh = tl.where(keep, dh * scale, 0.0)
             tl.store(DX + offs, dh.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DW_PART + pid * n + cols, dw, mask=mask)
-    tl.store(DB_PART + pid * n + cols, db, mask=mask)
+    tl.store(DW_PART + pid * n + cols, tl.sum(dw, axis=0), mask=col_mask)
+    tl.store(DB_PART + pid * n + cols, tl.sum(db, axis=0), mask=col_mask)
 
 
 def _rows(x: torch.Tensor) -> Tuple[int, int]:
@@ -253,11 +437,11 @@ def _add_ln_fwd_impl(x, residual, weight, bias, eps: float, dropout_p: float, se
     if rows == 0 or n == 0:
         return y, mean, rstd, y_low
     has_dropout = dropout_p > 0.0
-    block_n = row_block(n)
-    _add_ln_fwd[(rows,)](x, residual, weight, bias, y, y if y_low is None else y_low, mean, rstd,
-                         seed if has_dropout else mean, n, eps, dropout_p, 1.0 / (1.0 - dropout_p),
-                         HAS_DROPOUT=has_dropout, STORE_LOW=y_low is not None, BLOCK_N=block_n,
-                         num_warps=row_warps(block_n))
+    config = ln_config(n, "add_fwd")
+    _add_ln_fwd[(triton.cdiv(rows, config.block_m),)](
+        x, residual, weight, bias, y, y if y_low is None else y_low, mean, rstd, seed if has_dropout else mean,
+        rows, n, eps, dropout_p, 1.0 / (1.0 - dropout_p), HAS_DROPOUT=has_dropout, STORE_LOW=y_low is not None,
+        BLOCK_M=config.block_m, BLOCK_N=row_block(n), num_warps=config.num_warps)
     return y, mean, rstd, y_low
 
 
@@ -276,16 +460,14 @@ def _add_ln_bwd_impl(dy, x, residual, weight, mean, rstd, dropout_p: float, seed
         dx.zero_()
         zeros = torch.zeros_like(weight)
         return dres, dx, zeros, zeros.clone()
-    programs = num_partials(rows, x.device)
-    rows_per_program = triton.cdiv(rows, programs)
-    programs = triton.cdiv(rows, rows_per_program)
+    config = ln_config(n, "add_bwd")
+    programs, rows_per_program = backward_split(rows, config, x.device)
     part = torch.empty((2, programs, n), dtype=torch.float32, device=x.device)
-    block_n = row_block(n)
     _add_ln_bwd[(programs,)](x, residual, weight, dy, dy if dy_low is None else dy_low, dres, dx if store_dx else dres,
                              part[0], part[1], mean, rstd, seed if has_dropout else mean, rows, n, rows_per_program,
                              dropout_p, 1.0 / (1.0 - dropout_p), HAS_DROPOUT=has_dropout,
-                             HAS_DY_LOW=dy_low is not None, STORE_DX=store_dx, BLOCK_N=block_n,
-                             num_warps=row_warps(block_n))
+                             HAS_DY_LOW=dy_low is not None, STORE_DX=store_dx, BLOCK_M=config.block_m,
+                             BLOCK_N=row_block(n), NUM_STAGES=config.num_stages, num_warps=config.num_warps)
     # Separate reductions: views of one tensor would alias, which custom ops forbid.
     return dres, dx, part[0].sum(0).to(weight.dtype), part[1].sum(0).to(weight.dtype)
 
@@ -398,24 +580,30 @@ def _gelu_ln_fwd(
     Y,  # pointer to the output (rows, n), x's dtype
     MEAN,  # pointer to the fp32 row means (rows,)
     RSTD,  # pointer to the fp32 row 1/std (rows,)
+    rows,  # number of rows
     n,  # width
     eps,  # LayerNorm epsilon
     APPROX_TANH: tl.constexpr,  # True: tanh GELU, False: erf GELU
+    BLOCK_M: tl.constexpr,  # rows per program (power of 2)
     BLOCK_N: tl.constexpr,  # power of 2 >= n
 ):
-    row = tl.program_id(0).to(tl.int64)  # int64 offsets: rows * n may pass 2**31
+    first = tl.program_id(0).to(tl.int64) * BLOCK_M
+    row = first + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < n
-    offs = row * n + cols
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    c = tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
+    col_mask = cols < n
+    row_mask = row < rows
+    mask = row_mask[:, None] & col_mask[None, :]
+    base = first * n  # int64 base, int32 offsets within the tile (see _add_ln_fwd)
+    offs = tl.arange(0, BLOCK_M)[:, None] * n + cols[None, :]
+    x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     h = tl.where(mask, gelu(x + c, APPROX_TANH), 0.0)
-    d, mean, rstd = normalize(h, mask, n, eps)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + offs, (d * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+    d, mean, rstd = normalize_rows(h, mask, n, eps)
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + base + offs, (d * rstd[:, None] * w + b).to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + row, mean, mask=row_mask)
+    tl.store(RSTD + row, rstd, mask=row_mask)
 
 
 @triton.jit
@@ -433,37 +621,43 @@ def _gelu_ln_bwd(
     rows_per_program,  # rows each program walks
     part_stride,  # programs * n: distance between the three partial buffers
     APPROX_TANH: tl.constexpr,  # True: tanh GELU, False: erf GELU
+    BLOCK_M: tl.constexpr,  # rows per loop step (power of 2); rows_per_program is a multiple of it
     BLOCK_N: tl.constexpr,  # power of 2 >= n
+    NUM_STAGES: tl.constexpr,  # > 1: software-pipeline the loop's loads (cp.async into shared memory)
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < n
-    c = tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    dc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    col_mask = cols < n
+    c = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    # as in _add_ln_bwd: per-tile-row fp32 accumulators, reduced over rows once at the end
+    dc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    db = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     start = pid.to(tl.int64) * rows_per_program  # int64 rows: offsets may pass 2**31
     end = tl.minimum(start + rows_per_program, rows)
-    for row in range(start, end):
-        offs = row * n + cols
+    for first in tl.range(start, end, BLOCK_M, num_stages=NUM_STAGES):  # as in _add_ln_bwd
+        row = first + tl.arange(0, BLOCK_M)
+        row_mask = row < end
+        mask = row_mask[:, None] & col_mask[None, :]
+        offs = row[:, None] * n + cols[None, :]  # int64 (see _add_ln_bwd)
         z = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) + c
-        mean = tl.load(MEAN + row)
-        rstd = tl.load(RSTD + row)
+        mean = tl.load(MEAN + row, mask=row_mask, other=0.0)[:, None]
+        rstd = tl.load(RSTD + row, mask=row_mask, other=0.0)[:, None]
         xhat = tl.where(mask, (gelu(z, APPROX_TANH) - mean) * rstd, 0.0)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         dw += dy * xhat
         db += dy
         g = dy * w
-        c1 = tl.sum(xhat * g, axis=0) / n
-        c2 = tl.sum(g, axis=0) / n
+        c1 = tl.sum(xhat * g, axis=1)[:, None] / n
+        c2 = tl.sum(g, axis=1)[:, None] / n
         dz = (g - (xhat * c1 + c2)) * rstd * gelu_grad(z, APPROX_TANH)
         dz = tl.where(mask, dz, 0.0)
         dc += dz
         tl.store(DX + offs, dz.to(DX.dtype.element_ty), mask=mask)
-    tl.store(PART + pid * n + cols, dc, mask=mask)
-    tl.store(PART + part_stride + pid * n + cols, dw, mask=mask)
-    tl.store(PART + 2 * part_stride + pid * n + cols, db, mask=mask)
+    tl.store(PART + pid * n + cols, tl.sum(dc, axis=0), mask=col_mask)
+    tl.store(PART + part_stride + pid * n + cols, tl.sum(dw, axis=0), mask=col_mask)
+    tl.store(PART + 2 * part_stride + pid * n + cols, tl.sum(db, axis=0), mask=col_mask)
 
 
 def _gelu_ln_fwd_impl(x, bias, weight, ln_bias, eps: float, approximate: str):
@@ -476,9 +670,10 @@ def _gelu_ln_fwd_impl(x, bias, weight, ln_bias, eps: float, approximate: str):
     rstd = torch.empty_like(mean)
     if rows == 0 or n == 0:
         return y, mean, rstd
-    block_n = row_block(n)
-    _gelu_ln_fwd[(rows,)](x, bias, weight, ln_bias, y, mean, rstd, n, eps, APPROX_TANH=approximate == "tanh",
-                          BLOCK_N=block_n, num_warps=row_warps(block_n))
+    config = ln_config(n, "gelu_fwd")
+    _gelu_ln_fwd[(triton.cdiv(rows, config.block_m),)](
+        x, bias, weight, ln_bias, y, mean, rstd, rows, n, eps, APPROX_TANH=approximate == "tanh",
+        BLOCK_M=config.block_m, BLOCK_N=row_block(n), num_warps=config.num_warps)
     return y, mean, rstd
 
 
@@ -489,13 +684,12 @@ def _gelu_ln_bwd_impl(dy, x, bias, weight, mean, rstd, approximate: str):
     if rows == 0 or n == 0:
         dx.zero_()
         return dx, torch.zeros_like(bias), torch.zeros_like(weight), torch.zeros_like(weight)
-    programs = num_partials(rows, x.device)
-    rows_per_program = triton.cdiv(rows, programs)
-    programs = triton.cdiv(rows, rows_per_program)
+    config = ln_config(n, "gelu_bwd")
+    programs, rows_per_program = backward_split(rows, config, x.device)
     part = torch.empty((3, programs, n), dtype=torch.float32, device=x.device)
-    block_n = row_block(n)
     _gelu_ln_bwd[(programs,)](x, bias, weight, dy, dx, part, mean, rstd, rows, n, rows_per_program, programs * n,
-                              APPROX_TANH=approximate == "tanh", BLOCK_N=block_n, num_warps=row_warps(block_n))
+                              APPROX_TANH=approximate == "tanh", BLOCK_M=config.block_m, BLOCK_N=row_block(n),
+                              NUM_STAGES=config.num_stages, num_warps=config.num_warps)
     return dx, part[0].sum(0).to(bias.dtype), part[1].sum(0).to(weight.dtype), part[2].sum(0).to(weight.dtype)
 
 

@@ -6,6 +6,9 @@
   launchers pick, bf16 included: the interpreter accepts programs that a GPU compiler rejects.
   The default run compiles, per kernel, the BERT-size block in every dtype and flag combination
   plus the smallest and largest blocks; `-m slow` compiles every block size the launchers can pick.
+  The add / GELU + LayerNorm kernels compile with the tile (BLOCK_M), num_warps and pipelining
+  stages layer_norm.ln_config picks on a GPU, and with the one-row launch of before the tiling (the
+  sweep's baseline), at widths 16, 768 / 1024, 4096 and 8192.
 """
 import itertools
 import os
@@ -180,33 +183,72 @@ def _bias_gelu_bwd(exhaustive):
     return configs
 
 
+LN_WIDTHS = [16, 768, 1024, 4096, L.MAX_WIDTH]  # 768 and 1024 share a block (and so a configuration)
+
+
+def _ln_launches(kind, exhaustive):
+    """(BLOCK_N, constexprs and compile options of one launch, is-a-default) of an add / GELU + LayerNorm
+    kernel: ln_config's GPU choice per width, and the one-row launch of before the tiling."""
+    widths = ALL_ROW_BLOCKS if exhaustive else LN_WIDTHS
+    out = {}
+    for n in widths:
+        blk = L.row_block(n)
+        for config, default in ((L.ln_config(n, kind, interpreting=False), True), (L.one_row_config(n, kind), False)):
+            if not (exhaustive or default or blk == L.row_block(768)):
+                continue
+            const = {"BLOCK_M": config.block_m, "BLOCK_N": blk}
+            if kind.endswith("_bwd"):
+                const["NUM_STAGES"] = config.num_stages
+            key = (blk, tuple(const.items()), config.num_warps)
+            out.setdefault(key, (blk, const, {"num_warps": config.num_warps}, default))
+    return list(out.values())
+
+
+def _ln_variants(kind, flags, exhaustive):
+    """bf16 in every flag combination and fp16 / fp32 with every flag on at the BERT block's default
+    launch; bf16 with every flag on for every other launch."""
+    out = []
+    for blk, const, options, default in _ln_launches(kind, exhaustive):
+        for dtype in DTYPES:
+            for values in itertools.product((False, True), repeat=len(flags)):
+                bf16, on = dtype == torch.bfloat16, all(values)
+                bert = default and blk == L.row_block(768)
+                if exhaustive or (bert and (bf16 or on)) or (bf16 and on):
+                    out.append((dtype, {**dict(zip(flags, values)), **const}, options))
+    return out
+
+
 def _add_ln_fwd(exhaustive):
     # Y_LOW / DY_LOW: the matmul copy is bf16 beside an fp32 stream in the model, whatever X's dtype here
     return [({"X": _PT[d], "R": _PT[d], "W": _PT[d], "B": _PT[d], "Y": _PT[d], "Y_LOW": "*bf16", "MEAN": "*fp32",
-              "RSTD": "*fp32", "SEED": "*i64", "n": "i32", "eps": "fp32", "p": "fp32", "scale": "fp32",
-              "HAS_DROPOUT": "constexpr", "STORE_LOW": "constexpr", "BLOCK_N": "constexpr"}, {**f, "BLOCK_N": blk})
-            for blk, d, f in _variants(("HAS_DROPOUT", "STORE_LOW"), exhaustive)]
+              "RSTD": "*fp32", "SEED": "*i64", "rows": "i32", "n": "i32", "eps": "fp32", "p": "fp32", "scale": "fp32",
+              "HAS_DROPOUT": "constexpr", "STORE_LOW": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+             const, options)
+            for d, const, options in _ln_variants("add_fwd", ("HAS_DROPOUT", "STORE_LOW"), exhaustive)]
 
 
 def _add_ln_bwd(exhaustive):
     return [({"X": _PT[d], "R": _PT[d], "W": _PT[d], "DY": _PT[d], "DY_LOW": "*bf16", "DR": _PT[d], "DX": _PT[d],
               "DW_PART": "*fp32", "DB_PART": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64", "rows": "i32",
               "n": "i32", "rows_per_program": "i32", "p": "fp32", "scale": "fp32", "HAS_DROPOUT": "constexpr",
-              "HAS_DY_LOW": "constexpr", "STORE_DX": "constexpr", "BLOCK_N": "constexpr"}, {**f, "BLOCK_N": blk})
-            for blk, d, f in _variants(("HAS_DROPOUT", "HAS_DY_LOW", "STORE_DX"), exhaustive)]
+              "HAS_DY_LOW": "constexpr", "STORE_DX": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+              "NUM_STAGES": "constexpr"}, const, options)
+            for d, const, options in _ln_variants("add_bwd", ("HAS_DROPOUT", "HAS_DY_LOW", "STORE_DX"), exhaustive)]
 
 
 def _gelu_ln_fwd(exhaustive):
     return [({"X": _PT[d], "BIAS": _PT[d], "W": _PT[d], "B": _PT[d], "Y": _PT[d], "MEAN": "*fp32", "RSTD": "*fp32",
-              "n": "i32", "eps": "fp32", "APPROX_TANH": "constexpr", "BLOCK_N": "constexpr"}, {**f, "BLOCK_N": blk})
-            for blk, d, f in _variants(("APPROX_TANH",), exhaustive)]
+              "rows": "i32", "n": "i32", "eps": "fp32", "APPROX_TANH": "constexpr", "BLOCK_M": "constexpr",
+              "BLOCK_N": "constexpr"}, const, options)
+            for d, const, options in _ln_variants("gelu_fwd", ("APPROX_TANH",), exhaustive)]
 
 
 def _gelu_ln_bwd(exhaustive):
     return [({"X": _PT[d], "BIAS": _PT[d], "W": _PT[d], "DY": _PT[d], "DX": _PT[d], "PART": "*fp32", "MEAN": "*fp32",
               "RSTD": "*fp32", "rows": "i32", "n": "i32", "rows_per_program": "i32", "part_stride": "i32",
-              "APPROX_TANH": "constexpr", "BLOCK_N": "constexpr"}, {**f, "BLOCK_N": blk})
-            for blk, d, f in _variants(("APPROX_TANH",), exhaustive)]
+              "APPROX_TANH": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "NUM_STAGES": "constexpr"},
+             const, options)
+            for d, const, options in _ln_variants("gelu_bwd", ("APPROX_TANH",), exhaustive)]
 
 
 _IDS = {"IDS": "*i64", "TT": "*i64", "POS": "*i64"}
