@@ -181,6 +181,10 @@ def test_add_layer_norm_low_copy(triton_kernels, device, rows, n, p):
     outputs, is the float64 reference's with the two gradients summed (the autocast pattern: a low
     sublayer output, an fp32 residual stream whose copy feeds the next matmul). Odd width, several
     rows per backward program, transposed inputs, dropout."""
+    _check_low_copy(device, rows, n, p)
+
+
+def _check_low_copy(device, rows, n, p):
     low, seed = _low_dtype(device), 7
     torch.manual_seed(seed)
     keep = L.dropout_mask(L.draw_seed(device), rows, n, p) if p else None
@@ -243,3 +247,121 @@ def test_add_layer_norm_low_copy_reference_path_and_errors(reference_kernels):
     assert torch.equal(y, K.add_layer_norm(x, res, w, b, EPS)) and torch.equal(y_low, y.to(torch.bfloat16))
     with pytest.raises(ValueError, match="low_dtype"):
         K.add_layer_norm(x, res, w, b, EPS, low_dtype=torch.float64)
+
+
+# ------------------------------------------------------------ launch parameters: tiles of BLOCK_M rows
+
+# Forced through layer_norm's override (restored after each test): the one-row launch of before the
+# tiling, and tiles that leave a partial last tile (23 rows), take several steps per backward program
+# and, last, pipeline the backward loop (a no-op in the interpreter; compiled for GPUs by test_fused_ops).
+TILINGS = [
+    pytest.param({"add_fwd": [1, 4], "add_bwd": [1, 4, 8], "gelu_fwd": [1, 4], "gelu_bwd": [1, 4, 8]},
+                 id="one-row"),
+    pytest.param({"add_fwd": [4, 4], "add_bwd": [4, 4, 1], "gelu_fwd": [4, 4], "gelu_bwd": [4, 4, 1]},
+                 id="4-rows"),
+    pytest.param({"add_fwd": [8, 8], "add_bwd": [2, 4, 2, 2], "gelu_fwd": [16, 8], "gelu_bwd": [8, 4, 1, 3]},
+                 id="mixed-pipelined"),
+]
+TILED_ROWS, TILED_N = 23, 100
+
+
+@pytest.fixture
+def ln_launch():
+    """Sets layer_norm's launch override for one test; back to the defaults after it."""
+    yield L.set_ln_config_override
+    L.set_ln_config_override(None)
+
+
+def _assert_tiled_split(kind, device):
+    """The backward split the override asks for: whole tiles per program, the last tile of the last
+    program partial, several steps per program (except one-row launches with many programs)."""
+    config = L.ln_config(TILED_N, kind)
+    programs, per_program = L.backward_split(TILED_ROWS, config, torch.device(device))
+    assert per_program % config.block_m == 0 and programs == -(-TILED_ROWS // per_program)
+    if config.block_m > 1:
+        assert TILED_ROWS % config.block_m and per_program >= 2 * config.block_m, (config, programs, per_program)
+    return config
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("tiling", TILINGS)
+def test_add_layer_norm_tiled(triton_kernels, device, ln_launch, tiling, p):
+    """add_layer_norm under each tiling against float64: the low-precision copy bit for bit, both
+    output gradients (HAS_DY_LOW), mixed dtypes (STORE_DX), dropout, rows not a multiple of BLOCK_M."""
+    ln_launch(tiling)
+    assert L.ln_config(TILED_N, "add_fwd").block_m == tiling["add_fwd"][0]
+    _assert_tiled_split("add_bwd", device)
+    _check_low_copy(device, TILED_ROWS, TILED_N, p)
+
+
+@pytest.mark.parametrize("tiling", TILINGS)
+def test_gelu_layer_norm_tiled(triton_kernels, device, ln_launch, tiling):
+    ln_launch(tiling)
+    _assert_tiled_split("gelu_bwd", device)
+    n = TILED_N
+    x, c = 2.0 * torch.randn(TILED_ROWS, n), torch.randn(n)
+    w, b = _ln_params(n)
+    _check(lambda x, c, w, b: K.gelu_layer_norm(x, c, w, b, EPS, "tanh"),
+           lambda x, c, w, b: F.layer_norm(F.gelu(x + c, approximate="tanh"), (n,), w, b, EPS),
+           (x, c, w, b), [torch.float16] * 4, device, ("x", "bias", "weight", "ln_bias"))
+
+
+@pytest.mark.parametrize("tiling", [pytest.param(None, id="default")] + TILINGS)
+def test_dropout_mask_is_a_function_of_the_element_index(triton_kernels, device, ln_launch, tiling):
+    """The forward's and the backward's keep masks equal dropout_mask's (one row per program, its own
+    kernel) element for element, whatever the tiling. Read exactly: with x = 1, residual = 0 and an
+    identity affine map, y > 0 exactly where x was kept, and x's gradient is 0 exactly where dropped."""
+    if tiling is not None:
+        ln_launch(tiling)
+    rows, n, p, seed = 19, 77, 0.3, 11
+    torch.manual_seed(seed)
+    keep = L.dropout_mask(L.draw_seed(device), rows, n, p)
+    x = torch.ones(rows, n, device=device, requires_grad=True)
+    zeros, ones = torch.zeros(n, device=device), torch.ones(n, device=device)
+    torch.manual_seed(seed)
+    y = K.add_layer_norm(x, torch.zeros(rows, n, device=device), ones, zeros, EPS, dropout_p=p)
+    assert torch.equal(y > 0, keep)
+    y.backward(torch.randn(rows, n, device=device))
+    assert torch.equal(x.grad != 0, keep)
+    assert 0.2 < 1.0 - keep.float().mean().item() < 0.4
+
+
+def test_ln_config_defaults_override_and_env(monkeypatch, ln_launch):
+    """ln_config: GPU defaults within the register budget of layer_norm's note (16 fp32 values per
+    thread per forward tile, 8 per backward tile, except a row wider than that allows), the one-row
+    launch of before the tiling, the interpreter's small tiles; the override (and FASTBERT_LN_CONFIG,
+    read once) replaces them for every width and is checked; None restores the defaults."""
+    for n in (1, 37, 128, 384, 768, 1000, 1024, 3072, 4096, L.MAX_WIDTH):
+        block_n = L.row_block(n)
+        for kind in L.LN_KINDS:
+            cfg = L.ln_config(n, kind, interpreting=False)
+            backward = kind.endswith("_bwd")
+            assert cfg.block_m >= 1 and cfg.block_m & (cfg.block_m - 1) == 0
+            per_thread = cfg.block_m * block_n // (32 * cfg.num_warps)
+            assert per_thread <= (8 if backward else 16) or (cfg.block_m == 1 and cfg.num_warps == 16), (n, kind, cfg)
+            assert (cfg.programs_per_sm >= 1 and cfg.num_stages >= 1) if backward else cfg[2:] == (0, 0)
+            old = L.one_row_config(n, kind)
+            assert (old.block_m, old.num_warps) == (1, L.row_warps(block_n)) and old[2:] == ((8, 1) if backward else (0, 0))
+            assert L.ln_config(n, kind, interpreting=True) == L.INTERPRETER_CONFIG["bwd" if backward else "fwd"]
+    assert tuple(L.ln_config(768, "add_fwd", interpreting=False)) == (4, 8, 0, 0)  # 4 rows of 768, 6 KB of bf16
+    assert tuple(L.ln_config(768, "add_bwd", interpreting=False)) == tuple(L.one_row_config(768, "add_bwd"))
+    default = L.ln_config(768, "add_bwd", interpreting=False)
+
+    ln_launch({"add_bwd": [2, 8, 4], "gelu_fwd": [16, 4]})
+    assert L.ln_config(768, "add_bwd", interpreting=False) == (2, 8, 4, 1)  # stages default to 1
+    assert L.ln_config(37, "gelu_fwd", interpreting=True) == (16, 4, 0, 0)  # every width, interpreter too
+    assert L.ln_config(768, "add_fwd", interpreting=False) == (4, 8, 0, 0)  # kinds not named keep defaults
+    for bad in ({"add": [1, 4]}, {"add_fwd": [3, 4]}, {"add_fwd": [4, 6]}, {"add_fwd": [4, 8, 2]},
+                {"add_bwd": [4, 8]}, {"add_bwd": [4, 8, 0]}, {"gelu_bwd": [4, 8, 2, 0]}, {"add_fwd": [4, 64]}):
+        with pytest.raises(ValueError, match="LayerNorm config override"):
+            L.set_ln_config_override(bad)
+    monkeypatch.setenv("FASTBERT_LN_CONFIG", '{"gelu_bwd": [4, 16, 2, 3]}')
+    monkeypatch.setattr(L, "_ln_override_read", False)  # as in a fresh process
+    monkeypatch.setattr(L, "_ln_configs", {})
+    assert L.ln_config(1024, "gelu_bwd", interpreting=False) == (4, 16, 2, 3)
+    assert L.ln_config(768, "add_bwd", interpreting=False) == default  # the environment replaced the override
+    monkeypatch.setenv("FASTBERT_LN_CONFIG", '{"gelu_bwd": [1, 1, 1, 1]}')  # read once: a later change is ignored
+    assert L.ln_config(1024, "gelu_bwd", interpreting=False) == (4, 16, 2, 3)
+    L.set_ln_config_override(None)
+    assert L.ln_config(768, "add_bwd", interpreting=False) == default
+    assert L.ln_config(1024, "gelu_bwd", interpreting=False) == L.one_row_config(1024, "gelu_bwd")
