@@ -5,7 +5,7 @@
 # after every step into $OUT/gpu_results.tar.gz (the device tool returns few files), so a run cut
 # short still brings back what it finished.
 #
-#   bash benchmarks/gpu_check.sh                                   # everything (~13 min on an H200; compile, profile and both only when named)
+#   bash benchmarks/gpu_check.sh                                   # everything (~13 min on an H200; compile, profile, both, sweep, lnsweep only when named)
 #   STEPS="tests model kernels encode large compare" bash benchmarks/gpu_check.sh  # a session's first call
 #   STEPS="zh race" bash benchmarks/gpu_check.sh                    # its second, on the warm machine
 #
@@ -16,7 +16,8 @@
 # compile (torch.compile'd competitors), profile (where a step's GPU time goes), both (own class vs
 # transformers + fastbert.patch: cold/warm shapes and a kernel diff), compare (regression check
 # against the committed results of the same card), sweep (launch-configuration sweeps of the
-# Triton kernels, only when named).
+# Triton kernels, only when named), lnsweep (the add / GELU + LayerNorm kernels' launch sweep,
+# only when named; LNSWEEP_ARGS, default --quick).
 # Data for zh and race: gpu_data/ (git-ignored; copy zh.txt.gz, en.txt.gz, sentiment_zh/ there and
 # name it in the device tool's carry).
 set -u
@@ -74,6 +75,9 @@ want kernels && step bench_mlm_loss "${T_MLM:-45}" env OUT="$R" $PY -m benchmark
 # against the split dQ + dK/dV pair at seq 128 (SWEEP_SEQS="128 512" adds the split kernels at 512)
 want sweep && step bench_attention_sweep "${T_SWEEP:-120}" env OUT="$R" $PY -m benchmarks.bench_attention --sweep \
   --seqs ${SWEEP_SEQS:-128}
+# the add / GELU + LayerNorm kernels' tiles, warps, backward programs per SM and pipelining
+want lnsweep && step bench_ln_sweep "${T_LNSWEEP:-240}" env OUT="$R" $PY -m benchmarks.bench_ln_sweep \
+  ${LNSWEEP_ARGS:---quick} --budget-s $(( ${T_LNSWEEP:-240} - 40 ))
 # (4) inference throughput (MiniLM architecture, real sentence lengths)
 want encode && step bench_encode "${T_ENCODE:-90}" env OUT="$R" $PY -m benchmarks.bench_encode --gpu \
   --batch-size 128 --batch-size 1024

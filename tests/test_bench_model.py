@@ -157,3 +157,37 @@ def test_unfused_competitor_is_the_model_without_its_copy_removals(triton_kernel
             modeling.K.varlen_attention_qkvpacked) == originals
     assert torch.isfinite(loss_f) and torch.equal(loss_f, loss_u) and len(grads_f) == len(grads_u) > 20
     assert all(torch.equal(a, b) for a, b in zip(grads_f, grads_u))
+
+
+def test_ln_sweep_arguments_bytes_and_refusal_without_cuda(monkeypatch):
+    """benchmarks/bench_ln_sweep.py without running a kernel: it refuses to run without CUDA (before any
+    work), --quick narrows widths and cases, every launch it tries is one the override accepts and
+    includes each kernel's default and one-row launch, and its byte formulas agree with bench_fused's
+    (autocast + copy: 12 and 18 bytes per element; bf16: 3 s, and 4 s or 5 s with dropout)."""
+    from benchmarks import bench_ln_sweep as S
+    from fastbert.kernels import layer_norm as L
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        S.main(["--quick"])
+    quick, full = S.parse_args(["--quick"]), S.parse_args([])
+    assert (quick.widths, quick.cases) == ([768], list(S.QUICK_CASES))
+    assert (full.widths, full.cases, full.rows) == ([768, 1024], [c[0] for c in S.CASES], 32768)
+    with pytest.raises(SystemExit):
+        S.parse_args(["--cases", "no such case"])
+    try:
+        for family in ("add", "gelu"):
+            launches = S.launches(family, 768)
+            labels = {(kind, name) for kind, label, _ in launches for name in label.split("+")}
+            for kind in ("both", f"{family}_fwd", f"{family}_bwd"):
+                assert {(kind, "default"), (kind, "one-row")} <= labels
+            assert len({str(o) for _, _, o in launches}) == len(launches)  # no launch timed twice
+            for _, _, override in launches:
+                L.set_ln_config_override(override or None)
+    finally:
+        L.set_ln_config_override(None)
+    bf16, fp32, t = torch.bfloat16, torch.float32, 10 * 3
+    assert S.case_bytes("add", bf16, fp32, 0.1, bf16, 10, 3) == (12 * t, 18 * t)
+    assert S.case_bytes("add", bf16, bf16, 0.0, None, 10, 3) == (3 * 2 * t, 4 * 2 * t)
+    assert S.case_bytes("add", bf16, bf16, 0.1, None, 10, 3) == (3 * 2 * t, 5 * 2 * t)
+    assert S.case_bytes("gelu", bf16, bf16, 0.0, None, 10, 3) == (2 * 2 * t, 3 * 2 * t)

@@ -187,33 +187,41 @@ LN_WIDTHS = [16, 768, 1024, 4096, L.MAX_WIDTH]  # 768 and 1024 share a block (an
 
 
 def _ln_launches(kind, exhaustive):
-    """(BLOCK_N, constexprs and compile options of one launch, is-a-default) of an add / GELU + LayerNorm
-    kernel: ln_config's GPU choice per width, and the one-row launch of before the tiling."""
+    """(BLOCK_N, constexprs and compile options of one launch, whether it is a default) of an add / GELU
+    + LayerNorm kernel: ln_config's GPU choice per width (True), the one-row launch of before the
+    tiling (False); exhaustive: also the candidates benchmarks/bench_ln_sweep.py tries (None)."""
     widths = ALL_ROW_BLOCKS if exhaustive else LN_WIDTHS
     out = {}
-    for n in widths:
+    launches = [(n, config, default) for n in widths
+                for config, default in ((L.ln_config(n, kind, interpreting=False), True),
+                                        (L.one_row_config(n, kind), False))]
+    if exhaustive:
+        from benchmarks import bench_ln_sweep
+        candidates = bench_ln_sweep.BWD_CANDIDATES if kind.endswith("_bwd") else bench_ln_sweep.FWD_CANDIDATES
+        launches += [(768, L.LnConfig(*c), None) for c in candidates]  # None: bf16, every flag on only
+    for n, config, default in launches:
         blk = L.row_block(n)
-        for config, default in ((L.ln_config(n, kind, interpreting=False), True), (L.one_row_config(n, kind), False)):
-            if not (exhaustive or default or blk == L.row_block(768)):
-                continue
-            const = {"BLOCK_M": config.block_m, "BLOCK_N": blk}
-            if kind.endswith("_bwd"):
-                const["NUM_STAGES"] = config.num_stages
-            key = (blk, tuple(const.items()), config.num_warps)
-            out.setdefault(key, (blk, const, {"num_warps": config.num_warps}, default))
+        if not (exhaustive or default or blk == L.row_block(768)):
+            continue
+        const = {"BLOCK_M": config.block_m, "BLOCK_N": blk}
+        if kind.endswith("_bwd"):
+            const["NUM_STAGES"] = config.num_stages
+        key = (blk, tuple(const.items()), config.num_warps)
+        out.setdefault(key, (blk, const, {"num_warps": config.num_warps}, default))
     return list(out.values())
 
 
 def _ln_variants(kind, flags, exhaustive):
     """bf16 in every flag combination and fp16 / fp32 with every flag on at the BERT block's default
-    launch; bf16 with every flag on for every other launch."""
+    launch; bf16 with every flag on for every other launch (exhaustive: every dtype and flag, except
+    for the sweep's candidates)."""
     out = []
     for blk, const, options, default in _ln_launches(kind, exhaustive):
         for dtype in DTYPES:
             for values in itertools.product((False, True), repeat=len(flags)):
                 bf16, on = dtype == torch.bfloat16, all(values)
                 bert = default and blk == L.row_block(768)
-                if exhaustive or (bert and (bf16 or on)) or (bf16 and on):
+                if (exhaustive and default is not None) or (bert and (bf16 or on)) or (bf16 and on):
                     out.append((dtype, {**dict(zip(flags, values)), **const}, options))
     return out
 
