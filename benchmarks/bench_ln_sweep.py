@@ -200,8 +200,8 @@ def sweep_case(rec, name, family, x_dtype, r_dtype, p, low, rows, n, device, war
             nbytes = fwd_bytes + (bwd_bytes if backward else 0)
             gbps = nbytes / (t["median_ms"] * 1e-3) / 1e9
             times = base.setdefault((kind, pass_), {})
-            for name in label.split("+"):
-                times.setdefault(name, t["median_ms"])
+            for one in label.split("+"):
+                times.setdefault(one, t["median_ms"])
             config = override.get(kind) if kind != "both" else label
             rec.add(case=name, n=n, rows=rows, kernel=kind, label=label, config=str(config), **{"pass": pass_},
                     median_ms=t["median_ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"], gbps=gbps,
