@@ -26,7 +26,7 @@ _SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    module, kernel, configs, archs = json.loads(sys.argv[1])
+    module, kernel, configs, archs = json.loads(sys.stdin.read())
     fn = getattr(importlib.import_module(module), kernel)
     failures = []
     for config in configs:
@@ -47,7 +47,8 @@ def compile_in_subprocess(module: str, kernel: str, configs, archs=ARCHS, timeou
     """Compile `module.kernel` for each (signature, constexprs[, options]) and arch; raise listing every failure."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     payload = json.dumps([module, kernel, [list(c) for c in configs], list(archs)])
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, payload], env=env, capture_output=True, text=True,
+    # on stdin: one command-line argument may hold at most 128 KiB on Linux, less than a long list of configs
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], input=payload, env=env, capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"AOT compile of {module}.{kernel} crashed:\n{proc.stderr[-3000:]}")
