@@ -54,8 +54,9 @@ EPS = 1e-12
 DROPOUT = 0.1
 
 # Candidates at BERT widths (row_block 1024); the defaults and the one-row launch are always added.
-# From ptxas (sm_90): forward tiles of 16 values per thread hold ~100 registers, backward tiles of 8
-# ~120 and of 16 spill; pipelined stages live in shared memory (kernels/layer_norm.py's note).
+# Registers per candidate: python -m benchmarks.ptxas_report --ln --sweep (kernels/layer_norm.py's note
+# reads them: forward tiles of 32 fp32 values per thread fit without spills, backward tiles of 16 spill;
+# pipelined backward stages sit in shared memory).
 FWD_CANDIDATES = [(1, 8), (2, 4), (2, 8), (4, 4), (4, 8), (4, 16), (8, 8), (8, 16), (16, 16)]
 BWD_CANDIDATES = [(1, 4, 4, 1), (1, 4, 16, 1), (1, 4, 8, 2), (1, 4, 8, 3), (1, 8, 8, 1), (1, 8, 8, 3), (2, 4, 8, 1),
                   (2, 8, 4, 1), (2, 8, 8, 2), (2, 16, 4, 1), (4, 16, 2, 1), (4, 16, 4, 2), (4, 8, 4, 1)]

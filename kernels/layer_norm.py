@@ -162,18 +162,24 @@ class LnConfig(NamedTuple):
     num_stages: int = 0  # backward: software-pipelining stages of its row loop (1: none); forward: 0
 
 
-# Register budget, from ptxas -v of these kernels for sm_90 (triton 3.6, the model's dtypes and flags):
-# a forward holds ~6 registers per element of its tile, a backward ~15 (x, residual, dy, xhat, g, dh,
-# the two accumulators, 64-bit offsets). So a forward tile gets 16 fp32 values per thread (4 rows of
-# 768 over 8 warps: ~100 registers, no spills) and a backward tile 8 (one row of 768 over 4 warps:
-# ~120 registers; 16 values spilled at 255 registers). Per SM that is ~8 forward rows and ~4
-# backward rows at once whatever the tile (the register file is the cap), so what a larger tile buys
-# is fewer, longer programs: 4x fewer forward programs of 4 rows each, and for narrow rows (< 512
-# wide) several rows per backward step, where one-row programs hit the 32-programs-per-SM limit with
-# few bytes in flight. Rows of 768-8192 keep the one-row backward of before (warps = BLOCK_N / 256).
-# Not measured on a GPU yet: benchmarks/bench_ln_sweep.py times the alternatives (larger backward
-# tiles, pipelined backward loops, programs per SM) against these defaults and BLOCK_M = 1.
-FWD_TILE, FWD_VALUES_PER_THREAD = 4096, 16
+# Register budget, from ptxas -v of these kernels for sm_90a (triton 3.6; `python -m
+# benchmarks.ptxas_report --ln --sweep`, table in benchmarks/results/ptxas-cpu-2026-11-27-ln/), in
+# the model's bf16-autocast case at width 768. What bounds a memory-bound LayerNorm is the rows an SM
+# works on at once (the bytes it has in flight), and registers cap that:
+# - forward: one row per program over 4 warps (before the tiling) takes 56 registers, so 9 programs
+#   = 9 rows per SM; 4-row tiles over 4 warps (32 fp32 values per thread per tile) take 158, no
+#   spills, 3 programs = 12 rows per SM, and 4x fewer, longer programs (w / b loads, mean / rstd
+#   stores and scheduling amortized over 4 rows). Over 8 warps: 97 registers, 2 programs = 8 rows.
+# - backward: ~15 registers per element (x, residual, dy, xhat, g, dh, two accumulators, offsets);
+#   one row over 4 warps takes 120 registers, 4 programs = 4 rows per SM, and no larger tile does
+#   better: 2 rows over 4 warps or 4 over 8 reach 255 registers and spill, 2 over 8 fit one program
+#   (2 rows). So rows of 768-8192 keep the one-row backward of before (warps = BLOCK_N / 256, at
+#   most 16); narrower rows get several per step, where one-row programs would hit
+#   the 32-programs-per-SM limit with few bytes in flight.
+# Not measured on a GPU yet: benchmarks/bench_ln_sweep.py times the alternatives (other tiles, warps,
+# pipelined backward loops whose stages sit in shared memory, programs per SM) against these defaults
+# and the one-row launch.
+FWD_TILE, FWD_VALUES_PER_THREAD = 4096, 32
 BWD_TILE, BWD_VALUES_PER_THREAD = 1024, 8
 BWD_PROGRAMS_PER_SM = 8  # as before the tiling: two waves of the ~4 one-row programs an SM holds
 BWD_STAGES = 1
