@@ -9,6 +9,10 @@ and it is the one performance fact a CPU-only session can establish. Times come 
 
 Run: python -m benchmarks.ptxas_report [--sweep]  (--sweep: also every bench_attention --sweep candidate;
      a few seconds per config). Writes $OUT/ptxas_report.md when OUT is set.
+     python -m benchmarks.ptxas_report --ln [--sweep]: the add / GELU + LayerNorm kernels instead
+     (kernels/layer_norm.py: ln_config's launches at widths 768, 4096 and 8192, the one-row launch of
+     before the tiling, --sweep: bench_ln_sweep's candidates at 768), with the programs per SM their
+     registers and shared memory allow on an H100 / H200 SM; writes $OUT/ptxas_report_ln.md.
 """
 from __future__ import annotations
 
@@ -46,6 +50,13 @@ def resources(kernel, config, dropout, dtype="bf16", head_dim=64, varlen=True, a
     constexprs = {k: v for k, v in flags.items() if k in fn.arg_names}
     compiled = triton.compile(ASTSource(fn=fn, signature=_signature(fn, constexprs, dtype), constexprs=constexprs),
                               target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+    return _ptxas_resources(compiled, f"{kernel} {config}", arch)
+
+
+def _ptxas_resources(compiled, what, arch=90):
+    """(registers per thread, spill store bytes, spill load bytes, shared memory bytes) of a compiled kernel."""
+    import triton
+
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
@@ -57,16 +68,111 @@ def resources(kernel, config, dropout, dtype="bf16", head_dim=64, varlen=True, a
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     if regs is None or spill is None:
-        raise RuntimeError(f"ptxas gave no resource line for {kernel} {config}:\n{text[-2000:]}")
+        raise RuntimeError(f"ptxas gave no resource line for {what}:\n{text[-2000:]}")
     return int(regs.group(1)), int(spill.group(1)), int(spill.group(2)), compiled.metadata.shared
+
+
+# The LayerNorm kernels as the model calls them under bf16 autocast (x bf16, residual / weights /
+# y fp32, the bf16 copy, dropout: every flag on) and all-bf16 without flags; GELU + LayerNorm in bf16.
+_LN_VARIANTS = {
+    "_add_ln_fwd": [("autocast", dict(X="bf16", R="fp32", W="fp32", B="fp32", Y="fp32", Y_LOW="bf16"),
+                     dict(HAS_DROPOUT=True, STORE_LOW=True)),
+                    ("bf16", dict(X="bf16", R="bf16", W="bf16", B="bf16", Y="bf16", Y_LOW="bf16"),
+                     dict(HAS_DROPOUT=False, STORE_LOW=False))],
+    "_add_ln_bwd": [("autocast", dict(X="bf16", R="fp32", W="fp32", DY="fp32", DY_LOW="bf16", DR="fp32", DX="bf16"),
+                     dict(HAS_DROPOUT=True, HAS_DY_LOW=True, STORE_DX=True)),
+                    ("bf16", dict(X="bf16", R="bf16", W="bf16", DY="bf16", DY_LOW="bf16", DR="bf16", DX="bf16"),
+                     dict(HAS_DROPOUT=False, HAS_DY_LOW=False, STORE_DX=False))],
+    "_gelu_ln_fwd": [("bf16", dict(X="bf16", BIAS="bf16", W="bf16", B="bf16", Y="bf16"), dict(APPROX_TANH=False))],
+    "_gelu_ln_bwd": [("bf16", dict(X="bf16", BIAS="bf16", W="bf16", DY="bf16", DX="bf16"), dict(APPROX_TANH=False))],
+}
+
+
+def ln_resources(kernel, block_n, config, dtypes, flags, arch=90):
+    """ptxas resources of one add / GELU + LayerNorm launch: config = layer_norm.LnConfig."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fastbert.kernels import layer_norm as L
+
+    fn = getattr(L, kernel)
+    constexprs = dict(flags, BLOCK_M=config.block_m, BLOCK_N=block_n)
+    if "NUM_STAGES" in fn.arg_names:
+        constexprs["NUM_STAGES"] = config.num_stages
+    floats = {"eps", "p", "scale"}
+    signature = {arg: "constexpr" if arg in constexprs else "*" + dtypes[arg] if arg in dtypes
+                 else "*i64" if arg == "SEED" else "*fp32" if arg.isupper() else "fp32" if arg in floats else "i32"
+                 for arg in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", arch, 32), options=dict(num_warps=config.num_warps))
+    return _ptxas_resources(compiled, f"{kernel} {block_n} {config}", arch)
+
+
+def programs_per_sm(regs, warps, shared):
+    """Programs an H100 / H200 SM holds at once: 64K registers (allocated per warp in units of 256),
+    64 warps, 228 KB of shared memory (1 KB reserved per program), 32 programs."""
+    per_warp = -(-regs * 32 // 256) * 256
+    return min(65536 // per_warp // warps, 64 // warps, 233472 // (shared + 1024), 32)
+
+
+def ln_report(sweep: bool):
+    from fastbert.kernels import layer_norm as L
+
+    jobs = []
+    for n in (768, 4096, L.MAX_WIDTH):
+        for kind in L.LN_KINDS:
+            jobs += [(kind, n, L.ln_config(n, kind, interpreting=False), "default"),
+                     (kind, n, L.one_row_config(n, kind), "one-row")]
+    if sweep:
+        from benchmarks.bench_ln_sweep import BWD_CANDIDATES, FWD_CANDIDATES
+        for kind in L.LN_KINDS:
+            cands = BWD_CANDIDATES if kind.endswith("_bwd") else FWD_CANDIDATES
+            jobs += [(kind, 768, L.LnConfig(*c), "candidate") for c in cands]
+    lines = ["# ptxas_report --ln: add / GELU + LayerNorm kernels, sm_90a (ptxas -v, no GPU)", "",
+             "Config: (BLOCK_M, num_warps[, backward programs per SM, pipelining stages]); values/thread: fp32 "
+             "elements of one tile per thread; programs/SM: what registers, warps and shared memory allow on "
+             "an H100 / H200 SM; rows/SM: programs/SM x BLOCK_M (rows computed on at once).", "",
+             "| kernel | variant | width | config | launch | values/thread | registers | spill stores B "
+             "| spill loads B | shared B | programs/SM | rows/SM |", "|---" * 12 + "|"]
+    seen = set()
+    kernels = {kind: f"_{kind.replace('_', '_ln_')}" for kind in L.LN_KINDS}  # add_fwd -> _add_ln_fwd
+    for kind, n, config, label in jobs:
+        block_n = L.row_block(n)
+        shown = tuple(config) if kind.endswith("_bwd") else tuple(config)[:2]
+        compiled_as = (config.block_m, config.num_warps, config.num_stages)  # programs per SM is not compiled
+        for variant, dtypes, flags in _LN_VARIANTS[kernels[kind]]:
+            key = (kind, block_n, compiled_as, variant, label if label != "candidate" else "")
+            if key in seen:
+                continue
+            seen.add(key)
+            per_thread = config.block_m * block_n // (32 * config.num_warps)
+            try:
+                regs, st, ld, smem = ln_resources(kernels[kind], block_n, config, dtypes, flags)
+                progs = programs_per_sm(regs, config.num_warps, smem)
+                row = (f"| {kernels[kind]} | {variant} | {n} | {shown} | {label} | {per_thread} | {regs} | {st} | {ld} "
+                       f"| {smem} | {progs} | {progs * config.block_m} |")
+            except Exception as exc:  # one config that fails to compile must not hide the others
+                row = f"| {kernels[kind]} | {variant} | {n} | {shown} | {label} | {per_thread} | " \
+                      f"{type(exc).__name__}: {str(exc)[:80]} | | | | | |"
+            print(row, flush=True)
+            lines.append(row)
+    if os.environ.get("OUT"):
+        os.makedirs(os.environ["OUT"], exist_ok=True)
+        with open(os.path.join(os.environ["OUT"], "ptxas_report_ln.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return 0
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sweep", action="store_true", help="also every bench_attention --sweep candidate")
+    ap.add_argument("--sweep", action="store_true", help="also every bench_attention (--ln: bench_ln_sweep) candidate")
+    ap.add_argument("--ln", action="store_true", help="the add / GELU + LayerNorm kernels instead of attention")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") not in (None, "", "0"):
         sys.exit("ptxas_report compiles for a GPU target: run it without TRITON_INTERPRET")
+    if args.ln:
+        return ln_report(args.sweep)
     import torch
 
     from fastbert.kernels import flash_attention as fa
