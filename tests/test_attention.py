@@ -812,6 +812,48 @@ def test_gpu_dropout_and_determinism(triton_kernels, device):
         assert torch.equal(a, b)
 
 
+@gpu
+@pytest.mark.parametrize("dtype,head_dim,seq,causal", [
+    (torch.bfloat16, 64, 128, False), (torch.bfloat16, 64, 128, True), (torch.bfloat16, 32, 97, False),
+    (torch.bfloat16, 128, 64, False), (torch.float16, 64, 77, True), (torch.float32, 64, 64, False),
+], ids=str)
+def test_gpu_fused_backward_compiled(triton_kernels, device, bwd_path, dtype, head_dim, seq, causal):
+    """The one-launch backward compiled (its GPU launch: 8 warps, 32-row steps over 128 keys at head_dim
+    <= 64; 64 keys at head_dim 128 and in fp32), and the split pair on the same inputs, against float64:
+    padded with a batch row of no real key, then the packed BERT launch with dropout against the
+    documented mask."""
+    if device != "cuda":
+        pytest.skip("needs CUDA (FASTBERT_TEST_GPU=1)")
+    if bwd_path == "fused":
+        fused = flash_attention.bwd_config(flash_attention._block_d(head_dim), dtype)["fused"]
+        assert fused is not None and seq <= fused[1], "this case must take the fused kernel"
+    batch, heads = 4, 3
+    q, k, v = (torch.randn(batch, heads, seq, head_dim, device=device) for _ in range(3))
+    mask = random_mask(batch, seq).to(device)
+    out, dq, dk, dv = check_against_reference(
+        lambda q, k, v: K.attention(q, k, v, mask, causal=causal),
+        lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), causal),
+        lambda q, k, v: reference.attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), causal=causal),
+        (q, k, v), dtype)
+    for t in (out, dq, dk, dv):
+        assert torch.count_nonzero(t[-1]) == 0
+
+    p, p_eff = 0.1, flash_attention.effective_dropout_p(0.1)
+    lengths = [1, 17, seq, seq - 5, 40]
+    q, k, v, cu = packed_qkv(lengths, heads, head_dim, device, torch.float32)
+    keep = philox_keep_mask(_seed_of(7, q, p), len(lengths), heads, seq, seq, p, rng_seq_k=seq)
+
+    def packed_run(q, k, v):
+        torch.manual_seed(7)
+        return K.varlen_attention(q, k, v, cu, seq, dropout_p=p, validate=False)
+
+    def baseline(q, k, v):
+        (qp, m), (kp, _), (vp, _) = (padded_view(t.cpu(), lengths) for t in (q, k, v))
+        return unpadded_view(torch_attention(qp, kp, vp, m, keep=keep, dropout_p=p_eff), lengths)
+
+    check_against_reference(packed_run, baseline, baseline, (q, k, v), dtype)
+
+
 def test_too_many_sequences_for_one_launch_is_a_clear_error(triton_kernels, device):
     """(sequences x heads) is the grid's y axis, which CUDA caps at 65535: refused before launching."""
     n = 65536  # one-token sequences, one head
