@@ -145,6 +145,26 @@ def copies_unfused():
         modeling._matmul_copy_dtype, modeling.K.attention_qkvpacked, modeling.K.varlen_attention_qkvpacked = saved
 
 
+@contextlib.contextmanager
+def changes_off(hidden_size: int):
+    """fastbert's model with every kernel change made after the last GPU measurement (H100 run 9)
+    turned off, for the total A/B in one run: the two copy removals (copies_unfused), the one-launch
+    attention backward (the split dQ + dK/dV pair instead) and the LayerNorm kernels' tiles (their
+    one-row launches). Must cover the backward too: the attention's launch is chosen when it runs."""
+    from .kernels import flash_attention, layer_norm
+
+    one_row = {kind: list(layer_norm.one_row_config(hidden_size, kind))[:4 if kind.endswith("_bwd") else 2]
+               for kind in layer_norm.LN_KINDS}  # a forward's override is [BLOCK_M, num_warps]
+    flash_attention.set_config_override({"fused": []})
+    layer_norm.set_ln_config_override(one_row)
+    try:
+        with copies_unfused():
+            yield
+    finally:
+        flash_attention.set_config_override(None)
+        layer_norm.set_ln_config_override(None)
+
+
 def build_models(case, size, vocab, max_len, device, competitors, dtype_note=""):
     import transformers
 
@@ -218,9 +238,10 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
         if comp in graphed:  # forward, backward and optimizer replayed as one CUDA graph
             graphed[comp](kw)
             return
-        with autocast, (copies_unfused() if comp == "fastbert-unfused" else contextlib.nullcontext()):
-            loss = models[comp][1](**kw).loss
-        loss.backward()
+        with changes_off(hidden) if comp == "fastbert-before" else contextlib.nullcontext():
+            with autocast, (copies_unfused() if comp == "fastbert-unfused" else contextlib.nullcontext()):
+                loss = models[comp][1](**kw).loss
+            loss.backward()
         opts[comp].step()
         opts[comp].zero_grad(set_to_none=True)
 
@@ -306,10 +327,11 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
 def competitor_list(compile_: bool = False, case: str = "pretrain", device: str = "cpu") -> list[str]:
     """The competitors of a run; with compile_, torch.compile'd fastbert and transformers SDPA too;
     CUDA adds fastbert with the whole step as CUDA graphs (fastbert/cuda_graphs.py) and fastbert with
-    its copy removals turned off (copies_unfused: their A/B, in the same run)."""
+    its copy removals turned off (copies_unfused: their A/B, in the same run) and fastbert with every
+    change since the last GPU measurement turned off (changes_off)."""
     comps = ["fastbert", "transformers-eager", "transformers-sdpa"]
     if str(device).startswith("cuda"):
-        comps += ["transformers-patched", "fastbert-graphs", "fastbert-unfused"]
+        comps += ["transformers-patched", "fastbert-graphs", "fastbert-unfused", "fastbert-before"]
     elif case == "pretrain":
         comps += ["transformers-sdpa-masked-head"]
     if compile_:

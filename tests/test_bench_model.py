@@ -159,6 +159,46 @@ def test_unfused_competitor_is_the_model_without_its_copy_removals(triton_kernel
     assert all(torch.equal(a, b) for a, b in zip(grads_f, grads_u))
 
 
+def test_before_competitor_turns_off_every_unmeasured_change(triton_kernels, monkeypatch):
+    """fastbert.bench's 'fastbert-before' competitor (changes_off) runs forward and backward with the split
+    attention backward (the fused kernel forbidden inside), the LayerNorm kernels' one-row launches and
+    the copies unfused, computes what the model computes (fp32: equal up to summation order), and
+    restores every default afterwards."""
+    import fastbert
+    from fastbert import bench
+    from fastbert.kernels import flash_attention as fa, layer_norm as ln
+    cfg = fastbert.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=48)
+    torch.manual_seed(0)
+    model = fastbert.BertForPreTraining(cfg).eval()  # no dropout: both runs see the same function
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, 97, (3, 13), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, 9:] = 0
+    labels = torch.where(torch.rand(ids.shape, generator=g) < 0.3, ids, -100) * mask + (mask - 1) * 100
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels, next_sentence_label=torch.tensor([0, 1, 1]))
+    defaults = (fa.bwd_config(32, torch.float32), {k: ln.ln_config(32, k) for k in ln.LN_KINDS})
+    assert defaults[0]["fused"] is not None and defaults[1]["add_fwd"].block_m > 1  # both changes are on here
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    with bench.changes_off(32):
+        with monkeypatch.context() as m:
+            m.setattr(fa, "_attn_bwd_fused", None)  # launching it would raise TypeError
+            assert {k: ln.ln_config(32, k) for k in ln.LN_KINDS} == {k: ln.one_row_config(32, k) for k in ln.LN_KINDS}
+            loss_b, grads_b = step()
+    assert (fa.bwd_config(32, torch.float32), {k: ln.ln_config(32, k) for k in ln.LN_KINDS}) == defaults
+    loss_a, grads_a = step()
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
+    assert len(grads_a) == len(grads_b) > 20
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_ln_sweep_arguments_bytes_and_refusal_without_cuda(monkeypatch):
     """benchmarks/bench_ln_sweep.py without running a kernel: it refuses to run without CUDA (before any
     work), --quick narrows widths and cases, every launch it tries is one the override accepts and
