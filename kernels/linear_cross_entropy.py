@@ -9,7 +9,7 @@ and the gradients of hidden, weight and bias.
 
 Design (chunked, after the idea of Liger-Kernel's fused linear cross-entropy). The rows are
 processed in balanced chunks of C rows whose logits block (C, vocab_pad) in the input dtype is at
-most ``CHUNK_BYTES`` (64 MiB: 4915 masked rows at vocab 30522 in bf16 run as 4 × 1024 + 819 rows),
+most ``CHUNK_BYTES`` (128 MiB: 4915 masked rows at vocab 30522 in bf16 run as 2 × 1664 + 1587 rows),
 so at most one such block exists at any time, whatever ``rows`` is. The block's rows are padded to
 vocab_pad = a multiple of 64 columns (30522 → 30528): 16-byte aligned rows for vector loads and
 an aligned leading dimension for cuBLAS. For each chunk:
@@ -39,10 +39,13 @@ backward design needs) for the inputs that autograd will want; the backward op o
 by grad_output / count in fp32 and casts (``_mlm_scale_cast_kernel``), which is valid because the
 loss is a scalar.
 
-Memory at BERT-base (4915 × 768 × 30522, bf16): logits block 60 MiB + fp32 d_weight 89 MiB + fp32
-d_hidden 14 MiB ≈ 165 MiB at the forward's peak, about 1/5 of eager PyTorch's ≈ 860 MiB (bf16
-logits, log-softmax and their gradient alive at once). A larger CHUNK_BYTES means fewer beta=1
-passes over the fp32 d_weight (94 MB read + write each) but a larger block.
+Memory at BERT-base (4915 × 768 × 30522, bf16): logits block 97 MiB + fp32 d_weight 89 MiB + fp32
+d_hidden 14 MiB ≈ 200 MiB at the forward's peak, about 0.24 of eager PyTorch's ≈ 860 MiB (bf16
+logits, log-softmax and their gradient alive at once), inside issue 4's quarter. A larger CHUNK_BYTES
+means fewer chunks — fewer launches and beta=1 passes over the fp32 d_weight (94 MB read + write
+each) — but a larger block: on an H100 (benchmarks/results/gpu-h100-2026-11-26-run8/mlm_loss.md, one
+run) forward + backward took 6.28 / 2.80 / 2.35 ms at 32 / 64 / 128 MiB for 156 / 164 / 202 MiB of
+peak memory, so 128 MiB is the default (it was 64).
 
 Supports: fp32, fp16, bf16 (hidden, weight and bias are brought to hidden's dtype); any vocab and h;
 non-contiguous hidden / weight; rows with and without labels in any mix; a chunk with no labelled
@@ -77,7 +80,7 @@ import triton
 import triton.language as tl
 
 # Bound on the bytes of the one logits block that exists at a time (see "Memory" above).
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 128 << 20
 # Tests set this to force a fixed number of rows per chunk on tiny inputs (None: from CHUNK_BYTES).
 CHUNK_ROWS: Optional[int] = None
 
