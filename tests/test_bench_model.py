@@ -186,12 +186,16 @@ def test_before_competitor_turns_off_every_unmeasured_change(triton_kernels, mon
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
+    from fastbert.kernels import linear_cross_entropy as lce
+    chunk_bytes = lce.CHUNK_BYTES
     with bench.changes_off(32):
+        assert lce.CHUNK_BYTES == 64 << 20 != chunk_bytes
         with monkeypatch.context() as m:
             m.setattr(fa, "_attn_bwd_fused", None)  # launching it would raise TypeError
             assert {k: ln.ln_config(32, k) for k in ln.LN_KINDS} == {k: ln.one_row_config(32, k) for k in ln.LN_KINDS}
             loss_b, grads_b = step()
     assert (fa.bwd_config(32, torch.float32), {k: ln.ln_config(32, k) for k in ln.LN_KINDS}) == defaults
+    assert lce.CHUNK_BYTES == chunk_bytes
     loss_a, grads_a = step()
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
     assert len(grads_a) == len(grads_b) > 20
