@@ -164,6 +164,28 @@ def _score_tile(a, b, rows, cols, col_start, row_ok, key_ok, qk_scale, seed, seq
 
 
 @triton.jit
+def _kv_tile_grads(k, v, q_t, do, lse, delta, rows, cols, col_start, row_ok, key_ok, qk_scale, seed, seqlen_k,
+                   drop_threshold, keep_scale, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """One (key block, query block) step of the backward from the keys' side, in (BLOCK_N, BLOCK_M)
+    tiles: k, v (N, D), qᵀ (D, M), dO (M, D), the rows' lse and delta; cols = col_start + arange.
+    Returns dV's increment (N, D) in fp32 and dSᵀ (N, M) in q's dtype (dK += dSᵀ q, and where one
+    block holds every key, dQ = dS k)."""
+    s_t, keep_t = _score_tile(k, q_t, rows, cols, col_start, row_ok, key_ok, qk_scale, seed, seqlen_k, drop_threshold,
+                              CAUSAL, HAS_DROPOUT, True, DOT_PRECISION)
+    p_t = tl.math.exp2(s_t - lse[None, :])  # 0 where invisible (s = -inf) or the row is empty (lse = +inf)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        pd_t = tl.where(keep_t, p_t * keep_scale, 0.0)
+        dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
+    else:
+        pd_t = p_t
+    dv_inc = tl.dot(pd_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    return dv_inc, ds_t.to(q_t.dtype)
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V,            # inputs; token rows at stride_*s, last dim contiguous
     O,                  # output, same layout rules as Q
@@ -348,19 +370,11 @@ def _attn_bwd_dkdv(
                      other=0.0)
         lse = tl.load(l_base + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-        # Sᵀ and the keep mask as (BLOCK_N, BLOCK_M) tiles
-        s_t, keep_t = _score_tile(k, q_t, rows, offs_n, pid_n * BLOCK_N, row_ok, key_ok, qk_scale, seed, seqlen_k,
-                                  drop_threshold, CAUSAL, HAS_DROPOUT, True, DOT_PRECISION)
-        p_t = tl.math.exp2(s_t - lse[None, :])  # 0 where invisible (s = -inf) or the row is empty (lse = +inf)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            pd_t = tl.where(keep_t, p_t * keep_scale, 0.0)
-            dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
-        else:
-            pd_t = p_t
-        dv += tl.dot(pd_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
+        dv_inc, ds_t = _kv_tile_grads(k, v, q_t, do, lse, delta, rows, offs_n, pid_n * BLOCK_N, row_ok, key_ok,
+                                      qk_scale, seed, seqlen_k, drop_threshold, keep_scale, CAUSAL, HAS_DROPOUT,
+                                      DOT_PRECISION)
+        dv += dv_inc
+        dk += tl.dot(ds_t, tl.trans(q_t), input_precision=DOT_PRECISION)
 
     dk = dk * sm_scale
     dk_base = DK + b64 * stride_dkb + h64 * stride_dkh + start64 * stride_dks
@@ -537,18 +551,9 @@ def _attn_bwd_fused(
         o = tl.load(o_base + rows[:, None] * stride_os + offs_d[None, :], mask=qd_mask, other=0.0)
         lse = tl.load(l_base + rows, mask=row_ok, other=float("inf"))
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        # Sᵀ and the keep mask as (BLOCK_N, BLOCK_M) tiles, as in _attn_bwd_dkdv
-        s_t, keep_t = _score_tile(k, q_t, rows, offs_n, 0, row_ok, key_ok, qk_scale, seed, seqlen_k,
-                                  drop_threshold, CAUSAL, HAS_DROPOUT, True, DOT_PRECISION)
-        p_t = tl.math.exp2(s_t - lse[None, :])  # 0 where invisible (s = -inf) or the row is empty (lse = +inf)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            pd_t = tl.where(keep_t, p_t * keep_scale, 0.0)
-            dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
-        else:
-            pd_t = p_t
-        dv += tl.dot(pd_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q_t.dtype)
+        dv_inc, ds_t = _kv_tile_grads(k, v, q_t, do, lse, delta, rows, offs_n, 0, row_ok, key_ok, qk_scale, seed,
+                                      seqlen_k, drop_threshold, keep_scale, CAUSAL, HAS_DROPOUT, DOT_PRECISION)
+        dv += dv_inc
         dk += tl.dot(ds_t, tl.trans(q_t), input_precision=DOT_PRECISION)
         dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION) * sm_scale
         tl.store(dq_base + rows[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qd_mask)
@@ -636,7 +641,7 @@ def bwd_config(block_d: int, dtype: torch.dtype, interpreting: Optional[bool] = 
     else:
         warps = 8 if block_d == 128 else 4
         # dQ with 64-key blocks and 8 warps: -9% at seq 512 in the H200 sweep (head_dim <= 64). The fused
-        # kernel is the dK/dV kernel plus dQ: at 4 warps it spills 400-550 bytes per thread where 8 warps
+        # kernel is the dK/dV kernel plus dQ: at 4 warps it spills 390-560 bytes per thread where 8 warps
         # spill none (ptxas, benchmarks/results/ptxas-cpu-2026-11-27-s11); head_dim 128 keeps it to
         # 64 keys and 16-row steps, the largest tiles that do not spill. Not yet timed on a GPU.
         config = dict(dkdv=(32, 128, warps, 3), dq=(128, 64, 8, 3) if block_d <= 64 else (128, 32, warps, 3),
