@@ -157,11 +157,16 @@ def ln_report(sweep: bool):
                       f"{type(exc).__name__}: {str(exc)[:80]} | | | | | |"
             print(row, flush=True)
             lines.append(row)
+    _save(lines, "ptxas_report_ln.md")
+    return 0
+
+
+def _save(lines, name):
+    """The table under $OUT, when OUT is set."""
     if os.environ.get("OUT"):
         os.makedirs(os.environ["OUT"], exist_ok=True)
-        with open(os.path.join(os.environ["OUT"], "ptxas_report_ln.md"), "w") as f:
+        with open(os.path.join(os.environ["OUT"], name), "w") as f:
             f.write("\n".join(lines) + "\n")
-    return 0
 
 
 def main(argv=None):
@@ -203,10 +208,7 @@ def main(argv=None):
                 row = f"| {kernels[kind]} | {config} | | {int(dropout)} | {type(exc).__name__}: {str(exc)[:80]} | | | |"
             print(row, flush=True)
             lines.append(row)
-    if os.environ.get("OUT"):
-        os.makedirs(os.environ["OUT"], exist_ok=True)
-        with open(os.path.join(os.environ["OUT"], "ptxas_report.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+    _save(lines, "ptxas_report.md")
     return 0
 
 
