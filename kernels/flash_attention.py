@@ -555,8 +555,12 @@ def _attn_bwd_fused(
                                       seqlen_k, drop_threshold, keep_scale, CAUSAL, HAS_DROPOUT, DOT_PRECISION)
         dv += dv_inc
         dk += tl.dot(ds_t, tl.trans(q_t), input_precision=DOT_PRECISION)
-        dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION) * sm_scale
-        tl.store(dq_base + rows[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qd_mask)
+        # dQᵀ = kᵀ dSᵀ (D, M) rather than dS k (M, D): a 32-row dS would be below wgmma's 64-row minimum
+        # per warp group (sm_90 would fall back to mma.sync and stage dS through shared memory), while
+        # head_dim rows are not (ptxas: every dot a wgmma, 16 KB less shared memory, no spills)
+        dq_t = tl.dot(tl.trans(k), ds_t, input_precision=DOT_PRECISION) * sm_scale
+        tl.store(dq_base + rows[None, :] * stride_dqs + offs_d[:, None], dq_t.to(DQ.dtype.element_ty),
+                 mask=row_ok[None, :] & d_ok[:, None])
 
     dk = dk * sm_scale
     dk_base = DK + b64 * stride_dkb + h64 * stride_dkh + start64 * stride_dks
@@ -591,12 +595,24 @@ _config_override_read = False
 
 def set_config_override(config: Optional[dict]) -> None:
     """Replace the GPU launch parameters with e.g. {"fwd": [128, 64, 4, 3], "dkdv": [32, 128, 4, 3],
-    "dq": [128, 32, 4, 3]} (BLOCK_M, BLOCK_N, num_warps, num_stages), or go back to the defaults with
-    None: a knob for tuning sweeps on a GPU (benchmarks/bench_attention.py --sweep), not for users;
+    "dq": [128, 32, 4, 3], "fused": [32, 128, 8, 3]} (BLOCK_M, BLOCK_N, num_warps, num_stages; "fused":
+    [] turns the one-launch backward off), or go back to the defaults with None (it applies in the
+    interpreter too): a knob for tuning sweeps on a GPU (benchmarks/bench_attention.py --sweep) and tests, not for users;
     such a configuration is not compiled ahead of time by the tests. The environment variable
     FASTBERT_ATTENTION_CONFIG (the same object in JSON) is read once, at the first launch."""
     global _config_override, _config_override_read
-    _config_override = {kind: tuple(int(x) for x in value) for kind, value in config.items()} if config else None
+    parsed = None
+    if config:
+        parsed = {}
+        for kind, value in config.items():
+            value = tuple(int(x) for x in value)
+            if kind not in ("fwd", "dkdv", "dq", "fused"):
+                raise ValueError(f"attention config override: unknown kind {kind!r} (fwd, dkdv, dq or fused)")
+            if len(value) != 4 and not (kind == "fused" and value == ()):
+                raise ValueError(f"attention config override {kind}: expected [BLOCK_M, BLOCK_N, num_warps, "
+                                 f"num_stages]{' or [] (off)' if kind == 'fused' else ''}, got {list(value)}")
+            parsed[kind] = value
+    _config_override = parsed
     _config_override_read = True
     _FWD_PLANS.clear()
     _BWD_PLANS.clear()
@@ -614,11 +630,11 @@ def fwd_config(block_d: int, dtype: torch.dtype, interpreting: Optional[bool] = 
     """Launch parameters of _attn_fwd (one fixed choice per head_dim / dtype: no autotuning, so the
     interpreter and ahead-of-time compilation see exactly what a GPU runs). `interpreting` defaults
     to whether TRITON_INTERPRET was set (False asks for the GPU choice, e.g. to compile it ahead of time)."""
-    if _interpreting() if interpreting is None else interpreting:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
     override = _override("fwd")
     if override is not None:
         return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), override))
+    if _interpreting() if interpreting is None else interpreting:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=32 if block_d == 128 else 64, num_warps=4, num_stages=2)
     if block_d <= 64:  # H200 sweep (benchmarks/results/gpu-h200-2026-11-26-sweep): -8% at seq 512
@@ -641,9 +657,10 @@ def bwd_config(block_d: int, dtype: torch.dtype, interpreting: Optional[bool] = 
     else:
         warps = 8 if block_d == 128 else 4
         # dQ with 64-key blocks and 8 warps: -9% at seq 512 in the H200 sweep (head_dim <= 64). The fused
-        # kernel is the dK/dV kernel plus dQ: at 4 warps it spills 390-560 bytes per thread where 8 warps
+        # kernel is the dK/dV kernel plus dQ: at 4 warps it spills 370-650 bytes per thread where 8 warps
         # spill none (ptxas, benchmarks/results/ptxas-cpu-2026-11-27-s11); head_dim 128 keeps it to
-        # 64 keys and 16-row steps, the largest tiles that do not spill. Not yet timed on a GPU.
+        # 64 keys and 16-row steps (ptxas: 28 bytes of spills packed without dropout, none otherwise;
+        # 32-row steps spill up to 152). Not yet timed on a GPU.
         config = dict(dkdv=(32, 128, warps, 3), dq=(128, 64, 8, 3) if block_d <= 64 else (128, 32, warps, 3),
                       fused=(32, 128, 8, 3) if block_d <= 64 else (16, 64, 8, 3))
     for kind in ("dkdv", "dq", "fused"):

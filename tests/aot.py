@@ -36,6 +36,9 @@ _SCRIPT = textwrap.dedent("""
                 src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
                 compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
                 assert compiled.asm.get("cubin"), "no cubin produced"
+                # what a launch may use (opt-in maximum per block): more fails only at launch, on a GPU
+                limit = 232448 if arch == 90 else 166912
+                assert compiled.metadata.shared <= limit, f"shared memory {compiled.metadata.shared} > {limit}"
             except Exception as exc:  # report every failing configuration, not just the first
                 failures.append(f"sm_{arch} {constexprs} {options or ''} {signature}: "
                                 f"{type(exc).__name__}: {str(exc)[:400]}")

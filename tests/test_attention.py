@@ -155,7 +155,7 @@ def test_attention_long_odd_length(triton_kernels, device):
         (q, k, v), torch.float16)
 
 
-def test_attention_strided_inputs(triton_kernels, device):
+def test_attention_strided_inputs(triton_kernels, device, bwd_path):
     """(B, S, H, D) tensors seen as (B, H, S, D) through transpose: no copy needed, same answer; and
     a key padding mask that is a transposed view (its last dimension not contiguous)."""
     q, k, v = (torch.randn(2, 19, 3, 32, device=device).transpose(1, 2) for _ in range(3))
@@ -249,7 +249,7 @@ def _seed_of(torch_seed, q, p):
 @interpreter_matrix
 @pytest.mark.parametrize("dtype", INTERPRETED_DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
-def test_dropout_forward_backward_consistent(triton_kernels, device, dtype, causal):
+def test_dropout_forward_backward_consistent(triton_kernels, device, bwd_path, dtype, causal):
     """The mask the forward applied (read back through one-hot values) is the documented Philox mask,
     and it is the mask both backward kernels used: forward and gradients match the float64 oracle
     with that explicit mask and the effective (16-bit) drop probability."""
@@ -445,21 +445,95 @@ def test_fused_and_split_backward_match_float64(triton_kernels, device, bwd_path
 
 @interpreter_matrix
 @pytest.mark.parametrize("dtype", INTERPRETED_DTYPES, ids=str)
-def test_fused_and_split_backward_packed_views(triton_kernels, device, bwd_path, dtype):
-    """The BERT launch: packed sequences (one of a single token, one filling the block) as strided
-    views of one fused projection."""
-    lengths, heads, dim = [1, 17, 64, 30], 2, 32
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_and_split_backward_packed_views(triton_kernels, device, bwd_path, dtype, causal):
+    """The BERT launch: packed sequences (one of a single token, an empty one, one filling the block)
+    as strided views of one fused projection."""
+    lengths, heads, dim = [1, 17, 0, 64, 30], 2, 32
     q, k, v, cu = packed_qkv(lengths, heads, dim, device, torch.float32)
+    real = [n for n in lengths if n]
 
     def baseline(q, k, v):
-        (qp, mask), (kp, _), (vp, _) = (padded_view(t.cpu(), lengths) for t in (q, k, v))
-        return unpadded_view(torch_attention(qp, kp, vp, mask), lengths)
+        (qp, mask), (kp, _), (vp, _) = (padded_view(t.cpu(), real) for t in (q, k, v))
+        return unpadded_view(torch_attention(qp, kp, vp, mask, causal), real)
 
     check_against_reference(
-        lambda q, k, v: K.varlen_attention(q, k, v, cu, 64),
+        lambda q, k, v: K.varlen_attention(q, k, v, cu, 64, causal=causal),
         baseline,
-        lambda q, k, v: reference.varlen_attention(q.cpu(), k.cpu(), v.cpu(), cu.cpu(), 64),
+        lambda q, k, v: reference.varlen_attention(q.cpu(), k.cpu(), v.cpu(), cu.cpu(), 64, causal=causal),
         (q, k, v), dtype)
+
+
+@interpreter_matrix
+@pytest.mark.parametrize("case", ["padded", "padded-causal-dropout", "packed-causal"])
+def test_fused_backward_at_its_gpu_tile(triton_kernels, device, case):
+    """The one-launch backward at its GPU tile (32-row steps over 128 keys: BERT's 65-128-token
+    sequences, which the interpreter's own 64-key tile sends to the split pair), the split kernels
+    forbidden, against float64."""
+    fa = flash_attention
+    fa.set_config_override({"fused": [32, 128, 4, 1]})
+    try:
+        with pytest.MonkeyPatch.context() as m:
+            for name in ("_attn_bwd_dq", "_attn_bwd_dkdv"):
+                m.setattr(fa, name, _Forbidden(name))
+            if case == "packed-causal":
+                lengths, heads, dim = [128, 1, 0, 77, 100], 2, 32
+                q, k, v, cu = packed_qkv(lengths, heads, dim, device, torch.float32)
+                real = [n for n in lengths if n]
+
+                def baseline(q, k, v):
+                    (qp, mask), (kp, _), (vp, _) = (padded_view(t.cpu(), real) for t in (q, k, v))
+                    return unpadded_view(torch_attention(qp, kp, vp, mask, True), real)
+
+                check_against_reference(
+                    lambda q, k, v: K.varlen_attention(q, k, v, cu, 128, causal=True), baseline,
+                    lambda q, k, v: reference.varlen_attention(q.cpu(), k.cpu(), v.cpu(), cu.cpu(), 128, causal=True),
+                    (q, k, v), torch.float16)
+            elif case == "padded":
+                q, k, v = (torch.randn(2, 2, 100, 32, device=device) for _ in range(3))
+                mask = random_mask(2, 100).to(device)
+                check_against_reference(
+                    lambda q, k, v: K.attention(q, k, v, mask),
+                    lambda q, k, v: torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu()),
+                    lambda q, k, v: reference.attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu()),
+                    (q, k, v), torch.float32)
+            else:
+                q, k, v = (torch.randn(2, 1, 128, 64, device=device) for _ in range(3))
+                mask = (torch.arange(128)[None, :] < torch.tensor([[128], [90]])).to(device)
+                keep = philox_keep_mask(_seed_of(11, q, 0.2), 2, 1, 128, 128, 0.2)
+                p_eff = fa.effective_dropout_p(0.2)
+
+                def run(q, k, v):
+                    torch.manual_seed(11)
+                    return K.attention(q, k, v, mask, causal=True, dropout_p=0.2)
+
+                def oracle(q, k, v):
+                    return torch_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), True, keep=keep, dropout_p=p_eff)
+
+                check_against_reference(run, oracle, oracle, (q, k, v), torch.float16)
+    finally:
+        fa.set_config_override(None)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_backward_writes_every_given_gradient(triton_kernels, device, bwd_path, layout):
+    """Given gradient buffers (the qkv-packed entries' dqkv) filled with NaN beforehand come back
+    finite everywhere: every row is written, including a batch row without a real key, keys past
+    seq_q (seq_q != seq_k) and an empty packed sequence."""
+    fa = flash_attention
+    if layout == "padded":
+        q = torch.randn(2, 2, 20, 16, device=device)
+        k, v = (torch.randn(2, 2, 33, 16, device=device) for _ in range(2))
+        mask, cu, max_len = random_mask(2, 33).to(device), None, 0
+    else:
+        q, k, v, cu = packed_qkv([5, 0, 31, 1], 2, 16, device, torch.float32)
+        mask, max_len = None, 31
+    seed = torch.zeros(1, dtype=torch.int64, device=device)
+    out, lse = fa._flash_fwd(q, k, v, mask, cu, max_len, seed, False, 0.0, 0.25)
+    grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
+    fa._flash_bwd(torch.randn_like(out), q, k, v, out, lse, mask, cu, max_len, seed, False, 0.0, 0.25, grads=grads)
+    for name, g in zip(("dq", "dk", "dv"), grads):
+        assert torch.isfinite(g).all(), f"{name}: rows left unwritten"
 
 
 def test_fused_and_split_backward_dropout(triton_kernels, device, bwd_path):
@@ -618,6 +692,10 @@ def test_config_override_for_gpu_sweeps(monkeypatch):
     finally:
         fa.set_config_override(None)
     assert (fa.fwd_config(64, torch.bfloat16, **gpu), fa.bwd_config(64, torch.bfloat16, **gpu)) == default
+    for bad in ({"dq": []}, {"fused": [32, 128]}, {"dkdv": [32, 128, 4]}, {"bwd": [32, 128, 4, 3]}):
+        with pytest.raises(ValueError, match="attention config override"):
+            fa.set_config_override(bad)
+    assert fa._config_override is None
 
 
 def test_float64_runs_the_reference(triton_kernels, device):
