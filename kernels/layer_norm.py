@@ -1,6 +1,7 @@
 """Fused LayerNorm with its BERT prologues, forward and backward, in Triton.
 
-- add_layer_norm:  y = layer_norm(dropout(x) + residual)   (the end of every attention / FFN block)
+- add_layer_norm:  y = layer_norm(dropout(x + x_bias) + residual)   (the end of every attention / FFN
+                   block; x_bias optional: the bias of the dense layer that made x)
 - gelu_layer_norm: y = layer_norm(gelu(x + bias))          (the MLM head transform after its dense)
 
 Forward: each program holds a (BLOCK_M, BLOCK_N) tile, BLOCK_M whole rows (BLOCK_N =
@@ -37,9 +38,16 @@ in that dtype (the same rounding as y.to(low_dtype)) and the backward takes both
 and adds them in fp32 as it loads them (the same rounding as the add), so three elementwise passes
 over the activations become one extra write and one extra read.
 
+Dense bias (add_layer_norm(..., x_bias=dense.bias), x = F.linear(h, dense.weight)): the forward adds
+the bias in fp32 as it loads x; the gradient of x (after the dropout mask and scale, in fp32, before
+any rounding to x's dtype) is the bias gradient row by row, so the backward sums it into a third
+(programs, n) fp32 partial buffer beside dweight / dbias, and the separate column reduction autograd
+would run for the Linear's bias (over every row, once per dense layer) goes away. The sum is
+accumulated also when x's gradient is not stored (no dropout and one dtype: it equals the residual's).
+
 Supports: fp32, fp16, bf16 activations (statistics and math in fp32; add_layer_norm's output in
 promote_types(x, residual), as x + residual, gradients in each input's own dtype; gelu_layer_norm's
-in x's dtype); weights of any of these dtypes; widths 1..MAX_WIDTH (8192); any leading shape and any
+in x's dtype); weights (and x_bias) of any of these dtypes; widths 1..MAX_WIDTH (8192); any leading shape and any
 number of rows (a multiple of BLOCK_M or not; rows x n past 2**31: int64 offsets); non-contiguous
 inputs (copied). The dropout mask does not depend on the launch parameters; outputs and gradients
 only through the fp32 rounding of the row reductions, and dweight / dbias through their summation
@@ -47,6 +55,9 @@ order (deterministic for one configuration, not bit-equal across configurations)
 Not supported: widths above MAX_WIDTH (a clear ValueError; the row would no longer fit in
 registers); float64 on the GPU path (use the reference).
 Caution: the dropout offsets are int32, so the mask pattern repeats after 2**32 elements in one call.
+With x_bias, x + x_bias is not rounded to x's dtype (a bf16 matmul with its bias would round it): not
+bit-equal to dense(h) under autocast, slightly closer to float64. x_bias's gradient is summed in fp32
+per program, then over programs by torch (deterministic, not bit-equal to autograd's reduction).
 Rows of 4096-8192 spill registers in the backward, as before the tiling (ptxas, sm_90: up to ~600
 bytes per thread at 8192; a row is the smallest tile). An override is not compiled ahead of time by
 the tests: a sweep may try a configuration the compiler rejects (reported per configuration).
