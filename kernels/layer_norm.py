@@ -59,7 +59,8 @@ With x_bias, x + x_bias is not rounded to x's dtype (a bf16 matmul with its bias
 bit-equal to dense(h) under autocast, slightly closer to float64. x_bias's gradient is summed in fp32
 per program, then over programs by torch (deterministic, not bit-equal to autograd's reduction).
 Rows of 4096-8192 spill registers in the backward, as before the tiling (ptxas, sm_90: up to ~600
-bytes per thread at 8192; a row is the smallest tile). An override is not compiled ahead of time by
+bytes per thread at 8192, ~900 with x_bias; a row is the smallest tile). The x-bias backward is
+capped at 128 registers (see X_BIAS_BWD_MAXNREG). An override is not compiled ahead of time by
 the tests: a sweep may try a configuration the compiler rejects (reported per configuration).
 """
 from __future__ import annotations
@@ -447,6 +448,24 @@ def _add_ln_bwd(
         tl.store(DXB_PART + pid * n + cols, tl.sum(dxb, axis=0), mask=col_mask)
 
 
+# The x-bias backward's register cap (ptxas -v, sm_90a, the model's autocast case, dropout on; table in
+# benchmarks/results/ptxas-cpu-2026-11-27-ln-xbias): at width 768 / 1024 (one row over 4 warps) the x-bias
+# gradient's accumulator takes the kernel from 120 registers to 136, so an SM holds 3 programs (3 rows)
+# instead of 4; capped at 128 (.maxnreg) it compiles without spills and keeps 4. Over 16 warps (4096 and
+# 8192 wide) 128 is the hardware's limit anyway, and the explicit cap made ptxas spill less at 8192
+# (908 B instead of 1448, where it otherwise picked 64 registers). Other warp counts (sweep candidates,
+# overrides) are left uncapped. Not measured on a GPU.
+X_BIAS_BWD_MAXNREG = 128
+
+
+def add_bwd_options(config: LnConfig, has_x_bias: bool) -> dict:
+    """Compile options of an add + LayerNorm backward launch (also what the AOT tests compile)."""
+    options = {"num_warps": config.num_warps}
+    if has_x_bias and config.num_warps in (4, 16):
+        options["maxnreg"] = X_BIAS_BWD_MAXNREG
+    return options
+
+
 def _rows(x: torch.Tensor) -> Tuple[int, int]:
     n = x.shape[-1]
     return (x.numel() // n if n else 0), n
@@ -510,7 +529,7 @@ def _add_ln_bwd_impl(dy, x, residual, weight, mean, rstd, dropout_p: float, seed
                              rows_per_program, dropout_p, 1.0 / (1.0 - dropout_p), HAS_DROPOUT=has_dropout,
                              HAS_DY_LOW=dy_low is not None, STORE_DX=store_dx, HAS_X_BIAS=has_x_bias,
                              BLOCK_M=config.block_m, BLOCK_N=row_block(n), NUM_STAGES=config.num_stages,
-                             num_warps=config.num_warps)
+                             **add_bwd_options(config, has_x_bias))
     # Separate reductions: views of one tensor would alias, which custom ops forbid.
     dxb = part[2].sum(0).to(x_bias.dtype) if has_x_bias else _no_x_bias_grad(x)
     return dres, dx, part[0].sum(0).to(weight.dtype), part[1].sum(0).to(weight.dtype), dxb

@@ -253,7 +253,9 @@ def _add_ln_bwd(exhaustive):
               "DW_PART": "*fp32", "DB_PART": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64", "XB": "*fp32",
               "DXB_PART": "*fp32", "rows": "i32", "n": "i32", "rows_per_program": "i32", "p": "fp32", "scale": "fp32",
               "HAS_DROPOUT": "constexpr", "HAS_DY_LOW": "constexpr", "STORE_DX": "constexpr", "HAS_X_BIAS": "constexpr",
-              "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "NUM_STAGES": "constexpr"}, const, options)
+              "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "NUM_STAGES": "constexpr"}, const,
+             # the launcher's options: the x-bias variant's register cap included
+             L.add_bwd_options(L.LnConfig(const["BLOCK_M"], options["num_warps"]), const["HAS_X_BIAS"]))
             for d, const, options in _ln_variants("add_bwd", ("HAS_DROPOUT", "HAS_DY_LOW", "STORE_DX", "HAS_X_BIAS"),
                                                   exhaustive)]
 
