@@ -497,7 +497,8 @@ def _add_ln_fwd_impl(x, residual, weight, bias, eps: float, dropout_p: float, se
     _add_ln_fwd[(triton.cdiv(rows, config.block_m),)](
         x, residual, weight, bias, y, y if y_low is None else y_low, mean, rstd, seed if has_dropout else mean,
         weight if x_bias is None else x_bias, rows, n, eps, dropout_p, 1.0 / (1.0 - dropout_p),
-        HAS_DROPOUT=has_dropout, HAS_X_BIAS=x_bias is not None, STORE_LOW=y_low is not None, BLOCK_M=config.block_m, BLOCK_N=row_block(n), num_warps=config.num_warps)
+        HAS_DROPOUT=has_dropout, HAS_X_BIAS=x_bias is not None, STORE_LOW=y_low is not None,
+        BLOCK_M=config.block_m, BLOCK_N=row_block(n), num_warps=config.num_warps)
     return y, mean, rstd, y_low
 
 
