@@ -16,6 +16,12 @@ State bytes (s = 2 bytes for bf16, T tokens, n width, V vocab; vectors of n and 
                    fastbert fuses the copy and its gradient (low_dtype=); "fastbert-unfused" is the single-
                    output op followed by .to(bf16), autograd adding the two gradients (what the model ran
                    before the fusion); eager / compile: F.layer_norm on x.float() + residual, then .to
+  add_layer_norm   the same with the dense bias of x (x_bias=, fp32): the bytes of the copy case (the bias is
+   + dense bias    a vector). fastbert adds it in the kernel and sums its gradient in the LayerNorm backward;
+                   "fastbert-unfused" adds it in a separate op ((x + bias) in bf16, then the copy case's fused
+                   op) and autograd sums its gradient over the rows (a reduction kernel). In the model the
+                   matmul's epilogue adds the bias for free, so that competitor's forward overstates what the
+                   fusion saves by one bf16 pass (read and write T n s); the reduction is what it removes
   gelu_layer_norm  fwd  2 T n s (read x, write y)
                    bwd  3 T n s (read dy, x; write dx)
   embed_layer_norm fwd  2 T n s (gather word rows, write y; position/type rows stay in cache)
@@ -86,6 +92,22 @@ def _make_cases(hidden: int, ffn: int, dev: str = "cuda", batch: int = BATCH, se
     cases.append(dict(op="add_layer_norm + bf16 copy", n=hidden, inputs=(x, r32, w32, b32), grad_inputs=(0, 1, 2, 3),
                       ours=lambda x, r, w, b: K.add_layer_norm(x, r, w, b, EPS, 0.0, low_dtype=DT),
                       eager=copy_eager, extra=[("fastbert-unfused", copy_unfused)],
+                      fwd_bytes=12 * TOKENS * hidden, bwd_bytes=18 * TOKENS * hidden))
+
+    # ... and with the dense bias of x (BertSelfOutput / BertOutput on the Triton kernels)
+    xb32 = g(hidden).float()
+
+    def bias_unfused(x, r, w, b, xb):
+        return K.add_layer_norm(x + xb.to(DT), r, w, b, EPS, 0.0, low_dtype=DT)
+
+    def bias_eager(x, r, w, b, xb):
+        y = F.layer_norm(x.float() + xb + r, (hidden,), w, b, EPS)
+        return y, y.to(DT)
+
+    cases.append(dict(op="add_layer_norm + dense bias", n=hidden, inputs=(x, r32, w32, b32, xb32),
+                      grad_inputs=(0, 1, 2, 3, 4),
+                      ours=lambda x, r, w, b, xb: K.add_layer_norm(x, r, w, b, EPS, 0.0, low_dtype=DT, x_bias=xb),
+                      eager=bias_eager, extra=[("fastbert-unfused", bias_unfused)],
                       fwd_bytes=12 * TOKENS * hidden, bwd_bytes=18 * TOKENS * hidden))
 
     # gelu_layer_norm (MLM head transform; benchmarked on all tokens for a bandwidth figure)

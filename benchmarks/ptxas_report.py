@@ -74,15 +74,22 @@ def _ptxas_resources(compiled, what, arch=90):
 
 # The LayerNorm kernels as the model calls them under bf16 autocast (x bf16, residual / weights /
 # y fp32, the bf16 copy, dropout: every flag on) and all-bf16 without flags; GELU + LayerNorm in bf16.
+# "autocast+xbias": the same with the dense bias (x_bias, an fp32 parameter) added by the kernel, as
+# BertSelfOutput / BertOutput call it on the Triton kernels.
 _LN_VARIANTS = {
     "_add_ln_fwd": [("autocast", dict(X="bf16", R="fp32", W="fp32", B="fp32", Y="fp32", Y_LOW="bf16"),
-                     dict(HAS_DROPOUT=True, STORE_LOW=True)),
+                     dict(HAS_DROPOUT=True, STORE_LOW=True, HAS_X_BIAS=False)),
+                    ("autocast+xbias", dict(X="bf16", R="fp32", W="fp32", B="fp32", Y="fp32", Y_LOW="bf16", XB="fp32"),
+                     dict(HAS_DROPOUT=True, STORE_LOW=True, HAS_X_BIAS=True)),
                     ("bf16", dict(X="bf16", R="bf16", W="bf16", B="bf16", Y="bf16", Y_LOW="bf16"),
-                     dict(HAS_DROPOUT=False, STORE_LOW=False))],
+                     dict(HAS_DROPOUT=False, STORE_LOW=False, HAS_X_BIAS=False))],
     "_add_ln_bwd": [("autocast", dict(X="bf16", R="fp32", W="fp32", DY="fp32", DY_LOW="bf16", DR="fp32", DX="bf16"),
-                     dict(HAS_DROPOUT=True, HAS_DY_LOW=True, STORE_DX=True)),
+                     dict(HAS_DROPOUT=True, HAS_DY_LOW=True, STORE_DX=True, HAS_X_BIAS=False)),
+                    ("autocast+xbias", dict(X="bf16", R="fp32", W="fp32", DY="fp32", DY_LOW="bf16", DR="fp32",
+                                            DX="bf16", XB="fp32"),
+                     dict(HAS_DROPOUT=True, HAS_DY_LOW=True, STORE_DX=True, HAS_X_BIAS=True)),
                     ("bf16", dict(X="bf16", R="bf16", W="bf16", DY="bf16", DY_LOW="bf16", DR="bf16", DX="bf16"),
-                     dict(HAS_DROPOUT=False, HAS_DY_LOW=False, STORE_DX=False))],
+                     dict(HAS_DROPOUT=False, HAS_DY_LOW=False, STORE_DX=False, HAS_X_BIAS=False))],
     "_gelu_ln_fwd": [("bf16", dict(X="bf16", BIAS="bf16", W="bf16", B="bf16", Y="bf16"), dict(APPROX_TANH=False))],
     "_gelu_ln_bwd": [("bf16", dict(X="bf16", BIAS="bf16", W="bf16", DY="bf16", DX="bf16"), dict(APPROX_TANH=False))],
 }
@@ -104,8 +111,10 @@ def ln_resources(kernel, block_n, config, dtypes, flags, arch=90):
     signature = {arg: "constexpr" if arg in constexprs else "*" + dtypes[arg] if arg in dtypes
                  else "*i64" if arg == "SEED" else "*fp32" if arg.isupper() else "fp32" if arg in floats else "i32"
                  for arg in fn.arg_names}
+    options = (L.add_bwd_options(config, flags.get("HAS_X_BIAS", False)) if kernel == "_add_ln_bwd"
+               else dict(num_warps=config.num_warps))  # the launcher's options (the x-bias register cap)
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", arch, 32), options=dict(num_warps=config.num_warps))
+                              target=GPUTarget("cuda", arch, 32), options=options)
     return _ptxas_resources(compiled, f"{kernel} {block_n} {config}", arch)
 
 

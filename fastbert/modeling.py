@@ -403,9 +403,18 @@ class BertSelfOutput(nn.Module):
         return self.add_norm(h, residual)
 
     def add_norm(self, h, residual, low_dtype=None):
-        """LayerNorm(dropout(dense(h)) + residual); with low_dtype, (y, y in low_dtype) from one kernel."""
+        """LayerNorm(dropout(dense(h)) + residual); with low_dtype, (y, y in low_dtype) from one kernel.
+
+        On the Triton kernels the dense runs without its bias and the add + LayerNorm kernel adds it
+        (x_bias): its gradient is then summed by the LayerNorm backward kernel, not by a reduction of
+        its own. Elsewhere (the CPU reference path), or when the dense has hooks (they must see its
+        call and its output) or no bias, the dense runs as a module, as before."""
         p = self.dropout.p if self.training else 0.0
-        return K.add_layer_norm(self.dense(h), residual, self.LayerNorm.weight, self.LayerNorm.bias,
+        dense = self.dense
+        if dense.bias is not None and K.use_triton(residual) and not _hooked(dense):
+            return K.add_layer_norm(F.linear(h, dense.weight), residual, self.LayerNorm.weight, self.LayerNorm.bias,
+                                    self.LayerNorm.eps, p, low_dtype=low_dtype, x_bias=dense.bias)
+        return K.add_layer_norm(dense(h), residual, self.LayerNorm.weight, self.LayerNorm.bias,
                                 self.LayerNorm.eps, p, low_dtype=low_dtype)
 
 

@@ -248,27 +248,34 @@ def bias_gelu(x, bias, approximate="none"):
     return reference.bias_gelu(x, bias, approximate)
 
 
-def add_layer_norm(x, residual, weight, bias, eps=1e-12, dropout_p=0.0, *, low_dtype=None):
-    """layer_norm(dropout(x) + residual); x, residual (..., n); weight, bias (n,).
+def add_layer_norm(x, residual, weight, bias, eps=1e-12, dropout_p=0.0, *, low_dtype=None, x_bias=None):
+    """layer_norm(dropout(x + x_bias) + residual); x, residual (..., n); weight, bias, x_bias (n,).
 
     low_dtype (torch.bfloat16 or torch.float16): return (y, y.to(low_dtype)) instead of y — under
     autocast, y is the fp32 residual stream and its copy the next matmul's input. The Triton kernels
-    write both in one pass and add the two gradients in the backward kernel (no cast kernels)."""
+    write both in one pass and add the two gradients in the backward kernel (no cast kernels).
+
+    x_bias (n,) or None: the bias of the dense layer that made x, added here instead of by the matmul
+    (x = h @ W.T without its bias). The forward adds it in fp32 (not rounded to x's dtype first, as a
+    low-precision matmul's epilogue would); the Triton backward sums its gradient over the rows beside
+    the LayerNorm weight's, so no separate column reduction runs. Its gradient comes in its own dtype;
+    the output's dtype is that of x + residual, whatever x_bias's."""
     _check_tensor("x", x, None, _FLOAT_DTYPES)
     _check_tensor("residual", residual, None, _FLOAT_DTYPES)
     if x.dim() < 1 or x.shape != residual.shape:
         raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} must have the same shape")
-    for name, t in (("weight", weight), ("bias", bias)):
+    params = [("weight", weight), ("bias", bias)] + ([] if x_bias is None else [("x_bias", x_bias)])
+    for name, t in params:
         _check_tensor(name, t, 1, _FLOAT_DTYPES)
         _check_width(name, t, x.shape[-1])
-    _check_same([("x", x), ("residual", residual), ("weight", weight), ("bias", bias)], "device")
+    _check_same([("x", x), ("residual", residual), *params], "device")
     _check_dropout(dropout_p)
     if low_dtype not in (None, torch.bfloat16, torch.float16):
         raise ValueError(f"low_dtype must be None, torch.bfloat16 or torch.float16, got {low_dtype}")
     if use_triton(x):
         return _triton("layer_norm").add_layer_norm(x, residual, weight, bias, float(eps), float(dropout_p),
-                                                    low_dtype)
-    y = reference.add_layer_norm(x, residual, weight, bias, eps, dropout_p)
+                                                    low_dtype, x_bias)
+    y = reference.add_layer_norm(x, residual, weight, bias, eps, dropout_p, x_bias=x_bias)
     return y if low_dtype is None else (y, y.to(low_dtype))
 
 

@@ -1,6 +1,7 @@
 """Fused LayerNorm with its BERT prologues, forward and backward, in Triton.
 
-- add_layer_norm:  y = layer_norm(dropout(x) + residual)   (the end of every attention / FFN block)
+- add_layer_norm:  y = layer_norm(dropout(x + x_bias) + residual)   (the end of every attention / FFN
+                   block; x_bias optional: the bias of the dense layer that made x)
 - gelu_layer_norm: y = layer_norm(gelu(x + bias))          (the MLM head transform after its dense)
 
 Forward: each program holds a (BLOCK_M, BLOCK_N) tile, BLOCK_M whole rows (BLOCK_N =
@@ -37,9 +38,16 @@ in that dtype (the same rounding as y.to(low_dtype)) and the backward takes both
 and adds them in fp32 as it loads them (the same rounding as the add), so three elementwise passes
 over the activations become one extra write and one extra read.
 
+Dense bias (add_layer_norm(..., x_bias=dense.bias), x = F.linear(h, dense.weight)): the forward adds
+the bias in fp32 as it loads x; the gradient of x (after the dropout mask and scale, in fp32, before
+any rounding to x's dtype) is the bias gradient row by row, so the backward sums it into a third
+(programs, n) fp32 partial buffer beside dweight / dbias, and the separate column reduction autograd
+would run for the Linear's bias (over every row, once per dense layer) goes away. The sum is
+accumulated also when x's gradient is not stored (no dropout and one dtype: it equals the residual's).
+
 Supports: fp32, fp16, bf16 activations (statistics and math in fp32; add_layer_norm's output in
 promote_types(x, residual), as x + residual, gradients in each input's own dtype; gelu_layer_norm's
-in x's dtype); weights of any of these dtypes; widths 1..MAX_WIDTH (8192); any leading shape and any
+in x's dtype); weights (and x_bias) of any of these dtypes; widths 1..MAX_WIDTH (8192); any leading shape and any
 number of rows (a multiple of BLOCK_M or not; rows x n past 2**31: int64 offsets); non-contiguous
 inputs (copied). The dropout mask does not depend on the launch parameters; outputs and gradients
 only through the fp32 rounding of the row reductions, and dweight / dbias through their summation
@@ -47,8 +55,12 @@ order (deterministic for one configuration, not bit-equal across configurations)
 Not supported: widths above MAX_WIDTH (a clear ValueError; the row would no longer fit in
 registers); float64 on the GPU path (use the reference).
 Caution: the dropout offsets are int32, so the mask pattern repeats after 2**32 elements in one call.
+With x_bias, x + x_bias is not rounded to x's dtype (a bf16 matmul with its bias would round it): not
+bit-equal to dense(h) under autocast, slightly closer to float64. x_bias's gradient is summed in fp32
+per program, then over programs by torch (deterministic, not bit-equal to autograd's reduction).
 Rows of 4096-8192 spill registers in the backward, as before the tiling (ptxas, sm_90: up to ~600
-bytes per thread at 8192; a row is the smallest tile). An override is not compiled ahead of time by
+bytes per thread at 8192, ~900 with x_bias; a row is the smallest tile). The x-bias backward is
+capped at 128 registers (see X_BIAS_BWD_MAXNREG). An override is not compiled ahead of time by
 the tests: a sweep may try a configuration the compiler rejects (reported per configuration).
 """
 from __future__ import annotations
@@ -307,12 +319,14 @@ def _add_ln_fwd(
     MEAN,  # pointer to the fp32 row means (rows,), saved for the backward
     RSTD,  # pointer to the fp32 row 1/std (rows,), saved for the backward
     SEED,  # pointer to the int64 dropout seed (read only when HAS_DROPOUT)
+    XB,  # pointer to x's bias (n,), any float dtype (read only when HAS_X_BIAS)
     rows,  # number of rows
     n,  # width
     eps,  # LayerNorm epsilon
     p,  # drop probability
     scale,  # 1 / (1 - p)
     HAS_DROPOUT: tl.constexpr,  # p > 0
+    HAS_X_BIAS: tl.constexpr,  # add XB to x (in fp32) before the dropout: the bias of the dense before
     STORE_LOW: tl.constexpr,  # also write y in Y_LOW's dtype (the next matmul's input under autocast)
     BLOCK_M: tl.constexpr,  # rows per program (power of 2)
     BLOCK_N: tl.constexpr,  # power of 2 >= n
@@ -328,6 +342,8 @@ def _add_ln_fwd(
     offs = tl.arange(0, BLOCK_M)[:, None] * n + cols[None, :]
     x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(R + base + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_X_BIAS:
+        x += tl.load(XB + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
     if HAS_DROPOUT:
         keep = dropout_keep(tl.load(SEED), row[:, None], cols[None, :], n, p)
         x = tl.where(keep, x * scale, 0.0)
@@ -357,6 +373,8 @@ def _add_ln_bwd(
     MEAN,  # pointer to the fp32 row means (rows,)
     RSTD,  # pointer to the fp32 row 1/std (rows,)
     SEED,  # pointer to the int64 dropout seed (read only when HAS_DROPOUT)
+    XB,  # pointer to x's bias (n,) (read only when HAS_X_BIAS)
+    DXB_PART,  # pointer to fp32 partial gradients of x's bias (programs, n) (written only when HAS_X_BIAS)
     rows,  # number of rows
     n,  # width
     rows_per_program,  # rows each program walks
@@ -365,6 +383,7 @@ def _add_ln_bwd(
     HAS_DROPOUT: tl.constexpr,  # p > 0: regenerate the mask
     HAS_DY_LOW: tl.constexpr,  # the low-precision copy has a gradient too: add it to DY's
     STORE_DX: tl.constexpr,  # x's gradient differs from the residual's (dropout, or another dtype)
+    HAS_X_BIAS: tl.constexpr,  # x had XB added: recompute x + XB, sum x's fp32 gradient over rows into DXB_PART
     BLOCK_M: tl.constexpr,  # rows per loop step (power of 2); rows_per_program is a multiple of it
     BLOCK_N: tl.constexpr,  # power of 2 >= n
     NUM_STAGES: tl.constexpr,  # > 1: software-pipeline the loop's loads (cp.async into shared memory)
@@ -377,6 +396,9 @@ def _add_ln_bwd(
     # the loop, and a fixed summation order (deterministic).
     dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     db = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_X_BIAS:
+        xb = tl.load(XB + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        dxb = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_DROPOUT:
         seed = tl.load(SEED)
     start = pid.to(tl.int64) * rows_per_program  # int64 rows: offsets may pass 2**31
@@ -394,6 +416,8 @@ def _add_ln_bwd(
         offs = row[:, None] * n + cols[None, :]
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_X_BIAS:
+            x += xb
         if HAS_DROPOUT:
             keep = dropout_keep(seed, row[:, None], cols[None, :], n, p)
             x = tl.where(keep, x * scale, 0.0)
@@ -410,12 +434,36 @@ def _add_ln_bwd(
         c2 = tl.sum(g, axis=1)[:, None] / n
         dh = (g - (xhat * c1 + c2)) * rstd
         tl.store(DR + offs, dh.to(DR.dtype.element_ty), mask=mask)
+        if HAS_DROPOUT:
+            dh = tl.where(keep, dh * scale, 0.0)  # x's gradient from here on
         if STORE_DX:
-            if HAS_DROPOUT:
-                dh = tl.where(keep, dh * scale, 0.0)
             tl.store(DX + offs, dh.to(DX.dtype.element_ty), mask=mask)
+        if HAS_X_BIAS:
+            # x's gradient in fp32, before any rounding to DX's dtype. Rows past the end add 0 (their
+            # rstd loads as 0); columns past n hold garbage that the final store masks off.
+            dxb += dh
     tl.store(DW_PART + pid * n + cols, tl.sum(dw, axis=0), mask=col_mask)
     tl.store(DB_PART + pid * n + cols, tl.sum(db, axis=0), mask=col_mask)
+    if HAS_X_BIAS:
+        tl.store(DXB_PART + pid * n + cols, tl.sum(dxb, axis=0), mask=col_mask)
+
+
+# The x-bias backward's register cap (ptxas -v, sm_90a, the model's autocast case, dropout on; table in
+# benchmarks/results/ptxas-cpu-2026-11-27-ln-xbias): at width 768 / 1024 (one row over 4 warps) the x-bias
+# gradient's accumulator takes the kernel from 120 registers to 136, so an SM holds 3 programs (3 rows)
+# instead of 4; capped at 128 (.maxnreg) it compiles without spills and keeps 4. Over 16 warps (4096 and
+# 8192 wide) 128 is the hardware's limit anyway, and the explicit cap made ptxas spill less at 8192
+# (908 B instead of 1448, where it otherwise picked 64 registers). Other warp counts (sweep candidates,
+# overrides) are left uncapped. Not measured on a GPU.
+X_BIAS_BWD_MAXNREG = 128
+
+
+def add_bwd_options(config: LnConfig, has_x_bias: bool) -> dict:
+    """Compile options of an add + LayerNorm backward launch (also what the AOT tests compile)."""
+    options = {"num_warps": config.num_warps}
+    if has_x_bias and config.num_warps in (4, 16):
+        options["maxnreg"] = X_BIAS_BWD_MAXNREG
+    return options
 
 
 def _rows(x: torch.Tensor) -> Tuple[int, int]:
@@ -430,12 +478,14 @@ def _out_dtype(x, residual) -> torch.dtype:
 
 
 def _add_ln_fwd_impl(x, residual, weight, bias, eps: float, dropout_p: float, seed: Optional[torch.Tensor],
-                     low_dtype: Optional[torch.dtype] = None):
-    """(y, mean, rstd, y_low): y_low is y in low_dtype from the same kernel, or None without low_dtype."""
-    _check_dtypes(x=x, residual=residual, weight=weight, bias=bias)
+                     low_dtype: Optional[torch.dtype] = None, x_bias: Optional[torch.Tensor] = None):
+    """(y, mean, rstd, y_low): y_low is y in low_dtype from the same kernel, or None without low_dtype.
+    x_bias (n,) or None: added to x (in fp32) before the dropout."""
+    _check_dtypes(x=x, residual=residual, weight=weight, bias=bias, x_bias=x_bias)
     rows, n = _rows(x)
     check_width(n)
     x, residual, weight, bias = x.contiguous(), residual.contiguous(), weight.contiguous(), bias.contiguous()
+    x_bias = None if x_bias is None else x_bias.contiguous()
     y = torch.empty(x.shape, dtype=_out_dtype(x, residual), device=x.device)
     y_low = None if low_dtype is None else torch.empty(x.shape, dtype=low_dtype, device=x.device)
     mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
@@ -446,16 +496,21 @@ def _add_ln_fwd_impl(x, residual, weight, bias, eps: float, dropout_p: float, se
     config = ln_config(n, "add_fwd")
     _add_ln_fwd[(triton.cdiv(rows, config.block_m),)](
         x, residual, weight, bias, y, y if y_low is None else y_low, mean, rstd, seed if has_dropout else mean,
-        rows, n, eps, dropout_p, 1.0 / (1.0 - dropout_p), HAS_DROPOUT=has_dropout, STORE_LOW=y_low is not None,
+        weight if x_bias is None else x_bias, rows, n, eps, dropout_p, 1.0 / (1.0 - dropout_p),
+        HAS_DROPOUT=has_dropout, HAS_X_BIAS=x_bias is not None, STORE_LOW=y_low is not None,
         BLOCK_M=config.block_m, BLOCK_N=row_block(n), num_warps=config.num_warps)
     return y, mean, rstd, y_low
 
 
 def _add_ln_bwd_impl(dy, x, residual, weight, mean, rstd, dropout_p: float, seed: Optional[torch.Tensor],
-                     dy_low: Optional[torch.Tensor] = None):
-    """dy_low: the gradient of the low-precision copy, added to dy's in the kernel (None: none)."""
+                     x_bias: Optional[torch.Tensor] = None, dy_low: Optional[torch.Tensor] = None):
+    """(d residual, d x or an empty tensor when it equals d residual, d weight, d bias, d x_bias or an
+    empty tensor without x_bias). dy_low: the gradient of the low-precision copy, added to dy's in the
+    kernel (None: none)."""
     rows, n = _rows(x)
     x, residual, weight, dy = x.contiguous(), residual.contiguous(), weight.contiguous(), dy.contiguous()
+    x_bias = None if x_bias is None else x_bias.contiguous()
+    has_x_bias = x_bias is not None
     dy_low = None if dy_low is None else dy_low.contiguous()
     has_dropout = dropout_p > 0.0
     store_dx = has_dropout or x.dtype != residual.dtype
@@ -465,72 +520,91 @@ def _add_ln_bwd_impl(dy, x, residual, weight, mean, rstd, dropout_p: float, seed
         dres.zero_()
         dx.zero_()
         zeros = torch.zeros_like(weight)
-        return dres, dx, zeros, zeros.clone()
+        return dres, dx, zeros, zeros.clone(), _no_x_bias_grad(x) if x_bias is None else torch.zeros_like(x_bias)
     config = ln_config(n, "add_bwd")
     programs, rows_per_program = backward_split(rows, config, x.device)
-    part = torch.empty((2, programs, n), dtype=torch.float32, device=x.device)
+    part = torch.empty((3 if has_x_bias else 2, programs, n), dtype=torch.float32, device=x.device)
     _add_ln_bwd[(programs,)](x, residual, weight, dy, dy if dy_low is None else dy_low, dres, dx if store_dx else dres,
-                             part[0], part[1], mean, rstd, seed if has_dropout else mean, rows, n, rows_per_program,
-                             dropout_p, 1.0 / (1.0 - dropout_p), HAS_DROPOUT=has_dropout,
-                             HAS_DY_LOW=dy_low is not None, STORE_DX=store_dx, BLOCK_M=config.block_m,
-                             BLOCK_N=row_block(n), NUM_STAGES=config.num_stages, num_warps=config.num_warps)
+                             part[0], part[1], mean, rstd, seed if has_dropout else mean,
+                             x_bias if has_x_bias else weight, part[2] if has_x_bias else part[1], rows, n,
+                             rows_per_program, dropout_p, 1.0 / (1.0 - dropout_p), HAS_DROPOUT=has_dropout,
+                             HAS_DY_LOW=dy_low is not None, STORE_DX=store_dx, HAS_X_BIAS=has_x_bias,
+                             BLOCK_M=config.block_m, BLOCK_N=row_block(n), NUM_STAGES=config.num_stages,
+                             **add_bwd_options(config, has_x_bias))
     # Separate reductions: views of one tensor would alias, which custom ops forbid.
-    return dres, dx, part[0].sum(0).to(weight.dtype), part[1].sum(0).to(weight.dtype)
+    dxb = part[2].sum(0).to(x_bias.dtype) if has_x_bias else _no_x_bias_grad(x)
+    return dres, dx, part[0].sum(0).to(weight.dtype), part[1].sum(0).to(weight.dtype), dxb
 
 
-def _add_ln_op_impl(x, residual, weight, bias, eps: float, dropout_p: float, seed: Optional[torch.Tensor]):
-    return _add_ln_fwd_impl(x, residual, weight, bias, eps, dropout_p, seed)[:3]  # (y, mean, rstd): no copy
+def _no_x_bias_grad(x):
+    """The x-bias gradient slot of the backward op without an x bias (a custom op returns tensors only)."""
+    return x.new_empty((0,), dtype=torch.float32)
+
+
+def _add_ln_op_impl(x, residual, weight, bias, eps: float, dropout_p: float, seed: Optional[torch.Tensor],
+                    x_bias: Optional[torch.Tensor] = None):
+    # (y, mean, rstd): no copy
+    return _add_ln_fwd_impl(x, residual, weight, bias, eps, dropout_p, seed, x_bias=x_bias)[:3]
 
 
 @torch.library.custom_op("fastbert::add_layer_norm", mutates_args=(), device_types="cuda")
 def _add_ln_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-               dropout_p: float, seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _add_ln_op_impl(x, residual, weight, bias, eps, dropout_p, seed)
+               dropout_p: float, seed: Optional[torch.Tensor], x_bias: Optional[torch.Tensor] = None
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _add_ln_op_impl(x, residual, weight, bias, eps, dropout_p, seed, x_bias)
+
+
+def _add_ln_bwd_op_impl(dy, x, residual, weight, mean, rstd, dropout_p: float, seed: Optional[torch.Tensor],
+                        x_bias: Optional[torch.Tensor] = None):
+    return _add_ln_bwd_impl(dy, x, residual, weight, mean, rstd, dropout_p, seed, x_bias)
 
 
 @torch.library.custom_op("fastbert::add_layer_norm_backward", mutates_args=(), device_types="cuda")
 def _add_ln_backward_op(dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                        mean: torch.Tensor, rstd: torch.Tensor, dropout_p: float, seed: Optional[torch.Tensor]
-                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d residual, d x or an empty tensor when it equals d residual, d weight, d bias)."""
-    return _add_ln_bwd_impl(dy, x, residual, weight, mean, rstd, dropout_p, seed)
+                        mean: torch.Tensor, rstd: torch.Tensor, dropout_p: float, seed: Optional[torch.Tensor],
+                        x_bias: Optional[torch.Tensor] = None
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d residual, d x or an empty tensor when it equals d residual, d weight, d bias, d x_bias or an
+    empty fp32 tensor without x_bias)."""
+    return _add_ln_bwd_op_impl(dy, x, residual, weight, mean, rstd, dropout_p, seed, x_bias)
 
 
 # CPU tensors reach these only under FASTBERT_KERNELS=triton with TRITON_INTERPRET=1 (tests).
 _add_ln_op.register_kernel("cpu")(_add_ln_op_impl)
-_add_ln_backward_op.register_kernel("cpu")(_add_ln_bwd_impl)
+_add_ln_backward_op.register_kernel("cpu")(_add_ln_bwd_op_impl)
 
 
 @_add_ln_op.register_fake
-def _(x, residual, weight, bias, eps, dropout_p, seed):
+def _(x, residual, weight, bias, eps, dropout_p, seed, x_bias=None):
     mean = x.new_empty(x.shape[:-1], dtype=torch.float32)
     return x.new_empty(x.shape, dtype=_out_dtype(x, residual)), mean, torch.empty_like(mean)
 
 
 @_add_ln_backward_op.register_fake
-def _(dy, x, residual, weight, mean, rstd, dropout_p, seed):
+def _(dy, x, residual, weight, mean, rstd, dropout_p, seed, x_bias=None):
     store_dx = dropout_p > 0.0 or x.dtype != residual.dtype
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if store_dx else x.new_empty((0,))
+    dxb = _no_x_bias_grad(x) if x_bias is None else torch.empty_like(x_bias, memory_format=torch.contiguous_format)
     return (torch.empty_like(residual, memory_format=torch.contiguous_format), dx, torch.empty_like(weight),
-            torch.empty_like(weight))
+            torch.empty_like(weight), dxb)
 
 
 def _add_ln_setup(ctx, inputs, output):
-    x, residual, weight, bias, eps, dropout_p, seed = inputs
+    x, residual, weight, bias, eps, dropout_p, seed, x_bias = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, residual, weight, mean, rstd, seed)
+    ctx.save_for_backward(x, residual, weight, mean, rstd, seed, x_bias)
     ctx.dropout_p = dropout_p
     ctx.bias_dtype = bias.dtype
 
 
 def _add_ln_backward(ctx, dy, _dmean, _drstd, backward=_add_ln_backward_op):
-    x, residual, weight, mean, rstd, seed = ctx.saved_tensors
-    dres, dx, dw, db = backward(dy, x, residual, weight, mean, rstd, ctx.dropout_p, seed)
+    x, residual, weight, mean, rstd, seed, x_bias = ctx.saved_tensors
+    dres, dx, dw, db, dxb = backward(dy, x, residual, weight, mean, rstd, ctx.dropout_p, seed, x_bias)
     if dx.numel() == 0 and x.numel() != 0:
         dx = dres  # no dropout and one dtype: the two gradients are the same tensor of values
     elif x.numel() == 0:
         dx = torch.zeros_like(x)
-    return dx, dres, dw, db.to(ctx.bias_dtype), None, None, None
+    return dx, dres, dw, db.to(ctx.bias_dtype), None, None, None, None if x_bias is None else dxb
 
 
 _add_ln_op.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
@@ -543,9 +617,9 @@ class _AddLayerNorm(torch.autograd.Function):
     With low_dtype it returns (y, y_low) and its backward takes both gradients (see the module doc)."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, dropout_p, seed, low_dtype):
-        y, mean, rstd, y_low = _add_ln_fwd_impl(x, residual, weight, bias, eps, dropout_p, seed, low_dtype)
-        _add_ln_setup(ctx, (x, residual, weight, bias, eps, dropout_p, seed), (y, mean, rstd))
+    def forward(ctx, x, residual, weight, bias, eps, dropout_p, seed, x_bias, low_dtype):
+        y, mean, rstd, y_low = _add_ln_fwd_impl(x, residual, weight, bias, eps, dropout_p, seed, low_dtype, x_bias)
+        _add_ln_setup(ctx, (x, residual, weight, bias, eps, dropout_p, seed, x_bias), (y, mean, rstd))
         if y_low is None:
             return y
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a tensor of zeros
@@ -556,7 +630,7 @@ class _AddLayerNorm(torch.autograd.Function):
         if dy is None:  # only the copy was used
             dy, dy_low = dy_low, None
         if dy is None:
-            return (None,) * 8
+            return (None,) * 9
 
         def backward(*args):
             return _add_ln_bwd_impl(*args, dy_low=dy_low)
@@ -565,14 +639,15 @@ class _AddLayerNorm(torch.autograd.Function):
 
 
 def add_layer_norm(x, residual, weight, bias, eps: float = 1e-12, dropout_p: float = 0.0,
-                   low_dtype: Optional[torch.dtype] = None):
-    """layer_norm(dropout(x) + residual) with the Triton kernels; inputs validated by fastbert.kernels.
-    With low_dtype: (y, y.to(low_dtype)), both written by the forward kernel."""
+                   low_dtype: Optional[torch.dtype] = None, x_bias: Optional[torch.Tensor] = None):
+    """layer_norm(dropout(x + x_bias) + residual) with the Triton kernels (x_bias None: no bias);
+    inputs validated by fastbert.kernels. With low_dtype: (y, y.to(low_dtype)), both written by the
+    forward kernel."""
     seed = draw_seed(x.device) if dropout_p > 0.0 else None
     if torch.compiler.is_compiling():  # the custom op has one output; Inductor fuses the cast itself
-        y = _add_ln_op(x, residual, weight, bias, float(eps), float(dropout_p), seed)[0]
+        y = _add_ln_op(x, residual, weight, bias, float(eps), float(dropout_p), seed, x_bias)[0]
         return y if low_dtype is None else (y, y.to(low_dtype))
-    return _AddLayerNorm.apply(x, residual, weight, bias, float(eps), float(dropout_p), seed, low_dtype)
+    return _AddLayerNorm.apply(x, residual, weight, bias, float(eps), float(dropout_p), seed, x_bias, low_dtype)
 
 
 # --------------------------------------------------------------------------- GELU + LayerNorm kernels

@@ -146,11 +146,14 @@ def bias_gelu(x, bias, approximate="none"):
     return F.gelu(x.to(ct) + bias.to(ct), approximate=approximate).to(x.dtype)
 
 
-def add_layer_norm(x, residual, weight, bias, eps=1e-12, dropout_p=0.0):
-    """The output dtype is that of x + residual (an fp32 residual stream stays fp32 under autocast)."""
+def add_layer_norm(x, residual, weight, bias, eps=1e-12, dropout_p=0.0, x_bias=None):
+    """layer_norm(dropout(x + x_bias) + residual). The output dtype is that of x + residual (an fp32
+    residual stream stays fp32 under autocast); x_bias (n,) or None is added in the compute dtype."""
     out_dtype = torch.promote_types(x.dtype, residual.dtype)
     ct = _compute_dtype(out_dtype)
     h = x.to(ct)
+    if x_bias is not None:
+        h = h + x_bias.to(ct)
     if dropout_p > 0.0:
         h = dropout(h, dropout_p)
     h = h + residual.to(ct)

@@ -42,15 +42,18 @@ def test_opcheck_bias_gelu(triton_kernels, approximate):
 
 
 @interpreted
+@pytest.mark.parametrize("x_bias", [False, True], ids=["", "x_bias"])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_opcheck_add_layer_norm(triton_kernels, p):
+def test_opcheck_add_layer_norm(triton_kernels, p, x_bias):
     x, r = torch.randn(3, 40, requires_grad=True), torch.randn(3, 40, requires_grad=True)
     w, b = torch.randn(40, requires_grad=True), torch.randn(40, requires_grad=True)
+    xb = (torch.randn(40, requires_grad=True),) if x_bias else ()  # absent: the op's default (None)
     seed = L.draw_seed("cpu") if p else None
-    _opcheck(torch.ops.fastbert.add_layer_norm.default, (x, r, w, b, 1e-5, p, seed))
-    _, mean, rstd = torch.ops.fastbert.add_layer_norm(x, r, w, b, 1e-5, p, seed)
+    _opcheck(torch.ops.fastbert.add_layer_norm.default, (x, r, w, b, 1e-5, p, seed, *xb))
+    _, mean, rstd = torch.ops.fastbert.add_layer_norm(x, r, w, b, 1e-5, p, seed, *xb)
     _opcheck(torch.ops.fastbert.add_layer_norm_backward.default,
-             (torch.randn(3, 40), x.detach(), r.detach(), w.detach(), mean.detach(), rstd.detach(), p, seed))
+             (torch.randn(3, 40), x.detach(), r.detach(), w.detach(), mean.detach(), rstd.detach(), p, seed,
+              *(t.detach() for t in xb)))
 
 
 @interpreted
@@ -90,6 +93,7 @@ def test_compile_fullgraph(triton_kernels):
 
     def f(x, r, w, b):
         h = L.gelu_layer_norm(G.bias_gelu(x, b, "none"), b, w, b, 1e-5, "tanh")
+        h = L.add_layer_norm(h, r, w, b, 1e-5, 0.0, x_bias=w)  # the dense bias fused
         return L.add_layer_norm(h, r, w, b, 1e-5, 0.0).sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
@@ -120,6 +124,8 @@ def test_eager_path_equals_custom_ops(triton_kernels, device):
         ((x, c), lambda x, c: G.bias_gelu(x, c, "tanh"), lambda x, c: ops.bias_gelu(x, c, "tanh")),
         ((x, r.half(), w, b), lambda *a: L.add_layer_norm(*a, 1e-5, 0.0),
          lambda *a: ops.add_layer_norm(*a, 1e-5, 0.0, None)[0]),
+        ((x, r, w, b, c), lambda *a: L.add_layer_norm(*a[:4], 1e-5, 0.0, x_bias=a[4]),
+         lambda *a: ops.add_layer_norm(*a[:4], 1e-5, 0.0, None, a[4])[0]),
         ((x, c, w, b), lambda *a: L.gelu_layer_norm(*a, 1e-5, "none"),
          lambda *a: ops.gelu_layer_norm(*a, 1e-5, "none")[0]),
         ((ids, tt, pos, *tables, w, b), lambda *a: E.embed_layer_norm(*a, 1e-5, 0.0),
@@ -134,6 +140,12 @@ def test_eager_path_equals_custom_ops(triton_kernels, device):
     torch.manual_seed(5)
     want = _grads(lambda *a: ops.add_layer_norm(*a, 1e-5, 0.3, L.draw_seed(device))[0], (x, r, w, b))
     assert all(torch.equal(a, o) for a, o in zip(got, want))
+    torch.manual_seed(5)
+    got = _grads(lambda *a: L.add_layer_norm(*a[:4], 1e-5, 0.3, low_dtype=torch.float16, x_bias=a[4])[0],
+                 (x, r, w, b, c))
+    torch.manual_seed(5)
+    want = _grads(lambda *a: ops.add_layer_norm(*a[:4], 1e-5, 0.3, L.draw_seed(device), a[4])[0], (x, r, w, b, c))
+    assert len(got) == 6 and all(torch.equal(a, o) for a, o in zip(got, want))
 
 
 # ---------------------------------------------------------------------------- ahead-of-time compile
@@ -227,21 +239,25 @@ def _ln_variants(kind, flags, exhaustive):
 
 
 def _add_ln_fwd(exhaustive):
-    # Y_LOW / DY_LOW: the matmul copy is bf16 beside an fp32 stream in the model, whatever X's dtype here
+    # Y_LOW / DY_LOW: the matmul copy is bf16 beside an fp32 stream in the model, whatever X's dtype here;
+    # XB: the dense bias, an fp32 parameter in the model
     return [({"X": _PT[d], "R": _PT[d], "W": _PT[d], "B": _PT[d], "Y": _PT[d], "Y_LOW": "*bf16", "MEAN": "*fp32",
-              "RSTD": "*fp32", "SEED": "*i64", "rows": "i32", "n": "i32", "eps": "fp32", "p": "fp32", "scale": "fp32",
-              "HAS_DROPOUT": "constexpr", "STORE_LOW": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
-             const, options)
-            for d, const, options in _ln_variants("add_fwd", ("HAS_DROPOUT", "STORE_LOW"), exhaustive)]
+              "RSTD": "*fp32", "SEED": "*i64", "XB": "*fp32", "rows": "i32", "n": "i32", "eps": "fp32", "p": "fp32",
+              "scale": "fp32", "HAS_DROPOUT": "constexpr", "HAS_X_BIAS": "constexpr", "STORE_LOW": "constexpr",
+              "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}, const, options)
+            for d, const, options in _ln_variants("add_fwd", ("HAS_DROPOUT", "STORE_LOW", "HAS_X_BIAS"), exhaustive)]
 
 
 def _add_ln_bwd(exhaustive):
     return [({"X": _PT[d], "R": _PT[d], "W": _PT[d], "DY": _PT[d], "DY_LOW": "*bf16", "DR": _PT[d], "DX": _PT[d],
-              "DW_PART": "*fp32", "DB_PART": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64", "rows": "i32",
-              "n": "i32", "rows_per_program": "i32", "p": "fp32", "scale": "fp32", "HAS_DROPOUT": "constexpr",
-              "HAS_DY_LOW": "constexpr", "STORE_DX": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-              "NUM_STAGES": "constexpr"}, const, options)
-            for d, const, options in _ln_variants("add_bwd", ("HAS_DROPOUT", "HAS_DY_LOW", "STORE_DX"), exhaustive)]
+              "DW_PART": "*fp32", "DB_PART": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64", "XB": "*fp32",
+              "DXB_PART": "*fp32", "rows": "i32", "n": "i32", "rows_per_program": "i32", "p": "fp32", "scale": "fp32",
+              "HAS_DROPOUT": "constexpr", "HAS_DY_LOW": "constexpr", "STORE_DX": "constexpr", "HAS_X_BIAS": "constexpr",
+              "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "NUM_STAGES": "constexpr"}, const,
+             # the launcher's options: the x-bias variant's register cap included
+             L.add_bwd_options(L.LnConfig(const["BLOCK_M"], options["num_warps"]), const["HAS_X_BIAS"]))
+            for d, const, options in _ln_variants("add_bwd", ("HAS_DROPOUT", "HAS_DY_LOW", "STORE_DX", "HAS_X_BIAS"),
+                                                  exhaustive)]
 
 
 def _gelu_ln_fwd(exhaustive):

@@ -136,6 +136,85 @@ def test_add_layer_norm_many_rows(triton_kernels, device):
            (x, res, w, b), [torch.float32] * 4, device, ("x", "residual", "weight", "bias"))
 
 
+# ------------------------------------------- add_layer_norm with the dense bias (x_bias) of the model
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, n", [(23, 37), (19, 768)])
+def test_add_layer_norm_x_bias(triton_kernels, device, rows, n, dtype, p):
+    """layer_norm(dropout(x + x_bias) + residual) against float64 with the kernels' own mask: output
+    and every gradient, x_bias's included (summed over several rows per backward program and several
+    programs). Without dropout and in one dtype, x's gradient is not stored by the kernel (it is the
+    residual's) but the x-bias gradient must still be accumulated."""
+    seed, scale = 21, 1.0 / (1.0 - p)
+    torch.manual_seed(seed)
+    keep = L.dropout_mask(L.draw_seed(device), rows, n, p) if p else None
+    x, res, xb = torch.randn(rows, n), 1.0 + torch.randn(rows, n), 0.5 * torch.randn(n)
+    w, b = _ln_params(n)
+
+    def base(x, r, w, b, xb):
+        h = x + xb
+        return F.layer_norm((h if keep is None else h * keep.to(h.dtype) * scale) + r, (n,), w, b, EPS)
+
+    _check(lambda x, r, w, b, xb: K.add_layer_norm(x, r, w, b, EPS, dropout_p=p, x_bias=xb), base,
+           (x, res, w, b, xb), [dtype] * 5, device, ("x", "residual", "weight", "bias", "x_bias"),
+           seed=seed if p else None)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("xb_dtype", [torch.float32, torch.float16])
+def test_add_layer_norm_x_bias_mixed_dtypes(triton_kernels, device, xb_dtype, p):
+    """The autocast pattern with the dense bias: a low-precision x (fp16 standing in for bf16), an fp32
+    residual stream and LayerNorm, x_bias in fp32 (the parameter) or in x's dtype. The output is
+    promote_types(x, residual) whatever x_bias's dtype; each gradient in its input's dtype."""
+    n, rows, seed = 100, 9, 5
+    torch.manual_seed(seed)
+    keep = L.dropout_mask(L.draw_seed(device), rows, n, p) if p else None
+    x, res, xb = torch.randn(n, rows).t(), torch.randn(n, rows).t(), torch.randn(n)
+    w, b = _ln_params(n)
+
+    def base(x, r, w, b, xb):
+        h = x.to(r.dtype) + xb.to(r.dtype)
+        if keep is not None:
+            h = h * keep.to(r.dtype) / (1.0 - p)
+        return F.layer_norm(h + r, (n,), w.to(r.dtype), b.to(r.dtype), EPS)
+
+    _check(lambda x, r, w, b, xb: K.add_layer_norm(x, r, w, b, EPS, dropout_p=p, x_bias=xb), base,
+           (x, res, w, b, xb), [torch.float16, torch.float32, torch.float32, torch.float32, xb_dtype], device,
+           ("x", "residual", "weight", "bias", "x_bias"), seed=seed if p else None, out_dtype=torch.float32)
+
+
+def test_add_layer_norm_x_bias_reference_path_and_errors(reference_kernels):
+    """FASTBERT_KERNELS=reference computes the same function (float64 included), and a bad x_bias is
+    refused with a message naming it, on both paths."""
+    n = 12
+    x, res, xb = torch.randn(3, n, dtype=torch.float64), torch.randn(3, n, dtype=torch.float64), torch.randn(n)
+    w, b = (t.double() for t in _ln_params(n))
+    xb64 = xb.double().requires_grad_()
+    y = K.add_layer_norm(x, res, w, b, EPS, x_bias=xb64)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, F.layer_norm(x + xb64 + res, (n,), w, b, EPS), rtol=1e-12, atol=1e-12)
+    y.sum().backward()
+    assert xb64.grad is not None and xb64.grad.shape == (n,)
+    for bad, error, match in ((xb[:-1], ValueError, "x_bias: expected shape"), (xb[None], ValueError, "x_bias"),
+                              (torch.arange(n), TypeError, "x_bias"), ("bias", TypeError, "x_bias"),
+                              (torch.empty(n, device="meta"), ValueError, "x_bias is on device")):
+        with pytest.raises(error, match=match):
+            K.add_layer_norm(x, res, w, b, EPS, x_bias=bad)
+
+
+def test_add_layer_norm_x_bias_errors_on_the_triton_path(triton_kernels, device):
+    n = 12
+    x, res = torch.randn(3, n, device=device), torch.randn(3, n, device=device)
+    w, b = torch.ones(n, device=device), torch.zeros(n, device=device)
+    with pytest.raises(ValueError, match="x_bias: expected shape"):
+        K.add_layer_norm(x, res, w, b, EPS, x_bias=torch.zeros(n + 1, device=device))
+    with pytest.raises(TypeError, match="x_bias"):
+        K.add_layer_norm(x, res, w, b, EPS, x_bias=torch.zeros(n, device=device, dtype=torch.int32))
+    with pytest.raises(TypeError, match="x_bias must be fp16, bf16 or fp32"):  # the kernels' own check
+        L.add_layer_norm(x, res, w, b, EPS, x_bias=torch.zeros(n, device=device, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", WIDTHS)
@@ -184,23 +263,31 @@ def test_add_layer_norm_low_copy(triton_kernels, device, rows, n, p):
     _check_low_copy(device, rows, n, p)
 
 
-def _check_low_copy(device, rows, n, p):
+def _check_low_copy(device, rows, n, p, x_bias=False):
+    """x_bias: also an fp32 bias of x (the model's dense bias under autocast)."""
     low, seed = _low_dtype(device), 7
     torch.manual_seed(seed)
     keep = L.dropout_mask(L.draw_seed(device), rows, n, p) if p else None
     x, res = torch.randn(n, rows).t(), 1.0 + torch.randn(n, rows).t()
     w, b = _ln_params(n)
-    ours = [t.to(device=device, dtype=d).requires_grad_() for t, d in
-            zip((x, res, w, b), (low, torch.float32, torch.float32, torch.float32))]
+    inputs, dtypes = [x, res, w, b], [low, torch.float32, torch.float32, torch.float32]
+    names = ["x", "residual", "weight", "bias"]
+    if x_bias:
+        inputs, dtypes, names = inputs + [0.5 * torch.randn(n)], dtypes + [torch.float32], names + ["x_bias"]
+    ours = [t.to(device=device, dtype=d).requires_grad_() for t, d in zip(inputs, dtypes)]
     base = [t.detach().clone().requires_grad_() for t in ours]
     ref = [t.detach().to(torch.float64).requires_grad_() for t in ours]
 
-    def plain(x, r, w, b):
-        h = x.to(r.dtype) if keep is None else x.to(r.dtype) * keep.to(r.dtype) / (1.0 - p)
+    def plain(x, r, w, b, xb=None):
+        h = x.to(r.dtype) if xb is None else x.to(r.dtype) + xb.to(r.dtype)
+        h = h if keep is None else h * keep.to(r.dtype) / (1.0 - p)
         return F.layer_norm(h + r, (n,), w.to(r.dtype), b.to(r.dtype), EPS)
 
     torch.manual_seed(seed)
-    y, y_low = K.add_layer_norm(*ours, EPS, dropout_p=p, low_dtype=low)
+    if x_bias:
+        y, y_low = K.add_layer_norm(*ours[:4], EPS, dropout_p=p, low_dtype=low, x_bias=ours[4])
+    else:
+        y, y_low = K.add_layer_norm(*ours, EPS, dropout_p=p, low_dtype=low)
     assert y.dtype == torch.float32 and y_low.dtype == low
     assert torch.equal(y_low, y.to(low))
     dy = torch.randn(rows, n, device=device)
@@ -211,7 +298,7 @@ def _check_low_copy(device, rows, n, p):
     y_ref = plain(*ref)
     y_ref.backward(dy.double() + dy_low.double())
     assert_close_to_reference(y, y_base, y_ref, name="out")
-    for name, a, bb, r in zip(("x", "residual", "weight", "bias"), ours, base, ref):
+    for name, a, bb, r in zip(names, ours, base, ref):
         assert a.grad.dtype == a.dtype
         assert_close_to_reference(a.grad, bb.grad, r.grad, name=f"d{name}")
 
@@ -283,15 +370,31 @@ def _assert_tiled_split(kind, device):
     return config
 
 
+@pytest.mark.parametrize("x_bias", [False, True], ids=["", "x_bias"])
 @pytest.mark.parametrize("p", [0.0, 0.25])
 @pytest.mark.parametrize("tiling", TILINGS)
-def test_add_layer_norm_tiled(triton_kernels, device, ln_launch, tiling, p):
+def test_add_layer_norm_tiled(triton_kernels, device, ln_launch, tiling, p, x_bias):
     """add_layer_norm under each tiling against float64: the low-precision copy bit for bit, both
-    output gradients (HAS_DY_LOW), mixed dtypes (STORE_DX), dropout, rows not a multiple of BLOCK_M."""
+    output gradients (HAS_DY_LOW), mixed dtypes (STORE_DX), dropout, rows not a multiple of BLOCK_M,
+    with and without the dense bias (x_bias: its gradient summed across tiles and programs)."""
     ln_launch(tiling)
     assert L.ln_config(TILED_N, "add_fwd").block_m == tiling["add_fwd"][0]
     _assert_tiled_split("add_bwd", device)
-    _check_low_copy(device, TILED_ROWS, TILED_N, p)
+    _check_low_copy(device, TILED_ROWS, TILED_N, p, x_bias)
+
+
+@pytest.mark.parametrize("tiling", TILINGS)
+def test_add_layer_norm_x_bias_tiled_one_dtype(triton_kernels, device, ln_launch, tiling):
+    """x_bias with no dropout and one dtype (x's gradient is not stored, it equals the residual's):
+    the x-bias gradient is still summed, under each tiling."""
+    ln_launch(tiling)
+    _assert_tiled_split("add_bwd", device)
+    n = TILED_N
+    x, res, xb = torch.randn(TILED_ROWS, n), 1.0 + torch.randn(TILED_ROWS, n), torch.randn(n)
+    w, b = _ln_params(n)
+    _check(lambda x, r, w, b, xb: K.add_layer_norm(x, r, w, b, EPS, x_bias=xb),
+           lambda x, r, w, b, xb: F.layer_norm(x + xb + r, (n,), w, b, EPS),
+           (x, res, w, b, xb), [torch.float16] * 5, device, ("x", "residual", "weight", "bias", "x_bias"))
 
 
 @pytest.mark.parametrize("tiling", TILINGS)

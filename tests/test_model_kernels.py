@@ -269,3 +269,117 @@ def test_autocast_low_copy_with_stream_changing_hooks(device, triton_kernels, pa
     fused = run()
     unfused = _without_matmul_copy(run)
     assert torch.equal(fused, unfused)
+
+
+# --------------------------------------- the dense bias of BertSelfOutput / BertOutput in the LayerNorm
+
+def test_dense_bias_is_added_and_differentiated_by_the_layer_norm_kernel(device, triton_kernels, monkeypatch):
+    """On the Triton kernels the attention-output and FFN-output denses run without their bias
+    (F.linear(h, W)), and add_layer_norm adds it (x_bias) and returns its gradient: the dense modules
+    are never called (calling one raises here), each add_layer_norm gets its dense's bias, and the
+    model still gives transformers' float64 loss and gradients (dense biases included) by the rule."""
+    from fastbert import modeling
+    name = "BertForPreTraining"
+    torch.manual_seed(0)
+    hf64 = getattr(transformers, name)(transformers.BertConfig(**CFG)).double().train()
+    hf32 = getattr(transformers, name)(transformers.BertConfig(**CFG)).to(device).train()
+    hf32.load_state_dict(hf64.state_dict())
+    ours = getattr(fastbert, name)(fastbert.BertConfig(**CFG)).to(device).train()
+    ours.load_state_dict(hf64.state_dict())
+    assert ours.state_dict().keys() == hf64.state_dict().keys()
+    denses = [m for layer in ours.bert.encoder.layer for m in (layer.attention.output.dense, layer.output.dense)]
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the dense module ran: its bias was not fused")
+
+    for dense in denses:
+        monkeypatch.setattr(dense, "forward", forbidden)  # an instance attribute: no hook, _hooked stays False
+    seen = []
+    real = modeling.K.add_layer_norm
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("x_bias"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(modeling.K, "add_layer_norm", spy)
+    batch = _batch(device, name)
+    batch64 = {k: v.cpu() for k, v in batch.items()}
+    results = []
+    for model, b in ((hf64, batch64), (hf32, batch), (ours, batch)):
+        model.zero_grad()
+        loss = model(**b).loss
+        loss.backward()
+        results.append((loss.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters()
+                                              if p.grad is not None}))
+    assert len(seen) == len(denses) and all(s is d.bias for s, d in zip(seen, denses))
+    (rl, rg), (bl, bg), (ol, og) = results
+    assert_close_to_reference(ol, bl, rl, k=4, name="loss")
+    dense_biases = [n for n in rg if n.endswith("output.dense.bias")]
+    assert len(dense_biases) == len(denses) and og.keys() == rg.keys()
+    for pname in rg:
+        assert_close_to_reference(og[pname], bg[pname], rg[pname], k=4, name=f"grad {pname}")
+
+
+@pytest.mark.parametrize("hooked", ["attention", "ffn"])
+def test_forward_hook_on_a_dense_still_sees_its_call_and_its_output_is_used(device, triton_kernels, hooked):
+    """A forward hook on a BertSelfOutput / BertOutput dense: that dense runs as a module (bias
+    inside), the hook fires once per call and its replacement output is what the LayerNorm takes
+    (transformers' model with the same hook agrees in float64 by the rule); the other denses stay fused."""
+    name = "BertForSequenceClassification"
+    torch.manual_seed(0)
+    hf64 = getattr(transformers, name)(transformers.BertConfig(**CFG)).double().train()
+    hf32 = getattr(transformers, name)(transformers.BertConfig(**CFG)).to(device).train()
+    hf32.load_state_dict(hf64.state_dict())
+    ours = getattr(fastbert, name)(fastbert.BertConfig(**CFG)).to(device).train()
+    ours.load_state_dict(hf64.state_dict())
+    batch = _batch(device, name)
+    batch64 = {k: v.cpu() for k, v in batch.items()}
+    calls = []
+
+    def hook(module, args, out):
+        calls.append(out.shape)
+        return out.roll(1, -1) * 1.5  # LayerNorm would undo a plain scale or shift, not a permutation
+
+    results = []
+    for model, b in ((hf64, batch64), (hf32, batch), (ours, batch)):
+        layer = model.bert.encoder.layer[0]
+        dense = layer.attention.output.dense if hooked == "attention" else layer.output.dense
+        handle = dense.register_forward_hook(hook)
+        calls.clear()
+        loss = model(**b).loss
+        loss.backward()
+        handle.remove()
+        assert len(calls) == 1
+        results.append((loss.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters()
+                                              if p.grad is not None}))
+    (rl, rg), (bl, bg), (ol, og) = results
+    assert_close_to_reference(ol, bl, rl, k=4, name="loss")
+    for pname in rg:
+        assert_close_to_reference(og[pname], bg[pname], rg[pname], k=4, name=f"grad {pname}")
+    # the hook's output was used: the encoder's output moves by O(1) without it
+    layer = ours.bert.encoder.layer[0]
+    dense = layer.attention.output.dense if hooked == "attention" else layer.output.dense
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        handle = dense.register_forward_hook(hook)
+        with_hook = ours.bert(**inputs).last_hidden_state
+        handle.remove()
+        without = ours.bert(**inputs).last_hidden_state
+    assert (with_hook - without).abs().max() > 0.1
+
+
+def test_cpu_reference_path_keeps_the_bias_in_the_dense(monkeypatch):
+    """On the CPU reference path (FASTBERT_KERNELS=auto, CPU tensors) nothing changes: the denses run
+    as modules with their bias inside the matmul, and add_layer_norm gets no x_bias."""
+    from fastbert import modeling
+    monkeypatch.setenv("FASTBERT_KERNELS", "auto")
+    model = fastbert.BertForPreTraining(fastbert.BertConfig(**CFG)).train()
+    calls, seen = [], []
+    for layer in model.bert.encoder.layer:
+        for dense in (layer.attention.output.dense, layer.output.dense):
+            real_forward = dense.forward
+            monkeypatch.setattr(dense, "forward", lambda x, f=real_forward: calls.append(1) or f(x))
+    real = modeling.K.add_layer_norm
+    monkeypatch.setattr(modeling.K, "add_layer_norm", lambda *a, **k: seen.append(k.get("x_bias")) or real(*a, **k))
+    model(**_batch("cpu", "BertForPreTraining")).loss.backward()
+    assert len(calls) == 2 * CFG["num_hidden_layers"] and seen == [None] * len(calls)
