@@ -150,23 +150,26 @@ def changes_off(hidden_size: int):
     """fastbert's model with every kernel change made after the last GPU measurement (H100 run 9)
     turned off, for the total A/B in one run: the two copy removals (copies_unfused), the one-launch
     attention backward (the split dQ + dK/dV pair instead), the LayerNorm kernels' tiles (their
-    one-row launches) and mlm_loss's 128 MiB logits blocks (64 MiB). Must cover the backward too: the
-    attention's launch is chosen when it runs."""
+    one-row launches), the dense biases inside the add + LayerNorm kernels (back in the matmuls) and
+    mlm_loss's 128 MiB logits blocks (64 MiB). Must cover the backward too: the attention's launch is
+    chosen when it runs."""
+    from . import modeling
     from .kernels import flash_attention, layer_norm, linear_cross_entropy
 
     one_row = {kind: list(layer_norm.one_row_config(hidden_size, kind))[:4 if kind.endswith("_bwd") else 2]
                for kind in layer_norm.LN_KINDS}  # a forward's override is [BLOCK_M, num_warps]
-    chunk_bytes = linear_cross_entropy.CHUNK_BYTES
+    chunk_bytes, fuse_dense_bias = linear_cross_entropy.CHUNK_BYTES, modeling._fuse_dense_bias
     flash_attention.set_config_override({"fused": []})
     layer_norm.set_ln_config_override(one_row)
     linear_cross_entropy.CHUNK_BYTES = 64 << 20
+    modeling._fuse_dense_bias = lambda dense, residual: False
     try:
         with copies_unfused():
             yield
     finally:
         flash_attention.set_config_override(None)
         layer_norm.set_ln_config_override(None)
-        linear_cross_entropy.CHUNK_BYTES = chunk_bytes
+        linear_cross_entropy.CHUNK_BYTES, modeling._fuse_dense_bias = chunk_bytes, fuse_dense_bias
 
 
 def build_models(case, size, vocab, max_len, device, competitors, dtype_note=""):

@@ -392,6 +392,11 @@ def _add_norm_with_copy(module, h, residual, low_dtype):
     return module.add_norm(h, residual, low_dtype)
 
 
+def _fuse_dense_bias(dense: nn.Linear, residual) -> bool:
+    """Whether a residual block's dense bias joins its add + LayerNorm kernel (BertSelfOutput.add_norm)."""
+    return dense.bias is not None and K.use_triton(residual) and not _hooked(dense)
+
+
 class BertSelfOutput(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -411,7 +416,7 @@ class BertSelfOutput(nn.Module):
         call and its output) or no bias, the dense runs as a module, as before."""
         p = self.dropout.p if self.training else 0.0
         dense = self.dense
-        if dense.bias is not None and K.use_triton(residual) and not _hooked(dense):
+        if _fuse_dense_bias(dense, residual):
             return K.add_layer_norm(F.linear(h, dense.weight), residual, self.LayerNorm.weight, self.LayerNorm.bias,
                                     self.LayerNorm.eps, p, low_dtype=low_dtype, x_bias=dense.bias)
         return K.add_layer_norm(dense(h), residual, self.LayerNorm.weight, self.LayerNorm.bias,

@@ -194,15 +194,27 @@ def test_before_competitor_turns_off_every_unmeasured_change(triton_kernels, mon
 
     from fastbert.kernels import linear_cross_entropy as lce
     chunk_bytes = lce.CHUNK_BYTES
+    from fastbert import modeling
+    x_biases = []
+    add_layer_norm = modeling.K.add_layer_norm
+
+    def recording_add_layer_norm(*args, **kwargs):
+        x_biases.append(kwargs.get("x_bias"))
+        return add_layer_norm(*args, **kwargs)
+
+    monkeypatch.setattr(modeling.K, "add_layer_norm", recording_add_layer_norm)
     with bench.changes_off(32):
         assert lce.CHUNK_BYTES == 64 << 20 != chunk_bytes
         with monkeypatch.context() as m:
             m.setattr(fa, "_attn_bwd_fused", None)  # launching it would raise TypeError
             assert {k: ln.ln_config(32, k) for k in ln.LN_KINDS} == {k: ln.one_row_config(32, k) for k in ln.LN_KINDS}
             loss_b, grads_b = step()
+    assert len(x_biases) == 4 and all(b is None for b in x_biases)  # the dense biases stayed in the matmuls
     assert (fa.bwd_config(32, torch.float32), {k: ln.ln_config(32, k) for k in ln.LN_KINDS}) == defaults
     assert lce.CHUNK_BYTES == chunk_bytes
+    x_biases.clear()
     loss_a, grads_a = step()
+    assert len(x_biases) == 4 and all(b is not None for b in x_biases)  # and join the kernels by default
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
     assert len(grads_a) == len(grads_b) > 20
     for a, b in zip(grads_a, grads_b):
