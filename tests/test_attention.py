@@ -194,6 +194,18 @@ def unpadded_view(x, lengths):
     return torch.cat([x[i, :, :n].transpose(0, 1) for i, n in enumerate(lengths)])
 
 
+def packed_torch_attention(lengths, causal=False, keep=None, dropout_p=0.0):
+    """torch_attention over packed (total, H, D) q/k/v of these sequence lengths (empty ones hold no
+    rows), as a (q, k, v) -> out function: the packed tests' PyTorch baseline, and their float64
+    oracle with an explicit keep mask (B, H, S, S) of the non-empty sequences."""
+    real = [n for n in lengths if n]
+
+    def run(q, k, v):
+        (qp, mask), (kp, _), (vp, _) = (padded_view(t.cpu(), real) for t in (q, k, v))
+        return unpadded_view(torch_attention(qp, kp, vp, mask, causal, keep=keep, dropout_p=dropout_p), real)
+    return run
+
+
 @interpreter_matrix
 @pytest.mark.parametrize("dtype", INTERPRETED_DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
@@ -202,11 +214,7 @@ def test_varlen_matches_reference(triton_kernels, device, lengths, heads, dim, c
     q, k, v, cu = packed_qkv(lengths, heads, dim, device, torch.float32)
     assert q.stride(0) == 3 * heads * dim  # strided views, not copies
     max_len = max(lengths)
-
-    def baseline(q, k, v):
-        (qp, mask), (kp, _), (vp, _) = (padded_view(t.cpu(), lengths) for t in (q, k, v))
-        return unpadded_view(torch_attention(qp, kp, vp, mask, causal), lengths)
-
+    baseline = packed_torch_attention(lengths, causal)
     check_against_reference(
         lambda q, k, v: K.varlen_attention(q, k, v, cu, max_len, causal=causal),
         baseline,
@@ -323,11 +331,7 @@ def test_varlen_dropout_forward_backward_consistent(triton_kernels, device):
     documented = philox_keep_mask(_seed_of(99, q, p), len(lengths), heads, width, width, p, rng_seq_k=width)
     assert torch.equal(keep[visible], documented[visible])
     p_eff = flash_attention.effective_dropout_p(p)
-
-    def baseline(q, k, v):
-        (qp, m), (kp, _), (vp, _) = (padded_view(t.cpu(), lengths) for t in (q, k, v))
-        return unpadded_view(torch_attention(qp, kp, vp, m, keep=keep, dropout_p=p_eff), lengths)
-
+    baseline = packed_torch_attention(lengths, keep=keep, dropout_p=p_eff)
     v = torch.randn(total, heads, dim, device=device)
     check_against_reference(lambda q, k, v: run(v, q, k), baseline, baseline, (q, k, v), torch.float32)
 
@@ -451,15 +455,9 @@ def test_fused_and_split_backward_packed_views(triton_kernels, device, bwd_path,
     as strided views of one fused projection."""
     lengths, heads, dim = [1, 17, 0, 64, 30], 2, 32
     q, k, v, cu = packed_qkv(lengths, heads, dim, device, torch.float32)
-    real = [n for n in lengths if n]
-
-    def baseline(q, k, v):
-        (qp, mask), (kp, _), (vp, _) = (padded_view(t.cpu(), real) for t in (q, k, v))
-        return unpadded_view(torch_attention(qp, kp, vp, mask, causal), real)
-
     check_against_reference(
         lambda q, k, v: K.varlen_attention(q, k, v, cu, 64, causal=causal),
-        baseline,
+        packed_torch_attention(lengths, causal),
         lambda q, k, v: reference.varlen_attention(q.cpu(), k.cpu(), v.cpu(), cu.cpu(), 64, causal=causal),
         (q, k, v), dtype)
 
@@ -479,14 +477,9 @@ def test_fused_backward_at_its_gpu_tile(triton_kernels, device, case):
             if case == "packed-causal":
                 lengths, heads, dim = [128, 1, 0, 77, 100], 2, 32
                 q, k, v, cu = packed_qkv(lengths, heads, dim, device, torch.float32)
-                real = [n for n in lengths if n]
-
-                def baseline(q, k, v):
-                    (qp, mask), (kp, _), (vp, _) = (padded_view(t.cpu(), real) for t in (q, k, v))
-                    return unpadded_view(torch_attention(qp, kp, vp, mask, True), real)
-
                 check_against_reference(
-                    lambda q, k, v: K.varlen_attention(q, k, v, cu, 128, causal=True), baseline,
+                    lambda q, k, v: K.varlen_attention(q, k, v, cu, 128, causal=True),
+                    packed_torch_attention(lengths, True),
                     lambda q, k, v: reference.varlen_attention(q.cpu(), k.cpu(), v.cpu(), cu.cpu(), 128, causal=True),
                     (q, k, v), torch.float16)
             elif case == "padded":
@@ -830,11 +823,7 @@ def test_gpu_varlen_compiled(triton_kernels, device, dtype):
         pytest.skip("needs CUDA (FASTBERT_TEST_GPU=1)")
     lengths, heads, dim = [1, 17, 128, 511, 513, 300], 12, 64
     q, k, v, cu = packed_qkv(lengths, heads, dim, device, torch.float32)
-
-    def baseline(q, k, v):
-        (qp, mask), (kp, _), (vp, _) = (padded_view(t.cpu(), lengths) for t in (q, k, v))
-        return unpadded_view(torch_attention(qp, kp, vp, mask), lengths)
-
+    baseline = packed_torch_attention(lengths)
     check_against_reference(
         lambda q, k, v: K.varlen_attention(q, k, v, cu, max(lengths)),
         baseline,
@@ -871,11 +860,7 @@ def test_gpu_dropout_and_determinism(triton_kernels, device):
     def packed_run(q, k, v):
         torch.manual_seed(99)
         return K.varlen_attention(q, k, v, cu, width, dropout_p=p, validate=False)
-
-    def baseline(q, k, v):
-        (qp, m), (kp, _), (vp, _) = (padded_view(t.cpu(), lengths) for t in (q, k, v))
-        return unpadded_view(torch_attention(qp, kp, vp, m, keep=keep, dropout_p=p_eff), lengths)
-
+    baseline = packed_torch_attention(lengths, keep=keep, dropout_p=p_eff)
     check_against_reference(packed_run, baseline, baseline, (q, k, v), torch.bfloat16)
 
     qs, ks, vs = (torch.randn(8, 12, 512, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -924,11 +909,7 @@ def test_gpu_fused_backward_compiled(triton_kernels, device, bwd_path, dtype, he
     def packed_run(q, k, v):
         torch.manual_seed(7)
         return K.varlen_attention(q, k, v, cu, seq, dropout_p=p, validate=False)
-
-    def baseline(q, k, v):
-        (qp, m), (kp, _), (vp, _) = (padded_view(t.cpu(), lengths) for t in (q, k, v))
-        return unpadded_view(torch_attention(qp, kp, vp, m, keep=keep, dropout_p=p_eff), lengths)
-
+    baseline = packed_torch_attention(lengths, keep=keep, dropout_p=p_eff)
     check_against_reference(packed_run, baseline, baseline, (q, k, v), dtype)
 
 
@@ -1058,10 +1039,6 @@ def test_qkvpacked_matches_float64(triton_kernels, device, layout, dtype):
 
         def run(q, k, v):  # (T, H, D) each
             return K.varlen_attention_qkvpacked(torch.stack([q, k, v], dim=1), cu, 17)
-
-        def baseline(q, k, v):
-            (qp, m), (kp, _), (vp, _) = (padded_view(t.cpu(), lengths) for t in (q, k, v))
-            return unpadded_view(torch_attention(qp, kp, vp, m), lengths)
-
+        baseline = packed_torch_attention(lengths)
         oracle = lambda q, k, v: reference.varlen_attention(q.cpu(), k.cpu(), v.cpu(), cu.cpu(), 17)  # noqa: E731
     check_against_reference(run, baseline, oracle, (q, k, v), dtype)
