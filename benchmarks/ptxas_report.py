@@ -36,6 +36,12 @@ def _signature(fn, constexprs, dtype):
 
 def resources(kernel, config, dropout, dtype="bf16", head_dim=64, varlen=True, arch=90):
     """(registers per thread, spill store bytes, spill load bytes, shared memory bytes) of one launch."""
+    compiled = compile_attention(kernel, config, dropout, dtype, head_dim, varlen, arch)
+    return _ptxas_resources(compiled, f"{kernel} {config}", arch)
+
+
+def compile_attention(kernel, config, dropout, dtype="bf16", head_dim=64, varlen=True, arch=90):
+    """One attention launch compiled for sm_<arch> (Triton's CompiledKernel: .asm["ptx"], .metadata)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -48,9 +54,8 @@ def resources(kernel, config, dropout, dtype="bf16", head_dim=64, varlen=True, a
                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", HEAD_DIM=head_dim,
                  BLOCK_D=fa._block_d(head_dim), MASK_BLOCK=128, BLOCK_M=block_m, BLOCK_N=block_n)
     constexprs = {k: v for k, v in flags.items() if k in fn.arg_names}
-    compiled = triton.compile(ASTSource(fn=fn, signature=_signature(fn, constexprs, dtype), constexprs=constexprs),
-                              target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
-    return _ptxas_resources(compiled, f"{kernel} {config}", arch)
+    return triton.compile(ASTSource(fn=fn, signature=_signature(fn, constexprs, dtype), constexprs=constexprs),
+                          target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
 
 
 def _ptxas_resources(compiled, what, arch=90):

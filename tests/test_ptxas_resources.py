@@ -1,0 +1,77 @@
+"""GPU resource properties the shipped launch configurations were chosen for, checked without a GPU:
+each kernel is compiled for sm_90 and ptxas (shipped with Triton) reports its registers and spills
+(benchmarks/ptxas_report.py). Not timings — only a GPU gives those — but the facts the defaults rest
+on (benchmarks/results/ptxas-cpu-2026-11-27-*), so an edit that makes a default spill, or sends the
+fused attention backward's matmuls back to mma.sync, fails here instead of silently on the next GPU
+run. Slow (a few seconds per compile): pytest -m slow."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Runs in a child without TRITON_INTERPRET (the interpreter replaces the kernels it would compile).
+_SCRIPT = textwrap.dedent("""
+    import json
+    import torch
+    from benchmarks import ptxas_report as P
+    from fastbert.kernels import flash_attention as fa, layer_norm as L
+    out = {}
+    for head_dim in (64, 128):
+        fused = fa.bwd_config(head_dim, torch.bfloat16, interpreting=False)["fused"]
+        for dropout in (False, True):
+            for varlen in (True, False):
+                compiled = P.compile_attention("_attn_bwd_fused", tuple(fused), dropout, head_dim=head_dim, varlen=varlen)
+                regs, st, ld, smem = P._ptxas_resources(compiled, "fused")
+                ptx = compiled.asm["ptx"]
+                out[f"fused d{head_dim} dropout={dropout} varlen={varlen}"] = dict(
+                    regs=regs, spills=st + ld, mma_sync=ptx.count("mma.sync"), wgmma=ptx.count("wgmma.mma_async"))
+    kernels = {"add_fwd": "_add_ln_fwd", "add_bwd": "_add_ln_bwd", "gelu_fwd": "_gelu_ln_fwd", "gelu_bwd": "_gelu_ln_bwd"}
+    for kind, kernel in kernels.items():
+        config = L.ln_config(768, kind, interpreting=False)
+        for variant, dtypes, flags in P._LN_VARIANTS[kernel]:
+            regs, st, ld, smem = P.ln_resources(kernel, L.row_block(768), config, dtypes, flags)
+            out[f"{kernel} 768 {variant}"] = dict(regs=regs, spills=st + ld,
+                                                  programs_per_sm=P.programs_per_sm(regs, config.num_warps, smem),
+                                                  block_m=config.block_m)
+    print(json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def report():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_fused_attention_backward_defaults_do_not_spill_and_use_wgmma(report):
+    fused = {k: v for k, v in report.items() if k.startswith("fused")}
+    assert len(fused) == 8
+    for name, r in fused.items():
+        # head_dim 128's 16-row tile may spill a few bytes in one variant (28 B measured): a bound, not zero
+        assert r["spills"] <= (64 if " d128 " in name else 0), (name, r)
+        assert r["mma_sync"] == 0 and r["wgmma"] > 0, (name, r)  # every dot on sm_90's warp-group MMA
+
+
+@pytest.mark.slow
+def test_layer_norm_defaults_at_bert_width(report):
+    """At 768 the defaults spill nothing; the forward holds 4-row tiles; the add + LayerNorm backward
+    keeps 4 programs per SM with the dense bias too (the reason for its 128-register cap)."""
+    ln = {k: v for k, v in report.items() if k.startswith("_")}
+    assert len(ln) == 8
+    for name, r in ln.items():
+        assert r["spills"] == 0, (name, r)
+    assert report["_add_ln_fwd 768 autocast"]["block_m"] == 4
+    assert report["_add_ln_bwd 768 autocast+xbias"]["programs_per_sm"] >= 4
+    assert report["_add_ln_bwd 768 autocast"]["programs_per_sm"] >= 4
