@@ -35,14 +35,21 @@ def _batch(device, name):
     return {k: v.to(device) for k, v in dict(input_ids=ids, attention_mask=mask, token_type_ids=tt, **labels).items()}
 
 
-@pytest.mark.parametrize("name", ["BertForPreTraining", "BertForQuestionAnswering", "BertForSequenceClassification"])
-def test_model_on_triton_kernels_matches_transformers(name, device, triton_kernels):
+
+def _same_weights(name, device):
+    """transformers' model `name` in float64 on the CPU, the same on `device` in fp32, and fastbert's on
+    `device`, all with the float64 model's weights (seeded; modules in training mode, as constructed)."""
     torch.manual_seed(0)
     hf64 = getattr(transformers, name)(transformers.BertConfig(**CFG)).double()
-    hf32 = getattr(transformers, name)(transformers.BertConfig(**CFG)).to(device)
-    hf32.load_state_dict(hf64.state_dict())
+    hf = getattr(transformers, name)(transformers.BertConfig(**CFG)).to(device)
+    hf.load_state_dict(hf64.state_dict())
     ours = getattr(fastbert, name)(fastbert.BertConfig(**CFG)).to(device)
     ours.load_state_dict(hf64.state_dict())
+    return hf64, hf, ours
+
+@pytest.mark.parametrize("name", ["BertForPreTraining", "BertForQuestionAnswering", "BertForSequenceClassification"])
+def test_model_on_triton_kernels_matches_transformers(name, device, triton_kernels):
+    hf64, hf32, ours = _same_weights(name, device)
     batch = _batch(device, name)
     batch64 = {k: v.cpu() for k, v in batch.items()}
     real = batch64["attention_mask"].bool()
@@ -94,12 +101,7 @@ def test_bf16_autocast_training_step_matches_transformers(device, triton_kernels
     if device != "cuda":
         pytest.skip("bf16 needs a GPU (the interpreter computes bf16 wrongly)")
     name = "BertForPreTraining"
-    torch.manual_seed(0)
-    hf64 = getattr(transformers, name)(transformers.BertConfig(**CFG)).double().train()
-    hf16 = getattr(transformers, name)(transformers.BertConfig(**CFG)).to(device).train()
-    hf16.load_state_dict(hf64.state_dict())
-    ours = getattr(fastbert, name)(fastbert.BertConfig(**CFG)).to(device).train()
-    ours.load_state_dict(hf64.state_dict())
+    hf64, hf16, ours = _same_weights(name, device)
     batch = _batch(device, name)
     batch64 = {k: v.cpu() for k, v in batch.items()}
     results = []
@@ -280,12 +282,7 @@ def test_dense_bias_is_added_and_differentiated_by_the_layer_norm_kernel(device,
     model still gives transformers' float64 loss and gradients (dense biases included) by the rule."""
     from fastbert import modeling
     name = "BertForPreTraining"
-    torch.manual_seed(0)
-    hf64 = getattr(transformers, name)(transformers.BertConfig(**CFG)).double().train()
-    hf32 = getattr(transformers, name)(transformers.BertConfig(**CFG)).to(device).train()
-    hf32.load_state_dict(hf64.state_dict())
-    ours = getattr(fastbert, name)(fastbert.BertConfig(**CFG)).to(device).train()
-    ours.load_state_dict(hf64.state_dict())
+    hf64, hf32, ours = _same_weights(name, device)
     assert ours.state_dict().keys() == hf64.state_dict().keys()
     denses = [m for layer in ours.bert.encoder.layer for m in (layer.attention.output.dense, layer.output.dense)]
 
@@ -326,12 +323,7 @@ def test_forward_hook_on_a_dense_still_sees_its_call_and_its_output_is_used(devi
     inside), the hook fires once per call and its replacement output is what the LayerNorm takes
     (transformers' model with the same hook agrees in float64 by the rule); the other denses stay fused."""
     name = "BertForSequenceClassification"
-    torch.manual_seed(0)
-    hf64 = getattr(transformers, name)(transformers.BertConfig(**CFG)).double().train()
-    hf32 = getattr(transformers, name)(transformers.BertConfig(**CFG)).to(device).train()
-    hf32.load_state_dict(hf64.state_dict())
-    ours = getattr(fastbert, name)(fastbert.BertConfig(**CFG)).to(device).train()
-    ours.load_state_dict(hf64.state_dict())
+    hf64, hf32, ours = _same_weights(name, device)
     batch = _batch(device, name)
     batch64 = {k: v.cpu() for k, v in batch.items()}
     calls = []
