@@ -752,10 +752,11 @@ def _check_dropout_counter(seqlen_q, seqlen_k):
                          f"seq_k={seqlen_k}")
 
 
-def _check_row_offsets(seqlen, varlen, *tensors):
+def _check_row_offsets(seqlen, *row_strides):
     """Row offsets inside a sequence are int32 in the kernels (row * token stride; the sequence base
-    is int64): refuse shapes whose in-sequence offsets would wrap rather than address wrong memory."""
-    stride = max(_rows(t, varlen)[2] for t in tensors)
+    is int64): refuse shapes whose in-sequence offsets would wrap rather than address wrong memory.
+    row_strides: _rows() of each tensor the launch addresses (the launchers pass them on to it)."""
+    stride = max(rows[2] for rows in row_strides)
     if seqlen * stride >= 2 ** 31:
         raise ValueError(f"Triton attention: a sequence of {seqlen} tokens at a token stride of {stride} elements "
                          "passes 2**31 elements within one sequence; split it or use the reference kernels")
@@ -817,7 +818,8 @@ def _flash_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, 
         _check_given("out", out, q)
     if q.numel() == 0 or batch == 0 or seqlen_q == 0:
         return out.zero_(), lse.fill_(float("inf"))
-    _check_row_offsets(max(seqlen_q, seqlen_k), varlen, q, k, v, out)
+    q_rows, k_rows, v_rows, o_rows = rows = [_rows(t, varlen) for t in (q, k, v, out)]
+    _check_row_offsets(max(seqlen_q, seqlen_k), *rows)
     if batch * heads > _MAX_GRID_Y:
         raise ValueError(f"attention: batch x heads = {batch} x {heads} exceeds the {_MAX_GRID_Y} sequences x heads "
                          f"one launch covers (CUDA's grid y limit); split the batch")
@@ -827,8 +829,7 @@ def _flash_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, 
     kpm = None if key_padding_mask is None else _last_dim_contiguous(key_padding_mask).view(torch.uint8)
     _attn_fwd[(_cdiv(seqlen_q, block_m), batch * heads)](
         q, k, v, out, lse, kpm, cu_seqlens, seed,
-        *_rows(q, varlen), *_rows(k, varlen), *_rows(v, varlen), *_rows(out, varlen), *lse_strides,
-        0 if kpm is None else kpm.stride(0),
+        *q_rows, *k_rows, *v_rows, *o_rows, *lse_strides, 0 if kpm is None else kpm.stride(0),
         heads, seqlen_q, seqlen_k, softmax_scale * _LOG2E, *_dropout_args(dropout_p), **launch,
     )
     return out, lse
@@ -859,33 +860,32 @@ def _flash_bwd(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen
     dq, dk, dv = grads
     if q.numel() == 0 or k.numel() == 0 or batch == 0 or seqlen_q == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    _check_row_offsets(max(seqlen_q, seqlen_k), varlen, q, k, v, out, dout, dq, dk, dv)
+    q_rows, k_rows, v_rows, o_rows, do_rows, dq_rows, dk_rows, dv_rows = rows = [
+        _rows(t, varlen) for t in (q, k, v, out, dout, dq, dk, dv)]
+    _check_row_offsets(max(seqlen_q, seqlen_k), *rows)
     dq_m, dq_launch, kv_n, kv_launch, fused_n, fused_launch = _bwd_plan(
         _plan_key(q, key_padding_mask, varlen, causal, dropout_p))
     kpm = None if key_padding_mask is None else _last_dim_contiguous(key_padding_mask).view(torch.uint8)
     stride_mb = 0 if kpm is None else kpm.stride(0)
-    q_rows, k_rows, v_rows, do_rows = _rows(q, varlen), _rows(k, varlen), _rows(v, varlen), _rows(dout, varlen)
     common = (heads, seqlen_q, seqlen_k, softmax_scale * _LOG2E, softmax_scale, *_dropout_args(dropout_p))
     if max(seqlen_q, seqlen_k) <= fused_n:
         # Every key of a sequence in one block: one program per (sequence, head) does it all. Long query
         # sides stay on the split path, whose grid also spreads the query blocks.
         _attn_bwd_fused[(1, batch * heads)](
             q, k, v, out, dout, dq, dk, dv, lse, kpm, cu_seqlens, seed,
-            *q_rows, *k_rows, *v_rows, *_rows(out, varlen), *do_rows, *_rows(dq, varlen), *_rows(dk, varlen),
-            *_rows(dv, varlen), *lse_strides, stride_mb, *common, **fused_launch,
+            *q_rows, *k_rows, *v_rows, *o_rows, *do_rows, *dq_rows, *dk_rows, *dv_rows, *lse_strides, stride_mb,
+            *common, **fused_launch,
         )
         return dq, dk, dv
     delta = torch.empty_like(lse)
     # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV kernel reads (stream order).
     _attn_bwd_dq[(_cdiv(seqlen_q, dq_m), batch * heads)](
         q, k, v, out, dout, dq, lse, delta, kpm, cu_seqlens, seed,
-        *q_rows, *k_rows, *v_rows, *_rows(out, varlen), *do_rows, *_rows(dq, varlen),
-        *lse_strides, stride_mb, *common, **dq_launch,
+        *q_rows, *k_rows, *v_rows, *o_rows, *do_rows, *dq_rows, *lse_strides, stride_mb, *common, **dq_launch,
     )
     _attn_bwd_dkdv[(_cdiv(seqlen_k, kv_n), batch * heads)](
         q, k, v, dout, dk, dv, lse, delta, kpm, cu_seqlens, seed,
-        *q_rows, *k_rows, *v_rows, *do_rows, *_rows(dk, varlen), *_rows(dv, varlen),
-        *lse_strides, stride_mb, *common, **kv_launch,
+        *q_rows, *k_rows, *v_rows, *do_rows, *dk_rows, *dv_rows, *lse_strides, stride_mb, *common, **kv_launch,
     )
     return dq, dk, dv
 
