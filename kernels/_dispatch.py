@@ -37,6 +37,21 @@ def interpreting() -> bool:
     return _INTERPRETING_AT_IMPORT
 
 
+_sm_counts: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (asked once per device: the backward launchers size
+    their grids by it on every call); 2 elsewhere, so interpreted kernels still run several programs and
+    their cross-program partial sums are exercised."""
+    if device.type != "cuda":
+        return 2
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index]
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """True when the op on tensor `t` should run its Triton kernel."""
     global _warned_old_gpu

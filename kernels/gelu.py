@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dispatch import sm_count
+
 __all__ = ["bias_gelu", "gelu", "gelu_grad"]
 
 # constexpr: compiled kernels may read only constexpr globals (the interpreter reads any global)
@@ -131,12 +133,6 @@ def _bias_gelu_bwd(
     tl.store(DBIAS_PART + pid_m * n + cols, acc, mask=col_mask)
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2  # interpreter: few programs, yet more than one, so the partial-sum path is exercised
-
-
 def bwd_config(n: int) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the backward for width n."""
     block_n = min(triton.next_power_of_2(n), BWD_MAX_BLOCK_N)
@@ -177,7 +173,7 @@ def _bwd_impl(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, approximate
     block_m, block_n, num_warps = bwd_config(n)
     col_blocks = triton.cdiv(n, block_n)
     # Enough programs to fill the GPU about four times over, each with whole tiles of rows.
-    programs = max(1, min(triton.cdiv(rows, block_m), (4 * _sm_count(x.device)) // col_blocks or 1))
+    programs = max(1, min(triton.cdiv(rows, block_m), (4 * sm_count(x.device)) // col_blocks or 1))
     rows_per_program = triton.cdiv(triton.cdiv(rows, programs), block_m) * block_m
     programs = triton.cdiv(rows, rows_per_program)
     partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)

@@ -105,6 +105,16 @@ def normalize_rows(h, mask, n, eps):
 
 
 @triton.jit
+def normalize_rows_grad(dy, xhat, w, rstd, n):
+    """The gradient of each row's LayerNorm input from its output gradient: dy (BLOCK_M, BLOCK_N) fp32,
+    xhat the normalised rows (0 at masked lanes), w the weight row (1, BLOCK_N), rstd (BLOCK_M, 1)."""
+    g = dy * w
+    c1 = tl.sum(xhat * g, axis=1)[:, None] / n
+    c2 = tl.sum(g, axis=1)[:, None] / n
+    return (g - (xhat * c1 + c2)) * rstd
+
+
+@triton.jit
 def dropout_keep(seed, row, cols, n, p):
     """Keep mask of row `row`, columns `cols` of a (rows, n) tensor; u ~ U(0, 1) per element. A tile
     passes rows[:, None] and cols[None, :]: the mask depends on the element's index only, never on
@@ -158,8 +168,7 @@ def row_warps(block_n: int) -> int:
 
 def num_partials(rows: int, device: torch.device) -> int:
     """Programs of a backward: several per SM on a GPU (each reduces its rows' dweight in fp32)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    return max(1, min(rows, 8 * sms))
+    return max(1, min(rows, 8 * _dispatch.sm_count(device)))
 
 
 # ------------------------------------------------------------- launch parameters of the LN kernels
@@ -280,22 +289,10 @@ def one_row_config(n: int, kind: str) -> LnConfig:
     return LnConfig(1, warps, 8, 1) if kind.endswith("_bwd") else LnConfig(1, warps)
 
 
-_sm_counts: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 2  # interpreter: a few programs, so the cross-program partial sums are exercised
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_counts:
-        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _sm_counts[index]
-
-
 def backward_split(rows: int, config: LnConfig, device: torch.device) -> Tuple[int, int]:
     """(programs, rows_per_program) of a backward: rows_per_program is a multiple of BLOCK_M, so only
     the last tile of the last program is partial."""
-    programs = max(1, min(triton.cdiv(rows, config.block_m), config.programs_per_sm * _sm_count(device)))
+    programs = max(1, min(triton.cdiv(rows, config.block_m), config.programs_per_sm * _dispatch.sm_count(device)))
     rows_per_program = triton.cdiv(triton.cdiv(rows, programs), config.block_m) * config.block_m
     return triton.cdiv(rows, rows_per_program), rows_per_program
 
@@ -429,10 +426,7 @@ def _add_ln_bwd(
             dy += tl.load(DY_LOW + offs, mask=mask, other=0.0).to(tl.float32)
         dw += dy * xhat
         db += dy
-        g = dy * w
-        c1 = tl.sum(xhat * g, axis=1)[:, None] / n
-        c2 = tl.sum(g, axis=1)[:, None] / n
-        dh = (g - (xhat * c1 + c2)) * rstd
+        dh = normalize_rows_grad(dy, xhat, w, rstd, n)
         tl.store(DR + offs, dh.to(DR.dtype.element_ty), mask=mask)
         if HAS_DROPOUT:
             dh = tl.where(keep, dh * scale, 0.0)  # x's gradient from here on
@@ -729,10 +723,7 @@ def _gelu_ln_bwd(
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         dw += dy * xhat
         db += dy
-        g = dy * w
-        c1 = tl.sum(xhat * g, axis=1)[:, None] / n
-        c2 = tl.sum(g, axis=1)[:, None] / n
-        dz = (g - (xhat * c1 + c2)) * rstd * gelu_grad(z, APPROX_TANH)
+        dz = normalize_rows_grad(dy, xhat, w, rstd, n) * gelu_grad(z, APPROX_TANH)
         dz = tl.where(mask, dz, 0.0)
         dc += dz
         tl.store(DX + offs, dz.to(DX.dtype.element_ty), mask=mask)
