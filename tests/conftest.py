@@ -52,6 +52,22 @@ def reference_kernels(monkeypatch):
     yield
 
 
+@pytest.fixture
+def add_layer_norm_calls(monkeypatch):
+    """The keyword arguments of every fastbert.kernels.add_layer_norm call made from here on (the model
+    calls it as modeling.K.add_layer_norm), in order; the calls still run."""
+    from fastbert import modeling
+    calls = []
+    real = modeling.K.add_layer_norm
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(modeling.K, "add_layer_norm", spy)
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

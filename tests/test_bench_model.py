@@ -128,6 +128,18 @@ def test_fused_bench_copy_case_times_one_computation(triton_kernels, op):
     assert not torch.equal(results["fastbert"][2], torch.zeros_like(results["fastbert"][2]))
 
 
+def _pretraining_batch(seed, length, pad_row, pad_from, next_sentence_label):
+    """A 3-row BertForPreTraining batch over a 97-token vocabulary: row pad_row padded from pad_from,
+    about 30% of the real tokens labelled, -100 elsewhere."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 97, (3, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[pad_row, pad_from:] = 0
+    labels = torch.where(torch.rand(ids.shape, generator=g) < 0.3, ids, -100) * mask + (mask - 1) * 100
+    return dict(input_ids=ids, attention_mask=mask, labels=labels,
+                next_sentence_label=torch.tensor(next_sentence_label))
+
+
 def test_unfused_competitor_is_the_model_without_its_copy_removals(triton_kernels):
     """fastbert.bench's 'fastbert-unfused' competitor (copies_unfused) runs the model with autocast's
     casts and q/k/v views instead of the matmul copy and the qkv-packed attention: the same loss and
@@ -139,12 +151,7 @@ def test_unfused_competitor_is_the_model_without_its_copy_removals(triton_kernel
                               intermediate_size=48, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
     torch.manual_seed(0)
     model = fastbert.BertForPreTraining(cfg).train()
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(5, 97, (3, 11), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 7:] = 0
-    labels = torch.where(torch.rand(ids.shape, generator=g) < 0.3, ids, -100) * mask + (mask - 1) * 100
-    batch = dict(input_ids=ids, attention_mask=mask, labels=labels, next_sentence_label=torch.tensor([0, 1, 0]))
+    batch = _pretraining_batch(1, 11, 1, 7, [0, 1, 0])
     originals = (modeling._matmul_copy_dtype, modeling.K.attention_qkvpacked, modeling.K.varlen_attention_qkvpacked)
 
     def step(unfused):
@@ -165,24 +172,19 @@ def test_unfused_competitor_is_the_model_without_its_copy_removals(triton_kernel
     assert all(torch.equal(a, b) for a, b in zip(grads_f, grads_u))
 
 
-def test_before_competitor_turns_off_every_unmeasured_change(triton_kernels, monkeypatch):
+def test_before_competitor_turns_off_every_unmeasured_change(triton_kernels, monkeypatch, add_layer_norm_calls):
     """fastbert.bench's 'fastbert-before' competitor (changes_off) runs forward and backward with the split
     attention backward (the fused kernel forbidden inside), the LayerNorm kernels' one-row launches and
     the copies unfused, computes what the model computes (fp32: equal up to summation order), and
     restores every default afterwards."""
     import fastbert
     from fastbert import bench
-    from fastbert.kernels import flash_attention as fa, layer_norm as ln
+    from fastbert.kernels import flash_attention as fa, layer_norm as ln, linear_cross_entropy as lce
     cfg = fastbert.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                               intermediate_size=48)
     torch.manual_seed(0)
     model = fastbert.BertForPreTraining(cfg).eval()  # no dropout: both runs see the same function
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(5, 97, (3, 13), generator=g)
-    mask = torch.ones_like(ids)
-    mask[2, 9:] = 0
-    labels = torch.where(torch.rand(ids.shape, generator=g) < 0.3, ids, -100) * mask + (mask - 1) * 100
-    batch = dict(input_ids=ids, attention_mask=mask, labels=labels, next_sentence_label=torch.tensor([0, 1, 1]))
+    batch = _pretraining_batch(3, 13, 2, 9, [0, 1, 1])
     defaults = (fa.bwd_config(32, torch.float32), {k: ln.ln_config(32, k) for k in ln.LN_KINDS})
     assert defaults[0]["fused"] is not None and defaults[1]["add_fwd"].block_m > 1  # both changes are on here
 
@@ -192,28 +194,20 @@ def test_before_competitor_turns_off_every_unmeasured_change(triton_kernels, mon
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
-    from fastbert.kernels import linear_cross_entropy as lce
     chunk_bytes = lce.CHUNK_BYTES
-    from fastbert import modeling
-    x_biases = []
-    add_layer_norm = modeling.K.add_layer_norm
-
-    def recording_add_layer_norm(*args, **kwargs):
-        x_biases.append(kwargs.get("x_bias"))
-        return add_layer_norm(*args, **kwargs)
-
-    monkeypatch.setattr(modeling.K, "add_layer_norm", recording_add_layer_norm)
     with bench.changes_off(32):
         assert lce.CHUNK_BYTES == 64 << 20 != chunk_bytes
         with monkeypatch.context() as m:
             m.setattr(fa, "_attn_bwd_fused", None)  # launching it would raise TypeError
             assert {k: ln.ln_config(32, k) for k in ln.LN_KINDS} == {k: ln.one_row_config(32, k) for k in ln.LN_KINDS}
             loss_b, grads_b = step()
+    x_biases = [c.get("x_bias") for c in add_layer_norm_calls]
     assert len(x_biases) == 4 and all(b is None for b in x_biases)  # the dense biases stayed in the matmuls
     assert (fa.bwd_config(32, torch.float32), {k: ln.ln_config(32, k) for k in ln.LN_KINDS}) == defaults
     assert lce.CHUNK_BYTES == chunk_bytes
-    x_biases.clear()
+    add_layer_norm_calls.clear()
     loss_a, grads_a = step()
+    x_biases = [c.get("x_bias") for c in add_layer_norm_calls]
     assert len(x_biases) == 4 and all(b is not None for b in x_biases)  # and join the kernels by default
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
     assert len(grads_a) == len(grads_b) > 20

@@ -119,7 +119,7 @@ def test_bf16_autocast_training_step_matches_transformers(device, triton_kernels
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_autocast_low_copy_changes_no_bit(device, triton_kernels, monkeypatch, dropout):
+def test_autocast_low_copy_changes_no_bit(device, triton_kernels, monkeypatch, add_layer_norm_calls, dropout):
     """Under autocast every LayerNorm that makes the fp32 residual stream also writes its copy in the
     autocast dtype for the next matmul, and takes that copy's gradient in its backward kernel
     (K.add_layer_norm(low_dtype=...)). That is the same arithmetic as autocast's cast and autograd's
@@ -132,14 +132,6 @@ def test_autocast_low_copy_changes_no_bit(device, triton_kernels, monkeypatch, d
     torch.manual_seed(0)
     model = getattr(fastbert, name)(fastbert.BertConfig(**cfg)).to(device).train()
     batch = _batch(device, name)
-    calls = []
-    real = modeling.K.add_layer_norm
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("low_dtype"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(modeling.K, "add_layer_norm", spy)
     # the copies are what the matmuls read: the feed-forward's and the second QKV's input dtypes
     seen = []
     for module in (model.bert.encoder.layer[0].intermediate, model.bert.encoder.layer[1].attention.self):
@@ -149,14 +141,14 @@ def test_autocast_low_copy_changes_no_bit(device, triton_kernels, monkeypatch, d
         if not fused:
             monkeypatch.setattr(modeling, "_matmul_copy_dtype", lambda residual: None)
         model.zero_grad(set_to_none=True)
-        calls.clear()
+        add_layer_norm_calls.clear()
         seen.clear()
         torch.manual_seed(1)  # the same dropout masks in both runs
         with torch.autocast(device, dtype=low):
             loss = model(**batch).loss
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        return loss.detach(), grads, list(calls), list(seen)
+        return loss.detach(), grads, [c.get("low_dtype") for c in add_layer_norm_calls], list(seen)
 
     loss_f, grads_f, calls_f, seen_f = step(True)
     loss_u, grads_u, calls_u, seen_u = step(False)
@@ -275,12 +267,12 @@ def test_autocast_low_copy_with_stream_changing_hooks(device, triton_kernels, pa
 
 # --------------------------------------- the dense bias of BertSelfOutput / BertOutput in the LayerNorm
 
-def test_dense_bias_is_added_and_differentiated_by_the_layer_norm_kernel(device, triton_kernels, monkeypatch):
+def test_dense_bias_is_added_and_differentiated_by_the_layer_norm_kernel(device, triton_kernels, monkeypatch,
+                                                                          add_layer_norm_calls):
     """On the Triton kernels the attention-output and FFN-output denses run without their bias
     (F.linear(h, W)), and add_layer_norm adds it (x_bias) and returns its gradient: the dense modules
     are never called (calling one raises here), each add_layer_norm gets its dense's bias, and the
     model still gives transformers' float64 loss and gradients (dense biases included) by the rule."""
-    from fastbert import modeling
     name = "BertForPreTraining"
     hf64, hf32, ours = _same_weights(name, device)
     assert ours.state_dict().keys() == hf64.state_dict().keys()
@@ -291,14 +283,6 @@ def test_dense_bias_is_added_and_differentiated_by_the_layer_norm_kernel(device,
 
     for dense in denses:
         monkeypatch.setattr(dense, "forward", forbidden)  # an instance attribute: no hook, _hooked stays False
-    seen = []
-    real = modeling.K.add_layer_norm
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("x_bias"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(modeling.K, "add_layer_norm", spy)
     batch = _batch(device, name)
     batch64 = {k: v.cpu() for k, v in batch.items()}
     results = []
@@ -308,6 +292,7 @@ def test_dense_bias_is_added_and_differentiated_by_the_layer_norm_kernel(device,
         loss.backward()
         results.append((loss.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters()
                                               if p.grad is not None}))
+    seen = [c.get("x_bias") for c in add_layer_norm_calls]
     assert len(seen) == len(denses) and all(s is d.bias for s, d in zip(seen, denses))
     (rl, rg), (bl, bg), (ol, og) = results
     assert_close_to_reference(ol, bl, rl, k=4, name="loss")
@@ -360,18 +345,16 @@ def test_forward_hook_on_a_dense_still_sees_its_call_and_its_output_is_used(devi
     assert (with_hook - without).abs().max() > 0.1
 
 
-def test_cpu_reference_path_keeps_the_bias_in_the_dense(monkeypatch):
+def test_cpu_reference_path_keeps_the_bias_in_the_dense(monkeypatch, add_layer_norm_calls):
     """On the CPU reference path (FASTBERT_KERNELS=auto, CPU tensors) nothing changes: the denses run
     as modules with their bias inside the matmul, and add_layer_norm gets no x_bias."""
-    from fastbert import modeling
     monkeypatch.setenv("FASTBERT_KERNELS", "auto")
     model = fastbert.BertForPreTraining(fastbert.BertConfig(**CFG)).train()
-    calls, seen = [], []
+    calls = []
     for layer in model.bert.encoder.layer:
         for dense in (layer.attention.output.dense, layer.output.dense):
             real_forward = dense.forward
             monkeypatch.setattr(dense, "forward", lambda x, f=real_forward: calls.append(1) or f(x))
-    real = modeling.K.add_layer_norm
-    monkeypatch.setattr(modeling.K, "add_layer_norm", lambda *a, **k: seen.append(k.get("x_bias")) or real(*a, **k))
     model(**_batch("cpu", "BertForPreTraining")).loss.backward()
+    seen = [c.get("x_bias") for c in add_layer_norm_calls]
     assert len(calls) == 2 * CFG["num_hidden_layers"] and seen == [None] * len(calls)
