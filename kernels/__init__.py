@@ -42,7 +42,7 @@ from ._dispatch import backend, use_triton  # noqa: E402
 # that torch.compile can trace the dispatch below: Dynamo refuses importlib calls inside a graph.
 # Triton reads TRITON_INTERPRET when kernels are defined, i.e. at this import.
 try:
-    from . import embedding, flash_attention, gelu, layer_norm, linear_cross_entropy  # noqa: F401
+    from . import embedding, flash_attention, gelu, gemm_gelu, layer_norm, linear_cross_entropy  # noqa: F401
     _TRITON_IMPORT_ERROR = None
 except ImportError as exc:  # no triton on this platform: the reference path still works
     _TRITON_IMPORT_ERROR = exc
@@ -53,6 +53,7 @@ __all__ = [
     "attention_qkvpacked",
     "varlen_attention_qkvpacked",
     "bias_gelu",
+    "feed_forward",
     "add_layer_norm",
     "gelu_layer_norm",
     "embed_layer_norm",
@@ -114,7 +115,7 @@ def _check_interpreted_dtype(q):
     # Triton 3.6's interpreter computes tl.dot on bf16 operands wrongly (outputs ~1e8 for unit
     # inputs); the compiled kernels are right. Refuse rather than return a silent wrong answer.
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        raise TypeError("attention on bf16 CPU tensors with FASTBERT_KERNELS=triton: Triton's interpreter "
+        raise TypeError("matrix products on bf16 CPU tensors with FASTBERT_KERNELS=triton: Triton's interpreter "
                         "computes bf16 matrix products wrongly; use fp16 or fp32 there, or the reference kernels")
 
 
@@ -246,6 +247,32 @@ def bias_gelu(x, bias, approximate="none"):
     if use_triton(x):
         return _triton("gelu").bias_gelu(x, bias, approximate)
     return reference.bias_gelu(x, bias, approximate)
+
+
+def feed_forward(x, w1, b1, w2, approximate="none"):
+    """gelu(x @ w1.T + b1) @ w2.T — BERT's feed-forward block without the output bias (the model adds
+    that in K.add_layer_norm(x_bias=)). x (..., K), w1 (N, K), b1 (N,), w2 (H, N) -> (..., H).
+
+    On the Triton path the GELU runs in the epilogues of the two matmuls beside it (the forward's
+    x @ w1.T and the backward's dout @ w2), the other products on cuBLAS; kernels/gemm_gelu.py."""
+    _check_tensor("x", x, None, _FLOAT_DTYPES)
+    _check_tensor("w1", w1, 2, _FLOAT_DTYPES)
+    _check_tensor("b1", b1, 1, _FLOAT_DTYPES)
+    _check_tensor("w2", w2, 2, _FLOAT_DTYPES)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension")
+    if w1.shape[1] != x.shape[-1]:
+        raise ValueError(f"w1: expected shape (N, {x.shape[-1]}) for x of width {x.shape[-1]}, got {tuple(w1.shape)}")
+    _check_width("b1", b1, w1.shape[0])
+    if w2.shape[1] != w1.shape[0]:
+        raise ValueError(f"w2: expected shape (H, {w1.shape[0]}) after w1 {tuple(w1.shape)}, got {tuple(w2.shape)}")
+    _check_same([("x", x), ("w1", w1), ("b1", b1), ("w2", w2)], "device")
+    _check_same([("x", x), ("w1", w1), ("w2", w2)], "dtype")
+    _check_approximate(approximate)
+    if use_triton(x):
+        _check_interpreted_dtype(x)
+        return _triton("gemm_gelu").feed_forward(x, w1, b1, w2, approximate)
+    return reference.feed_forward(x, w1, b1, w2, approximate)
 
 
 def add_layer_norm(x, residual, weight, bias, eps=1e-12, dropout_p=0.0, *, low_dtype=None, x_bias=None):

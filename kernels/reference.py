@@ -146,6 +146,11 @@ def bias_gelu(x, bias, approximate="none"):
     return F.gelu(x.to(ct) + bias.to(ct), approximate=approximate).to(x.dtype)
 
 
+def feed_forward(x, w1, b1, w2, approximate="none"):
+    """gelu(x @ w1.T + b1) @ w2.T: BERT's intermediate dense + GELU, then its output dense without bias."""
+    return F.linear(bias_gelu(F.linear(x, w1), b1, approximate), w2)
+
+
 def add_layer_norm(x, residual, weight, bias, eps=1e-12, dropout_p=0.0, x_bias=None):
     """layer_norm(dropout(x + x_bias) + residual). The output dtype is that of x + residual (an fp32
     residual stream stays fp32 under autocast); x_bias (n,) or None is added in the compute dtype."""

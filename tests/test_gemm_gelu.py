@@ -1,0 +1,202 @@
+"""K.feed_forward's Triton epilogue matmuls (interpreted on the CPU, compiled on CUDA) against float64.
+
+Tolerance rule (tests/tolerance.py): our error <= 2 x PyTorch's own error in the same dtype, for the
+output and all four gradients. bf16 runs on CUDA only (the interpreter computes bf16 tl.dot wrongly).
+Also: the launch order over several row and column groups with ragged tails (a tile the order skips
+would leave uninitialised memory in the result), opcheck, the eager twin against the custom ops, bad
+input, and ahead-of-time compilation of the shipped launches for sm_90 and sm_80.
+"""
+import itertools
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastbert.kernels as K
+from aot import compile_in_subprocess
+from fastbert.kernels import gemm_gelu as GG
+from tolerance import assert_close_to_reference
+
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+# (M, K, N, H): odd sizes everywhere; K not a multiple of any BLOCK_K (the masked K loop), K a multiple
+# (the unmasked one), M over one 128-row block (column sums of dz from two blocks), K = 1.
+SHAPES = [(37, 45, 29, 19), (130, 64, 200, 33), (5, 1, 17, 3), (1, 24, 16, 8)]
+
+
+@pytest.fixture
+def small_tiles():
+    """16-row / 32-column tiles in groups of 2: many programs, a ragged last group (the launch order's
+    tail) and wrapped rows and columns in the last tiles, at shapes the interpreter runs quickly."""
+    GG.set_gemm_config_override((16, 32, 16, 2, 4, 1))
+    yield
+    GG.set_gemm_config_override(None)
+
+
+def _torch_ffn(x, w1, b1, w2, approximate):
+    return F.linear(F.gelu(F.linear(x, w1, b1.to(x.dtype)), approximate=approximate), w2)
+
+
+def _check(shape, dtype, device, approximate="none", lead=(), b1_dtype=None, transform=lambda t: t):
+    M, Kd, N, H = shape
+    x = torch.randn(*lead, M, Kd, dtype=torch.float64) * 1.5
+    w1 = torch.randn(N, Kd, dtype=torch.float64) / max(Kd, 1) ** 0.5
+    b1 = torch.randn(N, dtype=torch.float64)
+    w2 = torch.randn(H, N, dtype=torch.float64) / N ** 0.5
+    dtypes = (dtype, dtype, b1_dtype or dtype, dtype)
+    ours = [transform(t.to(device=device, dtype=d)).requires_grad_() for t, d in zip((x, w1, b1, w2), dtypes)]
+    base = [t.detach().clone().requires_grad_() for t in ours]
+    ref = [t.detach().double().requires_grad_() for t in ours]
+    y = K.feed_forward(*ours, approximate=approximate)
+    y_base, y_ref = _torch_ffn(*base, approximate), _torch_ffn(*ref, approximate)
+    assert y.dtype == dtype and y.shape == (*lead, M, H)
+    dy = torch.randn(y.shape, device=device, dtype=torch.float64)
+    for out in (y, y_base, y_ref):
+        out.backward(dy.to(out.dtype))
+    assert_close_to_reference(y, y_base, y_ref, name="out")
+    for name, a, b, r in zip(("x", "w1", "b1", "w2"), ours, base, ref):
+        assert a.grad.dtype == a.dtype
+        assert_close_to_reference(a.grad, b.grad, r.grad, name=f"d{name}")
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_feed_forward(triton_kernels, device, shape, dtype, approximate):
+    _check(shape, dtype, device, approximate)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_feed_forward_many_tiles(triton_kernels, device, small_tiles, dtype):
+    _check((70, 40, 100, 24), dtype, device)  # 5 x 4 tiles, groups of 2 row blocks: the last group has one
+    _check((33, 16, 65, 7), dtype, device, "tanh", lead=(2,))  # 3-D input, K one block exactly
+
+
+def test_feed_forward_fp32_bias_and_strided_operands(triton_kernels, device):
+    # The model's autocast layout: 16-bit activations and weights, the bias an fp32 parameter; and
+    # operands that are transposed views (the kernel reads them through their strides).
+    _check((37, 45, 29, 19), torch.float16, device, b1_dtype=torch.float32)
+    _check((37, 45, 29, 19), torch.float32, device, transform=lambda t: t.t().contiguous().t() if t.dim() == 2 else t)
+
+
+def test_feed_forward_gelu_tails(triton_kernels, device):
+    # Pre-activations far in both tails (GELU's 0 and identity limits, gelu' 0 and 1) stay finite and right.
+    x = torch.tensor([[1.0], [-1.0], [0.0]], device=device)
+    w1 = torch.tensor([[60.0], [1e4], [-3.0], [0.5]], device=device)
+    b1 = torch.zeros(4, device=device)
+    w2 = torch.eye(4, device=device)
+    for approximate in ("none", "tanh"):
+        leaves = [t.clone().requires_grad_() for t in (x, w1, b1, w2)]
+        y = K.feed_forward(*leaves, approximate=approximate)
+        y.sum().backward()
+        want = F.gelu(x @ w1.t(), approximate=approximate)
+        torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
+        assert all(torch.isfinite(t.grad).all() for t in leaves)
+
+
+def test_feed_forward_empty(triton_kernels, device):
+    x = torch.randn(0, 8, device=device, requires_grad=True)
+    w1, b1, w2 = (torch.randn(*s, device=device, requires_grad=True) for s in ((16, 8), (16,), (4, 16)))
+    y = K.feed_forward(x, w1, b1, w2)
+    assert y.shape == (0, 4)
+    y.sum().backward()
+    assert w1.grad.abs().sum() == 0 and b1.grad.abs().sum() == 0 and w2.grad.abs().sum() == 0
+
+
+def test_feed_forward_bad_input(triton_kernels, device):
+    x = torch.randn(3, 8, device=device)
+    w1, b1, w2 = torch.randn(16, 8, device=device), torch.randn(16, device=device), torch.randn(4, 16, device=device)
+    with pytest.raises(ValueError, match="w1: expected shape"):
+        K.feed_forward(x, w1[:, :7], b1, w2)
+    with pytest.raises(ValueError, match="b1: expected shape"):
+        K.feed_forward(x, w1, b1[:15], w2)
+    with pytest.raises(ValueError, match="w2: expected shape"):
+        K.feed_forward(x, w1, b1, w2.t())
+    with pytest.raises(ValueError, match="w1 has dtype"):
+        K.feed_forward(x, w1.half(), b1, w2)
+    with pytest.raises(ValueError, match="approximate"):
+        K.feed_forward(x, w1, b1, w2, approximate="sigmoid")
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="the interpreter's refusal")
+def test_feed_forward_refuses_interpreted_bf16(triton_kernels):
+    x, w1, b1, w2 = (torch.randn(*s, dtype=torch.bfloat16) for s in ((3, 8), (16, 8), (16,), (4, 16)))
+    with pytest.raises(TypeError, match="matrix products on bf16 CPU tensors"):
+        K.feed_forward(x, w1, b1, w2)
+
+
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                                 reason="CPU tensors through the Triton kernels need TRITON_INTERPRET=1")
+
+
+@interpreted
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_opcheck_feed_forward(triton_kernels, approximate):
+    x = torch.randn(5, 24, requires_grad=True)
+    w1, b1, w2 = (torch.randn(*s, requires_grad=True) for s in ((40, 24), (40,), (16, 40)))
+    torch.library.opcheck(torch.ops.fastbert.feed_forward.default, (x, w1, b1, w2, approximate))
+    _, h, z = torch.ops.fastbert.feed_forward(x, w1, b1, w2, approximate)
+    torch.library.opcheck(torch.ops.fastbert.feed_forward_backward.default,
+                          (torch.randn(5, 16), x.detach(), w1.detach(), b1.detach(), w2.detach(), h, z, approximate))
+
+
+def test_eager_twin_equals_custom_op(triton_kernels, device):
+    inputs = [torch.randn(*s, device=device) for s in ((2, 9, 24), (40, 24), (40,), (16, 40))]
+    runs = []
+    for fn in (lambda *a: GG.feed_forward(*a, "tanh"), lambda *a: torch.ops.fastbert.feed_forward(*a, "tanh")[0]):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        y = fn(*leaves)
+        y.backward(torch.linspace(-1, 1, y.numel(), device=device).reshape(y.shape))
+        runs.append([y.detach()] + [t.grad for t in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@interpreted
+def test_compiles_fullgraph(triton_kernels):
+    leaves = [torch.randn(*s, requires_grad=True) for s in ((7, 24), (40, 24), (40,), (16, 40))]
+    fn = torch.compile(lambda *a: K.feed_forward(*a).square().sum(), fullgraph=True, backend="aot_eager")
+    out = fn(*leaves)
+    out.backward()
+    want = _torch_ffn(*(t.detach() for t in leaves), "none").square().sum()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
+
+
+# ---------------------------------------------------------------------------- ahead-of-time compile
+
+_PT = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+def _launches(config, dtypes=(torch.bfloat16, torch.float16, torch.float32), tanh=(False, True)):
+    """The two launches of K.feed_forward (forward: x and w1.T, both unit-stride along K; backward:
+    dout and w2, unit-stride along N) with `config`, as Triton specialises them: a stride of 1 is a
+    constant. The bias is an fp32 parameter in the model."""
+    out = []
+    for dtype, backward, approx, even_k in itertools.product(dtypes, (False, True), tanh, (True, False)):
+        cfg = config(dtype)
+        sig = {"A": _PT[dtype], "B": _PT[dtype], "BIAS": "*fp32", "Z": _PT[dtype], "C": _PT[dtype], "DB_PART": "*fp32",
+               "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_ak": "constexpr",
+               "stride_bk": "i32", "stride_bn": "i32"}
+        const = {"stride_ak": 1, "BACKWARD": backward, "APPROX_TANH": approx, "EVEN_K": even_k,
+                 "INPUT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", "BLOCK_M": cfg.block_m,
+                 "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m}
+        unit = "stride_bn" if backward else "stride_bk"
+        sig[unit] = "constexpr"
+        const[unit] = 1
+        for name in ("BACKWARD", "APPROX_TANH", "EVEN_K", "INPUT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
+            sig[name] = "constexpr"
+        out.append((sig, const, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
+    return out
+
+
+def test_aot_compile_shipped():
+    compile_in_subprocess("fastbert.kernels.gemm_gelu", "_gemm_gelu", _launches(GG.gemm_config))
+
+
+@pytest.mark.slow
+def test_aot_compile_sweep_candidates():
+    from benchmarks.bench_fused import FFN_CANDIDATES
+    configs = []
+    for cand in FFN_CANDIDATES:
+        configs += _launches(lambda dtype, c=GG.GemmConfig(*cand): c, dtypes=(torch.bfloat16,), tanh=(False,))
+    compile_in_subprocess("fastbert.kernels.gemm_gelu", "_gemm_gelu", configs, archs=(90,))
