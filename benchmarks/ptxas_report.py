@@ -13,6 +13,9 @@ Run: python -m benchmarks.ptxas_report [--sweep]  (--sweep: also every bench_att
      (kernels/layer_norm.py: ln_config's launches at widths 768, 4096 and 8192, the one-row launch of
      before the tiling, --sweep: bench_ln_sweep's candidates at 768), with the programs per SM their
      registers and shared memory allow on an H100 / H200 SM; writes $OUT/ptxas_report_ln.md.
+     python -m benchmarks.ptxas_report --gemm [--sweep]: the feed-forward epilogue matmuls
+     (kernels/gemm_gelu.py: the shipped bf16 launch, --sweep: bench_ffn's candidates), forward and
+     backward epilogue; writes $OUT/ptxas_report_gemm.md.
 """
 from __future__ import annotations
 
@@ -40,12 +43,29 @@ def resources(kernel, config, dropout, dtype="bf16", head_dim=64, varlen=True, a
     return _ptxas_resources(compiled, f"{kernel} {config}", arch)
 
 
-def compile_attention(kernel, config, dropout, dtype="bf16", head_dim=64, varlen=True, arch=90):
-    """One attention launch compiled for sm_<arch> (Triton's CompiledKernel: .asm["ptx"], .metadata)."""
+# Integer arguments that are not multiples of 16 in BERT's launches (12 heads); every other size and
+# stride is (768, 3072, 32768 tokens, 128 per sequence, 2304-element qkv rows, ...).
+NOT_DIVISIBLE = {"n_heads"}
+
+
+def compile_launch(fn, signature, constexprs, options, arch=90):
+    """Compile one launch for sm_<arch> as a BERT-size launch on torch tensors specialises it: pointers
+    16-byte aligned, integers multiples of 16 (but NOT_DIVISIBLE). Those hints turn on vectorised loads
+    and stores and the cp.async pipeline; without them the compiler builds another kernel, with other
+    registers and a fraction of the shared memory. (tests/aot.py marks only pointers and strides: it
+    checks what any launch compiles to, this reports the BERT launch.)"""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in signature.items()
+             if ty.startswith("*") or (ty == "i32" and name not in NOT_DIVISIBLE)}
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def compile_attention(kernel, config, dropout, dtype="bf16", head_dim=64, varlen=True, arch=90):
+    """One attention launch compiled for sm_<arch> (Triton's CompiledKernel: .asm["ptx"], .metadata)."""
     from fastbert.kernels import flash_attention as fa
 
     fn = getattr(fa, kernel)
@@ -54,8 +74,8 @@ def compile_attention(kernel, config, dropout, dtype="bf16", head_dim=64, varlen
                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", HEAD_DIM=head_dim,
                  BLOCK_D=fa._block_d(head_dim), MASK_BLOCK=128, BLOCK_M=block_m, BLOCK_N=block_n)
     constexprs = {k: v for k, v in flags.items() if k in fn.arg_names}
-    return triton.compile(ASTSource(fn=fn, signature=_signature(fn, constexprs, dtype), constexprs=constexprs),
-                          target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+    return compile_launch(fn, _signature(fn, constexprs, dtype), constexprs, dict(num_warps=warps, num_stages=stages),
+                          arch)
 
 
 def _ptxas_resources(compiled, what, arch=90):
@@ -102,10 +122,6 @@ _LN_VARIANTS = {
 
 def ln_resources(kernel, block_n, config, dtypes, flags, arch=90):
     """ptxas resources of one add / GELU + LayerNorm launch: config = layer_norm.LnConfig."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from fastbert.kernels import layer_norm as L
 
     fn = getattr(L, kernel)
@@ -118,9 +134,58 @@ def ln_resources(kernel, block_n, config, dtypes, flags, arch=90):
                  for arg in fn.arg_names}
     options = (L.add_bwd_options(config, flags.get("HAS_X_BIAS", False)) if kernel == "_add_ln_bwd"
                else dict(num_warps=config.num_warps))  # the launcher's options (the x-bias register cap)
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", arch, 32), options=options)
+    compiled = compile_launch(fn, signature, constexprs, options, arch)
     return _ptxas_resources(compiled, f"{kernel} {block_n} {config}", arch)
+
+
+def gemm_launch(config, dtype="bf16", backward=False, approx=False, even_k=True):
+    """(signature, constexprs, options) of one kernels/gemm_gelu.py launch as K.feed_forward makes it:
+    the forward reads x and w1ᵀ, the backward dout and w2, each unit-stride along K (forward) or along N
+    (w2), and Triton specialises a stride of 1 into a constant. config = gemm_gelu.GemmConfig; the bias
+    is an fp32 parameter in the model."""
+    unit = "stride_bn" if backward else "stride_bk"
+    constexprs = {"stride_ak": 1, unit: 1, "BACKWARD": backward, "APPROX_TANH": approx, "EVEN_K": even_k,
+                  "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_M": config.block_m,
+                  "BLOCK_N": config.block_n, "BLOCK_K": config.block_k, "GROUP_M": config.group_m}
+    elem = "*" + dtype
+    signature = {"A": elem, "B": elem, "BIAS": "*fp32", "Z": elem, "C": elem, "DB_PART": "*fp32", "M": "i32",
+                 "N": "i32", "K": "i32", "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32"}
+    signature.update({name: "constexpr" for name in constexprs})
+    return signature, constexprs, {"num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def gemm_report(sweep: bool):
+    import torch
+
+    from fastbert.kernels import gemm_gelu as GG
+
+    configs = [(GG.gemm_config(torch.bfloat16), "shipped")]
+    if sweep:
+        from benchmarks.bench_ffn import FFN_CANDIDATES
+        configs += [(GG.GemmConfig(*c), "candidate") for c in FFN_CANDIDATES if GG.GemmConfig(*c) != configs[0][0]]
+    lines = ["# ptxas_report --gemm: the feed-forward epilogue matmuls (kernels/gemm_gelu.py), bf16, sm_90a "
+             "(ptxas -v, no GPU)", "",
+             "Config: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages); accumulator/thread: fp32 values of the "
+             "BLOCK_M x BLOCK_N accumulator per thread; programs/SM: what registers, warps and shared memory allow "
+             "on an H100 / H200 SM.", "",
+             "| epilogue | config | launch | accumulator/thread | registers | spill stores B | spill loads B "
+             "| shared B | programs/SM |", "|---" * 9 + "|"]
+    for config, label in configs:
+        for backward in (False, True):
+            what = "dgrad + gelu'" if backward else "bias + gelu"
+            acc = config.block_m * config.block_n // (32 * config.num_warps)
+            try:
+                signature, constexprs, options = gemm_launch(config, backward=backward)
+                compiled = compile_launch(GG._gemm_gelu, signature, constexprs, options)
+                regs, st, ld, smem = _ptxas_resources(compiled, f"_gemm_gelu {config}")
+                row = (f"| {what} | {tuple(config)} | {label} | {acc} | {regs} | {st} | {ld} | {smem} "
+                       f"| {programs_per_sm(regs, config.num_warps, smem)} |")
+            except Exception as exc:  # one config that fails to compile must not hide the others
+                row = f"| {what} | {tuple(config)} | {label} | {acc} | {type(exc).__name__}: {str(exc)[:80]} | | | | |"
+            print(row, flush=True)
+            lines.append(row)
+    _save(lines, "ptxas_report_gemm.md")
+    return 0
 
 
 def programs_per_sm(regs, warps, shared):
@@ -187,11 +252,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sweep", action="store_true", help="also every bench_attention (--ln: bench_ln_sweep) candidate")
     ap.add_argument("--ln", action="store_true", help="the add / GELU + LayerNorm kernels instead of attention")
+    ap.add_argument("--gemm", action="store_true", help="the feed-forward epilogue matmuls instead of attention")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") not in (None, "", "0"):
         sys.exit("ptxas_report compiles for a GPU target: run it without TRITON_INTERPRET")
     if args.ln:
         return ln_report(args.sweep)
+    if args.gemm:
+        return gemm_report(args.sweep)
     import torch
 
     from fastbert.kernels import flash_attention as fa

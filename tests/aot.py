@@ -2,7 +2,9 @@
 
 The interpreter accepts programs that a GPU compiler rejects (non-power-of-2 aranges, tl.dot on
 dims < 16, too much shared memory, mismatched dot dtypes). Compiling every shipped configuration
-for sm_90 and sm_80 catches those in CI. Compilation must happen in a process without
+for sm_90 and sm_80 catches those in CI. Pointers and strides are compiled as 16-divisible, as a
+launch on torch tensors specialises them: that is what turns on vectorised loads and the cp.async
+pipeline, and with it the shared memory a pipelined kernel really asks for. Compilation must happen in a process without
 TRITON_INTERPRET, so ``compile_in_subprocess`` runs a small script in a clean child process.
 
 Usage from a test:
@@ -28,12 +30,21 @@ _SCRIPT = textwrap.dedent("""
     from triton.compiler import ASTSource
     module, kernel, configs, archs = json.loads(sys.stdin.read())
     fn = getattr(importlib.import_module(module), kernel)
+
+    def launch_attrs(signature):
+        # What a launch specialises on (Triton marks 16-byte-aligned pointers and multiples of 16):
+        # torch's allocations are aligned and BERT's strides are multiples of 16. Without these the
+        # compiler cannot vectorise the loads and skips the cp.async pipeline: a different kernel,
+        # with a fraction of the shared memory the GPU's launch asks for.
+        return {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in signature.items()
+                if ty.startswith("*") or (name.startswith("stride") and ty == "i32")}
+
     failures = []
     for config in configs:
         signature, constexprs, options = (list(config) + [None])[:3]
         for arch in archs:
             try:
-                src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+                src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=launch_attrs(signature))
                 compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
                 assert compiled.asm.get("cubin"), "no cubin produced"
                 # what a launch may use (opt-in maximum per block): more fails only at launch, on a GPU

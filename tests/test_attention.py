@@ -8,12 +8,8 @@ three gradients.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -22,6 +18,7 @@ import torch
 import fastbert.kernels as K
 from fastbert.kernels import flash_attention  # noqa: F401  (registers the fastbert::*attention* ops)
 from fastbert.kernels import reference
+from aot import compile_in_subprocess
 from tolerance import assert_close_to_reference
 
 INTERPRETED_DTYPES = (torch.float32, torch.float16)
@@ -698,27 +695,6 @@ def test_float64_runs_the_reference(triton_kernels, device):
 
 # ------------------------------------------------------------------- ahead-of-time compilation
 
-_AOT_SCRIPT = textwrap.dedent("""
-    import json, sys
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from fastbert.kernels import flash_attention as fa
-    jobs, archs = json.loads(sys.argv[1])
-    failures = []
-    for kernel, signature, constexprs, options in jobs:
-        for arch in archs:
-            try:
-                src = ASTSource(fn=getattr(fa, kernel), signature=signature, constexprs=constexprs)
-                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-                assert compiled.asm.get("cubin"), "no cubin produced"
-                limit = 232448 if arch == 90 else 166912
-                assert compiled.metadata.shared <= limit, f"shared memory {compiled.metadata.shared} > {limit}"
-            except Exception as exc:
-                failures.append(f"{kernel} sm_{arch} {constexprs} {options}: {type(exc).__name__}: {str(exc)[:300]}")
-    print(json.dumps(failures))
-""")
-
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -761,12 +737,12 @@ def _aot_jobs(dtype, head_dim, varlen, causal=True, dropout=True):
 
 
 def _compile(jobs, archs=(90, 80)):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, json.dumps([jobs, list(archs)])], env=env,
-                          capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    failures = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert not failures, "\n".join(failures)
+    """Compile every (kernel, signature, constexprs, options) job for each arch (tests/aot.py)."""
+    by_kernel = {}
+    for kernel, signature, constexprs, options in jobs:
+        by_kernel.setdefault(kernel, []).append((signature, constexprs, options))
+    for kernel, configs in by_kernel.items():
+        compile_in_subprocess("fastbert.kernels.flash_attention", kernel, configs, archs=archs, timeout=1800)
 
 
 def test_aot_compile_largest_configs():
