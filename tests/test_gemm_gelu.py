@@ -164,39 +164,38 @@ def test_compiles_fullgraph(triton_kernels):
 
 # ---------------------------------------------------------------------------- ahead-of-time compile
 
-_PT = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-
-
-def _launches(config, dtypes=(torch.bfloat16, torch.float16, torch.float32), tanh=(False, True)):
-    """The two launches of K.feed_forward (forward: x and w1.T, both unit-stride along K; backward:
-    dout and w2, unit-stride along N) with `config`, as Triton specialises them: a stride of 1 is a
-    constant. The bias is an fp32 parameter in the model."""
-    out = []
-    for dtype, backward, approx, even_k in itertools.product(dtypes, (False, True), tanh, (True, False)):
-        cfg = config(dtype)
-        sig = {"A": _PT[dtype], "B": _PT[dtype], "BIAS": "*fp32", "Z": _PT[dtype], "C": _PT[dtype], "DB_PART": "*fp32",
-               "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_ak": "constexpr",
-               "stride_bk": "i32", "stride_bn": "i32"}
-        const = {"stride_ak": 1, "BACKWARD": backward, "APPROX_TANH": approx, "EVEN_K": even_k,
-                 "INPUT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", "BLOCK_M": cfg.block_m,
-                 "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m}
-        unit = "stride_bn" if backward else "stride_bk"
-        sig[unit] = "constexpr"
-        const[unit] = 1
-        for name in ("BACKWARD", "APPROX_TANH", "EVEN_K", "INPUT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
-            sig[name] = "constexpr"
-        out.append((sig, const, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
-    return out
+def _launches(config, dtypes=("bf16", "fp16", "fp32"), tanh=(False, True)):
+    """Both launches of K.feed_forward with `config`, in every dtype, GELU form and K-tail variant
+    (benchmarks/ptxas_report.gemm_launch builds each as Triton specialises it)."""
+    from benchmarks.ptxas_report import gemm_launch
+    return [gemm_launch(config(dtype), dtype, backward, approx, even_k)
+            for dtype, backward, approx, even_k in itertools.product(dtypes, (False, True), tanh, (True, False))]
 
 
 def test_aot_compile_shipped():
-    compile_in_subprocess("fastbert.kernels.gemm_gelu", "_gemm_gelu", _launches(GG.gemm_config))
+    shipped = {"bf16": GG.gemm_config(torch.bfloat16), "fp16": GG.gemm_config(torch.float16),
+               "fp32": GG.gemm_config(torch.float32)}
+    compile_in_subprocess("fastbert.kernels.gemm_gelu", "_gemm_gelu", _launches(shipped.get))
 
 
 @pytest.mark.slow
 def test_aot_compile_sweep_candidates():
-    from benchmarks.bench_fused import FFN_CANDIDATES
+    from benchmarks.bench_ffn import FFN_CANDIDATES
     configs = []
     for cand in FFN_CANDIDATES:
-        configs += _launches(lambda dtype, c=GG.GemmConfig(*cand): c, dtypes=(torch.bfloat16,), tanh=(False,))
+        configs += _launches(lambda dtype, c=GG.GemmConfig(*cand): c, dtypes=("bf16",), tanh=(False,))
     compile_in_subprocess("fastbert.kernels.gemm_gelu", "_gemm_gelu", configs, archs=(90,))
+
+
+def test_bench_ffn_smoke(triton_kernels):
+    # The GPU benchmark script end to end at toy sizes in the interpreter: every row present, and the
+    # sweep's launches agree with the shipped one.
+    from benchmarks import bench_ffn
+    assert bench_ffn.main(["--smoke", "--sweep"]) == 0
+    import json
+    rows = json.load(open("/tmp/bench_ffn_smoke.json"))["rows"]
+    impls = {(r["op"], r["impl"], r["pass"]) for r in rows}
+    for impl in ("fastbert", "fastbert-unfused", "eager"):
+        assert ("feed-forward block", impl, "fwd+bwd") in impls
+    sweep = [r for r in rows if r["impl"].startswith("fastbert (")]
+    assert len(sweep) == 2 * len(bench_ffn.FFN_CANDIDATES) and all(r["ok"] for r in sweep)

@@ -40,6 +40,14 @@ _SCRIPT = textwrap.dedent("""
             out[f"{kernel} 768 {variant}"] = dict(regs=regs, spills=st + ld,
                                                   programs_per_sm=P.programs_per_sm(regs, config.num_warps, smem),
                                                   block_m=config.block_m)
+    from fastbert.kernels import gemm_gelu as GG
+    for backward in (False, True):
+        signature, constexprs, options = P.gemm_launch(GG.gemm_config(torch.bfloat16), backward=backward)
+        compiled = P.compile_launch(GG._gemm_gelu, signature, constexprs, options)
+        regs, st, ld, smem = P._ptxas_resources(compiled, "gemm")
+        ptx = compiled.asm["ptx"]
+        out[f"gemm backward={backward}"] = dict(regs=regs, spills=st + ld, shared=smem, mma_sync=ptx.count("mma.sync"),
+                                                wgmma=ptx.count("wgmma.mma_async"))
     print(json.dumps(out))
 """)
 
@@ -68,10 +76,22 @@ def test_fused_attention_backward_defaults_do_not_spill_and_use_wgmma(report):
 def test_layer_norm_defaults_at_bert_width(report):
     """At 768 the defaults spill nothing; the forward holds 4-row tiles; the add + LayerNorm backward
     keeps 4 programs per SM with the dense bias too (the reason for its 128-register cap)."""
-    ln = {k: v for k, v in report.items() if k.startswith("_")}
+    ln = {k: v for k, v in report.items() if k.startswith("_")}  # the LayerNorm entries
     assert len(ln) == 8
     for name, r in ln.items():
         assert r["spills"] == 0, (name, r)
     assert report["_add_ln_fwd 768 autocast"]["block_m"] == 4
     assert report["_add_ln_bwd 768 autocast+xbias"]["programs_per_sm"] >= 4
     assert report["_add_ln_bwd 768 autocast"]["programs_per_sm"] >= 4
+
+
+@pytest.mark.slow
+def test_feed_forward_epilogue_matmul_defaults(report):
+    """The shipped bf16 launch of both epilogue matmuls runs on wgmma with its cp.async pipeline (4 stages
+    of 128 x 64 + 64 x 128 bf16 tiles: 128 KB of shared memory), the forward without spills and the
+    backward (gelu' of a loaded z tile and the column sums) with at most a few (32 B measured)."""
+    for backward in (False, True):
+        r = report[f"gemm backward={backward}"]
+        assert r["mma_sync"] == 0 and r["wgmma"] > 0, r
+        assert r["shared"] == 4 * (128 * 64 + 64 * 128) * 2, r
+        assert r["spills"] <= (64 if backward else 0), r
