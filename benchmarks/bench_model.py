@@ -10,8 +10,10 @@ formula in fastbert/bench.py).
     python -m benchmarks.bench_model --compile       # + fastbert-compile and transformers-sdpa-compile
 
 On a GPU the competitors also include fastbert-graphs (the whole step as CUDA graphs), fastbert-unfused
-(session 10's two copy removals off: their A/B) and fastbert-before (every kernel change since the last
-GPU run off, fastbert.bench.changes_off: their sum), all in the same process (fastbert.bench.competitor_list).
+(session 10's two copy removals off: their A/B), fastbert-before (every kernel change since the last
+GPU run off, fastbert.bench.changes_off: their sum) and fastbert-ffn (the feed-forward GELU in the matmul
+epilogues, K.feed_forward, opt-in until this row beats fastbert: fastbert.bench.fused_ffn), all in the
+same process (fastbert.bench.competitor_list).
 
 Each row's median_ms is the median over the timed steps (p20_ms / p80_ms / repeats beside it), so
 benchmarks/compare.py can flag a slower step against the committed results of the same card.

@@ -172,6 +172,20 @@ def changes_off(hidden_size: int):
         linear_cross_entropy.CHUNK_BYTES, modeling._fuse_dense_bias = chunk_bytes, fuse_dense_bias
 
 
+@contextlib.contextmanager
+def fused_ffn():
+    """fastbert's model with the feed-forward block on K.feed_forward (GELU in the matmul epilogues;
+    modeling.FUSED_FFN, off by default until measured): the fastbert-ffn competitor, for its A/B against
+    the default fastbert in the same run. The choice is made in the forward; the backward follows it."""
+    from . import modeling
+
+    before, modeling.FUSED_FFN = modeling.FUSED_FFN, True
+    try:
+        yield
+    finally:
+        modeling.FUSED_FFN = before
+
+
 def build_models(case, size, vocab, max_len, device, competitors, dtype_note=""):
     import transformers
 
@@ -245,7 +259,8 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
         if comp in graphed:  # forward, backward and optimizer replayed as one CUDA graph
             graphed[comp](kw)
             return
-        with changes_off(hidden) if comp == "fastbert-before" else contextlib.nullcontext():
+        with (changes_off(hidden) if comp == "fastbert-before" else fused_ffn() if comp == "fastbert-ffn"
+              else contextlib.nullcontext()):
             with autocast, (copies_unfused() if comp == "fastbert-unfused" else contextlib.nullcontext()):
                 loss = models[comp][1](**kw).loss
             loss.backward()
@@ -334,11 +349,12 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
 def competitor_list(compile_: bool = False, case: str = "pretrain", device: str = "cpu") -> list[str]:
     """The competitors of a run; with compile_, torch.compile'd fastbert and transformers SDPA too;
     CUDA adds fastbert with the whole step as CUDA graphs (fastbert/cuda_graphs.py) and fastbert with
-    its copy removals turned off (copies_unfused: their A/B, in the same run) and fastbert with every
-    change since the last GPU measurement turned off (changes_off)."""
+    its copy removals turned off (copies_unfused: their A/B, in the same run), fastbert with every
+    change since the last GPU measurement turned off (changes_off) and fastbert with the feed-forward
+    GELU in the matmul epilogues (fused_ffn)."""
     comps = ["fastbert", "transformers-eager", "transformers-sdpa"]
     if str(device).startswith("cuda"):
-        comps += ["transformers-patched", "fastbert-graphs", "fastbert-unfused", "fastbert-before"]
+        comps += ["transformers-patched", "fastbert-graphs", "fastbert-unfused", "fastbert-before", "fastbert-ffn"]
     elif case == "pretrain":
         comps += ["transformers-sdpa-masked-head"]
     if compile_:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 from collections import OrderedDict
 
 import torch
@@ -458,12 +459,44 @@ class BertOutput(BertSelfOutput):
         self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
 
 
+# The feed-forward block with GELU in the epilogues of the matmuls beside it (K.feed_forward): opt-in
+# until a GPU run shows it beats cuBLAS + the bias-GELU kernel on the training step
+# (benchmarks.bench_ffn, the fastbert-ffn row of benchmarks.bench_model). Read once at import;
+# fastbert.bench.fused_ffn() turns it on for a block of code.
+FUSED_FFN = os.environ.get("FASTBERT_FUSED_FFN", "0") == "1"
+
+
+def _fuse_ffn(layer, residual) -> bool:
+    """Whether a BertLayer runs its feed-forward block as K.feed_forward: opted in, on the Triton kernels,
+    no hook that must see the intermediate or output modules (or their denses) called, both denses
+    with their biases (the output one's goes into the add + LayerNorm kernel, see _fuse_dense_bias)."""
+    if not FUSED_FFN or not K.use_triton(residual):
+        return False
+    inter, out = layer.intermediate, layer.output
+    return (inter.dense.bias is not None and out.dense.bias is not None
+            and not any(map(_hooked, (inter, inter.dense, out, out.dense))))
+
+
 class BertLayer(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.attention = BertAttention(config)
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
+
+    def feed_forward_add_norm(self, h_in, h, low_dtype=None):
+        """output(intermediate(h_in), h) through K.feed_forward, its output bias in the add + LayerNorm
+        kernel: (y, y_mm) as _add_norm_with_copy gives. h_in: h or its matmul copy. Under autocast the
+        weights are cast to the autocast dtype here (as F.linear's autocast would), and h_in with them."""
+        inter, out = self.intermediate, self.output
+        device = h_in.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h_in.dtype
+        w1, w2 = inter.dense.weight.to(dtype), out.dense.weight.to(dtype)
+        ffn = K.feed_forward(h_in.to(dtype), w1, inter.dense.bias, w2, inter.approximate)  # (N, D), no output bias
+        p = out.dropout.p if out.training else 0.0
+        norm = out.LayerNorm
+        y = K.add_layer_norm(ffn, h, norm.weight, norm.bias, norm.eps, p, low_dtype=low_dtype, x_bias=out.dense.bias)
+        return y if low_dtype is not None else (y, None)
 
     def forward(self, x, layout, rows=None, x_mm=None, with_copy=False):
         """x (N, D), N = T packed or B*S padded -> (y, probs), y (R, D) given rows. with_copy: also
@@ -477,8 +510,11 @@ class BertLayer(nn.Module):
             h_mm = None
         else:
             (h, h_mm), probs = self.attention(x, layout, rows, x_mm, low)
-        y, y_mm = _add_norm_with_copy(self.output, self.intermediate(h if h_mm is None else h_mm), h,
-                                      stream_low if with_copy else None)
+        h_in = h if h_mm is None else h_mm
+        if _fuse_ffn(self, h):
+            y, y_mm = self.feed_forward_add_norm(h_in, h, stream_low if with_copy else None)
+        else:
+            y, y_mm = _add_norm_with_copy(self.output, self.intermediate(h_in), h, stream_low if with_copy else None)
         return (y, probs, y_mm) if with_copy else (y, probs)
 
 

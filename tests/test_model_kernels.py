@@ -6,6 +6,8 @@ hot path goes through fastbert.kernels' Triton implementation — embeddings + L
 attention (unpadded classes) and padded attention with a key mask (QA), bias-GELU, add + LayerNorm,
 GELU + LayerNorm and the fused MLM loss.
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -358,3 +360,64 @@ def test_cpu_reference_path_keeps_the_bias_in_the_dense(monkeypatch, add_layer_n
     model(**_batch("cpu", "BertForPreTraining")).loss.backward()
     seen = [c.get("x_bias") for c in add_layer_norm_calls]
     assert len(calls) == 2 * CFG["num_hidden_layers"] and seen == [None] * len(calls)
+
+
+# ------------------------------------------------- the feed-forward block on K.feed_forward (opt-in)
+
+@pytest.mark.parametrize("name", ["BertForPreTraining", "BertForQuestionAnswering"])
+def test_fused_feed_forward_matches_transformers(name, device, triton_kernels, monkeypatch, add_layer_norm_calls):
+    """With modeling.FUSED_FFN (fastbert.bench.fused_ffn), every layer's feed-forward block runs as one
+    K.feed_forward call (the intermediate and output dense modules are never called: calling one raises)
+    and its output dense's bias goes to add_layer_norm; loss and every gradient (both denses' weights
+    and biases included) match transformers in float64 by the rule — the unpadded encoder with the last
+    layer on the read rows (pretraining) and the padded one (QA). The switch is restored afterwards."""
+    from fastbert import bench, modeling
+    hf64, hf32, ours = _same_weights(name, device)
+    layers = ours.bert.encoder.layer
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a feed-forward module ran: the block was not fused")
+
+    for layer in layers:
+        for module in (layer.intermediate, layer.intermediate.dense, layer.output.dense):
+            monkeypatch.setattr(module, "forward", forbidden)
+    ff_calls = []
+    real = modeling.K.feed_forward
+    monkeypatch.setattr(modeling.K, "feed_forward", lambda *a: ff_calls.append(a) or real(*a))
+    batch = _batch(device, name)
+    batch64 = {k: v.cpu() for k, v in batch.items()}
+    results = []
+    for model, b in ((hf64, batch64), (hf32, batch), (ours, batch)):
+        model.zero_grad()
+        with bench.fused_ffn() if model is ours else contextlib.nullcontext():
+            loss = model(**b).loss
+        loss.backward()
+        results.append((loss.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters()
+                                              if p.grad is not None}))
+    assert modeling.FUSED_FFN is False
+    assert len(ff_calls) == len(layers)
+    assert all(a[1] is layer.intermediate.dense.weight and a[2] is layer.intermediate.dense.bias
+               and a[3] is layer.output.dense.weight for a, layer in zip(ff_calls, layers))
+    ffn_biases = [c.get("x_bias") for c in add_layer_norm_calls][1::2]  # attention output, then FFN output
+    assert all(b is layer.output.dense.bias for b, layer in zip(ffn_biases, layers))
+    (rl, rg), (bl, bg), (ol, og) = results
+    assert_close_to_reference(ol, bl, rl, k=4, name="loss")
+    assert og.keys() == rg.keys()
+    for pname in rg:
+        assert_close_to_reference(og[pname], bg[pname], rg[pname], k=4, name=f"grad {pname}")
+
+
+def test_fused_feed_forward_leaves_hooked_blocks_alone(device, triton_kernels, monkeypatch):
+    """A forward hook on a layer's intermediate module keeps that layer's block on its modules (the hook
+    sees the call); the other layer still takes K.feed_forward."""
+    from fastbert import modeling
+    _, _, ours = _same_weights("BertForSequenceClassification", device)
+    monkeypatch.setattr(modeling, "FUSED_FFN", True)
+    ff_calls, hook_calls = [], []
+    real = modeling.K.feed_forward
+    monkeypatch.setattr(modeling.K, "feed_forward", lambda *a: ff_calls.append(a) or real(*a))
+    handle = ours.bert.encoder.layer[0].intermediate.register_forward_hook(lambda m, a, o: hook_calls.append(1))
+    ours(**_batch(device, "BertForSequenceClassification")).loss.backward()
+    handle.remove()
+    assert len(hook_calls) == 1 and len(ff_calls) == 1
+    assert ff_calls[0][1] is ours.bert.encoder.layer[1].intermediate.dense.weight
