@@ -10,7 +10,7 @@
 #   STEPS="zh race" bash benchmarks/gpu_check.sh                    # its second, on the warm machine
 #
 # Steps: tests (GPU test subset: compiled kernels, bf16), model (BERT-base pretraining + fine-tuning
-# step vs transformers, CUDA graphs), kernels (attention, fused, mlm_loss benchmarks), encode
+# step vs transformers, CUDA graphs), kernels (attention, fused, mlm_loss, ffn benchmarks), encode
 # (inference throughput), zh (two-stage Chinese: pretrain + fine-tune vs random init), race (real
 # pretraining, loss vs wall-clock, fastbert vs transformers), large (BERT-large seq 512 step),
 # compile (torch.compile'd competitors), profile (where a step's GPU time goes), both (own class vs
@@ -56,7 +56,7 @@ $PY -c "import fastbert.kernels" 2>/dev/null || echo "fastbert.kernels not impor
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 
 # TEST_FILES narrows the GPU test step (e.g. to the files a change touched, when device time is short).
-TEST_FILES=${TEST_FILES:-"tests/test_attention.py tests/test_gelu.py tests/test_layer_norm.py tests/test_embedding.py
+TEST_FILES=${TEST_FILES:-"tests/test_attention.py tests/test_gelu.py tests/test_gemm_gelu.py tests/test_layer_norm.py tests/test_embedding.py
   tests/test_fused_ops.py tests/test_mlm_loss.py tests/test_model_kernels.py tests/test_convergence.py
   tests/test_cuda_graphs.py tests/test_compile_model.py tests/test_patch.py tests/test_packing.py"}
 # (1) GPU tests: every kernel suite compiled on CUDA (fp32, fp16, bf16), the model on the kernels,
@@ -71,10 +71,14 @@ want model && step bench_model "${T_MODEL:-150}" env OUT="$R" $PY -m benchmarks.
 want kernels && step bench_attention "${T_ATTN:-60}" env OUT="$R" $PY -m benchmarks.bench_attention --quick
 want kernels && step bench_fused "${T_FUSED:-60}" env OUT="$R" $PY -m benchmarks.bench_fused --quick
 want kernels && step bench_mlm_loss "${T_MLM:-45}" env OUT="$R" $PY -m benchmarks.bench_mlm_loss --quick
+# the feed-forward block with GELU in the matmul epilogues vs cuBLAS + bias-GELU (issue 7's epilogue question)
+want kernels && step bench_ffn "${T_FFN:-60}" env OUT="$R" $PY -m benchmarks.bench_ffn --quick
 # (3b) launch-configuration sweeps (only when named): the fused one-launch attention backward's candidates
 # against the split dQ + dK/dV pair at seq 128 (SWEEP_SEQS="128 512" adds the split kernels at 512)
 want sweep && step bench_attention_sweep "${T_SWEEP:-120}" env OUT="$R" $PY -m benchmarks.bench_attention --sweep \
   --seqs ${SWEEP_SEQS:-128}
+# ... and the epilogue matmuls' tiles (bench_ffn --sweep: the shipped launch first, then FFN_CANDIDATES)
+want sweep && step bench_ffn_sweep "${T_FFNSWEEP:-90}" env OUT="$R" $PY -m benchmarks.bench_ffn --quick --sweep
 # the add / GELU + LayerNorm kernels' tiles, warps, backward programs per SM and pipelining
 want lnsweep && step bench_ln_sweep "${T_LNSWEEP:-240}" env OUT="$R" $PY -m benchmarks.bench_ln_sweep \
   ${LNSWEEP_ARGS:---quick} --budget-s $(( ${T_LNSWEEP:-240} - 40 ))

@@ -72,6 +72,16 @@ def test_feed_forward_many_tiles(triton_kernels, device, small_tiles, dtype):
     _check((33, 16, 65, 7), dtype, device, "tanh", lead=(2,))  # 3-D input, K one block exactly
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_feed_forward_bert_launch(triton_kernels, device, approximate):
+    """The shipped bf16 launch at a BERT-base shape (many 128 x 128 tiles in full groups, K = 768 without
+    a tail, N = 3072), the fp32 bias of the model under autocast, compiled."""
+    if device != "cuda":
+        pytest.skip("the compiled launch needs a GPU")
+    _check((2048, 768, 3072, 768), torch.bfloat16, device, approximate, b1_dtype=torch.float32)
+
+
 def test_feed_forward_fp32_bias_and_strided_operands(triton_kernels, device):
     # The model's autocast layout: 16-bit activations and weights, the bias an fp32 parameter; and
     # operands that are transposed views (the kernel reads them through their strides).
