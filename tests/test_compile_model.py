@@ -46,6 +46,24 @@ def test_encoder_compiles_fullgraph(triton_kernels, device, layout_name, rows, f
     padded layout a fixed count, as under CUDA-graph capture)."""
     if fresh_process:
         return
+    _check_encoder_compiles(device, layout_name, rows)
+
+
+def test_encoder_with_fused_feed_forward_compiles_fullgraph(triton_kernels, device, fresh_process, monkeypatch):
+    """The opt-in feed-forward block (K.feed_forward, modeling.FUSED_FFN) traces too: packed, last layer
+    on the read rows."""
+    if fresh_process:
+        return
+    from fastbert import modeling
+    monkeypatch.setattr(modeling, "FUSED_FFN", True)
+    calls = []
+    real = modeling.K.feed_forward
+    monkeypatch.setattr(modeling.K, "feed_forward", lambda *a: calls.append(1) or real(*a))
+    _check_encoder_compiles(device, "packed", True)
+    assert calls  # the block took the fused op (eager run; the compiled trace calls it too)
+
+
+def _check_encoder_compiles(device, layout_name, rows):
     torch._dynamo.reset()
     model = _model(device)
     mask = torch.ones(3, 9, dtype=torch.long, device=device)
