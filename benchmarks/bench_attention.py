@@ -364,14 +364,7 @@ def main(argv=None):
         del case
         if args.device == "cuda":
             torch.cuda.empty_cache()
-    path = rec.save()
-    try:
-        rec.plot(x="case", y="tflops", group="impl", ylabel="TFLOP/s (real tokens)")
-    except Exception:
-        traceback.print_exc()
-    print()
-    print(rec.markdown())
-    print(f"saved {path}")
+    rec.finish(plot=dict(x="case", y="tflops", group="impl", ylabel="TFLOP/s (real tokens)"))
     return 0
 
 

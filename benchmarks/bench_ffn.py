@@ -181,16 +181,9 @@ def main(argv=None):
                 finally:
                     GG.set_gemm_config_override(None)
         rec.save("/tmp" if args.smoke else None)
-    path = rec.save("/tmp" if args.smoke else None)
-    try:
-        rec.plot(x="case", y="median_ms", group="impl", directory="/tmp" if args.smoke else None,
-                 title=f"feed-forward block and its epilogue matmuls ({rec.context['dtype']}, {T} tokens)",
-                 ylabel="median ms")
-    except Exception:
-        traceback.print_exc()
-    print()
-    print(rec.markdown())
-    print(f"saved {path}")
+    rec.finish("/tmp" if args.smoke else None,
+               plot=dict(x="case", y="median_ms", group="impl", ylabel="median ms",
+                         title=f"feed-forward block and its epilogue matmuls ({rec.context['dtype']}, {T} tokens)"))
     return 0
 
 

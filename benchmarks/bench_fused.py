@@ -213,15 +213,8 @@ def main(argv=None):
                             continue
                         theirs = times.get((other, row["pass"]))
                         row[key] = theirs / ours if ours and theirs else None
-    path = rec.save("/tmp" if args.smoke else None)
-    try:
-        rec.plot(x="op", y="frac_of_ceiling", group="impl", directory="/tmp" if args.smoke else None,
-                 title="fraction of copy bandwidth (bf16, 32k tokens)")
-    except Exception:
-        traceback.print_exc()
-    print()
-    print(rec.markdown())
-    print(f"saved {path}")
+    rec.finish("/tmp" if args.smoke else None,
+               plot=dict(x="op", y="frac_of_ceiling", group="impl", title="fraction of copy bandwidth (bf16, 32k tokens)"))
 
 
 if __name__ == "__main__":

@@ -198,10 +198,7 @@ def main(argv=None):
     except Exception:
         traceback.print_exc()
 
-    path = rec.save()
-    print()
-    print(rec.markdown())
-    print(f"saved {path}")
+    rec.finish()
     return 0
 
 

@@ -17,6 +17,7 @@ import platform
 import statistics
 import subprocess
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -173,6 +174,20 @@ class Recorder:
         path = directory / f"{self.name}.json"
         path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
         (directory / f"{self.name}.md").write_text(self.markdown())
+        return path
+
+    def finish(self, directory=None, plot=None) -> Path:
+        """The end of a benchmark script: save the rows, draw plot (plot()'s keyword arguments, or None;
+        a failing plot is reported, never fatal), print the table and where it went."""
+        path = self.save(directory)
+        if plot:
+            try:
+                self.plot(directory=directory, **plot)
+            except Exception:
+                traceback.print_exc()
+        print()
+        print(self.markdown())
+        print(f"saved {path}")
         return path
 
     def plot(self, x: str, y: str, group: str, directory=None, title=None, ylabel=None) -> Path | None:

@@ -174,16 +174,13 @@ def gemm_report(sweep: bool):
         for backward in (False, True):
             what = "dgrad + gelu'" if backward else "bias + gelu"
             acc = config.block_m * config.block_n // (32 * config.num_warps)
-            try:
+            def measure(config=config, backward=backward):
                 signature, constexprs, options = gemm_launch(config, backward=backward)
                 compiled = compile_launch(GG._gemm_gelu, signature, constexprs, options)
                 regs, st, ld, smem = _ptxas_resources(compiled, f"_gemm_gelu {config}")
-                row = (f"| {what} | {tuple(config)} | {label} | {acc} | {regs} | {st} | {ld} | {smem} "
-                       f"| {programs_per_sm(regs, config.num_warps, smem)} |")
-            except Exception as exc:  # one config that fails to compile must not hide the others
-                row = f"| {what} | {tuple(config)} | {label} | {acc} | {type(exc).__name__}: {str(exc)[:80]} | | | | |"
-            print(row, flush=True)
-            lines.append(row)
+                return regs, st, ld, smem, programs_per_sm(regs, config.num_warps, smem)
+
+            lines.append(_row((what, tuple(config), label, acc), measure, 5))
     _save(lines, "ptxas_report_gemm.md")
     return 0
 
@@ -226,18 +223,26 @@ def ln_report(sweep: bool):
                 continue
             seen.add(key)
             per_thread = config.block_m * block_n // (32 * config.num_warps)
-            try:
+            def measure(kind=kind, config=config, block_n=block_n, dtypes=dtypes, flags=flags):
                 regs, st, ld, smem = ln_resources(kernels[kind], block_n, config, dtypes, flags)
                 progs = programs_per_sm(regs, config.num_warps, smem)
-                row = (f"| {kernels[kind]} | {variant} | {n} | {shown} | {label} | {per_thread} | {regs} | {st} | {ld} "
-                       f"| {smem} | {progs} | {progs * config.block_m} |")
-            except Exception as exc:  # one config that fails to compile must not hide the others
-                row = f"| {kernels[kind]} | {variant} | {n} | {shown} | {label} | {per_thread} | " \
-                      f"{type(exc).__name__}: {str(exc)[:80]} | | | | | |"
-            print(row, flush=True)
-            lines.append(row)
+                return regs, st, ld, smem, progs, progs * config.block_m
+
+            lines.append(_row((kernels[kind], variant, n, shown, label, per_thread), measure, 6))
     _save(lines, "ptxas_report_ln.md")
     return 0
+
+
+def _row(lead, measure, width):
+    """One printed table row: the lead cells, then measure()'s `width` cells — or, when it raises, the
+    error in the first of them (one config that fails to compile must not hide the others)."""
+    try:
+        cells = list(measure())
+    except Exception as exc:
+        cells = [f"{type(exc).__name__}: {str(exc)[:80]}"] + [""] * (width - 1)
+    row = "| " + " | ".join(str(c) for c in (*lead, *cells)) + " |"
+    print(row, flush=True)
+    return row
 
 
 def _save(lines, name):
@@ -282,14 +287,10 @@ def main(argv=None):
             if (kind, config, dropout) in seen:
                 continue
             seen.add((kind, config, dropout))
-            try:
-                regs, st, ld, smem = resources(kernels[kind], config, dropout)
-                row = f"| {kernels[kind]} | {config} | {'yes' if config == tuple(shipped[kind] or ()) else ''} " \
-                      f"| {int(dropout)} | {regs} | {st} | {ld} | {smem} |"
-            except Exception as exc:  # one config that fails to compile must not hide the others
-                row = f"| {kernels[kind]} | {config} | | {int(dropout)} | {type(exc).__name__}: {str(exc)[:80]} | | | |"
-            print(row, flush=True)
-            lines.append(row)
+            shipped_mark = "yes" if config == tuple(shipped[kind] or ()) else ""
+            lines.append(_row((kernels[kind], config, shipped_mark, int(dropout)),
+                              lambda kind=kind, config=config, dropout=dropout: resources(kernels[kind], config, dropout),
+                              4))
     _save(lines, "ptxas_report.md")
     return 0
 
