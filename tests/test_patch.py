@@ -384,11 +384,18 @@ def test_transformers_trainer_runs_the_patched_model(tmp_path):
     assert_close_to_reference(logits[mask], ref_logits[mask], ref_logits[mask], k=0, name="eval logits")
 
 
-def test_patched_model_on_triton_kernels(device, triton_kernels):
+@pytest.mark.parametrize("fused_ffn", [False, True], ids=["", "fused-ffn"])
+def test_patched_model_on_triton_kernels(device, triton_kernels, monkeypatch, fused_ffn):
     """The patched model through the Triton kernels (interpreted on CPU, compiled on a GPU) against
     transformers in float64: training loss and every gradient. BertForPreTraining takes every
     kernel of the unpadded path (embeddings + LayerNorm, varlen attention, bias-GELU, add +
-    LayerNorm, GELU + LayerNorm, the masked-rows MLM loss)."""
+    LayerNorm, GELU + LayerNorm, the masked-rows MLM loss); fused-ffn: the feed-forward block on
+    K.feed_forward (modeling.FUSED_FFN), which the patched layers take too."""
+    from fastbert import modeling
+    monkeypatch.setattr(modeling, "FUSED_FFN", fused_ffn)
+    calls = []
+    real = modeling.K.feed_forward
+    monkeypatch.setattr(modeling.K, "feed_forward", lambda *a: calls.append(1) or real(*a))
     name = "BertForPreTraining"
     cfg = dict(vocab_size=67, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
                max_position_embeddings=16, **NO_DROPOUT)
@@ -404,6 +411,7 @@ def test_patched_model_on_triton_kernels(device, triton_kernels):
         loss = model(**on).loss
         loss.backward()
         results.append((loss.detach().cpu(), {n: g.cpu() for n, g in grads(model).items()}))
+    assert len(calls) == (1 if fused_ffn else 0)  # one layer
     (rl, rg), (bl, bg), (ol, og) = results
     assert_close_to_reference(ol, bl, rl, k=4, name=f"{name}.loss")
     for pname in rg:
