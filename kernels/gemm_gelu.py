@@ -25,9 +25,12 @@ both, and the model uses this path only when asked (`fastbert.modeling`, FASTBER
 
 Supports: fp16 / bf16 (fp32 accumulation, wgmma on sm_90) and fp32 (input_precision="ieee": no tf32,
 like torch's default matmul); any M, N, K (masked K tail, wrapped M/N tails); both GELU forms; b1 in any
-float dtype (added in fp32; its gradient returned in its dtype); x, w1, w2 with any strides.
+float dtype (added in fp32; its gradient returned in its dtype); x, w1, w2 with any strides (an x
+strided along both dimensions is copied first; a strided b1 too).
 Not supported: float64 on the GPU path (the reference runs it); mixed dtypes among x, w1 and w2.
-Caution: z and h are rounded to x's dtype once each, from fp32 — one rounding fewer than cuBLAS then
+Caution: fp32 inputs always take the IEEE fp32 dot (no tensor cores), whatever
+torch.backends.cuda.matmul.allow_tf32 says, so under tf32 settings cuBLAS is faster on fp32; the
+model's GPU recipe is bf16 autocast. z and h are rounded to x's dtype once each, from fp32 — one rounding fewer than cuBLAS then
 bias + GELU (which rounds the product before adding the bias), so results differ in the last bit.
 """
 from __future__ import annotations
@@ -167,6 +170,9 @@ def _launch(a, b_kn_strides, b, bias, z, c, db_part, M, N, K, backward: bool, ap
 
 def dense_gelu(x2: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, approximate: str):
     """(h, z): z = x2 @ w1.T + b1 and h = gelu(z), both (M, N) in x2's dtype, from one kernel."""
+    if x2.stride(1) != 1 and x2.stride(0) != 1:
+        x2 = x2.contiguous()  # a tile strided along both dimensions would leave the cp.async pipeline
+    b1 = b1.contiguous()  # the kernel reads the bias at unit stride
     M, K = x2.shape
     N = w1.shape[0]
     z = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
@@ -253,8 +259,8 @@ def _(x, w1, b1, w2, approximate):
 
 @_feed_forward_backward_op.register_fake
 def _(dout, x, w1, b1, w2, h, z, approximate):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(w1),
-            torch.empty_like(b1), torch.empty_like(w2))
+    # contiguous, as the real backward's products and sum are, whatever the inputs' strides
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (x, w1, b1, w2))
 
 
 def _setup_context(ctx, inputs, output):

@@ -87,6 +87,9 @@ def test_feed_forward_fp32_bias_and_strided_operands(triton_kernels, device):
     # operands that are transposed views (the kernel reads them through their strides).
     _check((37, 45, 29, 19), torch.float16, device, b1_dtype=torch.float32)
     _check((37, 45, 29, 19), torch.float32, device, transform=lambda t: t.t().contiguous().t() if t.dim() == 2 else t)
+    # every operand a strided view (x along both dimensions, the bias every other element)
+    _check((37, 45, 29, 19), torch.float32, device,
+           transform=lambda t: t.repeat_interleave(2, -1)[..., ::2] if t.dim() == 1 else t.repeat(2, 2)[::2, ::2])
 
 
 def test_feed_forward_gelu_tails(triton_kernels, device):
@@ -148,6 +151,11 @@ def test_opcheck_feed_forward(triton_kernels, approximate):
     _, h, z = torch.ops.fastbert.feed_forward(x, w1, b1, w2, approximate)
     torch.library.opcheck(torch.ops.fastbert.feed_forward_backward.default,
                           (torch.randn(5, 16), x.detach(), w1.detach(), b1.detach(), w2.detach(), h, z, approximate))
+    # transposed weights and a strided bias: the fake gradients must have the real (contiguous) strides
+    w1t, w2t = w1.detach().t().contiguous().t(), w2.detach().t().contiguous().t()
+    b1s = b1.detach().repeat_interleave(2)[::2]
+    torch.library.opcheck(torch.ops.fastbert.feed_forward_backward.default,
+                          (torch.randn(5, 16), x.detach(), w1t, b1s, w2t, h, z, approximate))
 
 
 def test_eager_twin_equals_custom_op(triton_kernels, device):
@@ -197,15 +205,20 @@ def test_aot_compile_sweep_candidates():
     compile_in_subprocess("fastbert.kernels.gemm_gelu", "_gemm_gelu", configs, archs=(90,))
 
 
+@interpreted
 def test_bench_ffn_smoke(triton_kernels):
     # The GPU benchmark script end to end at toy sizes in the interpreter: every row present, and the
     # sweep's launches agree with the shipped one.
     from benchmarks import bench_ffn
-    assert bench_ffn.main(["--smoke", "--sweep"]) == 0
     import json
+    assert bench_ffn.main(["--smoke"]) == 0
     rows = json.load(open("/tmp/bench_ffn_smoke.json"))["rows"]
     impls = {(r["op"], r["impl"], r["pass"]) for r in rows}
     for impl in ("fastbert", "fastbert-unfused", "eager"):
         assert ("feed-forward block", impl, "fwd+bwd") in impls
+    assert {("gemm+gelu fwd", "fastbert"), ("dgrad+gelu'", "unfused")} <= {(r["op"], r["impl"]) for r in rows}
+    assert bench_ffn.main(["--smoke", "--sweep"]) == 0
+    rows = json.load(open("/tmp/bench_ffn_smoke.json"))["rows"]
+    assert not [r for r in rows if r["op"] == "feed-forward block"]
     sweep = [r for r in rows if r["impl"].startswith("fastbert (")]
     assert len(sweep) == 2 * len(bench_ffn.FFN_CANDIDATES) and all(r["ok"] for r in sweep)
