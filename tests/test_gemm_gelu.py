@@ -183,11 +183,13 @@ def test_compiles_fullgraph(triton_kernels):
 # ---------------------------------------------------------------------------- ahead-of-time compile
 
 def _launches(config, dtypes=("bf16", "fp16", "fp32"), tanh=(False, True)):
-    """Both launches of K.feed_forward with `config`, in every dtype, GELU form and K-tail variant
-    (benchmarks/ptxas_report.gemm_launch builds each as Triton specialises it)."""
+    """Both launches of K.feed_forward with `config` (benchmarks/ptxas_report.gemm_launch builds each as
+    Triton specialises it): bf16 (the GPU recipe) in every GELU form and K-tail variant, the other
+    dtypes in BERT's (erf GELU, K a multiple of the tile) and with both flags flipped."""
     from benchmarks.ptxas_report import gemm_launch
     return [gemm_launch(config(dtype), dtype, backward, approx, even_k)
-            for dtype, backward, approx, even_k in itertools.product(dtypes, (False, True), tanh, (True, False))]
+            for dtype, backward, approx, even_k in itertools.product(dtypes, (False, True), tanh, (True, False))
+            if dtype == "bf16" or (approx, even_k) in ((False, True), (True, False))]
 
 
 def test_aot_compile_shipped():
