@@ -11,7 +11,8 @@ sentence. Every competitor gets the same padded (ids, mask) tensors: transformer
 through every layer; fastbert drops it after the embeddings (unpadded encoder, varlen attention);
 fastbert-graphs (GPU only) replays one CUDA graph per batch (fastbert.cuda_graphs.GraphedEncoder,
 `fastbert encode --cuda-graphs`): the padded layout, widths rounded up to a multiple of 32, no host
-work per layer.
+work per layer; fastbert-ffn (GPU only) is fastbert with the feed-forward GELU in the matmul epilogues
+(K.feed_forward, which writes no pre-activation when no gradient is wanted).
 
 Figures per competitor: median_ms of one pass over all batches (median of --repeats passes, p20/p80
 beside it), sentences/s and real tokens/s, speedup over transformers SDPA, and the smallest cosine
@@ -41,7 +42,9 @@ MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attent
               intermediate_size=1536, hidden_act="gelu", max_position_embeddings=512, type_vocab_size=2,
               layer_norm_eps=1e-12, pad_token_id=0)
 IMPLS = ("fastbert", "transformers-sdpa", "transformers-eager")
-GPU_IMPLS = ("fastbert-graphs",)  # fastbert.cuda_graphs.GraphedEncoder: each batch one graph replay
+# fastbert-graphs: fastbert.cuda_graphs.GraphedEncoder, each batch one graph replay; fastbert-ffn: the
+# feed-forward GELU in the matmul epilogues (K.feed_forward, opt-in until measured: fastbert.bench.fused_ffn)
+GPU_IMPLS = ("fastbert-graphs", "fastbert-ffn")
 
 
 def minilm_path():
@@ -72,7 +75,7 @@ def load_models(impls=IMPLS, device="cpu", weights="auto", config=None):
     state = ours.state_dict()
     models = {}
     for impl in impls:
-        if impl in ("fastbert", "fastbert-graphs"):
+        if impl in ("fastbert", "fastbert-graphs", "fastbert-ffn"):
             m = ours
         elif impl.startswith("transformers-"):
             attn = impl.split("-", 1)[1]
@@ -116,6 +119,11 @@ def embed(model, ids, mask, autocast):
 
 def embedder(impl, model, batch, autocast, cuda):
     """embed(ids, mask) for one competitor; fastbert-graphs replays a CUDA graph per 32-token bucket."""
+    if impl == "fastbert-ffn":
+        def fused(ids, mask):
+            with bench.fused_ffn():
+                return embed(model, ids, mask, autocast)
+        return fused
     if impl != "fastbert-graphs":
         return lambda ids, mask: embed(model, ids, mask, autocast)
     from fastbert.cuda_graphs import GraphedEncoder

@@ -13,6 +13,8 @@ tokens, BERT-base (hidden d 768, FFN f 3072) and BERT-large (1024, 4096) widths,
   epilogue rows (one matmul, the fusion in isolation)
     gemm+gelu fwd      fastbert: gemm_gelu.dense_gelu (writes z and gelu(z));
                        unfused: x @ w1ᵀ then K.bias_gelu's forward kernel
+      ..., inference   the same without writing z (what K.feed_forward runs when no gradient is wanted,
+                       e.g. fastbert encode; the block's fwd rows run that way too, under no_grad)
     dgrad+gelu'        fastbert: gemm_gelu.gelu_dgrad (dz and the db1 partial sums);
                        unfused: dout @ w2 then K.bias_gelu's backward kernel (dz, db1)
 
@@ -85,6 +87,8 @@ def _epilogue_cases(T, d, f, dev):
     zero_bias = torch.zeros_like(b1)
     return [
         ("gemm+gelu fwd", lambda: GG.dense_gelu(x, w1, b1, "none"),
+         lambda: G._fwd_impl(x @ w1.t(), b1, "none")),
+        ("gemm+gelu fwd, inference (no z)", lambda: GG.dense_gelu(x, w1, b1, "none", False),
          lambda: G._fwd_impl(x @ w1.t(), b1, "none")),
         ("dgrad+gelu'", lambda: GG.gelu_dgrad(dout, w2, z, "none"),
          lambda: G._bwd_impl(dout @ w2, z, zero_bias, "none")),  # z holds b1 already

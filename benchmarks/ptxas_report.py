@@ -138,13 +138,14 @@ def ln_resources(kernel, block_n, config, dtypes, flags, arch=90):
     return _ptxas_resources(compiled, f"{kernel} {block_n} {config}", arch)
 
 
-def gemm_launch(config, dtype="bf16", backward=False, approx=False, even_k=True):
+def gemm_launch(config, dtype="bf16", backward=False, approx=False, even_k=True, store_z=True):
     """(signature, constexprs, options) of one kernels/gemm_gelu.py launch as K.feed_forward makes it:
     the forward reads x and w1ᵀ, the backward dout and w2, each unit-stride along K (forward) or along N
     (w2), and Triton specialises a stride of 1 into a constant. config = gemm_gelu.GemmConfig; the bias
-    is an fp32 parameter in the model."""
+    is an fp32 parameter in the model. store_z=False: the inference forward (z not written)."""
     unit = "stride_bn" if backward else "stride_bk"
-    constexprs = {"stride_ak": 1, unit: 1, "BACKWARD": backward, "APPROX_TANH": approx, "EVEN_K": even_k,
+    constexprs = {"stride_ak": 1, unit: 1, "BACKWARD": backward, "STORE_Z": store_z, "APPROX_TANH": approx,
+                  "EVEN_K": even_k,
                   "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_M": config.block_m,
                   "BLOCK_N": config.block_n, "BLOCK_K": config.block_k, "GROUP_M": config.group_m}
     elem = "*" + dtype

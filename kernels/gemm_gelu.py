@@ -11,8 +11,8 @@ product just wrote, plus the pre-activation, and writes the pre-activation's gra
 matmuls at GELU's sides do that work in their epilogues, on the fp32 accumulator while it is still in
 registers:
 
-- forward, `x @ w1.T`: adds b1 in fp32, writes z (the pre-activation, kept for the backward) and
-  h = gelu(z) (the second matmul's input);
+- forward, `x @ w1.T`: adds b1 in fp32, writes z (the pre-activation, kept for the backward; not
+  written when no gradient is wanted) and h = gelu(z) (the second matmul's input);
 - backward, `dout @ w2` (dh): multiplies by gelu'(z) before anything is rounded and writes dz, and sums
   each block's dz over its rows into an fp32 (row blocks, N) buffer that torch reduces to db1
   (deterministic, no atomics).
@@ -101,6 +101,7 @@ def _gemm_gelu(
     stride_am, stride_ak,  # A's strides in elements
     stride_bk, stride_bn,  # B's strides as a (K, N) matrix
     BACKWARD: tl.constexpr,  # False: bias + GELU epilogue; True: gelu' + column-sum epilogue
+    STORE_Z: tl.constexpr,  # forward: also write z (the backward's input); False when no gradient is wanted
     APPROX_TANH: tl.constexpr,  # True: tanh GELU, False: erf GELU
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask in the K loop
     INPUT_PRECISION: tl.constexpr,  # tl.dot's input_precision: "ieee" for fp32, "tf32" ignored for 16-bit
@@ -153,36 +154,40 @@ def _gemm_gelu(
         tl.store(DB_PART + pid_m.to(tl.int64) * N + cols, tl.sum(dz, axis=0), mask=col_ok)
     else:
         z = acc + tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(Z + offs, z.to(Z.dtype.element_ty), mask=mask)
+        if STORE_Z:
+            tl.store(Z + offs, z.to(Z.dtype.element_ty), mask=mask)
         tl.store(C + offs, gelu(z, APPROX_TANH).to(C.dtype.element_ty), mask=mask)
 
 
-def _launch(a, b_kn_strides, b, bias, z, c, db_part, M, N, K, backward: bool, approximate: str):
+def _launch(a, b_kn_strides, b, bias, z, c, db_part, M, N, K, backward: bool, approximate: str, store_z=True):
     cfg = gemm_config(a.dtype)
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     _gemm_gelu[grid](
         a, b, bias, z, c, db_part, M, N, K, a.stride(0), a.stride(1), *b_kn_strides,
-        BACKWARD=backward, APPROX_TANH=approximate == "tanh", EVEN_K=K % cfg.block_k == 0,
+        BACKWARD=backward, STORE_Z=store_z, APPROX_TANH=approximate == "tanh", EVEN_K=K % cfg.block_k == 0,
         INPUT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def dense_gelu(x2: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, approximate: str):
-    """(h, z): z = x2 @ w1.T + b1 and h = gelu(z), both (M, N) in x2's dtype, from one kernel."""
+def dense_gelu(x2: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, approximate: str, store_z: bool = True):
+    """(h, z): z = x2 @ w1.T + b1 and h = gelu(z), both (M, N) in x2's dtype, from one kernel; store_z=False
+    (inference: no backward will read z) writes h only and returns z as None."""
     if x2.stride(1) != 1 and x2.stride(0) != 1:
         x2 = x2.contiguous()  # a tile strided along both dimensions would leave the cp.async pipeline
     b1 = b1.contiguous()  # the kernel reads the bias at unit stride
     M, K = x2.shape
     N = w1.shape[0]
-    z = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    h = torch.empty_like(z)
+    h = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    z = torch.empty_like(h) if store_z else None
     if M and N:
         if K == 0:  # no product to accumulate: the epilogue alone
-            z.copy_(b1.expand(M, N))
+            if store_z:
+                z.copy_(b1.expand(M, N))
             h.copy_(torch.nn.functional.gelu(b1.float(), approximate=approximate).expand(M, N))
-        else:
-            _launch(x2, (w1.stride(1), w1.stride(0)), w1, b1, z, h, z, M, N, K, False, approximate)
+        else:  # (z's pointer is h's when z is not stored: a placeholder the kernel never writes)
+            _launch(x2, (w1.stride(1), w1.stride(0)), w1, b1, h if z is None else z, h, h, M, N, K, False,
+                    approximate, store_z)
     return h, z
 
 
@@ -210,11 +215,11 @@ def _check(x, w1, b1, w2):
         raise TypeError(f"feed_forward (Triton): b1 must be fp16, bf16 or fp32, got {b1.dtype}")
 
 
-def _fwd_impl(x, w1, b1, w2, approximate):
-    """-> (out, h, z); h and z are saved for the backward."""
+def _fwd_impl(x, w1, b1, w2, approximate, store_z=True):
+    """-> (out, h, z); h and z are saved for the backward (z None with store_z=False)."""
     _check(x, w1, b1, w2)
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-    h, z = dense_gelu(x2, w1, b1, approximate)  # (M, N) each
+    h, z = dense_gelu(x2, w1, b1, approximate, store_z)  # (M, N) each
     out = h @ w2.t()  # (M, H)
     return out.reshape(*x.shape[:-1], w2.shape[0]), h, z
 
@@ -299,4 +304,6 @@ def feed_forward(x, w1, b1, w2, approximate="none"):
     """gelu(x @ w1.T + b1) @ w2.T with the Triton epilogue matmuls; inputs validated by fastbert.kernels."""
     if torch.compiler.is_compiling():
         return _feed_forward_op(x, w1, b1, w2, approximate)[0]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2))):
+        return _fwd_impl(x, w1, b1, w2, approximate, store_z=False)[0]  # inference: z is never written
     return _FeedForward.apply(x, w1, b1, w2, approximate)[0]

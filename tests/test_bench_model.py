@@ -247,3 +247,23 @@ def test_ln_sweep_arguments_bytes_and_refusal_without_cuda(monkeypatch):
     assert S.case_bytes("add", bf16, bf16, 0.0, None, 10, 3) == (3 * 2 * t, 4 * 2 * t)
     assert S.case_bytes("add", bf16, bf16, 0.1, None, 10, 3) == (3 * 2 * t, 5 * 2 * t)
     assert S.case_bytes("gelu", bf16, bf16, 0.0, None, 10, 3) == (2 * 2 * t, 3 * 2 * t)
+
+
+def test_encode_bench_fused_ffn_competitor(triton_kernels, monkeypatch):
+    """bench_encode's fastbert-ffn row (GPU only in a real run) on the interpreted kernels: the encoder
+    takes K.feed_forward in every layer, inference writes no z, and its vectors are transformers'."""
+    pytest.importorskip("transformers")
+    from benchmarks import bench_encode
+    from fastbert import modeling
+    from fastbert.kernels import gemm_gelu as GG
+    calls = []
+    real = GG.dense_gelu
+    monkeypatch.setattr(GG, "dense_gelu", lambda *a: calls.append(a[4]) or real(*a))
+    config = dict(bench_encode.MINILM, vocab_size=1200, hidden_size=32, num_hidden_layers=2,
+                  num_attention_heads=2, intermediate_size=64)
+    rows, _ = bench_encode.run(batch=4, n_batches=2, repeats=1, impls=("fastbert-ffn", "transformers-sdpa"),
+                               device="cpu", weights="random", config=config, progress=False)
+    by = {r["impl"]: r for r in rows}
+    assert by["fastbert-ffn"]["cos_min_vs_sdpa"] > 0.9999
+    assert calls and not any(calls)  # the fused block ran, never storing z
+    assert modeling.FUSED_FFN is False  # restored

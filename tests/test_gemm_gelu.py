@@ -92,6 +92,23 @@ def test_feed_forward_fp32_bias_and_strided_operands(triton_kernels, device):
            transform=lambda t: t.repeat_interleave(2, -1)[..., ::2] if t.dim() == 1 else t.repeat(2, 2)[::2, ::2])
 
 
+def test_feed_forward_inference_writes_no_z(triton_kernels, device, monkeypatch):
+    """Without gradients (no_grad, inference_mode, or no input requiring one) the forward kernel writes
+    h only: the same output as the training forward, bit for bit, and z is never allocated."""
+    inputs = [torch.randn(*s, device=device) for s in ((2, 9, 24), (40, 24), (40,), (16, 40))]
+    want = K.feed_forward(*(t.clone().requires_grad_() for t in inputs)).detach()
+    stored = []
+    real = GG.dense_gelu
+    monkeypatch.setattr(GG, "dense_gelu", lambda *a: stored.append(a[4]) or real(*a))
+    with torch.no_grad():
+        a = K.feed_forward(*(t.clone().requires_grad_() for t in inputs))
+    with torch.inference_mode():
+        b = K.feed_forward(*inputs)
+    c = K.feed_forward(*inputs)
+    assert stored == [False, False, False]
+    assert torch.equal(a, want) and torch.equal(b, want) and torch.equal(c, want)
+
+
 def test_feed_forward_gelu_tails(triton_kernels, device):
     # Pre-activations far in both tails (GELU's 0 and identity limits, gelu' 0 and 1) stay finite and right.
     x = torch.tensor([[1.0], [-1.0], [0.0]], device=device)
@@ -193,9 +210,11 @@ def _launches(config, dtypes=("bf16", "fp16", "fp32"), tanh=(False, True)):
 
 
 def test_aot_compile_shipped():
+    from benchmarks.ptxas_report import gemm_launch
     shipped = {"bf16": GG.gemm_config(torch.bfloat16), "fp16": GG.gemm_config(torch.float16),
                "fp32": GG.gemm_config(torch.float32)}
-    compile_in_subprocess("fastbert.kernels.gemm_gelu", "_gemm_gelu", _launches(shipped.get))
+    inference = [gemm_launch(shipped[d], d, store_z=False) for d in ("bf16", "fp16")]
+    compile_in_subprocess("fastbert.kernels.gemm_gelu", "_gemm_gelu", _launches(shipped.get) + inference)
 
 
 @pytest.mark.slow
@@ -223,4 +242,4 @@ def test_bench_ffn_smoke(triton_kernels):
     rows = json.load(open("/tmp/bench_ffn_smoke.json"))["rows"]
     assert not [r for r in rows if r["op"] == "feed-forward block"]
     sweep = [r for r in rows if r["impl"].startswith("fastbert (")]
-    assert len(sweep) == 2 * len(bench_ffn.FFN_CANDIDATES) and all(r["ok"] for r in sweep)
+    assert len(sweep) == 3 * len(bench_ffn.FFN_CANDIDATES) and all(r["ok"] for r in sweep)
