@@ -52,6 +52,20 @@ def sm_count(device: torch.device) -> int:
     return _sm_counts[index]
 
 
+_sm80_plus: dict = {}
+
+
+def _sm80_or_newer(device: torch.device) -> bool:
+    """Whether a CUDA device is sm_80 or newer (asked once per device: every op asks on every call).
+    Traced code asks the driver as before (no cache mutation inside a torch.compile'd graph)."""
+    if torch.compiler.is_compiling():
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm80_plus:
+        _sm80_plus[index] = torch.cuda.get_device_capability(index)[0] >= 8
+    return _sm80_plus[index]
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """True when the op on tensor `t` should run its Triton kernel."""
     global _warned_old_gpu
@@ -59,7 +73,7 @@ def use_triton(t: torch.Tensor) -> bool:
     if mode == "reference":
         return False
     if t.is_cuda:
-        if torch.cuda.get_device_capability(t.device)[0] < 8:
+        if not _sm80_or_newer(t.device):
             if not _warned_old_gpu:
                 warnings.warn("fastbert: GPUs below sm_80 run the PyTorch reference path", stacklevel=3)
                 _warned_old_gpu = True

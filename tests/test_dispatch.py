@@ -1,0 +1,24 @@
+"""fastbert.kernels._dispatch: the per-device facts every op asks on every call are asked of the
+driver once per device (faked here: no GPU in CI), and the backend switch is read at call time."""
+import pytest
+import torch
+
+from fastbert.kernels import _dispatch as D
+
+
+def test_compute_capability_is_asked_once_per_device(monkeypatch):
+    asked = []
+    monkeypatch.setattr(D, "_sm80_plus", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: asked.append(i) or {0: (7, 5), 1: (9, 0)}[i])
+    answers = [D._sm80_or_newer(torch.device(d)) for d in ("cuda:0", "cuda", "cuda:1", "cuda:0", "cuda")]
+    assert answers == [False, True, True, False, True]  # "cuda" is the current device, 1
+    assert asked == [0, 1]
+
+
+def test_backend_is_read_at_call_time(monkeypatch):
+    monkeypatch.setenv("FASTBERT_KERNELS", "reference")
+    assert D.backend() == "reference" and not D.use_triton(torch.zeros(1))
+    monkeypatch.setenv("FASTBERT_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="FASTBERT_KERNELS='bogus'"):
+        D.backend()
