@@ -18,10 +18,12 @@ registers:
   (deterministic, no atomics).
 
 The other four products (out = h @ w2.T, dw2 = doutᵀ h, dx = dz w1, dw1 = dzᵀ x) have no epilogue to
-fuse and stay with cuBLAS. Per BERT-base layer at 32k tokens that removes two launches and ~0.8 GB of
-HBM traffic (two (M, N) bf16 reads and one write: 3 x 32768 x 3072 x 2 bytes); whether it pays depends
-on how close this Triton matmul comes to cuBLAS on the same shape — `benchmarks.bench_fused` times
-both, and the model uses this path only when asked (`fastbert.modeling`, FASTBERT_FUSED_FFN=1).
+fuse and stay with cuBLAS. Per BERT-base layer at 32k tokens that removes two launches and ~0.6 GB of
+HBM traffic (the forward's re-read of z; the backward's write and re-read of dh: 3 x 32768 x 3072 x 2
+bytes); in inference, where z is not written at all, the forward moves one (M, N) tensor instead of
+three. Whether it pays depends on how close this Triton matmul comes to cuBLAS on the same shape —
+`benchmarks.bench_ffn` times both, and the model uses this path only when asked (FASTBERT_FUSED_FFN=1,
+`fastbert.modeling.FUSED_FFN`).
 
 Supports: fp16 / bf16 (fp32 accumulation, wgmma on sm_90) and fp32 (input_precision="ieee": no tf32,
 like torch's default matmul); any M, N, K (masked K tail, wrapped M/N tails); both GELU forms; b1 in any
@@ -30,8 +32,9 @@ strided along both dimensions is copied first; a strided b1 too).
 Not supported: float64 on the GPU path (the reference runs it); mixed dtypes among x, w1 and w2.
 Caution: fp32 inputs always take the IEEE fp32 dot (no tensor cores), whatever
 torch.backends.cuda.matmul.allow_tf32 says, so under tf32 settings cuBLAS is faster on fp32; the
-model's GPU recipe is bf16 autocast. z and h are rounded to x's dtype once each, from fp32 — one rounding fewer than cuBLAS then
-bias + GELU (which rounds the product before adding the bias), so results differ in the last bit.
+model's GPU recipe is bf16 autocast. z and h are rounded to x's dtype once each, from fp32 — one
+rounding fewer than cuBLAS then bias + GELU (which rounds the product before adding the bias), so
+results differ from that path in the last bit.
 """
 from __future__ import annotations
 
