@@ -44,8 +44,9 @@ Caution, where a patched model differs from transformers (exactly as fastbert's 
   values above 1 are fastbert's packed rows (see fastbert.modeling.BertModel.forward).
 - config._attn_implementation is ignored: fastbert's attention always runs; output_attentions=True
   runs fastbert's reference (eager) attention for that call.
-- Forward hooks on the Linear / LayerNorm / Embedding modules inside the encoder and the MLM
-  transform do not fire (the fused kernels read their weights); hooks on Bert* modules do.
+- Forward hooks on the query / key / value Linears, the LayerNorms and Embeddings inside the encoder
+  and the MLM transform do not fire (the fused kernels read their weights); hooks on Bert* modules
+  and on the attention-output, intermediate and output denses do (a hooked dense runs as a module).
 """
 from __future__ import annotations
 

@@ -55,15 +55,18 @@ def test_encoder_with_fused_feed_forward_compiles_fullgraph(triton_kernels, devi
     if fresh_process:
         return
     from fastbert import modeling
+    from fastbert.kernels import gemm_gelu as GG
     monkeypatch.setattr(modeling, "FUSED_FFN", True)
     calls = []
-    real = modeling.K.feed_forward
-    monkeypatch.setattr(modeling.K, "feed_forward", lambda *a: calls.append(1) or real(*a))
-    _check_encoder_compiles(device, "packed", True)
-    assert calls  # the block took the fused op (eager run; the compiled trace calls it too)
+    for name in ("dense_gelu", "gelu_dgrad"):  # the compiled run's Triton epilogue kernels, counted alone
+        real = getattr(GG, name)
+        monkeypatch.setattr(GG, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    _check_encoder_compiles(device, "packed", True, between=calls.clear)
+    assert calls.count("dense_gelu") == 2 and calls.count("gelu_dgrad") == 2, calls  # both layers, both ways
 
 
-def _check_encoder_compiles(device, layout_name, rows):
+def _check_encoder_compiles(device, layout_name, rows, between=lambda: None):
+    """between(): called after the eager run, before the compiled one."""
     torch._dynamo.reset()
     model = _model(device)
     mask = torch.ones(3, 9, dtype=torch.long, device=device)
@@ -84,6 +87,7 @@ def _check_encoder_compiles(device, layout_name, rows):
         return out.detach(), grads
 
     want_out, want_grads = run(model.encoder)
+    between()
     got_out, got_grads = run(torch.compile(model.encoder, backend="aot_eager", fullgraph=True))
     torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-6)
     for g, w in zip(got_grads, want_grads):

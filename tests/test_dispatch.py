@@ -1,5 +1,8 @@
 """fastbert.kernels._dispatch: the per-device facts every op asks on every call are asked of the
 driver once per device (faked here: no GPU in CI), and the backend switch is read at call time."""
+import types
+import warnings
+
 import pytest
 import torch
 
@@ -22,3 +25,28 @@ def test_backend_is_read_at_call_time(monkeypatch):
     monkeypatch.setenv("FASTBERT_KERNELS", "bogus")
     with pytest.raises(ValueError, match="FASTBERT_KERNELS='bogus'"):
         D.backend()
+
+
+def test_gpus_below_sm80_take_the_reference_with_one_warning(monkeypatch):
+    monkeypatch.setattr(D, "_sm80_plus", {})
+    monkeypatch.setattr(D, "_warned_old_gpu", False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (7, 5))
+    monkeypatch.delenv("FASTBERT_KERNELS", raising=False)
+    fake = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))  # a CUDA tensor, as use_triton sees it
+    with pytest.warns(UserWarning, match="below sm_80"):
+        assert D.use_triton(fake) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert D.use_triton(fake) is False  # warned once
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
+    monkeypatch.setattr(D, "_sm80_plus", {})
+    assert D.use_triton(fake) is True
+
+
+def test_traced_code_asks_the_driver_each_time(monkeypatch):
+    asked = []
+    monkeypatch.setattr(D, "_sm80_plus", {})
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or (7, 0))
+    assert D._sm80_or_newer(torch.device("cuda", 0)) is False and D._sm80_or_newer(torch.device("cuda", 0)) is False
+    assert len(asked) == 2 and D._sm80_plus == {}

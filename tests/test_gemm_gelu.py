@@ -97,16 +97,30 @@ def test_feed_forward_inference_writes_no_z(triton_kernels, device, monkeypatch)
     h only: the same output as the training forward, bit for bit, and z is never allocated."""
     inputs = [torch.randn(*s, device=device) for s in ((2, 9, 24), (40, 24), (40,), (16, 40))]
     want = K.feed_forward(*(t.clone().requires_grad_() for t in inputs)).detach()
-    stored = []
-    real = GG.dense_gelu
-    monkeypatch.setattr(GG, "dense_gelu", lambda *a: stored.append(a[4]) or real(*a))
+    launches = []
+    real = GG._launch
+    monkeypatch.setattr(GG, "_launch", lambda *a: launches.append(a[-1]) or real(*a))  # a[-1]: store_z
     with torch.no_grad():
         a = K.feed_forward(*(t.clone().requires_grad_() for t in inputs))
     with torch.inference_mode():
         b = K.feed_forward(*inputs)
     c = K.feed_forward(*inputs)
-    assert stored == [False, False, False]
+    assert launches == [False, False, False]
     assert torch.equal(a, want) and torch.equal(b, want) and torch.equal(c, want)
+
+
+@pytest.mark.parametrize("store_z", [False, True])
+def test_forward_kernel_writes_z_only_when_asked(triton_kernels, device, store_z):
+    # The kernel itself: a NaN-filled z buffer stays untouched without STORE_Z, and holds x w1ᵀ + b1 with it.
+    x, w1, b1 = (torch.randn(*s, device=device) for s in ((37, 24), (40, 24), (40,)))
+    h, z = torch.empty(37, 40, device=device), torch.full((37, 40), float("nan"), device=device)
+    GG._launch(x, (w1.stride(1), w1.stride(0)), w1, b1, z, h, h, 37, 40, 24, False, "none", store_z)
+    want_z = x.double() @ w1.double().t() + b1.double()
+    torch.testing.assert_close(h.double(), torch.nn.functional.gelu(want_z), rtol=1e-5, atol=1e-5)
+    if store_z:
+        torch.testing.assert_close(z.double(), want_z, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.isnan(z).all()
 
 
 def test_feed_forward_gelu_tails(triton_kernels, device):
@@ -187,11 +201,17 @@ def test_eager_twin_equals_custom_op(triton_kernels, device):
 
 
 @interpreted
-def test_compiles_fullgraph(triton_kernels):
+def test_compiles_fullgraph(triton_kernels, monkeypatch):
     leaves = [torch.randn(*s, requires_grad=True) for s in ((7, 24), (40, 24), (40,), (16, 40))]
+    launches = []
+    for name in ("dense_gelu", "gelu_dgrad"):  # the compiled graph must run the Triton epilogue kernels
+        real = getattr(GG, name)
+        monkeypatch.setattr(GG, name, lambda *a, _real=real, _name=name: launches.append(_name) or _real(*a))
+    torch._dynamo.reset()
     fn = torch.compile(lambda *a: K.feed_forward(*a).square().sum(), fullgraph=True, backend="aot_eager")
     out = fn(*leaves)
     out.backward()
+    assert launches.count("dense_gelu") >= 1 and launches.count("gelu_dgrad") == 1, launches
     want = _torch_ffn(*(t.detach() for t in leaves), "none").square().sum()
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)

@@ -38,14 +38,22 @@ def _batch(device, name):
 
 
 
-def _same_weights(name, device):
+def _same_weights(name, device, random_biases=False, **overrides):
     """transformers' model `name` in float64 on the CPU, the same on `device` in fp32, and fastbert's on
-    `device`, all with the float64 model's weights (seeded; modules in training mode, as constructed)."""
+    `device`, all with the float64 model's weights (seeded; modules in training mode, as constructed).
+    overrides: config fields; random_biases: every bias drawn N(0, 0.1) instead of transformers' zeros
+    (a bias the model dropped would then show in the outputs, not only in its gradient)."""
+    cfg = {**CFG, **overrides}
     torch.manual_seed(0)
-    hf64 = getattr(transformers, name)(transformers.BertConfig(**CFG)).double()
-    hf = getattr(transformers, name)(transformers.BertConfig(**CFG)).to(device)
+    hf64 = getattr(transformers, name)(transformers.BertConfig(**cfg)).double()
+    if random_biases:
+        with torch.no_grad():
+            for pname, param in hf64.named_parameters():
+                if pname.endswith(".bias") and "LayerNorm" not in pname:
+                    param.normal_(0.0, 0.1)
+    hf = getattr(transformers, name)(transformers.BertConfig(**cfg)).to(device)
     hf.load_state_dict(hf64.state_dict())
-    ours = getattr(fastbert, name)(fastbert.BertConfig(**CFG)).to(device)
+    ours = getattr(fastbert, name)(fastbert.BertConfig(**cfg)).to(device)
     ours.load_state_dict(hf64.state_dict())
     return hf64, hf, ours
 
@@ -304,11 +312,15 @@ def test_dense_bias_is_added_and_differentiated_by_the_layer_norm_kernel(device,
         assert_close_to_reference(og[pname], bg[pname], rg[pname], k=4, name=f"grad {pname}")
 
 
-@pytest.mark.parametrize("hooked", ["attention", "ffn"])
+_HOOKED_DENSE = {"attention": "attention.output.dense", "intermediate": "intermediate.dense", "ffn": "output.dense"}
+
+
+@pytest.mark.parametrize("hooked", list(_HOOKED_DENSE))
 def test_forward_hook_on_a_dense_still_sees_its_call_and_its_output_is_used(device, triton_kernels, hooked):
-    """A forward hook on a BertSelfOutput / BertOutput dense: that dense runs as a module (bias
-    inside), the hook fires once per call and its replacement output is what the LayerNorm takes
-    (transformers' model with the same hook agrees in float64 by the rule); the other denses stay fused."""
+    """A forward hook on a BertSelfOutput / BertOutput / BertIntermediate dense: that dense runs as a
+    module (bias inside), the hook fires once per call and its replacement output is what the LayerNorm
+    (or GELU) takes (transformers' model with the same hook agrees in float64 by the rule); the other
+    denses stay fused."""
     name = "BertForSequenceClassification"
     hf64, hf32, ours = _same_weights(name, device)
     batch = _batch(device, name)
@@ -321,8 +333,7 @@ def test_forward_hook_on_a_dense_still_sees_its_call_and_its_output_is_used(devi
 
     results = []
     for model, b in ((hf64, batch64), (hf32, batch), (ours, batch)):
-        layer = model.bert.encoder.layer[0]
-        dense = layer.attention.output.dense if hooked == "attention" else layer.output.dense
+        dense = model.bert.encoder.layer[0].get_submodule(_HOOKED_DENSE[hooked])
         handle = dense.register_forward_hook(hook)
         calls.clear()
         loss = model(**b).loss
@@ -336,8 +347,7 @@ def test_forward_hook_on_a_dense_still_sees_its_call_and_its_output_is_used(devi
     for pname in rg:
         assert_close_to_reference(og[pname], bg[pname], rg[pname], k=4, name=f"grad {pname}")
     # the hook's output was used: the encoder's output moves by O(1) without it
-    layer = ours.bert.encoder.layer[0]
-    dense = layer.attention.output.dense if hooked == "attention" else layer.output.dense
+    dense = ours.bert.encoder.layer[0].get_submodule(_HOOKED_DENSE[hooked])
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
     with torch.no_grad():
         handle = dense.register_forward_hook(hook)
@@ -364,15 +374,24 @@ def test_cpu_reference_path_keeps_the_bias_in_the_dense(monkeypatch, add_layer_n
 
 # ------------------------------------------------- the feed-forward block on K.feed_forward (opt-in)
 
-@pytest.mark.parametrize("name", ["BertForPreTraining", "BertForQuestionAnswering"])
-def test_fused_feed_forward_matches_transformers(name, device, triton_kernels, monkeypatch, add_layer_norm_calls):
+def _spy(monkeypatch, owner, name):
+    """Calls of owner.name from here on (positional arguments), the calls still run."""
+    calls = []
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(a) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("name,act", [("BertForPreTraining", "gelu"), ("BertForQuestionAnswering", "gelu_new")])
+def test_fused_feed_forward_matches_transformers(name, act, device, triton_kernels, monkeypatch, add_layer_norm_calls):
     """With modeling.FUSED_FFN (fastbert.bench.fused_ffn), every layer's feed-forward block runs as one
     K.feed_forward call (the intermediate and output dense modules are never called: calling one raises)
-    and its output dense's bias goes to add_layer_norm; loss and every gradient (both denses' weights
-    and biases included) match transformers in float64 by the rule — the unpadded encoder with the last
-    layer on the read rows (pretraining) and the padded one (QA). The switch is restored afterwards."""
+    with the config's GELU form, and its output dense's bias goes to add_layer_norm; loss and every
+    gradient (both denses' weights and biases included, the biases random) match transformers in float64
+    by the rule — the unpadded encoder with the last layer on the read rows (pretraining, erf GELU) and
+    the padded one (QA, tanh GELU). The switch is restored afterwards."""
     from fastbert import bench, modeling
-    hf64, hf32, ours = _same_weights(name, device)
+    hf64, hf32, ours = _same_weights(name, device, random_biases=True, hidden_act=act)
     layers = ours.bert.encoder.layer
 
     def forbidden(*args, **kwargs):
@@ -381,9 +400,7 @@ def test_fused_feed_forward_matches_transformers(name, device, triton_kernels, m
     for layer in layers:
         for module in (layer.intermediate, layer.intermediate.dense, layer.output.dense):
             monkeypatch.setattr(module, "forward", forbidden)
-    ff_calls = []
-    real = modeling.K.feed_forward
-    monkeypatch.setattr(modeling.K, "feed_forward", lambda *a: ff_calls.append(a) or real(*a))
+    ff_calls = _spy(monkeypatch, modeling.K, "feed_forward")
     batch = _batch(device, name)
     batch64 = {k: v.cpu() for k, v in batch.items()}
     results = []
@@ -397,7 +414,8 @@ def test_fused_feed_forward_matches_transformers(name, device, triton_kernels, m
     assert modeling.FUSED_FFN is False
     assert len(ff_calls) == len(layers)
     assert all(a[1] is layer.intermediate.dense.weight and a[2] is layer.intermediate.dense.bias
-               and a[3] is layer.output.dense.weight for a, layer in zip(ff_calls, layers))
+               and a[3] is layer.output.dense.weight and a[4] == ("tanh" if act == "gelu_new" else "none")
+               for a, layer in zip(ff_calls, layers))
     ffn_biases = [c.get("x_bias") for c in add_layer_norm_calls][1::2]  # attention output, then FFN output
     assert all(b is layer.output.dense.bias for b, layer in zip(ffn_biases, layers))
     (rl, rg), (bl, bg), (ol, og) = results
@@ -407,16 +425,74 @@ def test_fused_feed_forward_matches_transformers(name, device, triton_kernels, m
         assert_close_to_reference(og[pname], bg[pname], rg[pname], k=4, name=f"grad {pname}")
 
 
-def test_fused_feed_forward_leaves_hooked_blocks_alone(device, triton_kernels, monkeypatch):
-    """A forward hook on a layer's intermediate module keeps that layer's block on its modules (the hook
-    sees the call); the other layer still takes K.feed_forward."""
+def test_fused_feed_forward_keeps_dropout(device, triton_kernels):
+    """Hidden dropout after the fused block: under the same seed the fused and unfused models draw the
+    same masks (the same calls in the same order), so loss and every gradient agree to fp32 rounding;
+    a fused block that skipped its dropout would differ by O(1)."""
+    from fastbert import bench
+    cfg = dict(CFG, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    torch.manual_seed(0)
+    model = fastbert.BertForPreTraining(fastbert.BertConfig(**cfg)).to(device).train()
+    batch = _batch(device, "BertForPreTraining")
+    results = []
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        with bench.fused_ffn() if fused else contextlib.nullcontext():
+            loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (lu, gu), (lf, gf) = results
+    torch.testing.assert_close(lf, lu, rtol=1e-5, atol=1e-6)
+    assert gf.keys() == gu.keys() and len(gf) > 20
+    for n in gf:
+        torch.testing.assert_close(gf[n], gu[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("hooked_attention", [False, True], ids=["", "hooked-attention"])
+def test_fused_feed_forward_under_autocast(device, triton_kernels, monkeypatch, hooked_attention):
+    """Under autocast the fused block gets its input and both weights in the autocast dtype (cast here as
+    F.linear's autocast would; also when a hook on the attention leaves the block an fp32 input), the
+    fp32 bias as it is; loss and gradients are as close to float64 as the unfused model's under the same
+    autocast (the rule, k=2). fp16 stands in for bf16 on the CPU."""
+    from fastbert import bench, modeling
+    low = _low_dtype(device)
+    name = "BertForPreTraining"
+    hf64, _, ours = _same_weights(name, device, random_biases=True)
+    if hooked_attention:
+        ours.bert.encoder.layer[0].attention.register_forward_hook(lambda m, args, out: None)
+    ff_calls = _spy(monkeypatch, modeling.K, "feed_forward")
+    batch = _batch(device, name)
+    runs = []
+    for fused in (False, True):
+        ours.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=low), bench.fused_ffn() if fused else contextlib.nullcontext():
+            loss = ours(**batch).loss
+        loss.backward()
+        runs.append((loss.detach().float().cpu(), {n: p.grad.cpu() for n, p in ours.named_parameters()
+                                                   if p.grad is not None}))
+    hf64.zero_grad()
+    ref_loss = hf64(**{k: v.cpu() for k, v in batch.items()}).loss
+    ref_loss.backward()
+    ref = {n: p.grad for n, p in hf64.named_parameters() if p.grad is not None}
+    assert len(ff_calls) == 2 and all(a[0].dtype == a[1].dtype == a[3].dtype == low and a[2].dtype == torch.float32
+                                      for a in ff_calls)
+    (lu, gu), (lf, gf) = runs
+    assert_close_to_reference(lf, lu, ref_loss.detach(), name="autocast loss")
+    for n in ref:
+        assert_close_to_reference(gf[n], gu[n], ref[n], name=f"autocast grad {n}")
+
+
+@pytest.mark.parametrize("module", ["intermediate", "intermediate.dense", "output", "output.dense"])
+def test_fused_feed_forward_leaves_hooked_blocks_alone(device, triton_kernels, monkeypatch, module):
+    """A forward hook on any of a layer's feed-forward modules keeps that layer's block on its modules
+    (the hook sees the call); the other layer still takes K.feed_forward."""
     from fastbert import modeling
     _, _, ours = _same_weights("BertForSequenceClassification", device)
     monkeypatch.setattr(modeling, "FUSED_FFN", True)
-    ff_calls, hook_calls = [], []
-    real = modeling.K.feed_forward
-    monkeypatch.setattr(modeling.K, "feed_forward", lambda *a: ff_calls.append(a) or real(*a))
-    handle = ours.bert.encoder.layer[0].intermediate.register_forward_hook(lambda m, a, o: hook_calls.append(1))
+    ff_calls, hook_calls = _spy(monkeypatch, modeling.K, "feed_forward"), []
+    target = ours.bert.encoder.layer[0].get_submodule(module)
+    handle = target.register_forward_hook(lambda m, a, o: hook_calls.append(1))
     ours(**_batch(device, "BertForSequenceClassification")).loss.backward()
     handle.remove()
     assert len(hook_calls) == 1 and len(ff_calls) == 1
