@@ -172,11 +172,13 @@ def gemm_report(sweep: bool):
              "| epilogue | config | launch | accumulator/thread | registers | spill stores B | spill loads B "
              "| shared B | programs/SM |", "|---" * 9 + "|"]
     for config, label in configs:
-        for backward in (False, True):
-            what = "dgrad + gelu'" if backward else "bias + gelu"
+        # (backward, store_z): the training forward, the inference forward (z not written), the backward
+        for backward, store_z in ((False, True), (False, False), (True, True)):
+            what = "dgrad + gelu'" if backward else "bias + gelu" if store_z else "bias + gelu, inference"
             acc = config.block_m * config.block_n // (32 * config.num_warps)
-            def measure(config=config, backward=backward):
-                signature, constexprs, options = gemm_launch(config, backward=backward)
+
+            def measure(config=config, backward=backward, store_z=store_z):
+                signature, constexprs, options = gemm_launch(config, backward=backward, store_z=store_z)
                 compiled = compile_launch(GG._gemm_gelu, signature, constexprs, options)
                 regs, st, ld, smem = _ptxas_resources(compiled, f"_gemm_gelu {config}")
                 return regs, st, ld, smem, programs_per_sm(regs, config.num_warps, smem)
