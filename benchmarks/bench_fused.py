@@ -214,7 +214,8 @@ def main(argv=None):
                         theirs = times.get((other, row["pass"]))
                         row[key] = theirs / ours if ours and theirs else None
     rec.finish("/tmp" if args.smoke else None,
-               plot=dict(x="op", y="frac_of_ceiling", group="impl", title="fraction of copy bandwidth (bf16, 32k tokens)"))
+               plot=dict(x="op", y="frac_of_ceiling", group="impl",
+                         title="fraction of copy bandwidth (bf16, 32k tokens)"))
 
 
 if __name__ == "__main__":

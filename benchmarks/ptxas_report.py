@@ -292,8 +292,7 @@ def main(argv=None):
             seen.add((kind, config, dropout))
             shipped_mark = "yes" if config == tuple(shipped[kind] or ()) else ""
             lines.append(_row((kernels[kind], config, shipped_mark, int(dropout)),
-                              lambda kind=kind, config=config, dropout=dropout: resources(kernels[kind], config, dropout),
-                              4))
+                              lambda k=kernels[kind], c=config, d=dropout: resources(k, c, d), 4))
     _save(lines, "ptxas_report.md")
     return 0
 

@@ -151,14 +151,15 @@ def changes_off(hidden_size: int):
     turned off, for the total A/B in one run: the two copy removals (copies_unfused), the one-launch
     attention backward (the split dQ + dK/dV pair instead), the LayerNorm kernels' tiles (their
     one-row launches), the dense biases inside the add + LayerNorm kernels (back in the matmuls),
-    mlm_loss's 128 MiB logits blocks (64 MiB) and the fused feed-forward block, were it turned on. Must cover the backward too: the attention's launch is
-    chosen when it runs."""
+    mlm_loss's 128 MiB logits blocks (64 MiB) and the fused feed-forward block, were it turned on.
+    Must cover the backward too: the attention's launch is chosen when it runs."""
     from . import modeling
     from .kernels import flash_attention, layer_norm, linear_cross_entropy
 
     one_row = {kind: list(layer_norm.one_row_config(hidden_size, kind))[:4 if kind.endswith("_bwd") else 2]
                for kind in layer_norm.LN_KINDS}  # a forward's override is [BLOCK_M, num_warps]
-    chunk_bytes, fuse_dense_bias, fused_ffn = linear_cross_entropy.CHUNK_BYTES, modeling._fuse_dense_bias, modeling.FUSED_FFN
+    chunk_bytes, fuse_dense_bias = linear_cross_entropy.CHUNK_BYTES, modeling._fuse_dense_bias
+    fused_ffn = modeling.FUSED_FFN
     flash_attention.set_config_override({"fused": []})
     modeling.FUSED_FFN = False  # opt-in (FASTBERT_FUSED_FFN=1) and built after the last GPU run too
     layer_norm.set_ln_config_override(one_row)

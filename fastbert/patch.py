@@ -253,7 +253,8 @@ def _members(name: str, original) -> dict:
     return {
         "BertEmbeddings": {"forward": _embeddings_forward},
         "BertEncoder": {"forward": _encoder_forward},
-        "BertLayer": {"forward": fb.BertLayer.forward, "feed_forward_add_norm": fb.BertLayer.feed_forward_add_norm},
+        "BertLayer": {"forward": fb.BertLayer.forward,
+                      "feed_forward_add_norm": fb.BertLayer.feed_forward_add_norm},
         "BertAttention": {"forward": fb.BertAttention.forward},
         "BertSelfAttention": {"forward": fb.BertSelfAttention.forward,
                               "dropout_p": property(lambda self: self.dropout.p)},

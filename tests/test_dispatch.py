@@ -13,7 +13,8 @@ def test_compute_capability_is_asked_once_per_device(monkeypatch):
     asked = []
     monkeypatch.setattr(D, "_sm80_plus", {})
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: asked.append(i) or {0: (7, 5), 1: (9, 0)}[i])
+    capability = {0: (7, 5), 1: (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: asked.append(i) or capability[i])
     answers = [D._sm80_or_newer(torch.device(d)) for d in ("cuda:0", "cuda", "cuda:1", "cuda:0", "cuda")]
     assert answers == [False, True, True, False, True]  # "cuda" is the current device, 1
     assert asked == [0, 1]
