@@ -164,6 +164,35 @@ def _score_tile(a, b, rows, cols, col_start, row_ok, key_ok, qk_scale, seed, seq
 
 
 @triton.jit
+def _load_kv_block(K, V, KPM, b64, h64, start64, offs_n, offs_d, col_ok, d_ok, stride_kb, stride_kh, stride_ks,
+                   stride_vb, stride_vh, stride_vs, stride_mb, HAS_MASK: tl.constexpr):
+    """The backward's key block of one (sequence, head): k, v (N, D) at key rows offs_n (0 outside the
+    sequence) and key_ok (N,), the keys that are real (in the sequence and, padded, not masked)."""
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b64 * stride_kb + h64 * stride_kh + start64 * stride_ks + offs_n[:, None] * stride_ks
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * stride_vb + h64 * stride_vh + start64 * stride_vs + offs_n[:, None] * stride_vs
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    key_ok = col_ok
+    if HAS_MASK:
+        key_real = tl.load(KPM + b64 * stride_mb + offs_n, mask=col_ok, other=0)
+        key_ok = key_ok & (key_real != 0)
+    return k, v, key_ok
+
+
+@triton.jit
+def _store_kv_grads(DK, DV, dk, dv, sm_scale, b64, h64, start64, offs_n, offs_d, col_ok, d_ok,
+                    stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs):
+    """dK = scale * dk and dV = dv (fp32 (N, D) accumulators) of a key block, stored in their dtypes."""
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    dk_base = DK + b64 * stride_dkb + h64 * stride_dkh + start64 * stride_dks
+    dv_base = DV + b64 * stride_dvb + h64 * stride_dvh + start64 * stride_dvs
+    tl.store(dk_base + offs_n[:, None] * stride_dks + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=kv_mask)
+    tl.store(dv_base + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
 def _kv_tile_grads(k, v, q_t, do, lse, delta, rows, cols, col_start, row_ok, key_ok, qk_scale, seed, seqlen_k,
                    drop_threshold, keep_scale, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
@@ -336,19 +365,13 @@ def _attn_bwd_dkdv(
     h64 = h.to(tl.int64)
     q_base = Q + b64 * stride_qb + h64 * stride_qh + start64 * stride_qs
     do_base = DO + b64 * stride_dob + h64 * stride_doh + start64 * stride_dos
-    k_base = K + b64 * stride_kb + h64 * stride_kh + start64 * stride_ks
-    v_base = V + b64 * stride_vb + h64 * stride_vh + start64 * stride_vs
     l_base = LSE + b64 * stride_lb + h64 * stride_lh + start64
     delta_base = DELTA + b64 * stride_lb + h64 * stride_lh + start64
 
-    kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-    key_ok = col_ok
+    k, v, key_ok = _load_kv_block(K, V, KPM, b64, h64, start64, offs_n, offs_d, col_ok, d_ok, stride_kb, stride_kh,
+                                  stride_ks, stride_vb, stride_vh, stride_vs, stride_mb, HAS_MASK)
     hi = len_q
     if HAS_MASK:
-        key_real = tl.load(KPM + b64 * stride_mb + offs_n, mask=col_ok, other=0)
-        key_ok = key_ok & (key_real != 0)
         # A block of padding keys only needs its zero gradients written: skip the loop.
         hi = tl.where(pid_n * BLOCK_N >= _key_end(KPM + b64 * stride_mb, len_k, MASK_BLOCK), 0, len_q)
     seed = 0
@@ -376,11 +399,8 @@ def _attn_bwd_dkdv(
         dv += dv_inc
         dk += tl.dot(ds_t, tl.trans(q_t), input_precision=DOT_PRECISION)
 
-    dk = dk * sm_scale
-    dk_base = DK + b64 * stride_dkb + h64 * stride_dkh + start64 * stride_dks
-    dv_base = DV + b64 * stride_dvb + h64 * stride_dvh + start64 * stride_dvs
-    tl.store(dk_base + offs_n[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_base + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+    _store_kv_grads(DK, DV, dk, dv, sm_scale, b64, h64, start64, offs_n, offs_d, col_ok, d_ok,
+                    stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs)
 
 
 @triton.jit
@@ -524,15 +544,8 @@ def _attn_bwd_fused(
     dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh + start64 * stride_dqs
     l_base = LSE + b64 * stride_lb + h64 * stride_lh + start64
 
-    kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b64 * stride_kb + h64 * stride_kh + start64 * stride_ks + offs_n[:, None] * stride_ks
-                + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b64 * stride_vb + h64 * stride_vh + start64 * stride_vs + offs_n[:, None] * stride_vs
-                + offs_d[None, :], mask=kv_mask, other=0.0)
-    key_ok = col_ok
-    if HAS_MASK:
-        key_real = tl.load(KPM + b64 * stride_mb + offs_n, mask=col_ok, other=0)
-        key_ok = key_ok & (key_real != 0)
+    k, v, key_ok = _load_kv_block(K, V, KPM, b64, h64, start64, offs_n, offs_d, col_ok, d_ok, stride_kb, stride_kh,
+                                  stride_ks, stride_vb, stride_vh, stride_vs, stride_mb, HAS_MASK)
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED) + pid_bh
@@ -562,11 +575,8 @@ def _attn_bwd_fused(
         tl.store(dq_base + rows[None, :] * stride_dqs + offs_d[:, None], dq_t.to(DQ.dtype.element_ty),
                  mask=row_ok[None, :] & d_ok[:, None])
 
-    dk = dk * sm_scale
-    dk_base = DK + b64 * stride_dkb + h64 * stride_dkh + start64 * stride_dks
-    dv_base = DV + b64 * stride_dvb + h64 * stride_dvh + start64 * stride_dvs
-    tl.store(dk_base + offs_n[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_base + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+    _store_kv_grads(DK, DV, dk, dv, sm_scale, b64, h64, start64, offs_n, offs_d, col_ok, d_ok,
+                    stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs)
 
 
 # ------------------------------------------------------------------------------- configurations

@@ -208,15 +208,21 @@ def packed_torch_attention(lengths, causal=False, keep=None, dropout_p=0.0):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("lengths,heads,dim", [([1, 17, 64, 5, 129], 2, 32), ([3, 1, 65], 3, 64)])
 def test_varlen_matches_reference(triton_kernels, device, lengths, heads, dim, causal, dtype):
-    q, k, v, cu = packed_qkv(lengths, heads, dim, device, torch.float32)
+    q = check_packed_varlen(lengths, heads, dim, causal, dtype, device)
     assert q.stride(0) == 3 * heads * dim  # strided views, not copies
+
+
+def check_packed_varlen(lengths, heads, dim, causal, dtype, device):
+    """K.varlen_attention on packed sequences of these lengths, q / k / v strided views of one fused
+    projection (packed_qkv), against float64 by the rule, forward and gradients; returns q."""
+    q, k, v, cu = packed_qkv(lengths, heads, dim, device, torch.float32)
     max_len = max(lengths)
-    baseline = packed_torch_attention(lengths, causal)
     check_against_reference(
         lambda q, k, v: K.varlen_attention(q, k, v, cu, max_len, causal=causal),
-        baseline,
+        packed_torch_attention(lengths, causal),
         lambda q, k, v: reference.varlen_attention(q.cpu(), k.cpu(), v.cpu(), cu.cpu(), max_len, causal=causal),
         (q, k, v), dtype)
+    return q
 
 
 def test_varlen_strided_views_need_no_copy(triton_kernels, device):
@@ -450,13 +456,7 @@ def test_fused_and_split_backward_match_float64(triton_kernels, device, bwd_path
 def test_fused_and_split_backward_packed_views(triton_kernels, device, bwd_path, dtype, causal):
     """The BERT launch: packed sequences (one of a single token, an empty one, one filling the block)
     as strided views of one fused projection."""
-    lengths, heads, dim = [1, 17, 0, 64, 30], 2, 32
-    q, k, v, cu = packed_qkv(lengths, heads, dim, device, torch.float32)
-    check_against_reference(
-        lambda q, k, v: K.varlen_attention(q, k, v, cu, 64, causal=causal),
-        packed_torch_attention(lengths, causal),
-        lambda q, k, v: reference.varlen_attention(q.cpu(), k.cpu(), v.cpu(), cu.cpu(), 64, causal=causal),
-        (q, k, v), dtype)
+    check_packed_varlen([1, 17, 0, 64, 30], 2, 32, causal, dtype, device)
 
 
 @interpreter_matrix
@@ -472,13 +472,7 @@ def test_fused_backward_at_its_gpu_tile(triton_kernels, device, case):
             for name in ("_attn_bwd_dq", "_attn_bwd_dkdv"):
                 m.setattr(fa, name, _Forbidden(name))
             if case == "packed-causal":
-                lengths, heads, dim = [128, 1, 0, 77, 100], 2, 32
-                q, k, v, cu = packed_qkv(lengths, heads, dim, device, torch.float32)
-                check_against_reference(
-                    lambda q, k, v: K.varlen_attention(q, k, v, cu, 128, causal=True),
-                    packed_torch_attention(lengths, True),
-                    lambda q, k, v: reference.varlen_attention(q.cpu(), k.cpu(), v.cpu(), cu.cpu(), 128, causal=True),
-                    (q, k, v), torch.float16)
+                check_packed_varlen([128, 1, 0, 77, 100], 2, 32, True, torch.float16, device)
             elif case == "padded":
                 q, k, v = (torch.randn(2, 2, 100, 32, device=device) for _ in range(3))
                 mask = random_mask(2, 100).to(device)
