@@ -132,9 +132,7 @@ def ln_resources(kernel, block_n, config, dtypes, flags, arch=90):
     signature = {arg: "constexpr" if arg in constexprs else "*" + dtypes[arg] if arg in dtypes
                  else "*i64" if arg == "SEED" else "*fp32" if arg.isupper() else "fp32" if arg in floats else "i32"
                  for arg in fn.arg_names}
-    options = (L.add_bwd_options(config, flags.get("HAS_X_BIAS", False)) if kernel == "_add_ln_bwd"
-               else dict(num_warps=config.num_warps))  # the launcher's options (the x-bias register cap)
-    compiled = compile_launch(fn, signature, constexprs, options, arch)
+    compiled = compile_launch(fn, signature, constexprs, dict(num_warps=config.num_warps), arch)
     return _ptxas_resources(compiled, f"{kernel} {block_n} {config}", arch)
 
 

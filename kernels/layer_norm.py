@@ -58,9 +58,8 @@ Caution: the dropout offsets are int32, so the mask pattern repeats after 2**32 
 With x_bias, x + x_bias is not rounded to x's dtype (a bf16 matmul with its bias would round it): not
 bit-equal to dense(h) under autocast, slightly closer to float64. x_bias's gradient is summed in fp32
 per program, then over programs by torch (deterministic, not bit-equal to autograd's reduction).
-Rows of 4096-8192 spill registers in the backward, as before the tiling (ptxas, sm_90: up to ~600
-bytes per thread at 8192, ~900 with x_bias; a row is the smallest tile). The x-bias backward is
-capped at 128 registers (see X_BIAS_BWD_MAXNREG). An override is not compiled ahead of time by
+Rows of 8192 spill registers in the backward, as before the tiling (ptxas, sm_90: 40 bytes per
+thread, 332 with x_bias; a row is the smallest tile). An override is not compiled ahead of time by
 the tests: a sweep may try a configuration the compiler rejects (reported per configuration).
 """
 from __future__ import annotations
@@ -184,19 +183,20 @@ class LnConfig(NamedTuple):
 
 
 # Register budget, from ptxas -v of these kernels for sm_90a (triton 3.6; `python -m
-# benchmarks.ptxas_report --ln --sweep`, table in benchmarks/results/ptxas-cpu-2026-11-27-ln/), in
-# the model's bf16-autocast case at width 768. What bounds a memory-bound LayerNorm is the rows an SM
-# works on at once (the bytes it has in flight), and registers cap that:
-# - forward: one row per program over 4 warps (before the tiling) takes 56 registers, so 9 programs
-#   = 9 rows per SM; 4-row tiles over 4 warps (32 fp32 values per thread per tile) take 158, no
-#   spills, 3 programs = 12 rows per SM, and 4x fewer, longer programs (w / b loads, mean / rstd
-#   stores and scheduling amortized over 4 rows). Over 8 warps: 97 registers, 2 programs = 8 rows.
-# - backward: ~15 registers per element (x, residual, dy, xhat, g, dh, two accumulators, offsets);
-#   one row over 4 warps takes 120 registers, 4 programs = 4 rows per SM, and no larger tile does
-#   better: 2 rows over 4 warps or 4 over 8 reach 255 registers and spill, 2 over 8 fit one program
-#   (2 rows). So rows of 768-8192 keep the one-row backward of before (warps = BLOCK_N / 256, at
-#   most 16); narrower rows get several per step, where one-row programs would hit
-#   the 32-programs-per-SM limit with few bytes in flight.
+# benchmarks.ptxas_report --ln --sweep`, compiled with a BERT launch's alignment hints: table in
+# benchmarks/results/ptxas-cpu-2026-11-27-s12/), in the model's bf16-autocast case at width 768.
+# What bounds a memory-bound LayerNorm is the rows an SM works on at once (the bytes it has in
+# flight), and registers cap that:
+# - forward: one row per program over 4 warps (before the tiling) takes 47 registers, 10 programs
+#   = 10 rows per SM; 4-row tiles over 4 warps (32 fp32 values per thread per tile) take 95, no
+#   spills, 5 programs = 20 rows per SM, and 4x fewer, longer programs (w / b loads, mean / rstd
+#   stores and scheduling amortized over 4 rows). Over 8 warps: 64 registers, 4 programs = 16 rows.
+# - backward: one row over 4 warps takes 80 registers, 6 programs = 6 rows per SM, and no larger
+#   tile does better: 2 rows over 4 warps take 168 (3 programs, the same 6 rows), 4 over 8 take 181
+#   (one program, 4 rows). So rows of 768-8192 keep the one-row backward of before (warps =
+#   BLOCK_N / 256, at most 16); narrower rows get several per step, where one-row programs would hit
+#   the 32-programs-per-SM limit with few bytes in flight. (The unhinted compile session 11 read
+#   these choices from gave other numbers — 56 / 158 / 120 registers — and the same choices.)
 # Not measured on a GPU yet: benchmarks/bench_ln_sweep.py times the alternatives (other tiles, warps,
 # pipelined backward loops whose stages sit in shared memory, programs per SM) against these defaults
 # and the one-row launch.
@@ -402,14 +402,15 @@ def _add_ln_bwd(
     end = tl.minimum(start + rows_per_program, rows)
     # One tile of rows per step, and with NUM_STAGES > 1 the next tiles' loads in flight during this
     # one's math: the one-row loop waited on each row's loads, then its two reductions, in turn.
-    # Registers cap a backward at ~4 rows of 768 per SM (~120 registers x 128 threads per row on sm_90);
+    # Registers cap a backward at ~6 rows of 768 per SM (~80 registers x 128 threads per row on sm_90);
     # pipelined stages sit in shared memory instead.
     for first in tl.range(start, end, BLOCK_M, num_stages=NUM_STAGES):
         row = first + tl.arange(0, BLOCK_M)
         row_mask = row < end
         mask = row_mask[:, None] & col_mask[None, :]
         # int64 offsets per element: here (unlike the forwards) ptxas spilled more with an int64
-        # base plus int32 offsets (sm_90, BLOCK_M 4: 376 bytes of spills instead of 36)
+        # base plus int32 offsets (sm_90, BLOCK_M 4: 376 bytes of spills instead of 36; session 11's
+        # compile without a launch's alignment hints, not re-measured)
         offs = row[:, None] * n + cols[None, :]
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
@@ -440,24 +441,6 @@ def _add_ln_bwd(
     tl.store(DB_PART + pid * n + cols, tl.sum(db, axis=0), mask=col_mask)
     if HAS_X_BIAS:
         tl.store(DXB_PART + pid * n + cols, tl.sum(dxb, axis=0), mask=col_mask)
-
-
-# The x-bias backward's register cap (ptxas -v, sm_90a, the model's autocast case, dropout on; table in
-# benchmarks/results/ptxas-cpu-2026-11-27-ln-xbias): at width 768 / 1024 (one row over 4 warps) the x-bias
-# gradient's accumulator takes the kernel from 120 registers to 136, so an SM holds 3 programs (3 rows)
-# instead of 4; capped at 128 (.maxnreg) it compiles without spills and keeps 4. Over 16 warps (4096 and
-# 8192 wide) 128 is the hardware's limit anyway, and the explicit cap made ptxas spill less at 8192
-# (908 B instead of 1448, where it otherwise picked 64 registers). Other warp counts (sweep candidates,
-# overrides) are left uncapped. Not measured on a GPU.
-X_BIAS_BWD_MAXNREG = 128
-
-
-def add_bwd_options(config: LnConfig, has_x_bias: bool) -> dict:
-    """Compile options of an add + LayerNorm backward launch (also what the AOT tests compile)."""
-    options = {"num_warps": config.num_warps}
-    if has_x_bias and config.num_warps in (4, 16):
-        options["maxnreg"] = X_BIAS_BWD_MAXNREG
-    return options
 
 
 def _rows(x: torch.Tensor) -> Tuple[int, int]:
@@ -524,7 +507,7 @@ def _add_ln_bwd_impl(dy, x, residual, weight, mean, rstd, dropout_p: float, seed
                              rows_per_program, dropout_p, 1.0 / (1.0 - dropout_p), HAS_DROPOUT=has_dropout,
                              HAS_DY_LOW=dy_low is not None, STORE_DX=store_dx, HAS_X_BIAS=has_x_bias,
                              BLOCK_M=config.block_m, BLOCK_N=row_block(n), NUM_STAGES=config.num_stages,
-                             **add_bwd_options(config, has_x_bias))
+                             num_warps=config.num_warps)
     # Separate reductions: views of one tensor would alias, which custom ops forbid.
     dxb = part[2].sum(0).to(x_bias.dtype) if has_x_bias else _no_x_bias_grad(x)
     return dres, dx, part[0].sum(0).to(weight.dtype), part[1].sum(0).to(weight.dtype), dxb

@@ -254,8 +254,7 @@ def _add_ln_bwd(exhaustive):
               "DXB_PART": "*fp32", "rows": "i32", "n": "i32", "rows_per_program": "i32", "p": "fp32", "scale": "fp32",
               "HAS_DROPOUT": "constexpr", "HAS_DY_LOW": "constexpr", "STORE_DX": "constexpr", "HAS_X_BIAS": "constexpr",
               "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "NUM_STAGES": "constexpr"}, const,
-             # the launcher's options: the x-bias variant's register cap included
-             L.add_bwd_options(L.LnConfig(const["BLOCK_M"], options["num_warps"]), const["HAS_X_BIAS"]))
+             options)
             for d, const, options in _ln_variants("add_bwd", ("HAS_DROPOUT", "HAS_DY_LOW", "STORE_DX", "HAS_X_BIAS"),
                                                   exhaustive)]
 
