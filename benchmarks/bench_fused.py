@@ -42,6 +42,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+from benchmarks.bench_ln_sweep import case_bytes
 from benchmarks.harness import Recorder, copy_bandwidth_gbps, measure
 
 TOKENS = 32768
@@ -60,6 +61,11 @@ def _make_cases(hidden: int, ffn: int, dev: str = "cuda", batch: int = BATCH, se
     g = lambda *shape: torch.randn(*shape, device=dev, dtype=DT)  # noqa: E731
     cases = []
 
+    def ln_bytes(family, x_dtype, r_dtype, p, low):
+        """The LayerNorm cases' state bytes: bench_ln_sweep's formulas (the ones of the docstring above)."""
+        fwd, bwd = case_bytes(family, x_dtype, r_dtype, p, low, TOKENS, hidden)
+        return dict(fwd_bytes=fwd, bwd_bytes=bwd)
+
     # bias_gelu at the FFN width
     x, b = g(TOKENS, ffn), g(ffn)
     cases.append(dict(op="bias_gelu", n=ffn, inputs=(x, b), grad_inputs=(0, 1),
@@ -72,11 +78,11 @@ def _make_cases(hidden: int, ffn: int, dev: str = "cuda", batch: int = BATCH, se
     cases.append(dict(op="add_layer_norm(p=0.1)", n=hidden, inputs=(x, r, w, bb), grad_inputs=(0, 1, 2, 3),
                       ours=lambda x, r, w, b: K.add_layer_norm(x, r, w, b, EPS, DROPOUT),
                       eager=lambda x, r, w, b: F.layer_norm(F.dropout(x, DROPOUT, True) + r, (hidden,), w, b, EPS),
-                      fwd_bytes=3 * TOKENS * hidden * S, bwd_bytes=5 * TOKENS * hidden * S))
+                      **ln_bytes("add", DT, DT, DROPOUT, None)))
     cases.append(dict(op="add_layer_norm(p=0)", n=hidden, inputs=(x, r, w, bb), grad_inputs=(0, 1, 2, 3),
                       ours=lambda x, r, w, b: K.add_layer_norm(x, r, w, b, EPS, 0.0),
                       eager=lambda x, r, w, b: F.layer_norm(x + r, (hidden,), w, b, EPS),
-                      fwd_bytes=3 * TOKENS * hidden * S, bwd_bytes=4 * TOKENS * hidden * S))
+                      **ln_bytes("add", DT, DT, 0.0, None)))
 
     # add_layer_norm as the model runs it under bf16 autocast: fp32 residual stream and its bf16 copy
     r32, w32, b32 = r.float(), w.float(), bb.float()
@@ -92,7 +98,7 @@ def _make_cases(hidden: int, ffn: int, dev: str = "cuda", batch: int = BATCH, se
     cases.append(dict(op="add_layer_norm + bf16 copy", n=hidden, inputs=(x, r32, w32, b32), grad_inputs=(0, 1, 2, 3),
                       ours=lambda x, r, w, b: K.add_layer_norm(x, r, w, b, EPS, 0.0, low_dtype=DT),
                       eager=copy_eager, extra=[("fastbert-unfused", copy_unfused)],
-                      fwd_bytes=12 * TOKENS * hidden, bwd_bytes=18 * TOKENS * hidden))
+                      **ln_bytes("add", DT, torch.float32, 0.0, DT)))
 
     # ... and with the dense bias of x (BertSelfOutput / BertOutput on the Triton kernels)
     xb32 = g(hidden).float()
@@ -108,14 +114,14 @@ def _make_cases(hidden: int, ffn: int, dev: str = "cuda", batch: int = BATCH, se
                       grad_inputs=(0, 1, 2, 3, 4),
                       ours=lambda x, r, w, b, xb: K.add_layer_norm(x, r, w, b, EPS, 0.0, low_dtype=DT, x_bias=xb),
                       eager=bias_eager, extra=[("fastbert-unfused", bias_unfused)],
-                      fwd_bytes=12 * TOKENS * hidden, bwd_bytes=18 * TOKENS * hidden))
+                      **ln_bytes("add", DT, torch.float32, 0.0, DT)))
 
     # gelu_layer_norm (MLM head transform; benchmarked on all tokens for a bandwidth figure)
     x, c = g(TOKENS, hidden), g(hidden)
     cases.append(dict(op="gelu_layer_norm", n=hidden, inputs=(x, c, w, bb), grad_inputs=(0, 1, 2, 3),
                       ours=lambda x, c, w, b: K.gelu_layer_norm(x, c, w, b, EPS),
                       eager=lambda x, c, w, b: F.layer_norm(F.gelu(x + c), (hidden,), w, b, EPS),
-                      fwd_bytes=2 * TOKENS * hidden * S, bwd_bytes=3 * TOKENS * hidden * S))
+                      **ln_bytes("gelu", DT, DT, 0.0, None)))
 
     # embed_layer_norm
     ids = torch.randint(0, VOCAB, (batch, seq), device=dev)
