@@ -30,6 +30,12 @@ padding would take 28% of every row, packing keeps 93.5% real. ``--max-example-l
 example at most N tokens (more, shorter examples per row). Evaluation runs unpacked, so its figures
 compare across packed and unpacked runs.
 
+On a GPU the loop keeps the host ahead of the device: the next step's batches are built (sampled,
+masked, padded, pinned) in a background thread while a step runs (``--prefetch``, on by default for
+CUDA), the losses are summed on the device and read back only for a metrics row or a checkpoint, and
+a row whose mean loss is not finite stops the run with an error before any checkpoint is written
+(fp32 / bf16; under fp16 the GradScaler skips overflowing steps itself).
+
 ``--init-from DIR`` starts a new run from the weights of an earlier one (continued pretraining: a
 fresh optimizer, warm-up and schedule; DIR's tokenizer and config). Use it to train a finished run
 further, or on another corpus; pass another ``--seed`` to see other examples and masks. Caution:
@@ -42,9 +48,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from importlib import resources
 
 import torch
@@ -162,9 +170,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute encoder layers in the backward pass to save memory")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--prefetch", choices=["auto", "on", "off"], default="auto",
+                   help="build the next step's batches in a background thread while a step runs "
+                        "(default auto: on for a GPU, off for the CPU, where it would take the step's cores)")
 
 
 # ----------------------------------------------------------------------------------------------
+
+@dataclass
+class _StepBatches:
+    """One optimizer step's data, built on the host (by the prefetch thread on a GPU)."""
+    micro_batches: list  # this process's micro-batches: (batch of CPU tensors, masked tokens, pairs, real tokens)
+    n_masked_total: float  # masked tokens in the global batch (all processes, all micro-batches)
+    n_examples: int  # sentence pairs in the global batch
+    next_position: tuple[int, int]  # data position of the step after this one
+
 
 def _log(dist: T.Distributed, msg: str) -> None:
     if dist.is_main:
@@ -287,6 +307,9 @@ def main(args) -> int:
     except (CorpusError, TokenizerError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"fastbert pretrain: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:
+        print(f"fastbert pretrain: error: {e}", file=sys.stderr)
+        return 1
     finally:
         dist.shutdown()
 
@@ -488,75 +511,107 @@ def _run(args, dist: T.Distributed) -> int:
         # the run folder holds a loadable model from the first moment on
         model.save_pretrained(out)
 
-    bar = T.progress_bar(steps, step, enabled=dist.is_main and not args.no_progress)
-    tokens_since, time_since = 0.0, 0.0
-    while step < steps:
-        t0 = time.perf_counter()
-        # items: examples, or packed rows of examples (--pack); --batch-size counts items
+    def prepare(at: tuple[int, int]) -> _StepBatches:
+        """The batches of the step that starts at data position ``at`` (host tensors)."""
         if pack:
-            items, next_position = train_data.take_rows(position, global_batch)
+            items, next_at = train_data.take_rows(at, global_batch)
             examples = [e for row in items for e in row]
         else:
-            items, next_position = train_data.take(position, global_batch)
+            items, next_at = train_data.take(at, global_batch)
             examples = items
         n_masked_total = float(sum(int((e["labels"] != -100).sum()) for e in examples))
         mine = items[dist.rank * per_rank:(dist.rank + 1) * per_rank]
-        mlm_part = nsp_part = 0.0
-        real_tokens = 0
+        micro_batches = []
         for k in range(s["grad_accum"]):
             chunk = mine[k * micro:(k + 1) * micro]
-            batch = {key: v.to(device, non_blocking=True)
-                     for key, v in (collate_packed if pack else collate)(chunk, pad_id, pad_to).items()}
-            real_tokens += int((batch["attention_mask"] != 0).sum())
-            n_masked = float((batch["labels"] != -100).sum())
-            n_pairs = sum(len(row) for row in chunk) if pack else len(chunk)
-            # Weights that make the summed gradient that of the mean over the whole global batch
-            # (MLM: over its masked tokens; NSP: over its sentence pairs); DDP divides by world_size.
-            w_mlm = n_masked / n_masked_total * dist.world_size
-            w_nsp = n_pairs / len(examples) * dist.world_size
-            last = k == s["grad_accum"] - 1
-            sync = contextlib.nullcontext() if (last or not dist.enabled) else loss_module.no_sync()
-            with sync:
-                with autocast():
-                    mlm, nsp_loss = loss_module(batch["input_ids"], batch["attention_mask"],
-                                                batch["token_type_ids"], batch["labels"],
-                                                batch["next_sentence_label"], batch.get("position_ids"))
-                loss = mlm.float() * w_mlm
-                if nsp_loss is not None:
-                    loss = loss + nsp_loss * w_nsp
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-            mlm_part += float(mlm.detach()) * n_masked / n_masked_total
-            if nsp_loss is not None:
-                nsp_part += float(nsp_loss.detach()) * n_pairs / len(examples)
-        lr_now = scheduler.get_last_lr()[0]
-        optimizer_step(optimizer, scheduler, params, s["max_grad_norm"], scaler)
-        mlm_step, nsp_step, tokens = dist.sum_floats([mlm_part, nsp_part, float(real_tokens)])
-        step += 1
-        position = next_position
-        acc["mlm"] += mlm_step
-        acc["nsp"] += nsp_step
-        acc["n"] += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        time_since += time.perf_counter() - t0
-        tokens_since += tokens
-        tps = tokens_since / max(time_since, 1e-9)
-        bar.update(1)
-        bar.set_postfix(loss=f"{mlm_step + nsp_step:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+            batch = (collate_packed if pack else collate)(chunk, pad_id, pad_to)
+            # counted here, on the host tensors: the same figures read from the device would each be a sync
+            counts = (float((batch["labels"] != -100).sum()), sum(len(row) for row in chunk) if pack else len(chunk),
+                      int((batch["attention_mask"] != 0).sum()))
+            if pin:
+                batch = {key: v.pin_memory() for key, v in batch.items()}  # lets the copy to the GPU run async
+            micro_batches.append((batch, *counts))
+        return _StepBatches(micro_batches, n_masked_total, len(examples), next_at)
 
-        if step % log_every == 0 or step == steps or (eval_every and step % eval_every == 0):
-            row = {"step": step, "loss": (acc["mlm"] + acc["nsp"]) / acc["n"], "mlm_loss": acc["mlm"] / acc["n"]}
-            if nsp:
-                row["nsp_loss"] = acc["nsp"] / acc["n"]
-            row.update(lr=lr_now, tokens_per_s=round(tps, 1), epoch=position[0])
-            if eval_examples and ((eval_every and step % eval_every == 0) or step == steps) and dist.is_main:
-                row.update(evaluate(model, eval_examples, batch_size=max(micro, 32), device=device,
-                                    pad_id=pad_id, nsp=nsp, autocast=autocast))
-            metrics.write(row)
-            acc = {"mlm": 0.0, "nsp": 0.0, "n": 0}
-            tokens_since, time_since = 0.0, 0.0
-        if step % save_every == 0 or step == steps:
-            save(step)
+    # The loop leaves the host ahead of the device: the step's losses stay on the device (summed there,
+    # over processes too) and are read back only for a metrics row or a checkpoint, so a GPU step costs
+    # no host sync of its own (the model's input check and masked-row count remain), and the next
+    # step's batches are built while this one runs (--prefetch).
+    pin = device.type == "cuda"
+    prefetch = T.Prefetcher(prepare, enabled=args.prefetch == "on" or (args.prefetch == "auto" and device.type == "cuda"))
+    losses = torch.tensor([acc["mlm"], acc["nsp"]], dtype=torch.float64, device=device)  # Σ since the last row
+    n_logged, tokens_since, time_since = acc["n"], 0.0, 0.0
+    bar = T.progress_bar(steps, step, enabled=dist.is_main and not args.no_progress)
+    try:
+        while step < steps:
+            t0 = time.perf_counter()
+            prepared = prefetch.get(position, prefetch_next=step + 1 < steps)
+            mlm_part = nsp_part = torch.zeros((), dtype=torch.float64, device=device)
+            real_tokens = 0
+            for k, (cpu_batch, n_masked, n_pairs, n_real) in enumerate(prepared.micro_batches):
+                batch = {key: v.to(device, non_blocking=True) for key, v in cpu_batch.items()}
+                real_tokens += n_real
+                # Weights that make the summed gradient that of the mean over the whole global batch
+                # (MLM: over its masked tokens; NSP: over its sentence pairs); DDP divides by world_size.
+                w_mlm = n_masked / prepared.n_masked_total * dist.world_size
+                w_nsp = n_pairs / prepared.n_examples * dist.world_size
+                last = k == s["grad_accum"] - 1
+                sync = contextlib.nullcontext() if (last or not dist.enabled) else loss_module.no_sync()
+                with sync:
+                    with autocast():
+                        mlm, nsp_loss = loss_module(batch["input_ids"], batch["attention_mask"],
+                                                    batch["token_type_ids"], batch["labels"],
+                                                    batch["next_sentence_label"], batch.get("position_ids"))
+                    loss = mlm.float() * w_mlm
+                    if nsp_loss is not None:
+                        loss = loss + nsp_loss * w_nsp
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                mlm_part = mlm_part + mlm.detach().double() * (n_masked / prepared.n_masked_total)
+                if nsp_loss is not None:
+                    nsp_part = nsp_part + nsp_loss.detach().double() * (n_pairs / prepared.n_examples)
+            lr_now = scheduler.get_last_lr()[0]
+            optimizer_step(optimizer, scheduler, params, s["max_grad_norm"], scaler)
+            losses += dist.all_reduce_(torch.stack([mlm_part, nsp_part]))
+            step += 1
+            n_logged += 1
+            tokens_since += real_tokens
+            position = prepared.next_position
+            logging = step % log_every == 0 or step == steps or bool(eval_every and step % eval_every == 0)
+            saving = step % save_every == 0 or step == steps
+            if logging:
+                mlm_sum, nsp_sum = losses.tolist()  # the host waits for the device here, and only here
+            elif saving and device.type == "cuda":
+                torch.cuda.synchronize(device)  # the step's time, not the checkpoint's
+            time_since += time.perf_counter() - t0
+            bar.update(1)
+
+            if logging:
+                if scaler is None and not math.isfinite(mlm_sum + nsp_sum):
+                    # (fp16's GradScaler skips the steps whose gradients overflow and goes on)
+                    last_ckpt = ckpts.latest()
+                    raise FloatingPointError(
+                        f"non-finite training loss in steps {step - n_logged + 1}..{step}; stopped without "
+                        f"writing a checkpoint ({'the last one, ' + last_ckpt + ', is intact' if last_ckpt else 'none written yet'}"
+                        f"); a lower --lr or a longer --warmup-steps may help")
+                tokens = dist.sum_floats([tokens_since])[0]
+                tps = tokens / max(time_since, 1e-9)
+                row = {"step": step, "loss": (mlm_sum + nsp_sum) / n_logged, "mlm_loss": mlm_sum / n_logged}
+                if nsp:
+                    row["nsp_loss"] = nsp_sum / n_logged
+                row.update(lr=lr_now, tokens_per_s=round(tps, 1), epoch=position[0])
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+                if eval_examples and ((eval_every and step % eval_every == 0) or step == steps) and dist.is_main:
+                    row.update(evaluate(model, eval_examples, batch_size=max(micro, 32), device=device,
+                                        pad_id=pad_id, nsp=nsp, autocast=autocast))
+                metrics.write(row)
+                losses.zero_()
+                n_logged, tokens_since, time_since = 0, 0.0, 0.0
+            if saving:
+                mlm_sum, nsp_sum = losses.tolist()
+                acc = {"mlm": mlm_sum, "nsp": nsp_sum, "n": n_logged}
+                save(step)
+    finally:
+        prefetch.close()
     bar.close()
     if dist.is_main:
         rows = T.read_metrics(metrics.path)

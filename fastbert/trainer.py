@@ -12,6 +12,7 @@
 - ``MetricsLog``: ``metrics.jsonl`` (one JSON row per logged step; on resume, rows past the checkpoint
   and a torn last line are dropped) and ``plot_metrics`` (loss / accuracy PNG, matplotlib Agg).
 - ``progress_bar``: tqdm on the first process only.
+- ``Prefetcher``: builds the next step's batches in a background thread while the current step runs.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +76,13 @@ class Distributed:
     def shutdown(self) -> None:
         if self.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over processes in place. With NCCL the sum is queued on the device's stream and
+        the host does not wait for it (no sync), unlike ``sum_floats``."""
+        if self.enabled:
+            torch.distributed.all_reduce(t)
+        return t
 
 
 def setup_distributed(device: str | None = None) -> Distributed:
@@ -350,3 +359,42 @@ def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str =
     from tqdm.auto import tqdm
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True,
                 smoothing=0.1)
+
+
+class Prefetcher:
+    """Runs ``prepare(position)`` for the next step in a background thread while this step trains.
+
+    ``prepare`` must be a deterministic function of ``position`` returning an object with a
+    ``next_position`` attribute; while a call is pending the thread is the only caller, so the data
+    objects it reads need no lock. Errors raised in the thread are raised again by ``get``.
+
+    Why: on a GPU the host's batch building (sampling, masking, padding, pinning) otherwise runs while
+    the device sits idle between steps; here it overlaps the device's work. On a CPU the thread would
+    compete with the step for the same cores, so the loops enable it for CUDA devices by default.
+    """
+
+    def __init__(self, prepare, enabled: bool = True):
+        self._prepare = prepare
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastbert-prefetch") if enabled else None
+        self._pending = None  # (position, Future)
+
+    def get(self, position, prefetch_next: bool = True):
+        """What ``prepare(position)`` returns; starts preparing its ``next_position`` when asked to."""
+        result = None
+        if self._pending is not None:
+            pending_position, future = self._pending
+            self._pending = None
+            if pending_position == position:
+                result = future.result()
+            else:
+                wait([future])  # never two callers of prepare at once; its result (or error) is not wanted
+        if result is None:
+            result = self._prepare(position)
+        if self._pool is not None and prefetch_next:
+            self._pending = (result.next_position, self._pool.submit(self._prepare, result.next_position))
+        return result
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pending = None
+            self._pool.shutdown(wait=False, cancel_futures=True)

@@ -118,6 +118,72 @@ def test_grad_accumulation_matches_one_batch(corpus, vocab, tmp_path):
             assert r2[k] == pytest.approx(r1[k], rel=2e-5, abs=1e-6), (r1["step"], k)
 
 
+def test_prefetching_batches_changes_nothing(corpus, vocab, tmp_path):
+    """Batches built one step ahead in a background thread (the default on a GPU) train the same model
+    as batches built in the loop: packed rows, two micro-batches, a resume from a checkpoint."""
+    common = ["--tokenizer", vocab, "--steps", "5", "--log-every", "2", "--eval-every", "4", "--save-every", "3",
+              "--pack", "--grad-accum", "2", "--keep-checkpoints", "2"]
+    off, on = tmp_path / "off", tmp_path / "on"
+    assert run(corpus, off, *common, "--prefetch", "off") == 0
+    assert run(corpus, on, *common, "--prefetch", "on") == 0
+    assert [r["step"] for r in metric_rows(on)] == [2, 4, 5]
+    assert metric_rows(on) == metric_rows(off)
+    assert (on / "model.safetensors").read_bytes() == (off / "model.safetensors").read_bytes()
+    # resumed from step 3 (mid-window: the checkpoint carries the unlogged step's losses) with prefetching
+    import shutil
+    shutil.rmtree(on / "checkpoints" / "step-00000005")
+    (on / "checkpoints" / "latest").write_text("step-00000003\n")
+    assert run(corpus, on, "--resume", "--prefetch", "on") == 0
+    assert metric_rows(on) == metric_rows(off)
+    assert (on / "model.safetensors").read_bytes() == (off / "model.safetensors").read_bytes()
+
+
+def test_prefetcher_order_errors_and_positions():
+    from fastbert.trainer import Prefetcher
+
+    class Step:
+        def __init__(self, at):
+            self.at, self.next_position = at, at + 1
+
+    calls = []
+
+    def prepare(at):
+        calls.append(at)
+        if at == 3:
+            raise ValueError("bad batch 3")
+        return Step(at)
+
+    p = Prefetcher(prepare)
+    try:
+        assert p.get(0).at == 0
+        assert p.get(1).at == 1  # prepared in the background while step 0 ran
+        assert p.get(5, prefetch_next=False).at == 5  # not the prefetched 2: prepared anew
+        assert calls == [0, 1, 2, 5]
+        assert p.get(2).at == 2  # 3 is now being prepared and fails ...
+        with pytest.raises(ValueError, match="bad batch 3"):
+            p.get(3)  # ... raised where its result is asked for
+        assert p.get(2).at == 2  # 3 fails in the background again ...
+        assert p.get(7).at == 7  # ... but nobody asks for it: dropped
+        assert calls[-3:] == [2, 3, 7]
+    finally:
+        p.close()
+    calls.clear()
+    p = Prefetcher(prepare, enabled=False)
+    assert [p.get(i).at for i in (0, 1, 2)] == [0, 1, 2] and calls == [0, 1, 2]  # in the caller's thread
+
+
+def test_diverging_run_stops_with_its_last_checkpoint_intact(corpus, vocab, tmp_path, capsys):
+    out = tmp_path / "nan"
+    # lr 1e9 without clipping: step 1's loss is still finite, its update sends the weights to inf
+    assert run(corpus, out, "--tokenizer", vocab, "--steps", "6", "--log-every", "1", "--save-every", "1",
+               "--eval-every", "0", "--lr", "1e9", "--warmup-steps", "1", "--max-grad-norm", "0") == 1
+    err = capsys.readouterr().err
+    assert "non-finite training loss in steps 2..2" in err and "step-00000001" in err, err
+    assert [r["step"] for r in metric_rows(out)] == [1]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000001"
+    assert not (out / "checkpoints" / "step-00000002").exists()
+
+
 def test_init_from_starts_from_the_weights_of_an_earlier_run(corpus, vocab, tmp_path, capsys):
     from safetensors.torch import load_file
     first = tmp_path / "first"
