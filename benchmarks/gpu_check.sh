@@ -12,7 +12,8 @@
 # Steps: tests (GPU test subset: compiled kernels, bf16), model (BERT-base pretraining + fine-tuning
 # step vs transformers, CUDA graphs), kernels (attention, fused, mlm_loss, ffn benchmarks), encode
 # (inference throughput), zh (two-stage Chinese: pretrain + fine-tune vs random init), race (real
-# pretraining, loss vs wall-clock, fastbert vs transformers), large (BERT-large seq 512 step),
+# pretraining, loss vs wall-clock, fastbert vs transformers), loop (`fastbert pretrain`'s loop vs the
+# bare step, --prefetch off / on; sample corpus, no data to carry), large (BERT-large seq 512 step),
 # compile (torch.compile'd competitors), profile (where a step's GPU time goes), both (own class vs
 # transformers + fastbert.patch: cold/warm shapes and a kernel diff), compare (regression check
 # against the committed results of the same card), sweep (launch-configuration sweeps of the
@@ -26,7 +27,7 @@ R=${R:-$(mktemp -d /tmp/fastbert_gpu.XXXX)}
 mkdir -p "$OUT" "$R"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PY=${PY:-python3}
-STEPS=${STEPS:-"tests model kernels encode large zh race compare"}
+STEPS=${STEPS:-"tests model kernels encode large zh race loop compare"}
 export FASTBERT_GIT_SHA=${FASTBERT_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 
 bundle() { tar czf "$OUT/gpu_results.tar.gz" -C "$R" . 2>/dev/null; cp "$R/summary.txt" "$OUT/summary.txt" 2>/dev/null; }
@@ -97,6 +98,9 @@ want zh && step zh_two_stage "${T_ZH:-300}" env OUT="$R" ZH_EXPORT_PATH="$OUT/zh
 # (6) a short real pretraining race on en.txt.gz: loss vs wall-clock time
 want race && step pretrain_race "${T_RACE:-150}" env OUT="$R" $PY -m benchmarks.pretrain_race gpu_data/en.txt.gz \
   --config base --batch-size 128 --seconds ${RACE_SECONDS:-25} --max-steps 1000
+# (6b) how much of the step's speed a `fastbert pretrain` run keeps: its loop (prefetch off / on) vs the bare step
+want loop && step pretrain_loop "${T_LOOP:-120}" env OUT="$R" $PY -m benchmarks.pretrain_loop \
+  --config base --batch-size 128 --steps ${LOOP_STEPS:-60}
 # (7) BERT-large seq 512 and the torch.compile'd competitors
 want large && step bench_model_large "${T_LARGE:-90}" env OUT="$R" \
   $PY -m benchmarks.bench_model --gpu --large --name model_step_gpu_large

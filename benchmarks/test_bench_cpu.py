@@ -2,7 +2,8 @@
 
 Run: python -m pytest -q benchmarks/test_bench_cpu.py (not part of the default test command,
 testpaths = tests/). The training-step timings are benchmarks (pytest benchmarks/ --benchmark-enable);
-the rest are tests of benchmarks/compare.py, benchmarks/bench_encode.py and benchmarks/pretrain_race.py.
+the rest are tests of benchmarks/compare.py, benchmarks/bench_encode.py, benchmarks/pretrain_race.py
+and benchmarks/pretrain_loop.py.
 """
 import json
 
@@ -228,3 +229,17 @@ def test_pretrain_race_batches_are_the_cli_batches(tmp_path):
         examples, position = data.take(position, 8)
         expected = collate(examples, data.ids["pad"])
         assert all(torch.equal(expected[k], b[k]) for k in expected)
+
+
+# ------------------------------------------------------------------------------ pretrain_loop.py
+
+@pytest.mark.slow  # trains a tokenizer and runs the CLI twice: ~10 s
+def test_pretrain_loop_smoke(tmp_path, monkeypatch):
+    from benchmarks import pretrain_loop
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert pretrain_loop.main(["--config", "micro", "--seq-len", "24", "--batch-size", "4", "--steps", "6",
+                               "--log-every", "2", "--vocab-size", "500"]) == 0
+    rows = json.loads((tmp_path / "pretrain_loop.json").read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["bare-step", "loop-prefetch-off", "loop-prefetch-on"]
+    assert all(r["real_tokens_per_s"] > 0 for r in rows)
+    assert rows[0]["vs_bare"] == 1.0 and rows[1]["steps_timed"] == rows[2]["steps_timed"] == 4
