@@ -267,3 +267,47 @@ def test_encode_bench_fused_ffn_competitor(triton_kernels, monkeypatch):
     assert by["fastbert-ffn"]["cos_min_vs_sdpa"] > 0.9999
     assert calls and not any(calls)  # the fused block ran, never storing z
     assert modeling.FUSED_FFN is False  # restored
+
+
+def _gpu_check_commands():
+    """(module, argv) of every `$PY -m benchmarks.X ...` line of benchmarks/gpu_check.sh, with the
+    script's ${VAR:-default}s, $((arithmetic)) and $R filled in as a run with no variables set sees them."""
+    import os
+    import re
+    import shlex
+    text = open(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_check.sh")).read()
+    text = text.replace("\\\n", " ")
+    for _ in range(3):  # nested defaults (${LNSWEEP_ARGS:---quick} inside nothing; $(( ${T:-240} - 40 )))
+        text = re.sub(r"\$\{\w+:-([^{}]*)\}", r"\1", text)
+    text = re.sub(r"\$\(\(([\d\s+\-*]+)\)\)", lambda m: str(eval(m.group(1))), text)
+    text = text.replace('"$R"', "/tmp/R").replace("$R", "/tmp/R")
+    out = []
+    for line in text.splitlines():
+        m = re.search(r"\$PY -m (benchmarks\.\w+)(.*)$", line)
+        if m and not line.lstrip().startswith("#"):
+            out.append((m.group(1), shlex.split(m.group(2))))
+    return out
+
+
+def test_gpu_check_benchmark_commands_parse(monkeypatch):
+    """Every benchmark command of the GPU script is accepted by its script's own argument parser, so a
+    renamed or removed flag fails here, on the CPU, not minutes into a session's only GPU call."""
+    import argparse
+    import importlib
+    commands = _gpu_check_commands()
+    assert len(commands) >= 12 and {"benchmarks.pretrain_loop", "benchmarks.bench_ffn"} <= {m for m, _ in commands}
+
+    class Parsed(Exception):
+        pass
+
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        ns = real(self, args, namespace)  # SystemExit(2) on an unknown flag or a bad value
+        raise Parsed(ns)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    for module, argv in commands:
+        main = importlib.import_module(module).main
+        with pytest.raises(Parsed):
+            main(argv)
