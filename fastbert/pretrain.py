@@ -31,10 +31,12 @@ example at most N tokens (more, shorter examples per row). Evaluation runs unpac
 compare across packed and unpacked runs.
 
 On a GPU the loop keeps the host ahead of the device: the next step's batches are built (sampled,
-masked, padded, pinned) in a background thread while a step runs (``--prefetch``, on by default for
-CUDA), the losses are summed on the device and read back only for a metrics row or a checkpoint, and
-a row whose mean loss is not finite stops the run with an error before any checkpoint is written
-(fp32 / bf16; under fp16 the GradScaler skips overflowing steps itself).
+masked, padded, pinned) in a background thread while the step's backward runs (``--prefetch``, on by
+default for CUDA), and the losses are summed on the device and read back only for a metrics row or a
+checkpoint (under fp16 the GradScaler still reads its overflow flag every step). A non-finite loss
+since the last row (fp32 / bf16: under fp16 the GradScaler skips overflowing steps itself) or a
+non-finite weight at a checkpoint stops the run with an error (exit 1) before that checkpoint is
+written, so the last one written is a good one.
 
 ``--init-from DIR`` starts a new run from the weights of an earlier one (continued pretraining: a
 fresh optimizer, warm-up and schedule; DIR's tokenizer and config). Use it to train a finished run
@@ -538,14 +540,15 @@ def _run(args, dist: T.Distributed) -> int:
     # no host sync of its own (the model's input check and masked-row count remain), and the next
     # step's batches are built while this one runs (--prefetch).
     pin = device.type == "cuda"
-    prefetch = T.Prefetcher(prepare, enabled=args.prefetch == "on" or (args.prefetch == "auto" and device.type == "cuda"))
+    prefetch = T.Prefetcher(prepare, enabled=args.prefetch == "on" or (args.prefetch == "auto" and device.type == "cuda"),
+                            device=device)
     losses = torch.tensor([acc["mlm"], acc["nsp"]], dtype=torch.float64, device=device)  # Σ since the last row
     n_logged, tokens_since, time_since = acc["n"], 0.0, 0.0
     bar = T.progress_bar(steps, step, enabled=dist.is_main and not args.no_progress)
     try:
         while step < steps:
             t0 = time.perf_counter()
-            prepared = prefetch.get(position, prefetch_next=step + 1 < steps)
+            prepared = prefetch.get(position)
             mlm_part = nsp_part = torch.zeros((), dtype=torch.float64, device=device)
             real_tokens = 0
             for k, (cpu_batch, n_masked, n_pairs, n_real) in enumerate(prepared.micro_batches):
@@ -569,6 +572,8 @@ def _run(args, dist: T.Distributed) -> int:
                 mlm_part = mlm_part + mlm.detach().double() * (n_masked / prepared.n_masked_total)
                 if nsp_loss is not None:
                     nsp_part = nsp_part + nsp_loss.detach().double() * (n_pairs / prepared.n_examples)
+            if step + 1 < steps:
+                prefetch.start(prepared.next_position)  # now: the backward is queued, little is left to launch
             lr_now = scheduler.get_last_lr()[0]
             optimizer_step(optimizer, scheduler, params, s["max_grad_norm"], scaler)
             losses += dist.all_reduce_(torch.stack([mlm_part, nsp_part]))
@@ -578,21 +583,29 @@ def _run(args, dist: T.Distributed) -> int:
             position = prepared.next_position
             logging = step % log_every == 0 or step == steps or bool(eval_every and step % eval_every == 0)
             saving = step % save_every == 0 or step == steps
-            if logging:
-                mlm_sum, nsp_sum = losses.tolist()  # the host waits for the device here, and only here
-            elif saving and device.type == "cuda":
-                torch.cuda.synchronize(device)  # the step's time, not the checkpoint's
+            if logging or saving:
+                # The host waits for the device here, and only here: the losses since the last row and,
+                # before a checkpoint, whether every weight is finite (the last update may have broken them).
+                read = losses
+                if saving:
+                    finite = torch.stack([torch.isfinite(p).all() for p in params]).all()
+                    read = torch.cat([losses, finite.to(losses.dtype)[None]])
+                read = read.tolist()
+                mlm_sum, nsp_sum = read[:2]
+                # (fp16: GradScaler skips the steps whose gradients overflow, so only the weights are checked)
+                bad_loss = scaler is None and not math.isfinite(mlm_sum + nsp_sum)
+                if bad_loss or (saving and read[2] != 1.0):
+                    last_ckpt = ckpts.latest()
+                    what = (f"non-finite training loss in steps {step - n_logged + 1}..{step}" if bad_loss
+                            else f"non-finite weights after step {step}")
+                    raise FloatingPointError(
+                        f"{what}; stopped without writing a checkpoint ("
+                        f"{'the last one, ' + last_ckpt + ', is intact' if last_ckpt else 'none written yet'}); "
+                        f"a lower --lr or a longer --warmup-steps may help")
             time_since += time.perf_counter() - t0
             bar.update(1)
 
             if logging:
-                if scaler is None and not math.isfinite(mlm_sum + nsp_sum):
-                    # (fp16's GradScaler skips the steps whose gradients overflow and goes on)
-                    last_ckpt = ckpts.latest()
-                    raise FloatingPointError(
-                        f"non-finite training loss in steps {step - n_logged + 1}..{step}; stopped without "
-                        f"writing a checkpoint ({'the last one, ' + last_ckpt + ', is intact' if last_ckpt else 'none written yet'}"
-                        f"); a lower --lr or a longer --warmup-steps may help")
                 tokens = dist.sum_floats([tokens_since])[0]
                 tps = tokens / max(time_since, 1e-9)
                 row = {"step": step, "loss": (mlm_sum + nsp_sum) / n_logged, "mlm_loss": mlm_sum / n_logged}
@@ -607,8 +620,7 @@ def _run(args, dist: T.Distributed) -> int:
                 losses.zero_()
                 n_logged, tokens_since, time_since = 0, 0.0, 0.0
             if saving:
-                mlm_sum, nsp_sum = losses.tolist()
-                acc = {"mlm": mlm_sum, "nsp": nsp_sum, "n": n_logged}
+                acc = {"mlm": 0.0, "nsp": 0.0, "n": 0} if logging else {"mlm": mlm_sum, "nsp": nsp_sum, "n": n_logged}
                 save(step)
     finally:
         prefetch.close()

@@ -364,35 +364,48 @@ def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str =
 class Prefetcher:
     """Runs ``prepare(position)`` for the next step in a background thread while this step trains.
 
-    ``prepare`` must be a deterministic function of ``position`` returning an object with a
-    ``next_position`` attribute; while a call is pending the thread is the only caller, so the data
-    objects it reads need no lock. Errors raised in the thread are raised again by ``get``.
+    ``prepare`` must be a deterministic function of ``position``; while a call is pending the thread
+    is the only caller, so the data objects it reads need no lock. ``start(position)`` begins
+    preparing, ``get(position)`` returns the result (preparing it in the caller's thread if nothing
+    was started for that position); errors raised in the thread are raised again by ``get``.
 
     Why: on a GPU the host's batch building (sampling, masking, padding, pinning) otherwise runs while
-    the device sits idle between steps; here it overlaps the device's work. On a CPU the thread would
-    compete with the step for the same cores, so the loops enable it for CUDA devices by default.
+    the device sits idle between steps. Caution: the thread's Python work holds the GIL, so a thread
+    running while the main thread launches kernels delays those launches (up to the interpreter's
+    switch interval each time); the loop therefore starts it once a step's last backward is queued,
+    when the main thread has little left to launch and soon waits on ``get``. On a CPU the thread
+    would compete with the step for the same cores, so the loops enable it for CUDA devices by default.
     """
 
-    def __init__(self, prepare, enabled: bool = True):
+    def __init__(self, prepare, enabled: bool = True, device: torch.device | None = None):
         self._prepare = prepare
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastbert-prefetch") if enabled else None
+        self._pool = None
+        if enabled:
+            # the thread pins host memory: let it see the loop's GPU as its current device
+            init = (lambda: torch.cuda.set_device(device)) if device is not None and device.type == "cuda" else None
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastbert-prefetch", initializer=init)
         self._pending = None  # (position, Future)
 
-    def get(self, position, prefetch_next: bool = True):
-        """What ``prepare(position)`` returns; starts preparing its ``next_position`` when asked to."""
-        result = None
-        if self._pending is not None:
-            pending_position, future = self._pending
+    def start(self, position) -> None:
+        """Begin preparing ``position`` in the background (nothing when disabled)."""
+        if self._pool is None:
+            return
+        self._drop_pending()
+        self._pending = (position, self._pool.submit(self._prepare, position))
+
+    def get(self, position):
+        """What ``prepare(position)`` returns."""
+        if self._pending is not None and self._pending[0] == position:
+            future = self._pending[1]
             self._pending = None
-            if pending_position == position:
-                result = future.result()
-            else:
-                wait([future])  # never two callers of prepare at once; its result (or error) is not wanted
-        if result is None:
-            result = self._prepare(position)
-        if self._pool is not None and prefetch_next:
-            self._pending = (result.next_position, self._pool.submit(self._prepare, result.next_position))
-        return result
+            return future.result()
+        self._drop_pending()
+        return self._prepare(position)
+
+    def _drop_pending(self) -> None:
+        if self._pending is not None:
+            wait([self._pending[1]])  # never two callers of prepare at once; its result (or error) is not wanted
+            self._pending = None
 
     def close(self) -> None:
         if self._pool is not None:

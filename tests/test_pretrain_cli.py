@@ -141,35 +141,35 @@ def test_prefetching_batches_changes_nothing(corpus, vocab, tmp_path):
 def test_prefetcher_order_errors_and_positions():
     from fastbert.trainer import Prefetcher
 
-    class Step:
-        def __init__(self, at):
-            self.at, self.next_position = at, at + 1
-
     calls = []
 
     def prepare(at):
         calls.append(at)
         if at == 3:
             raise ValueError("bad batch 3")
-        return Step(at)
+        return at * 10
 
     p = Prefetcher(prepare)
     try:
-        assert p.get(0).at == 0
-        assert p.get(1).at == 1  # prepared in the background while step 0 ran
-        assert p.get(5, prefetch_next=False).at == 5  # not the prefetched 2: prepared anew
+        assert p.get(0) == 0  # nothing started: prepared in the caller's thread
+        p.start(1)
+        assert p.get(1) == 10  # prepared in the background
+        p.start(2)
+        assert p.get(5) == 50  # not what was started: that one is awaited and dropped, 5 prepared anew
         assert calls == [0, 1, 2, 5]
-        assert p.get(2).at == 2  # 3 is now being prepared and fails ...
+        p.start(3)
         with pytest.raises(ValueError, match="bad batch 3"):
-            p.get(3)  # ... raised where its result is asked for
-        assert p.get(2).at == 2  # 3 fails in the background again ...
-        assert p.get(7).at == 7  # ... but nobody asks for it: dropped
-        assert calls[-3:] == [2, 3, 7]
+            p.get(3)  # the thread's error, raised where its result is asked for
+        p.start(3)
+        p.start(4)  # 3 fails again, but nobody asks for it: dropped
+        assert p.get(4) == 40
+        assert calls[-3:] == [3, 3, 4]
     finally:
         p.close()
     calls.clear()
     p = Prefetcher(prepare, enabled=False)
-    assert [p.get(i).at for i in (0, 1, 2)] == [0, 1, 2] and calls == [0, 1, 2]  # in the caller's thread
+    p.start(1)  # disabled: nothing happens in the background
+    assert calls == [] and [p.get(i) for i in (0, 1, 2)] == [0, 10, 20] and calls == [0, 1, 2]
 
 
 def test_diverging_run_stops_with_its_last_checkpoint_intact(corpus, vocab, tmp_path, capsys):
@@ -182,6 +182,19 @@ def test_diverging_run_stops_with_its_last_checkpoint_intact(corpus, vocab, tmp_
     assert [r["step"] for r in metric_rows(out)] == [1]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000001"
     assert not (out / "checkpoints" / "step-00000002").exists()
+    # a checkpoint between two metrics rows is checked too: rows at 4, 8; checkpoints at 3, 6
+    out = tmp_path / "nan2"
+    assert run(corpus, out, "--tokenizer", vocab, "--steps", "8", "--log-every", "4", "--save-every", "3",
+               "--eval-every", "0", "--lr", "1e9", "--warmup-steps", "1", "--max-grad-norm", "0") == 1
+    assert "non-finite training loss in steps 1..3" in capsys.readouterr().err
+    assert metric_rows(out) == [] and not (out / "checkpoints" / "step-00000003").exists()
+    # a finite loss whose update overflows the weights (lr 1e39 > float32's largest) is caught at the checkpoint
+    out = tmp_path / "inf"
+    assert run(corpus, out, "--tokenizer", vocab, "--steps", "4", "--log-every", "2", "--save-every", "1",
+               "--eval-every", "0", "--lr", "1e39", "--warmup-steps", "1", "--max-grad-norm", "0") == 1
+    assert "non-finite weights after step 1; stopped without writing a checkpoint (none written yet)" in \
+        capsys.readouterr().err
+    assert not (out / "checkpoints" / "latest").exists()
 
 
 def test_init_from_starts_from_the_weights_of_an_earlier_run(corpus, vocab, tmp_path, capsys):
@@ -319,12 +332,13 @@ def test_sigkill_at_random_moments_then_resume_matches(corpus, vocab, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(corpus, vocab, tmp_path):
-    """`torchrun --nproc-per-node 2` (gloo) with the same global batch gives the loss of one process."""
+    """`torchrun --nproc-per-node 2` (gloo) with the same global batch gives the loss of one process
+    (the two build their batches in the background thread, the one in its loop)."""
     common = ["--tokenizer", vocab, "--steps", "8", "--log-every", "1", "--dropout", "0", "--pad-to", "max",
               "--eval-every", "0", "--cache-dir", str(tmp_path / "cache")]
     assert run(corpus, tmp_path / "one", *common) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-           "-m", "fastbert.cli", "pretrain", "--corpus", corpus, "--out", str(tmp_path / "two"), *MICRO, *common]
+           "-m", "fastbert.cli", "pretrain", "--corpus", corpus, "--out", str(tmp_path / "two"), *MICRO, *common, "--prefetch", "on"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = metric_rows(tmp_path / "one"), metric_rows(tmp_path / "two")
