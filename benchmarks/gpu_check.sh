@@ -60,7 +60,8 @@ XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 # TEST_FILES narrows the GPU test step (e.g. to the files a change touched, when device time is short).
 TEST_FILES=${TEST_FILES:-"tests/test_attention.py tests/test_gelu.py tests/test_gemm_gelu.py tests/test_layer_norm.py tests/test_embedding.py
   tests/test_fused_ops.py tests/test_mlm_loss.py tests/test_model_kernels.py tests/test_convergence.py
-  tests/test_cuda_graphs.py tests/test_compile_model.py tests/test_patch.py tests/test_packing.py"}
+  tests/test_cuda_graphs.py tests/test_compile_model.py tests/test_patch.py tests/test_packing.py
+  tests/test_finetune_cli.py"}
 # (1) GPU tests: every kernel suite compiled on CUDA (fp32, fp16, bf16), the model on the kernels,
 #     CUDA graphs, compile, patching, packing; the AOT compile tests are CPU-side guards, skipped here.
 # (the default list collects ~540 tests; run 5 took 131 s for 361: name TEST_FILES when time is short)

@@ -14,20 +14,23 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-6):
+def build_optimizer(model, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-6,
+                    capturable: bool = False):
     """AdamW, fused where torch has a fused kernel for the parameters' device.
 
     The fused kernel makes one pass over each tensor instead of ~10: on this project's 2-core CPU
     it cut the step of an 11M-parameter model from 267 ms to 72 ms (CUDA: one launch per group).
+    ``capturable``: the step counter lives on the device, so the step can be captured in a CUDA graph.
     """
     groups = param_groups(model, weight_decay)
     devices = {p.device.type for g in groups for p in g["params"]}
+    extra = {"capturable": True} if capturable else {}
     if len(devices) == 1 and devices <= {"cuda", "cpu"}:
         try:
-            return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True, **extra)
         except (RuntimeError, ValueError, TypeError):  # a torch without a fused kernel for this device/dtype
             pass
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **extra)
 
 
 def warmup_linear_schedule(optimizer, warmup_steps: int, total_steps: int):

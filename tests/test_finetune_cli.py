@@ -197,6 +197,56 @@ def test_encode_cuda_graphs_gives_the_eager_commands_vectors(micro_model, tmp_pa
         assert (graphed * eager).sum(1).min() > 0.999
 
 
+def test_finetune_cuda_graphs_refuses_what_it_cannot_run(micro_model, tmp_path, capsys):
+    files = make_data("classify", tmp_path, random.Random(1))
+    (tmp_path / "qa").mkdir()
+    qa = make_data("qa", tmp_path / "qa", random.Random(1))
+    base = ["finetune", "--model", micro_model, "--out", str(tmp_path / "o"), "--epochs", "1", "--no-progress",
+            "--cuda-graphs"]
+    for extra, message in (
+            (["--task", "qa", "--train", qa["train"], "--dev", qa["dev"]], "--cuda-graphs does not run qa"),
+            (["--task", "classify", "--train", files["train"], "--dev", files["dev"], "--impl", "transformers"],
+             "--cuda-graphs runs fastbert's own models only"),
+            (["--task", "classify", "--train", files["train"], "--dev", files["dev"], "--device", "cpu"],
+             "--cuda-graphs needs a CUDA device, not cpu")):
+        assert cli(base + extra) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("task", ["classify", "ner", "choice"])
+def test_finetune_cuda_graphs_trains_like_the_eager_loop(tmp_path, task):
+    """--cuda-graphs on a GPU (benchmarks/gpu_check.sh): without dropout, the graphed steps (padded
+    layout, buckets of 32 tokens, a last batch padded with ignored rows) train like the eager loop
+    (unpadded): the same per-epoch training losses and dev metrics, fp32 with TF32 off."""
+    from fastbert.config import BertConfig
+    from fastbert.modeling import BertModel
+    model_dir = tmp_path / "micro0"
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    BertModel(cfg).save_pretrained(str(model_dir))
+    (model_dir / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    files = make_data(task, tmp_path, random.Random(2))
+    torch.backends.cuda.matmul.allow_tf32 = False
+    runs = {}
+    for mode in ("graphs", "eager"):
+        out = tmp_path / mode
+        assert cli(["finetune", "--task", task, "--model", str(model_dir), "--train", files["train"],
+                    "--dev", files["dev"], "--out", str(out), "--epochs", "3", "--batch-size", "5",
+                    "--max-length", "40", "--lr", "1e-3", "--device", "cuda", "--precision", "fp32",
+                    "--no-progress"] + (["--cuda-graphs"] if mode == "graphs" else [])) == 0
+        runs[mode] = json.loads((out / "metrics.json").read_text())
+    assert runs["graphs"]["cuda_graphs"] and not runs["eager"]["cuda_graphs"]
+    metric = "f1" if task == "ner" else "accuracy"
+    for g, e in zip(runs["graphs"]["history"], runs["eager"]["history"], strict=True):
+        assert g["train_loss"] == pytest.approx(e["train_loss"], rel=1e-4), g["epoch"]
+        assert g[metric] == pytest.approx(e[metric], abs=1e-9), g["epoch"]
+
+
 # ------------------------------------------------------------------- device, random init, baseline arm
 
 @pytest.fixture(scope="module")
