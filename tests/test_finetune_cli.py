@@ -216,11 +216,13 @@ def test_finetune_cuda_graphs_refuses_what_it_cannot_run(micro_model, tmp_path, 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("task", ["classify", "ner", "choice"])
-def test_finetune_cuda_graphs_trains_like_the_eager_loop(tmp_path, task):
+@pytest.mark.parametrize("task, freeze", [("classify", "none"), ("ner", "none"), ("choice", "none"),
+                                          ("pair", "1"), ("classify", "all")])
+def test_finetune_cuda_graphs_trains_like_the_eager_loop(tmp_path, task, freeze):
     """--cuda-graphs on a GPU (benchmarks/gpu_check.sh): without dropout, the graphed steps (padded
     layout, buckets of 32 tokens, a last batch padded with ignored rows) train like the eager loop
-    (unpadded): the same per-epoch training losses and dev metrics, fp32 with TF32 off."""
+    (unpadded): the same per-epoch training losses and dev metrics, fp32 with TF32 off; frozen lower
+    layers and the frozen encoder with the layer mix too."""
     from fastbert.config import BertConfig
     from fastbert.modeling import BertModel
     model_dir = tmp_path / "micro0"
@@ -238,7 +240,7 @@ def test_finetune_cuda_graphs_trains_like_the_eager_loop(tmp_path, task):
         assert cli(["finetune", "--task", task, "--model", str(model_dir), "--train", files["train"],
                     "--dev", files["dev"], "--out", str(out), "--epochs", "3", "--batch-size", "5",
                     "--max-length", "40", "--lr", "1e-3", "--device", "cuda", "--precision", "fp32",
-                    "--no-progress"] + (["--cuda-graphs"] if mode == "graphs" else [])) == 0
+                    "--freeze", freeze, "--no-progress"] + (["--cuda-graphs"] if mode == "graphs" else [])) == 0
         runs[mode] = json.loads((out / "metrics.json").read_text())
     assert runs["graphs"]["cuda_graphs"] and not runs["eager"]["cuda_graphs"]
     metric = "f1" if task == "ner" else "accuracy"
