@@ -172,11 +172,15 @@ def test_prefetcher_order_errors_and_positions():
     assert calls == [] and [p.get(i) for i in (0, 1, 2)] == [0, 10, 20] and calls == [0, 1, 2]
 
 
+# fp32 on the CPU: where a huge learning rate first gives a non-finite loss depends on the precision
+ON_CPU = ("--device", "cpu")
+
+
 def test_diverging_run_stops_with_its_last_checkpoint_intact(corpus, vocab, tmp_path, capsys):
     out = tmp_path / "nan"
     # lr 1e9 without clipping: step 1's loss is still finite, its update sends the weights to inf
     assert run(corpus, out, "--tokenizer", vocab, "--steps", "6", "--log-every", "1", "--save-every", "1",
-               "--eval-every", "0", "--lr", "1e9", "--warmup-steps", "1", "--max-grad-norm", "0") == 1
+               "--eval-every", "0", "--lr", "1e9", "--warmup-steps", "1", "--max-grad-norm", "0", *ON_CPU) == 1
     err = capsys.readouterr().err
     assert "non-finite training loss in steps 2..2" in err and "step-00000001" in err, err
     assert [r["step"] for r in metric_rows(out)] == [1]
@@ -185,13 +189,13 @@ def test_diverging_run_stops_with_its_last_checkpoint_intact(corpus, vocab, tmp_
     # a checkpoint between two metrics rows is checked too: rows at 4, 8; checkpoints at 3, 6
     out = tmp_path / "nan2"
     assert run(corpus, out, "--tokenizer", vocab, "--steps", "8", "--log-every", "4", "--save-every", "3",
-               "--eval-every", "0", "--lr", "1e9", "--warmup-steps", "1", "--max-grad-norm", "0") == 1
+               "--eval-every", "0", "--lr", "1e9", "--warmup-steps", "1", "--max-grad-norm", "0", *ON_CPU) == 1
     assert "non-finite training loss in steps 1..3" in capsys.readouterr().err
     assert metric_rows(out) == [] and not (out / "checkpoints" / "step-00000003").exists()
     # a finite loss whose update overflows the weights (lr 1e39 > float32's largest) is caught at the checkpoint
     out = tmp_path / "inf"
     assert run(corpus, out, "--tokenizer", vocab, "--steps", "4", "--log-every", "2", "--save-every", "1",
-               "--eval-every", "0", "--lr", "1e39", "--warmup-steps", "1", "--max-grad-norm", "0") == 1
+               "--eval-every", "0", "--lr", "1e39", "--warmup-steps", "1", "--max-grad-norm", "0", *ON_CPU) == 1
     assert "non-finite weights after step 1; stopped without writing a checkpoint (none written yet)" in \
         capsys.readouterr().err
     assert not (out / "checkpoints" / "latest").exists()
