@@ -218,26 +218,17 @@ def test_finetune_cuda_graphs_refuses_what_it_cannot_run(micro_model, tmp_path, 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("task, freeze", [("classify", "none"), ("ner", "none"), ("choice", "none"),
                                           ("pair", "1"), ("classify", "all")])
-def test_finetune_cuda_graphs_trains_like_the_eager_loop(tmp_path, task, freeze):
+def test_finetune_cuda_graphs_trains_like_the_eager_loop(micro_no_dropout, tmp_path, task, freeze):
     """--cuda-graphs on a GPU (benchmarks/gpu_check.sh): without dropout, the graphed steps (padded
     layout, buckets of 32 tokens, a last batch padded with ignored rows) train like the eager loop
     (unpadded): the same per-epoch training losses and dev metrics, fp32 with TF32 off; frozen lower
     layers and the frozen encoder with the layer mix too."""
-    from fastbert.config import BertConfig
-    from fastbert.modeling import BertModel
-    model_dir = tmp_path / "micro0"
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
-    BertModel(cfg).save_pretrained(str(model_dir))
-    (model_dir / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
     files = make_data(task, tmp_path, random.Random(2))
     torch.backends.cuda.matmul.allow_tf32 = False
     runs = {}
     for mode in ("graphs", "eager"):
         out = tmp_path / mode
-        assert cli(["finetune", "--task", task, "--model", str(model_dir), "--train", files["train"],
+        assert cli(["finetune", "--task", task, "--model", micro_no_dropout, "--train", files["train"],
                     "--dev", files["dev"], "--out", str(out), "--epochs", "3", "--batch-size", "5",
                     "--max-length", "40", "--lr", "1e-3", "--device", "cuda", "--precision", "fp32",
                     "--freeze", freeze, "--no-progress"] + (["--cuda-graphs"] if mode == "graphs" else [])) == 0

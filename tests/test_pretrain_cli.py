@@ -138,6 +138,22 @@ def test_prefetching_batches_changes_nothing(corpus, vocab, tmp_path):
     assert (on / "model.safetensors").read_bytes() == (off / "model.safetensors").read_bytes()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefetching_on_a_gpu_changes_nothing(corpus, vocab, tmp_path):
+    """On a GPU the prefetch thread pins its batches and the loop copies them without waiting: the run
+    must still train on exactly the batches of the in-loop path (the same kernels, bf16, dropout on):
+    bitwise equal metrics and weights."""
+    common = ["--tokenizer", vocab, "--steps", "6", "--log-every", "2", "--eval-every", "3", "--save-every", "4",
+              "--device", "cuda", "--precision", "bf16"]
+    off, on = tmp_path / "off", tmp_path / "on"
+    assert run(corpus, off, *common, "--prefetch", "off") == 0
+    assert run(corpus, on, *common, "--prefetch", "on") == 0
+    assert [r["step"] for r in metric_rows(on)] == [2, 3, 4, 6]
+    assert metric_rows(on) == metric_rows(off)
+    assert (on / "model.safetensors").read_bytes() == (off / "model.safetensors").read_bytes()
+
+
 def test_prefetcher_order_errors_and_positions():
     from fastbert.trainer import Prefetcher
 
