@@ -37,11 +37,14 @@ Caution: capturing a bucket runs the step twice eagerly first (kernel compilatio
 allocator warm-up), in the layout and shapes the capture will use (modeling.graph_layout()); the
 first of those warm-ups also creates the optimizer state. Parameters and
 optimizer state are restored afterwards, so the graphs train exactly as eager steps would,
-apart from the dropout random numbers. Each bucket keeps its own activation memory pool.
+apart from the dropout random numbers. All buckets share one activation memory pool (graphs replay
+one after another and every tensor that outlives a replay — inputs, parameters, gradients, optimizer
+state, the returned loss, a copy — lives outside it), so memory does not grow with the bucket count.
 """
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -88,6 +91,8 @@ class GraphedTrainStep:
             if not isinstance(group["lr"], torch.Tensor):
                 group["lr"] = torch.tensor(float(group["lr"]), device=device)
         self.graphs: Dict[Tuple[int, int], Tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
+        self.pool = None  # one memory pool for every bucket's graph, made at the first capture
+        self.capture_seconds = 0.0  # warm-ups and captures so far (host wall time, device synchronised)
 
     # ----------------------------------------------------------------------------------- batches
 
@@ -121,6 +126,7 @@ class GraphedTrainStep:
         return loss.detach()
 
     def _capture(self, padded: dict):
+        t0 = time.perf_counter()
         static = {k: v.to(self.device, copy=True) for k, v in padded.items()}
         params = list(self.model.parameters())
         saved_params = [p.detach().clone() for p in params]
@@ -139,8 +145,12 @@ class GraphedTrainStep:
                         v.copy_(saved_state[p][k]) if p in saved_state else v.zero_()
         del saved_params, saved_state
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
             loss = self._step(static)
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds += time.perf_counter() - t0
         return graph, static, loss
 
     def __call__(self, batch: dict) -> torch.Tensor:
@@ -154,7 +164,9 @@ class GraphedTrainStep:
             if masked > self.max_masked_rows:
                 raise ValueError(f"batch has {masked} labelled tokens, more than max_masked_rows="
                                  f"{self.max_masked_rows}")
-        return _replay(self.graphs, shape, padded, self._capture, self.device)
+        # a copy: the graph's own output tensor may share memory with another bucket's activations
+        # (one pool), so it is only valid until the next replay of any graph
+        return _replay(self.graphs, shape, padded, self._capture, self.device).clone()
 
 
 class GraphedEncoder:

@@ -130,8 +130,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device_arguments(p)
     p.add_argument("--cuda-graphs", action="store_true",
                    help="GPU: replay each training step (forward, backward, clipping, AdamW) as one CUDA graph, "
-                        "one per 32-token length bucket (fastbert.cuda_graphs.GraphedTrainStep: the padded "
-                        "layout, no launch overhead); classify, pair, ner and choice, fp32 or bf16")
+                        "one per 32-token length bucket (fastbert.cuda_graphs.GraphedTrainStep): every batch is "
+                        "padded to its bucket and to --batch-size rows, and computed so, in exchange for no "
+                        "launch overhead; classify, pair, ner and choice, fp32 or bf16")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
@@ -160,7 +161,9 @@ def build_model(task, model_dir, labels, freeze, random_init=False):
     else:
         model = cls.from_pretrained(model_dir, **label_cfg)
     if freeze == "all":
-        return LayerMixModel(model, task, num_labels=len(labels) if labels else 2)
+        # the head's dropout follows the checkpoint's config (0.1 for BERT's), as a fine-tuned head's does
+        return LayerMixModel(model, task, num_labels=len(labels) if labels else 2,
+                             dropout=M._classifier_dropout(model.config).p)
     if isinstance(freeze, int):
         freeze_lowest(model, freeze)
     return model
@@ -469,6 +472,8 @@ def run(args) -> dict:
               "batching": args.batching, "random_init": args.random_init,
               "device": str(device), "device_name": R.describe(device), "precision": precision,
               "threads": threads, "steps": total, "train_features": len(train_f), "cuda_graphs": graphs}
+    if graphed is not None:  # included in train_seconds: two eager warm-up steps and a capture per bucket
+        result["capture_seconds"] = round(graphed.capture_seconds, 2)
     if args.impl == "transformers":
         cfg = getattr(model, "config", None)
         result["attn_implementation"] = getattr(cfg, "_attn_implementation", None)
