@@ -26,6 +26,10 @@ so check the loss when you log it (or keep labels on the CPU).
     step = GraphedTrainStep(model, optimizer, batch_size=256, seq_buckets=(128,),
                             max_masked_rows=256 * (round(0.15 * 128) + 1), autocast_dtype=torch.bfloat16)
 
+``loss_fn(model, batch) -> sequence of scalar tensors`` replaces ``model(**batch).loss``: the graph
+trains on their sum and returns them stacked (fp32), e.g. masked-LM and next-sentence losses apart
+(``fastbert pretrain --cuda-graphs``).
+
 Supports: any fastbert model whose loss ignores label -100 (sequence classification with
 num_labels > 1, token classification, multiple choice, masked LM + next-sentence prediction) in fp32
 or under bf16/fp16 autocast;
@@ -45,7 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -62,7 +66,7 @@ class GraphedTrainStep:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int,
                  seq_buckets: Sequence[int], max_grad_norm: Optional[float] = None,
                  autocast_dtype: Optional[torch.dtype] = None, warmup_steps: int = 2,
-                 max_masked_rows: Optional[int] = None):
+                 max_masked_rows: Optional[int] = None, loss_fn: Optional[Callable] = None):
         self.mlm_heads = [m for m in model.modules() if hasattr(m, "masked_loss")]
         if self.mlm_heads and max_masked_rows is None:
             raise ValueError("a masked-LM model needs max_masked_rows (a bound on the labelled tokens of a "
@@ -85,6 +89,7 @@ class GraphedTrainStep:
         self.model, self.optimizer, self.device = model, optimizer, device
         self.batch_size, self.seq_buckets = int(batch_size), tuple(int(s) for s in seq_buckets)
         self.max_grad_norm, self.autocast_dtype, self.warmup_steps = max_grad_norm, autocast_dtype, warmup_steps
+        self.loss_fn = loss_fn
         # A float learning rate would be baked into the captured kernels; a device tensor is read at
         # every replay, and LRScheduler fills tensors in place (torch >= 2.4).
         for group in optimizer.param_groups:
@@ -118,12 +123,16 @@ class GraphedTrainStep:
     def _step(self, static: dict) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=False)
         with graph_autocast("cuda", self.autocast_dtype), self._static_mlm_rows():
-            loss = self.model(**static).loss
+            if self.loss_fn is None:
+                loss = parts = self.model(**static).loss
+            else:  # several terms: their sum trains, each is returned (fp32, stacked)
+                parts = torch.stack([t.float() for t in self.loss_fn(self.model, static)])
+                loss = parts.sum()
         loss.backward()
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm, foreach=True)
         self.optimizer.step()
-        return loss.detach()
+        return parts.detach()
 
     def _capture(self, padded: dict):
         t0 = time.perf_counter()
@@ -323,7 +332,8 @@ def pad_batch(batch: dict, shape: Tuple[int, int]) -> dict:
             pad_seq = seq - t.shape[-1]
             if pad_seq < 0:
                 raise ValueError(f"{name} is longer ({t.shape[-1]}) than the bucket ({seq})")
-            t = torch.nn.functional.pad(t, (0, pad_seq), value=fill)
+            if pad_seq:  # (unpadded, a pinned batch stays pinned: its copy into the graph runs async)
+                t = torch.nn.functional.pad(t, (0, pad_seq), value=fill)
         elif name in _ROW_LABELS:
             if t.dim() != 1:
                 raise ValueError(f"{name} must be one label per row (packed rows are not supported)")

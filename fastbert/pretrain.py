@@ -38,6 +38,13 @@ since the last row (fp32 / bf16: under fp16 the GradScaler skips overflowing ste
 non-finite weight at a checkpoint stops the run with an error (exit 1) before that checkpoint is
 written, so the last one written is a good one.
 
+``--cuda-graphs`` (GPU; one process, unpacked, --grad-accum 1, fp32 or bf16) replays each step —
+forward, backward, clipping, AdamW — as one CUDA graph (fastbert.cuda_graphs.GraphedTrainStep):
+batches are padded to --seq-len, the MLM head runs on a fixed bound of rows (batch x (round(mask_prob x
+seq_len) + 1); unlabelled ones add nothing), and the host's launches leave the step. Without dropout it
+trains as the eager loop does; with dropout it draws other random numbers. Checkpoints are
+interchangeable between the two.
+
 ``--init-from DIR`` starts a new run from the weights of an earlier one (continued pretraining: a
 fresh optimizer, warm-up and schedule; DIR's tokenizer and config). Use it to train a finished run
 further, or on another corpus; pass another ``--seed`` to see other examples and masks. Caution:
@@ -172,6 +179,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute encoder layers in the backward pass to save memory")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="GPU: replay each training step (forward, backward, clipping, AdamW) as one CUDA graph "
+                        "(fastbert.cuda_graphs.GraphedTrainStep; batches padded to --seq-len, the MLM head on a "
+                        "fixed bound of rows); one process, unpacked, --grad-accum 1, fp32 or bf16")
     g.add_argument("--prefetch", choices=["auto", "on", "off"], default="auto",
                    help="build the next step's batches in a background thread while a step runs "
                         "(default auto: on for a GPU, off for the CPU, where it would take the step's cores)")
@@ -255,6 +266,30 @@ def _check_settings(s: dict, dist: T.Distributed) -> None:
                          f"= {dist.world_size} x {s['grad_accum']}")
 
 
+def _check_cuda_graphs(args, s: dict, dist: T.Distributed) -> None:
+    why = None
+    if s["pack"]:
+        why = "does not run --pack: a packed row's example count changes the NSP shapes"
+    elif s["grad_accum"] != 1:
+        why = "needs --grad-accum 1 (one graph is one whole step)"
+    elif s["precision"] == "fp16":
+        why = "does not run fp16: GradScaler decides on the host whether a step is applied (use bf16)"
+    elif args.compile or args.activation_checkpointing:
+        why = "does not combine with --compile or --activation-checkpointing"
+    elif dist.enabled:
+        why = "runs one process (not under torchrun)"
+    elif dist.device.type != "cuda":
+        why = f"needs a CUDA device, not {dist.device}"
+    if why:
+        raise ValueError(f"--cuda-graphs {why}")
+
+
+def _current_lr(scheduler) -> float:
+    """The learning rate of this step, as a float: get_last_lr() would hand back the device tensor a
+    CUDA-graphed optimizer reads (and reading it would be a host sync)."""
+    return float(scheduler.base_lrs[0]) * scheduler.lr_lambdas[0](scheduler.last_epoch)
+
+
 class PretrainingLoss(torch.nn.Module):
     """Wraps BertForPreTraining so DDP sees one forward: returns (mlm_loss, nsp_loss, nsp_correct).
     The MLM head runs on the masked rows only."""
@@ -331,6 +366,8 @@ def _run(args, dist: T.Distributed) -> int:
             stored = json.load(f)
     s = _resolve_settings(args, stored, dist)
     _check_settings(s, dist)
+    if getattr(args, "cuda_graphs", False):
+        _check_cuda_graphs(args, s, dist)
     latest = ckpts.latest() if args.resume else None
     resume_state = T.load_state(os.path.join(latest, T.STATE_FILE)) if latest else None
     if resume_state is not None and resume_state["step"] >= s["steps"]:
@@ -429,7 +466,8 @@ def _run(args, dist: T.Distributed) -> int:
     lr = s["lr"] if s["lr"] is not None else SIZE_LR.get(s["config"], 1e-4)
     steps = s["steps"]
     warmup = s["warmup_steps"] if s["warmup_steps"] is not None else max(1, steps // 10)
-    optimizer = build_optimizer(model, lr=lr, weight_decay=s["weight_decay"])
+    graphs = bool(getattr(args, "cuda_graphs", False))
+    optimizer = build_optimizer(model, lr=lr, weight_decay=s["weight_decay"], capturable=graphs)
     scheduler = warmup_linear_schedule(optimizer, warmup, steps)
 
     precision = s["precision"]
@@ -458,6 +496,8 @@ def _run(args, dist: T.Distributed) -> int:
         step = int(resume_state["step"])
         position = (int(resume_state["epoch"]), int(resume_state["index"]))
         optimizer.load_state_dict(resume_state["optimizer"])
+        for group in optimizer.param_groups:  # the saved groups' flags win in load_state_dict: this run's apply
+            group["capturable"] = graphs
         scheduler.load_state_dict(resume_state["scheduler"])
         if scaler is not None and "scaler" in resume_state:
             scaler.load_state_dict(resume_state["scaler"])
@@ -479,7 +519,7 @@ def _run(args, dist: T.Distributed) -> int:
     per_rank = global_batch // dist.world_size
     micro = per_rank // s["grad_accum"]
     pad_id = train_data.ids["pad"]
-    pad_to = s["seq_len"] if s["pad_to"] == "max" else None
+    pad_to = s["seq_len"] if s["pad_to"] == "max" or graphs else None  # (a graph has one shape: pad now, pinned)
     params = [p for p in model.parameters() if p.requires_grad]
 
     _log(dist, f"model: {s['config']} ({n_params / 1e6:.2f} M parameters), seq {s['seq_len']}, global batch "
@@ -491,8 +531,14 @@ def _run(args, dist: T.Distributed) -> int:
         if not dist.is_main:
             dist.barrier()
             return
+        opt_state = optimizer.state_dict()
+        for group in opt_state["param_groups"]:  # a graphed run's lr is a device tensor: store the number
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"] = float(group["lr"])
+        sched_state = scheduler.state_dict()
+        sched_state["_last_lr"] = [float(v) for v in sched_state.get("_last_lr", [])]
         state = {"step": step_now, "epoch": position[0], "index": position[1],
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "optimizer": opt_state, "scheduler": sched_state,
                  "log_acc": dict(acc), "rng": rngs, "world_size": dist.world_size}
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
@@ -540,6 +586,20 @@ def _run(args, dist: T.Distributed) -> int:
     # no host sync of its own (the model's input check and masked-row count remain), and the next
     # step's batches are built while this one runs (--prefetch).
     pin = device.type == "cuda"
+    graphed = None
+    if graphs:
+        from .cuda_graphs import GraphedTrainStep
+
+        def graph_losses(m, b):  # PretrainingLoss's terms: the graph trains on their sum, returns each
+            terms = PretrainingLoss(m, nsp)(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["labels"],
+                                            b["next_sentence_label"])
+            return [t for t in terms if t is not None]
+        # the MLM head runs on K rows in the graph: fastbert's masking labels at most
+        # round(mask_prob * n) + 1 of a row's tokens (GraphedTrainStep checks every batch against K)
+        graphed = GraphedTrainStep(model, optimizer, batch_size=micro, seq_buckets=(s["seq_len"],),
+                                   max_grad_norm=s["max_grad_norm"], autocast_dtype=amp_dtype,
+                                   max_masked_rows=micro * (round(s["mask_prob"] * s["seq_len"]) + 1),
+                                   loss_fn=graph_losses)
     prefetch = T.Prefetcher(prepare, enabled=args.prefetch == "on" or (args.prefetch == "auto" and device.type == "cuda"),
                             device=device)
     losses = torch.tensor([acc["mlm"], acc["nsp"]], dtype=torch.float64, device=device)  # Σ since the last row
@@ -549,33 +609,44 @@ def _run(args, dist: T.Distributed) -> int:
         while step < steps:
             t0 = time.perf_counter()
             prepared = prefetch.get(position)
-            mlm_part = nsp_part = torch.zeros((), dtype=torch.float64, device=device)
-            real_tokens = 0
-            for k, (cpu_batch, n_masked, n_pairs, n_real) in enumerate(prepared.micro_batches):
-                batch = {key: v.to(device, non_blocking=True) for key, v in cpu_batch.items()}
-                real_tokens += n_real
-                # Weights that make the summed gradient that of the mean over the whole global batch
-                # (MLM: over its masked tokens; NSP: over its sentence pairs); DDP divides by world_size.
-                w_mlm = n_masked / prepared.n_masked_total * dist.world_size
-                w_nsp = n_pairs / prepared.n_examples * dist.world_size
-                last = k == s["grad_accum"] - 1
-                sync = contextlib.nullcontext() if (last or not dist.enabled) else loss_module.no_sync()
-                with sync:
-                    with autocast():
-                        mlm, nsp_loss = loss_module(batch["input_ids"], batch["attention_mask"],
-                                                    batch["token_type_ids"], batch["labels"],
-                                                    batch["next_sentence_label"], batch.get("position_ids"))
-                    loss = mlm.float() * w_mlm
+            if graphed is not None:
+                cpu_batch, _, _, real_tokens = prepared.micro_batches[0]
+                lr_now = _current_lr(scheduler)
+                # forward, backward, clipping and AdamW: one replay (the batch is already padded to its shape)
+                parts = graphed(cpu_batch).double()  # (mlm, nsp) or (mlm,)
+                if step + 1 < steps:
+                    prefetch.start(prepared.next_position)
+                scheduler.step()  # fills the device-tensor learning rate the graph reads
+                mlm_part = parts[0]
+                nsp_part = parts[1] if nsp else torch.zeros((), dtype=torch.float64, device=device)
+            else:
+                mlm_part = nsp_part = torch.zeros((), dtype=torch.float64, device=device)
+                real_tokens = 0
+                for k, (cpu_batch, n_masked, n_pairs, n_real) in enumerate(prepared.micro_batches):
+                    batch = {key: v.to(device, non_blocking=True) for key, v in cpu_batch.items()}
+                    real_tokens += n_real
+                    # Weights that make the summed gradient that of the mean over the whole global batch
+                    # (MLM: over its masked tokens; NSP: over its sentence pairs); DDP divides by world_size.
+                    w_mlm = n_masked / prepared.n_masked_total * dist.world_size
+                    w_nsp = n_pairs / prepared.n_examples * dist.world_size
+                    last = k == s["grad_accum"] - 1
+                    sync = contextlib.nullcontext() if (last or not dist.enabled) else loss_module.no_sync()
+                    with sync:
+                        with autocast():
+                            mlm, nsp_loss = loss_module(batch["input_ids"], batch["attention_mask"],
+                                                        batch["token_type_ids"], batch["labels"],
+                                                        batch["next_sentence_label"], batch.get("position_ids"))
+                        loss = mlm.float() * w_mlm
+                        if nsp_loss is not None:
+                            loss = loss + nsp_loss * w_nsp
+                        (scaler.scale(loss) if scaler is not None else loss).backward()
+                    mlm_part = mlm_part + mlm.detach().double() * (n_masked / prepared.n_masked_total)
                     if nsp_loss is not None:
-                        loss = loss + nsp_loss * w_nsp
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                mlm_part = mlm_part + mlm.detach().double() * (n_masked / prepared.n_masked_total)
-                if nsp_loss is not None:
-                    nsp_part = nsp_part + nsp_loss.detach().double() * (n_pairs / prepared.n_examples)
-            if step + 1 < steps:
-                prefetch.start(prepared.next_position)  # now: the backward is queued, little is left to launch
-            lr_now = scheduler.get_last_lr()[0]
-            optimizer_step(optimizer, scheduler, params, s["max_grad_norm"], scaler)
+                        nsp_part = nsp_part + nsp_loss.detach().double() * (n_pairs / prepared.n_examples)
+                if step + 1 < steps:
+                    prefetch.start(prepared.next_position)  # now: the backward is queued, little is left to launch
+                lr_now = _current_lr(scheduler)
+                optimizer_step(optimizer, scheduler, params, s["max_grad_norm"], scaler)
             losses += dist.all_reduce_(torch.stack([mlm_part, nsp_part]))
             step += 1
             n_logged += 1

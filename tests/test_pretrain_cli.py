@@ -154,6 +154,50 @@ def test_prefetching_on_a_gpu_changes_nothing(corpus, vocab, tmp_path):
     assert (on / "model.safetensors").read_bytes() == (off / "model.safetensors").read_bytes()
 
 
+def test_cuda_graphs_refuses_what_it_cannot_run(corpus, vocab, tmp_path, capsys):
+    for extra, message in ((["--pack"], "--cuda-graphs does not run --pack"),
+                           (["--grad-accum", "2"], "--cuda-graphs needs --grad-accum 1"),
+                           (["--compile"], "--cuda-graphs does not combine with --compile"),
+                           (["--device", "cpu"], "--cuda-graphs needs a CUDA device, not cpu")):
+        assert run(corpus, tmp_path / "g", "--tokenizer", vocab, "--steps", "2", "--cuda-graphs", *extra) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "g").exists()  # refused before the run folder is written
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_pretrain_like_the_eager_loop(corpus, vocab, tmp_path, monkeypatch):
+    """--cuda-graphs on a GPU: without dropout, the graphed steps (padded layout, the MLM head on a
+    fixed bound of rows, clipping and AdamW inside the graph, the learning rate a device tensor) give
+    the eager loop's MLM and NSP losses every step and its weights, fp32 with TF32 off; a resume from a
+    graphed run's checkpoint continues it."""
+    from safetensors.torch import load_file
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    common = ["--tokenizer", vocab, "--steps", "6", "--log-every", "1", "--eval-every", "0", "--save-every", "3",
+              "--dropout", "0", "--pad-to", "max", "--device", "cuda", "--precision", "fp32", "--keep-checkpoints", "2"]
+    graphs, eager = tmp_path / "graphs", tmp_path / "eager"
+    assert run(corpus, graphs, *common, "--cuda-graphs") == 0
+    assert run(corpus, eager, *common) == 0
+    g, e = metric_rows(graphs), metric_rows(eager)
+    assert [r["step"] for r in g] == list(range(1, 7))
+    for rg, re_ in zip(g, e, strict=True):
+        assert rg["lr"] == re_["lr"]
+        for k in ("mlm_loss", "nsp_loss"):
+            assert rg[k] == pytest.approx(re_[k], rel=1e-4), (rg["step"], k)
+    init = load_file(str(eager / "checkpoints" / "step-00000003" / "model.safetensors"))
+    gw, ew = load_file(str(graphs / "model.safetensors")), load_file(str(eager / "model.safetensors"))
+    for name, w in ew.items():
+        torch.testing.assert_close(gw[name], w, rtol=1e-4, atol=1e-5, msg=name)
+    assert max((ew[n] - init[n]).abs().max().item() for n in ew) > 1e-3  # steps 4-6 trained
+    # resumed from the graphed run's step-3 checkpoint, graphed again: the same last three steps
+    import shutil
+    shutil.rmtree(graphs / "checkpoints" / "step-00000006")
+    (graphs / "checkpoints" / "latest").write_text("step-00000003\n")
+    assert run(corpus, graphs, "--resume", "--cuda-graphs") == 0
+    for rg, re_ in zip(metric_rows(graphs), e, strict=True):
+        assert rg["mlm_loss"] == pytest.approx(re_["mlm_loss"], rel=1e-4), rg["step"]
+
+
 def test_prefetcher_order_errors_and_positions():
     from fastbert.trainer import Prefetcher
 
