@@ -102,8 +102,8 @@ want zh && step zh_two_stage "${T_ZH:-300}" env OUT="$R" ZH_EXPORT_PATH="$OUT/zh
 want race && step pretrain_race "${T_RACE:-150}" env OUT="$R" $PY -m benchmarks.pretrain_race gpu_data/en.txt.gz \
   --config base --batch-size 128 --seconds ${RACE_SECONDS:-25} --max-steps 1000
 # (6b) how much of the step's speed a `fastbert pretrain` run keeps: its loop (prefetch off / on) vs the bare step
-want loop && step pretrain_loop "${T_LOOP:-120}" env OUT="$R" $PY -m benchmarks.pretrain_loop \
-  --config base --batch-size 128 --steps ${LOOP_STEPS:-60}
+want loop && step pretrain_loop "${T_LOOP:-150}" env OUT="$R" $PY -m benchmarks.pretrain_loop \
+  --config base --batch-size 128 --steps ${LOOP_STEPS:-40}
 # (7) BERT-large seq 512 and the torch.compile'd competitors
 want large && step bench_model_large "${T_LARGE:-90}" env OUT="$R" \
   $PY -m benchmarks.bench_model --gpu --large --name model_step_gpu_large

@@ -1,22 +1,26 @@
 """How much of the model step's speed reaches a `fastbert pretrain` run: the CLI's loop vs the bare step.
 
-    python -m benchmarks.pretrain_loop                                    # GPU: base, 128 x 128, 60 steps
+    python -m benchmarks.pretrain_loop                                    # GPU: base, 128 x 128, 40 steps
     python -m benchmarks.pretrain_loop --config micro --seq-len 32 --batch-size 4 --steps 6 --log-every 2  # CPU
 
-Three rows, one process, the same corpus (default: the sample corpus shipped in the package), tokenizer,
-config, batch size and recipe:
-  bare-step          the training step alone (fastbert.pretrain.PretrainingLoss forward + backward,
-                     clipping, AdamW, bf16 autocast on CUDA) over batches built beforehand with the
-                     CLI's data code (benchmarks.pretrain_race.build_batches) and already on the device;
-                     one sync at the end. The loop's ceiling.
+Three rows (four on CUDA), one process, the same corpus (default: the sample corpus shipped in the
+package), tokenizer, config, batch size and recipe:
+  bare-step          the eager training step alone (fastbert.pretrain.PretrainingLoss forward +
+                     backward, clipping, AdamW, bf16 autocast on CUDA) over batches built beforehand
+                     with the CLI's data code (benchmarks.pretrain_race.build_batches) and already on
+                     the device; one sync at the end. The eager loop's ceiling.
   loop-prefetch-off  `fastbert pretrain --prefetch off`: each step's batches built in the loop.
   loop-prefetch-on   `fastbert pretrain --prefetch on` (the default on a GPU): built one step ahead in
                      a background thread.
-Each loop runs twice, in the order off, on, off, on (no mode gets all of the warmer process). Its
-figure is the median of its runs' metrics rows' tokens_per_s (each row: the real tokens of its steps
-over their wall time, evaluation and checkpoints excluded), each run's first row dropped (Triton
-compilation, cuBLAS heuristics, the allocator's warm-up). vs_bare = loop tokens/s ÷ bare tokens/s:
-what the loop's host work (batch building, copies, the model's host syncs, logging) costs.
+  loop-cuda-graphs   (CUDA) `fastbert pretrain --prefetch on --cuda-graphs`: each step one CUDA graph
+                     replay (batches padded to --seq-len; tokens/s still counts real tokens only); it
+                     can pass the bare eager step, whose kernel launches it does not pay.
+Each loop runs twice, interleaved (off, on[, graphs], off, on[, graphs]), so that no mode gets all of
+the warmer process. Its figure is the median of its runs' metrics rows' tokens_per_s (each row: the
+real tokens of its steps over their wall time, evaluation and checkpoints excluded), each run's first
+row dropped (Triton compilation, cuBLAS heuristics, the allocator's warm-up, graph capture).
+vs_bare = loop tokens/s ÷ bare tokens/s: what the loop's host work (batch building, copies, the
+model's host syncs, logging) costs, or with graphs gains.
 Output under $OUT (or benchmarks/results/): pretrain_loop.json / .md.
 """
 from __future__ import annotations
@@ -77,7 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=None, help="size name (default: base on CUDA, micro on the CPU)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=None, help="default 128 on CUDA, 4 on the CPU")
-    ap.add_argument("--steps", type=int, default=None, help="steps per loop run (default 60 on CUDA, 6 on the CPU)")
+    ap.add_argument("--steps", type=int, default=None, help="steps per loop run (default 40 on CUDA, 6 on the CPU)")
     ap.add_argument("--log-every", type=int, default=10, help="steps per metrics row (one row = one figure)")
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--device", default=None)
@@ -86,7 +90,7 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     config_name = args.config or ("base" if cuda else "micro")
     batch = args.batch_size or (128 if cuda else 4)
-    steps = args.steps or (60 if cuda else 6)
+    steps = args.steps or (40 if cuda else 6)
     if steps < 2 * args.log_every:
         raise SystemExit(f"--steps {steps} gives fewer than two metrics rows of --log-every {args.log_every}")
     corpus = args.corpus or sample_corpus_path()
@@ -104,21 +108,24 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         # one vocabulary for all three rows (the WordPiece trainer may break ties differently per run)
         save_tokenizer(train_tokenizer(iter_sentences([corpus]), vocab_size=args.vocab_size), str(tmp / "tok"))
-        loops = {"off": [], "on": []}
-        # off, on, off, on: neither mode gets all of the warmer process (the first run also compiles)
-        for i, mode in enumerate(("off", "on", "off", "on")):
+        modes = ("prefetch-off", "prefetch-on") + (("cuda-graphs",) if cuda else ())
+        loops = {m: [] for m in modes}
+        # each mode twice, interleaved: none gets all of the warmer process (the first run also compiles)
+        for i, mode in enumerate(modes * 2):
             out = tmp / f"run-{i}-{mode}"
+            flags = {"prefetch-off": ["--prefetch", "off"], "prefetch-on": ["--prefetch", "on"],
+                     "cuda-graphs": ["--prefetch", "on", "--cuda-graphs"]}[mode]
             rc = cli_main(["pretrain", "--corpus", corpus, "--tokenizer", str(tmp / "tok"), "--config", config_name,
                            "--seq-len", str(args.seq_len), "--batch-size", str(batch), "--steps", str(steps),
                            "--log-every", str(args.log_every), "--eval-every", "0", "--save-every", str(steps),
-                           "--no-progress", "--prefetch", mode, "--out", str(out), "--cache-dir", str(tmp / "cache"),
+                           "--no-progress", *flags, "--out", str(out), "--cache-dir", str(tmp / "cache"),
                            *(["--device", str(device)] if args.device else [])])
             if rc != 0:
-                raise SystemExit(f"fastbert pretrain --prefetch {mode} failed (exit {rc})")
+                raise SystemExit(f"fastbert pretrain {' '.join(flags)} failed (exit {rc})")
             from fastbert.trainer import read_metrics
             rows = [r for r in read_metrics(str(out / "metrics.jsonl")) if r["step"] % args.log_every == 0]
             loops[mode] += [r["tokens_per_s"] for r in rows[1:]]
-        config = BertConfig.from_pretrained(str(tmp / "run-0-off"))  # the runs' own config
+        config = BertConfig.from_pretrained(str(tmp / "run-0-prefetch-off"))  # the runs' own config
         _, batches, _, _ = build_batches([corpus], tokenizer_spec=str(tmp / "tok"), seq_len=args.seq_len,
                                             batch_size=batch, steps=min(steps, 40), cache_dir=str(tmp / "cache"),
                                             eval_examples=0, workers=1, log=lambda m: None)
@@ -127,7 +134,7 @@ def main(argv=None) -> int:
     rec.add(**common, impl="bare-step", steps_timed=n_bare, real_tokens_per_s=bare, vs_bare=1.0)
     for mode, values in loops.items():
         tps = statistics.median(values)
-        rec.add(**common, impl=f"loop-prefetch-{mode}", steps_timed=len(values) * args.log_every,
+        rec.add(**common, impl=f"loop-{mode}", steps_timed=len(values) * args.log_every,
                 real_tokens_per_s=tps, vs_bare=tps / bare)
     rec.finish()
     return 0
