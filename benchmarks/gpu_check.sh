@@ -62,7 +62,8 @@ TEST_FILES=${TEST_FILES:-"tests/test_attention.py tests/test_gelu.py tests/test_
   tests/test_fused_ops.py tests/test_mlm_loss.py tests/test_model_kernels.py tests/test_convergence.py
   tests/test_cuda_graphs.py tests/test_compile_model.py tests/test_patch.py tests/test_packing.py
   tests/test_finetune_cli.py tests/test_pretrain_cli.py::test_prefetching_on_a_gpu_changes_nothing
-  tests/test_pretrain_cli.py::test_cuda_graphs_pretrain_like_the_eager_loop"}
+  tests/test_pretrain_cli.py::test_cuda_graphs_pretrain_like_the_eager_loop
+  tests/test_pretrain_cli.py::test_cuda_graphs_pretrain_resumes_bitwise_with_dropout"}
 # (1) GPU tests: every kernel suite compiled on CUDA (fp32, fp16, bf16), the model on the kernels,
 #     CUDA graphs, compile, patching, packing, the finetune command (--cuda-graphs) and the pretrain
 #     loop's prefetch thread on the GPU; the AOT compile tests are CPU-side guards, skipped here.

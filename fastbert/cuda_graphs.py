@@ -41,9 +41,11 @@ Caution: capturing a bucket runs the step twice eagerly first (kernel compilatio
 allocator warm-up), in the layout and shapes the capture will use (modeling.graph_layout()); the
 first of those warm-ups also creates the optimizer state. Parameters and
 optimizer state are restored afterwards, so the graphs train exactly as eager steps would,
-apart from the dropout random numbers. All buckets share one activation memory pool (graphs replay
-one after another and every tensor that outlives a replay — inputs, parameters, gradients, optimizer
-state, the returned loss, a copy — lives outside it), so memory does not grow with the bucket count.
+apart from the dropout random numbers (the warm-ups and captures leave the random state as they
+found it, so a run resumed from a checkpoint replays the numbers the uninterrupted run did). All
+buckets share one activation memory pool (graphs replay one after another and every tensor that
+outlives a replay — inputs, parameters, gradients, optimizer state, the returned loss, a copy —
+lives outside it), so memory does not grow with the bucket count.
 """
 from __future__ import annotations
 
@@ -141,6 +143,9 @@ class GraphedTrainStep:
         saved_params = [p.detach().clone() for p in params]
         saved_state = {p: {k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)}
                        for p, s in self.optimizer.state.items()}
+        # the warm-up's dropout draws must not shift the run's random numbers: a run resumed from a
+        # checkpoint captures again, and should then replay what the uninterrupted run replayed
+        rng = torch.get_rng_state(), torch.cuda.get_rng_state(self.device)
         # compiles kernels; the first time, creates grads and optimizer state
         _warm_up(lambda: self._step(static), self.warmup_steps)
         # Undo the warm-up: parameters back; optimizer state back, or zero where the warm-up created
@@ -159,6 +164,8 @@ class GraphedTrainStep:
         with torch.cuda.graph(graph, pool=self.pool):
             loss = self._step(static)
         torch.cuda.synchronize(self.device)
+        torch.set_rng_state(rng[0])
+        torch.cuda.set_rng_state(rng[1], self.device)
         self.capture_seconds += time.perf_counter() - t0
         return graph, static, loss
 

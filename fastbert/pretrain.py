@@ -284,10 +284,14 @@ def _check_cuda_graphs(args, s: dict, dist: T.Distributed) -> None:
         raise ValueError(f"--cuda-graphs {why}")
 
 
+def _schedule_lrs(scheduler) -> list[float]:
+    """Each group's learning rate of this step, as the schedule computes it: get_last_lr() would hand
+    back the (fp32) device tensors a CUDA-graphed optimizer reads, and reading them is a host sync."""
+    return [float(base) * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+
+
 def _current_lr(scheduler) -> float:
-    """The learning rate of this step, as a float: get_last_lr() would hand back the device tensor a
-    CUDA-graphed optimizer reads (and reading it would be a host sync)."""
-    return float(scheduler.base_lrs[0]) * scheduler.lr_lambdas[0](scheduler.last_epoch)
+    return _schedule_lrs(scheduler)[0]
 
 
 class PretrainingLoss(torch.nn.Module):
@@ -531,12 +535,13 @@ def _run(args, dist: T.Distributed) -> int:
         if not dist.is_main:
             dist.barrier()
             return
+        # a graphed run's learning rates are fp32 device tensors: store the schedule's numbers
+        lrs = _schedule_lrs(scheduler)
         opt_state = optimizer.state_dict()
-        for group in opt_state["param_groups"]:  # a graphed run's lr is a device tensor: store the number
-            if isinstance(group["lr"], torch.Tensor):
-                group["lr"] = float(group["lr"])
+        for group, lr_now in zip(opt_state["param_groups"], lrs):
+            group["lr"] = lr_now
         sched_state = scheduler.state_dict()
-        sched_state["_last_lr"] = [float(v) for v in sched_state.get("_last_lr", [])]
+        sched_state["_last_lr"] = lrs
         state = {"step": step_now, "epoch": position[0], "index": position[1],
                  "optimizer": opt_state, "scheduler": sched_state,
                  "log_acc": dict(acc), "rng": rngs, "world_size": dist.world_size}

@@ -294,7 +294,7 @@ def _truncate_pair(a: list, b: list, max_tokens: int, rng: np.random.Generator) 
 def create_instances(corpus: Corpus, doc_ids: np.ndarray, seq_len: int, rng: np.random.Generator, *,
                      cls_id: int, sep_id: int, short_seq_prob: float = 0.1, nsp: bool = True) -> Instances:
     """One epoch of BERT segment pairs from the documents ``doc_ids`` (visited in random order)."""
-    max_tokens = seq_len - 3 if nsp else seq_len - 2
+    max_tokens = seq_len - 3  # [CLS] A [SEP] B [SEP], with or without NSP (B: the continuation then)
     if max_tokens < 2:
         raise ValueError(f"seq_len {seq_len} is too short for [CLS] A [SEP] B [SEP]")
     doc_ids = np.asarray(doc_ids)

@@ -143,6 +143,20 @@ def test_pair_layout_token_types_and_nsp_sources():
     assert within_binomial(heads, n_coin, 0.5), (heads, n_coin)
 
 
+def test_examples_fit_seq_len_without_nsp_too():
+    """Without NSP a chunk of several sentences still becomes [CLS] A [SEP] B [SEP]: three special
+    tokens, as with NSP (the budget once left room for two only: 33 tokens at seq_len 32)."""
+    rng = np.random.default_rng(3)
+    corpus = synthetic_corpus([[int(x) for x in rng.integers(3, 12, size=rng.integers(2, 20))] for _ in range(30)])
+    for nsp in (False, True):
+        for seq_len in (16, 32, 64):
+            inst = create_instances(corpus, np.arange(30), seq_len, np.random.default_rng(seq_len), cls_id=CLS,
+                                    sep_id=SEP, nsp=nsp)
+            lengths = np.diff(inst.offsets)
+            assert lengths.max() <= seq_len, (nsp, seq_len, lengths.max())
+            assert (lengths == seq_len).any()  # and the budget is used
+
+
 def test_token_type_ids_from_example():
     corpus = synthetic_corpus([[5, 6, 7, 4]] * 6)
     data = PretrainingData.__new__(PretrainingData)  # fields set by hand: no tokenizer needed
