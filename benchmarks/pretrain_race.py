@@ -10,7 +10,7 @@ BERT segment pairs and masking, and the CLI's order of examples (epoch after epo
 to each batch's longest example. Epochs are built in parallel processes (each epoch is seeded on its
 own, so the result is the one the CLI's single process would see). Each competitor then trains from
 the same start with the CLI's recipe (AdamW as fastbert.optim builds it, linear warm-up over 10% of
---max-steps then linear decay, gradient clipping at 1.0, dropout 0.1, bf16 autocast on CUDA, fp32 on
+--max-steps then linear decay, gradient clipping at 1.0, dropout 0.1 (--dropout), bf16 autocast on CUDA, fp32 on
 the CPU) for --seconds of wall-clock time or --steps steps, whichever ends first; fastbert's loss is the
 CLI's (pretrain.PretrainingLoss: MLM head on the masked rows only), transformers' is what its
 BertForPreTraining computes (cross-entropy over full (batch, seq, vocab) logits + NSP).
@@ -305,6 +305,9 @@ def main(argv=None) -> int:
                     help="batches built up front and the schedule's length with --seconds (default 1500)")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the CLI's for the size)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dropout", type=float, default=None,
+                    help="hidden and attention dropout (default: the config's, 0.1; 0 makes the competitors' "
+                         "steps comparable one by one: they draw different dropout masks)")
     ap.add_argument("--impl", action="append", choices=IMPLS, help="competitors (default fastbert, transformers-sdpa)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--cache-dir", default=None, help="tokenized shard cache (default: the CLI's)")
@@ -334,6 +337,8 @@ def main(argv=None) -> int:
         steps=max_steps, seed=args.seed, cache_dir=args.cache_dir, eval_examples=args.eval_examples,
         workers=args.workers, log=log)
     config = BertConfig.from_size(size, vocab_size=tokenizer.get_vocab_size())
+    if args.dropout is not None:
+        config.hidden_dropout_prob = config.attention_probs_dropout_prob = args.dropout
     if args.seq_len > config.max_position_embeddings:
         ap.error(f"--seq-len {args.seq_len} is above max_position_embeddings {config.max_position_embeddings}")
     lr = args.lr if args.lr is not None else SIZE_LR.get(size, 1e-4)
