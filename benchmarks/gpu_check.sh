@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_check.sh                                   # everything (~13 min on an H200; compile, profile, both, sweep, lnsweep only when named)
 #   STEPS="tests model kernels encode large compare" bash benchmarks/gpu_check.sh  # a session's first call
 #   STEPS="zh race" bash benchmarks/gpu_check.sh                    # its second, on the warm machine
+#   PLAN=first bash benchmarks/gpu_check.sh; PLAN=second bash ...   # the closing notes' two calls
 #
 # Steps: tests (GPU test subset: compiled kernels, bf16), model (BERT-base pretraining + fine-tuning
 # step vs transformers, CUDA graphs), kernels (attention, fused, mlm_loss, ffn benchmarks), encode
@@ -22,6 +23,20 @@
 # Data for zh and race: gpu_data/ (git-ignored; copy zh.txt.gz, en.txt.gz, sentiment_zh/ there and
 # name it in the device tool's carry).
 set -u
+# PLAN=first / PLAN=second: a session's two calls on one warm machine (~7 + ~4.5 minutes of its 15),
+# with the steps, limits and test files the closing notes prescribe; any variable set by hand wins.
+case "${PLAN:-}" in
+  first) : "${STEPS:=tests model}" "${T_TESTS:=200}" "${T_MODEL:=200}"
+         : "${TEST_FILES:=tests/test_attention.py tests/test_layer_norm.py tests/test_fused_ops.py tests/test_gemm_gelu.py
+  tests/test_model_kernels.py tests/test_cuda_graphs.py tests/test_patch.py tests/test_finetune_cli.py
+  tests/test_pretrain_cli.py::test_prefetching_on_a_gpu_changes_nothing
+  tests/test_pretrain_cli.py::test_cuda_graphs_pretrain_like_the_eager_loop
+  tests/test_pretrain_cli.py::test_cuda_graphs_pretrain_resumes_bitwise_with_dropout}" ;;
+  second) : "${STEPS:=kernels loop}" "${T_ATTN:=40}" "${T_FUSED:=40}" "${T_MLM:=25}" "${T_FFN:=70}" \
+          "${T_LOOP:=70}" "${LOOP_REPEATS:=1}" ;;
+  "") ;;
+  *) echo "PLAN must be first or second, not $PLAN" >&2; exit 2 ;;
+esac
 OUT=${OUT:-$PWD/benchmarks/results/gpu_latest}
 R=${R:-$(mktemp -d /tmp/fastbert_gpu.XXXX)}
 mkdir -p "$OUT" "$R"
@@ -104,7 +119,7 @@ want race && step pretrain_race "${T_RACE:-150}" env OUT="$R" $PY -m benchmarks.
   --config base --batch-size 128 --seconds ${RACE_SECONDS:-25} --max-steps 1000
 # (6b) how much of the step's speed a `fastbert pretrain` run keeps: its loop (prefetch off / on) vs the bare step
 want loop && step pretrain_loop "${T_LOOP:-150}" env OUT="$R" $PY -m benchmarks.pretrain_loop \
-  --config base --batch-size 128 --steps ${LOOP_STEPS:-40}
+  --config base --batch-size 128 --steps ${LOOP_STEPS:-40} --repeats ${LOOP_REPEATS:-2}
 # (7) BERT-large seq 512 and the torch.compile'd competitors
 want large && step bench_model_large "${T_LARGE:-90}" env OUT="$R" \
   $PY -m benchmarks.bench_model --gpu --large --name model_step_gpu_large

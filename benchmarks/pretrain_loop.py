@@ -15,8 +15,8 @@ package), tokenizer, config, batch size and recipe:
   loop-cuda-graphs   (CUDA) `fastbert pretrain --prefetch on --cuda-graphs`: each step one CUDA graph
                      replay (batches padded to --seq-len; tokens/s still counts real tokens only); it
                      can pass the bare eager step, whose kernel launches it does not pay.
-Each loop runs twice, interleaved (off, on[, graphs], off, on[, graphs]), so that no mode gets all of
-the warmer process. Its figure is the median of its runs' metrics rows' tokens_per_s (each row: the
+Each loop runs --repeats times (default 2), interleaved (off, on[, graphs], off, ...), so that no
+mode gets all of the warmer process. Its figure is the median of its runs' metrics rows' tokens_per_s (each row: the
 real tokens of its steps over their wall time, evaluation and checkpoints excluded), each run's first
 row dropped (Triton compilation, cuBLAS heuristics, the allocator's warm-up, graph capture).
 vs_bare = loop tokens/s ÷ bare tokens/s: what the loop's host work (batch building, copies, the
@@ -83,6 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=None, help="default 128 on CUDA, 4 on the CPU")
     ap.add_argument("--steps", type=int, default=None, help="steps per loop run (default 40 on CUDA, 6 on the CPU)")
     ap.add_argument("--log-every", type=int, default=10, help="steps per metrics row (one row = one figure)")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per loop mode, interleaved (default 2)")
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
         modes = ("prefetch-off", "prefetch-on") + (("cuda-graphs",) if cuda else ())
         loops = {m: [] for m in modes}
         # each mode twice, interleaved: none gets all of the warmer process (the first run also compiles)
-        for i, mode in enumerate(modes * 2):
+        for i, mode in enumerate(modes * max(1, args.repeats)):
             out = tmp / f"run-{i}-{mode}"
             flags = {"prefetch-off": ["--prefetch", "off"], "prefetch-on": ["--prefetch", "on"],
                      "cuda-graphs": ["--prefetch", "on", "--cuda-graphs"]}[mode]
