@@ -9,6 +9,7 @@
 #   STEPS="tests model kernels encode large compare" bash benchmarks/gpu_check.sh  # a session's first call
 #   STEPS="zh race" bash benchmarks/gpu_check.sh                    # its second, on the warm machine
 #   PLAN=first bash benchmarks/gpu_check.sh; PLAN=second bash ...   # the closing notes' two calls
+#   PLAN=zh bash benchmarks/gpu_check.sh                            # issue 6's pretraining export
 #
 # Steps: tests (GPU test subset: compiled kernels, bf16), model (BERT-base pretraining + fine-tuning
 # step vs transformers, CUDA graphs), kernels (attention, fused, mlm_loss, ffn benchmarks), encode
@@ -34,8 +35,13 @@ case "${PLAN:-}" in
   tests/test_pretrain_cli.py::test_cuda_graphs_pretrain_resumes_bitwise_with_dropout}" ;;
   second) : "${STEPS:=kernels loop}" "${T_ATTN:=40}" "${T_FUSED:=40}" "${T_MLM:=25}" "${T_FFN:=70}" \
           "${T_LOOP:=70}" "${LOOP_REPEATS:=1}" ;;
+  # the two-stage Chinese check's pretraining (issue 6), a session of its own: carry gpu_data/ (zh.txt.gz,
+  # sentiment_zh/); the model comes back as zh_model.tar.gz for benchmarks.zh_grid on the CPU
+  zh) : "${STEPS:=zh}" "${T_ZH:=500}" "${ZH_PRETRAIN_SECONDS:=420}"
+      export ZH_EXPORT="${ZH_EXPORT:-1}" ZH_LRS="${ZH_LRS-}" ZH_SIZE="${ZH_SIZE:-mini}" ZH_BATCH="${ZH_BATCH:-128}" \
+             ZH_PRETRAIN_LR="${ZH_PRETRAIN_LR:-1e-3}" ;;
   "") ;;
-  *) echo "PLAN must be first or second, not $PLAN" >&2; exit 2 ;;
+  *) echo "PLAN must be first, second or zh, not $PLAN" >&2; exit 2 ;;
 esac
 OUT=${OUT:-$PWD/benchmarks/results/gpu_latest}
 R=${R:-$(mktemp -d /tmp/fastbert_gpu.XXXX)}
