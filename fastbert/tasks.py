@@ -93,7 +93,7 @@ def read_jsonl(path: str, task: str) -> list[dict]:
                 for t, s in zip(texts, starts):
                     if not isinstance(t, str) or not isinstance(s, int) or isinstance(s, bool):
                         raise DataError(f"{where}: answers need string texts and integer answer_start")
-                    if ex["context"][s:s + len(t)] != t:
+                    if s < 0 or ex["context"][s:s + len(t)] != t:
                         raise DataError(f"{where}: answer_start {s} does not point at the answer {t!r} "
                                         f"in the context")
                 ex["answers"] = {"text": list(texts), "answer_start": list(starts)}
@@ -120,15 +120,17 @@ def read_jsonl(path: str, task: str) -> list[dict]:
 
 
 def read_conll(path: str) -> list[dict]:
-    """Sentences of a CoNLL file as {"words", "tags", "_where"} (where = the sentence's first line)."""
-    sentences, words, tags, first = [], [], [], None
+    """Sentences of a CoNLL file as {"words", "tags", "_where", "_lines"} (where = the sentence's first
+    line; _lines = each token's line)."""
+    sentences, words, tags, lines = [], [], [], []
     with _open_nonempty(path) as f:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
             if not line.strip():
                 if words:
-                    sentences.append({"words": words, "tags": tags, "_where": f"{path}:{first}"})
-                words, tags = [], []
+                    sentences.append({"words": words, "tags": tags, "_where": f"{path}:{lines[0]}",
+                                      "_lines": lines})
+                words, tags, lines = [], [], []
                 continue
             if line.startswith("-DOCSTART-"):
                 continue
@@ -141,12 +143,11 @@ def read_conll(path: str) -> list[dict]:
                 _split_tag(parts[1])
             except ValueError as e:
                 raise DataError(f"{path}:{lineno}: {e}") from None
-            if not words:
-                first = lineno
+            lines.append(lineno)
             words.append(parts[0])
             tags.append(parts[1])
     if words:
-        sentences.append({"words": words, "tags": tags, "_where": f"{path}:{first}"})
+        sentences.append({"words": words, "tags": tags, "_where": f"{path}:{lines[0]}", "_lines": lines})
     if not sentences:
         raise DataError(f"{path}: no sentences")
     return sentences
@@ -183,9 +184,10 @@ def check_labels(task: str, examples: Sequence[dict], labels: Sequence | None, p
     known = set(labels)
     for ex in examples:
         seen = ex["tags"] if task == "ner" else [ex["label"]]
-        for lab in seen:
+        for k, lab in enumerate(seen):
             if lab not in known:
-                raise DataError(f"{ex['_where']}: label {lab!r} does not occur in the training file "
+                where = f"{path}:{ex['_lines'][k]}" if "_lines" in ex else ex["_where"]
+                raise DataError(f"{where}: label {lab!r} does not occur in the training file "
                                 f"(known labels: {sorted(map(str, known))})")
 
 
@@ -356,19 +358,21 @@ def _qa_features(examples, tok, max_length, doc_stride, max_query_length):
         answer = None
         if ex.get("answers") and ex["answers"]["text"]:
             s = ex["answers"]["answer_start"][0]
-            answer = char_span_to_tokens(ce.offsets, s, s + len(ex["answers"]["text"][0]))
+            try:
+                answer = char_span_to_tokens(ce.offsets, s, s + len(ex["answers"]["text"][0]))
+            except ValueError as e:  # a blank answer, or one of characters the tokenizer drops
+                raise DataError(f"{ex.get('_where', f'example {i}')}: the answer "
+                                f"{ex['answers']['text'][0]!r} has no token ({e})") from None
         for ws, we in windows:
             ids = [cls_id] + q_ids + [sep_id] + ce.ids[ws:we] + [sep_id]
             types = [0] * (len(q_ids) + 2) + [1] * (we - ws + 1)
             ctx0 = len(q_ids) + 2  # position of the window's first context token
             offsets = [None] * ctx0 + list(ce.offsets[ws:we]) + [None]
             f = {"example": i, "input_ids": ids, "token_type_ids": types, "offsets": offsets}
-            if answer is not None:
-                a, b = answer
-                if ws <= a and b < we:
-                    f["start_positions"], f["end_positions"] = ctx0 + a - ws, ctx0 + b - ws
-                else:
-                    f["start_positions"] = f["end_positions"] = 0
+            if "answers" in ex:  # [CLS] when the answer is not in this window or there is none
+                f["start_positions"] = f["end_positions"] = 0
+                if answer is not None and answer[0] >= ws and answer[1] < we:
+                    f["start_positions"], f["end_positions"] = ctx0 + answer[0] - ws, ctx0 + answer[1] - ws
             feats.append(f)
     return feats, {"truncated": n_split, "questions_truncated": n_q_trunc}
 

@@ -222,3 +222,34 @@ def test_random_batches_cover_every_example_once_in_a_seeded_order():
     assert [len(x) for x in a] == [32, 32, 6]
     assert sorted(i for x in a for i in x) == list(range(70))
     assert a == b and a != c
+
+
+# ------------------------------------------------------------ regressions (session 13's bug hunt)
+
+def test_ner_unknown_tag_names_its_own_line(tmp_path):
+    p = write(tmp_path / "dev.conll", ["the\tO", "red\tO", "door\tB-new"])
+    with pytest.raises(DataError, match=r"dev.conll:3: label 'B-new' does not occur"):
+        check_labels("ner", read_examples("ner", p), ["O"], p)
+
+
+@pytest.mark.parametrize("answers", [
+    {"text": ["sa"], "answer_start": [-3]},    # "the cat sat"[-3:-1] == "sa", but -3 is no offset
+    {"text": [" "], "answer_start": [3]},      # no token covers a blank answer
+])
+def test_qa_bad_answer_is_a_data_error_with_line(tmp_path, tok, answers):
+    p = write(tmp_path / "q.jsonl", [json.dumps({"question": "where", "context": "the cat sat",
+                                                 "answers": answers})])
+    with pytest.raises(DataError, match=r"q.jsonl:1: "):
+        build_features("qa", read_examples("qa", p), tok, max_length=16)
+
+
+def test_qa_unanswerable_example_is_labelled_cls_and_batches(tmp_path, tok):
+    # the reader accepts an empty answer list (SQuAD v2's unanswerable question); training on it
+    # must label every window [CLS], as for an answer outside the window, not drop the labels
+    p = write(tmp_path / "q.jsonl", [json.dumps(o) for o in (
+        {"question": "where", "context": "the cat sat", "answers": {"text": ["cat"], "answer_start": [4]}},
+        {"question": "where", "context": "the cat sat", "answers": {"text": [], "answer_start": []}})])
+    feats, _ = build_features("qa", read_examples("qa", p), tok, max_length=16)
+    assert (feats[1]["start_positions"], feats[1]["end_positions"]) == (0, 0)
+    batch = collate(feats)                     # was KeyError: 'start_positions'
+    assert batch["start_positions"].tolist() == [4, 0]
