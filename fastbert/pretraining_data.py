@@ -213,6 +213,12 @@ def tokenize_corpus(paths: Sequence[str], tokenizer: Tokenizer, cache_dir: str |
         raise CorpusError("no corpus files given")
     for p in paths:  # fail before any work on a later missing file
         _open_binary(p).close()
+    if tokenizer.truncation is not None or tokenizer.padding is not None:
+        # a tokenizer.json saved with truncation or padding on would
+        # cut long lines and fill sentences with [PAD]; shards hold every sentence whole, unpadded
+        tokenizer = Tokenizer.from_str(tokenizer.to_str())
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
     cache_dir = cache_dir or default_cache_dir()
     os.makedirs(cache_dir, exist_ok=True)
     shards = []
@@ -461,7 +467,7 @@ class PretrainingData:
                  max_example_len: int | None = None):
         if not 0.0 < mask_prob < 1.0:
             raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
-        shortest = 5 if nsp else 4  # [CLS] A [SEP] B [SEP] with two tokens of text at least
+        shortest = 5  # [CLS] A [SEP] B [SEP] with two tokens of text at least, with or without NSP
         if max_example_len is not None and not shortest <= max_example_len <= seq_len:
             raise ValueError(f"max_example_len must lie in [{shortest}, seq_len={seq_len}], got {max_example_len}")
         self.pack, self.max_example_len = pack, max_example_len or seq_len

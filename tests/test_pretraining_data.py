@@ -157,6 +157,17 @@ def test_examples_fit_seq_len_without_nsp_too():
             assert (lengths == seq_len).any()  # and the budget is used
 
 
+def test_max_example_len_bound_is_the_same_without_nsp(tokenizer):
+    """Without NSP a chunk of several sentences is still [CLS] A [SEP] B [SEP]: the shortest example
+    length is 5 either way, refused when the data is made (not later, as a 'seq_len' error)."""
+    corpus = synthetic_corpus([[3, 4, 2]] * 4, first_id=5)
+    for nsp in (True, False):
+        mk = lambda n: PretrainingData(corpus, tokenizer, np.arange(4), seq_len=32, seed=0,  # noqa: E731
+                                       nsp=nsp, max_example_len=n)
+        with pytest.raises(ValueError, match="max_example_len"):
+            mk(4)
+        assert np.diff(mk(5).epoch(0).offsets).max() <= 5
+
 def test_token_type_ids_from_example():
     corpus = synthetic_corpus([[5, 6, 7, 4]] * 6)
     data = PretrainingData.__new__(PretrainingData)  # fields set by hand: no tokenizer needed
@@ -376,3 +387,23 @@ def test_packed_rows_hold_whole_examples_restarting_positions():
     assert within_binomial(int(inst.nsp_labels.sum()) - inst.forced_random, n_coin, 0.5)
     # far less padding than one example per row
     assert inst.offsets[-1] / (len(rows) * seq_len) > 0.9 > inst.offsets[-1] / (len(inst) * seq_len)
+
+
+def test_shards_ignore_truncation_and_padding_of_the_tokenizer(tmp_path, tokenizer):
+    """A tokenizer.json saved with truncation or padding on must
+    neither cut long lines nor fill the shards with [PAD]; the tokenizer given is left as it was."""
+    from tokenizers import Tokenizer
+
+    from fastbert.tokenization import load_tokenizer
+    saved = Tokenizer.from_str(tokenizer.to_str())
+    saved.enable_truncation(8)
+    saved.enable_padding(length=12, pad_id=PAD, pad_token="[PAD]")
+    saved.save(str(tmp_path / "tokenizer.json"))
+    long = "the cat sat on the mat . a dog ran in the park . the cat sat ."
+    (tmp_path / "c.txt").write_text(f"{long}\nthe cat .\n", encoding="utf-8")
+    enc = lambda s: tokenizer.encode(s, add_special_tokens=False).ids  # noqa: E731
+    assert len(enc(long)) > 12
+    for tok in (load_tokenizer(str(tmp_path / "tokenizer.json")), saved):
+        corpus = tokenize_corpus([str(tmp_path / "c.txt")], tok, str(tmp_path / "cache"))
+        assert [s.tolist() for s in corpus.document(0)] == [enc(long), enc("the cat .")]
+    assert saved.truncation is not None and saved.padding is not None
