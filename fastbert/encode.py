@@ -16,6 +16,7 @@ pooling itself and the output are always fp32.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 
@@ -57,6 +58,23 @@ def length_buckets(max_length: int, step: int = 32) -> tuple:
     return tuple(range(step, max_length, step)) + (max_length,)
 
 
+def read_lines(path: str | None) -> list[str]:
+    """The texts of a file (stdin when path is None), one per line: split at "\\n" only (a bare "\\r"
+    inside a line stays there, so row i is line i as `wc -l` counts them), the line break ("\\n" or
+    "\\r\\n") stripped, a UTF-8 byte-order mark at the start dropped."""
+    if path is not None:
+        with open(path, encoding="utf-8-sig", newline="\n") as f:
+            return [line.rstrip("\r\n") for line in f]
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # a text stream without bytes underneath (e.g. io.StringIO in tests)
+        return [line.rstrip("\r\n") for line in sys.stdin]
+    stream = io.TextIOWrapper(buffer, encoding="utf-8-sig", newline="\n")
+    try:
+        return [line.rstrip("\r\n") for line in stream]
+    finally:
+        stream.detach()  # leave sys.stdin's buffer open
+
+
 def embed(model, tok, texts, pooling="mean", normalize=False, batch_size=64, max_length=512,
           device=None, precision="fp32", cuda_graphs=False):
     """(len(texts), hidden) float32 embeddings; batches are length-sorted and padded per batch.
@@ -91,17 +109,27 @@ def main(args) -> int:
         precision = R.resolve_precision(args.precision, device)
         if args.cuda_graphs and device.type != "cuda":
             raise ValueError(f"--cuda-graphs needs a CUDA device, not {device}")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, not {args.batch_size}")
         model = BertModel.from_pretrained(args.model).to(device)
         tok = T.load_tokenizer(args.model)
+        positions = model.config.max_position_embeddings
+        if args.max_length is not None and args.max_length > positions:  # as `fastbert finetune` does
+            print(f"fastbert encode: --max-length {args.max_length} is above the model's {positions} positions; "
+                  f"using {positions}", file=sys.stderr)
+            args.max_length = positions
+        if args.max_length is not None and args.max_length < 8:
+            raise ValueError(f"--max-length {args.max_length} is too small (at least 8)")
     except (FileNotFoundError, ValueError) as e:
         print(f"fastbert encode: error: {e}", file=sys.stderr)
         return 2
     max_length = args.max_length or min(512, model.config.max_position_embeddings)
-    if args.input:
-        with open(args.input, encoding="utf-8") as f:
-            texts = [line.rstrip("\r\n") for line in f]
-    else:
-        texts = [line.rstrip("\r\n") for line in sys.stdin]
+    try:
+        texts = read_lines(args.input)
+    except (OSError, UnicodeDecodeError) as e:
+        why = f"not UTF-8 text ({e.reason} at byte {e.start})" if isinstance(e, UnicodeDecodeError) else e.strerror or e
+        print(f"fastbert encode: error: {args.input or 'stdin'}: {why}", file=sys.stderr)
+        return 2
     if not texts:
         print("fastbert encode: error: no input lines", file=sys.stderr)
         return 2

@@ -333,6 +333,11 @@ def _check_cuda_graphs(args, device, precision) -> None:
 
 
 def run(args) -> dict:
+    for name in ("epochs", "batch_size", "eval_batch_size", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    if args.max_length < 8:
+        raise UsageError(f"--max-length {args.max_length} is too small (at least 8)")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -353,9 +358,6 @@ def run(args) -> dict:
         args.lr = 1e-2 if freeze == "all" else 5e-5
     if args.eval_batch_size is None:
         args.eval_batch_size = 2 * args.batch_size
-    for name in ("epochs", "batch_size", "eval_batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
 
     from .config import BertConfig
     config = BertConfig.from_pretrained(args.model)
@@ -380,6 +382,13 @@ def run(args) -> dict:
         n = len(train_ex[0]["choices"])
         for exs, path in ((train_ex, args.train), (dev_ex, args.dev), (test_ex or [], args.test)):
             _check_choice_counts(exs, n, path)
+
+    try:  # the output folder, checked before training rather than after it
+        os.makedirs(args.out, exist_ok=True)
+        if not os.access(args.out, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise UsageError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
 
     model = build_model(task, args.model, labels, freeze, random_init=args.random_init)
     if args.impl == "transformers":
@@ -482,6 +491,12 @@ def run(args) -> dict:
                                        precision=precision)
         result["test"] = test_metrics
     os.makedirs(args.out, exist_ok=True)
+    # an earlier run's outputs that this run does not write would pass for this run's
+    from .layer_mix import HEAD_FILE, META_FILE
+    stale = ([] if test_ex is not None else ["predictions.jsonl"]) + ([] if freeze == "all" else [HEAD_FILE, META_FILE])
+    for name in stale:
+        if os.path.isfile(os.path.join(args.out, name)):
+            os.unlink(os.path.join(args.out, name))
     model.save_pretrained(args.out)
     T.copy_tokenizer_files(args.model, args.out)
     if test_ex is not None:

@@ -229,11 +229,17 @@ def load_tokenizer(model_dir: str):
 
 
 def copy_tokenizer_files(src: str, dst: str) -> None:
+    """Copy src's tokenizer files into dst; a tokenizer file in dst that src lacks (an earlier run's)
+    is removed, so that load_tokenizer(dst) gives src's tokenizer."""
     import shutil
+    if os.path.abspath(src) == os.path.abspath(dst):
+        return
     for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        p = os.path.join(src, name)
-        if os.path.isfile(p) and os.path.abspath(src) != os.path.abspath(dst):
-            shutil.copyfile(p, os.path.join(dst, name))
+        p, q = os.path.join(src, name), os.path.join(dst, name)
+        if os.path.isfile(p):
+            shutil.copyfile(p, q)
+        elif os.path.isfile(q):
+            os.unlink(q)
 
 
 def _special_id(tok, token: str) -> int:

@@ -221,8 +221,12 @@ class CheckpointManager:
                         os.unlink(path)
         if os.path.isdir(self.root):
             for n in os.listdir(self.root):
-                if n.startswith(".tmp-"):
-                    shutil.rmtree(os.path.join(self.root, n), ignore_errors=True)
+                if n.startswith(".tmp-"):  # a checkpoint folder, or atomic_write_text's file for `latest`
+                    path = os.path.join(self.root, n)
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        os.unlink(path)
 
     def save(self, step: int, write_files) -> str:
         """``write_files(folder)`` writes the checkpoint's files into a fresh folder."""

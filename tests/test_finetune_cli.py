@@ -1,4 +1,5 @@
 """`fastbert finetune` and `fastbert encode` end to end on a micro model and tiny files."""
+import io
 import json
 import random
 
@@ -364,3 +365,105 @@ def test_label_file(tmp_path):
     (tmp_path / "dup.txt").write_text("a\na\n")
     with pytest.raises(DataError, match="listed twice"):
         read_label_file(str(tmp_path / "dup.txt"), "classify", [{"label": "a"}])
+
+
+# ------------------------------------------------------------ regressions (session 13's bug hunt)
+
+# `fastbert encode`'s input: row i belongs to line i, whatever the line endings; unreadable input is a clear error
+
+def _rows(path):
+    return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_encode_splits_lines_at_newlines_only(micro_model, tmp_path, monkeypatch):
+    # a BOM (Notepad), CRLF endings and a bare CR inside a line (scraped text): three lines, three rows
+    inp = tmp_path / "in.txt"
+    inp.write_bytes(b"\xef\xbb\xbfthe cat\r\ngood\rmovie\r\nwhere is it ?\r\n")
+    out = tmp_path / "e.jsonl"
+    assert cli(["encode", "--model", micro_model, "--input", str(inp), "--output", str(out), "--device", "cpu"]) == 0
+    assert [r["text"] for r in _rows(out)] == ["the cat", "good\rmovie", "where is it ?"]
+    # stdin alike
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(inp.read_bytes()), encoding="utf-8"))
+    assert cli(["encode", "--model", micro_model, "--output", str(out), "--device", "cpu"]) == 0
+    assert [r["text"] for r in _rows(out)] == ["the cat", "good\rmovie", "where is it ?"]
+
+
+def test_encode_unreadable_input_is_a_clear_error(micro_model, tmp_path, capsys):
+    base = ["encode", "--model", micro_model, "--device", "cpu", "--input"]
+    assert cli(base + [str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt: No such file or directory" in capsys.readouterr().err
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 cat\n")
+    assert cli(base + [str(tmp_path / "latin1.txt")]) == 2
+    assert "latin1.txt: not UTF-8 text" in capsys.readouterr().err
+
+
+# `fastbert encode`'s numeric options: a clear error or the documented clamp, never a traceback
+
+def test_encode_max_length_above_the_models_positions_is_clamped(micro_model, tmp_path, capsys):
+    inp = tmp_path / "in.txt"
+    inp.write_text("the cat sat\n" + "cat " * 100 + "\n")
+    out = tmp_path / "e.npy"
+    assert cli(["encode", "--model", micro_model, "--input", str(inp), "--output", str(out), "--device", "cpu",
+                "--max-length", "100"]) == 0
+    assert np.load(out).shape == (2, 32)
+    assert "1 of 2 texts truncated to 64 tokens" in capsys.readouterr().err
+
+
+def test_encode_bad_sizes_are_a_clear_error(micro_model, tmp_path, capsys):
+    inp = tmp_path / "in.txt"
+    inp.write_text("the cat sat\n")
+    base = ["encode", "--model", micro_model, "--input", str(inp), "--device", "cpu"]
+    assert cli(base + ["--batch-size", "0"]) == 2
+    assert "--batch-size must be at least 1" in capsys.readouterr().err
+    assert cli(base + ["--max-length", "4"]) == 2
+    assert "--max-length 4 is too small" in capsys.readouterr().err
+
+
+# `fastbert finetune`'s numeric options: out-of-range values are a usage error (exit 2), not a traceback
+
+@pytest.mark.parametrize("extra, message", [
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--eval-batch-size", "-1"], "--eval-batch-size must be at least 1"),
+    (["--threads", "-2"], "--threads must be at least 1"),
+    (["--max-length", "4"], "--max-length 4 is too small"),
+])
+def test_finetune_bad_sizes_are_a_usage_error(micro_model, tmp_path, capsys, extra, message):
+    tr = _jsonl(tmp_path / "tr.jsonl", [{"text": "good", "label": 1}, {"text": "bad", "label": 0}])
+    assert cli(["finetune", "--task", "classify", "--model", micro_model, "--train", tr, "--dev", tr,
+                "--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress"] + extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# `fastbert finetune --out`: an unusable output folder is found before training, not after it
+
+def test_finetune_out_that_is_a_file_fails_before_training(micro_model, tmp_path, capsys):
+    files = make_data("classify", tmp_path, random.Random(1))
+    (tmp_path / "taken").write_text("not a folder\n")
+    assert cli(["finetune", "--task", "classify", "--model", micro_model, "--train", files["train"],
+                "--dev", files["dev"], "--out", str(tmp_path / "taken"), "--epochs", "1", "--batch-size", "8",
+                "--max-length", "24", "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "taken" in err
+    assert "epoch 1" not in err  # no training ran first
+
+
+# `fastbert finetune --out` over an earlier run's folder: nothing of the earlier run passes for this one's
+
+def test_finetune_into_a_used_out_folder(micro_model, tmp_path):
+    from fastbert.tasks import load_tokenizer
+    files = make_data("classify", tmp_path, random.Random(1))
+    out = tmp_path / "out"
+    out.mkdir()
+    # left by an earlier run: another model's tokenizer.json, its predictions, a layer mix
+    (out / "tokenizer.json").write_text("{}")
+    (out / "predictions.jsonl").write_text('{"index": 0, "label": "stale"}\n')
+    (out / "layer_mix.safetensors").write_bytes(b"stale")
+    assert cli(["finetune", "--task", "classify", "--model", micro_model, "--train", files["train"],
+                "--dev", files["dev"], "--out", str(out), "--epochs", "1", "--batch-size", "8",
+                "--max-length", "24", "--device", "cpu", "--no-progress"]) == 0
+    assert not (out / "predictions.jsonl").exists()  # no --test this time
+    assert not (out / "layer_mix.safetensors").exists()
+    tok, ref = load_tokenizer(str(out)), load_tokenizer(micro_model)  # the fine-tuned model's own tokenizer
+    assert tok.encode("the cat sat").ids == ref.encode("the cat sat").ids

@@ -510,3 +510,16 @@ def test_zero_argument_run(tmp_path):
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert rows[-1]["step"] == 200 and rows[-1]["mlm_loss"] < rows[0]["mlm_loss"] - 1.0
     print(f"zero-argument run: {time.perf_counter() - start:.0f} s; last row {rows[-1]}")
+
+
+def test_clean_partial_removes_the_torn_latest_pointer_file(tmp_path):
+    """CheckpointManager.clean_partial removes everything a killed save left in checkpoints/."""
+    from fastbert.trainer import STATE_FILE, CheckpointManager, save_state
+    cm = CheckpointManager(str(tmp_path), keep=1)
+    cm.save(1, lambda folder: save_state(os.path.join(folder, STATE_FILE), {"step": 1}))
+    # killed while rewriting `latest` (atomic_write_text's temporary file) and while writing a folder
+    (tmp_path / "checkpoints" / ".tmp-k2j4x9").write_text("step-0000")
+    (tmp_path / "checkpoints" / ".tmp-step-00000002-abc").mkdir()
+    cm.clean_partial()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step-00000001"]
+    assert cm.latest() == str(tmp_path / "checkpoints" / "step-00000001")
