@@ -70,6 +70,17 @@ class BertConfig:
         raise AttributeError(f"BertConfig has no field {name!r}")
 
     def __setattr__(self, name, value):
+        # After construction the label fields stay consistent as in transformers, where num_labels is
+        # len(id2label): setting num_labels to another count makes new LABEL_i names, and setting
+        # id2label sets num_labels (else save_pretrained writes a config whose id2label contradicts
+        # the classifier's shape, and from_pretrained then fails on it).
+        if self.__dict__.get("id2label") is not None:
+            if name == "num_labels" and value != len(self.id2label):
+                object.__setattr__(self, "id2label", {i: f"LABEL_{i}" for i in range(value)})
+                object.__setattr__(self, "label2id", {v: k for k, v in self.id2label.items()})
+            elif name == "id2label" and value is not None:
+                value = {int(k): v for k, v in value.items()}
+                object.__setattr__(self, "num_labels", len(value))
         # A name that is neither a field nor a class attribute is an extra field, saved with the rest.
         if name in _FIELDS or name.startswith("_") or hasattr(type(self), name):
             object.__setattr__(self, name, value)

@@ -527,12 +527,14 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
+        self.checkpoint_kwargs = {}  # extra keywords of torch.utils.checkpoint.checkpoint
 
     def forward(self, x, layout, output_hidden_states=False, output_attentions=False):
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
         def checkpointed(layer):
-            return functools.partial(torch.utils.checkpoint.checkpoint, layer, use_reentrant=False)
+            return functools.partial(torch.utils.checkpoint.checkpoint, layer,
+                                     **{"use_reentrant": False, **getattr(self, "checkpoint_kwargs", {})})
 
         return run_layers(self.layer, x, layout, output_hidden_states, output_attentions,
                           checkpointed if checkpointing else lambda layer: None)
@@ -643,8 +645,29 @@ class BertPreTrainedModel(nn.Module):
     def dtype(self):
         return next(self.parameters()).dtype
 
-    def gradient_checkpointing_enable(self):
-        getattr(self, self.base_model_prefix, self).encoder.gradient_checkpointing = True
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                      offload: bool = False):
+        """transformers' switch and signature (Trainer(activation_checkpointing=True) calls it with keywords):
+        gradient_checkpointing_kwargs go to torch.utils.checkpoint.checkpoint (use_reentrant defaults to
+        False); every layer is checkpointed, on the device (every_n_layers > 1 and offload are not supported)."""
+        if every_n_layers != 1 or offload:
+            raise ValueError("fastbert checkpoints every encoder layer on the device: every_n_layers=1, offload=False")
+        encoder = getattr(self, self.base_model_prefix, self).encoder
+        encoder.gradient_checkpointing = True
+        encoder.checkpoint_kwargs = dict(gradient_checkpointing_kwargs or {})
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                        offload: bool = False):
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
+
+    def gradient_checkpointing_disable(self):
+        getattr(self, self.base_model_prefix, self).encoder.gradient_checkpointing = False
+
+    activation_checkpointing_disable = gradient_checkpointing_disable
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return getattr(self, self.base_model_prefix, self).encoder.gradient_checkpointing
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, **config_overrides):
@@ -992,6 +1015,9 @@ def _sequence_classification_loss(config, logits, labels):
             problem = "single_label_classification"
         else:
             problem = "multi_label_classification"
+        # recorded, as transformers does: save_pretrained writes it, and transformers' text-classification
+        # pipeline reads it to choose sigmoid (multi-label) or softmax
+        config.problem_type = problem
     if problem == "regression":
         return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype)) if config.num_labels == 1 \
             else F.mse_loss(logits, labels.to(logits.dtype))

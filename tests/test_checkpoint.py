@@ -197,3 +197,22 @@ def test_minilm_matches_transformers_and_known_similarities():
     emb = torch.nn.functional.normalize(emb, dim=-1)
     assert float(emb[0] @ emb[1]) > 0.7
     assert float(emb[0] @ emb[2]) < 0.2
+
+
+def test_setting_num_labels_or_id2label_keeps_the_config_consistent(tmp_path):
+    """As in transformers (num_labels is len(id2label)): `config.num_labels = 5` after construction gives
+    five LABEL_i names, and `config.id2label = {...}` sets num_labels; a model built from either config
+    saves a checkpoint that loads back in both libraries."""
+    cfg = fastbert.BertConfig(**CFG)
+    cfg.num_labels = 5
+    assert cfg.num_labels == 5 and cfg.id2label == {i: f"LABEL_{i}" for i in range(5)}
+    assert cfg.label2id == {f"LABEL_{i}": i for i in range(5)}
+    fastbert.BertForSequenceClassification(cfg).save_pretrained(tmp_path / "five")
+    assert fastbert.BertForSequenceClassification.from_pretrained(tmp_path / "five").classifier.out_features == 5
+    assert transformers.BertForSequenceClassification.from_pretrained(tmp_path / "five").num_labels == 5
+
+    cfg = fastbert.BertConfig(**CFG)
+    cfg.id2label = {"0": "O", "1": "B-PER", "2": "I-PER"}
+    assert cfg.num_labels == 3 and cfg.id2label == {0: "O", 1: "B-PER", 2: "I-PER"}
+    fastbert.BertForTokenClassification(cfg).save_pretrained(tmp_path / "three")
+    assert fastbert.BertForTokenClassification.from_pretrained(tmp_path / "three").classifier.out_features == 3

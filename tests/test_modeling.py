@@ -207,6 +207,31 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert_close_to_reference(q.grad, p.grad, p.grad, k=0, name=name)
 
 
+def test_gradient_checkpointing_switches_take_transformers_arguments():
+    """transformers' Trainer(activation_checkpointing=True) calls activation_checkpointing_enable (or the
+    older gradient_checkpointing_enable) with keywords; a user script may call gradient_checkpointing_disable
+    and read is_gradient_checkpointing. fastbert's models take the same calls."""
+    cfg = CONFIGS["gelu-2types"]
+    _, model = make_pair("BertForSequenceClassification", cfg)
+    inputs, labels = make_batch("BertForSequenceClassification", cfg)
+    model.train()
+
+    def forwards_of_last_layer():
+        calls = []
+        hook = model.bert.encoder.layer[-1].register_forward_pre_hook(lambda *args: calls.append(1))
+        model(**inputs, **labels).loss.backward()
+        hook.remove()
+        return len(calls)
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False},
+                                        every_n_layers=1, offload=False)
+    assert model.is_gradient_checkpointing and forwards_of_last_layer() == 2
+    model.gradient_checkpointing_disable()
+    assert not model.is_gradient_checkpointing and forwards_of_last_layer() == 1
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=None, every_n_layers=1, offload=False)
+    assert model.is_gradient_checkpointing and forwards_of_last_layer() == 2
+
+
 def test_output_rows_of_the_wrong_shape_are_refused():
     cfg = CONFIGS["gelu-2types"]
     _, ours = make_pair("BertModel", cfg)
@@ -394,3 +419,21 @@ def test_bad_input_raises_clear_error(case, match):
 def test_unsupported_activation_is_named():
     with pytest.raises(ValueError, match="relu"):
         fastbert.BertConfig(hidden_act="relu")
+
+
+@pytest.mark.parametrize("num_labels, labels, problem", [
+    (3, torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]), "multi_label_classification"),
+    (3, torch.tensor([2, 0]), "single_label_classification"),
+    (1, torch.tensor([0.5, -1.0]), "regression"),
+])
+def test_sequence_classification_records_the_problem_type_it_infers(num_labels, labels, problem, tmp_path):
+    """transformers writes the problem type inferred from the first labels into the config, so that
+    save_pretrained keeps it (its text-classification pipeline picks sigmoid or softmax by it)."""
+    cfg = dict(CONFIGS["gelu-2types"], num_labels=num_labels)
+    hf, ours = make_pair("BertForSequenceClassification", cfg)
+    ids = torch.randint(1, cfg["vocab_size"], (2, 5))
+    hf(input_ids=ids, labels=labels.double() if labels.is_floating_point() else labels)
+    ours(input_ids=ids, labels=labels)
+    assert ours.config.problem_type == hf.config.problem_type == problem
+    ours.save_pretrained(tmp_path)
+    assert transformers.BertConfig.from_pretrained(tmp_path).problem_type == problem
