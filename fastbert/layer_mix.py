@@ -66,6 +66,12 @@ def _masked_mean(x, mask):  # x (B, S, D), mask (B, S) -> (B, D)
     return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+def _takes_unpad(encoder) -> bool:
+    """Whether the encoder is fastbert's BertModel (or a patched transformers one): it takes unpad=."""
+    from .modeling import BertModel
+    return isinstance(encoder, BertModel) or hasattr(type(encoder), "_fastbert_positional")
+
+
 class LayerMixModel(nn.Module):
     """A frozen BertModel (fastbert's or transformers') + learned scalar mix of all its layers + a task head."""
 
@@ -92,8 +98,11 @@ class LayerMixModel(nn.Module):
         return self
 
     def features(self, input_ids, attention_mask, token_type_ids):
+        # qa: the span loss normalises over every position, padding too (as transformers' does), so a
+        # fastbert encoder runs padding through its layers (unpad=False), as BertForQuestionAnswering does
+        kw = {"unpad": False} if self.task == "qa" and _takes_unpad(self.encoder) else {}
         with torch.no_grad():
-            out = self.encoder(input_ids, attention_mask, token_type_ids, output_hidden_states=True)
+            out = self.encoder(input_ids, attention_mask, token_type_ids, output_hidden_states=True, **kw)
         return self.mix([h.detach() for h in out.hidden_states])
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, *, labels=None,

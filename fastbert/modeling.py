@@ -253,7 +253,7 @@ class BertEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None):
-        p = self.config.hidden_dropout_prob if self.training else 0.0
+        p = self.dropout.p if self.training else 0.0  # the module's, as transformers reads it
         if inputs_embeds is None:
             return embed_ids(self, input_ids, token_type_ids, position_ids, p)
         h = inputs_embeds + self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
@@ -331,10 +331,16 @@ class BertSelfAttention(nn.Module):
         super().__init__()
         self.num_attention_heads = config.num_attention_heads
         self.attention_head_size = config.head_dim
-        self.dropout_p = config.attention_probs_dropout_prob
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)  # its p is the attention dropout
+
+    @property
+    def dropout_p(self) -> float:
+        """The attention-probability dropout: the module's p, as in transformers (a caller that sets every
+        nn.Dropout's p, as `fastbert pretrain --dropout` does on a loaded checkpoint, sets it)."""
+        return self.dropout.p
 
     def forward(self, x, layout):
         # One GEMM for q, k and v; the concatenated weight is rebuilt each call so that the three

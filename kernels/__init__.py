@@ -13,7 +13,6 @@ checks its inputs once per step with a single sync, then calls every layer with 
 from __future__ import annotations
 
 import importlib
-import math
 import sys
 
 if __name__ != "fastbert.kernels":
@@ -160,7 +159,7 @@ def _check_attention(q, k, v, key_padding_mask, dropout_p, softmax_scale) -> flo
             raise ValueError(f"key_padding_mask: expected shape {(k.shape[0], k.shape[2])}, "
                              f"got {tuple(key_padding_mask.shape)}")
     _check_dropout(dropout_p)
-    return float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return float(softmax_scale) if softmax_scale is not None else reference.default_scale(q.shape[-1])
 
 
 def _check_cu_seqlens(cu_seqlens, total, max_seqlen, validate=True):
@@ -192,7 +191,7 @@ def _check_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, val
     max_seqlen = int(max_seqlen)
     _check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen, validate)
     _check_dropout(dropout_p)
-    return max_seqlen, float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return max_seqlen, float(softmax_scale) if softmax_scale is not None else reference.default_scale(q.shape[-1])
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, dropout_p=0.0, softmax_scale=None,
@@ -400,8 +399,12 @@ def mlm_loss(hidden, weight, bias, labels, ignore_index=-100, *, out_dtype=None,
             raise ValueError(f"labels must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}; "
                              f"found {labels[bad][:5].tolist()}")
     if use_triton(hidden):
-        return _triton("linear_cross_entropy").mlm_loss(hidden, weight, bias, labels, int(ignore_index),
-                                                        out_dtype=out_dtype)
+        # The Triton path returns hidden's dtype or fp32; another out_dtype is the fp32 loss cast, as
+        # the reference gives it.
+        native = out_dtype in (None, hidden.dtype, torch.float32)
+        loss = _triton("linear_cross_entropy").mlm_loss(hidden, weight, bias, labels, int(ignore_index),
+                                                        out_dtype=out_dtype if native else torch.float32)
+        return loss if native else loss.to(out_dtype)
     if cpu_mlm_loss.applies(hidden, weight, bias, out_dtype):
         return cpu_mlm_loss.mlm_loss(hidden, weight, bias, labels, int(ignore_index), out_dtype)
     return reference.mlm_loss(hidden, weight, bias, labels, ignore_index, out_dtype)

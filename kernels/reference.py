@@ -41,7 +41,7 @@ def attention(q, k, v, key_padding_mask=None, *, causal=False, dropout_p=0.0, so
     key_padding_mask (B, Sk) bool, True = real key. causal masks key j > query i (top-left aligned,
     as F.scaled_dot_product_attention(is_causal=True)). A query row with no visible key gives zeros.
     """
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scale = softmax_scale if softmax_scale is not None else default_scale(q.shape[-1])
     if q.dtype != torch.float64 and not (dropout_p > 0.0 and cpu_dropout.applies(q)):
         return _fused_attention(q, k, v, key_padding_mask, causal, dropout_p, scale)
     if q.dtype in (torch.float16, torch.bfloat16):  # CPU training in low precision: the fp32 path below
@@ -64,6 +64,11 @@ def attention(q, k, v, key_padding_mask=None, *, causal=False, dropout_p=0.0, so
     if dropout_p > 0.0:
         probs = dropout(probs, dropout_p)
     return torch.matmul(probs, v)
+
+
+def default_scale(head_dim: int) -> float:
+    """1/sqrt(head_dim); 1.0 for head_dim 0 (an empty product: any scale gives the same output)."""
+    return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
 
 
 def dropout(x, p):
@@ -171,11 +176,17 @@ def gelu_layer_norm(x, bias, weight, ln_bias, eps=1e-12, approximate="none"):
     return F.layer_norm(h, h.shape[-1:], weight.to(ct), ln_bias.to(ct), eps).to(x.dtype)
 
 
+def _embedding_ids(ids):
+    """ids as F.embedding takes them (int32 or int64); the public op takes any integer dtype."""
+    return ids if ids is None or ids.dtype in (torch.int32, torch.int64) else ids.long()
+
+
 def embed_layer_norm(input_ids, token_type_ids, position_ids, word_weight, position_weight, type_weight,
                      weight, bias, eps=1e-12, dropout_p=0.0, *, word_rows=None):
     """word_rows: the word rows already gathered (input_ids' shape + (hidden,)), for a caller that
     gathers them its own way (fastbert.modeling.embed_ids on the CPU); default F.embedding."""
     dtype = word_weight.dtype
+    input_ids, token_type_ids, position_ids = map(_embedding_ids, (input_ids, token_type_ids, position_ids))
     ct = _compute_dtype(dtype)
     word = F.embedding(input_ids, word_weight) if word_rows is None else word_rows
     h = (word.to(ct)

@@ -1013,3 +1013,17 @@ def test_qkvpacked_matches_float64(triton_kernels, device, layout, dtype):
         baseline = packed_torch_attention(lengths)
         oracle = lambda q, k, v: reference.varlen_attention(q.cpu(), k.cpu(), v.cpu(), cu.cpu(), 17)  # noqa: E731
     check_against_reference(run, baseline, oracle, (q, k, v), dtype)
+
+
+def test_head_dim_zero_with_the_default_scale():
+    # Zero-size inputs work in every other dimension; head_dim 0 must not divide by zero while the
+    # default softmax scale 1/sqrt(head_dim) is formed (any scale gives the same empty output).
+    q = torch.randn(2, 3, 4, 0, requires_grad=True)
+    out = K.attention(q, q, q, torch.ones(2, 4, dtype=torch.bool), causal=True)
+    assert out.shape == (2, 3, 4, 0)
+    out.sum().backward()
+    assert reference.attention(q, q, q).shape == (2, 3, 4, 0)
+    assert K.attention_qkvpacked(torch.randn(2, 4, 3, 3, 0)).shape == (2, 4, 3, 0)
+    cu = torch.tensor([0, 2, 2, 5], dtype=torch.int32)
+    assert K.varlen_attention(*torch.randn(3, 5, 2, 0), cu, 3).shape == (5, 2, 0)
+    assert K.varlen_attention_qkvpacked(torch.randn(5, 3, 2, 0), cu, 3).shape == (5, 2, 0)

@@ -127,3 +127,20 @@ def test_segment_sum(device, tokens, vocab, chunk):
     ref = torch.zeros(vocab + 2, 5, dtype=torch.float64, device=device).index_add_(0, ids, rows.double())
     torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
     assert not out[vocab:].any()
+
+
+@pytest.mark.parametrize("id_dtype", [torch.uint8, torch.int8, torch.int16])
+def test_embed_layer_norm_small_integer_ids_on_the_cpu_path(id_dtype):
+    # The checks take any integer id dtype (as the Triton kernels do); the CPU path (the reference)
+    # must take them too, not fail in F.embedding, which indexes with int32 / int64 only.
+    n = 16
+    ids = torch.randint(0, VOCAB, (2, 5))
+    tt = torch.randint(0, TYPES, (2, 5))
+    pos = torch.arange(5).expand(2, 5)
+    tables = [torch.randn(VOCAB, n), torch.randn(MAX_POS, n), torch.randn(TYPES, n), 1 + torch.randn(n),
+              torch.randn(n)]
+    want = K.embed_layer_norm(ids, tt, pos, *tables, eps=EPS)
+    got = K.embed_layer_norm(ids.to(id_dtype), tt.to(id_dtype), pos.to(id_dtype), *tables, eps=EPS)
+    assert torch.equal(got, want)
+    got = K.embed_layer_norm(ids.to(id_dtype), None, None, *tables, eps=EPS)  # defaults made from the ids
+    assert torch.equal(got, K.embed_layer_norm(ids, None, None, *tables, eps=EPS))

@@ -467,3 +467,31 @@ def test_finetune_into_a_used_out_folder(micro_model, tmp_path):
     assert not (out / "layer_mix.safetensors").exists()
     tok, ref = load_tokenizer(str(out)), load_tokenizer(micro_model)  # the fine-tuned model's own tokenizer
     assert tok.encode("the cat sat").ids == ref.encode("the cat sat").ids
+
+
+def test_layer_mix_qa_loss_and_gradients_match_on_a_transformers_encoder():
+    """--freeze all QA (fastbert.layer_mix): the span loss normalises over every position, padding too,
+    as on transformers' encoder (the --impl transformers arm), so the two arms give one loss and
+    gradients (float64: to rounding)."""
+    pytest.importorskip("transformers")
+    from fastbert.config import BertConfig
+    from fastbert.finetune import _transformers_copy
+    from fastbert.layer_mix import LayerMixModel
+    from fastbert.modeling import BertModel
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=37, max_position_embeddings=40)).double()
+    ids = torch.randint(1, 101, (3, 8))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    mask[2, 2:] = 0
+    spans = dict(start_positions=torch.tensor([1, 2, 0]), end_positions=torch.tensor([4, 3, 1]))
+    results = []
+    for encoder in (_transformers_copy(bert, "BertModel").double(), bert):
+        torch.manual_seed(0)
+        model = LayerMixModel(encoder, "qa", dropout=0.0).double().train()
+        loss = model(ids, mask, **spans).loss
+        loss.backward()
+        results.append((loss.detach(), model.mix.weights.grad, model.head.weight.grad))
+    for ref, got in zip(*results):
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)

@@ -601,3 +601,19 @@ def test_gpu_cuda_graph_and_compile(triton_kernels, device):
     got = _run(compiled, leaves, labels)
     for a, b in zip(got, eager):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float64, torch.float16])
+def test_public_out_dtype_same_on_both_backends(device, monkeypatch, out_dtype):
+    """K.mlm_loss accepts any floating out_dtype: the Triton path must return it as the reference
+    does (the fp32 loss cast), not refuse what the public checks let through."""
+    hidden, weight, bias, labels = _inputs(6, 8, 37, torch.float32, device)
+    monkeypatch.setenv("FASTBERT_KERNELS", "reference")
+    want = _run(lambda *a: K.mlm_loss(*a, out_dtype=out_dtype), _leaves((hidden, weight, bias), torch.float32),
+                labels)
+    monkeypatch.setenv("FASTBERT_KERNELS", "triton")
+    got = _run(lambda *a: K.mlm_loss(*a, out_dtype=out_dtype), _leaves((hidden, weight, bias), torch.float32),
+               labels)
+    assert got[0].dtype == want[0].dtype == out_dtype
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

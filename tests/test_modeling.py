@@ -437,3 +437,25 @@ def test_sequence_classification_records_the_problem_type_it_infers(num_labels, 
     assert ours.config.problem_type == hf.config.problem_type == problem
     ours.save_pretrained(tmp_path)
     assert transformers.BertConfig.from_pretrained(tmp_path).problem_type == problem
+
+
+def test_dropout_modules_set_the_training_dropout_as_in_transformers():
+    """As in transformers, the model's nn.Dropout modules decide its dropout (`fastbert pretrain --dropout`
+    sets them on a loaded checkpoint): with every one at p = 0, training mode gives eval's outputs, on
+    both layouts, and the attention and embedding dropout follow their modules too."""
+    cfg = dict(CONFIGS["gelu-2types"], hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+    torch.manual_seed(0)
+    model = fastbert.BertModel(fastbert.BertConfig(**cfg)).double()
+    inputs, _ = make_batch("BertModel", cfg)
+    mask = real_mask(inputs)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    with torch.no_grad():
+        want = model.eval()(**inputs).last_hidden_state[mask]
+        model.train()
+        for unpad in (True, False):
+            got = model(**inputs, unpad=unpad).last_hidden_state[mask]
+            assert torch.equal(got, want), unpad
+        model.encoder.layer[0].attention.self.dropout.p = 0.3  # attention dropout alone: training now differs
+        assert not torch.equal(model(**inputs).last_hidden_state[mask], want)
