@@ -44,7 +44,7 @@ def measure(fn, *, warmup: int = 10, rep: int = 50, device=None) -> dict:
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else times * 9
     return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
 
 

@@ -244,3 +244,15 @@ def test_pretrain_loop_smoke(tmp_path, monkeypatch):
     assert [r["impl"] for r in rows] == ["bare-step", "loop-prefetch-off", "loop-prefetch-on"]  # (no graphs on a CPU)
     assert all(r["real_tokens_per_s"] > 0 for r in rows)
     assert rows[0]["vs_bare"] == 1.0 and rows[1]["steps_timed"] == rows[2]["steps_timed"] == 8  # 2 runs x 2 rows x 2 steps
+
+
+def test_measure_cpu_percentiles_stay_within_the_samples(monkeypatch):
+    """harness.measure on the CPU: p20/p80 of 3 timings must lie between the fastest and slowest one
+    (statistics.quantiles' default 'exclusive' method extrapolated beyond them)."""
+    from benchmarks import harness
+
+    ticks = iter([0.0, 0.010, 0.0, 0.020, 0.0, 0.030])  # three timed calls: 10, 20, 30 ms
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: next(ticks))
+    t = harness.measure(lambda: None, warmup=1, rep=3, device="cpu")
+    assert t["median_ms"] == pytest.approx(20.0)
+    assert 10.0 <= t["p20_ms"] <= t["median_ms"] <= t["p80_ms"] <= 30.0
