@@ -10,8 +10,9 @@ NEW_DIR holds what benchmarks/harness.py's Recorder wrote (``<bench>.json``: {"n
 is not a measurement (measurements: ``*_ms``, ``*_per_s``, TFLOP/s, GB/s, memory, MFU, ratios, every
 float but a few settings such as dropout; see MEASUREMENT, FLOAT_SETTINGS and ``--ignore-field``), so a row is "bench_attention: op=attention impl=fastbert
 seq=512 dtype=bf16 pass=fwd+bwd ..." on both sides. The compared figure is ``median_ms`` (the median
-of repeated measurements: do_bench's on a GPU, the median over timed steps for the model step);
-a row whose new median is more than ``--threshold`` (default 10%) above the old one is flagged.
+of repeated measurements: do_bench's on a GPU, the median over timed steps for the model step), or
+for a row that reports only ``real_tokens_per_s`` (benchmarks.pretrain_loop) its inverse, ms per 1000
+real tokens; a row whose new figure is more than ``--threshold`` (default 10%) above the old one is flagged.
 
 Cards: a timing is only comparable on the same card. The card of a file is its ``machine.gpu``
 (else the rows' ``device``, else the folder's env.txt; on the CPU the CPU model and core count).
@@ -183,6 +184,17 @@ def describe(key: tuple, varying: set[str]) -> str:
     return " ".join(parts) or "(single row)"
 
 
+def time_figure(row: dict) -> tuple[float | None, str]:
+    """(a row's time figure, lower is better; a note on its unit): median_ms, or for a row that reports
+    only a throughput (pretrain_loop's real_tokens_per_s) milliseconds per 1000 real tokens."""
+    if isinstance(row.get(METRIC), (int, float)):
+        return float(row[METRIC]), ""
+    tps = row.get("real_tokens_per_s")
+    if isinstance(tps, (int, float)) and tps > 0:
+        return 1e6 / tps, " (ms per 1k real tokens)"
+    return None, ""
+
+
 def compare_file(name: str, old: dict, new: dict, threshold: float, ignore: set[str]) -> dict:
     if not old["card"] or not new["card"]:
         raise CompareError(f"{name}: the card of {old['path'] if not old['card'] else new['path']} is unknown; "
@@ -207,9 +219,10 @@ def compare_file(name: str, old: dict, new: dict, threshold: float, ignore: set[
         if o is None:
             added.append(label)
             continue
-        if not isinstance(o.get(METRIC), (int, float)) or not isinstance(n.get(METRIC), (int, float)):
+        (old_ms, unit), (new_ms, _) = time_figure(o), time_figure(n)
+        if old_ms is None or new_ms is None:
             continue
-        old_ms, new_ms = float(o[METRIC]), float(n[METRIC])
+        label += unit
         ratio = new_ms / old_ms if old_ms > 0 else float("inf")
         flag = "SLOWER" if ratio > 1 + threshold else ("faster" if ratio < 1 / (1 + threshold) else "")
         note = ""

@@ -132,10 +132,10 @@ def main(argv=None) -> int:
                                             eval_examples=0, workers=1, log=lambda m: None)
         bare, n_bare = bare_step_tokens_per_s(config, batches, device=device,
                                               lr=SIZE_LR.get(config_name, 1e-4))
-    rec.add(**common, impl="bare-step", steps_timed=n_bare, real_tokens_per_s=bare, vs_bare=1.0)
+    rec.add(**common, impl="bare-step", n_steps=n_bare, real_tokens_per_s=bare, vs_bare=1.0)
     for mode, values in loops.items():
         tps = statistics.median(values)
-        rec.add(**common, impl=f"loop-{mode}", steps_timed=len(values) * args.log_every,
+        rec.add(**common, impl=f"loop-{mode}", n_steps=len(values) * args.log_every,
                 real_tokens_per_s=tps, vs_bare=tps / bare)
     rec.finish()
     return 0

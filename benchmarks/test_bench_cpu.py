@@ -53,6 +53,21 @@ def test_compare_flags_a_slower_row_and_exits_nonzero(tmp_path, capsys):
     assert compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old"), "--threshold", "0.25"]) == 0
 
 
+def test_compare_takes_a_throughput_row_as_time_per_token(tmp_path, capsys):
+    """pretrain_loop rows report tokens/s only: 20% fewer tokens/s is 25% more time per token."""
+    def loop_rows(tps_on):
+        return [{"bench": "pretrain_loop", "config": "base", "batch": 128, "seq": 128, "device": "NVIDIA H200",
+                 "impl": impl, "n_steps": n, "real_tokens_per_s": tps, "vs_bare": tps / 4e5}
+                for impl, n, tps in (("bare-step", 37, 4e5), ("loop-prefetch-on", 30 + (tps_on < 3e5), tps_on))]
+    _write(tmp_path / "old", "pretrain_loop", loop_rows(3.6e5))
+    _write(tmp_path / "new", "pretrain_loop", loop_rows(2.88e5))
+    assert compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old")]) == 1
+    out = capsys.readouterr().out
+    flagged = [line for line in out.splitlines() if "SLOWER" in line]
+    assert len(flagged) == 1 and "impl=loop-prefetch-on" in flagged[0] and "1.250" in flagged[0]
+    assert "ms per 1k real tokens" in flagged[0] and "1 of 2 compared rows" in out
+
+
 def test_compare_passes_within_threshold_and_marks_faster(tmp_path, capsys):
     _write(tmp_path / "old", "bench_fused", _rows())
     _write(tmp_path / "new", "bench_fused", _rows(scale={"fastbert": 1.05, "eager": 0.8}))
@@ -243,7 +258,7 @@ def test_pretrain_loop_smoke(tmp_path, monkeypatch):
     rows = json.loads((tmp_path / "pretrain_loop.json").read_text())["rows"]
     assert [r["impl"] for r in rows] == ["bare-step", "loop-prefetch-off", "loop-prefetch-on"]  # (no graphs on a CPU)
     assert all(r["real_tokens_per_s"] > 0 for r in rows)
-    assert rows[0]["vs_bare"] == 1.0 and rows[1]["steps_timed"] == rows[2]["steps_timed"] == 8  # 2 runs x 2 rows x 2 steps
+    assert rows[0]["vs_bare"] == 1.0 and rows[1]["n_steps"] == rows[2]["n_steps"] == 8  # 2 runs x 2 rows x 2 steps
 
 
 def test_measure_cpu_percentiles_stay_within_the_samples(monkeypatch):
