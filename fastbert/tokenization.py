@@ -10,17 +10,19 @@ Three ways to get one (``build_tokenizer``):
   (Latin, digits) still get word pieces. Every character of the corpus is kept in the vocabulary.
   Text is NFKC-normalised first, so full-width and half-width forms (１/1, ！/!) are one token.
 
-Caution: a vocab.txt carries no normaliser. A Chinese vocabulary loaded from vocab.txt alone (or by
-transformers' slow ``BertTokenizer``) skips the NFKC step; load the run folder's tokenizer.json
-(``BertTokenizerFast``) to tokenize exactly as in training.
+Caution: a vocab.txt carries no normaliser. A Chinese vocabulary loaded from vocab.txt alone, or by
+transformers' ``BertTokenizer`` / ``BertTokenizerFast`` (which rebuild a plain BertNormalizer:
+transformers 5 always), skips the NFKC step; ``AutoTokenizer.from_pretrained(run_folder)`` (the
+folder names ``PreTrainedTokenizerFast`` for it) or fastbert's load_tokenizer read tokenizer.json as
+saved and tokenize exactly as in training.
 
 Caution: the `tokenizers` trainer may choose different merges at frequency ties from one run to
 the next (huggingface/tokenizers#1794), so two runs that each train a vocabulary can differ; a run
 keeps its own (``--resume`` reuses it), and ``--tokenizer RUN_DIR`` reuses one across runs.
 
 ``save_tokenizer`` writes vocab.txt, tokenizer.json, tokenizer_config.json and
-special_tokens_map.json, so ``transformers.BertTokenizerFast.from_pretrained(folder)`` (and
-``AutoTokenizer``) load the same tokenizer from a run folder.
+special_tokens_map.json, so ``AutoTokenizer.from_pretrained(folder)`` loads the same tokenizer from a
+run folder (and ``BertTokenizerFast`` does for a WordPiece one).
 """
 from __future__ import annotations
 
@@ -105,16 +107,16 @@ def _read_lowercase_flag(folder: str) -> bool | None:
 
 
 def load_vocab_txt(path: str, lowercase: bool = True) -> Tokenizer:
+    # As transformers' load_vocab: a token's id is its line number (a blank line holds an id too, and
+    # a repeated token keeps its last line), so ids match BertTokenizerFast and the checkpoint's rows.
     vocab: dict[str, int] = {}
     try:
         with open(path, encoding="utf-8") as f:
-            for line in f:
-                token = line.rstrip("\n").rstrip("\r")
-                if token and token not in vocab:
-                    vocab[token] = len(vocab)
+            for index, line in enumerate(f):
+                vocab[line.rstrip("\n").rstrip("\r")] = index
     except UnicodeDecodeError as e:
         raise TokenizerError(f"{path}: not a UTF-8 vocab.txt ({e})") from None
-    if not vocab:
+    if not any(vocab):
         raise TokenizerError(f"{path}: the vocabulary file is empty")
     if UNK not in vocab:
         raise TokenizerError(f"{path}: the vocabulary lacks {UNK}; BERT pretraining needs all of "
@@ -193,7 +195,11 @@ def save_tokenizer(tok: Tokenizer, folder: str, model_max_length: int = 512) -> 
     _atomic_write_text(os.path.join(folder, "vocab.txt"), "\n".join(vocab_list(tok)) + "\n")
     _atomic_write_text(os.path.join(folder, "tokenizer.json"), tok.to_str(pretty=True))
     special = {"unk_token": UNK, "sep_token": SEP, "pad_token": PAD, "cls_token": CLS, "mask_token": MASK}
-    config = {"tokenizer_class": "BertTokenizer", "do_lower_case": lowercase,
+    # transformers' BertTokenizer(Fast) rebuilds a plain BertNormalizer from do_lower_case (transformers 5
+    # always, 4 when the flags differ), so a normaliser it cannot express (the Chinese kind's NFKC step)
+    # needs the generic class, which AutoTokenizer loads from tokenizer.json exactly as saved.
+    bert_only = json.loads(tok.to_str()).get("normalizer", {}).get("type") == "BertNormalizer"
+    config = {"tokenizer_class": "BertTokenizer" if bert_only else "PreTrainedTokenizerFast", "do_lower_case": lowercase,
               "tokenize_chinese_chars": True, "strip_accents": None,
               "model_max_length": int(model_max_length), "clean_up_tokenization_spaces": False,
               **special}

@@ -126,3 +126,21 @@ def test_missing_and_junk_tokenizer_files(tmp_path):
     empty.mkdir()
     with pytest.raises(TokenizerError, match="neither tokenizer.json nor vocab.txt"):
         load_tokenizer(str(empty))
+
+
+@pytest.mark.parametrize("extra", [["the", "", "cat"], ["the", "cat", "the"]], ids=["blank_line", "duplicate"])
+def test_vocab_txt_ids_are_line_numbers_as_in_transformers(tmp_path, extra):
+    from transformers import BertTokenizerFast
+
+    (tmp_path / "vocab.txt").write_text("\n".join(SPECIAL_TOKENS + extra + ["sat", "##s"]) + "\n", encoding="utf-8")
+    text = "the cat sat cats"
+    assert load_tokenizer(str(tmp_path)).encode(text).ids == BertTokenizerFast.from_pretrained(str(tmp_path))(text)["input_ids"]
+
+
+def test_saved_chinese_tokenizer_keeps_nfkc_in_transformers(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = train_tokenizer(ZH, "chinese", vocab_size=5000, min_frequency=1)
+    save_tokenizer(tok, tmp_path)
+    text = "今天天气很好，我们去公园！"  # full-width punctuation: NFKC folds it to the vocabulary's "," and "!"
+    assert AutoTokenizer.from_pretrained(str(tmp_path))(text)["input_ids"] == tok.encode(text).ids
