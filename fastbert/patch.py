@@ -46,7 +46,8 @@ Caution, where a patched model differs from transformers (exactly as fastbert's 
   runs fastbert's reference (eager) attention for that call.
 - Forward hooks on the query / key / value Linears, the LayerNorms and Embeddings inside the encoder
   and the MLM transform do not fire (the fused kernels read their weights); hooks on Bert* modules
-  and on the attention-output, intermediate and output denses do (a hooked dense runs as a module).
+  and on the attention-output, intermediate and output denses and the word embeddings do (a hooked
+  one runs as a module).
 """
 from __future__ import annotations
 
@@ -110,6 +111,10 @@ def _embeddings_forward(self, input_ids=None, token_type_ids=None, position_ids=
     """fastbert.modeling.BertEmbeddings.forward, reading the dropout probability from the module
     (transformers' embeddings hold no config)."""
     p = self.dropout.p if self.training else 0.0
+    if inputs_embeds is None and fb._hooked(self.word_embeddings):
+        # a hook on the word embeddings must see their call: transformers' enable_input_require_grads
+        # (reentrant gradient checkpointing, PEFT) makes their output require grad through one
+        inputs_embeds = self.word_embeddings(input_ids)
     if inputs_embeds is None:
         return fb.embed_ids(self, input_ids, token_type_ids, position_ids, p)
     h = inputs_embeds + self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)

@@ -261,6 +261,11 @@ def _check_settings(s: dict, dist: T.Distributed) -> None:
         raise ValueError(f"--max-example-len must lie in [8, --seq-len {s['seq_len']}], got {s['max_example_len']}")
     if not 0 < s["mask_prob"] < 1:
         raise ValueError(f"--mask-prob must be in (0, 1), got {s['mask_prob']}")
+    # checked here, not by AdamW / nn.Dropout once run_args.json is written (the run would be stuck with them)
+    if s["lr"] is not None and not s["lr"] >= 0:
+        raise ValueError(f"--lr must be at least 0, got {s['lr']}")
+    if s["dropout"] is not None and not 0 <= s["dropout"] <= 1:
+        raise ValueError(f"--dropout must be in [0, 1], got {s['dropout']}")
     if s["batch_size"] % (dist.world_size * s["grad_accum"]):
         raise ValueError(f"--batch-size {s['batch_size']} must be a multiple of processes x --grad-accum "
                          f"= {dist.world_size} x {s['grad_accum']}")
@@ -342,7 +347,11 @@ def evaluate(model, examples, *, batch_size, device, pad_id, nsp, autocast) -> d
 
 
 def main(args) -> int:
-    dist = T.setup_distributed(args.device)
+    try:
+        dist = T.setup_distributed(args.device)
+    except ValueError as e:
+        print(f"fastbert pretrain: error: {e}", file=sys.stderr)
+        return 2
     try:
         return _run(args, dist)
     except (CorpusError, TokenizerError, ValueError, FileNotFoundError, FileExistsError) as e:
@@ -380,9 +389,14 @@ def _run(args, dist: T.Distributed) -> int:
 
     nsp = not s["no_nsp"]
     corpus_paths = s["corpus"] or [sample_corpus_path()]
+    seen = {}
     for p in corpus_paths:
         if not os.path.isfile(p):
             raise CorpusError(f"corpus file {p!r} does not exist")
+        real = os.path.realpath(p)
+        if real in seen:  # its documents twice: copies of held-out documents would be trained on
+            raise CorpusError(f"corpus file {p!r} is given twice" + (f" (as {seen[real]!r})" if seen[real] != p else ""))
+        seen[real] = p
 
     # ---- tokenizer (the first process builds it; the others load what it saved) ---------------
     tok_dir = out if (stored is not None and os.path.isfile(os.path.join(out, "tokenizer.json"))) else None

@@ -478,3 +478,16 @@ def test_unsupported_models_raise_naming_the_reason(case, error, match):
     with pytest.raises(error, match=match):
         fastbert.patch(model)
     assert all(not type(m).__qualname__.startswith("_patched") for m in model.modules())  # left as it was
+
+
+def test_enable_input_require_grads_reaches_the_patched_embeddings():
+    """transformers' enable_input_require_grads (reentrant gradient checkpointing, PEFT) hooks the word
+    embeddings: with them frozen, the encoder layers must still get gradients."""
+    cfg = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    model = fastbert.patch(hf_model("BertForSequenceClassification", cfg)).train()
+    for p in model.bert.embeddings.parameters():
+        p.requires_grad_(False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    ids = torch.randint(1, 50, (2, 6))
+    model(ids, labels=torch.tensor([0, 1])).loss.backward()
+    assert model.bert.encoder.layer[0].attention.self.query.weight.grad is not None

@@ -523,3 +523,25 @@ def test_clean_partial_removes_the_torn_latest_pointer_file(tmp_path):
     cm.clean_partial()
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step-00000001"]
     assert cm.latest() == str(tmp_path / "checkpoints" / "step-00000001")
+
+
+def test_bad_lr_or_dropout_is_refused_before_the_run_folder_is_written(corpus, tmp_path, capsys):
+    """A refused --lr / --dropout left run_args.json behind: the corrected rerun was then refused as an
+    existing run, and --resume kept the bad stored value."""
+    out = tmp_path / "never"
+    _fails_cleanly(capsys, out, run(corpus, out, "--steps", "1", "--lr", "-1"), "--lr")
+    _fails_cleanly(capsys, out, run(corpus, out, "--steps", "1", "--dropout", "1.5"), "--dropout")
+
+
+def test_a_corpus_given_twice_is_refused(corpus, tmp_path, capsys):
+    """The same file twice doubled every document: held-out documents' copies were trained on."""
+    out = tmp_path / "never"
+    _fails_cleanly(capsys, out, run(corpus, out, "--steps", "1", "--corpus", corpus), "given twice")
+
+
+def test_an_unusable_device_is_refused_with_a_message(corpus, tmp_path, capsys):
+    """--device with a bad name, or cuda on a machine without one, ended in a traceback."""
+    out = tmp_path / "never"
+    _fails_cleanly(capsys, out, run(corpus, out, "--device", "gpu0"), "--device gpu0")
+    if not torch.cuda.is_available():
+        _fails_cleanly(capsys, out, run(corpus, out, "--device", "cuda"), "--device cuda")
