@@ -365,6 +365,8 @@ def run(args) -> dict:
         _log(f"--max-length {args.max_length} is above the model's {config.max_position_embeddings} "
              f"positions; using {config.max_position_embeddings}")
         args.max_length = config.max_position_embeddings
+    if isinstance(freeze, int) and freeze > config.num_hidden_layers:
+        raise UsageError(f"--freeze {freeze}: the model has {config.num_hidden_layers} layers")
 
     tok = T.load_tokenizer(args.model)
     train_ex = T.read_examples(task, args.train)
@@ -522,4 +524,7 @@ def main(args) -> int:
     except (T.DataError, FileNotFoundError, UsageError) as e:
         print(f"fastbert finetune: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # a non-finite training loss: the run stops, as fastbert pretrain's does
+        print(f"fastbert finetune: error: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -436,6 +436,16 @@ def test_finetune_bad_sizes_are_a_usage_error(micro_model, tmp_path, capsys, ext
     assert not (tmp_path / "o").exists()
 
 
+# `fastbert finetune --freeze N` above the model's layer count: a usage error before anything is written
+
+def test_finetune_freeze_more_layers_than_the_model_has(micro_model, tmp_path, capsys):
+    tr = _jsonl(tmp_path / "tr.jsonl", [{"text": "good", "label": 1}, {"text": "bad", "label": 0}])
+    assert cli(["finetune", "--task", "classify", "--model", micro_model, "--train", tr, "--dev", tr,
+                "--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress", "--freeze", "3"]) == 2
+    assert "--freeze 3: the model has 2 layers" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 # `fastbert finetune --out`: an unusable output folder is found before training, not after it
 
 def test_finetune_out_that_is_a_file_fails_before_training(micro_model, tmp_path, capsys):
@@ -495,3 +505,15 @@ def test_layer_mix_qa_loss_and_gradients_match_on_a_transformers_encoder():
         results.append((loss.detach(), model.mix.weights.grad, model.head.weight.grad))
     for ref, got in zip(*results):
         torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
+
+
+# a non-finite training loss ends `fastbert finetune` with its message and exit status 1 (as pretrain)
+
+def test_finetune_non_finite_loss_is_a_clear_error(micro_model, tmp_path, capsys):
+    files = make_data("classify", tmp_path, random.Random(1))
+    assert cli(["finetune", "--task", "classify", "--model", micro_model, "--train", files["train"],
+                "--dev", files["dev"], "--out", str(tmp_path / "o"), "--epochs", "1", "--batch-size", "8",
+                "--max-length", "24", "--lr", "1e30", "--device", "cpu", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "fastbert finetune: error: non-finite training loss in epoch 1, steps 1..3" in err, err
+    assert not (tmp_path / "o" / "metrics.json").exists()
