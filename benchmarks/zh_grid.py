@@ -216,6 +216,10 @@ def main(argv=None) -> int:
     if not lrs or not seeds or not arms or any(a not in ARMS for a in arms):
         print(f"zh_grid: need at least one lr and seed, and arms from {ARMS}", file=sys.stderr)
         return 2
+    for name, values in (("--lrs", lrs), ("--seeds", seeds), ("--arms", arms)):
+        if len(set(values)) != len(values):  # a repeated seed would count one run twice in the means
+            print(f"zh_grid: {name} names a value twice: {values}", file=sys.stderr)
+            return 2
     out = args.out or Path("benchmarks/results") / f"zh-grid-{Path(model).name}"
     (out / RUNS).mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)

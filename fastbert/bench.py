@@ -382,6 +382,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
+    # 0 is not "the default" (--batch-size 0 ran batches of 32), and no timed step has no median
+    for name, least in (("batch_size", 1), ("seq_len", 1), ("steps", 1), ("warmup", 0)):
+        value = getattr(args, name)
+        if value is not None and value < least:
+            print(f"fastbert bench: --{name.replace('_', '-')} must be at least {least}, not {value}", file=sys.stderr)
+            return 2
     malloc = runtime.apply_malloc_flag(args.tuned_malloc)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     size = args.size or ("base" if device == "cuda" else "cpu-small")

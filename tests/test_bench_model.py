@@ -311,3 +311,15 @@ def test_gpu_check_benchmark_commands_parse(monkeypatch):
         main = importlib.import_module(module).main
         with pytest.raises(Parsed):
             main(argv)
+
+
+@pytest.mark.parametrize("bad", [["--steps", "0"], ["--batch-size", "0"], ["--seq-len", "0"], ["--warmup", "-1"]])
+def test_bench_refuses_sizes_below_one_before_running(bad, monkeypatch, capsys):
+    """--steps 0 ended in a StatisticsError traceback, --batch-size 0 silently ran batches of 32 and
+    --seq-len 0 printed every competitor's error and exited 0."""
+    from fastbert import cli
+    pytest.importorskip("transformers")
+    ran = []
+    monkeypatch.setattr(bench, "run", lambda *a, **k: ran.append(a) or [])
+    assert cli.main(["bench", "--device", "cpu"] + bad) == 2
+    assert "must be at least" in capsys.readouterr().err and ran == []

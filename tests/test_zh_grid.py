@@ -163,3 +163,17 @@ def test_a_grid_resumes_from_the_runs_it_wrote_itself(tmp_path, monkeypatch, cap
 
     assert zh_grid.main(argv + ["--max-length", "64"]) == 2
     assert "max_length 128 (command: 64)" in capsys.readouterr().err and started == []
+
+
+@pytest.mark.parametrize("flag, value", [("--seeds", "1,2,1"), ("--lrs", "1e-4,1e-4"), ("--arms", "random,random")])
+def test_a_value_given_twice_is_refused_not_counted_twice(tmp_path, capsys, flag, value):
+    """--seeds 1,2,1 used to read seed 1's runs back twice: n=3 over two runs, and a paired sd of
+    two copies; a repeated value to run would start two processes into one run folder."""
+    argv, out = _finished_grid(tmp_path)
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
+    else:
+        argv += [flag, value]
+    assert zh_grid.main(argv) == 2
+    assert "twice" in capsys.readouterr().err
+    assert not (out / "grid.json").exists()
