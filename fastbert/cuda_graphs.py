@@ -330,6 +330,9 @@ def pad_batch(batch: dict, shape: Tuple[int, int]) -> dict:
     if labels is not None and labels.is_floating_point():
         raise ValueError("float labels (regression, multi-label) cannot mark padding rows as ignored; "
                          "run those heads eagerly")
+    if batch.get("attention_mask") is None and batch.get("input_ids") is not None:
+        # no mask means every position attends: once padded, the padding must not be attended to
+        batch = {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}
     out = {}
     for name, t in batch.items():
         if t is None:

@@ -424,3 +424,18 @@ def test_an_inference_capture_does_not_break_a_later_training_capture():
     out = subprocess.run([sys.executable, "-c", _CAPTURE_ORDER], capture_output=True, text=True, timeout=300,
                          env={**os.environ})
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_pad_batch_without_attention_mask_keeps_padding_out_of_attention():
+    """A batch without attention_mask (the model then attends to every position) padded to a longer
+    bucket must not let the real tokens attend to the padding: the graphed step's loss is the eager one."""
+    from fastbert import modeling
+    torch.manual_seed(0)
+    model = fastbert.BertForSequenceClassification(fastbert.BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)).eval()
+    batch = {"input_ids": torch.randint(1, 50, (2, 5)), "labels": torch.tensor([0, 2])}
+    padded = pad_batch(batch, (4, 16))
+    assert padded["attention_mask"].tolist() == [[1] * 5 + [0] * 11] * 2 + [[0] * 16] * 2
+    with torch.no_grad(), modeling.graph_layout():
+        torch.testing.assert_close(model(**padded).loss, model(**batch).loss, rtol=0, atol=1e-6)
