@@ -46,7 +46,9 @@ state dict is loaded into the transformers model. With ``--freeze all`` the laye
 a learned softmax-weighted mix of all hidden layers times a learned scale, and a small head. Its
 default learning rate is 1e-2: only the mix and a linear head learn (MiniLM, 2000 sentiment_en
 examples x 2 epochs: 1e-3 reached 0.640 dev accuracy, 1e-2 reached 0.758). ``--freeze N``
-fine-tunes with the embeddings and the lowest N layers frozen.
+fine-tunes with the embeddings and the lowest N layers frozen. A ``--freeze all`` OUT holds the frozen
+encoder plus ``layer_mix.safetensors`` / ``layer_mix.json``; reload it for prediction with
+``fastbert.layer_mix.LayerMixModel.from_pretrained(OUT)`` (a BertFor* class would get a fresh head).
 
 Truncation of over-long inputs is described in fastbert.tasks; the number of truncated examples is
 printed for each file.

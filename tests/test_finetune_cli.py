@@ -517,3 +517,20 @@ def test_finetune_non_finite_loss_is_a_clear_error(micro_model, tmp_path, capsys
     err = capsys.readouterr().err
     assert "fastbert finetune: error: non-finite training loss in epoch 1, steps 1..3" in err, err
     assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+# `fastbert finetune --freeze all` writes a layer-mix model: its head is in layer_mix.safetensors, so a
+# BertFor* class loaded from that folder has a fresh head; loading must say so and name the loader to use
+
+def test_layer_mix_folder_loaded_as_a_head_class_names_layer_mix_model(micro_model, tmp_path):
+    from fastbert.finetune import build_model
+    from fastbert.layer_mix import LayerMixModel
+    from fastbert.modeling import BertForSequenceClassification
+    torch.manual_seed(0)
+    mix = build_model("classify", micro_model, ["neg", "pos"], "all")
+    mix.save_pretrained(str(tmp_path))
+    with pytest.warns(UserWarning, match="LayerMixModel.from_pretrained"):
+        BertForSequenceClassification.from_pretrained(str(tmp_path))
+    back = LayerMixModel.from_pretrained(str(tmp_path))  # the loader that does give the trained model back
+    ids = torch.tensor([[2, 9, 10, 3]])
+    torch.testing.assert_close(back(ids).logits, mix.eval()(ids).logits)
