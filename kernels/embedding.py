@@ -322,7 +322,8 @@ def _bwd_impl(dy, input_ids, token_type_ids, position_ids, word_weight, position
     d_word = segment_sum(input_ids, dh, word_weight.shape[0], word_weight.dtype)
     d_pos = segment_sum(position_ids, dh, position_weight.shape[0], position_weight.dtype)
     d_type = segment_sum(token_type_ids, dh, type_weight.shape[0], type_weight.dtype)
-    return d_word, d_pos, d_type, part[0].sum(0).to(weight.dtype), part[1].sum(0).to(weight.dtype)
+    # d bias in fp32: the autograd wrapper casts it to the bias's own dtype (not rounded via weight's)
+    return d_word, d_pos, d_type, part[0].sum(0).to(weight.dtype), part[1].sum(0)
 
 
 @torch.library.custom_op("fastbert::embed_layer_norm", mutates_args=(), device_types="cuda")
@@ -365,7 +366,7 @@ def _(dy, input_ids, token_type_ids, position_ids, word_weight, position_weight,
     return (torch.empty_like(word_weight, memory_format=torch.contiguous_format),
             torch.empty_like(position_weight, memory_format=torch.contiguous_format),
             torch.empty_like(type_weight, memory_format=torch.contiguous_format),
-            torch.empty_like(weight), torch.empty_like(weight))
+            torch.empty_like(weight), torch.empty_like(weight, dtype=torch.float32))
 
 
 def _setup(ctx, inputs, output):

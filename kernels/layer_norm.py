@@ -497,7 +497,8 @@ def _add_ln_bwd_impl(dy, x, residual, weight, mean, rstd, dropout_p: float, seed
         dres.zero_()
         dx.zero_()
         zeros = torch.zeros_like(weight)
-        return dres, dx, zeros, zeros.clone(), _no_x_bias_grad(x) if x_bias is None else torch.zeros_like(x_bias)
+        return (dres, dx, zeros, torch.zeros_like(weight, dtype=torch.float32),
+                _no_x_bias_grad(x) if x_bias is None else torch.zeros_like(x_bias))
     config = ln_config(n, "add_bwd")
     programs, rows_per_program = backward_split(rows, config, x.device)
     part = torch.empty((3 if has_x_bias else 2, programs, n), dtype=torch.float32, device=x.device)
@@ -510,7 +511,8 @@ def _add_ln_bwd_impl(dy, x, residual, weight, mean, rstd, dropout_p: float, seed
                              num_warps=config.num_warps)
     # Separate reductions: views of one tensor would alias, which custom ops forbid.
     dxb = part[2].sum(0).to(x_bias.dtype) if has_x_bias else _no_x_bias_grad(x)
-    return dres, dx, part[0].sum(0).to(weight.dtype), part[1].sum(0).to(weight.dtype), dxb
+    # d bias in fp32: the autograd wrapper casts it to the bias's own dtype (not rounded via weight's)
+    return dres, dx, part[0].sum(0).to(weight.dtype), part[1].sum(0), dxb
 
 
 def _no_x_bias_grad(x):
@@ -563,7 +565,7 @@ def _(dy, x, residual, weight, mean, rstd, dropout_p, seed, x_bias=None):
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if store_dx else x.new_empty((0,))
     dxb = _no_x_bias_grad(x) if x_bias is None else torch.empty_like(x_bias, memory_format=torch.contiguous_format)
     return (torch.empty_like(residual, memory_format=torch.contiguous_format), dx, torch.empty_like(weight),
-            torch.empty_like(weight), dxb)
+            torch.empty_like(weight, dtype=torch.float32), dxb)
 
 
 def _add_ln_setup(ctx, inputs, output):
@@ -738,14 +740,15 @@ def _gelu_ln_bwd_impl(dy, x, bias, weight, mean, rstd, approximate: str):
     dx = torch.empty_like(x)
     if rows == 0 or n == 0:
         dx.zero_()
-        return dx, torch.zeros_like(bias), torch.zeros_like(weight), torch.zeros_like(weight)
+        return dx, torch.zeros_like(bias), torch.zeros_like(weight), torch.zeros_like(weight, dtype=torch.float32)
     config = ln_config(n, "gelu_bwd")
     programs, rows_per_program = backward_split(rows, config, x.device)
     part = torch.empty((3, programs, n), dtype=torch.float32, device=x.device)
     _gelu_ln_bwd[(programs,)](x, bias, weight, dy, dx, part, mean, rstd, rows, n, rows_per_program, programs * n,
                               APPROX_TANH=approximate == "tanh", BLOCK_M=config.block_m, BLOCK_N=row_block(n),
                               NUM_STAGES=config.num_stages, num_warps=config.num_warps)
-    return dx, part[0].sum(0).to(bias.dtype), part[1].sum(0).to(weight.dtype), part[2].sum(0).to(weight.dtype)
+    # d ln_bias in fp32: the autograd wrapper casts it to ln_bias's own dtype (not rounded via weight's)
+    return dx, part[0].sum(0).to(bias.dtype), part[1].sum(0).to(weight.dtype), part[2].sum(0)
 
 
 @torch.library.custom_op("fastbert::gelu_layer_norm", mutates_args=(), device_types="cuda")
@@ -775,7 +778,7 @@ def _(x, bias, weight, ln_bias, eps, approximate):
 @_gelu_ln_backward_op.register_fake
 def _(dy, x, bias, weight, mean, rstd, approximate):
     return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(bias),
-            torch.empty_like(weight), torch.empty_like(weight))
+            torch.empty_like(weight), torch.empty_like(weight, dtype=torch.float32))
 
 
 def _gelu_ln_setup(ctx, inputs, output):

@@ -144,3 +144,24 @@ def test_embed_layer_norm_small_integer_ids_on_the_cpu_path(id_dtype):
     assert torch.equal(got, want)
     got = K.embed_layer_norm(ids.to(id_dtype), None, None, *tables, eps=EPS)  # defaults made from the ids
     assert torch.equal(got, K.embed_layer_norm(ids, None, None, *tables, eps=EPS))
+
+
+def test_bias_grad_not_rounded_through_the_weight_dtype(triton_kernels, device):
+    # fp16 LayerNorm weight, fp32 bias: the bias gradient must keep fp32 precision
+    n, vocab = 37, 11
+    ids = torch.randint(0, vocab, (2, 3), device=device)
+    tt = torch.randint(0, 2, (2, 3), device=device)
+    pos = torch.arange(3, device=device).expand(2, 3)
+    tables = (torch.randn(vocab, n), torch.randn(5, n), torch.randn(2, n))
+    w, b, dy = (1 + 0.3 * torch.randn(n)).half(), 0.5 * torch.randn(n), 300 * torch.randn(2, 3, n)
+    ours, base, ref = ([t.to(device=device, dtype=d).clone().requires_grad_() for t, d in zip((*tables, w, b), dts)]
+                       for dts in ([None] * 5, [None, None, None, torch.float32, None], [torch.float64] * 5))
+
+    def torch_ref(word, posw, typew, w, b):
+        return F.layer_norm(word[ids] + posw[pos] + typew[tt], (n,), w, b, EPS)
+
+    K.embed_layer_norm(ids, tt, pos, *ours, EPS).backward(dy.to(device))
+    torch_ref(*base).backward(dy.to(device))
+    torch_ref(*ref).backward(dy.to(device, torch.float64))
+    assert ours[4].grad.dtype == torch.float32
+    assert_close_to_reference(ours[4].grad, base[4].grad, ref[4].grad, name="dbias")

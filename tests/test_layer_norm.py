@@ -274,7 +274,7 @@ def _check_low_copy(device, rows, n, p, x_bias=False):
     names = ["x", "residual", "weight", "bias"]
     if x_bias:
         inputs, dtypes, names = inputs + [0.5 * torch.randn(n)], dtypes + [torch.float32], names + ["x_bias"]
-    ours = [t.to(device=device, dtype=d).requires_grad_() for t, d in zip(inputs, dtypes)]
+    ours = [t.to(device=device, dtype=d).clone().requires_grad_() for t, d in zip(inputs, dtypes)]
     base = [t.detach().clone().requires_grad_() for t in ours]
     ref = [t.detach().to(torch.float64).requires_grad_() for t in ours]
 
@@ -473,3 +473,24 @@ def test_ln_config_defaults_override_and_env(monkeypatch, ln_launch):
     L.set_ln_config_override(None)
     assert L.ln_config(768, "add_bwd", interpreting=False) == default
     assert L.ln_config(1024, "gelu_bwd", interpreting=False) == L.one_row_config(1024, "gelu_bwd")
+
+
+def test_bias_grad_not_rounded_through_the_weight_dtype(triton_kernels, device):
+    # fp16 LayerNorm weight, fp32 bias: the bias gradient must keep fp32 precision
+    n = 37
+    x, res, dy = torch.randn(3, n), torch.randn(3, n), 300 * torch.randn(3, n)
+    w, b = (1 + 0.3 * torch.randn(n)).half(), 0.5 * torch.randn(n)
+    ours, base, ref = ([t.to(device=device, dtype=d).clone().requires_grad_() for t, d in zip((x, res, w, b), dts)]
+                       for dts in ([None] * 4, [None, None, torch.float32, None], [torch.float64] * 4))
+    K.add_layer_norm(*ours, EPS).backward(dy.to(device))
+    F.layer_norm(base[0] + base[1], (n,), base[2], base[3], EPS).backward(dy.to(device))
+    F.layer_norm(ref[0] + ref[1], (n,), ref[2], ref[3], EPS).backward(dy.to(device, torch.float64))
+    assert ours[3].grad.dtype == torch.float32
+    assert_close_to_reference(ours[3].grad, base[3].grad, ref[3].grad, name="dbias")
+    c = torch.randn(n)
+    ours, base, ref = ([t.to(device=device, dtype=d).clone().requires_grad_() for t, d in zip((x, c, w, b), dts)]
+                       for dts in ([None] * 4, [None, None, torch.float32, None], [torch.float64] * 4))
+    K.gelu_layer_norm(*ours, EPS).backward(dy.to(device))
+    F.layer_norm(F.gelu(base[0] + base[1]), (n,), base[2], base[3], EPS).backward(dy.to(device))
+    F.layer_norm(F.gelu(ref[0] + ref[1]), (n,), ref[2], ref[3], EPS).backward(dy.to(device, torch.float64))
+    assert_close_to_reference(ours[3].grad, base[3].grad, ref[3].grad, name="dln_bias")
