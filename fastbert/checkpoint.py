@@ -14,12 +14,14 @@ import warnings
 import torch
 
 from .config import BertConfig
+from .layer_mix import META_FILE as LAYER_MIX_META
 
 SAFETENSORS = "model.safetensors"
 PYTORCH_BIN = "pytorch_model.bin"
-# Parameters that belong to task heads: transformers initialises these when a checkpoint lacks them.
+# The task-head classes a `fastbert finetune --freeze all` folder (a layer-mix model) may be mistaken for.
 LAYER_MIX_HEADS = ("BertForSequenceClassification", "BertForTokenClassification",
                    "BertForQuestionAnswering", "BertForMultipleChoice")
+# Parameters that belong to task heads: transformers initialises these when a checkpoint lacks them.
 HEAD_PREFIXES = ("bert.pooler.", "pooler.", "cls.", "classifier.", "qa_outputs.")
 # Aliases of one Parameter (weight tying): either name satisfies both.
 TIED = {"cls.predictions.decoder.bias": "cls.predictions.bias", "cls.predictions.bias": "cls.predictions.decoder.bias"}
@@ -126,7 +128,7 @@ def load_pretrained(cls, path, dtype=None, **config_overrides):
     config = BertConfig.from_pretrained(path, **config_overrides)
     model = cls(config)
     load_state_dict_into(model, read_state_dict(path))
-    if cls.__name__ in LAYER_MIX_HEADS and os.path.exists(os.path.join(path, "layer_mix.json")):
+    if cls.__name__ in LAYER_MIX_HEADS and os.path.exists(os.path.join(path, LAYER_MIX_META)):
         # a `fastbert finetune --freeze all` folder: the trained head is in layer_mix.safetensors
         warnings.warn(f"{path} holds a layer-mix model (fastbert finetune --freeze all): {cls.__name__}'s task "
                       "head is newly initialised, not the trained one; load it with "

@@ -442,12 +442,13 @@ def run(args) -> dict:
         loss_acc = torch.zeros((), dtype=torch.float64, device=device)
         loss_sum, n, checked = 0.0, 0, 0
         for idx in bar:
+            cpu_batch = T.collate([train_f[i] for i in idx])
             if graphed is not None:
                 # padded to its bucket, copied into that graph's inputs, replayed: one launch per step
-                loss = graphed(T.collate([train_f[i] for i in idx]))
+                loss = graphed(cpu_batch)
                 scheduler.step()  # the learning rate is a device tensor the graphs read, updated in place
             else:
-                batch = _to_device(T.collate([train_f[i] for i in idx]), device)
+                batch = _to_device(cpu_batch, device)
                 with R.autocast(precision, device):
                     loss = model(**batch).loss
                 (scaler.scale(loss) if scaler is not None else loss).backward()

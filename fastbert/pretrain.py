@@ -628,9 +628,9 @@ def _run(args, dist: T.Distributed) -> int:
         while step < steps:
             t0 = time.perf_counter()
             prepared = prefetch.get(position)
+            lr_now = _current_lr(scheduler)  # this step's, before the schedule advances
             if graphed is not None:
                 cpu_batch, _, _, real_tokens = prepared.micro_batches[0]
-                lr_now = _current_lr(scheduler)
                 # forward, backward, clipping and AdamW: one replay (the batch is already padded to its shape)
                 parts = graphed(cpu_batch).double()  # (mlm, nsp) or (mlm,)
                 if step + 1 < steps:
@@ -664,7 +664,6 @@ def _run(args, dist: T.Distributed) -> int:
                         nsp_part = nsp_part + nsp_loss.detach().double() * (n_pairs / prepared.n_examples)
                 if step + 1 < steps:
                     prefetch.start(prepared.next_position)  # now: the backward is queued, little is left to launch
-                lr_now = _current_lr(scheduler)
                 optimizer_step(optimizer, scheduler, params, s["max_grad_norm"], scaler)
             losses += dist.all_reduce_(torch.stack([mlm_part, nsp_part]))
             step += 1

@@ -198,7 +198,7 @@ def save_tokenizer(tok: Tokenizer, folder: str, model_max_length: int = 512) -> 
     # transformers' BertTokenizer(Fast) rebuilds a plain BertNormalizer from do_lower_case (transformers 5
     # always, 4 when the flags differ), so a normaliser it cannot express (the Chinese kind's NFKC step)
     # needs the generic class, which AutoTokenizer loads from tokenizer.json exactly as saved.
-    bert_only = json.loads(tok.to_str()).get("normalizer", {}).get("type") == "BertNormalizer"
+    bert_only = isinstance(tok.normalizer, normalizers.BertNormalizer)
     config = {"tokenizer_class": "BertTokenizer" if bert_only else "PreTrainedTokenizerFast", "do_lower_case": lowercase,
               "tokenize_chinese_chars": True, "strip_accents": None,
               "model_max_length": int(model_max_length), "clean_up_tokenization_spaces": False,
