@@ -643,6 +643,69 @@ class BertPreTrainedModel(nn.Module):
         predictions = getattr(cls, "predictions", None)
         return predictions.decoder if predictions is not None else None
 
+    def set_input_embeddings(self, value: nn.Embedding):
+        getattr(self, self.base_model_prefix, self).embeddings.word_embeddings = value
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear):
+        predictions = getattr(getattr(self, "cls", None), "predictions", None)
+        if predictions is None:
+            raise AttributeError(f"{type(self).__name__} has no MLM decoder")
+        predictions.decoder = new_embeddings
+        predictions.bias = new_embeddings.bias  # one Parameter under two names, as in __init__
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """transformers' method: grow or shrink the vocabulary to new_num_tokens rows (rounded up to a
+        multiple of pad_to_multiple_of), keeping the first rows, in the word embeddings, the MLM
+        decoder (re-tied when tied) and its bias; config.vocab_size follows. Rows added with
+        mean_resizing are the mean of the old rows — transformers draws them around that mean with
+        a covariance scaled by 1e-9, a spread of ~3e-5 of the rows' own; without it they are drawn
+        as at initialisation (N(0, initializer_range)). Added bias entries are 0 (transformers 5
+        pads the bias with zeros). Shrinking below pad_token_id sets it to None. The Parameters are
+        new: build the optimizer afterwards.
+        Returns the word-embedding module."""
+        embeddings = self.get_input_embeddings()
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return embeddings
+        for name, value in (("new_num_tokens", new_num_tokens), ("pad_to_multiple_of", pad_to_multiple_of)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        n = embeddings.weight.shape[0] if new_num_tokens is None else new_num_tokens
+        if pad_to_multiple_of is not None:
+            n = -(-n // pad_to_multiple_of) * pad_to_multiple_of
+        embeddings.weight = self._resized_rows(embeddings.weight, n, mean_resizing)
+        embeddings.num_embeddings = n
+        if embeddings.padding_idx is not None and embeddings.padding_idx >= n:
+            # The padding row was cut off. transformers keeps pad_token_id in its config, which then
+            # fails to load (pad_token_id outside the vocabulary); None loads in both.
+            embeddings.padding_idx = self.config.pad_token_id = None
+        decoder = self.get_output_embeddings()
+        if decoder is not None:
+            if not self.config.tie_word_embeddings:
+                decoder.weight = self._resized_rows(decoder.weight, n, mean_resizing)
+            if decoder.bias is not None:
+                decoder.bias = self._resized_rows(decoder.bias, n, mean_resizing=False, init_std=0.0)
+                self.set_output_embeddings(decoder)  # cls.predictions.bias: the same new Parameter
+            decoder.out_features = n
+        self.config.vocab_size = n
+        self.tie_weights()
+        return embeddings
+
+    def _resized_rows(self, weight: torch.Tensor, n: int, mean_resizing: bool,
+                      init_std: float | None = None) -> nn.Parameter:
+        """(old, ...) -> a new (n, ...) Parameter: the first min(old, n) rows kept, the rest initialised."""
+        old = weight.shape[0]
+        with torch.no_grad():
+            new = weight.new_empty(n, *weight.shape[1:])
+            new[:min(old, n)] = weight[:n]
+            if n > old:
+                if mean_resizing:
+                    new[old:] = weight.float().mean(0).to(weight.dtype)
+                else:
+                    std = self.config.initializer_range if init_std is None else init_std
+                    new[old:].normal_(0.0, std)
+        return nn.Parameter(new, requires_grad=weight.requires_grad)
+
     @property
     def device(self):
         return next(self.parameters()).device
@@ -1126,7 +1189,9 @@ class BertForMultipleChoice(BertPreTrainedModel):
         def flat(t):  # (B, C, S, ...) -> (B*C, S, ...)
             return t.reshape(-1, *t.shape[2:]) if t is not None else None
 
-        out = self.bert(flat(input_ids), flat(attention_mask), flat(token_type_ids), flat(position_ids),
+        if position_ids is not None:  # (B, C, S) or one (1, S) row for all, as transformers takes them
+            position_ids = position_ids.reshape(-1, position_ids.shape[-1])  # (B*C, S) or (1, S)
+        out = self.bert(flat(input_ids), flat(attention_mask), flat(token_type_ids), position_ids,
                         inputs_embeds=flat(inputs_embeds), output_hidden_states=output_hidden_states,
                         output_attentions=output_attentions)
         _refuse_packed(type(self).__name__, out.pooler_output)

@@ -459,3 +459,92 @@ def test_dropout_modules_set_the_training_dropout_as_in_transformers():
             assert torch.equal(got, want), unpad
         model.encoder.layer[0].attention.self.dropout.p = 0.3  # attention dropout alone: training now differs
         assert not torch.equal(model(**inputs).last_hidden_state[mask], want)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("new, multiple", [(109, None), (101, 16), (90, None), (None, 64)])
+@pytest.mark.parametrize("name", ["BertForMaskedLM", "BertForPreTraining", "BertForSequenceClassification"])
+def test_resize_token_embeddings_matches_transformers(name, new, multiple, tied, tmp_path):
+    cfg = dict(CONFIGS["gelu-2types"], tie_word_embeddings=tied, pad_token_id=95)
+    hf, ours = make_pair(name, cfg)
+    hf.float()
+    if hasattr(hf, "cls"):  # a bias that is not all zeros, so its added entries are checked too
+        with torch.no_grad():
+            hf.cls.predictions.bias.normal_(0.5, 1.0)
+        ours.load_state_dict(hf.state_dict())
+    got = ours.resize_token_embeddings(new, pad_to_multiple_of=multiple)
+    want = hf.resize_token_embeddings(new, pad_to_multiple_of=multiple)
+    n = want.weight.shape[0]
+    assert got is ours.get_input_embeddings() and got.weight.shape == (n, 32) and ours.config.vocab_size == n
+    assert got.padding_idx == want.padding_idx  # None once the padding row (95) is cut off
+    assert ours.config.pad_token_id == got.padding_idx  # so that the saved config loads
+    theirs = hf.state_dict()
+    mine = ours.state_dict()
+    assert mine.keys() == theirs.keys()
+    for key, value in theirs.items():
+        # added rows: transformers draws them around the old mean with covariance 1e-9 x the old one
+        torch.testing.assert_close(mine[key], value, atol=1e-5, rtol=0, msg=key)
+    decoder = ours.get_output_embeddings()
+    if decoder is not None:
+        assert decoder.out_features == n and decoder.bias is ours.cls.predictions.bias
+        assert (decoder.weight is got.weight) == tied
+    # the resized model runs on the new ids, and transformers loads its checkpoint
+    ids = torch.tensor([[2, n - 1, 5, n - 2]])
+    with torch.no_grad():
+        a, b = ours.eval()(ids), hf.eval()(ids)
+    key = "prediction_logits" if name == "BertForPreTraining" else "logits"
+    torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4)
+    ours.save_pretrained(tmp_path)
+    back = getattr(transformers, name).from_pretrained(tmp_path)
+    assert back.get_input_embeddings().weight.shape == (n, 32)
+
+
+def test_resized_rows_train_and_bad_sizes_are_refused():
+    cfg = dict(CONFIGS["gelu-2types"])
+    model = fastbert.BertForMaskedLM(fastbert.BertConfig(**cfg)).train()
+    old = model.get_input_embeddings().weight.detach().clone()
+    model.resize_token_embeddings(104, mean_resizing=False)
+    emb = model.get_input_embeddings().weight
+    torch.testing.assert_close(emb[:101].detach(), old, rtol=0, atol=0)
+    assert 0 < emb[101:].detach().std() < 0.1  # drawn as at initialisation (std initializer_range)
+    labels = torch.tensor([[103, -100, 102]])
+    model(torch.tensor([[103, 5, 102]]), labels=labels).loss.backward()
+    assert emb.grad is not None and emb.grad[101:].abs().sum() > 0  # the new rows learn
+    assert model.resize_token_embeddings() is model.get_input_embeddings()
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="positive integer"):
+            model.resize_token_embeddings(bad)
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        model.resize_token_embeddings(110, pad_to_multiple_of=0)
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 104\)"):
+        model(torch.tensor([[104]]))
+
+
+def test_set_input_and_output_embeddings():
+    model = fastbert.BertForMaskedLM(fastbert.BertConfig(**CONFIGS["gelu-2types"]))
+    emb = torch.nn.Embedding(101, 32)
+    model.set_input_embeddings(emb)
+    assert model.get_input_embeddings() is emb and model.bert.embeddings.word_embeddings is emb
+    decoder = torch.nn.Linear(32, 101)
+    model.set_output_embeddings(decoder)
+    assert model.get_output_embeddings() is decoder and model.cls.predictions.bias is decoder.bias
+    base = fastbert.BertModel(fastbert.BertConfig(**CONFIGS["gelu-2types"]))
+    base.set_input_embeddings(emb)
+    assert base.get_input_embeddings() is emb
+    with pytest.raises(AttributeError, match="no MLM decoder"):
+        base.set_output_embeddings(decoder)
+
+
+@pytest.mark.parametrize("shape", ["(B, C, S)", "(1, S)"])
+def test_multiple_choice_takes_position_ids_as_transformers_does(shape):
+    cfg = config_for("BertForMultipleChoice", "gelu-2types")
+    hf, ours = make_pair("BertForMultipleChoice", cfg)
+    inputs, labels = make_batch("BertForMultipleChoice", cfg)
+    b, c, s = inputs["input_ids"].shape
+    pos = torch.randint(0, cfg["max_position_embeddings"], (b, c, s) if shape == "(B, C, S)" else (1, s))
+    with torch.no_grad():
+        got = ours.eval()(**inputs, **labels, position_ids=pos)
+        want = hf.eval()(**inputs, **labels, position_ids=pos)
+        base = hf.float()(**inputs, **labels, position_ids=pos)
+    assert_close_to_reference(got.logits, base.logits, want.logits, k=4.0, name="logits")
+    assert_close_to_reference(got.loss, base.loss, want.loss, k=4.0, name="loss")
