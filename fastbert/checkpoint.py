@@ -1,5 +1,6 @@
-"""Checkpoint I/O in Hugging Face's layout: config.json + model.safetensors (or pytorch_model.bin,
-read with weights_only=True, never as an arbitrary pickle).
+"""Checkpoint I/O in Hugging Face's layout: config.json + model.safetensors (or shards listed by
+model.safetensors.index.json, or pytorch_model.bin read with weights_only=True, never as an
+arbitrary pickle).
 
 Loading follows transformers' rules: a bare BertModel checkpoint loads into every head class and
 a head checkpoint into BertModel; missing task-head weights are initialised and named in a warning;
@@ -8,6 +9,7 @@ buffer) is ignored; other unexpected keys are named in a warning.
 """
 from __future__ import annotations
 
+import json
 import os
 import warnings
 
@@ -18,6 +20,7 @@ from .layer_mix import META_FILE as LAYER_MIX_META
 
 SAFETENSORS = "model.safetensors"
 PYTORCH_BIN = "pytorch_model.bin"
+INDEX = ".index.json"  # a sharded checkpoint's map from tensor names to shard files
 # The task-head classes a `fastbert finetune --freeze all` folder (a layer-mix model) may be mistaken for.
 LAYER_MIX_HEADS = ("BertForSequenceClassification", "BertForTokenClassification",
                    "BertForQuestionAnswering", "BertForMultipleChoice")
@@ -30,7 +33,9 @@ IGNORED = ("embeddings.position_ids", "bert.embeddings.position_ids", "embedding
 
 
 def read_state_dict(path: str) -> dict:
-    """Tensors of a checkpoint folder (or a file), with a clear error for a corrupt file."""
+    """Tensors of a checkpoint folder (or a file), with a clear error for a corrupt file. A folder
+    may hold one file or shards listed by an index (model.safetensors.index.json, as transformers
+    writes checkpoints above its max_shard_size)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         for name in (SAFETENSORS, PYTORCH_BIN):
@@ -38,7 +43,11 @@ def read_state_dict(path: str) -> dict:
                 path = os.path.join(path, name)
                 break
         else:
-            raise FileNotFoundError(f"{path} holds neither {SAFETENSORS} nor {PYTORCH_BIN}")
+            for name in (SAFETENSORS, PYTORCH_BIN):
+                if os.path.exists(os.path.join(path, name + INDEX)):
+                    return _read_shards(os.path.join(path, name + INDEX))
+            raise FileNotFoundError(f"{path} holds neither {SAFETENSORS} nor {PYTORCH_BIN} (nor a sharded "
+                                    f"checkpoint's {SAFETENSORS}{INDEX})")
     if path.endswith(".safetensors"):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -52,6 +61,31 @@ def read_state_dict(path: str) -> dict:
         raise ValueError(f"{path} could not be read as a weights-only PyTorch checkpoint: {exc}") from exc
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state dict")
+    return state
+
+
+def _read_shards(index_path: str) -> dict:
+    """The tensors of every shard an index's weight_map names, each checked to hold its keys."""
+    folder = os.path.dirname(index_path)
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map must map tensor names to shard file names")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{index_path} is not a readable checkpoint index: {exc!r}") from exc
+    state = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = os.path.realpath(os.path.join(folder, shard))
+        if os.path.dirname(shard_path) != os.path.realpath(folder):  # a name, not a path out of the folder
+            raise ValueError(f"{index_path}: shard {shard!r} is not a file of that folder")
+        if not os.path.exists(shard_path):
+            raise FileNotFoundError(f"{index_path} names shard {shard}, which is missing")
+        state.update(read_state_dict(shard_path))
+    absent = [f"{key} ({shard})" for key, shard in weight_map.items() if key not in state]
+    if absent:
+        raise ValueError(f"{index_path}: shards lack tensors their index lists: {', '.join(absent[:5])}"
+                         + (f" and {len(absent) - 5} more" if len(absent) > 5 else ""))
     return state
 
 

@@ -216,3 +216,59 @@ def test_setting_num_labels_or_id2label_keeps_the_config_consistent(tmp_path):
     assert cfg.num_labels == 3 and cfg.id2label == {0: "O", 1: "B-PER", 2: "I-PER"}
     fastbert.BertForTokenClassification(cfg).save_pretrained(tmp_path / "three")
     assert fastbert.BertForTokenClassification.from_pretrained(tmp_path / "three").classifier.out_features == 3
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_sharded_checkpoint_written_by_transformers_loads(fmt, tmp_path):
+    hf = transformers.BertForMaskedLM(transformers.BertConfig(**CFG)).eval()
+    if fmt == "safetensors":
+        # a limit well below the model's ~0.1 MB: several shards plus an index, as large models are saved
+        hf.save_pretrained(tmp_path, max_shard_size="20KB")
+        index = tmp_path / "model.safetensors.index.json"
+    else:  # transformers 5 writes safetensors only; older versions wrote .bin shards like these
+        hf.config.save_pretrained(tmp_path)
+        state = {k: v.clone() for k, v in hf.state_dict().items() if k != "cls.predictions.decoder.weight"}
+        names = sorted(state)
+        weight_map = {}
+        for i, part in enumerate((names[:len(names) // 2], names[len(names) // 2:])):
+            torch.save({k: state[k] for k in part}, tmp_path / f"pytorch_model-0000{i + 1}-of-00002.bin")
+            weight_map.update({k: f"pytorch_model-0000{i + 1}-of-00002.bin" for k in part})
+        index = tmp_path / "pytorch_model.bin.index.json"
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shards = set(json.loads(index.read_text())["weight_map"].values())
+    assert len(shards) > 1 and not (tmp_path / "model.safetensors").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = fastbert.BertForMaskedLM.from_pretrained(tmp_path)
+    for key, value in hf.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+    inputs, mask = _inputs("BertForMaskedLM")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs).logits[mask.bool()], hf(**inputs).logits[mask.bool()],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_broken_sharded_checkpoints_raise_naming_the_problem(tmp_path):
+    transformers.BertModel(transformers.BertConfig(**CFG)).save_pretrained(tmp_path, max_shard_size="20KB")
+    index = tmp_path / "model.safetensors.index.json"
+    good = json.loads(index.read_text())
+    shard = sorted(set(good["weight_map"].values()))[0]
+
+    (tmp_path / shard).rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match=f"names shard {shard}, which is missing"):
+        fastbert.BertModel.from_pretrained(tmp_path)
+    (tmp_path / "moved").rename(tmp_path / shard)
+
+    extra = dict(good, weight_map=dict(good["weight_map"], **{"encoder.extra.weight": shard}))
+    index.write_text(json.dumps(extra))
+    with pytest.raises(ValueError, match=r"lack tensors their index lists: encoder.extra.weight"):
+        fastbert.BertModel.from_pretrained(tmp_path)
+
+    escape = dict(good, weight_map=dict(good["weight_map"], **{"encoder.extra.weight": "../elsewhere.safetensors"}))
+    index.write_text(json.dumps(escape))
+    with pytest.raises(ValueError, match="not a file of that folder"):
+        fastbert.BertModel.from_pretrained(tmp_path)
+
+    index.write_text("{not json")
+    with pytest.raises(ValueError, match="not a readable checkpoint index"):
+        fastbert.BertModel.from_pretrained(tmp_path)
