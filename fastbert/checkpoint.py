@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections import Counter
 
 import torch
 
@@ -159,9 +160,14 @@ def load_pretrained(cls, path, dtype=None, **config_overrides):
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a checkpoint folder (config.json + {SAFETENSORS})")
+    dtype = _resolve_dtype(dtype)
     config = BertConfig.from_pretrained(path, **config_overrides)
     model = cls(config)
-    load_state_dict_into(model, read_state_dict(path))
+    state = read_state_dict(path)
+    if dtype == "auto":  # the dtype the checkpoint stores (transformers 5's default)
+        stored = Counter(t.dtype for t in state.values() if t.is_floating_point())
+        dtype = stored.most_common(1)[0][0] if stored else None
+    load_state_dict_into(model, state)
     if cls.__name__ in LAYER_MIX_HEADS and os.path.exists(os.path.join(path, LAYER_MIX_META)):
         # a `fastbert finetune --freeze all` folder: the trained head is in layer_mix.safetensors
         warnings.warn(f"{path} holds a layer-mix model (fastbert finetune --freeze all): {cls.__name__}'s task "
@@ -170,6 +176,17 @@ def load_pretrained(cls, path, dtype=None, **config_overrides):
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def _resolve_dtype(dtype):
+    """None (float32, as the classes build), "auto", a floating torch.dtype or its name ("bfloat16")."""
+    if dtype is None or dtype == "auto":
+        return dtype
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be None, 'auto' or a floating torch.dtype (or its name), got {dtype!r}")
+    return dtype
 
 
 def save_pretrained(model, path) -> None:

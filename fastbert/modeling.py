@@ -740,6 +740,8 @@ class BertPreTrainedModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, **config_overrides):
+        """dtype None builds float32 whatever the checkpoint stores (transformers 4's default);
+        "auto" keeps the checkpoint's dtype (transformers 5's default); a torch.dtype or its name casts."""
         from .checkpoint import load_pretrained
         return load_pretrained(cls, path, dtype=dtype, **config_overrides)
 

@@ -121,6 +121,10 @@ def test_bin_with_arbitrary_pickle_is_refused(tmp_path):
 def test_from_pretrained_dtype_and_missing_folder(tmp_path):
     fastbert.BertModel(fastbert.BertConfig(**CFG)).save_pretrained(tmp_path)
     assert fastbert.BertModel.from_pretrained(tmp_path, dtype=torch.float64).dtype == torch.float64
+    assert fastbert.BertModel.from_pretrained(tmp_path, dtype="float16").dtype == torch.float16
+    for bad in ("int8", "fp32", torch.int64, 3):
+        with pytest.raises(ValueError, match="floating torch.dtype"):
+            fastbert.BertModel.from_pretrained(tmp_path, dtype=bad)
     with pytest.raises(FileNotFoundError):
         fastbert.BertModel.from_pretrained(tmp_path / "nope")
 
@@ -272,3 +276,13 @@ def test_broken_sharded_checkpoints_raise_naming_the_problem(tmp_path):
     index.write_text("{not json")
     with pytest.raises(ValueError, match="not a readable checkpoint index"):
         fastbert.BertModel.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_auto_dtype_keeps_what_the_checkpoint_stores_as_transformers_does(tmp_path):
+    hf = transformers.BertModel(transformers.BertConfig(**CFG)).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path)
+    auto = fastbert.BertModel.from_pretrained(tmp_path, dtype="auto")
+    assert auto.dtype == transformers.BertModel.from_pretrained(tmp_path, dtype="auto").dtype == torch.bfloat16
+    assert fastbert.BertModel.from_pretrained(tmp_path).dtype == torch.float32  # None: float32, as documented
+    for key, value in hf.state_dict().items():
+        assert torch.equal(auto.state_dict()[key], value), key
