@@ -70,7 +70,8 @@ import torch.nn.functional as F
 from . import trainer as T
 from .pretraining_data import (CorpusError, PretrainingData, collate, collate_packed, iter_sentences,
                                split_documents, tokenize_corpus)
-from .tokenization import TOKENIZER_FILES, TokenizerError, build_tokenizer, load_tokenizer, save_tokenizer
+from .tokenization import (SPECIAL_TOKENS, TOKENIZER_FILES, TokenizerError, build_tokenizer, load_tokenizer,
+                           save_tokenizer)
 
 # Settings that define a run: fixed when it starts, read back from run_args.json on --resume.
 RUN_DEFAULTS = {
@@ -252,9 +253,19 @@ def _build_config(s: dict, vocab_size: int):
 
 
 def _check_settings(s: dict, dist: T.Distributed) -> None:
-    for k in ("seq_len", "batch_size", "grad_accum", "steps"):
-        if int(s[k]) < 1:
+    """Every setting checked before run_args.json is written (a resumed run would be stuck with it)."""
+    for k in ("seq_len", "batch_size", "grad_accum", "steps", "eval_examples", "log_every", "save_every"):
+        if s[k] is not None and int(s[k]) < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be at least 1, got {s[k]}")
+    for k in ("warmup_steps", "eval_every", "weight_decay", "max_grad_norm"):  # 0: none / at the end / off
+        if s[k] is not None and not s[k] >= 0:
+            raise ValueError(f"--{k.replace('_', '-')} must be at least 0, got {s[k]}")
+    if s["vocab_size"] < len(SPECIAL_TOKENS) + 1:
+        raise ValueError(f"--vocab-size must hold the {len(SPECIAL_TOKENS)} special tokens and more, got {s['vocab_size']}")
+    if not 0 <= s["short_seq_prob"] <= 1:
+        raise ValueError(f"--short-seq-prob must be in [0, 1], got {s['short_seq_prob']}")
+    if not 0 <= s["eval_fraction"] < 1:
+        raise ValueError(f"--eval-fraction must be in [0, 1), got {s['eval_fraction']}")
     if s["seq_len"] < 8:
         raise ValueError(f"--seq-len {s['seq_len']} is too short (at least 8)")
     if s["max_example_len"] is not None and not 8 <= s["max_example_len"] <= s["seq_len"]:
@@ -369,6 +380,8 @@ def _run(args, dist: T.Distributed) -> int:
     if args.resume and not args.out:
         raise ValueError("--resume needs --out DIR (the run to continue)")
     out = args.out or dist.broadcast(os.path.join("runs", time.strftime("pretrain-%Y%m%d-%H%M%S")))
+    if args.keep_checkpoints < 1:
+        raise ValueError(f"--keep-checkpoints must be at least 1, got {args.keep_checkpoints}")
     ckpts = T.CheckpointManager(out, keep=args.keep_checkpoints)
     stored = None
     if os.path.isdir(out) and not args.resume and (

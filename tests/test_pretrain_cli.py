@@ -533,6 +533,17 @@ def test_bad_lr_or_dropout_is_refused_before_the_run_folder_is_written(corpus, t
     _fails_cleanly(capsys, out, run(corpus, out, "--steps", "1", "--dropout", "1.5"), "--dropout")
 
 
+@pytest.mark.parametrize("flag, value", [
+    ("--warmup-steps", "-5"), ("--weight-decay", "-1"), ("--max-grad-norm", "-1"), ("--eval-every", "-3"),
+    ("--save-every", "0"), ("--log-every", "0"), ("--eval-examples", "0"), ("--keep-checkpoints", "0"),
+    ("--eval-fraction", "1.5"), ("--eval-fraction", "-0.1"), ("--short-seq-prob", "1.5"), ("--vocab-size", "0")])
+def test_out_of_range_settings_are_refused_before_the_run_folder_is_written(corpus, tmp_path, capsys, flag, value):
+    """Each ran before: a negative --max-grad-norm flipped every gradient's sign, --eval-fraction 1.5
+    and --eval-examples 0 silently dropped the evaluation, --save-every 0 meant the default."""
+    out = tmp_path / "never"
+    _fails_cleanly(capsys, out, run(corpus, out, "--steps", "1", flag, value), flag)
+
+
 def test_a_corpus_given_twice_is_refused(corpus, tmp_path, capsys):
     """The same file twice doubled every document: held-out documents' copies were trained on."""
     out = tmp_path / "never"
