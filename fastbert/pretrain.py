@@ -257,7 +257,8 @@ def _check_settings(s: dict, dist: T.Distributed) -> None:
     for k in ("seq_len", "batch_size", "grad_accum", "steps", "eval_examples", "log_every", "save_every"):
         if s[k] is not None and int(s[k]) < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be at least 1, got {s[k]}")
-    for k in ("warmup_steps", "eval_every", "weight_decay", "max_grad_norm"):  # 0: none / at the end / off
+    # 0: no warm-up / evaluate at the end / no decay / no clipping. `not >= 0` also refuses NaN.
+    for k in ("warmup_steps", "eval_every", "weight_decay", "max_grad_norm", "lr"):
         if s[k] is not None and not s[k] >= 0:
             raise ValueError(f"--{k.replace('_', '-')} must be at least 0, got {s[k]}")
     if s["vocab_size"] < len(SPECIAL_TOKENS) + 1:
@@ -272,9 +273,6 @@ def _check_settings(s: dict, dist: T.Distributed) -> None:
         raise ValueError(f"--max-example-len must lie in [8, --seq-len {s['seq_len']}], got {s['max_example_len']}")
     if not 0 < s["mask_prob"] < 1:
         raise ValueError(f"--mask-prob must be in (0, 1), got {s['mask_prob']}")
-    # checked here, not by AdamW / nn.Dropout once run_args.json is written (the run would be stuck with them)
-    if s["lr"] is not None and not s["lr"] >= 0:
-        raise ValueError(f"--lr must be at least 0, got {s['lr']}")
     if s["dropout"] is not None and not 0 <= s["dropout"] <= 1:
         raise ValueError(f"--dropout must be in [0, 1], got {s['dropout']}")
     if s["batch_size"] % (dist.world_size * s["grad_accum"]):
