@@ -16,6 +16,10 @@ only when --test is given), and ``predictions.jsonl`` with one line per test exa
 metrics.json also records the run: the per-epoch "history", "train_seconds" (wall time of the
 training steps only: forward, backward, optimizer; dev evaluations excluded, the device synchronised
 before the clock is read), "eval_seconds", "impl", "device", "precision" and "threads".
+As the run goes: ``history.jsonl`` gets the training loss of every 10 steps and each epoch's dev
+metrics (written after the epoch, outside the timed steps), and the model is saved to OUT whenever
+dev improves — so a crash or Ctrl-C keeps the best epoch so far (OUT then lacks metrics.json, which
+is written last). ``training_curve.png`` plots history.jsonl at the end.
 
 ``--device`` / ``--precision`` mean what they mean for ``fastbert pretrain`` (fastbert.runtime):
 default cuda when a GPU is visible; auto precision = bf16 autocast on a GPU with bf16, fp32 on the CPU.
@@ -67,6 +71,7 @@ import torch
 
 from . import runtime as R
 from . import tasks as T
+from . import trainer as TR
 from .metrics import accuracy, entity_f1, squad_scores
 from .runtime import add_device_arguments
 
@@ -76,7 +81,9 @@ HEADS = {"classify": "BertForSequenceClassification", "pair": "BertForSequenceCl
          "choice": "BertForMultipleChoice"}
 
 
-CHECK_EVERY = 10  # training steps between reads of the loss (finiteness check, progress bar)
+CHECK_EVERY = 10  # training steps between reads of the loss (finiteness check, progress bar, history)
+HISTORY_FILE = "history.jsonl"  # a row per CHECK_EVERY steps (loss) and per epoch (dev metrics)
+CURVE_FILE = "training_curve.png"
 
 
 class UsageError(ValueError):
@@ -398,6 +405,14 @@ def run(args) -> dict:
             raise PermissionError(13, "Permission denied")
     except OSError as e:
         raise UsageError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
+    # An earlier run's outputs that this run may not write would pass for this run's: metrics.json
+    # appears only when the run is complete, the rest as it goes.
+    from .layer_mix import HEAD_FILE, META_FILE
+    stale = ["metrics.json", "predictions.jsonl", HISTORY_FILE, CURVE_FILE] + (
+        [] if freeze == "all" else [HEAD_FILE, META_FILE])
+    for name in stale:
+        if os.path.isfile(os.path.join(args.out, name)):
+            os.unlink(os.path.join(args.out, name))
 
     model = build_model(task, args.model, labels, freeze, random_init=args.random_init)
     if args.impl == "transformers":
@@ -422,6 +437,7 @@ def run(args) -> dict:
 
     metric = PRIMARY[task]
     best, best_state, history = -1.0, None, []
+    log = TR.MetricsLog(os.path.join(args.out, HISTORY_FILE))
     progress = not args.no_progress
     train_seconds = eval_seconds = 0.0
     t_start = time.perf_counter()
@@ -446,6 +462,7 @@ def run(args) -> dict:
         # a host sync per step would keep a GPU waiting on Python
         loss_acc = torch.zeros((), dtype=torch.float64, device=device)
         loss_sum, n, checked = 0.0, 0, 0
+        rows = []  # the loss of every CHECK_EVERY steps, written to history.jsonl after the epoch
         for idx in bar:
             cpu_batch = T.collate([train_f[i] for i in idx])
             if graphed is not None:
@@ -461,10 +478,12 @@ def run(args) -> dict:
             loss_acc += loss.detach()
             n += 1
             if n % CHECK_EVERY == 0 or n == len(batches):
-                loss_sum = float(loss_acc)
+                window, loss_sum = float(loss_acc) - loss_sum, float(loss_acc)
                 if not math.isfinite(loss_sum):
                     raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1}, "
                                              f"steps {checked + 1}..{n} of the epoch")
+                rows.append({"step": epoch * steps_per_epoch + n, "epoch": epoch + 1,
+                             "loss": window / (n - checked)})
                 checked = n
                 if progress:
                     bar.set_postfix(loss=f"{loss_sum / n:.4f}")
@@ -476,12 +495,20 @@ def run(args) -> dict:
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(n, 1), **dev_metrics,
                         "train_seconds": round(train_seconds, 2),
                         "elapsed_seconds": round(time.perf_counter() - t_start, 2)})
+        improved = dev_metrics[metric] > best
         _log(f"epoch {epoch + 1}: train loss {loss_sum / max(n, 1):.4f}, dev {metric} {dev_metrics[metric]:.4f} "
-             f"({train_seconds:.1f} s of training so far)")
-        if dev_metrics[metric] > best:
+             f"({train_seconds:.1f} s of training so far)" + ("; best so far, saved" if improved else ""))
+        if improved:
             best = dev_metrics[metric]
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             best_dev, best_epoch = dev_metrics, epoch + 1
+            # on disk at once: a crash or Ctrl-C later in the run keeps the best model so far
+            model.save_pretrained(args.out)
+            T.copy_tokenizer_files(args.model, args.out)
+        rows.append({"step": (epoch + 1) * steps_per_epoch, "epoch": epoch + 1, "train_loss": history[-1]["train_loss"],
+                     **{f"dev_{k}": v for k, v in dev_metrics.items() if k != "n"}, "saved": improved})
+        for row in rows:
+            log.write(row)
     total_seconds = time.perf_counter() - t_start
 
     model.load_state_dict(best_state)
@@ -500,15 +527,8 @@ def run(args) -> dict:
         test_metrics, preds = evaluate(model, task, test_ex, test_f, labels, args, device=device,
                                        precision=precision)
         result["test"] = test_metrics
-    os.makedirs(args.out, exist_ok=True)
-    # an earlier run's outputs that this run does not write would pass for this run's
-    from .layer_mix import HEAD_FILE, META_FILE
-    stale = ([] if test_ex is not None else ["predictions.jsonl"]) + ([] if freeze == "all" else [HEAD_FILE, META_FILE])
-    for name in stale:
-        if os.path.isfile(os.path.join(args.out, name)):
-            os.unlink(os.path.join(args.out, name))
-    model.save_pretrained(args.out)
-    T.copy_tokenizer_files(args.model, args.out)
+    TR.plot_metrics(log.path, os.path.join(args.out, CURVE_FILE), title=f"fastbert finetune --task {task}",
+                   scores=tuple((f"dev_{k}", f"dev {k.replace('_', ' ')}") for k in best_dev if k != "n"))
     if test_ex is not None:
         key = {"ner": "tags", "qa": "answer"}.get(task, "label")
         with open(os.path.join(args.out, "predictions.jsonl"), "w", encoding="utf-8") as f:
@@ -518,8 +538,7 @@ def run(args) -> dict:
     if "test" in result:
         ordered["test"] = result.pop("test")
     ordered.update(result)
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump(ordered, f, indent=2)
+    TR.atomic_write_json(os.path.join(args.out, "metrics.json"), ordered)
     _log(f"best epoch {best_epoch}: dev {metric} {best:.4f}"
          + (f", test {metric} {ordered['test'][metric]:.4f}" if "test" in ordered else "")
          + f"; {train_seconds:.1f} s of training; wrote {args.out}")
@@ -533,6 +552,18 @@ def main(args) -> int:
         print(f"fastbert finetune: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # a non-finite training loss: the run stops, as fastbert pretrain's does
-        print(f"fastbert finetune: error: {e}", file=sys.stderr)
+        print(f"fastbert finetune: error: {e}{_kept(args.out)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"fastbert finetune: interrupted{_kept(args.out)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def _kept(out: str) -> str:
+    """What a stopped run left in OUT: the best epoch saved so far, read back from history.jsonl."""
+    saved = [r for r in TR.read_metrics(os.path.join(out, HISTORY_FILE)) if r.get("saved")]
+    if not saved:
+        return "; no epoch finished, nothing saved"
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in saved[-1].items() if k.startswith("dev_"))
+    return f"; {out} holds the best epoch so far (epoch {saved[-1]['epoch']}: {scores}), without metrics.json"

@@ -321,8 +321,12 @@ class MetricsLog:
             os.fsync(f.fileno())
 
 
-def plot_metrics(metrics_path: str, png_path: str, title: str = "") -> None:
-    """Loss curves (left) and held-out accuracies (right) from metrics.jsonl, written atomically."""
+PRETRAIN_SCORES = (("mlm_accuracy", "held-out MLM accuracy"), ("nsp_accuracy", "held-out NSP accuracy"))
+
+
+def plot_metrics(metrics_path: str, png_path: str, title: str = "", scores=PRETRAIN_SCORES) -> None:
+    """Loss curves (left) and held-out scores in [0, 1] (right: the (key, label) pairs of ``scores``)
+    from a metrics.jsonl, written atomically."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -340,12 +344,12 @@ def plot_metrics(metrics_path: str, png_path: str, title: str = "") -> None:
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
-    for key, label in (("mlm_accuracy", "held-out MLM accuracy"), ("nsp_accuracy", "held-out NSP accuracy")):
+    for key, label in scores:
         pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         if pts:
             ax_acc.plot(*zip(*pts), label=label, marker="o")
     ax_acc.set_xlabel("step")
-    ax_acc.set_ylabel("accuracy")
+    ax_acc.set_ylabel("accuracy" if scores is PRETRAIN_SCORES else "score")
     ax_acc.set_ylim(0, 1)
     ax_acc.grid(alpha=0.3)
     if ax_acc.lines:

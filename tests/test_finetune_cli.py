@@ -539,3 +539,57 @@ def test_layer_mix_folder_loaded_as_a_head_class_names_layer_mix_model(micro_mod
     back = LayerMixModel.from_pretrained(str(tmp_path))  # the loader that does give the trained model back
     ids = torch.tensor([[2, 9, 10, 3]])
     torch.testing.assert_close(back(ids).logits, mix.eval()(ids).logits)
+
+
+# `fastbert finetune` as it goes: history.jsonl, the best epoch on disk at once, a training curve
+
+def _classify_run(micro_model, tmp_path, *extra):
+    files = make_data("classify", tmp_path, random.Random(3))
+    out = tmp_path / "o"
+    rc = cli(["finetune", "--task", "classify", "--model", micro_model, "--train", files["train"],
+              "--dev", files["dev"], "--out", str(out), "--device", "cpu", "--no-progress",
+              "--batch-size", "4", "--epochs", "3", "--lr", "1e-3", *extra])
+    return rc, out
+
+
+def test_finetune_writes_its_history_and_curve(micro_model, tmp_path):
+    rc, out = _classify_run(micro_model, tmp_path)
+    assert rc == 0
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    metrics = json.loads((out / "metrics.json").read_text())
+    epochs = [r for r in rows if "dev_accuracy" in r]
+    losses = [r for r in rows if "loss" in r]
+    # 24 examples / batch 4 = 6 steps an epoch: one loss row at step 6 of each epoch (CHECK_EVERY 10)
+    assert [r["step"] for r in losses] == [6, 12, 18] and [r["step"] for r in epochs] == [6, 12, 18]
+    for r, h in zip(epochs, metrics["history"]):
+        assert r["dev_accuracy"] == h["accuracy"] and r["train_loss"] == pytest.approx(h["train_loss"])
+    for r in losses:  # a whole epoch's window: its mean is the epoch's train loss
+        assert r["loss"] == pytest.approx(epochs[r["epoch"] - 1]["train_loss"])
+    best = max(range(3), key=lambda i: (epochs[i]["dev_accuracy"], -i))
+    assert metrics["best_epoch"] == best + 1 and epochs[best]["saved"]
+    assert (out / "training_curve.png").stat().st_size > 10_000
+
+
+def test_an_interrupted_finetune_keeps_the_best_epoch_so_far(micro_model, tmp_path, capsys, monkeypatch):
+    import fastbert.finetune as F
+    real, calls = F.evaluate, []
+
+    def evaluate(*args, **kwargs):  # Ctrl-C during the third epoch's dev evaluation
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "evaluate", evaluate)
+    rc, out = _classify_run(micro_model, tmp_path)
+    assert rc == 130
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if "dev_accuracy" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2] and epochs[0]["saved"]
+    kept = max((r for r in epochs if r["saved"]), key=lambda r: r["epoch"])
+    err = capsys.readouterr().err
+    assert f"interrupted; {out} holds the best epoch so far (epoch {kept['epoch']}: dev_accuracy" in err
+    assert not (out / "metrics.json").exists()
+    from fastbert.modeling import BertForSequenceClassification
+    model = BertForSequenceClassification.from_pretrained(str(out))  # the saved epoch loads, head included
+    assert model.config.id2label == {0: "neg", 1: "pos"}
