@@ -14,7 +14,9 @@ chapters of Jane Austen's Emma) and writes ``runs/pretrain-<date>-<time>/``:
 
 ``--resume`` continues the run in ``--out`` from its last checkpoint with the settings saved in
 run_args.json (it starts from the beginning if there is no checkpoint yet, and exits 0 at once when
-the run is finished). Under ``torchrun --nproc-per-node N`` each process takes 1/N of every global
+the run is finished). SIGINT (Ctrl-C) or SIGTERM stops a run at the end of its step with a
+checkpoint (under torchrun at the next metrics row, where the processes agree) and exits 128 +
+the signal's number. Under ``torchrun --nproc-per-node N`` each process takes 1/N of every global
 batch (``--batch-size`` is the global batch); the loss is the mean over all masked tokens of the
 global batch whatever N and ``--grad-accum`` are, so runs with the same seed train the same model.
 
@@ -59,6 +61,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -369,6 +372,10 @@ def main(args) -> int:
     except FloatingPointError as e:
         print(f"fastbert pretrain: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before the training loop, or a second Ctrl-C inside it
+        print("fastbert pretrain: interrupted (the last checkpoint, if any, is intact; --resume continues)",
+              file=sys.stderr)
+        return 130
     finally:
         dist.shutdown()
 
@@ -635,7 +642,8 @@ def _run(args, dist: T.Distributed) -> int:
     losses = torch.tensor([acc["mlm"], acc["nsp"]], dtype=torch.float64, device=device)  # Σ since the last row
     n_logged, tokens_since, time_since = acc["n"], 0.0, 0.0
     bar = T.progress_bar(steps, step, enabled=dist.is_main and not args.no_progress)
-    try:
+    stop, stopped = T.StopSignals(), None
+    with stop, contextlib.closing(prefetch):
         while step < steps:
             t0 = time.perf_counter()
             prepared = prefetch.get(position)
@@ -682,7 +690,13 @@ def _run(args, dist: T.Distributed) -> int:
             tokens_since += real_tokens
             position = prepared.next_position
             logging = step % log_every == 0 or step == steps or bool(eval_every and step % eval_every == 0)
-            saving = step % save_every == 0 or step == steps
+            # SIGINT / SIGTERM: stop here with a checkpoint. Processes agree at metrics rows (a collective
+            # every step would cost a sync); one process stops at the step the signal arrives in.
+            if dist.enabled:
+                stopping = logging and dist.sum_floats([float(stop.signal is not None)])[0] > 0
+            else:
+                stopping = stop.signal is not None
+            saving = step % save_every == 0 or step == steps or stopping
             if logging or saving:
                 # The host waits for the device here, and only here: the losses since the last row and,
                 # before a checkpoint, whether every weight is finite (the last update may have broken them).
@@ -722,9 +736,14 @@ def _run(args, dist: T.Distributed) -> int:
             if saving:
                 acc = {"mlm": 0.0, "nsp": 0.0, "n": 0} if logging else {"mlm": mlm_sum, "nsp": nsp_sum, "n": n_logged}
                 save(step)
-    finally:
-        prefetch.close()
+            if stopping and step < steps:
+                stopped = stop.signal or signal.SIGTERM  # (another process received it)
+                break
     bar.close()
+    if stopped is not None:
+        _log(dist, f"stopped by {stopped.name} at step {step} of {steps}: checkpoint {ckpts.latest()} written; "
+                   f"`fastbert pretrain --out {out} --resume` continues the run")
+        return 128 + stopped.value  # the shell's code for a process ended by that signal
     if dist.is_main:
         rows = T.read_metrics(metrics.path)
         last_eval = next((r for r in reversed(rows) if "mlm_accuracy" in r), None)

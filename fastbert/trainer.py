@@ -20,7 +20,10 @@ import datetime
 import json
 import os
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -366,6 +369,45 @@ def plot_metrics(metrics_path: str, png_path: str, title: str = "", scores=PRETR
         plt.close(fig)
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (what schedulers send before they preempt a job) ask a training
+    loop to stop at its next step boundary, where it can write a checkpoint, instead of dying with
+    the work since the last one. A second Ctrl-C interrupts at once (KeyboardInterrupt).
+
+        with StopSignals() as stop:
+            while ...:
+                train_step()
+                if stop.signal: save(); break
+
+    Handlers are installed only from the main thread (Python delivers signals there) and put back on exit.
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signal = None  # the first signal received (signal.Signals), None while running
+        self._previous = {}
+
+    def __enter__(self):
+        if self.enabled:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is None:
+            self.signal = signal.Signals(signum)
+            print(f"\n{self.signal.name}: stopping after this step and writing a checkpoint "
+                  f"(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        return False
 
 
 def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "pretrain"):

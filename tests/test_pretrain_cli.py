@@ -556,3 +556,46 @@ def test_an_unusable_device_is_refused_with_a_message(corpus, tmp_path, capsys):
     _fails_cleanly(capsys, out, run(corpus, out, "--device", "gpu0"), "--device gpu0")
     if not torch.cuda.is_available():
         _fails_cleanly(capsys, out, run(corpus, out, "--device", "cuda"), "--device cuda")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+def test_a_stop_signal_checkpoints_the_step_and_resume_matches(corpus, vocab, tmp_path, sig):
+    """SIGTERM (a scheduler's preemption) or Ctrl-C: the run writes a checkpoint at the end of the
+    step and exits 128 + signal; --resume then ends bitwise where an uninterrupted run ends (before,
+    everything since the last --save-every checkpoint was lost)."""
+    steps = ["--tokenizer", vocab, "--steps", "30", "--log-every", "1", "--eval-every", "0", "--save-every", "1000"]
+    assert run(corpus, tmp_path / "straight", *steps) == 0
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "fastbert.cli", "pretrain", "--corpus", corpus, "--out", str(out), *MICRO,
+           "--cache-dir", str(tmp_path / "cache"), *steps]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while len(read_metrics(out / "metrics.jsonl")) < 3:  # training has begun
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it was signalled"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 128 + sig.value, err
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert len(ckpts) == 1, ckpts
+    stopped_at = int(ckpts[0].split("-")[1])
+    assert 3 <= stopped_at < 30 and f"stopped by {sig.name} at step {stopped_at} of 30" in err
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, stopped_at + 1))
+    assert run(corpus, out, *steps, "--resume") == 0
+    assert metric_rows(out) == metric_rows(tmp_path / "straight")
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
+
+
+def test_stop_signals_ask_once_then_interrupt_and_put_the_handlers_back(capsys):
+    from fastbert.trainer import StopSignals
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with StopSignals() as stop:
+        assert stop.signal is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)  # let the interpreter run the handler
+        assert stop.signal == signal.SIGTERM
+        assert "SIGTERM: stopping after this step" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):  # a Ctrl-C after the request stops at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
