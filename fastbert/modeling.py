@@ -144,11 +144,12 @@ class _Packed:
             # the rows a caller reads, plus every example's first token and column 0 (the pooler's)
             keep = (output_rows.bool() | self.starts) & real  # (B, S)
             keep[:, 0] |= real[:, 0]
-        stats = [real.sum(), boundary.sum(), lengths.max(), bad.sum(), m.max()] if m.numel() else []
+        stats = [real.sum(), boundary.sum(), lengths.max(), bad.sum(), m.max(), (~real[:, 0]).sum()] if m.numel() else []
         if keep is not None:
             stats.append(keep.sum())
-        total, n_seqs, self.max_seqlen, n_bad, top, *n_keep = (
-            torch.stack(stats).tolist() if stats else (0, self.batch, 0, 0, 0))
+        total, n_seqs, self.max_seqlen, n_bad, top, n_lead_pad, *n_keep = (
+            torch.stack(stats).tolist() if stats else (0, self.batch, 0, 0, 0, 0))
+        self.lead_padding = n_lead_pad > 0  # some row starts with padding (left padding)
         if n_bad:
             raise ValueError(
                 f"attention_mask: {n_bad} token(s) break the packed-example numbering; a row must number "
@@ -862,6 +863,10 @@ class BertModel(BertPreTrainedModel):
         if output_rows is not None and tuple(output_rows.shape) != (batch, seq):
             raise ValueError(f"output_rows has shape {tuple(output_rows.shape)} but the input is {(batch, seq)}")
         layout = None if padded else _Packed(attention_mask, None if output_hidden_states else output_rows)
+        if layout is not None and layout.lead_padding and not layout.packed and self.pooler is not None:
+            # The pooler reads column 0, padding in a left-padded row; transformers runs that position
+            # through every layer (a query over the row's real keys). The padded layout does the same.
+            layout = None
         if position_ids is None:
             if layout is not None and layout.packed:
                 position_ids = layout.position_ids()

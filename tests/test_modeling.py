@@ -548,3 +548,23 @@ def test_multiple_choice_takes_position_ids_as_transformers_does(shape):
         base = hf.float()(**inputs, **labels, position_ids=pos)
     assert_close_to_reference(got.logits, base.logits, want.logits, k=4.0, name="logits")
     assert_close_to_reference(got.loss, base.loss, want.loss, k=4.0, name="loss")
+
+
+@pytest.mark.parametrize("name", ["BertModel", "BertForSequenceClassification", "BertForNextSentencePrediction",
+                                  "BertForMultipleChoice"])
+def test_left_padding_gives_transformers_pooled_output(name):
+    """The pooler reads column 0, a padding position in a left-padded row: transformers computes a
+    hidden state there (a query over the row's real keys), and so must fastbert for pooler_output
+    and every head that reads it."""
+    cfg = config_for(name, "gelu-2types")
+    hf, ours = make_pair(name, cfg)
+    inputs, labels = make_batch(name, cfg)
+    inputs = {k: v.flip(-1) for k, v in inputs.items()}  # right padding becomes left padding
+    with torch.no_grad():
+        got = ours.eval()(**inputs, **labels)
+        want = hf.eval()(**inputs, **labels)
+        base = copy.deepcopy(hf).float()(**inputs, **labels)
+    key = "pooler_output" if name == "BertModel" else "logits"
+    assert_close_to_reference(got[key], base[key], want[key], k=4.0, name=key)
+    if name != "BertModel":
+        assert_close_to_reference(got.loss, base.loss, want.loss, k=4.0, name="loss")
