@@ -34,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="CUDA only: replay each batch as a CUDA graph (one per length bucket of 32 tokens; "
                         "fastest for small batches, whose eager run is bound by the host)")
@@ -76,10 +77,11 @@ def read_lines(path: str | None) -> list[str]:
 
 
 def embed(model, tok, texts, pooling="mean", normalize=False, batch_size=64, max_length=512,
-          device=None, precision="fp32", cuda_graphs=False):
+          device=None, precision="fp32", cuda_graphs=False, progress=False):
     """(len(texts), hidden) float32 embeddings; batches are length-sorted and padded per batch.
     The model must already be on `device` (default: the CPU). cuda_graphs: replay each batch as a
-    CUDA graph (fastbert.cuda_graphs.GraphedEncoder; the padded layout, one graph per 32-token bucket)."""
+    CUDA graph (fastbert.cuda_graphs.GraphedEncoder; the padded layout, one graph per 32-token bucket).
+    progress: a tqdm bar on stderr counting texts."""
     device = torch.device("cpu") if device is None else torch.device(device)
     feats, info = T.build_features("classify", [{"text": t} for t in texts], tok, max_length)
     out = torch.empty(len(texts), model.config.hidden_size)
@@ -89,8 +91,11 @@ def embed(model, tok, texts, pooling="mean", normalize=False, batch_size=64, max
         from .cuda_graphs import GraphedEncoder
         graphed = GraphedEncoder(model, batch_size=batch_size, seq_buckets=length_buckets(max_length),
                                  pooling=pooling, normalize=normalize, autocast_dtype=R.autocast_dtype(precision))
-    with torch.inference_mode():
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(texts), unit="text", desc="encode", disable=not progress, dynamic_ncols=True)
+    with torch.inference_mode(), bar:
         for idx in T.bucket_batches([T.length_of(f) for f in feats], batch_size, shuffle=False):
+            bar.update(len(idx))  # counted as the batch starts (the device runs ahead of the host)
             b = T.collate([feats[i] for i in idx])
             if graphed is not None:  # CPU tensors: padded to the bucket there, then one copy each
                 out[idx] = graphed(b["input_ids"], b["attention_mask"], b["token_type_ids"]).cpu()
@@ -134,7 +139,7 @@ def main(args) -> int:
         print("fastbert encode: error: no input lines", file=sys.stderr)
         return 2
     emb, n_trunc = embed(model, tok, texts, args.pooling, args.normalize, args.batch_size, max_length,
-                         device, precision, cuda_graphs=args.cuda_graphs)
+                         device, precision, cuda_graphs=args.cuda_graphs, progress=not args.no_progress)
     if n_trunc:
         print(f"fastbert encode: {n_trunc} of {len(texts)} texts truncated to {max_length} tokens",
               file=sys.stderr)

@@ -593,3 +593,15 @@ def test_an_interrupted_finetune_keeps_the_best_epoch_so_far(micro_model, tmp_pa
     from fastbert.modeling import BertForSequenceClassification
     model = BertForSequenceClassification.from_pretrained(str(out))  # the saved epoch loads, head included
     assert model.config.id2label == {0: "neg", 1: "pos"}
+
+
+def test_encode_shows_progress_unless_asked_not_to(micro_model, tmp_path, capsys):
+    inp = tmp_path / "in.txt"
+    inp.write_text("".join(f"the cat sat {i}\n" for i in range(9)))
+    base = ["encode", "--model", micro_model, "--input", str(inp), "--output", str(tmp_path / "e.npy"),
+            "--device", "cpu", "--batch-size", "4"]
+    assert cli(base) == 0
+    err = capsys.readouterr().err
+    assert "encode: 100%" in err and "9/9" in err
+    assert cli(base + ["--no-progress"]) == 0
+    assert "encode:" not in capsys.readouterr().err
