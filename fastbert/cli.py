@@ -18,12 +18,30 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastbert", description="BERT with fused Triton kernels")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     sub.required = True
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         importlib.import_module(module).add_arguments(p)
     return parser
+
+
+def _version() -> str:
+    """fastbert's version and what it runs on: the first thing a bug report needs."""
+    import platform
+
+    import torch
+
+    from . import __version__
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
+    return (f"fastbert {__version__} (torch {torch.__version__}, {cuda}; triton {triton_version}; "
+            f"Python {platform.python_version()})")
 
 
 def main(argv=None) -> int:

@@ -605,3 +605,12 @@ def test_encode_shows_progress_unless_asked_not_to(micro_model, tmp_path, capsys
     assert "encode: 100%" in err and "9/9" in err
     assert cli(base + ["--no-progress"]) == 0
     assert "encode:" not in capsys.readouterr().err
+
+
+def test_version_names_fastbert_and_what_it_runs_on(capsys):
+    import fastbert
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["--version"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"fastbert {fastbert.__version__} (torch {torch.__version__}") and "triton" in out
