@@ -67,6 +67,17 @@ def test_embed_layer_norm(triton_kernels, device, n, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_embed_layer_norm_per_row_positions(triton_kernels, device, dtype):
+    """Position ids that differ from one batch row to the next, as a packed pretraining batch has them
+    (modeling._Packed.position_ids restarts them at every example), read through a non-zero batch
+    stride, contiguous and as a transposed view: every other test passes an expanded arange (batch
+    stride 0), so a kernel that ignored the position ids' batch stride passed them all."""
+    pos = torch.tensor([[0, 1, 2, 0, 1], [0, 0, 1, 2, 3], [4, 3, 2, 1, 0]], device=device)
+    _check(48, dtype, device, batch=3, seq=5, positions=pos)
+    _check(48, dtype, device, batch=3, seq=5, positions=pos.t().contiguous().t())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_embed_layer_norm_dropout_matches_reference_with_same_mask(triton_kernels, device, dtype):
     p = 0.2
     keep = _check(384, dtype, device, batch=3, seq=4, p=p, seed=99)
