@@ -433,6 +433,26 @@ def test_dropout_mask_is_a_function_of_the_element_index(triton_kernels, device,
     assert 0.2 < 1.0 - keep.float().mean().item() < 0.4
 
 
+def test_dropout_mask_statistics(triton_kernels, device):
+    """The LayerNorm family's keep mask (dropout_mask, which the tests above tie to what the fused
+    kernels apply) over 128 rows of 768: keep rate 1 - p, and neighbouring rows (tokens), neighbouring
+    columns, and each row against its neighbour shifted by one column agree as often as independent
+    coins do (p^2 + (1 - p)^2), each within 5 sigma; no two rows are the same. The tests above only
+    checked the overall drop rate: a mask that repeated one row for every token passed them all."""
+    rows, n, p = 128, 768, 0.25
+    torch.manual_seed(5)
+    keep = L.dropout_mask(L.draw_seed(device), rows, n, p).cpu()
+    count = keep.numel()
+    rate = keep.float().mean().item()
+    assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / count) ** 0.5, f"keep rate {rate}"
+    agree = p * p + (1 - p) * (1 - p)
+    for name, a, b in (("rows", keep[1:], keep[:-1]), ("columns", keep[:, 1:], keep[:, :-1]),
+                       ("rows shifted by a column", keep[1:, :-1], keep[:-1, 1:])):
+        frac = (a == b).float().mean().item()
+        assert abs(frac - agree) < 5 * (agree * (1 - agree) / a.numel()) ** 0.5, f"{name} agree {frac}, want {agree}"
+    assert torch.unique(keep, dim=0).shape[0] == rows, "two rows drew the same mask"
+
+
 def test_ln_config_defaults_override_and_env(monkeypatch, ln_launch):
     """ln_config: GPU defaults within the register budget of layer_norm's note (32 fp32 values per
     thread per forward tile, 8 per backward tile, except a row wider than that allows), the one-row
