@@ -6,12 +6,20 @@ against FASTBERT_KERNELS=reference in fp32, and the reference in float64 as the 
 curve, the Triton run's distance to the float64 run is at most 4 x the fp32 reference's distance
 (plus a tiny floor). Dropout is off here (the two backends draw different masks); the kernels'
 dropout is checked against the reference with the same mask in the kernel tests.
+
+Which kernels the Triton run goes through is checked, not assumed: a run that fell back to the
+reference would reproduce the fp32 reference's curve and pass the comparison. On the CPU, fp32
+training takes the reference embeddings + LayerNorm by design (modeling.embed_ids: the word gradient
+reuses its memory), and the fused feed-forward (K.feed_forward) is opt-in, off here: those two
+kernels are checked in test_embedding.py, test_gemm_gelu.py and at model level in test_model_kernels.py.
 """
+import collections
 import copy
 
 import torch
 
 import fastbert
+import fastbert.kernels as K
 from tolerance import assert_close_to_reference
 
 STEPS = 16
@@ -64,8 +72,16 @@ def test_tiny_bert_loss_curve_matches_reference(monkeypatch, device):
     torch.manual_seed(0)
     model = fastbert.BertForPreTraining(_config())
     batches = _batches(STEPS)
+    families = collections.Counter()  # the Triton kernel families the dispatcher handed each op to
+    real_triton = K._triton
+    monkeypatch.setattr(K, "_triton", lambda module: families.update([module]) or real_triton(module))
     ref64 = _train(copy.deepcopy(model), batches, monkeypatch, "reference", torch.float64, device)
     ref32 = _train(copy.deepcopy(model), batches, monkeypatch, "reference", torch.float32, device)
+    assert not families, f"the reference runs used Triton kernels: {dict(families)}"
     ours = _train(copy.deepcopy(model), batches, monkeypatch, "triton", torch.float32, device)
+    expected = {"flash_attention", "layer_norm", "gelu", "linear_cross_entropy"}
+    if device == "cuda":
+        expected.add("embedding")  # the CPU's fp32 training shortcut (modeling.embed_ids) is CPU-only
+    assert expected <= set(families), f"the Triton run did not run every kernel family: {dict(families)}"
     assert_close_to_reference(ours, ref32, ref64, k=4, name="loss curve")
     assert ours[-4:].mean() < ours[:4].mean() - 0.5, f"the loss did not go down: {ours.tolist()}"
