@@ -126,7 +126,7 @@ class GraphedTrainStep:
         self.optimizer.zero_grad(set_to_none=False)
         with graph_autocast("cuda", self.autocast_dtype), self._static_mlm_rows():
             if self.loss_fn is None:
-                loss = parts = self.model(**static).loss
+                loss = parts = self.model(**static, return_dict=True).loss
             else:  # several terms: their sum trains, each is returned (fp32, stacked)
                 parts = torch.stack([t.float() for t in self.loss_fn(self.model, static)])
                 loss = parts.sum()
@@ -263,7 +263,8 @@ def padded_embeddings(model, static: dict, pooling: str, normalize: bool,
     Run it under modeling.graph_layout() to get the captured layout eagerly (its tests do, on the CPU)."""
     from .encode import pool
     with graph_autocast(static["input_ids"].device.type, autocast_dtype):
-        hidden = model(static["input_ids"], static["attention_mask"], static.get("token_type_ids")).last_hidden_state
+        hidden = model(static["input_ids"], static["attention_mask"], static.get("token_type_ids"),
+                       return_dict=True).last_hidden_state
     return pool(hidden, static["attention_mask"], pooling, normalize)
 
 

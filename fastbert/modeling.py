@@ -106,6 +106,19 @@ def _finish(output: ModelOutput, return_dict: bool):
     return output if return_dict else output.to_tuple()
 
 
+def _flags(config, output_hidden_states, output_attentions, return_dict):
+    """forward's output_hidden_states, output_attentions and return_dict: an argument left None takes the
+    config's value, as in transformers (``from_pretrained(dir, output_hidden_states=True)`` sets it there),
+    else False, False, True."""
+    if output_hidden_states is None:
+        output_hidden_states = getattr(config, "output_hidden_states", False)
+    if output_attentions is None:
+        output_attentions = getattr(config, "output_attentions", False)
+    if return_dict is None:
+        return_dict = getattr(config, "return_dict", True)
+    return output_hidden_states, output_attentions, return_dict
+
+
 # ------------------------------------------------------------------------------------------- layout
 
 class _Packed:
@@ -813,7 +826,7 @@ class BertModel(BertPreTrainedModel):
         return self.embeddings.word_embeddings
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
-                inputs_embeds=None, output_hidden_states=False, output_attentions=False, return_dict=True,
+                inputs_embeds=None, output_hidden_states=None, output_attentions=None, return_dict=None,
                 unpad=True, output_rows=None, max_output_rows=None, **unused):
         """unpad=False runs padding positions through the encoder too (their outputs then equal
         transformers'); the default drops them after the embeddings.
@@ -847,6 +860,8 @@ class BertModel(BertPreTrainedModel):
         so it is skipped in compiled regions and CUDA-graph capture, where a packed mask is NOT
         supported (capture runs the padded layout, whose attention would cross examples).
         """
+        output_hidden_states, output_attentions, return_dict = _flags(
+            self.config, output_hidden_states, output_attentions, return_dict)
         (batch, seq), mask_max = _check_inputs(self.config, input_ids, attention_mask, token_type_ids,
                                                position_ids, inputs_embeds)
         device = (input_ids if input_ids is not None else inputs_embeds).device
@@ -1025,10 +1040,13 @@ class BertForPreTraining(BertPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
-                inputs_embeds=None, labels=None, next_sentence_label=None, output_hidden_states=False,
-                output_attentions=False, return_dict=True, **unused):
+                inputs_embeds=None, labels=None, next_sentence_label=None, output_hidden_states=None,
+                output_attentions=None, return_dict=None, **unused):
+        output_hidden_states, output_attentions, return_dict = _flags(
+            self.config, output_hidden_states, output_attentions, return_dict)
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                        return_dict=True,
                         **_mlm_rows(self.cls.predictions, labels, self.training, input_ids, inputs_embeds))
         mlm_loss, prediction_logits = _mlm(self.cls.predictions, out.last_hidden_state, labels, self.training)
         nsp_logits = self.cls.seq_relationship(out.pooler_output)  # (B, 2); packed rows (B, E, 2)
@@ -1048,10 +1066,13 @@ class BertForMaskedLM(BertPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
-                inputs_embeds=None, labels=None, output_hidden_states=False, output_attentions=False,
-                return_dict=True, **unused):
+                inputs_embeds=None, labels=None, output_hidden_states=None, output_attentions=None,
+                return_dict=None, **unused):
+        output_hidden_states, output_attentions, return_dict = _flags(
+            self.config, output_hidden_states, output_attentions, return_dict)
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                        return_dict=True,
                         **_mlm_rows(self.cls.predictions, labels, self.training, input_ids, inputs_embeds))
         loss, logits = _mlm(self.cls.predictions, out.last_hidden_state, labels, self.training)
         return _finish(ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
@@ -1066,11 +1087,14 @@ class BertForNextSentencePrediction(BertPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
-                inputs_embeds=None, labels=None, next_sentence_label=None, output_hidden_states=False,
-                output_attentions=False, return_dict=True, **unused):
+                inputs_embeds=None, labels=None, next_sentence_label=None, output_hidden_states=None,
+                output_attentions=None, return_dict=None, **unused):
+        output_hidden_states, output_attentions, return_dict = _flags(
+            self.config, output_hidden_states, output_attentions, return_dict)
         labels = labels if labels is not None else next_sentence_label
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds,
-                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+                        output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                        return_dict=True)
         logits = self.cls(out.pooler_output)  # (B, 2); packed rows (B, E, 2)
         loss = _nsp_loss(logits, labels) if labels is not None else None
         return _finish(ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
@@ -1112,10 +1136,13 @@ class BertForSequenceClassification(BertPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
-                inputs_embeds=None, labels=None, output_hidden_states=False, output_attentions=False,
-                return_dict=True, **unused):
+                inputs_embeds=None, labels=None, output_hidden_states=None, output_attentions=None,
+                return_dict=None, **unused):
+        output_hidden_states, output_attentions, return_dict = _flags(
+            self.config, output_hidden_states, output_attentions, return_dict)
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds,
-                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+                        output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                        return_dict=True)
         _refuse_packed(type(self).__name__, out.pooler_output)
         logits = self.classifier(self.dropout(out.pooler_output))  # (B, num_labels)
         loss = _sequence_classification_loss(self.config, logits, labels) if labels is not None else None
@@ -1136,10 +1163,13 @@ class BertForTokenClassification(BertPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
-                inputs_embeds=None, labels=None, output_hidden_states=False, output_attentions=False,
-                return_dict=True, **unused):
+                inputs_embeds=None, labels=None, output_hidden_states=None, output_attentions=None,
+                return_dict=None, **unused):
+        output_hidden_states, output_attentions, return_dict = _flags(
+            self.config, output_hidden_states, output_attentions, return_dict)
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds,
-                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+                        output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                        return_dict=True)
         logits = self.classifier(self.dropout(out.last_hidden_state))  # (B, S, num_labels)
         loss = None
         if labels is not None:
@@ -1157,12 +1187,14 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
-                inputs_embeds=None, start_positions=None, end_positions=None, output_hidden_states=False,
-                output_attentions=False, return_dict=True, **unused):
+                inputs_embeds=None, start_positions=None, end_positions=None, output_hidden_states=None,
+                output_attentions=None, return_dict=None, **unused):
+        output_hidden_states, output_attentions, return_dict = _flags(
+            self.config, output_hidden_states, output_attentions, return_dict)
         # Padding positions stay in: their logits enter the softmax of the span loss in transformers.
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                        unpad=False)
+                        return_dict=True, unpad=False)
         logits = self.qa_outputs(out.last_hidden_state)  # (B, S, 2)
         start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))  # (B, S) each
         loss = None
@@ -1186,8 +1218,10 @@ class BertForMultipleChoice(BertPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
-                inputs_embeds=None, labels=None, output_hidden_states=False, output_attentions=False,
-                return_dict=True, **unused):
+                inputs_embeds=None, labels=None, output_hidden_states=None, output_attentions=None,
+                return_dict=None, **unused):
+        output_hidden_states, output_attentions, return_dict = _flags(
+            self.config, output_hidden_states, output_attentions, return_dict)
         ref = input_ids if input_ids is not None else inputs_embeds
         if ref is None or ref.dim() < 3:
             raise ValueError("BertForMultipleChoice takes input of shape (batch, choices, seq)")
@@ -1200,7 +1234,7 @@ class BertForMultipleChoice(BertPreTrainedModel):
             position_ids = position_ids.reshape(-1, position_ids.shape[-1])  # (B*C, S) or (1, S)
         out = self.bert(flat(input_ids), flat(attention_mask), flat(token_type_ids), position_ids,
                         inputs_embeds=flat(inputs_embeds), output_hidden_states=output_hidden_states,
-                        output_attentions=output_attentions)
+                        output_attentions=output_attentions, return_dict=True)
         _refuse_packed(type(self).__name__, out.pooler_output)
         logits = self.classifier(self.dropout(out.pooler_output)).view(-1, choices)  # (B, C)
         loss = F.cross_entropy(logits, labels) if labels is not None else None

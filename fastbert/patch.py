@@ -198,7 +198,8 @@ def _model_forward(self, *args, **kwargs):
                                a.get("position_ids"), inputs_embeds=a.get("inputs_embeds"),
                                output_hidden_states=bool(output_hidden_states) or selected is not None,
                                output_attentions=output_attentions, unpad=a.get("unpad", True),
-                               output_rows=a.get("output_rows"), max_output_rows=a.get("max_output_rows"))
+                               output_rows=a.get("output_rows"), max_output_rows=a.get("max_output_rows"),
+                               return_dict=True)
     hidden = out.hidden_states
     if hidden is not None and selected is not None:
         hidden = tuple(h if i in selected else None for i, h in enumerate(hidden))
@@ -217,7 +218,8 @@ def _head_forward(self, *args, **kwargs):
         _set_problem_type(self, a.get("labels"))
     token = _INNER.set(True) if not getattr(self.config, "return_dict", True) else None
     try:
-        out = getattr(fb, name).forward(self, **a)  # arguments fastbert does not take land in its **unused
+        # arguments fastbert does not take land in its **unused
+        out = getattr(fb, name).forward(self, **a, return_dict=True)
     finally:
         if token is not None:
             _INNER.reset(token)

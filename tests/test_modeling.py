@@ -263,6 +263,30 @@ def test_return_dict_false_gives_transformers_tuple_order():
         assert torch.allclose(a, b, atol=1e-10)
 
 
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_output_flags_in_the_config_are_the_forward_defaults(name, tmp_path):
+    """As in transformers, output_hidden_states, output_attentions and return_dict set in the config (as
+    from_pretrained(dir, output_hidden_states=True) does) are forward's defaults; an argument wins."""
+    cfg = config_for(name, "gelu-2types")
+    hf, ours = make_pair(name, cfg)
+    ours.save_pretrained(tmp_path)
+    ours = getattr(fastbert, name).from_pretrained(tmp_path, output_hidden_states=True, output_attentions=True)
+    hf.eval().set_attn_implementation("eager")
+    hf.config.output_hidden_states = hf.config.output_attentions = True
+    inputs, labels = make_batch(name, cfg)
+    ref, out = hf(**inputs, **labels), ours(**inputs, **labels)
+    assert len(out.hidden_states) == len(ref.hidden_states) == cfg["num_hidden_layers"] + 1
+    assert len(out.attentions) == len(ref.attentions) == cfg["num_hidden_layers"]
+    out = ours(**inputs, **labels, output_hidden_states=False, output_attentions=False)
+    assert out.hidden_states is None and out.attentions is None
+    for model in (hf, ours):
+        model.config.return_dict = model.config.output_attentions = False
+    ref, out = hf(**inputs, **labels), ours(**inputs, **labels)
+    assert isinstance(out, tuple) and [t.shape for t in out[:2]] == [t.shape for t in ref[:2]]
+    assert len(out) == len(ref) and len(out[-1]) == cfg["num_hidden_layers"] + 1  # the hidden states, last
+    assert isinstance(ours(**inputs, return_dict=True), dict)
+
 @pytest.mark.parametrize("name", ["BertForSequenceClassification", "BertForPreTraining"])
 def test_outputs_list_what_transformers_lists(name):
     """A field that is None is not a key (keys, items, integer index), as in transformers: Trainer's
