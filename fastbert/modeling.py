@@ -934,7 +934,9 @@ class BertLMPredictionHead(nn.Module):
         self.transform = BertPredictionHeadTransform(config)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
-        self.decoder.bias = self.bias  # one Parameter under two names, as in transformers
+        if config.tie_word_embeddings:
+            self.decoder.bias = self.bias  # one Parameter under two names, as in transformers
+        # else the decoder adds its own bias and cls.predictions.bias is unused, as in transformers 5
 
     def forward(self, sequence_output):  # (..., D) -> (..., V)
         return self.decoder(self.transform(sequence_output))
@@ -954,8 +956,9 @@ class BertLMPredictionHead(nn.Module):
             rows, overflow = _static_label_rows(flat_labels, static)  # (K,)
         h = sequence_output.reshape(-1, sequence_output.shape[-1]).index_select(0, rows)  # (M, D)
         h = self.transform(h)
+        bias = self.decoder.bias if self.decoder.bias is not None else self.bias  # the bias forward adds
         # at least fp32: under bf16 autocast a bf16 loss would be rounded to ~3 significant digits
-        loss = K.mlm_loss(h, self.decoder.weight, self.bias, flat_labels.index_select(0, rows),
+        loss = K.mlm_loss(h, self.decoder.weight, bias, flat_labels.index_select(0, rows),
                           out_dtype=torch.promote_types(h.dtype, torch.float32))
         return loss if static is None else loss.masked_fill(overflow, math.nan)
 

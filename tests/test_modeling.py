@@ -592,3 +592,24 @@ def test_left_padding_gives_transformers_pooled_output(name):
     assert_close_to_reference(got[key], base[key], want[key], k=4.0, name=key)
     if name != "BertModel":
         assert_close_to_reference(got.loss, base.loss, want.loss, k=4.0, name="loss")
+
+
+@pytest.mark.parametrize("name", ["BertForPreTraining", "BertForMaskedLM"])
+def test_untied_decoder_has_its_own_bias_as_in_transformers(name, monkeypatch, tmp_path):
+    """With tie_word_embeddings=False transformers unties the decoder's bias from cls.predictions.bias
+    as well (the decoder adds its own): the same Parameters, gradients and checkpoint here, so that
+    transformers loads fastbert's checkpoint with nothing missing and the same logits."""
+    monkeypatch.setitem(CONFIGS, "untied", dict(CONFIGS["gelu-2types"], tie_word_embeddings=False))
+    hf, ours = make_pair(name, CONFIGS["untied"])
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in hf.named_parameters()]
+    test_loss_and_gradients_match_transformers_in_training(name, "untied")
+    with torch.no_grad():
+        ours.cls.predictions.decoder.bias.normal_()
+    ours.save_pretrained(tmp_path)
+    loaded, info = getattr(transformers, name).from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"], info
+    inputs, _ = make_batch(name, CONFIGS["untied"])
+    mask = real_mask(inputs)
+    with torch.no_grad():
+        want, got = loaded.eval()(**inputs)[0][mask], ours.eval()(**inputs)[0][mask]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
