@@ -9,6 +9,8 @@ buffer) is ignored; other unexpected keys are named in a warning.
 """
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import os
 import warnings
@@ -160,9 +162,11 @@ def load_pretrained(cls, path, dtype=None, **config_overrides):
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a checkpoint folder (config.json + {SAFETENSORS})")
+    if dtype is None:  # transformers' older name of dtype, still taken there
+        dtype = config_overrides.pop("torch_dtype", None)
     dtype = _resolve_dtype(dtype)
-    config = BertConfig.from_pretrained(path, **config_overrides)
-    model = cls(config)
+    config, model_kwargs = _config_and_model_kwargs(cls, path, config_overrides)
+    model = cls(config, **model_kwargs)
     state = read_state_dict(path)
     if dtype == "auto":  # the dtype the checkpoint stores (transformers 5's default)
         stored = Counter(t.dtype for t in state.values() if t.is_floating_point())
@@ -176,6 +180,23 @@ def load_pretrained(cls, path, dtype=None, **config_overrides):
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def _config_and_model_kwargs(cls, path, overrides: dict):
+    """As transformers' from_pretrained: keywords of the class's constructor (BertModel's add_pooling_layer)
+    go to it; config= (a BertConfig, a transformers config or a path) replaces the folder's config.json; the
+    other keywords override config fields."""
+    overrides = dict(overrides)
+    init = inspect.signature(cls.__init__).parameters
+    model_kwargs = {k: overrides.pop(k) for k in list(overrides) if k in init and k not in ("self", "config")}
+    config = overrides.pop("config", None)
+    if config is None or isinstance(config, (str, os.PathLike)):
+        return BertConfig.from_pretrained(path if config is None else config, **overrides), model_kwargs
+    if isinstance(config, BertConfig):
+        config = copy.deepcopy(config)  # as transformers: the model's own copy
+    else:
+        config = BertConfig(**config.to_dict())  # a transformers.BertConfig
+    return (BertConfig.from_dict(config.to_dict(), **overrides) if overrides else config), model_kwargs
 
 
 def _resolve_dtype(dtype):

@@ -286,3 +286,22 @@ def test_from_pretrained_auto_dtype_keeps_what_the_checkpoint_stores_as_transfor
     assert fastbert.BertModel.from_pretrained(tmp_path).dtype == torch.float32  # None: float32, as documented
     for key, value in hf.state_dict().items():
         assert torch.equal(auto.state_dict()[key], value), key
+
+
+def test_from_pretrained_takes_transformers_loading_keywords(tmp_path):
+    """config=, a constructor argument (BertModel's add_pooling_layer) and torch_dtype= (transformers'
+    older name of dtype) mean what they mean in transformers; none lands in config.json as a field."""
+    fastbert.BertForMaskedLM(fastbert.BertConfig(**CFG)).save_pretrained(tmp_path)
+    inputs, _ = _inputs("BertModel")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the MLM head unused / the classifier new: tested above
+        bare = fastbert.BertModel.from_pretrained(tmp_path, add_pooling_layer=False)
+        assert bare.pooler is None is transformers.BertModel.from_pretrained(tmp_path, add_pooling_layer=False).pooler
+        assert bare(**inputs).pooler_output is None and "add_pooling_layer" not in bare.config.to_dict()
+        for config in (fastbert.BertConfig.from_pretrained(tmp_path, num_labels=5),
+                       transformers.BertConfig.from_pretrained(tmp_path, num_labels=5)):
+            model = fastbert.BertForSequenceClassification.from_pretrained(tmp_path, config=config)
+            assert model.classifier.out_features == model.config.num_labels == 5 and "config" not in model.config.extra
+        half = fastbert.BertModel.from_pretrained(tmp_path, torch_dtype=torch.float16)
+    assert half.dtype == torch.float16 and "torch_dtype" not in half.config.to_dict()
+    half.save_pretrained(tmp_path / "half")  # was: TypeError, a torch.dtype in config.json
