@@ -113,7 +113,7 @@ class MaskedHeadPretraining(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label):
         out = self.model.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                              return_dict=True)
+                              **runtime.PLAIN_OUTPUTS)
         rows = (labels.flatten() != -100).nonzero().squeeze(1)  # (M,)
         h = out.last_hidden_state.flatten(0, 1).index_select(0, rows)  # (M, D)
         logits = self.model.cls.predictions(h)  # (M, V)
@@ -266,7 +266,7 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
         with (changes_off(hidden) if comp == "fastbert-before" else fused_ffn() if comp == "fastbert-ffn"
               else contextlib.nullcontext()):
             with autocast, (copies_unfused() if comp == "fastbert-unfused" else contextlib.nullcontext()):
-                loss = models[comp][1](**kw, return_dict=True).loss
+                loss = models[comp][1](**kw, **runtime.PLAIN_OUTPUTS).loss
             loss.backward()
         opts[comp].step()
         opts[comp].zero_grad(set_to_none=True)

@@ -56,6 +56,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from .modeling import graph_layout
+from .runtime import PLAIN_OUTPUTS
 
 PAD_LABEL = -100
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -126,7 +127,7 @@ class GraphedTrainStep:
         self.optimizer.zero_grad(set_to_none=False)
         with graph_autocast("cuda", self.autocast_dtype), self._static_mlm_rows():
             if self.loss_fn is None:
-                loss = parts = self.model(**static, return_dict=True).loss
+                loss = parts = self.model(**static, **PLAIN_OUTPUTS).loss
             else:  # several terms: their sum trains, each is returned (fp32, stacked)
                 parts = torch.stack([t.float() for t in self.loss_fn(self.model, static)])
                 loss = parts.sum()
@@ -264,7 +265,7 @@ def padded_embeddings(model, static: dict, pooling: str, normalize: bool,
     from .encode import pool
     with graph_autocast(static["input_ids"].device.type, autocast_dtype):
         hidden = model(static["input_ids"], static["attention_mask"], static.get("token_type_ids"),
-                       return_dict=True).last_hidden_state
+                       **PLAIN_OUTPUTS).last_hidden_state
     return pool(hidden, static["attention_mask"], pooling, normalize)
 
 

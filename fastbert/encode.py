@@ -102,7 +102,7 @@ def embed(model, tok, texts, pooling="mean", normalize=False, batch_size=64, max
                 continue
             b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
             with R.autocast(precision, device):
-                h = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], return_dict=True).last_hidden_state
+                h = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], **R.PLAIN_OUTPUTS).last_hidden_state
             out[idx] = pool(h, b["attention_mask"], pooling, normalize).cpu()
     return out.numpy(), info["truncated"]
 

@@ -231,7 +231,7 @@ def predict(model, task, feats, batch_size, progress=False, device=None, precisi
         for k in ("labels", "start_positions", "end_positions"):
             batch.pop(k, None)
         with R.autocast(precision, device):
-            res = model(**_to_device(batch, device), return_dict=True)
+            res = model(**_to_device(batch, device), **R.PLAIN_OUTPUTS)
         # one device-to-host copy per batch, not one per example
         if task == "qa":
             starts, ends = res.start_logits.float().cpu(), res.end_logits.float().cpu()
@@ -472,7 +472,7 @@ def run(args) -> dict:
             else:
                 batch = _to_device(cpu_batch, device)
                 with R.autocast(precision, device):
-                    loss = model(**batch, return_dict=True).loss
+                    loss = model(**batch, **R.PLAIN_OUTPUTS).loss
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 optimizer_step(optimizer, scheduler, trainable, args.max_grad_norm, scaler)
             loss_acc += loss.detach()

@@ -102,8 +102,8 @@ class LayerMixModel(nn.Module):
         # fastbert encoder runs padding through its layers (unpad=False), as BertForQuestionAnswering does
         kw = {"unpad": False} if self.task == "qa" and _takes_unpad(self.encoder) else {}
         with torch.no_grad():
-            out = self.encoder(input_ids, attention_mask, token_type_ids, output_hidden_states=True, return_dict=True,
-                               **kw)
+            out = self.encoder(input_ids, attention_mask, token_type_ids, output_hidden_states=True,
+                               output_attentions=False, return_dict=True, **kw)
         return self.mix([h.detach() for h in out.hidden_states])
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, *, labels=None,

@@ -71,6 +71,7 @@ import torch
 import torch.nn.functional as F
 
 from . import trainer as T
+from .runtime import PLAIN_OUTPUTS
 from .pretraining_data import (CorpusError, PretrainingData, collate, collate_packed, iter_sentences,
                                split_documents, tokenize_corpus)
 from .tokenization import (SPECIAL_TOKENS, TOKENIZER_FILES, TokenizerError, build_tokenizer, load_tokenizer,
@@ -320,7 +321,7 @@ class PretrainingLoss(torch.nn.Module):
         self.model, self.nsp = model, nsp
 
     def forward(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label, position_ids=None):
-        out = self.model.bert(input_ids, attention_mask, token_type_ids, position_ids, return_dict=True)
+        out = self.model.bert(input_ids, attention_mask, token_type_ids, position_ids, **PLAIN_OUTPUTS)
         mlm = self.model.cls.predictions.masked_loss(out.last_hidden_state, labels)
         if not self.nsp:
             return mlm, None
@@ -339,7 +340,7 @@ def evaluate(model, examples, *, batch_size, device, pad_id, nsp, autocast) -> d
     for i in range(0, len(examples), batch_size):
         b = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
         with autocast():
-            out = model.bert(b["input_ids"], b["attention_mask"], b["token_type_ids"], return_dict=True)
+            out = model.bert(b["input_ids"], b["attention_mask"], b["token_type_ids"], **PLAIN_OUTPUTS)
             sel = b["labels"] != -100
             logits = model.cls.predictions(out.last_hidden_state[sel]).float()
             nsp_logits = model.cls.seq_relationship(out.pooler_output).float()

@@ -26,6 +26,12 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+# What fastbert's own commands ask of a model, whatever its config says: a config.json may set
+# output_attentions / output_hidden_states / return_dict (transformers' forward defaults), and the
+# first two would send every call down the padded reference path.
+PLAIN_OUTPUTS = dict(return_dict=True, output_hidden_states=False, output_attentions=False)
+
+
 def add_device_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",

@@ -614,3 +614,34 @@ def test_version_names_fastbert_and_what_it_runs_on(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"fastbert {fastbert.__version__} (torch {torch.__version__}") and "triton" in out
+
+
+def test_commands_ignore_output_flags_in_the_checkpoints_config(micro_model, tmp_path, monkeypatch):
+    """A config.json may set output_attentions / output_hidden_states (transformers' forward defaults,
+    which the classes honour): fastbert's own commands still ask for neither, so they keep the fast
+    unpadded layout instead of the padded reference path."""
+    import shutil
+
+    from fastbert import modeling
+    model_dir = tmp_path / "m"
+    shutil.copytree(micro_model, model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg.update(output_attentions=True, output_hidden_states=True, return_dict=False)
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    padded = []
+    real = modeling._Padded.__init__
+
+    def spy(self, *args, **kwargs):
+        padded.append(1)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling._Padded, "__init__", spy)
+    files = make_data("classify", tmp_path, random.Random(5))
+    assert cli(["finetune", "--task", "classify", "--model", str(model_dir), "--train", files["train"],
+                "--dev", files["dev"], "--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress",
+                "--epochs", "1", "--batch-size", "8"]) == 0
+    inp = tmp_path / "in.txt"
+    inp.write_text("the cat sat\nbig red door\n")
+    assert cli(["encode", "--model", str(model_dir), "--input", str(inp), "--output", str(tmp_path / "e.npy"),
+                "--device", "cpu", "--no-progress"]) == 0
+    assert not padded
