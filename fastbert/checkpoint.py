@@ -113,7 +113,8 @@ def _align_prefix(state: dict, expected: set, prefix: str) -> dict:
     return state
 
 
-def load_state_dict_into(model: torch.nn.Module, state: dict) -> None:
+def load_state_dict_into(model: torch.nn.Module, state: dict) -> dict:
+    """Copies ``state`` into ``model`` by transformers' rules; returns transformers' loading info."""
     expected = model.state_dict()
     state = {_rename_legacy(k): v for k, v in state.items() if k not in IGNORED}
     state = _align_prefix(state, set(expected), "bert.")
@@ -143,6 +144,7 @@ def load_state_dict_into(model: torch.nn.Module, state: dict) -> None:
                       stacklevel=4)  # the from_pretrained caller
     if unexpected:
         warnings.warn(f"{type(model).__name__}: checkpoint weights not used: {', '.join(unexpected)}", stacklevel=4)
+    info = {"missing_keys": head_missing, "unexpected_keys": unexpected, "mismatched_keys": [], "error_msgs": []}
 
     with torch.no_grad():
         params = dict(model.named_parameters(remove_duplicate=False))
@@ -156,10 +158,26 @@ def load_state_dict_into(model: torch.nn.Module, state: dict) -> None:
     if tied_decoder and "cls.predictions.decoder.weight" in state and "bert.embeddings.word_embeddings.weight" not in state:
         with torch.no_grad():
             model.get_input_embeddings().weight.copy_(state["cls.predictions.decoder.weight"])
+    return info
+
+
+# transformers' from_pretrained keywords with nothing to do here: fetching files (a local folder needs
+# none of them), and attn_implementation (fastbert's attention is its own, output_attentions works anyway)
+LOADER_KEYWORDS = ("cache_dir", "force_download", "local_files_only", "proxies", "resume_download", "revision",
+                  "token", "trust_remote_code", "use_safetensors", "low_cpu_mem_usage", "attn_implementation")
 
 
 def load_pretrained(cls, path, dtype=None, **config_overrides):
     path = os.fspath(path)
+    config_overrides = dict(config_overrides)
+    for key in LOADER_KEYWORDS:  # not config fields: they would land in the saved config.json
+        config_overrides.pop(key, None)
+    subfolder = config_overrides.pop("subfolder", None) or ""
+    path = os.path.join(path, subfolder) if subfolder else path
+    if config_overrides.pop("variant", None) is not None:
+        raise ValueError("variant= (model.<variant>.safetensors) is not supported: rename the file to model.safetensors")
+    device = _resolve_device_map(config_overrides.pop("device_map", None))
+    loading_info = config_overrides.pop("output_loading_info", False)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a checkpoint folder (config.json + {SAFETENSORS})")
     if dtype is None:  # transformers' older name of dtype, still taken there
@@ -171,7 +189,7 @@ def load_pretrained(cls, path, dtype=None, **config_overrides):
     if dtype == "auto":  # the dtype the checkpoint stores (transformers 5's default)
         stored = Counter(t.dtype for t in state.values() if t.is_floating_point())
         dtype = stored.most_common(1)[0][0] if stored else None
-    load_state_dict_into(model, state)
+    info = load_state_dict_into(model, state)
     if cls.__name__ in LAYER_MIX_HEADS and os.path.exists(os.path.join(path, LAYER_MIX_META)):
         # a `fastbert finetune --freeze all` folder: the trained head is in layer_mix.safetensors
         warnings.warn(f"{path} holds a layer-mix model (fastbert finetune --freeze all): {cls.__name__}'s task "
@@ -179,7 +197,27 @@ def load_pretrained(cls, path, dtype=None, **config_overrides):
                       "fastbert.layer_mix.LayerMixModel.from_pretrained", stacklevel=3)
     if dtype is not None:
         model.to(dtype)
-    return model.eval()
+    if device is not None:
+        model.to(device)
+    return (model.eval(), info) if loading_info else model.eval()
+
+
+def _resolve_device_map(device_map):
+    """transformers' device_map, for a model on one device: None, "auto" (a GPU when there is one), or
+    a device ("cpu", "cuda:1", 0, torch.device); a map of modules to devices is refused."""
+    if device_map is None:
+        return None
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, dict):
+        devices = set(device_map.values())
+        if len(devices) != 1:
+            raise ValueError(f"device_map: fastbert keeps a model on one device, got {sorted(map(str, devices))}")
+        device_map = devices.pop()
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device_map={device_map!r}: expected 'auto', a device or a device index") from None
 
 
 def _config_and_model_kwargs(cls, path, overrides: dict):

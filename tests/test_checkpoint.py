@@ -305,3 +305,26 @@ def test_from_pretrained_takes_transformers_loading_keywords(tmp_path):
         half = fastbert.BertModel.from_pretrained(tmp_path, torch_dtype=torch.float16)
     assert half.dtype == torch.float16 and "torch_dtype" not in half.config.to_dict()
     half.save_pretrained(tmp_path / "half")  # was: TypeError, a torch.dtype in config.json
+
+
+def test_from_pretrained_takes_transformers_loader_keywords(tmp_path):
+    """Scripts written for transformers pass these; they were filed as config fields (and written into
+    the next config.json), device_map was ignored, output_loading_info returned no info."""
+    transformers.BertModel(transformers.BertConfig(**CFG)).save_pretrained(tmp_path / "sub")
+    model, info = fastbert.BertForSequenceClassification.from_pretrained(
+        tmp_path, subfolder="sub", local_files_only=True, revision="main", cache_dir=str(tmp_path),
+        trust_remote_code=False, attn_implementation="sdpa", low_cpu_mem_usage=True, device_map="cpu",
+        output_loading_info=True, num_labels=3)
+    want = transformers.BertForSequenceClassification.from_pretrained(
+        tmp_path, subfolder="sub", output_loading_info=True, num_labels=3)[1]
+    assert sorted(info["missing_keys"]) == sorted(want["missing_keys"]) == ["classifier.bias", "classifier.weight"]
+    assert info["unexpected_keys"] == [] and model.config.num_labels == 3 and model.device.type == "cpu"
+    model.save_pretrained(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    for key in ("local_files_only", "revision", "cache_dir", "trust_remote_code", "attn_implementation",
+                "low_cpu_mem_usage", "device_map", "output_loading_info", "subfolder"):
+        assert key not in saved, key
+    with pytest.raises(ValueError, match="one device"):
+        fastbert.BertModel.from_pretrained(tmp_path / "sub", device_map={"embeddings": "cpu", "encoder": "meta"})
+    with pytest.raises(ValueError, match="variant"):
+        fastbert.BertModel.from_pretrained(tmp_path / "sub", variant="fp16")
