@@ -79,9 +79,11 @@ def _read_shards(index_path: str) -> dict:
         raise ValueError(f"{index_path} is not a readable checkpoint index: {exc!r}") from exc
     state = {}
     for shard in sorted(set(weight_map.values())):
-        shard_path = os.path.realpath(os.path.join(folder, shard))
-        if os.path.dirname(shard_path) != os.path.realpath(folder):  # a name, not a path out of the folder
+        # a name, not a path out of the folder; checked on the name, not on where a symlink leads
+        # (a hub cache snapshot's files are symlinks into ../../blobs)
+        if shard in ("", ".", "..") or os.path.basename(shard) != shard or (os.altsep and os.altsep in shard):
             raise ValueError(f"{index_path}: shard {shard!r} is not a file of that folder")
+        shard_path = os.path.join(folder, shard)
         if not os.path.exists(shard_path):
             raise FileNotFoundError(f"{index_path} names shard {shard}, which is missing")
         state.update(read_state_dict(shard_path))

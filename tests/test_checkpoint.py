@@ -328,3 +328,19 @@ def test_from_pretrained_takes_transformers_loader_keywords(tmp_path):
         fastbert.BertModel.from_pretrained(tmp_path / "sub", device_map={"embeddings": "cpu", "encoder": "meta"})
     with pytest.raises(ValueError, match="variant"):
         fastbert.BertModel.from_pretrained(tmp_path / "sub", variant="fp16")
+
+
+def test_sharded_checkpoint_in_a_hub_cache_snapshot_loads(tmp_path):
+    # huggingface_hub's cache: snapshots/<rev>/ holds symlinks into ../../blobs/, as transformers reads them
+    src = tmp_path / "src"
+    hf = transformers.BertModel(transformers.BertConfig(**CFG))
+    hf.save_pretrained(src, max_shard_size="20KB")
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    for i, f in enumerate(sorted(os.listdir(src))):
+        os.replace(src / f, blobs / f"blob{i}")
+        os.symlink(f"../../blobs/blob{i}", snapshot / f)
+    ours = fastbert.BertModel.from_pretrained(snapshot)
+    for key, value in hf.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
