@@ -41,14 +41,14 @@ def read_state_dict(path: str) -> dict:
     writes checkpoints above its max_shard_size)."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        for name in (SAFETENSORS, PYTORCH_BIN):
+        # transformers' order: safetensors (one file, then shards) before pytorch_model.bin (the same)
+        for name in (SAFETENSORS, SAFETENSORS + INDEX, PYTORCH_BIN, PYTORCH_BIN + INDEX):
             if os.path.exists(os.path.join(path, name)):
+                if name.endswith(INDEX):
+                    return _read_shards(os.path.join(path, name))
                 path = os.path.join(path, name)
                 break
         else:
-            for name in (SAFETENSORS, PYTORCH_BIN):
-                if os.path.exists(os.path.join(path, name + INDEX)):
-                    return _read_shards(os.path.join(path, name + INDEX))
             raise FileNotFoundError(f"{path} holds neither {SAFETENSORS} nor {PYTORCH_BIN} (nor a sharded "
                                     f"checkpoint's {SAFETENSORS}{INDEX})")
     if path.endswith(".safetensors"):

@@ -344,3 +344,16 @@ def test_sharded_checkpoint_in_a_hub_cache_snapshot_loads(tmp_path):
     ours = fastbert.BertModel.from_pretrained(snapshot)
     for key, value in hf.state_dict().items():
         assert torch.equal(ours.state_dict()[key], value), key
+
+
+def test_sharded_safetensors_win_over_a_pytorch_bin_as_in_transformers(tmp_path):
+    # transformers' order: model.safetensors, its index, pytorch_model.bin, its index
+    torch.manual_seed(0)
+    hf = transformers.BertModel(transformers.BertConfig(**CFG))
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    torch.save(transformers.BertModel(transformers.BertConfig(**CFG)).state_dict(), tmp_path / "pytorch_model.bin")
+    theirs = transformers.BertModel.from_pretrained(tmp_path)
+    ours = fastbert.BertModel.from_pretrained(tmp_path)
+    for key, value in hf.state_dict().items():
+        assert torch.equal(theirs.state_dict()[key], value), key
+        assert torch.equal(ours.state_dict()[key], value), key
