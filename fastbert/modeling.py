@@ -764,7 +764,10 @@ class BertPreTrainedModel(nn.Module):
         save_pretrained(self, path)
 
 
-def _check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds):
+def _check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                  vocab_size: int | None = None):
+    """vocab_size: the rows of the word-embedding table in use (set_input_embeddings changes the
+    table, not config.vocab_size, as in transformers); config.vocab_size when None."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids and inputs_embeds")
     if input_ids is not None:
@@ -790,7 +793,7 @@ def _check_inputs(config, input_ids, attention_mask, token_type_ids, position_id
     checks = [("token_type_ids", token_type_ids, config.type_vocab_size),
               ("position_ids", position_ids, config.max_position_embeddings)]
     if input_ids is not None:
-        checks.insert(0, ("input_ids", input_ids, config.vocab_size))
+        checks.insert(0, ("input_ids", input_ids, config.vocab_size if vocab_size is None else vocab_size))
     checks = [(name, t, bound) for name, t, bound in checks if t is not None and t.numel()]
     for name, t, _ in checks:
         if t.is_floating_point() or t.dtype == torch.bool:
@@ -863,7 +866,8 @@ class BertModel(BertPreTrainedModel):
         output_hidden_states, output_attentions, return_dict = _flags(
             self.config, output_hidden_states, output_attentions, return_dict)
         (batch, seq), mask_max = _check_inputs(self.config, input_ids, attention_mask, token_type_ids,
-                                               position_ids, inputs_embeds)
+                                               position_ids, inputs_embeds,
+                                               self.embeddings.word_embeddings.weight.shape[0])
         device = (input_ids if input_ids is not None else inputs_embeds).device
         # Unpadding needs one host sync (the row lengths), which CUDA-graph capture forbids: a
         # captured step runs the padded layout (its shapes are static, padding is masked as keys).

@@ -613,3 +613,22 @@ def test_untied_decoder_has_its_own_bias_as_in_transformers(name, monkeypatch, t
     with torch.no_grad():
         want, got = loaded.eval()(**inputs)[0][mask], ours.eval()(**inputs)[0][mask]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_input_ids_are_checked_against_the_word_embedding_table_in_use():
+    # set_input_embeddings does not touch config.vocab_size (nor does transformers'): the ids must fit
+    # the table the model reads, not the config (a smaller table was read out of bounds by the kernels)
+    cfg = dict(CONFIGS["gelu-2types"])
+    hf, ours = make_pair("BertModel", cfg)
+    hf.float()
+    torch.manual_seed(3)
+    bigger = torch.nn.Embedding(150, 32)
+    hf.set_input_embeddings(bigger)
+    ours.set_input_embeddings(bigger)
+    ids = torch.tensor([[2, 149, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(ids).last_hidden_state, hf.eval()(ids).last_hidden_state,
+                                   atol=1e-5, rtol=1e-5)
+    ours.set_input_embeddings(torch.nn.Embedding(50, 32))
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 50\)"):
+        ours(torch.tensor([[2, 90, 3]]))
