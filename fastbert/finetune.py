@@ -413,6 +413,7 @@ def run(args) -> dict:
     for name in stale:
         if os.path.isfile(os.path.join(args.out, name)):
             os.unlink(os.path.join(args.out, name))
+    args.started = True  # OUT's history.jsonl is this run's from here on (main reports it when stopped)
 
     model = build_model(task, args.model, labels, freeze, random_init=args.random_init)
     if args.impl == "transformers":
@@ -552,16 +553,20 @@ def main(args) -> int:
         print(f"fastbert finetune: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # a non-finite training loss: the run stops, as fastbert pretrain's does
-        print(f"fastbert finetune: error: {e}{_kept(args.out)}", file=sys.stderr)
+        print(f"fastbert finetune: error: {e}{_kept(args)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"fastbert finetune: interrupted{_kept(args.out)}", file=sys.stderr)
+        print(f"fastbert finetune: interrupted{_kept(args)}", file=sys.stderr)
         return 130
     return 0
 
 
-def _kept(out: str) -> str:
-    """What a stopped run left in OUT: the best epoch saved so far, read back from history.jsonl."""
+def _kept(args) -> str:
+    """What a stopped run left in OUT: the best epoch saved so far, read back from history.jsonl —
+    once this run has cleared OUT of an earlier run's files (before, they are the earlier run's)."""
+    out = args.out
+    if not getattr(args, "started", False):
+        return f" before training, {out} untouched"
     saved = [r for r in TR.read_metrics(os.path.join(out, HISTORY_FILE)) if r.get("saved")]
     if not saved:
         return "; no epoch finished, nothing saved"

@@ -645,3 +645,23 @@ def test_commands_ignore_output_flags_in_the_checkpoints_config(micro_model, tmp
     assert cli(["encode", "--model", str(model_dir), "--input", str(inp), "--output", str(tmp_path / "e.npy"),
                 "--device", "cpu", "--no-progress"]) == 0
     assert not padded
+
+
+def test_a_finetune_interrupted_before_training_does_not_claim_an_earlier_runs_model(micro_model, tmp_path, capsys,
+                                                                                      monkeypatch):
+    import fastbert.finetune as F
+    rc, out = _classify_run(micro_model, tmp_path, "--epochs", "1")  # an earlier, complete run in OUT
+    assert rc == 0 and (out / "metrics.json").exists()
+    capsys.readouterr()
+
+    def tokenizing(*args, **kwargs):  # Ctrl-C while this run still reads its data
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(F, "_load", tokenizing)
+    rc, out = _classify_run(micro_model, tmp_path)
+    assert rc == 130
+    err = capsys.readouterr().err
+    # OUT still holds the earlier run, metrics.json included: not this run's "best epoch so far"
+    assert "holds the best epoch so far" not in err and "without metrics.json" not in err, err
+    assert "fastbert finetune: interrupted before training" in err, err
+    assert (out / "metrics.json").exists()
