@@ -219,6 +219,8 @@ def _resolve_settings(args, stored: dict | None, dist: T.Distributed) -> dict:
             if k in stored and stored[k] != v:
                 _log(dist, f"warning: --{k.replace('_', '-')} {v} ignored on --resume; the run uses {stored[k]}")
         settings.update({k: v for k, v in stored.items() if k in RUN_DEFAULTS})
+        if settings["save_every"] == 0:  # stored by a run started when --save-every 0 meant the default
+            settings["save_every"] = None
         settings.update({k: v for k, v in given.items() if k in RESUME_OVERRIDABLE})
     else:
         settings.update(given)

@@ -599,3 +599,16 @@ def test_stop_signals_ask_once_then_interrupt_and_put_the_handlers_back(capsys):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_run_stored_with_save_every_0_resumes(corpus, vocab, tmp_path, capsys):
+    """run_args.json of a run started before --save-every 0 was refused holds 0, which meant the
+    default (a quarter of the run); --resume refused that run as '--save-every must be at least 1'."""
+    out = tmp_path / "old"
+    assert run(corpus, out, "--tokenizer", vocab, "--steps", "2", "--eval-every", "0") == 0
+    stored = json.loads((out / "run_args.json").read_text())
+    assert stored["save_every"] is None
+    (out / "run_args.json").write_text(json.dumps(dict(stored, save_every=0, steps=8)))
+    assert run(corpus, out, "--resume") == 0, capsys.readouterr().err
+    steps = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert steps[-1] == 8 and read_metrics(out / "metrics.jsonl")[-1]["step"] == 8
