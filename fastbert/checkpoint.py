@@ -243,11 +243,10 @@ def _resolve_dtype(dtype):
     """None (float32, as the classes build), "auto", a floating torch.dtype or its name ("bfloat16")."""
     if dtype is None or dtype == "auto":
         return dtype
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
         raise ValueError(f"dtype must be None, 'auto' or a floating torch.dtype (or its name), got {dtype!r}")
-    return dtype
+    return resolved
 
 
 def save_pretrained(model, path) -> None:

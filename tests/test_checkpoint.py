@@ -357,3 +357,10 @@ def test_sharded_safetensors_win_over_a_pytorch_bin_as_in_transformers(tmp_path)
     for key, value in hf.state_dict().items():
         assert torch.equal(theirs.state_dict()[key], value), key
         assert torch.equal(ours.state_dict()[key], value), key
+
+
+def test_a_bad_dtype_name_is_named_in_the_error(tmp_path):
+    fastbert.BertModel(fastbert.BertConfig(**CFG)).save_pretrained(tmp_path)
+    for bad in ("bf16", "torch.bfloat16", "Auto"):
+        with pytest.raises(ValueError, match=f"got {bad!r}"):  # was "got None"
+            fastbert.BertModel.from_pretrained(tmp_path, dtype=bad)
