@@ -960,7 +960,9 @@ class BertLMPredictionHead(nn.Module):
             rows, overflow = _static_label_rows(flat_labels, static)  # (K,)
         h = sequence_output.reshape(-1, sequence_output.shape[-1]).index_select(0, rows)  # (M, D)
         h = self.transform(h)
-        bias = self.decoder.bias if self.decoder.bias is not None else self.bias  # the bias forward adds
+        # the decoder's bias, as forward adds it (None after set_output_embeddings of a bias-free Linear)
+        bias = self.decoder.bias if self.decoder.bias is not None else self.decoder.weight.new_zeros(
+            self.decoder.out_features)
         # at least fp32: under bf16 autocast a bf16 loss would be rounded to ~3 significant digits
         loss = K.mlm_loss(h, self.decoder.weight, bias, flat_labels.index_select(0, rows),
                           out_dtype=torch.promote_types(h.dtype, torch.float32))

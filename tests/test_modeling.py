@@ -632,3 +632,21 @@ def test_input_ids_are_checked_against_the_word_embedding_table_in_use():
     ours.set_input_embeddings(torch.nn.Embedding(50, 32))
     with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 50\)"):
         ours(torch.tensor([[2, 90, 3]]))
+
+
+@pytest.mark.parametrize("name", ["BertForMaskedLM", "BertForPreTraining"])
+def test_a_decoder_without_bias_trains_as_in_transformers(name):
+    # set_output_embeddings(nn.Linear(..., bias=False)) makes cls.predictions.bias None, as in transformers;
+    # the training-mode (masked rows) loss raised TypeError on the missing bias
+    cfg = dict(CONFIGS["gelu-2types"])
+    hf, ours = make_pair(name, cfg)
+    ours.double()  # float64 both: the same maths to rounding
+    torch.manual_seed(1)
+    decoder = torch.nn.Linear(32, cfg["vocab_size"], bias=False).double()
+    hf.set_output_embeddings(decoder)
+    ours.set_output_embeddings(decoder)
+    inputs, labels = make_batch(name, cfg)
+    for mode in ("train", "eval"):
+        got = getattr(ours, mode)()(**inputs, **labels).loss
+        want = getattr(hf, mode)()(**inputs, **labels).loss
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=mode)
