@@ -695,11 +695,20 @@ class BertPreTrainedModel(nn.Module):
             embeddings.padding_idx = self.config.pad_token_id = None
         decoder = self.get_output_embeddings()
         if decoder is not None:
-            if not self.config.tie_word_embeddings:
+            tied = self.config.tie_word_embeddings
+            if not tied:
                 decoder.weight = self._resized_rows(decoder.weight, n, mean_resizing)
             if decoder.bias is not None:
-                decoder.bias = self._resized_rows(decoder.bias, n, mean_resizing=False, init_std=0.0)
-                self.set_output_embeddings(decoder)  # cls.predictions.bias: the same new Parameter
+                # untied, transformers starts the added entries at the old ones' mean (mean_resizing)
+                decoder.bias = self._resized_rows(decoder.bias, n, mean_resizing=mean_resizing and not tied,
+                                                  init_std=0.0)
+                if tied:
+                    self.set_output_embeddings(decoder)  # cls.predictions.bias: the same new Parameter
+                else:
+                    # the unused cls.predictions.bias follows (transformers makes it the decoder's), as its own
+                    # Parameter: save_pretrained then writes cls.predictions.decoder.bias, which transformers reads
+                    self.cls.predictions.bias = nn.Parameter(decoder.bias.detach().clone(),
+                                                             requires_grad=decoder.bias.requires_grad)
             decoder.out_features = n
         self.config.vocab_size = n
         self.tie_weights()

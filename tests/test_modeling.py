@@ -510,7 +510,8 @@ def test_resize_token_embeddings_matches_transformers(name, new, multiple, tied,
         torch.testing.assert_close(mine[key], value, atol=1e-5, rtol=0, msg=key)
     decoder = ours.get_output_embeddings()
     if decoder is not None:
-        assert decoder.out_features == n and decoder.bias is ours.cls.predictions.bias
+        assert decoder.out_features == n and (decoder.bias is ours.cls.predictions.bias) == tied
+        assert torch.equal(decoder.bias, ours.cls.predictions.bias)  # untied: an unused copy, as transformers'
         assert (decoder.weight is got.weight) == tied
     # the resized model runs on the new ids, and transformers loads its checkpoint
     ids = torch.tensor([[2, n - 1, 5, n - 2]])
@@ -650,3 +651,28 @@ def test_a_decoder_without_bias_trains_as_in_transformers(name):
         got = getattr(ours, mode)()(**inputs, **labels).loss
         want = getattr(hf, mode)()(**inputs, **labels).loss
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=mode)
+
+
+@pytest.mark.parametrize("mean_resizing", [True, False])
+@pytest.mark.parametrize("name", ["BertForMaskedLM", "BertForPreTraining"])
+def test_resizing_an_untied_decoder_keeps_its_bias_as_transformers_does(name, mean_resizing, tmp_path):
+    # tie_word_embeddings=False: the decoder adds its own bias. transformers starts its added entries at
+    # the old entries' mean (with mean_resizing), and the checkpoint must still give transformers that bias
+    cfg = dict(CONFIGS["gelu-2types"], tie_word_embeddings=False)
+    hf, ours = make_pair(name, cfg)
+    hf.float()
+    with torch.no_grad():
+        hf.cls.predictions.decoder.bias.normal_(0.5, 1.0)
+    ours.load_state_dict(hf.state_dict())
+    ours.resize_token_embeddings(120, mean_resizing=mean_resizing)
+    hf.resize_token_embeddings(120, mean_resizing=mean_resizing)
+    theirs = hf.state_dict()
+    for key, value in ours.state_dict().items():
+        if "word_embeddings" not in key and "decoder.weight" not in key or mean_resizing:
+            torch.testing.assert_close(value, theirs[key], atol=1e-5, rtol=0, msg=key)
+    ours.save_pretrained(tmp_path)
+    back = getattr(transformers, name).from_pretrained(tmp_path).eval()
+    ids = torch.tensor([[2, 115, 5, 119]])
+    key = "prediction_logits" if name == "BertForPreTraining" else "logits"
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids)[key], ours.eval()(ids)[key], atol=1e-5, rtol=1e-5)
