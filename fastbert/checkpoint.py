@@ -255,6 +255,12 @@ def save_pretrained(model, path) -> None:
 
     os.makedirs(path, exist_ok=True)
     model.config.architectures = [type(model).__name__]
+    # the dtype of the weights written, as transformers records it: transformers 5's default
+    # dtype="auto" reads it first (a loaded checkpoint's own value would be stale after a cast)
+    model.config.extra.pop("torch_dtype", None)
+    weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if weights is not None:
+        model.config.dtype = str(weights).removeprefix("torch.")
     model.config.save_pretrained(path)
     state, seen = {}, {}
     for key, tensor in model.state_dict().items():

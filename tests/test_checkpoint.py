@@ -364,3 +364,17 @@ def test_a_bad_dtype_name_is_named_in_the_error(tmp_path):
     for bad in ("bf16", "torch.bfloat16", "Auto"):
         with pytest.raises(ValueError, match=f"got {bad!r}"):  # was "got None"
             fastbert.BertModel.from_pretrained(tmp_path, dtype=bad)
+
+
+def test_saved_config_names_the_dtype_of_the_saved_weights(tmp_path):
+    # a bf16 checkpoint loaded as float32 (dtype=None) and saved: config.json kept "dtype": "bfloat16",
+    # which transformers 5's default dtype="auto" reads first, so it loaded the float32 weights as bf16
+    transformers.BertModel(transformers.BertConfig(**CFG)).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    ours = fastbert.BertModel.from_pretrained(tmp_path / "bf16")
+    assert ours.dtype == torch.float32
+    ours.save_pretrained(tmp_path / "fp32")
+    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["dtype"] == "float32"
+    assert transformers.BertModel.from_pretrained(tmp_path / "fp32").dtype == torch.float32
+    assert fastbert.BertModel.from_pretrained(tmp_path / "fp32", dtype="auto").dtype == torch.float32
+    ours.to(torch.float16).save_pretrained(tmp_path / "fp16")
+    assert transformers.BertModel.from_pretrained(tmp_path / "fp16").dtype == torch.float16
