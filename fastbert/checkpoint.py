@@ -188,9 +188,14 @@ def load_pretrained(cls, path, dtype=None, **config_overrides):
     config, model_kwargs = _config_and_model_kwargs(cls, path, config_overrides)
     model = cls(config, **model_kwargs)
     state = read_state_dict(path)
-    if dtype == "auto":  # the dtype the checkpoint stores (transformers 5's default)
+    if dtype == "auto":  # transformers 5's default: the config's dtype, else the one the weights are stored in
+        named = config.extra.get("dtype") or config.extra.get("torch_dtype")
+        named = getattr(torch, named, None) if isinstance(named, str) else None
         stored = Counter(t.dtype for t in state.values() if t.is_floating_point())
-        dtype = stored.most_common(1)[0][0] if stored else None
+        if isinstance(named, torch.dtype) and named.is_floating_point:
+            dtype = named
+        else:
+            dtype = stored.most_common(1)[0][0] if stored else None
     info = load_state_dict_into(model, state)
     if cls.__name__ in LAYER_MIX_HEADS and os.path.exists(os.path.join(path, LAYER_MIX_META)):
         # a `fastbert finetune --freeze all` folder: the trained head is in layer_mix.safetensors

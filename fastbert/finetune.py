@@ -348,8 +348,8 @@ def run(args) -> dict:
     if args.max_length < 8:
         raise UsageError(f"--max-length {args.max_length} is too small (at least 8)")
     for name in ("lr", "weight_decay", "max_grad_norm"):  # a negative clipping norm flips the gradients
-        if getattr(args, name) is not None and not getattr(args, name) >= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 0, not {getattr(args, name)}")
+        if getattr(args, name) is not None and not 0 <= getattr(args, name) < math.inf:
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number at least 0, not {getattr(args, name)}")
     if not 0 <= args.warmup <= 1:
         raise UsageError(f"--warmup is a fraction of the steps in [0, 1], not {args.warmup}")
     if args.threads:

@@ -265,8 +265,8 @@ def _check_settings(s: dict, dist: T.Distributed) -> None:
             raise ValueError(f"--{k.replace('_', '-')} must be at least 1, got {s[k]}")
     # 0: no warm-up / evaluate at the end / no decay / no clipping. `not >= 0` also refuses NaN.
     for k in ("warmup_steps", "eval_every", "weight_decay", "max_grad_norm", "lr"):
-        if s[k] is not None and not s[k] >= 0:
-            raise ValueError(f"--{k.replace('_', '-')} must be at least 0, got {s[k]}")
+        if s[k] is not None and not 0 <= s[k] < math.inf:
+            raise ValueError(f"--{k.replace('_', '-')} must be a finite number at least 0, got {s[k]}")
     if s["vocab_size"] < len(SPECIAL_TOKENS) + 1:
         raise ValueError(f"--vocab-size must hold the {len(SPECIAL_TOKENS)} special tokens and more, got {s['vocab_size']}")
     if not 0 <= s["short_seq_prob"] <= 1:

@@ -378,3 +378,14 @@ def test_saved_config_names_the_dtype_of_the_saved_weights(tmp_path):
     assert fastbert.BertModel.from_pretrained(tmp_path / "fp32", dtype="auto").dtype == torch.float32
     ours.to(torch.float16).save_pretrained(tmp_path / "fp16")
     assert transformers.BertModel.from_pretrained(tmp_path / "fp16").dtype == torch.float16
+
+
+def test_auto_dtype_reads_the_config_first_as_transformers_does(tmp_path):
+    """float32 weights under a config that says bfloat16 (a hand-edited or older config): transformers 5's
+    dtype="auto" follows the config; so does fastbert's (it took the weights' dtype)."""
+    transformers.BertModel(transformers.BertConfig(**CFG)).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["dtype"] = "bfloat16"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    want = transformers.BertModel.from_pretrained(tmp_path, dtype="auto").dtype
+    assert fastbert.BertModel.from_pretrained(tmp_path, dtype="auto").dtype == want == torch.bfloat16

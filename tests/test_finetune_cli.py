@@ -427,10 +427,11 @@ def test_encode_bad_sizes_are_a_clear_error(micro_model, tmp_path, capsys):
     (["--eval-batch-size", "-1"], "--eval-batch-size must be at least 1"),
     (["--threads", "-2"], "--threads must be at least 1"),
     (["--max-length", "4"], "--max-length 4 is too small"),
-    (["--lr=-1e-5"], "--lr must be at least 0"),
-    (["--weight-decay=-0.1"], "--weight-decay must be at least 0"),
-    (["--max-grad-norm=-1"], "--max-grad-norm must be at least 0"),
-    (["--max-grad-norm", "nan"], "--max-grad-norm must be at least 0"),
+    (["--lr=-1e-5"], "--lr must be a finite number at least 0"),
+    (["--lr", "inf"], "--lr must be a finite number at least 0"),
+    (["--weight-decay=-0.1"], "--weight-decay must be a finite number at least 0"),
+    (["--max-grad-norm=-1"], "--max-grad-norm must be a finite number at least 0"),
+    (["--max-grad-norm", "nan"], "--max-grad-norm must be a finite number at least 0"),
     (["--warmup", "1.5"], "--warmup is a fraction of the steps in [0, 1]"),
 ])
 def test_finetune_bad_sizes_are_a_usage_error(micro_model, tmp_path, capsys, extra, message):

@@ -536,7 +536,8 @@ def test_bad_lr_or_dropout_is_refused_before_the_run_folder_is_written(corpus, t
 @pytest.mark.parametrize("flag, value", [
     ("--warmup-steps", "-5"), ("--weight-decay", "-1"), ("--max-grad-norm", "-1"), ("--eval-every", "-3"),
     ("--save-every", "0"), ("--log-every", "0"), ("--eval-examples", "0"), ("--keep-checkpoints", "0"),
-    ("--eval-fraction", "1.5"), ("--eval-fraction", "-0.1"), ("--short-seq-prob", "1.5"), ("--vocab-size", "0")])
+    ("--eval-fraction", "1.5"), ("--eval-fraction", "-0.1"), ("--short-seq-prob", "1.5"), ("--vocab-size", "0"),
+    ("--lr", "inf"), ("--weight-decay", "inf")])
 def test_out_of_range_settings_are_refused_before_the_run_folder_is_written(corpus, tmp_path, capsys, flag, value):
     """Each ran before: a negative --max-grad-norm flipped every gradient's sign, --eval-fraction 1.5
     and --eval-examples 0 silently dropped the evaluation, --save-every 0 meant the default."""
