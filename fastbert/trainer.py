@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -398,8 +397,10 @@ class StopSignals:
     def _handle(self, signum, frame):
         if self.signal is None:
             self.signal = signal.Signals(signum)
-            print(f"\n{self.signal.name}: stopping after this step and writing a checkpoint "
-                  f"(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+            # os.write, not print: the handler may run while the main thread is inside a write to
+            # sys.stderr (tqdm), and a buffered stream re-entered from a handler raises RuntimeError
+            os.write(2, f"\n{self.signal.name}: stopping after this step and writing a checkpoint "
+                        f"(Ctrl-C again to stop at once)\n".encode())
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt
 

@@ -587,7 +587,7 @@ def test_a_stop_signal_checkpoints_the_step_and_resume_matches(corpus, vocab, tm
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
 
 
-def test_stop_signals_ask_once_then_interrupt_and_put_the_handlers_back(capsys):
+def test_stop_signals_ask_once_then_interrupt_and_put_the_handlers_back(capfd):
     from fastbert.trainer import StopSignals
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with StopSignals() as stop:
@@ -595,7 +595,7 @@ def test_stop_signals_ask_once_then_interrupt_and_put_the_handlers_back(capsys):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.01)  # let the interpreter run the handler
         assert stop.signal == signal.SIGTERM
-        assert "SIGTERM: stopping after this step" in capsys.readouterr().err
+        assert "SIGTERM: stopping after this step" in capfd.readouterr().err
         with pytest.raises(KeyboardInterrupt):  # a Ctrl-C after the request stops at once
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
