@@ -674,9 +674,10 @@ class BertPreTrainedModel(nn.Module):
         decoder (re-tied when tied) and its bias; config.vocab_size follows. Rows added with
         mean_resizing are the mean of the old rows — transformers draws them around that mean with
         a covariance scaled by 1e-9, a spread of ~3e-5 of the rows' own; without it they are drawn
-        as at initialisation (N(0, initializer_range)). Added bias entries are 0 (transformers 5
-        pads the bias with zeros). Shrinking below pad_token_id sets it to None. The Parameters are
-        new: build the optimizer afterwards.
+        as at initialisation (N(0, initializer_range)). Added decoder-bias entries, as transformers 5
+        makes them: 0 when tied (it pads the bias), the old entries' mean when untied and
+        mean_resizing. Shrinking below pad_token_id sets it to None. The Parameters are new: build
+        the optimizer afterwards.
         Returns the word-embedding module."""
         embeddings = self.get_input_embeddings()
         if new_num_tokens is None and pad_to_multiple_of is None:
