@@ -665,7 +665,13 @@ class BertPreTrainedModel(nn.Module):
         if predictions is None:
             raise AttributeError(f"{type(self).__name__} has no MLM decoder")
         predictions.decoder = new_embeddings
-        predictions.bias = new_embeddings.bias  # one Parameter under two names, as in __init__
+        bias = new_embeddings.bias
+        if bias is not None and not self.config.tie_word_embeddings:
+            # Untied, the decoder adds its own bias and cls.predictions.bias is unused (transformers 5).
+            # An alias would be saved under cls.predictions.bias only (safetensors keeps one name),
+            # and transformers would start the decoder's bias afresh: a copy keeps both names.
+            bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        predictions.bias = bias  # tied: one Parameter under two names, as in __init__
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
                                 mean_resizing: bool = True) -> nn.Embedding:
@@ -703,13 +709,7 @@ class BertPreTrainedModel(nn.Module):
                 # untied, transformers starts the added entries at the old ones' mean (mean_resizing)
                 decoder.bias = self._resized_rows(decoder.bias, n, mean_resizing=mean_resizing and not tied,
                                                   init_std=0.0)
-                if tied:
-                    self.set_output_embeddings(decoder)  # cls.predictions.bias: the same new Parameter
-                else:
-                    # the unused cls.predictions.bias follows (transformers makes it the decoder's), as its own
-                    # Parameter: save_pretrained then writes cls.predictions.decoder.bias, which transformers reads
-                    self.cls.predictions.bias = nn.Parameter(decoder.bias.detach().clone(),
-                                                             requires_grad=decoder.bias.requires_grad)
+                self.set_output_embeddings(decoder)  # cls.predictions.bias follows, as in transformers
             decoder.out_features = n
         self.config.vocab_size = n
         self.tie_weights()

@@ -676,3 +676,25 @@ def test_resizing_an_untied_decoder_keeps_its_bias_as_transformers_does(name, me
     key = "prediction_logits" if name == "BertForPreTraining" else "logits"
     with torch.no_grad():
         torch.testing.assert_close(back(ids)[key], ours.eval()(ids)[key], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["BertForMaskedLM", "BertForPreTraining"])
+def test_set_output_embeddings_on_an_untied_model_saves_the_decoder_bias(name, tmp_path):
+    # tie_word_embeddings=False: the decoder adds its own bias. A new decoder's bias must reach the
+    # checkpoint as cls.predictions.decoder.bias, the name transformers reads for an untied model
+    # (aliased to cls.predictions.bias, it was saved under that name only and transformers started
+    # the decoder bias afresh: other logits)
+    cfg = dict(CONFIGS["gelu-2types"], tie_word_embeddings=False)
+    ours = getattr(fastbert, name)(fastbert.BertConfig(**cfg))
+    decoder = torch.nn.Linear(cfg["hidden_size"], cfg["vocab_size"])
+    with torch.no_grad():
+        decoder.bias.normal_(0.5, 1.0)
+    ours.set_output_embeddings(decoder)
+    assert ours.get_output_embeddings() is decoder
+    ours.save_pretrained(tmp_path)
+    back, info = getattr(transformers, name).from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"], info
+    ids = torch.tensor([[2, 15, 5, 19]])
+    key = "prediction_logits" if name == "BertForPreTraining" else "logits"
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(ids)[key], ours.eval()(ids)[key], atol=1e-5, rtol=1e-5)
