@@ -128,7 +128,7 @@ class _Packed:
     A 0/1 (or bool) mask gives one sequence per row. An integer mask may also number the examples
     packed into a row (1, 2, 3, ...; 0 = padding), each example's tokens contiguous among the row's
     real tokens: every example is then its own sequence, so attention never crosses examples.
-    Everything is computed on the device and read back in one host sync (five numbers, six with
+    Everything is computed on the device and read back in one host sync (six numbers, seven with
     output_rows); every kernel call after it is sync-free.
     """
 
@@ -842,7 +842,9 @@ class BertModel(BertPreTrainedModel):
                 inputs_embeds=None, output_hidden_states=None, output_attentions=None, return_dict=None,
                 unpad=True, output_rows=None, max_output_rows=None, **unused):
         """unpad=False runs padding positions through the encoder too (their outputs then equal
-        transformers'); the default drops them after the embeddings.
+        transformers'); the default drops them after the embeddings, except for a left-padded batch
+        when there is a pooler (it reads column 0, which transformers runs through every layer).
+        output_hidden_states, output_attentions and return_dict left None take the config's values.
 
         output_rows (a fastbert extension, used by the pretraining and MLM heads when training with
         labels): a (batch, seq) bool mask of the positions whose last_hidden_state the caller reads.
