@@ -165,17 +165,10 @@ def _positional_names(original) -> tuple:
 
 
 def _flags(config, a):
-    """return_dict, output_attentions, output_hidden_states, defaulting to the config's as
-    transformers does."""
-    return_dict = a.pop("return_dict", None)
-    if return_dict is None:
-        return_dict = getattr(config, "return_dict", True)
-    output_attentions = a.pop("output_attentions", None)
-    if output_attentions is None:
-        output_attentions = getattr(config, "output_attentions", False)
-    output_hidden_states = a.pop("output_hidden_states", None)
-    if output_hidden_states is None:
-        output_hidden_states = getattr(config, "output_hidden_states", False)
+    """return_dict, output_attentions, output_hidden_states popped from ``a``, defaulting to the
+    config's as transformers does (fastbert's own forward applies the same rule: modeling._flags)."""
+    output_hidden_states, output_attentions, return_dict = fb._flags(
+        config, a.pop("output_hidden_states", None), a.pop("output_attentions", None), a.pop("return_dict", None))
     return return_dict, bool(output_attentions), output_hidden_states
 
 
