@@ -575,25 +575,30 @@ def test_an_interrupted_finetune_keeps_the_best_epoch_so_far(micro_model, tmp_pa
     import fastbert.finetune as F
     real, calls = F.evaluate, []
 
-    def evaluate(*args, **kwargs):  # Ctrl-C during the third epoch's dev evaluation
-        calls.append(1)
+    def evaluate(model, *args, **kwargs):  # Ctrl-C during the third epoch's dev evaluation
+        calls.append({k: v.detach().clone() for k, v in model.state_dict().items()})  # the epoch's weights
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        metrics, preds = real(model, *args, **kwargs)
+        if len(calls) == 2:  # the second epoch scores worse than the first: OUT must keep the first
+            metrics = dict(metrics, accuracy=-0.5)
+        return metrics, preds
 
     monkeypatch.setattr(F, "evaluate", evaluate)
     rc, out = _classify_run(micro_model, tmp_path)
     assert rc == 130
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     epochs = [r for r in rows if "dev_accuracy" in r]
-    assert [r["epoch"] for r in epochs] == [1, 2] and epochs[0]["saved"]
-    kept = max((r for r in epochs if r["saved"]), key=lambda r: r["epoch"])
+    assert [r["epoch"] for r in epochs] == [1, 2] and [r["saved"] for r in epochs] == [True, False]
     err = capsys.readouterr().err
-    assert f"interrupted; {out} holds the best epoch so far (epoch {kept['epoch']}: dev_accuracy" in err
+    assert f"interrupted; {out} holds the best epoch so far (epoch 1: dev_accuracy" in err
     assert not (out / "metrics.json").exists()
     from fastbert.modeling import BertForSequenceClassification
     model = BertForSequenceClassification.from_pretrained(str(out))  # the saved epoch loads, head included
     assert model.config.id2label == {0: "neg", 1: "pos"}
+    saved = model.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in calls[0].items()), "OUT does not hold epoch 1's weights"
+    assert not all(torch.equal(saved[k], v) for k, v in calls[1].items())  # the epochs differ: the check can fail
 
 
 def test_encode_shows_progress_unless_asked_not_to(micro_model, tmp_path, capsys):
