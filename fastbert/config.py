@@ -134,10 +134,11 @@ class BertConfig:
         return {**extra, **d}
 
     def save_pretrained(self, path) -> None:
+        # atomically: `fastbert finetune` re-saves OUT at every better epoch, and a save that fails
+        # part-way must leave the earlier config.json whole (trainer imports torch: imported here)
+        from .trainer import atomic_write_json
         os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
+        atomic_write_json(os.path.join(path, "config.json"), self.to_dict())
 
 
 _FIELDS = frozenset(f.name for f in fields(BertConfig))

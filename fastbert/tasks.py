@@ -231,13 +231,13 @@ def load_tokenizer(model_dir: str):
 def copy_tokenizer_files(src: str, dst: str) -> None:
     """Copy src's tokenizer files into dst; a tokenizer file in dst that src lacks (an earlier run's)
     is removed, so that load_tokenizer(dst) gives src's tokenizer."""
-    import shutil
+    from .trainer import atomic_copy
     if os.path.abspath(src) == os.path.abspath(dst):
         return
     for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
         p, q = os.path.join(src, name), os.path.join(dst, name)
         if os.path.isfile(p):
-            shutil.copyfile(p, q)
+            atomic_copy(p, q)  # finetune copies at every better epoch: an interrupted copy keeps the last
         elif os.path.isfile(q):
             os.unlink(q)
 

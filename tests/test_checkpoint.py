@@ -389,3 +389,38 @@ def test_auto_dtype_reads_the_config_first_as_transformers_does(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     want = transformers.BertModel.from_pretrained(tmp_path, dtype="auto").dtype
     assert fastbert.BertModel.from_pretrained(tmp_path, dtype="auto").dtype == want == torch.bfloat16
+
+
+def test_a_failed_save_keeps_the_folders_config_and_tokenizer(tmp_path, monkeypatch):
+    """fastbert finetune saves OUT whenever dev improves, and promises that a crash or Ctrl-C keeps
+    the best epoch so far: a save that fails part-way (a value JSON cannot write, an interrupt while
+    copying) must leave the earlier config.json and tokenizer files whole, not truncated."""
+    import shutil
+
+    from fastbert.tasks import copy_tokenizer_files
+    config = fastbert.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64)
+    config.save_pretrained(tmp_path)
+    before = (tmp_path / "config.json").read_text()
+    config.extra["not_json"] = object()  # json writes the fields before it, then raises
+    with pytest.raises(TypeError):
+        config.save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary file left behind
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tokenizer.json").write_text("new " * 1000)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "tokenizer.json").write_text("old")
+
+    def interrupted_copy(a, b, *args, **kwargs):
+        with open(b, "w") as f:
+            f.write("new")  # part of the file, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "copyfile", interrupted_copy)
+    with pytest.raises(KeyboardInterrupt):
+        copy_tokenizer_files(str(src), str(dst))
+    assert [p.name for p in dst.iterdir()] == ["tokenizer.json"] and (dst / "tokenizer.json").read_text() == "old"
