@@ -139,11 +139,21 @@ class LayerMixModel(nn.Module):
         self.encoder.save_pretrained(path)
         head = {f"mix.{k}": v for k, v in self.mix.state_dict().items()}
         head.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
-        save_file({k: v.detach().contiguous().cpu() for k, v in head.items()}, os.path.join(path, HEAD_FILE))
-        with open(os.path.join(path, META_FILE), "w") as f:
-            json.dump({"task": self.task, "num_labels": self.num_labels,
-                       "layer_weights": torch.softmax(self.mix.weights.detach(), 0).tolist(),
-                       "gamma": float(self.mix.gamma.detach())}, f, indent=2)
+        # atomically, as the encoder's files: `fastbert finetune --freeze all` re-saves OUT at every
+        # better epoch, and an interrupted save must leave the earlier head whole
+        from .trainer import atomic_write_text
+        tmp = os.path.join(path, HEAD_FILE + ".tmp")
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in head.items()}, tmp)
+            os.replace(tmp, os.path.join(path, HEAD_FILE))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        atomic_write_text(os.path.join(path, META_FILE), json.dumps(
+            {"task": self.task, "num_labels": self.num_labels,
+             "layer_weights": torch.softmax(self.mix.weights.detach(), 0).tolist(),
+             "gamma": float(self.mix.gamma.detach())}, indent=2))
 
     @classmethod
     def from_pretrained(cls, path: str):

@@ -671,3 +671,35 @@ def test_a_finetune_interrupted_before_training_does_not_claim_an_earlier_runs_m
     assert "holds the best epoch so far" not in err and "without metrics.json" not in err, err
     assert "fastbert finetune: interrupted before training" in err, err
     assert (out / "metrics.json").exists()
+
+
+def test_an_interrupted_layer_mix_save_keeps_the_saved_head(tmp_path, monkeypatch):
+    """--freeze all: OUT is re-saved at every better epoch, so a save interrupted part-way must leave
+    the earlier layer_mix.safetensors / layer_mix.json whole (they were written in place)."""
+    import safetensors.torch
+
+    from fastbert import BertConfig, BertModel
+    from fastbert.layer_mix import HEAD_FILE, META_FILE, LayerMixModel
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    model = LayerMixModel(BertModel(cfg), "classify", num_labels=2)
+    model.save_pretrained(str(tmp_path))
+    before = {name: (tmp_path / name).read_bytes() for name in (HEAD_FILE, META_FILE)}
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.add_(1.0)
+    real = safetensors.torch.save_file
+
+    def interrupted(tensors, path, *args, **kwargs):
+        real(tensors, path, *args, **kwargs)
+        if "layer_mix" not in str(path).rsplit("/", 1)[-1]:
+            return  # the encoder's model.safetensors
+        with open(path, "r+b") as f:
+            f.truncate(100)  # the write got this far, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(str(tmp_path))
+    assert {name: (tmp_path / name).read_bytes() for name in (HEAD_FILE, META_FILE)} == before
+    monkeypatch.undo()
+    LayerMixModel.from_pretrained(str(tmp_path))  # still loads
