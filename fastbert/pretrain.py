@@ -333,6 +333,17 @@ class PretrainingLoss(torch.nn.Module):
 
 
 @torch.no_grad()
+def _ddp(loss_module, model, nsp: bool, device):
+    """loss_module under DistributedDataParallel, told whether some trainable parameter gets no
+    gradient (DDP then fails at the second step unless it looks for them): the NSP head without NSP,
+    and cls.predictions.bias of an untied model (tie_word_embeddings=False), whose decoder adds its
+    own bias as in transformers 5."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    unused = not nsp or not model.config.tie_word_embeddings
+    return DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None,
+               find_unused_parameters=unused)
+
+
 def evaluate(model, examples, *, batch_size, device, pad_id, nsp, autocast) -> dict:
     """MLM accuracy/loss over the masked tokens and NSP accuracy/loss over held-out examples."""
     was_training = model.training
@@ -524,9 +535,7 @@ def _run(args, dist: T.Distributed) -> int:
     if args.compile:
         loss_module = torch.compile(loss_module)
     if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        loss_module = DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None,
-                          find_unused_parameters=not nsp)
+        loss_module = _ddp(loss_module, model, nsp, device)
 
     # ---- state --------------------------------------------------------------------------------
     step, position = 0, (0, 0)

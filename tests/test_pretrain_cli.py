@@ -613,3 +613,28 @@ def test_a_run_stored_with_save_every_0_resumes(corpus, vocab, tmp_path, capsys)
     assert run(corpus, out, "--resume") == 0, capsys.readouterr().err
     steps = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert steps[-1] == 8 and read_metrics(out / "metrics.jsonl")[-1]["step"] == 8
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_ddp_trains_an_untied_model(tied, tmp_path):
+    """Under torchrun the loss module runs in DistributedDataParallel, which fails at the second step
+    when a trainable parameter got no gradient and it was not told to look for such: an untied model's
+    cls.predictions.bias is unused (its decoder adds its own bias). One gloo process shows it."""
+    import torch.distributed as torch_dist
+
+    import fastbert
+    from fastbert.pretrain import PretrainingLoss, _ddp
+    cfg = fastbert.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              intermediate_size=64, tie_word_embeddings=tied)
+    model = fastbert.BertForPreTraining(cfg).train()
+    torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        loss_module = _ddp(PretrainingLoss(model, True), model, True, torch.device("cpu"))
+        ids = torch.randint(5, 50, (2, 8))
+        labels = torch.full((2, 8), -100)
+        labels[:, 3] = 7
+        for _ in range(3):
+            mlm, nsp = loss_module(ids, torch.ones_like(ids), torch.zeros_like(ids), labels, torch.tensor([0, 1]))
+            (mlm + nsp).backward()
+    finally:
+        torch_dist.destroy_process_group()
