@@ -146,7 +146,9 @@ def load_state_dict_into(model: torch.nn.Module, state: dict) -> dict:
                       stacklevel=4)  # the from_pretrained caller
     if unexpected:
         warnings.warn(f"{type(model).__name__}: checkpoint weights not used: {', '.join(unexpected)}", stacklevel=4)
-    info = {"missing_keys": head_missing, "unexpected_keys": unexpected, "mismatched_keys": [], "error_msgs": []}
+    # transformers 5's types: sets of names, a list of messages
+    info = {"missing_keys": set(head_missing), "unexpected_keys": set(unexpected), "mismatched_keys": set(),
+            "error_msgs": []}
 
     with torch.no_grad():
         params = dict(model.named_parameters(remove_duplicate=False))
@@ -276,5 +278,9 @@ def save_pretrained(model, path) -> None:
         seen[ident] = key
         state[key] = tensor.detach().contiguous().cpu()
     tmp = os.path.join(path, SAFETENSORS + ".tmp")
-    save_file(state, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(path, SAFETENSORS))
+    try:
+        save_file(state, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(path, SAFETENSORS))
+    finally:
+        if os.path.exists(tmp):  # a failed write (disk full, interrupt) leaves no stray file
+            os.unlink(tmp)

@@ -147,7 +147,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pad each batch to its longest example (default) or always to --seq-len")
     g.add_argument("--eval-fraction", type=float,
                    help="share of documents held out for evaluation (default 0.05, at least 2)")
-    g.add_argument("--eval-examples", type=int, help="held-out examples per evaluation (default 256)")
+    g.add_argument("--eval-examples", type=int, help="held-out examples per evaluation (default 256; 0 = none)")
     g.add_argument("--cache-dir", help="where tokenized shards are cached (default ~/.cache/fastbert/corpora)")
 
     g = p.add_argument_group("model and optimisation")
@@ -260,11 +260,12 @@ def _build_config(s: dict, vocab_size: int):
 
 def _check_settings(s: dict, dist: T.Distributed) -> None:
     """Every setting checked before run_args.json is written (a resumed run would be stuck with it)."""
-    for k in ("seq_len", "batch_size", "grad_accum", "steps", "eval_examples", "log_every", "save_every"):
+    for k in ("seq_len", "batch_size", "grad_accum", "steps", "log_every", "save_every"):
         if s[k] is not None and int(s[k]) < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be at least 1, got {s[k]}")
-    # 0: no warm-up / evaluate at the end / no decay / no clipping. `not >= 0` also refuses NaN.
-    for k in ("warmup_steps", "eval_every", "weight_decay", "max_grad_norm", "lr"):
+    # 0: no warm-up / evaluate at the end / no held-out evaluation / no decay / no clipping.
+    # `not 0 <= x < inf` also refuses NaN.
+    for k in ("warmup_steps", "eval_every", "eval_examples", "weight_decay", "max_grad_norm", "lr"):
         if s[k] is not None and not 0 <= s[k] < math.inf:
             raise ValueError(f"--{k.replace('_', '-')} must be a finite number at least 0, got {s[k]}")
     if s["vocab_size"] < len(SPECIAL_TOKENS) + 1:

@@ -535,12 +535,13 @@ def test_bad_lr_or_dropout_is_refused_before_the_run_folder_is_written(corpus, t
 
 @pytest.mark.parametrize("flag, value", [
     ("--warmup-steps", "-5"), ("--weight-decay", "-1"), ("--max-grad-norm", "-1"), ("--eval-every", "-3"),
-    ("--save-every", "0"), ("--log-every", "0"), ("--eval-examples", "0"), ("--keep-checkpoints", "0"),
+    ("--save-every", "0"), ("--log-every", "0"), ("--eval-examples", "-1"), ("--keep-checkpoints", "0"),
     ("--eval-fraction", "1.5"), ("--eval-fraction", "-0.1"), ("--short-seq-prob", "1.5"), ("--vocab-size", "0"),
     ("--lr", "inf"), ("--weight-decay", "inf")])
 def test_out_of_range_settings_are_refused_before_the_run_folder_is_written(corpus, tmp_path, capsys, flag, value):
     """Each ran before: a negative --max-grad-norm flipped every gradient's sign, --eval-fraction 1.5
-    and --eval-examples 0 silently dropped the evaluation, --save-every 0 meant the default."""
+    silently dropped the evaluation, --save-every 0 meant the default. (--eval-examples 0 is allowed:
+    no held-out evaluation, as documented.)"""
     out = tmp_path / "never"
     _fails_cleanly(capsys, out, run(corpus, out, "--steps", "1", flag, value), flag)
 
@@ -638,3 +639,10 @@ def test_ddp_trains_an_untied_model(tied, tmp_path):
             (mlm + nsp).backward()
     finally:
         torch_dist.destroy_process_group()
+
+
+def test_eval_examples_0_runs_without_a_held_out_evaluation(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert run(corpus, out, "--steps", "2", "--log-every", "1", "--eval-examples", "0") == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and not any("mlm_accuracy" in r for r in rows)
