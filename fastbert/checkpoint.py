@@ -35,22 +35,25 @@ IGNORED = ("embeddings.position_ids", "bert.embeddings.position_ids", "embedding
            "bert.embeddings.token_type_ids")
 
 
-def read_state_dict(path: str) -> dict:
+def read_state_dict(path: str, use_safetensors: bool | None = None) -> dict:
     """Tensors of a checkpoint folder (or a file), with a clear error for a corrupt file. A folder
     may hold one file or shards listed by an index (model.safetensors.index.json, as transformers
-    writes checkpoints above its max_shard_size)."""
+    writes checkpoints above its max_shard_size). use_safetensors as in transformers: None prefers
+    safetensors, True reads only safetensors, False only pytorch_model.bin (weights_only)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         # transformers' order: safetensors (one file, then shards) before pytorch_model.bin (the same)
-        for name in (SAFETENSORS, SAFETENSORS + INDEX, PYTORCH_BIN, PYTORCH_BIN + INDEX):
+        names = (SAFETENSORS, SAFETENSORS + INDEX, PYTORCH_BIN, PYTORCH_BIN + INDEX)
+        names = names[2:] if use_safetensors is False else names[:2] if use_safetensors else names
+        for name in names:
             if os.path.exists(os.path.join(path, name)):
                 if name.endswith(INDEX):
                     return _read_shards(os.path.join(path, name))
                 path = os.path.join(path, name)
                 break
         else:
-            raise FileNotFoundError(f"{path} holds neither {SAFETENSORS} nor {PYTORCH_BIN} (nor a sharded "
-                                    f"checkpoint's {SAFETENSORS}{INDEX})")
+            raise FileNotFoundError(f"{path} holds none of {', '.join(names)}"
+                                    + (f" (use_safetensors={use_safetensors})" if use_safetensors is not None else ""))
     if path.endswith(".safetensors"):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -168,7 +171,7 @@ def load_state_dict_into(model: torch.nn.Module, state: dict) -> dict:
 # transformers' from_pretrained keywords with nothing to do here: fetching files (a local folder needs
 # none of them), and attn_implementation (fastbert's attention is its own, output_attentions works anyway)
 LOADER_KEYWORDS = ("cache_dir", "force_download", "local_files_only", "proxies", "resume_download", "revision",
-                  "token", "trust_remote_code", "use_safetensors", "low_cpu_mem_usage", "attn_implementation")
+                  "token", "trust_remote_code", "low_cpu_mem_usage", "attn_implementation")
 
 
 def load_pretrained(cls, path, dtype=None, **config_overrides):
@@ -182,6 +185,7 @@ def load_pretrained(cls, path, dtype=None, **config_overrides):
         raise ValueError("variant= (model.<variant>.safetensors) is not supported: rename the file to model.safetensors")
     device = _resolve_device_map(config_overrides.pop("device_map", None))
     loading_info = config_overrides.pop("output_loading_info", False)
+    use_safetensors = config_overrides.pop("use_safetensors", None)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a checkpoint folder (config.json + {SAFETENSORS})")
     if dtype is None:  # transformers' older name of dtype, still taken there
@@ -189,7 +193,7 @@ def load_pretrained(cls, path, dtype=None, **config_overrides):
     dtype = _resolve_dtype(dtype)
     config, model_kwargs = _config_and_model_kwargs(cls, path, config_overrides)
     model = cls(config, **model_kwargs)
-    state = read_state_dict(path)
+    state = read_state_dict(path, use_safetensors)
     if dtype == "auto":  # transformers 5's default: the config's dtype, else the one the weights are stored in
         named = config.extra.get("dtype") or config.extra.get("torch_dtype")
         named = getattr(torch, named, None) if isinstance(named, str) else None

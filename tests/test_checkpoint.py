@@ -439,3 +439,20 @@ def test_a_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         fastbert.BertModel(fastbert.BertConfig(**CFG)).save_pretrained(tmp_path)
     assert not (tmp_path / "model.safetensors.tmp").exists() and not (tmp_path / "model.safetensors").exists()
+
+
+def test_use_safetensors_picks_the_file_as_in_transformers(tmp_path):
+    """A folder with both files of different weights: transformers' use_safetensors=False reads the .bin
+    (it was accepted and ignored), True insists on safetensors."""
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(**CFG)).save_pretrained(tmp_path)
+    other = transformers.BertModel(transformers.BertConfig(**CFG)).state_dict()
+    torch.save(other, tmp_path / "pytorch_model.bin")
+    word = "embeddings.word_embeddings.weight"
+    assert torch.equal(fastbert.BertModel.from_pretrained(tmp_path, use_safetensors=False).state_dict()[word], other[word])
+    want = transformers.BertModel.from_pretrained(tmp_path, use_safetensors=True).state_dict()[word]
+    assert torch.equal(fastbert.BertModel.from_pretrained(tmp_path, use_safetensors=True).state_dict()[word], want)
+    assert not torch.equal(want, other[word])
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="use_safetensors=True"):
+        fastbert.BertModel.from_pretrained(tmp_path, use_safetensors=True)
