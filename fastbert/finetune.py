@@ -569,6 +569,8 @@ def _kept(args) -> str:
         return f" before training, {out} untouched"
     saved = [r for r in TR.read_metrics(os.path.join(out, HISTORY_FILE)) if r.get("saved")]
     if not saved:
-        return "; no epoch finished, nothing saved"
+        earlier = os.path.isfile(os.path.join(out, "model.safetensors"))
+        return "; no epoch finished, nothing saved" + (
+            f" ({out}'s model files are an earlier run's)" if earlier else "")
     scores = ", ".join(f"{k} {v:.4f}" for k, v in saved[-1].items() if k.startswith("dev_"))
     return f"; {out} holds the best epoch so far (epoch {saved[-1]['epoch']}: {scores}), without metrics.json"

@@ -601,6 +601,24 @@ def test_an_interrupted_finetune_keeps_the_best_epoch_so_far(micro_model, tmp_pa
     assert not all(torch.equal(saved[k], v) for k, v in calls[1].items())  # the epochs differ: the check can fail
 
 
+def test_a_finetune_interrupted_in_its_first_epoch_says_whose_model_out_holds(micro_model, tmp_path, capsys,
+                                                                              monkeypatch):
+    """OUT already holds an earlier run's model; this run stops before its first dev evaluation: the
+    message must not let the earlier model pass for this run's."""
+    import fastbert.finetune as F
+    assert _classify_run(micro_model, tmp_path)[0] == 0  # the earlier run, into the same OUT
+
+    def evaluate(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(F, "evaluate", evaluate)
+    capsys.readouterr()
+    rc, out = _classify_run(micro_model, tmp_path)
+    assert rc == 130
+    assert f"no epoch finished, nothing saved ({out}'s model files are an earlier run's)" in capsys.readouterr().err
+    assert not (out / "metrics.json").exists()
+
+
 def test_encode_shows_progress_unless_asked_not_to(micro_model, tmp_path, capsys):
     inp = tmp_path / "in.txt"
     inp.write_text("".join(f"the cat sat {i}\n" for i in range(9)))
