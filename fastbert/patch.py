@@ -196,8 +196,10 @@ def _model_forward(self, *args, **kwargs):
     hidden = out.hidden_states
     if hidden is not None and selected is not None:
         hidden = tuple(h if i in selected else None for i, h in enumerate(hidden))
+    # transformers' BertModel records cross-attentions whenever it records attentions: () for an encoder
     return _output(self, dict(last_hidden_state=out.last_hidden_state, pooler_output=out.pooler_output,
-                                     hidden_states=hidden, attentions=out.attentions), return_dict)
+                              hidden_states=hidden, attentions=out.attentions,
+                              cross_attentions=() if output_attentions else None), return_dict)
 
 
 def _head_forward(self, *args, **kwargs):

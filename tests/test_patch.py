@@ -491,3 +491,20 @@ def test_enable_input_require_grads_reaches_the_patched_embeddings():
     ids = torch.randint(1, 50, (2, 6))
     model(ids, labels=torch.tensor([0, 1])).loss.backward()
     assert model.bert.encoder.layer[0].attention.self.query.weight.grad is not None
+
+
+def test_bert_model_output_attentions_lists_cross_attentions_as_transformers_does():
+    """transformers' BertModel returns cross_attentions=() with output_attentions=True (argument or
+    config), so its return_dict=False tuple has one more element; the patched model must agree."""
+    cfg = CONFIGS["gelu-2types"]
+    hf = hf_model("BertModel", cfg, **NO_DROPOUT).eval()
+    hf.set_attn_implementation("eager")
+    model = patched_copy(hf).eval()
+    inputs, _ = make_batch("BertModel", cfg)
+    with torch.no_grad():
+        ref, out = hf(**inputs, output_attentions=True), model(**inputs, output_attentions=True)
+        assert list(out.keys()) == list(ref.keys()) and out.cross_attentions == ref.cross_attentions == ()
+        ref_t, out_t = (m(**inputs, output_attentions=True, return_dict=False) for m in (hf, model))
+        assert len(out_t) == len(ref_t) and out_t[-1] == ref_t[-1] == ()
+        hf.config.output_attentions = model.config.output_attentions = True
+        assert list(model(**inputs).keys()) == list(hf(**inputs).keys())
