@@ -1005,12 +1005,17 @@ class BertPreTrainingHeads(nn.Module):
         self.predictions = BertLMPredictionHead(config)
         self.seq_relationship = nn.Linear(config.hidden_size, 2)
 
+    def forward(self, sequence_output, pooled_output):  # -> (prediction logits, NSP logits), as in transformers
+        return self.predictions(sequence_output), self.seq_relationship(pooled_output)
 
-def _mlm(head: BertLMPredictionHead, sequence_output, labels, training: bool):
-    """(loss, logits) of the MLM head; masked rows only when training with labels (logits None)."""
+
+def _mlm(head: BertLMPredictionHead, sequence_output, labels, training: bool, logits=None):
+    """(loss, logits) of the MLM head; masked rows only when training with labels (logits None).
+    logits: the full logits when the caller ran the head itself (through its parent module)."""
     if labels is not None and training:
         return head.masked_loss(sequence_output, labels), None
-    logits = head(sequence_output)  # (B, S, V)
+    if logits is None:
+        logits = head(sequence_output)  # (B, S, V)
     loss = None
     if labels is not None:
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
@@ -1069,8 +1074,13 @@ class BertForPreTraining(BertPreTrainedModel):
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                         return_dict=True,
                         **_mlm_rows(self.cls.predictions, labels, self.training, input_ids, inputs_embeds))
-        mlm_loss, prediction_logits = _mlm(self.cls.predictions, out.last_hidden_state, labels, self.training)
-        nsp_logits = self.cls.seq_relationship(out.pooler_output)  # (B, 2); packed rows (B, E, 2)
+        prediction_logits = None
+        if labels is None or not self.training:  # full logits: the heads module runs (hooks see it)
+            prediction_logits, nsp_logits = self.cls(out.last_hidden_state, out.pooler_output)
+        else:
+            nsp_logits = self.cls.seq_relationship(out.pooler_output)  # (B, 2); packed rows (B, E, 2)
+        mlm_loss, prediction_logits = _mlm(self.cls.predictions, out.last_hidden_state, labels, self.training,
+                                           prediction_logits)
         loss = None
         if labels is not None and next_sentence_label is not None:
             loss = mlm_loss + _nsp_loss(nsp_logits, next_sentence_label)
@@ -1095,7 +1105,8 @@ class BertForMaskedLM(BertPreTrainedModel):
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                         return_dict=True,
                         **_mlm_rows(self.cls.predictions, labels, self.training, input_ids, inputs_embeds))
-        loss, logits = _mlm(self.cls.predictions, out.last_hidden_state, labels, self.training)
+        full = None if labels is not None and self.training else self.cls(out.last_hidden_state)  # its hooks see it
+        loss, logits = _mlm(self.cls.predictions, out.last_hidden_state, labels, self.training, full)
         return _finish(ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                    attentions=out.attentions), return_dict)
 

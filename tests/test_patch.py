@@ -508,3 +508,23 @@ def test_bert_model_output_attentions_lists_cross_attentions_as_transformers_doe
         assert len(out_t) == len(ref_t) and out_t[-1] == ref_t[-1] == ()
         hf.config.output_attentions = model.config.output_attentions = True
         assert list(model(**inputs).keys()) == list(hf(**inputs).keys())
+
+
+@pytest.mark.parametrize("name", ["BertForPreTraining", "BertForMaskedLM"])
+def test_forward_hook_on_the_mlm_heads_module_fires_in_eval(name):
+    """A forward hook on model.cls (transformers' BertPreTrainingHeads / BertOnlyMLMHead, a Bert* module)
+    is called in eval mode as in transformers, with the same output."""
+    cfg = CONFIGS["gelu-2types"]
+    hf = hf_model(name, cfg, **NO_DROPOUT).double().eval()
+    model = patched_copy(hf).eval()
+    inputs, labels = make_batch(name, cfg)
+    mask = real_mask(inputs)
+    seen = {}
+    for key, m in (("ref", hf), ("out", model)):
+        m.cls.register_forward_hook(lambda mod, args, out, key=key: seen.setdefault(key, out))
+    with torch.no_grad():
+        ref, out = hf(**inputs, **labels), model(**inputs, **labels)
+    assert "out" in seen, "the hook on model.cls was not called"
+    first = lambda o: o[0] if isinstance(o, tuple) else o  # noqa: E731
+    compare("hooked cls output", first(seen["out"]), first(seen["ref"]), first(seen["ref"]), mask, k=0.0)
+    compare("loss", out.loss, ref.loss, ref.loss, mask, k=0.0)
