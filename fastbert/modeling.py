@@ -940,7 +940,12 @@ class BertPredictionHeadTransform(nn.Module):
         self.approximate = config.gelu_approximate
 
     def forward(self, x):
-        return K.gelu_layer_norm(F.linear(x, self.dense.weight), self.dense.bias, self.LayerNorm.weight,
+        dense = self.dense
+        if _hooked(dense) or dense.bias is None:  # the module's call: a hook sees it, and its output is used
+            y = dense(x)
+            return K.gelu_layer_norm(y, y.new_zeros(y.shape[-1]), self.LayerNorm.weight, self.LayerNorm.bias,
+                                     self.LayerNorm.eps, self.approximate)
+        return K.gelu_layer_norm(F.linear(x, dense.weight), dense.bias, self.LayerNorm.weight,
                                  self.LayerNorm.bias, self.LayerNorm.eps, self.approximate)
 
 

@@ -528,3 +528,25 @@ def test_forward_hook_on_the_mlm_heads_module_fires_in_eval(name):
     first = lambda o: o[0] if isinstance(o, tuple) else o  # noqa: E731
     compare("hooked cls output", first(seen["out"]), first(seen["ref"]), first(seen["ref"]), mask, k=0.0)
     compare("loss", out.loss, ref.loss, ref.loss, mask, k=0.0)
+
+
+@pytest.mark.parametrize("hook", ["forward", "pre"])
+def test_hook_on_the_mlm_transform_dense_is_called_as_in_transformers(hook):
+    """The MLM transform's dense is a plain nn.Linear: a forward hook (or pre-hook) that changes what it
+    computes must change the patched model's logits and loss as it changes transformers' (eval mode)."""
+    cfg = CONFIGS["gelu-2types"]
+    name = "BertForMaskedLM"
+    hf = hf_model(name, cfg, **NO_DROPOUT).double().eval()
+    model = patched_copy(hf).eval()
+    inputs, labels = make_batch(name, cfg)
+    mask = real_mask(inputs)
+    for m in (hf, model):
+        dense = m.cls.predictions.transform.dense
+        if hook == "forward":
+            dense.register_forward_hook(lambda mod, args, out: out * 1.5)
+        else:
+            dense.register_forward_pre_hook(lambda mod, args: (args[0] * 1.5,))
+    with torch.no_grad():
+        ref, out = hf(**inputs, **labels), model(**inputs, **labels)
+    compare("logits", out.logits, ref.logits, ref.logits, mask, k=0.0)
+    compare("loss", out.loss, ref.loss, ref.loss, mask, k=0.0)
