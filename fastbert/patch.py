@@ -38,7 +38,8 @@ Caution, where a patched model differs from transformers (exactly as fastbert's 
   transformers' loss, and prediction_logits / logits are None. In eval mode they are full. The last
   encoder layer then also runs past its attention on those rows (and each example's first token)
   only: forward hooks on the last BertLayer or its submodules see those R rows, and the encoder's
-  last_hidden_state is 0 at the other tokens.
+  last_hidden_state is 0 at the other tokens. Forward hooks on cls, cls.predictions and the decoder
+  are not called then (the transform runs on the masked rows, and its hooks see those).
 - Values at padding positions are unspecified but finite.
 - attention_mask must be (batch, seq) (0/1, bool or float); 4-D masks raise ValueError. Integer
   values above 1 are fastbert's packed rows (see fastbert.modeling.BertModel.forward).
