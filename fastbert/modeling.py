@@ -377,8 +377,9 @@ class BertSelfAttention(nn.Module):
         q, k, v = qkv.view(layout.batch, layout.seq, 3, nh, hd).permute(2, 0, 3, 1, 4)  # each (B, nh, S, hd)
         # Reference path that also returns the probabilities (output_attentions=True).
         scores = q @ k.transpose(-1, -2) / math.sqrt(hd) + layout.additive  # (B, nh, S, S)
-        probs = torch.softmax(scores, dim=-1)
-        ctx = F.dropout(probs, p=p, training=p > 0) @ v  # (B, nh, S, hd)
+        # the probabilities after dropout, as transformers' eager attention returns them (what multiplies v)
+        probs = F.dropout(torch.softmax(scores, dim=-1), p=p, training=p > 0)
+        ctx = probs @ v  # (B, nh, S, hd)
         return ctx.permute(0, 2, 1, 3).reshape(-1, nh * hd), probs
 
 

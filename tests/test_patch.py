@@ -550,3 +550,21 @@ def test_hook_on_the_mlm_transform_dense_is_called_as_in_transformers(hook):
         ref, out = hf(**inputs, **labels), model(**inputs, **labels)
     compare("logits", out.logits, ref.logits, ref.logits, mask, k=0.0)
     compare("loss", out.loss, ref.loss, ref.loss, mask, k=0.0)
+
+
+def test_attentions_in_training_are_the_dropped_out_probabilities_as_in_transformers():
+    """transformers' eager attention returns the attention weights after dropout (what multiplies the
+    values): in training mode each entry of layer 0's attentions is 0 or the eval probability / (1 - p)."""
+    cfg = {**CONFIGS["gelu-2types"], "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.5}
+    hf = hf_model("BertModel", cfg)
+    hf.set_attn_implementation("eager")
+    model = patched_copy(hf)
+    inputs, _ = make_batch("BertModel", cfg)
+    for m in (hf, model):
+        with torch.no_grad():
+            probs = m.eval()(**inputs, output_attentions=True).attentions[0]
+            torch.manual_seed(0)
+            dropped = m.train()(**inputs, output_attentions=True).attentions[0]
+        kept = dropped != 0
+        assert 0.3 < kept[probs > 0].float().mean() < 0.7, type(m).__module__  # dropout acted on what is returned
+        assert torch.allclose(dropped[kept], probs[kept] / 0.5, rtol=1e-5, atol=1e-6), type(m).__module__
