@@ -292,7 +292,7 @@ def _load(task, path, labels, tok, args, limit, name):
         what = "had their context split into several windows" if task == "qa" else f"cut to {args.max_length} tokens"
         _log(f"{name}: {info['truncated']} of {len(examples)} examples {what}")
     if info.get("questions_truncated"):
-        _log(f"{name}: {info['questions_truncated']} questions cut to 64 tokens")
+        _log(f"{name}: {info['questions_truncated']} questions cut to 64 tokens (fewer where --max-length leaves the context no room)")
     return examples, feats
 
 

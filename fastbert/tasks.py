@@ -16,7 +16,8 @@ Over-long input is truncated, never rejected, and the number of truncated exampl
 classify/pair/choice keep the first ``max_length`` tokens (pair and choice trim the longer of the
 two texts first); ner keeps the words that fit, and words cut off are predicted "O" (so they still
 count against recall); qa splits the context into overlapping windows (``doc_stride`` tokens of
-overlap) and questions longer than ``max_query_length`` tokens are cut.
+overlap) and questions longer than ``max_query_length`` tokens are cut (to half of ``max_length``
+when even that would leave the context no room).
 
 Nothing here imports the model: features are plain lists, and ``collate`` pads a batch to its own
 longest sequence.
@@ -356,8 +357,11 @@ def _qa_features(examples, tok, max_length, doc_stride, max_query_length):
     q_encs = tok.encode_batch([ex["question"] for ex in examples], add_special_tokens=False)
     c_encs = tok.encode_batch([ex["context"] for ex in examples], add_special_tokens=False)
     for i, (ex, qe, ce) in enumerate(zip(examples, q_encs, c_encs)):
-        q_ids = qe.ids[:max_query_length]
-        n_q_trunc += len(qe.ids) > max_query_length
+        q_limit = max_query_length
+        if min(len(qe.ids), q_limit) > max_length - 4:  # it would leave the context no room:
+            q_limit = (max_length - 3) // 2              # cut it to half the room instead
+        q_ids = qe.ids[:q_limit]
+        n_q_trunc += len(qe.ids) > q_limit
         budget = max_length - len(q_ids) - 3
         windows = qa_windows(len(ce.ids), budget, min(doc_stride, budget - 1))
         n_split += len(windows) > 1

@@ -253,3 +253,20 @@ def test_qa_unanswerable_example_is_labelled_cls_and_batches(tmp_path, tok):
     assert (feats[1]["start_positions"], feats[1]["end_positions"]) == (0, 0)
     batch = collate(feats)                     # was KeyError: 'start_positions'
     assert batch["start_positions"].tolist() == [4, 0]
+
+
+def test_qa_question_longer_than_max_length_is_cut_not_rejected(tok):
+    # max_length 12 leaves 9 tokens for question + context; a 10-token question (under the 64-token
+    # max_query_length) used to raise ValueError "no room left for the context" for the whole file.
+    # Over-long input is truncated, never rejected: the question gives up tokens so the context has
+    # room (half of it), and the answer is still found.
+    question = " ".join(["where", "is", "it"] * 3 + ["where"])
+    context = "the cat sat on the mat"
+    ex = [{"question": question, "context": context, "answers": {"text": ["mat"], "answer_start": [19]}}]
+    feats, info = build_features("qa", ex, tok, max_length=12, doc_stride=1)
+    assert info["questions_truncated"] == 1
+    assert all(len(f["input_ids"]) <= 12 for f in feats)
+    hits = [f for f in feats if f["start_positions"]]
+    assert hits and all(f["input_ids"][f["start_positions"]] == 9 for f in hits)
+    q_len = feats[0]["token_type_ids"].index(1) - 2
+    assert q_len == 4  # (12 - 3) // 2 for the question, 5 for each context window
