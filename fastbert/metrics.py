@@ -114,7 +114,9 @@ def squad_scores(predictions: Sequence[str], gold_answers: Sequence[Sequence[str
         raise ValueError("squad_scores of an empty set is undefined")
     em = f1 = 0.0
     for p, golds in zip(predictions, gold_answers):
-        golds = list(golds) or [""]
+        # as the official SQuAD 2.0 script: gold answers that normalise to nothing ("the", "!") are
+        # dropped, and a question left without any is unanswerable (only "" matches it)
+        golds = [g for g in golds if normalize_answer(g)] or [""]
         em += max(exact_match_score(p, g) for g in golds)
         f1 += max(token_f1_score(p, g) for g in golds)
     return {"exact_match": em / len(predictions), "f1": f1 / len(predictions)}

@@ -97,3 +97,11 @@ def test_squad_scores_take_best_gold():
     assert r["exact_match"] == pytest.approx(0.5)
     # second: vs "1889": P 1/2 R 1 -> 2/3; vs "in year 1889": P 1, R 2/3 -> 0.8
     assert r["f1"] == pytest.approx((1.0 + 0.8) / 2)
+
+
+def test_squad_gold_answers_that_normalise_to_nothing_are_dropped_as_the_official_script_does():
+    # golds "the" and "a" normalise to "": the official SQuAD 2.0 script drops them, so the question is
+    # unanswerable and only an empty prediction matches; a real gold beside them still counts
+    assert squad_scores([""], [["the", "a"]]) == {"exact_match": 1.0, "f1": 1.0}
+    assert squad_scores([""], [["the", "cat"]]) == {"exact_match": 0.0, "f1": 0.0}
+    assert squad_scores(["cat"], [["the", "the cat"]]) == {"exact_match": 1.0, "f1": 1.0}
