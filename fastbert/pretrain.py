@@ -333,7 +333,6 @@ class PretrainingLoss(torch.nn.Module):
         return mlm, F.cross_entropy(logits.reshape(-1, 2), next_sentence_label.reshape(-1))
 
 
-@torch.no_grad()
 def _ddp(loss_module, model, nsp: bool, device):
     """loss_module under DistributedDataParallel, told whether some trainable parameter gets no
     gradient (DDP then fails at the second step unless it looks for them): the NSP head without NSP,
@@ -345,6 +344,7 @@ def _ddp(loss_module, model, nsp: bool, device):
                find_unused_parameters=unused)
 
 
+@torch.no_grad()
 def evaluate(model, examples, *, batch_size, device, pad_id, nsp, autocast) -> dict:
     """MLM accuracy/loss over the masked tokens and NSP accuracy/loss over held-out examples."""
     was_training = model.training

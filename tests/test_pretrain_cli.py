@@ -646,3 +646,20 @@ def test_eval_examples_0_runs_without_a_held_out_evaluation(corpus, tmp_path):
     assert run(corpus, out, "--steps", "2", "--log-every", "1", "--eval-examples", "0") == 0
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and not any("mlm_accuracy" in r for r in rows)
+
+
+def test_held_out_evaluation_records_no_autograd_graph(corpus, tmp_path, monkeypatch):
+    """evaluate() lost its @torch.no_grad() when a helper was inserted under the decorator (6613fda):
+    every held-out batch then built an autograd graph (memory a GPU evaluation may not have)."""
+    from fastbert import modeling
+    seen, real = [], modeling.BertModel.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append((self.training, torch.is_grad_enabled()))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling.BertModel, "forward", spy)
+    assert run(corpus, tmp_path / "run", "--steps", "1", "--eval-every", "1") == 0
+    evaluation = [grad for training, grad in seen if not training]
+    assert evaluation and not any(evaluation)
+    assert any(grad for training, grad in seen if training)  # the training step itself records one
