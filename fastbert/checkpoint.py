@@ -281,10 +281,6 @@ def save_pretrained(model, path) -> None:
             continue
         seen[ident] = key
         state[key] = tensor.detach().contiguous().cpu()
-    tmp = os.path.join(path, SAFETENSORS + ".tmp")
-    try:
-        save_file(state, tmp, metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(path, SAFETENSORS))
-    finally:
-        if os.path.exists(tmp):  # a failed write (disk full, interrupt) leaves no stray file
-            os.unlink(tmp)
+    # atomically: a failed write (disk full, interrupt) leaves the earlier file whole and no stray one
+    from .trainer import atomic_write_with
+    atomic_write_with(os.path.join(path, SAFETENSORS), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))

@@ -141,15 +141,9 @@ class LayerMixModel(nn.Module):
         head.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
         # atomically, as the encoder's files: `fastbert finetune --freeze all` re-saves OUT at every
         # better epoch, and an interrupted save must leave the earlier head whole
-        from .trainer import atomic_write_text
-        tmp = os.path.join(path, HEAD_FILE + ".tmp")
-        try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in head.items()}, tmp)
-            os.replace(tmp, os.path.join(path, HEAD_FILE))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        from .trainer import atomic_write_text, atomic_write_with
+        tensors = {k: v.detach().contiguous().cpu() for k, v in head.items()}
+        atomic_write_with(os.path.join(path, HEAD_FILE), lambda tmp: save_file(tensors, tmp))
         atomic_write_text(os.path.join(path, META_FILE), json.dumps(
             {"task": self.task, "num_labels": self.num_labels,
              "layer_weights": torch.softmax(self.mix.weights.detach(), 0).tolist(),

@@ -144,13 +144,15 @@ def _mkstemp(folder: str, suffix: str = "") -> tuple[int, str]:
     return fd, tmp
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
+def atomic_write_with(path: str, write, suffix: str = "") -> None:
+    """``write(tmp)`` fills a temporary file in path's folder (suffix: an extension a writer reads the
+    format from); it is fsynced and renamed over path, or removed if anything fails on the way."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = _mkstemp(folder)
+    fd, tmp = _mkstemp(folder, suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -158,6 +160,13 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(folder)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    atomic_write_with(path, write)
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -169,19 +178,7 @@ def atomic_write_json(path: str, obj) -> None:
 
 
 def atomic_copy(src: str, dst: str) -> None:
-    folder = os.path.dirname(os.path.abspath(dst))
-    fd, tmp = _mkstemp(folder)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
+    atomic_write_with(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,15 +356,10 @@ def plot_metrics(metrics_path: str, png_path: str, title: str = "", scores=PRETR
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fd, tmp = _mkstemp(os.path.dirname(os.path.abspath(png_path)), suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, png_path)
+        atomic_write_with(png_path, lambda tmp: fig.savefig(tmp, dpi=100), suffix=".png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class StopSignals:
