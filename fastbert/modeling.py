@@ -414,6 +414,16 @@ def _add_norm_with_copy(module, h, residual, low_dtype):
     return module.add_norm(h, residual, low_dtype)
 
 
+def _dense_and_bias(dense: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x w^T, b) for a kernel that adds the bias itself (bias-GELU, GELU + LayerNorm). A hooked or
+    bias-free dense runs as the module instead, so a hook sees the call and its output is what is
+    used: (dense(x), zeros)."""
+    if _hooked(dense) or dense.bias is None:
+        y = dense(x)
+        return y, y.new_zeros(y.shape[-1])
+    return F.linear(x, dense.weight), dense.bias
+
+
 def _fuse_dense_bias(dense: nn.Linear, residual) -> bool:
     """Whether a residual block's dense bias joins its add + LayerNorm kernel (BertSelfOutput.add_norm)."""
     return dense.bias is not None and K.use_triton(residual) and not _hooked(dense)
@@ -471,11 +481,7 @@ class BertIntermediate(nn.Module):
         self.approximate = config.gelu_approximate
 
     def forward(self, x):
-        dense = self.dense
-        if _hooked(dense) or dense.bias is None:  # the module's call: a hook sees it, and its output is used
-            y = dense(x)
-            return K.bias_gelu(y, y.new_zeros(y.shape[-1]), self.approximate)
-        return K.bias_gelu(F.linear(x, dense.weight), dense.bias, self.approximate)
+        return K.bias_gelu(*_dense_and_bias(self.dense, x), self.approximate)
 
 
 class BertOutput(BertSelfOutput):
@@ -776,9 +782,9 @@ class BertPreTrainedModel(nn.Module):
 
 
 def _check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                  vocab_size: int | None = None):
+                  vocab_size: int):
     """vocab_size: the rows of the word-embedding table in use (set_input_embeddings changes the
-    table, not config.vocab_size, as in transformers); config.vocab_size when None."""
+    table, not config.vocab_size, as in transformers)."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids and inputs_embeds")
     if input_ids is not None:
@@ -804,7 +810,7 @@ def _check_inputs(config, input_ids, attention_mask, token_type_ids, position_id
     checks = [("token_type_ids", token_type_ids, config.type_vocab_size),
               ("position_ids", position_ids, config.max_position_embeddings)]
     if input_ids is not None:
-        checks.insert(0, ("input_ids", input_ids, config.vocab_size if vocab_size is None else vocab_size))
+        checks.insert(0, ("input_ids", input_ids, vocab_size))
     checks = [(name, t, bound) for name, t, bound in checks if t is not None and t.numel()]
     for name, t, _ in checks:
         if t.is_floating_point() or t.dtype == torch.bool:
@@ -941,13 +947,8 @@ class BertPredictionHeadTransform(nn.Module):
         self.approximate = config.gelu_approximate
 
     def forward(self, x):
-        dense = self.dense
-        if _hooked(dense) or dense.bias is None:  # the module's call: a hook sees it, and its output is used
-            y = dense(x)
-            return K.gelu_layer_norm(y, y.new_zeros(y.shape[-1]), self.LayerNorm.weight, self.LayerNorm.bias,
-                                     self.LayerNorm.eps, self.approximate)
-        return K.gelu_layer_norm(F.linear(x, dense.weight), dense.bias, self.LayerNorm.weight,
-                                 self.LayerNorm.bias, self.LayerNorm.eps, self.approximate)
+        return K.gelu_layer_norm(*_dense_and_bias(self.dense, x), self.LayerNorm.weight, self.LayerNorm.bias,
+                                 self.LayerNorm.eps, self.approximate)
 
 
 class BertLMPredictionHead(nn.Module):
