@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import runtime as R
+
 
 # ----------------------------------------------------------------------------------------------
 # Processes
@@ -93,16 +95,13 @@ def setup_distributed(device: str | None = None) -> Distributed:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device}: not a device name (cpu, cuda, cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is available")
+    dev = R.resolve_device(device)  # the same checks and messages as finetune's and encode's --device
+    if dev.type == "cuda" and (device is None or torch.device(device).index is None):
+        # torchrun starts one process per GPU: a bare "cuda" means this process's own, LOCAL_RANK
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK {local_rank}: only {torch.cuda.device_count()} GPU(s) visible")
+        dev = torch.device("cuda", local_rank)
     if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",

@@ -555,7 +555,9 @@ def test_a_corpus_given_twice_is_refused(corpus, tmp_path, capsys):
 def test_an_unusable_device_is_refused_with_a_message(corpus, tmp_path, capsys):
     """--device with a bad name, or cuda on a machine without one, ended in a traceback."""
     out = tmp_path / "never"
-    _fails_cleanly(capsys, out, run(corpus, out, "--device", "gpu0"), "--device gpu0")
+    _fails_cleanly(capsys, out, run(corpus, out, "--device", "gpu0"), "--device 'gpu0'")
+    # a device torch knows but the run cannot use (setup_distributed took it and failed later)
+    _fails_cleanly(capsys, out, run(corpus, out, "--device", "meta"), "only cpu and cuda")
     if not torch.cuda.is_available():
         _fails_cleanly(capsys, out, run(corpus, out, "--device", "cuda"), "--device cuda")
 
