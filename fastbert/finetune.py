@@ -248,6 +248,11 @@ def predict(model, task, feats, batch_size, progress=False, device=None, precisi
     return out
 
 
+def _scores(metrics: dict) -> list[str]:
+    """The metric names of an evaluation's result, without its example count "n"."""
+    return [k for k in metrics if k != "n"]
+
+
 def evaluate(model, task, examples, feats, labels, args, progress=False, device=None, precision="fp32"):
     """(metrics dict, predictions per example) on a labelled file."""
     raw = predict(model, task, feats, args.eval_batch_size, progress, device, precision)
@@ -507,7 +512,7 @@ def run(args) -> dict:
             model.save_pretrained(args.out)
             T.copy_tokenizer_files(args.model, args.out)
         rows.append({"step": (epoch + 1) * steps_per_epoch, "epoch": epoch + 1, "train_loss": history[-1]["train_loss"],
-                     **{f"dev_{k}": v for k, v in dev_metrics.items() if k != "n"}, "saved": improved})
+                     **{f"dev_{k}": dev_metrics[k] for k in _scores(dev_metrics)}, "saved": improved})
         for row in rows:
             log.write(row)
     total_seconds = time.perf_counter() - t_start
@@ -529,7 +534,7 @@ def run(args) -> dict:
                                        precision=precision)
         result["test"] = test_metrics
     TR.plot_metrics(log.path, os.path.join(args.out, CURVE_FILE), title=f"fastbert finetune --task {task}",
-                   scores=tuple((f"dev_{k}", f"dev {k.replace('_', ' ')}") for k in best_dev if k != "n"))
+                   scores=tuple((f"dev_{k}", f"dev {k.replace('_', ' ')}") for k in _scores(best_dev)))
     if test_ex is not None:
         key = {"ner": "tags", "qa": "answer"}.get(task, "label")
         with open(os.path.join(args.out, "predictions.jsonl"), "w", encoding="utf-8") as f:

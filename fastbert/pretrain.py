@@ -705,10 +705,9 @@ def _run(args, dist: T.Distributed) -> int:
             logging = step % log_every == 0 or step == steps or bool(eval_every and step % eval_every == 0)
             # SIGINT / SIGTERM: stop here with a checkpoint. Processes agree at metrics rows (a collective
             # every step would cost a sync); one process stops at the step the signal arrives in.
-            if dist.enabled:
-                stopping = logging and dist.sum_floats([float(stop.signal is not None)])[0] > 0
-            else:
-                stopping = stop.signal is not None
+            if logging:  # one collective per metrics row: the stop vote and the row's token count
+                votes, tokens = dist.sum_floats([float(stop.signal is not None), tokens_since])
+            stopping = (logging and votes > 0) if dist.enabled else stop.signal is not None
             saving = step % save_every == 0 or step == steps or stopping
             if logging or saving:
                 # The host waits for the device here, and only here: the losses since the last row and,
@@ -733,7 +732,6 @@ def _run(args, dist: T.Distributed) -> int:
             bar.update(1)
 
             if logging:
-                tokens = dist.sum_floats([tokens_since])[0]
                 tps = tokens / max(time_since, 1e-9)
                 row = {"step": step, "loss": (mlm_sum + nsp_sum) / n_logged, "mlm_loss": mlm_sum / n_logged}
                 if nsp:
