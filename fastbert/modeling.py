@@ -481,6 +481,9 @@ class BertIntermediate(nn.Module):
         self.approximate = config.gelu_approximate
 
     def forward(self, x):
+        act = getattr(self, "intermediate_act_fn", None)  # a patched transformers module's GELU
+        if act is not None and _hooked(act):
+            return act(self.dense(x))  # a hook must see the activation called and may change its output
         return K.bias_gelu(*_dense_and_bias(self.dense, x), self.approximate)
 
 
@@ -947,6 +950,9 @@ class BertPredictionHeadTransform(nn.Module):
         self.approximate = config.gelu_approximate
 
     def forward(self, x):
+        act = getattr(self, "transform_act_fn", None)  # a patched transformers module's GELU
+        if act is not None and _hooked(act):
+            return self.LayerNorm(act(self.dense(x)))
         return K.gelu_layer_norm(*_dense_and_bias(self.dense, x), self.LayerNorm.weight, self.LayerNorm.bias,
                                  self.LayerNorm.eps, self.approximate)
 

@@ -47,8 +47,9 @@ Caution, where a patched model differs from transformers (exactly as fastbert's 
   runs fastbert's reference (eager) attention for that call.
 - Forward hooks on the query / key / value Linears, the LayerNorms and Embeddings inside the encoder
   and the MLM transform do not fire (the fused kernels read their weights); hooks on Bert* modules
-  and on the attention-output, intermediate and output denses, the MLM transform's dense and the word
-  embeddings do (a hooked one runs as a module).
+  and on the attention-output, intermediate and output denses, the GELU modules (intermediate_act_fn,
+  transform_act_fn), the MLM transform's dense and the word embeddings do (a hooked one runs as a
+  module).
 """
 from __future__ import annotations
 

@@ -552,6 +552,33 @@ def test_hook_on_the_mlm_transform_dense_is_called_as_in_transformers(hook):
     compare("loss", out.loss, ref.loss, ref.loss, mask, k=0.0)
 
 
+@pytest.mark.parametrize("act", ["intermediate", "transform"])
+def test_hook_on_a_gelu_module_is_called_as_in_transformers(act):
+    """transformers' activations are modules (intermediate_act_fn, transform_act_fn): a forward hook
+    that changes one's output must change the patched model's logits and loss as it changes
+    transformers' (the fused bias-GELU / GELU + LayerNorm kernels never called it)."""
+    cfg = CONFIGS["gelu-2types"]
+    name = "BertForMaskedLM"
+    hf = hf_model(name, cfg, **NO_DROPOUT).double().eval()
+    model = patched_copy(hf).eval()
+    inputs, labels = make_batch(name, cfg)
+    mask = real_mask(inputs)
+    calls = []
+    for m in (hf, model):
+        module = (m.bert.encoder.layer[0].intermediate.intermediate_act_fn if act == "intermediate"
+                  else m.cls.predictions.transform.transform_act_fn)
+        module.register_forward_hook(lambda mod, args, out: calls.append(1) or out * 1.5 + 0.1)
+    with torch.no_grad():
+        ref, out = hf(**inputs, **labels), model(**inputs, **labels)
+        plain = patched_copy(hf_model(name, cfg, **NO_DROPOUT).double()).eval()
+        plain.load_state_dict(hf.state_dict())
+        unhooked = plain(**inputs, **labels)
+    assert len(calls) == 2, "the hook did not fire once per model"
+    assert not torch.allclose(unhooked.logits, ref.logits), "the hook changed nothing: the test would not tell"
+    compare("logits", out.logits, ref.logits, ref.logits, mask, k=0.0)
+    compare("loss", out.loss, ref.loss, ref.loss, mask, k=0.0)
+
+
 def test_attentions_in_training_are_the_dropped_out_probabilities_as_in_transformers():
     """transformers' eager attention returns the attention weights after dropout (what multiplies the
     values): in training mode each entry of layer 0's attentions is 0 or the eval probability / (1 - p)."""
