@@ -111,7 +111,9 @@ class MaskedHeadPretraining(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label):
+    def forward(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label, **plain_outputs):
+        # plain_outputs: the runtime.PLAIN_OUTPUTS that step() passes every competitor; this step
+        # always asks for them itself
         out = self.model.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                               **runtime.PLAIN_OUTPUTS)
         rows = (labels.flatten() != -100).nonzero().squeeze(1)  # (M,)

@@ -323,3 +323,16 @@ def test_bench_refuses_sizes_below_one_before_running(bad, monkeypatch, capsys):
     monkeypatch.setattr(bench, "run", lambda *a, **k: ran.append(a) or [])
     assert cli.main(["bench", "--device", "cpu"] + bad) == 2
     assert "must be at least" in capsys.readouterr().err and ran == []
+
+
+@pytest.mark.parametrize("case", ["pretrain", "finetune"])
+def test_every_cpu_competitor_runs_a_step(case):
+    """`fastbert bench` on the CPU: every competitor of the default list gives a timing row, none an
+    error row (the masked-head floor once raised on the return_dict= that step() passes every model)."""
+    pytest.importorskip("transformers")
+    comps = bench.competitor_list(case=case, device="cpu")
+    rows = bench.run(case, "cpu-small", batch=2, seq=8, steps=1, warmup=1, vocab=1301, competitors=comps,
+                     device="cpu", progress=False)
+    assert sorted(r["impl"] for r in rows) == sorted(comps)
+    errors = {r["impl"]: r["error"] for r in rows if "error" in r}
+    assert not errors, errors
