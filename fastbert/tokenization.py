@@ -198,10 +198,13 @@ def save_tokenizer(tok: Tokenizer, folder: str, model_max_length: int = 512) -> 
     # transformers' BertTokenizer(Fast) rebuilds a plain BertNormalizer from do_lower_case (transformers 5
     # always, 4 when the flags differ), so a normaliser it cannot express (the Chinese kind's NFKC step)
     # needs the generic class, which AutoTokenizer loads from tokenizer.json exactly as saved.
+    # The generic class returns only input_ids and attention_mask unless told BERT's inputs: without
+    # token_type_ids a pair's second segment would run as type 0.
     bert_only = isinstance(tok.normalizer, normalizers.BertNormalizer)
     config = {"tokenizer_class": "BertTokenizer" if bert_only else "PreTrainedTokenizerFast", "do_lower_case": lowercase,
               "tokenize_chinese_chars": True, "strip_accents": None,
               "model_max_length": int(model_max_length), "clean_up_tokenization_spaces": False,
+              "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
               **special}
     _atomic_write_text(os.path.join(folder, "tokenizer_config.json"), json.dumps(config, indent=2) + "\n")
     _atomic_write_text(os.path.join(folder, "special_tokens_map.json"), json.dumps(special, indent=2) + "\n")

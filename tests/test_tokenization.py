@@ -144,3 +144,20 @@ def test_saved_chinese_tokenizer_keeps_nfkc_in_transformers(tmp_path):
     save_tokenizer(tok, tmp_path)
     text = "今天天气很好，我们去公园！"  # full-width punctuation: NFKC folds it to the vocabulary's "," and "!"
     assert AutoTokenizer.from_pretrained(str(tmp_path))(text)["input_ids"] == tok.encode(text).ids
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "chinese"])
+def test_saved_tokenizer_gives_transformers_the_token_types(tmp_path, kind):
+    """AutoTokenizer on a saved tokenizer returns the token_type_ids of a pair, as ours encodes it:
+    without them a transformers user's second segment would run as type 0 (the Chinese kind saves the
+    generic PreTrainedTokenizerFast, whose default inputs lack them)."""
+    from transformers import AutoTokenizer
+
+    tok = train_tokenizer(ZH * 2 + ["Emma met Harriet.", "Mr. Knightley laughed."] * 5, kind,
+                          vocab_size=5000, min_frequency=1)
+    save_tokenizer(tok, tmp_path)
+    text_a, text_b = "我们去公园。", "今天天气很好！"
+    ours = tok.encode(text_a, text_b)
+    got = AutoTokenizer.from_pretrained(str(tmp_path))(text_a, text_b)
+    assert got["input_ids"] == ours.ids
+    assert got.get("token_type_ids") == ours.type_ids and 1 in ours.type_ids
