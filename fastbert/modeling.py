@@ -102,8 +102,19 @@ def graph_layout():
         _GRAPH_LAYOUT = before
 
 
+# transformers' return_dict=False tuples always hold the logits. In training with MLM labels fastbert's
+# MLM head runs on the masked rows only and leaves them None: their slot stays, as None, so a tuple
+# unpacks by position as transformers' does (other None fields are left out, as transformers leaves them).
+_KEPT_SLOTS = ("prediction_logits", "logits")
+
+
+def _to_tuple(fields: dict) -> tuple:
+    """return_dict=False's tuple of an output's fields (all of them, None included, in order)."""
+    return tuple(v for k, v in fields.items() if v is not None or k in _KEPT_SLOTS)
+
+
 def _finish(output: ModelOutput, return_dict: bool):
-    return output if return_dict else output.to_tuple()
+    return output if return_dict else _to_tuple({k: getattr(output, k) for k in output._declared})
 
 
 def _flags(config, output_hidden_states, output_attentions, return_dict):

@@ -35,7 +35,8 @@ first, then wrap: torch.compile traces the patched forward).
 
 Caution, where a patched model differs from transformers (exactly as fastbert's own classes do):
 - With MLM labels in training mode the MLM head runs on the masked rows only: the loss is
-  transformers' loss, and prediction_logits / logits are None. In eval mode they are full. The last
+  transformers' loss, and prediction_logits / logits are None (a return_dict=False tuple keeps their slot,
+  as None, so it unpacks by position). In eval mode they are full. The last
   encoder layer then also runs past its attention on those rows (and each example's first token)
   only: forward hooks on the last BertLayer or its submodules see those R rows, and the encoder's
   last_hidden_state is 0 at the other tokens. Forward hooks on cls, cls.predictions and the decoder
@@ -175,8 +176,8 @@ def _flags(config, a):
 
 
 def _output(self, fields: dict, return_dict: bool):
-    out = type(self)._fastbert_output(**fields)
-    return out if return_dict else out.to_tuple()
+    """transformers' output class of the model, or (return_dict=False) fastbert's tuple of the fields."""
+    return type(self)._fastbert_output(**fields) if return_dict else fb._to_tuple(fields)
 
 
 def _model_forward(self, *args, **kwargs):
@@ -220,7 +221,7 @@ def _head_forward(self, *args, **kwargs):
     finally:
         if token is not None:
             _INNER.reset(token)
-    return _output(self, dict(out.items()), return_dict)
+    return _output(self, {k: getattr(out, k) for k in out._declared}, return_dict)
 
 
 def _set_problem_type(self, labels):

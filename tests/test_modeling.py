@@ -264,6 +264,21 @@ def test_return_dict_false_gives_transformers_tuple_order():
 
 
 
+@pytest.mark.parametrize("name", ["BertForPreTraining", "BertForMaskedLM"])
+def test_return_dict_false_in_training_keeps_the_logits_slot(name):
+    """In training with MLM labels the head runs on the masked rows and its logits are None: the tuple
+    keeps their slot (None) so it unpacks by position as transformers' (loss, logits[, nsp]) does."""
+    cfg = CONFIGS["gelu-2types"]
+    hf, ours = make_pair(name, cfg)
+    inputs, labels = make_batch(name, cfg)
+    hf.train(), ours.train()
+    ref = hf(**inputs, **labels, return_dict=False)
+    out = ours(**inputs, **labels, return_dict=False)
+    assert len(out) == len(ref) and out[1] is None and ref[1] is not None
+    assert all(torch.is_tensor(a) == torch.is_tensor(b) for a, b in zip(out[2:], ref[2:]))
+    with_hidden = ours(**inputs, **labels, return_dict=False, output_hidden_states=True)
+    assert len(with_hidden) == len(out) + 1 and with_hidden[1] is None
+
 @pytest.mark.parametrize("name", CLASSES)
 def test_output_flags_in_the_config_are_the_forward_defaults(name, tmp_path):
     """As in transformers, output_hidden_states, output_attentions and return_dict set in the config (as

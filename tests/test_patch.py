@@ -579,6 +579,20 @@ def test_hook_on_a_gelu_module_is_called_as_in_transformers(act):
     compare("loss", out.loss, ref.loss, ref.loss, mask, k=0.0)
 
 
+def test_return_dict_false_in_training_keeps_the_logits_slot():
+    """Patched BertForPreTraining in training with labels: (loss, None, nsp logits), as transformers'
+    tuple unpacks by position (its prediction scores are fastbert's masked-rows-only None)."""
+    cfg = CONFIGS["gelu-2types"]
+    hf = hf_model("BertForPreTraining", cfg, **NO_DROPOUT)
+    model = patched_copy(hf)
+    inputs, labels = make_batch("BertForPreTraining", cfg)
+    ref = hf.train()(**inputs, **labels, return_dict=False)
+    out = model.train()(**inputs, **labels, return_dict=False)
+    assert len(out) == len(ref) == 3 and out[1] is None
+    compare("loss", out[0], ref[0], ref[0], real_mask(inputs), k=0.0)
+    compare("nsp logits", out[2], ref[2], ref[2], real_mask(inputs), k=0.0)
+
+
 def test_attentions_in_training_are_the_dropped_out_probabilities_as_in_transformers():
     """transformers' eager attention returns the attention weights after dropout (what multiplies the
     values): in training mode each entry of layer 0's attentions is 0 or the eval probability / (1 - p)."""
