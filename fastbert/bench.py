@@ -369,17 +369,17 @@ def competitor_list(compile_: bool = False, case: str = "pretrain", device: str 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--case", choices=["pretrain", "finetune", "all"], default="all")
+    parser.add_argument("--case", choices=["pretrain", "finetune", "all"], default="all", help="default all")
     parser.add_argument("--size", choices=list(SIZES), default=None,
                         help="model size (default: cpu-small on the CPU, base on a GPU)")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per competitor")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=None, help="default 16 for pretrain, 32 for finetune")
+    parser.add_argument("--seq-len", type=int, default=128, help="default 128")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per competitor (default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--compile", action="store_true", help="add torch.compile'd competitors")
     parser.add_argument("--padded", action="store_true",
                         help="finetune: add fastbert-padded (padding run through the encoder) beside unpadded fastbert")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--json", default=None, help="write the result rows to this file")
     runtime.add_malloc_argument(parser)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 
 import torch
@@ -30,15 +31,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder (config.json + weights + tokenizer)")
     p.add_argument("--input", help="text file, one text per line (default: stdin)")
     p.add_argument("--output", help="FILE.npy for a numpy array, any other name for JSONL (default: stdout)")
-    p.add_argument("--pooling", choices=("mean", "cls"), default="mean")
+    p.add_argument("--pooling", choices=("mean", "cls"), default="mean",
+                   help="mean over real tokens (default) or the last hidden state of [CLS]")
     p.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=64, help="default 64")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="longer texts are truncated (default: the model's positions, at most 512)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="CUDA only: replay each batch as a CUDA graph (one per length bucket of 32 tokens; "
                         "fastest for small batches, whose eager run is bound by the host)")
-    R.add_device_arguments(p)
+    R.add_device_arguments(p, training=False)
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean",
@@ -107,6 +110,16 @@ def embed(model, tok, texts, pooling="mean", normalize=False, batch_size=64, max
     return out.numpy(), info["truncated"]
 
 
+def _check_output(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--output {path}: is a folder (give a file name: FILE.npy or FILE.jsonl)")
+    if not os.path.isdir(folder):
+        raise ValueError(f"--output {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ValueError(f"--output {path}: cannot write there (permission denied)")
+
+
 def main(args) -> int:
     from .modeling import BertModel
     try:
@@ -116,6 +129,8 @@ def main(args) -> int:
             raise ValueError(f"--cuda-graphs needs a CUDA device, not {device}")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, not {args.batch_size}")
+        if args.output:  # checked before the work, not found after it
+            _check_output(args.output)
         model = BertModel.from_pretrained(args.model).to(device)
         tok = T.load_tokenizer(args.model)
         positions = model.config.max_position_embeddings
@@ -152,6 +167,12 @@ def main(args) -> int:
         for t, v in zip(texts, emb):
             f.write(json.dumps({"text": t, "embedding": [round(float(x), 6) for x in v]},
                                ensure_ascii=False) + "\n")
+        if f is sys.stdout:
+            f.flush()
+    except BrokenPipeError:  # `fastbert encode ... | head`: the reader has gone; no traceback
+        if f is sys.stdout:  # and none from the interpreter's own flush of stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     finally:
         if f is not sys.stdout:
             f.close()

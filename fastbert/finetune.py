@@ -103,26 +103,31 @@ def _freeze_arg(s: str):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, choices=T.TASKS)
+    p.add_argument("--task", required=True, choices=T.TASKS,
+                   help="file formats: classify JSONL {\"text\", \"label\"}; pair JSONL {\"text_a\", \"text_b\", \"label\"}; "
+                        "ner CoNLL token<TAB>tag lines (BIO tags), a blank line between sentences; qa JSONL "
+                        "{\"question\", \"context\", \"answers\": {\"text\": [...], \"answer_start\": [...]}}; choice "
+                        "JSONL {\"question\", \"choices\": [...], \"label\"} (label: an index into choices, or the choice)")
     p.add_argument("--model", required=True, help="checkpoint folder (config.json + weights + tokenizer)")
     p.add_argument("--train", required=True, help="training file")
     p.add_argument("--dev", required=True, help="dev file, evaluated after each epoch")
     p.add_argument("--test", help="test file: metrics and OUT/predictions.jsonl")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=3, help="default 3")
+    p.add_argument("--batch-size", type=int, default=32, help="default 32")
     p.add_argument("--eval-batch-size", type=int, default=None, help="default: 2 x --batch-size")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-5; 1e-2 with --freeze all)")
-    p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps for linear warm-up")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--max-length", type=int, default=128, help="tokens per sequence, special tokens included")
+    p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps for linear warm-up (default 0.1)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0,
+                   help="gradient clipping norm (default 1.0; 0 = off)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per sequence, special tokens included (default 128)")
     p.add_argument("--doc-stride", type=int, default=None, help="qa: overlap of context windows in tokens "
                    "(default max-length // 4)")
-    p.add_argument("--max-answer-length", type=int, default=30, help="qa: longest answer in tokens")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--max-answer-length", type=int, default=30, help="qa: longest answer in tokens (default 30)")
+    p.add_argument("--seed", type=int, default=42, help="default 42")
     p.add_argument("--freeze", type=_freeze_arg, default="none",
-                   help="none; all (frozen encoder + learned layer mix); or N (freeze the lowest N layers)")
+                   help="none (default); all (frozen encoder + learned layer mix); or N (freeze the lowest N layers)")
     p.add_argument("--max-train-examples", type=int, default=None, help="use only the first N training examples")
     p.add_argument("--max-eval-examples", type=int, default=None, help="use only the first N dev/test examples")
     p.add_argument("--labels", metavar="FILE",
@@ -135,14 +140,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "transformers' Trainer makes them (group_by_length=False), each padded to its longest")
     p.add_argument("--impl", choices=("fastbert", "transformers"), default="fastbert",
                    help="benchmarking switch: run the same loop on the transformers class of the same name "
-                        "(same initial weights; needs transformers)")
+                        "(same initial weights; needs transformers); default fastbert")
     add_device_arguments(p)
     p.add_argument("--cuda-graphs", action="store_true",
                    help="GPU: replay each training step (forward, backward, clipping, AdamW) as one CUDA graph, "
                         "one per 32-token length bucket (fastbert.cuda_graphs.GraphedTrainStep): every batch is "
                         "padded to its bucket and to --batch-size rows, and computed so, in exchange for no "
                         "launch overhead; classify, pair, ner and choice, fp32 or bf16")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 

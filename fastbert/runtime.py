@@ -32,11 +32,11 @@ _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PLAIN_OUTPUTS = dict(return_dict=True, output_hidden_states=False, output_attentions=False)
 
 
-def add_device_arguments(p: argparse.ArgumentParser) -> None:
+def add_device_arguments(p: argparse.ArgumentParser, training: bool = True) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto (default): bf16 autocast on a CUDA GPU with bf16 support, fp32 on the CPU; "
-                        "fp16 trains with a GradScaler")
+                        + ("fp16 trains with a GradScaler" if training else "bf16 / fp16: autocast"))
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -163,6 +163,40 @@ def test_encode_npy_and_jsonl(micro_model, tmp_path, monkeypatch):
     np.testing.assert_allclose(rows[0]["embedding"], cls0.numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_encode_output_that_cannot_be_written_is_a_clear_error_before_the_work(micro_model, tmp_path, capsys,
+                                                                               monkeypatch):
+    """--output in a folder that does not exist: exit 2 with the path named, before any text is
+    encoded (not a traceback after all of them)."""
+    from fastbert import encode
+    inp = tmp_path / "in.txt"
+    inp.write_text("the cat sat\ngood movie\n")
+    monkeypatch.setattr(encode, "embed", lambda *a, **k: pytest.fail("encoded before checking --output"))
+    for name in ("e.npy", "e.jsonl"):
+        out = tmp_path / "no-such-dir" / name
+        assert cli(["encode", "--model", micro_model, "--input", str(inp), "--output", str(out),
+                    "--device", "cpu", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"fastbert encode: error: --output {out}: " in err and "Traceback" not in err
+
+
+def test_encode_to_a_pipe_that_closes_early_ends_quietly(micro_model, tmp_path):
+    """`fastbert encode ... | head -1`: the reader going away ends the command without a traceback."""
+    import os
+    import subprocess
+    import sys
+    inp = tmp_path / "in.txt"
+    inp.write_text("the cat sat on the mat near the big red door\n" * 3000)  # far more than a pipe buffer
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, "-m", "fastbert.cli", "encode", "--model", micro_model, "--input",
+                             str(inp), "--device", "cpu", "--no-progress"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    assert proc.stdout.readline().startswith(b'{"text": "the cat sat')
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
 def test_encode_cuda_graphs_needs_a_gpu(micro_model, tmp_path, capsys):
     """--cuda-graphs on the CPU: a clear error, not a crash halfway."""
     from fastbert.encode import length_buckets
@@ -721,3 +755,22 @@ def test_an_interrupted_layer_mix_save_keeps_the_saved_head(tmp_path, monkeypatc
     assert {name: (tmp_path / name).read_bytes() for name in (HEAD_FILE, META_FILE)} == before
     monkeypatch.undo()
     LayerMixModel.from_pretrained(str(tmp_path))  # still loads
+
+
+def test_help_names_every_default_and_describes_the_command():
+    """`fastbert SUBCOMMAND --help`: an option that has a default says so (a user reads the help, not
+    the source); finetune's --task help gives each task's file format; encode, which does not train,
+    does not describe a GradScaler."""
+    import argparse
+
+    from fastbert.cli import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    silent = [(name, a.option_strings[0]) for name, p in sub.choices.items() for a in p._actions
+              if a.option_strings and a.default not in (None, False, argparse.SUPPRESS)
+              and "default" not in (a.help or "")]
+    assert silent == []
+    helps = {name: {a.dest: a.help or "" for a in p._actions} for name, p in sub.choices.items()}
+    for fmt in ('{"text", "label"}', '{"text_a", "text_b", "label"}', "token<TAB>tag", '"answer_start"',
+                '"choices"'):
+        assert fmt in helps["finetune"]["task"]
+    assert "GradScaler" not in helps["encode"]["precision"] and "GradScaler" in helps["finetune"]["precision"]
