@@ -294,7 +294,7 @@ def _load(task, path, labels, tok, args, limit, name):
     examples = T.read_examples(task, path)
     if limit is not None:
         examples = examples[:limit]
-    T.check_labels(task, examples, labels, path)
+    T.check_labels(task, examples, labels, path, label_file=args.labels)
     label2id = {v: i for i, v in enumerate(labels)} if labels is not None else None
     feats, info = T.build_features(task, examples, tok, args.max_length, label2id,
                                    doc_stride=args.doc_stride)

@@ -178,8 +178,10 @@ def build_label_list(task: str, examples: Sequence[dict]) -> list | None:
     return None
 
 
-def check_labels(task: str, examples: Sequence[dict], labels: Sequence | None, path: str) -> None:
-    """Raise DataError naming the line of the first label the model was not trained on."""
+def check_labels(task: str, examples: Sequence[dict], labels: Sequence | None, path: str,
+                 label_file: str | None = None) -> None:
+    """Raise DataError naming the line of the first label the model was not trained on: one outside
+    the training file's labels, or outside `label_file`'s (--labels FILE) when it gave them."""
     if labels is None:
         return
     known = set(labels)
@@ -188,8 +190,12 @@ def check_labels(task: str, examples: Sequence[dict], labels: Sequence | None, p
         for k, lab in enumerate(seen):
             if lab not in known:
                 where = f"{path}:{ex['_lines'][k]}" if "_lines" in ex else ex["_where"]
+                if label_file is not None:
+                    raise DataError(f"{where}: label {lab!r} is not listed in --labels {label_file} "
+                                    f"(it lists {sorted(map(str, known))})")
                 raise DataError(f"{where}: label {lab!r} does not occur in the training file "
-                                f"(known labels: {sorted(map(str, known))})")
+                                f"(known labels: {sorted(map(str, known))}); --labels FILE gives the "
+                                f"full label set when a shortened training file lacks some")
 
 
 # ------------------------------------------------------------------------------------- tokenizer

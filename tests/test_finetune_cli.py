@@ -137,6 +137,22 @@ def test_finetune_bad_input_is_a_clear_error(micro_model, tmp_path, capsys):
     assert "bad.jsonl:1: missing field 'label'" in capsys.readouterr().err
 
 
+def test_a_label_outside_the_label_set_names_where_the_set_came_from(micro_model, tmp_path, capsys):
+    """Without --labels the error points at --labels (the fix for a shortened training file); with
+    --labels FILE a label missing from FILE is FILE's fault, not "not in the training file"."""
+    tr = _jsonl(tmp_path / "tr.jsonl", [{"text": "good", "label": "a"}, {"text": "bad", "label": "b"}])
+    dv = _jsonl(tmp_path / "dv.jsonl", [{"text": "good", "label": "a"}, {"text": "bad", "label": "c"}])
+    base = ["finetune", "--task", "classify", "--model", micro_model, "--train", tr, "--dev", dv, "--out",
+            str(tmp_path / "o"), "--no-progress", "--device", "cpu"]
+    assert cli(base) == 2
+    assert "--labels FILE gives the full label set" in capsys.readouterr().err
+    (tmp_path / "labels.txt").write_text("a\nc\n")
+    assert cli(base + ["--labels", str(tmp_path / "labels.txt")]) == 2
+    err = capsys.readouterr().err
+    assert f"tr.jsonl:2: label 'b' is not listed in --labels {tmp_path / 'labels.txt'}" in err
+    assert "training file" not in err
+
+
 def test_encode_npy_and_jsonl(micro_model, tmp_path, monkeypatch):
     from fastbert.modeling import BertModel
     from fastbert.tasks import load_tokenizer
