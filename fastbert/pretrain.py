@@ -160,13 +160,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, help=f"global batch in examples (default {d['batch_size']})")
     g.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")
     g.add_argument("--steps", type=int, help=f"optimizer steps (default {d['steps']})")
-    g.add_argument("--lr", type=float, help="peak learning rate (default by size: tiny 1e-3 ... base 1e-4)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default by size: "
+                   + ", ".join(f"{k} {v:.0e}".replace("e-0", "e-") for k, v in SIZE_LR.items()) + "; 1e-4 for a config.json or --init-from)")
     g.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 10%% of --steps)")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.01)")
     g.add_argument("--max-grad-norm", type=float, help="gradient clipping norm (default 1.0; 0 = off)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto (default): bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler")
-    g.add_argument("--seed", type=int, help="seed of initialisation, examples, masks and dropout (default 0)")
+    g.add_argument("--seed", type=int, help="seed of initialisation, examples, masks and dropout (default 0); "
+                   "a vocabulary trained by the run can differ between runs of the same corpus "
+                   "(--tokenizer RUN_DIR reuses one)")
 
     g = p.add_argument_group("run")
     g.add_argument("--out", metavar="DIR", help="run folder (default runs/pretrain-<date>-<time>)")
@@ -424,6 +427,8 @@ def _run(args, dist: T.Distributed) -> int:
     corpus_paths = s["corpus"] or [sample_corpus_path()]
     seen = {}
     for p in corpus_paths:
+        if os.path.isdir(p):
+            raise CorpusError(f"corpus {p!r} is a folder; give the text files themselves (--corpus repeats)")
         if not os.path.isfile(p):
             raise CorpusError(f"corpus file {p!r} does not exist")
         real = os.path.realpath(p)

@@ -790,3 +790,6 @@ def test_help_names_every_default_and_describes_the_command():
                 '"choices"'):
         assert fmt in helps["finetune"]["task"]
     assert "GradScaler" not in helps["encode"]["precision"] and "GradScaler" in helps["finetune"]["precision"]
+    from fastbert.pretrain import SIZE_LR  # every size's default learning rate, not "tiny 1e-3 ... base 1e-4"
+    assert "micro 2e-3" in helps["pretrain"]["lr"] and "large 5e-5" in helps["pretrain"]["lr"]
+    assert all(f"{size} " in helps["pretrain"]["lr"] for size in SIZE_LR)

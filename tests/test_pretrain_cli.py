@@ -382,6 +382,8 @@ def _fails_cleanly(capsys, out, rc, pattern):
 def test_bad_inputs_fail_cleanly(corpus, tmp_path, capsys):
     out = tmp_path / "never"
     _fails_cleanly(capsys, out, run(str(tmp_path / "missing.txt"), out), "does not exist")
+    (tmp_path / "texts").mkdir()  # a folder of corpus files: not "does not exist"
+    _fails_cleanly(capsys, out, run(str(tmp_path / "texts"), out), "is a folder; give the text files themselves")
     (tmp_path / "empty.txt").write_text("\n\n")
     _fails_cleanly(capsys, out, run(str(tmp_path / "empty.txt"), out), "empty")
     (tmp_path / "junk.bin").write_bytes(bytes(range(256)) * 4)
