@@ -1,6 +1,6 @@
 """Fine-tuning tasks: file readers, label sets, tokenisation into features, batching, QA decoding.
 
-Five tasks, five file formats (API.md, "Command line"):
+Five tasks, five file formats (README.md, `fastbert finetune --help`):
 
 - classify  JSONL ``{"text", "label"}``
 - pair      JSONL ``{"text_a", "text_b", "label"}``
