@@ -418,6 +418,11 @@ def run(args) -> dict:
     # An earlier run's outputs that this run may not write would pass for this run's: metrics.json
     # appears only when the run is complete, the rest as it goes.
     from .layer_mix import HEAD_FILE, META_FILE
+    found = [n for n in ("model.safetensors", "metrics.json", HISTORY_FILE, HEAD_FILE)
+             if os.path.isfile(os.path.join(args.out, n))]
+    if found:  # reused by design (reruns, grids), but a mistyped --out should not pass unnoticed
+        _log(f"--out {args.out} holds an earlier run ({', '.join(found[:2])}{', ...' if len(found) > 2 else ''}); "
+             f"this run replaces it")
     stale = ["metrics.json", "predictions.jsonl", HISTORY_FILE, CURVE_FILE] + (
         [] if freeze == "all" else [HEAD_FILE, META_FILE])
     for name in stale:

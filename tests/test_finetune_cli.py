@@ -603,6 +603,16 @@ def _classify_run(micro_model, tmp_path, *extra):
     return rc, out
 
 
+def test_finetune_into_an_earlier_runs_folder_says_it_replaces_it(micro_model, tmp_path, capsys):
+    """`fastbert pretrain` refuses an --out that holds a run; `fastbert finetune` reuses one by design
+    (reruns, grids), but says so before the earlier run's files go, so a mistyped --out is noticed."""
+    assert _classify_run(micro_model, tmp_path, "--epochs", "1")[0] == 0
+    assert "replaces" not in capsys.readouterr().err
+    assert _classify_run(micro_model, tmp_path, "--epochs", "1")[0] == 0
+    assert f"{tmp_path / 'o'} holds an earlier run (model.safetensors, metrics.json, ...); this run replaces it" \
+        in capsys.readouterr().err
+
+
 def test_finetune_writes_its_history_and_curve(micro_model, tmp_path):
     rc, out = _classify_run(micro_model, tmp_path)
     assert rc == 0
