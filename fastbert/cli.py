@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from . import runtime
 
@@ -54,7 +55,14 @@ def main(argv=None) -> int:
         module = importlib.import_module(COMMANDS[argv[0]][0])
         parser = argparse.ArgumentParser(prog=f"fastbert {argv[0]}", description=COMMANDS[argv[0]][1])
         module.add_arguments(parser)
-        return int(module.main(parser.parse_args(argv[1:])) or 0)
+        args = parser.parse_args(argv[1:])
+        # a library warning reads as the command's own line, not as a source path plus the line that warned
+        saved = warnings.formatwarning
+        warnings.formatwarning = lambda message, *_a, **_k: f"fastbert {argv[0]}: warning: {message}\n"
+        try:
+            return int(module.main(args) or 0)
+        finally:
+            warnings.formatwarning = saved
     build_parser().parse_args(argv)
     return 2
 

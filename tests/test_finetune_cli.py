@@ -213,6 +213,30 @@ def test_encode_to_a_pipe_that_closes_early_ends_quietly(micro_model, tmp_path):
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
 
 
+def test_cli_warnings_read_as_the_commands_own_lines(tmp_path):
+    """A warning from the library (here: encode on a pretraining run's folder, whose MLM and NSP heads
+    BertModel does not use) reaches a command's user as one line naming the command, not as a path
+    into the package's source followed by the source line that warned."""
+    import os
+    import subprocess
+    import sys
+
+    from fastbert.config import BertConfig
+    from fastbert.modeling import BertForPreTraining
+    cfg = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    BertForPreTraining(cfg).save_pretrained(str(tmp_path / "run"))
+    (tmp_path / "run" / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, "-m", "fastbert.cli", "encode", "--model", str(tmp_path / "run"),
+                           "--device", "cpu", "--no-progress"], input=b"the cat sat\n", capture_output=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0
+    err = proc.stderr.decode()
+    assert "fastbert encode: warning: BertModel: checkpoint weights not used: cls.predictions.bias" in err, err
+    assert "UserWarning" not in err and "from_pretrained(" not in err, err
+
+
 def test_encode_cuda_graphs_needs_a_gpu(micro_model, tmp_path, capsys):
     """--cuda-graphs on the CPU: a clear error, not a crash halfway."""
     from fastbert.encode import length_buckets
