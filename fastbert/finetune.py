@@ -352,9 +352,11 @@ def _check_cuda_graphs(args, device, precision) -> None:
 
 
 def run(args) -> dict:
-    for name in ("epochs", "batch_size", "eval_batch_size", "threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    for name, least in (("epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("threads", 1),
+                        ("max_train_examples", 1), ("max_eval_examples", 1), ("max_answer_length", 1),
+                        ("doc_stride", 0)):
+        if getattr(args, name) is not None and getattr(args, name) < least:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {least}, not {getattr(args, name)}")
     if args.max_length < 8:
         raise UsageError(f"--max-length {args.max_length} is too small (at least 8)")
     for name in ("lr", "weight_decay", "max_grad_norm"):  # a negative clipping norm flips the gradients

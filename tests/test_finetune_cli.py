@@ -153,6 +153,20 @@ def test_a_label_outside_the_label_set_names_where_the_set_came_from(micro_model
     assert "training file" not in err
 
 
+@pytest.mark.parametrize("flag, value, least", [("--max-train-examples", 0, 1), ("--max-eval-examples", 0, 1),
+                                                 ("--max-answer-length", 0, 1), ("--doc-stride", -1, 0)])
+def test_finetune_counts_out_of_range_are_a_usage_error(micro_model, tmp_path, capsys, flag, value, least):
+    """0 examples, a 0-token answer or a negative window overlap is a clear exit 2 before any work, not
+    an IndexError, "accuracy of an empty set" or doc_stride traceback after it (or a run that predicts
+    only empty answers)."""
+    tr = _jsonl(tmp_path / "tr.jsonl", [{"text": "good", "label": "a"}, {"text": "bad", "label": "b"}])
+    rc = cli(["finetune", "--task", "classify", "--model", micro_model, "--train", tr, "--dev", tr, "--out",
+              str(tmp_path / "o"), "--no-progress", "--device", "cpu", flag, str(value)])
+    assert rc == 2
+    assert f"{flag} must be at least {least}, not {value}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_encode_npy_and_jsonl(micro_model, tmp_path, monkeypatch):
     from fastbert.modeling import BertModel
     from fastbert.tasks import load_tokenizer
