@@ -282,19 +282,28 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
     # phase paid for all (suspected in run 5's own-class vs patched gap, benchmarks/profile_both.py).
     warm = (batches if device == "cuda" or case == "finetune" or any(c.endswith("compile") for c in models)
             else batches[:warmup])
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(models) * (len(warm) + len(batches) - warmup), unit="step", desc=f"bench {case}/{size}",
+               disable=None if progress else True,  # None: shown on a terminal only (logs stay clean)
+               dynamic_ncols=True, leave=False)
     for comp, (model, _) in models.items():
+        bar.set_postfix_str(f"warm-up {comp}", refresh=False)
         own = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             others = torch.cuda.memory_allocated() - own
+        done = 0
         try:
             for kw, _, _ in warm:
                 step(comp, kw)
+                done += 1
+                bar.update(1)
         except Exception as exc:  # one failing competitor must not cost the others' rows
             failed[comp] = f"{type(exc).__name__}: {str(exc)[:300]}"
-            print(f"  {case}/{size} {comp}: FAILED {failed[comp]}", file=sys.stderr, flush=True)
+            bar.write(f"  {case}/{size} {comp}: FAILED {failed[comp]}", file=sys.stderr)
+            bar.total -= len(warm) - done + len(batches) - warmup  # the steps it will not run
             continue
         if device == "cuda":
             torch.cuda.synchronize()
@@ -303,6 +312,7 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
     # clocks, temperature and the machine's other load drift alike for all; the order rotates each
     # round, so no competitor always runs first (right after another model's optimizer step).
     order = list(models)
+    bar.set_postfix_str("timed, round robin", refresh=False)
     for i, (kw, _, _) in enumerate(batches[warmup:]):
         for comp in order[i % len(order):] + order[:i % len(order)]:
             if comp in failed:
@@ -318,6 +328,8 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
             if device == "cuda":
                 torch.cuda.synchronize()
             times[comp].append(time.perf_counter() - t0)
+            bar.update(1)
+    bar.close()
     if progress:
         for comp in models:
             if comp not in failed:
