@@ -283,6 +283,149 @@ def test_whole_word_masking_takes_whole_words():
             assert chosen[members].all()
 
 
+def test_whole_word_masking_skips_a_word_that_would_overshoot_and_goes_on():
+    """As BERT: a word longer than the predictions left is skipped and the next words are tried, so
+    one long word drawn first does not leave a sequence with no prediction at all."""
+    continuation = np.zeros(1000, bool)
+    continuation[500:] = True
+    # [CLS] w ##a ##b ##c x1 .. x16 [SEP]: 20 candidates, round(0.15 * 20) = 3 predictions; the
+    # four-piece word can never fit, the one-token words always can
+    tokens = np.array([CLS, 10, 501, 502, 503] + list(range(20, 36)) + [SEP])
+    special = np.isin(tokens, [CLS, SEP])
+    for seed in range(100):
+        _, labels = mask_tokens(tokens, special, np.random.default_rng(seed), mask_prob=0.15, mask_id=MASK,
+                                random_ids=np.arange(5, 500), continuation=continuation)
+        chosen = labels != -100
+        assert chosen.sum() == 3, seed
+        assert not chosen[1:5].any()
+
+
+def test_whole_word_masking_a_leading_continuation_piece_is_its_own_word():
+    """A segment truncated mid-word starts with a "##" piece: it is a word on its own (as BERT's
+    candidate grouping), not glued to the word after it."""
+    continuation = np.zeros(1000, bool)
+    continuation[500:] = True
+    # [CLS] ##a w ##b [SEP]: words [##a] and [w ##b]; one prediction (round(0.15 * 3) -> 1 at least)
+    tokens = np.array([CLS, 501, 10, 502, SEP])
+    special = np.isin(tokens, [CLS, SEP])
+    for seed in range(20):
+        _, labels = mask_tokens(tokens, special, np.random.default_rng(seed), mask_prob=0.15, mask_id=MASK,
+                                random_ids=np.arange(5, 500), continuation=continuation)
+        assert (labels != -100).tolist() == [False, True, False, False, False], seed
+
+
+def test_max_predictions_caps_the_masked_tokens():
+    """``max_predictions`` (BERT's max_predictions_per_seq) is an upper bound, exactly."""
+    tokens = np.arange(10, 110)
+    for cap in (1, 3, 15, 40):
+        _, labels = mask_tokens(tokens, np.zeros(100, bool), np.random.default_rng(cap), mask_prob=0.15,
+                                mask_id=MASK, random_ids=np.arange(5, 200), max_predictions=cap)
+        assert (labels != -100).sum() == min(cap, 15)
+
+
+def test_random_replacements_use_every_ordinary_token():
+    """The 10% random replacements are drawn from all of ``random_ids``, the last one included."""
+    tokens = np.arange(10, 110)
+    seen = set()
+    for seed in range(200):
+        inputs, labels = mask_tokens(tokens, np.zeros(100, bool), np.random.default_rng(seed), mask_prob=0.5,
+                                     mask_id=MASK, random_ids=np.array([7, 8]))
+        seen |= set(inputs[(labels != -100) & (inputs != MASK) & (inputs != tokens)].tolist())
+    assert seen == {7, 8}
+
+
+def single_sentence_data(tokenizer, n_tokens, seq_len, **kw):
+    """PretrainingData over one document of one sentence of ordinary tokens of the tokenizer (repeating
+    ids 5..V-1), without NSP: every epoch holds the same single example [CLS] sentence [SEP]."""
+    vocab = tokenizer.get_vocab_size()
+    tokens = (5 + np.arange(n_tokens) % (vocab - 5)).astype(np.int32)
+    corpus = Corpus([Shard(tokens, np.array([0, n_tokens]), np.array([0, 1]), "<memory>")])
+    return PretrainingData(corpus, tokenizer, np.arange(1), seq_len=seq_len, seed=0, nsp=False, **kw)
+
+
+def test_masks_are_redrawn_each_epoch_for_the_same_pair(tokenizer):
+    """The mask of an example is seeded by (seed, epoch, index): the same pair in another epoch gets
+    another mask, and the same (epoch, index) always the same one."""
+    data = single_sentence_data(tokenizer, 60, 64)
+    masks = [tuple(data.example(e, 0)["labels"].tolist()) for e in range(6)]
+    assert all(len(data.epoch(e)) == 1 for e in range(6))
+    assert len(set(masks)) == 6
+    assert tuple(data.example(2, 0)["labels"].tolist()) == masks[2]
+
+
+def test_random_replacements_of_a_run_are_never_special_tokens(tokenizer):
+    """PretrainingData draws the 10% random tokens from ordinary tokens only, never [PAD], [UNK],
+    [CLS], [SEP] or [MASK]."""
+    data = single_sentence_data(tokenizer, 120, 128)
+    specials = set(data.ids.values())
+    original = data.epoch(0).tokens[1:-1]
+    n_random = 0
+    for e in range(150):
+        ex = data.example(e, 0)
+        inputs, chosen = ex["input_ids"][1:-1], ex["labels"][1:-1] != -100
+        replaced = inputs[chosen & (inputs != data.ids["mask"]) & (inputs != original)]
+        n_random += len(replaced)
+        assert not specials & set(replaced.tolist()), e
+    assert n_random > 100  # enough draws that a special among V tokens would have shown
+
+
+def test_truncation_trims_the_longer_segment_from_both_ends():
+    """BERT's truncate_seq_pair: one token at a time from the longer segment, from its front or its
+    back with equal odds (not always the back)."""
+    from fastbert.pretraining_data import _truncate_pair
+    fronts = backs = 0
+    for seed in range(200):
+        a, b = [0, 20], [0, 6]
+        _truncate_pair(a, b, 16, np.random.default_rng(seed))
+        assert (a[1] - a[0], b) == (10, [0, 6])
+        fronts += a[0]
+        backs += 20 - a[1]
+    assert within_binomial(fronts, 200 * 10, 0.5), (fronts, backs)
+
+
+def test_unused_sentences_of_a_random_next_pair_start_the_next_chunk():
+    """When B is a random span, the chunk's sentences after A go back into the pool: without
+    truncation (one-token sentences never overshoot the target) every token of the corpus is in
+    exactly one segment A or true-next B of the epoch."""
+    rng = np.random.default_rng(5)
+    lengths = [[1] * int(rng.integers(2, 40)) for _ in range(30)]
+    corpus = synthetic_corpus(lengths)
+    inst = create_instances(corpus, np.arange(30), 24, np.random.default_rng(0), cls_id=CLS, sep_id=SEP)
+    assert 0 < inst.nsp_labels.sum() < len(inst)
+    seen = []
+    for i in range(len(inst)):
+        ids = inst.tokens[inst.offsets[i]:inst.offsets[i + 1]]
+        la = inst.len_a[i]
+        seen += ids[1:la - 1].tolist()
+        if inst.nsp_labels[i] == 0:
+            seen += ids[la:-1].tolist()
+    assert sorted(seen) == list(range(100, 100 + sum(map(len, lengths))))
+
+
+@pytest.mark.parametrize("short_seq_prob", [0.1, 0.5])
+def test_short_targets_come_with_short_seq_prob(short_seq_prob):
+    """A chunk's target is the full length with probability 1 - short_seq_prob, else uniform in
+    [2, max], for a document's first chunk and for the later ones. With one-token sentences and no
+    NSP an example is exactly target + 3 tokens long (except where its document ends)."""
+    seq_len = 32
+    max_tokens = seq_len - 3
+    p_short = short_seq_prob * (max_tokens - 2) / (max_tokens - 1)
+    # later chunks: one long document
+    inst = create_instances(synthetic_corpus([[1] * 20000]), np.arange(1), seq_len, np.random.default_rng(0),
+                            cls_id=CLS, sep_id=SEP, short_seq_prob=short_seq_prob, nsp=False)
+    lengths = np.diff(inst.offsets)[:-1]  # the last chunk ends with the document
+    assert within_binomial(int((lengths < seq_len).sum()), len(lengths), p_short)
+    # first chunks: documents of max_tokens one-token sentences, whose first chunk is short only
+    # when its target is (token id - 100 is the position in the corpus)
+    inst = create_instances(synthetic_corpus([[1] * max_tokens] * 1000), np.arange(1000), seq_len,
+                            np.random.default_rng(1), cls_id=CLS, sep_id=SEP, short_seq_prob=short_seq_prob,
+                            nsp=False)
+    first = [(inst.tokens[inst.offsets[i] + 1] - 100) % max_tokens == 0 for i in range(len(inst))]
+    lengths = np.diff(inst.offsets)[first]
+    assert len(lengths) == 1000
+    assert within_binomial(int((lengths < seq_len).sum()), 1000, p_short)
+
+
 def test_split_and_collate():
     train, held = split_documents(100, 0.05, seed=3)
     assert len(held) == 5 and len(train) == 95 and not set(train) & set(held)
@@ -296,6 +439,7 @@ def test_split_and_collate():
     assert b["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
     assert b["labels"][1].tolist() == [-100, 9, -100, -100]
     assert b["next_sentence_label"].tolist() == [1, 0]
+    assert b["token_type_ids"].tolist() == [[0, 0, 0, 0], [0, 0, 1, 0]]  # segment B kept, padding 0
     assert collate(ex, PAD, pad_to=6)["input_ids"].shape == (2, 6)
 
 
