@@ -270,3 +270,89 @@ def test_qa_question_longer_than_max_length_is_cut_not_rejected(tok):
     assert hits and all(f["input_ids"][f["start_positions"]] == 9 for f in hits)
     q_len = feats[0]["token_type_ids"].index(1) - 2
     assert q_len == 4  # (12 - 3) // 2 for the question, 5 for each context window
+
+
+# ------------------------------------------------------------------- mutation audit (session 14)
+
+def test_label_lists_have_a_fixed_documented_order():
+    """Label ids are positions in build_label_list: classify/pair labels sorted (ints numerically,
+    so 10 after 2), NER "O" first then each type's B- and I- tags together, types sorted."""
+    assert build_label_list("classify", [{"label": v} for v in (10, 2, 1, 2)]) == [1, 2, 10]
+    assert build_label_list("pair", [{"label": v} for v in ("b", "a", "c")]) == ["a", "b", "c"]
+    tags = [["B-PER", "I-PER", "O", "B-LOC", "I-LOC"], ["I-MISC", "B-LOC"]]
+    assert build_label_list("ner", [{"tags": t} for t in tags]) == [
+        "O", "B-LOC", "I-LOC", "I-MISC", "B-PER", "I-PER"]
+
+
+@pytest.mark.parametrize("lines, words", [
+    (["-DOCSTART- -X- -X- O", "", "the\tO", "cat\tB-animal"], [["the", "cat"]]),   # CoNLL-2003 header
+    (["New York\tB-LOC", "is\tO"], [["New York", "is"]]),  # a tab separates: a token may hold a space
+    (["the O", "cat B-animal"], [["the", "cat"]]),            # whitespace when there is no tab
+])
+def test_read_conll_separators_and_docstart(tmp_path, lines, words):
+    ex = read_examples("ner", write(tmp_path / "n.conll", lines))
+    assert [e["words"] for e in ex] == words
+
+
+def test_qa_default_doc_stride_is_a_quarter_of_max_length(tok):
+    """Without doc_stride, consecutive windows overlap by max_length // 4 tokens."""
+    context = " ".join(["the cat sat on the mat near the big red door"] * 3)   # 33 tokens
+    ex = [{"question": "where", "context": context}]
+    feats, _ = build_features("qa", ex, tok, max_length=16)
+    # room = 16 - 1 - 3 = 12 tokens; overlap 16 // 4 = 4 -> windows start at 0, 8, 16, 24
+    starts = [next(o for o in f["offsets"] if o is not None)[0] for f in feats]
+    token_starts = [o[0] for o in tok.encode(context, add_special_tokens=False).offsets]
+    assert [token_starts.index(c) for c in starts] == [0, 8, 16, 24]
+
+
+@pytest.mark.parametrize("q_tokens", [4, 5, 6, 7, 8, 9, 10])
+def test_qa_question_near_max_length_leaves_the_context_room(tok, q_tokens):
+    """max_length 12: a question of up to 8 tokens is kept whole (one context token per window);
+    a longer one is cut to (12 - 3) // 2 = 4 tokens, never refused, and it keeps its first tokens."""
+    words = ["where", "is", "it", "the", "big", "red", "door", "cat", "sat", "mat"][:q_tokens]
+    ex = [{"question": " ".join(words), "context": "the cat sat on the mat",
+           "answers": {"text": ["mat"], "answer_start": [19]}}]
+    feats, info = build_features("qa", ex, tok, max_length=12, doc_stride=0)
+    kept = q_tokens if q_tokens <= 8 else 4
+    assert info["questions_truncated"] == (q_tokens > 8)
+    ids = [tok.token_to_id(w) for w in words]
+    assert all(f["input_ids"][1:kept + 1] == ids[:kept] and f["input_ids"][kept + 1] == 3 for f in feats)
+    assert any(f["start_positions"] for f in feats) and all(len(f["input_ids"]) <= 12 for f in feats)
+
+
+def test_qa_max_query_length_keeps_the_questions_first_tokens(tok):
+    ex = [{"question": "where is it the big red door", "context": "the cat sat"}]
+    feats, info = build_features("qa", ex, tok, max_length=32, max_query_length=3)
+    assert info["questions_truncated"] == 1
+    assert feats[0]["input_ids"][:5] == [2, 14, 15, 16, 3]
+
+
+def test_qa_answer_at_the_first_context_token_of_a_window(tok):
+    """An answer starting at a window's first context token is inside that window (the first window
+    and a later one)."""
+    context = "the cat sat on the mat near the big red door"
+    for answer, window in (("the cat", 0), ("the mat", 1)):
+        s = context.index(answer)
+        ex = [{"question": "where", "context": context, "answers": {"text": [answer], "answer_start": [s]}}]
+        feats, _ = build_features("qa", ex, tok, max_length=10, doc_stride=2)  # windows (0,6) (4,10) (8,11)
+        f = feats[window]
+        assert (f["start_positions"], f["end_positions"]) == (3, 4), answer
+
+
+def test_qa_best_span_single_token_and_max_answer_tokens(tok):
+    """A one-token answer (end == start) is a valid span; a span of exactly max_answer_tokens is
+    allowed and one token more is not."""
+    context = "the cat sat on the mat"
+    ex = [{"question": "where", "context": context}]
+    feats, _ = build_features("qa", ex, tok, max_length=16)
+    n = len(feats[0]["input_ids"])
+
+    def scores(start, end):
+        s, e = [0.0] * n, [0.0] * n
+        s[start], e[end] = 10.0, 10.0
+        return [s], [e]
+
+    # [CLS] where [SEP] the cat sat on the mat [SEP]: context tokens at positions 3..8
+    assert qa_best_spans(ex, feats, *scores(4, 4)) == ["cat"]
+    assert qa_best_spans(ex, feats, *scores(4, 6), max_answer_tokens=3) == ["cat sat on"]
+    assert qa_best_spans(ex, feats, *scores(4, 6), max_answer_tokens=2) != ["cat sat on"]
