@@ -105,3 +105,27 @@ def test_squad_gold_answers_that_normalise_to_nothing_are_dropped_as_the_officia
     assert squad_scores([""], [["the", "a"]]) == {"exact_match": 1.0, "f1": 1.0}
     assert squad_scores([""], [["the", "cat"]]) == {"exact_match": 0.0, "f1": 0.0}
     assert squad_scores(["cat"], [["the", "the cat"]]) == {"exact_match": 1.0, "f1": 1.0}
+
+
+# ------------------------------------------------------------------- mutation audit (session 14)
+
+@pytest.mark.parametrize("gold, pred, precision, recall", [
+    ([["O", "O"]], [["B-X", "O"]], 0.0, 0.0),   # no gold chunks: recall 0 (conlleval), not 1
+    ([["B-X", "O"]], [["O", "O"]], 0.0, 0.0),   # no predicted chunks: precision 0, not 1
+])
+def test_entity_f1_empty_side_scores_zero(gold, pred, precision, recall):
+    r = entity_f1(gold, pred)
+    assert (r["precision"], r["recall"], r["f1"]) == (precision, recall, 0.0)
+
+
+def test_token_f1_counts_repeated_tokens_with_multiplicity():
+    # pred [x x x], gold [x x]: common 2 (not 1, as a set would say): P 2/3, R 1, F1 0.8
+    assert token_f1_score("x x x", "x x") == pytest.approx(0.8)
+    assert token_f1_score("x", "x x") == pytest.approx(2 / 3)
+
+
+def test_squad_scores_take_the_best_gold_for_exact_match_and_f1_alike():
+    """Each prediction is scored against every gold answer and keeps the best, wherever that gold
+    stands in the list (first, middle or last)."""
+    for golds in (["Paris", "London", "Rome"], ["London", "Paris", "Rome"], ["London", "Rome", "Paris"]):
+        assert squad_scores(["paris"], [golds]) == {"exact_match": 1.0, "f1": 1.0}, golds
