@@ -161,3 +161,59 @@ def test_saved_tokenizer_gives_transformers_the_token_types(tmp_path, kind):
     got = AutoTokenizer.from_pretrained(str(tmp_path))(text_a, text_b)
     assert got["input_ids"] == ours.ids
     assert got.get("token_type_ids") == ours.type_ids and 1 in ours.type_ids
+
+
+# ------------------------------------------------------------------- mutation audit (session 14)
+
+def test_chinese_vocabulary_keeps_every_character_past_a_thousand():
+    """Chinese kind: every character of the corpus stays in the vocabulary, however many there are
+    (a limit on the alphabet, as the English kind has, would make the rare ones [UNK])."""
+    chars = [chr(0x4E00 + k) for k in range(1200)]
+    lines = ["".join(chars[k:k + 40]) for k in range(0, 1200, 40)]
+    tok = train_tokenizer(lines, "chinese", vocab_size=5000, min_frequency=1)
+    assert all(tok.token_to_id(c) is not None for c in chars)
+    assert tok.encode(chars[-1], add_special_tokens=False).tokens == [chars[-1]]
+
+
+def test_continuation_mask_marks_only_double_hash_pieces(tmp_path):
+    vocab = SPECIAL_TOKENS + ["#", "#tag", "##s", "cat"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tok = load_tokenizer(str(tmp_path / "vocab.txt"))
+    assert continuation_mask(tok).tolist() == [False] * 5 + [False, False, True, False]
+
+
+def test_is_lowercase_reads_a_lowercase_normaliser_too():
+    """A tokenizer.json whose normaliser lower-cases with Lowercase (not BertNormalizer) is uncased:
+    save_tokenizer then writes do_lower_case true."""
+    from tokenizers import normalizers
+
+    from fastbert.tokenization import is_lowercase
+    tok = train_tokenizer(["the cat sat on the mat ."] * 3, vocab_size=60, min_frequency=1)
+    assert is_lowercase(tok)
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    assert is_lowercase(tok)
+    tok.normalizer = normalizers.NFKC()
+    assert not is_lowercase(tok)
+    cased = train_tokenizer(["The cat sat ."] * 3, vocab_size=60, min_frequency=1, lowercase=False)
+    assert not is_lowercase(cased)
+
+
+def test_a_folder_with_both_files_loads_tokenizer_json(tmp_path):
+    """tokenizer.json is preferred to vocab.txt: a saved Chinese tokenizer keeps its NFKC step when
+    loaded from its folder (vocab.txt carries no normaliser)."""
+    tok = train_tokenizer(ZH, "chinese", vocab_size=5000, min_frequency=1)
+    save_tokenizer(tok, tmp_path)
+    back = load_tokenizer(str(tmp_path))
+    full, half = (back.encode(t, add_special_tokens=False).ids for t in ("好，去！", "好,去!"))
+    assert full == half and back.token_to_id("[UNK]") not in full
+
+
+def test_uncased_strips_accents_as_bert_uncased():
+    tok = train_tokenizer(["the cafe was open .", "a naive cat ."] * 3, vocab_size=100, min_frequency=1)
+    assert tok.encode("Café naïve", add_special_tokens=False).tokens == ["cafe", "naive"]
+
+
+def test_build_tokenizer_passes_lowercase_on():
+    from fastbert.tokenization import build_tokenizer
+    tok = build_tokenizer(None, iter(["Emma met Harriet .", "Emma smiled ."] * 5), vocab_size=200, lowercase=False)
+    assert tok.encode("Emma", add_special_tokens=False).tokens == ["Emma"]
