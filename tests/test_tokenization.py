@@ -217,3 +217,10 @@ def test_build_tokenizer_passes_lowercase_on():
     from fastbert.tokenization import build_tokenizer
     tok = build_tokenizer(None, iter(["Emma met Harriet .", "Emma smiled ."] * 5), vocab_size=200, lowercase=False)
     assert tok.encode("Emma", add_special_tokens=False).tokens == ["Emma"]
+
+
+def test_chinese_nfkc_folds_before_the_cjk_split():
+    """NFKC runs before BERT's normaliser, so a compatibility form that folds to a CJK character
+    (the Kangxi radical ⽉ -> 月) is split off as that character, even beside a digit."""
+    tok = train_tokenizer(ZH + ["今年2月2日。"], "chinese", vocab_size=5000, min_frequency=1)
+    assert tok.encode("2⽉", add_special_tokens=False).tokens == ["2", "月"]
