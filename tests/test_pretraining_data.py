@@ -426,6 +426,34 @@ def test_short_targets_come_with_short_seq_prob(short_seq_prob):
     assert within_binomial(int((lengths < seq_len).sum()), 1000, p_short)
 
 
+def test_lines_of_only_control_characters_are_dropped_with_a_document_they_empty(tmp_path, tokenizer):
+    """A line that tokenizes to nothing is no sentence, and a document left without sentences is
+    no document (an empty one would give empty segments, or fail when drawn as a random B)."""
+    text = "the cat sat .\n\x07\n\n\x07\x07\n\x08\n\na dog ran .\n\x07\nemma smiled .\n"
+    (tmp_path / "c.txt").write_text(text, encoding="utf-8")
+    corpus = tokenize_corpus([str(tmp_path / "c.txt")], tokenizer, str(tmp_path / "cache"))
+    enc = lambda s: tokenizer.encode(s, add_special_tokens=False).ids  # noqa: E731
+    assert corpus.num_documents == 2
+    assert [[s.tolist() for s in corpus.document(i)] for i in range(2)] == [
+        [enc("the cat sat .")], [enc("a dog ran ."), enc("emma smiled .")]]
+
+
+def test_random_next_segments_may_start_at_any_sentence():
+    """A random B starts at a uniformly drawn sentence of the other document, its last included."""
+    corpus = synthetic_corpus([[1, 1]] * 200)  # one-token sentences: no truncation, B starts whole
+    inst = create_instances(corpus, np.arange(200), 16, np.random.default_rng(0), cls_id=CLS, sep_id=SEP)
+    starts = [int(inst.tokens[inst.offsets[i] + inst.len_a[i]] - 100) % 2
+              for i in range(len(inst)) if inst.nsp_labels[i] == 1]
+    assert within_binomial(sum(starts), len(starts), 0.5), (sum(starts), len(starts))
+
+
+def test_seq_len_too_short_for_a_pair_is_refused():
+    corpus = synthetic_corpus([[3, 3]] * 4)
+    with pytest.raises(ValueError, match="too short"):
+        create_instances(corpus, np.arange(4), 4, np.random.default_rng(0), cls_id=CLS, sep_id=SEP)
+    assert len(create_instances(corpus, np.arange(4), 5, np.random.default_rng(0), cls_id=CLS, sep_id=SEP))
+
+
 def test_split_and_collate():
     train, held = split_documents(100, 0.05, seed=3)
     assert len(held) == 5 and len(train) == 95 and not set(train) & set(held)
@@ -441,6 +469,9 @@ def test_split_and_collate():
     assert b["next_sentence_label"].tolist() == [1, 0]
     assert b["token_type_ids"].tolist() == [[0, 0, 0, 0], [0, 0, 1, 0]]  # segment B kept, padding 0
     assert collate(ex, PAD, pad_to=6)["input_ids"].shape == (2, 6)
+    assert collate(ex, PAD, pad_to=2)["input_ids"].shape == (2, 4)  # pad_to never cuts an example
+    held = split_documents(20, 0.01, seed=3)[1]
+    assert len(held) == 2  # at least 2 held out when held out at all
 
 
 # ---- packing ------------------------------------------------------------------------------------

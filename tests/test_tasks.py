@@ -356,3 +356,33 @@ def test_qa_best_span_single_token_and_max_answer_tokens(tok):
     assert qa_best_spans(ex, feats, *scores(4, 4)) == ["cat"]
     assert qa_best_spans(ex, feats, *scores(4, 6), max_answer_tokens=3) == ["cat sat on"]
     assert qa_best_spans(ex, feats, *scores(4, 6), max_answer_tokens=2) != ["cat sat on"]
+
+
+def test_truncated_counts_examples_not_pieces(tok):
+    """info["truncated"] counts truncated examples: one long text is one, however much is cut, and a
+    choice example with several over-long choices is one."""
+    long = " ".join(["the cat sat on the mat"] * 8)
+    _, info = build_features("classify", [{"text": long, "label": "x"}], tok, max_length=8, label2id={"x": 0})
+    assert info["truncated"] == 1
+    ex = [{"question": "where is it", "choices": [long, long, "cat"], "label": 0}]
+    _, info = build_features("choice", ex, tok, max_length=8)
+    assert info["truncated"] == 1
+
+
+def test_qa_best_span_looks_past_the_top_start(tok):
+    """The best valid span is found among the n_best starts and ends, not only the top start (whose
+    ends may all come before it)."""
+    context = "the cat sat on the mat"
+    ex = [{"question": "where", "context": context}]
+    feats, _ = build_features("qa", ex, tok, max_length=16)
+    n = len(feats[0]["input_ids"])
+    s, e = [0.0] * n, [-5.0] * n
+    s[8], s[4] = 10.0, 5.0     # top start 'mat' (8); 'cat' (4) second
+    e[4] = 10.0                # top end 'cat' (4): only (4, 4) pairs well
+    assert qa_best_spans(ex, feats, [s], [e]) == ["cat"]
+
+
+def test_a_boolean_label_is_refused(tmp_path):
+    p = write(tmp_path / "t.jsonl", ['{"text": "x", "label": true}'])
+    with pytest.raises(DataError, match=r"t.jsonl:1: field 'label' should be str or int, got bool"):
+        read_examples("classify", p)
