@@ -454,6 +454,17 @@ def test_seq_len_too_short_for_a_pair_is_refused():
     assert len(create_instances(corpus, np.arange(4), 5, np.random.default_rng(0), cls_id=CLS, sep_id=SEP))
 
 
+def test_segment_a_ends_at_a_uniformly_drawn_sentence():
+    """A chunk of k sentences is split into A and B at a sentence drawn uniformly from 1..k-1 (A is
+    not always the first sentence): one-token sentences, no NSP, full-length chunks of 29."""
+    inst = create_instances(synthetic_corpus([[1] * 29 * 400]), np.arange(1), 32, np.random.default_rng(0),
+                            cls_id=CLS, sep_id=SEP, short_seq_prob=0.0, nsp=False)
+    a_sentences = inst.len_a - 2
+    assert len(inst) == 400 and set(a_sentences.tolist()) <= set(range(1, 29))
+    assert within_binomial(int((a_sentences <= 14).sum()), 400, 14 / 28)
+    assert len(set(a_sentences.tolist())) > 20
+
+
 def test_split_and_collate():
     train, held = split_documents(100, 0.05, seed=3)
     assert len(held) == 5 and len(train) == 95 and not set(train) & set(held)

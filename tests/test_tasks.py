@@ -187,6 +187,9 @@ def test_qa_best_span_maps_back_to_characters(tok):
 def test_choice_features_and_collate(tok):
     ex = [{"question": "where is it", "choices": ["cat", "the big red door"], "label": 1}]
     feats, _ = build_features("choice", ex, tok)
+    # question first (type 0), each choice second (type 1), as BertForMultipleChoice is trained
+    assert feats[0]["input_ids"][1] == [2, 14, 15, 16, 3, 5, 11, 12, 13, 3]
+    assert feats[0]["token_type_ids"][1] == [0] * 5 + [1] * 5
     batch = collate(feats)
     assert batch["input_ids"].shape == (1, 2, 10)
     assert batch["attention_mask"][0, 0].tolist() == [1] * 7 + [0] * 3
