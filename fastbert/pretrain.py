@@ -75,7 +75,7 @@ from .runtime import PLAIN_OUTPUTS
 from .pretraining_data import (CorpusError, PretrainingData, collate, collate_packed, iter_sentences,
                                split_documents, tokenize_corpus)
 from .tokenization import (SPECIAL_TOKENS, TOKENIZER_FILES, TokenizerError, build_tokenizer, load_tokenizer,
-                           save_tokenizer)
+                           save_tokenizer, vocab_list)
 
 # Settings that define a run: fixed when it starts, read back from run_args.json on --resume.
 RUN_DEFAULTS = {
@@ -457,6 +457,7 @@ def _run(args, dist: T.Distributed) -> int:
                 if spec in ("wordpiece", "chinese") and counted["n"] == 0:
                     raise CorpusError(f"the corpus ({', '.join(corpus_paths)}) is empty") from None
                 raise
+            vocab_list(tokenizer)  # a vocab.txt with a repeated token: refused now, not after tokenizing the corpus
         tok_json = dist.broadcast(tokenizer.to_str() if dist.is_main else None)
         if not dist.is_main:
             from tokenizers import Tokenizer

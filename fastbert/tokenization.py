@@ -174,11 +174,15 @@ def is_lowercase(tok: Tokenizer) -> bool:
 def vocab_list(tok: Tokenizer) -> list[str]:
     """Tokens in id order; ids must be 0..n-1 with no gaps (vocab.txt cannot say otherwise)."""
     vocab = tok.get_vocab(with_added_tokens=True)
-    tokens = [None] * len(vocab)
+    tokens = [None] * (max(vocab.values(), default=-1) + 1)
     for token, i in vocab.items():
-        if i >= len(tokens):
-            raise TokenizerError(f"token ids are not contiguous (id {i} for {len(vocab)} tokens)")
         tokens[i] = token
+    missing = [i for i, t in enumerate(tokens) if t is None]
+    if missing:
+        raise TokenizerError(
+            f"no token has id {', '.join(map(str, missing[:5]))}{' ...' if len(missing) > 5 else ''}: the vocab.txt "
+            f"repeats a token (line {missing[0] + 1} and a later one; the later line's id wins, as in transformers); "
+            f"a model trained on it needs every token once")
     return tokens
 
 

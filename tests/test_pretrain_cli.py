@@ -401,6 +401,17 @@ def test_bad_inputs_fail_cleanly(corpus, tmp_path, capsys):
     _fails_cleanly(capsys, out, run(corpus, out, "--batch-size", "3", "--grad-accum", "2"), "multiple of")
 
 
+
+def test_a_vocab_txt_that_repeats_a_token_is_refused_before_the_corpus_is_read(corpus, tmp_path, capsys):
+    """A repeated line leaves an id without a token (the later line's id wins, as in transformers); the
+    run tokenized the whole corpus, then stopped with 'token ids are not contiguous'."""
+    out, cache = tmp_path / "never", tmp_path / "cache"
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "the", "of"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    rc = run(corpus, out, "--tokenizer", str(tmp_path / "vocab.txt"), "--cache-dir", str(cache))
+    _fails_cleanly(capsys, out, rc, "no token has id 5: the vocab.txt repeats a token (line 6 and a later one")
+    assert not cache.exists() or not any(cache.iterdir()), "the corpus was tokenized before the refusal"
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_matches(corpus, vocab, tmp_path):
     """Kill a run with SIGKILL at random moments, resume until done: same metrics and weights as an
