@@ -33,6 +33,8 @@ from typing import Iterable, Iterator
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from .trainer import atomic_write_text
+
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK]
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -186,21 +188,12 @@ def vocab_list(tok: Tokenizer) -> list[str]:
     return tokens
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_tokenizer(tok: Tokenizer, folder: str, model_max_length: int = 512) -> None:
     """Write the four files transformers' BertTokenizerFast reads; each file atomically."""
     os.makedirs(folder, exist_ok=True)
     lowercase = is_lowercase(tok)
-    _atomic_write_text(os.path.join(folder, "vocab.txt"), "\n".join(vocab_list(tok)) + "\n")
-    _atomic_write_text(os.path.join(folder, "tokenizer.json"), tok.to_str(pretty=True))
+    atomic_write_text(os.path.join(folder, "vocab.txt"), "\n".join(vocab_list(tok)) + "\n")
+    atomic_write_text(os.path.join(folder, "tokenizer.json"), tok.to_str(pretty=True))
     special = {"unk_token": UNK, "sep_token": SEP, "pad_token": PAD, "cls_token": CLS, "mask_token": MASK}
     # transformers' BertTokenizer(Fast) rebuilds a plain BertNormalizer from do_lower_case (transformers 5
     # always, 4 when the flags differ), so a normaliser it cannot express (the Chinese kind's NFKC step)
@@ -213,8 +206,8 @@ def save_tokenizer(tok: Tokenizer, folder: str, model_max_length: int = 512) -> 
               "model_max_length": int(model_max_length), "clean_up_tokenization_spaces": False,
               "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
               **special}
-    _atomic_write_text(os.path.join(folder, "tokenizer_config.json"), json.dumps(config, indent=2) + "\n")
-    _atomic_write_text(os.path.join(folder, "special_tokens_map.json"), json.dumps(special, indent=2) + "\n")
+    atomic_write_text(os.path.join(folder, "tokenizer_config.json"), json.dumps(config, indent=2) + "\n")
+    atomic_write_text(os.path.join(folder, "special_tokens_map.json"), json.dumps(special, indent=2) + "\n")
 
 
 def build_tokenizer(spec: str | None, sentences: Iterator[str] | None = None, *, vocab_size: int = 8192,
