@@ -448,8 +448,8 @@ def run(args) -> dict:
     scaler = R.grad_scaler(precision, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     threads = torch.get_num_threads()
-    _log(f"{task}: {len(train_ex)} train examples ({len(train_f)} features), {len(dev_ex)} dev; "
-         f"{args.epochs} epochs x {steps_per_epoch} steps; lr {args.lr}; "
+    _log(f"{task}: {R.count(len(train_ex), 'train example')} ({R.count(len(train_f), 'feature')}), "
+         f"{len(dev_ex):,} dev; {R.count(args.epochs, 'epoch')} x {R.count(steps_per_epoch, 'step')}; lr {args.lr}; "
          f"{sum(p.numel() for p in trainable):,} trainable parameters; impl {args.impl}"
          f"{' (random init)' if args.random_init else ''}; {precision} on {R.describe(device)}")
 

@@ -71,6 +71,7 @@ import torch
 import torch.nn.functional as F
 
 from . import trainer as T
+from . import runtime as R
 from .runtime import PLAIN_OUTPUTS
 from .pretraining_data import (CorpusError, PretrainingData, collate, collate_packed, iter_sentences,
                                split_documents, tokenize_corpus)
@@ -481,9 +482,9 @@ def _run(args, dist: T.Distributed) -> int:
     if len(eval_docs) >= (2 if nsp else 1):
         eval_examples = PretrainingData(corpus, tokenizer, eval_docs, seed=s["seed"], **common).eval_examples(
             s["eval_examples"])
-    _log(dist, f"corpus: {corpus.num_documents} documents, {corpus.num_tokens:,} tokens; {len(train_docs)} "
-               f"training documents ({n_epoch0} examples per epoch), {len(eval_docs)} held out "
-               f"({len(eval_examples)} evaluation examples)")
+    _log(dist, f"corpus: {R.count(corpus.num_documents, 'document')}, {R.count(corpus.num_tokens, 'token')}; "
+               f"{R.count(len(train_docs), 'training document')} ({n_epoch0:,} examples per epoch), "
+               f"{len(eval_docs):,} held out ({R.count(len(eval_examples), 'evaluation example')})")
     if pack:
         inst0, rows0 = train_data.epoch(0), train_data.rows(0)
         _log(dist, f"packing: {len(rows0)} rows of {s['seq_len']} per epoch ({n_epoch0 / len(rows0):.2f} examples "
@@ -578,8 +579,9 @@ def _run(args, dist: T.Distributed) -> int:
     params = [p for p in model.parameters() if p.requires_grad]
 
     _log(dist, f"model: {s['config']} ({n_params / 1e6:.2f} M parameters), seq {s['seq_len']}, global batch "
-               f"{global_batch} ({dist.world_size} process(es) x {s['grad_accum']} micro-batch(es) of {micro}), "
-               f"{steps} steps, lr {lr:g}, {precision} on {device}; run folder {out}")
+               f"{global_batch} ({R.count(dist.world_size, 'process', 'processes')} x "
+               f"{R.count(s['grad_accum'], 'micro-batch')} of {micro}), "
+               f"{R.count(steps, 'step')}, lr {lr:g}, {precision} on {device}; run folder {out}")
 
     def save(step_now: int) -> None:
         rngs = dist.gather(T.rng_state())

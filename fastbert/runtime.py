@@ -60,6 +60,11 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device("cuda", index)
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """'1 step', '2,048 steps': a count for a log line."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """fp32, bf16 or fp16: what --precision means on this device."""
     if precision not in PRECISIONS:
@@ -100,7 +105,7 @@ def synchronize(device: torch.device) -> None:
 def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    return f"cpu ({count(torch.get_num_threads(), 'thread')})"
 
 
 # glibc's mallopt parameter numbers (malloc.h)
