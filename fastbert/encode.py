@@ -12,14 +12,24 @@ Texts longer than --max-length tokens (default: the model's maximum positions, a
 truncated, and the count is printed to stderr. ``--device`` / ``--precision`` as for `fastbert
 finetune` (fastbert.runtime): default cuda when a GPU is visible, auto = bf16 autocast there; the
 pooling itself and the output are always fp32.
+
+The input is read and encoded --chunk-size lines at a time (length-sorted batches within each chunk),
+so memory does not grow with the input: JSONL rows are written, in input order, as each chunk is
+done; a ``.npy`` is filled chunk by chunk in a temporary file beside the output (a file --input is
+counted first for its row count; stdin or a pipe is first copied to an anonymous temporary file
+there) and renamed over the output only when complete. Ctrl-C exits 130, saying how many JSONL
+lines were written, or that the .npy was not (no partial .npy is left behind).
 """
 from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
+import stat
 import sys
+import tempfile
 
 import torch
 
@@ -37,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="default 64")
     p.add_argument("--max-length", type=int, default=None,
                    help="longer texts are truncated (default: the model's positions, at most 512)")
+    p.add_argument("--chunk-size", type=int, default=65536,
+                   help="lines read, encoded and written at a time (default 65536): memory is bounded by it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="CUDA only: replay each batch as a CUDA graph (one per length bucket of 32 tokens; "
@@ -62,21 +74,41 @@ def length_buckets(max_length: int, step: int = 32) -> tuple:
     return tuple(range(step, max_length, step)) + (max_length,)
 
 
-def read_lines(path: str | None) -> list[str]:
-    """The texts of a file (stdin when path is None), one per line: split at "\\n" only (a bare "\\r"
-    inside a line stays there, so row i is line i as `wc -l` counts them), the line break ("\\n" or
-    "\\r\\n") stripped, a UTF-8 byte-order mark at the start dropped."""
+def iter_lines(path: str | None):
+    """The texts of a file (stdin when path is None), one per line, read lazily: split at "\\n" only
+    (a bare "\\r" inside a line stays there, so row i is line i as `wc -l` counts them), the line
+    break ("\\n" or "\\r\\n") stripped, a UTF-8 byte-order mark at the start dropped."""
     if path is not None:
         with open(path, encoding="utf-8-sig", newline="\n") as f:
-            return [line.rstrip("\r\n") for line in f]
+            for line in f:
+                yield line.rstrip("\r\n")
+        return
     buffer = getattr(sys.stdin, "buffer", None)
     if buffer is None:  # a text stream without bytes underneath (e.g. io.StringIO in tests)
-        return [line.rstrip("\r\n") for line in sys.stdin]
+        for line in sys.stdin:
+            yield line.rstrip("\r\n")
+        return
     stream = io.TextIOWrapper(buffer, encoding="utf-8-sig", newline="\n")
     try:
-        return [line.rstrip("\r\n") for line in stream]
+        for line in stream:
+            yield line.rstrip("\r\n")
     finally:
         stream.detach()  # leave sys.stdin's buffer open
+
+
+def read_lines(path: str | None) -> list[str]:
+    """All the texts of iter_lines(path) as a list."""
+    return list(iter_lines(path))
+
+
+def _rereadable(path: str | None) -> bool:
+    """A regular file, which can be read twice (counted, then encoded); not stdin, a pipe or a FIFO."""
+    if path is None:
+        return False
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True  # let the read report it
 
 
 def embed(model, tok, texts, pooling="mean", normalize=False, batch_size=64, max_length=512,
@@ -86,19 +118,33 @@ def embed(model, tok, texts, pooling="mean", normalize=False, batch_size=64, max
     CUDA graph (fastbert.cuda_graphs.GraphedEncoder; the padded layout, one graph per 32-token bucket).
     progress: a tqdm bar on stderr counting texts."""
     device = torch.device("cpu") if device is None else torch.device(device)
+    graphed = _graphed(model, cuda_graphs, batch_size, max_length, pooling, normalize, precision)
+    from tqdm.auto import tqdm
+    with tqdm(total=len(texts), unit="text", desc="encode", disable=not progress, dynamic_ncols=True) as bar:
+        return embed_chunk(model, tok, texts, pooling, normalize, batch_size, max_length, device, precision,
+                           graphed, bar)
+
+
+def _graphed(model, cuda_graphs, batch_size, max_length, pooling, normalize, precision):
+    if not cuda_graphs:
+        return None
+    from .cuda_graphs import GraphedEncoder
+    return GraphedEncoder(model, batch_size=batch_size, seq_buckets=length_buckets(max_length),
+                          pooling=pooling, normalize=normalize, autocast_dtype=R.autocast_dtype(precision))
+
+
+def embed_chunk(model, tok, texts, pooling, normalize, batch_size, max_length, device, precision,
+                graphed=None, bar=None):
+    """embed() on one chunk of texts with what the caller keeps across chunks: `graphed` (a
+    GraphedEncoder or None) and `bar` (a tqdm bar or None). Returns ((len(texts), hidden) float32
+    array, how many texts were truncated). The batches are those of embed() on the same texts."""
     feats, info = T.build_features("classify", [{"text": t} for t in texts], tok, max_length)
     out = torch.empty(len(texts), model.config.hidden_size)
     model.eval()
-    graphed = None
-    if cuda_graphs:
-        from .cuda_graphs import GraphedEncoder
-        graphed = GraphedEncoder(model, batch_size=batch_size, seq_buckets=length_buckets(max_length),
-                                 pooling=pooling, normalize=normalize, autocast_dtype=R.autocast_dtype(precision))
-    from tqdm.auto import tqdm
-    bar = tqdm(total=len(texts), unit="text", desc="encode", disable=not progress, dynamic_ncols=True)
-    with torch.inference_mode(), bar:
+    with torch.inference_mode():
         for idx in T.bucket_batches([T.length_of(f) for f in feats], batch_size, shuffle=False):
-            bar.update(len(idx))  # counted as the batch starts (the device runs ahead of the host)
+            if bar is not None:
+                bar.update(len(idx))  # counted as the batch starts (the device runs ahead of the host)
             b = T.collate([feats[i] for i in idx])
             if graphed is not None:  # CPU tensors: padded to the bucket there, then one copy each
                 out[idx] = graphed(b["input_ids"], b["attention_mask"], b["token_type_ids"]).cpu()
@@ -129,6 +175,8 @@ def main(args) -> int:
             raise ValueError(f"--cuda-graphs needs a CUDA device, not {device}")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, not {args.batch_size}")
+        if args.chunk_size < 1:
+            raise ValueError(f"--chunk-size must be at least 1, not {args.chunk_size}")
         if args.output:  # checked before the work, not found after it
             _check_output(args.output)
         model = BertModel.from_pretrained(args.model).to(device)
@@ -144,36 +192,137 @@ def main(args) -> int:
         print(f"fastbert encode: error: {e}", file=sys.stderr)
         return 2
     max_length = args.max_length or min(512, model.config.max_position_embeddings)
+    npy = bool(args.output) and args.output.endswith(".npy")
+    spool = None
     try:
-        texts = read_lines(args.input)
-    except (OSError, UnicodeDecodeError) as e:
-        why = f"not UTF-8 text ({e.reason} at byte {e.start})" if isinstance(e, UnicodeDecodeError) else e.strerror or e
-        print(f"fastbert encode: error: {args.input or 'stdin'}: {why}", file=sys.stderr)
-        return 2
-    if not texts:
-        print("fastbert encode: error: no input lines", file=sys.stderr)
-        return 2
-    emb, n_trunc = embed(model, tok, texts, args.pooling, args.normalize, args.batch_size, max_length,
-                         device, precision, cuda_graphs=args.cuda_graphs, progress=not args.no_progress)
-    if n_trunc:
-        print(f"fastbert encode: {n_trunc} of {len(texts)} texts truncated to {max_length} tokens",
-              file=sys.stderr)
-    if args.output and args.output.endswith(".npy"):
-        import numpy as np
-        np.save(args.output, emb.astype("float32"))
+        try:
+            if _rereadable(args.input):  # counted first: the .npy's row count, the progress bar's total
+                total, source = sum(1 for _ in iter_lines(args.input)), args.input
+            elif npy:  # stdin or a pipe: copied once to an anonymous file beside the output, then read from it
+                spool = tempfile.TemporaryFile("w+", encoding="utf-8", newline="\n",
+                                               dir=os.path.dirname(os.path.abspath(args.output)))
+                total = 0
+                for t in iter_lines(args.input):
+                    spool.write(t + "\n")
+                    total += 1
+                spool.seek(0)
+                source = None
+            else:  # JSONL from stdin or a pipe: streamed, the total unknown
+                total, source = None, args.input
+        except (OSError, UnicodeDecodeError) as e:
+            print(f"fastbert encode: error: {_input_why(args.input, e)}", file=sys.stderr)
+            return 2
+        if total == 0:
+            print("fastbert encode: error: no input lines", file=sys.stderr)
+            return 2
+        lines = (t.rstrip("\n") for t in spool) if spool is not None else iter_lines(source)
+        return _encode(args, model, tok, lines, total, npy, device, precision, max_length)
+    except KeyboardInterrupt:  # while the input was counted or copied
+        print("fastbert encode: interrupted before encoding; nothing written", file=sys.stderr)
+        return 130
+    finally:
+        if spool is not None:
+            spool.close()
+
+
+def _input_why(path, e) -> str:
+    why = f"not UTF-8 text ({e.reason} at byte {e.start})" if isinstance(e, UnicodeDecodeError) else e.strerror or e
+    return f"{path or 'stdin'}: {why}"
+
+
+class _InputError(Exception):
+    """Reading the input failed halfway (stdin or a pipe), or a file changed between count and read."""
+
+
+def _chunks(lines, size: int, path):
+    lines = iter(lines)
+    while True:
+        try:
+            chunk = list(itertools.islice(lines, size))
+        except (OSError, UnicodeDecodeError) as e:
+            raise _InputError(_input_why(path, e)) from e
+        if not chunk:
+            return
+        yield chunk
+
+
+def _encode(args, model, tok, lines, total, npy, device, precision, max_length) -> int:
+    """Encode `lines` (an iterator; `total` of them, None when unknown) chunk by chunk into args.output."""
+    from tqdm.auto import tqdm
+    graphed = _graphed(model, args.cuda_graphs, args.batch_size, max_length, args.pooling, args.normalize, precision)
+    bar = tqdm(total=total, unit="text", desc="encode", disable=args.no_progress, dynamic_ncols=True)
+    n_lines = n_trunc = 0
+
+    def encoded():  # (texts, embeddings) of each chunk in turn
+        nonlocal n_lines, n_trunc
+        for texts in _chunks(lines, args.chunk_size, args.input):
+            emb, k = embed_chunk(model, tok, texts, args.pooling, args.normalize, args.batch_size, max_length,
+                                 device, precision, graphed, bar)
+            n_lines, n_trunc = n_lines + len(texts), n_trunc + k
+            yield texts, emb
+
+    if npy:
+        from numpy.lib.format import open_memmap
+
+        from .trainer import atomic_write_with
+
+        def write(tmp):
+            out = open_memmap(tmp, mode="w+", dtype="float32", shape=(total, model.config.hidden_size))
+            for texts, emb in encoded():
+                if n_lines > total:
+                    raise _InputError(f"{args.input}: changed while being read (more than {total} lines)")
+                out[n_lines - len(texts):n_lines] = emb
+            if n_lines != total:
+                raise _InputError(f"{args.input}: changed while being read ({n_lines} lines, not {total})")
+            out.flush()
+            del out
+
+        try:
+            with bar:
+                atomic_write_with(args.output, write, suffix=".npy")
+        except KeyboardInterrupt:
+            print(f"fastbert encode: interrupted after {n_lines} of {total} lines; {args.output} not written",
+                  file=sys.stderr)
+            return 130
+        except _InputError as e:
+            print(f"fastbert encode: error: {e}; {args.output} not written", file=sys.stderr)
+            return 2
+        _report_truncated(n_trunc, n_lines, max_length)
         return 0
-    f = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+
+    f = None
+    written = 0
+    where = args.output or "stdout"
     try:
-        for t, v in zip(texts, emb):
-            f.write(json.dumps({"text": t, "embedding": [round(float(x), 6) for x in v]},
-                               ensure_ascii=False) + "\n")
-        if f is sys.stdout:
-            f.flush()
+        with bar:
+            for texts, emb in encoded():
+                if f is None:  # opened once there is something to write: an input error leaves it alone
+                    f = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+                for t, v in zip(texts, emb):
+                    f.write(json.dumps({"text": t, "embedding": [round(float(x), 6) for x in v]},
+                                       ensure_ascii=False) + "\n")
+                f.flush()  # each chunk's lines are out as soon as it is done
+                written += len(texts)
     except BrokenPipeError:  # `fastbert encode ... | head`: the reader has gone; no traceback
         if f is sys.stdout:  # and none from the interpreter's own flush of stdout at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except KeyboardInterrupt:
+        print(f"fastbert encode: interrupted; {written} lines written to {where}", file=sys.stderr)
+        return 130
+    except _InputError as e:  # reading stdin or a pipe failed halfway
+        print(f"fastbert encode: error: {e} ({written} lines written to {where} before it)", file=sys.stderr)
+        return 2
     finally:
-        if f is not sys.stdout:
+        if f is not None and f is not sys.stdout:
             f.close()
+    if written == 0:
+        print("fastbert encode: error: no input lines", file=sys.stderr)
+        return 2
+    _report_truncated(n_trunc, n_lines, max_length)
     return 0
+
+
+def _report_truncated(n_trunc: int, n: int, max_length: int) -> None:
+    if n_trunc:
+        print(f"fastbert encode: {n_trunc} of {n} texts truncated to {max_length} tokens", file=sys.stderr)
