@@ -841,3 +841,204 @@ def test_help_names_every_default_and_describes_the_command():
     from fastbert.pretrain import SIZE_LR  # every size's default learning rate, not "tiny 1e-3 ... base 1e-4"
     assert "micro 2e-3" in helps["pretrain"]["lr"] and "large 5e-5" in helps["pretrain"]["lr"]
     assert all(f"{size} " in helps["pretrain"]["lr"] for size in SIZE_LR)
+
+
+# `fastbert encode` in chunks: bounded memory, the same output, nothing lost or half-written on a crash
+
+def _encode_input(tmp_path, n=11):
+    rng = random.Random(3)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12))) for _ in range(n)]
+    lines[4] = ""  # an empty line still gets its row
+    inp = tmp_path / "in.txt"
+    inp.write_text("\n".join(lines) + "\n")
+    return inp, lines
+
+
+def _encode_base(micro_model, inp):
+    return ["encode", "--model", micro_model, "--input", str(inp), "--device", "cpu", "--precision", "fp32",
+            "--no-progress", "--batch-size", "2", "--normalize"]
+
+
+def _chunk_spy(monkeypatch, fail_at=None, error=KeyboardInterrupt):
+    """Records the size of each chunk encode.embed_chunk gets; raises `error` at call number fail_at."""
+    from fastbert import encode
+    sizes, real = [], encode.embed_chunk
+
+    def spy(model, tok, texts, *args, **kwargs):
+        if fail_at is not None and len(sizes) + 1 == fail_at:
+            raise error
+        sizes.append(len(texts))
+        return real(model, tok, texts, *args, **kwargs)
+
+    monkeypatch.setattr(encode, "embed_chunk", spy)
+    return sizes
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".jsonl"])
+def test_encode_in_chunks_gives_the_unchunked_output(micro_model, tmp_path, monkeypatch, suffix):
+    """A chunk holding the whole input: the very bytes of one pass (the batches are the same). Chunks
+    that cut the input (4 of 11 lines, 1 line): other batches, so each vector may differ by float32
+    rounding (the unpadded encoder's matrix products run over a batch's real tokens, whose count
+    changes with the batch), never more."""
+    inp, lines = _encode_input(tmp_path)
+    base = _encode_base(micro_model, inp)
+    outputs = {}
+    for chunk in (100, 4, 1):
+        sizes = _chunk_spy(monkeypatch)
+        out = tmp_path / f"c{chunk}{suffix}"
+        assert cli(base + ["--output", str(out), "--chunk-size", str(chunk)]) == 0
+        assert sizes == [min(chunk, 11 - k) for k in range(0, 11, chunk)]
+        outputs[chunk] = out
+    monkeypatch.undo()
+    assert cli(base + ["--output", str(tmp_path / f"whole{suffix}")]) == 0  # the default chunk size
+    whole = tmp_path / f"whole{suffix}"
+    assert outputs[100].read_bytes() == whole.read_bytes()
+    if suffix == ".npy":
+        ref = np.load(whole)
+        assert ref.shape == (11, 32)
+        for chunk in (4, 1):
+            np.testing.assert_allclose(np.load(outputs[chunk]), ref, rtol=1e-5, atol=1e-6)
+    else:
+        ref = _rows(whole)
+        assert [r["text"] for r in ref] == lines
+        for chunk in (4, 1):
+            rows = _rows(outputs[chunk])
+            assert [r["text"] for r in rows] == lines
+            np.testing.assert_allclose([r["embedding"] for r in rows], [r["embedding"] for r in ref], atol=3e-6)
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".jsonl"])
+def test_encode_stdin_in_chunks_gives_the_files_output(micro_model, tmp_path, monkeypatch, suffix):
+    """stdin (streamed for JSONL; copied to an anonymous file beside the output for .npy, whose row
+    count is needed first): the bytes the same --input file gives, chunk by chunk."""
+    inp, _ = _encode_input(tmp_path)
+    base = _encode_base(micro_model, inp)
+    assert cli(base + ["--output", str(tmp_path / f"file{suffix}"), "--chunk-size", "3"]) == 0
+    sizes = _chunk_spy(monkeypatch)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(inp.read_bytes()), encoding="utf-8"))
+    stdin_base = [a for a in base if a not in ("--input", str(inp))]
+    assert cli(stdin_base + ["--output", str(tmp_path / f"stdin{suffix}"), "--chunk-size", "3"]) == 0
+    assert sizes == [3, 3, 3, 2]
+    assert (tmp_path / f"stdin{suffix}").read_bytes() == (tmp_path / f"file{suffix}").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.txt", f"file{suffix}", f"stdin{suffix}"])
+
+
+def test_encode_npy_from_a_pipe_given_as_input(micro_model, tmp_path):
+    """--input naming a FIFO (`--input <(zcat big.txt.gz)`) cannot be read twice: it is copied once, as
+    stdin is, not counted and then found empty."""
+    import os
+    import threading
+    inp, _ = _encode_input(tmp_path)
+    base = _encode_base(micro_model, inp)
+    assert cli(base + ["--output", str(tmp_path / "file.npy"), "--chunk-size", "3"]) == 0
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(inp.read_bytes()))
+    writer.start()
+    fifo_base = [str(fifo) if a == str(inp) else a for a in base]
+    assert cli(fifo_base + ["--output", str(tmp_path / "fifo.npy"), "--chunk-size", "3"]) == 0
+    writer.join(timeout=60)
+    assert (tmp_path / "fifo.npy").read_bytes() == (tmp_path / "file.npy").read_bytes()
+
+
+def test_encode_interrupted_npy_leaves_no_file(micro_model, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the second chunk: exit 130, one line saying the .npy was not written, no traceback;
+    neither a truncated .npy nor the temporary file is left, and an earlier run's .npy stays as it was."""
+    inp, _ = _encode_input(tmp_path)
+    base = _encode_base(micro_model, inp) + ["--chunk-size", "4"]
+    out = tmp_path / "e.npy"
+    _chunk_spy(monkeypatch, fail_at=2)
+    assert cli(base + ["--output", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"fastbert encode: interrupted after 4 of 11 lines; {out} not written" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
+    np.save(out, np.arange(6, dtype="float32"))  # an earlier run's output
+    before = out.read_bytes()
+    assert cli(base + ["--output", str(out)]) == 130
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npy", "in.txt"]
+
+
+def test_encode_crashing_npy_leaves_no_file(micro_model, tmp_path, monkeypatch):
+    """A crash inside the model (here: its forward raising) propagates, leaving no file behind either."""
+    from fastbert.modeling import BertModel
+    inp, _ = _encode_input(tmp_path)
+    calls = []
+    real = BertModel.forward
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(BertModel, "forward", forward)
+    with pytest.raises(RuntimeError, match="simulated"):
+        cli(_encode_base(micro_model, inp) + ["--chunk-size", "4", "--output", str(tmp_path / "e.npy")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
+
+
+@pytest.mark.parametrize("to_stdout", [False, True])
+def test_encode_interrupted_jsonl_keeps_the_chunks_written(micro_model, tmp_path, monkeypatch, capsys, to_stdout):
+    """Ctrl-C during the third chunk of 4: the first 8 rows are out (flushed), in input order, as a full
+    run writes them; exit 130 with one line saying how many lines were written."""
+    inp, lines = _encode_input(tmp_path)
+    base = _encode_base(micro_model, inp) + ["--chunk-size", "4"]
+    assert cli(base + ["--output", str(tmp_path / "full.jsonl")]) == 0
+    full = (tmp_path / "full.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    _chunk_spy(monkeypatch, fail_at=3)
+    out = tmp_path / "e.jsonl"
+    capsys.readouterr()
+    assert cli(base + ([] if to_stdout else ["--output", str(out)])) == 130
+    captured = capsys.readouterr()
+    written = captured.out if to_stdout else out.read_text(encoding="utf-8")
+    assert written == "".join(full[:8])
+    where = "stdout" if to_stdout else str(out)
+    assert f"fastbert encode: interrupted; 8 lines written to {where}" in captured.err
+    assert "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("output", ["e.npy", "e.jsonl", None])
+def test_encode_reads_lazily_and_never_holds_all_features(micro_model, tmp_path, monkeypatch, output):
+    """The input is read chunk by chunk (a generator standing in for a huge file is never drained ahead
+    of the chunk being encoded), and no call tokenizes more than one chunk."""
+    from fastbert import encode
+    from fastbert import tasks as T
+    inp, lines = _encode_input(tmp_path)
+    consumed = []  # per read of the input: how many lines it has yielded so far
+    real_iter = encode.iter_lines
+
+    def iter_lines(path):
+        consumed.append(0)
+        for t in real_iter(path):
+            consumed[-1] += 1
+            yield t
+
+    monkeypatch.setattr(encode, "iter_lines", iter_lines)
+    seen, real_features = [], T.build_features
+
+    def build_features(task, examples, *args, **kwargs):
+        seen.append((len(examples), consumed[-1]))
+        return real_features(task, examples, *args, **kwargs)
+
+    monkeypatch.setattr(T, "build_features", build_features)
+    args = _encode_base(micro_model, inp) + ["--chunk-size", "3"]
+    if output:
+        args += ["--output", str(tmp_path / output)]
+    assert cli(args) == 0
+    assert [n for n, _ in seen] == [3, 3, 3, 2]
+    # when chunk k is tokenized, the input has been read up to its end and no further
+    assert [c for _, c in seen] == [3, 6, 9, 11]
+
+
+def test_encode_chunks_share_one_progress_bar_and_one_truncation_count(micro_model, tmp_path, capsys):
+    inp = tmp_path / "in.txt"
+    inp.write_text("".join(("cat " * 80 if i % 3 == 0 else f"the cat sat {i}") + "\n" for i in range(9)))
+    base = ["encode", "--model", micro_model, "--input", str(inp), "--output", str(tmp_path / "e.npy"),
+            "--device", "cpu", "--batch-size", "2", "--chunk-size", "4"]
+    assert cli(base) == 0
+    err = capsys.readouterr().err
+    assert "encode: 100%" in err and "9/9" in err
+    assert err.count("truncated") == 1 and "3 of 9 texts truncated to 64 tokens" in err
+    assert cli(base + ["--chunk-size", "0"]) == 2
+    assert "--chunk-size must be at least 1, not 0" in capsys.readouterr().err
