@@ -1042,3 +1042,19 @@ def test_encode_chunks_share_one_progress_bar_and_one_truncation_count(micro_mod
     assert err.count("truncated") == 1 and "3 of 9 texts truncated to 64 tokens" in err
     assert cli(base + ["--chunk-size", "0"]) == 2
     assert "--chunk-size must be at least 1, not 0" in capsys.readouterr().err
+
+
+def test_encode_embed_function_gives_the_commands_vectors(micro_model, tmp_path):
+    """embed(), which other code calls, keeps its signature and return value: (N, hidden) float32 and
+    the truncation count, the very vectors of the command's one-chunk run."""
+    from fastbert.encode import embed
+    from fastbert.modeling import BertModel
+    from fastbert.tasks import load_tokenizer
+    inp, lines = _encode_input(tmp_path)
+    lines[0] = "cat " * 80
+    inp.write_text("\n".join(lines) + "\n")
+    assert cli(_encode_base(micro_model, inp) + ["--output", str(tmp_path / "e.npy")]) == 0
+    model, tok = BertModel.from_pretrained(micro_model), load_tokenizer(micro_model)
+    emb, n_trunc = embed(model, tok, lines, "mean", True, 2, 64)
+    assert emb.dtype == np.float32 and emb.shape == (11, 32) and n_trunc == 1
+    assert np.array_equal(emb, np.load(tmp_path / "e.npy"))
