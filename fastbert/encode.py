@@ -47,8 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="default 64")
     p.add_argument("--max-length", type=int, default=None,
                    help="longer texts are truncated (default: the model's positions, at most 512)")
-    p.add_argument("--chunk-size", type=int, default=65536,
-                   help="lines read, encoded and written at a time (default 65536): memory is bounded by it")
+    p.add_argument("--chunk-size", type=int, default=16384,
+                   help="lines read, encoded and written at a time (default 16384; ~7.5 kB of tokenizer "
+                        "output per line): memory is bounded by it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="CUDA only: replay each batch as a CUDA graph (one per length bucket of 32 tokens; "
