@@ -290,10 +290,12 @@ def _progress(it, enabled, desc):
 
 # -------------------------------------------------------------------------------------------- main
 
-def _load(task, path, labels, tok, args, limit, name):
-    examples = T.read_examples(task, path)
-    if limit is not None:
-        examples = examples[:limit]
+def _load(task, path, labels, tok, args, limit, name, examples=None):
+    """(examples, features) of a file; `examples`: the file's, already read (and cut to `limit`)."""
+    if examples is None:
+        examples = T.read_examples(task, path)
+        if limit is not None:
+            examples = examples[:limit]
     T.check_labels(task, examples, labels, path, label_file=args.labels)
     label2id = {v: i for i, v in enumerate(labels)} if labels is not None else None
     feats, info = T.build_features(task, examples, tok, args.max_length, label2id,
@@ -401,7 +403,7 @@ def run(args) -> dict:
     labels = read_label_file(args.labels, task, train_ex) if args.labels else T.build_label_list(task, train_ex)
     if labels is not None and task in ("classify", "pair") and len(labels) < 2:
         raise T.DataError(f"{args.train}: only one label ({labels[0]!r}) in the training file")
-    train_ex, train_f = _load(task, args.train, labels, tok, args, args.max_train_examples, "train")
+    train_ex, train_f = _load(task, args.train, labels, tok, args, args.max_train_examples, "train", train_ex)
     dev_ex, dev_f = _load(task, args.dev, labels, tok, args, args.max_eval_examples, "dev")
     test_ex = test_f = None
     if args.test:
