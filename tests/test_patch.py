@@ -530,51 +530,39 @@ def test_forward_hook_on_the_mlm_heads_module_fires_in_eval(name):
     compare("loss", out.loss, ref.loss, ref.loss, mask, k=0.0)
 
 
-@pytest.mark.parametrize("hook", ["forward", "pre"])
-def test_hook_on_the_mlm_transform_dense_is_called_as_in_transformers(hook):
-    """The MLM transform's dense is a plain nn.Linear: a forward hook (or pre-hook) that changes what it
-    computes must change the patched model's logits and loss as it changes transformers' (eval mode)."""
+# the modules a hook may sit on inside the fused paths: a Linear (its dense) and transformers' GELU modules
+_HOOKED = {
+    "transform dense": lambda m: m.cls.predictions.transform.dense,
+    "intermediate_act_fn": lambda m: m.bert.encoder.layer[0].intermediate.intermediate_act_fn,
+    "transform_act_fn": lambda m: m.cls.predictions.transform.transform_act_fn,
+}
+
+
+@pytest.mark.parametrize("where,hook", [("transform dense", "forward"), ("transform dense", "pre"),
+                                        ("intermediate_act_fn", "forward"), ("transform_act_fn", "forward")])
+def test_a_hook_inside_a_fused_path_is_called_as_in_transformers(where, hook):
+    """The MLM transform's dense is a plain nn.Linear and transformers' activations are modules: a
+    forward hook (or pre-hook) that changes what one computes must change the patched model's logits
+    and loss as it changes transformers' (eval mode; the fused bias-GELU / GELU + LayerNorm kernels
+    never called the activations)."""
     cfg = CONFIGS["gelu-2types"]
     name = "BertForMaskedLM"
     hf = hf_model(name, cfg, **NO_DROPOUT).double().eval()
     model = patched_copy(hf).eval()
-    inputs, labels = make_batch(name, cfg)
-    mask = real_mask(inputs)
-    for m in (hf, model):
-        dense = m.cls.predictions.transform.dense
-        if hook == "forward":
-            dense.register_forward_hook(lambda mod, args, out: out * 1.5)
-        else:
-            dense.register_forward_pre_hook(lambda mod, args: (args[0] * 1.5,))
-    with torch.no_grad():
-        ref, out = hf(**inputs, **labels), model(**inputs, **labels)
-    compare("logits", out.logits, ref.logits, ref.logits, mask, k=0.0)
-    compare("loss", out.loss, ref.loss, ref.loss, mask, k=0.0)
-
-
-@pytest.mark.parametrize("act", ["intermediate", "transform"])
-def test_hook_on_a_gelu_module_is_called_as_in_transformers(act):
-    """transformers' activations are modules (intermediate_act_fn, transform_act_fn): a forward hook
-    that changes one's output must change the patched model's logits and loss as it changes
-    transformers' (the fused bias-GELU / GELU + LayerNorm kernels never called it)."""
-    cfg = CONFIGS["gelu-2types"]
-    name = "BertForMaskedLM"
-    hf = hf_model(name, cfg, **NO_DROPOUT).double().eval()
-    model = patched_copy(hf).eval()
+    unhooked = patched_copy(hf).eval()
     inputs, labels = make_batch(name, cfg)
     mask = real_mask(inputs)
     calls = []
     for m in (hf, model):
-        module = (m.bert.encoder.layer[0].intermediate.intermediate_act_fn if act == "intermediate"
-                  else m.cls.predictions.transform.transform_act_fn)
-        module.register_forward_hook(lambda mod, args, out: calls.append(1) or out * 1.5 + 0.1)
+        module = _HOOKED[where](m)
+        if hook == "forward":
+            module.register_forward_hook(lambda mod, args, out: calls.append(1) or out * 1.5 + 0.1)
+        else:
+            module.register_forward_pre_hook(lambda mod, args: calls.append(1) or (args[0] * 1.5,))
     with torch.no_grad():
-        ref, out = hf(**inputs, **labels), model(**inputs, **labels)
-        plain = patched_copy(hf_model(name, cfg, **NO_DROPOUT).double()).eval()
-        plain.load_state_dict(hf.state_dict())
-        unhooked = plain(**inputs, **labels)
+        ref, out, plain = hf(**inputs, **labels), model(**inputs, **labels), unhooked(**inputs, **labels)
     assert len(calls) == 2, "the hook did not fire once per model"
-    assert not torch.allclose(unhooked.logits, ref.logits), "the hook changed nothing: the test would not tell"
+    assert not torch.allclose(plain.logits, ref.logits), "the hook changed nothing: the test would not tell"
     compare("logits", out.logits, ref.logits, ref.logits, mask, k=0.0)
     compare("loss", out.loss, ref.loss, ref.loss, mask, k=0.0)
 
