@@ -299,9 +299,11 @@ def _encode(args, model, tok, lines, total, npy, device, precision, max_length) 
             for texts, emb in encoded():
                 if f is None:  # opened once there is something to write: an input error leaves it alone
                     f = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-                for t, v in zip(texts, emb):
-                    f.write(json.dumps({"text": t, "embedding": [round(float(x), 6) for x in v]},
-                                       ensure_ascii=False) + "\n")
+                # the chunk's rows are formatted first, then written at once: Ctrl-C while formatting
+                # (the slow part) leaves none of them in the file's buffer, to be flushed at close or exit
+                rows = [json.dumps({"text": t, "embedding": [round(float(x), 6) for x in v]},
+                                   ensure_ascii=False) + "\n" for t, v in zip(texts, emb)]
+                f.writelines(rows)
                 f.flush()  # each chunk's lines are out as soon as it is done
                 written += len(texts)
     except BrokenPipeError:  # `fastbert encode ... | head`: the reader has gone; no traceback

@@ -1058,3 +1058,35 @@ def test_encode_embed_function_gives_the_commands_vectors(micro_model, tmp_path)
     emb, n_trunc = embed(model, tok, lines, "mean", True, 2, 64)
     assert emb.dtype == np.float32 and emb.shape == (11, 32) and n_trunc == 1
     assert np.array_equal(emb, np.load(tmp_path / "e.npy"))
+
+
+@pytest.mark.parametrize("to_stdout", [False, True])
+def test_encode_interrupted_while_writing_jsonl_rows_leaves_whole_chunks_only(micro_model, tmp_path, monkeypatch,
+                                                                              capsys, to_stdout):
+    """Ctrl-C while the second chunk's rows are being written (JSON formatting takes a while for large
+    chunks): the output holds the first chunk's rows only, as the message says, not some rows of the
+    second chunk too (the buffer's rest flushed at close or exit)."""
+    import json as json_module
+    import types
+
+    from fastbert import encode
+    inp, _ = _encode_input(tmp_path)
+    base = _encode_base(micro_model, inp) + ["--chunk-size", "4"]
+    assert cli(base + ["--output", str(tmp_path / "full.jsonl")]) == 0
+    full = (tmp_path / "full.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    calls = []
+
+    def dumps(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:  # the second row of the second chunk
+            raise KeyboardInterrupt
+        return json_module.dumps(*args, **kwargs)
+
+    monkeypatch.setattr(encode, "json", types.SimpleNamespace(dumps=dumps))
+    out = tmp_path / "e.jsonl"
+    capsys.readouterr()
+    assert cli(base + ([] if to_stdout else ["--output", str(out)])) == 130
+    captured = capsys.readouterr()
+    written = captured.out if to_stdout else out.read_text(encoding="utf-8")
+    assert written == "".join(full[:4])
+    assert f"fastbert encode: interrupted; 4 lines written to {'stdout' if to_stdout else out}" in captured.err
