@@ -163,7 +163,14 @@ def _check_output(path: str) -> None:
         raise ValueError(f"--output {path}: is a folder (give a file name: FILE.npy or FILE.jsonl)")
     if not os.path.isdir(folder):
         raise ValueError(f"--output {path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK) or os.path.exists(path) and not os.access(path, os.W_OK):
+    # a .npy is written to a temporary file in the folder, then renamed: the folder must be writable. JSONL
+    # is written in place: an existing file (e.g. /dev/null, or a file in a read-only shared folder) must
+    # be writable, the folder only when the file is new.
+    if path.endswith(".npy") or not os.path.exists(path):
+        ok = os.access(folder, os.W_OK | os.X_OK) and (not os.path.exists(path) or os.access(path, os.W_OK))
+    else:
+        ok = os.access(path, os.W_OK)
+    if not ok:
         raise ValueError(f"--output {path}: cannot write there (permission denied)")
 
 

@@ -1090,3 +1090,25 @@ def test_encode_interrupted_while_writing_jsonl_rows_leaves_whole_chunks_only(mi
     written = captured.out if to_stdout else out.read_text(encoding="utf-8")
     assert written == "".join(full[:4])
     assert f"fastbert encode: interrupted; 4 lines written to {'stdout' if to_stdout else out}" in captured.err
+
+
+def test_encode_jsonl_into_an_existing_file_of_a_read_only_folder(micro_model, tmp_path, monkeypatch, capsys):
+    """JSONL is written in place: an existing writable file in a folder the user cannot write
+    (`--output /dev/null` as a user other than root, a shared results folder) is written, not refused
+    before the work; a .npy there (a temporary file, then renamed) and a new file are refused."""
+    import os
+
+    from fastbert import encode
+    inp, lines = _encode_input(tmp_path, n=5)
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    (folder / "e.jsonl").write_text("")
+    real = os.access
+    # as for a user other than root: the folder is not writable, the file in it is
+    monkeypatch.setattr(encode.os, "access", lambda p, mode: False if str(p) == str(folder) else real(p, mode))
+    base = _encode_base(micro_model, inp)
+    assert cli(base + ["--output", str(folder / "e.jsonl")]) == 0
+    assert [r["text"] for r in _rows(folder / "e.jsonl")] == lines
+    for name in ("new.jsonl", "e.npy"):
+        assert cli(base + ["--output", str(folder / name)]) == 2
+        assert f"--output {folder / name}: cannot write there (permission denied)" in capsys.readouterr().err
