@@ -501,7 +501,7 @@ def test_dropout_modules_set_the_training_dropout_as_in_transformers():
 
 
 @pytest.mark.parametrize("tied", [True, False])
-@pytest.mark.parametrize("new, multiple", [(109, None), (101, 16), (90, None), (None, 64)])
+@pytest.mark.parametrize("new, multiple", [(109, None), (101, 16), (90, None), (95, None), (None, 64)])
 @pytest.mark.parametrize("name", ["BertForMaskedLM", "BertForPreTraining", "BertForSequenceClassification"])
 def test_resize_token_embeddings_matches_transformers(name, new, multiple, tied, tmp_path):
     cfg = dict(CONFIGS["gelu-2types"], tie_word_embeddings=tied, pad_token_id=95)
@@ -713,3 +713,33 @@ def test_set_output_embeddings_on_an_untied_model_saves_the_decoder_bias(name, t
     key = "prediction_logits" if name == "BertForPreTraining" else "logits"
     with torch.no_grad():
         torch.testing.assert_close(back.eval()(ids)[key], ours.eval()(ids)[key], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, num_labels, problem, labels", [
+    ("BertForSequenceClassification", 1, None, dict(labels=torch.tensor([0.5, -1.0, 2.0, 0.0]))),
+    ("BertForSequenceClassification", 1, None, dict(labels=torch.tensor([[0.5], [-1.0], [2.0], [0.0]]))),
+    ("BertForSequenceClassification", 3, "regression", dict(labels=torch.randn(4, 3))),
+    ("BertForQuestionAnswering", 2, None, dict(start_positions=torch.tensor([0, 30, 11, 2]),
+                                               end_positions=torch.tensor([5, 6, 0, 11]))),
+    ("BertForQuestionAnswering", 2, None, dict(start_positions=torch.tensor([[1], [3], [0], [-4]]),
+                                               end_positions=torch.tensor([[4], [12], [2], [3]]))),
+], ids=["regression-1d", "regression-2d", "regression-3-outputs", "qa-start-outside",
+        "qa-column-and-negative"])
+def test_head_losses_match_transformers_on_edge_labels(name, num_labels, problem, labels):
+    """The losses transformers computes for labels the standard batch does not hold: one regression
+    output with (B,) or (B, 1) targets (no (B, B) broadcast), regression with several outputs, and QA positions at or past the sequence length
+    (ignored, not clamped to the last token) or negative (clamped to 0), given as (B,) or (B, 1)."""
+    cfg = dict(CONFIGS["gelu-2types"], num_labels=num_labels, problem_type=problem)
+    hf64, ours = make_pair(name, cfg)
+    hf32 = getattr(transformers, name)(transformers.BertConfig(**cfg, **NO_DROPOUT))
+    hf32.load_state_dict(hf64.state_dict())
+    inputs, _ = make_batch(name, cfg)
+    losses = []
+    for model in (hf64, hf32, ours):
+        model.eval()
+        as_model = {k: v.double() if v.is_floating_point() and model is hf64 else v for k, v in labels.items()}
+        with torch.no_grad():
+            losses.append(model(**inputs, **as_model).loss)
+    ref, base, loss = losses
+    assert_close_to_reference(loss, base, ref, k=4, name=f"{name}.loss")
+    assert ours.config.problem_type == hf64.config.problem_type
