@@ -743,3 +743,24 @@ def test_head_losses_match_transformers_on_edge_labels(name, num_labels, problem
     ref, base, loss = losses
     assert_close_to_reference(loss, base, ref, k=4, name=f"{name}.loss")
     assert ours.config.problem_type == hf64.config.problem_type
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_initialisation_follows_transformers_scheme(name):
+    """A freshly built model starts as transformers' does: Linear and Embedding weights N(0,
+    initializer_range), biases 0, LayerNorms (1, 0), and the word embedding's padding row zero
+    (its padding_idx row gets no gradient, so a nonzero start would stay there for good)."""
+    cfg = dict(CONFIGS["gelu-2types"], pad_token_id=7, initializer_range=0.05, hidden_size=64,
+               num_attention_heads=4, intermediate_size=96)
+    torch.manual_seed(0)
+    model = getattr(fastbert, name)(fastbert.BertConfig(**cfg))
+    word = model.get_input_embeddings()
+    assert word.padding_idx == 7 and not word.weight[7].any()
+    for pname, p in model.named_parameters():
+        if "LayerNorm" in pname:
+            assert torch.all(p == (1.0 if pname.endswith("weight") else 0.0)), pname
+        elif pname.endswith("bias"):
+            assert not p.any(), pname
+        elif p.numel() >= 1000:  # a weight matrix: std initializer_range, mean 0
+            rows = p[torch.arange(p.shape[0]) != 7] if p is word.weight else p
+            assert abs(rows.std().item() - 0.05) < 0.01 and abs(rows.mean().item()) < 0.01, pname
