@@ -111,6 +111,34 @@ def test_legacy_position_ids_ignored_and_bin_read_weights_only(tmp_path):
     assert torch.equal(loaded.embeddings.word_embeddings.weight, model.embeddings.word_embeddings.weight)
 
 
+@pytest.mark.parametrize("name", ["BertModel", "BertForPreTraining"])
+def test_tf_style_layer_norm_names_load(name, tmp_path):
+    """A TF-converted checkpoint names LayerNorm parameters gamma/beta: they load as weight/bias
+    (every LayerNorm, the MLM head's too), with no warning."""
+    from safetensors.torch import save_file
+    model = getattr(fastbert, name)(fastbert.BertConfig(**CFG))
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "LayerNorm" in pname:
+                p.normal_()
+    model.config.save_pretrained(tmp_path)
+    state = {}
+    for key, value in model.state_dict().items():
+        if "LayerNorm" in key:
+            stem, kind = key.rsplit(".", 1)
+            key = stem + {"weight": ".gamma", "bias": ".beta"}[kind]
+        state[key] = value.contiguous()
+    state.pop("cls.predictions.decoder.weight", None)  # tied: the word embeddings
+    state.pop("cls.predictions.decoder.bias", None)
+    assert sum(k.endswith(".gamma") for k in state) == sum(k.endswith(".beta") for k in state) >= 5
+    save_file(state, tmp_path / "model.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = getattr(fastbert, name).from_pretrained(tmp_path)
+    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2), k1
+
+
 def test_bin_with_arbitrary_pickle_is_refused(tmp_path):
     fastbert.BertConfig(**CFG).save_pretrained(tmp_path)
     torch.save({"x": torch.zeros(1), "evil": object()}, tmp_path / "pytorch_model.bin")
