@@ -484,3 +484,32 @@ def test_use_safetensors_picks_the_file_as_in_transformers(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="use_safetensors=True"):
         fastbert.BertModel.from_pretrained(tmp_path, use_safetensors=True)
+
+
+@pytest.mark.parametrize("stored", ["cls.predictions.bias", "cls.predictions.decoder.bias"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_checkpoint_with_one_name_of_the_mlm_bias_fills_both(stored, tied, tmp_path):
+    """cls.predictions.bias and cls.predictions.decoder.bias are one Parameter in transformers 4 (and
+    fastbert when tied), so a checkpoint may hold either name alone: its value loads into the decoder's
+    bias, the one the logits use, whether the model is tied or not, and neither name is reported missing.
+    (transformers 5 starts an untied decoder's bias afresh in that case.)"""
+    from safetensors.torch import load_file, save_file
+    cfg = dict(CFG, tie_word_embeddings=tied)
+    model = fastbert.BertForMaskedLM(fastbert.BertConfig(**cfg))
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    bias = torch.randn(CFG["vocab_size"])
+    for key in ("cls.predictions.bias", "cls.predictions.decoder.bias"):
+        state.pop(key, None)
+    state[stored] = bias
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing missing, nothing unused
+        loaded, info = fastbert.BertForMaskedLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert torch.equal(loaded.cls.predictions.decoder.bias, bias)
+    ids = torch.tensor([[3, 5, 7]])
+    with torch.no_grad():
+        hidden = loaded.bert(ids).last_hidden_state
+        want = loaded.cls.predictions.transform(hidden) @ loaded.cls.predictions.decoder.weight.T + bias
+        torch.testing.assert_close(loaded(ids).logits, want)
