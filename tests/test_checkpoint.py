@@ -314,6 +314,12 @@ def test_from_pretrained_auto_dtype_keeps_what_the_checkpoint_stores_as_transfor
     assert fastbert.BertModel.from_pretrained(tmp_path).dtype == torch.float32  # None: float32, as documented
     for key, value in hf.state_dict().items():
         assert torch.equal(auto.state_dict()[key], value), key
+    # a config that names no dtype (written before transformers recorded one): the weights' dtype
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.pop("dtype", None), cfg.pop("torch_dtype", None)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    want = transformers.BertModel.from_pretrained(tmp_path, dtype="auto").dtype
+    assert fastbert.BertModel.from_pretrained(tmp_path, dtype="auto").dtype == want == torch.bfloat16
 
 
 def test_from_pretrained_takes_transformers_loading_keywords(tmp_path):
@@ -407,6 +413,14 @@ def test_saved_config_names_the_dtype_of_the_saved_weights(tmp_path):
     assert fastbert.BertModel.from_pretrained(tmp_path / "fp32", dtype="auto").dtype == torch.float32
     ours.to(torch.float16).save_pretrained(tmp_path / "fp16")
     assert transformers.BertModel.from_pretrained(tmp_path / "fp16").dtype == torch.float16
+    # an older config names it torch_dtype: that stale name is not written back beside dtype
+    cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    cfg["torch_dtype"] = cfg.pop("dtype")
+    (tmp_path / "bf16" / "config.json").write_text(json.dumps(cfg))
+    fastbert.BertModel.from_pretrained(tmp_path / "bf16").save_pretrained(tmp_path / "fp32-old")
+    saved = json.loads((tmp_path / "fp32-old" / "config.json").read_text())
+    assert saved["dtype"] == "float32" and saved.get("torch_dtype", "float32") == "float32"
+    assert transformers.BertModel.from_pretrained(tmp_path / "fp32-old").dtype == torch.float32
 
 
 def test_auto_dtype_reads_the_config_first_as_transformers_does(tmp_path):

@@ -429,6 +429,8 @@ def test_word_embedding_gradient_reuses_its_memory_only_when_no_one_holds_it():
     ("types_shape", "token_type_ids has shape"),
     ("float_ids", "integer tensor"),
     ("one_dim", r"\(batch, seq\)"),
+    ("negative_mask", "attention_mask must be 0"),
+    ("position_row_length", "position_ids has shape"),
 ])
 def test_bad_input_raises_clear_error(case, match):
     cfg = CONFIGS["gelu-2types"]
@@ -451,6 +453,10 @@ def test_bad_input_raises_clear_error(case, match):
         kw["input_ids"] = ids.float()
     elif case == "one_dim":
         kw["input_ids"] = ids[0]
+    elif case == "negative_mask":
+        kw["attention_mask"] = torch.tensor([[1, 1, 1, 0, 0], [1, 1, -1, 0, 0]])
+    elif case == "position_row_length":  # one (1, S) row for all takes S positions, not S + 1
+        kw["position_ids"] = torch.arange(6)[None]
     with pytest.raises(ValueError, match=match):
         model(**kw)
 
