@@ -527,3 +527,17 @@ def test_a_checkpoint_with_one_name_of_the_mlm_bias_fills_both(stored, tied, tmp
         hidden = loaded.bert(ids).last_hidden_state
         want = loaded.cls.predictions.transform(hidden) @ loaded.cls.predictions.decoder.weight.T + bias
         torch.testing.assert_close(loaded(ids).logits, want)
+
+
+def test_a_config_object_given_to_from_pretrained_stays_the_callers(tmp_path):
+    """from_pretrained(path, config=c) builds the model on its own copy of c, as transformers does: a
+    change to the model's config (resize_token_embeddings sets vocab_size) leaves c, and the next
+    model loaded with it, untouched."""
+    fastbert.BertForMaskedLM(fastbert.BertConfig(**CFG)).save_pretrained(tmp_path)
+    config = fastbert.BertConfig.from_pretrained(tmp_path)
+    first = fastbert.BertForMaskedLM.from_pretrained(tmp_path, config=config)
+    assert first.config is not config
+    first.resize_token_embeddings(CFG["vocab_size"] + 8)
+    assert config.vocab_size == CFG["vocab_size"]
+    second = fastbert.BertForMaskedLM.from_pretrained(tmp_path, config=config)
+    assert second.config.vocab_size == CFG["vocab_size"] and first.config.vocab_size == CFG["vocab_size"] + 8

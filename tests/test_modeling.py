@@ -317,6 +317,7 @@ def test_outputs_list_what_transformers_lists(name):
         assert list(out.keys()) == list(ref.keys()), kwargs
         assert all(v is not None for _, v in out.items())
         assert out[0].shape == ref[0].shape  # values: the parity tests above (padding positions differ)
+        assert len(out[1:]) == len(ref[1:]) and all(a is b for a, b in zip(out[1:], out.to_tuple()[1:]))
     assert out.attentions is None and "attentions" not in out
     with pytest.raises(AttributeError):
         out.no_such_field
