@@ -565,6 +565,11 @@ def test_resized_rows_train_and_bad_sizes_are_refused():
         model.resize_token_embeddings(110, pad_to_multiple_of=0)
     with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 104\)"):
         model(torch.tensor([[104]]))
+    # a frozen table stays frozen (fine-tuning with frozen embeddings, then adding tokens)
+    model.get_input_embeddings().weight.requires_grad_(False)
+    model.resize_token_embeddings(112)
+    assert not model.get_input_embeddings().weight.requires_grad
+    assert model.get_output_embeddings().bias.requires_grad  # the decoder's bias was not frozen
 
 
 def test_set_input_and_output_embeddings():
