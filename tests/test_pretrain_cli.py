@@ -538,6 +538,48 @@ def test_clean_partial_removes_the_torn_latest_pointer_file(tmp_path):
     assert cm.latest() == str(tmp_path / "checkpoints" / "step-00000001")
 
 
+@pytest.mark.parametrize("keep", [1, 3])
+def test_checkpoint_manager_keeps_the_newest_n_and_replaces_a_resaved_step(keep, tmp_path):
+    """keep=N leaves the N newest step folders (the one just written among them); saving a step whose
+    folder exists (a run resumed from an older checkpoint than its last folder) replaces that folder."""
+    from fastbert.trainer import STATE_FILE, CheckpointManager
+
+    def writer(tag):
+        def write(folder):
+            open(os.path.join(folder, STATE_FILE), "w").write(tag)
+        return write
+
+    m = CheckpointManager(str(tmp_path), keep=keep)
+    for step in (1, 2, 3, 4, 5):
+        m.save(step, writer(f"first {step}"))
+        kept = sorted(n for n in os.listdir(tmp_path / "checkpoints") if n.startswith("step-"))
+        assert kept == [f"step-{s:08d}" for s in range(max(1, step - keep + 1), step + 1)]
+    (tmp_path / "checkpoints" / "latest").write_text(f"step-{5 - keep + 1:08d}\n")  # resumed from the oldest
+    m.save(5, writer("again 5"))
+    assert m.latest().endswith("step-00000005")
+    assert open(os.path.join(m.latest(), STATE_FILE)).read() == "again 5"
+    assert len([n for n in os.listdir(tmp_path / "checkpoints") if n.startswith("step-")]) == keep
+
+
+def test_atomic_writes_make_files_an_ordinary_write_would(tmp_path):
+    """atomic_write_* files get the mode open() would give them (0666 less the umask), not mkstemp's
+    0600: a run folder's model and config stay readable to the group and others as a plain save's."""
+    from fastbert.trainer import atomic_copy, atomic_write_json, atomic_write_text
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(str(tmp_path / "a.txt"), "x")
+        atomic_write_json(str(tmp_path / "b.json"), {"k": 1})
+        atomic_copy(str(tmp_path / "a.txt"), str(tmp_path / "c.txt"))
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    for name in ("a.txt", "b.json", "c.txt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o644
+    assert json.loads((tmp_path / "b.json").read_text()) == {"k": 1}
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.json", "c.txt", "plain.txt"]
+
+
 def test_bad_lr_or_dropout_is_refused_before_the_run_folder_is_written(corpus, tmp_path, capsys):
     """A refused --lr / --dropout left run_args.json behind: the corrected rerun was then refused as an
     existing run, and --resume kept the bad stored value."""
