@@ -230,6 +230,11 @@ def test_gradient_checkpointing_switches_take_transformers_arguments():
     assert not model.is_gradient_checkpointing and forwards_of_last_layer() == 1
     model.activation_checkpointing_enable(activation_checkpointing_kwargs=None, every_n_layers=1, offload=False)
     assert model.is_gradient_checkpointing and forwards_of_last_layer() == 2
+    model.gradient_checkpointing_disable()
+    for unsupported in (dict(every_n_layers=2), dict(offload=True)):  # refused, not silently ignored
+        with pytest.raises(ValueError, match="every_n_layers=1, offload=False"):
+            model.gradient_checkpointing_enable(**unsupported)
+        assert not model.is_gradient_checkpointing
 
 
 def test_output_rows_of_the_wrong_shape_are_refused():
@@ -776,3 +781,19 @@ def test_initialisation_follows_transformers_scheme(name):
         elif p.numel() >= 1000:  # a weight matrix: std initializer_range, mean 0
             rows = p[torch.arange(p.shape[0]) != 7] if p is word.weight else p
             assert abs(rows.std().item() - 0.05) < 0.01 and abs(rows.mean().item()) < 0.01, pname
+
+
+@pytest.mark.parametrize("name", ["BertForMaskedLM", "BertForPreTraining"])
+def test_mlm_label_zero_counts_in_the_masked_rows_loss(name):
+    """A masked token whose label is id 0 (any id but -100 is a target) enters the training loss, as in
+    transformers: the masked-rows head must not pick rows by label > 0."""
+    cfg = CONFIGS["gelu-2types"]
+    hf, ours = make_pair(name, cfg)
+    inputs, labels = make_batch(name, cfg)
+    mlm = torch.full_like(inputs["input_ids"], -100)
+    mlm[0, 1] = mlm[0, 4] = 0
+    mlm[1, 2] = 5
+    labels = dict(labels, labels=mlm)
+    hf.train(), ours.double().train()
+    ref, out = hf(**inputs, **labels).loss, ours(**inputs, **labels).loss
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
