@@ -107,9 +107,15 @@ def test_resume_without_checkpoint_starts_over_and_existing_run_is_protected(cor
     assert "already holds a run" in capsys.readouterr().err
 
 
-def test_grad_accumulation_matches_one_batch(corpus, vocab, tmp_path):
-    """Weighted micro-batches give the gradient of the whole batch (the same arithmetic DDP uses)."""
-    common = ["--tokenizer", vocab, "--steps", "3", "--log-every", "1", "--dropout", "0", "--pad-to", "max", "--eval-every", "0"]
+@pytest.mark.parametrize("rows", [[], ["--pack", "--max-example-len", "12", "--lr", "1e-2", "--warmup-steps", "0"]],
+                         ids=["full-rows", "packed"])
+def test_grad_accumulation_matches_one_batch(corpus, vocab, tmp_path, rows):
+    """Weighted micro-batches give the gradient of the whole batch (the same arithmetic DDP uses): the
+    MLM term weighted by each micro-batch's share of the masked tokens, the NSP term by its share of the
+    sentence pairs. Rows packed with short examples give the micro-batches unequal counts (3 and 4
+    examples in step 1 here), where weighting each micro-batch 1/grad_accum would differ."""
+    common = ["--tokenizer", vocab, "--steps", "3", "--log-every", "1", "--dropout", "0", "--pad-to", "max",
+              "--eval-every", "0", *rows]
     assert run(corpus, tmp_path / "one", *common) == 0
     assert run(corpus, tmp_path / "acc", *common, "--grad-accum", "2") == 0
     one, acc = metric_rows(tmp_path / "one"), metric_rows(tmp_path / "acc")
