@@ -726,3 +726,26 @@ def test_held_out_evaluation_records_no_autograd_graph(corpus, tmp_path, monkeyp
     evaluation = [grad for training, grad in seen if not training]
     assert evaluation and not any(evaluation)
     assert any(grad for training, grad in seen if training)  # the training step itself records one
+
+
+def test_pretraining_loss_terms_are_the_models_on_packed_rows():
+    """PretrainingLoss (the loop's forward) gives BertForPreTraining's two terms on packed rows: the MLM
+    mean over every masked token and the NSP mean over the real examples, the -100 slots past a row's
+    last example ignored (not read as class 0)."""
+    from fastbert import BertConfig, BertForPreTraining
+    from fastbert.pretrain import PretrainingLoss
+    torch.manual_seed(0)
+    model = BertForPreTraining(BertConfig.from_size("micro", vocab_size=60, hidden_dropout_prob=0.0,
+                                                    attention_probs_dropout_prob=0.0)).train()
+    mask = torch.tensor([[1, 1, 1, 2, 2, 2, 3, 3], [1, 1, 1, 1, 1, 0, 0, 0]])
+    ids = torch.randint(5, 60, mask.shape)
+    types = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    labels[0, 1], labels[0, 4], labels[1, 3] = 7, 9, 11
+    nsp = torch.tensor([[1, 1, 1], [1, -100, -100]])  # row 1 holds one example
+    mlm, nsp_loss = PretrainingLoss(model, True)(ids, mask, types, labels, nsp)
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels, next_sentence_label=nsp)
+    torch.testing.assert_close(mlm + nsp_loss, out.loss)
+    logits = out.seq_relationship_logits  # (2, 3, 2)
+    want = torch.nn.functional.cross_entropy(logits[[0, 0, 0, 1], [0, 1, 2, 0]], torch.ones(4, dtype=torch.long))
+    torch.testing.assert_close(nsp_loss, want)
