@@ -162,9 +162,6 @@ def load_state_dict_into(model: torch.nn.Module, state: dict) -> dict:
                 source = state.get(TIED[key])
             if source is not None:
                 target.copy_(source.to(target.dtype))
-    if tied_decoder and "cls.predictions.decoder.weight" in state and "bert.embeddings.word_embeddings.weight" not in state:
-        with torch.no_grad():
-            model.get_input_embeddings().weight.copy_(state["cls.predictions.decoder.weight"])
     return info
 
 
