@@ -408,6 +408,17 @@ def test_bad_inputs_fail_cleanly(corpus, tmp_path, capsys):
 
 
 
+def test_default_cadences_checkpoint_each_quarter_and_evaluate_each_tenth(corpus, vocab, tmp_path):
+    """Without --save-every / --eval-every / --log-every: a checkpoint every steps // 4 steps, held-out
+    evaluation every steps // 10, a metrics row every 10 steps and at each evaluation."""
+    out = tmp_path / "run"
+    assert run(corpus, out, "--tokenizer", vocab, "--steps", "20", "--keep-checkpoints", "10") == 0
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert kept == [f"step-{n:08d}" for n in (5, 10, 15, 20)]
+    rows = metric_rows(out)
+    assert [r["step"] for r in rows] == list(range(2, 21, 2))
+    assert all("eval_mlm_loss" in r for r in rows)
+
 def test_a_vocab_txt_that_repeats_a_token_is_refused_before_the_corpus_is_read(corpus, tmp_path, capsys):
     """A repeated line leaves an id without a token (the later line's id wins, as in transformers); the
     run tokenized the whole corpus, then stopped with 'token ids are not contiguous'."""
