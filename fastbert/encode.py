@@ -287,7 +287,8 @@ def _encode(args, model, tok, lines, total, npy, device, precision, max_length) 
 
         try:
             with bar:
-                atomic_write_with(args.output, write, suffix=".npy")
+                # a symlinked --output is written through (as np.save did), not replaced by a file
+                atomic_write_with(os.path.realpath(args.output), write, suffix=".npy")
         except KeyboardInterrupt:
             print(f"fastbert encode: interrupted after {n_lines} of {total} lines; {args.output} not written",
                   file=sys.stderr)

@@ -1,6 +1,7 @@
 """`fastbert finetune` and `fastbert encode` end to end on a micro model and tiny files."""
 import io
 import json
+import os
 import random
 
 import numpy as np
@@ -957,6 +958,20 @@ def test_encode_interrupted_npy_leaves_no_file(micro_model, tmp_path, monkeypatc
     assert cli(base + ["--output", str(out)]) == 130
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npy", "in.txt"]
+
+
+def test_encode_npy_through_a_symlink_writes_its_target(micro_model, tmp_path):
+    """--output a symlink to a .npy elsewhere: the target gets the array and the link stays a link (the
+    atomic rename replaced the link with a file; np.save had written through it)."""
+    inp, _ = _encode_input(tmp_path)
+    (tmp_path / "data").mkdir()
+    target, link = tmp_path / "data" / "e.npy", tmp_path / "link.npy"
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    assert cli(_encode_base(micro_model, inp) + ["--output", str(link)]) == 0
+    assert link.is_symlink() and os.path.realpath(link) == str(target)
+    assert cli(_encode_base(micro_model, inp) + ["--output", str(tmp_path / "direct.npy")]) == 0
+    assert np.array_equal(np.load(target), np.load(tmp_path / "direct.npy"))
 
 
 def test_encode_crashing_npy_leaves_no_file(micro_model, tmp_path, monkeypatch):
