@@ -74,7 +74,7 @@ from . import trainer as T
 from . import runtime as R
 from .runtime import PLAIN_OUTPUTS
 from .pretraining_data import (CorpusError, PretrainingData, collate, collate_packed, iter_sentences,
-                               split_documents, tokenize_corpus)
+                               split_documents, tokenize_corpus, trained_vocab_path)
 from .tokenization import (SPECIAL_TOKENS, TOKENIZER_FILES, TokenizerError, build_tokenizer, load_tokenizer,
                            save_tokenizer, vocab_list)
 
@@ -169,8 +169,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto (default): bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler")
     g.add_argument("--seed", type=int, help="seed of initialisation, examples, masks and dropout (default 0); "
-                   "a vocabulary trained by the run can differ between runs of the same corpus "
-                   "(--tokenizer RUN_DIR reuses one)")
+                   "a trained vocabulary is cached beside the tokenized corpus (--cache-dir) and reused by "
+                   "later runs of the same files and settings (--tokenizer RUN_DIR reuses a run's)")
 
     g = p.add_argument_group("run")
     g.add_argument("--out", metavar="DIR", help="run folder (default runs/pretrain-<date>-<time>)")
@@ -451,13 +451,23 @@ def _run(args, dist: T.Distributed) -> int:
                     counted["n"] += 1
                     yield line
             spec = s["tokenizer"]
-            try:
-                tokenizer = build_tokenizer(None if spec == "wordpiece" else spec, sentences(),
-                                            vocab_size=s["vocab_size"], lowercase=not s["cased"])
-            except TokenizerError:
-                if spec in ("wordpiece", "chinese") and counted["n"] == 0:
-                    raise CorpusError(f"the corpus ({', '.join(corpus_paths)}) is empty") from None
-                raise
+            trained = spec in ("wordpiece", "chinese")
+            cached = (trained_vocab_path(corpus_paths, spec, s["vocab_size"], not s["cased"], args.cache_dir)
+                      if trained else None)
+            if cached and os.path.isfile(cached):
+                tokenizer = load_tokenizer(cached)
+                _log(dist, f"vocabulary: the one trained on these corpus files with these settings before ({cached})")
+            else:
+                try:
+                    tokenizer = build_tokenizer(None if spec == "wordpiece" else spec, sentences(),
+                                                vocab_size=s["vocab_size"], lowercase=not s["cased"])
+                except TokenizerError:
+                    if trained and counted["n"] == 0:
+                        raise CorpusError(f"the corpus ({', '.join(corpus_paths)}) is empty") from None
+                    raise
+                if cached:  # later runs of the same corpus reuse it (and its tokenized shards)
+                    os.makedirs(os.path.dirname(cached), exist_ok=True)
+                    T.atomic_write_text(cached, tokenizer.to_str())
             vocab_list(tokenizer)  # a vocab.txt with a repeated token: refused now, not after tokenizing the corpus
         tok_json = dist.broadcast(tokenizer.to_str() if dist.is_main else None)
         if not dist.is_main:

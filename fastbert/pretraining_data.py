@@ -206,6 +206,19 @@ def shard_key(path: str, tokenizer: Tokenizer) -> str:
     return h.hexdigest()[:32]
 
 
+def trained_vocab_path(paths: Sequence[str], kind: str, vocab_size: int, lowercase: bool,
+                       cache_dir: str | None = None) -> str:
+    """Where the vocabulary trained on these files (by content) with these settings is cached: the
+    `tokenizers` trainer may break frequency ties differently from one process to the next
+    (huggingface/tokenizers#1794), so runs of the same corpus share the first run's vocabulary (and
+    with it the tokenized shards) rather than each training its own."""
+    import tokenizers
+    h = hashlib.sha256(f"fastbert-vocab-v1\n{kind}\n{vocab_size}\n{lowercase}\n{tokenizers.__version__}\n".encode())
+    for path in paths:
+        h.update(_file_sha256(path).encode())
+    return os.path.join(cache_dir or default_cache_dir(), f"vocab-{h.hexdigest()[:32]}.json")
+
+
 def tokenize_corpus(paths: Sequence[str], tokenizer: Tokenizer, cache_dir: str | None = None,
                     log=None) -> "Corpus":
     """Tokenize each file once into a cached, memory-mapped shard; return the corpus over them."""

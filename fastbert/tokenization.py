@@ -16,9 +16,11 @@ transformers 5 always), skips the NFKC step; ``AutoTokenizer.from_pretrained(run
 folder names ``PreTrainedTokenizerFast`` for it) or fastbert's load_tokenizer read tokenizer.json as
 saved and tokenize exactly as in training.
 
-Caution: the `tokenizers` trainer may choose different merges at frequency ties from one run to
-the next (huggingface/tokenizers#1794), so two runs that each train a vocabulary can differ; a run
-keeps its own (``--resume`` reuses it), and ``--tokenizer RUN_DIR`` reuses one across runs.
+Caution: the `tokenizers` trainer may choose different merges at frequency ties from one process to
+the next (huggingface/tokenizers#1794), so two trainings on the same text can differ. `fastbert
+pretrain` therefore caches the vocabulary it trains (pretraining_data.trained_vocab_path, keyed by the
+corpus files' contents and the settings) and later runs of the same corpus reuse it; a run keeps its
+own (``--resume`` reuses it), and ``--tokenizer RUN_DIR`` reuses one across corpora.
 
 ``save_tokenizer`` writes vocab.txt, tokenizer.json, tokenizer_config.json and
 special_tokens_map.json, so ``AutoTokenizer.from_pretrained(folder)`` loads the same tokenizer from a

@@ -419,6 +419,27 @@ def test_default_cadences_checkpoint_each_quarter_and_evaluate_each_tenth(corpus
     assert [r["step"] for r in rows] == list(range(2, 21, 2))
     assert all("eval_mlm_loss" in r for r in rows)
 
+def test_runs_of_the_same_corpus_share_the_vocabulary_they_train(corpus, tmp_path, capsys):
+    """`tokenizers` may break frequency ties differently in each process (huggingface/tokenizers#1794):
+    the first run's trained vocabulary is cached (keyed by the files' contents and the settings) and a
+    second run reuses it, so both tokenize alike and share the tokenized shards; other settings train anew."""
+    from fastbert.pretraining_data import trained_vocab_path
+    cache = tmp_path / "cache"
+    common = ["--steps", "1", "--eval-examples", "0", "--vocab-size", "300"]
+    assert run(corpus, tmp_path / "a", *common, cache=cache) == 0
+    cached = trained_vocab_path([corpus], "wordpiece", 300, True, str(cache))
+    assert os.path.isfile(cached)
+    shards = sorted(p.name for p in cache.iterdir() if p.is_dir())
+    capsys.readouterr()
+    assert run(corpus, tmp_path / "b", *common, cache=cache) == 0
+    assert "the one trained on these corpus files with these settings before" in capsys.readouterr().err
+    assert (tmp_path / "a" / "vocab.txt").read_text() == (tmp_path / "b" / "vocab.txt").read_text()
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == shards  # no second tokenized copy
+    assert run(corpus, tmp_path / "c", *common[:-1], "310", cache=cache) == 0
+    assert os.path.isfile(trained_vocab_path([corpus], "wordpiece", 310, True, str(cache)))
+    assert trained_vocab_path([corpus], "wordpiece", 300, False, str(cache)) != cached  # --cased
+    assert trained_vocab_path([corpus], "chinese", 300, True, str(cache)) != cached
+
 def test_a_vocab_txt_that_repeats_a_token_is_refused_before_the_corpus_is_read(corpus, tmp_path, capsys):
     """A repeated line leaves an id without a token (the later line's id wins, as in transformers); the
     run tokenized the whole corpus, then stopped with 'token ids are not contiguous'."""
