@@ -46,6 +46,13 @@ def make_pair(name, cfg, seed=0):
     return hf, ours
 
 
+def make_triple(name, cfg):
+    """make_pair's float64 reference and fastbert model, plus transformers in float32 on the same
+    weights (the rounding a float32 model may show: DESIGN.md's tolerance rule)."""
+    hf64, hf32, ours = make_triple(name, cfg)
+    return hf64, hf32, ours
+
+
 def make_batch(name, cfg, batch=4, seq=11, choices=2, seed=1):
     """Rows: full, padded, length 1, padded; labels for every head."""
     g = torch.Generator().manual_seed(seed)
@@ -99,9 +106,7 @@ def compare(name, ours, base32, ref64, mask, k=4.0):
 @pytest.mark.parametrize("name", CLASSES)
 def test_outputs_match_transformers_in_eval(name, cfg_name):
     cfg = config_for(name, cfg_name)
-    hf64, ours = make_pair(name, cfg)
-    hf32 = getattr(transformers, name)(transformers.BertConfig(**cfg, **NO_DROPOUT))
-    hf32.load_state_dict(hf64.state_dict())
+    hf64, hf32, ours = make_triple(name, cfg)
     inputs, labels = make_batch(name, cfg)
     mask = real_mask(inputs)
     hf64.eval(), hf32.eval(), ours.eval()
@@ -120,9 +125,7 @@ def test_outputs_match_transformers_in_eval(name, cfg_name):
 def test_loss_and_gradients_match_transformers_in_training(name, cfg_name):
     """Training mode (dropout off): the masked-rows MLM head must give transformers' loss and grads."""
     cfg = config_for(name, cfg_name)
-    hf64, ours = make_pair(name, cfg)
-    hf32 = getattr(transformers, name)(transformers.BertConfig(**cfg, **NO_DROPOUT))
-    hf32.load_state_dict(hf64.state_dict())
+    hf64, hf32, ours = make_triple(name, cfg)
     inputs, labels = make_batch(name, cfg)
     results = []
     for model in (hf64, hf32, ours):
@@ -747,9 +750,7 @@ def test_head_losses_match_transformers_on_edge_labels(name, num_labels, problem
     output with (B,) or (B, 1) targets (no (B, B) broadcast), regression with several outputs, and QA positions at or past the sequence length
     (ignored, not clamped to the last token) or negative (clamped to 0), given as (B,) or (B, 1)."""
     cfg = dict(CONFIGS["gelu-2types"], num_labels=num_labels, problem_type=problem)
-    hf64, ours = make_pair(name, cfg)
-    hf32 = getattr(transformers, name)(transformers.BertConfig(**cfg, **NO_DROPOUT))
-    hf32.load_state_dict(hf64.state_dict())
+    hf64, hf32, ours = make_triple(name, cfg)
     inputs, _ = make_batch(name, cfg)
     losses = []
     for model in (hf64, hf32, ours):
