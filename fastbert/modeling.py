@@ -69,6 +69,10 @@ class ModelOutput(OrderedDict):
     def to_tuple(self):
         return tuple(v for v in self.values() if v is not None)
 
+    def fields(self) -> dict:
+        """Every declared field in order, the None ones included (keys() leaves them out)."""
+        return {k: getattr(self, k) for k in self._declared}
+
 
 def _static_label_rows(flat_labels, k: int):
     """(K,) row indices without a host sync: every labelled row (label != -100) in order, then
@@ -114,7 +118,7 @@ def _to_tuple(fields: dict) -> tuple:
 
 
 def _finish(output: ModelOutput, return_dict: bool):
-    return output if return_dict else _to_tuple({k: getattr(output, k) for k in output._declared})
+    return output if return_dict else _to_tuple(output.fields())
 
 
 def _flags(config, output_hidden_states, output_attentions, return_dict):

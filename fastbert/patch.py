@@ -221,7 +221,7 @@ def _head_forward(self, *args, **kwargs):
     finally:
         if token is not None:
             _INNER.reset(token)
-    return _output(self, {k: getattr(out, k) for k in out._declared}, return_dict)
+    return _output(self, out.fields(), return_dict)
 
 
 def _set_problem_type(self, labels):
