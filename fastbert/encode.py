@@ -97,11 +97,6 @@ def iter_lines(path: str | None):
         stream.detach()  # leave sys.stdin's buffer open
 
 
-def read_lines(path: str | None) -> list[str]:
-    """All the texts of iter_lines(path) as a list."""
-    return list(iter_lines(path))
-
-
 def _rereadable(path: str | None) -> bool:
     """A regular file, which can be read twice (counted, then encoded); not stdin, a pipe or a FIFO."""
     if path is None:
