@@ -94,8 +94,8 @@ def train_tokenizer(sentences: Iterable[str], kind: str = "wordpiece", vocab_siz
     # The trainer numbers tokens in hash-map order, which changes from run to run; renumber them
     # (special tokens first, then sorted) so the same vocabulary always gives the same ids. The
     # vocabulary itself can still differ between processes: the trainer breaks ties between equally
-    # frequent merges in hash-map order too (a few of 5.5k tokens on the sample corpus), so a
-    # reproducible run reuses a trained vocabulary (--tokenizer RUN_DIR).
+    # frequent merges in hash-map order too (a few of 5.5k tokens on the sample corpus), so `fastbert
+    # pretrain` caches what it trains and later runs reuse it (pretraining_data.trained_vocab_path).
     ordered = SPECIAL_TOKENS + sorted(t for t in learned if t not in SPECIAL_TOKENS)
     vocab = {t: i for i, t in enumerate(ordered)}
     tok = _bert_pipeline(Tokenizer(models.WordPiece(vocab, unk_token=UNK, continuing_subword_prefix="##")),
