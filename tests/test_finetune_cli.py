@@ -860,6 +860,17 @@ def _encode_base(micro_model, inp):
             "--no-progress", "--batch-size", "2", "--normalize"]
 
 
+def _interrupted_jsonl(base, tmp_path, capsys, to_stdout):
+    """Run encode (JSONL to a file or stdout) where it is interrupted: asserts exit 130; returns (what
+    reached the output, stderr, the output's name as the message gives it)."""
+    out = tmp_path / "e.jsonl"
+    capsys.readouterr()
+    assert cli(base + ([] if to_stdout else ["--output", str(out)])) == 130
+    captured = capsys.readouterr()
+    written = captured.out if to_stdout else out.read_text(encoding="utf-8")
+    return written, captured.err, "stdout" if to_stdout else str(out)
+
+
 def _chunk_spy(monkeypatch, fail_at=None, error=KeyboardInterrupt):
     """Records the size of each chunk encode.embed_chunk gets; raises `error` at call number fail_at."""
     from fastbert import encode
@@ -1002,15 +1013,10 @@ def test_encode_interrupted_jsonl_keeps_the_chunks_written(micro_model, tmp_path
     assert cli(base + ["--output", str(tmp_path / "full.jsonl")]) == 0
     full = (tmp_path / "full.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
     _chunk_spy(monkeypatch, fail_at=3)
-    out = tmp_path / "e.jsonl"
-    capsys.readouterr()
-    assert cli(base + ([] if to_stdout else ["--output", str(out)])) == 130
-    captured = capsys.readouterr()
-    written = captured.out if to_stdout else out.read_text(encoding="utf-8")
+    written, err, where = _interrupted_jsonl(base, tmp_path, capsys, to_stdout)
     assert written == "".join(full[:8])
-    where = "stdout" if to_stdout else str(out)
-    assert f"fastbert encode: interrupted; 8 lines written to {where}" in captured.err
-    assert "Traceback" not in captured.err
+    assert f"fastbert encode: interrupted; 8 lines written to {where}" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("output", ["e.npy", "e.jsonl", None])
@@ -1098,13 +1104,9 @@ def test_encode_interrupted_while_writing_jsonl_rows_leaves_whole_chunks_only(mi
         return json_module.dumps(*args, **kwargs)
 
     monkeypatch.setattr(encode, "json", types.SimpleNamespace(dumps=dumps))
-    out = tmp_path / "e.jsonl"
-    capsys.readouterr()
-    assert cli(base + ([] if to_stdout else ["--output", str(out)])) == 130
-    captured = capsys.readouterr()
-    written = captured.out if to_stdout else out.read_text(encoding="utf-8")
+    written, err, where = _interrupted_jsonl(base, tmp_path, capsys, to_stdout)
     assert written == "".join(full[:4])
-    assert f"fastbert encode: interrupted; 4 lines written to {'stdout' if to_stdout else out}" in captured.err
+    assert f"fastbert encode: interrupted; 4 lines written to {where}" in err
 
 
 def test_encode_jsonl_into_an_existing_file_of_a_read_only_folder(micro_model, tmp_path, monkeypatch, capsys):
