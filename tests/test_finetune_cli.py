@@ -331,7 +331,8 @@ def test_finetune_cuda_graphs_trains_like_the_eager_loop(micro_no_dropout, tmp_p
         runs[mode] = (json.loads((out / "metrics.json").read_text()),
                       load_file(str(out / ("layer_mix.safetensors" if freeze == "all" else "model.safetensors"))))
     (g, g_w), (e, e_w) = runs["graphs"], runs["eager"]
-    assert g["cuda_graphs"] and not e["cuda_graphs"] and 0 < g["capture_seconds"] < g["train_seconds"]
+    # capture time is part of training time; both are rounded to 0.01 s, so a short run can show them equal
+    assert g["cuda_graphs"] and not e["cuda_graphs"] and 0 < g["capture_seconds"] <= g["train_seconds"]
     assert g["best_epoch"] == e["best_epoch"]
     for gh, eh in zip(g["history"], e["history"], strict=True):
         assert gh["train_loss"] == pytest.approx(eh["train_loss"], rel=1e-4), gh["epoch"]
