@@ -260,6 +260,9 @@ class Corpus:
     def __init__(self, shards: list[Shard]):
         self.shards = shards
         self._first_doc = np.cumsum([0] + [s.num_documents for s in shards])
+        # plain-ndarray views of the memmaps (no data read): slicing an np.memmap costs ~1 µs of
+        # subclass overhead per slice, which adds up over an epoch's sentences
+        self._views = [(np.asarray(s.tokens), np.asarray(s.sentences), np.asarray(s.documents)) for s in shards]
 
     @property
     def num_documents(self) -> int:
@@ -269,12 +272,21 @@ class Corpus:
     def num_tokens(self) -> int:
         return int(sum(len(s.tokens) for s in self.shards))
 
-    def document(self, i: int) -> list[np.ndarray]:
+    def document_span(self, i: int) -> tuple[np.ndarray, list[int]]:
+        """Document ``i`` as one token array (a view of its shard, the shard's dtype) and its sentence
+        boundaries: sentence t is tokens[starts[t]:starts[t + 1]]."""
         k = int(np.searchsorted(self._first_doc, i, side="right")) - 1
-        shard, j = self.shards[k], i - int(self._first_doc[k])
-        s0, s1 = int(shard.documents[j]), int(shard.documents[j + 1])
-        starts = shard.sentences[s0:s1 + 1]
-        return [np.asarray(shard.tokens[starts[t]:starts[t + 1]], dtype=np.int64) for t in range(s1 - s0)]
+        tokens, sentences, documents = self._views[k]
+        j = i - int(self._first_doc[k])
+        bounds = sentences[int(documents[j]):int(documents[j + 1]) + 1]
+        # a view, not a copy: a random segment B reads a few sentences of a document that may be long
+        return tokens[int(bounds[0]):int(bounds[-1])], (bounds - bounds[0]).tolist()
+
+    def document(self, i: int) -> list[np.ndarray]:
+        """Document ``i`` as a list of sentences (int64 token arrays)."""
+        tokens, starts = self.document_span(i)
+        tokens = tokens.astype(np.int64)
+        return [tokens[a:b] for a, b in zip(starts[:-1], starts[1:])]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,34 +338,35 @@ def create_instances(corpus: Corpus, doc_ids: np.ndarray, seq_len: int, rng: np.
 
     order = rng.permutation(len(doc_ids))
     for pos in order:
-        document = corpus.document(int(doc_ids[pos]))
+        # sentences are contiguous in a document: a chunk of them, or a run of a random document's,
+        # is one slice of its tokens (sentence boundaries as Python ints: no numpy call per sentence)
+        doc, starts = corpus.document_span(int(doc_ids[pos]))
+        n_sent = len(starts) - 1
         target = max_tokens if rng.random() >= short_seq_prob else int(rng.integers(2, max_tokens + 1))
-        chunk: list[np.ndarray] = []
-        length, i = 0, 0
-        while i < len(document):
-            chunk.append(document[i])
-            length += len(document[i])
-            if i == len(document) - 1 or length >= target:
-                a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
-                tokens_a = np.concatenate(chunk[:a_end])
+        c0, i = 0, 0  # the chunk is sentences c0..i
+        while i < n_sent:
+            if i == n_sent - 1 or starts[i + 1] - starts[c0] >= target:
+                n_chunk = i - c0 + 1
+                a_end = c0 + (int(rng.integers(1, n_chunk)) if n_chunk >= 2 else 1)  # A: sentences c0..a_end-1
+                tokens_a = doc[starts[c0]:starts[a_end]]
                 is_random = False
-                if nsp and (len(chunk) == 1 or rng.random() < 0.5):
-                    forced += len(chunk) == 1
+                if nsp and (n_chunk == 1 or rng.random() < 0.5):
+                    forced += n_chunk == 1
                     is_random = True
                     other = int(rng.integers(0, len(doc_ids) - 1))
                     other += other >= pos  # any training document but this one
-                    rand_doc = corpus.document(int(doc_ids[other]))
-                    start = int(rng.integers(0, len(rand_doc)))
-                    need, taken = target - len(tokens_a), []
-                    for sent in rand_doc[start:]:
-                        taken.append(sent)
-                        need -= len(sent)
-                        if need <= 0:
+                    rand_doc, rand_starts = corpus.document_span(int(doc_ids[other]))
+                    start = int(rng.integers(0, len(rand_starts) - 1))
+                    need, end = target - len(tokens_a), start  # whole sentences from `start` until `need` is met
+                    while True:
+                        need -= rand_starts[end + 1] - rand_starts[end]
+                        end += 1
+                        if need <= 0 or end == len(rand_starts) - 1:
                             break
-                    tokens_b = np.concatenate(taken)
-                    i -= len(chunk) - a_end  # the unused sentences start the next chunk
+                    tokens_b = rand_doc[rand_starts[start]:rand_starts[end]]
+                    i = a_end - 1  # the unused sentences start the next chunk
                 else:
-                    tokens_b = np.concatenate(chunk[a_end:]) if a_end < len(chunk) else tokens_a[:0]
+                    tokens_b = doc[starts[a_end]:starts[i + 1]]  # empty when A took the whole chunk
                 ra, rb = [0, len(tokens_a)], [0, len(tokens_b)]
                 _truncate_pair(ra, rb, max_tokens, rng)
                 a = tokens_a[ra[0]:ra[1]]
@@ -363,7 +376,7 @@ def create_instances(corpus: Corpus, doc_ids: np.ndarray, seq_len: int, rng: np.
                 lens.append(sum(len(p) for p in parts))
                 len_a.append(len(a) + 2)
                 labels.append(int(is_random))
-                chunk, length = [], 0
+                c0 = i + 1
                 target = max_tokens if rng.random() >= short_seq_prob else int(rng.integers(2, max_tokens + 1))
             i += 1
     if not lens:
@@ -396,18 +409,20 @@ def mask_tokens(tokens: np.ndarray, special: np.ndarray, rng: np.random.Generato
     if continuation is None:
         chosen = rng.permutation(cand)[:n_pred]
     else:
-        # words: a candidate that is a "##" piece joins the word before it
+        # words: a candidate that is a "##" piece joins the word before it; word w is
+        # cand[first[w]:first[w + 1]] (Python ints and one slice per picked word: no array per word)
         starts = ~continuation[tokens[cand]]
         starts[0] = True
-        words = np.split(cand, np.flatnonzero(starts)[1:])
+        first = np.flatnonzero(starts).tolist() + [len(cand)]
         picked, count = [], 0
-        for w in rng.permutation(len(words)):
+        for w in rng.permutation(len(first) - 1).tolist():
             if count >= n_pred:
                 break
-            if count + len(words[w]) > n_pred:  # as BERT: skip a word that would overshoot
+            size = first[w + 1] - first[w]
+            if count + size > n_pred:  # as BERT: skip a word that would overshoot
                 continue
-            picked.append(words[w])
-            count += len(words[w])
+            picked.append(cand[first[w]:first[w + 1]])
+            count += size
         chosen = np.concatenate(picked) if picked else np.empty(0, np.int64)
     chosen = np.sort(chosen)
     labels[chosen] = tokens[chosen]
@@ -433,21 +448,24 @@ def pack_examples(lengths: np.ndarray, capacity: int, rng: np.random.Generator |
         raise ValueError(f"item lengths must lie in [1, {capacity}], got [{lengths.min()}, {lengths.max()}]")
     # open rows by free space: free[r] lists the rows with r tokens free (r = 0: full, never reused)
     free: list[list[int]] = [[] for _ in range(capacity + 1)]
+    nonempty = 0  # bit r set <=> free[r] holds a row: the tightest fit is the lowest set bit >= n
     rows: list[list[int]] = []
-    for i in np.argsort(-lengths, kind="stable"):
-        n = int(lengths[i])
-        r = n
-        while r <= capacity and not free[r]:
-            r += 1
-        if r > capacity:
+    order = np.argsort(-lengths, kind="stable")
+    for i, n in zip(order.tolist(), lengths[order].tolist()):
+        fits = nonempty >> n
+        if not fits:
             rows.append([])
-            row = len(rows) - 1
+            row, r = len(rows) - 1, capacity
         else:
+            r = n + (fits & -fits).bit_length() - 1
             row = free[r].pop()
-        rows[row].append(int(i))
-        left = min(r, capacity) - n
+            if not free[r]:
+                nonempty &= ~(1 << r)
+        rows[row].append(i)
+        left = r - n
         if left:
             free[left].append(row)
+            nonempty |= 1 << left
     out = [np.sort(np.asarray(r, dtype=np.int64)) for r in rows]
     if rng is not None:
         out = [out[k] for k in rng.permutation(len(out))]

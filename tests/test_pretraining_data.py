@@ -506,6 +506,33 @@ def test_pack_examples_places_every_item_once_within_capacity():
         pack_examples(np.array([3, 17]), 16)
 
 
+def test_pack_examples_puts_each_item_in_the_tightest_open_row():
+    """Against a plain best-fit-decreasing oracle (scan every open row): the same rows, item for item,
+    including ties (the most recently opened of the tightest rows) and fresh rows."""
+    from fastbert.pretraining_data import pack_examples
+
+    def oracle(lengths, capacity):
+        free, last, rows = [], [], []  # row k: free[k] tokens left, reached at item number last[k]
+        for step, i in enumerate(sorted(range(len(lengths)), key=lambda i: -lengths[i])):  # ties by index
+            fits = [k for k in range(len(rows)) if 0 < free[k] and lengths[i] <= free[k]]
+            if fits:  # the tightest; among equals, the row that reached that free space last
+                k = max(fits, key=lambda k: (-free[k], last[k]))
+            else:
+                rows.append([]), free.append(capacity), last.append(-1)
+                k = len(rows) - 1
+            rows[k].append(i)
+            free[k] -= lengths[i]
+            last[k] = step
+        return sorted(sorted(r) for r in rows)
+
+    rng = np.random.default_rng(5)
+    for capacity in (1, 7, 64, 128):
+        for n in (0, 1, 40, 300):
+            lengths = rng.integers(1, capacity + 1, size=n)
+            got = sorted(r.tolist() for r in pack_examples(lengths, capacity, np.random.default_rng(1)))
+            assert got == oracle(lengths.tolist(), capacity), (capacity, n)
+
+
 def packing_data(corpus, n_docs, seq_len, seed=0, **kw):
     """PretrainingData over a synthetic corpus with fields set by hand (no tokenizer needed)."""
     data = PretrainingData.__new__(PretrainingData)
