@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_check.sh                                   # everything (~13 min on an H200; compile, profile, both, sweep, lnsweep only when named)
 #   STEPS="tests model kernels encode large compare" bash benchmarks/gpu_check.sh  # a session's first call
 #   STEPS="zh race" bash benchmarks/gpu_check.sh                    # its second, on the warm machine
-#   PLAN=first bash benchmarks/gpu_check.sh; PLAN=second bash ...   # the closing notes' two calls
+#   PLAN=first bash benchmarks/gpu_check.sh; PLAN=second ...; PLAN=third ...   # the closing notes' calls
 #   PLAN=zh bash benchmarks/gpu_check.sh                            # issue 6's pretraining export
 #
 # Steps: tests (GPU test subset: compiled kernels, bf16), model (BERT-base pretraining + fine-tuning
@@ -24,7 +24,8 @@
 # Data for zh and race: gpu_data/ (git-ignored; copy zh.txt.gz, en.txt.gz, sentiment_zh/ there and
 # name it in the device tool's carry).
 set -u
-# PLAN=first / PLAN=second: a session's two calls on one warm machine (~7 + ~4.5 minutes of its 15),
+# PLAN=first / second / third: a session's calls on one warm machine (2026-11-27 on an H200: 338 s + 173 s,
+# then ~170 s for third; the machine goes back 30 s after a call, so issue each right after the last),
 # with the steps, limits and test files the closing notes prescribe; any variable set by hand wins.
 case "${PLAN:-}" in
   first) : "${STEPS:=tests model}" "${T_TESTS:=200}" "${T_MODEL:=200}"
@@ -39,15 +40,17 @@ case "${PLAN:-}" in
   tests/test_finetune_cli.py::test_finetune_each_task tests/test_finetune_cli.py::test_transformers_arm_runs_the_same_loop
   tests/test_attention.py tests/test_layer_norm.py tests/test_fused_ops.py tests/test_gemm_gelu.py
   tests/test_model_kernels.py tests/test_cuda_graphs.py tests/test_patch.py}" ;;
-  second) : "${STEPS:=kernels loop}" "${T_ATTN:=40}" "${T_FUSED:=40}" "${T_MLM:=25}" "${T_FFN:=70}" \
+  second) : "${STEPS:=kernels loop}" "${T_ATTN:=40}" "${T_FUSED:=60}" "${T_MLM:=25}" "${T_FFN:=70}" \
           "${T_LOOP:=70}" "${LOOP_REPEATS:=1}" ;;
+  # a third call when ~3 minutes are left: where the step's GPU time goes now, and BERT-large
+  third) : "${STEPS:=profile large}" "${T_PROFILE:=60}" "${T_LARGE:=110}" ;;
   # the two-stage Chinese check's pretraining (issue 6), a session of its own: carry gpu_data/ (zh.txt.gz,
   # sentiment_zh/); the model comes back as zh_model.tar.gz for benchmarks.zh_grid on the CPU
   zh) : "${STEPS:=zh}" "${T_ZH:=500}" "${ZH_PRETRAIN_SECONDS:=420}"
       export ZH_EXPORT="${ZH_EXPORT:-1}" ZH_LRS="${ZH_LRS-}" ZH_SIZE="${ZH_SIZE:-mini}" ZH_BATCH="${ZH_BATCH:-128}" \
              ZH_PRETRAIN_LR="${ZH_PRETRAIN_LR:-1e-3}" ;;
   "") ;;
-  *) echo "PLAN must be first, second or zh, not $PLAN" >&2; exit 2 ;;
+  *) echo "PLAN must be first, second, third or zh, not $PLAN" >&2; exit 2 ;;
 esac
 OUT=${OUT:-$PWD/benchmarks/results/gpu_latest}
 R=${R:-$(mktemp -d /tmp/fastbert_gpu.XXXX)}
