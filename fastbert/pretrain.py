@@ -73,8 +73,8 @@ import torch.nn.functional as F
 from . import trainer as T
 from . import runtime as R
 from .runtime import PLAIN_OUTPUTS
-from .pretraining_data import (CorpusError, PretrainingData, collate, collate_packed, iter_sentences,
-                               split_documents, tokenize_corpus, trained_vocab_path)
+from .pretraining_data import (CorpusError, PretrainingData, collate, collate_packed, file_hashes,
+                               iter_sentences, split_documents, tokenize_corpus, trained_vocab_path)
 from .tokenization import (SPECIAL_TOKENS, TOKENIZER_FILES, TokenizerError, build_tokenizer, load_tokenizer,
                            save_tokenizer, vocab_list)
 
@@ -439,6 +439,7 @@ def _run(args, dist: T.Distributed) -> int:
 
     # ---- tokenizer (the first process builds it; the others load what it saved) ---------------
     tok_dir = out if (stored is not None and os.path.isfile(os.path.join(out, "tokenizer.json"))) else None
+    hashes = None  # the corpus files' sha256, read once for the vocabulary cache and the shard cache
     if tok_dir:
         tokenizer = load_tokenizer(tok_dir)
     else:
@@ -452,8 +453,10 @@ def _run(args, dist: T.Distributed) -> int:
                     yield line
             spec = s["tokenizer"]
             trained = spec in ("wordpiece", "chinese")
-            cached = (trained_vocab_path(corpus_paths, spec, s["vocab_size"], not s["cased"], args.cache_dir)
-                      if trained else None)
+            if trained:
+                hashes = file_hashes(corpus_paths)
+            cached = (trained_vocab_path(corpus_paths, spec, s["vocab_size"], not s["cased"], args.cache_dir,
+                                         hashes) if trained else None)
             if cached and os.path.isfile(cached):
                 tokenizer = load_tokenizer(cached)
                 _log(dist, f"vocabulary: the one trained on these corpus files with these settings before ({cached})")
@@ -478,7 +481,7 @@ def _run(args, dist: T.Distributed) -> int:
 
     # ---- corpus shards (the first process writes the cache, the others read it) ---------------
     if dist.is_main:
-        corpus = tokenize_corpus(corpus_paths, tokenizer, args.cache_dir, log=lambda m: _log(dist, m))
+        corpus = tokenize_corpus(corpus_paths, tokenizer, args.cache_dir, log=lambda m: _log(dist, m), hashes=hashes)
     dist.barrier()
     if not dist.is_main:
         corpus = tokenize_corpus(corpus_paths, tokenizer, args.cache_dir)

@@ -198,30 +198,38 @@ def _load_shard(folder: str) -> Shard:
                  np.load(os.path.join(folder, "documents.npy"), mmap_mode="r"), meta["source"])
 
 
-def shard_key(path: str, tokenizer: Tokenizer) -> str:
+def file_hashes(paths: Sequence[str]) -> dict[str, str]:
+    """The sha256 of each file's bytes, for callers that key several caches on the same files (a
+    corpus of gigabytes is read once for all of them)."""
+    return {p: _file_sha256(p) for p in paths}
+
+
+def shard_key(path: str, tokenizer: Tokenizer, file_hash: str | None = None) -> str:
     h = hashlib.sha256()
     h.update(f"fastbert-shard-v{SHARD_VERSION}\n".encode())
-    h.update(_file_sha256(path).encode())
+    h.update((file_hash or _file_sha256(path)).encode())
     h.update(hashlib.sha256(tokenizer.to_str().encode()).hexdigest().encode())
     return h.hexdigest()[:32]
 
 
 def trained_vocab_path(paths: Sequence[str], kind: str, vocab_size: int, lowercase: bool,
-                       cache_dir: str | None = None) -> str:
+                       cache_dir: str | None = None, hashes: dict[str, str] | None = None) -> str:
     """Where the vocabulary trained on these files (by content) with these settings is cached: the
     `tokenizers` trainer may break frequency ties differently from one process to the next
     (huggingface/tokenizers#1794), so runs of the same corpus share the first run's vocabulary (and
     with it the tokenized shards) rather than each training its own."""
     import tokenizers
     h = hashlib.sha256(f"fastbert-vocab-v1\n{kind}\n{vocab_size}\n{lowercase}\n{tokenizers.__version__}\n".encode())
+    hashes = hashes or file_hashes(paths)
     for path in paths:
-        h.update(_file_sha256(path).encode())
+        h.update(hashes[path].encode())
     return os.path.join(cache_dir or default_cache_dir(), f"vocab-{h.hexdigest()[:32]}.json")
 
 
 def tokenize_corpus(paths: Sequence[str], tokenizer: Tokenizer, cache_dir: str | None = None,
-                    log=None) -> "Corpus":
-    """Tokenize each file once into a cached, memory-mapped shard; return the corpus over them."""
+                    log=None, hashes: dict[str, str] | None = None) -> "Corpus":
+    """Tokenize each file once into a cached, memory-mapped shard; return the corpus over them.
+    ``hashes``: the files' sha256 (file_hashes) when the caller already has them."""
     if not paths:
         raise CorpusError("no corpus files given")
     for p in paths:  # fail before any work on a later missing file
@@ -236,7 +244,7 @@ def tokenize_corpus(paths: Sequence[str], tokenizer: Tokenizer, cache_dir: str |
     os.makedirs(cache_dir, exist_ok=True)
     shards = []
     for path in paths:
-        folder = os.path.join(cache_dir, shard_key(path, tokenizer))
+        folder = os.path.join(cache_dir, shard_key(path, tokenizer, (hashes or {}).get(path)))
         if not os.path.isfile(os.path.join(folder, "meta.json")):
             if log:
                 log(f"tokenizing {path} into {folder}")

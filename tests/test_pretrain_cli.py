@@ -419,14 +419,20 @@ def test_default_cadences_checkpoint_each_quarter_and_evaluate_each_tenth(corpus
     assert [r["step"] for r in rows] == list(range(2, 21, 2))
     assert all("eval_mlm_loss" in r for r in rows)
 
-def test_runs_of_the_same_corpus_share_the_vocabulary_they_train(corpus, tmp_path, capsys):
+def test_runs_of_the_same_corpus_share_the_vocabulary_they_train(corpus, tmp_path, capsys, monkeypatch):
     """`tokenizers` may break frequency ties differently in each process (huggingface/tokenizers#1794):
     the first run's trained vocabulary is cached (keyed by the files' contents and the settings) and a
-    second run reuses it, so both tokenize alike and share the tokenized shards; other settings train anew."""
+    second run reuses it, so both tokenize alike and share the tokenized shards; other settings train anew.
+    Both caches key on the corpus file's sha256, which a run reads once (a corpus may be gigabytes)."""
+    from fastbert import pretraining_data
     from fastbert.pretraining_data import trained_vocab_path
+    hashed = []
+    sha256 = pretraining_data._file_sha256
+    monkeypatch.setattr(pretraining_data, "_file_sha256", lambda path: hashed.append(path) or sha256(path))
     cache = tmp_path / "cache"
     common = ["--steps", "1", "--eval-examples", "0", "--vocab-size", "300"]
     assert run(corpus, tmp_path / "a", *common, cache=cache) == 0
+    assert hashed == [corpus]
     cached = trained_vocab_path([corpus], "wordpiece", 300, True, str(cache))
     assert os.path.isfile(cached)
     shards = sorted(p.name for p in cache.iterdir() if p.is_dir())
