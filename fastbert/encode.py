@@ -199,7 +199,8 @@ def main(args) -> int:
     spool = None
     try:
         try:
-            if _rereadable(args.input):  # counted first: the .npy's row count, the progress bar's total
+            if _rereadable(args.input) and (npy or not args.no_progress):
+                # counted first: the .npy's row count, the progress bar's total (JSONL without a bar needs neither)
                 total, source = sum(1 for _ in iter_lines(args.input)), args.input
             elif npy:  # stdin or a pipe: copied once to an anonymous file beside the output, then read from it
                 spool = tempfile.TemporaryFile("w+", encoding="utf-8", newline="\n",
@@ -210,7 +211,7 @@ def main(args) -> int:
                     total += 1
                 spool.seek(0)
                 source = None
-            else:  # JSONL from stdin or a pipe: streamed, the total unknown
+            else:  # JSONL from stdin, a pipe, or a file read once: streamed, the total unknown
                 total, source = None, args.input
         except (OSError, UnicodeDecodeError) as e:
             print(f"fastbert encode: error: {_input_why(args.input, e)}", file=sys.stderr)

@@ -1023,7 +1023,8 @@ def test_encode_interrupted_jsonl_keeps_the_chunks_written(micro_model, tmp_path
 @pytest.mark.parametrize("output", ["e.npy", "e.jsonl", None])
 def test_encode_reads_lazily_and_never_holds_all_features(micro_model, tmp_path, monkeypatch, output):
     """The input is read chunk by chunk (a generator standing in for a huge file is never drained ahead
-    of the chunk being encoded), and no call tokenizes more than one chunk."""
+    of the chunk being encoded), and no call tokenizes more than one chunk. A file is read twice only
+    for a .npy (its row count first); JSONL without a progress bar reads it once."""
     from fastbert import encode
     from fastbert import tasks as T
     inp, lines = _encode_input(tmp_path)
@@ -1051,6 +1052,7 @@ def test_encode_reads_lazily_and_never_holds_all_features(micro_model, tmp_path,
     assert [n for n, _ in seen] == [3, 3, 3, 2]
     # when chunk k is tokenized, the input has been read up to its end and no further
     assert [c for _, c in seen] == [3, 6, 9, 11]
+    assert len(consumed) == (2 if output == "e.npy" else 1)
 
 
 def test_encode_chunks_share_one_progress_bar_and_one_truncation_count(micro_model, tmp_path, capsys):
