@@ -43,6 +43,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import operator
 import os
 import shutil
 import tempfile
@@ -452,6 +453,7 @@ def pack_examples(lengths: np.ndarray, capacity: int, rng: np.random.Generator |
     free space it fills most tightly (a new row when none has room). Rows come in ``rng``'s random
     order (as made when None). Every length must be in [1, capacity]."""
     lengths = np.asarray(lengths, dtype=np.int64)
+    capacity = operator.index(capacity)  # a Python int: the free-space bitmask below is one (np.int64 shifts overflow)
     if len(lengths) and (lengths.min() < 1 or lengths.max() > capacity):
         raise ValueError(f"item lengths must lie in [1, {capacity}], got [{lengths.min()}, {lengths.max()}]")
     # open rows by free space: free[r] lists the rows with r tokens free (r = 0: full, never reused)
