@@ -273,6 +273,12 @@ class Corpus:
         # subclass overhead per slice, which adds up over an epoch's sentences
         self._views = [(np.asarray(s.tokens), np.asarray(s.sentences), np.asarray(s.documents)) for s in shards]
 
+    def __getstate__(self):  # pickled (a spawned worker): the views would carry the tokens a second time
+        return {"shards": self.shards}
+
+    def __setstate__(self, state):
+        self.__init__(state["shards"])
+
     @property
     def num_documents(self) -> int:
         return int(self._first_doc[-1])

@@ -624,3 +624,17 @@ def test_shards_ignore_truncation_and_padding_of_the_tokenizer(tmp_path, tokeniz
         corpus = tokenize_corpus([str(tmp_path / "c.txt")], tok, str(tmp_path / "cache"))
         assert [s.tolist() for s in corpus.document(0)] == [enc(long), enc("the cat .")]
     assert saved.truncation is not None and saved.padding is not None
+
+
+def test_a_pickled_corpus_carries_its_tokens_once_and_reads_the_same():
+    """A spawned worker gets the corpus pickled: its plain-ndarray views of the shards are rebuilt
+    there, not sent as a second copy of every token."""
+    import pickle
+    from fastbert.pretraining_data import Corpus, Shard
+    tokens = np.arange(50_000, dtype=np.uint16)
+    corpus = Corpus([Shard(tokens, np.array([0, 10, 30_000, 50_000]), np.array([0, 2, 3]), "synthetic")])
+    blob = pickle.dumps(corpus)
+    assert tokens.nbytes < len(blob) < 1.5 * tokens.nbytes
+    again = pickle.loads(blob)
+    for i in range(corpus.num_documents):
+        assert [s.tolist() for s in again.document(i)] == [s.tolist() for s in corpus.document(i)]
