@@ -626,12 +626,13 @@ def test_shards_ignore_truncation_and_padding_of_the_tokenizer(tmp_path, tokeniz
     assert saved.truncation is not None and saved.padding is not None
 
 
-def test_a_pickled_corpus_carries_its_tokens_once_and_reads_the_same():
-    """A spawned worker gets the corpus pickled: its plain-ndarray views of the shards are rebuilt
-    there, not sent as a second copy of every token."""
+def test_a_pickled_corpus_carries_its_tokens_once_and_reads_the_same(tmp_path):
+    """A spawned worker gets the corpus pickled: its plain-ndarray views of the memory-mapped shards are
+    rebuilt there, not sent as a second copy of every token."""
     import pickle
     from fastbert.pretraining_data import Corpus, Shard
-    tokens = np.arange(50_000, dtype=np.uint16)
+    np.arange(50_000, dtype=np.uint16).tofile(tmp_path / "tokens.bin")
+    tokens = np.memmap(tmp_path / "tokens.bin", dtype=np.uint16, mode="r", shape=(50_000,))
     corpus = Corpus([Shard(tokens, np.array([0, 10, 30_000, 50_000]), np.array([0, 2, 3]), "synthetic")])
     blob = pickle.dumps(corpus)
     assert tokens.nbytes < len(blob) < 1.5 * tokens.nbytes
