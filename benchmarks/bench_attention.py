@@ -26,6 +26,9 @@ Figures, per pass (fwd under no_grad; bwd = autograd.grad of q, k, v with a save
   vs_flash        sdpa-flash-equal's time / ours (goal ≥ 1.0 for fastbert-varlen)
   host_ms         host time to enqueue one call (20 calls, no sync): close to median_ms means the
                   pass is launch/Python-bound (short sequences), not kernel-bound
+  graph_ms        the call's device time alone, replayed from a CUDA graph (harness.measure_graphed,
+                  every competitor alike): what the pass costs inside the CUDA-graphed training step;
+                  graph_vs_sdpa_mask / graph_vs_flash compare those (no L2 flush between calls)
 
 Dropout rows (p 0.1, full rows: BERT pretraining) time the in-kernel Philox mask; --quick keeps the
 seq-128 one, the BERT-base pretraining shape. SDPA draws its own mask (not the same bits).
@@ -294,7 +297,7 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_attention: needs a CUDA GPU; nothing to do")
         return 0
-    from benchmarks.harness import Recorder, matmul_ceiling_tflops, measure
+    from benchmarks.harness import Recorder, matmul_ceiling_tflops, measure, measure_graphed
     from fastbert.kernels import flash_attention as fa
 
     warmup, rep = (5, 20) if args.quick else (25, 100)
@@ -324,7 +327,7 @@ def main(argv=None):
             continue
         flops = _fwd_flops(case.lengths)
         eq_flops = _fwd_flops([case.eq_len] * case.batch)
-        times = {}
+        times, graph_times = {}, {}
         for impl in IMPLS:
             if p > 0.0 and impl == "sdpa-flash-equal":
                 continue
@@ -341,10 +344,12 @@ def main(argv=None):
                 try:
                     t = measure(fn, warmup=warmup, rep=rep, device=args.device)
                     t["host_ms"] = _host_ms(fn, args.device)
+                    t.update(measure_graphed(fn, device=args.device) or {})
                 except Exception:
                     traceback.print_exc()
                     continue
                 times[(impl, pass_name)] = t["median_ms"]
+                graph_times[(impl, pass_name)] = t.get("graph_ms")
                 useful = (eq_flops if impl == "sdpa-flash-equal" else flops) * {"fwd": 1.0, "bwd": 2.5,
                                                                                   "fwd+bwd": 3.5}[pass_name]
                 tflops = useful / (t["median_ms"] * 1e-3) / 1e12
@@ -358,6 +363,12 @@ def main(argv=None):
                     row["vs_sdpa_mask"] = base / t["median_ms"] if base else None
                     # flash's time scaled to the same useful FLOPs (its rows are rounded to one length)
                     row["vs_flash"] = (flash * flops / eq_flops) / t["median_ms"] if flash else None
+                    ours_g = t.get("graph_ms")
+                    base_g = graph_times.get(("sdpa-mask", pass_name))
+                    flash_g = graph_times.get(("sdpa-flash-equal", pass_name))
+                    if ours_g:
+                        row["graph_vs_sdpa_mask"] = base_g / ours_g if base_g else None
+                        row["graph_vs_flash"] = (flash_g * flops / eq_flops) / ours_g if flash_g else None
                 rec.add(**row)
             del timers
             fa.set_config_override(None)

@@ -27,7 +27,11 @@ State bytes (s = 2 bytes for bf16, T tokens, n width, V vocab; vectors of n and 
   embed_layer_norm fwd  2 T n s (gather word rows, write y; position/type rows stay in cache)
                    bwd  2 T n s + V n s (read dy, re-gather word rows; write the word-table gradient)
 fwd+bwd counts the sum. These are the bytes the op cannot avoid, so GB/s compare implementations on
-the same work. (fastbert's embedding backward also writes and reads an fp32 dh, 8 T n bytes, which
+the same work. graph_* columns: the same call's device time alone, replayed from a CUDA graph
+(harness.measure_graphed, every impl alike): called one at a time from Python these ops are short
+enough that a slow host's launch cost can be most of median_ms (a p20-p80 spread is the sign), while
+inside the model's CUDA-graphed step only the device time remains.
+(fastbert's embedding backward also writes and reads an fp32 dh, 8 T n bytes, which
 the formula does not credit.) fastbert is called through fastbert.kernels, with its input checks,
 except embed_layer_norm's id range check (validate=False): it syncs with the host (min/max of three
 id tensors), which eager's F.embedding does not do either, so it would time the sync, not the op.
@@ -37,13 +41,14 @@ Usage: python -m benchmarks.bench_fused [--quick]   (--quick: BERT-base widths o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import traceback
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_ln_sweep import case_bytes
-from benchmarks.harness import Recorder, copy_bandwidth_gbps, measure
+from benchmarks.harness import Recorder, copy_bandwidth_gbps, measure, measure_graphed
 
 TOKENS = 32768
 BATCH, SEQ = 64, 512
@@ -180,7 +185,7 @@ def main(argv=None):
             impls = [("fastbert", case["ours"]), ("eager", case["eager"]), *case.get("extra", [])]
             if not args.smoke:
                 impls.append(("torch.compile", torch.compile(case["eager"])))
-            times = {}
+            times, graph_times = {}, {}
             for impl, fn in impls:
                 for pass_ in ("fwd", "fwd+bwd"):
                     try:
@@ -195,11 +200,9 @@ def main(argv=None):
                             run = _fwd_bwd(fn, case["inputs"], case["grad_inputs"], dy)
                             run()
                             nbytes = case["fwd_bytes"] + case["bwd_bytes"]
-                        if pass_ == "fwd":
-                            with torch.no_grad():
-                                t = measure(run, warmup=warmup, rep=rep, device=dev)
-                        else:
+                        with torch.no_grad() if pass_ == "fwd" else contextlib.nullcontext():
                             t = measure(run, warmup=warmup, rep=rep, device=dev)
+                            g = measure_graphed(run, device=dev)
                         gbps = nbytes / (t["median_ms"] * 1e-3) / 1e9
                         times[(impl, pass_)] = t["median_ms"]
                         row = dict(op=case["op"], size=size, shape=f"{tokens}x{case['n']}", dtype="bf16", impl=impl,
@@ -207,6 +210,10 @@ def main(argv=None):
                                    p80_ms=t["p80_ms"], gbps=gbps, frac_of_ceiling=gbps / copy_gbps)
                         if impl == "fastbert":
                             row.update(speedup_vs_eager=None, speedup_vs_compile=None)
+                        if g is not None:
+                            graph_times[(impl, pass_)] = g["graph_ms"]
+                            graph_gbps = nbytes / (g["graph_ms"] * 1e-3) / 1e9
+                            row.update(graph_ms=g["graph_ms"], graph_frac_of_ceiling=graph_gbps / copy_gbps)
                         rec.add(**row)
                     except Exception as exc:  # one failure must not lose the other cases
                         print(f"FAILED {case['op']} {size} {impl} {pass_}: {type(exc).__name__}: {exc}", flush=True)
@@ -219,6 +226,9 @@ def main(argv=None):
                             continue
                         theirs = times.get((other, row["pass"]))
                         row[key] = theirs / ours if ours and theirs else None
+                        ours_g, theirs_g = graph_times.get(("fastbert", row["pass"])), graph_times.get((other, row["pass"]))
+                        if ours_g and theirs_g:
+                            row["graph_" + key] = theirs_g / ours_g
     rec.finish("/tmp" if args.smoke else None,
                plot=dict(x="op", y="frac_of_ceiling", group="impl",
                          title="fraction of copy bandwidth (bf16, 32k tokens)"))

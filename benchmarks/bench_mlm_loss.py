@@ -15,6 +15,10 @@ rows (already gathered, every row labelled), vocab 30522, hidden 768 (BERT-base)
 
 Figures (forward+backward = loss, then torch.autograd.grad w.r.t. hidden, weight, bias):
   time            median / p20 / p80 ms (triton.testing.do_bench via benchmarks.harness.measure)
+  graph_ms        the same fwd+bwd's device time alone, replayed from a CUDA graph
+                  (harness.measure_graphed, every competitor alike): fastbert's chunked call issues ~50
+                  launches, so on a slow host median_ms times the host; in the CUDA-graphed training step
+                  only graph_ms remains. graph_speedup_vs_eager compares those.
   FLOPs (useful)  3 GEMMs × 2·rows·h·vocab over the masked rows only; forward alone 2·rows·h·vocab.
                   fastbert's forward already computes the gradients when autograd wants them, so its
                   fwd+bwd is still 3 GEMMs; eager-all-tok's extra work over unmasked rows is not useful.
@@ -118,7 +122,7 @@ def _peak_mib(fn, *args):
 
 
 def main(argv=None):
-    from benchmarks.harness import Recorder, matmul_ceiling_tflops, measure, output_dir
+    from benchmarks.harness import Recorder, matmul_ceiling_tflops, measure, measure_graphed, output_dir
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions; torch.compile at h=768 only")
@@ -141,7 +145,7 @@ def main(argv=None):
             impls += [(f"fastbert-chunk{mib}MiB", _with_chunk_bytes(mib << 20)) for mib in (64, 256)]
         inputs = _inputs(rows, h)
         flops_fwd = 2 * rows * h * VOCAB
-        eager_ms = eager_peak = None
+        eager_ms = eager_peak = eager_graph_ms = None
         losses = {}
         for name, fn in impls:
             try:
@@ -152,9 +156,10 @@ def main(argv=None):
                     with torch.no_grad():
                         t_fwd = measure(lambda: fn(*inputs), warmup=warmup, rep=rep)
                 t = measure(lambda: _fwd_bwd(fn, *inputs), warmup=warmup, rep=rep)
+                g = measure_graphed(lambda: _fwd_bwd(fn, *inputs)) or {}
                 peak = _peak_mib(_fwd_bwd, fn, *inputs)
                 if name == "eager":
-                    eager_ms, eager_peak = t["median_ms"], peak
+                    eager_ms, eager_peak, eager_graph_ms = t["median_ms"], peak, g.get("graph_ms")
                 tflops = 3 * flops_fwd / (t["median_ms"] * 1e-3) / 1e12
                 if t_fwd is not None:
                     rec.add(op="mlm_loss", impl=name, shape=f"{rows}x{h}x{VOCAB}", dtype="bf16", **{"pass": "fwd"},
@@ -162,7 +167,7 @@ def main(argv=None):
                             tflops=flops_fwd / (t_fwd["median_ms"] * 1e-3) / 1e12)
                 rec.add(op="mlm_loss", impl=name, shape=f"{rows}x{h}x{VOCAB}", dtype="bf16", **{"pass": "fwd+bwd"},
                         median_ms=t["median_ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"], tflops=tflops,
-                        frac_of_ceiling=tflops / ceiling, peak_mib=peak)
+                        frac_of_ceiling=tflops / ceiling, peak_mib=peak, **g)
             except Exception:  # one failure must not lose the other rows
                 traceback.print_exc()
         # every row above ran on the same inputs: report the ratios against eager and the loss agreement
@@ -170,6 +175,8 @@ def main(argv=None):
             if row["shape"] == f"{rows}x{h}x{VOCAB}" and row["pass"] == "fwd+bwd" and eager_ms:
                 row["speedup_vs_eager"] = eager_ms / row["median_ms"]
                 row["mem_ratio_vs_eager"] = row["peak_mib"] / eager_peak
+                if eager_graph_ms and row.get("graph_ms"):
+                    row["graph_speedup_vs_eager"] = eager_graph_ms / row["graph_ms"]
         if losses:
             print(f"h={h}: losses {', '.join(f'{k}={v:.5f}' for k, v in losses.items())}")
         if h == 768:

@@ -285,3 +285,12 @@ def test_measure_cpu_percentiles_stay_within_the_samples(monkeypatch):
     t = harness.measure(lambda: None, warmup=1, rep=3, device="cpu")
     assert t["median_ms"] == pytest.approx(20.0)
     assert 10.0 <= t["p20_ms"] <= t["median_ms"] <= t["p80_ms"] <= 30.0
+
+
+def test_measure_graphed_has_no_figure_off_a_gpu():
+    """The kernel benchmarks' graph_ms columns come from CUDA-graph replays; on the CPU there are none
+    (the rows keep their other figures)."""
+    from benchmarks.harness import measure_graphed
+    calls = []
+    assert measure_graphed(lambda: calls.append(1), device="cpu") is None
+    assert calls == []  # not even run: a CPU figure under that name would mean something else
