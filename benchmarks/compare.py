@@ -13,6 +13,9 @@ seq=512 dtype=bf16 pass=fwd+bwd ..." on both sides. The compared figure is ``med
 of repeated measurements: do_bench's on a GPU, the median over timed steps for the model step), or
 for a row that reports only ``real_tokens_per_s`` (benchmarks.pretrain_loop) its inverse, ms per 1000
 real tokens; a row whose new figure is more than ``--threshold`` (default 10%) above the old one is flagged.
+Where both sides also carry ``graph_ms`` (the kernel benchmarks' device time from CUDA-graph replays,
+harness.measure_graphed) that is compared too, as its own line marked "[graph]": a kernel that got
+slower shows there even when a host-bound median hides it.
 
 Cards: a timing is only comparable on the same card. The card of a file is its ``machine.gpu``
 (else the rows' ``device``, else the folder's env.txt; on the CPU the CPU model and core count).
@@ -40,7 +43,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Fields that are measurements (or derived from them), never part of a row's identity.
 MEASUREMENT = re.compile(
     r"(_ms|_s|_per_s|tflops|gbps|_gib|_mib|_gb|_mb|mfu|frac_of_ceiling|_ratio|_err|_error)$"
-    r"|^(speedup|vs_|mem_ratio|peak|ratio|cos)"
+    r"|^(speedup|vs_|graph_|mem_ratio|peak|ratio|cos)"
     r"|^(device|label|error|repeats|n_steps|steps|stopped_by|notes?|weights)$")
 # Float fields are measurements too, except these settings (attention benchmark's fill and dropout).
 FLOAT_SETTINGS = {"fill", "dropout", "dropout_p", "p", "mask_prob", "lr", "threshold"}
@@ -220,19 +223,23 @@ def compare_file(name: str, old: dict, new: dict, threshold: float, ignore: set[
             added.append(label)
             continue
         (old_ms, unit), (new_ms, _) = time_figure(o), time_figure(n)
-        if old_ms is None or new_ms is None:
-            continue
-        label += unit
-        ratio = new_ms / old_ms if old_ms > 0 else float("inf")
-        flag = "SLOWER" if ratio > 1 + threshold else ("faster" if ratio < 1 / (1 + threshold) else "")
-        note = ""
-        if flag == "SLOWER" and isinstance(n.get("p20_ms"), (int, float)) and isinstance(o.get("p80_ms"), (int, float)) \
-                and n["p20_ms"] <= o["p80_ms"]:
-            note = "new p20 <= old p80 (noisy)"
-        lines.append({"bench": name, "row": label, "old_ms": old_ms, "new_ms": new_ms, "ratio": ratio,
-                      "flag": flag, "note": note})
-        if flag == "SLOWER":
-            flagged.append(lines[-1])
+        figures = [(label + unit, old_ms, new_ms, "")]
+        if all(isinstance(r.get("graph_ms"), (int, float)) for r in (o, n)):
+            figures.append((label + " [graph]", float(o["graph_ms"]), float(n["graph_ms"]), "graph_"))
+        for row_label, old_v, new_v, prefix in figures:
+            if old_v is None or new_v is None:
+                continue
+            ratio = new_v / old_v if old_v > 0 else float("inf")
+            flag = "SLOWER" if ratio > 1 + threshold else ("faster" if ratio < 1 / (1 + threshold) else "")
+            note = ""
+            new_p20, old_p80 = n.get(prefix + "p20_ms"), o.get(prefix + "p80_ms")
+            if flag == "SLOWER" and isinstance(new_p20, (int, float)) and isinstance(old_p80, (int, float)) \
+                    and new_p20 <= old_p80:
+                note = "new p20 <= old p80 (noisy)"
+            lines.append({"bench": name, "row": row_label, "old_ms": old_v, "new_ms": new_v, "ratio": ratio,
+                          "flag": flag, "note": note})
+            if flag == "SLOWER":
+                flagged.append(lines[-1])
     return {"lines": lines, "flagged": flagged, "missing": missing, "added": added, "errors": errors}
 
 

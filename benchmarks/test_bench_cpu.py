@@ -294,3 +294,28 @@ def test_measure_graphed_has_no_figure_off_a_gpu():
     calls = []
     assert measure_graphed(lambda: calls.append(1), device="cpu") is None
     assert calls == []  # not even run: a CPU figure under that name would mean something else
+
+
+def test_compare_checks_the_graphed_device_time_too(tmp_path, capsys):
+    """A kernel 30% slower in its CUDA-graph device time is flagged even when its host-bound median did
+    not move; rows without graph_ms on one side compare their medians only; None-valued graph ratios do
+    not split a row's identity."""
+    def rows(graph_scale, with_graph=True):
+        out = _rows()
+        for r in out:
+            if with_graph:
+                g = r["median_ms"] * 0.5 * (graph_scale if r["impl"] == "fastbert" else 1.0)
+                r.update(graph_ms=g, graph_p20_ms=g * 0.99, graph_p80_ms=g * 1.01,
+                         graph_speedup_vs_eager=None if r["impl"] == "fastbert" else 2.0)
+        return out
+    _write(tmp_path / "old", "bench_fused", rows(1.0))
+    _write(tmp_path / "new", "bench_fused", rows(1.3))
+    assert compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old")]) == 1
+    out = capsys.readouterr().out
+    flagged = [line for line in out.splitlines() if "SLOWER" in line]
+    assert len(flagged) == 2 and all("[graph]" in line and "impl=fastbert" in line and "1.300" in line
+                                     for line in flagged)
+    assert "2 of 8 compared rows" in out
+    _write(tmp_path / "plain", "bench_fused", rows(1.3, with_graph=False))  # a baseline from before graph_ms
+    assert compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "plain")]) == 0
+    assert "0 of 4 compared rows" in capsys.readouterr().out
