@@ -262,22 +262,37 @@ def test_encode_cuda_graphs_needs_a_gpu(micro_model, tmp_path, capsys):
     base = ["encode", "--model", micro_model, "--input", str(inp), "--precision", "fp32", "--batch-size", "4"]
     assert cli(base + ["--device", "cpu", "--cuda-graphs"]) == 2
     assert "--cuda-graphs needs a CUDA device" in capsys.readouterr().err
+    assert cli(base + ["--device", "cpu", "--cuda-graphs", "on"]) == 2
+    assert "--cuda-graphs needs a CUDA device" in capsys.readouterr().err
+    out = tmp_path / "e.npy"
+    for choice in ("auto", "off"):  # auto (the default) and off run eagerly on the CPU
+        assert cli(base + ["--device", "cpu", "--cuda-graphs", choice, "--output", str(out)]) == 0
+        assert np.load(out).shape == (7, 32)
+
+
+def test_encode_cuda_graphs_auto_is_on_for_small_batches_on_a_gpu():
+    from fastbert.encode import GRAPHS_AUTO_MAX_BATCH, use_cuda_graphs
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert use_cuda_graphs("auto", cuda, 64) and use_cuda_graphs("auto", cuda, GRAPHS_AUTO_MAX_BATCH)
+    assert not use_cuda_graphs("auto", cuda, GRAPHS_AUTO_MAX_BATCH + 1)  # large batches: eager was faster
+    assert not use_cuda_graphs("auto", cpu, 4) and not use_cuda_graphs("off", cuda, 4)
+    assert use_cuda_graphs("on", cuda, 4096)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_encode_cuda_graphs_gives_the_eager_commands_vectors(micro_model, tmp_path, precision):
-    """--cuda-graphs on a GPU (benchmarks/gpu_check.sh, compiled kernels): the same vectors as the
-    eager command, in both precisions; the graphs run the padded layout, the eager command the
+    """--cuda-graphs on a GPU (benchmarks/gpu_check.sh, compiled kernels; the default at batch 4): the same
+    vectors as the eager command (--cuda-graphs off), in both precisions; the graphs run the padded layout, the eager command the
     unpadded one, so bf16 agrees to its rounding, fp32 (TF32 off) to 1e-4."""
     inp = tmp_path / "in.txt"
     inp.write_text("the cat sat\ngood movie\nwhere is it ?\n" + "the big red door is near the mat .\n" * 4)
     base = ["encode", "--model", micro_model, "--input", str(inp), "--precision", precision, "--batch-size", "4",
             "--device", "cuda", "--normalize"]
     torch.backends.cuda.matmul.allow_tf32 = False
-    assert cli(base + ["--output", str(tmp_path / "g.npy"), "--cuda-graphs"]) == 0
-    assert cli(base + ["--output", str(tmp_path / "e.npy")]) == 0
+    assert cli(base + ["--output", str(tmp_path / "g.npy")]) == 0  # auto: graphs at this batch size
+    assert cli(base + ["--output", str(tmp_path / "e.npy"), "--cuda-graphs", "off"]) == 0
     graphed, eager = np.load(tmp_path / "g.npy"), np.load(tmp_path / "e.npy")
     assert graphed.shape == eager.shape == (7, 32)
     if precision == "fp32":
