@@ -319,6 +319,33 @@ def test_finetune_cuda_graphs_refuses_what_it_cannot_run(micro_model, tmp_path, 
     assert not (tmp_path / "o").exists()
 
 
+def test_finetune_cuda_graphs_auto_is_on_where_graphs_run(capsys):
+    """--cuda-graphs auto (the default): graphs for a CUDA run that can take them at a batch size up to
+    GRAPHS_AUTO_MAX_BATCH, eager (and said why) for one that cannot; on insists, off never."""
+    from argparse import Namespace
+    from fastbert.finetune import GRAPHS_AUTO_MAX_BATCH, UsageError, use_cuda_graphs
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+
+    def args(choice="auto", task="classify", impl="fastbert", batch=32):
+        return Namespace(cuda_graphs=choice, task=task, impl=impl, batch_size=batch)
+    assert use_cuda_graphs(args(), cuda, "bf16") and use_cuda_graphs(args(task="choice"), cuda, "fp32")
+    assert use_cuda_graphs(args(batch=GRAPHS_AUTO_MAX_BATCH), cuda, "bf16")
+    assert capsys.readouterr().err == ""
+    for a, precision, why in ((args(task="qa"), "bf16", "does not run qa"),
+                              (args(), "fp16", "does not run fp16"),
+                              (args(impl="transformers"), "bf16", "fastbert's own models only"),
+                              (args(batch=GRAPHS_AUTO_MAX_BATCH + 1), "bf16", f"is above {GRAPHS_AUTO_MAX_BATCH}")):
+        assert not use_cuda_graphs(a, cuda, precision)
+        err = capsys.readouterr().err
+        assert "CUDA graphs off (--cuda-graphs auto)" in err and why in err
+    assert not use_cuda_graphs(args(), cpu, "fp32") and capsys.readouterr().err == ""  # the CPU: silently eager
+    assert not use_cuda_graphs(args("off"), cuda, "bf16")
+    assert use_cuda_graphs(args("on", batch=1024), cuda, "bf16")
+    with pytest.raises(UsageError, match="--cuda-graphs does not run qa"):
+        use_cuda_graphs(args("on", task="qa"), cuda, "bf16")
+    assert use_cuda_graphs(Namespace(cuda_graphs=True, task="pair", impl="fastbert", batch_size=8), cuda, "bf16")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("task, freeze", [("classify", "none"), ("ner", "none"), ("choice", "none"),
@@ -342,7 +369,7 @@ def test_finetune_cuda_graphs_trains_like_the_eager_loop(micro_no_dropout, tmp_p
         assert cli(["finetune", "--task", task, "--model", micro_no_dropout, "--train", files["train"],
                     "--dev", files["dev"], "--out", str(out), "--epochs", "3", "--batch-size", "5",
                     "--max-length", "60", "--lr", "1e-3", "--device", "cuda", "--precision", "fp32",
-                    "--freeze", freeze, "--no-progress"] + (["--cuda-graphs"] if mode == "graphs" else [])) == 0
+                    "--freeze", freeze, "--no-progress", "--cuda-graphs", "on" if mode == "graphs" else "off"]) == 0
         runs[mode] = (json.loads((out / "metrics.json").read_text()),
                       load_file(str(out / ("layer_mix.safetensors" if freeze == "all" else "model.safetensors"))))
     (g, g_w), (e, e_w) = runs["graphs"], runs["eager"]
