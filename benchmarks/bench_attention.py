@@ -297,8 +297,14 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_attention: needs a CUDA GPU; nothing to do")
         return 0
-    from benchmarks.harness import Recorder, matmul_ceiling_tflops, measure, measure_graphed
+    from benchmarks.harness import Recorder, bench_stream, matmul_ceiling_tflops, measure, measure_graphed
     from fastbert.kernels import flash_attention as fa
+
+    if args.device == "cuda":
+        # Every pass on measure_graphed's capture stream: the bwd pass replays a backward whose forward
+        # ran outside the capture, and autograd runs each node's backward on its forward's stream (a
+        # node of the legacy default stream fails the capture; see harness.bench_stream).
+        torch.cuda.set_stream(bench_stream())
 
     warmup, rep = (5, 20) if args.quick else (25, 100)
     if args.device != "cuda":  # a smoke run of the script itself (interpreter), not a measurement
@@ -375,6 +381,8 @@ def main(argv=None):
         del case
         if args.device == "cuda":
             torch.cuda.empty_cache()
+    if args.device == "cuda":
+        torch.cuda.set_stream(torch.cuda.default_stream())
     rec.finish(plot=dict(x="case", y="tflops", group="impl", ylabel="TFLOP/s (real tokens)"))
     return 0
 

@@ -151,6 +151,9 @@ def main(argv=None):
             try:
                 loss, _ = _fwd_bwd(fn, *inputs)  # warm-up: Triton / inductor compile here
                 losses[name] = loss.float().item()
+                # a live loss keeps its graph, whose AccumulateGrad nodes of hidden / weight / bias carry
+                # the default stream: every later backward would meet them (measure_graphed's capture fails)
+                del loss
                 t_fwd = None
                 if not (args.quick and (name == "compile" or "chunk" in name)):  # (one more inductor compile)
                     with torch.no_grad():

@@ -52,21 +52,91 @@ def measure(fn, *, warmup: int = 10, rep: int = 50, device=None) -> dict:
     return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
 
 
+_BENCH_STREAM = None
+
+
+def bench_stream():
+    """The one non-default stream the CUDA-graph timings capture on; benchmarks that time a backward
+    run their whole loop on it (torch.cuda.set_stream). Autograd records each node's stream when the
+    forward builds it and runs that node's backward there; a node from the legacy default stream (a
+    saved forward, a live graph's AccumulateGrad of the inputs) cannot join a capture on another
+    stream (cudaErrorStreamCaptureImplicit, or autograd's stale-stream RuntimeError)."""
+    global _BENCH_STREAM
+    if _BENCH_STREAM is None:
+        _BENCH_STREAM = torch.cuda.Stream()
+    return _BENCH_STREAM
+
+
+def _release_failed_capture(device: int, pool) -> None:
+    """A capture whose end failed (cudaStreamEndCapture errors once anything invalidated it) never
+    tells the caching allocator it is over: CUDAGraph.capture_end raises before endAllocateToPool, so
+    the allocator would go on as if a capture were underway (deferring event-synchronised frees for
+    the rest of the run) and never free the pool. End it and drop our reference here."""
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None) or getattr(
+        torch._C, "_cuda_endAllocateCurrentStreamToPool", None)
+    try:
+        end(device, pool)
+    except Exception:  # capture_end got that far: the graph owns the pool and releases it
+        return
+    try:
+        torch._C._cuda_releasePool(device, pool)
+    except Exception:
+        pass
+
+
 def measure_graphed(fn, *, rep: int = 20, device=None) -> dict | None:
     """Median / p20 / p80 ms of one fn() call as replayed from a CUDA graph of many calls (no host
     time; unlike measure, L2 is not flushed between calls). None on the CPU, or when fn cannot be
-    captured (why is printed): the caller keeps its other figures."""
+    captured (why is printed): the caller keeps its other figures. triton.testing.do_bench_cudagraph's
+    method, on bench_stream() and with a pool of its own, so that a failed capture is cleaned up."""
     cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     if not cuda:
         return None
-    import triton.testing
+    stream, caller = bench_stream(), torch.cuda.current_stream()
+    if stream != caller:
+        stream.wait_stream(caller)
+    dev, pool = torch.cuda.current_device(), torch.cuda.graph_pool_handle()
+    graph, captured = torch.cuda.CUDAGraph(), False
     try:
-        p20, median, p80 = triton.testing.do_bench_cudagraph(fn, rep=rep, quantiles=[0.2, 0.5, 0.8])
+        with torch.cuda.stream(stream):
+            fn()  # compiles / autotunes outside the capture
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            estimate = start.elapsed_time(end) / 5
+            n = max(1, int(rep / estimate)) if estimate > 0 else 1000
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                for _ in range(n):
+                    fn()
+            captured = True
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(10):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                graph.replay()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / n)
     except Exception as exc:  # e.g. a host sync inside fn: capture refuses it
-        print(f"measure_graphed: not capturable ({type(exc).__name__}: {str(exc)[:200]})", flush=True)
+        cause = exc.__context__  # capture_end's "invalidated" error hides what invalidated the capture
+        why = f"{type(exc).__name__}: {str(exc)[:200]}"
+        if cause is not None:
+            why += f"; raised first: {type(cause).__name__}: {str(cause)[:200]}"
+        print(f"measure_graphed: not capturable ({why})", flush=True)
+        del exc, cause
+        if not captured:
+            _release_failed_capture(dev, pool)
         torch.cuda.synchronize()
         return None
-    return {"graph_ms": median, "graph_p20_ms": p20, "graph_p80_ms": p80}
+    finally:
+        del graph  # its pool goes back before the caller's next figure
+    caller.wait_stream(stream)
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return {"graph_ms": statistics.median(times), "graph_p20_ms": q[1], "graph_p80_ms": q[7]}
 
 
 def matmul_ceiling_tflops(n: int = 8192, dtype=torch.bfloat16) -> float:
