@@ -30,7 +30,9 @@ fwd+bwd counts the sum. These are the bytes the op cannot avoid, so GB/s compare
 the same work. graph_* columns: the same call's device time alone, replayed from a CUDA graph
 (harness.measure_graphed, every impl alike): called one at a time from Python these ops are short
 enough that a slow host's launch cost can be most of median_ms (a p20-p80 spread is the sign), while
-inside the model's CUDA-graphed step only the device time remains.
+inside the model's CUDA-graphed step only the device time remains. Caution: replays do not flush L2
+between calls, and a 32k x 768 bf16 working set (~48 MB per tensor) partly stays in an H100/H200's
+50 MB L2, so graph_frac_of_ceiling (against a 1 GB copy) can read high, even above 1.
 (fastbert's embedding backward also writes and reads an fp32 dh, 8 T n bytes, which
 the formula does not credit.) fastbert is called through fastbert.kernels, with its input checks,
 except embed_layer_norm's id range check (validate=False): it syncs with the host (min/max of three
