@@ -75,7 +75,10 @@ def arm_argv(exp: dict, impl: str, model: str, data_root: str, out: str, args) -
             "--batching", batching or "bucketed",
             "--epochs", str(args.epochs or exp["epochs"]), "--batch-size", str(exp["batch_size"]),
             "--max-length", str(exp["max_length"]), "--freeze", exp["freeze"], "--seed", str(args.seed),
-            "--precision", args.precision, "--no-progress"]
+            "--precision", args.precision, "--no-progress",
+            # the same eager loop for every arm: `fastbert finetune` on a GPU would otherwise run the fastbert
+            # arm as CUDA graphs (--cuda-graphs auto), batches padded to their bucket and to --batch-size rows
+            "--cuda-graphs", "off"]
     if exp["lr"] is not None:
         argv += ["--lr", str(exp["lr"])]
     if os.path.isfile(os.path.join(d, "labels.txt")):  # ner_en: every tag, even if a short train file lacks one

@@ -1,4 +1,5 @@
 """benchmarks/finetune_ab.py end to end on a micro model and tiny stand-ins for the data sets."""
+import argparse
 import json
 import random
 import sys
@@ -63,6 +64,7 @@ def test_finetune_ab_writes_both_arms_and_the_ratio(setup, tmp_path):
         arms = payload["context"]["arms"]  # every arm's full metrics.json
         assert arms[f"{name}/transformers"]["impl"] == "transformers"
         assert arms[f"{name}/fastbert"]["train_seconds"] == fb["train_seconds"]
+        assert not any(arms[f"{name}/{impl}"]["cuda_graphs"] for impl in ("fastbert", "transformers"))
         assert 0.0 <= fb["dev"] <= 1.0 and 0.0 <= hf["dev"] <= 1.0
     assert rows[("ner_en", "fastbert")]["metric"] == "f1"
     assert rows[("frozen", "fastbert")]["freeze"] == "all"
@@ -70,3 +72,8 @@ def test_finetune_ab_writes_both_arms_and_the_ratio(setup, tmp_path):
     assert payload["context"]["smoke"] is True
     md = (out / "finetune_ab.md").read_text()
     assert "| sentiment_en | fastbert |" in md and "SMOKE RUN" in md and "Feature-based" in md
+    # on a GPU too, every arm runs the same eager loop (--cuda-graphs auto would graph the fastbert arm)
+    opts = argparse.Namespace(epochs=None, seed=42, precision="auto", threads=None, device="cuda",
+                              max_train_examples=None, max_eval_examples=None)
+    argv = finetune_ab.arm_argv(finetune_ab.EXPERIMENTS["sentiment_en"], "fastbert", "m", "d", "o", opts)
+    assert argv[argv.index("--cuda-graphs") + 1] == "off"
