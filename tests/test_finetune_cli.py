@@ -282,7 +282,7 @@ def test_encode_cuda_graphs_auto_is_on_for_small_batches_on_a_gpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_encode_cuda_graphs_gives_the_eager_commands_vectors(micro_model, tmp_path, precision):
+def test_encode_cuda_graphs_gives_the_eager_commands_vectors(micro_model, tmp_path, monkeypatch, precision):
     """--cuda-graphs on a GPU (benchmarks/gpu_check.sh, compiled kernels; the default at batch 4): the same
     vectors as the eager command (--cuda-graphs off), in both precisions; the graphs run the padded layout, the eager command the
     unpadded one, so bf16 agrees to its rounding, fp32 (TF32 off) to 1e-4."""
@@ -291,8 +291,12 @@ def test_encode_cuda_graphs_gives_the_eager_commands_vectors(micro_model, tmp_pa
     base = ["encode", "--model", micro_model, "--input", str(inp), "--precision", precision, "--batch-size", "4",
             "--device", "cuda", "--normalize"]
     torch.backends.cuda.matmul.allow_tf32 = False
+    from fastbert import encode
+    built, real_graphed = [], encode._graphed  # what each run built: a GraphedEncoder, or None (eager)
+    monkeypatch.setattr(encode, "_graphed", lambda *a, **k: built.append(real_graphed(*a, **k)) or built[-1])
     assert cli(base + ["--output", str(tmp_path / "g.npy")]) == 0  # auto: graphs at this batch size
     assert cli(base + ["--output", str(tmp_path / "e.npy"), "--cuda-graphs", "off"]) == 0
+    assert built[0] is not None and built[1] is None
     graphed, eager = np.load(tmp_path / "g.npy"), np.load(tmp_path / "e.npy")
     assert graphed.shape == eager.shape == (7, 32)
     if precision == "fp32":
@@ -369,7 +373,8 @@ def test_finetune_cuda_graphs_trains_like_the_eager_loop(micro_no_dropout, tmp_p
         assert cli(["finetune", "--task", task, "--model", micro_no_dropout, "--train", files["train"],
                     "--dev", files["dev"], "--out", str(out), "--epochs", "3", "--batch-size", "5",
                     "--max-length", "60", "--lr", "1e-3", "--device", "cuda", "--precision", "fp32",
-                    "--freeze", freeze, "--no-progress", "--cuda-graphs", "on" if mode == "graphs" else "off"]) == 0
+                    "--freeze", freeze, "--no-progress"]  # graphs: the default (auto) at this batch size
+                   + ([] if mode == "graphs" else ["--cuda-graphs", "off"])) == 0
         runs[mode] = (json.loads((out / "metrics.json").read_text()),
                       load_file(str(out / ("layer_mix.safetensors" if freeze == "all" else "model.safetensors"))))
     (g, g_w), (e, e_w) = runs["graphs"], runs["eager"]
@@ -1095,6 +1100,20 @@ def test_encode_reads_lazily_and_never_holds_all_features(micro_model, tmp_path,
     # when chunk k is tokenized, the input has been read up to its end and no further
     assert [c for _, c in seen] == [3, 6, 9, 11]
     assert len(consumed) == (2 if output == "e.npy" else 1)
+
+
+def test_encode_jsonl_from_a_file_counts_it_for_the_progress_bar(micro_model, tmp_path, monkeypatch):
+    """With a progress bar, JSONL from a file still reads it twice: the count first, for the bar's total
+    (only --no-progress JSONL reads it once)."""
+    import tqdm.auto
+    from fastbert import encode
+    inp, lines = _encode_input(tmp_path)
+    reads, totals, real_iter, real_tqdm = [], [], encode.iter_lines, tqdm.auto.tqdm
+    monkeypatch.setattr(encode, "iter_lines", lambda path: reads.append(path) or real_iter(path))
+    monkeypatch.setattr(tqdm.auto, "tqdm", lambda *a, **k: totals.append(k.get("total")) or real_tqdm(*a, **k))
+    args = [a for a in _encode_base(micro_model, inp) if a != "--no-progress"]
+    assert cli(args + ["--output", str(tmp_path / "e.jsonl")]) == 0
+    assert len(reads) == 2 and totals == [len(lines)]
 
 
 def test_encode_chunks_share_one_progress_bar_and_one_truncation_count(micro_model, tmp_path, capsys):
