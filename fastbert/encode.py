@@ -70,6 +70,7 @@ GRAPHS_AUTO_MAX_BATCH = 256
 def use_cuda_graphs(choice: str, device: torch.device, batch_size: int) -> bool:
     """Whether --cuda-graphs CHOICE runs graphs on `device` at `batch_size` (on for a non-CUDA device is
     the caller's error to raise)."""
+    choice = {True: "on", False: "off"}.get(choice, choice)  # a bool from a caller of the old flag
     if choice == "auto":
         return device.type == "cuda" and batch_size <= GRAPHS_AUTO_MAX_BATCH
     return choice == "on"

@@ -277,6 +277,7 @@ def test_encode_cuda_graphs_auto_is_on_for_small_batches_on_a_gpu():
     assert not use_cuda_graphs("auto", cuda, GRAPHS_AUTO_MAX_BATCH + 1)  # large batches: eager was faster
     assert not use_cuda_graphs("auto", cpu, 4) and not use_cuda_graphs("off", cuda, 4)
     assert use_cuda_graphs("on", cuda, 4096)
+    assert use_cuda_graphs(True, cuda, 4096) and not use_cuda_graphs(False, cuda, 4)  # the old flag's bool
 
 
 @pytest.mark.gpu
