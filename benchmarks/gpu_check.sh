@@ -49,7 +49,7 @@ case "${PLAN:-}" in
   # sentiment_zh/); the model comes back as zh_model.tar.gz for benchmarks.zh_grid on the CPU
   zh) : "${STEPS:=zh}" "${T_ZH:=500}" "${ZH_PRETRAIN_SECONDS:=420}"
       export ZH_EXPORT="${ZH_EXPORT:-1}" ZH_LRS="${ZH_LRS-}" ZH_SIZE="${ZH_SIZE:-mini}" ZH_BATCH="${ZH_BATCH:-128}" \
-             ZH_PRETRAIN_LR="${ZH_PRETRAIN_LR:-1e-3}" ;;
+             ZH_PRETRAIN_LR="${ZH_PRETRAIN_LR:-1e-3}" ZH_PRETRAIN_FLAGS="${ZH_PRETRAIN_FLAGS---cuda-graphs}" ;;
   "") ;;
   *) echo "PLAN must be first, second, third or zh, not $PLAN" >&2; exit 2 ;;
 esac
