@@ -328,7 +328,11 @@ class PretrainingLoss(torch.nn.Module):
         self.model, self.nsp = model, nsp
 
     def forward(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label, position_ids=None):
-        out = self.model.bert(input_ids, attention_mask, token_type_ids, position_ids, **PLAIN_OUTPUTS)
+        from .modeling import _mlm_rows
+        # as BertForPreTraining does with labels: past its attention the last layer runs only the rows
+        # the heads read (the masked ones, and each example's first token for NSP)
+        rows = _mlm_rows(self.model.cls.predictions, labels, self.model.training, input_ids, None)
+        out = self.model.bert(input_ids, attention_mask, token_type_ids, position_ids, **PLAIN_OUTPUTS, **rows)
         mlm = self.model.cls.predictions.masked_loss(out.last_hidden_state, labels)
         if not self.nsp:
             return mlm, None
@@ -654,9 +658,16 @@ def _run(args, dist: T.Distributed) -> int:
 
     # The loop leaves the host ahead of the device: the step's losses stay on the device (summed there,
     # over processes too) and are read back only for a metrics row or a checkpoint, so a GPU step costs
-    # no host sync of its own (the model's input check and masked-row count remain), and the next
-    # step's batches are built while this one runs (--prefetch).
+    # no host sync of its own (the model's input check and layout stats remain, at the step's start),
+    # and the next step's batches are built while this one runs (--prefetch).
     pin = device.type == "cuda"
+    # The MLM head runs on a fixed K rows, as in a CUDA graph, instead of finding the masked rows with
+    # nonzero(): that sync came mid-step, after the encoder, where the host lost all its lead on the
+    # device. fastbert's masking labels at most round(mask_prob * n) + 1 of a row's tokens, and the
+    # host counts each micro-batch's (a batch over K takes the exact path); packed rows hold several
+    # examples' worth, so they keep nonzero(). The mean loss is the same; K - M padding rows add ~0.2%.
+    max_masked = None if pack else micro * (round(s["mask_prob"] * s["seq_len"]) + 1)
+    mlm_head = model.cls.predictions
     graphed = None
     if graphs:
         from .cuda_graphs import GraphedTrainStep
@@ -669,7 +680,7 @@ def _run(args, dist: T.Distributed) -> int:
         # round(mask_prob * n) + 1 of a row's tokens (GraphedTrainStep checks every batch against K)
         graphed = GraphedTrainStep(model, optimizer, batch_size=micro, seq_buckets=(s["seq_len"],),
                                    max_grad_norm=s["max_grad_norm"], autocast_dtype=amp_dtype,
-                                   max_masked_rows=micro * (round(s["mask_prob"] * s["seq_len"]) + 1),
+                                   max_masked_rows=max_masked,
                                    loss_fn=graph_losses)
     prefetch = T.Prefetcher(prepare, enabled=args.prefetch == "on" or (args.prefetch == "auto" and device.type == "cuda"),
                             device=device)
@@ -703,6 +714,7 @@ def _run(args, dist: T.Distributed) -> int:
                     w_nsp = n_pairs / prepared.n_examples * dist.world_size
                     last = k == s["grad_accum"] - 1
                     sync = contextlib.nullcontext() if (last or not dist.enabled) else loss_module.no_sync()
+                    mlm_head.static_rows = max_masked if max_masked is not None and n_masked <= max_masked else None
                     with sync:
                         with autocast():
                             mlm, nsp_loss = loss_module(batch["input_ids"], batch["attention_mask"],
@@ -772,6 +784,7 @@ def _run(args, dist: T.Distributed) -> int:
                 stopped = stop.signal or signal.SIGTERM  # (another process received it)
                 break
     bar.close()
+    mlm_head.__dict__.pop("static_rows", None)  # back to the class default (exact rows) for later users
     if stopped is not None:
         _log(dist, f"stopped by {stopped.name} at step {step} of {steps}: checkpoint {ckpts.latest()} written; "
                    f"`fastbert pretrain --out {out} --resume` continues the run")

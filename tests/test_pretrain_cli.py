@@ -241,6 +241,62 @@ def test_cuda_graphs_pretrain_resumes_bitwise_with_dropout(corpus, vocab, tmp_pa
     assert (graphs / "model.safetensors").read_bytes() == first_weights
 
 
+def test_the_loop_runs_the_mlm_head_on_a_fixed_bound_of_rows_and_the_last_layer_on_its_rows(
+        corpus, vocab, tmp_path, monkeypatch):
+    """Two host syncs fewer and less work per step: the loop's MLM head takes K = micro-batch x
+    (round(mask_prob x seq) + 1) rows without nonzero() (unpacked rows; packed ones keep the exact
+    rows), and past its attention the last layer runs only the rows the heads read, as
+    BertForPreTraining does with labels."""
+    from fastbert import modeling
+    seen = {"static": [], "rows": []}
+    static_rows, bert_forward = modeling._static_label_rows, modeling.BertModel.forward
+
+    def spy_static(flat_labels, k):
+        seen["static"].append((int(k), int((flat_labels != -100).sum())))
+        return static_rows(flat_labels, k)
+
+    def spy_forward(self, *args, **kwargs):
+        seen["rows"].append(kwargs.get("output_rows") is not None and self.training)
+        return bert_forward(self, *args, **kwargs)
+    monkeypatch.setattr(modeling, "_static_label_rows", spy_static)
+    monkeypatch.setattr(modeling.BertModel, "forward", spy_forward)
+    common = ["--tokenizer", vocab, "--steps", "2", "--eval-every", "0", "--eval-examples", "0"]
+    assert run(corpus, tmp_path / "plain", *common) == 0
+    k = 4 * (round(0.15 * 32) + 1)  # MICRO: batch 4, seq 32
+    assert [kk for kk, _ in seen["static"]] == [k, k] and all(0 < m <= k for _, m in seen["static"])
+    assert seen["rows"] == [True, True]  # (no evaluation in this run)
+    seen["static"].clear(), seen["rows"].clear()
+    assert run(corpus, tmp_path / "packed", *common, "--pack") == 0
+    assert seen["static"] == [] and seen["rows"] == [True, True]
+
+
+def test_pretraining_loss_gives_bert_for_pretrainings_loss_terms():
+    """PretrainingLoss (the CLI's step) and BertForPreTraining(labels=...) compute the same MLM and NSP
+    terms, with and without the fixed bound of MLM rows."""
+    from fastbert.config import BertConfig
+    from fastbert.modeling import BertForPreTraining
+    from fastbert.pretrain import PretrainingLoss
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    model = BertForPreTraining(cfg).train()
+    ids = torch.randint(5, 300, (4, 32))
+    mask = torch.ones(4, 32, dtype=torch.long)
+    mask[1, 20:] = mask[3, 9:] = 0
+    types = (torch.arange(32) >= 12).long().expand(4, 32) * mask
+    labels = torch.full((4, 32), -100)
+    labels[:, 1:8:3] = ids[:, 1:8:3]
+    nsp_labels = torch.tensor([0, 1, 1, 0])
+    whole = model(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels,
+                  next_sentence_label=nsp_labels).loss
+    for static in (None, 4 * (round(0.15 * 32) + 1)):
+        model.cls.predictions.static_rows = static
+        mlm, nsp = PretrainingLoss(model, True)(ids, mask, types, labels, nsp_labels)
+        assert float(mlm + nsp) == pytest.approx(float(whole), rel=1e-6)
+        assert float(nsp) == pytest.approx(0.6931, abs=0.05) and float(mlm) > 5  # an untrained model's
+
+
 def test_prefetcher_order_errors_and_positions():
     from fastbert.trainer import Prefetcher
 
