@@ -3,7 +3,7 @@
 - ``measure(fn)``: median / p20 / p80 milliseconds. On CUDA, triton.testing.do_bench (L2 flushed
   between runs, CUDA-event timing); on the CPU, a wall-clock loop after warm-up.
 - ``measure_graphed(fn)``: fn's device time alone — many calls captured in one CUDA graph and replayed
-  (triton.testing.do_bench_cudagraph), so no host launch cost is in it. An op called alone from Python
+  (triton.testing.do_bench_cudagraph's method, on one bench stream), so no host launch cost is in it. An op called alone from Python
   on a slow host measures the host (its median ≈ its enqueue time); inside a CUDA-graphed training
   step only this time remains. Benchmarks report it beside the median for every competitor alike.
 - ``matmul_ceiling_tflops()`` and ``copy_bandwidth_gbps()``: the ceilings measured in the same run,
