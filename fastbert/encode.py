@@ -172,7 +172,9 @@ def embed_chunk(model, tok, texts, pooling, normalize, batch_size, max_length, d
 
 
 def _check_output(path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
+    # through a symlink the file written is its target (a .npy is made beside the target, then renamed
+    # over it): the target's folder is the one that must exist and take the file
+    folder = os.path.dirname(os.path.realpath(path))
     if os.path.isdir(path):
         raise ValueError(f"--output {path}: is a folder (give a file name: FILE.npy or FILE.jsonl)")
     if not os.path.isdir(folder):
@@ -223,7 +225,7 @@ def main(args) -> int:
                 total, source = sum(1 for _ in iter_lines(args.input)), args.input
             elif npy:  # stdin or a pipe: copied once to an anonymous file beside the output, then read from it
                 spool = tempfile.TemporaryFile("w+", encoding="utf-8", newline="\n",
-                                               dir=os.path.dirname(os.path.abspath(args.output)))
+                                               dir=os.path.dirname(os.path.realpath(args.output)))
                 total = 0
                 for t in iter_lines(args.input):
                     spool.write(t + "\n")

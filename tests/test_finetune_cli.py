@@ -1034,6 +1034,20 @@ def test_encode_npy_through_a_symlink_writes_its_target(micro_model, tmp_path):
     assert np.array_equal(np.load(target), np.load(tmp_path / "direct.npy"))
 
 
+def test_encode_output_through_a_dangling_symlink_is_checked_where_it_points(micro_model, tmp_path, capsys,
+                                                                           monkeypatch):
+    """A link into a folder that does not exist is refused before any encoding (it was checked as if
+    the link's own folder would take the file, and failed only at the write, after all the work)."""
+    from fastbert.modeling import BertModel
+    inp, _ = _encode_input(tmp_path)
+    monkeypatch.setattr(BertModel, "forward", lambda *a, **k: pytest.fail("encoded before the output check"))
+    for name in ("e.npy", "e.jsonl"):
+        link = tmp_path / f"link-{name}"
+        link.symlink_to(tmp_path / "missing" / name)
+        assert cli(_encode_base(micro_model, inp) + ["--output", str(link)]) == 2
+        assert f"the folder {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+
+
 def test_encode_crashing_npy_leaves_no_file(micro_model, tmp_path, monkeypatch):
     """A crash inside the model (here: its forward raising) propagates, leaving no file behind either."""
     from fastbert.modeling import BertModel
