@@ -10,7 +10,7 @@ sentence-transformers does), ``cls`` = the last hidden state of [CLS] (not the p
 when --output ends in .npy, otherwise JSONL rows ``{"text", "embedding"}`` (stdout by default).
 Texts longer than --max-length tokens (default: the model's maximum positions, at most 512) are
 truncated, and the count is printed to stderr. On a CUDA device batches of up to 256 run as CUDA
-graph replays (``--cuda-graphs``, default auto; see GRAPHS_AUTO_MAX_BATCH). ``--device`` / ``--precision`` as for `fastbert
+graph replays (``--cuda-graphs``, default auto; fastbert.runtime.GRAPHS_AUTO_MAX_BATCH). ``--device`` / ``--precision`` as for `fastbert
 finetune` (fastbert.runtime): default cuda when a GPU is visible, auto = bf16 autocast there; the
 pooling itself and the output are always fp32.
 
@@ -52,28 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="lines read, encoded and written at a time (default 16384; ~7.5 kB of tokenizer "
                         "output per line): memory is bounded by it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr)")
-    p.add_argument("--cuda-graphs", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
-                   help="replay each batch as a CUDA graph, one per length bucket of 32 tokens (CUDA only). "
-                        f"auto (the default): on for a CUDA device at --batch-size <= {GRAPHS_AUTO_MAX_BATCH}, "
-                        "where the eager run is bound by the host; on (or the bare flag): at any batch size; "
-                        "off: never")
+    R.add_cuda_graphs_argument(p, "replay each batch as a CUDA graph, one per length bucket of 32 tokens "
+                                  "(CUDA only; the eager run of small batches is bound by the host)")
     R.add_device_arguments(p, training=False)
-
-
-# `--cuda-graphs auto` turns graphs on up to this batch size. H200, MiniLM-L6 shapes, sentiment_en lengths
-# (benchmarks/results/gpu-h200-2026-11-27-run3/encode_gpu.md): at batch 128 the graphed run was 4.60x
-# transformers SDPA and 6.8x fastbert's eager run; at batch 1024 it was 0.91x the eager run (the padded
-# buckets cost more than the launches they save). The crossover lies between; 256 is the measured side.
-GRAPHS_AUTO_MAX_BATCH = 256
-
-
-def use_cuda_graphs(choice: str, device: torch.device, batch_size: int) -> bool:
-    """Whether --cuda-graphs CHOICE runs graphs on `device` at `batch_size` (on for a non-CUDA device is
-    the caller's error to raise)."""
-    choice = {True: "on", False: "off"}.get(choice, choice)  # a bool from a caller of the old flag
-    if choice == "auto":
-        return device.type == "cuda" and batch_size <= GRAPHS_AUTO_MAX_BATCH
-    return choice == "on"
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean",
@@ -274,7 +255,7 @@ def _chunks(lines, size: int, path):
 def _encode(args, model, tok, lines, total, npy, device, precision, max_length) -> int:
     """Encode `lines` (an iterator; `total` of them, None when unknown) chunk by chunk into args.output."""
     from tqdm.auto import tqdm
-    graphs = use_cuda_graphs(args.cuda_graphs, device, args.batch_size)
+    graphs = R.use_cuda_graphs(args.cuda_graphs, device, args.batch_size)
     graphed = _graphed(model, graphs, args.batch_size, max_length, args.pooling, args.normalize, precision)
     bar = tqdm(total=total, unit="text", desc="encode", disable=args.no_progress, dynamic_ncols=True)
     n_lines = n_trunc = 0

@@ -144,13 +144,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="benchmarking switch: run the same loop on the transformers class of the same name "
                         "(same initial weights; needs transformers); default fastbert")
     add_device_arguments(p)
-    p.add_argument("--cuda-graphs", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
-                   help="GPU: replay each training step (forward, backward, clipping, AdamW) as one CUDA graph, "
-                        "one per 32-token length bucket (fastbert.cuda_graphs.GraphedTrainStep): every batch is "
-                        "padded to its bucket and to --batch-size rows, and computed so, in exchange for no "
-                        "launch overhead; classify, pair, ner and choice, fp32 or bf16. auto (the default): on "
-                        f"where it runs, at --batch-size <= {GRAPHS_AUTO_MAX_BATCH}; on (or the bare flag): "
-                        "there at any batch size, an error elsewhere; off: never")
+    R.add_cuda_graphs_argument(
+        p, "GPU: replay each training step (forward, backward, clipping, AdamW) as one CUDA graph, one per "
+           "32-token length bucket (fastbert.cuda_graphs.GraphedTrainStep): every batch is padded to its bucket "
+           "and to --batch-size rows, and computed so, in exchange for no launch overhead; classify, pair, ner "
+           "and choice, fp32 or bf16")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
@@ -343,12 +341,6 @@ def _check_choice_counts(examples, n, path):
                               f"{n} per question (every question needs the same number)")
 
 
-# `--cuda-graphs auto` runs graphs up to this batch size: measured at batch 32 (H200: the graphed step
-# 7.09 ms, 4.78x transformers SDPA; every eager competitor host-bound at 30-43 ms); a large batch of
-# varied lengths pays for the padding of its buckets instead (`fastbert encode`: eager won at 1024).
-GRAPHS_AUTO_MAX_BATCH = 256
-
-
 def _why_no_cuda_graphs(args, device, precision) -> str | None:
     """Why this run cannot use CUDA graphs (None: it can)."""
     why = None
@@ -364,19 +356,16 @@ def _why_no_cuda_graphs(args, device, precision) -> str | None:
 
 
 def use_cuda_graphs(args, device, precision) -> bool:
-    """--cuda-graphs on / off / auto (on where it runs, at --batch-size <= GRAPHS_AUTO_MAX_BATCH)."""
-    choice = getattr(args, "cuda_graphs", "off")
-    choice = {True: "on", False: "off"}.get(choice, choice)  # a Namespace built by hand may hold a bool
+    """--cuda-graphs on / off / auto (on where it runs, at --batch-size <= R.GRAPHS_AUTO_MAX_BATCH)."""
+    choice = getattr(args, "cuda_graphs", "off")  # (a Namespace built by hand may hold the old flag's bool)
     why = _why_no_cuda_graphs(args, device, precision)
-    if choice == "on" and why:
+    if choice in ("on", True) and why:
         raise UsageError(f"--cuda-graphs {why}")
-    if choice == "auto" and device.type == "cuda":
-        if why or args.batch_size > GRAPHS_AUTO_MAX_BATCH:
-            _log("CUDA graphs off (--cuda-graphs auto): " + (f"--cuda-graphs {why}" if why else
-                 f"--batch-size {args.batch_size} is above {GRAPHS_AUTO_MAX_BATCH}"))
-            return False
-        return True
-    return choice == "on"
+    if choice == "auto" and device.type == "cuda" and (why or args.batch_size > R.GRAPHS_AUTO_MAX_BATCH):
+        _log("CUDA graphs off (--cuda-graphs auto): " + (f"--cuda-graphs {why}" if why else
+             f"--batch-size {args.batch_size} is above {R.GRAPHS_AUTO_MAX_BATCH}"))
+        return False
+    return R.use_cuda_graphs(choice, device, args.batch_size)
 
 
 def run(args) -> dict:

@@ -39,6 +39,30 @@ def add_device_arguments(p: argparse.ArgumentParser, training: bool = True) -> N
                         + ("fp16 trains with a GradScaler" if training else "bf16 / fp16: autocast"))
 
 
+# `--cuda-graphs auto` (finetune, encode) runs graphs up to this batch size. H200 (benchmarks/results/
+# gpu-h200-2026-11-27-run1, -run3): the graphed fine-tuning step at batch 32 was 4.78x transformers SDPA
+# (every eager competitor host-bound); graphed encoding at batch 128 was 4.60x SDPA and 6.8x the eager run,
+# but at batch 1024 0.91x the eager run (the padded buckets cost more than the launches they save).
+GRAPHS_AUTO_MAX_BATCH = 256
+
+
+def add_cuda_graphs_argument(p: argparse.ArgumentParser, what: str) -> None:
+    """--cuda-graphs [auto|on|off]: `what` says what is replayed (the help text's start)."""
+    p.add_argument("--cuda-graphs", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                   help=f"{what}. auto (the default): on for a CUDA device where it runs, at --batch-size <= "
+                        f"{GRAPHS_AUTO_MAX_BATCH}; on (or the bare flag): at any batch size, an error where it "
+                        "cannot run; off: never")
+
+
+def use_cuda_graphs(choice, device: torch.device, batch_size: int) -> bool:
+    """Whether --cuda-graphs CHOICE (auto/on/off, or the old flag's bool) runs graphs on `device` at
+    `batch_size` (on where graphs cannot run is the caller's error to raise)."""
+    choice = {True: "on", False: "off"}.get(choice, choice)
+    if choice == "auto":
+        return device.type == "cuda" and batch_size <= GRAPHS_AUTO_MAX_BATCH
+    return choice == "on"
+
+
 def resolve_device(name: str | None) -> torch.device:
     """The torch.device for --device; ValueError for a name torch does not know or a GPU that is
     not there (so a typo fails before any data is read, not halfway through training)."""

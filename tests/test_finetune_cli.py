@@ -271,7 +271,7 @@ def test_encode_cuda_graphs_needs_a_gpu(micro_model, tmp_path, capsys):
 
 
 def test_encode_cuda_graphs_auto_is_on_for_small_batches_on_a_gpu():
-    from fastbert.encode import GRAPHS_AUTO_MAX_BATCH, use_cuda_graphs
+    from fastbert.runtime import GRAPHS_AUTO_MAX_BATCH, use_cuda_graphs
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert use_cuda_graphs("auto", cuda, 64) and use_cuda_graphs("auto", cuda, GRAPHS_AUTO_MAX_BATCH)
     assert not use_cuda_graphs("auto", cuda, GRAPHS_AUTO_MAX_BATCH + 1)  # large batches: eager was faster
@@ -328,7 +328,8 @@ def test_finetune_cuda_graphs_auto_is_on_where_graphs_run(capsys):
     """--cuda-graphs auto (the default): graphs for a CUDA run that can take them at a batch size up to
     GRAPHS_AUTO_MAX_BATCH, eager (and said why) for one that cannot; on insists, off never."""
     from argparse import Namespace
-    from fastbert.finetune import GRAPHS_AUTO_MAX_BATCH, UsageError, use_cuda_graphs
+    from fastbert.finetune import UsageError, use_cuda_graphs
+    from fastbert.runtime import GRAPHS_AUTO_MAX_BATCH
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
 
     def args(choice="auto", task="classify", impl="fastbert", batch=32):
