@@ -679,8 +679,7 @@ def _run(args, dist: T.Distributed) -> int:
             terms = PretrainingLoss(m, nsp)(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["labels"],
                                             b["next_sentence_label"])
             return [t for t in terms if t is not None]
-        # the MLM head runs on K rows in the graph: fastbert's masking labels at most
-        # round(mask_prob * n) + 1 of a row's tokens (GraphedTrainStep checks every batch against K)
+        # the MLM head runs on max_masked rows in the graph (GraphedTrainStep checks every batch against it)
         graphed = GraphedTrainStep(model, optimizer, batch_size=micro, seq_buckets=(s["seq_len"],),
                                    max_grad_norm=s["max_grad_norm"], autocast_dtype=amp_dtype,
                                    max_masked_rows=max_masked,
