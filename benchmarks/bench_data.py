@@ -39,12 +39,14 @@ def time_recipe(corpus, tokenizer, doc_ids, *, seq_len: int, batch: int, steps: 
     from fastbert.pretraining_data import PretrainingData, collate, collate_packed
     if kw.get("pack"):
         kw = dict(kw, max_example_len=seq_len // 2)
-    data = PretrainingData(corpus, tokenizer, doc_ids, seq_len=seq_len, seed=0, **kw)
-    pad_id = data.ids["pad"]
+    def fresh():
+        return PretrainingData(corpus, tokenizer, doc_ids, seq_len=seq_len, seed=0, **kw)
+    alone = fresh()
     t0 = time.perf_counter()
-    n_pairs = len(data.epoch(0))
+    n_pairs = len(alone.epoch(0))
     epoch_ms = (time.perf_counter() - t0) * 1e3
-    data._cache = data._rows = None  # the timed steps build epoch 0 again, as a run does
+    data = fresh()  # the timed steps build epoch 0 again, as a run does
+    pad_id = data.ids["pad"]
     pos, times, n_examples = (0, 0), [], []
     for _ in range(steps):
         t = time.perf_counter()
