@@ -16,6 +16,10 @@ Run: python -m benchmarks.ptxas_report [--sweep]  (--sweep: also every bench_att
      python -m benchmarks.ptxas_report --gemm [--sweep]: the feed-forward epilogue matmuls
      (kernels/gemm_gelu.py: the shipped bf16 launch, --sweep: bench_ffn's candidates), forward and
      backward epilogue; writes $OUT/ptxas_report_gemm.md.
+     python -m benchmarks.ptxas_report --dropout: SASS instructions (cuobjdump, sm_90a) of the kernels
+     that draw a dropout mask — add_layer_norm and embed_layer_norm forward and backward, as the model
+     launches them at width 768 — with and without dropout, and the difference per element each
+     thread handles: what the keep mask costs in issued instructions; writes $OUT/ptxas_report_dropout.md.
 """
 from __future__ import annotations
 
@@ -128,7 +132,7 @@ def ln_resources(kernel, block_n, config, dtypes, flags, arch=90):
     constexprs = dict(flags, BLOCK_M=config.block_m, BLOCK_N=block_n)
     if "NUM_STAGES" in fn.arg_names:
         constexprs["NUM_STAGES"] = config.num_stages
-    floats = {"eps", "p", "scale"}
+    floats = {"eps", "scale"}
     signature = {arg: "constexpr" if arg in constexprs else "*" + dtypes[arg] if arg in dtypes
                  else "*i64" if arg == "SEED" else "*fp32" if arg.isupper() else "fp32" if arg in floats else "i32"
                  for arg in fn.arg_names}
@@ -234,6 +238,93 @@ def ln_report(sweep: bool):
     return 0
 
 
+def sass_instructions(compiled) -> int:
+    """Instructions in the SASS of a compiled kernel (cuobjdump -sass of its cubin; static count)."""
+    import triton
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        text = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
+    count = len(re.findall(r"/\*[0-9a-f]{4}\*/\s+[^;]*;", text))
+    if count == 0:
+        raise RuntimeError(f"cuobjdump printed no SASS:\n{text[-2000:]}")
+    return count
+
+
+def _embed_launch(kernel, dropout, block_n):
+    """One embed_layer_norm kernel as the model launches it: int64 ids, fp32 tables and LayerNorm."""
+    from fastbert.kernels import embedding as E
+
+    fn = getattr(E, kernel)
+    constexprs = dict(HAS_DROPOUT=dropout, BLOCK_N=block_n)
+    signature = {arg: "constexpr" if arg in constexprs else "*i64" if arg in ("IDS", "TT", "POS", "SEED")
+                 else "*fp32" if arg.isupper() else "fp32" if arg in ("eps", "scale") else "i32"
+                 for arg in fn.arg_names}
+    return compile_launch(fn, signature, constexprs, dict(num_warps=E.row_warps(block_n)))
+
+
+def _dropout_launches(n=768):
+    """(kernel, BLOCK_M, num_warps, make(dropout) -> compiled kernel) of the kernels that draw a dropout mask,
+    as the model launches them at width n under bf16 autocast."""
+    from fastbert.kernels import layer_norm as L
+
+    block_n = L.row_block(n)
+    jobs = []
+    for kernel, kind in (("_add_ln_fwd", "add_fwd"), ("_add_ln_bwd", "add_bwd")):
+        config = L.ln_config(n, kind, interpreting=False)
+        _, dtypes, flags = _LN_VARIANTS[kernel][0]  # "autocast"
+
+        def make(dropout, kernel=kernel, config=config, dtypes=dtypes, flags=flags):
+            fn = getattr(L, kernel)
+            constexprs = dict(flags, HAS_DROPOUT=dropout, BLOCK_M=config.block_m, BLOCK_N=block_n)
+            if "NUM_STAGES" in fn.arg_names:
+                constexprs["NUM_STAGES"] = config.num_stages
+            signature = {arg: "constexpr" if arg in constexprs else "*" + dtypes[arg] if arg in dtypes
+                         else "*i64" if arg == "SEED" else "*fp32" if arg.isupper()
+                         else "fp32" if arg in ("eps", "scale") else "i32" for arg in fn.arg_names}
+            return compile_launch(fn, signature, constexprs, dict(num_warps=config.num_warps))
+        jobs.append((kernel, config.block_m, config.num_warps, make))
+    for kernel in ("_embed_ln_fwd", "_embed_ln_bwd"):
+        jobs.append((kernel, 1, L.row_warps(block_n),
+                     lambda dropout, kernel=kernel: _embed_launch(kernel, dropout, block_n)))
+    return jobs
+
+
+def dropout_costs(n=768):
+    """{kernel: (elements per thread per step, SASS instructions without dropout, with dropout)}."""
+    from fastbert.kernels.layer_norm import row_block
+
+    return {kernel: (block_m * row_block(n) // (32 * warps), sass_instructions(make(False)),
+                     sass_instructions(make(True)))
+            for kernel, block_m, warps, make in _dropout_launches(n)}
+
+
+def dropout_report():
+    """SASS instructions of the dropout-carrying LayerNorm-family kernels with and without the mask."""
+    from fastbert.kernels.layer_norm import row_block
+
+    n = 768
+    block_n = row_block(n)
+    lines = ["# ptxas_report --dropout: what drawing the keep mask costs, SASS instructions, sm_90a (no GPU)", "",
+             f"Width {n} (BLOCK_N {block_n}), the model's bf16-autocast launches. Static counts from cuobjdump; "
+             "the backwards' loops run one tile per step, so the difference is the loop body's cost per step. "
+             "extra / element: (with - without) / (tile elements per thread).", "",
+             "| kernel | tile (BLOCK_M x BLOCK_N), warps | elements / thread | instructions without dropout "
+             "| with dropout | extra / element |", "|---|---|---|---|---|---|"]
+    for kernel, block_m, warps, make in _dropout_launches(n):
+        per_thread = block_m * block_n // (32 * warps)
+
+        def measure(make=make, per_thread=per_thread):
+            without, with_ = sass_instructions(make(False)), sass_instructions(make(True))
+            return without, with_, f"{(with_ - without) / per_thread:.1f}"
+        lines.append(_row((kernel, f"{block_m} x {block_n}, {warps}", per_thread), measure, 3))
+    _save(lines, "ptxas_report_dropout.md")
+    return 0
+
+
 def _row(lead, measure, width):
     """One printed table row: the lead cells, then measure()'s `width` cells — or, when it raises, the
     error in the first of them (one config that fails to compile must not hide the others)."""
@@ -259,6 +350,8 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="also every bench_attention (--ln: bench_ln_sweep) candidate")
     ap.add_argument("--ln", action="store_true", help="the add / GELU + LayerNorm kernels instead of attention")
     ap.add_argument("--gemm", action="store_true", help="the feed-forward epilogue matmuls instead of attention")
+    ap.add_argument("--dropout", action="store_true", help="SASS instructions of the LayerNorm family with / "
+                    "without dropout instead")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") not in (None, "", "0"):
         sys.exit("ptxas_report compiles for a GPU target: run it without TRITON_INTERPRET")
@@ -266,6 +359,8 @@ def main(argv=None):
         return ln_report(args.sweep)
     if args.gemm:
         return gemm_report(args.sweep)
+    if args.dropout:
+        return dropout_report()
     import torch
 
     from fastbert.kernels import flash_attention as fa

@@ -17,10 +17,10 @@ Backward, in two steps:
    bitwise repeatable, and a run as long as half the batch (token type 0) is spread over many
    programs instead of serialised in one. Rows of ids absent from the batch are zero.
 
-Dropout: Philox (tl.rand) of (seed, token * n + column) after the LayerNorm, keep when u > p, kept
-values scaled by 1 / (1 - p); the seed is a one-element tensor drawn from PyTorch's generator on the
-tables' device (torch.manual_seed makes it repeatable, no host sync); the backward regenerates the
-mask instead of storing it (see layer_norm.py).
+Dropout: the keep mask of kernels/philox_dropout.py (16 Philox bits per element, 8 per call, element
+(token, column)) after the LayerNorm, kept values scaled by 1 / (1 - effective_dropout_p(p)); the seed is
+a one-element tensor drawn from PyTorch's generator on the tables' device (torch.manual_seed makes it
+repeatable, no host sync); the backward regenerates the mask instead of storing it (see layer_norm.py).
 
 Supports: fp32, fp16, bf16 tables (math in fp32, output in the word table's dtype); LayerNorm
 weights of those dtypes; any integer id dtype; non-contiguous (e.g. expanded) id tensors, read
@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .layer_norm import check_width, draw_seed, dropout_keep, normalize, num_partials, row_block, row_warps
+from .layer_norm import check_width, draw_seed, normalize, num_partials, row_block, row_warps
+from .philox_dropout import dropout_args, keep_row
 
 __all__ = ["embed_layer_norm", "segment_sum"]
 
@@ -87,8 +88,8 @@ def _embed_ln_fwd(
     s_pos_b, s_pos_s,  # strides of position_ids (often 0 along batch: an expanded arange)
     n,  # width
     eps,  # LayerNorm epsilon
-    p,  # drop probability
-    scale,  # 1 / (1 - p)
+    drop_threshold,  # dropout: drop when the element's 16 random bits < this (philox_dropout.py)
+    scale,  # dropout: the kept values' scale, 1 / (1 - drop_threshold / 65536)
     HAS_DROPOUT: tl.constexpr,  # p > 0
     BLOCK_N: tl.constexpr,  # power of 2 >= n
 ):
@@ -102,7 +103,7 @@ def _embed_ln_fwd(
     b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
     y = d * rstd * w + b
     if HAS_DROPOUT:
-        keep = dropout_keep(tl.load(SEED), row, cols, n, p)
+        keep = keep_row(tl.load(SEED), row, n, drop_threshold, BLOCK_N)
         y = tl.where(keep, y * scale, 0.0)
     tl.store(Y + row * n + cols, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(MEAN + row, mean)
@@ -126,8 +127,8 @@ def _embed_ln_bwd(
     s_ids_b, s_ids_s, s_tt_b, s_tt_s, s_pos_b, s_pos_s,  # id strides (elements)
     n,  # width
     rows_per_program,  # tokens each program walks
-    p,  # drop probability
-    scale,  # 1 / (1 - p)
+    drop_threshold,  # dropout: drop when the element's 16 random bits < this (philox_dropout.py)
+    scale,  # dropout: the kept values' scale, 1 / (1 - drop_threshold / 65536)
     HAS_DROPOUT: tl.constexpr,  # p > 0: regenerate the mask
     BLOCK_N: tl.constexpr,  # power of 2 >= n
 ):
@@ -149,7 +150,7 @@ def _embed_ln_bwd(
         xhat = tl.where(mask, (h - mean) * rstd, 0.0)
         dy = tl.load(DY + row * n + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, row, cols, n, p)
+            keep = keep_row(seed, row, n, drop_threshold, BLOCK_N)
             dy = tl.where(keep, dy * scale, 0.0)
         dw += dy * xhat
         db += dy
@@ -291,8 +292,8 @@ def _fwd_impl(input_ids, token_type_ids, position_ids, word_weight, position_wei
     block_n = row_block(n)
     _embed_ln_fwd[(tokens,)](input_ids, token_type_ids, position_ids, word_weight, position_weight, type_weight,
                              weight, bias, y, mean, rstd, seed if has_dropout else mean, seq,
-                             *_strides(input_ids, token_type_ids, position_ids), n, eps, dropout_p,
-                             1.0 / (1.0 - dropout_p), HAS_DROPOUT=has_dropout, BLOCK_N=block_n,
+                             *_strides(input_ids, token_type_ids, position_ids), n, eps,
+                             *dropout_args(dropout_p), HAS_DROPOUT=has_dropout, BLOCK_N=block_n,
                              num_warps=row_warps(block_n))
     return y, mean, rstd
 
@@ -317,7 +318,7 @@ def _bwd_impl(dy, input_ids, token_type_ids, position_ids, word_weight, position
                                    type_weight, weight, dy, dh, part[0], part[1], mean, rstd,
                                    seed if has_dropout else mean, tokens, seq,
                                    *_strides(input_ids, token_type_ids, position_ids), n, rows_per_program,
-                                   dropout_p, 1.0 / (1.0 - dropout_p), HAS_DROPOUT=has_dropout, BLOCK_N=block_n,
+                                   *dropout_args(dropout_p), HAS_DROPOUT=has_dropout, BLOCK_N=block_n,
                                    num_warps=row_warps(block_n))
     d_word = segment_sum(input_ids, dh, word_weight.shape[0], word_weight.dtype)
     d_pos = segment_sum(position_ids, dh, position_weight.shape[0], position_weight.dtype)

@@ -18,8 +18,8 @@ Supports:
   * causal masking, top-left aligned like F.scaled_dot_product_attention(is_causal=True)
   * dropout on the probabilities, from Philox4x32-10 keyed by a seed drawn from PyTorch's generator
     (torch.manual_seed makes it repeatable) plus the (batch, head) index. One Philox call gives 128
-    bits = 16 bits for each of 8 consecutive keys of one query row (_dropout_keep documents the exact
-    mapping; tests/test_attention.py recomputes it in numpy), 8x fewer calls than one per element.
+    bits = 16 bits for each of 8 consecutive keys of one query row (kernels/philox_dropout.py documents
+    the exact mapping; tests/test_attention.py recomputes it in numpy), 8x fewer calls than one per element.
     The forward and both backward kernels regenerate the mask through one helper (_score_tile), as a
     pure function of (seed, row, key), whatever their block shapes
   * strided inputs and outputs: only the last dimension must be contiguous, so q/k/v may be views of
@@ -73,6 +73,7 @@ import triton
 import triton.language as tl
 
 from . import _dispatch
+from .philox_dropout import dropout_args, effective_dropout_p, keep_tile
 from .reference import split_qkv
 
 __all__ = ["attention", "varlen_attention", "attention_qkvpacked", "varlen_attention_qkvpacked",
@@ -115,25 +116,6 @@ def _key_end(KPM_ROW, seqlen_k, MASK_BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(seed, rows, col_start, seqlen_k, drop_threshold, BLOCK_N: tl.constexpr):
-    """Dropout keep mask (len(rows), BLOCK_N) of keys col_start + [0, BLOCK_N) (col_start a multiple of 8).
-
-    One Philox4x32-10 call gives 128 random bits: 8 keys' worth of 16 bits. Key 8g + 2w + h of query
-    row i takes half h (0 = low) of word w of randint4x(seed, i * cdiv(seqlen_k, 8) + g), and is kept
-    when those 16 bits are >= drop_threshold = round(p * 65536). A pure function of (seed, row, key):
-    the forward and both backward kernels regenerate the same mask whatever their block shapes.
-    """
-    BLOCK_M: tl.constexpr = rows.shape[0]
-    groups = col_start // 8 + tl.arange(0, BLOCK_N // 8)
-    counter = rows[:, None] * ((seqlen_k + 7) // 8) + groups[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, counter)
-    # join + reshape lays the four words of one call side by side: column 4g + w holds word w
-    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N // 2))
-    bits = tl.reshape(tl.join(words & 0xFFFF, words >> 16), (BLOCK_M, BLOCK_N))
-    return bits.to(tl.int32) >= drop_threshold
-
-
-@triton.jit
 def _score_tile(a, b, rows, cols, col_start, row_ok, key_ok, qk_scale, seed, seqlen_k, drop_threshold,
                 CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, TRANSPOSED: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
@@ -157,7 +139,7 @@ def _score_tile(a, b, rows, cols, col_start, row_ok, key_ok, qk_scale, seed, seq
     s = tl.where(visible, s, float("-inf"))
     keep = visible
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, rows, col_start, seqlen_k, drop_threshold, cols.shape[0])
+        keep = keep_tile(seed, rows, col_start, seqlen_k, drop_threshold, cols.shape[0])
         if TRANSPOSED:
             keep = tl.trans(keep)
     return s, keep
@@ -733,28 +715,6 @@ def _plan_key(q, key_padding_mask, varlen, causal, dropout_p):
 
 # ------------------------------------------------------------------------------------------ dropout
 
-def _drop_threshold(p: float) -> int:
-    return min(65535, round(p * 65536.0))
-
-
-def effective_dropout_p(p: float) -> float:
-    """The drop probability the kernels apply for dropout_p = p: round(p * 65536) / 65536 (16 random
-    bits per element); kept values are scaled by 1 / (1 - that), so the output's expectation is exact."""
-    return _drop_threshold(p) / 65536.0 if p > 0.0 else 0.0
-
-
-_DROPOUT_ARGS: dict = {0.0: (0, 1.0)}
-
-
-def _dropout_args(p: float):
-    """(drop_threshold, keep_scale) kernel arguments for dropout_p = p."""
-    args = _DROPOUT_ARGS.get(p)
-    if args is None:
-        threshold = _drop_threshold(p)
-        args = _DROPOUT_ARGS[p] = (threshold, 65536.0 / (65536 - threshold))
-    return args
-
-
 def _check_dropout_counter(seqlen_q, seqlen_k):
     # The Philox counter of (row, group of 8 keys) is an int32 per (batch, head).
     if seqlen_q * ((seqlen_k + 7) // 8) >= 2 ** 31:
@@ -840,7 +800,7 @@ def _flash_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, seed, causal, 
     _attn_fwd[(_cdiv(seqlen_q, block_m), batch * heads)](
         q, k, v, out, lse, kpm, cu_seqlens, seed,
         *q_rows, *k_rows, *v_rows, *o_rows, *lse_strides, 0 if kpm is None else kpm.stride(0),
-        heads, seqlen_q, seqlen_k, softmax_scale * _LOG2E, *_dropout_args(dropout_p), **launch,
+        heads, seqlen_q, seqlen_k, softmax_scale * _LOG2E, *dropout_args(dropout_p), **launch,
     )
     return out, lse
 
@@ -877,7 +837,7 @@ def _flash_bwd(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen
         _plan_key(q, key_padding_mask, varlen, causal, dropout_p))
     kpm = None if key_padding_mask is None else _last_dim_contiguous(key_padding_mask).view(torch.uint8)
     stride_mb = 0 if kpm is None else kpm.stride(0)
-    common = (heads, seqlen_q, seqlen_k, softmax_scale * _LOG2E, softmax_scale, *_dropout_args(dropout_p))
+    common = (heads, seqlen_q, seqlen_k, softmax_scale * _LOG2E, softmax_scale, *dropout_args(dropout_p))
     if max(seqlen_q, seqlen_k) <= fused_n:
         # Every key of a sequence in one block: one program per (sequence, head) does it all. Long query
         # sides stay on the split path, whose grid also spreads the query blocks.

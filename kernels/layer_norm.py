@@ -24,11 +24,14 @@ above FWD_TILE; no autotuning), a small one in the interpreter; set_ln_config_ov
 replace it for tuning sweeps (benchmarks/bench_ln_sweep.py) and tests. BLOCK_M = 1 is the one-row
 launch of before the tiling (one_row_config).
 
-Dropout: the keep mask is Philox (tl.rand) of (seed, row * n + column), keep when u > p, kept values
-scaled by 1 / (1 - p). The seed is a one-element int64 tensor drawn with torch.randint on the input's
-device (so torch.manual_seed makes it repeatable and nothing syncs with the host, CUDA graphs
-included); the backward regenerates the mask from it rather than saving it: Philox costs a few
-integer ops per element, a saved mask would cost a write and a read of rows x n bytes.
+Dropout: the keep mask of kernels/philox_dropout.py (16 Philox bits per element, 8 elements per
+Philox call, element (row, column) of a (rows, n) tensor; p quantised to 16 bits, kept values scaled by
+1 / (1 - effective_dropout_p(p))). One Philox call per element, as tl.rand draws, made the p = 0.1
+forward 3x slower than p = 0 on an H200 (philox_dropout.py). The seed is a one-element int64 tensor
+drawn with torch.randint on the input's device (so torch.manual_seed makes it repeatable and nothing
+syncs with the host, CUDA graphs included); the backward regenerates the mask from it rather than
+saving it: a few integer ops per element, where a saved mask would cost a write and a read of rows x n
+bytes.
 
 Low-precision copy (add_layer_norm(..., low_dtype=bf16 or fp16)): under autocast the fp32 residual
 stream feeds the next block's matmul, which would cast it in a kernel of its own (read 4 bytes, write
@@ -54,7 +57,7 @@ only through the fp32 rounding of the row reductions, and dweight / dbias throug
 order (deterministic for one configuration, not bit-equal across configurations).
 Not supported: widths above MAX_WIDTH (a clear ValueError; the row would no longer fit in
 registers); float64 on the GPU path (use the reference).
-Caution: the dropout offsets are int32, so the mask pattern repeats after 2**32 elements in one call.
+Caution: the dropout counter is an int32, so the mask pattern repeats after 2**35 elements in one call (2**32 groups of 8).
 With x_bias, x + x_bias is not rounded to x's dtype (a bf16 matmul with its bias would round it): not
 bit-equal to dense(h) under autocast, slightly closer to float64. x_bias's gradient is summed in fp32
 per program, then over programs by torch (deterministic, not bit-equal to autograd's reduction).
@@ -74,6 +77,7 @@ import triton.language as tl
 
 from . import _dispatch
 from .gelu import gelu, gelu_grad
+from .philox_dropout import dropout_args, keep_row, keep_tile
 
 __all__ = ["add_layer_norm", "gelu_layer_norm", "dropout_mask", "draw_seed", "MAX_WIDTH", "ln_config",
            "set_ln_config_override"]
@@ -114,25 +118,16 @@ def normalize_rows_grad(dy, xhat, w, rstd, n):
 
 
 @triton.jit
-def dropout_keep(seed, row, cols, n, p):
-    """Keep mask of row `row`, columns `cols` of a (rows, n) tensor; u ~ U(0, 1) per element. A tile
-    passes rows[:, None] and cols[None, :]: the mask depends on the element's index only, never on
-    how rows are grouped into programs."""
-    offs = (row * n + cols).to(tl.int32)  # row is int64: no overflow before the wrap
-    return tl.rand(seed, offs) > p
-
-
-@triton.jit
 def _dropout_mask_kernel(
     SEED,  # pointer to the int64 seed (one element)
     MASK,  # pointer to the (rows, n) int8 keep mask to write
     n,  # width
-    p,  # drop probability
+    drop_threshold,  # drop when the element's 16 random bits < this (philox_dropout.py)
     BLOCK_N: tl.constexpr,  # power of 2 >= n
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
-    keep = dropout_keep(tl.load(SEED), row, cols, n, p)
+    keep = keep_row(tl.load(SEED), row, n, drop_threshold, BLOCK_N)
     tl.store(MASK + row * n + cols, keep.to(tl.int8), mask=cols < n)
 
 
@@ -146,7 +141,7 @@ def dropout_mask(seed: torch.Tensor, rows: int, n: int, p: float) -> torch.Tenso
     check_width(n)
     mask = torch.empty((rows, n), dtype=torch.int8, device=seed.device)
     if rows and n:
-        _dropout_mask_kernel[(rows,)](seed, mask, n, p, BLOCK_N=row_block(n))
+        _dropout_mask_kernel[(rows,)](seed, mask, n, dropout_args(p)[0], BLOCK_N=row_block(n))
     return mask.bool()
 
 
@@ -320,8 +315,8 @@ def _add_ln_fwd(
     rows,  # number of rows
     n,  # width
     eps,  # LayerNorm epsilon
-    p,  # drop probability
-    scale,  # 1 / (1 - p)
+    drop_threshold,  # dropout: drop when the element's 16 random bits < this (philox_dropout.py)
+    scale,  # dropout: the kept values' scale, 1 / (1 - drop_threshold / 65536)
     HAS_DROPOUT: tl.constexpr,  # p > 0
     HAS_X_BIAS: tl.constexpr,  # add XB to x (in fp32) before the dropout: the bias of the dense before
     STORE_LOW: tl.constexpr,  # also write y in Y_LOW's dtype (the next matmul's input under autocast)
@@ -342,7 +337,7 @@ def _add_ln_fwd(
     if HAS_X_BIAS:
         x += tl.load(XB + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
     if HAS_DROPOUT:
-        keep = dropout_keep(tl.load(SEED), row[:, None], cols[None, :], n, p)
+        keep = keep_tile(tl.load(SEED), row, 0, n, drop_threshold, BLOCK_N)
         x = tl.where(keep, x * scale, 0.0)
     h = x + r
     d, mean, rstd = normalize_rows(h, mask, n, eps)
@@ -375,8 +370,8 @@ def _add_ln_bwd(
     rows,  # number of rows
     n,  # width
     rows_per_program,  # rows each program walks
-    p,  # drop probability
-    scale,  # 1 / (1 - p)
+    drop_threshold,  # dropout: drop when the element's 16 random bits < this (philox_dropout.py)
+    scale,  # dropout: the kept values' scale, 1 / (1 - drop_threshold / 65536)
     HAS_DROPOUT: tl.constexpr,  # p > 0: regenerate the mask
     HAS_DY_LOW: tl.constexpr,  # the low-precision copy has a gradient too: add it to DY's
     STORE_DX: tl.constexpr,  # x's gradient differs from the residual's (dropout, or another dtype)
@@ -417,7 +412,7 @@ def _add_ln_bwd(
         if HAS_X_BIAS:
             x += xb
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, row[:, None], cols[None, :], n, p)
+            keep = keep_tile(seed, row, 0, n, drop_threshold, BLOCK_N)
             x = tl.where(keep, x * scale, 0.0)
         mean = tl.load(MEAN + row, mask=row_mask, other=0.0)[:, None]
         rstd = tl.load(RSTD + row, mask=row_mask, other=0.0)[:, None]
@@ -473,7 +468,7 @@ def _add_ln_fwd_impl(x, residual, weight, bias, eps: float, dropout_p: float, se
     config = ln_config(n, "add_fwd")
     _add_ln_fwd[(triton.cdiv(rows, config.block_m),)](
         x, residual, weight, bias, y, y if y_low is None else y_low, mean, rstd, seed if has_dropout else mean,
-        weight if x_bias is None else x_bias, rows, n, eps, dropout_p, 1.0 / (1.0 - dropout_p),
+        weight if x_bias is None else x_bias, rows, n, eps, *dropout_args(dropout_p),
         HAS_DROPOUT=has_dropout, HAS_X_BIAS=x_bias is not None, STORE_LOW=y_low is not None,
         BLOCK_M=config.block_m, BLOCK_N=row_block(n), num_warps=config.num_warps)
     return y, mean, rstd, y_low
@@ -505,7 +500,7 @@ def _add_ln_bwd_impl(dy, x, residual, weight, mean, rstd, dropout_p: float, seed
     _add_ln_bwd[(programs,)](x, residual, weight, dy, dy if dy_low is None else dy_low, dres, dx if store_dx else dres,
                              part[0], part[1], mean, rstd, seed if has_dropout else mean,
                              x_bias if has_x_bias else weight, part[2] if has_x_bias else part[1], rows, n,
-                             rows_per_program, dropout_p, 1.0 / (1.0 - dropout_p), HAS_DROPOUT=has_dropout,
+                             rows_per_program, *dropout_args(dropout_p), HAS_DROPOUT=has_dropout,
                              HAS_DY_LOW=dy_low is not None, STORE_DX=store_dx, HAS_X_BIAS=has_x_bias,
                              BLOCK_M=config.block_m, BLOCK_N=row_block(n), NUM_STAGES=config.num_stages,
                              num_warps=config.num_warps)

@@ -11,14 +11,14 @@ from __future__ import annotations
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 
 import fastbert.kernels as K
 from fastbert.kernels import flash_attention  # noqa: F401  (registers the fastbert::*attention* ops)
-from fastbert.kernels import reference
+from fastbert.kernels import philox_dropout, reference
 from aot import compile_in_subprocess
+from philox_mask import philox_keep_mask
 from tolerance import assert_close_to_reference
 
 INTERPRETED_DTYPES = (torch.float32, torch.float16)
@@ -78,29 +78,6 @@ def random_mask(batch, seq, empty_row=True):
 
 def to_device(device, *tensors):
     return [t.to(device) if t is not None else None for t in tensors]
-
-
-def philox_keep_mask(seed, batch, heads, seq_q, seq_k, p, rng_seq_k=None):
-    """The keep mask (B, H, Sq, Sk) bool that flash_attention documents, computed independently in numpy:
-    Philox4x32-10 keyed by seed + b * H + h; counter i * ceil(rng_seq_k / 8) + j // 8 (rng_seq_k: the
-    kernels' seq_k, max_seqlen when packed); key j takes 16-bit half (j % 2) of word (j % 8) // 2 and is
-    kept when it is >= round(p * 65536)."""
-    m32 = np.uint64(0xFFFFFFFF)
-    groups = ((seq_k if rng_seq_k is None else rng_seq_k) + 7) // 8
-    counter = (np.arange(seq_q, dtype=np.uint64)[:, None] * np.uint64(groups)
-               + np.arange((seq_k + 7) // 8, dtype=np.uint64)[None, :])
-    key = (np.uint64(seed) + np.arange(batch * heads, dtype=np.uint64)).reshape(batch, heads, 1, 1)
-    k0, k1 = key & m32, key >> np.uint64(32)
-    c0 = np.broadcast_to(counter, (batch, heads) + counter.shape)
-    c1 = c2 = c3 = np.zeros_like(c0)
-    a, b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
-    for _ in range(10):
-        p0, p1 = b * c2, a * c0  # 32 x 32 -> 64-bit products: (high word, low word)
-        c0, c2, c1, c3 = (p0 >> np.uint64(32)) ^ c1 ^ k0, (p1 >> np.uint64(32)) ^ c3 ^ k1, p0 & m32, p1 & m32
-        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & m32, (k1 + np.uint64(0xBB67AE85)) & m32
-    words = np.stack([c0, c1, c2, c3], -1)
-    halves = np.stack([words & np.uint64(0xFFFF), words >> np.uint64(16)], -1).reshape(batch, heads, seq_q, -1)
-    return torch.from_numpy(halves[..., :seq_k] >= min(65535, round(p * 65536)))
 
 
 # ------------------------------------------------------------------------------ padded layout
@@ -385,7 +362,7 @@ def test_dropout_quantisation():
     assert fa.effective_dropout_p(0.1) == 6554 / 65536
     assert fa.effective_dropout_p(0.9999999) == 65535 / 65536  # never drops everything
     for p in (1e-6, 0.1, 0.3, 0.999):
-        threshold, scale = fa._dropout_args(p)
+        threshold, scale = philox_dropout.dropout_args(p)
         assert abs(fa.effective_dropout_p(p) - p) <= 2 ** -17
         assert scale == 1.0 / (1.0 - fa.effective_dropout_p(p))
     with pytest.raises(ValueError, match="2\\*\\*31"):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import fastbert.kernels as K
 from fastbert.kernels import embedding as E
 from fastbert.kernels import layer_norm as L
+from fastbert.kernels.philox_dropout import effective_dropout_p
 from tolerance import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
@@ -29,7 +30,7 @@ def _ids(batch, seq, device):
 def _reference(ids, tt, pos, word, posw, typew, w, b, keep=None, p=0.0):
     h = F.embedding(ids, word) + F.embedding(pos, posw) + F.embedding(tt, typew)
     y = F.layer_norm(h, h.shape[-1:], w, b, EPS)
-    return y if keep is None else y * keep.to(y.dtype) / (1.0 - p)
+    return y if keep is None else y * keep.to(y.dtype) / (1.0 - effective_dropout_p(p))
 
 
 def _check(n, dtype, device, batch=2, seq=5, p=0.0, seed=None, positions=None):

@@ -242,7 +242,7 @@ def _add_ln_fwd(exhaustive):
     # Y_LOW / DY_LOW: the matmul copy is bf16 beside an fp32 stream in the model, whatever X's dtype here;
     # XB: the dense bias, an fp32 parameter in the model
     return [({"X": _PT[d], "R": _PT[d], "W": _PT[d], "B": _PT[d], "Y": _PT[d], "Y_LOW": "*bf16", "MEAN": "*fp32",
-              "RSTD": "*fp32", "SEED": "*i64", "XB": "*fp32", "rows": "i32", "n": "i32", "eps": "fp32", "p": "fp32",
+              "RSTD": "*fp32", "SEED": "*i64", "XB": "*fp32", "rows": "i32", "n": "i32", "eps": "fp32", "drop_threshold": "i32",
               "scale": "fp32", "HAS_DROPOUT": "constexpr", "HAS_X_BIAS": "constexpr", "STORE_LOW": "constexpr",
               "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}, const, options)
             for d, const, options in _ln_variants("add_fwd", ("HAS_DROPOUT", "STORE_LOW", "HAS_X_BIAS"), exhaustive)]
@@ -251,7 +251,7 @@ def _add_ln_fwd(exhaustive):
 def _add_ln_bwd(exhaustive):
     return [({"X": _PT[d], "R": _PT[d], "W": _PT[d], "DY": _PT[d], "DY_LOW": "*bf16", "DR": _PT[d], "DX": _PT[d],
               "DW_PART": "*fp32", "DB_PART": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64", "XB": "*fp32",
-              "DXB_PART": "*fp32", "rows": "i32", "n": "i32", "rows_per_program": "i32", "p": "fp32", "scale": "fp32",
+              "DXB_PART": "*fp32", "rows": "i32", "n": "i32", "rows_per_program": "i32", "drop_threshold": "i32", "scale": "fp32",
               "HAS_DROPOUT": "constexpr", "HAS_DY_LOW": "constexpr", "STORE_DX": "constexpr", "HAS_X_BIAS": "constexpr",
               "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "NUM_STAGES": "constexpr"}, const,
              options)
@@ -281,7 +281,7 @@ _STRIDES = {k: "i32" for k in ("s_ids_b", "s_ids_s", "s_tt_b", "s_tt_s", "s_pos_
 def _embed_fwd(exhaustive):
     return [({**_IDS, "WORD": _PT[d], "POSW": _PT[d], "TYPEW": _PT[d], "W": _PT[d], "B": _PT[d], "Y": _PT[d],
               "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64", "seq": "i32", **_STRIDES, "n": "i32", "eps": "fp32",
-              "p": "fp32", "scale": "fp32", "HAS_DROPOUT": "constexpr", "BLOCK_N": "constexpr"},
+              "drop_threshold": "i32", "scale": "fp32", "HAS_DROPOUT": "constexpr", "BLOCK_N": "constexpr"},
              {**f, "BLOCK_N": blk})
             for blk, d, f in _variants(("HAS_DROPOUT",), exhaustive)]
 
@@ -289,7 +289,7 @@ def _embed_fwd(exhaustive):
 def _embed_bwd(exhaustive):
     return [({**_IDS, "WORD": _PT[d], "POSW": _PT[d], "TYPEW": _PT[d], "W": _PT[d], "DY": _PT[d], "DH": "*fp32",
               "DW_PART": "*fp32", "DB_PART": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64",
-              "tokens": "i32", "seq": "i32", **_STRIDES, "n": "i32", "rows_per_program": "i32", "p": "fp32",
+              "tokens": "i32", "seq": "i32", **_STRIDES, "n": "i32", "rows_per_program": "i32", "drop_threshold": "i32",
               "scale": "fp32", "HAS_DROPOUT": "constexpr", "BLOCK_N": "constexpr"}, {**f, "BLOCK_N": blk})
             for blk, d, f in _variants(("HAS_DROPOUT",), exhaustive)]
 
@@ -311,7 +311,7 @@ def _segment_carries(exhaustive):
 
 
 def _dropout_mask(exhaustive):
-    return [({"SEED": "*i64", "MASK": "*i8", "n": "i32", "p": "fp32", "BLOCK_N": "constexpr"}, {"BLOCK_N": blk})
+    return [({"SEED": "*i64", "MASK": "*i8", "n": "i32", "drop_threshold": "i32", "BLOCK_N": "constexpr"}, {"BLOCK_N": blk})
             for blk in _row_blocks(exhaustive)]
 
 

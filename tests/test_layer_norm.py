@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 import fastbert.kernels as K
 from fastbert.kernels import layer_norm as L
+from fastbert.kernels.philox_dropout import effective_dropout_p
+from philox_mask import philox_keep_mask
 from tolerance import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
@@ -39,6 +41,11 @@ def _check(fn_ours, fn_base, inputs, dtypes, device, names, seed=None, out_dtype
         assert_close_to_reference(a.grad, b.grad, r.grad, name=f"d{name}")
 
 
+def _keep_scale(p):
+    """The kept values' scale the kernels apply: p is quantised to 16 bits (kernels/philox_dropout.py)."""
+    return 1.0 / (1.0 - effective_dropout_p(p))
+
+
 def _ln_params(n):
     return 1.0 + 0.3 * torch.randn(n), 0.5 * torch.randn(n)
 
@@ -59,7 +66,7 @@ def test_add_layer_norm_dropout_matches_reference_with_same_mask(triton_kernels,
     p, rows, seed = 0.25, 6, 1234
     torch.manual_seed(seed)
     keep = L.dropout_mask(L.draw_seed(device), rows, n, p)  # the mask the op will draw after the same seed
-    scale = 1.0 / (1.0 - p)
+    scale = _keep_scale(p)
     x, res = torch.randn(rows, n), torch.randn(rows, n)
     w, b = _ln_params(n)
     _check(lambda x, r, w, b: K.add_layer_norm(x, r, w, b, EPS, dropout_p=p),
@@ -91,7 +98,7 @@ def test_add_layer_norm_mixed_dtypes_noncontiguous(triton_kernels, device, x_dty
     n, rows, seed = 100, 9, 99
     torch.manual_seed(seed)
     keep = L.dropout_mask(L.draw_seed(device), rows, n, p) if p else None
-    scale = 1.0 / (1.0 - p)
+    scale = _keep_scale(p)
     x, res = torch.randn(n, rows).t(), torch.randn(n, rows).t()
     w, b = _ln_params(n)
     out_dtype = torch.promote_types(x_dtype, res_dtype)
@@ -146,7 +153,7 @@ def test_add_layer_norm_x_bias(triton_kernels, device, rows, n, dtype, p):
     and every gradient, x_bias's included (summed over several rows per backward program and several
     programs). Without dropout and in one dtype, x's gradient is not stored by the kernel (it is the
     residual's) but the x-bias gradient must still be accumulated."""
-    seed, scale = 21, 1.0 / (1.0 - p)
+    seed, scale = 21, _keep_scale(p)
     torch.manual_seed(seed)
     keep = L.dropout_mask(L.draw_seed(device), rows, n, p) if p else None
     x, res, xb = torch.randn(rows, n), 1.0 + torch.randn(rows, n), 0.5 * torch.randn(n)
@@ -176,7 +183,7 @@ def test_add_layer_norm_x_bias_mixed_dtypes(triton_kernels, device, xb_dtype, p)
     def base(x, r, w, b, xb):
         h = x.to(r.dtype) + xb.to(r.dtype)
         if keep is not None:
-            h = h * keep.to(r.dtype) / (1.0 - p)
+            h = h * keep.to(r.dtype) * _keep_scale(p)
         return F.layer_norm(h + r, (n,), w.to(r.dtype), b.to(r.dtype), EPS)
 
     _check(lambda x, r, w, b, xb: K.add_layer_norm(x, r, w, b, EPS, dropout_p=p, x_bias=xb), base,
@@ -280,7 +287,7 @@ def _check_low_copy(device, rows, n, p, x_bias=False):
 
     def plain(x, r, w, b, xb=None):
         h = x.to(r.dtype) if xb is None else x.to(r.dtype) + xb.to(r.dtype)
-        h = h if keep is None else h * keep.to(r.dtype) / (1.0 - p)
+        h = h if keep is None else h * keep.to(r.dtype) * _keep_scale(p)
         return F.layer_norm(h + r, (n,), w.to(r.dtype), b.to(r.dtype), EPS)
 
     torch.manual_seed(seed)
@@ -431,6 +438,17 @@ def test_dropout_mask_is_a_function_of_the_element_index(triton_kernels, device,
     y.backward(torch.randn(rows, n, device=device))
     assert torch.equal(x.grad != 0, keep)
     assert 0.2 < 1.0 - keep.float().mean().item() < 0.4
+
+
+@pytest.mark.parametrize("rows,n,p", [(3, 5, 0.5), (4, 37, 0.1), (2, 768, 0.3), (2, 1000, 0.9)])
+def test_dropout_mask_is_the_documented_philox_mask(triton_kernels, device, rows, n, p):
+    """dropout_mask (tied above to what the fused kernels apply) equals kernels/philox_dropout.py's
+    mapping recomputed in numpy: element (i, 8g + 2w + h) kept when half h of word w of Philox(seed,
+    i * ceil(n / 8) + g) is >= round(p * 65536), widths with a partial last group of 8 included."""
+    torch.manual_seed(rows * n)
+    seed = L.draw_seed(device)
+    keep = L.dropout_mask(seed, rows, n, p).cpu()
+    assert torch.equal(keep, philox_keep_mask(int(seed.item()), 1, 1, rows, n, p)[0, 0])
 
 
 def test_dropout_mask_statistics(triton_kernels, device):

@@ -48,6 +48,8 @@ _SCRIPT = textwrap.dedent("""
         ptx = compiled.asm["ptx"]
         out[f"gemm backward={backward}"] = dict(regs=regs, spills=st + ld, shared=smem, mma_sync=ptx.count("mma.sync"),
                                                 wgmma=ptx.count("wgmma.mma_async"))
+    for kernel, (per_thread, without, with_) in P.dropout_costs(768).items():
+        out[f"dropout {kernel}"] = dict(per_thread=per_thread, without=without, with_dropout=with_)
     print(json.dumps(out))
 """)
 
@@ -96,3 +98,16 @@ def test_feed_forward_epilogue_matmul_defaults(report):
         assert r["mma_sync"] == 0 and r["wgmma"] > 0, r
         assert r["shared"] == 4 * (128 * 64 + 64 * 128) * 2, r
         assert r["spills"] <= (64 if backward else 0), r
+
+
+@pytest.mark.slow
+def test_dropout_mask_costs_a_fraction_of_a_philox_call_per_element(report):
+    """The LayerNorm family draws its keep mask 8 elements per Philox call (kernels/philox_dropout.py):
+    at 768 under bf16 autocast, dropout adds 12-21 SASS instructions per element a thread handles (one
+    Philox call per element, as tl.rand draws, added 57-65: ptxas-cpu-2026-11-27-s17-dropout/)."""
+    costs = {k: v for k, v in report.items() if k.startswith("dropout ")}
+    assert sorted(costs) == ["dropout _add_ln_bwd", "dropout _add_ln_fwd", "dropout _embed_ln_bwd",
+                             "dropout _embed_ln_fwd"]
+    for name, r in costs.items():
+        extra = (r["with_dropout"] - r["without"]) / r["per_thread"]
+        assert 0 < extra <= 30, (name, r, extra)
