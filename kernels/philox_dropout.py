@@ -13,7 +13,8 @@ word w of randint4x(seed, i * cdiv(width, 8) + g), and is kept when those 16 bit
 shapes or launch parameters, so a backward regenerates its forward's mask whatever its tiling.
 
 Supports: any width (the last group of a row is partial: its unused bits are drawn and dropped); any
-tile (BLOCK_M, BLOCK_N) with BLOCK_N a multiple of 8 and a column start that is a multiple of 8.
+tile (BLOCK_M, BLOCK_N) with BLOCK_N 8 times a power of 2 (tl.arange(0, BLOCK_N // 8)) and a column
+start that is a multiple of 8.
 Caution: p is quantised to 16 bits (effective_dropout_p; 0.1 -> 0.100006, always within 2**-17 of p)
 and kept values are scaled by 1 / (1 - effective_dropout_p(p)), so the expectation is exact; p close
 to 1 never drops everything (at most 65535 / 65536). The counter is 32 bits: the pattern of one seed

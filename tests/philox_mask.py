@@ -12,10 +12,17 @@ def philox_keep_mask(seed, batch, heads, seq_q, seq_k, p, rng_seq_k=None):
     heads = 1, seq_q = rows, seq_k = n); counter i * ceil(rng_seq_k / 8) + j // 8 (rng_seq_k: the
     kernels' seq_k, max_seqlen when packed); key j takes 16-bit half (j % 2) of word (j % 8) // 2 and is
     kept when it is >= round(p * 65536)."""
+    halves = philox_halves(seed, batch, heads, seq_q, seq_k, rng_seq_k)
+    return torch.from_numpy(halves >= min(65535, round(p * 65536)))
+
+
+def philox_halves(seed, batch, heads, seq_q, seq_k, rng_seq_k=None):
+    """The 16 random bits (B, H, Sq, Sk) uint64 of each element that philox_keep_mask compares with the
+    threshold; the counter wraps at 2**32 as the kernels' int32 counter does."""
     m32 = np.uint64(0xFFFFFFFF)
     groups = ((seq_k if rng_seq_k is None else rng_seq_k) + 7) // 8
     counter = (np.arange(seq_q, dtype=np.uint64)[:, None] * np.uint64(groups)
-               + np.arange((seq_k + 7) // 8, dtype=np.uint64)[None, :])
+               + np.arange((seq_k + 7) // 8, dtype=np.uint64)[None, :]) & m32
     key = (np.uint64(seed) + np.arange(batch * heads, dtype=np.uint64)).reshape(batch, heads, 1, 1)
     k0, k1 = key & m32, key >> np.uint64(32)
     c0 = np.broadcast_to(counter, (batch, heads) + counter.shape)
@@ -27,4 +34,4 @@ def philox_keep_mask(seed, batch, heads, seq_q, seq_k, p, rng_seq_k=None):
         k0, k1 = (k0 + np.uint64(0x9E3779B9)) & m32, (k1 + np.uint64(0xBB67AE85)) & m32
     words = np.stack([c0, c1, c2, c3], -1)
     halves = np.stack([words & np.uint64(0xFFFF), words >> np.uint64(16)], -1).reshape(batch, heads, seq_q, -1)
-    return torch.from_numpy(halves[..., :seq_k] >= min(65535, round(p * 65536)))
+    return halves[..., :seq_k]

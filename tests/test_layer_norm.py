@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import fastbert.kernels as K
 from fastbert.kernels import layer_norm as L
 from fastbert.kernels.philox_dropout import effective_dropout_p
-from philox_mask import philox_keep_mask
+from philox_mask import philox_halves, philox_keep_mask
 from tolerance import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
@@ -63,7 +63,7 @@ def test_add_layer_norm(triton_kernels, device, n, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("n", [37, 1000])
 def test_add_layer_norm_dropout_matches_reference_with_same_mask(triton_kernels, device, n, dtype):
-    p, rows, seed = 0.25, 6, 1234
+    p, rows, seed = 0.3, 6, 1234  # 0.3 is not a multiple of 2**-16: the scale must be the effective p's
     torch.manual_seed(seed)
     keep = L.dropout_mask(L.draw_seed(device), rows, n, p)  # the mask the op will draw after the same seed
     scale = _keep_scale(p)
@@ -449,6 +449,21 @@ def test_dropout_mask_is_the_documented_philox_mask(triton_kernels, device, rows
     seed = L.draw_seed(device)
     keep = L.dropout_mask(seed, rows, n, p).cpu()
     assert torch.equal(keep, philox_keep_mask(int(seed.item()), 1, 1, rows, n, p)[0, 0])
+
+
+def test_dropout_mask_keeps_bits_equal_to_the_threshold(triton_kernels, device):
+    """Kept when the 16 bits are >= the threshold, not >: p set to bits / 65536 for drawn values, so that
+    some elements sit exactly on the threshold (at random p, one element in 65536 does)."""
+    rows, n = 3, 37
+    torch.manual_seed(5)
+    seed = L.draw_seed(device)
+    halves = philox_halves(int(seed.item()), 1, 1, rows, n)[0, 0]
+    for bits in (int(halves[0, 0]), int(halves[2, 36]), int(halves[1, 13])):
+        if bits == 0:
+            continue  # p = 0 draws no mask
+        p = bits / 65536
+        keep = L.dropout_mask(seed, rows, n, p).cpu()
+        assert torch.equal(keep, torch.from_numpy(halves >= bits)), bits
 
 
 def test_dropout_mask_statistics(triton_kernels, device):
