@@ -20,6 +20,9 @@ Run: python -m benchmarks.ptxas_report [--sweep]  (--sweep: also every bench_att
      that draw a dropout mask — add_layer_norm and embed_layer_norm forward and backward, as the model
      launches them at width 768 — with and without dropout, and the difference per element each
      thread handles: what the keep mask costs in issued instructions; writes $OUT/ptxas_report_dropout.md.
+     python -m benchmarks.ptxas_report --gelu: SASS instructions per element of bias_gelu's forward and
+     backward (bf16, width 3072, both GELU forms), which at BERT sizes are bound by issued instructions
+     more than by bytes; writes $OUT/ptxas_report_gelu.md.
 """
 from __future__ import annotations
 
@@ -325,6 +328,37 @@ def dropout_report():
     return 0
 
 
+def gelu_report(n=3072):
+    """SASS instructions per element of the bias + GELU kernels as the model launches them (bf16)."""
+    from fastbert.kernels import gelu as G
+
+    lines = ["# ptxas_report --gelu: bias + GELU, SASS instructions per element, sm_90a (no GPU)", "",
+             f"bf16, width {n}, the launches of kernels/gelu.py; static counts from cuobjdump over the elements a "
+             "thread holds per tile (the backward's loop body dominates its count).", "",
+             "| kernel | GELU | tile (BLOCK_M x BLOCK_N), warps | elements / thread | instructions | per element |",
+             "|---|---|---|---|---|---|"]
+    for kernel, config in (("_bias_gelu_fwd", getattr(G, "fwd_config", None)), ("_bias_gelu_bwd", G.bwd_config)):
+        fn = getattr(G, kernel)
+        for approx in (False, True):
+            if config is None:  # the flat forward of before the tiling: BLOCK elements per program
+                block_m, block_n, warps = 1, G.FWD_BLOCK, 4
+                constexprs = dict(APPROX_TANH=approx, BLOCK=block_n)
+            else:
+                block_m, block_n, warps = config(n)
+                constexprs = dict(APPROX_TANH=approx, BLOCK_M=block_m, BLOCK_N=block_n)
+            signature = {arg: "constexpr" if arg in constexprs else "*fp32" if arg == "DBIAS_PART"
+                         else "*bf16" if arg.isupper() else "i32" for arg in fn.arg_names}
+            per_thread = block_m * block_n // (32 * warps)
+
+            def measure(fn=fn, signature=signature, constexprs=constexprs, warps=warps, per_thread=per_thread):
+                count = sass_instructions(compile_launch(fn, signature, constexprs, dict(num_warps=warps)))
+                return count, f"{count / per_thread:.1f}"
+            lines.append(_row((kernel, "tanh" if approx else "erf", f"{block_m} x {block_n}, {warps}", per_thread),
+                              measure, 2))
+    _save(lines, "ptxas_report_gelu.md")
+    return 0
+
+
 def _row(lead, measure, width):
     """One printed table row: the lead cells, then measure()'s `width` cells — or, when it raises, the
     error in the first of them (one config that fails to compile must not hide the others)."""
@@ -350,6 +384,7 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="also every bench_attention (--ln: bench_ln_sweep) candidate")
     ap.add_argument("--ln", action="store_true", help="the add / GELU + LayerNorm kernels instead of attention")
     ap.add_argument("--gemm", action="store_true", help="the feed-forward epilogue matmuls instead of attention")
+    ap.add_argument("--gelu", action="store_true", help="SASS instructions per element of bias + GELU instead")
     ap.add_argument("--dropout", action="store_true", help="SASS instructions of the LayerNorm family with / "
                     "without dropout instead")
     args = ap.parse_args(argv)
@@ -361,6 +396,8 @@ def main(argv=None):
         return gemm_report(args.sweep)
     if args.dropout:
         return dropout_report()
+    if args.gelu:
+        return gelu_report()
     import torch
 
     from fastbert.kernels import flash_attention as fa

@@ -4,14 +4,17 @@ x (..., n), bias (n,). GELU is either the exact form 0.5 z (1 + erf(z / sqrt 2))
 BERT's "gelu") or the tanh form 0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))) (approximate="tanh",
 "gelu_new" / "gelu_pytorch_tanh"), as torch.nn.functional.gelu.
 
-Forward: one pass over x, flattened, BLOCK elements per program (bias read as offs % n, it stays in
-cache). Backward: dx = dy * gelu'(x + bias) and dbias = sum over rows of dx; every program owns a
+Forward: one pass over x in (BLOCK_M, BLOCK_N) tiles, a program per tile, the bias loaded once per
+program. (It used to walk x flattened and read the bias at offs % n: on sm_90 the int64 remainder and
+its addresses cost 8.5 of the 48.5 SASS instructions per element, and at BERT sizes the exact-GELU
+forward is bound by issued instructions, not bytes: H200, 0.155 ms for 32768 x 3072 bf16 where the
+instruction count predicts 0.145 and the copy bandwidth 0.095.) Backward: dx = dy * gelu'(x + bias) and dbias = sum over rows of dx; every program owns a
 group of rows and a block of columns, sums its dbias share in fp32 and writes it to a
 (programs, n) fp32 buffer that torch then reduces: deterministic, and no bf16 rounding of the
 partial sums.
 
-Supports: fp32, fp16, bf16 (math in fp32, stored in the input dtype); any width n; any leading shape;
-non-contiguous x (copied once).
+Supports: fp32, fp16, bf16 (math in fp32, stored in the input dtype); any width n up to 65535 x 1024
+(column blocks ride the grid's second axis); any leading shape; non-contiguous x (copied once).
 Not supported: float64 on the GPU path (use the reference).
 Caution: the element-wise `_gelu` / `_gelu_grad` helpers take fp32 input; the layer_norm and
 embedding modules reuse them.
@@ -34,7 +37,8 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
 _TANH_COEF = tl.constexpr(0.044715)
 
-FWD_BLOCK = 2048  # elements per forward program: 16 per thread at 4 warps
+FWD_ELEMS = 2048  # elements per forward tile (BLOCK_M rows x BLOCK_N columns): 16 per thread at 4 warps
+FWD_MAX_BLOCK_N = 1024
 BWD_ELEMS = 4096  # elements per backward tile (BLOCK_M rows x BLOCK_N columns)
 BWD_MAX_BLOCK_N = 1024
 
@@ -81,20 +85,23 @@ def gelu_grad(z, APPROX_TANH: tl.constexpr):
 
 @triton.jit
 def _bias_gelu_fwd(
-    X,  # pointer to x, contiguous, numel elements viewed flat
+    X,  # pointer to x (rows, n), contiguous
     BIAS,  # pointer to bias (n,)
-    Y,  # pointer to the output, same layout and dtype as x
-    numel,  # total number of elements of x
-    n,  # width of the last dimension (bias length)
+    Y,  # pointer to the output (rows, n), x's dtype
+    rows,  # number of rows
+    n,  # width (the bias length)
     APPROX_TANH: tl.constexpr,  # True: tanh GELU, False: erf GELU
-    BLOCK: tl.constexpr,  # elements per program
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_N: tl.constexpr,  # columns per program (power of 2); the grid's second axis walks the width
 ):
-    pid = tl.program_id(0).to(tl.int64)  # int64: activations of 32k x 4096 pass 2**31 elements soon
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
+    r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: rows x n may pass 2**31
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n
+    mask = (r < rows)[:, None] & col_mask[None, :]
+    offs = r[:, None] * n + cols[None, :]
+    b = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(BIAS + offs % n, mask=mask, other=0.0).to(tl.float32)
-    y = gelu(x + b, APPROX_TANH)
+    y = gelu(x + b[None, :], APPROX_TANH)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -133,6 +140,12 @@ def _bias_gelu_bwd(
     tl.store(DBIAS_PART + pid_m * n + cols, acc, mask=col_mask)
 
 
+def fwd_config(n: int) -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the forward for width n."""
+    block_n = min(triton.next_power_of_2(n), FWD_MAX_BLOCK_N)
+    return max(1, FWD_ELEMS // block_n), block_n, 4
+
+
 def bwd_config(n: int) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the backward for width n."""
     block_n = min(triton.next_power_of_2(n), BWD_MAX_BLOCK_N)
@@ -152,12 +165,16 @@ def _fwd_impl(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Te
     x = x.contiguous()
     bias = bias.contiguous()
     y = torch.empty_like(x)
-    numel = x.numel()
-    if numel == 0:
+    n = x.shape[-1]
+    rows = x.numel() // n if n else 0
+    if rows == 0:
         return y
-    grid = (triton.cdiv(numel, FWD_BLOCK),)
-    _bias_gelu_fwd[grid](x, bias, y, numel, x.shape[-1], APPROX_TANH=approximate == "tanh", BLOCK=FWD_BLOCK,
-                         num_warps=4)
+    block_m, block_n, num_warps = fwd_config(n)
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n))
+    if grid[1] > 65535:
+        raise ValueError(f"bias_gelu (Triton): width {n} needs {grid[1]} column blocks, the grid allows 65535")
+    _bias_gelu_fwd[grid](x, bias, y, rows, n, APPROX_TANH=approximate == "tanh", BLOCK_M=block_m, BLOCK_N=block_n,
+                         num_warps=num_warps)
     return y
 
 

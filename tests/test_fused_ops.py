@@ -174,9 +174,12 @@ def _variants(flags, exhaustive):
 
 
 def _bias_gelu_fwd(exhaustive):
-    return [({"X": _PT[d], "BIAS": _PT[d], "Y": _PT[d], "numel": "i32", "n": "i32", "APPROX_TANH": "constexpr",
-              "BLOCK": "constexpr"}, {"APPROX_TANH": a, "BLOCK": G.FWD_BLOCK})
-            for d in DTYPES for a in (False, True) if exhaustive or d == torch.bfloat16 or a]
+    ns = [1 << k for k in range(0, 11)] if exhaustive else [37, 768]  # 3072 uses 768's blocks
+    return [({"X": _PT[d], "BIAS": _PT[d], "Y": _PT[d], "rows": "i32", "n": "i32", "APPROX_TANH": "constexpr",
+              "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+             {"APPROX_TANH": a, "BLOCK_M": G.fwd_config(n)[0], "BLOCK_N": G.fwd_config(n)[1]})
+            for n in ns for d in DTYPES for a in (False, True)
+            if exhaustive or (n == 768 and (d == torch.bfloat16 or a)) or (d == torch.bfloat16 and a)]
 
 
 def _bias_gelu_bwd(exhaustive):

@@ -11,7 +11,7 @@ import fastbert.kernels as K
 from tolerance import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
-WIDTHS = [37, 384, 768, 1000, 3072]
+WIDTHS = [37, 384, 768, 1000, 1500, 3072]  # 1500: two column blocks, the second partial
 
 
 def _leaves(dtype, device, *tensors):
