@@ -8,14 +8,15 @@ Forward: one pass over x in (BLOCK_M, BLOCK_N) tiles, a program per tile, the bi
 program. (It used to walk x flattened and read the bias at offs % n: on sm_90 the int64 remainder and
 its addresses cost 8.5 of the 48.5 SASS instructions per element, and at BERT sizes the exact-GELU
 forward is bound by issued instructions, not bytes: H200, 0.155 ms for 32768 x 3072 bf16 where the
-instruction count predicts 0.145 and the copy bandwidth 0.095.) Backward: dx = dy * gelu'(x + bias) and dbias = sum over rows of dx; every program owns a
-group of rows and a block of columns, sums its dbias share in fp32 and writes it to a
+instruction count predicts 0.145 and the copy bandwidth 0.095.)
+Backward: dx = dy * gelu'(x + bias) and dbias = sum over rows of dx; every program owns a group of
+rows and a block of columns, sums its dbias share in fp32 and writes it to a
 (programs, n) fp32 buffer that torch then reduces: deterministic, and no bf16 rounding of the
 partial sums.
 
 Supports: fp32, fp16, bf16 (math in fp32, stored in the input dtype); any width n up to 65535 x 1024
 (column blocks ride the grid's second axis); any leading shape; non-contiguous x (copied once).
-Not supported: float64 on the GPU path (use the reference).
+Not supported: float64 on the GPU path (use the reference); wider rows (the forward raises ValueError).
 Caution: the element-wise `_gelu` / `_gelu_grad` helpers take fp32 input; the layer_norm and
 embedding modules reuse them.
 """
