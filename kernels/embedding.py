@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_pow2
 from .layer_norm import check_width, draw_seed, normalize, num_partials, row_block, row_warps
 from .philox_dropout import dropout_args, keep_row
 
@@ -254,9 +255,9 @@ def segment_sum(ids: torch.Tensor, rows: torch.Tensor, num_embeddings: int, dtyp
         return out
     chunk = chunk or segment_chunk(rows.device)
     sorted_ids, perm = torch.sort(ids.reshape(-1).to(torch.int64), stable=True)
-    chunks = triton.cdiv(tokens, chunk)
-    block_n = min(triton.next_power_of_2(n), SEGMENT_BLOCK_N)
-    grid = (chunks, triton.cdiv(n, block_n))
+    chunks = cdiv(tokens, chunk)
+    block_n = min(next_pow2(n), SEGMENT_BLOCK_N)
+    grid = (chunks, cdiv(n, block_n))
     carry = torch.empty((chunks, 2, n), dtype=torch.float32, device=rows.device)
     _segment_sum_chunks[grid](sorted_ids, perm, rows, out, carry, tokens, n, CHUNK=chunk, BLOCK_N=block_n,
                               num_warps=2)
@@ -309,8 +310,8 @@ def _bwd_impl(dy, input_ids, token_type_ids, position_ids, word_weight, position
     has_dropout = dropout_p > 0.0
     dh = torch.empty((tokens, n), dtype=torch.float32, device=dy.device)
     programs = max(1, num_partials(tokens, dy.device))
-    rows_per_program = triton.cdiv(tokens, programs) if tokens else 1
-    programs = triton.cdiv(tokens, rows_per_program) if tokens else 0
+    rows_per_program = cdiv(tokens, programs) if tokens else 1
+    programs = cdiv(tokens, rows_per_program) if tokens else 0
     part = torch.zeros((2, max(programs, 1), n), dtype=torch.float32, device=dy.device)
     if tokens and n:
         block_n = row_block(n)

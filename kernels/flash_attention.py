@@ -73,6 +73,7 @@ import triton
 import triton.language as tl
 
 from . import _dispatch
+from ._host import cdiv as _cdiv, next_pow2 as _next_pow2
 from .philox_dropout import dropout_args, effective_dropout_p, keep_tile
 from .reference import split_qkv
 
@@ -567,18 +568,7 @@ def _block_d(head_dim: int) -> int:
     return max(16, _next_pow2(head_dim))
 
 
-# Plain-Python twins of triton.cdiv / triton.next_power_of_2: those are ConstexprFunctions, whose
-# call from the host goes through Triton's JIT machinery (tens of microseconds per call on a busy
-# host) and the launchers call them on every attention call.
 _MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y, the (sequence x head) axis of every launch
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
 _config_override: Optional[dict] = None   # {kind: (BLOCK_M, BLOCK_N, num_warps, num_stages)}

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import sm_count
+from ._host import cdiv, next_pow2
 
 __all__ = ["bias_gelu", "gelu", "gelu_grad"]
 
@@ -143,13 +144,13 @@ def _bias_gelu_bwd(
 
 def fwd_config(n: int) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the forward for width n."""
-    block_n = min(triton.next_power_of_2(n), FWD_MAX_BLOCK_N)
+    block_n = min(next_pow2(n), FWD_MAX_BLOCK_N)
     return max(1, FWD_ELEMS // block_n), block_n, 4
 
 
 def bwd_config(n: int) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the backward for width n."""
-    block_n = min(triton.next_power_of_2(n), BWD_MAX_BLOCK_N)
+    block_n = min(next_pow2(n), BWD_MAX_BLOCK_N)
     block_m = max(1, BWD_ELEMS // block_n)
     return block_m, block_n, 4
 
@@ -171,7 +172,7 @@ def _fwd_impl(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Te
     if rows == 0:
         return y
     block_m, block_n, num_warps = fwd_config(n)
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n))
+    grid = (cdiv(rows, block_m), cdiv(n, block_n))
     if grid[1] > 65535:
         raise ValueError(f"bias_gelu (Triton): width {n} needs {grid[1]} column blocks, the grid allows 65535")
     _bias_gelu_fwd[grid](x, bias, y, rows, n, APPROX_TANH=approximate == "tanh", BLOCK_M=block_m, BLOCK_N=block_n,
@@ -189,11 +190,11 @@ def _bwd_impl(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, approximate
     if rows == 0 or n == 0:
         return dx, torch.zeros_like(bias)
     block_m, block_n, num_warps = bwd_config(n)
-    col_blocks = triton.cdiv(n, block_n)
+    col_blocks = cdiv(n, block_n)
     # Enough programs to fill the GPU about four times over, each with whole tiles of rows.
-    programs = max(1, min(triton.cdiv(rows, block_m), (4 * sm_count(x.device)) // col_blocks or 1))
-    rows_per_program = triton.cdiv(triton.cdiv(rows, programs), block_m) * block_m
-    programs = triton.cdiv(rows, rows_per_program)
+    programs = max(1, min(cdiv(rows, block_m), (4 * sm_count(x.device)) // col_blocks or 1))
+    rows_per_program = cdiv(cdiv(rows, programs), block_m) * block_m
+    programs = cdiv(rows, rows_per_program)
     partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
     _bias_gelu_bwd[(programs, col_blocks)](x, bias, dy, dx, partial, rows, n, rows_per_program,
                                           APPROX_TANH=approximate == "tanh", BLOCK_M=block_m, BLOCK_N=block_n,

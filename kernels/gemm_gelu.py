@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv
 from .gelu import gelu, gelu_grad
 
 __all__ = ["feed_forward", "GemmConfig", "gemm_config", "set_gemm_config_override"]
@@ -164,7 +165,7 @@ def _gemm_gelu(
 
 def _launch(a, b_kn_strides, b, bias, z, c, db_part, M, N, K, backward: bool, approximate: str, store_z=True):
     cfg = gemm_config(a.dtype)
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)
     _gemm_gelu[grid](
         a, b, bias, z, c, db_part, M, N, K, a.stride(0), a.stride(1), *b_kn_strides,
         BACKWARD=backward, STORE_Z=store_z, APPROX_TANH=approximate == "tanh", EVEN_K=K % cfg.block_k == 0,
@@ -201,7 +202,7 @@ def gelu_dgrad(dout2: torch.Tensor, w2: torch.Tensor, z: torch.Tensor, approxima
     dz = torch.empty((M, N), dtype=dout2.dtype, device=dout2.device)
     if M == 0 or N == 0 or K == 0:
         return dz.zero_(), torch.zeros(N, dtype=torch.float32, device=dout2.device)
-    db_part = torch.empty((triton.cdiv(M, gemm_config(dout2.dtype).block_m), N), dtype=torch.float32,
+    db_part = torch.empty((cdiv(M, gemm_config(dout2.dtype).block_m), N), dtype=torch.float32,
                           device=dout2.device)
     _launch(dout2, (w2.stride(0), w2.stride(1)), w2, db_part, z, dz, db_part, M, N, K, True, approximate)
     return dz, db_part.sum(0)

@@ -76,6 +76,7 @@ import triton
 import triton.language as tl
 
 from . import _dispatch
+from ._host import cdiv, next_pow2
 from .gelu import gelu, gelu_grad
 from .philox_dropout import dropout_args, keep_row, keep_tile
 
@@ -152,7 +153,7 @@ def check_width(n: int):
 
 
 def row_block(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_pow2(n))
 
 
 def row_warps(block_n: int) -> int:
@@ -287,9 +288,9 @@ def one_row_config(n: int, kind: str) -> LnConfig:
 def backward_split(rows: int, config: LnConfig, device: torch.device) -> Tuple[int, int]:
     """(programs, rows_per_program) of a backward: rows_per_program is a multiple of BLOCK_M, so only
     the last tile of the last program is partial."""
-    programs = max(1, min(triton.cdiv(rows, config.block_m), config.programs_per_sm * _dispatch.sm_count(device)))
-    rows_per_program = triton.cdiv(triton.cdiv(rows, programs), config.block_m) * config.block_m
-    return triton.cdiv(rows, rows_per_program), rows_per_program
+    programs = max(1, min(cdiv(rows, config.block_m), config.programs_per_sm * _dispatch.sm_count(device)))
+    rows_per_program = cdiv(cdiv(rows, programs), config.block_m) * config.block_m
+    return cdiv(rows, rows_per_program), rows_per_program
 
 
 def _check_dtypes(**tensors):
@@ -466,7 +467,7 @@ def _add_ln_fwd_impl(x, residual, weight, bias, eps: float, dropout_p: float, se
         return y, mean, rstd, y_low
     has_dropout = dropout_p > 0.0
     config = ln_config(n, "add_fwd")
-    _add_ln_fwd[(triton.cdiv(rows, config.block_m),)](
+    _add_ln_fwd[(cdiv(rows, config.block_m),)](
         x, residual, weight, bias, y, y if y_low is None else y_low, mean, rstd, seed if has_dropout else mean,
         weight if x_bias is None else x_bias, rows, n, eps, *dropout_args(dropout_p),
         HAS_DROPOUT=has_dropout, HAS_X_BIAS=x_bias is not None, STORE_LOW=y_low is not None,
@@ -723,7 +724,7 @@ def _gelu_ln_fwd_impl(x, bias, weight, ln_bias, eps: float, approximate: str):
     if rows == 0 or n == 0:
         return y, mean, rstd
     config = ln_config(n, "gelu_fwd")
-    _gelu_ln_fwd[(triton.cdiv(rows, config.block_m),)](
+    _gelu_ln_fwd[(cdiv(rows, config.block_m),)](
         x, bias, weight, ln_bias, y, mean, rstd, rows, n, eps, APPROX_TANH=approximate == "tanh",
         BLOCK_M=config.block_m, BLOCK_N=row_block(n), num_warps=config.num_warps)
     return y, mean, rstd

@@ -79,6 +79,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_pow2
+
 # Bound on the bytes of the one logits block that exists at a time (see "Memory" above).
 CHUNK_BYTES = 128 << 20
 # Tests set this to force a fixed number of rows per chunk on tiny inputs (None: from CHUNK_BYTES).
@@ -221,7 +223,7 @@ _LSE_BLOCK = {False: 8192, True: 32768}  # [interpreted]: largest vocabulary til
 def _lse_config(vocab_pad: int, interpreted: bool):
     """(BLOCK_R, BLOCK_V, num_warps). GPU: one row per program, 8 KiB-element tiles with 8 warps
     (≈ 50 registers: many programs per SM keep loads in flight through the reductions)."""
-    block_v = min(_LSE_BLOCK[interpreted], triton.next_power_of_2(vocab_pad))
+    block_v = min(_LSE_BLOCK[interpreted], next_pow2(vocab_pad))
     block_r = max(1, min(64, (1 << 18) // block_v)) if interpreted else 1
     return block_r, block_v, (8 if block_v >= 2048 else 4)
 
@@ -231,7 +233,7 @@ def _grad_config(vocab_pad: int, chunk_rows: int, interpreted: bool):
     column stripes at vocab 30522 × up to 8 row splits of ≥ 256 rows (1908 programs for 1024-row
     chunks: enough in flight per SM to cover memory latency). Interpreter: wide stripes, one split."""
     if interpreted:
-        return 64, min(4096, triton.next_power_of_2(vocab_pad)), 4, 1
+        return 64, min(4096, next_pow2(vocab_pad)), 4, 1
     return 64, 64, 4, max(1, min(8, chunk_rows // 256))
 
 
@@ -241,7 +243,7 @@ def _scale_block(interpreted: bool) -> int:
 
 def _vocab_pad(vocab: int) -> int:
     """Columns of the logits buffer: a multiple of 64 (16-byte aligned rows in every dtype)."""
-    return triton.cdiv(max(vocab, 1), 64) * 64
+    return cdiv(max(vocab, 1), 64) * 64
 
 
 def _chunk_rows(rows: int, vocab_pad: int, elem_bytes: int) -> int:
@@ -253,9 +255,9 @@ def _chunk_rows(rows: int, vocab_pad: int, elem_bytes: int) -> int:
     c_max = max(1, CHUNK_BYTES // (vocab_pad * elem_bytes))
     if rows <= c_max:
         return max(1, rows)
-    c = triton.cdiv(rows, triton.cdiv(rows, c_max))
+    c = cdiv(rows, cdiv(rows, c_max))
     if c_max >= 64:  # multiples of 64 rows keep the GEMM tiles full
-        c = min(c_max, triton.cdiv(c, 64) * 64)
+        c = min(c_max, cdiv(c, 64) * 64)
     return c
 
 
@@ -377,14 +379,14 @@ def _forward(hidden, weight, bias, labels, ignore_index: int, grad_hidden: bool,
                 torch.mm(h_c, w_main.t(), out=g[:, :vocab8])
             if vocab8 < vocab:
                 torch.mm(h_c, w_tail.t(), out=g[:, vocab8:vocab])
-            _ce_rows_lse_kernel[(triton.cdiv(n, lse_r),)](
+            _ce_rows_lse_kernel[(cdiv(n, lse_r),)](
                 buf, bias_pad, labels[c0:c1], lse[c0:c1], row_loss[c0:c1], n, vocab, vpad, vpad, ignore_index,
                 BLOCK_R=lse_r, BLOCK_V=block_v, num_warps=lse_warps,
             )
             if not any_grad:
                 continue
-            per_split = triton.cdiv(triton.cdiv(n, splits), block_r) * block_r
-            _ce_rows_grad_kernel[(triton.cdiv(vpad, block_c), splits)](
+            per_split = cdiv(cdiv(n, splits), block_r) * block_r
+            _ce_rows_grad_kernel[(cdiv(vpad, block_c), splits)](
                 buf, bias_pad, labels[c0:c1], lse[c0:c1], db_part, n, per_split, vocab, vpad, vpad,
                 ignore_index, ACC_DB=bool(grad_bias), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=grad_warps,
             )
@@ -409,7 +411,7 @@ def _scale_cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> tor
     n = x.numel()
     if n:
         block = _scale_block(x.device.type == "cpu")
-        _mlm_scale_cast_kernel[(triton.cdiv(n, block),)](x, out, scale, n, BLOCK=block, num_warps=8)
+        _mlm_scale_cast_kernel[(cdiv(n, block),)](x, out, scale, n, BLOCK=block, num_warps=8)
     return out
 
 

@@ -102,3 +102,41 @@ def test_op_runs_its_triton_kernels(triton_kernels, device, monkeypatch, op, mod
     out.float().square().sum().backward()
     bwd = set(launched[len(fwd):])
     assert bwd in backward, f"the backward launched {sorted(bwd)}, not one of {[sorted(b) for b in backward]}"
+
+
+def test_launchers_call_no_triton_constexpr_function_from_the_host(triton_kernels, device, monkeypatch):
+    """triton.cdiv and triton.next_power_of_2 are ConstexprFunctions: a call from host code goes through
+    Triton's JIT call machinery (~2 µs, against ~0.03 µs for kernels/_host.py's plain twins). The
+    launchers made 343 such calls per BERT-base training step (session 17), on the thread that launches
+    the step's kernels. Counted here over a small pretraining step (MLM + NSP, dropout on, every
+    fused kernel), with the launches themselves stubbed out: only host code runs."""
+    if device != "cpu":
+        pytest.skip("counts host calls around the interpreter's launches")
+    from triton.runtime import interpreter, jit
+
+    from fastbert import BertConfig, BertForPreTraining
+
+    calls = []
+    original = jit.ConstexprFunction.__call__
+
+    def counted(self, *args, **kwargs):
+        calls.append(getattr(self, "__name__", repr(self)))
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(jit.ConstexprFunction, "__call__", counted)
+    monkeypatch.setattr(interpreter.InterpretedFunction, "__getitem__", lambda self, grid: (lambda *a, **k: None))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32)
+    model = BertForPreTraining(config).train()
+    ids = torch.randint(5, 101, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 9:] = 0  # padding: the unpadded (varlen) layout
+    labels = torch.full((2, 12), -100)
+    labels[:, 4] = ids[:, 4]
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids), labels=labels,
+                next_sentence_label=torch.tensor([0, 1]))
+    calls.clear()  # the first call may warm caches; count a second step
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids), labels=labels,
+                next_sentence_label=torch.tensor([0, 1]))
+    out.loss.backward()
+    assert calls == [], f"{len(calls)} host calls of Triton ConstexprFunctions: {sorted(set(calls))}"
