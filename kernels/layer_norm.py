@@ -57,7 +57,8 @@ only through the fp32 rounding of the row reductions, and dweight / dbias throug
 order (deterministic for one configuration, not bit-equal across configurations).
 Not supported: widths above MAX_WIDTH (a clear ValueError; the row would no longer fit in
 registers); float64 on the GPU path (use the reference).
-Caution: the dropout counter is an int32, so the mask pattern repeats after 2**35 elements in one call (2**32 groups of 8).
+Caution: the dropout counter is 32 bits, so the mask pattern repeats after 2**32 groups of 8 elements
+(2**35 elements) in one call.
 With x_bias, x + x_bias is not rounded to x's dtype (a bf16 matmul with its bias would round it): not
 bit-equal to dense(h) under autocast, slightly closer to float64. x_bias's gradient is summed in fp32
 per program, then over programs by torch (deterministic, not bit-equal to autograd's reduction).
