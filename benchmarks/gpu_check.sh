@@ -39,7 +39,8 @@ case "${PLAN:-}" in
   tests/test_finetune_cli.py::test_finetune_cuda_graphs_trains_like_the_eager_loop
   tests/test_finetune_cli.py::test_encode_cuda_graphs_gives_the_eager_commands_vectors
   tests/test_finetune_cli.py::test_finetune_each_task tests/test_finetune_cli.py::test_transformers_arm_runs_the_same_loop
-  tests/test_attention.py tests/test_layer_norm.py tests/test_embedding.py tests/test_fused_ops.py tests/test_gemm_gelu.py
+  tests/test_attention.py tests/test_layer_norm.py tests/test_embedding.py tests/test_gelu.py tests/test_fused_ops.py
+  tests/test_gemm_gelu.py
   tests/test_model_kernels.py tests/test_cuda_graphs.py tests/test_patch.py}" ;;
   second) : "${STEPS:=kernels loop}" "${T_ATTN:=80}" "${T_FUSED:=90}" "${T_MLM:=35}" "${T_FFN:=70}" \
           "${T_LOOP:=70}" "${LOOP_REPEATS:=1}" ;;
