@@ -127,8 +127,8 @@ _LN_VARIANTS = {
 }
 
 
-def ln_resources(kernel, block_n, config, dtypes, flags, arch=90):
-    """ptxas resources of one add / GELU + LayerNorm launch: config = layer_norm.LnConfig."""
+def ln_launch(kernel, block_n, config, dtypes, flags, arch=90):
+    """One add / GELU + LayerNorm launch compiled for sm_<arch>: config = layer_norm.LnConfig."""
     from fastbert.kernels import layer_norm as L
 
     fn = getattr(L, kernel)
@@ -139,8 +139,13 @@ def ln_resources(kernel, block_n, config, dtypes, flags, arch=90):
     signature = {arg: "constexpr" if arg in constexprs else "*" + dtypes[arg] if arg in dtypes
                  else "*i64" if arg == "SEED" else "*fp32" if arg.isupper() else "fp32" if arg in floats else "i32"
                  for arg in fn.arg_names}
-    compiled = compile_launch(fn, signature, constexprs, dict(num_warps=config.num_warps), arch)
-    return _ptxas_resources(compiled, f"{kernel} {block_n} {config}", arch)
+    return compile_launch(fn, signature, constexprs, dict(num_warps=config.num_warps), arch)
+
+
+def ln_resources(kernel, block_n, config, dtypes, flags, arch=90):
+    """ptxas resources of one add / GELU + LayerNorm launch: config = layer_norm.LnConfig."""
+    return _ptxas_resources(ln_launch(kernel, block_n, config, dtypes, flags, arch), f"{kernel} {block_n} {config}",
+                            arch)
 
 
 def gemm_launch(config, dtype="bf16", backward=False, approx=False, even_k=True, store_z=True):
@@ -281,14 +286,7 @@ def _dropout_launches(n=768):
         _, dtypes, flags = _LN_VARIANTS[kernel][0]  # "autocast"
 
         def make(dropout, kernel=kernel, config=config, dtypes=dtypes, flags=flags):
-            fn = getattr(L, kernel)
-            constexprs = dict(flags, HAS_DROPOUT=dropout, BLOCK_M=config.block_m, BLOCK_N=block_n)
-            if "NUM_STAGES" in fn.arg_names:
-                constexprs["NUM_STAGES"] = config.num_stages
-            signature = {arg: "constexpr" if arg in constexprs else "*" + dtypes[arg] if arg in dtypes
-                         else "*i64" if arg == "SEED" else "*fp32" if arg.isupper()
-                         else "fp32" if arg in ("eps", "scale") else "i32" for arg in fn.arg_names}
-            return compile_launch(fn, signature, constexprs, dict(num_warps=config.num_warps))
+            return ln_launch(kernel, block_n, config, dtypes, dict(flags, HAS_DROPOUT=dropout))
         jobs.append((kernel, config.block_m, config.num_warps, make))
     for kernel in ("_embed_ln_fwd", "_embed_ln_bwd"):
         jobs.append((kernel, 1, L.row_warps(block_n),
@@ -296,12 +294,16 @@ def _dropout_launches(n=768):
     return jobs
 
 
+def _dropout_cost(block_m, warps, make, block_n):
+    """(elements per thread per step, SASS instructions without dropout, with dropout) of one launch."""
+    return block_m * block_n // (32 * warps), sass_instructions(make(False)), sass_instructions(make(True))
+
+
 def dropout_costs(n=768):
     """{kernel: (elements per thread per step, SASS instructions without dropout, with dropout)}."""
     from fastbert.kernels.layer_norm import row_block
 
-    return {kernel: (block_m * row_block(n) // (32 * warps), sass_instructions(make(False)),
-                     sass_instructions(make(True)))
+    return {kernel: _dropout_cost(block_m, warps, make, row_block(n))
             for kernel, block_m, warps, make in _dropout_launches(n)}
 
 
@@ -318,12 +320,10 @@ def dropout_report():
              "| kernel | tile (BLOCK_M x BLOCK_N), warps | elements / thread | instructions without dropout "
              "| with dropout | extra / element |", "|---|---|---|---|---|---|"]
     for kernel, block_m, warps, make in _dropout_launches(n):
-        per_thread = block_m * block_n // (32 * warps)
-
-        def measure(make=make, per_thread=per_thread):
-            without, with_ = sass_instructions(make(False)), sass_instructions(make(True))
+        def measure(block_m=block_m, warps=warps, make=make):
+            per_thread, without, with_ = _dropout_cost(block_m, warps, make, block_n)
             return without, with_, f"{(with_ - without) / per_thread:.1f}"
-        lines.append(_row((kernel, f"{block_m} x {block_n}, {warps}", per_thread), measure, 3))
+        lines.append(_row((kernel, f"{block_m} x {block_n}, {warps}", block_m * block_n // (32 * warps)), measure, 3))
     _save(lines, "ptxas_report_dropout.md")
     return 0
 
@@ -337,15 +337,11 @@ def gelu_report(n=3072):
              "thread holds per tile (the backward's loop body dominates its count).", "",
              "| kernel | GELU | tile (BLOCK_M x BLOCK_N), warps | elements / thread | instructions | per element |",
              "|---|---|---|---|---|---|"]
-    for kernel, config in (("_bias_gelu_fwd", getattr(G, "fwd_config", None)), ("_bias_gelu_bwd", G.bwd_config)):
+    for kernel, config in (("_bias_gelu_fwd", G.fwd_config), ("_bias_gelu_bwd", G.bwd_config)):
         fn = getattr(G, kernel)
+        block_m, block_n, warps = config(n)
         for approx in (False, True):
-            if config is None:  # the flat forward of before the tiling: BLOCK elements per program
-                block_m, block_n, warps = 1, G.FWD_BLOCK, 4
-                constexprs = dict(APPROX_TANH=approx, BLOCK=block_n)
-            else:
-                block_m, block_n, warps = config(n)
-                constexprs = dict(APPROX_TANH=approx, BLOCK_M=block_m, BLOCK_N=block_n)
+            constexprs = dict(APPROX_TANH=approx, BLOCK_M=block_m, BLOCK_N=block_n)
             signature = {arg: "constexpr" if arg in constexprs else "*fp32" if arg == "DBIAS_PART"
                          else "*bf16" if arg.isupper() else "i32" for arg in fn.arg_names}
             per_thread = block_m * block_n // (32 * warps)
