@@ -133,10 +133,10 @@ def test_launchers_call_no_triton_constexpr_function_from_the_host(triton_kernel
     mask[1, 9:] = 0  # padding: the unpadded (varlen) layout
     labels = torch.full((2, 12), -100)
     labels[:, 4] = ids[:, 4]
-    out = model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids), labels=labels,
-                next_sentence_label=torch.tensor([0, 1]))
-    calls.clear()  # the first call may warm caches; count a second step
-    out = model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids), labels=labels,
-                next_sentence_label=torch.tensor([0, 1]))
-    out.loss.backward()
+    def step():
+        model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids), labels=labels,
+              next_sentence_label=torch.tensor([0, 1])).loss.backward()
+    step()
+    calls.clear()  # the first step may warm caches; count a second one
+    step()
     assert calls == [], f"{len(calls)} host calls of Triton ConstexprFunctions: {sorted(set(calls))}"
