@@ -328,6 +328,29 @@ def dropout_report():
     return 0
 
 
+def gelu_launch(kernel, approx, n=3072):
+    """(compiled kernel, elements one thread handles per tile) of a bias + GELU launch as the model
+    makes it (bf16, width n)."""
+    from fastbert.kernels import gelu as G
+
+    fn = getattr(G, kernel)
+    block_m, block_n, warps = (G.fwd_config if kernel == "_bias_gelu_fwd" else G.bwd_config)(n)
+    constexprs = dict(APPROX_TANH=approx, BLOCK_M=block_m, BLOCK_N=block_n)
+    signature = {arg: "constexpr" if arg in constexprs else "*fp32" if arg == "DBIAS_PART"
+                 else "*bf16" if arg.isupper() else "i32" for arg in fn.arg_names}
+    return compile_launch(fn, signature, constexprs, dict(num_warps=warps)), block_m * block_n // (32 * warps)
+
+
+def gelu_costs(n=3072) -> dict:
+    """{(kernel, "erf" | "tanh"): SASS instructions per element a thread handles} of bias + GELU."""
+    costs = {}
+    for kernel in ("_bias_gelu_fwd", "_bias_gelu_bwd"):
+        for approx in (False, True):
+            compiled, per_thread = gelu_launch(kernel, approx, n)
+            costs[(kernel, "tanh" if approx else "erf")] = sass_instructions(compiled) / per_thread
+    return costs
+
+
 def gelu_report(n=3072):
     """SASS instructions per element of the bias + GELU kernels as the model launches them (bf16)."""
     from fastbert.kernels import gelu as G
@@ -338,19 +361,14 @@ def gelu_report(n=3072):
              "| kernel | GELU | tile (BLOCK_M x BLOCK_N), warps | elements / thread | instructions | per element |",
              "|---|---|---|---|---|---|"]
     for kernel, config in (("_bias_gelu_fwd", G.fwd_config), ("_bias_gelu_bwd", G.bwd_config)):
-        fn = getattr(G, kernel)
         block_m, block_n, warps = config(n)
         for approx in (False, True):
-            constexprs = dict(APPROX_TANH=approx, BLOCK_M=block_m, BLOCK_N=block_n)
-            signature = {arg: "constexpr" if arg in constexprs else "*fp32" if arg == "DBIAS_PART"
-                         else "*bf16" if arg.isupper() else "i32" for arg in fn.arg_names}
-            per_thread = block_m * block_n // (32 * warps)
-
-            def measure(fn=fn, signature=signature, constexprs=constexprs, warps=warps, per_thread=per_thread):
-                count = sass_instructions(compile_launch(fn, signature, constexprs, dict(num_warps=warps)))
+            def measure(kernel=kernel, approx=approx):
+                compiled, per_thread = gelu_launch(kernel, approx, n)
+                count = sass_instructions(compiled)
                 return count, f"{count / per_thread:.1f}"
-            lines.append(_row((kernel, "tanh" if approx else "erf", f"{block_m} x {block_n}, {warps}", per_thread),
-                              measure, 2))
+            lines.append(_row((kernel, "tanh" if approx else "erf", f"{block_m} x {block_n}, {warps}",
+                               block_m * block_n // (32 * warps)), measure, 2))
     _save(lines, "ptxas_report_gelu.md")
     return 0
 
