@@ -68,6 +68,7 @@ the tests: a sweep may try a configuration the compiler rejects (reported per co
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import NamedTuple, Optional, Tuple
@@ -477,10 +478,13 @@ def _add_ln_fwd_impl(x, residual, weight, bias, eps: float, dropout_p: float, se
 
 
 def _add_ln_bwd_impl(dy, x, residual, weight, mean, rstd, dropout_p: float, seed: Optional[torch.Tensor],
-                     x_bias: Optional[torch.Tensor] = None, dy_low: Optional[torch.Tensor] = None):
+                     x_bias: Optional[torch.Tensor] = None, dy_low: Optional[torch.Tensor] = None,
+                     one_reduction: bool = False):
     """(d residual, d x or an empty tensor when it equals d residual, d weight, d bias, d x_bias or an
     empty tensor without x_bias). dy_low: the gradient of the low-precision copy, added to dy's in the
-    kernel (None: none)."""
+    kernel (None: none). one_reduction: reduce the programs' partial sums in one launch, the parameter
+    gradients then being rows of one tensor (the eager autograd path; a custom op's outputs may not
+    alias, so the op path runs one reduction per gradient)."""
     rows, n = _rows(x)
     x, residual, weight, dy = x.contiguous(), residual.contiguous(), weight.contiguous(), dy.contiguous()
     x_bias = None if x_bias is None else x_bias.contiguous()
@@ -506,10 +510,10 @@ def _add_ln_bwd_impl(dy, x, residual, weight, mean, rstd, dropout_p: float, seed
                              HAS_DY_LOW=dy_low is not None, STORE_DX=store_dx, HAS_X_BIAS=has_x_bias,
                              BLOCK_M=config.block_m, BLOCK_N=row_block(n), NUM_STAGES=config.num_stages,
                              num_warps=config.num_warps)
-    # Separate reductions: views of one tensor would alias, which custom ops forbid.
-    dxb = part[2].sum(0).to(x_bias.dtype) if has_x_bias else _no_x_bias_grad(x)
+    sums = part.sum(1) if one_reduction else [p.sum(0) for p in part]  # (2 or 3, n)
+    dxb = sums[2].to(x_bias.dtype) if has_x_bias else _no_x_bias_grad(x)
     # d bias in fp32: the autograd wrapper casts it to the bias's own dtype (not rounded via weight's)
-    return dres, dx, part[0].sum(0).to(weight.dtype), part[1].sum(0), dxb
+    return dres, dx, sums[0].to(weight.dtype), sums[1], dxb
 
 
 def _no_x_bias_grad(x):
@@ -609,7 +613,7 @@ class _AddLayerNorm(torch.autograd.Function):
             return (None,) * 9
 
         def backward(*args):
-            return _add_ln_bwd_impl(*args, dy_low=dy_low)
+            return _add_ln_bwd_impl(*args, dy_low=dy_low, one_reduction=True)
 
         return (*_add_ln_backward(ctx, dy, None, None, backward=backward), None)
 
@@ -731,7 +735,7 @@ def _gelu_ln_fwd_impl(x, bias, weight, ln_bias, eps: float, approximate: str):
     return y, mean, rstd
 
 
-def _gelu_ln_bwd_impl(dy, x, bias, weight, mean, rstd, approximate: str):
+def _gelu_ln_bwd_impl(dy, x, bias, weight, mean, rstd, approximate: str, one_reduction: bool = False):
     rows, n = _rows(x)
     x, bias, weight, dy = x.contiguous(), bias.contiguous(), weight.contiguous(), dy.contiguous()
     dx = torch.empty_like(x)
@@ -744,8 +748,9 @@ def _gelu_ln_bwd_impl(dy, x, bias, weight, mean, rstd, approximate: str):
     _gelu_ln_bwd[(programs,)](x, bias, weight, dy, dx, part, mean, rstd, rows, n, rows_per_program, programs * n,
                               APPROX_TANH=approximate == "tanh", BLOCK_M=config.block_m, BLOCK_N=row_block(n),
                               NUM_STAGES=config.num_stages, num_warps=config.num_warps)
+    sums = part.sum(1) if one_reduction else [p.sum(0) for p in part]  # (3, n): see _add_ln_bwd_impl
     # d ln_bias in fp32: the autograd wrapper casts it to ln_bias's own dtype (not rounded via weight's)
-    return dx, part[0].sum(0).to(bias.dtype), part[1].sum(0).to(weight.dtype), part[2].sum(0)
+    return dx, sums[0].to(bias.dtype), sums[1].to(weight.dtype), sums[2]
 
 
 @torch.library.custom_op("fastbert::gelu_layer_norm", mutates_args=(), device_types="cuda")
@@ -806,7 +811,8 @@ class _GeluLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        return _gelu_ln_backward(ctx, dy, None, None, backward=_gelu_ln_bwd_impl)
+        return _gelu_ln_backward(ctx, dy, None, None,
+                                 backward=functools.partial(_gelu_ln_bwd_impl, one_reduction=True))
 
 
 def gelu_layer_norm(x, bias, weight, ln_bias, eps: float = 1e-12, approximate: str = "none") -> torch.Tensor:

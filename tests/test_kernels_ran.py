@@ -140,3 +140,30 @@ def test_launchers_call_no_triton_constexpr_function_from_the_host(triton_kernel
     calls.clear()  # the first step may warm caches; count a second one
     step()
     assert calls == [], f"{len(calls)} host calls of Triton ConstexprFunctions: {sorted(set(calls))}"
+
+
+def test_eager_layer_norm_backwards_reduce_their_partial_sums_in_one_launch(triton_kernels, device):
+    """add_layer_norm's and gelu_layer_norm's backward kernels leave per-program partial sums of the
+    parameter gradients (2-3 rows of fp32); the eager autograd path reduces them with one torch.sum
+    (each of the 24 add + LayerNorms of a BERT-base step used to run three: 48 launches per step).
+    Counted at the dispatcher; the gradients' values are the accuracy tests' business."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountSums(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sums = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.sums += func.overloadpacket == torch.ops.aten.sum
+            return func(*args, **(kwargs or {}))
+
+    x, r, w, b, xb = _leaves((6, 40), (6, 40), (40,), (40,), (40,), device=device)
+    y = K.add_layer_norm(x, r, w, b, 1e-12, 0.1, x_bias=xb)
+    g = _leaves((6, 40), (40,), (40,), (40,), device=device)
+    y2 = K.gelu_layer_norm(*g)
+    for out in (y, y2):
+        loss = out.sum()
+        with CountSums() as counter:
+            loss.backward()
+        assert counter.sums == 1, counter.sums
