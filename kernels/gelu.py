@@ -10,8 +10,8 @@ its addresses cost 8.5 of the 48.5 SASS instructions per element, and at BERT si
 forward is bound by issued instructions, not bytes: H200, 0.155 ms for 32768 x 3072 bf16 where the
 instruction count predicts 0.145 and the copy bandwidth 0.095.) The exact form's Phi(z) comes from
 a fitted normal-tail formula (`_normal_tail`) instead of tl.erf: 26.5 instead of 40 instructions per
-element in the forward, 34 instead of 53 in the backward (`python -m benchmarks.ptxas_report --gelu`);
-the tanh form's reciprocal is no longer an IEEE division: 29.5 / 42 instead of 45 / 55.5.
+element in the forward, 33 instead of 53 in the backward (`python -m benchmarks.ptxas_report --gelu`);
+the tanh form's reciprocal is no longer an IEEE division: 29.5 / 41 instead of 45 / 55.5.
 Backward: dx = dy * gelu'(x + bias) and dbias = sum over rows of dx; every program owns a group of
 rows and a block of columns, sums its dbias share in fp32 and writes it to a
 (programs, n) fp32 buffer that torch then reduces: deterministic, and no bf16 rounding of the
@@ -23,9 +23,10 @@ Not supported: float64 on the GPU path (use the reference); wider rows (the forw
 Caution: the element-wise `gelu` / `gelu_grad` helpers take fp32 input; the layer_norm and gemm_gelu
 modules reuse them. Exact GELU of +-inf is inf / 0 (derivative 1 / 0), where PyTorch's erf form gives
 nan. On a GPU the formula's rsqrt and exp2 are the hardware approximations (a few ulp; the interpreter
-computes them exactly): emulated in numpy with those error bounds, the max error of GELU' over
-[-12, 12] is 3.0e-7 against PyTorch's fp32 2.8e-7 on the CPU (GELU: 2.4e-7 against 1.2e-6;
-benchmarks/results/ptxas-cpu-2026-11-28-s18-gelu/fp32_emulation.py).
+computes them exactly): emulated in numpy with the PTX's FMAs and those error bounds, the max error of
+GELU' over [-12, 12] is 3.2e-7 against PyTorch's fp32 2.8e-7 on the CPU (GELU: 2.4e-7 against 1.2e-6;
+benchmarks/results/ptxas-cpu-2026-11-28-s18-gelu/fp32_emulation.py). exp2 is ex2.approx.ftz: the
+normal tail flushes to 0 from |z| ~ 13.2 on (the interpreter keeps values down to ~1e-38).
 """
 from __future__ import annotations
 
@@ -46,8 +47,9 @@ _NEG_HALF_LOG2E = tl.constexpr(-0.7213475204444817)  # -log2(e) / 2: exp(-a^2 / 
 # The standard normal tail Q(a) = P(N(0, 1) > a) = phi(a) M(a), M the Mills ratio, as
 # phi(a) t P(t) with t = 1 / (1 + TAIL_P a) and P of degree 5: the form of Abramowitz & Stegun
 # 26.2.17 with coefficients fitted here (benchmarks/fit_normal_tail.py, minimax by Lawson's
-# iteration): |error| <= 6.4e-9 / max(1, a) on [0, inf) in exact arithmetic, far below fp32's
-# rounding. The coefficients below include the 1 / sqrt(2 pi) of phi.
+# iteration): |error| <= 6.4e-9 / max(1, a) on [0, inf) in exact arithmetic, 1.5e-8 / max(1, a) with
+# the constants rounded to fp32 (at a = 0: a quarter ulp of Q = 0.5). The kernels' immediates include
+# the 1 / sqrt(2 pi) of phi.
 TAIL_P = 0.2775
 TAIL_COEFFS = (0.2939085303056151, 0.13599911530091846, 0.7591117458427542, -0.7167432909103041,
                1.058897571628505, -0.27785955071569823)
@@ -104,7 +106,8 @@ def _normal_tail(z):
     accuracy in the tail, where 1 + erf(z / sqrt 2) cancels (PyTorch's GELU returns 0 at z = -6).
     t = 1 / (1 + p a) from _reciprocal.
     """
-    a = tl.minimum(tl.abs(z), _TAIL_CLAMP)
+    # NaN-propagating: PTX min.f32 returns the operand that is not NaN, which made GELU(nan) = 0 on a GPU
+    a = tl.minimum(tl.abs(z), _TAIL_CLAMP, propagate_nan=tl.PropagateNan.ALL)
     t = _reciprocal(1.0 + _TAIL_P * a)
     q = t * (_Q1 + t * (_Q2 + t * (_Q3 + t * (_Q4 + t * (_Q5 + t * _Q6)))))
     e = tl.exp2(a * a * _NEG_HALF_LOG2E)
@@ -187,8 +190,9 @@ def _bias_gelu_bwd(
         offs = r.to(tl.int64)[:, None] * n + cols[None, :]
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        # Masked elements load x = dy = 0, so dx = 0 * gelu'(bias) = 0 there (gelu' is finite unless the
+        # bias is inf / nan, and then the column's real rows are nan already): no select needed.
         dx = dy * gelu_grad(x + b[None, :], APPROX_TANH)
-        dx = tl.where(mask, dx, 0.0)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
         acc += tl.sum(dx, axis=0)
     tl.store(DBIAS_PART + pid_m * n + cols, acc, mask=col_mask)
