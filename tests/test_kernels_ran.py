@@ -167,3 +167,24 @@ def test_eager_layer_norm_backwards_reduce_their_partial_sums_in_one_launch(trit
         with CountSums() as counter:
             loss.backward()
         assert counter.sums == 1, counter.sums
+
+
+def test_parameter_gradients_from_one_reduction_accumulate_independently(triton_kernels, device):
+    """The eager LayerNorm backwards return the weight, bias and dense-bias gradients as rows of one
+    tensor (one reduction launch). AccumulateGrad may keep those rows as the parameters' .grad; a
+    second backward then adds into them in place. Each must still end as the sum of its own two
+    gradients (bitwise: the kernels are deterministic), and zeroing one must leave the others."""
+    x, r, w, b, xb = _leaves((6, 40), (6, 40), (40,), (40,), (40,), device=device)
+
+    def backward():
+        K.add_layer_norm(x, r, w, b, 1e-12, 0.1, x_bias=xb).pow(2).sum().backward()
+
+    torch.manual_seed(3)
+    backward()
+    once = [t.grad.clone() for t in (w, b, xb)]
+    torch.manual_seed(3)  # the same dropout mask again
+    backward()
+    for t, g in zip((w, b, xb), once):
+        assert torch.equal(t.grad, 2 * g)
+    w.grad.zero_()
+    assert torch.equal(b.grad, 2 * once[1]) and torch.equal(xb.grad, 2 * once[2])
