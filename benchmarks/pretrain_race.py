@@ -54,7 +54,7 @@ _WORKER: dict = {}
 def _epoch_examples(epoch: int) -> list[dict]:
     """Every example of one epoch (in a worker process, from the PretrainingData set before the fork)."""
     data = _WORKER["data"]
-    return [data.example(epoch, i) for i in range(len(data.epoch(epoch)))]
+    return data.examples(epoch, range(len(data.epoch(epoch))))
 
 
 def build_batches(corpus_paths, *, tokenizer_spec=None, vocab_size=8192, seq_len=128, batch_size=32, steps=100,
@@ -85,7 +85,7 @@ def build_batches(corpus_paths, *, tokenizer_spec=None, vocab_size=8192, seq_len
     # built below if not.
     if per_epoch < need:
         n_epochs = math.ceil(need / per_epoch) + 1
-    examples = [data.example(0, i) for i in range(min(per_epoch, need))]
+    examples = data.examples(0, range(min(per_epoch, need)))
     more = list(range(1, n_epochs))
     while len(examples) < need:
         n_proc = max(1, min(len(more), workers or os.cpu_count() or 1))
@@ -113,7 +113,7 @@ def build_batches(corpus_paths, *, tokenizer_spec=None, vocab_size=8192, seq_len
 
 
 def _epoch_examples_local(data, epoch):
-    return [data.example(epoch, i) for i in range(len(data.epoch(epoch)))]
+    return data.examples(epoch, range(len(data.epoch(epoch))))
 
 
 # ------------------------------------------------------------------------------------------ models

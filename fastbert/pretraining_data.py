@@ -20,7 +20,10 @@ Pipeline:
    non-special tokens are chosen (whole words with ``whole_word_mask``), 80% become [MASK], 10% a
    random non-special token and 10% stay; labels are -100 elsewhere. The choice is seeded by
    (seed, epoch, index), so it is re-drawn every epoch, independent of batch size and process count,
-   and repeatable on resume.
+   and repeatable on resume. Token masking draws a batch's masks at once (``mask_batch``): every
+   position gets counter-based random numbers hashed from (seed, epoch, index, position), the
+   ``n_pred`` candidates with the smallest keys are chosen (a uniformly random subset); whole-word
+   masking shuffles each example's words with a Generator seeded the same way (``mask_tokens``).
 
 4. Packing (``pack=True``): the examples of an epoch, created and masked exactly as above, are
    packed whole into rows of ``seq_len`` tokens by best-fit decreasing (``pack_examples``; seeded
@@ -449,6 +452,64 @@ def mask_tokens(tokens: np.ndarray, special: np.ndarray, rng: np.random.Generato
     return inputs, labels
 
 
+_U64 = np.uint64
+_GOLDEN = np.array([0x9E3779B97F4A7C15], dtype=_U64)  # arrays: numpy wraps uint64 products silently
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser (a bijection of uint64 with full avalanche)."""
+    z = (z ^ (z >> _U64(30))) * np.array([0xBF58476D1CE4E5B9], dtype=_U64)
+    z = (z ^ (z >> _U64(27))) * np.array([0x94D049BB133111EB], dtype=_U64)
+    return z ^ (z >> _U64(31))
+
+
+def position_keys(seed: int, epoch: int, indices: np.ndarray, length: int, streams: int) -> list[np.ndarray]:
+    """``streams`` arrays of (len(indices), length) uint64 random keys, each a pure function of (seed,
+    epoch, example index, stream, position): the fields are mixed in turn (add the field times the
+    golden ratio, then SplitMix64's finaliser)."""
+    z = _mix64(np.array([seed & (2**64 - 1)], dtype=_U64) + _GOLDEN)
+    z = _mix64(z + _GOLDEN * _U64(epoch & (2**64 - 1)))
+    z = _mix64(z + _GOLDEN * np.asarray(indices, dtype=_U64)[:, None])  # (n, 1)
+    positions = _GOLDEN * np.arange(length, dtype=_U64)[None, :]
+    return [_mix64(_mix64(z + _GOLDEN * _U64(stream + 1)) + positions) for stream in range(streams)]
+
+
+def _uniform(keys: np.ndarray) -> np.ndarray:
+    """Floats in [0, 1) from the top 53 bits of uint64 keys."""
+    return (keys >> _U64(11)).astype(np.float64) * 2.0**-53
+
+
+def mask_batch(tokens: np.ndarray, special: np.ndarray, seed: int, epoch: int, indices: np.ndarray, *,
+               mask_prob: float, mask_id: int, random_ids: np.ndarray,
+               max_predictions: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """BERT's token masking for a batch of examples at once: ``tokens`` (n, L) int64 (padding past
+    each example's end marked ``special``), ``indices`` the examples' indices in their epoch.
+
+    Each example draws its own: ``max(1, round(mask_prob * c))`` of its c candidates (capped by
+    ``max_predictions``) — those with the smallest ``position_keys`` (stream 0), i.e. a uniformly
+    random subset — then 80% [MASK], 10% a random id from ``random_ids``, 10% unchanged (streams 1
+    and 2). Keys depend on (seed, epoch, index, position) only: an example's mask is the same in
+    any batch. Returns (input_ids, labels) (n, L), labels -100 where not chosen."""
+    n, length = tokens.shape
+    candidate = ~special
+    keys, u, pick = position_keys(seed, epoch, indices, length, 3)
+    keys[special] = np.iinfo(np.uint64).max
+    order = np.argsort(keys, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(length), (n, length)), axis=1)
+    count = candidate.sum(1)
+    n_pred = np.maximum(1, np.rint(count * mask_prob)).astype(np.int64)  # rint: half to even, as round()
+    if max_predictions is not None:
+        n_pred = np.minimum(n_pred, max_predictions)
+    chosen = candidate & (rank < n_pred[:, None])
+    labels = np.where(chosen, tokens, IGNORE_INDEX)
+    u = _uniform(u)
+    pick = (_uniform(pick) * len(random_ids)).astype(np.int64)
+    inputs = np.where(chosen & (u < 0.8), mask_id, tokens)
+    inputs = np.where(chosen & (u >= 0.8) & (u < 0.9), random_ids[pick], inputs)
+    return inputs.astype(np.int64), labels.astype(np.int64)
+
+
 # ----------------------------------------------------------------------------------------------
 # The data of a run
 # ----------------------------------------------------------------------------------------------
@@ -545,7 +606,34 @@ class PretrainingData:
         return self._cache[1]
 
     def example(self, epoch: int, index: int) -> dict[str, np.ndarray]:
+        return self.examples(epoch, [index])[0]
+
+    def examples(self, epoch: int, indices) -> list[dict[str, np.ndarray]]:
+        """The masked examples ``indices`` of ``epoch`` (each the same as alone: its randomness is its
+        own), token masking drawn for all of them at once."""
         inst = self.epoch(epoch)
+        indices = np.asarray(indices, dtype=np.int64)
+        if self.continuation is not None:  # whole words: a Python loop over each example's words anyway
+            return [self._whole_word_example(inst, epoch, int(i)) for i in indices]
+        starts, ends = inst.offsets[indices], inst.offsets[indices + 1]
+        lengths = ends - starts
+        width = int(lengths.max()) if len(indices) else 0
+        inside = np.arange(width)[None, :] < lengths[:, None]
+        # (n, width) token ids, 0 past each end (marked special below, so never chosen)
+        tokens = np.where(inside, inst.tokens[np.minimum(starts[:, None] + np.arange(width)[None, :],
+                                                         len(inst.tokens) - 1)], 0).astype(np.int64)
+        inputs, labels = mask_batch(tokens, self.special_vocab[tokens] | ~inside, self.seed, epoch, indices,
+                                    mask_prob=self.mask_prob, mask_id=self.ids["mask"], random_ids=self.random_ids,
+                                    max_predictions=self.max_predictions)
+        out = []
+        for row, (i, k) in enumerate(zip(indices.tolist(), lengths.tolist())):
+            token_types = np.zeros(k, dtype=np.int64)
+            token_types[inst.len_a[i]:] = 1
+            out.append({"input_ids": inputs[row, :k], "token_type_ids": token_types, "labels": labels[row, :k],
+                        "next_sentence_label": np.int64(inst.nsp_labels[i])})
+        return out
+
+    def _whole_word_example(self, inst: Instances, epoch: int, index: int) -> dict[str, np.ndarray]:
         tokens = inst.tokens[inst.offsets[index]:inst.offsets[index + 1]].astype(np.int64)
         token_types = np.zeros(len(tokens), dtype=np.int64)
         token_types[inst.len_a[index]:] = 1
@@ -565,8 +653,9 @@ class PretrainingData:
             if index >= n:
                 epoch, index = epoch + 1, 0
                 continue
-            out.append(self.example(epoch, index))
-            index += 1
+            stop = min(n, index + count - len(out))
+            out.extend(self.examples(epoch, range(index, stop)))
+            index = stop
         return out, (epoch, index)
 
     def rows(self, epoch: int) -> list[np.ndarray]:
@@ -586,13 +675,18 @@ class PretrainingData:
             if index >= len(rows):
                 epoch, index = epoch + 1, 0
                 continue
-            out.append([self.example(epoch, int(i)) for i in rows[index]])
-            index += 1
+            stop = min(len(rows), index + count - len(out))
+            chunk = rows[index:stop]
+            flat = self.examples(epoch, np.concatenate(chunk))
+            for row in chunk:
+                out.append(flat[:len(row)])
+                flat = flat[len(row):]
+            index = stop
         return out, (epoch, index)
 
     def eval_examples(self, limit: int) -> list[dict]:
         n = min(limit, len(self.epoch(self.EVAL_EPOCH)))
-        examples = [self.example(self.EVAL_EPOCH, i) for i in range(n)]
+        examples = self.examples(self.EVAL_EPOCH, range(n))
         self._cache = None
         return examples
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fastbert.pretraining_data import (Corpus, CorpusError, PretrainingData, Shard, collate, create_instances,
-                                       iter_documents, mask_tokens, split_documents, tokenize_corpus)
+                                       iter_documents, mask_batch, mask_tokens, split_documents, tokenize_corpus)
 from fastbert.tokenization import train_tokenizer
 
 CLS, SEP, MASK, PAD = 2, 3, 4, 0
@@ -253,6 +253,119 @@ def test_masking_statistics():
     assert within_binomial(counts["mask"], total_masked, 0.8), counts
     assert within_binomial(counts["same"], total_masked, p_same), counts
     assert within_binomial(counts["random"], total_masked, 0.1 - 0.1 / len(random_ids)), counts
+
+
+def test_batch_masking_statistics():
+    """mask_batch (the token masking PretrainingData runs, a batch at once from hashed counters) obeys
+    the rules test_masking_statistics checks for mask_tokens: BERT's count per example exactly, never a
+    special or padding position, labels the originals, 80 / 10 / 10, replacements ordinary tokens."""
+    vocab = 1000
+    random_ids = np.arange(5, vocab)
+    rng = np.random.default_rng(123)
+    n, width = 400, 128
+    lengths = rng.integers(20, width + 1, n)
+    tokens = rng.integers(5, vocab, (n, width))
+    inside = np.arange(width)[None, :] < lengths[:, None]
+    tokens[:, 0] = CLS
+    tokens[np.arange(n), lengths - 1] = SEP
+    tokens[~inside] = PAD
+    special = np.isin(tokens, [PAD, CLS, SEP]) | ~inside
+    inputs, labels = mask_batch(tokens, special, 7, 0, np.arange(n), mask_prob=0.15, mask_id=MASK,
+                                random_ids=random_ids)
+    chosen = labels != -100
+    n_cand = lengths - 2
+    assert (chosen.sum(1) == np.maximum(1, np.rint(n_cand * 0.15))).all()  # BERT's count, exactly
+    assert all(chosen.sum(1)[i] == max(1, round(int(n_cand[i]) * 0.15)) for i in range(n))  # as round()
+    assert not chosen[special].any()
+    assert (labels[chosen] == tokens[chosen]).all()
+    assert (inputs[~chosen] == tokens[~chosen]).all()
+    replaced, original = inputs[chosen], tokens[chosen]
+    total = int(chosen.sum())
+    p_same = 0.1 + 0.1 / len(random_ids)
+    assert within_binomial(int((replaced == MASK).sum()), total, 0.8)
+    assert within_binomial(int((replaced == original).sum()), total, p_same)
+    assert not np.isin(replaced[replaced != MASK], [PAD, 1, CLS, SEP]).any()
+
+
+def test_batch_masking_picks_positions_uniformly():
+    """Every candidate position is equally likely to be chosen (the hashed keys have no position or
+    index bias): 4000 examples of 50 candidates with 15% masked, per-position counts binomial."""
+    n, width = 4000, 52
+    tokens = np.tile(np.arange(10, 10 + width), (n, 1))
+    special = np.zeros((n, width), bool)
+    special[:, [0, width - 1]] = True
+    _, labels = mask_batch(tokens, special, 11, 3, np.arange(n), mask_prob=0.15, mask_id=MASK,
+                           random_ids=np.arange(5, 100))
+    per_position = (labels[:, 1:-1] != -100).sum(0)  # each example masks round(7.5) = 8 of 50
+    assert all(within_binomial(int(c), n, 8 / 50) for c in per_position), per_position
+    # and the 80 / 10 / 10 split does not depend on the position either
+    first_half = (labels[:, 1:26] != -100).sum()
+    assert within_binomial(int(first_half), n * 8, 0.5)
+
+
+def test_batch_masking_is_per_example_and_keyed_by_seed_epoch_index():
+    """An example's mask depends on (seed, epoch, its index) only: the same in any batch, at any
+    width of padding; another index, epoch or seed draws another."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(5, 500, (6, 40))
+    special = np.zeros((6, 40), bool)
+    kw = dict(mask_prob=0.3, mask_id=MASK, random_ids=np.arange(5, 500))
+    inputs, labels = mask_batch(tokens, special, 5, 2, np.arange(10, 16), **kw)
+    for row in range(6):
+        alone = mask_batch(tokens[row:row + 1], special[row:row + 1], 5, 2, np.array([10 + row]), **kw)
+        assert np.array_equal(alone[0][0], inputs[row]) and np.array_equal(alone[1][0], labels[row])
+        padded = np.concatenate([tokens[row:row + 1], np.zeros((1, 9), np.int64)], 1)
+        pad_special = np.concatenate([special[row:row + 1], np.ones((1, 9), bool)], 1)
+        wide = mask_batch(padded, pad_special, 5, 2, np.array([10 + row]), **kw)
+        assert np.array_equal(wide[1][0, :40], labels[row]) and (wide[1][0, 40:] == -100).all()
+    same_tokens = np.tile(tokens[:1], (3, 1))
+    draws = [mask_batch(same_tokens[:1], special[:1], *key, **kw)[1][0] for key in
+             ((5, 2, np.array([10])), (5, 2, np.array([11])), (5, 3, np.array([10])), (6, 2, np.array([10])))]
+    assert len({tuple(d.tolist()) for d in draws}) == 4
+
+
+def test_batch_masking_cap_and_examples_without_candidates():
+    tokens = np.tile(np.arange(10, 110), (3, 1))
+    special = np.zeros((3, 100), bool)
+    special[2] = True  # nothing to mask
+    for cap in (1, 3, 15, 40):
+        _, labels = mask_batch(tokens, special, cap, 0, np.arange(3), mask_prob=0.15, mask_id=MASK,
+                               random_ids=np.arange(5, 200), max_predictions=cap)
+        assert ((labels != -100).sum(1) == [min(cap, 15), min(cap, 15), 0]).all()
+
+
+def test_batch_masking_random_replacements_use_every_ordinary_token():
+    tokens = np.tile(np.arange(10, 110), (200, 1))
+    inputs, labels = mask_batch(tokens, np.zeros((200, 100), bool), 1, 0, np.arange(200), mask_prob=0.5,
+                                mask_id=MASK, random_ids=np.array([7, 8]))
+    seen = set(inputs[(labels != -100) & (inputs != MASK) & (inputs != tokens)].tolist())
+    assert seen == {7, 8}
+
+
+def test_examples_of_a_batch_equal_the_examples_alone(tmp_path, tokenizer):
+    """PretrainingData.examples masks a batch at once; each example equals example(epoch, i) alone,
+    and take() / take_rows() (packed) hand out exactly those."""
+    lines = "\n\n".join("\n".join(f"the cat sat on the mat number {d} {s} ." for s in range(8)) for d in range(12))
+    (tmp_path / "c.txt").write_text(lines, encoding="utf-8")
+    corpus = tokenize_corpus([str(tmp_path / "c.txt")], tokenizer, str(tmp_path / "cache"))
+    for pack in (False, True):
+        data = PretrainingData(corpus, tokenizer, np.arange(corpus.num_documents), seq_len=64, seed=3, pack=pack,
+                               max_example_len=32 if pack else None)
+        n = len(data.epoch(0))
+        batch = data.examples(0, range(n))
+        for i in (0, n // 2, n - 1):
+            alone = data.example(0, i)
+            assert all(np.array_equal(batch[i][k], alone[k]) for k in alone), (pack, i)
+        if pack:
+            rows, _ = data.take_rows((0, 0), 3)
+            flat = [e for row in rows for e in row]
+            wanted = np.concatenate(data.rows(0)[:3])
+            assert all(np.array_equal(e["labels"], batch[int(j)]["labels"]) for e, j in zip(flat, wanted))
+        else:
+            taken, position = data.take((0, n - 2), 4)  # crosses into epoch 1
+            assert position == (1, 2)
+            assert np.array_equal(taken[0]["labels"], batch[n - 2]["labels"])
+            assert np.array_equal(taken[2]["labels"], data.example(1, 0)["labels"])
 
 
 def test_mask_rate_is_configurable():
