@@ -95,13 +95,14 @@ def test_layer_norm_defaults_at_bert_width(report):
 @pytest.mark.slow
 def test_feed_forward_epilogue_matmul_defaults(report):
     """The shipped bf16 launch of both epilogue matmuls runs on wgmma with its cp.async pipeline (4 stages
-    of 128 x 64 + 64 x 128 bf16 tiles: 128 KB of shared memory), the forward without spills and the
-    backward (gelu' of a loaded z tile and the column sums) with at most a few (32 B measured)."""
+    of 128 x 64 + 64 x 128 bf16 tiles: 128 KB of shared memory), both without spills: the backward
+    (gelu' of a loaded z tile and the column sums) took 255 registers and spilled 32 B with tl.erf's GELU,
+    171 and none with kernels/gelu.py's normal-tail formula (ptxas-cpu-2026-11-28-s18-gelu/)."""
     for backward in (False, True):
         r = report[f"gemm backward={backward}"]
         assert r["mma_sync"] == 0 and r["wgmma"] > 0, r
         assert r["shared"] == 4 * (128 * 64 + 64 * 128) * 2, r
-        assert r["spills"] <= (64 if backward else 0), r
+        assert r["spills"] == 0, r
 
 
 @pytest.mark.slow
