@@ -147,7 +147,8 @@ class _Packed:
     output_rows); every kernel call after it is sync-free.
     """
 
-    def __init__(self, attention_mask: torch.Tensor, output_rows: torch.Tensor | None = None):
+    def __init__(self, attention_mask: torch.Tensor, output_rows: torch.Tensor | None = None, pending=None):
+        """pending: _check_inputs' deferred (bounds, finish), read in this layout's sync and checked first."""
         self.batch, self.seq = attention_mask.shape
         m = attention_mask
         if m.dtype == torch.bool or m.is_floating_point():
@@ -175,8 +176,12 @@ class _Packed:
         stats = [real.sum(), boundary.sum(), lengths.max(), bad.sum(), m.max(), (~real[:, 0]).sum()] if m.numel() else []
         if keep is not None:
             stats.append(keep.sum())
+        host = ([torch.stack(stats)] if stats else []) + ([pending[0]] if pending is not None else [])
+        values = torch.cat(host).tolist() if host else []  # (all int64) the one host sync
+        if pending is not None:  # the input checks first, as if they had synced on their own
+            pending[1](values[len(stats):])
         total, n_seqs, self.max_seqlen, n_bad, top, n_lead_pad, *n_keep = (
-            torch.stack(stats).tolist() if stats else (0, self.batch, 0, 0, 0, 0))
+            values[:len(stats)] if stats else (0, self.batch, 0, 0, 0, 0))
         self.lead_padding = n_lead_pad > 0  # some row starts with padding (left padding)
         if n_bad:
             raise ValueError(
@@ -800,9 +805,14 @@ class BertPreTrainedModel(nn.Module):
 
 
 def _check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                  vocab_size: int):
-    """vocab_size: the rows of the word-embedding table in use (set_input_embeddings changes the
-    table, not config.vocab_size, as in transformers)."""
+                  vocab_size: int, defer: bool = False):
+    """(shape, mask_max, pending). vocab_size: the rows of the word-embedding table in use
+    (set_input_embeddings changes the table, not config.vocab_size, as in transformers).
+
+    The value checks (ids in range, mask values) read every min and max in one host sync. With
+    ``defer`` they are not read here: ``pending`` is (bounds tensor, finish) for the caller to read
+    in its own sync (the unpadded layout's, _Packed) and pass to ``finish(values)``, which raises as
+    the check would have and returns mask_max; mask_max is then None. Without defer, pending is None."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids and inputs_embeds")
     if input_ids is not None:
@@ -837,10 +847,11 @@ def _check_inputs(config, input_ids, attention_mask, token_type_ids, position_id
     if (attention_mask is not None and attention_mask.numel() and not attention_mask.is_floating_point()
             and attention_mask.dtype != torch.bool):
         checks.append(("attention_mask", attention_mask, None))
-    mask_max = None
-    if checks and K._check_values():  # skipped under torch.compile and CUDA-graph capture
-        # every min and max in one host sync
-        bounds = torch.stack([v.long() for _, t, _ in checks for v in t.aminmax()]).tolist()
+    if not (checks and K._check_values()):  # skipped under torch.compile and CUDA-graph capture
+        return shape, None, None
+
+    def finish(bounds):
+        mask_max = None
         for (name, _, bound), lo, hi in zip(checks, bounds[0::2], bounds[1::2]):
             if bound is None:  # the mask
                 if lo < 0:
@@ -849,7 +860,12 @@ def _check_inputs(config, input_ids, attention_mask, token_type_ids, position_id
                 mask_max = hi
             elif lo < 0 or hi >= bound:
                 raise ValueError(f"{name} must lie in [0, {bound}); got values in [{lo}, {hi}]")
-    return shape, mask_max
+        return mask_max
+
+    bounds = torch.stack([v.long() for _, t, _ in checks for v in t.aminmax()])  # every min and max
+    if defer:
+        return shape, None, (bounds, finish)
+    return shape, finish(bounds.tolist()), None
 
 
 class BertModel(BertPreTrainedModel):
@@ -902,13 +918,15 @@ class BertModel(BertPreTrainedModel):
         """
         output_hidden_states, output_attentions, return_dict = _flags(
             self.config, output_hidden_states, output_attentions, return_dict)
-        (batch, seq), mask_max = _check_inputs(self.config, input_ids, attention_mask, token_type_ids,
-                                               position_ids, inputs_embeds,
-                                               self.embeddings.word_embeddings.weight.shape[0])
-        device = (input_ids if input_ids is not None else inputs_embeds).device
         # Unpadding needs one host sync (the row lengths), which CUDA-graph capture forbids: a
         # captured step runs the padded layout (its shapes are static, padding is masked as keys).
         padded = output_attentions or not unpad or _capturing()
+        # unpadded, the input checks' values join _Packed's sync: one round trip per forward, not two
+        (batch, seq), mask_max, pending = _check_inputs(self.config, input_ids, attention_mask, token_type_ids,
+                                                        position_ids, inputs_embeds,
+                                                        self.embeddings.word_embeddings.weight.shape[0],
+                                                        defer=not padded)
+        device = (input_ids if input_ids is not None else inputs_embeds).device
         if padded and mask_max is not None and mask_max > 1:
             raise ValueError("packed attention masks (example numbers above 1) run on the unpadded layout only: "
                              "not with output_attentions=True, unpad=False or BertForQuestionAnswering")
@@ -918,7 +936,8 @@ class BertModel(BertPreTrainedModel):
             attention_mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
         if output_rows is not None and tuple(output_rows.shape) != (batch, seq):
             raise ValueError(f"output_rows has shape {tuple(output_rows.shape)} but the input is {(batch, seq)}")
-        layout = None if padded else _Packed(attention_mask, None if output_hidden_states else output_rows)
+        layout = None if padded else _Packed(attention_mask, None if output_hidden_states else output_rows,
+                                             pending=pending)
         if layout is not None and layout.lead_padding and not layout.packed and self.pooler is not None:
             # The pooler reads column 0, padding in a left-padded row; transformers runs that position
             # through every layer (a query over the row's real keys). The padded layout does the same.

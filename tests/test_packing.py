@@ -176,7 +176,9 @@ class _LayoutBeforePacking:
     rows = None  # output_rows came later (every row is computed)
     lead_padding = False  # as was the pooler's padded layout for left-padded rows
 
-    def __init__(self, attention_mask, output_rows=None):
+    def __init__(self, attention_mask, output_rows=None, pending=None):
+        if pending is not None:  # the model's deferred input checks (merged into _Packed's sync since)
+            pending[1](pending[0].tolist())
         self.batch, self.seq = attention_mask.shape
         attention_mask = attention_mask.bool()
         lengths = attention_mask.sum(dim=1, dtype=torch.int32)
@@ -364,3 +366,29 @@ def test_packed_run_resumes_bit_for_bit(packed_run, tmp_path):
     def rows(run):
         return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(run / "metrics.jsonl")]
     assert rows(again) == rows(out) and [r["step"] for r in rows(again)] == [5, 10, 15, 20]
+
+
+def test_an_unpadded_forward_reads_the_device_once(monkeypatch):
+    """The input checks (ids in range, mask values) and the unpadded layout (row lengths, packing) each
+    need values on the host; an eager forward reads them in one sync (a GPU waits on every one, with
+    nothing queued behind it). Counted as host reads of tensors during BertModel's forward on a padded
+    0/1 mask; the padded layout (output_attentions) has no layout sync, so its count is the checks' one."""
+    reads = []
+    for method in ("tolist", "item", "__int__", "__float__", "__bool__", "__index__"):
+        original = getattr(torch.Tensor, method)
+
+        def counted(self, *args, _original=original, _method=method, **kwargs):
+            reads.append(_method)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    model = fastbert.BertModel(fastbert.BertConfig(**CFG)).eval()
+    ids = torch.randint(1, 50, (3, 10))
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        unpadded = model(ids, mask).last_hidden_state
+        assert reads == ["tolist"], reads
+        reads.clear()
+        padded = model(ids, mask, output_attentions=True).last_hidden_state
+        assert reads == ["tolist"], reads
+    torch.testing.assert_close(unpadded[mask.bool()], padded[mask.bool()])
