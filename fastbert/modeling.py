@@ -935,6 +935,8 @@ class BertModel(BertPreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
         if output_rows is not None and tuple(output_rows.shape) != (batch, seq):
+            if pending is not None:  # the value checks' errors come first, as when they synced on their own
+                pending[1](pending[0].tolist())
             raise ValueError(f"output_rows has shape {tuple(output_rows.shape)} but the input is {(batch, seq)}")
         layout = None if padded else _Packed(attention_mask, None if output_hidden_states else output_rows,
                                              pending=pending)

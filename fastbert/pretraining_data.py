@@ -467,8 +467,9 @@ def position_keys(seed: int, epoch: int, indices: np.ndarray, length: int, strea
     """``streams`` arrays of (len(indices), length) uint64 random keys, each a pure function of (seed,
     epoch, example index, stream, position): the fields are mixed in turn (add the field times the
     golden ratio, then SplitMix64's finaliser)."""
-    z = _mix64(np.array([seed & (2**64 - 1)], dtype=_U64) + _GOLDEN)
-    z = _mix64(z + _GOLDEN * _U64(epoch & (2**64 - 1)))
+    # operator.index: numpy integers too (np.int64 & a 64-bit Python int overflows)
+    z = _mix64(np.array([operator.index(seed) & (2**64 - 1)], dtype=_U64) + _GOLDEN)
+    z = _mix64(z + _GOLDEN * _U64(operator.index(epoch) & (2**64 - 1)))
     z = _mix64(z + _GOLDEN * np.asarray(indices, dtype=_U64)[:, None])  # (n, 1)
     positions = _GOLDEN * np.arange(length, dtype=_U64)[None, :]
     return [_mix64(_mix64(z + _GOLDEN * _U64(stream + 1)) + positions) for stream in range(streams)]
@@ -485,8 +486,9 @@ def mask_batch(tokens: np.ndarray, special: np.ndarray, seed: int, epoch: int, i
     """BERT's token masking for a batch of examples at once: ``tokens`` (n, L) int64 (padding past
     each example's end marked ``special``), ``indices`` the examples' indices in their epoch.
 
-    Each example draws its own: ``max(1, round(mask_prob * c))`` of its c candidates (capped by
-    ``max_predictions``) — those with the smallest ``position_keys`` (stream 0), i.e. a uniformly
+    Each example draws its own: ``max(1, round(mask_prob * c))`` of its c candidates, as mask_tokens
+    counts (BERT's script counts [CLS] / [SEP] too), capped by ``max_predictions``; none with no
+    candidate or mask_prob 0 — those with the smallest ``position_keys`` (stream 0), i.e. a uniformly
     random subset — then 80% [MASK], 10% a random id from ``random_ids``, 10% unchanged (streams 1
     and 2). Keys depend on (seed, epoch, index, position) only: an example's mask is the same in
     any batch. Returns (input_ids, labels) (n, L), labels -100 where not chosen."""
@@ -499,15 +501,17 @@ def mask_batch(tokens: np.ndarray, special: np.ndarray, seed: int, epoch: int, i
     np.put_along_axis(rank, order, np.broadcast_to(np.arange(length), (n, length)), axis=1)
     count = candidate.sum(1)
     n_pred = np.maximum(1, np.rint(count * mask_prob)).astype(np.int64)  # rint: half to even, as round()
+    if mask_prob <= 0:
+        n_pred[:] = 0
     if max_predictions is not None:
         n_pred = np.minimum(n_pred, max_predictions)
     chosen = candidate & (rank < n_pred[:, None])
-    labels = np.where(chosen, tokens, IGNORE_INDEX)
+    labels = np.where(chosen, tokens, IGNORE_INDEX).astype(np.int64)
     u = _uniform(u)
-    pick = (_uniform(pick) * len(random_ids)).astype(np.int64)
-    inputs = np.where(chosen & (u < 0.8), mask_id, tokens)
-    inputs = np.where(chosen & (u >= 0.8) & (u < 0.9), random_ids[pick], inputs)
-    return inputs.astype(np.int64), labels.astype(np.int64)
+    inputs = np.where(chosen & (u < 0.8), mask_id, tokens).astype(np.int64)
+    to_random = chosen & (u >= 0.8) & (u < 0.9)
+    inputs[to_random] = random_ids[(_uniform(pick[to_random]) * len(random_ids)).astype(np.int64)]
+    return inputs, labels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -568,6 +572,7 @@ class PretrainingData:
     example's mask is seeded by (seed, e, index). A data position is (epoch, index)."""
 
     EVAL_EPOCH = 2**31 - 1
+    MASK_CHUNK = 8192  # examples masked at once by examples()
 
     def __init__(self, corpus: Corpus, tokenizer: Tokenizer, doc_ids: np.ndarray, *, seq_len: int, seed: int,
                  mask_prob: float = 0.15, nsp: bool = True, whole_word_mask: bool = False,
@@ -615,6 +620,9 @@ class PretrainingData:
         indices = np.asarray(indices, dtype=np.int64)
         if self.continuation is not None:  # whole words: a Python loop over each example's words anyway
             return [self._whole_word_example(inst, epoch, int(i)) for i in indices]
+        if len(indices) > self.MASK_CHUNK:  # bounded memory (the padded batch's ~75 B per position)
+            return [e for at in range(0, len(indices), self.MASK_CHUNK)
+                    for e in self.examples(epoch, indices[at:at + self.MASK_CHUNK])]
         starts, ends = inst.offsets[indices], inst.offsets[indices + 1]
         lengths = ends - starts
         width = int(lengths.max()) if len(indices) else 0
@@ -629,8 +637,9 @@ class PretrainingData:
         for row, (i, k) in enumerate(zip(indices.tolist(), lengths.tolist())):
             token_types = np.zeros(k, dtype=np.int64)
             token_types[inst.len_a[i]:] = 1
-            out.append({"input_ids": inputs[row, :k], "token_type_ids": token_types, "labels": labels[row, :k],
-                        "next_sentence_label": np.int64(inst.nsp_labels[i])})
+            # copies: a view would keep the whole padded batch alive as long as one example is
+            out.append({"input_ids": inputs[row, :k].copy(), "token_type_ids": token_types,
+                        "labels": labels[row, :k].copy(), "next_sentence_label": np.int64(inst.nsp_labels[i])})
         return out
 
     def _whole_word_example(self, inst: Instances, epoch: int, index: int) -> dict[str, np.ndarray]:

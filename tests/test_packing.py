@@ -374,7 +374,7 @@ def test_an_unpadded_forward_reads_the_device_once(monkeypatch):
     nothing queued behind it). Counted as host reads of tensors during BertModel's forward on a padded
     0/1 mask; the padded layout (output_attentions) has no layout sync, so its count is the checks' one."""
     reads = []
-    for method in ("tolist", "item", "__int__", "__float__", "__bool__", "__index__"):
+    for method in ("tolist", "item", "__int__", "__float__", "__bool__", "__index__", "cpu", "numpy", "nonzero"):
         original = getattr(torch.Tensor, method)
 
         def counted(self, *args, _original=original, _method=method, **kwargs):
@@ -385,10 +385,28 @@ def test_an_unpadded_forward_reads_the_device_once(monkeypatch):
     ids = torch.randint(1, 50, (3, 10))
     mask = torch.ones(3, 10, dtype=torch.long)
     mask[1, 6:] = 0
+    batch, _ = pack(make_examples())
+    reads.clear()  # (building the batch read tensors on the host)
     with torch.no_grad():
         unpadded = model(ids, mask).last_hidden_state
         assert reads == ["tolist"], reads
         reads.clear()
         padded = model(ids, mask, output_attentions=True).last_hidden_state
         assert reads == ["tolist"], reads
+        reads.clear()
+        # packed rows, and the rows a head reads (output_rows: the layout's extra count)
+        model(batch["input_ids"], batch["attention_mask"], output_rows=batch["labels"] != -100)
+        assert reads == ["tolist"], reads
     torch.testing.assert_close(unpadded[mask.bool()], padded[mask.bool()])
+
+
+def test_value_errors_come_before_the_output_rows_shape_error():
+    """The input checks' values are read in the layout's sync; an error found before it (a wrong
+    output_rows shape) still reports an out-of-range id first, as when the checks read on their own."""
+    model = fastbert.BertModel(fastbert.BertConfig(**CFG))
+    ids = torch.randint(1, 50, (2, 6))
+    ids[1, 2] = CFG["vocab_size"] + 5
+    with pytest.raises(ValueError, match="input_ids must lie in"):
+        model(ids, torch.ones(2, 6, dtype=torch.long), output_rows=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="output_rows has shape"):
+        model(ids.clamp(max=50), torch.ones(2, 6, dtype=torch.long), output_rows=torch.ones(2, 5, dtype=torch.bool))

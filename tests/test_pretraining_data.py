@@ -298,9 +298,37 @@ def test_batch_masking_picks_positions_uniformly():
                            random_ids=np.arange(5, 100))
     per_position = (labels[:, 1:-1] != -100).sum(0)  # each example masks round(7.5) = 8 of 50
     assert all(within_binomial(int(c), n, 8 / 50) for c in per_position), per_position
-    # and the 80 / 10 / 10 split does not depend on the position either
+    # and the chosen fall in either half of the candidates alike
     first_half = (labels[:, 1:26] != -100).sum()
     assert within_binomial(int(first_half), n * 8, 0.5)
+
+
+def _splitmix_reference(seed, epoch, index, stream, position):
+    """position_keys' hash in plain Python integers (an independent reading of its documentation)."""
+    golden, mask = 0x9E3779B97F4A7C15, 2**64 - 1
+
+    def mix(z):
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    z = mix(((seed & mask) + golden) & mask)
+    for field in (epoch & mask, index, stream + 1):
+        z = mix((z + golden * field) & mask)
+    return mix((z + golden * position) & mask)
+
+
+def test_position_keys_are_the_documented_hash():
+    """The keys are a fixed function of (seed, epoch, index, stream, position): a run resumed by a
+    later version draws the same masks only while it stays so. Checked against plain-Python integer
+    arithmetic, numpy integers for seed and epoch included, the evaluation epoch and a large seed."""
+    from fastbert.pretraining_data import position_keys
+    for seed, epoch in ((0, 0), (5, 3), (2**40 + 7, 2**31 - 1), (np.int64(5), np.int64(3))):
+        keys = position_keys(seed, epoch, np.array([0, 1, 70000]), 6, 3)
+        for stream in range(3):
+            for row, index in enumerate((0, 1, 70000)):
+                want = [_splitmix_reference(int(seed), int(epoch), index, stream, pos) for pos in range(6)]
+                assert keys[stream][row].tolist() == want, (seed, epoch, stream, index)
 
 
 def test_batch_masking_is_per_example_and_keyed_by_seed_epoch_index():
@@ -318,6 +346,7 @@ def test_batch_masking_is_per_example_and_keyed_by_seed_epoch_index():
         pad_special = np.concatenate([special[row:row + 1], np.ones((1, 9), bool)], 1)
         wide = mask_batch(padded, pad_special, 5, 2, np.array([10 + row]), **kw)
         assert np.array_equal(wide[1][0, :40], labels[row]) and (wide[1][0, 40:] == -100).all()
+        assert np.array_equal(wide[0][0, :40], inputs[row]) and (wide[0][0, 40:] == 0).all()
     same_tokens = np.tile(tokens[:1], (3, 1))
     draws = [mask_batch(same_tokens[:1], special[:1], *key, **kw)[1][0] for key in
              ((5, 2, np.array([10])), (5, 2, np.array([11])), (5, 3, np.array([10])), (6, 2, np.array([10])))]
@@ -332,6 +361,12 @@ def test_batch_masking_cap_and_examples_without_candidates():
         _, labels = mask_batch(tokens, special, cap, 0, np.arange(3), mask_prob=0.15, mask_id=MASK,
                                random_ids=np.arange(5, 200), max_predictions=cap)
         assert ((labels != -100).sum(1) == [min(cap, 15), min(cap, 15), 0]).all()
+    inputs, labels = mask_batch(tokens, special, 0, 0, np.arange(3), mask_prob=0.0, mask_id=MASK,
+                                random_ids=np.arange(5, 200))  # as mask_tokens: nothing at mask_prob 0
+    assert (labels == -100).all() and np.array_equal(inputs, tokens)
+    empty = mask_batch(np.zeros((0, 7), np.int64), np.zeros((0, 7), bool), 0, 0, np.arange(0), mask_prob=0.15,
+                       mask_id=MASK, random_ids=np.arange(5, 200))
+    assert empty[0].shape == empty[1].shape == (0, 7)
 
 
 def test_batch_masking_random_replacements_use_every_ordinary_token():
@@ -353,19 +388,32 @@ def test_examples_of_a_batch_equal_the_examples_alone(tmp_path, tokenizer):
                                max_example_len=32 if pack else None)
         n = len(data.epoch(0))
         batch = data.examples(0, range(n))
+        assert data.examples(0, []) == []
+
+        def same(a, b):
+            return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
         for i in (0, n // 2, n - 1):
-            alone = data.example(0, i)
-            assert all(np.array_equal(batch[i][k], alone[k]) for k in alone), (pack, i)
+            assert same(batch[i], data.example(0, i)), (pack, i)
         if pack:
-            rows, _ = data.take_rows((0, 0), 3)
-            flat = [e for row in rows for e in row]
-            wanted = np.concatenate(data.rows(0)[:3])
-            assert all(np.array_equal(e["labels"], batch[int(j)]["labels"]) for e, j in zip(flat, wanted))
-        else:
-            taken, position = data.take((0, n - 2), 4)  # crosses into epoch 1
+            n_rows = len(data.rows(0))
+            rows, position = data.take_rows((0, n_rows - 2), 4)  # crosses into epoch 1
             assert position == (1, 2)
-            assert np.array_equal(taken[0]["labels"], batch[n - 2]["labels"])
-            assert np.array_equal(taken[2]["labels"], data.example(1, 0)["labels"])
+            wanted = [(0, data.rows(0)[n_rows - 2]), (0, data.rows(0)[n_rows - 1]), (1, data.rows(1)[0]),
+                      (1, data.rows(1)[1])]
+            assert [len(r) for r in rows] == [len(w) for _, w in wanted]
+            assert all(same(e, data.example(epoch, int(j)))
+                       for row, (epoch, want) in zip(rows, wanted) for e, j in zip(row, want))
+        else:
+            n1 = len(data.epoch(1))  # each epoch draws its own pairs: their number varies
+            taken, position = data.take((0, n - 2), 2 + n1 + 2)  # through all of epoch 1 into epoch 2
+            assert position == (2, 2)
+            assert same(taken[0], batch[n - 2]) and same(taken[2], data.example(1, 0))
+            assert same(taken[2 + n1], data.example(2, 0)) and same(taken[-1], data.example(2, 1))
+        # numpy integers as seed and epoch give the same examples
+        other = PretrainingData(corpus, tokenizer, np.arange(corpus.num_documents), seq_len=64, seed=np.int64(3),
+                                pack=pack, max_example_len=32 if pack else None)
+        assert same(other.examples(np.int64(0), [1])[0], batch[1])
 
 
 def test_mask_rate_is_configurable():
