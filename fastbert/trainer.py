@@ -17,12 +17,14 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import shutil
 import signal
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -79,6 +81,13 @@ class Distributed:
 
     def shutdown(self) -> None:
         if self.enabled and torch.distributed.is_initialized():
+            if torch.distributed.get_backend() == "gloo":
+                # torch's ProcessGroupGloo destructor joins its work thread with the GIL held, and that
+                # thread may still need the GIL to free its last work's thread-local state: a deadlock
+                # (seen in tests/test_pretrain_cli.py's DDP test, gdb-confirmed). Collect what still holds
+                # the group's work and let the thread drain before the group is destroyed.
+                gc.collect()
+                time.sleep(0.1)
             torch.distributed.destroy_process_group()
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """`fastbert pretrain` end to end on micro runs: run folder, transformers loading, bitwise resume,
 gradient-accumulation equivalence, and bad input that must fail cleanly."""
+import gc
 import json
 import os
 import signal
@@ -786,6 +787,7 @@ def test_ddp_trains_an_untied_model(tied, tmp_path):
                               intermediate_size=64, tie_word_embeddings=tied)
     model = fastbert.BertForPreTraining(cfg).train()
     torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    loss_module = mlm = nsp = None
     try:
         loss_module = _ddp(PretrainingLoss(model, True), model, True, torch.device("cpu"))
         ids = torch.randint(5, 50, (2, 8))
@@ -795,6 +797,15 @@ def test_ddp_trains_an_untied_model(tied, tmp_path):
             mlm, nsp = loss_module(ids, torch.ones_like(ids), torch.zeros_like(ids), labels, torch.tensor([0, 1]))
             (mlm + nsp).backward()
     finally:
+        # torch's ProcessGroupGloo destructor joins its work thread with the GIL held, and that thread
+        # may still need the GIL to free its last work's thread-local state: a deadlock (hung this file
+        # twice on 2026-11-28, gdb: ~ProcessGroupGloo -> thread join, pt_gloo_runloop -> take_gil). It
+        # struck when the DDP module, whose reducer held the last reference to the group, was freed after
+        # destroy_process_group. Free the module while the group is registered, give the work thread the
+        # GIL to drain, then destroy the group (with no work left, its thread exits without the GIL).
+        loss_module = mlm = nsp = None
+        gc.collect()
+        time.sleep(0.2)
         torch_dist.destroy_process_group()
 
 
