@@ -99,8 +99,8 @@ def _normal_tail(z):
     """(a, e, q) for fp32 z: a = min(|z|, 64), e = exp(-a^2 / 2), q = Q(a) = P(N(0, 1) > a).
 
     Why not tl.erf: libdevice's erff picks its coefficients from two ranges per element, and on
-    sm_90 those selects compile to ~15 register moves; the exact-GELU kernels were bound by issued
-    instructions (40 per element in the forward, 53 in the backward) rather than bytes. Here one
+    sm_90 those selects compile to ~15 register moves, and the exact-GELU forward was bound by issued
+    instructions on an H200 (40 per element; the backward had 53), not by its bytes. Here one
     polynomial serves every z, its coefficients are FMA immediates, and the exponential is the one
     the derivative needs anyway (phi(z) = e / sqrt(2 pi)). No subtraction: Q(a) keeps its relative
     accuracy in the tail, where 1 + erf(z / sqrt 2) cancels (PyTorch's GELU returns 0 at z = -6).
