@@ -37,6 +37,18 @@ from . import runtime as R
 # Processes
 # ----------------------------------------------------------------------------------------------
 
+def destroy_process_group(drain_s: float = 0.1) -> None:
+    """torch.distributed.destroy_process_group, safe from a deadlock of gloo's: torch's
+    ProcessGroupGloo destructor joins its work thread with the GIL held, and that thread may still need
+    the GIL to free its last work's thread-local state (gdb-confirmed in tests/test_pretrain_cli.py's
+    DDP test, torch 2.13). Free what still holds the group (a DDP module should be gone before this is
+    called), let the work thread drain, then destroy the group."""
+    if torch.distributed.get_backend() == "gloo":
+        gc.collect()
+        time.sleep(drain_s)
+    torch.distributed.destroy_process_group()
+
+
 @dataclass
 class Distributed:
     rank: int = 0
@@ -81,14 +93,7 @@ class Distributed:
 
     def shutdown(self) -> None:
         if self.enabled and torch.distributed.is_initialized():
-            if torch.distributed.get_backend() == "gloo":
-                # torch's ProcessGroupGloo destructor joins its work thread with the GIL held, and that
-                # thread may still need the GIL to free its last work's thread-local state: a deadlock
-                # (seen in tests/test_pretrain_cli.py's DDP test, gdb-confirmed). Collect what still holds
-                # the group's work and let the thread drain before the group is destroyed.
-                gc.collect()
-                time.sleep(0.1)
-            torch.distributed.destroy_process_group()
+            destroy_process_group()
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over processes in place. With NCCL the sum is queued on the device's stream and

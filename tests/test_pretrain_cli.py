@@ -1,6 +1,5 @@
 """`fastbert pretrain` end to end on micro runs: run folder, transformers loading, bitwise resume,
 gradient-accumulation equivalence, and bad input that must fail cleanly."""
-import gc
 import json
 import os
 import signal
@@ -783,6 +782,7 @@ def test_ddp_trains_an_untied_model(tied, tmp_path):
 
     import fastbert
     from fastbert.pretrain import PretrainingLoss, _ddp
+    from fastbert.trainer import destroy_process_group
     cfg = fastbert.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                               intermediate_size=64, tie_word_embeddings=tied)
     model = fastbert.BertForPreTraining(cfg).train()
@@ -797,16 +797,11 @@ def test_ddp_trains_an_untied_model(tied, tmp_path):
             mlm, nsp = loss_module(ids, torch.ones_like(ids), torch.zeros_like(ids), labels, torch.tensor([0, 1]))
             (mlm + nsp).backward()
     finally:
-        # torch's ProcessGroupGloo destructor joins its work thread with the GIL held, and that thread
-        # may still need the GIL to free its last work's thread-local state: a deadlock (hung this file
-        # twice on 2026-11-28, gdb: ~ProcessGroupGloo -> thread join, pt_gloo_runloop -> take_gil). It
-        # struck when the DDP module, whose reducer held the last reference to the group, was freed after
-        # destroy_process_group. Free the module while the group is registered, give the work thread the
-        # GIL to drain, then destroy the group (with no work left, its thread exits without the GIL).
+        # The DDP module's reducer held the last reference to the group when it was freed after
+        # destroy_process_group: gloo's destructor then deadlocked (hung this file twice on 2026-11-28;
+        # see trainer.destroy_process_group). Free it while the group is registered, then destroy.
         loss_module = mlm = nsp = None
-        gc.collect()
-        time.sleep(0.2)
-        torch_dist.destroy_process_group()
+        destroy_process_group(drain_s=0.2)
 
 
 def test_eval_examples_0_runs_without_a_held_out_evaluation(corpus, tmp_path):
