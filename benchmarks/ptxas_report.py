@@ -328,17 +328,25 @@ def dropout_report():
     return 0
 
 
+def _gelu_tile(kernel, n):
+    """(BLOCK_M, BLOCK_N, num_warps, elements one thread handles per tile) of a bias + GELU launch."""
+    from fastbert.kernels import gelu as G
+
+    block_m, block_n, warps = (G.fwd_config if kernel == "_bias_gelu_fwd" else G.bwd_config)(n)
+    return block_m, block_n, warps, block_m * block_n // (32 * warps)
+
+
 def gelu_launch(kernel, approx, n=3072):
     """(compiled kernel, elements one thread handles per tile) of a bias + GELU launch as the model
     makes it (bf16, width n)."""
     from fastbert.kernels import gelu as G
 
     fn = getattr(G, kernel)
-    block_m, block_n, warps = (G.fwd_config if kernel == "_bias_gelu_fwd" else G.bwd_config)(n)
+    block_m, block_n, warps, per_thread = _gelu_tile(kernel, n)
     constexprs = dict(APPROX_TANH=approx, BLOCK_M=block_m, BLOCK_N=block_n)
     signature = {arg: "constexpr" if arg in constexprs else "*fp32" if arg == "DBIAS_PART"
                  else "*bf16" if arg.isupper() else "i32" for arg in fn.arg_names}
-    return compile_launch(fn, signature, constexprs, dict(num_warps=warps)), block_m * block_n // (32 * warps)
+    return compile_launch(fn, signature, constexprs, dict(num_warps=warps)), per_thread
 
 
 def gelu_costs(n=3072) -> dict:
@@ -353,22 +361,20 @@ def gelu_costs(n=3072) -> dict:
 
 def gelu_report(n=3072):
     """SASS instructions per element of the bias + GELU kernels as the model launches them (bf16)."""
-    from fastbert.kernels import gelu as G
-
     lines = ["# ptxas_report --gelu: bias + GELU, SASS instructions per element, sm_90a (no GPU)", "",
              f"bf16, width {n}, the launches of kernels/gelu.py; static counts from cuobjdump over the elements a "
              "thread holds per tile (the backward's loop body dominates its count).", "",
              "| kernel | GELU | tile (BLOCK_M x BLOCK_N), warps | elements / thread | instructions | per element |",
              "|---|---|---|---|---|---|"]
-    for kernel, config in (("_bias_gelu_fwd", G.fwd_config), ("_bias_gelu_bwd", G.bwd_config)):
-        block_m, block_n, warps = config(n)
+    for kernel in ("_bias_gelu_fwd", "_bias_gelu_bwd"):
+        block_m, block_n, warps, per_thread = _gelu_tile(kernel, n)
         for approx in (False, True):
             def measure(kernel=kernel, approx=approx):
                 compiled, per_thread = gelu_launch(kernel, approx, n)
                 count = sass_instructions(compiled)
                 return count, f"{count / per_thread:.1f}"
-            lines.append(_row((kernel, "tanh" if approx else "erf", f"{block_m} x {block_n}, {warps}",
-                               block_m * block_n // (32 * warps)), measure, 2))
+            lines.append(_row((kernel, "tanh" if approx else "erf", f"{block_m} x {block_n}, {warps}", per_thread),
+                              measure, 2))
     _save(lines, "ptxas_report_gelu.md")
     return 0
 
