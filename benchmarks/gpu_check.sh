@@ -40,7 +40,7 @@ case "${PLAN:-}" in
   tests/test_finetune_cli.py::test_encode_cuda_graphs_gives_the_eager_commands_vectors
   tests/test_finetune_cli.py::test_finetune_each_task tests/test_finetune_cli.py::test_transformers_arm_runs_the_same_loop
   tests/test_attention.py tests/test_layer_norm.py tests/test_embedding.py tests/test_gelu.py tests/test_fused_ops.py
-  tests/test_gemm_gelu.py
+  tests/test_gemm_gelu.py tests/test_autocast_linear.py
   tests/test_model_kernels.py tests/test_cuda_graphs.py tests/test_patch.py}" ;;
   second) : "${STEPS:=kernels loop}" "${T_ATTN:=80}" "${T_FUSED:=90}" "${T_MLM:=35}" "${T_FFN:=70}" \
           "${T_LOOP:=70}" "${LOOP_REPEATS:=1}" ;;
@@ -92,7 +92,7 @@ XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 # TEST_FILES narrows the GPU test step (e.g. to the files a change touched, when device time is short).
 TEST_FILES=${TEST_FILES:-"tests/test_attention.py tests/test_gelu.py tests/test_gemm_gelu.py tests/test_layer_norm.py tests/test_embedding.py
   tests/test_fused_ops.py tests/test_mlm_loss.py tests/test_model_kernels.py tests/test_convergence.py
-  tests/test_cuda_graphs.py tests/test_compile_model.py tests/test_patch.py tests/test_packing.py
+  tests/test_cuda_graphs.py tests/test_compile_model.py tests/test_patch.py tests/test_packing.py tests/test_autocast_linear.py
   tests/test_finetune_cli.py tests/test_pretrain_cli.py::test_prefetching_on_a_gpu_changes_nothing
   tests/test_pretrain_cli.py::test_cuda_graphs_pretrain_like_the_eager_loop
   tests/test_pretrain_cli.py::test_cuda_graphs_pretrain_resumes_bitwise_with_dropout"}

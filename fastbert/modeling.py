@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import fastbert.kernels as K
 from fastbert.kernels._workspace import ReusedBuffer
 
+from .autocast_linear import linear
 from .config import BertConfig
 
 
@@ -382,7 +383,7 @@ class BertSelfAttention(nn.Module):
         weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3D, D)
         bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])  # (3D,)
         nh, hd = self.num_attention_heads, self.attention_head_size
-        qkv = F.linear(x, weight, bias).view(-1, 3, nh, hd)  # (N, 3, nh, hd)
+        qkv = linear(x, weight, bias).view(-1, 3, nh, hd)  # (N, 3, nh, hd)
         p = self.dropout_p if self.training else 0.0
         # The qkv-packed ops read q, k, v as strided views, write the context in the layout the output
         # matmul reads and return one gradient for qkv: no permute, stack or reshape copies.
@@ -441,7 +442,7 @@ def _dense_and_bias(dense: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, to
     if _hooked(dense) or dense.bias is None:
         y = dense(x)
         return y, y.new_zeros(y.shape[-1])
-    return F.linear(x, dense.weight), dense.bias
+    return linear(x, dense.weight), dense.bias
 
 
 def _fuse_dense_bias(dense: nn.Linear, residual) -> bool:
@@ -469,7 +470,7 @@ class BertSelfOutput(nn.Module):
         p = self.dropout.p if self.training else 0.0
         dense = self.dense
         if _fuse_dense_bias(dense, residual):
-            return K.add_layer_norm(F.linear(h, dense.weight), residual, self.LayerNorm.weight, self.LayerNorm.bias,
+            return K.add_layer_norm(linear(h, dense.weight), residual, self.LayerNorm.weight, self.LayerNorm.bias,
                                     self.LayerNorm.eps, p, low_dtype=low_dtype, x_bias=dense.bias)
         return K.add_layer_norm(dense(h), residual, self.LayerNorm.weight, self.LayerNorm.bias,
                                 self.LayerNorm.eps, p, low_dtype=low_dtype)

@@ -1,0 +1,176 @@
+"""fastbert.autocast_linear: autocast's linear with fp32 weight / bias gradients from the GEMM itself.
+
+On CUDA the model's hot matmuls take this path under bf16 / fp16 autocast; on the CPU (no mm
+out_dtype kernel) the tests force it with dtype= (the fp32 product is then the upcast one) and
+check what the CUDA path changes: the same forward as autocast, gradients in fp32 that are closer
+to float64 than autocast's (rounded once, not twice), the same input gradient, and in the model
+five casts fewer per layer.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerance import assert_close_to_reference, max_err
+
+from fastbert import autocast_linear
+from fastbert.autocast_linear import linear
+
+
+def _inputs(n, k, m, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, k, generator=g).requires_grad_()
+    w = (torch.randn(m, k, generator=g) / k ** 0.5).requires_grad_()
+    b = torch.randn(m, generator=g).requires_grad_() if bias else None
+    dy = torch.randn(n, m, generator=g)
+    return x, w, b, dy
+
+
+def _grads(fn, x, w, b, dy):
+    for t in (x, w, b):
+        if t is not None:
+            t.grad = None
+    y = fn()
+    y.backward(dy.to(y.dtype))
+    return y, x.grad, w.grad, (b.grad if b is not None else None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(37, 24, 40), (129, 64, 3), (1, 8, 8)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_as_autocast_and_fp32_parameter_gradients(dtype, shape, bias):
+    n, k, m = shape
+    x, w, b, dy = _inputs(n, k, m, bias)
+    with torch.autocast("cpu", dtype=dtype):
+        y_ac, dx_ac, dw_ac, db_ac = _grads(lambda: F.linear(x, w, b), x, w, b, dy)
+    y, dx, dw, db = _grads(lambda: linear(x, w, b, dtype=dtype), x, w, b, dy)
+    assert y.dtype == dtype and torch.equal(y, y_ac)  # the same low-precision forward
+    assert dw.dtype == torch.float32 and torch.equal(dx, dx_ac)  # dx: the same low-precision GEMM
+    # float64 reference of the gradients of the rounded inputs the GEMMs see
+    x_low, w_low, dy_low = x.detach().to(dtype).double(), w.detach().to(dtype).double(), dy.to(dtype).double()
+    ref_dw = dy_low.t() @ x_low
+    # fp32 from the GEMM: at most fp32 rounding (PyTorch's own fp32 product of the same inputs as baseline)
+    baseline = dy.to(dtype).float().t() @ x.detach().to(dtype).float()
+    assert_close_to_reference(dw, baseline, ref_dw, name="dW")
+    # ... and far closer than autocast's, which rounds dW to the low dtype before its fp32 cast
+    assert max_err(dw, ref_dw) < max_err(dw_ac, ref_dw) / 8
+    assert_close_to_reference(dx, dx_ac, dy_low @ w_low, name="dx", k=1.0)
+    if bias:
+        assert db.dtype == torch.float32
+        ref_db = dy_low.sum(0)
+        assert_close_to_reference(db, dy.to(dtype).float().sum(0), ref_db, name="db")
+        assert max_err(db, ref_db) <= max_err(db_ac, ref_db)
+
+
+def test_three_dimensional_inputs_and_frozen_parts():
+    """(B, S, in) inputs as the padded model passes them; a frozen weight gets no GEMM, an input
+    that needs no gradient none either (the layer-freezing recipe)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 16, generator=g)
+    w = torch.randn(12, 16, generator=g).requires_grad_()
+    y = linear(x, w, None, dtype=torch.bfloat16)
+    assert y.shape == (3, 5, 12)
+    y.float().sum().backward()
+    ref = torch.ones(15, 12).to(torch.bfloat16).double().t() @ x.reshape(15, 16).to(torch.bfloat16).double()
+    assert max_err(w.grad, ref) <= 1e-6 * ref.abs().max().item()
+    x.requires_grad_()
+    w.requires_grad_(False)
+    w.grad = None
+    linear(x, w, None, dtype=torch.bfloat16).float().sum().backward()
+    assert w.grad is None and x.grad.shape == x.shape
+
+
+def test_the_cuda_gemm_call_is_valid():
+    """The CUDA path's product, on meta tensors: mm's out_dtype overload takes a transposed 16-bit
+    operand and gives fp32 (the CPU has no kernel for it, so this is where the call is checked)."""
+    a = torch.empty(40, 37, dtype=torch.bfloat16, device="meta").t()
+    b = torch.empty(40, 24, dtype=torch.bfloat16, device="meta")
+    out = autocast_linear._mm_fp32(a, b)
+    assert out.dtype == torch.float32 and out.shape == (37, 24) and out.device.type == "meta"
+    assert autocast_linear._MM_OUT_DTYPE  # this PyTorch has the overload
+
+
+def test_off_the_cuda_autocast_path_it_is_f_linear():
+    x, w, b, _ = _inputs(5, 8, 6)
+    assert autocast_linear._fp32_grads_apply(x, w) is None  # CPU
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert autocast_linear._fp32_grads_apply(x, w) is None
+        assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+
+
+def test_the_model_drops_five_casts_per_layer_and_keeps_its_gradients(triton_kernels, monkeypatch):
+    """The model's QKV, attention-output and both feed-forward matmuls take the path (as they do on
+    CUDA; here forced under CPU fp16 autocast, the Triton kernels interpreted): every parameter gradient stays
+    within bf16-level rounding of the autocast run's, and the backward issues five fewer dtype
+    casts per layer (QKV weight and bias, three weights) and one fewer in the MLM head."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fastbert import BertConfig, BertForPreTraining
+
+    config = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = BertForPreTraining(config).train()
+    ids = torch.randint(5, 97, (2, 12))
+    labels = torch.full((2, 12), -100)
+    labels[:, 3] = ids[:, 3]
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids),
+                 labels=labels, next_sentence_label=torch.tensor([0, 1]))
+
+    def run(forced):
+        monkeypatch.setattr(autocast_linear, "_fp32_grads_apply",
+                            (lambda x, w: torch.float16 if torch.is_autocast_enabled("cpu") else None) if forced
+                            else (lambda x, w: None))
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(**batch).loss
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            loss.backward()
+        # every dtype cast of the backward (autograd's ToCopyBackward and its engine's alike), except the
+        # CPU's upcasts standing in for CUDA's one fp32-output GEMM and the CPU sum's internal cast (CUDA's
+        # sum with a dtype is one kernel)
+        casts = sum(1 for e in prof.events() if e.name == "aten::_to_copy"
+                    and any(c.name == "aten::copy_" for c in e.cpu_children)
+                    and not {"gemm_stand_in", "aten::sum"} & set(_ancestors(e)))
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, casts
+
+    real_mm = autocast_linear._mm_fp32
+
+    def marked_mm(a, b):
+        with torch.profiler.record_function("gemm_stand_in"):
+            return real_mm(a, b)
+    monkeypatch.setattr(autocast_linear, "_mm_fp32", marked_mm)
+    autocast_grads, autocast_casts = run(False)
+    grads, casts = run(True)
+    # per layer QKV weight and bias, attention output, both feed-forward weights; and the MLM transform
+    assert autocast_casts - casts == 5 * config.num_hidden_layers + 1, (autocast_casts, casts)
+    assert grads.keys() == autocast_grads.keys()
+    for name, g in grads.items():
+        assert g.dtype == torch.float32
+        scale = autocast_grads[name].abs().max().item()
+        # bf16 rounding of the autocast run's gradients and of everything before them: a few bf16 ulps
+        assert max_err(g, autocast_grads[name]) <= 0.05 * scale + 1e-6, name
+
+
+def _ancestors(event):
+    names = []
+    while event.cpu_parent is not None:
+        event = event.cpu_parent
+        names.append(event.name)
+    return names
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_autocast_takes_the_path_and_its_gemm(device, dtype):
+    """On a GPU (benchmarks/gpu_check.sh): under CUDA autocast `linear` takes the fp32-gradient path by
+    itself, and the real fp32-output cuBLAS GEMM gives dW within fp32 rounding of float64."""
+    if device != "cuda":
+        pytest.skip("the CUDA path; its CPU stand-in is tested above")
+    x, w, b, dy = (t.detach().to(device).requires_grad_(t.requires_grad) for t in _inputs(300, 768, 200))
+    with torch.autocast("cuda", dtype=dtype):
+        assert autocast_linear._fp32_grads_apply(x, w) == dtype
+        y = linear(x, w, b)
+    y.backward(dy.to(dtype))
+    assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+    ref = dy.to(dtype).double().t() @ x.detach().to(dtype).double()
+    baseline = dy.to(dtype).float().t() @ x.detach().to(dtype).float()
+    assert_close_to_reference(w.grad, baseline, ref, name="dW")
