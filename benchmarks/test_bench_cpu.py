@@ -320,3 +320,50 @@ def test_compare_checks_the_graphed_device_time_too(tmp_path, capsys):
     _write(tmp_path / "plain", "bench_fused", rows(1.3, with_graph=False))  # a baseline from before graph_ms
     assert compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "plain")]) == 0
     assert "0 of 4 compared rows" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ launch_census.py
+
+def test_launch_census_counts_computing_ops_and_autocast_casts():
+    """One launch per op that computes, none for views / allocations, one per autocast cast inside a
+    matmul, none for a cast to the same dtype; a nonzero is a sync, a CUDA stand-in range one launch."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks import launch_census as LC
+
+    x, w, b = torch.randn(4, 8), torch.randn(6, 8), torch.randn(6)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = torch.nn.functional.linear(x, w, b)  # 1 + casts of x, w, b
+        y.view(2, 12).t().float().sum()  # view, t: nothing; float: 1 cast; sum: 1
+        x.to(torch.float32)  # same dtype: nothing
+        (x > 0).nonzero()  # gt: 1; nonzero: 1, and a sync
+        with torch.profiler.record_function(LC.ONE_LAUNCH + "stand-in"):
+            x.double().sum()  # counted as the one launch the range stands for
+    launches, syncs = LC.count_launches(prof.events())
+    assert launches == {"linear": 1, "_to_copy (in linear)": 3, "to": 1, "sum": 1, "gt": 1, "nonzero": 1,
+                        "stand-in": 1}, launches
+    assert syncs == {"nonzero": 1}
+
+
+def test_launch_census_smoke():
+    """A 2-layer fine-tuning step: every Triton kernel of the eager step counted per layer, the
+    fp32-gradient linears' GEMMs as on CUDA, and fewer launches than transformers SDPA."""
+    import os
+
+    from benchmarks import launch_census as LC
+    from fastbert.kernels._dispatch import interpreting
+
+    if not interpreting():
+        pytest.skip("needs Triton's interpreter (tests/conftest.py sets it when the test suite runs)")
+    before = os.environ.get("FASTBERT_KERNELS")
+
+    tri, aten, syncs = LC.census("finetune", "fastbert", layers=2, batch=2, seq=16)
+    assert tri == {"_add_ln_fwd": 4, "_add_ln_bwd": 4, "_attn_fwd": 2, "_attn_bwd_fused": 2, "_bias_gelu_fwd": 2,
+                   "_bias_gelu_bwd": 2}, tri
+    assert aten["mm (fp32 out)"] == 4 * 2  # QKV, output, both feed-forward weights, per layer
+    assert syncs == {"tolist": 1}  # the unpadded layout's one read
+    _, hf, _ = LC.census("finetune", "transformers-sdpa", layers=2, batch=2, seq=16)
+    assert sum(tri.values()) + sum(aten.values()) < sum(hf.values())
+    assert os.environ.get("FASTBERT_KERNELS") == before  # the census leaves the backend as it found it
