@@ -11,16 +11,18 @@ counted and stubbed out (not run: only host code executes, so a BERT-base-shaped
 seconds), under torch.profiler. A launch is each ATen op called from outside any other ATen op
 (from Python, an autograd node, a custom op's body) that computes something (views, allocations and
 metadata excluded), plus each dtype cast that autocast makes inside a matmul op. That is what such
-an op costs on CUDA in almost every case; fused AdamW, one op here, launches once per chunk of
-tensors there. The model's CUDA-only choices are made as on CUDA (`cuda_paths`). Host syncs:
+an op costs on CUDA in most cases; the exceptions undercount a little, both competitors alike: fused
+AdamW launches once per chunk of tensors there, cross_entropy twice (log-softmax, NLL), an
+index_select backward twice (zeros, index_add), and autocast's fp32 upcasts inside non-matmul ops
+(transformers' LayerNorm and softmax under autocast) are not counted. The model's CUDA-only choices are made as on CUDA (`cuda_paths`). Host syncs:
 nonzero (a data-dependent shape) and tolist / item / bool() reads.
 
 Counts do not depend on widths (only on layers and the step's structure), except the MLM loss's
 chunk count (rows x vocab): fastbert runs the real vocabulary 30522 and 32k tokens; transformers'
 full-vocabulary logits would take minutes on a CPU and change no count, so it runs vocab 1031.
 Autocast is fp16 here (the GPU benchmarks use bf16: the same casts; the interpreter rejects bf16
-matmuls); AdamW(fused), dropout on. --before adds fastbert-plain-autocast: fastbert without `cuda_paths`
-(every linear as autocast runs it), for the A/B.
+matmuls); AdamW(fused), dropout on. An A/B across versions: run this file in a checkout of each (it
+skips the stand-ins a tree does not have).
 
     python -m benchmarks.launch_census [--case pretrain|finetune|encode] [--layers 12] [--detail]
 """
@@ -77,7 +79,11 @@ def count_launches(events):
 
     for e in events:
         if e.name.startswith(ONE_LAUNCH):  # a CPU stand-in for what CUDA does in one kernel
-            launches[e.name[len(ONE_LAUNCH):]] += 1
+            parent = e.cpu_parent
+            while parent is not None and not parent.name.startswith(ONE_LAUNCH):
+                parent = parent.cpu_parent
+            if parent is None:  # (a stand-in inside another is part of it)
+                launches[e.name[len(ONE_LAUNCH):]] += 1
             continue
         if not e.name.startswith("aten::"):
             continue
@@ -160,22 +166,38 @@ def host_reads(log: collections.Counter):
 
 @contextlib.contextmanager
 def cuda_paths(dtype: torch.dtype):
-    """The model's CUDA-only choices made on the CPU: fastbert.autocast_linear's fp32-gradient linear
-    under (CPU) autocast, its fp32-output GEMM counted as the one launch it is on CUDA."""
-    from fastbert import autocast_linear as AL
+    """The model's CUDA-only choices made on the CPU, each CPU stand-in counted as the one launch it is
+    on CUDA: fastbert.autocast_linear's fp32-gradient linear under (CPU) autocast and its fp32-output
+    GEMM; K.mlm_loss's fp32-output GEMMs (mm / addmm with out_dtype on CUDA, PyTorch >= 2.10; the CPU
+    upcasts, or accumulates through a scratch)."""
+    import importlib
 
-    apply, mm = AL._fp32_grads_apply, AL._mm_fp32
+    from fastbert.kernels import linear_cross_entropy as LCE
 
-    def one_gemm(a, b):
-        with torch.profiler.record_function(ONE_LAUNCH + "mm (fp32 out)"):
-            return mm(a, b)
-    AL._fp32_grads_apply = lambda x, w: (dtype if torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
-                                         and w.dtype == torch.float32 else None)
-    AL._mm_fp32 = one_gemm
+    def one_launch(name, fn):
+        def counted(*args, **kwargs):
+            with torch.profiler.record_function(ONE_LAUNCH + name):
+                return fn(*args, **kwargs)
+        return counted
+    patches = [(LCE, "_mm_f32_into", one_launch("mm (fp32 out)", LCE._mm_f32_into)),
+               (LCE, "_gemm_f32", one_launch("mm (fp32 out)", LCE._gemm_f32))]
+    try:
+        AL = importlib.import_module("fastbert.autocast_linear")
+    except ImportError:  # a tree from before it (an A/B across versions)
+        AL = None
+    if AL is not None:
+        patches += [(AL, "_path_dtype", lambda x, w: (dtype if torch.is_autocast_enabled("cpu")
+                                                      and torch.is_grad_enabled() and w.dtype == torch.float32
+                                                      else None)),
+                    (AL, "_mm_fp32", one_launch("mm (fp32 out)", AL._mm_fp32))]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    for module, name, value in patches:
+        setattr(module, name, value)
     try:
         yield
     finally:
-        AL._fp32_grads_apply, AL._mm_fp32 = apply, mm
+        for module, name, value in saved:
+            setattr(module, name, value)
 
 
 def _step_fn(case, model, batch):
@@ -217,7 +239,7 @@ def census(case: str, competitor: str, layers: int, batch: int, seq: int, hidden
         model.eval()
     step = _step_fn(case, model, kw)
     triton_log, reads = collections.Counter(), collections.Counter()
-    paths = (cuda_paths(torch.float16) if competitor == "fastbert" else contextlib.nullcontext())
+    paths = cuda_paths(torch.float16) if competitor == "fastbert" else contextlib.nullcontext()
     with triton_backend(), stubbed_triton(triton_log), host_reads(reads), paths:
         step()  # first step: caches, optimizer state
         triton_log.clear()
@@ -243,7 +265,6 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--competitors", default="fastbert,transformers-sdpa")
     parser.add_argument("--detail", action="store_true", help="per-op tables")
-    parser.add_argument("--before", action="store_true", help="add fastbert-plain-autocast: fastbert without cuda_paths")
     args = parser.parse_args(argv)
     batch = args.batch or (256 if args.case == "pretrain" else 32)
     print(f"# launch census: {args.case}, {args.layers} layers, batch {batch} x {args.seq}, fp16 autocast (bf16 on the GPU; the interpreter rejects bf16 matmuls), "
@@ -251,8 +272,7 @@ def main(argv=None) -> int:
     print("| competitor | Triton launches | ATen launches | total | host syncs |")
     print("|---|---|---|---|---|")
     details = []
-    competitors = args.competitors.split(",") + (["fastbert-plain-autocast"] if args.before else [])
-    for comp in competitors:
+    for comp in args.competitors.split(","):
         tri, aten, syncs = census(args.case, comp, args.layers, batch, args.seq)
         n_t, n_a = sum(tri.values()), sum(aten.values())
         print(f"| {comp} | {n_t} | {n_a} | {n_t + n_a} | {sum(syncs.values())} ({dict(syncs)}) |")

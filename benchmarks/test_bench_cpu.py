@@ -341,6 +341,8 @@ def test_launch_census_counts_computing_ops_and_autocast_casts():
         (x > 0).nonzero()  # gt: 1; nonzero: 1, and a sync
         with torch.profiler.record_function(LC.ONE_LAUNCH + "stand-in"):
             x.double().sum()  # counted as the one launch the range stands for
+            with torch.profiler.record_function(LC.ONE_LAUNCH + "inner"):
+                x.sum()  # part of the outer one
     launches, syncs = LC.count_launches(prof.events())
     assert launches == {"linear": 1, "_to_copy (in linear)": 3, "to": 1, "sum": 1, "gt": 1, "nonzero": 1,
                         "stand-in": 1}, launches

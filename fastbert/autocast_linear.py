@@ -2,20 +2,29 @@
 
 Under bf16 / fp16 autocast, F.linear casts the fp32 weight (and bias) to the low dtype; its backward
 computes the weight gradient in the low dtype and autograd then casts it back to fp32 for the
-parameter: a (out, in) cast kernel per weight and per bias on every step, 71 launches in a BERT-base
-pretraining step (`python -m benchmarks.launch_census`), and a weight gradient rounded to 8 (bf16) or
-11 (fp16) significant bits before it is accumulated into fp32. Here the weight-gradient GEMM writes
-fp32 itself (cuBLAS accumulates in fp32 anyway; `torch.mm(..., out_dtype=torch.float32)`, PyTorch ≥ 2.8
-on CUDA) and the bias gradient is summed into fp32: the same forward, the same saved tensors, the
-backward casts removed and the gradients rounded once instead of twice.
+parameter: a (out, in) cast kernel per weight and per bias on every step (five per BERT layer), and a
+weight gradient rounded to 8 (bf16) or 11 (fp16) significant bits before it is accumulated into fp32.
+Here the weight-gradient GEMM writes fp32 itself (cuBLAS accumulates in fp32 anyway;
+`torch.mm(..., out_dtype=torch.float32)`, PyTorch ≥ 2.8 on CUDA) and the bias gradient is summed into
+fp32: the same forward, the same saved tensors, the backward casts removed and the gradients rounded
+once instead of twice.
 
-Used by the model's hot matmuls (QKV, attention output, both feed-forward denses) where autocast
-would cast fp32 weights, on CUDA outside torch.compile (inductor plans its own casts); everywhere
-else `linear` is F.linear. On the CPU (tests) the fp32 GEMM is the upcast product, since PyTorch has
-no CPU kernel for mm's out_dtype.
+Supports: CUDA autocast in bf16 (compute capability ≥ 8.0) or fp16, fp32 weights and biases, inputs of
+any dtype and shape (..., in); frozen weights, biases or inputs; gradient accumulation; activation
+checkpointing; CUDA-graph capture; a second derivative (create_graph=True: the backward then
+recomputes autocast's own differentiable graph).
+Not supported (`linear` is then plain F.linear): the CPU, ROCm, torch.compile (inductor plans its own
+casts), forward-mode AD and torch.func transforms, fp16 with cuBLAS fp16 accumulation allowed, no
+autograd (nothing to save).
+Caution: autocast caches its weight casts within one autocast region; this path casts per call, so a
+model run twice with autograd inside one autocast block casts (and saves) its weights twice.
+
+Used by the model's hot matmuls (QKV, attention output, both feed-forward denses). On the CPU the
+tests force it with dtype= and the fp32 GEMM is the upcast product (no CPU kernel for out_dtype).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -41,42 +50,67 @@ class _AutocastLinear(torch.autograd.Function):
         x_low = x.to(dtype)
         w_low = weight.to(dtype)
         y = F.linear(x_low, w_low, None if bias is None else bias.to(dtype))  # (..., out)
-        ctx.save_for_backward(x_low if weight.requires_grad else None, w_low if x.requires_grad else None)
-        ctx.has_bias = bias is not None
+        # x_low is x itself when x is already in dtype (the model's matmul copies); the originals cost
+        # nothing more and serve a create_graph backward
+        ctx.save_for_backward(x_low if weight.requires_grad else None, w_low if x.requires_grad else None,
+                              x, weight, bias)
+        ctx.dtype = dtype
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # a second derivative raises instead of coming out wrong
     def backward(ctx, dy):
-        x_low, w_low = ctx.saved_tensors
+        x_low, w_low, x, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: autocast's own graph, differentiable again
+            return _differentiable_grads(ctx, dy, x, weight, bias)
         dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = (dy2 @ w_low).view(*dy.shape[:-1], w_low.shape[1])  # (..., in), in the low dtype
         if ctx.needs_input_grad[1]:
             dw = _mm_fp32(dy2.t(), x_low.reshape(-1, x_low.shape[-1]))  # (out, in)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if bias is not None and ctx.needs_input_grad[2]:
             db = dy2.sum(0, dtype=torch.float32)  # (out,)
         return dx, dw, db, None
 
 
-def _fp32_grads_apply(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.dtype]:
+def _differentiable_grads(ctx, dy, x, weight, bias):
+    """The gradients through a recomputed autocast-style forward, with create_graph (a second
+    derivative, a gradient penalty): slower, exact in the sense autocast's F.linear is."""
+    inputs = [t for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3]) if need]
+    with torch.enable_grad():
+        y = F.linear(x.to(ctx.dtype), weight.to(ctx.dtype), None if bias is None else bias.to(ctx.dtype))
+        grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:3]) + (None,)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple:
+    return torch.cuda.get_device_capability(device)
+
+
+def _path_dtype(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.dtype]:
     """The autocast dtype when _AutocastLinear applies to this call, else None."""
-    if not _MM_OUT_DTYPE or not x.is_cuda or weight.dtype != torch.float32 or not torch.is_autocast_enabled("cuda"):
+    if not _MM_OUT_DTYPE or not x.is_cuda or torch.version.hip is not None or weight.dtype != torch.float32:
         return None
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if not torch.is_autocast_enabled("cuda") or not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
+    if torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+        return None  # forward-mode AD, torch.func: the Function defines neither jvp nor vmap
     dtype = torch.get_autocast_dtype("cuda")
-    if dtype not in (torch.bfloat16, torch.float16):
-        return None
-    return dtype
+    if dtype == torch.bfloat16:
+        # cuBLAS's fp32-output bf16 GEMM needs sm_80 (older GPUs run bf16 autocast by emulation)
+        return dtype if _capability(x.device) >= (8, 0) else None
+    if dtype == torch.float16:
+        # PyTorch refuses out_dtype while cuBLAS may accumulate fp16 products in fp16
+        return None if getattr(torch.backends.cuda.matmul, "allow_fp16_accumulation", False) else dtype
+    return None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """F.linear(x, weight, bias), with fp32 weight / bias gradients straight from the GEMM under CUDA
     autocast (module docstring). dtype: force the low-precision path in that dtype (tests, CPU)."""
-    dtype = dtype or _fp32_grads_apply(x, weight)
+    dtype = dtype or _path_dtype(x, weight)
     if dtype is None:
         return F.linear(x, weight, bias)
     return _AutocastLinear.apply(x, weight, bias, dtype)

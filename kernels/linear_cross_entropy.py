@@ -47,7 +47,10 @@ each) — but a larger block: on an H100 (benchmarks/results/gpu-h100-2026-11-26
 run) forward + backward took 6.28 / 2.80 / 2.35 ms at 32 / 64 / 128 MiB for 156 / 164 / 202 MiB of
 peak memory, so 128 MiB is the default (it was 64).
 
-Supports: fp32, fp16, bf16 (hidden, weight and bias are brought to hidden's dtype); any vocab and h;
+Supports: fp32, fp16, bf16; weight and bias in another of these dtypes than hidden (an fp32 weight
+under autocast): cast once inside (the weight into a vocab_pad-row buffer, padding rows zero, so
+that the GEMMs need no tail GEMM), their gradients returned in their own dtypes, each scaled and
+rounded once from fp32; any vocab and h;
 non-contiguous hidden / weight; rows with and without labels in any mix; a chunk with no labelled
 row; no labelled row at all (loss 0.0 and zero gradients); zero rows; gradients for any subset of
 hidden / weight / bias (the others' GEMMs are skipped). The count of labelled rows stays a device
@@ -336,15 +339,20 @@ def _forward(hidden, weight, bias, labels, ignore_index: int, grad_hidden: bool,
     rows, h = hidden.shape
     vocab = weight.shape[0]
     dtype = hidden.dtype
-    if dtype not in _TL_DTYPES or weight.dtype != dtype or bias.dtype != dtype:
-        raise TypeError(f"mlm_loss kernel: hidden, weight, bias must share one of fp32/fp16/bf16, "
+    if any(t.dtype not in _TL_DTYPES for t in (hidden, weight, bias)):
+        raise TypeError(f"mlm_loss kernel: hidden, weight, bias must be fp32, fp16 or bf16, "
                         f"got {hidden.dtype}, {weight.dtype}, {bias.dtype}")
     labels = labels.contiguous()
     dev = hidden.device
     f32 = torch.float32
     interpreted = dev.type == "cpu"
     vpad = _vocab_pad(vocab)
-    vocab8 = vocab // 8 * 8  # the columns the big GEMMs see (see step 1 of the module docstring)
+    # A weight of another dtype (fp32 under autocast) is cast here anyway: into a vocab_pad-row buffer
+    # whose padding rows are zero, so every GEMM runs over all vocab_pad columns (aligned, no tail
+    # GEMMs). A weight of hidden's dtype is used in place: the big GEMMs see the first vocab8 columns
+    # and a tiny GEMM the < 8 others (step 1 of the module docstring).
+    cast_weight = weight.dtype != dtype
+    vocab8 = vpad if cast_weight else vocab // 8 * 8
     any_grad = grad_hidden or grad_weight or grad_bias
 
     lse = _empty((rows,), dev, f32)
@@ -364,7 +372,13 @@ def _forward(hidden, weight, bias, labels, ignore_index: int, grad_hidden: bool,
         buf = _empty((chunk, vpad), dev, dtype)
         bias_pad = torch.zeros(vpad, device=dev, dtype=dtype)
         bias_pad[:vocab] = bias
-        w_main, w_tail = weight[:vocab8], weight[vocab8:]
+        if cast_weight:
+            w_main = _empty((vpad, h), dev, dtype)
+            w_main[:vocab] = weight
+            w_main[vocab:].zero_()
+            w_tail = w_main[vpad:]  # (0, h): no tail columns
+        else:
+            w_main, w_tail = weight[:vocab8], weight[vocab8:]
         lse_r, block_v, lse_warps = _lse_config(vpad, interpreted)
         block_r, block_c, grad_warps, splits = _grad_config(vpad, chunk, interpreted)
         # d_bias partial sums, one row per row split of the gradient kernel, summed at the end
@@ -377,7 +391,7 @@ def _forward(hidden, weight, bias, labels, ignore_index: int, grad_hidden: bool,
             # mm, not addmm: into a row-strided out, addmm would first copy the broadcast bias in
             if vocab8:
                 torch.mm(h_c, w_main.t(), out=g[:, :vocab8])
-            if vocab8 < vocab:
+            if w_tail.shape[0]:
                 torch.mm(h_c, w_tail.t(), out=g[:, vocab8:vocab])
             _ce_rows_lse_kernel[(cdiv(n, lse_r),)](
                 buf, bias_pad, labels[c0:c1], lse[c0:c1], row_loss[c0:c1], n, vocab, vpad, vpad, ignore_index,
@@ -394,7 +408,7 @@ def _forward(hidden, weight, bias, labels, ignore_index: int, grad_hidden: bool,
                 d = dh[c0:c1]
                 if vocab8:
                     _gemm_f32(d, g[:, :vocab8], w_main, accumulate=False)
-                if vocab8 < vocab:
+                if w_tail.shape[0]:
                     _gemm_f32(d, g[:, vocab8:vocab], w_tail, accumulate=vocab8 > 0)
             if grad_weight:
                 # all vocab_pad columns (the padding ones are zeros): every GEMM dimension aligned
@@ -421,10 +435,11 @@ def _computed(x: torch.Tensor) -> bool:
     return not (x.dim() == 1 and x.numel() == 0)
 
 
-def _backward(grad, labels, ignore_index: int, dh, dw, db, vocab: int, dtype: torch.dtype):
+def _backward(grad, labels, ignore_index: int, dh, dw, db, vocab: int, dtype: torch.dtype,
+              w_dtype: torch.dtype, b_dtype: torch.dtype):
     scale = (grad.to(torch.float32) / _count(labels, ignore_index)).reshape(())
-    return tuple(_scale_cast(x, scale, dtype) if _computed(x) else torch.empty(0, device=x.device, dtype=dtype)
-                 for x in (dh, dw[:vocab], db[:vocab]))
+    return tuple(_scale_cast(x, scale, dt) if _computed(x) else torch.empty(0, device=x.device, dtype=dt)
+                 for x, dt in ((dh, dtype), (dw[:vocab], w_dtype), (db[:vocab], b_dtype)))
 
 
 # ------------------------------------------------------------------------------------- registration
@@ -458,22 +473,24 @@ def _(hidden, weight, bias, labels, ignore_index, grad_hidden, grad_weight, grad
 
 @torch.library.custom_op("fastbert::mlm_loss_backward", mutates_args=(), device_types="cuda")
 def _mlm_loss_backward_op(grad: torch.Tensor, labels: torch.Tensor, ignore_index: int, dh: torch.Tensor,
-                          dw: torch.Tensor, db: torch.Tensor, vocab: int, dtype: torch.dtype
+                          dw: torch.Tensor, db: torch.Tensor, vocab: int, dtype: torch.dtype,
+                          w_dtype: torch.dtype, b_dtype: torch.dtype
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad / count) · the forward's gradient sums (the first vocab rows of dw / db) in dtype;
-    empty (0,) where the forward computed none."""
-    return _backward(grad, labels, ignore_index, dh, dw, db, vocab, dtype)
+    """(grad / count) · the forward's gradient sums (the first vocab rows of dw / db), in dtype
+    (hidden's), w_dtype and b_dtype (the weight's and the bias's); empty (0,) where the forward
+    computed none."""
+    return _backward(grad, labels, ignore_index, dh, dw, db, vocab, dtype, w_dtype, b_dtype)
 
 
 @_mlm_loss_backward_op.register_kernel("cpu")
-def _(grad, labels, ignore_index, dh, dw, db, vocab, dtype):
-    return _backward(grad, labels, ignore_index, dh, dw, db, vocab, dtype)
+def _(grad, labels, ignore_index, dh, dw, db, vocab, dtype, w_dtype, b_dtype):
+    return _backward(grad, labels, ignore_index, dh, dw, db, vocab, dtype, w_dtype, b_dtype)
 
 
 @_mlm_loss_backward_op.register_fake
-def _(grad, labels, ignore_index, dh, dw, db, vocab, dtype):
-    return tuple(x[:n].new_empty(x[:n].shape, dtype=dtype) if _computed(x) else x.new_empty((0,), dtype=dtype)
-                 for x, n in ((dh, dh.shape[0]), (dw, vocab), (db, vocab)))
+def _(grad, labels, ignore_index, dh, dw, db, vocab, dtype, w_dtype, b_dtype):
+    return tuple(x[:n].new_empty(x[:n].shape, dtype=dt) if _computed(x) else x.new_empty((0,), dtype=dt)
+                 for x, n, dt in ((dh, dh.shape[0], dtype), (dw, vocab, w_dtype), (db, vocab, b_dtype)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -486,7 +503,7 @@ def _setup_context(ctx, inputs, output):
     ctx.ignore_index = ignore_index
     ctx.computed = (grad_hidden, grad_weight, grad_bias)
     ctx.vocab = weight.shape[0]
-    ctx.dtype = hidden.dtype
+    ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype)
     # the inputs cost no memory here (the caller holds them); they allow a recompute (see below)
     ctx.save_for_backward(labels, hidden, weight, bias, dh, dw, db)
 
@@ -499,7 +516,7 @@ def _backward_rule(ctx, grad_loss, *_unused):
         # those autograd will want): recompute, one more GEMM than the precomputed path.
         _, dh, dw, db = _mlm_loss_op(hidden, weight, bias, labels, ctx.ignore_index, *needed)
     # grad_loss may be fp32 (fp32_out) or 16-bit: the backward op reads it in fp32 either way
-    grads = _mlm_loss_backward_op(grad_loss, labels, ctx.ignore_index, dh, dw, db, ctx.vocab, ctx.dtype)
+    grads = _mlm_loss_backward_op(grad_loss, labels, ctx.ignore_index, dh, dw, db, ctx.vocab, *ctx.dtypes)
     return tuple(g if n else None for g, n in zip(grads, needed)) + (None,) * 6
 
 
@@ -524,12 +541,11 @@ def mlm_loss(hidden, weight, bias, labels, ignore_index: int = -100,
         from . import reference
         loss = reference.mlm_loss(hidden, weight, bias, labels, ignore_index)
         return loss if out_dtype is None else loss.to(out_dtype)
-    # autograd's own casts carry the gradients back to weight / bias dtypes when they differ.
-    weight_c = weight if weight.dtype == dtype else weight.to(dtype)
-    bias_c = bias if bias.dtype == dtype else bias.to(dtype)
+    # weight / bias of another dtype (fp32 under autocast): cast inside the op, their gradients returned
+    # in their own dtypes (no autograd casts, and no rounding through hidden's dtype on the way)
     grad_on = torch.is_grad_enabled()
     fp32_out = out_dtype == torch.float32 and dtype != torch.float32
-    loss, _, _, _ = _mlm_loss_op(hidden, weight_c, bias_c, labels, int(ignore_index),
-                                 bool(grad_on and hidden.requires_grad), bool(grad_on and weight_c.requires_grad),
-                                 bool(grad_on and bias_c.requires_grad), bool(fp32_out))
+    loss, _, _, _ = _mlm_loss_op(hidden, weight, bias, labels, int(ignore_index),
+                                 bool(grad_on and hidden.requires_grad), bool(grad_on and weight.requires_grad),
+                                 bool(grad_on and bias.requires_grad), bool(fp32_out))
     return loss

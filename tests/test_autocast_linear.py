@@ -78,6 +78,64 @@ def test_three_dimensional_inputs_and_frozen_parts():
     assert w.grad is None and x.grad.shape == x.shape
 
 
+def test_second_derivatives_as_autocast_gives_them():
+    """create_graph=True (a gradient penalty through x's gradient): the backward recomputes autocast's
+    differentiable graph, so the penalty's gradient reaches the weight as with F.linear itself."""
+    def penalised_grads(fn):
+        x, w, b, _ = _inputs(9, 6, 5, seed=3)
+        y = fn(x, w, b)
+        (gx,) = torch.autograd.grad(y.float().sum(), x, create_graph=True)
+        ((gx ** 2).sum() + (w ** 2).sum()).backward()
+        return w.grad, b.grad
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = penalised_grads(F.linear)
+    got = penalised_grads(lambda x, w, b: linear(x, w, b, dtype=torch.bfloat16))
+    assert torch.equal(got[0], want[0])  # the same bf16 ops in the same order
+    assert got[1] is None and want[1] is None  # the penalty does not reach the bias
+
+
+def test_the_path_is_taken_only_where_it_runs(monkeypatch):
+    """_path_dtype's conditions, with the device side faked: sm_80+ for bf16, not with cuBLAS fp16
+    accumulation, not under ROCm, torch.compile, forward-mode AD or torch.func, nor without autograd
+    or autocast; then F.linear."""
+    class FakeCuda:
+        is_cuda, device = True, torch.device("cuda", 0)
+    x, w = FakeCuda(), torch.empty(2, 2)
+    autocast = {"on": True, "dtype": torch.bfloat16}
+    monkeypatch.setattr(autocast_linear, "_MM_OUT_DTYPE", True)
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device=None: autocast["on"])
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda device=None: autocast["dtype"])
+    capability = {"c": (9, 0)}
+    monkeypatch.setattr(autocast_linear, "_capability", lambda device: capability["c"])
+    assert autocast_linear._path_dtype(x, w) == torch.bfloat16
+    capability["c"] = (7, 5)  # a T4: bf16 autocast by emulation, no fp32-output bf16 GEMM
+    assert autocast_linear._path_dtype(x, w) is None
+    autocast["dtype"] = torch.float16
+    assert autocast_linear._path_dtype(x, w) == torch.float16  # fp16 GEMMs run on sm_75 too
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_fp16_accumulation", True, raising=False)
+    assert autocast_linear._path_dtype(x, w) is None
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_fp16_accumulation", False, raising=False)
+    assert autocast_linear._path_dtype(x, w) == torch.float16
+    assert autocast_linear._path_dtype(x, w.double()) is None  # only fp32 weights are autocast's casts
+    with torch.no_grad():
+        assert autocast_linear._path_dtype(x, w) is None
+    with torch.autograd.forward_ad.dual_level():
+        assert autocast_linear._path_dtype(x, w) is None
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert autocast_linear._path_dtype(x, w) is None
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert autocast_linear._path_dtype(x, w) is None
+    monkeypatch.setattr(torch.version, "hip", None)
+    autocast["on"] = False
+    assert autocast_linear._path_dtype(x, w) is None
+    autocast["on"] = True
+    monkeypatch.setattr(autocast_linear, "_MM_OUT_DTYPE", False)  # PyTorch < 2.8
+    assert autocast_linear._path_dtype(x, w) is None
+
+
+@pytest.mark.skipif(not autocast_linear._MM_OUT_DTYPE, reason="PyTorch < 2.8: no mm out_dtype, the path is off")
 def test_the_cuda_gemm_call_is_valid():
     """The CUDA path's product, on meta tensors: mm's out_dtype overload takes a transposed 16-bit
     operand and gives fp32 (the CPU has no kernel for it, so this is where the call is checked)."""
@@ -85,14 +143,13 @@ def test_the_cuda_gemm_call_is_valid():
     b = torch.empty(40, 24, dtype=torch.bfloat16, device="meta")
     out = autocast_linear._mm_fp32(a, b)
     assert out.dtype == torch.float32 and out.shape == (37, 24) and out.device.type == "meta"
-    assert autocast_linear._MM_OUT_DTYPE  # this PyTorch has the overload
 
 
 def test_off_the_cuda_autocast_path_it_is_f_linear():
     x, w, b, _ = _inputs(5, 8, 6)
-    assert autocast_linear._fp32_grads_apply(x, w) is None  # CPU
+    assert autocast_linear._path_dtype(x, w) is None  # CPU
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert autocast_linear._fp32_grads_apply(x, w) is None
+        assert autocast_linear._path_dtype(x, w) is None
         assert torch.equal(linear(x, w, b), F.linear(x, w, b))
 
 
@@ -117,7 +174,7 @@ def test_the_model_drops_five_casts_per_layer_and_keeps_its_gradients(triton_ker
                  labels=labels, next_sentence_label=torch.tensor([0, 1]))
 
     def run(forced):
-        monkeypatch.setattr(autocast_linear, "_fp32_grads_apply",
+        monkeypatch.setattr(autocast_linear, "_path_dtype",
                             (lambda x, w: torch.float16 if torch.is_autocast_enabled("cpu") else None) if forced
                             else (lambda x, w: None))
         model.zero_grad(set_to_none=True)
@@ -165,12 +222,18 @@ def test_cuda_autocast_takes_the_path_and_its_gemm(device, dtype):
     itself, and the real fp32-output cuBLAS GEMM gives dW within fp32 rounding of float64."""
     if device != "cuda":
         pytest.skip("the CUDA path; its CPU stand-in is tested above")
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("bf16's fp32-output GEMM needs sm_80: F.linear there")
     x, w, b, dy = (t.detach().to(device).requires_grad_(t.requires_grad) for t in _inputs(300, 768, 200))
     with torch.autocast("cuda", dtype=dtype):
-        assert autocast_linear._fp32_grads_apply(x, w) == dtype
+        assert autocast_linear._path_dtype(x, w) == dtype
         y = linear(x, w, b)
+        y_ac = F.linear(x, w, b)
+    assert torch.equal(y, y_ac)
     y.backward(dy.to(dtype))
-    assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
-    ref = dy.to(dtype).double().t() @ x.detach().to(dtype).double()
-    baseline = dy.to(dtype).float().t() @ x.detach().to(dtype).float()
-    assert_close_to_reference(w.grad, baseline, ref, name="dW")
+    assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    x_low, w_low, dy_low = x.detach().to(dtype), w.detach().to(dtype), dy.to(dtype)
+    ref = dy_low.double().t() @ x_low.double()
+    assert_close_to_reference(w.grad, dy_low.float().t() @ x_low.float(), ref, name="dW")
+    assert_close_to_reference(b.grad, dy_low.float().sum(0), dy_low.double().sum(0), name="db")
+    assert torch.equal(x.grad, (dy_low @ w_low).float())  # dx: the same low-precision GEMM as autocast's

@@ -104,6 +104,43 @@ def test_loss_and_grads(triton_kernels, device, monkeypatch, dtype, rows, h, voc
     _check_against_reference(rows, h, vocab, dtype, device)
 
 
+@pytest.mark.parametrize("rows,h,vocab,chunk_rows", [
+    (45, 37, 1031, 16),  # three chunks, 57 padding rows in the cast weight's buffer
+    (6, 64, 30522, None),  # BERT's vocabulary: without the cast, a 2-column tail GEMM
+    (20, 16, 1024, 8),  # vocab_pad == vocab: no padding rows at all
+])
+def test_fp32_weight_with_half_hidden(triton_kernels, device, monkeypatch, rows, h, vocab, chunk_rows):
+    """The model's case under autocast: fp16 hidden, fp32 decoder weight and bias. The op casts the
+    weight itself (into a zero-padded buffer: no tail GEMM) and returns the weight and bias gradients
+    in fp32, scaled and rounded once. PyTorch's baseline goes through autograd's casts (its fp16 GEMM
+    output cast to fp32); ours must be as close to float64, and the tail GEMMs must be gone. Buffers
+    start as NaN: the cast weight's padding rows must be written (zeros) before a GEMM reads them."""
+    monkeypatch.setattr(lce, "CHUNK_ROWS", chunk_rows)
+    monkeypatch.setattr(lce, "_empty", _nan_empty)
+    hidden, weight, bias, labels = _inputs(rows, h, vocab, torch.float16, device)
+    reference = _run(K.reference.mlm_loss, _leaves((hidden, weight, bias), torch.float64), labels)
+
+    def cast_inside_autograd(hidden, weight, bias, labels):
+        return _pytorch_mlm_loss(hidden, weight.to(hidden.dtype), bias.to(hidden.dtype), labels)
+    mixed = [_leaves((hidden,), torch.float16)[0]] + _leaves((weight, bias), torch.float32)
+    baseline = _run(cast_inside_autograd, mixed, labels)
+    widths = []
+    real_mm = torch.mm
+
+    def mm(a, b, *args, **kw):
+        widths.append(b.shape[1])  # the columns of the product: a tail GEMM has < 8
+        return real_mm(a, b, *args, **kw)
+    monkeypatch.setattr(torch, "mm", mm)
+    mixed = [_leaves((hidden,), torch.float16)[0]] + _leaves((weight, bias), torch.float32)
+    ours = _run(K.mlm_loss, mixed, labels)
+    monkeypatch.setattr(torch, "mm", real_mm)
+    assert widths and min(widths) >= 8, widths
+    for name, a, b, r, dtype in zip(("loss", "d_hidden", "d_weight", "d_bias"), ours, baseline, reference,
+                                    (torch.float16, torch.float16, torch.float32, torch.float32)):
+        assert a.dtype == dtype, name
+        assert_close_to_reference(a, b, r, k=2, name=f"{name} rows={rows} h={h} vocab={vocab}")
+
+
 def test_noncontiguous_hidden_and_custom_ignore_index(triton_kernels, device, monkeypatch):
     monkeypatch.setattr(lce, "CHUNK_ROWS", 16)
     _check_against_reference(40, 37, 1031, torch.float32, device, noncontiguous=True, ignore_index=-1)
@@ -354,14 +391,17 @@ def test_opcheck(triton_kernels, device):
     h16, w16, b16 = _leaves((hidden, weight, bias), torch.float16)
     for args in ((hidden, weight, bias, labels, IGNORE, True, True, True),
                  (hidden, weight, bias, labels, IGNORE, False, True, False),
-                 (h16, w16, b16, labels, IGNORE, False, False, False, True)):
+                 (h16, w16, b16, labels, IGNORE, False, False, False, True),
+                 (h16, weight, bias, labels, IGNORE, True, True, True, True)):  # fp32 weight, fp16 hidden
         torch.library.opcheck(torch.ops.fastbert.mlm_loss.default, args, test_utils=_QUICK_OPCHECK)
     with torch.no_grad():
         _, dh, dw, db = torch.ops.fastbert.mlm_loss(hidden, weight, bias, labels, IGNORE, True, True, True)
         _, dh2, dw2, db2 = torch.ops.fastbert.mlm_loss(hidden, weight, bias, labels, IGNORE, False, True, False)
     grad = torch.tensor(0.75, device=device)
-    for args in ((grad, labels, IGNORE, dh, dw, db, 203, torch.float16),
-                 (grad, labels, IGNORE, dh2, dw2, db2, 203, torch.float32)):
+    f16, f32 = torch.float16, torch.float32
+    for args in ((grad, labels, IGNORE, dh, dw, db, 203, f16, f16, f16),
+                 (grad, labels, IGNORE, dh, dw, db, 203, f16, f32, f32),  # autocast's: weight, bias fp32
+                 (grad, labels, IGNORE, dh2, dw2, db2, 203, f32, f32, f32)):
         torch.library.opcheck(torch.ops.fastbert.mlm_loss_backward.default, args, test_utils=_QUICK_OPCHECK)
 
 
@@ -375,7 +415,8 @@ def test_opcheck_aot_dispatch(triton_kernels, device):
     with torch.no_grad():
         _, dh, dw, db = torch.ops.fastbert.mlm_loss(hidden, weight, bias, labels, IGNORE, True, True, True)
     torch.library.opcheck(torch.ops.fastbert.mlm_loss_backward.default,
-                          (torch.tensor(0.75, device=device), labels, IGNORE, dh, dw, db, 203, torch.float16),
+                          (torch.tensor(0.75, device=device), labels, IGNORE, dh, dw, db, 203, torch.float16,
+                           torch.float32, torch.float32),
                           test_utils="test_aot_dispatch_dynamic")
 
 
