@@ -1016,8 +1016,17 @@ class BertLMPredictionHead(nn.Module):
         """Mean MLM loss over labelled positions, running the head on those rows only."""
         flat_labels = labels.reshape(-1)  # (B*S,)
         static = getattr(self, "static_rows", None)
+        vocab = self.decoder.weight.shape[0]
+        validate = True
         if static is None:
+            # The label check's answer is computed before nonzero's host sync and read after it, when
+            # nothing is queued: one sync of the step's middle, not two (K.mlm_loss's own check would
+            # read it again after the head's kernels are queued).
+            bad = K.mlm_labels_bad(flat_labels, vocab) if K._check_values() else None
             rows = (flat_labels != -100).nonzero().squeeze(1)  # (M,)
+            if bad is not None and bool(bad):
+                K.raise_bad_mlm_labels(flat_labels, vocab)
+            validate = False
         else:
             rows, overflow = _static_label_rows(flat_labels, static)  # (K,)
         h = sequence_output.reshape(-1, sequence_output.shape[-1]).index_select(0, rows)  # (M, D)
@@ -1027,7 +1036,7 @@ class BertLMPredictionHead(nn.Module):
             self.decoder.out_features)
         # at least fp32: under bf16 autocast a bf16 loss would be rounded to ~3 significant digits
         loss = K.mlm_loss(h, self.decoder.weight, bias, flat_labels.index_select(0, rows),
-                          out_dtype=torch.promote_types(h.dtype, torch.float32))
+                          out_dtype=torch.promote_types(h.dtype, torch.float32), validate=validate)
         return loss if static is None else loss.masked_fill(overflow, math.nan)
 
 

@@ -372,6 +372,19 @@ def embed_layer_norm(input_ids, token_type_ids, position_ids, word_weight, posit
 
 # ----------------------------------------------------------------------------------- masked-LM loss
 
+def mlm_labels_bad(labels, vocab: int, ignore_index: int = -100) -> torch.Tensor:
+    """Whether some label is neither ignore_index nor in [0, vocab): a device bool, no host sync (a
+    caller that syncs anyway, e.g. for the labelled rows' count, reads it after that sync for free)."""
+    return ((labels != ignore_index) & ((labels < 0) | (labels >= vocab))).any()
+
+
+def raise_bad_mlm_labels(labels, vocab: int, ignore_index: int = -100):
+    """The ValueError of mlm_loss's label check, naming the first offending labels."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                     f"found {labels[bad][:5].tolist()}")
+
+
 def mlm_loss(hidden, weight, bias, labels, ignore_index=-100, *, out_dtype=None, validate=True):
     """Mean cross-entropy of (hidden @ weightᵀ + bias) over rows with label != ignore_index; 0.0 if none.
 
@@ -393,11 +406,9 @@ def mlm_loss(hidden, weight, bias, labels, ignore_index=-100, *, out_dtype=None,
     _check_same([("hidden", hidden), ("weight", weight), ("bias", bias), ("labels", labels)], "device")
     if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be a floating dtype, got {out_dtype}")
-    if validate and _check_values() and labels.numel() > 0:
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
-        if bool(bad.any()):
-            raise ValueError(f"labels must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}; "
-                             f"found {labels[bad][:5].tolist()}")
+    vocab = weight.shape[0]
+    if validate and _check_values() and labels.numel() > 0 and bool(mlm_labels_bad(labels, vocab, ignore_index)):
+        raise_bad_mlm_labels(labels, vocab, ignore_index)
     if use_triton(hidden):
         # The Triton path returns hidden's dtype or fp32; another out_dtype is the fp32 loss cast, as
         # the reference gives it.

@@ -497,3 +497,39 @@ def test_fused_feed_forward_leaves_hooked_blocks_alone(device, triton_kernels, m
     handle.remove()
     assert len(hook_calls) == 1 and len(ff_calls) == 1
     assert ff_calls[0][1] is ours.bert.encoder.layer[1].intermediate.dense.weight
+
+
+def test_mlm_label_check_is_read_before_the_head_is_queued(triton_kernels, device, monkeypatch):
+    """Training with labels, the masked-rows head syncs once for its row count (nonzero); the label
+    range check is computed before that sync and read right after it, before the head's first kernel
+    is launched, so that read waits on nothing (K.mlm_loss's own check read it after the head's kernels
+    were queued: a second wait in the step's middle). A bad label still raises mlm_loss's error."""
+    import collections
+
+    from triton.runtime import interpreter
+
+    from fastbert import BertConfig, BertForPreTraining
+
+    events = []
+    real_getitem = interpreter.InterpretedFunction.__getitem__
+
+    def launch(self, grid):
+        events.append(("launch", self.fn.__name__))
+        return real_getitem(self, grid)
+    monkeypatch.setattr(interpreter.InterpretedFunction, "__getitem__", launch)
+    real_bool = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: events.append(("read", "bool")) or real_bool(t))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32)
+    model = BertForPreTraining(config).to(device).train()
+    ids = torch.randint(5, 97, (2, 12), device=device)
+    labels = torch.full((2, 12), -100, device=device)
+    labels[:, 3] = ids[:, 3]
+    model(input_ids=ids, labels=labels, next_sentence_label=torch.tensor([0, 1], device=device)).loss.backward()
+    head = [i for i, e in enumerate(events) if e == ("launch", "_gelu_ln_fwd")]
+    assert len(head) == 1, collections.Counter(events)
+    assert not [e for e in events[head[0]:] if e[0] == "read"], events[head[0]:]
+    labels[1, 5] = 97  # outside the vocabulary
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 97\) or equal ignore_index=-100; found \[97\]"):
+        model(input_ids=ids, labels=labels, next_sentence_label=torch.tensor([0, 1], device=device))
