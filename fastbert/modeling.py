@@ -288,11 +288,26 @@ class BertEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None):
-        p = self.dropout.p if self.training else 0.0  # the module's, as transformers reads it
-        if inputs_embeds is None:
-            return embed_ids(self, input_ids, token_type_ids, position_ids, p)
-        h = inputs_embeds + self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
-        return self.dropout(self.LayerNorm(h))
+        return embed(self, input_ids, token_type_ids, position_ids, inputs_embeds)
+
+
+def embed(emb, input_ids, token_type_ids, position_ids, inputs_embeds):
+    """A BertEmbeddings forward (fastbert's or a patched transformers one): one fused kernel when its
+    four parts are plain torch.nn modules, else (a hook, an adapter) their own calls, as transformers."""
+    if inputs_embeds is None and not _plain(emb.word_embeddings, nn.Embedding):
+        # a hook must see the word embeddings' call: transformers' enable_input_require_grads (reentrant
+        # gradient checkpointing, PEFT) makes their output require grad through one
+        inputs_embeds = emb.word_embeddings(input_ids)
+    fusable = all(_plain(m, cls) for m, cls in ((emb.position_embeddings, nn.Embedding),
+                                                (emb.token_type_embeddings, nn.Embedding),
+                                                (emb.LayerNorm, nn.LayerNorm), (emb.dropout, nn.Dropout)))
+    if inputs_embeds is None and fusable:
+        p = emb.dropout.p if emb.training else 0.0  # the module's, as transformers reads it
+        return embed_ids(emb, input_ids, token_type_ids, position_ids, p)
+    if inputs_embeds is None:
+        inputs_embeds = emb.word_embeddings(input_ids)
+    h = inputs_embeds + emb.position_embeddings(position_ids) + emb.token_type_embeddings(token_type_ids)
+    return emb.dropout(emb.LayerNorm(h))
 
 
 def embed_ids(emb, input_ids, token_type_ids, position_ids, p: float):
@@ -378,12 +393,17 @@ class BertSelfAttention(nn.Module):
         return self.dropout.p
 
     def forward(self, x, layout):
-        # One GEMM for q, k and v; the concatenated weight is rebuilt each call so that the three
-        # Linear modules (and their state-dict keys) stay the source of truth.
-        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3D, D)
-        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])  # (3D,)
         nh, hd = self.num_attention_heads, self.attention_head_size
-        qkv = linear(x, weight, bias).view(-1, 3, nh, hd)  # (N, 3, nh, hd)
+        projections = (self.query, self.key, self.value)
+        if all(_plain(m, nn.Linear) and m.bias is not None for m in projections):
+            # One GEMM for q, k and v; the concatenated weight is rebuilt each call so that the three
+            # Linear modules (and their state-dict keys) stay the source of truth.
+            weight = torch.cat([m.weight for m in projections])  # (3D, D)
+            bias = torch.cat([m.bias for m in projections])  # (3D,)
+            qkv = linear(x, weight, bias)  # (N, 3D)
+        else:  # a hooked, wrapped (LoRA) or bias-free projection: each its own call
+            qkv = torch.cat([m(x) for m in projections], dim=-1)  # (N, 3D)
+        qkv = qkv.view(-1, 3, nh, hd)  # (N, 3, nh, hd)
         p = self.dropout_p if self.training else 0.0
         # The qkv-packed ops read q, k, v as strided views, write the context in the layout the output
         # matmul reads and return one gradient for qkv: no permute, stack or reshape copies.
@@ -428,6 +448,14 @@ def _hooked(module: nn.Module) -> bool:
                 or m._global_backward_hooks or m._global_backward_pre_hooks)
 
 
+def _plain(module: nn.Module, cls: type) -> bool:
+    """Whether calling `module` is exactly `cls`'s own computation with its parameters, unobserved: a
+    torch.nn `cls` whose forward is not overridden, without hooks. Only then may the model run its
+    parameters in a fused kernel instead of calling it. A wrapped or subclassed layer (a LoRA
+    adapter exposing its base layer's weight, a quantized Linear) or a hooked one runs as its own call."""
+    return isinstance(module, cls) and type(module).forward is cls.forward and not _hooked(module)
+
+
 def _add_norm_with_copy(module, h, residual, low_dtype):
     """(y, y_mm) for a BertSelfOutput / BertOutput: y = module(h, residual), y_mm its matmul copy or None."""
     if low_dtype is None or _hooked(module):
@@ -436,10 +464,10 @@ def _add_norm_with_copy(module, h, residual, low_dtype):
 
 
 def _dense_and_bias(dense: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x w^T, b) for a kernel that adds the bias itself (bias-GELU, GELU + LayerNorm). A hooked or
-    bias-free dense runs as the module instead, so a hook sees the call and its output is what is
-    used: (dense(x), zeros)."""
-    if _hooked(dense) or dense.bias is None:
+    """(x w^T, b) for a kernel that adds the bias itself (bias-GELU, GELU + LayerNorm). A dense that is
+    not a plain Linear (hooked, wrapped, subclassed) or has no bias runs as the module instead, so its
+    own call makes the output: (dense(x), zeros)."""
+    if not _plain(dense, nn.Linear) or dense.bias is None:
         y = dense(x)
         return y, y.new_zeros(y.shape[-1])
     return linear(x, dense.weight), dense.bias
@@ -447,7 +475,7 @@ def _dense_and_bias(dense: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, to
 
 def _fuse_dense_bias(dense: nn.Linear, residual) -> bool:
     """Whether a residual block's dense bias joins its add + LayerNorm kernel (BertSelfOutput.add_norm)."""
-    return dense.bias is not None and K.use_triton(residual) and not _hooked(dense)
+    return dense.bias is not None and K.use_triton(residual) and _plain(dense, nn.Linear)
 
 
 class BertSelfOutput(nn.Module):
@@ -467,6 +495,9 @@ class BertSelfOutput(nn.Module):
         (x_bias): its gradient is then summed by the LayerNorm backward kernel, not by a reduction of
         its own. Elsewhere (the CPU reference path), or when the dense has hooks (they must see its
         call and its output) or no bias, the dense runs as a module, as before."""
+        if not (_plain(self.LayerNorm, nn.LayerNorm) and _plain(self.dropout, nn.Dropout)):
+            y = self.LayerNorm(self.dropout(self.dense(h)) + residual)  # as transformers computes it
+            return y if low_dtype is None else (y, None)
         p = self.dropout.p if self.training else 0.0
         dense = self.dense
         if _fuse_dense_bias(dense, residual):
@@ -529,7 +560,8 @@ def _fuse_ffn(layer, residual) -> bool:
         return False
     inter, out = layer.intermediate, layer.output
     return (inter.dense.bias is not None and out.dense.bias is not None
-            and not any(map(_hooked, (inter, inter.dense, out, out.dense))))
+            and not any(map(_hooked, (inter, out))) and _plain(inter.dense, nn.Linear) and _plain(out.dense, nn.Linear)
+            and _plain(out.LayerNorm, nn.LayerNorm) and _plain(out.dropout, nn.Dropout))
 
 
 class BertLayer(nn.Module):
@@ -988,8 +1020,8 @@ class BertPredictionHeadTransform(nn.Module):
 
     def forward(self, x):
         act = getattr(self, "transform_act_fn", None)  # a patched transformers module's GELU
-        if act is not None and _hooked(act):
-            return self.LayerNorm(act(self.dense(x)))
+        if (act is not None and _hooked(act)) or not _plain(self.LayerNorm, nn.LayerNorm):
+            return self.LayerNorm((act or functools.partial(F.gelu, approximate=self.approximate))(self.dense(x)))
         return K.gelu_layer_norm(*_dense_and_bias(self.dense, x), self.LayerNorm.weight, self.LayerNorm.bias,
                                  self.LayerNorm.eps, self.approximate)
 
@@ -1031,6 +1063,11 @@ class BertLMPredictionHead(nn.Module):
             rows, overflow = _static_label_rows(flat_labels, static)  # (K,)
         h = sequence_output.reshape(-1, sequence_output.shape[-1]).index_select(0, rows)  # (M, D)
         h = self.transform(h)
+        if not _plain(self.decoder, nn.Linear):  # a hooked or wrapped decoder: its own call, full logits
+            target = flat_labels.index_select(0, rows)  # (M,)
+            total = F.cross_entropy(self.decoder(h).float(), target, ignore_index=-100, reduction="sum")
+            loss = total / (target != -100).sum().clamp(min=1)
+            return loss if static is None else loss.masked_fill(overflow, math.nan)
         # the decoder's bias, as forward adds it (None after set_output_embeddings of a bias-free Linear)
         bias = self.decoder.bias if self.decoder.bias is not None else self.decoder.weight.new_zeros(
             self.decoder.out_features)

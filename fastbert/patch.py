@@ -113,15 +113,7 @@ def _gelu_types() -> dict:
 def _embeddings_forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None):
     """fastbert.modeling.BertEmbeddings.forward, reading the dropout probability from the module
     (transformers' embeddings hold no config)."""
-    p = self.dropout.p if self.training else 0.0
-    if inputs_embeds is None and fb._hooked(self.word_embeddings):
-        # a hook on the word embeddings must see their call: transformers' enable_input_require_grads
-        # (reentrant gradient checkpointing, PEFT) makes their output require grad through one
-        inputs_embeds = self.word_embeddings(input_ids)
-    if inputs_embeds is None:
-        return fb.embed_ids(self, input_ids, token_type_ids, position_ids, p)
-    h = inputs_embeds + self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
-    return self.dropout(self.LayerNorm(h))
+    return fb.embed(self, input_ids, token_type_ids, position_ids, inputs_embeds)
 
 
 def _encoder_forward(self, x, layout, output_hidden_states=False, output_attentions=False):

@@ -533,3 +533,79 @@ def test_mlm_label_check_is_read_before_the_head_is_queued(triton_kernels, devic
     labels[1, 5] = 97  # outside the vocabulary
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 97\) or equal ignore_index=-100; found \[97\]"):
         model(input_ids=ids, labels=labels, next_sentence_label=torch.tensor([0, 1], device=device))
+
+
+class _Adapted(torch.nn.Module):
+    """A LoRA-style adapter around a layer, as peft wraps one: its forward adds a low-rank delta, while
+    `weight` / `bias` still name the base layer's (peft exposes them so), so a model that read those
+    and ran them in a fused kernel would silently drop the adapter."""
+
+    def __init__(self, base, delta):
+        super().__init__()
+        self.base_layer, self.delta = base, delta
+
+    weight = property(lambda self: self.base_layer.weight)
+    bias = property(lambda self: self.base_layer.bias)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.delta(x)
+
+
+def _delta_for(base):
+    if isinstance(base, torch.nn.Embedding):
+        first = torch.nn.Embedding(base.num_embeddings, 2)
+        width = base.embedding_dim
+    else:
+        width_in = base.in_features if isinstance(base, torch.nn.Linear) else base.normalized_shape[0]
+        first = torch.nn.Linear(width_in, 2, bias=False)
+        width = base.out_features if isinstance(base, torch.nn.Linear) else base.normalized_shape[0]
+    second = torch.nn.Linear(2, width, bias=False)
+    torch.nn.init.normal_(second.weight, std=0.5)
+    return torch.nn.Sequential(first, second)
+
+
+_ADAPTED = ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.attention.self.value",
+            "bert.encoder.layer.0.attention.output.dense", "bert.encoder.layer.0.intermediate.dense",
+            "bert.encoder.layer.1.output.dense", "bert.encoder.layer.0.output.LayerNorm",
+            "bert.embeddings.word_embeddings", "bert.embeddings.LayerNorm",
+            "cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm", "cls.predictions.decoder"]
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["fastbert", "patched-transformers"])
+@pytest.mark.parametrize("path", _ADAPTED)
+def test_adapted_submodules_run_as_their_own_calls(device, triton_kernels, path, patched):
+    """A wrapped (adapter) Linear, Embedding or LayerNorm anywhere in the model is called, not bypassed
+    by a fused kernel that reads its base weights: loss and every gradient match transformers' model
+    with the same adapter in float64 by the rule, and the adapter's own parameters get gradients.
+    Before, adapters on query / key / value, the feed-forward denses, the LayerNorms, the embeddings
+    and the MLM head were silently ignored on the Triton path."""
+    name = "BertForPreTraining"
+    hf64, hf32, ours = _same_weights(name, device)
+    if patched:  # transformers' own model on fastbert's kernels (fastbert.patch), the same weights
+        ours = fastbert.patch(getattr(transformers, name)(transformers.BertConfig(**CFG)).to(device))
+        ours.load_state_dict(hf64.state_dict())
+    batch = _batch(device, name)
+    batch64 = {k: v.cpu() for k, v in batch.items()}
+    with torch.no_grad():
+        plain = ours(**batch).loss
+    torch.manual_seed(7)
+    delta64 = _delta_for(hf64.get_submodule(path)).double()
+    results = []
+    for model, b in ((hf64, batch64), (hf32, batch), (ours, batch)):
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        delta = _delta_for(getattr(parent, child)).to(device=next(model.parameters()).device,
+                                                     dtype=next(model.parameters()).dtype)
+        delta.load_state_dict(delta64.state_dict())
+        setattr(parent, child, _Adapted(getattr(parent, child), delta))
+        loss = model(**b).loss
+        loss.backward()
+        results.append((loss.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters()
+                                              if p.grad is not None}))
+    (rl, rg), (bl, bg), (ol, og) = results
+    assert_close_to_reference(ol, bl, rl, k=4, name="loss")
+    # the adapter ran: its own parameters have gradients (a bypassed one's would have none)
+    assert og.keys() == rg.keys() and any("delta" in n for n in og)
+    for pname in rg:
+        assert_close_to_reference(og[pname], bg[pname], rg[pname], k=4, name=f"grad {pname}")
+    assert ol.item() != plain.item()
