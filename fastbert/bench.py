@@ -404,6 +404,11 @@ def main(args) -> int:
             print(f"fastbert bench: --{name.replace('_', '-')} must be at least {least}, not {value}", file=sys.stderr)
             return 2
     malloc = runtime.apply_malloc_flag(args.tuned_malloc)
+    try:  # the same check and message as the other commands' --device
+        runtime.resolve_device(args.device)
+    except ValueError as e:
+        print(f"fastbert bench: {e}", file=sys.stderr)
+        return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     size = args.size or ("base" if device == "cuda" else "cpu-small")
     try:

@@ -316,7 +316,7 @@ def read_label_file(path, task, train_ex):
     if task not in ("classify", "pair", "ner"):
         raise UsageError(f"--labels applies to classify, pair and ner, not {task}")
     with T._open_nonempty(path) as f:
-        names = [line.strip() for line in f if line.strip()]
+        names = [line.strip() for _, line in T._lines(f, path) if line.strip()]
     if len(set(names)) != len(names):
         raise T.DataError(f"{path}: a label is listed twice")
     if task == "ner":
@@ -427,6 +427,9 @@ def run(args) -> dict:
         for exs, path in ((train_ex, args.train), (dev_ex, args.dev), (test_ex or [], args.test)):
             _check_choice_counts(exs, n, path)
 
+    if os.path.isdir(args.model) and os.path.isdir(args.out) and os.path.samefile(args.model, args.out):
+        raise UsageError(f"--out {args.out} is the --model folder: the fine-tuned model would replace the model "
+                         f"it starts from; choose another --out")
     try:  # the output folder, checked before training rather than after it
         os.makedirs(args.out, exist_ok=True)
         if not os.access(args.out, os.W_OK | os.X_OK):

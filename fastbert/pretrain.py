@@ -418,6 +418,11 @@ def _run(args, dist: T.Distributed) -> int:
     if os.path.isdir(out) and not args.resume and (
             os.path.exists(os.path.join(out, "run_args.json")) or ckpts.latest() is not None):
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    if os.path.isdir(out) and not args.resume and any(
+            os.path.exists(os.path.join(out, name)) for name in ("config.json", "model.safetensors")):
+        # a model this command did not write (a checkpoint to start from, a fine-tuned model): never overwritten
+        raise FileExistsError(f"{out} holds a model (config.json / model.safetensors) that is not a pretraining "
+                              f"run; choose another --out")
     if args.resume and os.path.isfile(os.path.join(out, "run_args.json")):
         with open(os.path.join(out, "run_args.json")) as f:
             stored = json.load(f)

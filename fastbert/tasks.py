@@ -24,6 +24,7 @@ longest sequence.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import os
@@ -44,11 +45,25 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------------------- readers
 
 def _open_nonempty(path: str):
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a folder; give the data file itself")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: the file is empty")
-    return open(path, encoding="utf-8")
+    return open(path, "rb")
+
+
+def _lines(f, path: str):
+    """(line number, text) of a file opened by _open_nonempty: UTF-8 (a leading byte-order mark
+    dropped), an undecodable line an error that names it."""
+    for lineno, raw in enumerate(f, 1):
+        if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8):]
+        try:
+            yield lineno, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
 
 
 def _need(obj: dict, key: str, kind, where: str):
@@ -65,7 +80,7 @@ def read_jsonl(path: str, task: str) -> list[dict]:
     """Read a JSONL file of `task` (classify, pair, qa, choice); each example keeps its line as `_where`."""
     examples = []
     with _open_nonempty(path) as f:
-        for lineno, line in enumerate(f, 1):
+        for lineno, line in _lines(f, path):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -125,7 +140,7 @@ def read_conll(path: str) -> list[dict]:
     line; _lines = each token's line)."""
     sentences, words, tags, lines = [], [], [], []
     with _open_nonempty(path) as f:
-        for lineno, line in enumerate(f, 1):
+        for lineno, line in _lines(f, path):
             line = line.rstrip("\r\n")
             if not line.strip():
                 if words:

@@ -325,6 +325,19 @@ def test_bench_refuses_sizes_below_one_before_running(bad, monkeypatch, capsys):
     assert "must be at least" in capsys.readouterr().err and ran == []
 
 
+@pytest.mark.parametrize("device,message", [("foo", "expected cpu, cuda or cuda:N"),
+                                            ("cuda:64", "GPU")])
+def test_bench_unusable_device_is_a_usage_error(monkeypatch, capsys, device, message):
+    """As the other commands: an unknown or absent --device is one line and exit 2 (it was a traceback)."""
+    from fastbert import cli
+    pytest.importorskip("transformers")
+    ran = []
+    monkeypatch.setattr(bench, "run", lambda *a, **k: ran.append(a) or [])
+    assert cli.main(["bench", "--device", device, "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and ran == []
+
+
 @pytest.mark.parametrize("case", ["pretrain", "finetune"])
 def test_every_cpu_competitor_runs_a_step(case):
     """`fastbert bench` on the CPU: every competitor of the default list gives a timing row, none an

@@ -138,6 +138,22 @@ def test_finetune_bad_input_is_a_clear_error(micro_model, tmp_path, capsys):
     assert "bad.jsonl:1: missing field 'label'" in capsys.readouterr().err
 
 
+def test_finetune_refuses_to_write_over_its_own_model(micro_model, tmp_path, capsys):
+    """--out naming the --model folder (by another spelling too) would replace the model the run
+    starts from: refused before anything is written."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(micro_model, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    tr = _jsonl(tmp_path / "tr.jsonl", [{"text": "good", "label": "a"}, {"text": "bad", "label": "b"}])
+    for out in (str(model), str(model) + "/", str(tmp_path / "." / "model")):
+        assert cli(["finetune", "--task", "classify", "--model", str(model), "--train", tr, "--dev", tr,
+                    "--out", out, "--no-progress", "--device", "cpu"]) == 2
+        assert "is the --model folder" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
+
+
 def test_a_label_outside_the_label_set_names_where_the_set_came_from(micro_model, tmp_path, capsys):
     """Without --labels the error points at --labels (the fix for a shortened training file); with
     --labels FILE a label missing from FILE is FILE's fault, not "not in the training file"."""

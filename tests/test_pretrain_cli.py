@@ -107,6 +107,21 @@ def test_resume_without_checkpoint_starts_over_and_existing_run_is_protected(cor
     assert "already holds a run" in capsys.readouterr().err
 
 
+def test_a_model_folder_is_never_overwritten(corpus, tmp_path, capsys):
+    """--out holding a model this command did not write (e.g. the --init-from checkpoint itself, or a
+    fine-tuned model) is refused before anything is written: it used to be overwritten silently."""
+    start = tmp_path / "start"
+    assert run(corpus, start, "--steps", "1") == 0
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (model / name).write_bytes((start / name).read_bytes())
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    assert run(corpus, model, "--init-from", str(model), "--steps", "1") == 2
+    assert "holds a model" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
 @pytest.mark.parametrize("rows", [[], ["--pack", "--max-example-len", "12", "--lr", "1e-2", "--warmup-steps", "0"]],
                          ids=["full-rows", "packed"])
 def test_grad_accumulation_matches_one_batch(corpus, vocab, tmp_path, rows):

@@ -58,6 +58,23 @@ def test_empty_and_missing_files(tmp_path):
         read_examples("ner", str(tmp_path / "missing.conll"))
 
 
+def test_undecodable_lines_folders_and_byte_order_marks(tmp_path):
+    """A line that is not UTF-8 is an error naming its file and line (it was a UnicodeDecodeError
+    traceback), a folder is said to be one, and a UTF-8 byte-order mark (Windows editors) is read past."""
+    (tmp_path / "b.jsonl").write_bytes(b'{"text": "ok", "label": 1}\n{"text": "\xff", "label": 0}\n')
+    with pytest.raises(DataError, match=r"b.jsonl:2: not UTF-8 text"):
+        read_examples("classify", str(tmp_path / "b.jsonl"))
+    (tmp_path / "b.conll").write_bytes(b"w\tO\nx\xff\tO\n")
+    with pytest.raises(DataError, match=r"b.conll:2: not UTF-8 text"):
+        read_examples("ner", str(tmp_path / "b.conll"))
+    with pytest.raises(DataError, match="is a folder"):
+        read_examples("classify", str(tmp_path))
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "caf\xc3\xa9", "label": 1}\r\n')
+    assert [(ex["text"], ex["label"]) for ex in read_examples("classify", str(tmp_path / "bom.jsonl"))] == [("café", 1)]
+    (tmp_path / "bom.conll").write_bytes(b"\xef\xbb\xbfParis\tB-LOC\r\nis\tO\r\n")
+    assert read_examples("ner", str(tmp_path / "bom.conll"))[0]["words"] == ["Paris", "is"]
+
+
 def test_unknown_label_names_line(tmp_path):
     train = read_examples("pair", write(tmp_path / "a.jsonl", jl({"text_a": "a", "text_b": "b", "label": "yes"})))
     p = write(tmp_path / "b.jsonl", jl({"text_a": "a", "text_b": "b", "label": "yes"},
