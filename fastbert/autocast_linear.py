@@ -19,8 +19,9 @@ autograd (nothing to save).
 Caution: autocast caches its weight casts within one autocast region; this path casts per call, so a
 model run twice with autograd inside one autocast block casts (and saves) its weights twice.
 
-Used by the model's hot matmuls (QKV, attention output, both feed-forward denses). On the CPU the
-tests force it with dtype= and the fp32 GEMM is the upcast product (no CPU kernel for out_dtype).
+Used by every plain Linear of the model (QKV, attention output, both feed-forward denses, the MLM
+transform, the pooler and the task heads). On the CPU the tests force it with dtype= and the fp32
+GEMM is the upcast product (no CPU kernel for out_dtype).
 """
 from __future__ import annotations
 

@@ -456,6 +456,12 @@ def _plain(module: nn.Module, cls: type) -> bool:
     return isinstance(module, cls) and type(module).forward is cls.forward and not _hooked(module)
 
 
+def _dense(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) for a Linear; a plain one through autocast_linear.linear (fp32 weight gradients from
+    the GEMM under CUDA autocast), anything else (hooked, wrapped) as its own call."""
+    return linear(x, module.weight, module.bias) if _plain(module, nn.Linear) else module(x)
+
+
 def _add_norm_with_copy(module, h, residual, low_dtype):
     """(y, y_mm) for a BertSelfOutput / BertOutput: y = module(h, residual), y_mm its matmul copy or None."""
     if low_dtype is None or _hooked(module):
@@ -667,7 +673,7 @@ class BertPooler(nn.Module):
         self.activation = nn.Tanh()
 
     def forward(self, hidden_states):  # (B, S, D) -> (B, D)
-        return self.activation(self.dense(hidden_states[:, 0]))
+        return self.activation(_dense(self.dense, hidden_states[:, 0]))
 
 
 # ---------------------------------------------------------------------------------------- the model
@@ -1092,7 +1098,7 @@ class BertOnlyNSPHead(nn.Module):
         self.seq_relationship = nn.Linear(config.hidden_size, 2)
 
     def forward(self, pooled_output):
-        return self.seq_relationship(pooled_output)
+        return _dense(self.seq_relationship, pooled_output)
 
 
 class BertPreTrainingHeads(nn.Module):
@@ -1102,7 +1108,7 @@ class BertPreTrainingHeads(nn.Module):
         self.seq_relationship = nn.Linear(config.hidden_size, 2)
 
     def forward(self, sequence_output, pooled_output):  # -> (prediction logits, NSP logits), as in transformers
-        return self.predictions(sequence_output), self.seq_relationship(pooled_output)
+        return self.predictions(sequence_output), _dense(self.seq_relationship, pooled_output)
 
 
 def _mlm(head: BertLMPredictionHead, sequence_output, labels, training: bool, logits=None):
@@ -1174,7 +1180,7 @@ class BertForPreTraining(BertPreTrainedModel):
         if labels is None or not self.training:  # full logits: the heads module runs (hooks see it)
             prediction_logits, nsp_logits = self.cls(out.last_hidden_state, out.pooler_output)
         else:
-            nsp_logits = self.cls.seq_relationship(out.pooler_output)  # (B, 2); packed rows (B, E, 2)
+            nsp_logits = _dense(self.cls.seq_relationship, out.pooler_output)  # (B, 2); packed rows (B, E, 2)
         mlm_loss, prediction_logits = _mlm(self.cls.predictions, out.last_hidden_state, labels, self.training,
                                            prediction_logits)
         loss = None
@@ -1272,7 +1278,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                         return_dict=True)
         _refuse_packed(type(self).__name__, out.pooler_output)
-        logits = self.classifier(self.dropout(out.pooler_output))  # (B, num_labels)
+        logits = _dense(self.classifier, self.dropout(out.pooler_output))  # (B, num_labels)
         loss = _sequence_classification_loss(self.config, logits, labels) if labels is not None else None
         return _finish(ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                    attentions=out.attentions), return_dict)
@@ -1298,7 +1304,7 @@ class BertForTokenClassification(BertPreTrainedModel):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                         return_dict=True)
-        logits = self.classifier(self.dropout(out.last_hidden_state))  # (B, S, num_labels)
+        logits = _dense(self.classifier, self.dropout(out.last_hidden_state))  # (B, S, num_labels)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
@@ -1323,7 +1329,7 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                         return_dict=True, unpad=False)
-        logits = self.qa_outputs(out.last_hidden_state)  # (B, S, 2)
+        logits = _dense(self.qa_outputs, out.last_hidden_state)  # (B, S, 2)
         start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))  # (B, S) each
         loss = None
         if start_positions is not None and end_positions is not None:
@@ -1364,7 +1370,7 @@ class BertForMultipleChoice(BertPreTrainedModel):
                         inputs_embeds=flat(inputs_embeds), output_hidden_states=output_hidden_states,
                         output_attentions=output_attentions, return_dict=True)
         _refuse_packed(type(self).__name__, out.pooler_output)
-        logits = self.classifier(self.dropout(out.pooler_output)).view(-1, choices)  # (B, C)
+        logits = _dense(self.classifier, self.dropout(out.pooler_output)).view(-1, choices)  # (B, C)
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return _finish(ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                    attentions=out.attentions), return_dict)
