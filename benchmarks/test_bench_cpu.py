@@ -364,7 +364,8 @@ def test_launch_census_smoke():
     tri, aten, syncs = LC.census("finetune", "fastbert", layers=2, batch=2, seq=16)
     assert tri == {"_add_ln_fwd": 4, "_add_ln_bwd": 4, "_attn_fwd": 2, "_attn_bwd_fused": 2, "_bias_gelu_fwd": 2,
                    "_bias_gelu_bwd": 2}, tri
-    assert aten["mm (fp32 out)"] == 4 * 2  # QKV, output, both feed-forward weights, per layer
+    # QKV, output and both feed-forward weights per layer, then the pooler and the classifier
+    assert aten["mm (fp32 out)"] == 4 * 2 + 2
     assert syncs == {"tolist": 1}  # the unpadded layout's one read
     _, hf, _ = LC.census("finetune", "transformers-sdpa", layers=2, batch=2, seq=16)
     assert sum(tri.values()) + sum(aten.values()) < sum(hf.values())
