@@ -415,14 +415,15 @@ def _run(args, dist: T.Distributed) -> int:
         raise ValueError(f"--keep-checkpoints must be at least 1, got {args.keep_checkpoints}")
     ckpts = T.CheckpointManager(out, keep=args.keep_checkpoints)
     stored = None
-    if os.path.isdir(out) and not args.resume and (
-            os.path.exists(os.path.join(out, "run_args.json")) or ckpts.latest() is not None):
+    is_run = os.path.isdir(out) and (os.path.exists(os.path.join(out, "run_args.json")) or ckpts.latest() is not None)
+    if is_run and not args.resume:
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-    if os.path.isdir(out) and not args.resume and any(
-            os.path.exists(os.path.join(out, name)) for name in ("config.json", "model.safetensors")):
-        # a model this command did not write (a checkpoint to start from, a fine-tuned model): never overwritten
-        raise FileExistsError(f"{out} holds a model (config.json / model.safetensors) that is not a pretraining "
-                              f"run; choose another --out")
+    weights = [n for n in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(out, n))]
+    if weights and not is_run:
+        # a model this command did not write (a checkpoint to start from, a fine-tuned model): never
+        # overwritten, --resume or not. A config.json alone is fine: `--config DIR --out DIR` reads it.
+        raise FileExistsError(f"{out} holds a model ({weights[0]}) that is not a pretraining run; "
+                              f"choose another --out")
     if args.resume and os.path.isfile(os.path.join(out, "run_args.json")):
         with open(os.path.join(out, "run_args.json")) as f:
             stored = json.load(f)

@@ -119,7 +119,15 @@ def test_a_model_folder_is_never_overwritten(corpus, tmp_path, capsys):
     before = {p.name: p.read_bytes() for p in model.iterdir()}
     assert run(corpus, model, "--init-from", str(model), "--steps", "1") == 2
     assert "holds a model" in capsys.readouterr().err
+    assert run(corpus, model, "--resume", "--steps", "1") == 2  # --resume: not a run either
+    assert "holds a model" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    # a config.json alone is not a model: `--config DIR/config.json --out DIR` trains into DIR
+    cfg_only = tmp_path / "cfg"
+    cfg_only.mkdir()
+    (cfg_only / "config.json").write_bytes((start / "config.json").read_bytes())
+    assert run(corpus, cfg_only, "--config", str(cfg_only / "config.json"), "--steps", "1") == 0
+    assert (cfg_only / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("rows", [[], ["--pack", "--max-example-len", "12", "--lr", "1e-2", "--warmup-steps", "0"]],
