@@ -56,14 +56,18 @@ def _open_nonempty(path: str):
 
 def _lines(f, path: str):
     """(line number, text) of a file opened by _open_nonempty: UTF-8 (a leading byte-order mark
-    dropped), an undecodable line an error that names it."""
-    for lineno, raw in enumerate(f, 1):
-        if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
-            raw = raw[len(codecs.BOM_UTF8):]
-        try:
-            yield lineno, raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
+    dropped), an undecodable line an error that names it. Lines end at \n, \r\n or a lone \r, as in
+    text mode (binary iteration alone splits at \n only, so an old-Mac \r file would be one line)."""
+    lineno = 0
+    for chunk in f:  # each chunk ends at a \n, so a \r\n is never cut in two
+        for raw in chunk.splitlines(keepends=True):  # bytes.splitlines: \n, \r\n, \r and nothing else
+            lineno += 1
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
 
 
 def _need(obj: dict, key: str, kind, where: str):

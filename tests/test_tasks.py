@@ -75,6 +75,19 @@ def test_undecodable_lines_folders_and_byte_order_marks(tmp_path):
     assert read_examples("ner", str(tmp_path / "bom.conll"))[0]["words"] == ["Paris", "is"]
 
 
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+def test_every_line_ending_splits_lines(tmp_path, eol):
+    """\n, \r\n and a lone \r (old Mac editors) all end a line, as in text mode, and line numbers in
+    errors count them the same way."""
+    (tmp_path / "a.jsonl").write_bytes(eol.join([b'{"text": "a", "label": 1}', b'{"text": "b", "label": 0}', b""]))
+    assert [ex["text"] for ex in read_examples("classify", str(tmp_path / "a.jsonl"))] == ["a", "b"]
+    (tmp_path / "a.conll").write_bytes(eol.join([b"Paris\tB-LOC", b"is\tO", b"", b"Rome\tB-LOC", b""]))
+    assert [s["words"] for s in read_examples("ner", str(tmp_path / "a.conll"))] == [["Paris", "is"], ["Rome"]]
+    (tmp_path / "bad.conll").write_bytes(eol.join([b"Paris\tB-LOC", b"", b"is O extra", b""]))
+    with pytest.raises(DataError, match=r"bad.conll:3: expected"):
+        read_examples("ner", str(tmp_path / "bad.conll"))
+
+
 def test_unknown_label_names_line(tmp_path):
     train = read_examples("pair", write(tmp_path / "a.jsonl", jl({"text_a": "a", "text_b": "b", "label": "yes"})))
     p = write(tmp_path / "b.jsonl", jl({"text_a": "a", "text_b": "b", "label": "yes"},
