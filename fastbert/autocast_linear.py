@@ -11,8 +11,8 @@ once instead of twice.
 
 Supports: CUDA autocast in bf16 (compute capability ≥ 8.0) or fp16, fp32 weights and biases, inputs of
 any dtype and shape (..., in); frozen weights, biases or inputs; gradient accumulation; activation
-checkpointing; CUDA-graph capture; a second derivative (create_graph=True: the backward then
-recomputes autocast's own differentiable graph).
+checkpointing; CUDA-graph capture; a second derivative (create_graph=True: the backward is then built
+from differentiable ops, its weight gradient rounded to the low dtype as autocast's is).
 Not supported (`linear` is then plain F.linear): the CPU, ROCm, torch.compile (inductor plans its own
 casts), forward-mode AD and torch.func transforms, fp16 with cuBLAS fp16 accumulation allowed, no
 autograd (nothing to save).
@@ -44,44 +44,38 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class _AutocastLinear(torch.autograd.Function):
-    """y = x·Wᵀ + b in `dtype` from fp32 W, b (what autocast computes); dW, db in fp32."""
+    """y = x·Wᵀ + b in `dtype` from x already in `dtype` and fp32 W, b (what autocast computes); dW, db
+    in fp32. `linear` casts x outside, as autocast does: autograd records that cast, so only the
+    low-precision copy is saved (an fp32 x is neither kept alive nor pinned against in-place
+    changes) and a create_graph backward still reaches x through it."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, dtype):
-        x_low = x.to(dtype)
         w_low = weight.to(dtype)
-        y = F.linear(x_low, w_low, None if bias is None else bias.to(dtype))  # (..., out)
-        # x_low is x itself when x is already in dtype (the model's matmul copies); the originals cost
-        # nothing more and serve a create_graph backward
-        ctx.save_for_backward(x_low if weight.requires_grad else None, w_low if x.requires_grad else None,
-                              x, weight, bias)
+        y = F.linear(x, w_low, None if bias is None else bias.to(dtype))  # (..., out)
+        # weight itself (a parameter: no memory) only for a create_graph backward's dx
+        ctx.save_for_backward(x if weight.requires_grad else None, w_low if x.requires_grad else None,
+                              weight if x.requires_grad else None)
         ctx.dtype = dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x_low, w_low, x, weight, bias = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: autocast's own graph, differentiable again
-            return _differentiable_grads(ctx, dy, x, weight, bias)
+        x, w_low, weight = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
+        # create_graph=True (a second derivative, a gradient penalty): the same products built from
+        # differentiable ops, so the graph reaches dy, the weight (through its cast) and x
+        create_graph = torch.is_grad_enabled()
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = (dy2 @ w_low).view(*dy.shape[:-1], w_low.shape[1])  # (..., in), in the low dtype
+            w = weight.to(ctx.dtype) if create_graph else w_low
+            dx = (dy2 @ w).view(*dy.shape[:-1], w.shape[1])  # (..., in), in the low dtype
         if ctx.needs_input_grad[1]:
-            dw = _mm_fp32(dy2.t(), x_low.reshape(-1, x_low.shape[-1]))  # (out, in)
-        if bias is not None and ctx.needs_input_grad[2]:
+            x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+            dw = (dy2.t() @ x2).float() if create_graph else _mm_fp32(dy2.t(), x2)  # (out, in)
+        if ctx.needs_input_grad[2]:
             db = dy2.sum(0, dtype=torch.float32)  # (out,)
         return dx, dw, db, None
-
-
-def _differentiable_grads(ctx, dy, x, weight, bias):
-    """The gradients through a recomputed autocast-style forward, with create_graph (a second
-    derivative, a gradient penalty): slower, exact in the sense autocast's F.linear is."""
-    inputs = [t for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3]) if need]
-    with torch.enable_grad():
-        y = F.linear(x.to(ctx.dtype), weight.to(ctx.dtype), None if bias is None else bias.to(ctx.dtype))
-        grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
-    return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:3]) + (None,)
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,4 +108,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     dtype = dtype or _path_dtype(x, weight)
     if dtype is None:
         return F.linear(x, weight, bias)
-    return _AutocastLinear.apply(x, weight, bias, dtype)
+    return _AutocastLinear.apply(x.to(dtype), weight, bias, dtype)

@@ -95,6 +95,45 @@ def test_second_derivatives_as_autocast_gives_them():
     assert got[1] is None and want[1] is None  # the penalty does not reach the bias
 
 
+def test_second_derivatives_through_the_weight_gradient_reach_the_fp32_input():
+    """A penalty on the weight's gradient differentiates dW = dyᵀ·x with respect to x: the graph must
+    reach an fp32 x through its cast, although only the bf16 copy is saved."""
+    def penalised_grads(fn):
+        x, w, b, dy = _inputs(11, 7, 5, seed=4)
+        y = fn(x, w, b)
+        gw, gb = torch.autograd.grad(y, (w, b), dy.to(y.dtype), create_graph=True)
+        ((gw ** 2).sum() + (gb ** 2).sum()).backward()
+        return x.grad, gw.dtype
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, want_dtype = penalised_grads(F.linear)
+    got, got_dtype = penalised_grads(lambda x, w, b: linear(x, w, b, dtype=torch.bfloat16))
+    assert got.dtype == torch.float32 and got_dtype == want_dtype == torch.float32
+    assert torch.equal(got, want)  # bf16 dW then its fp32 cast, as autocast
+
+
+def test_only_the_low_precision_input_is_saved():
+    """An fp32 input is cast outside the autograd Function (as autocast casts it): the backward keeps
+    the bf16 copy, not the fp32 tensor, so the fp32 activation can be freed and changed in place."""
+    x, w, b, dy = _inputs(13, 8, 6, seed=5)
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, tuple(t.shape), t.data_ptr()))
+        return t
+
+    h = x * 1.0  # an fp32 activation
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = linear(h, w, b, dtype=torch.bfloat16)
+    assert (torch.float32, tuple(h.shape), h.data_ptr()) not in saved, saved
+    assert (torch.bfloat16, tuple(h.shape)) in [s[:2] for s in saved]
+    h.add_(1.0)  # in place after the forward, as autocast's F.linear allows
+    y.backward(dy.to(y.dtype))
+    ref = dy.to(torch.bfloat16).double().t() @ x.detach().to(torch.bfloat16).double()
+    assert_close_to_reference(w.grad, dy.to(torch.bfloat16).float().t() @ x.detach().to(torch.bfloat16).float(),
+                              ref, name="dW")
+
+
 def test_the_path_is_taken_only_where_it_runs(monkeypatch):
     """_path_dtype's conditions, with the device side faked: sm_80+ for bf16, not with cuBLAS fp16
     accumulation, not under ROCm, torch.compile, forward-mode AD or torch.func, nor without autograd
