@@ -57,7 +57,8 @@ hidden / weight / bias (the others' GEMMs are skipped). The count of labelled ro
 tensor and the op never synchronises the host, so it can be captured in a CUDA graph and traced by
 torch.compile. Deterministic: fixed reduction orders, no atomics.
 
-Not supported: float64 (the public wrapper computes it with the PyTorch reference); label smoothing,
+Not supported: float64 hidden (the public wrapper computes it with the PyTorch reference; a float64
+weight or bias beside other hidden is cast to fp32 there); label smoothing,
 class weights, reductions other than the mean.
 
 Caution:
@@ -541,6 +542,10 @@ def mlm_loss(hidden, weight, bias, labels, ignore_index: int = -100,
         from . import reference
         loss = reference.mlm_loss(hidden, weight, bias, labels, ignore_index)
         return loss if out_dtype is None else loss.to(out_dtype)
+    # a float64 weight / bias beside 16-bit or fp32 hidden: an fp32 copy through autograd (the kernels
+    # take no float64; fp32 keeps more of it than hidden's dtype would)
+    weight = weight.float() if weight.dtype == torch.float64 else weight
+    bias = bias.float() if bias.dtype == torch.float64 else bias
     # weight / bias of another dtype (fp32 under autocast): cast inside the op, their gradients returned
     # in their own dtypes (no autograd casts, and no rounding through hidden's dtype on the way)
     grad_on = torch.is_grad_enabled()

@@ -141,6 +141,21 @@ def test_fp32_weight_with_half_hidden(triton_kernels, device, monkeypatch, rows,
         assert_close_to_reference(a, b, r, k=2, name=f"{name} rows={rows} h={h} vocab={vocab}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_float64_weight_with_other_hidden(triton_kernels, device, dtype):
+    """A float64 decoder beside fp32 / fp16 hidden (a model cast by hand, a double-precision head):
+    the kernels take the weight as an fp32 copy, the gradients come back in float64."""
+    hidden, weight, bias, labels = _inputs(23, 16, 77, dtype, device)
+    reference = _run(K.reference.mlm_loss, _leaves((hidden, weight, bias), torch.float64), labels)
+    mixed = [_leaves((hidden,), dtype)[0]] + _leaves((weight, bias), torch.float64)
+    baseline = _run(_pytorch_mlm_loss, [mixed[0]] + _leaves((weight, bias), dtype), labels)
+    ours = _run(K.mlm_loss, mixed, labels)
+    for name, a, b, r, want in zip(("loss", "d_hidden", "d_weight", "d_bias"), ours, baseline, reference,
+                                   (dtype, dtype, torch.float64, torch.float64)):
+        assert a.dtype == want, name
+        assert_close_to_reference(a, b, r, k=2, name=f"{name} {dtype}")
+
+
 def test_noncontiguous_hidden_and_custom_ignore_index(triton_kernels, device, monkeypatch):
     monkeypatch.setattr(lce, "CHUNK_ROWS", 16)
     _check_against_reference(40, 37, 1031, torch.float32, device, noncontiguous=True, ignore_index=-1)
