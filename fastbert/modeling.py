@@ -481,7 +481,7 @@ def _dense_and_bias(dense: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, to
 
 def _fuse_dense_bias(dense: nn.Linear, residual) -> bool:
     """Whether a residual block's dense bias joins its add + LayerNorm kernel (BertSelfOutput.add_norm)."""
-    return dense.bias is not None and K.use_triton(residual) and _plain(dense, nn.Linear)
+    return _plain(dense, nn.Linear) and dense.bias is not None and K.use_triton(residual)
 
 
 class BertSelfOutput(nn.Module):
@@ -1054,9 +1054,10 @@ class BertLMPredictionHead(nn.Module):
         """Mean MLM loss over labelled positions, running the head on those rows only."""
         flat_labels = labels.reshape(-1)  # (B*S,)
         static = getattr(self, "static_rows", None)
-        vocab = self.decoder.weight.shape[0]
+        plain = _plain(self.decoder, nn.Linear)  # a wrapped decoder need not have .weight / .bias
+        vocab = self.decoder.weight.shape[0] if plain else None
         validate = True
-        if static is None:
+        if static is None and plain:
             # The label check's answer is computed before nonzero's host sync and read after it, when
             # nothing is queued: one sync of the step's middle, not two (K.mlm_loss's own check would
             # read it again after the head's kernels are queued).
@@ -1065,13 +1066,18 @@ class BertLMPredictionHead(nn.Module):
             if bad is not None and bool(bad):
                 K.raise_bad_mlm_labels(flat_labels, vocab)
             validate = False
+        elif static is None:
+            rows = (flat_labels != -100).nonzero().squeeze(1)  # (M,)
         else:
             rows, overflow = _static_label_rows(flat_labels, static)  # (K,)
         h = sequence_output.reshape(-1, sequence_output.shape[-1]).index_select(0, rows)  # (M, D)
         h = self.transform(h)
-        if not _plain(self.decoder, nn.Linear):  # a hooked or wrapped decoder: its own call, full logits
+        if not plain:  # a hooked or wrapped decoder: its own call, full logits
             target = flat_labels.index_select(0, rows)  # (M,)
-            total = F.cross_entropy(self.decoder(h).float(), target, ignore_index=-100, reduction="sum")
+            logits = self.decoder(h).float()  # (M, V)
+            if static is None and K._check_values() and bool(K.mlm_labels_bad(target, logits.shape[-1])):
+                K.raise_bad_mlm_labels(target, logits.shape[-1])
+            total = F.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
             loss = total / (target != -100).sum().clamp(min=1)
             return loss if static is None else loss.masked_fill(overflow, math.nan)
         # the decoder's bias, as forward adds it (None after set_output_embeddings of a bias-free Linear)

@@ -579,6 +579,38 @@ def test_adapted_submodules_run_as_their_own_calls(device, triton_kernels, path,
     with the same adapter in float64 by the rule, and the adapter's own parameters get gradients.
     Before, adapters on query / key / value, the feed-forward denses, the LayerNorms, the embeddings
     and the MLM head were silently ignored on the Triton path."""
+    _check_adapted(device, path, patched, _Adapted)
+
+
+class _Opaque(torch.nn.Module):
+    """A wrapper that exposes no `weight` / `bias` of its own (a quantised layer, a custom adapter)."""
+
+    def __init__(self, base, delta):
+        super().__init__()
+        self.base_layer, self.delta = base, delta
+
+    def forward(self, x):
+        return self.base_layer(x) + self.delta(x)
+
+
+@pytest.mark.parametrize("path", ["bert.encoder.layer.0.attention.output.dense", "bert.encoder.layer.1.output.dense",
+                                  "cls.predictions.decoder"])
+def test_wrappers_without_weight_attributes_run(device, triton_kernels, path):
+    """Only a plain module's weight and bias are read: a wrapper without them runs as its own call
+    (it was an AttributeError in the MLM head and the residual blocks), and out-of-vocabulary labels
+    are still a ValueError behind a wrapped decoder."""
+    _check_adapted(device, path, False, _Opaque)
+    if path == "cls.predictions.decoder":
+        _, _, ours = _same_weights("BertForPreTraining", device)
+        ours.cls.predictions.decoder = _Opaque(ours.cls.predictions.decoder, _delta_for(ours.cls.predictions.decoder))
+        batch = _batch(device, "BertForPreTraining")
+        batch["labels"] = batch["labels"].clone()
+        batch["labels"][0, 1] = CFG["vocab_size"]
+        with pytest.raises(ValueError, match="labels must lie in"):
+            ours(**batch)
+
+
+def _check_adapted(device, path, patched, wrapper):
     name = "BertForPreTraining"
     hf64, hf32, ours = _same_weights(name, device)
     if patched:  # transformers' own model on fastbert's kernels (fastbert.patch), the same weights
@@ -597,7 +629,7 @@ def test_adapted_submodules_run_as_their_own_calls(device, triton_kernels, path,
         delta = _delta_for(getattr(parent, child)).to(device=next(model.parameters()).device,
                                                      dtype=next(model.parameters()).dtype)
         delta.load_state_dict(delta64.state_dict())
-        setattr(parent, child, _Adapted(getattr(parent, child), delta))
+        setattr(parent, child, wrapper(getattr(parent, child), delta))
         loss = model(**b).loss
         loss.backward()
         results.append((loss.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters()
