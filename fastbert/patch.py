@@ -127,12 +127,10 @@ def _encoder_forward(self, x, layout, output_hidden_states=False, output_attenti
 
 
 def _masked_loss(self, sequence_output, labels):
-    """fastbert's masked-rows MLM loss on transformers' head. transformers' decoder adds
-    decoder.bias, which is the head's `bias` only when the two are tied (not with
-    tie_word_embeddings=False), so the view below hands fastbert the decoder's own bias."""
-    decoder = self.decoder
-    bias = decoder.bias if decoder.bias is not None else decoder.weight.new_zeros(decoder.out_features)
-    view = types.SimpleNamespace(transform=self.transform, decoder=decoder, bias=bias,
+    """fastbert's masked-rows MLM loss on transformers' head. It adds the decoder's own bias, as
+    transformers' decoder does (the head's `bias` is that one only when the two are tied), and reads
+    no weight of a wrapped decoder."""
+    view = types.SimpleNamespace(transform=self.transform, decoder=self.decoder,
                                  static_rows=getattr(self, "static_rows", None))
     return fb.BertLMPredictionHead.masked_loss(view, sequence_output, labels)
 

@@ -595,13 +595,16 @@ class _Opaque(torch.nn.Module):
 
 @pytest.mark.parametrize("path", ["bert.encoder.layer.0.attention.output.dense", "bert.encoder.layer.1.output.dense",
                                   "cls.predictions.decoder"])
-def test_wrappers_without_weight_attributes_run(device, triton_kernels, path):
+@pytest.mark.parametrize("patched", [False, True], ids=["fastbert", "patched-transformers"])
+def test_wrappers_without_weight_attributes_run(device, triton_kernels, path, patched):
     """Only a plain module's weight and bias are read: a wrapper without them runs as its own call
     (it was an AttributeError in the MLM head and the residual blocks), and out-of-vocabulary labels
     are still a ValueError behind a wrapped decoder."""
-    _check_adapted(device, path, False, _Opaque)
+    _check_adapted(device, path, patched, _Opaque)
     if path == "cls.predictions.decoder":
         _, _, ours = _same_weights("BertForPreTraining", device)
+        if patched:
+            ours = fastbert.patch(transformers.BertForPreTraining(transformers.BertConfig(**CFG)).to(device))
         ours.cls.predictions.decoder = _Opaque(ours.cls.predictions.decoder, _delta_for(ours.cls.predictions.decoder))
         batch = _batch(device, "BertForPreTraining")
         batch["labels"] = batch["labels"].clone()
