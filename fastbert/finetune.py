@@ -278,7 +278,9 @@ def evaluate(model, task, examples, feats, labels, args, progress=False, device=
         return {"f1": r["f1"], "precision": r["precision"], "recall": r["recall"], "n": len(examples)}, preds
     starts = [r[0] for r in raw]
     ends = [r[1] for r in raw]
-    preds = T.qa_best_spans(examples, feats, starts, ends, max_answer_tokens=args.max_answer_length)
+    # a model trained on unanswerable questions may answer "" (run() sets qa_null from the training file)
+    preds = T.qa_best_spans(examples, feats, starts, ends, max_answer_tokens=args.max_answer_length,
+                            null_answers=getattr(args, "qa_null", False))
     r = squad_scores(preds, [ex["answers"]["text"] for ex in examples])
     return {"exact_match": r["exact_match"], "f1": r["f1"], "n": len(examples)}, preds
 
@@ -402,7 +404,10 @@ def run(args) -> dict:
         args.eval_batch_size = 2 * args.batch_size
 
     from .config import BertConfig
-    config = BertConfig.from_pretrained(args.model)
+    try:
+        config = BertConfig.from_pretrained(args.model)
+    except ValueError as e:  # a config.json that is not JSON, or not a BERT config
+        raise UsageError(f"--model {args.model}: {e}") from None
     if args.max_length > config.max_position_embeddings:
         _log(f"--max-length {args.max_length} is above the model's {config.max_position_embeddings} "
              f"positions; using {config.max_position_embeddings}")
@@ -410,7 +415,10 @@ def run(args) -> dict:
     if isinstance(freeze, int) and freeze > config.num_hidden_layers:
         raise UsageError(f"--freeze {freeze}: the model has {config.num_hidden_layers} layers")
 
-    tok = T.load_tokenizer(args.model)
+    try:
+        tok = T.load_tokenizer(args.model)
+    except ValueError as e:  # a vocabulary without [CLS] / [SEP], an unreadable tokenizer_config.json
+        raise UsageError(f"--model {args.model}: {e}") from None
     train_ex = T.read_examples(task, args.train)
     if args.max_train_examples is not None:
         train_ex = train_ex[:args.max_train_examples]
@@ -418,6 +426,11 @@ def run(args) -> dict:
     if labels is not None and task in ("classify", "pair") and len(labels) < 2:
         raise T.DataError(f"{args.train}: only one label ({labels[0]!r}) in the training file")
     train_ex, train_f = _load(task, args.train, labels, tok, args, args.max_train_examples, "train", train_ex)
+    # questions without an answer train toward [CLS]; such a model may then answer "" (SQuAD 2.0)
+    args.qa_null = task == "qa" and any(not ex["answers"]["text"] for ex in train_ex)
+    if args.qa_null:
+        _log(f"{sum(not ex['answers']['text'] for ex in train_ex)} training questions have no answer: "
+             f"predictions are \"\" where [CLS] outscores every span")
     dev_ex, dev_f = _load(task, args.dev, labels, tok, args, args.max_eval_examples, "dev")
     test_ex = test_f = None
     if args.test:
@@ -430,6 +443,14 @@ def run(args) -> dict:
     if os.path.isdir(args.model) and os.path.isdir(args.out) and os.path.samefile(args.model, args.out):
         raise UsageError(f"--out {args.out} is the --model folder: the fine-tuned model would replace the model "
                          f"it starts from; choose another --out")
+    # The model before the output folder is touched: a checkpoint that does not load (weights of
+    # another shape, e.g. a head fine-tuned for another label set) leaves an earlier run there intact.
+    try:
+        model = build_model(task, args.model, labels, freeze, random_init=args.random_init)
+    except ValueError as e:
+        raise UsageError(f"--model {args.model}: {e}") from None
+    if args.impl == "transformers":
+        model = to_transformers(model, task, freeze)
     try:  # the output folder, checked before training rather than after it
         os.makedirs(args.out, exist_ok=True)
         if not os.access(args.out, os.W_OK | os.X_OK):
@@ -451,9 +472,6 @@ def run(args) -> dict:
             os.unlink(os.path.join(args.out, name))
     args.started = True  # OUT's history.jsonl is this run's from here on (main reports it when stopped)
 
-    model = build_model(task, args.model, labels, freeze, random_init=args.random_init)
-    if args.impl == "transformers":
-        model = to_transformers(model, task, freeze)
     model.to(device)
     # Both implementations start their dropout streams from the same seed, whatever building
     # (and, for transformers, re-initialising) the model drew.

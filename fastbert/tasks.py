@@ -221,9 +221,13 @@ def check_labels(task: str, examples: Sequence[dict], labels: Sequence | None, p
 
 def load_tokenizer(model_dir: str):
     """A `tokenizers.Tokenizer` for a checkpoint folder: tokenizer.json if present, else a BERT
-    WordPiece tokenizer over vocab.txt (lower-cased unless tokenizer_config.json says
-    do_lower_case=false). Padding and truncation are switched off: this module does both itself."""
+    WordPiece tokenizer over vocab.txt with the normaliser options of tokenizer_config.json
+    (do_lower_case, strip_accents, tokenize_chinese_chars; lower-cased when it says nothing), as
+    transformers' BertTokenizer reads them. Padding and truncation are switched off: this module
+    does both itself."""
     from tokenizers import Tokenizer
+
+    from .tokenization import CLS, SEP, UNK, _read_normalizer_flags, load_vocab_txt
 
     tj = os.path.join(model_dir, "tokenizer.json")
     if os.path.isfile(tj):
@@ -232,23 +236,9 @@ def load_tokenizer(model_dir: str):
         vocab = os.path.join(model_dir, "vocab.txt")
         if not os.path.isfile(vocab):
             raise FileNotFoundError(f"{model_dir}: neither tokenizer.json nor vocab.txt found")
-        from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
-        lower = True
-        cfg = os.path.join(model_dir, "tokenizer_config.json")
-        if os.path.isfile(cfg):
-            with open(cfg, encoding="utf-8") as f:
-                lower = bool(json.load(f).get("do_lower_case", True))
-        tok = Tokenizer(models.WordPiece.from_file(vocab, unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                    strip_accents=None, lowercase=lower)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-        if cls is None or sep is None:
-            raise ValueError(f"{vocab}: the vocabulary has no [CLS] or [SEP] token")
-        tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-        tok.decoder = decoders.WordPiece()
+        # fine-tuning and encoding need no [MASK] / [PAD] token of the vocabulary
+        tok = load_vocab_txt(vocab, **{"lowercase": True, **_read_normalizer_flags(model_dir)},
+                             required=(UNK, CLS, SEP))
     tok.no_padding()
     tok.no_truncation()
     return tok
@@ -413,13 +403,19 @@ def _qa_features(examples, tok, max_length, doc_stride, max_query_length):
 
 
 def qa_best_spans(examples: Sequence[dict], features: Sequence[dict], start_logits, end_logits,
-                  n_best: int = 20, max_answer_tokens: int = 30) -> list[str]:
+                  n_best: int = 20, max_answer_tokens: int = 30, null_answers: bool = False) -> list[str]:
     """The best answer text of each example over all its windows (score = start + end logit),
     mapped back to the context's characters through the tokenizer's offsets. A span must lie in the
-    context part of one window and end at or after its start."""
+    context part of one window and end at or after its start.
+
+    null_answers (a model trained on questions without an answer, SQuAD 2.0 style: their target is
+    [CLS]): "" where [CLS]'s score (start + end logit at position 0, the lowest over the example's
+    windows, as SQuAD 2.0's post-processing takes it) beats the best span."""
     best: list[tuple[float, str]] = [(-math.inf, "")] * len(examples)
+    null = [math.inf] * len(examples)
     for f, sl, el in zip(features, start_logits, end_logits):
         sl, el = list(map(float, sl)), list(map(float, el))
+        null[f["example"]] = min(null[f["example"]], sl[0] + el[0])
         offs = f["offsets"]
         ctx = [j for j, o in enumerate(offs) if o is not None and j < len(sl)]
         starts = sorted(ctx, key=lambda j: -sl[j])[:n_best]
@@ -433,6 +429,8 @@ def qa_best_spans(examples: Sequence[dict], features: Sequence[dict], start_logi
                 if score > best[i][0]:
                     context = examples[i]["context"]
                     best[i] = (score, context[offs[s][0]:offs[e][1]])
+    if null_answers:
+        return ["" if n > score else text for n, (score, text) in zip(null, best)]
     return [text for _, text in best]
 
 

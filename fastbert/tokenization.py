@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -46,9 +46,11 @@ class TokenizerError(ValueError):
     """A tokenizer file is missing, unreadable, or lacks a token BERT pretraining needs."""
 
 
-def _bert_pipeline(tok: Tokenizer, lowercase: bool, nfkc: bool = False) -> Tokenizer:
-    bert = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                      strip_accents=None, lowercase=lowercase)
+def _bert_pipeline(tok: Tokenizer, lowercase: bool, nfkc: bool = False, strip_accents: bool | None = None,
+                   handle_chinese_chars: bool = True) -> Tokenizer:
+    # strip_accents None: follow lowercase (BERT's rule: uncased vocabularies strip accents)
+    bert = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=handle_chinese_chars,
+                                      strip_accents=strip_accents, lowercase=lowercase)
     # NFKC folds full-width digits, Latin letters and punctuation (１，Ａ！) into their ASCII forms, so
     # news text written full width and reviews written half width share one token per character.
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), bert]) if nfkc else bert
@@ -103,17 +105,28 @@ def train_tokenizer(sentences: Iterable[str], kind: str = "wordpiece", vocab_siz
     return _add_post_processor(tok)
 
 
-def _read_lowercase_flag(folder: str) -> bool | None:
+def _read_normalizer_flags(folder: str) -> dict:
+    """BertNormalizer's options from a tokenizer_config.json beside a vocab.txt, as transformers'
+    BertTokenizer reads them: do_lower_case, strip_accents, tokenize_chinese_chars (those absent or
+    not booleans are left out)."""
     path = os.path.join(folder, "tokenizer_config.json")
-    if os.path.isfile(path):
+    if not os.path.isfile(path):
+        return {}
+    try:
         with open(path, encoding="utf-8") as f:
-            value = json.load(f).get("do_lower_case")
-        if isinstance(value, bool):
-            return value
-    return None
+            cfg = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path}: not a readable JSON file ({e})") from None
+    names = {"do_lower_case": "lowercase", "strip_accents": "strip_accents",
+             "tokenize_chinese_chars": "handle_chinese_chars"}
+    return {ours: cfg[theirs] for theirs, ours in names.items() if isinstance(cfg.get(theirs), bool)} \
+        if isinstance(cfg, dict) else {}
 
 
-def load_vocab_txt(path: str, lowercase: bool = True) -> Tokenizer:
+def load_vocab_txt(path: str, lowercase: bool = True, strip_accents: bool | None = None,
+                   handle_chinese_chars: bool = True, required: Sequence[str] = SPECIAL_TOKENS) -> Tokenizer:
+    """A BERT WordPiece tokenizer over a vocab.txt; `required`: the special tokens it must hold
+    (pretraining needs all five; fine-tuning and encoding [UNK], [CLS] and [SEP])."""
     # As transformers' load_vocab: a token's id is its line number (a blank line holds an id too, and
     # a repeated token keeps its last line), so ids match BertTokenizerFast and the checkpoint's rows.
     vocab: dict[str, int] = {}
@@ -125,12 +138,12 @@ def load_vocab_txt(path: str, lowercase: bool = True) -> Tokenizer:
         raise TokenizerError(f"{path}: not a UTF-8 vocab.txt ({e})") from None
     if not any(vocab):
         raise TokenizerError(f"{path}: the vocabulary file is empty")
-    if UNK not in vocab:
-        raise TokenizerError(f"{path}: the vocabulary lacks {UNK}; BERT pretraining needs all of "
-                             f"{', '.join(SPECIAL_TOKENS)}")
+    missing = [t for t in required if t not in vocab]
+    if missing:
+        raise TokenizerError(f"{path}: the vocabulary lacks {', '.join(missing)}; it needs all of "
+                             f"{', '.join(required)}")
     tok = _bert_pipeline(Tokenizer(models.WordPiece(vocab, unk_token=UNK, continuing_subword_prefix="##")),
-                         lowercase)
-    check_special_tokens(tok, path)
+                         lowercase, strip_accents=strip_accents, handle_chinese_chars=handle_chinese_chars)
     return _add_post_processor(tok)
 
 
@@ -157,9 +170,10 @@ def load_tokenizer(path: str, lowercase: bool | None = None) -> Tokenizer:
             raise TokenizerError(f"{path}: not a readable tokenizer.json ({e})") from None
         check_special_tokens(tok, path)
         return tok
-    if lowercase is None:
-        lowercase = _read_lowercase_flag(folder)
-    return load_vocab_txt(path, True if lowercase is None else lowercase)
+    flags = _read_normalizer_flags(folder)
+    if lowercase is not None:
+        flags["lowercase"] = lowercase
+    return load_vocab_txt(path, **{"lowercase": True, **flags})
 
 
 def is_lowercase(tok: Tokenizer) -> bool:

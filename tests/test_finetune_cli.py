@@ -718,6 +718,60 @@ def test_finetune_into_an_earlier_runs_folder_says_it_replaces_it(micro_model, t
         in capsys.readouterr().err
 
 
+def test_a_model_that_does_not_load_is_a_usage_error_and_leaves_out_intact(micro_model, tmp_path, capsys):
+    """A checkpoint that does not load (a head fine-tuned for 2 labels given 3; a config.json that is
+    not JSON) is a clear error before --out is touched: it was a traceback after an earlier run's
+    metrics, predictions and history there had been deleted."""
+    import shutil
+
+    assert _classify_run(micro_model, tmp_path, "--epochs", "1")[0] == 0  # tmp_path/o: a 2-label classifier
+    done = tmp_path / "done"
+    assert cli(["finetune", "--task", "classify", "--model", micro_model, "--train", str(tmp_path / "train.jsonl"),
+                "--dev", str(tmp_path / "dev.jsonl"), "--out", str(done), "--device", "cpu", "--no-progress",
+                "--epochs", "1"]) == 0
+    before = {p.name: p.read_bytes() for p in done.iterdir()}
+    assert "metrics.json" in before and "history.jsonl" in before
+    three = _jsonl(tmp_path / "three.jsonl", [{"text": "good", "label": "a"}, {"text": "bad", "label": "b"},
+                                              {"text": "red", "label": "c"}])
+    base = ["finetune", "--task", "classify", "--train", three, "--dev", three, "--out", str(done),
+            "--device", "cpu", "--no-progress", "--epochs", "1"]
+    capsys.readouterr()
+    assert cli(base + ["--model", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"--model {tmp_path / 'o'}: checkpoint weights have the wrong shape" in err, err
+    assert "classifier.weight: checkpoint (2, 32), model (3, 32)" in err, err
+    broken = tmp_path / "broken"
+    shutil.copytree(micro_model, broken)
+    (broken / "config.json").write_text("{not json")
+    assert cli(base + ["--model", str(broken)]) == 2
+    assert "config.json is not valid JSON" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in done.iterdir()} == before
+
+
+def test_qa_with_unanswerable_training_questions_may_answer_nothing(micro_model, tmp_path, capsys, monkeypatch):
+    """Training questions without an answer (SQuAD 2.0 style) teach [CLS]; evaluation then lets
+    [CLS] win (null_answers), and only then: SQuAD 1.1-style training data always gets a span."""
+    import fastbert.tasks as T
+    files = make_data("qa", tmp_path, random.Random(2))
+    seen = []
+    real = T.qa_best_spans
+
+    def spy(*args, **kw):
+        seen.append(kw.get("null_answers", False))
+        return real(*args, **kw)
+    monkeypatch.setattr(T, "qa_best_spans", spy)
+    rows = [json.loads(line) for line in open(files["train"])]
+    rows[0]["answers"] = {"text": [], "answer_start": []}
+    null_train = _jsonl(tmp_path / "null.jsonl", rows)
+    for train, want in ((files["train"], False), (null_train, True)):
+        seen.clear()
+        assert cli(["finetune", "--task", "qa", "--model", micro_model, "--train", train, "--dev", files["dev"],
+                    "--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress", "--epochs", "1",
+                    "--max-length", "24", "--doc-stride", "8"]) == 0
+        assert seen and set(seen) == {want}
+        assert ("1 training questions have no answer" in capsys.readouterr().err) == want
+
+
 def test_finetune_writes_its_history_and_curve(micro_model, tmp_path):
     rc, out = _classify_run(micro_model, tmp_path)
     assert rc == 0

@@ -391,6 +391,34 @@ def test_qa_best_span_single_token_and_max_answer_tokens(tok):
     assert qa_best_spans(ex, feats, *scores(4, 6), max_answer_tokens=2) != ["cat sat on"]
 
 
+def test_qa_null_answers_abstain_where_cls_wins(tok):
+    """A model trained on unanswerable questions answers "" where [CLS]'s score (the lowest over the
+    example's windows) beats its best span; without null_answers it always names a span, as for
+    SQuAD 1.1 data, where [CLS] only marks windows that miss the answer."""
+    context = "the big cat sat on the red mat near the door"
+    ex = [{"question": "where", "context": context}, {"question": "where", "context": context}]
+    feats, _ = build_features("qa", ex, tok, max_length=10, doc_stride=2)
+    assert len({f["example"] for f in feats}) == 2 and len(feats) > 2  # several windows each
+    starts, ends = [], []
+    for f in feats:
+        n = len(f["input_ids"])
+        s, e = [-5.0] * n, [-5.0] * n
+        first_window = f is next(g for g in feats if g["example"] == f["example"])
+        if f["example"] == 0:  # certain there is no answer in every window
+            s[0] = e[0] = 20.0
+            s[3] = e[3] = 2.0
+        else:  # a clear span in its first window; [CLS] high only where the span is missing
+            s[0] = e[0] = 1.0 if first_window else 20.0
+            if first_window:
+                s[3] = e[3] = 8.0
+        starts.append(s)
+        ends.append(e)
+    spans = qa_best_spans(ex, feats, starts, ends)
+    assert spans[0] != "" and spans[1] != ""
+    with_null = qa_best_spans(ex, feats, starts, ends, null_answers=True)
+    assert with_null == ["", spans[1]]
+
+
 def test_truncated_counts_examples_not_pieces(tok):
     """info["truncated"] counts truncated examples: one long text is one, however much is cut, and a
     choice example with several over-long choices is one."""

@@ -137,6 +137,29 @@ def test_vocab_txt_ids_are_line_numbers_as_in_transformers(tmp_path, extra):
     assert load_tokenizer(str(tmp_path)).encode(text).ids == BertTokenizerFast.from_pretrained(str(tmp_path))(text)["input_ids"]
 
 
+@pytest.mark.parametrize("config", [{"do_lower_case": True, "strip_accents": False},
+                                    {"do_lower_case": False, "strip_accents": True},
+                                    {"do_lower_case": True, "tokenize_chinese_chars": False}, {}],
+                         ids=["lower-keep-accents", "cased-strip-accents", "no-cjk-split", "no-config"])
+def test_vocab_txt_normaliser_options_as_transformers_reads_them(tmp_path, config):
+    """A vocab.txt checkpoint's tokenizer_config.json options (do_lower_case, strip_accents,
+    tokenize_chinese_chars) are read by pretraining's and fine-tuning's loaders alike, giving
+    transformers' ids: strip_accents and the CJK split used to be fixed, so a lower-cased vocabulary
+    that keeps accents read 'café' as 'cafe'."""
+    from transformers import BertTokenizer
+
+    from fastbert.tasks import load_tokenizer as finetune_tokenizer
+
+    words = ["café", "cafe", "naïve", "naive", "Café", "Cafe", "北京", "北", "京", "is", "in"]
+    (tmp_path / "vocab.txt").write_text("\n".join(SPECIAL_TOKENS + words) + "\n", encoding="utf-8")
+    if config:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    text = "Café is naïve in 北京"
+    want = BertTokenizer.from_pretrained(str(tmp_path))(text)["input_ids"]
+    assert load_tokenizer(str(tmp_path)).encode(text).ids == want
+    assert finetune_tokenizer(str(tmp_path)).encode(text).ids == want
+
+
 def test_saved_chinese_tokenizer_keeps_nfkc_in_transformers(tmp_path):
     from transformers import AutoTokenizer
 
