@@ -475,8 +475,11 @@ def _run(args, dist: T.Distributed) -> int:
                 _log(dist, f"vocabulary: the one trained on these corpus files with these settings before ({cached})")
             else:
                 try:
+                    # a loaded vocab.txt keeps its own tokenizer_config.json's do_lower_case unless
+                    # --cased says otherwise (the setting's default, False, would lower-case a cased one)
+                    lowercase = not s["cased"] if trained else (False if s["cased"] else None)
                     tokenizer = build_tokenizer(None if spec == "wordpiece" else spec, sentences(),
-                                                vocab_size=s["vocab_size"], lowercase=not s["cased"])
+                                                vocab_size=s["vocab_size"], lowercase=lowercase)
                 except TokenizerError:
                     if trained and counted["n"] == 0:
                         raise CorpusError(f"the corpus ({', '.join(corpus_paths)}) is empty") from None

@@ -107,6 +107,25 @@ def test_resume_without_checkpoint_starts_over_and_existing_run_is_protected(cor
     assert "already holds a run" in capsys.readouterr().err
 
 
+def test_a_cased_vocab_txt_folder_stays_cased(corpus, tmp_path):
+    """A vocab.txt folder whose tokenizer_config.json says do_lower_case=false (transformers' slow
+    tokenizer writes no tokenizer.json) keeps its case unless --cased is contradicted; it was
+    lower-cased by the --cased setting's default, so its capitalised tokens never occurred."""
+    from fastbert.pretraining_data import iter_sentences
+    from fastbert.tokenization import is_lowercase, load_tokenizer, save_tokenizer, train_tokenizer
+    for lowercase in (False, True):
+        folder = tmp_path / f"vocab-{lowercase}"
+        save_tokenizer(train_tokenizer(iter_sentences([corpus]), vocab_size=400, lowercase=lowercase), str(folder))
+        (folder / "tokenizer.json").unlink()
+        assert json.loads((folder / "tokenizer_config.json").read_text())["do_lower_case"] is lowercase
+        for extra in ([], ["--cased"]):
+            out = tmp_path / f"run-{lowercase}-{bool(extra)}"
+            assert run(corpus, out, "--tokenizer", str(folder), "--steps", "1", *extra) == 0
+            want = lowercase and not extra
+            assert is_lowercase(load_tokenizer(str(out))) == want, (lowercase, extra)
+            assert json.loads((out / "tokenizer_config.json").read_text())["do_lower_case"] is want
+
+
 def test_a_model_folder_is_never_overwritten(corpus, tmp_path, capsys):
     """--out holding a model this command did not write (e.g. the --init-from checkpoint itself, or a
     fine-tuned model) is refused before anything is written: it used to be overwritten silently."""
