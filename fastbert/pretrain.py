@@ -78,7 +78,7 @@ from . import runtime as R
 from .runtime import PLAIN_OUTPUTS
 from .pretraining_data import (CorpusError, PretrainingData, collate, collate_packed, file_hashes,
                                iter_sentences, split_documents, tokenize_corpus, trained_vocab_path)
-from .tokenization import (SPECIAL_TOKENS, TOKENIZER_FILES, TokenizerError, build_tokenizer, load_tokenizer,
+from .tokenization import (PAD, SPECIAL_TOKENS, TOKENIZER_FILES, TokenizerError, build_tokenizer, load_tokenizer,
                            save_tokenizer, vocab_list)
 
 # Settings that define a run: fixed when it starts, read back from run_args.json on --resume.
@@ -245,16 +245,21 @@ def _resolve_settings(args, stored: dict | None, dist: T.Distributed) -> dict:
     return settings
 
 
-def _build_config(s: dict, vocab_size: int):
+def _build_config(s: dict, vocab_size: int, pad_id: int):
+    """The run's model config; its pad_token_id (the embeddings' padding_idx: a row kept at zero
+    with no gradient) is the tokenizer's [PAD], whatever id that has."""
     from .config import SIZES, BertConfig
     spec = s["config"]
     if spec in SIZES:
-        config = BertConfig.from_size(spec, vocab_size=vocab_size)
+        config = BertConfig.from_size(spec, vocab_size=vocab_size, pad_token_id=pad_id)
     elif os.path.isfile(spec) or os.path.isdir(spec):
         config = BertConfig.from_pretrained(spec)
         if config.vocab_size < vocab_size:
             raise ValueError(f"config {spec} has vocab_size {config.vocab_size}, smaller than the "
                              f"tokenizer's {vocab_size} tokens")
+        if config.pad_token_id != pad_id:
+            raise ValueError(f"config {spec} has pad_token_id {config.pad_token_id}, but the tokenizer's "
+                             f"[PAD] is id {pad_id}: the model would keep another token's embedding at zero")
     else:
         raise ValueError(f"--config {spec!r} is neither a size name ({', '.join(SIZES)}) nor a config.json")
     if s["seq_len"] > config.max_position_embeddings:
@@ -493,7 +498,7 @@ def _run(args, dist: T.Distributed) -> int:
             from tokenizers import Tokenizer
             tokenizer = Tokenizer.from_str(tok_json)
 
-    config = _build_config(s, tokenizer.get_vocab_size())
+    config = _build_config(s, tokenizer.get_vocab_size(), tokenizer.token_to_id(PAD))
 
     # ---- corpus shards (the first process writes the cache, the others read it) ---------------
     if dist.is_main:

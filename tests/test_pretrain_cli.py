@@ -126,6 +126,28 @@ def test_a_cased_vocab_txt_folder_stays_cased(corpus, tmp_path):
             assert json.loads((out / "tokenizer_config.json").read_text())["do_lower_case"] is want
 
 
+def test_pad_token_id_is_the_tokenizers(corpus, vocab, tmp_path, capsys):
+    """A vocabulary whose [PAD] is not id 0 (the tokenizers quick-tour order [UNK] [CLS] [SEP] [PAD]
+    [MASK]): the config's pad_token_id, hence the zero row without gradient, is [PAD]'s id, not 0
+    (which was [UNK], a real token); a config.json that disagrees is refused."""
+    from fastbert.tokenization import load_tokenizer, vocab_list
+    words = [t for t in vocab_list(load_tokenizer(vocab)) if t not in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")]
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"] + words) + "\n")
+    out = tmp_path / "run"
+    assert run(corpus, out, "--tokenizer", str(folder), "--steps", "1") == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["pad_token_id"] == 3
+    from fastbert import BertForPreTraining
+    emb = BertForPreTraining.from_pretrained(str(out)).bert.embeddings.word_embeddings
+    assert emb.padding_idx == 3 and emb.weight[0].abs().sum() > 0  # [UNK] is a trained row
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "pad_token_id": 0}))
+    _fails_cleanly(capsys, tmp_path / "run2", run(corpus, tmp_path / "run2", "--tokenizer", str(folder),
+                                                   "--config", str(tmp_path / "config.json")),
+                   "has pad_token_id 0, but the tokenizer's [PAD] is id 3")
+
+
 def test_a_model_folder_is_never_overwritten(corpus, tmp_path, capsys):
     """--out holding a model this command did not write (e.g. the --init-from checkpoint itself, or a
     fine-tuned model) is refused before anything is written: it used to be overwritten silently."""
