@@ -21,6 +21,22 @@ SIZES = {
 }
 
 
+def unsupported_features(config) -> list[str]:
+    """What a BERT config (fastbert's or transformers') asks for that fastbert's encoder does not run:
+    one reason each, for an error rather than outputs that silently differ from transformers'."""
+    reasons = []
+    if getattr(config, "is_decoder", False):
+        reasons.append("is_decoder=True (fastbert runs BERT as a bidirectional encoder)")
+    if getattr(config, "add_cross_attention", False):
+        reasons.append("add_cross_attention=True (no cross-attention in fastbert)")
+    if getattr(config, "is_causal", False):
+        reasons.append("is_causal=True (fastbert runs BERT as a bidirectional encoder)")
+    position = getattr(config, "position_embedding_type", "absolute")
+    if position not in (None, "absolute"):
+        reasons.append(f"position_embedding_type={position!r} (fastbert has absolute position embeddings only)")
+    return reasons
+
+
 @dataclass
 class BertConfig:
     vocab_size: int = 30522
@@ -151,6 +167,9 @@ def _init_keeping_extra_fields(self, *args, **kwargs):
     extra = {k: kwargs.pop(k) for k in list(kwargs) if k not in _FIELDS}
     _dataclass_init(self, *args, **kwargs)
     self.extra = {**self.extra, **extra}
+    reasons = unsupported_features(self)  # read from the extra fields: checked once they are filed
+    if reasons:
+        raise ValueError(f"this BERT config is not supported: {'; '.join(reasons)}")
 
 
 _init_keeping_extra_fields.__signature__ = inspect.signature(_dataclass_init)

@@ -63,6 +63,7 @@ import torch
 import torch.nn as nn
 
 from . import modeling as fb
+from .config import unsupported_features
 
 __all__ = ["patch", "unpatch"]
 
@@ -333,16 +334,7 @@ def _check(model) -> None:
         raise TypeError(f"fastbert.patch supports transformers' {', '.join(fb.MODEL_CLASSES)}; "
                         f"got {top.__module__}.{top.__qualname__}{hint}")
     config = model.config
-    reasons = []
-    if getattr(config, "is_decoder", False):
-        reasons.append("is_decoder=True (fastbert runs BERT as a bidirectional encoder)")
-    if getattr(config, "add_cross_attention", False):
-        reasons.append("add_cross_attention=True (no cross-attention in fastbert)")
-    if getattr(config, "is_causal", False):
-        reasons.append("is_causal=True (fastbert runs BERT as a bidirectional encoder)")
-    position = getattr(config, "position_embedding_type", "absolute")
-    if position not in (None, "absolute"):
-        reasons.append(f"position_embedding_type={position!r} (fastbert has absolute position embeddings only)")
+    reasons = unsupported_features(config)
     acts = [m.intermediate_act_fn for m in model.modules() if isinstance(m, mb.BertIntermediate)]
     acts += [m.transform_act_fn for m in model.modules() if isinstance(m, mb.BertPredictionHeadTransform)]
     if any(type(act) not in _gelu_types() for act in acts):

@@ -189,6 +189,21 @@ def test_config_takes_transformers_fields_it_does_not_model(tmp_path):
         fastbert.BertConfig(hidden_act="relu", some_new_field=1)
 
 
+@pytest.mark.parametrize("field, value", [("is_decoder", True), ("add_cross_attention", True),
+                                          ("position_embedding_type", "relative_key")])
+def test_a_config_asking_for_what_fastbert_does_not_run_is_refused(tmp_path, field, value):
+    """transformers runs is_decoder=True with causal attention (and relative_key with another
+    attention): such a checkpoint loaded into fastbert gave other outputs with no warning. Now a
+    ValueError names the field; transformers' defaults of the same fields load."""
+    transformers.BertConfig(**CFG).save_pretrained(tmp_path)  # is_decoder False etc., as written
+    fastbert.BertConfig.from_pretrained(tmp_path)
+    transformers.BertConfig(**CFG, **{field: value}).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"not supported: {field}={value!r}"):
+        fastbert.BertConfig.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"{field}="):
+        fastbert.BertModel(fastbert.BertConfig(**CFG, **{field: value}))
+
+
 # ------------------------------------------------------------------------------ the real checkpoint
 
 def _minilm():
