@@ -108,7 +108,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, choices=T.TASKS,
                    help="file formats: classify JSONL {\"text\", \"label\"}; pair JSONL {\"text_a\", \"text_b\", \"label\"}; "
                         "ner CoNLL token<TAB>tag lines (BIO tags), a blank line between sentences; qa JSONL "
-                        "{\"question\", \"context\", \"answers\": {\"text\": [...], \"answer_start\": [...]}}; choice "
+                        "{\"question\", \"context\", \"answers\": {\"text\": [...], \"answer_start\": [...]}} (empty text: no "
+                        "answer); choice "
                         "JSONL {\"question\", \"choices\": [...], \"label\"} (label: an index into choices, or the choice)")
     p.add_argument("--model", required=True, help="checkpoint folder (config.json + weights + tokenizer)")
     p.add_argument("--train", required=True, help="training file")
