@@ -227,7 +227,7 @@ def load_tokenizer(model_dir: str):
     does both itself."""
     from tokenizers import Tokenizer
 
-    from .tokenization import CLS, SEP, UNK, _read_normalizer_flags, load_vocab_txt
+    from .tokenization import CLS, SEP, UNK, load_vocab_txt
 
     tj = os.path.join(model_dir, "tokenizer.json")
     if os.path.isfile(tj):
@@ -237,8 +237,7 @@ def load_tokenizer(model_dir: str):
         if not os.path.isfile(vocab):
             raise FileNotFoundError(f"{model_dir}: neither tokenizer.json nor vocab.txt found")
         # fine-tuning and encoding need no [MASK] / [PAD] token of the vocabulary
-        tok = load_vocab_txt(vocab, **{"lowercase": True, **_read_normalizer_flags(model_dir)},
-                             required=(UNK, CLS, SEP))
+        tok = load_vocab_txt(vocab, required=(UNK, CLS, SEP), needed_for="fine-tuning")
     tok.no_padding()
     tok.no_truncation()
     return tok

@@ -67,11 +67,12 @@ def _add_post_processor(tok: Tokenizer) -> Tokenizer:
     return tok
 
 
-def check_special_tokens(tok: Tokenizer, source: str = "tokenizer") -> None:
-    missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
+def check_special_tokens(tok: Tokenizer, source: str = "tokenizer", required: Sequence[str] = SPECIAL_TOKENS,
+                         needed_for: str = "BERT pretraining") -> None:
+    missing = [t for t in required if tok.token_to_id(t) is None]
     if missing:
-        raise TokenizerError(f"{source}: the vocabulary lacks {', '.join(missing)}; BERT pretraining "
-                             f"needs all of {', '.join(SPECIAL_TOKENS)}")
+        raise TokenizerError(f"{source}: the vocabulary lacks {', '.join(missing)}; {needed_for} "
+                             f"needs all of {', '.join(required)}")
 
 
 def train_tokenizer(sentences: Iterable[str], kind: str = "wordpiece", vocab_size: int = 8192,
@@ -123,9 +124,11 @@ def _read_normalizer_flags(folder: str) -> dict:
         if isinstance(cfg, dict) else {}
 
 
-def load_vocab_txt(path: str, lowercase: bool = True, strip_accents: bool | None = None,
-                   handle_chinese_chars: bool = True, required: Sequence[str] = SPECIAL_TOKENS) -> Tokenizer:
-    """A BERT WordPiece tokenizer over a vocab.txt; `required`: the special tokens it must hold
+def load_vocab_txt(path: str, lowercase: bool | None = None, required: Sequence[str] = SPECIAL_TOKENS,
+                   needed_for: str = "BERT pretraining") -> Tokenizer:
+    """A BERT WordPiece tokenizer over a vocab.txt, normalised as the tokenizer_config.json beside it
+    says (do_lower_case, strip_accents, tokenize_chinese_chars; lower-cased when it says nothing);
+    ``lowercase``, when given, overrides do_lower_case. ``required``: the special tokens it must hold
     (pretraining needs all five; fine-tuning and encoding [UNK], [CLS] and [SEP])."""
     # As transformers' load_vocab: a token's id is its line number (a blank line holds an id too, and
     # a repeated token keeps its last line), so ids match BertTokenizerFast and the checkpoint's rows.
@@ -138,12 +141,11 @@ def load_vocab_txt(path: str, lowercase: bool = True, strip_accents: bool | None
         raise TokenizerError(f"{path}: not a UTF-8 vocab.txt ({e})") from None
     if not any(vocab):
         raise TokenizerError(f"{path}: the vocabulary file is empty")
-    missing = [t for t in required if t not in vocab]
-    if missing:
-        raise TokenizerError(f"{path}: the vocabulary lacks {', '.join(missing)}; it needs all of "
-                             f"{', '.join(required)}")
-    tok = _bert_pipeline(Tokenizer(models.WordPiece(vocab, unk_token=UNK, continuing_subword_prefix="##")),
-                         lowercase, strip_accents=strip_accents, handle_chinese_chars=handle_chinese_chars)
+    flags = {"lowercase": True, **_read_normalizer_flags(os.path.dirname(path) or ".")}
+    if lowercase is not None:
+        flags["lowercase"] = lowercase
+    tok = _bert_pipeline(Tokenizer(models.WordPiece(vocab, unk_token=UNK, continuing_subword_prefix="##")), **flags)
+    check_special_tokens(tok, path, required, needed_for)
     return _add_post_processor(tok)
 
 
@@ -170,10 +172,7 @@ def load_tokenizer(path: str, lowercase: bool | None = None) -> Tokenizer:
             raise TokenizerError(f"{path}: not a readable tokenizer.json ({e})") from None
         check_special_tokens(tok, path)
         return tok
-    flags = _read_normalizer_flags(folder)
-    if lowercase is not None:
-        flags["lowercase"] = lowercase
-    return load_vocab_txt(path, **{"lowercase": True, **flags})
+    return load_vocab_txt(path, lowercase)
 
 
 def is_lowercase(tok: Tokenizer) -> bool:
