@@ -62,6 +62,7 @@ printed for each file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -90,6 +91,16 @@ CURVE_FILE = "training_curve.png"
 
 class UsageError(ValueError):
     """A command-line setting that cannot work here (device, precision, a missing package)."""
+
+
+@contextlib.contextmanager
+def _loading(model_dir: str):
+    """A ValueError from reading the --model folder (a config.json that is not JSON or not a BERT
+    config, a vocabulary without [CLS] / [SEP], weights of another shape) as a usage error naming it."""
+    try:
+        yield
+    except ValueError as e:
+        raise UsageError(f"--model {model_dir}: {e}") from None
 
 
 def _freeze_arg(s: str):
@@ -405,10 +416,8 @@ def run(args) -> dict:
         args.eval_batch_size = 2 * args.batch_size
 
     from .config import BertConfig
-    try:
+    with _loading(args.model):
         config = BertConfig.from_pretrained(args.model)
-    except ValueError as e:  # a config.json that is not JSON, or not a BERT config
-        raise UsageError(f"--model {args.model}: {e}") from None
     if args.max_length > config.max_position_embeddings:
         _log(f"--max-length {args.max_length} is above the model's {config.max_position_embeddings} "
              f"positions; using {config.max_position_embeddings}")
@@ -416,10 +425,8 @@ def run(args) -> dict:
     if isinstance(freeze, int) and freeze > config.num_hidden_layers:
         raise UsageError(f"--freeze {freeze}: the model has {config.num_hidden_layers} layers")
 
-    try:
+    with _loading(args.model):
         tok = T.load_tokenizer(args.model)
-    except ValueError as e:  # a vocabulary without [CLS] / [SEP], an unreadable tokenizer_config.json
-        raise UsageError(f"--model {args.model}: {e}") from None
     train_ex = T.read_examples(task, args.train)
     if args.max_train_examples is not None:
         train_ex = train_ex[:args.max_train_examples]
@@ -428,10 +435,11 @@ def run(args) -> dict:
         raise T.DataError(f"{args.train}: only one label ({labels[0]!r}) in the training file")
     train_ex, train_f = _load(task, args.train, labels, tok, args, args.max_train_examples, "train", train_ex)
     # questions without an answer train toward [CLS]; such a model may then answer "" (SQuAD 2.0)
-    args.qa_null = task == "qa" and any(not ex["answers"]["text"] for ex in train_ex)
-    if args.qa_null:
-        _log(f"{sum(not ex['answers']['text'] for ex in train_ex)} training questions have no answer: "
-             f"predictions are \"\" where [CLS] outscores every span")
+    unanswered = sum(not ex["answers"]["text"] for ex in train_ex) if task == "qa" else 0
+    args.qa_null = unanswered > 0
+    if unanswered:
+        _log(f"{unanswered} training questions have no answer: predictions are \"\" where [CLS] "
+             f"outscores every span")
     dev_ex, dev_f = _load(task, args.dev, labels, tok, args, args.max_eval_examples, "dev")
     test_ex = test_f = None
     if args.test:
@@ -446,10 +454,8 @@ def run(args) -> dict:
                          f"it starts from; choose another --out")
     # The model before the output folder is touched: a checkpoint that does not load (weights of
     # another shape, e.g. a head fine-tuned for another label set) leaves an earlier run there intact.
-    try:
+    with _loading(args.model):
         model = build_model(task, args.model, labels, freeze, random_init=args.random_init)
-    except ValueError as e:
-        raise UsageError(f"--model {args.model}: {e}") from None
     if args.impl == "transformers":
         model = to_transformers(model, task, freeze)
     try:  # the output folder, checked before training rather than after it

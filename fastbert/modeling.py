@@ -1057,17 +1057,16 @@ class BertLMPredictionHead(nn.Module):
         plain = _plain(self.decoder, nn.Linear)  # a wrapped decoder need not have .weight / .bias
         vocab = self.decoder.weight.shape[0] if plain else None
         validate = True
-        if static is None and plain:
+        if static is None:
             # The label check's answer is computed before nonzero's host sync and read after it, when
             # nothing is queued: one sync of the step's middle, not two (K.mlm_loss's own check would
-            # read it again after the head's kernels are queued).
-            bad = K.mlm_labels_bad(flat_labels, vocab) if K._check_values() else None
+            # read it again after the head's kernels are queued). A wrapped decoder's vocabulary is
+            # its logits' width: checked below.
+            bad = K.mlm_labels_bad(flat_labels, vocab) if plain and K._check_values() else None
             rows = (flat_labels != -100).nonzero().squeeze(1)  # (M,)
             if bad is not None and bool(bad):
                 K.raise_bad_mlm_labels(flat_labels, vocab)
             validate = False
-        elif static is None:
-            rows = (flat_labels != -100).nonzero().squeeze(1)  # (M,)
         else:
             rows, overflow = _static_label_rows(flat_labels, static)  # (K,)
         h = sequence_output.reshape(-1, sequence_output.shape[-1]).index_select(0, rows)  # (M, D)
