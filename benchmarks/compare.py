@@ -22,12 +22,17 @@ Cards: a timing is only comparable on the same card. The card of a file is its `
 A different or unknown card is refused (exit 2) with the two names.
 
 ``--baseline auto`` (default): for each benchmark of NEW_DIR, the newest committed file of the same
-name and card under benchmarks/results/ (newest by the date recorded in it; "committed" = tracked by
-git when the checkout has a .git, otherwise every file there). So a folder that re-ran only the
-attention benchmark does not hide the model-step results of an older run.
+name and card under benchmarks/results/ that ran before it and shares at least one row with it
+(newest by the date recorded in it; "committed" = tracked by git when the checkout has a .git, otherwise every file
+there). So a folder that re-ran only the attention benchmark does not hide the model-step results of
+an older run, and a newer run of other shapes does not hide the one that ran these.
+
+Rows written before an identifying field existed take its value then (FIELD_DEFAULTS: a model-step row
+without ``malloc`` ran on glibc's default allocator), so adding a column does not unjoin every row.
 
 Exit status: 0 no regression; 1 at least one flagged (0 with --warn-only; missing rows count only
-with --fail-on-missing); 2 nothing to compare (different card, no baseline, no rows).
+with --fail-on-missing); 2 nothing to compare (different card, no baseline, no rows, or a benchmark
+whose rows match none of its baseline's: a check that compared nothing never passes).
 """
 from __future__ import annotations
 
@@ -48,6 +53,8 @@ MEASUREMENT = re.compile(
 # Float fields are measurements too, except these settings (attention benchmark's fill and dropout).
 FLOAT_SETTINGS = {"fill", "dropout", "dropout_p", "p", "mask_prob", "lr", "threshold"}
 METRIC = "median_ms"
+# Identifying fields added after some baselines were written, with the value those older rows had.
+FIELD_DEFAULTS = {"malloc": "glibc-default"}
 
 
 class CompareError(Exception):
@@ -130,8 +137,10 @@ def _committed(root: Path) -> set[Path] | None:
     return {(root / p).resolve() for p in res.stdout.split("\0") if p}
 
 
-def auto_baseline(new: dict[str, dict], new_dir: Path, root: Path) -> dict[str, dict]:
-    """For each benchmark of `new`, the newest committed file of the same name and card under root."""
+def auto_baseline(new: dict[str, dict], new_dir: Path, root: Path, ignore: set[str] = frozenset()) -> dict[str, dict]:
+    """For each benchmark of `new`, the newest committed file of the same name and card under root that
+    shares at least one row with it (else the newest of that name and card, which compare() then reports
+    as matching nothing): a newer run of other shapes must not stand in for the one that ran these."""
     committed = _committed(root)
     if committed is None:
         print(f"note: no git checkout at {root}; every result file there counts as committed", file=sys.stderr)
@@ -149,9 +158,13 @@ def auto_baseline(new: dict[str, dict], new_dir: Path, root: Path) -> dict[str, 
             candidates.setdefault(f["name"], []).append(f)
     chosen = {}
     for name, f_new in new.items():
-        same = [f for f in candidates.get(name, []) if f["card"] and f["card"] == f_new["card"]]
-        if same:
-            chosen[name] = max(same, key=lambda f: (f["date"], f["path"].stat().st_mtime))
+        same = [f for f in candidates.get(name, []) if f["card"] and f["card"] == f_new["card"]
+                and not (f["date"] and f_new["date"] and f["date"] >= f_new["date"])]  # only runs before it
+        if not same:
+            continue
+        new_keys = set(keyed_rows([r for r in f_new["rows"] if not is_error(r)], ignore))
+        sharing = [f for f in same if new_keys & set(keyed_rows(f["rows"], ignore))]
+        chosen[name] = max(sharing or same, key=lambda f: (f["date"], f["path"].stat().st_mtime))
     return chosen
 
 
@@ -164,6 +177,7 @@ def is_identifying(key: str, value) -> bool:
 
 
 def identity(row: dict, ignore: set[str]) -> tuple:
+    row = {**FIELD_DEFAULTS, **row}  # a field missing from one side's rows must not split every identity
     return tuple(sorted((k, repr(v)) for k, v in row.items() if k not in ignore and is_identifying(k, v)))
 
 
@@ -254,7 +268,7 @@ def compare(new_dir: Path, baseline: str = "auto", threshold: float = 0.10, root
         raise CompareError(f"cannot tell which card produced {', '.join(unknown)} (no machine.gpu, device "
                            f"or env.txt); timings are only compared on the same card")
     if baseline == "auto":
-        old = auto_baseline(new, new_dir, root)
+        old = auto_baseline(new, new_dir, root, set(ignore))
         if not old:
             raise CompareError(f"no committed results under {root} for card {', '.join(sorted(cards))} and "
                                f"benchmarks {', '.join(sorted(new))}")
@@ -262,11 +276,14 @@ def compare(new_dir: Path, baseline: str = "auto", threshold: float = 0.10, root
         old = load_folder(Path(baseline))
         if not old:
             raise CompareError(f"{baseline}: no result files (JSON with rows) found")
-    report = {"files": [], "lines": [], "flagged": [], "missing": [], "added": [], "errors": [],
+    report = {"files": [], "lines": [], "flagged": [], "missing": [], "added": [], "errors": [], "unmatched": [],
               "no_baseline": [n for n in new if n not in old], "not_rerun": [n for n in old if n not in new]}
     for name in sorted(set(new) & set(old)):
         r = compare_file(name, old[name], new[name], threshold, set(ignore))
         report["files"].append((name, str(old[name]["path"]), str(new[name]["path"]), new[name]["card"]))
+        if not r["lines"] and r["added"]:  # rows on both sides, none joined: the check compared nothing
+            report["unmatched"].append(f"{name}: none of its {len(r['added'])} rows matches one of the "
+                                       f"baseline's {len(r['missing'])}{_differing_fields(old[name], new[name])}")
         for k in ("lines", "flagged"):
             report[k] += r[k]
         for k in ("missing", "added", "errors"):
@@ -279,6 +296,14 @@ def compare(new_dir: Path, baseline: str = "auto", threshold: float = 0.10, root
         raise CompareError(f"no benchmark of {new_dir} ({', '.join(sorted(new))}) is in the baseline "
                            f"({', '.join(sorted(old))})")
     return report
+
+
+def _differing_fields(old: dict, new: dict) -> str:
+    """'; fields on one side only: ...' — the usual reason two runs' rows do not join."""
+    def fields(f):
+        return {k for r in f["rows"] for k, v in r.items() if not is_error(r) and is_identifying(k, v)}
+    only = sorted(fields(old) ^ fields(new))
+    return f"; fields on one side only: {', '.join(only)}" if only else ""
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -294,7 +319,8 @@ def format_report(report: dict, threshold: float) -> str:
         for r in rows:
             out.append(f"{r['bench'] + ': ' + r['row']:<{w}}  {r['old_ms']:>10.4g}  {r['new_ms']:>10.4g}  "
                        f"{r['ratio']:>6.3f}  {r['flag']}{'  ' + r['note'] if r['note'] else ''}")
-    for key, title in (("errors", "rows that failed in the new run"),
+    for key, title in (("unmatched", "benchmarks compared on no row (exit 2)"),
+                       ("errors", "rows that failed in the new run"),
                        ("missing", "baseline rows missing from the new run"),
                        ("added", "new rows without a baseline"),
                        ("no_baseline", "benchmarks without a baseline of this card"),
@@ -341,7 +367,9 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
     failed = bool(report["flagged"]) or (args.fail_on_missing and bool(report["missing"] or report["errors"]))
-    return 0 if (args.warn_only or not failed) else 1
+    if failed and not args.warn_only:
+        return 1
+    return 2 if report["unmatched"] else 0  # --warn-only softens slower rows, not a check that checked nothing
 
 
 if __name__ == "__main__":

@@ -19,12 +19,12 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from benchmarks.compare import FIELD_DEFAULTS
 from benchmarks.harness import pyplot, save_figure
 
 BASE = "transformers-sdpa"
 FLOOR = f"{BASE}-masked-head"  # transformers with its MLM head on the masked rows only (the floor)
 SERIES = ("case", "size", "batch", "seq", "device", "precision", "malloc")
-_DEFAULTS = {"malloc": "glibc-default"}  # files written before the malloc column existed
 
 
 def load_runs(folder: Path) -> list[dict]:
@@ -35,7 +35,7 @@ def load_runs(folder: Path) -> list[dict]:
         by_series = defaultdict(dict)
         for row in payload.get("rows", []):
             if "median_ms" in row:
-                key = tuple(str(row.get(k, _DEFAULTS.get(k, "?"))) for k in SERIES)
+                key = tuple(str(row.get(k, FIELD_DEFAULTS.get(k, "?"))) for k in SERIES)
                 by_series[key][row["impl"]] = row["median_ms"]
         for key, ms in by_series.items():
             runs.append({"file": str(path.relative_to(folder)), "date": payload["machine"].get("date", ""),

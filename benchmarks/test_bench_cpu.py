@@ -128,6 +128,63 @@ def test_compare_auto_baseline_takes_the_newest_of_the_same_card(tmp_path, capsy
     assert "no committed results" in capsys.readouterr().err
 
 
+def _step_rows(scale=1.0, **extra):
+    """Model-step rows as bench_model writes them; `extra` adds fields (e.g. the later malloc column)."""
+    return [{"case": "pretrain", "size": "large", "batch": 32, "seq": 512, "impl": impl, "device": "NVIDIA H200",
+             "median_ms": ms * scale, "p20_ms": ms * scale * 0.99, "p80_ms": ms * scale * 1.01, **extra}
+            for impl, ms in (("fastbert", 107.0), ("transformers-sdpa", 119.0))]
+
+
+def test_compare_rows_from_before_a_new_column_join_on_its_default(tmp_path, capsys):
+    """The H200 large-model rows of 11-27 carry malloc=glibc-default, those of 11-26 have no malloc
+    field: the same rows, compared (and a 20% slower one flagged), not reported as all new."""
+    _write(tmp_path / "old", "model_step_gpu_large", _step_rows())
+    _write(tmp_path / "new", "model_step_gpu_large", _step_rows(1.2, malloc="glibc-default"))
+    assert compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old")]) == 1
+    out = capsys.readouterr().out
+    assert "2 of 2 compared rows more than 10% slower" in out and "without a baseline" not in out
+    # another allocator is another row, not a regression of this one
+    _write(tmp_path / "jemalloc", "model_step_gpu_large", _step_rows(1.2, malloc="jemalloc"))
+    assert compare.main([str(tmp_path / "jemalloc"), "--baseline", str(tmp_path / "old")]) == 2
+
+
+def test_compare_that_matched_no_row_never_passes(tmp_path, capsys):
+    """A benchmark whose rows join none of its baseline's compared nothing: exit 2, even with
+    --warn-only, naming the fields that split them."""
+    _write(tmp_path / "old", "model_step_gpu_large", _step_rows())
+    _write(tmp_path / "new", "model_step_gpu_large", _step_rows(precision="bf16-autocast"))
+    _write(tmp_path / "new", "bench_fused", _rows())
+    _write(tmp_path / "old", "bench_fused", _rows())  # the other benchmark compares fine
+    for extra in ([], ["--warn-only"]):
+        assert compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old"), *extra]) == 2
+        out = capsys.readouterr().out
+        assert "benchmarks compared on no row (exit 2) (1):" in out
+        assert "model_step_gpu_large: none of its 2 rows matches one of the baseline's 2" in out
+        assert "fields on one side only: precision" in out and "0 of 4 compared rows" in out
+    # ignoring the splitting field joins them again
+    assert compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old"),
+                         "--ignore-field", "precision"]) == 0
+
+
+def test_compare_auto_baseline_takes_an_earlier_run_sharing_rows(tmp_path, capsys):
+    """--baseline auto passes over a newer run of the same card whose rows are other shapes, and over
+    runs dated after the new one."""
+    root = tmp_path / "results"
+    _write(root / "h200-a", "model_step_gpu_large", _step_rows(), date="2026-11-20T00:00:00Z")
+    _write(root / "h200-b", "model_step_gpu_large", [dict(r, seq=128) for r in _step_rows(0.3)],
+           date="2026-11-22T00:00:00Z")
+    _write(root / "h200-later", "model_step_gpu_large", _step_rows(0.5), date="2026-11-30T00:00:00Z")
+    _write(root / "new", "model_step_gpu_large", _step_rows(1.05), date="2026-11-25T00:00:00Z")
+    assert compare.main([str(root / "new"), "--results-root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "h200-a" in out.splitlines()[0] and "0 of 2 compared rows" in out
+    # with no earlier run sharing a row, the newest earlier one is named and the check fails
+    (root / "h200-a" / "model_step_gpu_large.json").unlink()
+    assert compare.main([str(root / "new"), "--results-root", str(root)]) == 2
+    out = capsys.readouterr().out
+    assert "h200-b" in out.splitlines()[0] and "none of its 2 rows" in out and "fields on one side only" not in out
+
+
 @pytest.mark.slow  # ~2 s on an idle 2-core machine, 10+ s on a busy one
 def test_compare_model_step_rows_join_on_case_and_impl(tmp_path, capsys):
     rows = bench.run("finetune", "cpu-small", 4, 16, steps=2, warmup=1, vocab=2000, competitors=["fastbert"],
