@@ -1152,6 +1152,18 @@ def _nsp_loss(logits, labels):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
+def _pooler_rows(input_ids, inputs_embeds) -> dict:
+    """BertModel's output_rows for a head that reads pooler_output only: no rows beyond those BertModel
+    always keeps (every example's first token and column 0), so the last layer runs past its attention
+    on one row per example — exact, as its attention still sees every key. max_output_rows = batch is
+    the padded layout's fixed count (CUDA-graph capture)."""
+    ref = input_ids if input_ids is not None else inputs_embeds
+    if ref is None:
+        return {}
+    batch, seq = ref.shape[:2]
+    return dict(output_rows=torch.zeros(batch, seq, dtype=torch.bool, device=ref.device), max_output_rows=batch)
+
+
 def _refuse_packed(name, pooled):
     if pooled.dim() == 3:
         raise ValueError(f"{name} does not take packed rows (attention_mask values above 1); packing is for "
@@ -1233,7 +1245,7 @@ class BertForNextSentencePrediction(BertPreTrainedModel):
         labels = labels if labels is not None else next_sentence_label
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                        return_dict=True)
+                        return_dict=True, **_pooler_rows(input_ids, inputs_embeds))
         logits = self.cls(out.pooler_output)  # (B, 2); packed rows (B, E, 2)
         loss = _nsp_loss(logits, labels) if labels is not None else None
         return _finish(ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
@@ -1281,7 +1293,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
             self.config, output_hidden_states, output_attentions, return_dict)
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                        return_dict=True)
+                        return_dict=True, **_pooler_rows(input_ids, inputs_embeds))
         _refuse_packed(type(self).__name__, out.pooler_output)
         logits = _dense(self.classifier, self.dropout(out.pooler_output))  # (B, num_labels)
         loss = _sequence_classification_loss(self.config, logits, labels) if labels is not None else None
@@ -1373,7 +1385,8 @@ class BertForMultipleChoice(BertPreTrainedModel):
             position_ids = position_ids.reshape(-1, position_ids.shape[-1])  # (B*C, S) or (1, S)
         out = self.bert(flat(input_ids), flat(attention_mask), flat(token_type_ids), position_ids,
                         inputs_embeds=flat(inputs_embeds), output_hidden_states=output_hidden_states,
-                        output_attentions=output_attentions, return_dict=True)
+                        output_attentions=output_attentions, return_dict=True,
+                        **_pooler_rows(flat(input_ids), flat(inputs_embeds)))
         _refuse_packed(type(self).__name__, out.pooler_output)
         logits = _dense(self.classifier, self.dropout(out.pooler_output)).view(-1, choices)  # (B, C)
         loss = F.cross_entropy(logits, labels) if labels is not None else None

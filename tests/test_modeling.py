@@ -194,6 +194,36 @@ def test_last_layer_runs_on_the_rows_read_only_when_training_with_labels(name):
     check_last_layer_runs_on_the_rows_read(make_pair(name, cfg)[1], name, cfg)
 
 
+@pytest.mark.parametrize("name", ["BertForSequenceClassification", "BertForNextSentencePrediction",
+                                  "BertForMultipleChoice"])
+def test_pooler_heads_run_the_last_layer_on_one_row_per_example(name):
+    """A head that reads pooler_output only runs the last layer past its attention on each example's
+    first token (train and eval); asked for hidden states, on every real token. The outputs of the
+    short path equal transformers' in the parity tests; here the left-padded batch (the padded layout,
+    whose row count is fixed) must give the logits of the same batch without left padding."""
+    cfg = CONFIGS["gelu-2types"]
+    hf64, ours = make_pair(name, cfg)
+    inputs, labels = make_batch(name, cfg)
+    real = real_mask(inputs)
+    for train in (True, False):
+        ours.train(train)
+        assert rows_through_last_feed_forward(ours, **inputs, **labels) == real.shape[0] < int(real.sum())
+    assert rows_through_last_feed_forward(ours, **inputs, **labels, output_hidden_states=True) == int(real.sum())
+    if name == "BertForMultipleChoice":
+        return
+    ours.eval()
+    left = {k: v.flip(-1) for k, v in inputs.items()}  # right-padded rows become left-padded ...
+    pos = (left["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # ... with positions counted from the first real token
+    left["input_ids"] = torch.where(left["attention_mask"].bool(), left["input_ids"], 0)
+    hf64.eval()
+    hf32 = copy.deepcopy(hf64).float()
+    with torch.no_grad():
+        ref, base = (m(**left, position_ids=pos).logits for m in (hf64, hf32))
+        got = ours(**left, position_ids=pos).logits
+    assert rows_through_last_feed_forward(ours, **left, position_ids=pos) == real.shape[0]
+    assert_close_to_reference(got, base, ref, name="logits")
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     cfg = CONFIGS["gelu-2types"]
     hf64, plain = make_pair("BertForPreTraining", cfg)
