@@ -19,9 +19,10 @@ then the timed steps go round robin, step i of every competitor before step i + 
 Useful FLOPs (for MFU, DESIGN.md): only real tokens count, and the MLM head only on masked rows.
 Per real token and layer, training (fwd + bwd = 3 x fwd) costs 6 * (4 D^2 + 2 D I) for the linear
 layers plus 12 * L * D for attention scores and values (L = its sequence's length); the MLM head
-costs 6 * (D^2 + D V) per masked row; pooler + classifiers are counted too (6 * D^2 per row). In
-pretraining nothing reads the last layer's output at a token that is neither masked nor a row's
-first, so there such a token counts only its key and value projections (6 * 2 D^2).
+costs 6 * (D^2 + D V) per masked row; pooler + classifiers are counted too (6 * D^2 per row). Nothing
+reads the last layer's output at a token that is neither masked (pretraining) nor a row's first, so
+there such a token counts only its key and value projections (6 * 2 D^2) and is no query (fine-tuning
+a classifier: one read token per row).
 """
 from __future__ import annotations
 
@@ -57,18 +58,21 @@ def length_distribution() -> list[int]:
 
 
 def training_flops(hidden, layers, intermediate, vocab, lengths, masked_rows, batch_rows, read_rows=None) -> float:
-    """read_rows: the tokens whose last-layer output something reads (None: all); the attention they
-    leave out is counted as their share of the tokens, exact when every sequence has the same length
-    (the pretraining batches: full rows)."""
+    """lengths: each sequence's real tokens; read_rows: per sequence, how many of its tokens' last-layer
+    outputs something reads (None: all). In the last layer an unread token keeps only its key and
+    value projections, and only the read tokens are queries (12 D n_i per read token of a length-n_i
+    sequence)."""
     tokens = sum(lengths)
     per_token = 6 * (4 * hidden * hidden + 2 * hidden * intermediate)
     per_layer_attention = 12 * hidden * sum(n * n for n in lengths)
     linear = per_token * tokens * layers
     attention = per_layer_attention * layers
-    if read_rows is not None and tokens:
-        unread = max(0, tokens - read_rows)  # last layer: key and value projections only
+    if read_rows is not None:
+        if len(read_rows) != len(lengths) or any(not 0 <= r <= n for r, n in zip(read_rows, lengths)):
+            raise ValueError(f"read_rows {read_rows} does not fit the sequence lengths {lengths}")
+        unread = tokens - sum(read_rows)  # last layer: key and value projections only
         linear -= unread * (per_token - 6 * 2 * hidden * hidden)
-        attention -= per_layer_attention * unread / tokens
+        attention -= per_layer_attention - 12 * hidden * sum(n * r for n, r in zip(lengths, read_rows))
     mlm = 6 * (hidden * hidden + hidden * vocab) * masked_rows
     heads = 6 * hidden * hidden * batch_rows
     return float(linear + attention + mlm + heads)
@@ -337,13 +341,15 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
                       flush=True)
     measured = batches[warmup:]
     real_tokens = sum(sum(lengths) for _, lengths, _ in measured) / len(measured)
-    def read_rows(kw):  # the labelled tokens and each row's first (the pooler's)
+    def read_rows(kw, lengths):  # per row: the labelled tokens and its first (the pooler's)
+        if case != "pretrain":
+            return [1] * len(lengths)  # the classifier reads the pooler only
         labels = kw["labels"]
         first = torch.arange(labels.shape[1], device=labels.device) == 0
-        return int(((labels != -100) | first).sum())
+        return ((labels != -100) | first).sum(dim=1).tolist()
 
     flops = statistics.mean(training_flops(hidden, layers, inter, vocab, lengths, masked, batch,
-                                           read_rows=read_rows(kw) if case == "pretrain" else None)
+                                           read_rows=read_rows(kw, lengths))
                             for kw, lengths, masked in measured)
     for comp in models:
         if comp in failed:

@@ -33,8 +33,14 @@ def test_useful_flops_by_hand():
     a token nothing reads keeps only its key and value projections in the last layer (6·2·4 = 48)
     and drops its share (1/2) of that layer's attention."""
     assert bench.training_flops(2, 1, 4, 3, [2], 1, 1) == 192 * 2 + 96 + 60 + 24
-    assert bench.training_flops(2, 1, 4, 3, [2], 1, 1, read_rows=1) == 192 + 48 + 96 / 2 + 60 + 24
-    assert bench.training_flops(2, 1, 4, 3, [2], 1, 1, read_rows=2) == 192 * 2 + 96 + 60 + 24
+    assert bench.training_flops(2, 1, 4, 3, [2], 1, 1, read_rows=[1]) == 192 + 48 + 96 / 2 + 60 + 24
+    assert bench.training_flops(2, 1, 4, 3, [2], 1, 1, read_rows=[2]) == 192 * 2 + 96 + 60 + 24
+    # sequences of 3 and 1 tokens, one read token each (a classifier): attention 12·2·(3² + 1²) = 240
+    # in a layer that reads all, 12·2·(3 + 1) = 96 in one with one query per sequence
+    both = 192 * 4 + 240
+    assert bench.training_flops(2, 2, 4, 3, [3, 1], 0, 2, read_rows=[1, 1]) == both + 192 * 2 + 48 * 2 + 96 + 48
+    with pytest.raises(ValueError, match="does not fit"):
+        bench.training_flops(2, 1, 4, 3, [3, 1], 0, 2, read_rows=[1, 2])
 
 
 def test_summarize_runs_takes_the_median_of_per_run_ratios(tmp_path):
