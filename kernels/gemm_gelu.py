@@ -38,6 +38,7 @@ results differ from that path in the last bit.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -222,7 +223,7 @@ def _check(x, w1, b1, w2):
 def _fwd_impl(x, w1, b1, w2, approximate, store_z=True):
     """-> (out, h, z); h and z are saved for the backward (z None with store_z=False)."""
     _check(x, w1, b1, w2)
-    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (M, K); M given: -1 is ambiguous when K == 0
     h, z = dense_gelu(x2, w1, b1, approximate, store_z)  # (M, N) each
     out = h @ w2.t()  # (M, H)
     return out.reshape(*x.shape[:-1], w2.shape[0]), h, z
@@ -230,8 +231,8 @@ def _fwd_impl(x, w1, b1, w2, approximate, store_z=True):
 
 def _bwd_impl(dout, x, w1, b1, w2, h, z, approximate):
     """-> (dx, dw1, db1, dw2)."""
-    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-    dout2 = dout.reshape(-1, dout.shape[-1]).to(x.dtype).contiguous()  # (M, H)
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (M, K)
+    dout2 = dout.reshape(x2.shape[0], dout.shape[-1]).to(x.dtype).contiguous()  # (M, H)
     dz, db1 = gelu_dgrad(dout2, w2, z, approximate)  # (M, N), (N,) fp32
     dw2 = dout2.t() @ h  # (H, N)
     dx = (dz @ w1).reshape(x.shape)  # (M, K)

@@ -359,7 +359,10 @@ def _forward(hidden, weight, bias, labels, ignore_index: int, grad_hidden: bool,
     lse = _empty((rows,), dev, f32)
     row_loss = _empty((rows,), dev, f32)
     # distinct tensors where a gradient is not computed: outputs of a custom op may not alias
-    dh = _empty((rows, h), dev, f32) if grad_hidden else torch.empty(0, device=dev, dtype=f32)
+    if grad_hidden:  # with no vocabulary column no GEMM writes it: zeros then
+        dh = _empty((rows, h), dev, f32) if vocab else torch.zeros(rows, h, device=dev, dtype=f32)
+    else:
+        dh = torch.empty(0, device=dev, dtype=f32)
     if grad_weight:
         dw = _empty((vpad, h), dev, f32) if rows else torch.zeros(vpad, h, device=dev, dtype=f32)
     else:
