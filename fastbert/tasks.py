@@ -246,10 +246,11 @@ def load_tokenizer(model_dir: str):
 def copy_tokenizer_files(src: str, dst: str) -> None:
     """Copy src's tokenizer files into dst; a tokenizer file in dst that src lacks (an earlier run's)
     is removed, so that load_tokenizer(dst) gives src's tokenizer."""
+    from .tokenization import TOKENIZER_FILES
     from .trainer import atomic_copy
     if os.path.abspath(src) == os.path.abspath(dst):
         return
-    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+    for name in TOKENIZER_FILES:
         p, q = os.path.join(src, name), os.path.join(dst, name)
         if os.path.isfile(p):
             atomic_copy(p, q)  # finetune copies at every better epoch: an interrupted copy keeps the last
