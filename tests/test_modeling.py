@@ -209,6 +209,8 @@ def test_pooler_heads_run_the_last_layer_on_one_row_per_example(name):
         ours.train(train)
         assert rows_through_last_feed_forward(ours, **inputs, **labels) == real.shape[0] < int(real.sum())
     assert rows_through_last_feed_forward(ours, **inputs, **labels, output_hidden_states=True) == int(real.sum())
+    patched = fastbert.patch(copy.deepcopy(hf64).float())  # a transformers model runs fastbert's heads
+    assert rows_through_last_feed_forward(patched, **inputs, **labels) == real.shape[0]
     if name == "BertForMultipleChoice":
         return
     ours.eval()
