@@ -262,7 +262,7 @@ _feed_forward_backward_op.register_kernel("cpu")(_bwd_impl)
 
 @_feed_forward_op.register_fake
 def _(x, w1, b1, w2, approximate):
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    m = math.prod(x.shape[:-1])  # the real rows of h and z, also when x has width 0
     inner = x.new_empty((m, w1.shape[0]))
     return x.new_empty((*x.shape[:-1], w2.shape[0])), inner, torch.empty_like(inner)
 

@@ -194,6 +194,13 @@ def test_opcheck_feed_forward(triton_kernels, approximate):
     b1s = b1.detach().repeat_interleave(2)[::2]
     torch.library.opcheck(torch.ops.fastbert.feed_forward_backward.default,
                           (torch.randn(5, 16), x.detach(), w1t, b1s, w2t, h, z, approximate))
+    # width 0 in and out, with leading dimensions: the fake's h and z have the real (rows, N) shape
+    for k, n_out in ((0, 16), (24, 0)):
+        x0 = torch.randn(2, 5, k)
+        args = (x0, torch.randn(40, k), torch.randn(40), torch.randn(n_out, 40), approximate)
+        torch.library.opcheck(torch.ops.fastbert.feed_forward.default, args)
+        _, h0, z0 = torch.ops.fastbert.feed_forward(*args)
+        assert h0.shape == z0.shape == (10, 40)
 
 
 def test_eager_twin_equals_custom_op(triton_kernels, device):
