@@ -927,7 +927,9 @@ class BertModel(BertPreTrainedModel):
         output_hidden_states, output_attentions and return_dict left None take the config's values.
 
         output_rows (a fastbert extension, used by the pretraining and MLM heads when training with
-        labels): a (batch, seq) bool mask of the positions whose last_hidden_state the caller reads.
+        labels, and by the heads that read pooler_output alone — sequence classification, multiple
+        choice, NSP — unless a hook watches the encoder): a (batch, seq) bool mask of the positions
+        whose last_hidden_state the caller reads.
         The last layer then runs its output projection, LayerNorms and feed-forward on those rows and
         on the pooler's (every example's first token, column 0) only — its attention still sees every
         token as key and value, so those rows are exact — and last_hidden_state is 0 at the rows not
@@ -1152,13 +1154,16 @@ def _nsp_loss(logits, labels):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
-def _pooler_rows(input_ids, inputs_embeds) -> dict:
+def _pooler_rows(bert, input_ids, inputs_embeds) -> dict:
     """BertModel's output_rows for a head that reads pooler_output only: no rows beyond those BertModel
     always keeps (every example's first token and column 0), so the last layer runs past its attention
     on one row per example — exact, as its attention still sees every key. max_output_rows = batch is
-    the padded layout's fixed count (CUDA-graph capture)."""
+    the padded layout's fixed count (CUDA-graph capture). Not where a hook could see the skipped rows
+    (on the encoder model, the encoder, or the last layer and its submodules): features read by a
+    hook stay whole, as in transformers."""
     ref = input_ids if input_ids is not None else inputs_embeds
-    if ref is None:
+    watched = (bert, bert.encoder, *bert.encoder.layer[-1:].modules())  # the last layer, if any, and its parts
+    if ref is None or any(_hooked(m) for m in watched):
         return {}
     batch, seq = ref.shape[:2]
     return dict(output_rows=torch.zeros(batch, seq, dtype=torch.bool, device=ref.device), max_output_rows=batch)
@@ -1245,7 +1250,7 @@ class BertForNextSentencePrediction(BertPreTrainedModel):
         labels = labels if labels is not None else next_sentence_label
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                        return_dict=True, **_pooler_rows(input_ids, inputs_embeds))
+                        return_dict=True, **_pooler_rows(self.bert, input_ids, inputs_embeds))
         logits = self.cls(out.pooler_output)  # (B, 2); packed rows (B, E, 2)
         loss = _nsp_loss(logits, labels) if labels is not None else None
         return _finish(ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
@@ -1293,7 +1298,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
             self.config, output_hidden_states, output_attentions, return_dict)
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                        return_dict=True, **_pooler_rows(input_ids, inputs_embeds))
+                        return_dict=True, **_pooler_rows(self.bert, input_ids, inputs_embeds))
         _refuse_packed(type(self).__name__, out.pooler_output)
         logits = _dense(self.classifier, self.dropout(out.pooler_output))  # (B, num_labels)
         loss = _sequence_classification_loss(self.config, logits, labels) if labels is not None else None
@@ -1386,7 +1391,7 @@ class BertForMultipleChoice(BertPreTrainedModel):
         out = self.bert(flat(input_ids), flat(attention_mask), flat(token_type_ids), position_ids,
                         inputs_embeds=flat(inputs_embeds), output_hidden_states=output_hidden_states,
                         output_attentions=output_attentions, return_dict=True,
-                        **_pooler_rows(flat(input_ids), flat(inputs_embeds)))
+                        **_pooler_rows(self.bert, flat(input_ids), flat(inputs_embeds)))
         _refuse_packed(type(self).__name__, out.pooler_output)
         logits = _dense(self.classifier, self.dropout(out.pooler_output)).view(-1, choices)  # (B, C)
         loss = F.cross_entropy(logits, labels) if labels is not None else None

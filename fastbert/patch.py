@@ -41,6 +41,10 @@ Caution, where a patched model differs from transformers (exactly as fastbert's 
   only: forward hooks on the last BertLayer or its submodules see those R rows, and the encoder's
   last_hidden_state is 0 at the other tokens. Forward hooks on cls, cls.predictions and the decoder
   are not called then (the transform runs on the masked rows, and its hooks see those).
+- The heads that read pooler_output alone (sequence classification, multiple choice, NSP) run the
+  last encoder layer past its attention on each example's first token only, in training and eval;
+  not while a hook is registered on bert, bert.encoder or the last layer (or globally), so features
+  read by hooks stay whole.
 - Values at padding positions are unspecified but finite.
 - attention_mask must be (batch, seq) (0/1, bool or float); 4-D masks raise ValueError. Integer
   values above 1 are fastbert's packed rows (see fastbert.modeling.BertModel.forward).

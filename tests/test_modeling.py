@@ -194,23 +194,42 @@ def test_last_layer_runs_on_the_rows_read_only_when_training_with_labels(name):
     check_last_layer_runs_on_the_rows_read(make_pair(name, cfg)[1], name, cfg)
 
 
+def last_layer_rows(monkeypatch, model, **kwargs):
+    """The rows the last encoder layer computes past its attention in one forward of `model`: their
+    count, or "all". Counted inside the encoder loop, not by a hook (a hook turns the short path off)."""
+    from fastbert import modeling
+    seen, original = [], modeling._last_layer_rows
+
+    def counting(layout, i, n_layers):
+        rows = original(layout, i, n_layers)
+        if i == n_layers - 1:
+            seen.append("all" if rows is None else int(rows.shape[0]))
+        return rows
+
+    monkeypatch.setattr(modeling, "_last_layer_rows", counting)
+    model(**kwargs)
+    monkeypatch.setattr(modeling, "_last_layer_rows", original)
+    assert len(seen) == 1
+    return seen[0]
+
+
 @pytest.mark.parametrize("name", ["BertForSequenceClassification", "BertForNextSentencePrediction",
                                   "BertForMultipleChoice"])
-def test_pooler_heads_run_the_last_layer_on_one_row_per_example(name):
+def test_pooler_heads_run_the_last_layer_on_one_row_per_example(name, monkeypatch):
     """A head that reads pooler_output only runs the last layer past its attention on each example's
-    first token (train and eval); asked for hidden states, on every real token. The outputs of the
-    short path equal transformers' in the parity tests; here the left-padded batch (the padded layout,
-    whose row count is fixed) must give the logits of the same batch without left padding."""
+    first token (train and eval; a patched transformers model too); asked for hidden states, on every
+    token. The outputs of the short path equal transformers' in the parity tests; here also on a
+    left-padded batch (the padded layout, whose row count is fixed), against transformers."""
     cfg = CONFIGS["gelu-2types"]
     hf64, ours = make_pair(name, cfg)
     inputs, labels = make_batch(name, cfg)
-    real = real_mask(inputs)
+    batch = real_mask(inputs).shape[0]
     for train in (True, False):
         ours.train(train)
-        assert rows_through_last_feed_forward(ours, **inputs, **labels) == real.shape[0] < int(real.sum())
-    assert rows_through_last_feed_forward(ours, **inputs, **labels, output_hidden_states=True) == int(real.sum())
+        assert last_layer_rows(monkeypatch, ours, **inputs, **labels) == batch
+    assert last_layer_rows(monkeypatch, ours, **inputs, **labels, output_hidden_states=True) == "all"
     patched = fastbert.patch(copy.deepcopy(hf64).float())  # a transformers model runs fastbert's heads
-    assert rows_through_last_feed_forward(patched, **inputs, **labels) == real.shape[0]
+    assert last_layer_rows(monkeypatch, patched, **inputs, **labels) == batch
     if name == "BertForMultipleChoice":
         return
     ours.eval()
@@ -222,8 +241,35 @@ def test_pooler_heads_run_the_last_layer_on_one_row_per_example(name):
     with torch.no_grad():
         ref, base = (m(**left, position_ids=pos).logits for m in (hf64, hf32))
         got = ours(**left, position_ids=pos).logits
-    assert rows_through_last_feed_forward(ours, **left, position_ids=pos) == real.shape[0]
+    assert last_layer_rows(monkeypatch, ours, **left, position_ids=pos) == batch
     assert_close_to_reference(got, base, ref, name="logits")
+
+
+@pytest.mark.parametrize("where", ["bert", "encoder", "last layer", "last feed-forward"])
+def test_a_hook_watching_the_encoder_keeps_every_row(where, monkeypatch):
+    """Features read by a forward hook (a common way to take embeddings out of a classifier) stay
+    whole: with a hook on the encoder model, the encoder or the last layer, the classification head
+    runs every row, and the hook on bert sees transformers' last_hidden_state."""
+    cfg = CONFIGS["gelu-2types"]
+    hf64, ours = make_pair("BertForSequenceClassification", cfg)
+    inputs, _ = make_batch("BertForSequenceClassification", cfg)
+    ours.eval()
+    hf64.eval()
+    module = {"bert": ours.bert, "encoder": ours.bert.encoder, "last layer": ours.bert.encoder.layer[-1],
+              "last feed-forward": ours.bert.encoder.layer[-1].output.dense}[where]
+    seen = []
+    handle = module.register_forward_hook(lambda mod, args, out: seen.append(out))
+    try:
+        assert last_layer_rows(monkeypatch, ours, **inputs) == "all"
+    finally:
+        handle.remove()
+    assert last_layer_rows(monkeypatch, ours, **inputs) == inputs["input_ids"].shape[0]  # unhooked again
+    if where == "bert":
+        real = real_mask(inputs)
+        with torch.no_grad():
+            ref = hf64.bert(**inputs).last_hidden_state
+        base = copy.deepcopy(hf64.bert).float()(**inputs).last_hidden_state.detach()
+        assert_close_to_reference(seen[0].last_hidden_state[real], base[real], ref[real], name="hooked features")
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
