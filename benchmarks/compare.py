@@ -163,7 +163,7 @@ def auto_baseline(new: dict[str, dict], new_dir: Path, root: Path, ignore: set[s
         if not same:
             continue
         new_keys = set(keyed_rows([r for r in f_new["rows"] if not is_error(r)], ignore))
-        sharing = [f for f in same if new_keys & set(keyed_rows(f["rows"], ignore))]
+        sharing = [f for f in same if new_keys & set(keyed_rows([r for r in f["rows"] if not is_error(r)], ignore))]
         chosen[name] = max(sharing or same, key=lambda f: (f["date"], f["path"].stat().st_mtime))
     return chosen
 
@@ -281,9 +281,11 @@ def compare(new_dir: Path, baseline: str = "auto", threshold: float = 0.10, root
     for name in sorted(set(new) & set(old)):
         r = compare_file(name, old[name], new[name], threshold, set(ignore))
         report["files"].append((name, str(old[name]["path"]), str(new[name]["path"]), new[name]["card"]))
-        if not r["lines"] and r["added"]:  # rows on both sides, none joined: the check compared nothing
-            report["unmatched"].append(f"{name}: none of its {len(r['added'])} rows matches one of the "
-                                       f"baseline's {len(r['missing'])}{_differing_fields(old[name], new[name])}")
+        if not r["lines"]:  # no row joined (or every new row failed): the check compared nothing
+            failed = f" ({len(r['errors'])} more failed)" if r["errors"] else ""
+            why = _differing_fields(old[name], new[name], set(ignore)) if r["added"] else ""
+            report["unmatched"].append(f"{name}: none of its {len(r['added'])} rows{failed} matches one of "
+                                       f"the baseline's {len(r['missing'])}{why}")
         for k in ("lines", "flagged"):
             report[k] += r[k]
         for k in ("missing", "added", "errors"):
@@ -298,12 +300,22 @@ def compare(new_dir: Path, baseline: str = "auto", threshold: float = 0.10, root
     return report
 
 
-def _differing_fields(old: dict, new: dict) -> str:
-    """'; fields on one side only: ...' — the usual reason two runs' rows do not join."""
-    def fields(f):
-        return {k for r in f["rows"] for k, v in r.items() if not is_error(r) and is_identifying(k, v)}
-    only = sorted(fields(old) ^ fields(new))
-    return f"; fields on one side only: {', '.join(only)}" if only else ""
+def _differing_fields(old: dict, new: dict, ignore: set[str]) -> str:
+    """Why two runs' rows do not join: '; fields on one side only: ...', else '; no value in common:
+    ...' (identifying fields as the join sees them: defaults applied, ignored fields left out)."""
+    def values(f):
+        out: dict[str, set] = {}
+        for r in f["rows"]:
+            if not is_error(r):
+                for k, v in identity(r, ignore):
+                    out.setdefault(k, set()).add(v)
+        return out
+    a, b = values(old), values(new)
+    only = sorted(set(a) ^ set(b))
+    if only:
+        return f"; fields on one side only: {', '.join(only)}"
+    apart = sorted(k for k in a if not a[k] & b[k])
+    return f"; no value in common: {', '.join(apart)}" if apart else ""
 
 
 # ------------------------------------------------------------------------------------------ output

@@ -146,6 +146,7 @@ def test_compare_rows_from_before_a_new_column_join_on_its_default(tmp_path, cap
     # another allocator is another row, not a regression of this one
     _write(tmp_path / "jemalloc", "model_step_gpu_large", _step_rows(1.2, malloc="jemalloc"))
     assert compare.main([str(tmp_path / "jemalloc"), "--baseline", str(tmp_path / "old")]) == 2
+    assert "no value in common: malloc" in capsys.readouterr().out
 
 
 def test_compare_that_matched_no_row_never_passes(tmp_path, capsys):
@@ -164,6 +165,12 @@ def test_compare_that_matched_no_row_never_passes(tmp_path, capsys):
     # ignoring the splitting field joins them again
     assert compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old"),
                          "--ignore-field", "precision"]) == 0
+    capsys.readouterr()
+    # every new row failed: nothing compared either
+    _write(tmp_path / "failed", "model_step_gpu_large",
+           [{"impl": r["impl"], "case": "pretrain", "error": "OutOfMemoryError"} for r in _step_rows()])
+    assert compare.main([str(tmp_path / "failed"), "--baseline", str(tmp_path / "old")]) == 2
+    assert "none of its 0 rows (2 more failed) matches one of the baseline's 2\n" in capsys.readouterr().out
 
 
 def test_compare_auto_baseline_takes_an_earlier_run_sharing_rows(tmp_path, capsys):
@@ -178,11 +185,17 @@ def test_compare_auto_baseline_takes_an_earlier_run_sharing_rows(tmp_path, capsy
     assert compare.main([str(root / "new"), "--results-root", str(root)]) == 0
     out = capsys.readouterr().out
     assert "h200-a" in out.splitlines()[0] and "0 of 2 compared rows" in out
+    # a newer run whose only shared row failed there shares nothing
+    _write(root / "h200-failed", "model_step_gpu_large", [dict(_step_rows()[0], error="OutOfMemoryError")],
+           date="2026-11-23T00:00:00Z")
+    assert compare.main([str(root / "new"), "--results-root", str(root)]) == 0
+    assert "h200-a" in capsys.readouterr().out.splitlines()[0]
+    (root / "h200-failed" / "model_step_gpu_large.json").unlink()
     # with no earlier run sharing a row, the newest earlier one is named and the check fails
     (root / "h200-a" / "model_step_gpu_large.json").unlink()
     assert compare.main([str(root / "new"), "--results-root", str(root)]) == 2
     out = capsys.readouterr().out
-    assert "h200-b" in out.splitlines()[0] and "none of its 2 rows" in out and "fields on one side only" not in out
+    assert "h200-b" in out.splitlines()[0] and "none of its 2 rows" in out and "no value in common: seq" in out
 
 
 @pytest.mark.slow  # ~2 s on an idle 2-core machine, 10+ s on a busy one
