@@ -262,10 +262,10 @@ def padded_embeddings(model, static: dict, pooling: str, normalize: bool,
                       autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """What GraphedEncoder captures: the model on a padded (rows, seq) batch, pooled (fp32, (rows, hidden)).
     Run it under modeling.graph_layout() to get the captured layout eagerly (its tests do, on the CPU)."""
-    from .encode import pool
+    from .encode import pool, read_rows
     with graph_autocast(static["input_ids"].device.type, autocast_dtype):
         hidden = model(static["input_ids"], static["attention_mask"], static.get("token_type_ids"),
-                       **PLAIN_OUTPUTS).last_hidden_state
+                       **PLAIN_OUTPUTS, **read_rows(model, static["input_ids"], pooling)).last_hidden_state
     return pool(hidden, static["attention_mask"], pooling, normalize)
 
 

@@ -70,6 +70,16 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mea
     return torch.nn.functional.normalize(v, dim=-1) if normalize else v
 
 
+def read_rows(model, input_ids: torch.Tensor, pooling: str) -> dict:
+    """Extra arguments of the forward: with cls pooling, a fastbert BertModel runs its last layer past
+    the attention on the [CLS] rows only (output_rows; exact, and the other rows are never read);
+    nothing for mean pooling or another model class."""
+    from .modeling import BertModel, _pooler_rows
+    if pooling != "cls" or not isinstance(model, BertModel):
+        return {}
+    return _pooler_rows(model, input_ids, None)
+
+
 def length_buckets(max_length: int, step: int = 32) -> tuple:
     """Sequence-length buckets of the CUDA graphs: every `step` tokens up to max_length."""
     return tuple(range(step, max_length, step)) + (max_length,)
@@ -147,7 +157,8 @@ def embed_chunk(model, tok, texts, pooling, normalize, batch_size, max_length, d
                 continue
             b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
             with R.autocast(precision, device):
-                h = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], **R.PLAIN_OUTPUTS).last_hidden_state
+                h = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], **R.PLAIN_OUTPUTS,
+                          **read_rows(model, b["input_ids"], pooling)).last_hidden_state
             out[idx] = pool(h, b["attention_mask"], pooling, normalize).cpu()
     return out.numpy(), info["truncated"]
 

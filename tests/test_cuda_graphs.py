@@ -306,7 +306,7 @@ def test_padded_embeddings_equal_the_eager_encoder(pooling, normalize, kernels, 
     that are all padding."""
     from fastbert import modeling
     from fastbert.encode import pool
-    from test_modeling import rows_through_last_feed_forward
+    from test_modeling import last_layer_row_counts, rows_through_last_feed_forward
     monkeypatch.setenv("FASTBERT_KERNELS", kernels)
     model = _tiny("BertModel").eval()
     model = model.double() if kernels == "reference" else model
@@ -314,8 +314,10 @@ def test_padded_embeddings_equal_the_eager_encoder(pooling, normalize, kernels, 
     with torch.no_grad():
         want = pool(model(ids, mask, types).last_hidden_state, mask, pooling, normalize)
         static = pad_batch({"input_ids": ids, "attention_mask": mask, "token_type_ids": types}, (8, 16))
-        with modeling.graph_layout():
+        with modeling.graph_layout(), last_layer_row_counts() as rows:
             got = padded_embeddings(model, static, pooling, normalize)
+            # cls pooling reads one row per bucket row: the last layer computes those only
+            assert rows == [8 if pooling == "cls" else "all"]
             # the layout the graph runs: every position of the bucket through the encoder
             assert rows_through_last_feed_forward(model, input_ids=static["input_ids"],
                                                   attention_mask=static["attention_mask"]) == 8 * 16

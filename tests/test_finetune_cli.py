@@ -201,8 +201,11 @@ def test_encode_npy_and_jsonl(micro_model, tmp_path, monkeypatch):
         h = model(torch.tensor([tok.encode(lines[2]).ids])).last_hidden_state[0].mean(0)
     np.testing.assert_allclose(emb[2], (h / h.norm()).numpy(), rtol=1e-4, atol=1e-5)
 
-    assert cli(["encode", "--model", micro_model, "--input", str(inp), "--output", str(tmp_path / "e.jsonl"),
-                "--pooling", "cls", "--device", "cpu"]) == 0
+    from test_modeling import last_layer_row_counts
+    with last_layer_row_counts() as rows:  # cls pooling: the last layer past attention on [CLS] rows only
+        assert cli(["encode", "--model", micro_model, "--input", str(inp), "--output", str(tmp_path / "e.jsonl"),
+                    "--pooling", "cls", "--device", "cpu"]) == 0
+    assert rows == [3]
     rows = [json.loads(l) for l in (tmp_path / "e.jsonl").read_text().splitlines()]
     assert [r["text"] for r in rows] == lines
     with torch.no_grad():

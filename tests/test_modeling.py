@@ -6,6 +6,7 @@ transformers in float64 to ~1e-10 (same maths, different association). Batches m
 full rows and padded rows; values at padding positions are unspecified (API.md) and not compared.
 """
 
+import contextlib
 import copy
 
 import pytest
@@ -194,9 +195,11 @@ def test_last_layer_runs_on_the_rows_read_only_when_training_with_labels(name):
     check_last_layer_runs_on_the_rows_read(make_pair(name, cfg)[1], name, cfg)
 
 
-def last_layer_rows(monkeypatch, model, **kwargs):
-    """The rows the last encoder layer computes past its attention in one forward of `model`: their
-    count, or "all". Counted inside the encoder loop, not by a hook (a hook turns the short path off)."""
+@contextlib.contextmanager
+def last_layer_row_counts():
+    """Yields a list that gets, for every forward of a fastbert encoder inside the block, the rows its
+    last layer computes past the attention: their count, or "all". Counted inside the encoder loop,
+    not by a hook (a hook turns the short path off)."""
     from fastbert import modeling
     seen, original = [], modeling._last_layer_rows
 
@@ -206,16 +209,24 @@ def last_layer_rows(monkeypatch, model, **kwargs):
             seen.append("all" if rows is None else int(rows.shape[0]))
         return rows
 
-    monkeypatch.setattr(modeling, "_last_layer_rows", counting)
-    model(**kwargs)
-    monkeypatch.setattr(modeling, "_last_layer_rows", original)
+    modeling._last_layer_rows = counting
+    try:
+        yield seen
+    finally:
+        modeling._last_layer_rows = original
+
+
+def last_layer_rows(model, **kwargs):
+    """last_layer_row_counts of one forward of `model`."""
+    with last_layer_row_counts() as seen:
+        model(**kwargs)
     assert len(seen) == 1
     return seen[0]
 
 
 @pytest.mark.parametrize("name", ["BertForSequenceClassification", "BertForNextSentencePrediction",
                                   "BertForMultipleChoice"])
-def test_pooler_heads_run_the_last_layer_on_one_row_per_example(name, monkeypatch):
+def test_pooler_heads_run_the_last_layer_on_one_row_per_example(name):
     """A head that reads pooler_output only runs the last layer past its attention on each example's
     first token (train and eval; a patched transformers model too); asked for hidden states, on every
     token. The outputs of the short path equal transformers' in the parity tests; here also on a
@@ -226,10 +237,10 @@ def test_pooler_heads_run_the_last_layer_on_one_row_per_example(name, monkeypatc
     batch = real_mask(inputs).shape[0]
     for train in (True, False):
         ours.train(train)
-        assert last_layer_rows(monkeypatch, ours, **inputs, **labels) == batch
-    assert last_layer_rows(monkeypatch, ours, **inputs, **labels, output_hidden_states=True) == "all"
+        assert last_layer_rows(ours, **inputs, **labels) == batch
+    assert last_layer_rows(ours, **inputs, **labels, output_hidden_states=True) == "all"
     patched = fastbert.patch(copy.deepcopy(hf64).float())  # a transformers model runs fastbert's heads
-    assert last_layer_rows(monkeypatch, patched, **inputs, **labels) == batch
+    assert last_layer_rows(patched, **inputs, **labels) == batch
     if name == "BertForMultipleChoice":
         return
     ours.eval()
@@ -241,12 +252,12 @@ def test_pooler_heads_run_the_last_layer_on_one_row_per_example(name, monkeypatc
     with torch.no_grad():
         ref, base = (m(**left, position_ids=pos).logits for m in (hf64, hf32))
         got = ours(**left, position_ids=pos).logits
-    assert last_layer_rows(monkeypatch, ours, **left, position_ids=pos) == batch
+    assert last_layer_rows(ours, **left, position_ids=pos) == batch
     assert_close_to_reference(got, base, ref, name="logits")
 
 
 @pytest.mark.parametrize("where", ["bert", "encoder", "last layer", "last feed-forward"])
-def test_a_hook_watching_the_encoder_keeps_every_row(where, monkeypatch):
+def test_a_hook_watching_the_encoder_keeps_every_row(where):
     """Features read by a forward hook (a common way to take embeddings out of a classifier) stay
     whole: with a hook on the encoder model, the encoder or the last layer, the classification head
     runs every row, and the hook on bert sees transformers' last_hidden_state."""
@@ -260,10 +271,10 @@ def test_a_hook_watching_the_encoder_keeps_every_row(where, monkeypatch):
     seen = []
     handle = module.register_forward_hook(lambda mod, args, out: seen.append(out))
     try:
-        assert last_layer_rows(monkeypatch, ours, **inputs) == "all"
+        assert last_layer_rows(ours, **inputs) == "all"
     finally:
         handle.remove()
-    assert last_layer_rows(monkeypatch, ours, **inputs) == inputs["input_ids"].shape[0]  # unhooked again
+    assert last_layer_rows(ours, **inputs) == inputs["input_ids"].shape[0]  # unhooked again
     if where == "bert":
         real = real_mask(inputs)
         with torch.no_grad():
