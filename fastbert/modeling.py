@@ -928,8 +928,8 @@ class BertModel(BertPreTrainedModel):
 
         output_rows (a fastbert extension, used by the pretraining and MLM heads when training with
         labels, and by the heads that read pooler_output alone — sequence classification, multiple
-        choice, NSP — unless a hook watches the encoder): a (batch, seq) bool mask of the positions
-        whose last_hidden_state the caller reads.
+        choice, NSP — unless a hook watches the encoder, see _watched): a (batch, seq) bool mask of
+        the positions whose last_hidden_state the caller reads.
         The last layer then runs its output projection, LayerNorms and feed-forward on those rows and
         on the pooler's (every example's first token, column 0) only — its attention still sees every
         token as key and value, so those rows are exact — and last_hidden_state is 0 at the rows not
@@ -1131,11 +1131,19 @@ def _mlm(head: BertLMPredictionHead, sequence_output, labels, training: bool, lo
     return loss, logits
 
 
-def _mlm_rows(head, labels, training: bool, input_ids, inputs_embeds) -> dict:
+def _watched(bert) -> bool:
+    """Whether a hook could see the rows that output_rows leaves out: one on the encoder model, the
+    encoder, or the last layer or its parts (or a global one). The heads then run every row, so that
+    features read by hooks stay whole, as in transformers."""
+    return any(_hooked(m) for m in (bert, bert.encoder, *bert.encoder.layer[-1:].modules()))
+
+
+def _mlm_rows(head, labels, training: bool, input_ids, inputs_embeds, bert) -> dict:
     """BertModel's output_rows for an MLM head: the labelled positions when the head will read only
     those (training with labels, see _mlm); and when the head runs a fixed K rows (static_rows, in a
-    CUDA graph), the bound K + batch (the labelled rows and each row's first token)."""
-    if labels is None or not training or getattr(labels, "dim", lambda: 0)() != 2:
+    CUDA graph), the bound K + batch (the labelled rows and each row's first token). None while
+    `bert` is _watched."""
+    if labels is None or not training or getattr(labels, "dim", lambda: 0)() != 2 or _watched(bert):
         return {}
     shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
     if labels.shape != shape:
@@ -1158,12 +1166,9 @@ def _pooler_rows(bert, input_ids, inputs_embeds) -> dict:
     """BertModel's output_rows for a head that reads pooler_output only: no rows beyond those BertModel
     always keeps (every example's first token and column 0), so the last layer runs past its attention
     on one row per example — exact, as its attention still sees every key. max_output_rows = batch is
-    the padded layout's fixed count (CUDA-graph capture). Not where a hook could see the skipped rows
-    (on the encoder model, the encoder, or the last layer and its submodules): features read by a
-    hook stay whole, as in transformers."""
+    the padded layout's fixed count (CUDA-graph capture). None while `bert` is _watched."""
     ref = input_ids if input_ids is not None else inputs_embeds
-    watched = (bert, bert.encoder, *bert.encoder.layer[-1:].modules())  # the last layer, if any, and its parts
-    if ref is None or any(_hooked(m) for m in watched):
+    if ref is None or _watched(bert):
         return {}
     batch, seq = ref.shape[:2]
     return dict(output_rows=torch.zeros(batch, seq, dtype=torch.bool, device=ref.device), max_output_rows=batch)
@@ -1197,7 +1202,7 @@ class BertForPreTraining(BertPreTrainedModel):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                         return_dict=True,
-                        **_mlm_rows(self.cls.predictions, labels, self.training, input_ids, inputs_embeds))
+                        **_mlm_rows(self.cls.predictions, labels, self.training, input_ids, inputs_embeds, self.bert))
         prediction_logits = None
         if labels is None or not self.training:  # full logits: the heads module runs (hooks see it)
             prediction_logits, nsp_logits = self.cls(out.last_hidden_state, out.pooler_output)
@@ -1228,7 +1233,7 @@ class BertForMaskedLM(BertPreTrainedModel):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                         return_dict=True,
-                        **_mlm_rows(self.cls.predictions, labels, self.training, input_ids, inputs_embeds))
+                        **_mlm_rows(self.cls.predictions, labels, self.training, input_ids, inputs_embeds, self.bert))
         full = None if labels is not None and self.training else self.cls(out.last_hidden_state)  # its hooks see it
         loss, logits = _mlm(self.cls.predictions, out.last_hidden_state, labels, self.training, full)
         return _finish(ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,

@@ -36,15 +36,14 @@ first, then wrap: torch.compile traces the patched forward).
 Caution, where a patched model differs from transformers (exactly as fastbert's own classes do):
 - With MLM labels in training mode the MLM head runs on the masked rows only: the loss is
   transformers' loss, and prediction_logits / logits are None (a return_dict=False tuple keeps their slot,
-  as None, so it unpacks by position). In eval mode they are full. The last
-  encoder layer then also runs past its attention on those rows (and each example's first token)
-  only: forward hooks on the last BertLayer or its submodules see those R rows, and the encoder's
-  last_hidden_state is 0 at the other tokens. Forward hooks on cls, cls.predictions and the decoder
-  are not called then (the transform runs on the masked rows, and its hooks see those).
-- The heads that read pooler_output alone (sequence classification, multiple choice, NSP) run the
-  last encoder layer past its attention on each example's first token only, in training and eval;
-  not while a hook is registered on bert, bert.encoder or the last layer (or globally), so features
-  read by hooks stay whole.
+  as None, so it unpacks by position). In eval mode they are full. Forward hooks on cls,
+  cls.predictions and the decoder are not called then (the transform runs on the masked rows, and
+  its hooks see those).
+- The last encoder layer runs past its attention only on the rows a head reads: with MLM labels in
+  training mode the masked rows and each example's first token; in the heads that read pooler_output
+  alone (sequence classification, multiple choice, NSP) each example's first token, in training and
+  eval. Not while a forward or backward hook is registered on bert, bert.encoder or the last layer
+  or its submodules (or globally): then every row runs, so features read by hooks stay whole.
 - Values at padding positions are unspecified but finite.
 - attention_mask must be (batch, seq) (0/1, bool or float); 4-D masks raise ValueError. Integer
   values above 1 are fastbert's packed rows (see fastbert.modeling.BertModel.forward).

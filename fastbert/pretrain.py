@@ -339,7 +339,8 @@ class PretrainingLoss(torch.nn.Module):
         from .modeling import _mlm_rows
         # as BertForPreTraining does with labels: past its attention the last layer runs only the rows
         # the heads read (the masked ones, and each example's first token for NSP)
-        rows = _mlm_rows(self.model.cls.predictions, labels, self.model.training, input_ids, None)
+        rows = _mlm_rows(self.model.cls.predictions, labels, self.model.training, input_ids, None,
+                         self.model.bert)
         out = self.model.bert(input_ids, attention_mask, token_type_ids, position_ids, **PLAIN_OUTPUTS, **rows)
         mlm = self.model.cls.predictions.masked_loss(out.last_hidden_state, labels)
         if not self.nsp:

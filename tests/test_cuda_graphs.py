@@ -144,7 +144,7 @@ def test_static_mlm_rows_give_the_labelled_rows_loss_and_gradients(impl, capture
     import transformers
 
     from fastbert import modeling
-    from test_modeling import rows_through_last_feed_forward
+    from test_modeling import last_layer_rows
 
     from tolerance import assert_close_to_reference
     cfg = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
@@ -175,7 +175,7 @@ def test_static_mlm_rows_give_the_labelled_rows_loss_and_gradients(impl, capture
     if capture_layout:  # what GraphedTrainStep's warm-up runs (and the capture, which a CPU cannot)
         monkeypatch.setattr(modeling, "_GRAPH_LAYOUT", True)
         head.static_rows = n_labelled + 9
-        assert rows_through_last_feed_forward(ours, **batch) == n_labelled + 9 + len(batch["input_ids"])
+        assert last_layer_rows(ours, **batch) == n_labelled + 9 + len(batch["input_ids"])
     static = run(ours, torch.float32, n_labelled + 9)
     assert len(static) == len(dynamic) == len(reference)
     for i, (a, b, r) in enumerate(zip(static, dynamic, reference)):

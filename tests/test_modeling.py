@@ -182,11 +182,11 @@ def check_last_layer_runs_on_the_rows_read(model, name, cfg):
     read = (labels["labels"] != -100) & real
     read[:, 0] |= real[:, 0]
     model.train()
-    assert rows_through_last_feed_forward(model, **inputs, **labels) == int(read.sum()) < int(real.sum())
-    assert rows_through_last_feed_forward(model, **inputs, **labels, output_hidden_states=True) == int(real.sum())
-    assert rows_through_last_feed_forward(model, **inputs) == int(real.sum())
+    assert last_layer_rows(model, **inputs, **labels) == int(read.sum()) < int(real.sum())
+    assert last_layer_rows(model, **inputs, **labels, output_hidden_states=True) == "all"
+    assert last_layer_rows(model, **inputs) == "all"
     model.eval()
-    assert rows_through_last_feed_forward(model, **inputs, **labels) == int(real.sum())
+    assert last_layer_rows(model, **inputs, **labels) == "all"
 
 
 @pytest.mark.parametrize("name", ["BertForPreTraining", "BertForMaskedLM"])
@@ -256,27 +256,38 @@ def test_pooler_heads_run_the_last_layer_on_one_row_per_example(name):
     assert_close_to_reference(got, base, ref, name="logits")
 
 
-@pytest.mark.parametrize("where", ["bert", "encoder", "last layer", "last feed-forward"])
-def test_a_hook_watching_the_encoder_keeps_every_row(where):
+@pytest.mark.parametrize("name, where", [
+    ("BertForSequenceClassification", "bert"), ("BertForSequenceClassification", "encoder"),
+    ("BertForSequenceClassification", "last layer"), ("BertForSequenceClassification", "last feed-forward"),
+    ("BertForPreTraining", "bert"), ("BertForPreTraining", "last feed-forward")])
+def test_a_hook_watching_the_encoder_keeps_every_row(name, where):
     """Features read by a forward hook (a common way to take embeddings out of a classifier) stay
     whole: with a hook on the encoder model, the encoder or the last layer, the classification head
-    runs every row, and the hook on bert sees transformers' last_hidden_state."""
+    (eval) and the pretraining heads (training with labels) run every row, and the hook on bert sees
+    transformers' last_hidden_state."""
     cfg = CONFIGS["gelu-2types"]
-    hf64, ours = make_pair("BertForSequenceClassification", cfg)
-    inputs, _ = make_batch("BertForSequenceClassification", cfg)
-    ours.eval()
+    hf64, ours = make_pair(name, cfg)
+    inputs, labels = make_batch(name, cfg)
+    real = real_mask(inputs)
+    if name == "BertForPreTraining":
+        ours.train()  # dropout is off (make_pair): the features still equal transformers'
+        read = (labels["labels"] != -100) & real
+        read[:, 0] |= real[:, 0]
+        unhooked = int(read.sum())
+    else:
+        ours.eval()
+        unhooked = real.shape[0]
     hf64.eval()
     module = {"bert": ours.bert, "encoder": ours.bert.encoder, "last layer": ours.bert.encoder.layer[-1],
               "last feed-forward": ours.bert.encoder.layer[-1].output.dense}[where]
     seen = []
     handle = module.register_forward_hook(lambda mod, args, out: seen.append(out))
     try:
-        assert last_layer_rows(ours, **inputs) == "all"
+        assert last_layer_rows(ours, **inputs, **labels) == "all"
     finally:
         handle.remove()
-    assert last_layer_rows(ours, **inputs) == inputs["input_ids"].shape[0]  # unhooked again
+    assert last_layer_rows(ours, **inputs, **labels) == unhooked < int(real.sum())  # unhooked again
     if where == "bert":
-        real = real_mask(inputs)
         with torch.no_grad():
             ref = hf64.bert(**inputs).last_hidden_state
         base = copy.deepcopy(hf64.bert).float()(**inputs).last_hidden_state.detach()
