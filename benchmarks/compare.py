@@ -226,7 +226,7 @@ def compare_file(name: str, old: dict, new: dict, threshold: float, ignore: set[
     keys = list(old_rows) + [k for k in new_rows if k not in old_rows]
     varying = {f for f in {f for k in keys for f, _ in k}
                if len({dict(k).get(f) for k in keys}) > 1}
-    lines, flagged, missing, added = [], [], [], []
+    lines, flagged, missing, added, no_figure, joined = [], [], [], [], [], 0
     for k in keys:
         o, n = old_rows.get(k), new_rows.get(k)
         label = describe(k, varying)
@@ -236,7 +236,10 @@ def compare_file(name: str, old: dict, new: dict, threshold: float, ignore: set[
         if o is None:
             added.append(label)
             continue
+        joined += 1
         (old_ms, unit), (new_ms, _) = time_figure(o), time_figure(n)
+        if old_ms is not None and new_ms is None:
+            no_figure.append(label)
         figures = [(label + unit, old_ms, new_ms, "", "median")]
         if all(isinstance(r.get("graph_ms"), (int, float)) for r in (o, n)):
             figures.append((label + " [graph]", float(o["graph_ms"]), float(n["graph_ms"]), "graph_", "graph"))
@@ -254,7 +257,8 @@ def compare_file(name: str, old: dict, new: dict, threshold: float, ignore: set[
                           "ratio": ratio, "flag": flag, "note": note})
             if flag == "SLOWER":
                 flagged.append(lines[-1])
-    return {"lines": lines, "flagged": flagged, "missing": missing, "added": added, "errors": errors}
+    return {"lines": lines, "flagged": flagged, "missing": missing, "added": added, "errors": errors,
+            "no_figure": no_figure, "joined": joined}
 
 
 def compare(new_dir: Path, baseline: str = "auto", threshold: float = 0.10, root: Path = RESULTS_DIR,
@@ -277,18 +281,19 @@ def compare(new_dir: Path, baseline: str = "auto", threshold: float = 0.10, root
         if not old:
             raise CompareError(f"{baseline}: no result files (JSON with rows) found")
     report = {"files": [], "lines": [], "flagged": [], "missing": [], "added": [], "errors": [], "unmatched": [],
+              "no_figure": [],
               "no_baseline": [n for n in new if n not in old], "not_rerun": [n for n in old if n not in new]}
     for name in sorted(set(new) & set(old)):
         r = compare_file(name, old[name], new[name], threshold, set(ignore))
         report["files"].append((name, str(old[name]["path"]), str(new[name]["path"]), new[name]["card"]))
-        if not r["lines"]:  # no row joined (or every new row failed): the check compared nothing
+        if not r["joined"]:  # no row joined (or every new row failed): the check compared nothing
             failed = f" ({len(r['errors'])} more failed)" if r["errors"] else ""
             why = _differing_fields(old[name], new[name], set(ignore)) if r["added"] else ""
             report["unmatched"].append(f"{name}: none of its {len(r['added'])} rows{failed} matches one of "
                                        f"the baseline's {len(r['missing'])}{why}")
         for k in ("lines", "flagged"):
             report[k] += r[k]
-        for k in ("missing", "added", "errors"):
+        for k in ("missing", "added", "errors", "no_figure"):
             report[k] += [f"{name}: {x}" for x in r[k]]
     if not report["files"]:
         old_cards = {f["card"] for f in old.values()}
@@ -311,6 +316,8 @@ def _differing_fields(old: dict, new: dict, ignore: set[str]) -> str:
                     out.setdefault(k, set()).add(v)
         return out
     a, b = values(old), values(new)
+    if not a:
+        return "; the baseline's rows all failed"
     only = sorted(set(a) ^ set(b))
     if only:
         return f"; fields on one side only: {', '.join(only)}"
@@ -333,6 +340,7 @@ def format_report(report: dict, threshold: float) -> str:
                        f"{r['ratio']:>6.3f}  {r['flag']}{'  ' + r['note'] if r['note'] else ''}")
     for key, title in (("unmatched", "benchmarks compared on no row (exit 2)"),
                        ("errors", "rows that failed in the new run"),
+                       ("no_figure", "rows whose new run lost the baseline's time figure"),
                        ("missing", "baseline rows missing from the new run"),
                        ("added", "new rows without a baseline"),
                        ("no_baseline", "benchmarks without a baseline of this card"),
@@ -361,7 +369,7 @@ def main(argv=None) -> int:
                     help="flag rows whose median is more than this fraction slower (default 0.10)")
     ap.add_argument("--warn-only", action="store_true", help="print the flags but exit 0")
     ap.add_argument("--fail-on-missing", action="store_true",
-                    help="also exit 1 when baseline rows are missing or failed in the new run")
+                    help="also exit 1 when baseline rows are missing, failed, or lost their time figure in the new run")
     ap.add_argument("--results-root", type=Path, default=RESULTS_DIR,
                     help="where --baseline auto looks (default benchmarks/results)")
     ap.add_argument("--ignore-field", action="append", default=[],
@@ -378,7 +386,8 @@ def main(argv=None) -> int:
     print(format_report(report, args.threshold))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    failed = bool(report["flagged"]) or (args.fail_on_missing and bool(report["missing"] or report["errors"]))
+    failed = bool(report["flagged"]) or (args.fail_on_missing
+                                         and bool(report["missing"] or report["errors"] or report["no_figure"]))
     if failed and not args.warn_only:
         return 1
     return 2 if report["unmatched"] else 0  # --warn-only softens slower rows, not a check that checked nothing

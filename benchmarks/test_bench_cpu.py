@@ -173,6 +173,26 @@ def test_compare_that_matched_no_row_never_passes(tmp_path, capsys):
     assert "none of its 0 rows (2 more failed) matches one of the baseline's 2\n" in capsys.readouterr().out
 
 
+def test_compare_joined_rows_without_a_time_figure(tmp_path, capsys):
+    """Rows that join but carry no time figure on either side (finetune_ab's rows) compared nothing
+    slower, and matched: exit 0. A row whose new run lost the baseline's median is listed, and fails
+    with --fail-on-missing."""
+    rows = [{"experiment": "sentiment_en", "impl": impl, "train_seconds": t, "device": "NVIDIA H200"}
+            for impl, t in (("fastbert", 250.0), ("transformers-random", 543.7))]
+    _write(tmp_path / "old", "finetune_ab", rows)
+    _write(tmp_path / "new", "finetune_ab", rows)
+    assert compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old")]) == 0
+    assert "compared on no row" not in capsys.readouterr().out
+    lost = _step_rows()
+    del lost[0]["median_ms"]
+    _write(tmp_path / "old2", "model_step_gpu_large", _step_rows())
+    _write(tmp_path / "new2", "model_step_gpu_large", lost)
+    assert compare.main([str(tmp_path / "new2"), "--baseline", str(tmp_path / "old2")]) == 0
+    out = capsys.readouterr().out
+    assert "rows whose new run lost the baseline's time figure (1):" in out and "impl=fastbert" in out
+    assert compare.main([str(tmp_path / "new2"), "--baseline", str(tmp_path / "old2"), "--fail-on-missing"]) == 1
+
+
 def test_compare_auto_baseline_takes_an_earlier_run_sharing_rows(tmp_path, capsys):
     """--baseline auto passes over a newer run of the same card whose rows are other shapes, and over
     runs dated after the new one."""

@@ -1133,16 +1133,18 @@ def _mlm(head: BertLMPredictionHead, sequence_output, labels, training: bool, lo
 
 def _watched(bert) -> bool:
     """Whether a hook could see the rows that output_rows leaves out: one on the encoder model, the
-    encoder, or the last layer or its parts (or a global one). The heads then run every row, so that
-    features read by hooks stay whole, as in transformers."""
-    return any(_hooked(m) for m in (bert, bert.encoder, *bert.encoder.layer[-1:].modules()))
+    encoder, the last layer or its parts, or the pooler (it takes the whole sequence output), or a
+    global one. The heads then run every row, so that features read by hooks stay whole, as in
+    transformers."""
+    pooler = (bert.pooler,) if bert.pooler is not None else ()
+    return any(_hooked(m) for m in (bert, bert.encoder, *bert.encoder.layer[-1:].modules(), *pooler))
 
 
 def _mlm_rows(head, labels, training: bool, input_ids, inputs_embeds, bert) -> dict:
     """BertModel's output_rows for an MLM head: the labelled positions when the head will read only
     those (training with labels, see _mlm); and when the head runs a fixed K rows (static_rows, in a
-    CUDA graph), the bound K + batch (the labelled rows and each row's first token). None while
-    `bert` is _watched."""
+    CUDA graph), the bound K + batch (the labelled rows and each row's first token). Nothing ({})
+    while `bert` is _watched."""
     if labels is None or not training or getattr(labels, "dim", lambda: 0)() != 2 or _watched(bert):
         return {}
     shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
@@ -1166,7 +1168,7 @@ def _pooler_rows(bert, input_ids, inputs_embeds) -> dict:
     """BertModel's output_rows for a head that reads pooler_output only: no rows beyond those BertModel
     always keeps (every example's first token and column 0), so the last layer runs past its attention
     on one row per example — exact, as its attention still sees every key. max_output_rows = batch is
-    the padded layout's fixed count (CUDA-graph capture). None while `bert` is _watched."""
+    the padded layout's fixed count (CUDA-graph capture). Nothing ({}) while `bert` is _watched."""
     ref = input_ids if input_ids is not None else inputs_embeds
     if ref is None or _watched(bert):
         return {}

@@ -42,8 +42,8 @@ Caution, where a patched model differs from transformers (exactly as fastbert's 
 - The last encoder layer runs past its attention only on the rows a head reads: with MLM labels in
   training mode the masked rows and each example's first token; in the heads that read pooler_output
   alone (sequence classification, multiple choice, NSP) each example's first token, in training and
-  eval. Not while a forward or backward hook is registered on bert, bert.encoder or the last layer
-  or its submodules (or globally): then every row runs, so features read by hooks stay whole.
+  eval. Not while a forward or backward hook is registered on bert, bert.encoder, the last layer or
+  its submodules, or bert.pooler (or globally): then every row runs, so features read by hooks stay whole.
 - Values at padding positions are unspecified but finite.
 - attention_mask must be (batch, seq) (0/1, bool or float); 4-D masks raise ValueError. Integer
   values above 1 are fastbert's packed rows (see fastbert.modeling.BertModel.forward).

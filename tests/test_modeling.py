@@ -199,21 +199,29 @@ def test_last_layer_runs_on_the_rows_read_only_when_training_with_labels(name):
 def last_layer_row_counts():
     """Yields a list that gets, for every forward of a fastbert encoder inside the block, the rows its
     last layer computes past the attention: their count, or "all". Counted inside the encoder loop,
-    not by a hook (a hook turns the short path off)."""
+    not by a hook (a hook turns the short path off), and checked against the rows the loop returns:
+    R for a count, every packed token (or every position, padded) for "all"."""
     from fastbert import modeling
-    seen, original = [], modeling._last_layer_rows
+    seen, originals = [], (modeling._last_layer_rows, modeling.run_layers)
 
     def counting(layout, i, n_layers):
-        rows = original(layout, i, n_layers)
+        rows = originals[0](layout, i, n_layers)
         if i == n_layers - 1:
             seen.append("all" if rows is None else int(rows.shape[0]))
         return rows
 
-    modeling._last_layer_rows = counting
+    def checked(layers, x, layout, *args):
+        out = originals[1](layers, x, layout, *args)
+        if layers:
+            want = seen[-1] if seen[-1] != "all" else getattr(layout, "total", layout.batch * layout.seq)
+            assert out[0].shape[0] == want, f"the last layer returned {out[0].shape[0]} rows, not {want}"
+        return out
+
+    modeling._last_layer_rows, modeling.run_layers = counting, checked
     try:
         yield seen
     finally:
-        modeling._last_layer_rows = original
+        modeling._last_layer_rows, modeling.run_layers = originals
 
 
 def last_layer_rows(model, **kwargs):
@@ -259,6 +267,7 @@ def test_pooler_heads_run_the_last_layer_on_one_row_per_example(name):
 @pytest.mark.parametrize("name, where", [
     ("BertForSequenceClassification", "bert"), ("BertForSequenceClassification", "encoder"),
     ("BertForSequenceClassification", "last layer"), ("BertForSequenceClassification", "last feed-forward"),
+    ("BertForSequenceClassification", "pooler"),
     ("BertForPreTraining", "bert"), ("BertForPreTraining", "last feed-forward")])
 def test_a_hook_watching_the_encoder_keeps_every_row(name, where):
     """Features read by a forward hook (a common way to take embeddings out of a classifier) stay
@@ -279,7 +288,7 @@ def test_a_hook_watching_the_encoder_keeps_every_row(name, where):
         unhooked = real.shape[0]
     hf64.eval()
     module = {"bert": ours.bert, "encoder": ours.bert.encoder, "last layer": ours.bert.encoder.layer[-1],
-              "last feed-forward": ours.bert.encoder.layer[-1].output.dense}[where]
+              "last feed-forward": ours.bert.encoder.layer[-1].output.dense, "pooler": ours.bert.pooler}[where]
     seen = []
     handle = module.register_forward_hook(lambda mod, args, out: seen.append(out))
     try:
