@@ -1,13 +1,14 @@
 """CPU checks of the benchmark tools, and a pytest-benchmark view of the CPU training step.
 
-Run: python -m pytest -q benchmarks/test_bench_cpu.py (not part of the default test command,
-testpaths = tests/). The training-step timings are benchmarks (pytest benchmarks/ --benchmark-enable);
-the rest are tests of benchmarks/compare.py, benchmarks/bench_encode.py, benchmarks/pretrain_race.py
-and benchmarks/pretrain_loop.py.
+Part of the default test command (testpaths = tests, benchmarks); alone: python -m pytest -q
+benchmarks/test_bench_cpu.py. The training-step timings are benchmarks (pytest benchmarks/
+--benchmark-enable); the rest are tests of benchmarks/compare.py, bench_encode.py, pretrain_race.py,
+pretrain_loop.py, launch_census.py and bench_read_rows.py.
 """
 import json
 
 import pytest
+import torch
 
 from benchmarks import compare
 from fastbert import bench
@@ -260,7 +261,6 @@ def test_encode_embeddings_agree_with_transformers_fp32():
     pytest.importorskip("transformers")
     import contextlib
 
-    import torch
 
     from benchmarks import bench_encode as E
     cfg = dict(E.MINILM, num_hidden_layers=2)  # MiniLM's widths, fewer layers: the test stays quick
@@ -319,7 +319,6 @@ def test_pretrain_race_batches_are_the_cli_batches(tmp_path):
     """Epochs built in parallel processes give exactly the batches `fastbert pretrain` takes, in order."""
     from importlib import resources
 
-    import torch
 
     from benchmarks.pretrain_race import build_batches
     from fastbert.pretraining_data import PretrainingData, collate, split_documents, tokenize_corpus
@@ -417,7 +416,6 @@ def test_compare_checks_the_graphed_device_time_too(tmp_path, capsys):
 def test_launch_census_counts_computing_ops_and_autocast_casts():
     """One launch per op that computes, none for views / allocations, one per autocast cast inside a
     matmul, none for a cast to the same dtype; a nonzero is a sync, a CUDA stand-in range one launch."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from benchmarks import launch_census as LC
@@ -460,3 +458,32 @@ def test_launch_census_smoke():
     _, hf, _ = LC.census("finetune", "transformers-sdpa", layers=2, batch=2, seq=16)
     assert sum(tri.values()) + sum(aten.values()) < sum(hf.values())
     assert os.environ.get("FASTBERT_KERNELS") == before  # the census leaves the backend as it found it
+
+
+# ------------------------------------------------------------------------------ bench_read_rows.py
+
+def test_read_rows_benchmark_arms_differ_only_in_the_rows(monkeypatch):
+    """The all-rows arm is the model with the short path off (every row through the last layer), the
+    other arm runs one row per example; both time the same batches."""
+    import fastbert
+    from benchmarks import bench_read_rows
+    from fastbert import modeling
+    seen, choose = [], modeling._last_layer_rows
+    monkeypatch.setattr(modeling, "_last_layer_rows", lambda layout, i, n: seen.append(r := choose(layout, i, n)) or r)
+    cfg = fastbert.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=24)
+    model = fastbert.BertForSequenceClassification(cfg).eval()
+    ids = torch.randint(1, 50, (3, 7))
+    mask = (torch.arange(7) < torch.tensor([[7], [4], [2]])).long()
+
+    def last_rows():
+        seen.clear()
+        model(input_ids=ids, attention_mask=mask)
+        return None if seen[-1] is None else len(seen[-1])
+
+    assert last_rows() == 3
+    with bench_read_rows.all_rows():
+        assert last_rows() is None  # every row
+    assert last_rows() == 3  # restored
+    times = bench_read_rows.finetune_step("cpu-small", 1, "cpu")
+    assert sorted(times) == ["all-rows", "pooler-rows"] and all(len(t) == 1 and t[0] > 0 for t in times.values())
