@@ -20,7 +20,8 @@
 # transformers + fastbert.patch: cold/warm shapes and a kernel diff), compare (regression check
 # against the committed results of the same card), sweep (launch-configuration sweeps of the
 # Triton kernels, only when named), lnsweep (the add / GELU + LayerNorm kernels' launch sweep,
-# only when named; LNSWEEP_ARGS, default --quick).
+# only when named; LNSWEEP_ARGS, default --quick), readrows (benchmarks.bench_read_rows at BERT-base,
+# only when named).
 # Data for zh and race: gpu_data/ (git-ignored; copy zh.txt.gz, en.txt.gz, sentiment_zh/ there and
 # name it in the device tool's carry).
 set -u
@@ -124,6 +125,9 @@ want lnsweep && step bench_ln_sweep "${T_LNSWEEP:-240}" env OUT="$R" $PY -m benc
 # (4) inference throughput (MiniLM architecture, real sentence lengths)
 want encode && step bench_encode "${T_ENCODE:-90}" env OUT="$R" $PY -m benchmarks.bench_encode --gpu \
   --batch-size 128 --batch-size 1024
+# (4b) the pooler heads' and cls encoding's last layer on the read rows vs every row (only when named)
+want readrows && step bench_read_rows "${T_READROWS:-90}" env OUT="$R" $PY -m benchmarks.bench_read_rows \
+  --device cuda --size base --repeats 3
 # (5) two-stage Chinese: pretrain on zh.txt.gz, fine-tune on sentiment_zh vs random init. With
 # ZH_EXPORT=1 (and e.g. ZH_LRS="" ZH_SIZE=mini) the pretrained model comes back as $OUT/zh_model.tar.gz,
 # outside the results bundle (the device tool returns files of at most 16 MiB), for CPU fine-tuning
