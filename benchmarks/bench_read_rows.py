@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness import Recorder
+from fastbert.bench import SIZES
 
 DATA = Path("/work/shared/data/sentiment_en/dev.jsonl")
 
@@ -107,8 +108,8 @@ def encode_cls(repeats: int, device: str) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=6, help="timed rounds per case (default 6)")
-    ap.add_argument("--size", default="cpu-small", help="fine-tuning model size (fastbert.bench.SIZES)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--size", default="cpu-small", choices=list(SIZES), help="fine-tuning model size")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--out", type=Path, default=None, help="results folder (default: harness.output_dir())")
     args = ap.parse_args(argv)
     if args.repeats < 1:
