@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.finetune_ab import DATA_ROOT
 from benchmarks.harness import Recorder
 from fastbert.bench import SIZES
 
-DATA = Path("/work/shared/data/sentiment_en/dev.jsonl")
+DATA = Path(DATA_ROOT) / "sentiment_en" / "dev.jsonl"
 
 
 @contextlib.contextmanager
@@ -47,14 +48,18 @@ def all_rows():
         modeling._pooler_rows, encode.read_rows = saved
 
 
-def _alternate(arms: dict, repeats: int, warmup: int = 1) -> dict:
-    """{arm: [seconds]}: every arm's callable once per round, on that round's input (fn(round)),
-    `warmup` rounds untimed."""
+def _alternate(fn, repeats: int, warmup: int = 1) -> dict:
+    """{arm: [seconds]}: fn(round) with the short path ("pooler-rows") and without it ("all-rows"),
+    both on each round's input, `warmup` rounds untimed."""
+    def without(r):
+        with all_rows():
+            fn(r)
+    arms = {"pooler-rows": fn, "all-rows": without}
     times = {arm: [] for arm in arms}
     for r in range(warmup + repeats):
-        for arm, fn in arms.items():
+        for arm, run in arms.items():
             t0 = time.perf_counter()
-            fn(r)
+            run(r)
             if r >= warmup:
                 times[arm].append(time.perf_counter() - t0)
     return times
@@ -63,7 +68,7 @@ def _alternate(arms: dict, repeats: int, warmup: int = 1) -> dict:
 def finetune_step(size: str, repeats: int, device: str) -> dict:
     import fastbert
     from fastbert import bench
-    hidden, layers, heads, inter = bench.SIZES[size]
+    hidden, layers, heads, inter = SIZES[size]
     torch.manual_seed(0)
     cfg = fastbert.BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers,
                               num_attention_heads=heads, intermediate_size=inter)
@@ -78,11 +83,7 @@ def finetune_step(size: str, repeats: int, device: str) -> dict:
         opt.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
-
-    def without(r):
-        with all_rows():
-            step(r)
-    return _alternate({"pooler-rows": step, "all-rows": without}, repeats)
+    return _alternate(step, repeats)
 
 
 def encode_cls(repeats: int, device: str) -> dict:
@@ -98,11 +99,7 @@ def encode_cls(repeats: int, device: str) -> dict:
 
     def run(r):
         encode.embed(model, tok, texts, pooling="cls", batch_size=64, max_length=128, device=device)
-
-    def without(r):
-        with all_rows():
-            run(r)
-    return _alternate({"pooler-rows": run, "all-rows": without}, repeats)
+    return _alternate(run, repeats)
 
 
 def main(argv=None) -> int:

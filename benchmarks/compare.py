@@ -162,8 +162,10 @@ def auto_baseline(new: dict[str, dict], new_dir: Path, root: Path, ignore: set[s
                 and not (f["date"] and f_new["date"] and f["date"] >= f_new["date"])]  # only runs before it
         if not same:
             continue
-        new_keys = set(keyed_rows([r for r in f_new["rows"] if not is_error(r)], ignore))
-        sharing = [f for f in same if new_keys & set(keyed_rows([r for r in f["rows"] if not is_error(r)], ignore))]
+        def keys(f):  # the identities of a file's rows that did not fail
+            return set(keyed_rows([r for r in f["rows"] if not is_error(r)], ignore))
+        new_keys = keys(f_new)
+        sharing = [f for f in same if new_keys & keys(f)]
         chosen[name] = max(sharing or same, key=lambda f: (f["date"], f["path"].stat().st_mtime))
     return chosen
 
