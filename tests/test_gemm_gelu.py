@@ -147,11 +147,12 @@ def test_feed_forward_empty(triton_kernels, device):
     assert w1.grad.abs().sum() == 0 and b1.grad.abs().sum() == 0 and w2.grad.abs().sum() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", [(7, 0, 9, 5), (7, 6, 9, 0)], ids=["K0", "H0"])
-def test_feed_forward_zero_width(triton_kernels, device, shape):
+def test_feed_forward_zero_width(triton_kernels, device, shape, dtype):
     """An input of width 0 (the first layer's output is its bias alone) or an output of width 0, with
     leading dimensions: the rows were computed as reshape(-1, 0), which no tensor of 0 elements takes."""
-    _check(shape, torch.float32, device, lead=(2,))
+    _check(shape, dtype, device, lead=(2,))
 
 
 def test_feed_forward_bad_input(triton_kernels, device):

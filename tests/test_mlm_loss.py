@@ -211,12 +211,13 @@ def test_no_rows(triton_kernels, device):
     assert torch.count_nonzero(dw) == 0 and torch.count_nonzero(db) == 0
 
 
-def test_empty_vocabulary(triton_kernels, device, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_empty_vocabulary(triton_kernels, device, monkeypatch, dtype):
     """A decoder of no rows: every label must be ignored; loss 0 and zero gradients, as in the reference
     (d_hidden was left uninitialised: no GEMM writes it; here uninitialised buffers start as NaN)."""
     monkeypatch.setattr(lce, "_empty", _nan_empty)
-    hidden, weight, bias, labels = _inputs(5, 37, 1031, torch.float32, device)
-    leaves = _leaves((hidden, weight[:0], bias[:0]), torch.float32)
+    hidden, weight, bias, labels = _inputs(5, 37, 1031, dtype, device)
+    leaves = _leaves((hidden, weight[:0], bias[:0]), dtype)
     loss, dh, dw, db = _run(K.mlm_loss, leaves, torch.full_like(labels, IGNORE))
     assert loss.item() == 0.0 and dh.shape == (5, 37) and dw.shape == (0, 37) and db.shape == (0,)
     assert torch.count_nonzero(dh) == 0
