@@ -12,6 +12,7 @@ from . import runtime
 COMMANDS = {
     "pretrain": ("fastbert.pretrain", "pretrain BERT (masked LM + next-sentence prediction) on a corpus"),
     "finetune": ("fastbert.finetune", "fine-tune a checkpoint on a labelled task"),
+    "predict": ("fastbert.predict", "apply a fine-tuned model to a file of its task"),
     "encode": ("fastbert.encode", "sentence embeddings for lines of text"),
     "bench": ("fastbert.bench", "model-level benchmark: fastbert vs transformers in one process"),
 }

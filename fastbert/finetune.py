@@ -11,7 +11,8 @@ unpadded). The dev set is evaluated after every epoch and the best epoch's weigh
 the earlier epoch); the primary metric is accuracy (classify, pair, choice) or F1 (ner, qa).
 
 Writes into OUT: the fine-tuned model (config.json with id2label/label2id + model.safetensors, plus
-the tokenizer files), ``metrics.json`` = {"dev": {...}, "test": {...}} (fractions in [0, 1]; "test"
+the tokenizer files, and ``finetune.json``: task, label set and input settings, which ``fastbert
+predict --model OUT`` reads), ``metrics.json`` = {"dev": {...}, "test": {...}} (fractions in [0, 1]; "test"
 only when --test is given), and ``predictions.jsonl`` with one line per test example (if --test).
 metrics.json also records the run: the per-epoch "history", "train_seconds" (wall time of the
 training steps only: forward, backward, optimizer; dev evaluations excluded, the device synchronised
@@ -86,6 +87,8 @@ HEADS = {"classify": "BertForSequenceClassification", "pair": "BertForSequenceCl
 
 CHECK_EVERY = 10  # training steps between reads of the loss (finiteness check, progress bar, history)
 HISTORY_FILE = "history.jsonl"  # a row per CHECK_EVERY steps (loss) and per epoch (dev metrics)
+# beside the saved model: what `fastbert predict` needs to apply it as it was trained and evaluated
+SETTINGS_FILE = "finetune.json"
 CURVE_FILE = "training_curve.png"
 
 
@@ -272,29 +275,46 @@ def _scores(metrics: dict) -> list[str]:
     return [k for k in metrics if k != "n"]
 
 
+def decode(task, examples, feats, raw, labels, max_answer_length=30, qa_null=False):
+    """Predictions per example from predict()'s raw output: a label (classify, pair), a choice index
+    (choice), a tag per word (ner) or an answer text (qa)."""
+    if task in ("classify", "pair"):
+        return [labels[p] for p in raw]
+    if task == "choice":
+        return list(raw)
+    if task == "ner":
+        # words cut off by truncation (or that tokenise to nothing) are predicted "O"
+        return [[labels[ids[f["word_starts"][w]]] if w in f["word_starts"] else "O" for w in range(len(ex["words"]))]
+                for ex, f, ids in zip(examples, feats, raw)]
+    # a model trained on unanswerable questions may answer "" (run() sets qa_null from the training file)
+    return T.qa_best_spans(examples, feats, [r[0] for r in raw], [r[1] for r in raw],
+                           max_answer_tokens=max_answer_length, null_answers=qa_null)
+
+
+def score(task, examples, preds) -> dict:
+    """The task's metrics of decode()'s predictions against the examples' labels."""
+    if task in ("classify", "pair", "choice"):
+        return {"accuracy": accuracy(preds, [ex["label"] for ex in examples]), "n": len(examples)}
+    if task == "ner":
+        r = entity_f1([ex["tags"] for ex in examples], preds)
+        return {"f1": r["f1"], "precision": r["precision"], "recall": r["recall"], "n": len(examples)}
+    r = squad_scores(preds, [ex["answers"]["text"] for ex in examples])
+    return {"exact_match": r["exact_match"], "f1": r["f1"], "n": len(examples)}
+
+
 def evaluate(model, task, examples, feats, labels, args, progress=False, device=None, precision="fp32"):
     """(metrics dict, predictions per example) on a labelled file."""
     raw = predict(model, task, feats, args.eval_batch_size, progress, device, precision)
-    if task in ("classify", "pair"):
-        preds = [labels[p] for p in raw]
-        return {"accuracy": accuracy(preds, [ex["label"] for ex in examples]), "n": len(examples)}, preds
-    if task == "choice":
-        return {"accuracy": accuracy(raw, [ex["label"] for ex in examples]), "n": len(examples)}, raw
-    if task == "ner":
-        preds = []
-        for ex, f, ids in zip(examples, feats, raw):
-            # words cut off by truncation (or that tokenise to nothing) are predicted "O"
-            preds.append([labels[ids[f["word_starts"][w]]] if w in f["word_starts"] else "O"
-                          for w in range(len(ex["words"]))])
-        r = entity_f1([ex["tags"] for ex in examples], preds)
-        return {"f1": r["f1"], "precision": r["precision"], "recall": r["recall"], "n": len(examples)}, preds
-    starts = [r[0] for r in raw]
-    ends = [r[1] for r in raw]
-    # a model trained on unanswerable questions may answer "" (run() sets qa_null from the training file)
-    preds = T.qa_best_spans(examples, feats, starts, ends, max_answer_tokens=args.max_answer_length,
-                            null_answers=getattr(args, "qa_null", False))
-    r = squad_scores(preds, [ex["answers"]["text"] for ex in examples])
-    return {"exact_match": r["exact_match"], "f1": r["f1"], "n": len(examples)}, preds
+    preds = decode(task, examples, feats, raw, labels, args.max_answer_length, getattr(args, "qa_null", False))
+    return score(task, examples, preds), preds
+
+
+def settings(args, labels) -> dict:
+    """finetune.json: the task, its label set (in id order, as the training file spelled the labels:
+    integers stay integers) and how inputs were cut and decoded."""
+    return {"task": args.task, "labels": labels, "max_length": args.max_length, "doc_stride": args.doc_stride,
+            "max_answer_length": args.max_answer_length, "qa_null": bool(getattr(args, "qa_null", False)),
+            "freeze": args.freeze}
 
 
 def _progress(it, enabled, desc):
@@ -472,7 +492,7 @@ def run(args) -> dict:
     if found:  # reused by design (reruns, grids), but a mistyped --out should not pass unnoticed
         _log(f"--out {args.out} holds an earlier run ({', '.join(found[:2])}{', ...' if len(found) > 2 else ''}); "
              f"this run replaces it")
-    stale = ["metrics.json", "predictions.jsonl", HISTORY_FILE, CURVE_FILE] + (
+    stale = ["metrics.json", "predictions.jsonl", HISTORY_FILE, CURVE_FILE, SETTINGS_FILE] + (
         [] if freeze == "all" else [HEAD_FILE, META_FILE])
     for name in stale:
         if os.path.isfile(os.path.join(args.out, name)):
@@ -566,6 +586,7 @@ def run(args) -> dict:
             # on disk at once: a crash or Ctrl-C later in the run keeps the best model so far
             model.save_pretrained(args.out)
             T.copy_tokenizer_files(args.model, args.out)
+            TR.atomic_write_json(os.path.join(args.out, SETTINGS_FILE), settings(args, labels))
         rows.append({"step": (epoch + 1) * steps_per_epoch, "epoch": epoch + 1, "train_loss": history[-1]["train_loss"],
                      **{f"dev_{k}": dev_metrics[k] for k in _scores(dev_metrics)}, "saved": improved})
         for row in rows:

@@ -10,7 +10,9 @@ Five tasks, five file formats (README.md, `fastbert finetune --help`):
 
 Readers raise ``DataError`` naming the file and the line for anything they cannot use (bad JSON, a
 missing or mistyped field, a tag that is not BIO, an answer_start that does not point at the answer
-text, an empty file). Unknown labels in a dev/test file are an error, not a silent skip.
+text, an empty file). Unknown labels in a dev/test file are an error, not a silent skip. With
+``require_labels=False`` (``fastbert predict``) the label ("label", "answers", a CoNLL line's tag) may be
+absent: from every example of the file or from none, as ``labelled()`` then tells.
 
 Over-long input is truncated, never rejected, and the number of truncated examples is reported:
 classify/pair/choice keep the first ``max_length`` tokens (pair and choice trim the longer of the
@@ -80,8 +82,28 @@ def _need(obj: dict, key: str, kind, where: str):
     return value
 
 
-def read_jsonl(path: str, task: str) -> list[dict]:
-    """Read a JSONL file of `task` (classify, pair, qa, choice); each example keeps its line as `_where`."""
+LABEL_FIELD = {"classify": "label", "pair": "label", "choice": "label", "qa": "answers", "ner": "tags"}
+
+
+def _all_or_none(examples: list[dict], task: str, path: str) -> None:
+    """A file whose examples carry labels only in part is refused, naming the first line that differs."""
+    field = LABEL_FIELD[task]
+    first = field in examples[0]
+    for ex in examples:
+        if (field in ex) != first:
+            what = "a tag" if task == "ner" else f"{field!r}"
+            raise DataError(f"{ex['_where']}: {'has' if not first else 'lacks'} {what}, unlike {examples[0]['_where']}: "
+                            f"give every example its label, or none")
+
+
+def labelled(task: str, examples: Sequence[dict]) -> bool:
+    """Whether examples (read with require_labels=False) carry their labels (qa: answers)."""
+    return bool(examples) and LABEL_FIELD[task] in examples[0]
+
+
+def read_jsonl(path: str, task: str, require_labels: bool = True) -> list[dict]:
+    """Read a JSONL file of `task` (classify, pair, qa, choice); each example keeps its line as `_where`.
+    require_labels=False: "label" ("answers" for qa) may be absent, from all examples or none."""
     examples = []
     with _open_nonempty(path) as f:
         for lineno, line in _lines(f, path):
@@ -97,14 +119,19 @@ def read_jsonl(path: str, task: str) -> list[dict]:
             ex: dict[str, Any] = {"_where": where}
             if task == "classify":
                 ex["text"] = _need(obj, "text", str, where)
-                ex["label"] = _need(obj, "label", (str, int), where)
+                if require_labels or "label" in obj:
+                    ex["label"] = _need(obj, "label", (str, int), where)
             elif task == "pair":
                 ex["text_a"] = _need(obj, "text_a", str, where)
                 ex["text_b"] = _need(obj, "text_b", str, where)
-                ex["label"] = _need(obj, "label", (str, int), where)
+                if require_labels or "label" in obj:
+                    ex["label"] = _need(obj, "label", (str, int), where)
             elif task == "qa":
                 ex["question"] = _need(obj, "question", str, where)
                 ex["context"] = _need(obj, "context", str, where)
+                if not require_labels and "answers" not in obj:
+                    examples.append(ex)
+                    continue
                 answers = _need(obj, "answers", dict, where)
                 texts = _need(answers, "text", list, where + " (answers)")
                 starts = _need(answers, "answer_start", list, where + " (answers)")
@@ -123,6 +150,9 @@ def read_jsonl(path: str, task: str) -> list[dict]:
                 if len(choices) < 2 or not all(isinstance(c, str) for c in choices):
                     raise DataError(f"{where}: 'choices' should be a list of at least two strings")
                 ex["choices"] = choices
+                if not require_labels and "label" not in obj:
+                    examples.append(ex)
+                    continue
                 label = _need(obj, "label", (int, str), where)
                 if isinstance(label, str):
                     if label not in choices:
@@ -136,13 +166,16 @@ def read_jsonl(path: str, task: str) -> list[dict]:
             examples.append(ex)
     if not examples:
         raise DataError(f"{path}: no examples (only blank lines)")
+    _all_or_none(examples, task, path)
     return examples
 
 
-def read_conll(path: str) -> list[dict]:
+def read_conll(path: str, require_labels: bool = True) -> list[dict]:
     """Sentences of a CoNLL file as {"words", "tags", "_where", "_lines"} (where = the sentence's first
-    line; _lines = each token's line)."""
+    line; _lines = each token's line). require_labels=False: a line may be the token alone, on every
+    line of the file or on none; such sentences have no "tags"."""
     sentences, words, tags, lines = [], [], [], []
+    tagged = None  # whether the file's lines carry tags, as its first token line says
     with _open_nonempty(path) as f:
         for lineno, line in _lines(f, path):
             line = line.rstrip("\r\n")
@@ -157,12 +190,21 @@ def read_conll(path: str) -> list[dict]:
             parts = line.split("\t")
             if len(parts) != 2:
                 parts = line.split()
-            if len(parts) != 2 or not parts[0] or not parts[1]:
-                raise DataError(f"{path}:{lineno}: expected 'token<TAB>tag', got {line!r}")
-            try:
-                _split_tag(parts[1])
-            except ValueError as e:
-                raise DataError(f"{path}:{lineno}: {e}") from None
+            if not require_labels and len(parts) == 1:
+                parts.append(None)
+            if len(parts) != 2 or not parts[0] or parts[1] == "":
+                raise DataError(f"{path}:{lineno}: expected 'token<TAB>tag'"
+                                f"{'' if require_labels else ' or a token alone'}, got {line!r}")
+            if tagged is None:
+                tagged, first = parts[1] is not None, lineno
+            elif tagged != (parts[1] is not None):
+                raise DataError(f"{path}:{lineno}: {'lacks' if tagged else 'has'} a tag, unlike line {first}: "
+                                f"give every token its tag, or none")
+            if tagged:
+                try:
+                    _split_tag(parts[1])
+                except ValueError as e:
+                    raise DataError(f"{path}:{lineno}: {e}") from None
             lines.append(lineno)
             words.append(parts[0])
             tags.append(parts[1])
@@ -170,13 +212,17 @@ def read_conll(path: str) -> list[dict]:
         sentences.append({"words": words, "tags": tags, "_where": f"{path}:{lines[0]}", "_lines": lines})
     if not sentences:
         raise DataError(f"{path}: no sentences")
+    if not tagged:
+        for s in sentences:
+            del s["tags"]
     return sentences
 
 
-def read_examples(task: str, path: str) -> list[dict]:
+def read_examples(task: str, path: str, require_labels: bool = True) -> list[dict]:
+    """The examples of a file of `task` (require_labels=False: labels may be absent, see read_jsonl)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    return read_conll(path) if task == "ner" else read_jsonl(path, task)
+    return read_conll(path, require_labels) if task == "ner" else read_jsonl(path, task, require_labels)
 
 
 # -------------------------------------------------------------------------------------- label sets
@@ -198,9 +244,10 @@ def build_label_list(task: str, examples: Sequence[dict]) -> list | None:
 
 
 def check_labels(task: str, examples: Sequence[dict], labels: Sequence | None, path: str,
-                 label_file: str | None = None) -> None:
+                 label_file: str | None = None, model_dir: str | None = None) -> None:
     """Raise DataError naming the line of the first label the model was not trained on: one outside
-    the training file's labels, or outside `label_file`'s (--labels FILE) when it gave them."""
+    the training file's labels, or outside `label_file`'s (--labels FILE) when it gave them, or
+    (model_dir: a fine-tuned model's, for fastbert predict) outside that model's."""
     if labels is None:
         return
     known = set(labels)
@@ -209,6 +256,9 @@ def check_labels(task: str, examples: Sequence[dict], labels: Sequence | None, p
         for k, lab in enumerate(seen):
             if lab not in known:
                 where = f"{path}:{ex['_lines'][k]}" if "_lines" in ex else ex["_where"]
+                if model_dir is not None:
+                    raise DataError(f"{where}: label {lab!r} is not one of the labels {model_dir} was fine-tuned "
+                                    f"on ({sorted(map(str, known))})")
                 if label_file is not None:
                     raise DataError(f"{where}: label {lab!r} is not listed in --labels {label_file} "
                                     f"(it lists {sorted(map(str, known))})")

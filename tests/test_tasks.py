@@ -447,3 +447,54 @@ def test_a_boolean_label_is_refused(tmp_path):
     p = write(tmp_path / "t.jsonl", ['{"text": "x", "label": true}'])
     with pytest.raises(DataError, match=r"t.jsonl:1: field 'label' should be str or int, got bool"):
         read_examples("classify", p)
+
+
+# ------------------------------------------------------------- labels optional (fastbert predict)
+
+LABELLED = {
+    "classify": ({"text": "good", "label": 1}, "label"),
+    "pair": ({"text_a": "good", "text_b": "bad", "label": "x"}, "label"),
+    "qa": ({"question": "where ?", "context": "the mat", "answers": {"text": ["mat"], "answer_start": [4]}}, "answers"),
+    "choice": ({"question": "it is", "choices": ["good", "bad"], "label": "bad"}, "label"),
+}
+
+
+@pytest.mark.parametrize("task", sorted(LABELLED))
+def test_labels_optional_in_every_example_or_none(tmp_path, task):
+    from fastbert.tasks import labelled
+    row, field = LABELLED[task]
+    bare = {k: v for k, v in row.items() if k != field}
+    full = write(tmp_path / "full.jsonl", jl(row, row))
+    with_labels = read_examples(task, full, require_labels=False)
+    assert labelled(task, with_labels) and with_labels == read_examples(task, full)
+    none = read_examples(task, write(tmp_path / "none.jsonl", jl(bare, bare)), require_labels=False)
+    assert not labelled(task, none) and all(field not in ex for ex in none)
+    assert none[0] == {**{k: v for k, v in with_labels[0].items() if k != field}, "_where": none[0]["_where"]}
+    with pytest.raises(DataError, match=r"none.jsonl:1: missing field"):
+        read_examples(task, str(tmp_path / "none.jsonl"))  # required by default (fine-tuning)
+    for rows, line, verb in (((row, bare), 2, "lacks"), ((bare, bare, row), 3, "has")):
+        with pytest.raises(DataError, match=rf"mixed.jsonl:{line}: {verb} '{field}', unlike .*mixed.jsonl:1"):
+            read_examples(task, write(tmp_path / "mixed.jsonl", jl(*rows)), require_labels=False)
+
+
+def test_conll_tokens_alone_or_with_tags(tmp_path):
+    from fastbert.tasks import labelled
+    bare = read_examples("ner", write(tmp_path / "b.conll", ["the", "cat", "", "mat"]), require_labels=False)
+    assert [ex["words"] for ex in bare] == [["the", "cat"], ["mat"]] and not labelled("ner", bare)
+    tagged = read_examples("ner", write(tmp_path / "t.conll", ["the\tO", "cat\tB-X", "", "mat\tO"]),
+                           require_labels=False)
+    assert labelled("ner", tagged) and [ex["tags"] for ex in tagged] == [["O", "B-X"], ["O"]]
+    with pytest.raises(DataError, match=r"m.conll:4: lacks a tag, unlike line 1"):
+        read_examples("ner", write(tmp_path / "m.conll", ["the\tO", "cat\tB-X", "", "mat"]), require_labels=False)
+    with pytest.raises(DataError, match=r"n.conll:2: has a tag, unlike line 1"):
+        read_examples("ner", write(tmp_path / "n.conll", ["the", "cat\tO"]), require_labels=False)
+    with pytest.raises(DataError, match=r"b.conll:1: expected 'token<TAB>tag', got 'the'"):
+        read_examples("ner", str(tmp_path / "b.conll"))
+    with pytest.raises(DataError, match=r"x.conll:1: tag 'ZZ' is not O, B-TYPE or I-TYPE"):
+        read_examples("ner", write(tmp_path / "x.conll", ["the\tZZ"]), require_labels=False)
+
+
+def test_unknown_label_for_a_fine_tuned_model_names_the_model(tmp_path):
+    p = write(tmp_path / "t.jsonl", jl({"text": "good", "label": "pos"}, {"text": "bad", "label": "meh"}))
+    with pytest.raises(DataError, match=r"t.jsonl:2: label 'meh' is not one of the labels OUT was fine-tuned on"):
+        check_labels("classify", read_examples("classify", p), ["neg", "pos"], p, model_dir="OUT")

@@ -1,0 +1,124 @@
+"""`fastbert predict`: a fine-tuned model applied to a file, labelled or not, on a micro model."""
+import json
+import random
+
+import pytest
+import torch
+from test_finetune_cli import _jsonl, make_data, micro_model  # noqa: F401  (micro_model: a fixture)
+
+from fastbert.cli import main as cli
+
+
+def _finetune(micro_model, tmp_path, task, freeze="none"):
+    files = make_data(task, tmp_path, random.Random(1))
+    out = tmp_path / "out"
+    assert cli(["finetune", "--task", task, "--model", micro_model, "--train", files["train"], "--dev", files["dev"],
+                "--test", files["test"], "--out", str(out), "--epochs", "2", "--batch-size", "8", "--max-length", "24",
+                "--freeze", freeze, "--lr", "1e-3", "--device", "cpu", "--no-progress"]) == 0
+    return files, out
+
+
+def _unlabelled(task, path, dst):
+    """The file at `path` without its labels (ner: the token column alone)."""
+    if task == "ner":
+        dst.write_text("".join((line.split("\t")[0] if line.strip() else line) + "\n"
+                               for line in open(path).read().split("\n")[:-1]))
+        return str(dst)
+    rows = [json.loads(line) for line in open(path)]
+    for r in rows:
+        r.pop("answers" if task == "qa" else "label")
+    return _jsonl(dst, rows)
+
+
+@pytest.mark.parametrize("task, freeze", [("classify", "none"), ("pair", "1"), ("ner", "none"), ("qa", "none"),
+                                          ("choice", "none"), ("classify", "all"), ("ner", "all")])
+def test_predict_gives_finetunes_own_test_predictions_and_metrics(micro_model, tmp_path, capsys, task, freeze):
+    """What `fastbert finetune --test` wrote for its test file, `fastbert predict` gives again from the
+    saved folder alone (its finetune.json: task, labels, max length): the same predictions.jsonl byte
+    for byte and the same metrics; the file without its labels gets the same predictions and no metrics."""
+    files, out = _finetune(micro_model, tmp_path, task, freeze)
+    preds, metrics = tmp_path / "p.jsonl", tmp_path / "m.json"
+    assert cli(["predict", "--model", str(out), "--input", files["test"], "--output", str(preds),
+                "--metrics", str(metrics), "--device", "cpu", "--no-progress"]) == 0
+    assert preds.read_text() == (out / "predictions.jsonl").read_text()
+    assert json.loads(metrics.read_text()) == json.loads((out / "metrics.json").read_text())["test"]
+
+    bare = _unlabelled(task, files["test"], tmp_path / ("bare.conll" if task == "ner" else "bare.jsonl"))
+    capsys.readouterr()
+    assert cli(["predict", "--model", str(out), "--input", bare, "--device", "cpu", "--no-progress",
+                "--metrics", str(tmp_path / "m2.json")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == (out / "predictions.jsonl").read_text()  # stdout by default
+    assert not (tmp_path / "m2.json").exists() and "no labels" in captured.err
+
+
+def test_predict_a_transformers_checkpoint_given_its_task(micro_model, tmp_path):
+    """A fine-tuned head saved by transformers (no finetune.json): --task names the task, config.json's
+    id2label the labels; the predictions are transformers' own argmax on the same token ids."""
+    transformers = pytest.importorskip("transformers")
+    from fastbert import tasks as T
+    torch.manual_seed(3)
+    config = transformers.BertConfig.from_pretrained(micro_model, id2label={0: "neg", 1: "pos", 2: "mixed"},
+                                                     label2id={"neg": 0, "pos": 1, "mixed": 2})
+    config.initializer_range = 0.5  # weights large enough that the features differ between texts
+    hf = transformers.BertForSequenceClassification(config).eval()
+    ckpt = tmp_path / "hf"
+    (ckpt / "vocab.txt").parent.mkdir()
+    (ckpt / "vocab.txt").write_text(open(f"{micro_model}/vocab.txt").read())
+    tok = T.load_tokenizer(str(ckpt))
+    texts = ["the cat sat on the mat", "good movie", "where is the big red door ?", "bad", "it is paris",
+             "london is a big city", "the capital of france", "near the door"]
+    with torch.no_grad():  # the head's bias centred on these texts, so that the argmax moves with the text
+        hf.classifier.bias -= torch.cat([hf(torch.tensor([tok.encode(t).ids])).logits for t in texts]).mean(0)
+        want = [config.id2label[int(hf(torch.tensor([tok.encode(t).ids])).logits.argmax())] for t in texts]
+    hf.save_pretrained(str(ckpt))
+    inp = _jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    out = tmp_path / "p.jsonl"
+    assert cli(["predict", "--model", str(ckpt), "--task", "classify", "--input", inp, "--output", str(out),
+                "--device", "cpu", "--no-progress"]) == 0
+    got = [json.loads(line)["label"] for line in out.read_text().splitlines()]
+    assert got == want
+    assert len(set(want)) > 1  # the check can tell labels apart
+
+
+@pytest.mark.parametrize("make, extra, message", [
+    (None, [], "give --task"),                                                      # no finetune.json
+    (None, ["--task", "classify"], "no trained classify head (missing: classifier.bias, classifier.weight)"),
+    ("classify", ["--task", "pair"], "was fine-tuned for classify"),
+    ("classify", ["--batch-size", "0"], "--batch-size must be at least 1"),
+    ("classify", ["--output", "."], "is a folder"),
+])
+def test_predict_usage_errors(micro_model, tmp_path, capsys, make, extra, message):
+    model = micro_model
+    inp = _jsonl(tmp_path / "in.jsonl", [{"text": "good movie"}])
+    if make:
+        _, out = _finetune(micro_model, tmp_path, make)
+        model = str(out)
+    capsys.readouterr()
+    assert cli(["predict", "--model", model, "--input", inp, "--device", "cpu", "--no-progress"] + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_predict_refuses_labels_it_cannot_score(micro_model, tmp_path, capsys):
+    """Labels in part of a file, or one the model was not fine-tuned on: an error naming the line."""
+    _, out = _finetune(micro_model, tmp_path, "classify")
+    mixed = _jsonl(tmp_path / "mixed.jsonl", [{"text": "good", "label": "pos"}, {"text": "bad"}])
+    unknown = _jsonl(tmp_path / "unknown.jsonl", [{"text": "good", "label": "pos"}, {"text": "bad", "label": "meh"}])
+    for path, message in ((mixed, "mixed.jsonl:2: lacks 'label'"),
+                          (unknown, "unknown.jsonl:2: label 'meh' is not one of the labels")):
+        capsys.readouterr()
+        assert cli(["predict", "--model", str(out), "--input", path, "--device", "cpu", "--no-progress"]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_predict_cuts_inputs_where_finetuning_cut_them(micro_model, tmp_path, capsys):
+    """The max length of finetune.json (24 here), not a default of the command's own."""
+    _, out = _finetune(micro_model, tmp_path, "classify")
+    inp = _jsonl(tmp_path / "long.jsonl", [{"text": "the cat sat on the mat " * 12}, {"text": "good movie"}])
+    capsys.readouterr()
+    assert cli(["predict", "--model", str(out), "--input", inp, "--device", "cpu", "--no-progress"]) == 0
+    assert "1 of 2 examples cut to 24 tokens" in capsys.readouterr().err
+    assert cli(["predict", "--model", str(out), "--input", inp, "--device", "cpu", "--no-progress",
+                "--max-length", "64"]) == 0
+    assert "cut to 64 tokens" in capsys.readouterr().err
