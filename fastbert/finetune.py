@@ -240,12 +240,15 @@ def _to_device(batch, device):
 
 
 @torch.inference_mode()
-def predict(model, task, feats, batch_size, progress=False, device=None, precision="fp32"):
+def predict(model, task, feats, batch_size, progress=False, device=None, precision="fp32", probabilities=None):
     """Raw predictions per feature: a class index (classify, pair, choice), per-token class ids
-    (ner) or (start_logits, end_logits) lists (qa)."""
+    (ner) or (start_logits, end_logits) lists (qa). probabilities: a list that gets each feature's
+    softmax over the classes (classify, pair, choice: fp32, as lists)."""
     device = device or torch.device("cpu")
     model.eval()
     out = [None] * len(feats)
+    if probabilities is not None:
+        probabilities[:] = [None] * len(feats)
     batches = T.bucket_batches([T.length_of(f) for f in feats], batch_size, shuffle=False)
     for idx in _progress(batches, progress, "eval"):
         fs = [feats[i] for i in idx]
@@ -267,6 +270,9 @@ def predict(model, task, feats, batch_size, progress=False, device=None, precisi
         else:
             for j, i in zip(res.logits.argmax(-1).tolist(), idx):
                 out[i] = j
+            if probabilities is not None:
+                for row, i in zip(res.logits.float().softmax(-1).cpu().tolist(), idx):
+                    probabilities[i] = row
     return out
 
 

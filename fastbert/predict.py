@@ -17,7 +17,9 @@ writes them as JSON), and a label the model does not know is an error naming its
 Output, one JSON line per example in input order (stdout unless ``--output``), as fine-tuning's
 predictions.jsonl: ``{"index", "label"}`` (classify, pair; choice: the index of the choice),
 ``{"index", "tags"}`` (ner: a tag per input token; tokens cut off by truncation get "O") or
-``{"index", "answer"}`` (qa; "" where a model trained on unanswerable questions answers nothing).
+``{"index", "answer"}`` (qa; "" where a model trained on unanswerable questions answers nothing);
+with ``--probabilities`` (classify, pair, choice) also ``"probabilities"``: the softmax over the labels
+as {label: p} (choice: a list over the choices).
 Inputs longer than the model's --max-length are cut as in fine-tuning (qa: overlapping windows).
 A file --output is written whole or not at all.
 """
@@ -44,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=T.TASKS, help="default: the task the model was fine-tuned for (finetune.json)")
     p.add_argument("--output", help="predictions as JSONL (default: stdout)")
     p.add_argument("--metrics", metavar="FILE", help="labelled input: write its metrics here as JSON")
+    p.add_argument("--probabilities", action="store_true",
+                   help="classify, pair, choice: each line also gives the softmax probability of every label "
+                        "(choice: of every choice, in order)")
     p.add_argument("--batch-size", type=int, default=64, help="default 64")
     p.add_argument("--max-length", type=int, default=None,
                    help="tokens per sequence (default: as fine-tuned, else 128)")
@@ -137,6 +142,8 @@ def run(args) -> dict | None:
         raise UsageError(f"--model {args.model} has no finetune.json (not a fastbert finetune output): give --task")
     if settings and task != settings["task"]:
         raise UsageError(f"--task {task}, but --model {args.model} was fine-tuned for {settings['task']}")
+    if args.probabilities and task in ("ner", "qa"):
+        raise UsageError(f"--probabilities applies to classify, pair and choice, not {task}")
     examples = T.read_examples(task, args.input, require_labels=False)
     with _loading(args.model):
         tok = T.load_tokenizer(args.model)
@@ -164,10 +171,15 @@ def run(args) -> dict | None:
         _log(f"{info['truncated']} of {len(examples)} examples {what}")
 
     model.to(device)
-    raw = predict(model, task, feats, args.batch_size, not args.no_progress, device, precision)
+    probs = [] if args.probabilities else None
+    raw = predict(model, task, feats, args.batch_size, not args.no_progress, device, precision, probs)
     preds = decode(task, examples, feats, raw, labels, max_answer, bool(settings.get("qa_null", False)))
     key = {"ner": "tags", "qa": "answer"}.get(task, "label")
-    lines = "".join(json.dumps({"index": i, key: p}, ensure_ascii=False) + "\n" for i, p in enumerate(preds))
+    rows = [{"index": i, key: p} for i, p in enumerate(preds)]
+    if probs is not None:  # labels as JSON keys are strings; a choice's are in the order of its choices
+        for row, pr in zip(rows, probs):
+            row["probabilities"] = pr if task == "choice" else {str(lab): q for lab, q in zip(labels, pr)}
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     if args.output:
         TR.atomic_write_text(args.output, lines)
     else:

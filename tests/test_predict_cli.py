@@ -50,6 +50,15 @@ def test_predict_gives_finetunes_own_test_predictions_and_metrics(micro_model, t
     captured = capsys.readouterr()
     assert captured.out == (out / "predictions.jsonl").read_text()  # stdout by default
     assert not (tmp_path / "m2.json").exists() and "no labels" in captured.err
+    if task in ("classify", "pair", "choice"):  # the probabilities: a distribution whose argmax is the label
+        assert cli(["predict", "--model", str(out), "--input", bare, "--device", "cpu", "--no-progress",
+                    "--probabilities"]) == 0
+        for line, plain in zip(capsys.readouterr().out.splitlines(), captured.out.splitlines()):
+            row, plain = json.loads(line), json.loads(plain)
+            p = row.pop("probabilities")
+            assert row == plain and sum(p.values() if task != "choice" else p) == pytest.approx(1.0, abs=1e-6)
+            best = max(range(len(p)), key=p.__getitem__) if task == "choice" else max(p, key=p.get)
+            assert best == str(plain["label"]) or best == plain["label"]
 
 
 def test_predict_a_transformers_checkpoint_given_its_task(micro_model, tmp_path):
@@ -70,14 +79,18 @@ def test_predict_a_transformers_checkpoint_given_its_task(micro_model, tmp_path)
              "london is a big city", "the capital of france", "near the door"]
     with torch.no_grad():  # the head's bias centred on these texts, so that the argmax moves with the text
         hf.classifier.bias -= torch.cat([hf(torch.tensor([tok.encode(t).ids])).logits for t in texts]).mean(0)
-        want = [config.id2label[int(hf(torch.tensor([tok.encode(t).ids])).logits.argmax())] for t in texts]
+        logits = torch.cat([hf(torch.tensor([tok.encode(t).ids])).logits for t in texts])
+    want = [config.id2label[int(i)] for i in logits.argmax(-1)]
     hf.save_pretrained(str(ckpt))
     inp = _jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
     out = tmp_path / "p.jsonl"
     assert cli(["predict", "--model", str(ckpt), "--task", "classify", "--input", inp, "--output", str(out),
-                "--device", "cpu", "--no-progress"]) == 0
-    got = [json.loads(line)["label"] for line in out.read_text().splitlines()]
-    assert got == want
+                "--device", "cpu", "--no-progress", "--probabilities"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["label"] for r in rows] == want
+    probs = torch.tensor([[r["probabilities"][name] for name in ("neg", "pos", "mixed")] for r in rows],
+                         dtype=torch.float64)
+    torch.testing.assert_close(probs, logits.double().softmax(-1), rtol=0, atol=1e-5)
     assert len(set(want)) > 1  # the check can tell labels apart
 
 
@@ -87,6 +100,7 @@ def test_predict_a_transformers_checkpoint_given_its_task(micro_model, tmp_path)
     ("classify", ["--task", "pair"], "was fine-tuned for classify"),
     ("classify", ["--batch-size", "0"], "--batch-size must be at least 1"),
     ("classify", ["--output", "."], "is a folder"),
+    (None, ["--task", "ner", "--probabilities"], "--probabilities applies to classify, pair and choice, not ner"),
 ])
 def test_predict_usage_errors(micro_model, tmp_path, capsys, make, extra, message):
     model = micro_model
