@@ -57,6 +57,13 @@ fine-tunes with the embeddings and the lowest N layers frozen. A ``--freeze all`
 encoder plus ``layer_mix.safetensors`` / ``layer_mix.json``; reload it for prediction with
 ``fastbert.layer_mix.LayerMixModel.from_pretrained(OUT)`` (a BertFor* class would get a fresh head).
 
+``--grad-accum N`` runs each batch as N micro-batches, one after the other, their gradients summed into
+the one optimizer step: the recipe (batches, steps, schedule) unchanged in less activation memory. Each
+micro-batch's loss is weighted by its share of the batch's (examples; ner: labelled tokens; qa
+micro-batches are padded as their whole batch, whose loss counts the padding positions), so the sum is
+the whole batch's gradient up to rounding (tests/test_finetune_cli.py: the same losses, predictions and
+weights without dropout). Not with CUDA graphs.
+
 Truncation of over-long inputs is described in fastbert.tasks; the number of truncated examples is
 printed for each file.
 """
@@ -132,6 +139,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--epochs", type=int, default=3, help="default 3")
     p.add_argument("--batch-size", type=int, default=32, help="default 32")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="split each batch of --batch-size into this many micro-batches, run one after the other "
+                        "and summed into one optimizer step: the same training in less memory (default 1)")
     p.add_argument("--eval-batch-size", type=int, default=None, help="default: 2 x --batch-size")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-5; 1e-2 with --freeze all)")
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps for linear warm-up (default 0.1)")
@@ -315,6 +325,23 @@ def evaluate(model, task, examples, feats, labels, args, progress=False, device=
     return score(task, examples, preds), preds
 
 
+def micro_batches(task, feats, idx, n):
+    """A batch (feature indices) as up to n contiguous micro-batches, each with its share of the batch's
+    mean loss (examples; ner: labelled tokens), so that their summed gradients are the whole batch's.
+    A micro-batch without a labelled token (ner) adds nothing and is left out (its mean would be 0 / 0)."""
+    if n == 1:
+        return [(idx, 1.0)]
+    parts = [idx[k * len(idx) // n:(k + 1) * len(idx) // n] for k in range(n)]
+    if task == "ner":
+        terms = [sum(label != -100 for i in part for label in feats[i]["labels"]) for part in parts]
+    else:
+        terms = [len(part) for part in parts]
+    total = sum(terms)
+    if total == 0:  # no labelled token in the whole batch: its loss is what the model says of it
+        return [(idx, 1.0)]
+    return [(part, t / total) for part, t in zip(parts, terms) if t]
+
+
 def settings(args, labels) -> dict:
     """finetune.json: the task, its label set (in id order, as the training file spelled the labels:
     integers stay integers) and how inputs were cut and decoded."""
@@ -386,6 +413,8 @@ def _why_no_cuda_graphs(args, device, precision) -> str | None:
     why = None
     if args.task == "qa":
         why = "does not run qa: its span loss counts every position, the padding rows of a bucket included"
+    elif getattr(args, "grad_accum", 1) > 1:  # (a Namespace built by hand may lack it)
+        why = "does not run --grad-accum above 1: a graph replays one whole step"
     elif precision == "fp16":
         why = "does not run fp16: GradScaler decides on the host whether a step is applied (use bf16)"
     elif args.impl != "fastbert":
@@ -409,13 +438,16 @@ def use_cuda_graphs(args, device, precision) -> bool:
 
 
 def run(args) -> dict:
-    for name, least in (("epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("threads", 1),
+    for name, least in (("epochs", 1), ("batch_size", 1), ("grad_accum", 1), ("eval_batch_size", 1), ("threads", 1),
                         ("max_train_examples", 1), ("max_eval_examples", 1), ("max_answer_length", 1),
                         ("doc_stride", 0)):
         if getattr(args, name) is not None and getattr(args, name) < least:
             raise UsageError(f"--{name.replace('_', '-')} must be at least {least}, not {getattr(args, name)}")
     if args.max_length < 8:
         raise UsageError(f"--max-length {args.max_length} is too small (at least 8)")
+    if args.grad_accum > args.batch_size:
+        raise UsageError(f"--grad-accum {args.grad_accum} splits a batch of --batch-size {args.batch_size} into more "
+                         f"micro-batches than it has examples")
     for name in ("lr", "weight_decay", "max_grad_norm"):  # a negative clipping norm flips the gradients
         if getattr(args, name) is not None and not 0 <= getattr(args, name) < math.inf:
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number at least 0, not {getattr(args, name)}")
@@ -557,10 +589,18 @@ def run(args) -> dict:
                 loss = graphed(cpu_batch)
                 scheduler.step()  # the learning rate is a device tensor the graphs read, updated in place
             else:
-                batch = _to_device(cpu_batch, device)
-                with R.autocast(precision, device):
-                    loss = model(**batch, **R.PLAIN_OUTPUTS).loss
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+                loss = None
+                for part, weight in micro_batches(task, train_f, idx, args.grad_accum):
+                    # qa: padded as the whole batch, whose loss counts the padding positions (as transformers')
+                    batch = _to_device(cpu_batch if len(part) == len(idx) else T.collate(
+                        [train_f[i] for i in part], length=cpu_batch["input_ids"].shape[-1] if task == "qa" else None),
+                        device)
+                    with R.autocast(precision, device):
+                        part_loss = model(**batch, **R.PLAIN_OUTPUTS).loss
+                    if weight != 1.0:  # its share of the whole batch's mean loss
+                        part_loss = part_loss * weight
+                    (scaler.scale(part_loss) if scaler is not None else part_loss).backward()
+                    loss = part_loss.detach() if loss is None else loss + part_loss.detach()
                 optimizer_step(optimizer, scheduler, trainable, args.max_grad_norm, scaler)
             loss_acc += loss.detach()
             n += 1

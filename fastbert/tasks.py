@@ -518,11 +518,11 @@ def random_batches(n: int, batch_size: int, seed: int = 0) -> list[list[int]]:
     return [idx[k:k + batch_size] for k in range(0, n, batch_size)]
 
 
-def collate(features: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Pad a batch to its longest sequence: input_ids, token_type_ids, attention_mask and the label
-    tensors present (labels / start_positions / end_positions); ner labels are padded with -100."""
+def collate(features: Sequence[dict], pad_id: int = 0, length: int | None = None) -> dict[str, torch.Tensor]:
+    """Pad a batch to its longest sequence (or to `length`): input_ids, token_type_ids, attention_mask and
+    the label tensors present (labels / start_positions / end_positions); ner labels are padded with -100."""
     multi = isinstance(features[0]["input_ids"][0], list)
-    longest = max(length_of(f) for f in features)
+    longest = max(length_of(f) for f in features) if length is None else length
 
     def pad(seq, value):
         return list(seq) + [value] * (longest - len(seq))

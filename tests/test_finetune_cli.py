@@ -337,7 +337,9 @@ def test_finetune_cuda_graphs_refuses_what_it_cannot_run(micro_model, tmp_path, 
             (["--task", "classify", "--train", files["train"], "--dev", files["dev"], "--impl", "transformers"],
              "--cuda-graphs runs fastbert's own models only"),
             (["--task", "classify", "--train", files["train"], "--dev", files["dev"], "--device", "cpu"],
-             "--cuda-graphs needs a CUDA device, not cpu")):
+             "--cuda-graphs needs a CUDA device, not cpu"),
+            (["--task", "classify", "--train", files["train"], "--dev", files["dev"], "--grad-accum", "2"],
+             "--cuda-graphs does not run --grad-accum above 1")):
         assert cli(base + extra) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -351,14 +353,15 @@ def test_finetune_cuda_graphs_auto_is_on_where_graphs_run(capsys):
     from fastbert.runtime import GRAPHS_AUTO_MAX_BATCH
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
 
-    def args(choice="auto", task="classify", impl="fastbert", batch=32):
-        return Namespace(cuda_graphs=choice, task=task, impl=impl, batch_size=batch)
+    def args(choice="auto", task="classify", impl="fastbert", batch=32, accum=1):
+        return Namespace(cuda_graphs=choice, task=task, impl=impl, batch_size=batch, grad_accum=accum)
     assert use_cuda_graphs(args(), cuda, "bf16") and use_cuda_graphs(args(task="choice"), cuda, "fp32")
     assert use_cuda_graphs(args(batch=GRAPHS_AUTO_MAX_BATCH), cuda, "bf16")
     assert capsys.readouterr().err == ""
     for a, precision, why in ((args(task="qa"), "bf16", "does not run qa"),
                               (args(), "fp16", "does not run fp16"),
                               (args(impl="transformers"), "bf16", "fastbert's own models only"),
+                              (args(accum=4), "bf16", "does not run --grad-accum above 1"),
                               (args(batch=GRAPHS_AUTO_MAX_BATCH + 1), "bf16", f"is above {GRAPHS_AUTO_MAX_BATCH}")):
         assert not use_cuda_graphs(a, cuda, precision)
         err = capsys.readouterr().err
@@ -1282,3 +1285,43 @@ def test_encode_jsonl_into_an_existing_file_of_a_read_only_folder(micro_model, t
     for name in ("new.jsonl", "e.npy"):
         assert cli(base + ["--output", str(folder / name)]) == 2
         assert f"--output {folder / name}: cannot write there (permission denied)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["classify", "ner", "qa", "choice"])
+def test_grad_accum_trains_like_the_whole_batch(micro_no_dropout, tmp_path, task):
+    """--grad-accum 3 splits each batch of 8 into micro-batches of 2-3 (ner: some with fewer labelled
+    tokens than others, weighted by them) whose summed gradients are the batch's: without dropout the
+    same losses, dev predictions and weights as one micro-batch per step, to fp32 rounding."""
+    from safetensors.torch import load_file
+    files = make_data(task, tmp_path, random.Random(4))
+    runs = {}
+    for accum in ("1", "3"):
+        out = tmp_path / f"accum{accum}"
+        assert cli(["finetune", "--task", task, "--model", micro_no_dropout, "--train", files["train"],
+                    "--dev", files["dev"], "--test", files["test"], "--out", str(out), "--epochs", "2",
+                    "--batch-size", "8", "--grad-accum", accum, "--max-length", "24", "--lr", "3e-3",
+                    "--device", "cpu", "--threads", "1", "--no-progress"]) == 0
+        runs[accum] = (json.loads((out / "metrics.json").read_text()), (out / "predictions.jsonl").read_text(),
+                       load_file(str(out / "model.safetensors")))
+    (one, one_pred, one_w), (three, three_pred, three_w) = runs["1"], runs["3"]
+    losses = [h["train_loss"] for h in one["history"]]
+    assert losses[1] < losses[0]  # it trains at all
+    assert [h["train_loss"] for h in three["history"]] == pytest.approx(losses, rel=1e-5)
+    assert three["steps"] == one["steps"] and three_pred == one_pred
+    start = load_file(os.path.join(micro_no_dropout, "model.safetensors"))
+    for k, w in one_w.items():
+        if k == "qa_outputs.bias":  # its gradient is 0 in exact arithmetic (it shifts every position's logit
+            continue                # alike): AdamW turns the rounding noise into steps of +-lr, run by run
+        torch.testing.assert_close(three_w[k], w, rtol=0, atol=2e-5)
+        if k in start:  # the weights moved far more than the two runs differ
+            assert (w - start[k]).abs().max() > 1e-3
+
+
+def test_grad_accum_errors(micro_model, tmp_path, capsys):
+    files = make_data("classify", tmp_path, random.Random(1))
+    for extra, message in ((["--grad-accum", "0"], "--grad-accum must be at least 1"),
+                           (["--grad-accum", "9"], "--grad-accum 9 splits a batch of --batch-size 8 into more")):
+        assert cli(["finetune", "--task", "classify", "--model", micro_model, "--train", files["train"], "--dev",
+                    files["dev"], "--out", str(tmp_path / "o"), "--batch-size", "8", "--device", "cpu",
+                    "--no-progress"] + extra) == 2
+        assert message in capsys.readouterr().err
