@@ -9,6 +9,8 @@ first 10% of steps then linear decay to zero, gradient clipping at 1.0, dropout 
 Batches are length-bucketed and padded only to their own longest sequence (the encoder itself runs
 unpadded). The dev set is evaluated after every epoch and the best epoch's weights are kept (ties:
 the earlier epoch); the primary metric is accuracy (classify, pair, choice) or F1 (ner, qa).
+``--patience N`` stops once N epochs in a row have not bettered it (metrics.json:
+"stopped_early_after_epoch"); the learning-rate schedule is still the one of --epochs.
 
 Writes into OUT: the fine-tuned model (config.json with id2label/label2id + model.safetensors, plus
 the tokenizer files, and ``finetune.json``: task, label set and input settings, which ``fastbert
@@ -139,6 +141,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--epochs", type=int, default=3, help="default 3")
     p.add_argument("--batch-size", type=int, default=32, help="default 32")
+    p.add_argument("--patience", type=int, default=None,
+                   help="stop once dev has not improved for this many epochs (default: run every epoch); the "
+                        "schedule stays the one of --epochs")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="split each batch of --batch-size into this many micro-batches, run one after the other "
                         "and summed into one optimizer step: the same training in less memory (default 1)")
@@ -438,7 +443,8 @@ def use_cuda_graphs(args, device, precision) -> bool:
 
 
 def run(args) -> dict:
-    for name, least in (("epochs", 1), ("batch_size", 1), ("grad_accum", 1), ("eval_batch_size", 1), ("threads", 1),
+    for name, least in (("epochs", 1), ("batch_size", 1), ("grad_accum", 1), ("patience", 1), ("eval_batch_size", 1),
+                        ("threads", 1),
                         ("max_train_examples", 1), ("max_eval_examples", 1), ("max_answer_length", 1),
                         ("doc_stride", 0)):
         if getattr(args, name) is not None and getattr(args, name) < least:
@@ -555,7 +561,7 @@ def run(args) -> dict:
          f"{' (random init)' if args.random_init else ''}; {precision} on {R.describe(device)}")
 
     metric = PRIMARY[task]
-    best, best_state, history = -1.0, None, []
+    best, best_state, history, stopped_after = -1.0, None, [], None
     log = TR.MetricsLog(os.path.join(args.out, HISTORY_FILE))
     progress = not args.no_progress
     train_seconds = eval_seconds = 0.0
@@ -637,6 +643,10 @@ def run(args) -> dict:
                      **{f"dev_{k}": dev_metrics[k] for k in _scores(dev_metrics)}, "saved": improved})
         for row in rows:
             log.write(row)
+        if args.patience and epoch + 1 - best_epoch >= args.patience and epoch + 1 < args.epochs:
+            stopped_after = epoch + 1
+            _log(f"stopping early: no better dev {metric} for {R.count(args.patience, 'epoch')} (--patience)")
+            break
     total_seconds = time.perf_counter() - t_start
 
     model.load_state_dict(best_state)
@@ -645,7 +655,8 @@ def run(args) -> dict:
               "total_seconds": round(total_seconds, 2), "impl": args.impl,
               "batching": args.batching, "random_init": args.random_init,
               "device": str(device), "device_name": R.describe(device), "precision": precision,
-              "threads": threads, "steps": total, "train_features": len(train_f), "cuda_graphs": graphs}
+              "threads": threads, "steps": total, "train_features": len(train_f), "cuda_graphs": graphs,
+              "stopped_early_after_epoch": stopped_after}
     if graphed is not None:  # included in train_seconds: two eager warm-up steps and a capture per bucket
         result["capture_seconds"] = round(graphed.capture_seconds, 2)
     if args.impl == "transformers":

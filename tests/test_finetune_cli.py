@@ -1325,3 +1325,21 @@ def test_grad_accum_errors(micro_model, tmp_path, capsys):
                     files["dev"], "--out", str(tmp_path / "o"), "--batch-size", "8", "--device", "cpu",
                     "--no-progress"] + extra) == 2
         assert message in capsys.readouterr().err
+
+
+def test_patience_stops_once_dev_stops_improving(micro_model, tmp_path, capsys):
+    """At lr 0 dev never betters epoch 1: --patience 2 stops after epoch 3 (said, and in metrics.json),
+    the model on disk epoch 1's; without it, or with patience past the last epoch, every epoch runs."""
+    files = make_data("classify", tmp_path, random.Random(1))
+    for patience, epochs in ((["--patience", "2"], 3), ([], 5), (["--patience", "5"], 5)):
+        out = tmp_path / f"out{len(patience)}{patience[-1:]}"
+        assert cli(["finetune", "--task", "classify", "--model", micro_model, "--train", files["train"], "--dev",
+                    files["dev"], "--out", str(out), "--epochs", "5", "--lr", "0", "--batch-size", "8", "--device",
+                    "cpu", "--no-progress"] + patience) == 0
+        m = json.loads((out / "metrics.json").read_text())
+        assert len(m["history"]) == epochs and m["best_epoch"] == 1
+        assert m["stopped_early_after_epoch"] == (3 if epochs == 3 else None)
+        assert ("stopping early" in capsys.readouterr().err) == (epochs == 3)
+    assert cli(["finetune", "--task", "classify", "--model", micro_model, "--train", files["train"], "--dev",
+                files["dev"], "--out", str(tmp_path / "o"), "--patience", "0", "--device", "cpu"]) == 2
+    assert "--patience must be at least 1" in capsys.readouterr().err
