@@ -136,6 +136,8 @@ def run(args) -> dict | None:
         precision = R.resolve_precision(args.precision, device)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if not os.path.isdir(args.model):
+        raise UsageError(f"--model {args.model}: no such folder")
     settings = read_settings(args.model)
     task = args.task or settings.get("task")
     if task is None:

@@ -96,6 +96,7 @@ def test_predict_a_transformers_checkpoint_given_its_task(micro_model, tmp_path)
 
 @pytest.mark.parametrize("make, extra, message", [
     (None, [], "give --task"),                                                      # no finetune.json
+    (None, ["--model", "nowhere"], "--model nowhere: no such folder"),
     (None, ["--task", "classify"], "no trained classify head (missing: classifier.bias, classifier.weight)"),
     ("classify", ["--task", "pair"], "was fine-tuned for classify"),
     ("classify", ["--batch-size", "0"], "--batch-size must be at least 1"),
