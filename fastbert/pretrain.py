@@ -78,8 +78,8 @@ from . import runtime as R
 from .runtime import PLAIN_OUTPUTS
 from .pretraining_data import (CorpusError, PretrainingData, collate, collate_packed, file_hashes,
                                iter_sentences, split_documents, tokenize_corpus, trained_vocab_path)
-from .tokenization import (PAD, SPECIAL_TOKENS, TOKENIZER_FILES, TokenizerError, build_tokenizer, load_tokenizer,
-                           save_tokenizer, vocab_list)
+from .tokenization import (PAD, SPECIAL_TOKENS, TOKENIZER_FILES, UNK, TokenizerError, build_tokenizer,
+                           load_tokenizer, save_tokenizer, vocab_list)
 
 # Settings that define a run: fixed when it starts, read back from run_args.json on --resume.
 RUN_DEFAULTS = {
@@ -520,6 +520,10 @@ def _run(args, dist: T.Distributed) -> int:
     _log(dist, f"corpus: {R.count(corpus.num_documents, 'document')}, {R.count(corpus.num_tokens, 'token')}; "
                f"{R.count(len(train_docs), 'training document')} ({n_epoch0:,} examples per epoch), "
                f"{len(eval_docs):,} held out ({R.count(len(eval_examples), 'evaluation example')})")
+    unk_share = corpus.token_share(tokenizer.token_to_id(UNK))
+    if unk_share > 0.05:  # [UNK] is never masked: such a corpus teaches little, and none at all when all [UNK]
+        _log(dist, f"warning: {unk_share:.0%} of the corpus' tokens are [UNK] (not in the vocabulary; never masked); "
+                   f"is --tokenizer right for this text (Chinese: --tokenizer chinese)?")
     if pack:
         inst0, rows0 = train_data.epoch(0), train_data.rows(0)
         _log(dist, f"packing: {len(rows0)} rows of {s['seq_len']} per epoch ({n_epoch0 / len(rows0):.2f} examples "
@@ -727,7 +731,9 @@ def _run(args, dist: T.Distributed) -> int:
                     real_tokens += n_real
                     # Weights that make the summed gradient that of the mean over the whole global batch
                     # (MLM: over its masked tokens; NSP: over its sentence pairs); DDP divides by world_size.
-                    w_mlm = n_masked / prepared.n_masked_total * dist.world_size
+                    # (a global batch with no maskable token, e.g. all [UNK]: its MLM loss is 0.0, by DESIGN)
+                    mlm_share = n_masked / prepared.n_masked_total if prepared.n_masked_total else 0.0
+                    w_mlm = mlm_share * dist.world_size
                     w_nsp = n_pairs / prepared.n_examples * dist.world_size
                     last = k == s["grad_accum"] - 1
                     sync = contextlib.nullcontext() if (last or not dist.enabled) else loss_module.no_sync()
@@ -741,7 +747,7 @@ def _run(args, dist: T.Distributed) -> int:
                         if nsp_loss is not None:
                             loss = loss + nsp_loss * w_nsp
                         (scaler.scale(loss) if scaler is not None else loss).backward()
-                    mlm_part = mlm_part + mlm.detach().double() * (n_masked / prepared.n_masked_total)
+                    mlm_part = mlm_part + mlm.detach().double() * mlm_share
                     if nsp_loss is not None:
                         nsp_part = nsp_part + nsp_loss.detach().double() * (n_pairs / prepared.n_examples)
                 if step + 1 < steps:

@@ -290,6 +290,16 @@ class Corpus:
     def num_tokens(self) -> int:
         return int(sum(len(s.tokens) for s in self.shards))
 
+    def token_share(self, token_id: int, sample: int = 1 << 22) -> float:
+        """The share of the corpus' tokens equal to ``token_id``, from the first ``sample`` tokens of
+        each shard (a whole corpus of gigabytes would be read for a warning)."""
+        hits = seen = 0
+        for tokens, _, _ in self._views:
+            head = tokens[:sample]
+            hits += int(np.count_nonzero(head == token_id))
+            seen += len(head)
+        return hits / max(seen, 1)
+
     def document_span(self, i: int) -> tuple[np.ndarray, list[int]]:
         """Document ``i`` as one token array (a view of its shard, the shard's dtype) and its sentence
         boundaries: sentence t is tokens[starts[t]:starts[t + 1]]."""

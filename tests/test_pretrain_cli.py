@@ -913,3 +913,19 @@ def test_pretraining_loss_terms_are_the_models_on_packed_rows():
     logits = out.seq_relationship_logits  # (2, 3, 2)
     want = torch.nn.functional.cross_entropy(logits[[0, 0, 0, 1], [0, 1, 2, 0]], torch.ones(4, dtype=torch.long))
     torch.testing.assert_close(nsp_loss, want)
+
+
+def test_a_corpus_outside_the_vocabulary_trains_nsp_with_a_zero_mlm_loss_and_a_warning(vocab, tmp_path, capsys):
+    """Chinese text under an English vocabulary is all [UNK], which is never masked: each step's MLM loss
+    is 0.0 (DESIGN: no masked token), not a division by zero, and the run says why."""
+    rng = torch.Generator().manual_seed(0)
+    chars = [chr(0x4E00 + int(i)) for i in torch.randint(0, 2000, (12 * 15 * 9,), generator=rng)]
+    docs = ["\n".join("".join(chars[(d * 15 + s) * 9:(d * 15 + s + 1) * 9]) for s in range(15)) for d in range(12)]
+    corpus = tmp_path / "zh.txt"
+    corpus.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    out = tmp_path / "run"
+    assert run(str(corpus), out, "--tokenizer", vocab, "--steps", "2", "--log-every", "1") == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["mlm_loss"] for r in rows] == [0.0, 0.0]
+    assert all(r["nsp_loss"] > 0 and r["loss"] == r["nsp_loss"] for r in rows)
+    assert "100% of the corpus' tokens are [UNK]" in capsys.readouterr().err
