@@ -1188,7 +1188,9 @@ class BertForPreTraining(BertPreTrainedModel):
     seq_relationship_logits are (batch, max_examples, 2), one pair per example, and
     next_sentence_label is (batch, max_examples) with -100 where a row holds fewer examples, so the
     NSP loss is the mean over the real examples (and the MLM loss the mean over every masked token
-    of the batch, as unpacked)."""
+    of the batch, as unpacked). As in transformers, the loss needs both label kinds; in training mode
+    MLM ``labels`` alone give loss None and, by API.md's masked-rows rule, prediction_logits None too:
+    pass next_sentence_label, or use BertForMaskedLM's loss for MLM alone."""
 
     def __init__(self, config: BertConfig):
         super().__init__(config)
