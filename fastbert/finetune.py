@@ -352,7 +352,7 @@ def settings(args, labels) -> dict:
     integers stay integers) and how inputs were cut and decoded."""
     return {"task": args.task, "labels": labels, "max_length": args.max_length, "doc_stride": args.doc_stride,
             "max_answer_length": args.max_answer_length, "qa_null": bool(getattr(args, "qa_null", False)),
-            "freeze": args.freeze}
+            "freeze": args.freeze, "eval_batch_size": args.eval_batch_size}
 
 
 def _progress(it, enabled, desc):
@@ -406,10 +406,11 @@ def read_label_file(path, task, train_ex):
     return names
 
 
-def _check_choice_counts(examples, n, path):
+def _check_choice_counts(examples, n, source="the training file"):
+    """Every question has `n` choices (a batch holds one number); else an error naming the line."""
     for ex in examples:
         if len(ex["choices"]) != n:
-            raise T.DataError(f"{ex['_where']}: {len(ex['choices'])} choices, but the training file has "
+            raise T.DataError(f"{ex['_where']}: {len(ex['choices'])} choices, but {source} has "
                               f"{n} per question (every question needs the same number)")
 
 
@@ -510,8 +511,8 @@ def run(args) -> dict:
         test_ex, test_f = _load(task, args.test, labels, tok, args, args.max_eval_examples, "test")
     if task == "choice":
         n = len(train_ex[0]["choices"])
-        for exs, path in ((train_ex, args.train), (dev_ex, args.dev), (test_ex or [], args.test)):
-            _check_choice_counts(exs, n, path)
+        for exs in (train_ex, dev_ex, test_ex or []):
+            _check_choice_counts(exs, n)
 
     if os.path.isdir(args.model) and os.path.isdir(args.out) and os.path.samefile(args.model, args.out):
         raise UsageError(f"--out {args.out} is the --model folder: the fine-tuned model would replace the model "
@@ -655,7 +656,8 @@ def run(args) -> dict:
               "total_seconds": round(total_seconds, 2), "impl": args.impl,
               "batching": args.batching, "random_init": args.random_init,
               "device": str(device), "device_name": R.describe(device), "precision": precision,
-              "threads": threads, "steps": total, "train_features": len(train_f), "cuda_graphs": graphs,
+              "threads": threads, "steps": steps_per_epoch * len(history),  # those run (--patience may stop early)
+              "planned_steps": total, "train_features": len(train_f), "cuda_graphs": graphs,
               "stopped_early_after_epoch": stopped_after}
     if graphed is not None:  # included in train_seconds: two eager warm-up steps and a capture per bucket
         result["capture_seconds"] = round(graphed.capture_seconds, 2)

@@ -20,7 +20,10 @@ predictions.jsonl: ``{"index", "label"}`` (classify, pair; choice: the index of 
 ``{"index", "answer"}`` (qa; "" where a model trained on unanswerable questions answers nothing);
 with ``--probabilities`` (classify, pair, choice) also ``"probabilities"``: the softmax over the labels
 as {label: p} (choice: a list over the choices).
-Inputs longer than the model's --max-length are cut as in fine-tuning (qa: overlapping windows).
+Inputs longer than the model's --max-length are cut as in fine-tuning (qa: overlapping windows); the
+settings default to finetune.json's (max length, qa windows and null answers, evaluation batch size),
+so on fine-tuning's device and precision the predictions are its own. A folder without finetune.json
+is predicted with max length 128 and no null answers unless told, which the command says.
 A file --output is written whole or not at all.
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import warnings
 
@@ -44,18 +48,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                   "folder with --task")
     p.add_argument("--input", required=True, help="a file in the task's format; labels optional")
     p.add_argument("--task", choices=T.TASKS, help="default: the task the model was fine-tuned for (finetune.json)")
-    p.add_argument("--output", help="predictions as JSONL (default: stdout)")
+    p.add_argument("--output", help="predictions as JSONL, one line per example (default: stdout): "
+                                    '{"index", "label"} (classify, pair; choice: the choice\'s index), '
+                                    '{"index", "tags"} (ner: one tag per input token), {"index", "answer"} (qa)')
     p.add_argument("--metrics", metavar="FILE", help="labelled input: write its metrics here as JSON")
     p.add_argument("--probabilities", action="store_true",
                    help="classify, pair, choice: each line also gives the softmax probability of every label "
                         "(choice: of every choice, in order)")
-    p.add_argument("--batch-size", type=int, default=64, help="default 64")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default: fine-tuning's evaluation batch size, else 64")
     p.add_argument("--max-length", type=int, default=None,
                    help="tokens per sequence (default: as fine-tuned, else 128)")
     p.add_argument("--doc-stride", type=int, default=None, help="qa: overlap of context windows (default: as "
                    "fine-tuned, else max-length // 4)")
     p.add_argument("--max-answer-length", type=int, default=None,
                    help="qa: longest answer in tokens (default: as fine-tuned, else 30)")
+    p.add_argument("--null-answers", choices=("auto", "on", "off"), default="auto",
+                   help="qa: on: answer \"\" where the model rates no span above its null score (SQuAD 2.0); "
+                        "auto (default): on when the model was fine-tuned on unanswerable questions")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr)")
     R.add_device_arguments(p, training=False)
@@ -102,14 +112,23 @@ def load_model(task: str, model_dir: str):
     return model
 
 
-def label_list(task: str, settings: dict, model) -> list | None:
+def label_list(task: str, settings: dict, model, examples: list) -> list | None:
     """The label of each class id: finetune.json's (the training file's spelling), else config.json's
-    id2label; None for qa and choice."""
+    id2label; None for qa and choice. config.json's names are strings: where they only number the ids
+    ("1", or transformers' default "LABEL_1") and the input's labels are integers, the ids are the labels."""
     if task not in ("classify", "pair", "ner"):
         return None
-    if settings.get("labels") is not None:
-        return list(settings["labels"])
-    return [model.config.id2label[i] for i in range(len(model.config.id2label))]
+    names = settings.get("labels")
+    if names is None:
+        names = [model.config.id2label[i] for i in range(len(model.config.id2label))]
+        if (task != "ner" and T.labelled(task, examples) and all(type(ex["label"]) is int for ex in examples)
+                and all(re.fullmatch(f"(LABEL_)?{i}", str(n)) for i, n in enumerate(names))):
+            names = list(range(len(names)))
+    n_out = getattr(model, "num_labels", None) or model.config.num_labels
+    if len(names) != n_out:
+        raise UsageError(f"{len(names)} labels ({names[:5]}{' ...' if len(names) > 5 else ''}) for a head of "
+                         f"{n_out} outputs: the model folder's finetune.json or config.json is inconsistent")
+    return list(names)
 
 
 def _check_args(args) -> None:
@@ -118,6 +137,8 @@ def _check_args(args) -> None:
         value = getattr(args, name)
         if value is not None and value < least:
             raise UsageError(f"--{name.replace('_', '-')} must be at least {least}, not {value}")
+    if args.output and args.metrics and os.path.abspath(args.output) == os.path.abspath(args.metrics):
+        raise UsageError(f"--output and --metrics are the same file ({args.output})")
     for path in (args.output, args.metrics):
         if path and os.path.isdir(path):
             raise UsageError(f"{path}: is a folder; give a file name")
@@ -127,7 +148,7 @@ def _check_args(args) -> None:
 
 def run(args) -> dict | None:
     """Predict args.input; returns the metrics (None for unlabelled input)."""
-    from .finetune import _loading, decode, predict, score
+    from .finetune import _check_choice_counts, _loading, decode, predict, score
     _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -146,26 +167,32 @@ def run(args) -> dict | None:
         raise UsageError(f"--task {task}, but --model {args.model} was fine-tuned for {settings['task']}")
     if args.probabilities and task in ("ner", "qa"):
         raise UsageError(f"--probabilities applies to classify, pair and choice, not {task}")
+    if args.null_answers != "auto" and task != "qa":
+        raise UsageError(f"--null-answers applies to qa, not {task}")
     examples = T.read_examples(task, args.input, require_labels=False)
     with _loading(args.model):
         tok = T.load_tokenizer(args.model)
         model = load_model(task, args.model)
-    labels = label_list(task, settings, model)
+    labels = label_list(task, settings, model, examples)
     has_labels = T.labelled(task, examples)
     if has_labels:
         T.check_labels(task, examples, labels, args.input, model_dir=args.model)
     if task == "choice":  # a batch holds one number of choices
-        counts = {len(ex["choices"]) for ex in examples}
-        if len(counts) > 1:
-            raise T.DataError(f"{args.input}: questions with {sorted(counts)} choices; every question needs the "
-                              f"same number")
+        _check_choice_counts(examples, len(examples[0]["choices"]), "its first question")
+    if not settings:
+        _log(f"{args.model} has no finetune.json: its input settings are not known; using max length "
+             f"{args.max_length or 128}" + (f", {'' if args.null_answers == 'on' else 'no '}unanswerable questions"
+                                            if task == "qa" else ""))
     positions = model.config.max_position_embeddings
     max_length = args.max_length or settings.get("max_length") or 128
     if max_length > positions:
-        _log(f"--max-length {max_length} is above the model's {positions} positions; using {positions}")
+        given = f"--max-length {max_length}" if args.max_length else f"the fine-tuned max length {max_length}"
+        _log(f"{given} is above the model's {positions} positions; using {positions}")
         max_length = positions
     doc_stride = args.doc_stride if args.doc_stride is not None else settings.get("doc_stride")
     max_answer = args.max_answer_length or settings.get("max_answer_length") or 30
+    qa_null = {"on": True, "off": False}.get(args.null_answers, bool(settings.get("qa_null", False)))
+    batch_size = args.batch_size or settings.get("eval_batch_size") or 64
     label2id = {v: i for i, v in enumerate(labels)} if has_labels and labels is not None else None
     feats, info = T.build_features(task, examples, tok, max_length, label2id, doc_stride=doc_stride)
     if info.get("truncated"):
@@ -174,8 +201,8 @@ def run(args) -> dict | None:
 
     model.to(device)
     probs = [] if args.probabilities else None
-    raw = predict(model, task, feats, args.batch_size, not args.no_progress, device, precision, probs)
-    preds = decode(task, examples, feats, raw, labels, max_answer, bool(settings.get("qa_null", False)))
+    raw = predict(model, task, feats, batch_size, not args.no_progress, device, precision, probs)
+    preds = decode(task, examples, feats, raw, labels, max_answer, qa_null)
     key = {"ner": "tags", "qa": "answer"}.get(task, "label")
     rows = [{"index": i, key: p} for i, p in enumerate(preds)]
     if probs is not None:  # labels as JSON keys are strings; a choice's are in the order of its choices

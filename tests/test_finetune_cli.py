@@ -841,7 +841,8 @@ def test_a_finetune_interrupted_in_its_first_epoch_says_whose_model_out_holds(mi
     rc, out = _classify_run(micro_model, tmp_path)
     assert rc == 130
     assert f"no epoch finished, nothing saved ({out}'s model files are an earlier run's)" in capsys.readouterr().err
-    assert not (out / "metrics.json").exists()
+    # nor do the earlier run's settings pass for this run's (fastbert predict would read them)
+    assert not (out / "metrics.json").exists() and not (out / "finetune.json").exists()
 
 
 def test_encode_shows_progress_unless_asked_not_to(micro_model, tmp_path, capsys):
@@ -1307,7 +1308,7 @@ def test_grad_accum_trains_like_the_whole_batch(micro_no_dropout, tmp_path, task
     losses = [h["train_loss"] for h in one["history"]]
     assert losses[1] < losses[0]  # it trains at all
     assert [h["train_loss"] for h in three["history"]] == pytest.approx(losses, rel=1e-5)
-    assert three["steps"] == one["steps"] and three_pred == one_pred
+    assert three["steps"] == one["steps"] == one["planned_steps"] and three_pred == one_pred
     start = load_file(os.path.join(micro_no_dropout, "model.safetensors"))
     for k, w in one_w.items():
         if k == "qa_outputs.bias":  # its gradient is 0 in exact arithmetic (it shifts every position's logit
@@ -1339,7 +1340,26 @@ def test_patience_stops_once_dev_stops_improving(micro_model, tmp_path, capsys):
         m = json.loads((out / "metrics.json").read_text())
         assert len(m["history"]) == epochs and m["best_epoch"] == 1
         assert m["stopped_early_after_epoch"] == (3 if epochs == 3 else None)
+        assert m["steps"] == m["planned_steps"] * epochs // 5  # the steps run, not those the schedule planned
         assert ("stopping early" in capsys.readouterr().err) == (epochs == 3)
     assert cli(["finetune", "--task", "classify", "--model", micro_model, "--train", files["train"], "--dev",
                 files["dev"], "--out", str(tmp_path / "o"), "--patience", "0", "--device", "cpu"]) == 2
     assert "--patience must be at least 1" in capsys.readouterr().err
+
+
+def test_patience_leaves_the_best_epoch_on_disk(micro_model, tmp_path):
+    """Dev accuracy rises to its best at epoch 3, then falls: --patience 2 stops after epoch 5 with epoch 3's
+    model in OUT (not the last epoch's), which predicts the dev file at epoch 3's accuracy."""
+    files = make_data("classify", tmp_path, random.Random(3))
+    out = tmp_path / "out"
+    assert cli(["finetune", "--task", "classify", "--model", micro_model, "--train", files["train"], "--dev",
+                files["dev"], "--out", str(out), "--epochs", "8", "--lr", "3e-3", "--batch-size", "8", "--seed",
+                "0", "--threads", "1", "--patience", "2", "--device", "cpu", "--no-progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    acc = [h["accuracy"] for h in m["history"]]
+    best = m["best_epoch"]
+    assert best > 1 and acc.index(max(acc)) + 1 == best and m["stopped_early_after_epoch"] == best + 2 == len(acc)
+    assert acc[-1] < acc[best - 1]  # (this data and seed) the last epoch's model would predict otherwise
+    assert cli(["predict", "--model", str(out), "--input", files["dev"], "--metrics", str(tmp_path / "m.json"),
+                "--output", str(tmp_path / "p.jsonl"), "--device", "cpu", "--threads", "1", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["accuracy"] == acc[best - 1] == m["dev"]["accuracy"]

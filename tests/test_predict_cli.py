@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from test_finetune_cli import _jsonl, make_data, micro_model  # noqa: F401  (micro_model: a fixture)
+from test_finetune_cli import _jsonl, _sentences, make_data, micro_model  # noqa: F401  (micro_model: a fixture)
 
 from fastbert.cli import main as cli
 
@@ -101,6 +101,8 @@ def test_predict_a_transformers_checkpoint_given_its_task(micro_model, tmp_path)
     ("classify", ["--task", "pair"], "was fine-tuned for classify"),
     ("classify", ["--batch-size", "0"], "--batch-size must be at least 1"),
     ("classify", ["--output", "."], "is a folder"),
+    ("classify", ["--output", "same.json", "--metrics", "same.json"], "--output and --metrics are the same file"),
+    ("classify", ["--null-answers", "on"], "--null-answers applies to qa, not classify"),
     (None, ["--task", "ner", "--probabilities"], "--probabilities applies to classify, pair and choice, not ner"),
 ])
 def test_predict_usage_errors(micro_model, tmp_path, capsys, make, extra, message):
@@ -137,3 +139,82 @@ def test_predict_cuts_inputs_where_finetuning_cut_them(micro_model, tmp_path, ca
     assert cli(["predict", "--model", str(out), "--input", inp, "--device", "cpu", "--no-progress",
                 "--max-length", "64"]) == 0
     assert "cut to 64 tokens" in capsys.readouterr().err
+
+
+def test_predict_choice_needs_one_number_of_choices(micro_model, tmp_path, capsys):
+    _, out = _finetune(micro_model, tmp_path, "choice")
+    inp = _jsonl(tmp_path / "c.jsonl", [{"question": "q", "choices": ["a", "b", "c"]},
+                                        {"question": "q", "choices": ["a", "b"]}])
+    capsys.readouterr()
+    assert cli(["predict", "--model", str(out), "--input", inp, "--device", "cpu", "--no-progress"]) == 2
+    assert "c.jsonl:2: 2 choices, but its first question has 3 per question" in capsys.readouterr().err
+
+
+def test_predict_reads_labels_numbered_by_config_as_the_files_integers(micro_model, tmp_path, capsys):
+    """A transformers head saved without label names (id2label LABEL_0, LABEL_1) and a file labelled 0 / 1:
+    the labels are the integers, scored and printed as such (not "LABEL_1", not an unknown-label error)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(5)
+    config = transformers.BertConfig.from_pretrained(micro_model, num_labels=2)
+    config.initializer_range = 0.5
+    hf = transformers.BertForSequenceClassification(config).eval()
+    ckpt = tmp_path / "hf"
+    hf.save_pretrained(str(ckpt))
+    (ckpt / "vocab.txt").write_text(open(f"{micro_model}/vocab.txt").read())
+    texts = ["the cat sat on the mat", "good movie", "where is the big red door ?", "bad", "it is paris", "near"]
+    inp = _jsonl(tmp_path / "in.jsonl", [{"text": t, "label": i % 2} for i, t in enumerate(texts)])
+    capsys.readouterr()
+    assert cli(["predict", "--model", str(ckpt), "--task", "classify", "--input", inp, "--device", "cpu",
+                "--no-progress", "--metrics", str(tmp_path / "m.json")]) == 0
+    captured = capsys.readouterr()
+    got = [json.loads(line)["label"] for line in captured.out.splitlines()]
+    assert all(type(g) is int for g in got) and len(got) == len(texts)
+    accuracy = sum(g == i % 2 for i, g in enumerate(got)) / len(texts)
+    assert json.loads((tmp_path / "m.json").read_text())["accuracy"] == pytest.approx(accuracy)
+    assert "has no finetune.json" in captured.err  # the defaulted settings are said
+
+
+def test_predict_refuses_a_label_set_that_does_not_fit_the_head(micro_model, tmp_path, capsys):
+    _, out = _finetune(micro_model, tmp_path, "classify")
+    settings = json.loads((out / "finetune.json").read_text())
+    settings["labels"].append("extra")
+    (out / "finetune.json").write_text(json.dumps(settings))
+    inp = _jsonl(tmp_path / "in.jsonl", [{"text": "good movie"}])
+    capsys.readouterr()
+    assert cli(["predict", "--model", str(out), "--input", inp, "--device", "cpu", "--no-progress"]) == 2
+    assert "3 labels (['neg', 'pos', 'extra']) for a head of 2 outputs" in capsys.readouterr().err
+
+
+def test_predict_answers_nothing_where_the_model_was_trained_to(micro_model, tmp_path):
+    """qa trained with unanswerable questions (finetune.json qa_null): predict answers "" as fine-tuning
+    did on its test file; --null-answers off forces a span for every question."""
+    rng = random.Random(2)
+    files = {}
+    for split, n in (("train", 40), ("dev", 10), ("test", 12)):
+        rows = []
+        for i in range(n):
+            city = ["paris", "london"][i % 2]
+            if i % 3 == 0:  # the capital is not in this context
+                ctx = " ".join(_sentences(rng, 1, (6, 14))) + " the cat sat"
+                rows.append({"question": "where is the capital ?", "context": ctx,
+                             "answers": {"text": [], "answer_start": []}})
+            else:
+                ctx = " ".join(_sentences(rng, 1, (6, 14))) + f" the capital is {city} ."
+                rows.append({"question": "where is the capital ?", "context": ctx,
+                             "answers": {"text": [city], "answer_start": [ctx.index(f"is {city}") + 3]}})
+        files[split] = _jsonl(tmp_path / f"{split}.jsonl", rows)
+    out = tmp_path / "out"
+    assert cli(["finetune", "--task", "qa", "--model", micro_model, "--train", files["train"], "--dev", files["dev"],
+                "--test", files["test"], "--out", str(out), "--epochs", "3", "--lr", "1e-3", "--batch-size", "8",
+                "--max-length", "32", "--threads", "1", "--device", "cpu", "--no-progress"]) == 0
+    assert json.loads((out / "finetune.json").read_text())["qa_null"] is True
+    want = (out / "predictions.jsonl").read_text()
+    assert '"answer": ""' in want  # (this data and seed) the model does answer nothing somewhere
+    runs = {}
+    for null in ("auto", "on", "off"):
+        assert cli(["predict", "--model", str(out), "--input", files["test"], "--output", str(tmp_path / null),
+                    "--null-answers", null, "--threads", "1", "--device", "cpu", "--no-progress"]) == 0
+        runs[null] = (tmp_path / null).read_text()
+    assert runs["auto"] == runs["on"] == want
+    off = [json.loads(line)["answer"] for line in runs["off"].splitlines()]
+    assert len(off) == 12 and all(off)
