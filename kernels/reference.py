@@ -184,8 +184,13 @@ def _embedding_ids(ids):
 def embed_layer_norm(input_ids, token_type_ids, position_ids, word_weight, position_weight, type_weight,
                      weight, bias, eps=1e-12, dropout_p=0.0, *, word_rows=None):
     """word_rows: the word rows already gathered (input_ids' shape + (hidden,)), for a caller that
-    gathers them its own way (fastbert.modeling.embed_ids on the CPU); default F.embedding."""
+    gathers them its own way (fastbert.modeling.embed_ids on the CPU); default F.embedding.
+    token_type_ids None means all zeros; position_ids None means 0..seq-1 in every row (as K's)."""
     dtype = word_weight.dtype
+    if token_type_ids is None:
+        token_type_ids = torch.zeros_like(input_ids)
+    if position_ids is None:
+        position_ids = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
     input_ids, token_type_ids, position_ids = map(_embedding_ids, (input_ids, token_type_ids, position_ids))
     ct = _compute_dtype(dtype)
     word = F.embedding(input_ids, word_weight) if word_rows is None else word_rows

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import fastbert.kernels as K
 from fastbert.kernels import embedding as E
 from fastbert.kernels import layer_norm as L
+from fastbert.kernels import reference as R
 from fastbert.kernels.philox_dropout import effective_dropout_p
 from tolerance import assert_close_to_reference
 
@@ -180,3 +181,16 @@ def test_bias_grad_not_rounded_through_the_weight_dtype(triton_kernels, device):
     torch_ref(*ref).backward(dy.to(device, torch.float64))
     assert ours[4].grad.dtype == torch.float32
     assert_close_to_reference(ours[4].grad, base[4].grad, ref[4].grad, name="dbias")
+
+
+def test_reference_embed_layer_norm_takes_the_same_default_ids():
+    """fastbert.kernels.reference has K's signature: None token types / positions are zeros / 0..seq-1."""
+    n = 24
+    ids = torch.randint(0, VOCAB, (3, 5))
+    tables = [torch.randn(VOCAB, n), torch.randn(MAX_POS, n), torch.randn(TYPES, n), 1 + torch.randn(n),
+              torch.randn(n)]
+    pos = torch.arange(5).expand(3, 5)
+    want = R.embed_layer_norm(ids, torch.zeros_like(ids), pos, *tables, eps=EPS)
+    assert torch.equal(R.embed_layer_norm(ids, None, None, *tables, eps=EPS), want)
+    shifted = R.embed_layer_norm(ids, None, pos + 1, *tables, eps=EPS)
+    assert not torch.equal(shifted, want)  # the positions do count
