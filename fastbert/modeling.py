@@ -113,6 +113,21 @@ def graph_layout():
 _KEPT_SLOTS = ("prediction_logits", "logits")
 
 
+def _transformers_major() -> int:
+    """The installed transformers' major version (0 if none), read from its metadata: no import."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return int(version("transformers").split(".")[0])
+    except (PackageNotFoundError, ValueError):
+        return 0
+
+
+# transformers 5's BertModel records cross-attentions with output_attentions, an empty tuple for an
+# encoder (4.x: None), which its return_dict=False tuple carries last: the same here, so that the tuple
+# has transformers' length and order whichever version is installed.
+_EMPTY_CROSS_ATTENTIONS = _transformers_major() >= 5
+
+
 def _to_tuple(fields: dict) -> tuple:
     """return_dict=False's tuple of an output's fields (all of them, None included, in order)."""
     return tuple(v for k, v in fields.items() if v is not None or k in _KEPT_SLOTS)
@@ -1014,6 +1029,7 @@ class BertModel(BertPreTrainedModel):
             pooler_output=pooled,
             hidden_states=tuple(layout.unpack(t) for t in hidden) if hidden is not None else None,
             attentions=tuple(attentions) if attentions is not None else None,
+            cross_attentions=() if attentions is not None and _EMPTY_CROSS_ATTENTIONS else None,
         ), return_dict)
 
 

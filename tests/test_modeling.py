@@ -398,6 +398,24 @@ def test_return_dict_false_in_training_keeps_the_logits_slot(name):
     with_hidden = ours(**inputs, **labels, return_dict=False, output_hidden_states=True)
     assert len(with_hidden) == len(out) + 1 and with_hidden[1] is None
 
+
+@pytest.mark.parametrize("name", ["BertModel", "BertForSequenceClassification"])
+def test_return_dict_false_with_every_output_has_the_installed_transformers_layout(name):
+    """hidden states and attentions asked for: the tuple has transformers' length and the type of each
+    slot (transformers 5's BertModel ends it with an empty cross-attentions tuple, 4.x's does not)."""
+    cfg = config_for(name, "gelu-2types")
+    hf, ours = make_pair(name, cfg)
+    inputs, _ = make_batch(name, cfg)
+    hf.eval().set_attn_implementation("eager")
+    ours.double().eval()
+    for flags in ({"output_attentions": True}, {"output_attentions": True, "output_hidden_states": True}):
+        ref = hf(**inputs, return_dict=False, **flags)
+        out = ours(**inputs, return_dict=False, **flags)
+        assert [type(a) for a in out] == [type(b) for b in ref]
+        assert [len(a) if isinstance(a, tuple) else a.shape for a in out] == \
+            [len(b) if isinstance(b, tuple) else b.shape for b in ref]
+
+
 @pytest.mark.parametrize("name", CLASSES)
 def test_output_flags_in_the_config_are_the_forward_defaults(name, tmp_path):
     """As in transformers, output_hidden_states, output_attentions and return_dict set in the config (as
