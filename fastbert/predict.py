@@ -8,7 +8,7 @@ checkpoint, say) with ``--task``, the labels then taken from config.json's id2la
 task head has no trained weights (a pretraining checkpoint) is refused: its predictions would come
 from a random head.
 
---input has the task's format (``fastbert finetune --help``) with the labels optional: the "label"
+--input (``-``: standard input) has the task's format (``fastbert finetune --help``) with the labels optional: the "label"
 field (classify, pair, choice), "answers" (qa) or a CoNLL line's tag (ner: a line may be the token
 alone) — in every example or in none. Unlabelled examples are predicted; when the examples carry
 their labels, the metrics of ``fastbert finetune`` are computed too (printed; ``--metrics FILE``
@@ -46,7 +46,8 @@ from .finetune import UsageError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a fastbert finetune output folder, or a fine-tuned checkpoint "
                                                   "folder with --task")
-    p.add_argument("--input", required=True, help="a file in the task's format; labels optional")
+    p.add_argument("--input", required=True, help="a file in the task's format, labels optional; - reads "
+                                                  "standard input")
     p.add_argument("--task", choices=T.TASKS, help="default: the task the model was fine-tuned for (finetune.json)")
     p.add_argument("--output", help="predictions as JSONL, one line per example (default: stdout): "
                                     '{"index", "label"} (classify, pair; choice: the choice\'s index), '
@@ -176,7 +177,7 @@ def run(args) -> dict | None:
     labels = label_list(task, settings, model, examples)
     has_labels = T.labelled(task, examples)
     if has_labels:
-        T.check_labels(task, examples, labels, args.input, model_dir=args.model)
+        T.check_labels(task, examples, labels, T._name(args.input), model_dir=args.model)
     if task == "choice":  # a batch holds one number of choices
         _check_choice_counts(examples, len(examples[0]["choices"]), "its first question")
     if not settings:
@@ -220,7 +221,7 @@ def run(args) -> dict | None:
         if args.metrics:
             TR.atomic_write_json(args.metrics, metrics)
     elif args.metrics:
-        _log(f"{args.input} has no labels: no metrics, {args.metrics} not written")
+        _log(f"{T._name(args.input)} has no labels: no metrics, {args.metrics} not written")
     return metrics
 
 

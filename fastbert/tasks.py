@@ -27,10 +27,12 @@ longest sequence.
 from __future__ import annotations
 
 import codecs
+import io
 import json
 import math
 import os
 import random
+import sys
 from typing import Any, Sequence
 
 import torch
@@ -46,7 +48,20 @@ class DataError(ValueError):
 
 # ----------------------------------------------------------------------------------------- readers
 
+STDIN = "-"  # the path that reads standard input (named "<stdin>" in errors)
+
+
+def _name(path: str) -> str:
+    return "<stdin>" if path == STDIN else path
+
+
 def _open_nonempty(path: str):
+    if path == STDIN:  # read whole: the readers hold every example anyway
+        stream = getattr(sys.stdin, "buffer", None)
+        data = stream.read() if stream is not None else sys.stdin.read().encode("utf-8")
+        if not data:
+            raise DataError("<stdin>: standard input is empty")
+        return io.BytesIO(data)
     if os.path.isdir(path):
         raise DataError(f"{path}: is a folder; give the data file itself")
     if not os.path.isfile(path):
@@ -106,6 +121,7 @@ def read_jsonl(path: str, task: str, require_labels: bool = True) -> list[dict]:
     require_labels=False: "label" ("answers" for qa) may be absent, from all examples or none."""
     examples = []
     with _open_nonempty(path) as f:
+        path = _name(path)
         for lineno, line in _lines(f, path):
             if not line.strip():
                 continue
@@ -177,6 +193,7 @@ def read_conll(path: str, require_labels: bool = True) -> list[dict]:
     sentences, words, tags, lines = [], [], [], []
     tagged = None  # whether the file's lines carry tags, as its first token line says
     with _open_nonempty(path) as f:
+        path = _name(path)
         for lineno, line in _lines(f, path):
             line = line.rstrip("\r\n")
             if not line.strip():

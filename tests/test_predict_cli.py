@@ -218,3 +218,18 @@ def test_predict_answers_nothing_where_the_model_was_trained_to(micro_model, tmp
     assert runs["auto"] == runs["on"] == want
     off = [json.loads(line)["answer"] for line in runs["off"].splitlines()]
     assert len(off) == 12 and all(off)
+
+
+def test_predict_reads_standard_input(micro_model, tmp_path, capsys, monkeypatch):
+    """--input - : the same predictions as from the file; errors name <stdin> and its line."""
+    import io
+    files, out = _finetune(micro_model, tmp_path, "classify")
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(open(files["test"], "rb").read())))
+    capsys.readouterr()
+    assert cli(["predict", "--model", str(out), "--input", "-", "--device", "cpu", "--no-progress"]) == 0
+    assert capsys.readouterr().out == (out / "predictions.jsonl").read_text()
+    for data, message in ((b'{"text": "good"}\n{"txt": "bad"}\n', "<stdin>:2: missing field 'text'"),
+                          (b"", "<stdin>: standard input is empty")):
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)))
+        assert cli(["predict", "--model", str(out), "--input", "-", "--device", "cpu", "--no-progress"]) == 2
+        assert message in capsys.readouterr().err
