@@ -8,9 +8,9 @@ checkpoint, say) with ``--task``, the labels then taken from config.json's id2la
 task head has no trained weights (a pretraining checkpoint) is refused: its predictions would come
 from a random head.
 
---input (``-``: standard input) has the task's format (``fastbert finetune --help``) with the labels optional: the "label"
-field (classify, pair, choice), "answers" (qa) or a CoNLL line's tag (ner: a line may be the token
-alone) — in every example or in none. Unlabelled examples are predicted; when the examples carry
+--input (``-``: standard input) has the task's format (``fastbert finetune --help``) with the labels
+optional: the "label" field (classify, pair, choice), "answers" (qa) or a CoNLL line's tag (ner: a
+line may be the token alone) — in every example or in none. Unlabelled examples are predicted; when the examples carry
 their labels, the metrics of ``fastbert finetune`` are computed too (printed; ``--metrics FILE``
 writes them as JSON), and a label the model does not know is an error naming its line.
 
