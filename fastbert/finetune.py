@@ -406,12 +406,13 @@ def read_label_file(path, task, train_ex):
     return names
 
 
-def _check_choice_counts(examples, n, source="the training file"):
-    """Every question has `n` choices (a batch holds one number); else an error naming the line."""
+def _check_choice_counts(examples, n, source="the training file has {n} per question"):
+    """Every question has `n` choices (a batch holds one number); else an error naming the line and
+    `source` (where n came from, with {n} in it)."""
     for ex in examples:
         if len(ex["choices"]) != n:
-            raise T.DataError(f"{ex['_where']}: {len(ex['choices'])} choices, but {source} has "
-                              f"{n} per question (every question needs the same number)")
+            raise T.DataError(f"{ex['_where']}: {len(ex['choices'])} choices, but {source.format(n=n)} "
+                              f"(every question needs the same number)")
 
 
 def _why_no_cuda_graphs(args, device, precision) -> str | None:

@@ -115,16 +115,21 @@ def load_model(task: str, model_dir: str):
 
 def label_list(task: str, settings: dict, model, examples: list) -> list | None:
     """The label of each class id: finetune.json's (the training file's spelling), else config.json's
-    id2label; None for qa and choice. config.json's names are strings: where they only number the ids
-    ("1", or transformers' default "LABEL_1") and the input's labels are integers, the ids are the labels."""
+    id2label; None for qa and choice. config.json's names are strings even where the training labels were
+    integers (finetune writes id2label {i: str(label)}; transformers' default is "LABEL_i"): names that
+    are all integers ("1", "2", "3") stand for those integers and the default names for their ids, whether
+    or not the input is labelled, unless the input's own labels are strings."""
     if task not in ("classify", "pair", "ner"):
         return None
     names = settings.get("labels")
     if names is None:
-        names = [model.config.id2label[i] for i in range(len(model.config.id2label))]
-        if (task != "ner" and T.labelled(task, examples) and all(type(ex["label"]) is int for ex in examples)
-                and all(re.fullmatch(f"(LABEL_)?{i}", str(n)) for i, n in enumerate(names))):
-            names = list(range(len(names)))
+        names = [str(model.config.id2label[i]) for i in range(len(model.config.id2label))]
+        string_labels = T.labelled(task, examples) and any(type(ex["label"]) is str for ex in examples)
+        if task != "ner" and not string_labels:
+            if all(re.fullmatch(r"-?\d+", n) for n in names):
+                names = [int(n) for n in names]
+            elif all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+                names = list(range(len(names)))
     n_out = getattr(model, "num_labels", None) or model.config.num_labels
     if len(names) != n_out:
         raise UsageError(f"{len(names)} labels ({names[:5]}{' ...' if len(names) > 5 else ''}) for a head of "
@@ -138,7 +143,7 @@ def _check_args(args) -> None:
         value = getattr(args, name)
         if value is not None and value < least:
             raise UsageError(f"--{name.replace('_', '-')} must be at least {least}, not {value}")
-    if args.output and args.metrics and os.path.abspath(args.output) == os.path.abspath(args.metrics):
+    if args.output and args.metrics and os.path.realpath(args.output) == os.path.realpath(args.metrics):
         raise UsageError(f"--output and --metrics are the same file ({args.output})")
     for path in (args.output, args.metrics):
         if path and os.path.isdir(path):
@@ -179,17 +184,19 @@ def run(args) -> dict | None:
     if has_labels:
         T.check_labels(task, examples, labels, T._name(args.input), model_dir=args.model)
     if task == "choice":  # a batch holds one number of choices
-        _check_choice_counts(examples, len(examples[0]["choices"]), "its first question")
-    if not settings:
-        _log(f"{args.model} has no finetune.json: its input settings are not known; using max length "
-             f"{args.max_length or 128}" + (f", {'' if args.null_answers == 'on' else 'no '}unanswerable questions"
-                                            if task == "qa" else ""))
+        _check_choice_counts(examples, len(examples[0]["choices"]), "the first question has {n}")
     positions = model.config.max_position_embeddings
     max_length = args.max_length or settings.get("max_length") or 128
     if max_length > positions:
-        given = f"--max-length {max_length}" if args.max_length else f"the fine-tuned max length {max_length}"
-        _log(f"{given} is above the model's {positions} positions; using {positions}")
+        if args.max_length or settings:  # else the default's cap is said below, once
+            given = f"--max-length {max_length}" if args.max_length else f"the fine-tuned max length {max_length}"
+            _log(f"{given} is above the model's {positions} positions; using {positions}")
         max_length = positions
+    if not settings:
+        _log(f"{args.model} has no finetune.json: its input settings are not known; using max length "
+             f"{max_length}" + (f" (the model's positions)" if max_length < 128 and not args.max_length else "")
+             + (f", {'' if args.null_answers == 'on' else 'no '}unanswerable questions"
+                                if task == "qa" else ""))
     doc_stride = args.doc_stride if args.doc_stride is not None else settings.get("doc_stride")
     max_answer = args.max_answer_length or settings.get("max_answer_length") or 30
     qa_null = {"on": True, "off": False}.get(args.null_answers, bool(settings.get("qa_null", False)))

@@ -147,7 +147,7 @@ def test_predict_choice_needs_one_number_of_choices(micro_model, tmp_path, capsy
                                         {"question": "q", "choices": ["a", "b"]}])
     capsys.readouterr()
     assert cli(["predict", "--model", str(out), "--input", inp, "--device", "cpu", "--no-progress"]) == 2
-    assert "c.jsonl:2: 2 choices, but its first question has 3 per question" in capsys.readouterr().err
+    assert "c.jsonl:2: 2 choices, but the first question has 3 (every question needs the same number)" in capsys.readouterr().err
 
 
 def test_predict_reads_labels_numbered_by_config_as_the_files_integers(micro_model, tmp_path, capsys):
@@ -172,6 +172,53 @@ def test_predict_reads_labels_numbered_by_config_as_the_files_integers(micro_mod
     accuracy = sum(g == i % 2 for i, g in enumerate(got)) / len(texts)
     assert json.loads((tmp_path / "m.json").read_text())["accuracy"] == pytest.approx(accuracy)
     assert "has no finetune.json" in captured.err  # the defaulted settings are said
+    unlabelled = _unlabelled("classify", inp, tmp_path / "unl.jsonl")
+    assert cli(["predict", "--model", str(ckpt), "--task", "classify", "--input", unlabelled, "--device", "cpu",
+                "--no-progress"]) == 0
+    assert [json.loads(line)["label"] for line in capsys.readouterr().out.splitlines()] == got  # labels or not
+
+
+def test_predict_without_finetune_json_reads_integer_label_names_as_integers(micro_model, tmp_path, capsys):
+    """Integer labels 1..3 (not ids): finetune saves id2label {0: "1", 1: "2", 2: "3"}; with finetune.json
+    gone, predict still gives the integers 1..3 and scores the file against them."""
+    files = make_data("pair", tmp_path, random.Random(1))
+    for split in ("train", "dev"):
+        rows = [json.loads(line) for line in open(files[split])]
+        _jsonl(tmp_path / f"{split}.jsonl", [dict(r, label=r["label"] + 1) for r in rows])
+    out = tmp_path / "out"
+    assert cli(["finetune", "--task", "pair", "--model", micro_model, "--train", files["train"], "--dev",
+                files["dev"], "--out", str(out), "--epochs", "2", "--batch-size", "8", "--max-length", "24",
+                "--lr", "1e-3", "--device", "cpu", "--no-progress"]) == 0
+    predict = ["predict", "--model", str(out), "--input", files["dev"], "--device", "cpu", "--no-progress",
+               "--max-length", "24"]
+    capsys.readouterr()
+    assert cli(predict) == 0
+    want = [json.loads(line)["label"] for line in capsys.readouterr().out.splitlines()]
+    assert set(want) <= {1, 2, 3} and len(want) == 10
+    (out / "finetune.json").unlink()
+    assert cli(predict + ["--task", "pair", "--metrics", str(tmp_path / "m.json")]) == 0
+    assert [json.loads(line)["label"] for line in capsys.readouterr().out.splitlines()] == want
+    accuracy = sum(w == json.loads(line)["label"] for w, line in zip(want, open(files["dev"]))) / len(want)
+    assert json.loads((tmp_path / "m.json").read_text())["accuracy"] == pytest.approx(accuracy)
+
+
+def test_predict_batches_as_finetuning_evaluated(micro_model, tmp_path, monkeypatch):
+    """The batch size defaults to finetune.json's eval_batch_size (2 x --batch-size 8 here); --batch-size
+    overrides it."""
+    from fastbert import finetune
+    _, out = _finetune(micro_model, tmp_path, "classify")
+    assert json.loads((out / "finetune.json").read_text())["eval_batch_size"] == 16
+    seen = []
+
+    def predict(model, task, feats, batch_size, *args):
+        seen.append(batch_size)
+        return real(model, task, feats, batch_size, *args)
+    real = finetune.predict
+    monkeypatch.setattr(finetune, "predict", predict)
+    inp = _jsonl(tmp_path / "in.jsonl", [{"text": "good movie"}, {"text": "bad"}])
+    for extra in ([], ["--batch-size", "3"]):
+        assert cli(["predict", "--model", str(out), "--input", inp, "--device", "cpu", "--no-progress"] + extra) == 0
+    assert seen == [16, 3]
 
 
 def test_predict_refuses_a_label_set_that_does_not_fit_the_head(micro_model, tmp_path, capsys):
