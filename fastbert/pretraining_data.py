@@ -291,11 +291,13 @@ class Corpus:
         return int(sum(len(s.tokens) for s in self.shards))
 
     def token_share(self, token_id: int, sample: int = 1 << 22) -> float:
-        """The share of the corpus' tokens equal to ``token_id``, from the first ``sample`` tokens of
-        each shard (a whole corpus of gigabytes would be read for a warning)."""
+        """The share of the corpus' tokens equal to ``token_id``, from about ``sample`` tokens in all,
+        the head of every shard an equal part of it (a whole corpus of gigabytes would be read for a
+        warning; one shard's head alone could be unlike the rest)."""
         hits = seen = 0
+        per_shard = -(-sample // max(len(self._views), 1))
         for tokens, _, _ in self._views:
-            head = tokens[:sample]
+            head = tokens[:per_shard]
             hits += int(np.count_nonzero(head == token_id))
             seen += len(head)
         return hits / max(seen, 1)

@@ -800,3 +800,18 @@ def test_a_pickled_corpus_carries_its_tokens_once_and_reads_the_same(tmp_path):
     again = pickle.loads(blob)
     for i in range(corpus.num_documents):
         assert [s.tolist() for s in again.document(i)] == [s.tolist() for s in corpus.document(i)]
+
+
+def test_token_share_samples_every_shard_within_one_budget():
+    """token_share reads about `sample` tokens in all, an equal head of each shard: 4 shards of 100 tokens
+    with token 7 only in the last shard's head, and a budget of 40: 10 per shard, 10 hits of 40."""
+    shards = []
+    for k in range(4):
+        tokens = np.full(100, 5, dtype=np.int32)
+        if k == 3:
+            tokens[:10] = 7
+        shards.append(Shard(tokens, np.array([0, 100]), np.array([0, 1]), f"<memory {k}>"))
+    corpus = Corpus(shards)
+    assert corpus.token_share(7, sample=40) == pytest.approx(10 / 40)
+    assert corpus.token_share(7, sample=400) == pytest.approx(10 / 400)
+    assert corpus.token_share(5, sample=1 << 22) == pytest.approx(390 / 400)
