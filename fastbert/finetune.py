@@ -18,7 +18,8 @@ predict --model OUT`` reads), ``metrics.json`` = {"dev": {...}, "test": {...}} (
 only when --test is given), and ``predictions.jsonl`` with one line per test example (if --test).
 metrics.json also records the run: the per-epoch "history", "train_seconds" (wall time of the
 training steps only: forward, backward, optimizer; dev evaluations excluded, the device synchronised
-before the clock is read), "eval_seconds", "impl", "device", "precision" and "threads".
+before the clock is read), "eval_seconds", "steps" (optimizer steps run; fewer than "planned_steps",
+the schedule's length, when --patience stopped the run), "impl", "device", "precision" and "threads".
 As the run goes: ``history.jsonl`` gets the training loss of every 10 steps and each epoch's dev
 metrics (written after the epoch, outside the timed steps), and the model is saved to OUT whenever
 dev improves — so a crash or Ctrl-C keeps the best epoch so far (OUT then lacks metrics.json, which
@@ -461,6 +462,10 @@ def run(args) -> dict:
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number at least 0, not {getattr(args, name)}")
     if not 0 <= args.warmup <= 1:
         raise UsageError(f"--warmup is a fraction of the steps in [0, 1], not {args.warmup}")
+    for name in ("train", "dev", "test", "labels"):  # the readers take "-" as standard input: predict's only
+        if getattr(args, name, None) == T.STDIN:
+            raise UsageError(f"--{name} -: fastbert finetune reads files by name (standard input is for "
+                             f"fastbert predict --input -)")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -22,7 +22,7 @@ with ``--probabilities`` (classify, pair, choice) also ``"probabilities"``: the 
 as {label: p} (choice: a list over the choices).
 Inputs longer than the model's --max-length are cut as in fine-tuning (qa: overlapping windows); the
 settings default to finetune.json's (max length, qa windows and null answers, evaluation batch size),
-so on fine-tuning's device and precision the predictions are its own. A folder without finetune.json
+so on fine-tuning's device, precision and thread count the predictions are its own. A folder without finetune.json
 is predicted with max length 128 and no null answers unless told, which the command says.
 A file --output is written whole or not at all.
 """

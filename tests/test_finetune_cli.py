@@ -594,6 +594,8 @@ def test_encode_bad_sizes_are_a_clear_error(micro_model, tmp_path, capsys):
     (["--max-grad-norm=-1"], "--max-grad-norm must be a finite number at least 0"),
     (["--max-grad-norm", "nan"], "--max-grad-norm must be a finite number at least 0"),
     (["--warmup", "1.5"], "--warmup is a fraction of the steps in [0, 1]"),
+    (["--train", "-"], "--train -: fastbert finetune reads files by name"),  # "-" is predict's stdin only
+    (["--test", "-"], "--test -: fastbert finetune reads files by name"),
 ])
 def test_finetune_bad_sizes_are_a_usage_error(micro_model, tmp_path, capsys, extra, message):
     tr = _jsonl(tmp_path / "tr.jsonl", [{"text": "good", "label": 1}, {"text": "bad", "label": 0}])
