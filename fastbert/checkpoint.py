@@ -153,6 +153,17 @@ def load_state_dict_into(model: torch.nn.Module, state: dict) -> dict:
     info = {"missing_keys": set(head_missing), "unexpected_keys": set(unexpected), "mismatched_keys": set(),
             "error_msgs": []}
 
+    decoder_key, embedding_key = "cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"
+    if (tied_decoder and decoder_key in state and embedding_key in state
+            and not torch.equal(state[decoder_key].to(state[embedding_key].dtype), state[embedding_key])):
+        # Two different matrices under a tied config: transformers keeps both (unties them, with a
+        # warning), so the MLM logits come from the decoder's and the encoder reads the embeddings.
+        warnings.warn(f"{type(model).__name__}: the checkpoint's {decoder_key} differs from its {embedding_key} "
+                      f"although config.tie_word_embeddings is true: both are kept, untied (as transformers "
+                      f"does); set tie_word_embeddings=False in config.json to silence this", stacklevel=4)
+        decoder = model.get_output_embeddings()
+        decoder.weight = torch.nn.Parameter(decoder.weight.detach().clone(), requires_grad=decoder.weight.requires_grad)
+
     with torch.no_grad():
         params = dict(model.named_parameters(remove_duplicate=False))
         params.update(dict(model.named_buffers()))

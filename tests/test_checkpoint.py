@@ -556,3 +556,30 @@ def test_a_config_object_given_to_from_pretrained_stays_the_callers(tmp_path):
     assert config.vocab_size == CFG["vocab_size"]
     second = fastbert.BertForMaskedLM.from_pretrained(tmp_path, config=config)
     assert second.config.vocab_size == CFG["vocab_size"] and first.config.vocab_size == CFG["vocab_size"] + 8
+
+
+@pytest.mark.parametrize("name", ["BertForMaskedLM", "BertForPreTraining"])
+def test_a_tied_config_with_two_different_decoder_and_embedding_matrices_keeps_both(name, tmp_path):
+    """A checkpoint whose cls.predictions.decoder.weight differs from its word embeddings under
+    tie_word_embeddings=True: transformers unties them and keeps both, so the encoder reads the
+    embeddings and the logits come from the decoder; fastbert loads it the same (with a warning) and
+    saves both again."""
+    from safetensors.torch import load_file, save_file
+    getattr(transformers, name)(transformers.BertConfig(**CFG)).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    embeddings = state["bert.embeddings.word_embeddings.weight"]
+    state["cls.predictions.decoder.weight"] = decoder = torch.randn_like(embeddings)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="both are kept, untied"):
+        ours = getattr(fastbert, name).from_pretrained(tmp_path).eval()
+    theirs = getattr(transformers, name).from_pretrained(tmp_path).eval()
+    assert torch.equal(ours.bert.embeddings.word_embeddings.weight, embeddings)
+    assert torch.equal(ours.cls.predictions.decoder.weight, decoder)
+    ids = torch.randint(1, CFG["vocab_size"], (2, 7))
+    with torch.no_grad():
+        want, got = _first_output(theirs(ids)), _first_output(ours(ids))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    ours.save_pretrained(tmp_path / "again")
+    saved = load_file(tmp_path / "again" / "model.safetensors")
+    assert torch.equal(saved["cls.predictions.decoder.weight"], decoder)
+    assert torch.equal(saved["bert.embeddings.word_embeddings.weight"], embeddings)
