@@ -118,27 +118,35 @@ def _align_prefix(state: dict, expected: set, prefix: str) -> dict:
     return state
 
 
-def load_state_dict_into(model: torch.nn.Module, state: dict) -> dict:
-    """Copies ``state`` into ``model`` by transformers' rules; returns transformers' loading info."""
+def load_state_dict_into(model: torch.nn.Module, state: dict, ignore_mismatched_sizes: bool = False) -> dict:
+    """Copies ``state`` into ``model`` by transformers' rules; returns transformers' loading info.
+    A weight of another shape is an error, or with ignore_mismatched_sizes (transformers' keyword: a
+    head for another label count) left as initialised, warned and listed in "mismatched_keys"."""
     expected = model.state_dict()
     state = {_rename_legacy(k): v for k, v in state.items() if k not in IGNORED}
     state = _align_prefix(state, set(expected), "bert.")
     state = {k: v for k, v in state.items() if k not in IGNORED}
 
     tied_decoder = model.config.tie_word_embeddings and "cls.predictions.decoder.weight" in expected
-    missing, mismatched = [], []
+    missing, mismatched = [], []  # mismatched: (key, the checkpoint's shape, the model's)
     for key, param in expected.items():
         if key in state:
             if tuple(state[key].shape) != tuple(param.shape):
-                mismatched.append(f"{key}: checkpoint {tuple(state[key].shape)}, model {tuple(param.shape)}")
+                mismatched.append((key, tuple(state[key].shape), tuple(param.shape)))
         elif key in TIED and TIED[key] in state:
             continue
         elif key == "cls.predictions.decoder.weight" and tied_decoder:
             continue  # the word-embedding matrix itself
         else:
             missing.append(key)
+    said = [f"{key}: checkpoint {theirs}, model {ours}" for key, theirs, ours in mismatched]
+    if mismatched and not ignore_mismatched_sizes:
+        raise ValueError("checkpoint weights have the wrong shape:\n  " + "\n  ".join(said)
+                         + "\n(from_pretrained(..., ignore_mismatched_sizes=True) initialises them afresh)")
     if mismatched:
-        raise ValueError("checkpoint weights have the wrong shape:\n  " + "\n  ".join(mismatched))
+        warnings.warn(f"{type(model).__name__}: newly initialised (another shape in the checkpoint): "
+                      + "; ".join(said), stacklevel=4)
+        state = {k: v for k, v in state.items() if k not in {key for key, _, _ in mismatched}}
     head_missing = [k for k in missing if k.startswith(HEAD_PREFIXES)]
     body_missing = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
     if body_missing:
@@ -150,7 +158,7 @@ def load_state_dict_into(model: torch.nn.Module, state: dict) -> dict:
     if unexpected:
         warnings.warn(f"{type(model).__name__}: checkpoint weights not used: {', '.join(unexpected)}", stacklevel=4)
     # transformers 5's types: sets of names, a list of messages
-    info = {"missing_keys": set(head_missing), "unexpected_keys": set(unexpected), "mismatched_keys": set(),
+    info = {"missing_keys": set(head_missing), "unexpected_keys": set(unexpected), "mismatched_keys": set(mismatched),
             "error_msgs": []}
 
     decoder_key, embedding_key = "cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"
@@ -194,6 +202,7 @@ def load_pretrained(cls, path, dtype=None, **config_overrides):
     device = _resolve_device_map(config_overrides.pop("device_map", None))
     loading_info = config_overrides.pop("output_loading_info", False)
     use_safetensors = config_overrides.pop("use_safetensors", None)
+    ignore_mismatched = bool(config_overrides.pop("ignore_mismatched_sizes", False))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a checkpoint folder (config.json + {SAFETENSORS})")
     if dtype is None:  # transformers' older name of dtype, still taken there
@@ -210,7 +219,7 @@ def load_pretrained(cls, path, dtype=None, **config_overrides):
             dtype = named
         else:
             dtype = stored.most_common(1)[0][0] if stored else None
-    info = load_state_dict_into(model, state)
+    info = load_state_dict_into(model, state, ignore_mismatched)
     if cls.__name__ in LAYER_MIX_HEADS and os.path.exists(os.path.join(path, LAYER_MIX_META)):
         # a `fastbert finetune --freeze all` folder: the trained head is in layer_mix.safetensors
         warnings.warn(f"{path} holds a layer-mix model (fastbert finetune --freeze all): {cls.__name__}'s task "

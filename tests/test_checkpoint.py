@@ -89,6 +89,32 @@ def test_misshaped_weight_raises_naming_it(tmp_path):
         fastbert.BertModel.from_pretrained(tmp_path)
 
 
+def test_ignore_mismatched_sizes_starts_a_head_of_another_shape_afresh_as_transformers(tmp_path):
+    """A 2-label classifier loaded for 5 labels with ignore_mismatched_sizes=True: the classifier starts
+    afresh (bias zero, as initialised), the encoder is the checkpoint's, loading info lists the two keys
+    as mismatched (not missing), and the keyword is not saved into config.json."""
+    torch.manual_seed(0)
+    hf = transformers.BertForSequenceClassification(transformers.BertConfig(**CFG))
+    with torch.no_grad():
+        hf.classifier.bias.fill_(3.0)
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="ignore_mismatched_sizes=True"):
+        fastbert.BertForSequenceClassification.from_pretrained(tmp_path, num_labels=5)
+    with pytest.warns(UserWarning, match=r"classifier.weight: checkpoint \(2, 32\), model \(5, 32\)"):
+        ours, info = fastbert.BertForSequenceClassification.from_pretrained(
+            tmp_path, num_labels=5, ignore_mismatched_sizes=True, output_loading_info=True)
+    theirs, their_info = transformers.BertForSequenceClassification.from_pretrained(
+        tmp_path, num_labels=5, ignore_mismatched_sizes=True, output_loading_info=True)
+    assert {k for k, _, _ in info["mismatched_keys"]} == {k for k, _, _ in their_info["mismatched_keys"]} \
+        == {"classifier.weight", "classifier.bias"}
+    assert not info["missing_keys"] and not their_info["missing_keys"]
+    assert ours.classifier.weight.shape == (5, 32) and torch.equal(ours.classifier.bias, torch.zeros(5))
+    encoder = "bert.encoder.layer.1.output.dense.weight"
+    assert torch.equal(ours.state_dict()[encoder], hf.state_dict()[encoder])
+    ours.save_pretrained(tmp_path / "again")
+    assert "ignore_mismatched_sizes" not in json.loads((tmp_path / "again" / "config.json").read_text())
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
 def test_corrupt_safetensors_raises_clear_error(tmp_path, damage):
     fastbert.BertModel(fastbert.BertConfig(**CFG)).save_pretrained(tmp_path)
