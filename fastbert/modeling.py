@@ -1239,6 +1239,9 @@ class BertForPreTraining(BertPreTrainedModel):
 
 
 class BertForMaskedLM(BertPreTrainedModel):
+    """In training with labels the head runs on the labelled rows only (logits None); labels all -100
+    then give loss 0.0 and zero gradients, not transformers' nan (eval mode gives its nan)."""
+
     def __init__(self, config: BertConfig):
         super().__init__(config)
         self.bert = BertModel(config, add_pooling_layer=False)

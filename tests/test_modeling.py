@@ -368,6 +368,10 @@ def test_no_masked_token_gives_zero_mlm_loss_and_grads():
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is None or not p.grad.any() for p in ours.parameters())
+    hf, ours = make_pair("BertForMaskedLM", cfg)  # eval mode: the full logits, transformers' nan
+    hf.eval(), ours.eval()
+    labels = torch.full_like(inputs["input_ids"], -100)
+    assert hf(**inputs, labels=labels).loss.isnan() and ours(**inputs, labels=labels).loss.isnan()
 
 
 def test_return_dict_false_gives_transformers_tuple_order():
