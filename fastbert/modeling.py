@@ -881,6 +881,9 @@ def _check_inputs(config, input_ids, attention_mask, token_type_ids, position_id
             raise ValueError(f"inputs_embeds must be (batch, seq, {config.hidden_size}), "
                              f"got {tuple(inputs_embeds.shape)}")
         shape = tuple(inputs_embeds.shape[:2])
+    if 0 in shape:  # transformers fails here too, in a reshape; say what is wrong instead
+        raise ValueError(f"an empty batch: the input is {shape} (batch, seq); give at least one row of at least "
+                         f"one token")
     if shape[1] > config.max_position_embeddings:
         raise ValueError(f"sequence length {shape[1]} exceeds max_position_embeddings "
                          f"{config.max_position_embeddings}")

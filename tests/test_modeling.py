@@ -573,6 +573,8 @@ def test_word_embedding_gradient_reuses_its_memory_only_when_no_one_holds_it():
     ("one_dim", r"\(batch, seq\)"),
     ("negative_mask", "attention_mask must be 0"),
     ("position_row_length", "position_ids has shape"),
+    ("empty_seq", r"an empty batch: the input is \(2, 0\)"),
+    ("empty_batch", r"an empty batch: the input is \(0, 5\)"),
 ])
 def test_bad_input_raises_clear_error(case, match):
     cfg = CONFIGS["gelu-2types"]
@@ -599,6 +601,10 @@ def test_bad_input_raises_clear_error(case, match):
         kw["attention_mask"] = torch.tensor([[1, 1, 1, 0, 0], [1, 1, -1, 0, 0]])
     elif case == "position_row_length":  # one (1, S) row for all takes S positions, not S + 1
         kw["position_ids"] = torch.arange(6)[None]
+    elif case == "empty_seq":
+        kw["input_ids"] = ids[:, :0]
+    elif case == "empty_batch":
+        kw["input_ids"] = ids[:0]
     with pytest.raises(ValueError, match=match):
         model(**kw)
 
