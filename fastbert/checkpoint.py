@@ -118,6 +118,9 @@ def _align_prefix(state: dict, expected: set, prefix: str) -> dict:
     return state
 
 
+MISMATCH_HINT = "\n(from_pretrained(..., ignore_mismatched_sizes=True) initialises them afresh)"
+
+
 def load_state_dict_into(model: torch.nn.Module, state: dict, ignore_mismatched_sizes: bool = False) -> dict:
     """Copies ``state`` into ``model`` by transformers' rules; returns transformers' loading info.
     A weight of another shape is an error, or with ignore_mismatched_sizes (transformers' keyword: a
@@ -141,8 +144,7 @@ def load_state_dict_into(model: torch.nn.Module, state: dict, ignore_mismatched_
             missing.append(key)
     said = [f"{key}: checkpoint {theirs}, model {ours}" for key, theirs, ours in mismatched]
     if mismatched and not ignore_mismatched_sizes:
-        raise ValueError("checkpoint weights have the wrong shape:\n  " + "\n  ".join(said)
-                         + "\n(from_pretrained(..., ignore_mismatched_sizes=True) initialises them afresh)")
+        raise ValueError("checkpoint weights have the wrong shape:\n  " + "\n  ".join(said) + MISMATCH_HINT)
     if mismatched:
         warnings.warn(f"{type(model).__name__}: newly initialised (another shape in the checkpoint): "
                       + "; ".join(said), stacklevel=4)

@@ -166,6 +166,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", metavar="FILE",
                    help="classify / pair / ner: the label set, one label a line, in id order (default: the "
                         "labels seen in the training file); needed when a short training file lacks some")
+    p.add_argument("--new-head", action="store_true",
+                   help="a task head in --model of another shape (fine-tuned for another label count) starts "
+                        "afresh instead of being an error (transformers' ignore_mismatched_sizes)")
     p.add_argument("--random-init", action="store_true",
                    help="use the config and tokenizer of --model but freshly initialised weights")
     p.add_argument("--batching", choices=("bucketed", "random"), default="bucketed",
@@ -190,10 +193,12 @@ def _log(msg: str) -> None:
 
 # ------------------------------------------------------------------------------------------- model
 
-def build_model(task, model_dir, labels, freeze, random_init=False):
+def build_model(task, model_dir, labels, freeze, random_init=False, new_head=False):
     """The fastbert model for `task`: the checkpoint's weights (task head freshly initialised when
-    the checkpoint has none), or with random_init every weight fresh; the caller seeds torch."""
+    the checkpoint has none, or with new_head when its head has another shape: a 2-label classifier
+    given 3 labels), or with random_init every weight fresh; the caller seeds torch."""
     from . import modeling as M
+    from .checkpoint import HEAD_PREFIXES, MISMATCH_HINT
     from .config import BertConfig
     from .layer_mix import LayerMixModel, freeze_lowest
 
@@ -206,7 +211,15 @@ def build_model(task, model_dir, labels, freeze, random_init=False):
     if random_init:
         model = cls(BertConfig.from_pretrained(model_dir, **label_cfg))
     else:
-        model = cls.from_pretrained(model_dir, **label_cfg)
+        try:
+            model, info = cls.from_pretrained(model_dir, ignore_mismatched_sizes=new_head,
+                                              output_loading_info=True, **label_cfg)
+        except ValueError as e:  # the command's way out, not the API's keyword
+            raise ValueError(str(e).replace(MISMATCH_HINT, "\n(--new-head starts a head of another shape "
+                                                           "afresh)")) from None
+        body = sorted(k for k, _, _ in info["mismatched_keys"] if not k.startswith(HEAD_PREFIXES))
+        if body:  # --new-head is for the head; an encoder of another shape is another model
+            raise ValueError(f"checkpoint weights have the wrong shape: {', '.join(body)}")
     if freeze == "all":
         # the head's dropout follows the checkpoint's config (0.1 for BERT's), as a fine-tuned head's does
         return LayerMixModel(model, task, num_labels=len(labels) if labels else 2,
@@ -526,7 +539,8 @@ def run(args) -> dict:
     # The model before the output folder is touched: a checkpoint that does not load (weights of
     # another shape, e.g. a head fine-tuned for another label set) leaves an earlier run there intact.
     with _loading(args.model):
-        model = build_model(task, args.model, labels, freeze, random_init=args.random_init)
+        model = build_model(task, args.model, labels, freeze, random_init=args.random_init,
+                            new_head=getattr(args, "new_head", False))
     if args.impl == "transformers":
         model = to_transformers(model, task, freeze)
     try:  # the output folder, checked before training rather than after it

@@ -1209,7 +1209,8 @@ class BertForPreTraining(BertPreTrainedModel):
     NSP loss is the mean over the real examples (and the MLM loss the mean over every masked token
     of the batch, as unpacked). As in transformers, the loss needs both label kinds; in training mode
     MLM ``labels`` alone give loss None and, by API.md's masked-rows rule, prediction_logits None too:
-    pass next_sentence_label, or use BertForMaskedLM's loss for MLM alone."""
+    pass next_sentence_label, or use BertForMaskedLM's loss for MLM alone. In training, MLM labels all
+    -100 add 0.0 (transformers: nan), so the loss is the NSP loss alone."""
 
     def __init__(self, config: BertConfig):
         super().__init__(config)
@@ -1243,7 +1244,8 @@ class BertForPreTraining(BertPreTrainedModel):
 
 class BertForMaskedLM(BertPreTrainedModel):
     """In training with labels the head runs on the labelled rows only (logits None); labels all -100
-    then give loss 0.0 and zero gradients, not transformers' nan (eval mode gives its nan)."""
+    then give loss 0.0 and zero gradients (an optimizer step still applies its momentum and weight
+    decay), not transformers' nan (eval mode gives its nan)."""
 
     def __init__(self, config: BertConfig):
         super().__init__(config)
@@ -1412,6 +1414,9 @@ class BertForMultipleChoice(BertPreTrainedModel):
         ref = input_ids if input_ids is not None else inputs_embeds
         if ref is None or ref.dim() < 3:
             raise ValueError("BertForMultipleChoice takes input of shape (batch, choices, seq)")
+        if 0 in ref.shape[:3]:  # said here: flattened, the shape the user gave is lost
+            raise ValueError(f"an empty batch: the input is {tuple(ref.shape[:3])} (batch, choices, seq); give at "
+                             f"least one question of at least one choice of at least one token")
         choices = ref.shape[1]
 
         def flat(t):  # (B, C, S, ...) -> (B*C, S, ...)

@@ -124,10 +124,11 @@ def label_list(task: str, settings: dict, model, examples: list) -> list | None:
     names = settings.get("labels")
     if names is None:
         names = [str(model.config.id2label[i]) for i in range(len(model.config.id2label))]
-        string_labels = T.labelled(task, examples) and any(type(ex["label"]) is str for ex in examples)
-        if task != "ner" and not string_labels:
-            if all(re.fullmatch(r"-?\d+", n) for n in names):
-                names = [int(n) for n in names]
+        # (ner's tags are strings whatever their names)
+        if task != "ner" and not (T.labelled(task, examples) and any(type(ex["label"]) is str for ex in examples)):
+            as_ints = [int(n) if re.fullmatch(r"-?[0-9]+", n) and str(int(n)) == n else None for n in names]
+            if None not in as_ints:  # as str(int) wrote them: "7", not "007" (a code that is a string)
+                names = as_ints
             elif all(n == f"LABEL_{i}" for i, n in enumerate(names)):
                 names = list(range(len(names)))
     n_out = getattr(model, "num_labels", None) or model.config.num_labels

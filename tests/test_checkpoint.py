@@ -609,3 +609,17 @@ def test_a_tied_config_with_two_different_decoder_and_embedding_matrices_keeps_b
     saved = load_file(tmp_path / "again" / "model.safetensors")
     assert torch.equal(saved["cls.predictions.decoder.weight"], decoder)
     assert torch.equal(saved["bert.embeddings.word_embeddings.weight"], embeddings)
+
+
+def test_a_tied_checkpoint_that_stores_both_names_of_one_matrix_stays_tied_and_silent(tmp_path):
+    """transformers 4 wrote tied models with torch.save of the state dict: the decoder's name holds the
+    word embeddings again. That loads tied (one Parameter), with no warning."""
+    hf = transformers.BertForMaskedLM(transformers.BertConfig(**CFG))
+    hf.config.save_pretrained(tmp_path)
+    state = {k: v.clone() for k, v in hf.state_dict().items()}
+    assert torch.equal(state["cls.predictions.decoder.weight"], state["bert.embeddings.word_embeddings.weight"])
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = fastbert.BertForMaskedLM.from_pretrained(tmp_path)
+    assert ours.cls.predictions.decoder.weight is ours.bert.embeddings.word_embeddings.weight

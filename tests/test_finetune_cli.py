@@ -748,12 +748,31 @@ def test_a_model_that_does_not_load_is_a_usage_error_and_leaves_out_intact(micro
     err = capsys.readouterr().err
     assert f"--model {tmp_path / 'o'}: checkpoint weights have the wrong shape" in err, err
     assert "classifier.weight: checkpoint (2, 32), model (3, 32)" in err, err
+    assert "--new-head starts a head of another shape afresh" in err and "ignore_mismatched_sizes" not in err, err
     broken = tmp_path / "broken"
     shutil.copytree(micro_model, broken)
     (broken / "config.json").write_text("{not json")
     assert cli(base + ["--model", str(broken)]) == 2
     assert "config.json is not valid JSON" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in done.iterdir()} == before
+
+
+def test_new_head_fine_tunes_a_classifier_for_another_label_count(micro_model, tmp_path):
+    """--new-head: the 2-label classifier's head starts afresh for 3 labels (warned), its encoder is kept."""
+    from safetensors.torch import load_file
+    assert _classify_run(micro_model, tmp_path, "--epochs", "1")[0] == 0  # tmp_path/o: a 2-label classifier
+    three = _jsonl(tmp_path / "three.jsonl", [{"text": "good", "label": "a"}, {"text": "bad", "label": "b"},
+                                              {"text": "red", "label": "c"}])
+    new = tmp_path / "new"
+    with pytest.warns(UserWarning, match=r"newly initialised \(another shape in the checkpoint\): classifier.weight"):
+        assert cli(["finetune", "--task", "classify", "--model", str(tmp_path / "o"), "--train", three, "--dev",
+                    three, "--out", str(new), "--device", "cpu", "--no-progress", "--epochs", "1", "--lr", "0",
+                    "--new-head"]) == 0
+    before, after = load_file(tmp_path / "o" / "model.safetensors"), load_file(new / "model.safetensors")
+    assert after["classifier.weight"].shape == (3, 32)
+    encoder = "bert.encoder.layer.1.output.dense.weight"
+    assert torch.equal(after[encoder], before[encoder])  # lr 0: the encoder as the checkpoint's
+    assert json.loads((new / "config.json").read_text())["id2label"] == {"0": "a", "1": "b", "2": "c"}
 
 
 def test_qa_with_unanswerable_training_questions_may_answer_nothing(micro_model, tmp_path, capsys, monkeypatch):

@@ -609,6 +609,13 @@ def test_bad_input_raises_clear_error(case, match):
         model(**kw)
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 5), (2, 0, 5), (2, 3, 0)])
+def test_multiple_choice_names_an_empty_input_by_its_own_shape(shape):
+    model = fastbert.BertForMultipleChoice(fastbert.BertConfig(**CONFIGS["gelu-2types"])).eval()
+    with pytest.raises(ValueError, match=rf"an empty batch: the input is \({shape[0]}, {shape[1]}, {shape[2]}\)"):
+        model(torch.zeros(shape, dtype=torch.long))
+
+
 def test_unsupported_activation_is_named():
     with pytest.raises(ValueError, match="relu"):
         fastbert.BertConfig(hidden_act="relu")

@@ -280,3 +280,36 @@ def test_predict_reads_standard_input(micro_model, tmp_path, capsys, monkeypatch
         monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)))
         assert cli(["predict", "--model", str(out), "--input", "-", "--device", "cpu", "--no-progress"]) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("names, labels, want", [
+    (["LABEL_0", "LABEL_1"], None, [0, 1]),                  # transformers' default names: the ids
+    (["LABEL_0", "LABEL_1"], [1, 0], [0, 1]),
+    (["1", "2", "3"], None, [1, 2, 3]),                      # finetune's str() of integer labels
+    (["-1", "0", "1"], [0, -1], [-1, 0, 1]),
+    (["1", "2"], ["2", "1"], ["1", "2"]),                    # the file's labels are strings: so are the names
+    (["1", "01"], None, ["1", "01"]),                        # not as str(int) writes integers: codes
+    (["007", "008"], [7], ["007", "008"]),
+    (["\u0661", "\u0662"], None, ["\u0661", "\u0662"]),      # other scripts' digits are not integers here
+    (["neg", "pos"], None, ["neg", "pos"]),
+    (["LABEL_1", "LABEL_0"], None, ["LABEL_1", "LABEL_0"]),  # not the default numbering
+])
+def test_label_list_reads_config_names_as_integers_only_where_they_print_as_integers(names, labels, want):
+    from types import SimpleNamespace
+
+    from fastbert.predict import label_list
+    config = SimpleNamespace(id2label=dict(enumerate(names)), num_labels=len(names))
+    model = SimpleNamespace(config=config, num_labels=len(names))
+    examples = [{"text": "x"} if labels is None else {"text": "x", "label": lab} for lab in (labels or [None])]
+    got = label_list("classify", {}, model, examples)
+    assert got == want and [type(g) for g in got] == [type(w) for w in want]
+
+
+def test_label_list_of_ner_keeps_its_tags_labelled_or_not():
+    from types import SimpleNamespace
+
+    from fastbert.predict import label_list
+    names = ["O", "B-X", "I-X"]
+    model = SimpleNamespace(config=SimpleNamespace(id2label=dict(enumerate(names)), num_labels=3), num_labels=3)
+    for examples in ([{"tokens": ["a"], "tags": ["O"]}], [{"tokens": ["a"]}]):
+        assert label_list("ner", {}, model, examples) == names
