@@ -6,31 +6,38 @@ Reads one text per line (stdin when --input is absent; the newline is stripped, 
 kept, and an empty line still gets an embedding, so row i always belongs to line i). Pooling:
 ``mean`` = the mean of the last hidden layer over real tokens ([CLS] and [SEP] included, as
 sentence-transformers does), ``cls`` = the last hidden state of [CLS] (not the pooler's tanh output).
-``--normalize`` divides each vector by its L2 norm. Output: a float32 ``.npy`` array (lines, hidden)
-when --output ends in .npy, otherwise JSONL rows ``{"text", "embedding"}`` (stdout by default).
-Texts longer than --max-length tokens (default: the model's maximum positions, at most 512) are
-truncated, and the count is printed to stderr. On a CUDA device batches of up to 256 run as CUDA
-graph replays (``--cuda-graphs``, default auto; fastbert.runtime.GRAPHS_AUTO_MAX_BATCH). ``--device`` / ``--precision`` as for `fastbert
-finetune` (fastbert.runtime): default cuda when a GPU is visible, auto = bf16 autocast there; the
-pooling itself and the output are always fp32.
+``--normalize`` divides each vector by its L2 norm (a sentence-transformers folder whose modules.json
+ends in Normalize is said to want it). Output: a float32 ``.npy`` array (lines, hidden) when --output
+ends in .npy (any case), otherwise JSONL rows ``{"text", "embedding"}`` with values rounded to 6
+decimals (stdout by default). Texts longer than --max-length tokens are truncated, and the count is
+printed to stderr; the default is sentence-transformers' max_seq_length where the folder has its
+sentence_bert_config.json (all-MiniLM-L6-v2: 256), else the model's positions, at most 512. On a
+CUDA device batches of up to 256 run as CUDA graph replays (``--cuda-graphs``, default auto;
+fastbert.runtime.GRAPHS_AUTO_MAX_BATCH). ``--device`` / ``--precision`` as for `fastbert finetune`
+(fastbert.runtime): default cuda when a GPU is visible, auto = bf16 autocast there; the pooling
+itself and the output are always fp32.
 
 The input is read and encoded --chunk-size lines at a time (length-sorted batches within each chunk),
 so memory does not grow with the input: JSONL rows are written, in input order, as each chunk is
 done; a ``.npy`` is filled chunk by chunk in a temporary file beside the output (a file --input is
 counted first for its row count; stdin or a pipe is first copied to an anonymous temporary file
-there) and renamed over the output only when complete. Ctrl-C exits 130, saying how many JSONL
-lines were written, or that the .npy was not (no partial .npy is left behind).
+there) and renamed over the output only when complete. Ctrl-C exits 130 (SIGTERM: 143), saying how
+many JSONL lines were written, or that the .npy was not (no partial .npy is left behind). An --output
+that is the --input file, or a .npy --output that is a device or a pipe, is refused.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import itertools
 import json
 import os
+import signal
 import stat
 import sys
 import tempfile
+import threading
 
 import torch
 
@@ -47,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
     p.add_argument("--batch-size", type=int, default=64, help="default 64")
     p.add_argument("--max-length", type=int, default=None,
-                   help="longer texts are truncated (default: the model's positions, at most 512)")
+                   help="longer texts are truncated (default: sentence_bert_config.json's max_seq_length, "
+                        "else the model's positions, at most 512)")
     p.add_argument("--chunk-size", type=int, default=16384,
                    help="lines read, encoded and written at a time (default 16384; ~7.5 kB of tokenizer "
                         "output per line): memory is bounded by it")
@@ -163,12 +171,22 @@ def embed_chunk(model, tok, texts, pooling, normalize, batch_size, max_length, d
     return out.numpy(), info["truncated"]
 
 
-def _check_output(path: str) -> None:
+def _is_npy(path: str | None) -> bool:
+    return bool(path) and path.lower().endswith(".npy")
+
+
+def _check_output(path: str, source: str | None) -> None:
     # through a symlink the file written is its target (a .npy is made beside the target, then renamed
     # over it): the target's folder is the one that must exist and take the file
     folder = os.path.dirname(os.path.realpath(path))
     if os.path.isdir(path):
         raise ValueError(f"--output {path}: is a folder (give a file name: FILE.npy or FILE.jsonl)")
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode) and _is_npy(path):
+        # the renamed temporary file would replace the device or FIFO itself (as root even /dev/null)
+        raise ValueError(f"--output {path}: not a regular file (a device or a pipe); a .npy is written whole "
+                         f"and renamed into place: give a file name")
+    if source is not None and os.path.exists(path) and os.path.exists(source) and os.path.samefile(path, source):
+        raise ValueError(f"--output {path} is the --input file: it would be overwritten while it is read")
     if not os.path.isdir(folder):
         raise ValueError(f"--output {path}: the folder {folder} does not exist")
     # a .npy is written to a temporary file in the folder, then renamed: the folder must be writable. JSONL
@@ -182,7 +200,35 @@ def _check_output(path: str) -> None:
         raise ValueError(f"--output {path}: cannot write there (permission denied)")
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `timeout`), handled as Ctrl-C is: nothing partial left behind; exit 143."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live there only
+        yield
+        return
+
+    def stop(signum, frame):
+        raise _Terminated()
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(e: KeyboardInterrupt) -> int:
+    return 143 if isinstance(e, _Terminated) else 130
+
+
 def main(args) -> int:
+    with _sigterm_as_interrupt():
+        return _main(args)
+
+
+def _main(args) -> int:
     from .modeling import BertModel
     try:
         device = R.resolve_device(args.device)
@@ -194,9 +240,11 @@ def main(args) -> int:
         if args.chunk_size < 1:
             raise ValueError(f"--chunk-size must be at least 1, not {args.chunk_size}")
         if args.output:  # checked before the work, not found after it
-            _check_output(args.output)
+            _check_output(args.output, args.input)
+        if args.input == "":
+            raise ValueError("--input is empty: give a file name (or leave --input out to read stdin)")
         model = BertModel.from_pretrained(args.model).to(device)
-        tok = T.load_tokenizer(args.model)
+        tok = T.load_tokenizer(args.model, "encoding", model.get_input_embeddings().num_embeddings)
         positions = model.config.max_position_embeddings
         if args.max_length is not None and args.max_length > positions:  # as `fastbert finetune` does
             print(f"fastbert encode: --max-length {args.max_length} is above the model's {positions} positions; "
@@ -207,8 +255,11 @@ def main(args) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"fastbert encode: error: {e}", file=sys.stderr)
         return 2
-    max_length = args.max_length or min(512, model.config.max_position_embeddings)
-    npy = bool(args.output) and args.output.endswith(".npy")
+    max_length = args.max_length or _default_max_length(args.model, model.config.max_position_embeddings)
+    if not args.normalize and _normalizes(args.model):
+        print("fastbert encode: the model's modules.json ends in Normalize (sentence-transformers L2-normalises its "
+              "embeddings): add --normalize for the same vectors", file=sys.stderr)
+    npy = _is_npy(args.output)
     spool = None
     try:
         try:
@@ -234,12 +285,38 @@ def main(args) -> int:
             return 2
         lines = (t.rstrip("\n") for t in spool) if spool is not None else iter_lines(source)
         return _encode(args, model, tok, lines, total, npy, device, precision, max_length)
-    except KeyboardInterrupt:  # while the input was counted or copied
+    except KeyboardInterrupt as e:  # while the input was counted or copied
         print("fastbert encode: interrupted before encoding; nothing written", file=sys.stderr)
-        return 130
+        return _stopped(e)
+    except OSError as e:  # the spool beside the output could not be made or written
+        print(f"fastbert encode: error: cannot write beside {args.output}: {e.strerror or e}", file=sys.stderr)
+        return 1
     finally:
         if spool is not None:
             spool.close()
+
+
+def _default_max_length(model_dir: str, positions: int) -> int:
+    """sentence-transformers' max_seq_length where the folder has its sentence_bert_config.json (all-MiniLM-
+    L6-v2's: 256), so that long texts are cut where it cuts them; else the model's positions, at most 512."""
+    try:
+        with open(os.path.join(model_dir, "sentence_bert_config.json"), encoding="utf-8") as f:
+            length = json.load(f).get("max_seq_length")
+    except (OSError, ValueError, AttributeError):
+        length = None
+    if isinstance(length, int) and not isinstance(length, bool) and length >= 8:
+        return min(length, positions)
+    return min(512, positions)
+
+
+def _normalizes(model_dir: str) -> bool:
+    """Whether the folder's sentence-transformers modules.json lists a Normalize module."""
+    try:
+        with open(os.path.join(model_dir, "modules.json"), encoding="utf-8") as f:
+            modules = json.load(f)
+        return any(str(m.get("type", "")).endswith("Normalize") for m in modules)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
 
 
 def _input_why(path, e) -> str:
@@ -299,13 +376,17 @@ def _encode(args, model, tok, lines, total, npy, device, precision, max_length) 
             with bar:
                 # a symlinked --output is written through (as np.save did), not replaced by a file
                 atomic_write_with(os.path.realpath(args.output), write, suffix=".npy")
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             print(f"fastbert encode: interrupted after {n_lines} of {total} lines; {args.output} not written",
                   file=sys.stderr)
-            return 130
+            return _stopped(e)
         except _InputError as e:
             print(f"fastbert encode: error: {e}; {args.output} not written", file=sys.stderr)
             return 2
+        except OSError as e:  # a full disk, a folder that takes no new file
+            print(f"fastbert encode: error: cannot write {args.output}: {e.strerror or e}; not written",
+                  file=sys.stderr)
+            return 1
         _report_truncated(n_trunc, n_lines, max_length)
         return 0
 
@@ -328,15 +409,20 @@ def _encode(args, model, tok, lines, total, npy, device, precision, max_length) 
         if f is sys.stdout:  # and none from the interpreter's own flush of stdout at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(f"fastbert encode: interrupted; {written} lines written to {where}", file=sys.stderr)
-        return 130
+        return _stopped(e)
+    except OSError as e:  # a full disk (BrokenPipeError, also an OSError, is handled above)
+        print(f"fastbert encode: error: cannot write {where}: {e.strerror or e} ({written} lines written before "
+              f"it)", file=sys.stderr)
+        return 1
     except _InputError as e:  # reading stdin or a pipe failed halfway
         print(f"fastbert encode: error: {e} ({written} lines written to {where} before it)", file=sys.stderr)
         return 2
     finally:
         if f is not None and f is not sys.stdout:
-            f.close()
+            with contextlib.suppress(OSError):  # a write error was said above; closing flushes the same bytes
+                f.close()
     if written == 0:
         print("fastbert encode: error: no input lines", file=sys.stderr)
         return 2

@@ -510,7 +510,7 @@ def run(args) -> dict:
         raise UsageError(f"--freeze {freeze}: the model has {config.num_hidden_layers} layers")
 
     with _loading(args.model):
-        tok = T.load_tokenizer(args.model)
+        tok = T.load_tokenizer(args.model, vocab_size=config.vocab_size)
     train_ex = T.read_examples(task, args.train)
     if args.max_train_examples is not None:
         train_ex = train_ex[:args.max_train_examples]

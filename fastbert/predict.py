@@ -178,8 +178,8 @@ def run(args) -> dict | None:
         raise UsageError(f"--null-answers applies to qa, not {task}")
     examples = T.read_examples(task, args.input, require_labels=False)
     with _loading(args.model):
-        tok = T.load_tokenizer(args.model)
         model = load_model(task, args.model)
+        tok = T.load_tokenizer(args.model, vocab_size=model.config.vocab_size)
     labels = label_list(task, settings, model, examples)
     has_labels = T.labelled(task, examples)
     if has_labels:

@@ -286,25 +286,34 @@ def check_labels(task: str, examples: Sequence[dict], labels: Sequence | None, p
 
 # ------------------------------------------------------------------------------------- tokenizer
 
-def load_tokenizer(model_dir: str):
+def load_tokenizer(model_dir: str, needed_for: str = "fine-tuning", vocab_size: int | None = None):
     """A `tokenizers.Tokenizer` for a checkpoint folder: tokenizer.json if present, else a BERT
     WordPiece tokenizer over vocab.txt with the normaliser options of tokenizer_config.json
     (do_lower_case, strip_accents, tokenize_chinese_chars; lower-cased when it says nothing), as
     transformers' BertTokenizer reads them. Padding and truncation are switched off: this module
-    does both itself."""
+    does both itself. needed_for: what the errors say the tokens are needed for. vocab_size: the
+    model's word-embedding rows, which every token id must be below (a ValueError here, not an
+    input-id error in the middle of a run)."""
     from tokenizers import Tokenizer
 
     from .tokenization import CLS, SEP, UNK, load_vocab_txt
 
     tj = os.path.join(model_dir, "tokenizer.json")
     if os.path.isfile(tj):
-        tok = Tokenizer.from_file(tj)
+        try:
+            tok = Tokenizer.from_file(tj)
+        except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+            raise ValueError(f"{tj}: not a readable tokenizer file ({e})") from None
     else:
         vocab = os.path.join(model_dir, "vocab.txt")
         if not os.path.isfile(vocab):
             raise FileNotFoundError(f"{model_dir}: neither tokenizer.json nor vocab.txt found")
         # fine-tuning and encoding need no [MASK] / [PAD] token of the vocabulary
-        tok = load_vocab_txt(vocab, required=(UNK, CLS, SEP), needed_for="fine-tuning")
+        tok = load_vocab_txt(vocab, required=(UNK, CLS, SEP), needed_for=needed_for)
+    top = max(tok.get_vocab(with_added_tokens=True).values(), default=-1)
+    if vocab_size is not None and top >= vocab_size:
+        raise ValueError(f"the tokenizer has token ids up to {top}, but the model {vocab_size} word embeddings: "
+                         f"the folder's tokenizer files are not its model's")
     tok.no_padding()
     tok.no_truncation()
     return tok

@@ -3,6 +3,7 @@ import io
 import json
 import os
 import random
+import stat
 
 import numpy as np
 import pytest
@@ -1117,6 +1118,105 @@ def test_encode_interrupted_npy_leaves_no_file(micro_model, tmp_path, monkeypatc
     assert cli(base + ["--output", str(out)]) == 130
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npy", "in.txt"]
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".jsonl"])
+def test_encode_stopped_by_sigterm_is_stopped_as_by_ctrl_c(micro_model, tmp_path, monkeypatch, capsys, suffix):
+    """SIGTERM (a scheduler, `timeout`) in the second chunk: exit 143, the one-line message of Ctrl-C, no
+    temporary file left (it was: a full-size hidden .tmp beside the output); JSONL keeps its first chunk."""
+    import signal
+
+    from fastbert import encode
+    inp, _ = _encode_input(tmp_path)
+    calls, real, handler = [], encode.embed_chunk, signal.getsignal(signal.SIGTERM)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(encode, "embed_chunk", spy)
+    out = tmp_path / f"e{suffix}"
+    assert cli(_encode_base(micro_model, inp) + ["--chunk-size", "4", "--output", str(out)]) == 143
+    err = capsys.readouterr().err
+    assert "fastbert encode: interrupted" in err and "Traceback" not in err
+    if suffix == ".npy":
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
+    else:
+        assert len(out.read_text().splitlines()) == 4
+    assert signal.getsignal(signal.SIGTERM) is handler  # the command's handler is gone again
+
+
+def test_encode_refuses_outputs_it_would_destroy(micro_model, tmp_path, capsys, monkeypatch):
+    """--output the --input file (it was truncated while read, and the command read its own rows back
+    without end) and a .npy --output that is a pipe (the renamed file replaced it; as root /dev/null
+    too): refused before any work. JSONL into a pipe or a device is written through, as before."""
+    from fastbert.modeling import BertModel
+    inp, lines = _encode_input(tmp_path)
+    before = inp.read_bytes()
+    fifo = tmp_path / "fifo.npy"
+    os.mkfifo(fifo)
+    (tmp_path / "link.txt").symlink_to(inp)
+    real = BertModel.forward
+    monkeypatch.setattr(BertModel, "forward", lambda *a, **k: pytest.fail("encoded before the output check"))
+    for output, message in ((inp, "is the --input file"), (tmp_path / "link.txt", "is the --input file"),
+                            (fifo, "not a regular file (a device or a pipe)")):
+        assert cli(_encode_base(micro_model, inp) + ["--output", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert inp.read_bytes() == before and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    monkeypatch.setattr(BertModel, "forward", real)
+    assert cli(_encode_base(micro_model, inp) + ["--output", os.devnull]) == 0
+
+
+def test_encode_write_errors_and_foreign_tokenizers_are_one_line_errors(micro_model, tmp_path, capsys):
+    """A full disk (/dev/full) while writing JSONL: exit 1 and one line. A tokenizer whose ids pass the
+    model's vocabulary, or a tokenizer.json that does not parse: exit 2, said at load, not mid-run."""
+    import shutil
+    inp, _ = _encode_input(tmp_path)
+    if os.path.exists("/dev/full"):
+        assert cli(_encode_base(micro_model, inp) + ["--output", "/dev/full"]) == 1
+        err = capsys.readouterr().err
+        assert "fastbert encode: error: cannot write /dev/full: No space left on device" in err, err
+        assert "Traceback" not in err
+    big = tmp_path / "big"
+    shutil.copytree(micro_model, big)
+    with open(big / "vocab.txt", "a") as f:
+        f.write("zebra\n")
+    (inp.parent / "z.txt").write_text("zebra\n")
+    base = ["encode", "--input", str(inp.parent / "z.txt"), "--device", "cpu", "--no-progress"]
+    assert cli(base + ["--model", str(big)]) == 2
+    assert "the tokenizer has token ids up to 30, but the model 30 word embeddings" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(micro_model, broken)
+    (broken / "tokenizer.json").write_text("{}")
+    assert cli(base + ["--model", str(broken)]) == 2
+    assert "tokenizer.json: not a readable tokenizer file" in capsys.readouterr().err
+
+
+def test_encode_follows_a_sentence_transformers_folder(micro_model, tmp_path, capsys):
+    """sentence_bert_config.json's max_seq_length is the default cut (all-MiniLM-L6-v2: 256, not 512), and
+    a modules.json ending in Normalize gets a note unless --normalize is given; .NPY is a .npy too."""
+    import shutil
+    folder = tmp_path / "st"
+    shutil.copytree(micro_model, folder)
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 12, "do_lower_case": False}))
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    inp = tmp_path / "in.txt"
+    inp.write_text("the cat sat on the mat " * 4 + "\ngood movie\n")
+    base = ["encode", "--input", str(inp), "--device", "cpu", "--no-progress", "--output"]
+    assert cli(base + [str(tmp_path / "a.NPY"), "--model", str(folder)]) == 0
+    err = capsys.readouterr().err
+    assert "1 of 2 texts truncated to 12 tokens" in err and "add --normalize for the same vectors" in err
+    assert np.load(tmp_path / "a.NPY").shape == (2, 32)
+    assert cli(base + [str(tmp_path / "b.npy"), "--model", str(folder), "--normalize", "--max-length", "64"]) == 0
+    err = capsys.readouterr().err
+    assert "truncated" not in err and "add --normalize" not in err
+    assert cli(base + [str(tmp_path / "c.npy"), "--model", micro_model]) == 0  # no such files: the positions
+    assert "truncated" not in capsys.readouterr().err
 
 
 def test_encode_npy_through_a_symlink_writes_its_target(micro_model, tmp_path):
