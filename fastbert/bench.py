@@ -235,13 +235,17 @@ def build_models(case, size, vocab, max_len, device, competitors, dtype_note="")
 def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2, vocab=30522, competitors=None,
         device=None, precision=None, seed=0, progress=True):
     """Median step time per competitor, with tokens/s, MFU (GPU, given a ceiling) and peak memory."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # "cuda:1" is a CUDA device as "cuda" is: synchronised around steps, bf16, its peak memory read
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    if cuda and device.index is not None:
+        torch.cuda.set_device(device)  # synchronize() and the memory statistics read the current device
     competitors = competitors or ["fastbert", "transformers-eager", "transformers-sdpa"]
-    precision = precision or ("bf16" if device == "cuda" else "fp32")
+    precision = precision or ("bf16" if cuda else "fp32")
     models, (hidden, layers, inter) = build_models(case, size, vocab, seq, device, competitors)
     batches = make_batches(case, steps + warmup, batch, seq, vocab, seed, device)
     # bf16: autocast for every competitor alike (on the CPU too: avx512_bf16 / AMX machines)
-    autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if precision == "bf16"
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
     results = {}
     # fused AdamW for everyone (one pass per tensor; CPU and CUDA): the optimizer is a cost every
@@ -284,7 +288,7 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
     # On CUDA every batch is warmed for every competitor: a new masked-row count is a new shape for
     # the MLM head (Triton specialisation, cuBLAS heuristics), and whoever met it first in the timed
     # phase paid for all (suspected in run 5's own-class vs patched gap, benchmarks/profile_both.py).
-    warm = (batches if device == "cuda" or case == "finetune" or any(c.endswith("compile") for c in models)
+    warm = (batches if cuda or case == "finetune" or any(c.endswith("compile") for c in models)
             else batches[:warmup])
     from tqdm.auto import tqdm
     bar = tqdm(total=len(models) * (len(warm) + len(batches) - warmup), unit="step", desc=f"bench {case}/{size}",
@@ -293,7 +297,7 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
     for comp, (model, _) in models.items():
         bar.set_postfix_str(f"warm-up {comp}", refresh=False)
         own = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-        if device == "cuda":
+        if cuda:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -309,7 +313,7 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
             bar.write(f"  {case}/{size} {comp}: FAILED {failed[comp]}", file=sys.stderr)
             bar.total -= len(warm) - done + len(batches) - warmup  # the steps it will not run
             continue
-        if device == "cuda":
+        if cuda:
             torch.cuda.synchronize()
             peak[comp] = (torch.cuda.max_memory_allocated() - others) / 2 ** 30
     # Phase 2, timed, round robin: step i of every competitor before step i + 1 of any, so that
@@ -321,7 +325,7 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
         for comp in order[i % len(order):] + order[:i % len(order)]:
             if comp in failed:
                 continue
-            if device == "cuda":
+            if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             try:
@@ -329,7 +333,7 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
             except Exception as exc:
                 failed[comp] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 continue
-            if device == "cuda":
+            if cuda:
                 torch.cuda.synchronize()
             times[comp].append(time.perf_counter() - t0)
             bar.update(1)
@@ -358,7 +362,7 @@ def run(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
         med = statistics.median(times[comp])
         q = statistics.quantiles(times[comp], n=10, method="inclusive") if len(times[comp]) > 1 else [med] * 9
         results[comp] = {"case": case, "size": size, "impl": comp, "batch": batch, "seq": seq, "precision": precision,
-                         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                         "device": torch.cuda.get_device_name() if cuda else "cpu",
                          "median_ms": med * 1e3, "p20_ms": q[1] * 1e3, "p80_ms": q[7] * 1e3,
                          "min_ms": min(times[comp]) * 1e3, "repeats": len(times[comp]),
                          "real_tokens_per_s": real_tokens / med, "useful_tflops": flops / med / 1e12,
@@ -411,12 +415,17 @@ def main(args) -> int:
             return 2
     malloc = runtime.apply_malloc_flag(args.tuned_malloc)
     try:  # the same check and message as the other commands' --device
-        runtime.resolve_device(args.device)
+        device = runtime.resolve_device(args.device)
     except ValueError as e:
         print(f"fastbert bench: {e}", file=sys.stderr)
         return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    size = args.size or ("base" if device == "cuda" else "cpu-small")
+    if args.json:  # found before the run, not after it (its folder is made if missing)
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json) or (os.path.isdir(folder) and not os.access(folder, os.W_OK)):
+            print(f"fastbert bench: --json {args.json}: cannot write there (a folder, or not writable)",
+                  file=sys.stderr)
+            return 2
+    size = args.size or ("base" if device.type == "cuda" else "cpu-small")
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -436,7 +445,7 @@ def main(args) -> int:
     for r in rows:
         cells = (r.get(c, r.get("error", "") if c == "median_ms" else "") for c in cols)
         print(" | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in cells))
-    if device == "cpu":
+    if device.type == "cpu":
         # the CPU ratios depend on it: transformers' pretraining step re-faults ~250 MB of logits per step
         print("malloc: " + ("tuned for every competitor (fastbert.runtime.tune_cpu_allocator)" if malloc == "tuned" else
                             "glibc defaults for every competitor (--tuned-malloc: as the fastbert commands run)"))

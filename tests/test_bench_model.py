@@ -355,3 +355,36 @@ def test_every_cpu_competitor_runs_a_step(case):
     assert sorted(r["impl"] for r in rows) == sorted(comps)
     errors = {r["impl"]: r["error"] for r in rows if "error" in r}
     assert not errors, errors
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_bench_treats_an_indexed_cuda_device_as_cuda(device, monkeypatch):
+    """--device cuda:0 once reached run() as a string unequal to "cuda": steps timed without a
+    synchronize (launch time only), fp32 instead of bf16, no peak memory, the card recorded as "cpu".
+    Simulated without a GPU: moves to CUDA stay on the CPU, torch.cuda's bookkeeping is counted."""
+    import collections
+    pytest.importorskip("transformers")
+    calls = collections.Counter()
+    for name, value in [("synchronize", None), ("empty_cache", None), ("reset_peak_memory_stats", None),
+                        ("memory_allocated", 0), ("max_memory_allocated", 0), ("get_device_name", "NVIDIA FAKE"),
+                        ("set_device", None)]:
+        monkeypatch.setattr(torch.cuda, name, lambda *a, _n=name, _v=value, **k: calls.update([_n]) or _v)
+    to_tensor, to_module = torch.Tensor.to, torch.nn.Module.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: self if a and str(a[0]).startswith("cuda")
+                        else to_tensor(self, *a, **k))
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self if a and str(a[0]).startswith("cuda")
+                        else to_module(self, *a, **k))
+    rows = bench.run("finetune", "cpu-small", batch=2, seq=16, steps=2, warmup=0, device=device, vocab=1301,
+                     competitors=["fastbert", "transformers-sdpa"], progress=False)
+    assert all(r["device"] == "NVIDIA FAKE" and r["precision"] == "bf16" and r["peak_mem_gib"] is not None
+               for r in rows)
+    assert calls["synchronize"] >= 2 * 2 * 2  # before and after each timed step of each competitor
+
+
+def test_bench_json_that_cannot_be_written_is_refused_before_the_run(tmp_path, monkeypatch, capsys):
+    from fastbert import cli
+    pytest.importorskip("transformers")
+    ran = []
+    monkeypatch.setattr(bench, "run", lambda *a, **k: ran.append(a) or [])
+    assert cli.main(["bench", "--device", "cpu", "--steps", "1", "--json", str(tmp_path)]) == 2
+    assert "cannot write there" in capsys.readouterr().err and ran == []
