@@ -5,8 +5,8 @@
     python -m benchmarks.compare NEW_DIR --threshold 0.05 --warn-only
 
 NEW_DIR holds what benchmarks/harness.py's Recorder wrote (``<bench>.json``: {"name", "machine",
-"context", "rows"}), e.g. the folder benchmarks/gpu_check.sh fills; a bare JSON list of rows
-(``fastbert bench --json``) works too. Rows are joined on their identifying fields: every field that
+"context", "rows"}; ``fastbert bench --json`` writes the same), e.g. the folder benchmarks/gpu_check.sh
+fills; a bare JSON list of rows works too where its rows name a GPU as their device. Rows are joined on their identifying fields: every field that
 is not a measurement (measurements: ``*_ms``, ``*_per_s``, TFLOP/s, GB/s, memory, MFU, ratios, every
 float but a few settings such as dropout; see MEASUREMENT, FLOAT_SETTINGS and ``--ignore-field``), so a row is "bench_attention: op=attention impl=fastbert
 seq=512 dtype=bf16 pass=fwd+bwd ..." on both sides. The compared figure is ``median_ms`` (the median
@@ -24,14 +24,16 @@ A different or unknown card is refused (exit 2) with the two names.
 ``--baseline auto`` (default): for each benchmark of NEW_DIR, the newest committed file of the same
 name and card under benchmarks/results/ that ran before it and shares at least one row with it
 (newest by the date recorded in it; "committed" = tracked by git when the checkout has a .git, otherwise every file
-there). So a folder that re-ran only the attention benchmark does not hide the model-step results of
-an older run, and a newer run of other shapes does not hide the one that ran these.
+there), and for each new row that file lacks, the newest older run that has it. So a folder that
+re-ran only the attention benchmark does not hide the model-step results of an older run, and a
+newer run of other shapes (or of some of these) does not hide the one that ran these.
 
 Rows written before an identifying field existed take its value then (FIELD_DEFAULTS: a model-step row
 without ``malloc`` ran on glibc's default allocator), so adding a column does not unjoin every row.
 
-Exit status: 0 no regression; 1 at least one flagged (0 with --warn-only; missing rows count only
-with --fail-on-missing); 2 nothing to compare (different card, no baseline, no rows, or a benchmark
+Exit status: 0 no regression; 1 at least one row flagged slower, or failed (an error, or ``ok`` false)
+in the new run (0 with --warn-only; missing rows and benchmarks count only with --fail-on-missing);
+2 nothing to compare (different card, no baseline, no rows, or a benchmark
 whose rows match none of its baseline's: a check that compared nothing never passes).
 """
 from __future__ import annotations
@@ -49,7 +51,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MEASUREMENT = re.compile(
     r"(_ms|_s|_per_s|tflops|gbps|_gib|_mib|_gb|_mb|mfu|frac_of_ceiling|_ratio|_err|_error)$"
     r"|^(speedup|vs_|graph_|mem_ratio|peak|ratio|cos)"
-    r"|^(device|label|error|repeats|n_steps|steps|stopped_by|notes?|weights)$")
+    r"|^(device|label|error|repeats|n_steps|steps|stopped_by|notes?|weights|ok|best_epoch)$")
 # Float fields are measurements too, except these settings (attention benchmark's fill and dropout).
 FLOAT_SETTINGS = {"fill", "dropout", "dropout_p", "p", "mask_prob", "lr", "threshold"}
 METRIC = "median_ms"
@@ -165,8 +167,21 @@ def auto_baseline(new: dict[str, dict], new_dir: Path, root: Path, ignore: set[s
         def keys(f):  # the identities of a file's rows that did not fail
             return set(keyed_rows([r for r in f["rows"] if not is_error(r)], ignore))
         new_keys = keys(f_new)
-        sharing = [f for f in same if new_keys & keys(f)]
-        chosen[name] = max(sharing or same, key=lambda f: (f["date"], f["path"].stat().st_mtime))
+        newest_first = sorted(same, key=lambda f: (f["date"], f["path"].stat().st_mtime), reverse=True)
+        sharing = [f for f in newest_first if new_keys & keys(f)]
+        if not sharing:
+            chosen[name] = newest_first[0]
+            continue
+        # the newest sharing run, and for each new row it lacks the newest older run that has it: a newer
+        # run of some of the rows must not hide the older run of the others (they would go uncompared)
+        primary, merged, also = sharing[0], dict(keyed_rows(sharing[0]["rows"], ignore)), []
+        for f in sharing[1:]:
+            extra = {k: r for k, r in keyed_rows([r for r in f["rows"] if not is_error(r)], ignore).items()
+                     if k in new_keys and k not in merged}
+            if extra:
+                merged.update(extra)
+                also.append(f["path"])
+        chosen[name] = dict(primary, rows=list(merged.values()), also=also)
     return chosen
 
 
@@ -195,7 +210,8 @@ def keyed_rows(rows: list[dict], ignore: set[str]) -> dict[tuple, dict]:
 
 
 def is_error(row: dict) -> bool:
-    return row.get("impl") == "ERROR" or bool(row.get("error"))
+    """A row that failed: an error row, or one whose own check of its result said wrong (ok false)."""
+    return row.get("impl") == "ERROR" or bool(row.get("error")) or row.get("ok") is False
 
 
 def describe(key: tuple, varying: set[str]) -> str:
@@ -271,8 +287,9 @@ def compare(new_dir: Path, baseline: str = "auto", threshold: float = 0.10, root
     cards = {f["card"] for f in new.values()}
     if None in cards:
         unknown = [str(f["path"]) for f in new.values() if f["card"] is None]
-        raise CompareError(f"cannot tell which card produced {', '.join(unknown)} (no machine.gpu, device "
-                           f"or env.txt); timings are only compared on the same card")
+        raise CompareError(f"cannot tell which card produced {', '.join(unknown)} (no machine.gpu or "
+                           f"machine.cpu_model, no GPU named by its rows' device, no env.txt naming one; "
+                           f"\"cpu\" alone does not say which CPU); timings are only compared on the same card")
     if baseline == "auto":
         old = auto_baseline(new, new_dir, root, set(ignore))
         if not old:
@@ -287,7 +304,8 @@ def compare(new_dir: Path, baseline: str = "auto", threshold: float = 0.10, root
               "no_baseline": [n for n in new if n not in old], "not_rerun": [n for n in old if n not in new]}
     for name in sorted(set(new) & set(old)):
         r = compare_file(name, old[name], new[name], threshold, set(ignore))
-        report["files"].append((name, str(old[name]["path"]), str(new[name]["path"]), new[name]["card"]))
+        source = str(old[name]["path"]) + "".join(f" + rows of {p}" for p in old[name].get("also", []))
+        report["files"].append((name, source, str(new[name]["path"]), new[name]["card"]))
         if not r["joined"]:  # no row joined (or every new row failed): the check compared nothing
             failed = f" ({len(r['errors'])} more failed)" if r["errors"] else ""
             why = _differing_fields(old[name], new[name], set(ignore)) if r["added"] else ""
@@ -371,15 +389,18 @@ def main(argv=None) -> int:
                     help="flag rows whose median is more than this fraction slower (default 0.10)")
     ap.add_argument("--warn-only", action="store_true", help="print the flags but exit 0")
     ap.add_argument("--fail-on-missing", action="store_true",
-                    help="also exit 1 when baseline rows are missing, failed, or lost their time figure in the new run")
+                    help="also exit 1 when baseline rows (or, with a --baseline folder, whole benchmarks) are "
+                         "missing from the new run or lost their time figure")
     ap.add_argument("--results-root", type=Path, default=RESULTS_DIR,
                     help="where --baseline auto looks (default benchmarks/results)")
     ap.add_argument("--ignore-field", action="append", default=[],
                     help="a row field that is not part of a row's identity (repeatable)")
     ap.add_argument("--json", type=Path, help="also write the report as JSON")
     args = ap.parse_args(argv)
-    if args.threshold < 0:
-        ap.error("--threshold must be >= 0")
+    if not 0 <= args.threshold < float("inf"):  # nan passed every row
+        ap.error(f"--threshold must be a number >= 0, not {args.threshold}")
+    if args.json is not None and args.json.is_dir():
+        ap.error(f"--json {args.json} is a folder; give a file name")
     try:
         report = compare(args.new, args.baseline, args.threshold, args.results_root, set(args.ignore_field))
     except CompareError as e:
@@ -387,9 +408,14 @@ def main(argv=None) -> int:
         return 2
     print(format_report(report, args.threshold))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    failed = bool(report["flagged"]) or (args.fail_on_missing
-                                         and bool(report["missing"] or report["errors"] or report["no_figure"]))
+        try:
+            args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
+        except OSError as e:  # exit 1 is "regression": a report that cannot be written is not one
+            print(f"compare: --json {args.json}: {e.strerror or e}", file=sys.stderr)
+            return 2
+    # a benchmark that now fails (or computes a wrong result) is a regression as surely as a slower one
+    failed = bool(report["flagged"] or report["errors"]) or (
+        args.fail_on_missing and bool(report["missing"] or report["no_figure"] or report["not_rerun"]))
     if failed and not args.warn_only:
         return 1
     return 2 if report["unmatched"] else 0  # --warn-only softens slower rows, not a check that checked nothing

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from fastbert.runtime import cpu_model
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -164,18 +166,6 @@ def git_sha() -> str:
                               cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux): CPU timings compare only on the same model."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine() -> dict:

@@ -105,11 +105,55 @@ def test_compare_reports_missing_and_failed_rows(tmp_path, capsys):
     _write(tmp_path / "new", "bench_fused", new)
     rc = compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old")])
     out = capsys.readouterr().out
-    assert rc == 0  # missing rows alone are reported, not failed ...
+    assert rc == 1  # a benchmark that now fails is a regression
     assert "baseline rows missing from the new run (1):" in out and "impl=eager pass=fwd" in out
     assert "rows that failed in the new run (1):" in out
-    # ... unless asked
+    assert compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old"), "--warn-only"]) == 0
+    _write(tmp_path / "new", "bench_fused", _rows(drop={("eager", "fwd")}))
+    assert compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old")]) == 0  # missing alone: said
     assert compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old"), "--fail-on-missing"]) == 1
+    # a row whose own check said its result was wrong (bench_ffn's ok) fails, and still joins its baseline
+    old_ok = [dict(r, ok=True) for r in _rows()]
+    _write(tmp_path / "old", "bench_fused", old_ok)
+    _write(tmp_path / "new", "bench_fused", old_ok[:3] + [dict(old_ok[3], ok=False)])
+    assert compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old")]) == 1
+    out = capsys.readouterr().out
+    assert "rows that failed in the new run (1):" in out and "3 of 3 compared rows" not in out
+
+
+def test_compare_fail_on_missing_counts_a_whole_benchmark_not_rerun(tmp_path, capsys):
+    _write(tmp_path / "old", "bench_fused", _rows())
+    _write(tmp_path / "old", "bench_attention", _rows())
+    _write(tmp_path / "new", "bench_fused", _rows())
+    assert compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old")]) == 0
+    assert "baseline benchmarks not in the new run (1):" in capsys.readouterr().out
+    assert compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old"), "--fail-on-missing"]) == 1
+
+
+def test_compare_auto_baseline_takes_each_row_from_the_newest_run_that_has_it(tmp_path, capsys):
+    """A newer run of some of the rows (here the fastbert ones) must not hide the older run of the
+    others: the eager rows, 50% slower now, are compared against the older run and flagged."""
+    root = tmp_path / "results"
+    _write(root / "h200-full", "bench_fused", _rows(), date="2026-11-20T00:00:00Z")
+    _write(root / "h200-part", "bench_fused", [r for r in _rows() if r["impl"] == "fastbert"],
+           date="2026-11-22T00:00:00Z")
+    _write(root / "new", "bench_fused", _rows(scale={"eager": 1.5}), date="2026-11-25T00:00:00Z")
+    assert compare.main([str(root / "new"), "--results-root", str(root)]) == 1
+    out = capsys.readouterr().out
+    first = out.splitlines()[0]
+    assert "h200-part" in first and "+ rows of" in first and "h200-full" in first, first
+    assert "2 of 4 compared rows more than 10% slower" in out and "new rows without a baseline" not in out
+
+
+@pytest.mark.parametrize("extra, message", [(["--threshold", "nan"], "--threshold must be a number >= 0"),
+                                            (["--threshold", "-0.1"], "--threshold must be a number >= 0"),
+                                            (["--json", "."], "is a folder")])
+def test_compare_bad_options_are_usage_errors(tmp_path, capsys, extra, message):
+    _write(tmp_path / "old", "bench_fused", _rows())
+    _write(tmp_path / "new", "bench_fused", _rows(scale={"fastbert": 1.5}))
+    with pytest.raises(SystemExit) as exit_:
+        compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old")] + extra)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_compare_auto_baseline_takes_the_newest_of_the_same_card(tmp_path, capsys):
@@ -167,11 +211,12 @@ def test_compare_that_matched_no_row_never_passes(tmp_path, capsys):
     assert compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old"),
                          "--ignore-field", "precision"]) == 0
     capsys.readouterr()
-    # every new row failed: nothing compared either
+    # every new row failed: nothing compared, and a regression (exit 1: the failures are one)
     _write(tmp_path / "failed", "model_step_gpu_large",
            [{"impl": r["impl"], "case": "pretrain", "error": "OutOfMemoryError"} for r in _step_rows()])
-    assert compare.main([str(tmp_path / "failed"), "--baseline", str(tmp_path / "old")]) == 2
+    assert compare.main([str(tmp_path / "failed"), "--baseline", str(tmp_path / "old")]) == 1
     assert "none of its 0 rows (2 more failed) matches one of the baseline's 2\n" in capsys.readouterr().out
+    assert compare.main([str(tmp_path / "failed"), "--baseline", str(tmp_path / "old"), "--warn-only"]) == 2
 
 
 def test_compare_joined_rows_without_a_time_figure(tmp_path, capsys):

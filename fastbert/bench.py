@@ -449,8 +449,19 @@ def main(args) -> int:
         # the CPU ratios depend on it: transformers' pretraining step re-faults ~250 MB of logits per step
         print("malloc: " + ("tuned for every competitor (fastbert.runtime.tune_cpu_allocator)" if malloc == "tuned" else
                             "glibc defaults for every competitor (--tuned-malloc: as the fastbert commands run)"))
-    if args.json:
+    if args.json:  # as benchmarks/harness.py's Recorder writes: the machine names the card for compare.py
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"name": "fastbert_bench", "machine": _machine(device), "rows": rows}, f, indent=1)
     return 0
+
+
+def _machine(device: torch.device) -> dict:
+    """When and where the rows were measured: the date, versions, the CPU model and core count, and the
+    GPU's name on a CUDA device (benchmarks.compare compares timings of one card only)."""
+    import datetime
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "torch": torch.__version__, "cpu_model": runtime.cpu_model(), "cpu_count": os.cpu_count()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

@@ -223,3 +223,15 @@ def apply_malloc_flag(tuned_malloc: bool) -> str:
         return "glibc-default"
     return "tuned"
 
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux): CPU timings compare only on the same model."""
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

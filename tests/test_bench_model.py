@@ -1,5 +1,7 @@
 """fastbert/bench.py's model-step competitors compute what they claim to (the timing itself lives in
 benchmarks/, not in tests)."""
+import json
+
 import pytest
 import torch
 
@@ -388,3 +390,26 @@ def test_bench_json_that_cannot_be_written_is_refused_before_the_run(tmp_path, m
     monkeypatch.setattr(bench, "run", lambda *a, **k: ran.append(a) or [])
     assert cli.main(["bench", "--device", "cpu", "--steps", "1", "--json", str(tmp_path)]) == 2
     assert "cannot write there" in capsys.readouterr().err and ran == []
+
+
+def test_bench_json_names_its_machine_so_two_cpu_runs_compare(tmp_path, monkeypatch, capsys):
+    """`fastbert bench --json` wrote a bare list whose rows say only "cpu": compare could never tell the
+    CPU and refused. It now writes the harness's layout with the machine, CPU model included."""
+    from benchmarks import compare
+
+    from fastbert import cli
+    pytest.importorskip("transformers")
+    scale = [1.0]
+    monkeypatch.setattr(bench, "run", lambda case, *a, **k: [
+        {"case": case, "size": "cpu-small", "impl": impl, "batch": 16, "seq": 128, "precision": "fp32",
+         "device": "cpu", "median_ms": ms * scale[0], "p20_ms": ms * scale[0], "p80_ms": ms * scale[0]}
+        for impl, ms in (("fastbert", 10.0), ("transformers-sdpa", 20.0))])
+    for folder, factor in (("old", 1.0), ("new", 1.5)):
+        scale[0] = factor
+        assert cli.main(["bench", "--device", "cpu", "--case", "pretrain", "--json",
+                         str(tmp_path / folder / "bench.json")]) == 0
+    saved = json.loads((tmp_path / "new" / "bench.json").read_text())
+    assert saved["machine"]["cpu_model"] and saved["machine"]["cpu_count"] and len(saved["rows"]) == 2
+    capsys.readouterr()
+    assert compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old")]) == 1
+    assert "2 of 2 compared rows more than 10% slower" in capsys.readouterr().out
