@@ -243,6 +243,8 @@ def _main(args) -> int:
             _check_output(args.output, args.input)
         if args.input == "":
             raise ValueError("--input is empty: give a file name (or leave --input out to read stdin)")
+        if args.input and os.path.isdir(args.input):
+            raise ValueError(f"--input {args.input}: is a folder; give a text file, one text per line")
         model = BertModel.from_pretrained(args.model).to(device)
         tok = T.load_tokenizer(args.model, "encoding", model.get_input_embeddings().num_embeddings)
         positions = model.config.max_position_embeddings

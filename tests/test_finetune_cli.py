@@ -557,6 +557,10 @@ def test_encode_unreadable_input_is_a_clear_error(micro_model, tmp_path, capsys)
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 cat\n")
     assert cli(base + [str(tmp_path / "latin1.txt")]) == 2
     assert "latin1.txt: not UTF-8 text" in capsys.readouterr().err
+    for given, message in ((str(tmp_path), "is a folder; give a text file"), ("", "--input is empty")):
+        assert cli(base + [given]) == 2  # JSONL to stdout: it said "0 lines written to stdout before it"
+        err = capsys.readouterr().err
+        assert message in err and "written" not in err, err
 
 
 # `fastbert encode`'s numeric options: a clear error or the documented clamp, never a traceback
