@@ -174,7 +174,9 @@ def auto_baseline(new: dict[str, dict], new_dir: Path, root: Path, ignore: set[s
             continue
         # the newest sharing run, and for each new row it lacks the newest older run that has it: a newer
         # run of some of the rows must not hide the older run of the others (they would go uncompared)
-        primary, merged, also = sharing[0], dict(keyed_rows(sharing[0]["rows"], ignore)), []
+        # (a failed row of the newest run must not take the identity of an older run's good row)
+        primary, also = sharing[0], []
+        merged = dict(keyed_rows([r for r in primary["rows"] if not is_error(r)], ignore))
         for f in sharing[1:]:
             extra = {k: r for k, r in keyed_rows([r for r in f["rows"] if not is_error(r)], ignore).items()
                      if k in new_keys and k not in merged}

@@ -143,6 +143,12 @@ def test_compare_auto_baseline_takes_each_row_from_the_newest_run_that_has_it(tm
     first = out.splitlines()[0]
     assert "h200-part" in first and "+ rows of" in first and "h200-full" in first, first
     assert "2 of 4 compared rows more than 10% slower" in out and "new rows without a baseline" not in out
+    # a row that failed in the newest run does not stand in for the older run's good one
+    _write(root / "h200-part", "bench_fused", [r for r in _rows() if r["impl"] == "fastbert"]
+           + [dict(r, ok=False) for r in _rows() if r["impl"] == "eager"], date="2026-11-22T00:00:00Z")
+    assert compare.main([str(root / "new"), "--results-root", str(root), "--json", str(tmp_path / "r.json")]) == 1
+    assert "2 of 4 compared rows more than 10% slower" in capsys.readouterr().out
+    assert "h200-full" in json.loads((tmp_path / "r.json").read_text())["files"][0][1]
 
 
 @pytest.mark.parametrize("extra, message", [(["--threshold", "nan"], "--threshold must be a number >= 0"),

@@ -419,12 +419,17 @@ def main(args) -> int:
     except ValueError as e:
         print(f"fastbert bench: {e}", file=sys.stderr)
         return 2
-    if args.json:  # found before the run, not after it (its folder is made if missing)
-        folder = os.path.dirname(os.path.abspath(args.json))
-        if os.path.isdir(args.json) or (os.path.isdir(folder) and not os.access(folder, os.W_OK)):
-            print(f"fastbert bench: --json {args.json}: cannot write there (a folder, or not writable)",
-                  file=sys.stderr)
+    if args.json:  # found before the run, not after it: the file is opened (and its folder made) now
+        existed = os.path.exists(args.json)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "a"):
+                pass
+        except OSError as e:
+            print(f"fastbert bench: --json {args.json}: cannot write there ({e.strerror or e})", file=sys.stderr)
             return 2
+        if not existed:
+            os.unlink(args.json)
     size = args.size or ("base" if device.type == "cuda" else "cpu-small")
     try:
         import transformers  # noqa: F401
@@ -450,9 +455,14 @@ def main(args) -> int:
         print("malloc: " + ("tuned for every competitor (fastbert.runtime.tune_cpu_allocator)" if malloc == "tuned" else
                             "glibc defaults for every competitor (--tuned-malloc: as the fastbert commands run)"))
     if args.json:  # as benchmarks/harness.py's Recorder writes: the machine names the card for compare.py
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"name": "fastbert_bench", "machine": _machine(device), "rows": rows}, f, indent=1)
+        try:
+            with open(args.json, "w") as f:
+                # no "name": compare.py then names the benchmark by the file, so runs of each --case kept
+                # in files of their own are told apart
+                json.dump({"machine": _machine(device), "rows": rows}, f, indent=1)
+        except OSError as e:  # a full disk: the table above is the run's record
+            print(f"fastbert bench: --json {args.json}: {e.strerror or e}", file=sys.stderr)
+            return 1
     return 0
 
 

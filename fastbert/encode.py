@@ -187,17 +187,46 @@ def _check_output(path: str, source: str | None) -> None:
                          f"and renamed into place: give a file name")
     if source is not None and os.path.exists(path) and os.path.exists(source) and os.path.samefile(path, source):
         raise ValueError(f"--output {path} is the --input file: it would be overwritten while it is read")
+    if source is None and os.path.exists(path) and _same_file(_fd_stat(sys.stdin), os.stat(path)):
+        raise ValueError(f"--output {path} is the file standard input reads: it would be overwritten while it "
+                         f"is read")
     if not os.path.isdir(folder):
         raise ValueError(f"--output {path}: the folder {folder} does not exist")
     # a .npy is written to a temporary file in the folder, then renamed: the folder must be writable. JSONL
     # is written in place: an existing file (e.g. /dev/null, or a file in a read-only shared folder) must
     # be writable, the folder only when the file is new.
-    if path.endswith(".npy") or not os.path.exists(path):
+    if _is_npy(path) or not os.path.exists(path):
         ok = os.access(folder, os.W_OK | os.X_OK) and (not os.path.exists(path) or os.access(path, os.W_OK))
     else:
         ok = os.access(path, os.W_OK)
     if not ok:
         raise ValueError(f"--output {path}: cannot write there (permission denied)")
+
+
+def _fd_stat(stream):
+    """os.fstat of a stream's file descriptor, or None (a stream without one, as in tests)."""
+    try:
+        return os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
+
+
+def _same_file(a, b) -> bool:
+    return a is not None and b is not None and stat.S_ISREG(a.st_mode) and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _check_stdout(source: str | None) -> None:
+    """JSONL to standard output that is the input file itself (`... --input f >> f`, `< f >> f`): it would
+    read its own rows back without end."""
+    out = _fd_stat(sys.stdout)
+    if out is None or not stat.S_ISREG(out.st_mode):
+        return
+    if source is None:
+        src = _fd_stat(sys.stdin)
+    else:
+        src = os.stat(source) if os.path.exists(source) else None
+    if _same_file(out, src):
+        raise ValueError("standard output is the input file: it would read its own rows back; give --output")
 
 
 class _Terminated(KeyboardInterrupt):
@@ -225,7 +254,11 @@ def _stopped(e: KeyboardInterrupt) -> int:
 
 def main(args) -> int:
     with _sigterm_as_interrupt():
-        return _main(args)
+        try:
+            return _main(args)
+        except KeyboardInterrupt as e:  # while the model or tokenizer loaded
+            print("fastbert encode: interrupted before encoding; nothing written", file=sys.stderr)
+            return _stopped(e)
 
 
 def _main(args) -> int:
@@ -241,6 +274,8 @@ def _main(args) -> int:
             raise ValueError(f"--chunk-size must be at least 1, not {args.chunk_size}")
         if args.output:  # checked before the work, not found after it
             _check_output(args.output, args.input)
+        else:
+            _check_stdout(args.input)
         if args.input == "":
             raise ValueError("--input is empty: give a file name (or leave --input out to read stdin)")
         if args.input and os.path.isdir(args.input):

@@ -310,9 +310,11 @@ def load_tokenizer(model_dir: str, needed_for: str = "fine-tuning", vocab_size: 
             raise FileNotFoundError(f"{model_dir}: neither tokenizer.json nor vocab.txt found")
         # fine-tuning and encoding need no [MASK] / [PAD] token of the vocabulary
         tok = load_vocab_txt(vocab, required=(UNK, CLS, SEP), needed_for=needed_for)
-    top = max(tok.get_vocab(with_added_tokens=True).values(), default=-1)
+    # the vocabulary's own tokens (an empty one, from a blank line of vocab.txt, is never produced; added
+    # tokens past the model's rows fail only where a text holds them, as in transformers)
+    top = max((i for t, i in tok.get_vocab(with_added_tokens=False).items() if t.strip()), default=-1)
     if vocab_size is not None and top >= vocab_size:
-        raise ValueError(f"the tokenizer has token ids up to {top}, but the model {vocab_size} word embeddings: "
+        raise ValueError(f"the tokenizer has token ids up to {top}, but the model has {vocab_size} word embeddings: "
                          f"the folder's tokenizer files are not its model's")
     tok.no_padding()
     tok.no_truncation()

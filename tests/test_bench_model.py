@@ -406,10 +406,11 @@ def test_bench_json_names_its_machine_so_two_cpu_runs_compare(tmp_path, monkeypa
         for impl, ms in (("fastbert", 10.0), ("transformers-sdpa", 20.0))])
     for folder, factor in (("old", 1.0), ("new", 1.5)):
         scale[0] = factor
-        assert cli.main(["bench", "--device", "cpu", "--case", "pretrain", "--json",
-                         str(tmp_path / folder / "bench.json")]) == 0
-    saved = json.loads((tmp_path / "new" / "bench.json").read_text())
+        for case in ("pretrain", "finetune"):  # a file each, in one folder: two benchmarks, not one
+            assert cli.main(["bench", "--device", "cpu", "--case", case, "--json",
+                             str(tmp_path / folder / f"{case}.json")]) == 0
+    saved = json.loads((tmp_path / "new" / "pretrain.json").read_text())
     assert saved["machine"]["cpu_model"] and saved["machine"]["cpu_count"] and len(saved["rows"]) == 2
     capsys.readouterr()
     assert compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old")]) == 1
-    assert "2 of 2 compared rows more than 10% slower" in capsys.readouterr().out
+    assert "4 of 4 compared rows more than 10% slower" in capsys.readouterr().out

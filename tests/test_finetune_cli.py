@@ -1173,6 +1173,44 @@ def test_encode_refuses_outputs_it_would_destroy(micro_model, tmp_path, capsys, 
     assert cli(_encode_base(micro_model, inp) + ["--output", os.devnull]) == 0
 
 
+def test_encode_refuses_its_input_as_its_output_through_redirections(micro_model, tmp_path):
+    """`--output f < f` and `--input f >> f`: the same runaway as --output = --input, refused."""
+    import subprocess
+    import sys
+    for how in ("stdin", "stdout"):
+        f = tmp_path / f"{how}.jsonl"
+        f.write_text("the cat sat\ngood movie\n")
+        cmd = [sys.executable, "-m", "fastbert.cli", "encode", "--model", micro_model, "--device", "cpu",
+               "--no-progress"]
+        with open(f) as src, open(f, "a") as dst:
+            if how == "stdin":
+                proc = subprocess.run(cmd + ["--output", str(f)], stdin=src, capture_output=True, text=True,
+                                      timeout=300)
+            else:
+                proc = subprocess.run(cmd + ["--input", str(f)], stdout=dst, stderr=subprocess.PIPE, text=True,
+                                      timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        assert "it would" in proc.stderr and "Traceback" not in proc.stderr
+        assert f.read_text() == "the cat sat\ngood movie\n"
+
+
+def test_encode_stopped_while_loading_says_so(micro_model, tmp_path, capsys, monkeypatch):
+    import signal
+
+    from fastbert.modeling import BertModel
+    inp, _ = _encode_input(tmp_path)
+    real = BertModel.from_pretrained.__func__
+
+    def slow_load(cls, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(cls, *args, **kwargs)
+    monkeypatch.setattr(BertModel, "from_pretrained", classmethod(slow_load))
+    assert cli(_encode_base(micro_model, inp) + ["--output", str(tmp_path / "e.npy")]) == 143
+    err = capsys.readouterr().err
+    assert "interrupted before encoding; nothing written" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
+
+
 def test_encode_write_errors_and_foreign_tokenizers_are_one_line_errors(micro_model, tmp_path, capsys):
     """A full disk (/dev/full) while writing JSONL: exit 1 and one line. A tokenizer whose ids pass the
     model's vocabulary, or a tokenizer.json that does not parse: exit 2, said at load, not mid-run."""
@@ -1190,12 +1228,24 @@ def test_encode_write_errors_and_foreign_tokenizers_are_one_line_errors(micro_mo
     (inp.parent / "z.txt").write_text("zebra\n")
     base = ["encode", "--input", str(inp.parent / "z.txt"), "--device", "cpu", "--no-progress"]
     assert cli(base + ["--model", str(big)]) == 2
-    assert "the tokenizer has token ids up to 30, but the model 30 word embeddings" in capsys.readouterr().err
+    assert "the tokenizer has token ids up to 30, but the model has 30 word embeddings" in capsys.readouterr().err
     broken = tmp_path / "broken"
     shutil.copytree(micro_model, broken)
     (broken / "tokenizer.json").write_text("{}")
     assert cli(base + ["--model", str(broken)]) == 2
     assert "tokenizer.json: not a readable tokenizer file" in capsys.readouterr().err
+    blank = tmp_path / "blank"  # a trailing blank line of vocab.txt is a token never produced: fine
+    shutil.copytree(micro_model, blank)
+    with open(blank / "vocab.txt", "a") as f:
+        f.write("\n")
+    assert cli(base + ["--model", str(blank)]) == 0
+    padded = tmp_path / "padded"  # embedding rows past the vocabulary (30528 for 30522, say): fine
+    from fastbert.modeling import BertModel
+    model = BertModel.from_pretrained(micro_model)
+    model.resize_token_embeddings(40)
+    model.save_pretrained(padded)
+    shutil.copy(os.path.join(micro_model, "vocab.txt"), padded)
+    assert cli(base + ["--model", str(padded)]) == 0
 
 
 def test_encode_follows_a_sentence_transformers_folder(micro_model, tmp_path, capsys):
@@ -1408,7 +1458,8 @@ def test_encode_jsonl_into_an_existing_file_of_a_read_only_folder(micro_model, t
     base = _encode_base(micro_model, inp)
     assert cli(base + ["--output", str(folder / "e.jsonl")]) == 0
     assert [r["text"] for r in _rows(folder / "e.jsonl")] == lines
-    for name in ("new.jsonl", "e.npy"):
+    (folder / "e.NPY").write_bytes(b"")  # an existing .NPY is a .npy too: renamed over, so the folder counts
+    for name in ("new.jsonl", "e.npy", "e.NPY"):
         assert cli(base + ["--output", str(folder / name)]) == 2
         assert f"--output {folder / name}: cannot write there (permission denied)" in capsys.readouterr().err
 
