@@ -224,7 +224,8 @@ def _resolve_settings(args, stored: dict | None, dist: T.Distributed) -> dict:
             if k in RESUME_OVERRIDABLE:
                 continue
             if k in stored and stored[k] != v:
-                _log(dist, f"warning: --{k.replace('_', '-')} {v} ignored on --resume; the run uses {stored[k]}")
+                _log(dist, f"warning: --{k.replace('_', '-')} {v} ignored on --resume; the run uses "
+                           f"{'its size default' if stored[k] is None else stored[k]}")
         settings.update({k: v for k, v in stored.items() if k in RUN_DEFAULTS})
         if settings["save_every"] == 0:  # stored by a run started when --save-every 0 meant the default
             settings["save_every"] = None
@@ -270,6 +271,9 @@ def _build_config(s: dict, vocab_size: int, pad_id: int):
     return config
 
 
+MAX_VOCAB = 1 << 20
+
+
 def _check_settings(s: dict, dist: T.Distributed) -> None:
     """Every setting checked before run_args.json is written (a resumed run would be stuck with it)."""
     for k in ("seq_len", "batch_size", "grad_accum", "steps", "log_every", "save_every"):
@@ -282,6 +286,8 @@ def _check_settings(s: dict, dist: T.Distributed) -> None:
             raise ValueError(f"--{k.replace('_', '-')} must be a finite number at least 0, got {s[k]}")
     if s["vocab_size"] < len(SPECIAL_TOKENS) + 1:
         raise ValueError(f"--vocab-size must hold the {len(SPECIAL_TOKENS)} special tokens and more, got {s['vocab_size']}")
+    if s["vocab_size"] > MAX_VOCAB:  # the tokenizers trainer allocates for it up front: 1e9 aborted the process
+        raise ValueError(f"--vocab-size {s['vocab_size']} is above {MAX_VOCAB:,} (BERT's vocabularies hold 21k-120k)")
     if not 0 <= s["short_seq_prob"] <= 1:
         raise ValueError(f"--short-seq-prob must be in [0, 1], got {s['short_seq_prob']}")
     if not 0 <= s["eval_fraction"] < 1:
@@ -292,8 +298,8 @@ def _check_settings(s: dict, dist: T.Distributed) -> None:
         raise ValueError(f"--max-example-len must lie in [8, --seq-len {s['seq_len']}], got {s['max_example_len']}")
     if not 0 < s["mask_prob"] < 1:
         raise ValueError(f"--mask-prob must be in (0, 1), got {s['mask_prob']}")
-    if s["dropout"] is not None and not 0 <= s["dropout"] <= 1:
-        raise ValueError(f"--dropout must be in [0, 1], got {s['dropout']}")
+    if s["dropout"] is not None and not 0 <= s["dropout"] < 1:  # the kernels' range: p = 1 zeroes every unit
+        raise ValueError(f"--dropout must be in [0, 1), got {s['dropout']}")
     if s["batch_size"] % (dist.world_size * s["grad_accum"]):
         raise ValueError(f"--batch-size {s['batch_size']} must be a multiple of processes x --grad-accum "
                          f"= {dist.world_size} x {s['grad_accum']}")
@@ -398,7 +404,7 @@ def main(args) -> int:
         return 2
     try:
         return _run(args, dist)
-    except (CorpusError, TokenizerError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (CorpusError, TokenizerError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
         print(f"fastbert pretrain: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
@@ -412,6 +418,17 @@ def main(args) -> int:
         dist.shutdown()
 
 
+def _check_folder_arg(flag: str, path: str) -> None:
+    """`path` is, or can be made, a folder: not a file, and not under one."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a file; give a folder (it is made if missing)")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path}: {parent} is a file, so no folder can be made there")
+
+
 def _run(args, dist: T.Distributed) -> int:
     # ---- the run folder and its settings -----------------------------------------------------
     if args.resume and not args.out:
@@ -419,6 +436,9 @@ def _run(args, dist: T.Distributed) -> int:
     out = args.out or dist.broadcast(os.path.join("runs", time.strftime("pretrain-%Y%m%d-%H%M%S")))
     if args.keep_checkpoints < 1:
         raise ValueError(f"--keep-checkpoints must be at least 1, got {args.keep_checkpoints}")
+    _check_folder_arg("--out", out)  # before a vocabulary is trained and a corpus tokenized, not after
+    if args.cache_dir:
+        _check_folder_arg("--cache-dir", args.cache_dir)
     ckpts = T.CheckpointManager(out, keep=args.keep_checkpoints)
     stored = None
     is_run = os.path.isdir(out) and (os.path.exists(os.path.join(out, "run_args.json")) or ckpts.latest() is not None)
@@ -430,6 +450,8 @@ def _run(args, dist: T.Distributed) -> int:
         # overwritten, --resume or not. A config.json alone is fine: `--config DIR --out DIR` reads it.
         raise FileExistsError(f"{out} holds a model ({weights[0]}) that is not a pretraining run; "
                               f"choose another --out")
+    if args.resume and not is_run:  # API.md: --resume starts from the start when there is no run
+        _log(dist, f"{out} holds no run to resume (no run_args.json, no checkpoint): starting a new one")
     if args.resume and os.path.isfile(os.path.join(out, "run_args.json")):
         with open(os.path.join(out, "run_args.json")) as f:
             stored = json.load(f)
@@ -440,6 +462,9 @@ def _run(args, dist: T.Distributed) -> int:
     latest = ckpts.latest() if args.resume else None
     resume_state = T.load_state(os.path.join(latest, T.STATE_FILE)) if latest else None
     if resume_state is not None and resume_state["step"] >= s["steps"]:
+        if dist.is_main:  # a stop between publishing the last checkpoint and copying its model up left it stale
+            for name in ("config.json", "model.safetensors"):
+                T.atomic_copy(os.path.join(latest, name), os.path.join(out, name))
         _log(dist, f"{out} is finished (step {resume_state['step']} of {s['steps']}); nothing to do")
         return 0
 
@@ -472,6 +497,11 @@ def _run(args, dist: T.Distributed) -> int:
                     yield line
             spec = s["tokenizer"]
             trained = spec in ("wordpiece", "chinese")
+            ignored = [f for f, given in (("--vocab-size", args.vocab_size is not None),
+                                          ("--cased", bool(args.cased) and (spec.endswith(".json") or os.path.isfile(
+                                              os.path.join(spec, "tokenizer.json"))))) if given]
+            if not trained and ignored:  # a tokenizer.json carries its own vocabulary and normaliser
+                _log(dist, f"warning: {' and '.join(ignored)} ignored: the vocabulary is loaded from {spec}")
             if trained:
                 hashes = file_hashes(corpus_paths)
             cached = (trained_vocab_path(corpus_paths, spec, s["vocab_size"], not s["cased"], args.cache_dir,
@@ -513,6 +543,10 @@ def _run(args, dist: T.Distributed) -> int:
     pack = bool(s["pack"])
     train_data = PretrainingData(corpus, tokenizer, train_docs, seed=s["seed"], pack=pack, **common)
     n_epoch0 = len(train_data.epoch(0))  # raises CorpusError early for a corpus too small for NSP
+    if nsp:  # a one-sentence chunk must take a random B (as BERT's script): short --seq-len skews NSP far from 50/50
+        inst0 = train_data.epoch(0)
+        _log(dist, f"NSP: {float(inst0.nsp_labels.mean()):.1%} of epoch 0's pairs have a random B "
+                   f"({inst0.forced_random / max(n_epoch0, 1):.1%} forced: chunks of one sentence)")
     eval_examples = []
     if len(eval_docs) >= (2 if nsp else 1):
         eval_examples = PretrainingData(corpus, tokenizer, eval_docs, seed=s["seed"], **common).eval_examples(
@@ -783,7 +817,8 @@ def _run(args, dist: T.Distributed) -> int:
                     raise FloatingPointError(
                         f"{what}; stopped without writing a checkpoint ("
                         f"{'the last one, ' + last_ckpt + ', is intact' if last_ckpt else 'none written yet'}); "
-                        f"a lower --lr or a longer --warmup-steps may help")
+                        f"a lower --lr or a longer --warmup-steps may help: in a new run (--resume keeps "
+                        f"the run's own), or one that starts from the checkpoint with --init-from")
             time_since += time.perf_counter() - t0
             bar.update(1)
 

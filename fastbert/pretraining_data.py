@@ -36,8 +36,10 @@ Pipeline:
    short examples (document ends, the short targets). ``max_example_len`` below ``seq_len`` makes
    every example shorter (more of them per row, less context each).
 
-Documented behaviours: a document with one sentence can only be segment A (its B is then a random
-span, NSP label 1); NSP needs at least two training documents (else a CorpusError suggests
+Documented behaviours: a chunk of one sentence (a one-sentence document, or one sentence that fills
+the target length) can only be segment A (its B is then a random span, NSP label 1), as in BERT's
+create_pretraining_data.py, so NSP is 50/50 only among chunks of several sentences: at a short
+seq_len most pairs are random (``fastbert pretrain`` logs the share); NSP needs at least two training documents (else a CorpusError suggests
 ``nsp=False``); with ``nsp=False`` B is always the true continuation, or absent when a chunk has one
 sentence (``[CLS] A [SEP]``).
 """
@@ -50,6 +52,7 @@ import operator
 import os
 import shutil
 import tempfile
+import zlib
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -102,7 +105,7 @@ def iter_documents(path: str) -> Iterator[list[str]]:
                 elif doc:
                     yield doc
                     doc = []
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:  # zlib.error: garbage after a gzip header
         if isinstance(e, FileNotFoundError):
             raise CorpusError(f"corpus file {path!r} does not exist") from None
         raise CorpusError(f"{path}: cannot read ({e})") from None

@@ -101,10 +101,36 @@ def test_resume_is_bitwise_identical(corpus, vocab, tmp_path):
 
 def test_resume_without_checkpoint_starts_over_and_existing_run_is_protected(corpus, tmp_path, capsys):
     out = tmp_path / "r"
-    assert run(corpus, out, "--resume", "--steps", "2") == 0  # nothing there yet: starts from step 0
+    assert run(corpus, out, "--resume", "--steps", "2") == 0  # nothing there yet: starts from step 0, saying so
+    assert "holds no run to resume" in capsys.readouterr().err
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]  # eval each step of a 2-step run
     assert run(corpus, out, "--steps", "2") == 2  # no --resume: refuse to overwrite
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_vocabulary_flags_a_loaded_tokenizer_json_ignores_are_said(corpus, tmp_path, capsys):
+    first = tmp_path / "first"
+    assert run(corpus, first, "--steps", "1", "--vocab-size", "300") == 0
+    capsys.readouterr()
+    assert run(corpus, tmp_path / "second", "--steps", "1", "--tokenizer", str(first / "tokenizer.json"),
+               "--vocab-size", "9000", "--cased") == 0
+    err = capsys.readouterr().err
+    assert "warning: --vocab-size and --cased ignored: the vocabulary is loaded from" in err, err
+    assert run(corpus, tmp_path / "third", "--steps", "1", "--tokenizer", str(first / "tokenizer.json")) == 0
+    err = capsys.readouterr().err  # (MICRO gives --vocab-size; --cased is not given)
+    assert "warning: --vocab-size ignored: the vocabulary is loaded from" in err and "--cased" not in err, err
+
+
+def test_resume_of_a_finished_run_puts_its_last_model_on_top(corpus, tmp_path, capsys):
+    """A stop between publishing the last checkpoint and copying its model to the run folder left the
+    top-level model.safetensors stale, and --resume only said "finished"."""
+    out = tmp_path / "r"
+    assert run(corpus, out, "--steps", "2") == 0
+    want = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(b"stale")
+    assert run(corpus, out, "--resume", "--steps", "2") == 0
+    assert "is finished" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == want
 
 
 def test_a_cased_vocab_txt_folder_stays_cased(corpus, tmp_path):
@@ -507,6 +533,14 @@ def _fails_cleanly(capsys, out, rc, pattern):
 
 def test_bad_inputs_fail_cleanly(corpus, tmp_path, capsys):
     out = tmp_path / "never"
+    garbage = tmp_path / "garbage.txt.gz"  # a gzip header, then no deflate stream: zlib.error, a traceback
+    garbage.write_bytes(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03" + bytes(range(7, 200)))
+    _fails_cleanly(capsys, out, run(str(garbage), out), "garbage.txt.gz: cannot read")
+    (tmp_path / "afile").write_text("x")  # --out / --cache-dir a file or under one: said before any work
+    _fails_cleanly(capsys, tmp_path / "afile" / "sub", run(corpus, tmp_path / "afile" / "sub"),
+                   "no folder can be made there")
+    assert run(corpus, tmp_path / "afile") == 2 and "is a file; give a folder" in capsys.readouterr().err
+    _fails_cleanly(capsys, out, run(corpus, out, cache=tmp_path / "afile" / "cache"), "--cache-dir")
     _fails_cleanly(capsys, out, run(str(tmp_path / "missing.txt"), out), "does not exist")
     (tmp_path / "texts").mkdir()  # a folder of corpus files: not "does not exist"
     _fails_cleanly(capsys, out, run(str(tmp_path / "texts"), out), "is a folder; give the text files themselves")
@@ -750,13 +784,16 @@ def test_bad_lr_or_dropout_is_refused_before_the_run_folder_is_written(corpus, t
     out = tmp_path / "never"
     _fails_cleanly(capsys, out, run(corpus, out, "--steps", "1", "--lr", "-1"), "--lr")
     _fails_cleanly(capsys, out, run(corpus, out, "--steps", "1", "--dropout", "1.5"), "--dropout")
+    # p = 1 passed this check and failed in the kernels at step 1, after run_args.json was written
+    _fails_cleanly(capsys, out, run(corpus, out, "--steps", "1", "--dropout", "1"), "--dropout must be in [0, 1)")
 
 
 @pytest.mark.parametrize("flag, value", [
     ("--warmup-steps", "-5"), ("--weight-decay", "-1"), ("--max-grad-norm", "-1"), ("--eval-every", "-3"),
     ("--save-every", "0"), ("--log-every", "0"), ("--eval-examples", "-1"), ("--keep-checkpoints", "0"),
     ("--eval-fraction", "1.5"), ("--eval-fraction", "-0.1"), ("--short-seq-prob", "1.5"), ("--vocab-size", "0"),
-    ("--lr", "inf"), ("--weight-decay", "inf")])
+    ("--lr", "inf"), ("--weight-decay", "inf"),
+    ("--vocab-size", "1000000000")])  # the tokenizers trainer aborted the process allocating 70 GB
 def test_out_of_range_settings_are_refused_before_the_run_folder_is_written(corpus, tmp_path, capsys, flag, value):
     """Each ran before: a negative --max-grad-norm flipped every gradient's sign, --eval-fraction 1.5
     silently dropped the evaluation, --save-every 0 meant the default. (--eval-examples 0 is allowed:
