@@ -132,7 +132,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", metavar="SPEC",
                    help="'wordpiece' (train a WordPiece vocabulary on the corpus; default), 'chinese' "
                         "(character level, as BERT's Chinese models), or a vocab.txt / tokenizer.json / folder")
-    g.add_argument("--vocab-size", type=int, help=f"size of a trained vocabulary (default {d['vocab_size']})")
+    g.add_argument("--vocab-size", type=int, help=f"size of a trained vocabulary (default {d['vocab_size']}; "
+                   "--tokenizer chinese keeps every character of the corpus, which may be more)")
     g.add_argument("--cased", action="store_true", default=None, help="keep case (default: lower-case)")
     g.add_argument("--seq-len", type=int, help=f"tokens per example (default {d['seq_len']})")
     g.add_argument("--mask-prob", type=float, help=f"fraction of tokens to predict (default {d['mask_prob']})")
@@ -590,6 +591,8 @@ def _run(args, dist: T.Distributed) -> int:
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = float(s["dropout"])
+        # and in the config it saves (--init-from's model came with its own folder's dropout)
+        model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = float(s["dropout"])
     model.to(device).train()
     if args.activation_checkpointing:
         model.gradient_checkpointing_enable()

@@ -469,6 +469,11 @@ def test_init_from_starts_from_the_weights_of_an_earlier_run(corpus, vocab, tmp_
                             "--warmup-steps", "2", "--log-every", "1"]) == 0
     lrs = [r["lr"] for r in read_metrics(tmp_path / "more" / "metrics.jsonl")]
     assert lrs[0] < lrs[1] and lrs[1] > lrs[-1]
+    # --dropout with --init-from: trained with it, and its config.json says so (it kept the source's 0.1)
+    assert json.loads((first / "config.json").read_text())["hidden_dropout_prob"] == 0.1
+    assert cli_main(base + ["--out", str(tmp_path / "nodrop"), "--steps", "1", "--dropout", "0"]) == 0
+    saved = json.loads((tmp_path / "nodrop" / "config.json").read_text())
+    assert saved["hidden_dropout_prob"] == saved["attention_probs_dropout_prob"] == 0.0
     c = load_file(tmp_path / "more" / "model.safetensors")
     assert not torch.equal(a["bert.encoder.layer.0.attention.self.query.weight"],
                            c["bert.encoder.layer.0.attention.self.query.weight"])
