@@ -476,7 +476,9 @@ def _run(args, dist: T.Distributed) -> int:
         if os.path.isdir(p):
             raise CorpusError(f"corpus {p!r} is a folder; give the text files themselves (--corpus repeats)")
         if not os.path.isfile(p):
-            raise CorpusError(f"corpus file {p!r} does not exist")
+            hint = (" (run_args.json keeps the path as given when the run started: --resume from the folder "
+                    "it started in)" if stored is not None and not os.path.isabs(p) else "")
+            raise CorpusError(f"corpus file {p!r} does not exist{hint}")
         real = os.path.realpath(p)
         if real in seen:  # its documents twice: copies of held-out documents would be trained on
             raise CorpusError(f"corpus file {p!r} is given twice" + (f" (as {seen[real]!r})" if seen[real] != p else ""))

@@ -121,6 +121,20 @@ def test_vocabulary_flags_a_loaded_tokenizer_json_ignores_are_said(corpus, tmp_p
     assert "warning: --vocab-size ignored: the vocabulary is loaded from" in err and "--cased" not in err, err
 
 
+def test_resume_elsewhere_names_the_relative_corpus_path(corpus, tmp_path, capsys, monkeypatch):
+    import shutil
+    (tmp_path / "start").mkdir()
+    shutil.copy(corpus, tmp_path / "start" / "c.txt")
+    monkeypatch.chdir(tmp_path / "start")
+    out = tmp_path / "r"
+    assert run("c.txt", out, "--steps", "1") == 0
+    stored = json.loads((out / "run_args.json").read_text())
+    (out / "run_args.json").write_text(json.dumps(dict(stored, steps=2)))  # as if stopped at step 1 of 2
+    monkeypatch.chdir(tmp_path)
+    assert run("c.txt", out, "--resume") == 2
+    assert "--resume from the folder it started in" in capsys.readouterr().err
+
+
 def test_resume_of_a_finished_run_puts_its_last_model_on_top(corpus, tmp_path, capsys):
     """A stop between publishing the last checkpoint and copying its model to the run folder left the
     top-level model.safetensors stale, and --resume only said "finished"."""
