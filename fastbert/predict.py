@@ -22,8 +22,9 @@ with ``--probabilities`` (classify, pair, choice) also ``"probabilities"``: the 
 as {label: p} (choice: a list over the choices).
 Inputs longer than the model's --max-length are cut as in fine-tuning (qa: overlapping windows); the
 settings default to finetune.json's (max length, qa windows and null answers, evaluation batch size),
-so on fine-tuning's device, precision and thread count the predictions are its own. A folder without finetune.json
-is predicted with max length 128 and no null answers unless told, which the command says.
+so on fine-tuning's device, precision and thread count the predictions are its own. A folder without
+finetune.json is predicted with max length 128 (at most the model's positions) and no null answers
+unless told, which the command says.
 A file --output is written whole or not at all.
 """
 from __future__ import annotations
@@ -195,9 +196,8 @@ def run(args) -> dict | None:
         max_length = positions
     if not settings:
         _log(f"{args.model} has no finetune.json: its input settings are not known; using max length "
-             f"{max_length}" + (f" (the model's positions)" if max_length < 128 and not args.max_length else "")
-             + (f", {'' if args.null_answers == 'on' else 'no '}unanswerable questions"
-                                if task == "qa" else ""))
+             f"{max_length}" + (" (the model's positions)" if max_length < 128 and not args.max_length else "")
+             + (f", {'' if args.null_answers == 'on' else 'no '}unanswerable questions" if task == "qa" else ""))
     doc_stride = args.doc_stride if args.doc_stride is not None else settings.get("doc_stride")
     max_answer = args.max_answer_length or settings.get("max_answer_length") or 30
     qa_null = {"on": True, "off": False}.get(args.null_answers, bool(settings.get("qa_null", False)))
