@@ -10,6 +10,7 @@ chapters of Jane Austen's Emma) and writes ``runs/pretrain-<date>-<time>/``:
                                        eval_nsp_loss, mlm_accuracy, nsp_accuracy (held-out documents)
     loss_curve.png                     the curves of metrics.jsonl
     run_args.json                      the settings of the run (what --resume continues with)
+    corpus_sha256.json                 the corpus files' sha256 (--resume refuses files changed since)
     checkpoints/step-N/ + latest       resumable state: model, optimizer, schedule, RNG, data position
 
 ``--resume`` continues the run in ``--out`` from its last checkpoint with the settings saved in
@@ -419,6 +420,29 @@ def main(args) -> int:
         dist.shutdown()
 
 
+# The sha256 of each corpus file when the run started: --resume refuses files that changed since (its
+# data position and held-out split would point at other documents, held-out ones perhaps trained on).
+CORPUS_FILE = "corpus_sha256.json"
+
+
+def _corpus_changed(out: str, hashes: dict) -> str | None:
+    """Why a resumed run's corpus is not the one it started with (None: the same, or a run from before
+    CORPUS_FILE was written)."""
+    try:
+        with open(os.path.join(out, CORPUS_FILE), encoding="utf-8") as f:
+            started = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        return f"{os.path.join(out, CORPUS_FILE)}: unreadable ({e})"
+    for path, digest in hashes.items():
+        if started.get(path) != digest:
+            return (f"corpus file {path!r} is not the one this run started with (its sha256 differs from "
+                    f"{CORPUS_FILE}): the run's data position and held-out split would point at other documents; "
+                    f"restore the file, or start a new run (--init-from {out} keeps the weights)")
+    return None
+
+
 def _check_folder_arg(flag: str, path: str) -> None:
     """`path` is, or can be made, a folder: not a file, and not under one."""
     if os.path.exists(path) and not os.path.isdir(path):
@@ -535,6 +559,13 @@ def _run(args, dist: T.Distributed) -> int:
     config = _build_config(s, tokenizer.get_vocab_size(), tokenizer.token_to_id(PAD))
 
     # ---- corpus shards (the first process writes the cache, the others read it) ---------------
+    changed = None
+    if dist.is_main:
+        hashes = hashes or file_hashes(corpus_paths)  # the shard cache's keys need them anyway
+        changed = _corpus_changed(out, hashes) if stored is not None else None
+    changed = dist.broadcast(changed)
+    if changed:  # every process stops alike
+        raise CorpusError(changed)
     if dist.is_main:
         corpus = tokenize_corpus(corpus_paths, tokenizer, args.cache_dir, log=lambda m: _log(dist, m), hashes=hashes)
     dist.barrier()
@@ -573,6 +604,7 @@ def _run(args, dist: T.Distributed) -> int:
         ckpts.clean_partial()
         if stored is None:
             save_tokenizer(tokenizer, out, model_max_length=config.max_position_embeddings)
+            T.atomic_write_json(os.path.join(out, CORPUS_FILE), hashes)
             T.atomic_write_json(os.path.join(out, "run_args.json"), s)
     dist.barrier()
 

@@ -135,6 +135,25 @@ def test_resume_elsewhere_names_the_relative_corpus_path(corpus, tmp_path, capsy
     assert "--resume from the folder it started in" in capsys.readouterr().err
 
 
+def test_resume_refuses_a_corpus_that_changed_since_the_run_started(corpus, tmp_path, capsys):
+    """A corpus edited between stop and --resume went unnoticed: the data position and the held-out
+    split then pointed at other documents."""
+    import shutil
+    mine = tmp_path / "c.txt"
+    shutil.copy(corpus, mine)
+    out = tmp_path / "r"
+    assert run(str(mine), out, "--steps", "1") == 0
+    stored = json.loads((out / "run_args.json").read_text())
+    (out / "run_args.json").write_text(json.dumps(dict(stored, steps=2)))  # as if stopped at step 1 of 2
+    with open(mine, "a") as f:
+        f.write("\nA new document.\nIt changes the corpus.\n")
+    capsys.readouterr()
+    assert run(str(mine), out, "--resume") == 2
+    assert "is not the one this run started with" in capsys.readouterr().err
+    shutil.copy(corpus, mine)  # restored: the run goes on
+    assert run(str(mine), out, "--resume") == 0
+
+
 def test_resume_of_a_finished_run_puts_its_last_model_on_top(corpus, tmp_path, capsys):
     """A stop between publishing the last checkpoint and copying its model to the run folder left the
     top-level model.safetensors stale, and --resume only said "finished"."""
