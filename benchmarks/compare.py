@@ -5,17 +5,19 @@
     python -m benchmarks.compare NEW_DIR --threshold 0.05 --warn-only
 
 NEW_DIR holds what benchmarks/harness.py's Recorder wrote (``<bench>.json``: {"name", "machine",
-"context", "rows"}; ``fastbert bench --json`` writes the same), e.g. the folder benchmarks/gpu_check.sh
-fills; a bare JSON list of rows works too where its rows name a GPU as their device. Rows are joined on their identifying fields: every field that
-is not a measurement (measurements: ``*_ms``, ``*_per_s``, TFLOP/s, GB/s, memory, MFU, ratios, every
-float but a few settings such as dropout; see MEASUREMENT, FLOAT_SETTINGS and ``--ignore-field``), so a row is "bench_attention: op=attention impl=fastbert
-seq=512 dtype=bf16 pass=fwd+bwd ..." on both sides. The compared figure is ``median_ms`` (the median
-of repeated measurements: do_bench's on a GPU, the median over timed steps for the model step), or
-for a row that reports only ``real_tokens_per_s`` (benchmarks.pretrain_loop) its inverse, ms per 1000
-real tokens; a row whose new figure is more than ``--threshold`` (default 10%) above the old one is flagged.
-Where both sides also carry ``graph_ms`` (the kernel benchmarks' device time from CUDA-graph replays,
-harness.measure_graphed) that is compared too, as its own line marked "[graph]": a kernel that got
-slower shows there even when a host-bound median hides it.
+"context", "rows"}; ``fastbert bench --json`` writes the same), e.g. the folder
+benchmarks/gpu_check.sh fills; a bare JSON list of rows works too where its rows name a GPU as their
+device. Rows are joined on their identifying fields: every field that is not a measurement
+(measurements: ``*_ms``, ``*_per_s``, TFLOP/s, GB/s, memory, MFU, ratios, every float but a few
+settings such as dropout; see MEASUREMENT, FLOAT_SETTINGS and ``--ignore-field``), so a row is
+"bench_attention: op=attention impl=fastbert seq=512 dtype=bf16 pass=fwd+bwd ..." on both sides. The
+compared figure is ``median_ms`` (the median of repeated measurements: do_bench's on a GPU, the
+median over timed steps for the model step), or for a row that reports only ``real_tokens_per_s``
+(benchmarks.pretrain_loop) its inverse, ms per 1000 real tokens; a row whose new figure is more than
+``--threshold`` (default 10%) above the old one is flagged. Where both sides also carry ``graph_ms``
+(the kernel benchmarks' device time from CUDA-graph replays, harness.measure_graphed) that is
+compared too, as its own line marked "[graph]": a kernel that got slower shows there even when a
+host-bound median hides it.
 
 Cards: a timing is only comparable on the same card. The card of a file is its ``machine.gpu``
 (else the rows' ``device``, else the folder's env.txt; on the CPU the CPU model and core count).
@@ -164,22 +166,22 @@ def auto_baseline(new: dict[str, dict], new_dir: Path, root: Path, ignore: set[s
                 and not (f["date"] and f_new["date"] and f["date"] >= f_new["date"])]  # only runs before it
         if not same:
             continue
-        def keys(f):  # the identities of a file's rows that did not fail
-            return set(keyed_rows([r for r in f["rows"] if not is_error(r)], ignore))
-        new_keys = keys(f_new)
+        def good_rows(f):  # a file's rows that did not fail, by identity
+            return keyed_rows([r for r in f["rows"] if not is_error(r)], ignore)
+        new_keys = set(good_rows(f_new))
         newest_first = sorted(same, key=lambda f: (f["date"], f["path"].stat().st_mtime), reverse=True)
-        sharing = [f for f in newest_first if new_keys & keys(f)]
+        rows_of = [(f, good_rows(f)) for f in newest_first]
+        sharing = [(f, rows) for f, rows in rows_of if new_keys & rows.keys()]
         if not sharing:
             chosen[name] = newest_first[0]
             continue
         # the newest sharing run, and for each new row it lacks the newest older run that has it: a newer
         # run of some of the rows must not hide the older run of the others (they would go uncompared)
         # (a failed row of the newest run must not take the identity of an older run's good row)
-        primary, also = sharing[0], []
-        merged = dict(keyed_rows([r for r in primary["rows"] if not is_error(r)], ignore))
-        for f in sharing[1:]:
-            extra = {k: r for k, r in keyed_rows([r for r in f["rows"] if not is_error(r)], ignore).items()
-                     if k in new_keys and k not in merged}
+        (primary, merged), also = sharing[0], []
+        merged = dict(merged)
+        for f, rows in sharing[1:]:
+            extra = {k: r for k, r in rows.items() if k in new_keys and k not in merged}
             if extra:
                 merged.update(extra)
                 also.append(f["path"])

@@ -524,11 +524,12 @@ def _run(args, dist: T.Distributed) -> int:
                     yield line
             spec = s["tokenizer"]
             trained = spec in ("wordpiece", "chinese")
-            ignored = [f for f, given in (("--vocab-size", args.vocab_size is not None),
-                                          ("--cased", bool(args.cased) and (spec.endswith(".json") or os.path.isfile(
-                                              os.path.join(spec, "tokenizer.json"))))) if given]
-            if not trained and ignored:  # a tokenizer.json carries its own vocabulary and normaliser
-                _log(dist, f"warning: {' and '.join(ignored)} ignored: the vocabulary is loaded from {spec}")
+            if not trained:  # a loaded vocabulary has its size; a tokenizer.json also its normaliser
+                loads_json = spec.endswith(".json") or os.path.isfile(os.path.join(spec, "tokenizer.json"))
+                ignored = [flag for flag, given in (("--vocab-size", args.vocab_size is not None),
+                                                    ("--cased", bool(args.cased) and loads_json)) if given]
+                if ignored:
+                    _log(dist, f"warning: {' and '.join(ignored)} ignored: the vocabulary is loaded from {spec}")
             if trained:
                 hashes = file_hashes(corpus_paths)
             cached = (trained_vocab_path(corpus_paths, spec, s["vocab_size"], not s["cased"], args.cache_dir,

@@ -39,9 +39,9 @@ Pipeline:
 Documented behaviours: a chunk of one sentence (a one-sentence document, or one sentence that fills
 the target length) can only be segment A (its B is then a random span, NSP label 1), as in BERT's
 create_pretraining_data.py, so NSP is 50/50 only among chunks of several sentences: at a short
-seq_len most pairs are random (``fastbert pretrain`` logs the share); NSP needs at least two training documents (else a CorpusError suggests
-``nsp=False``); with ``nsp=False`` B is always the true continuation, or absent when a chunk has one
-sentence (``[CLS] A [SEP]``).
+seq_len most pairs are random (``fastbert pretrain`` logs the share); NSP needs at least two
+training documents (else a CorpusError suggests ``nsp=False``); with ``nsp=False`` B is always the
+true continuation, or absent when a chunk has one sentence (``[CLS] A [SEP]``).
 """
 from __future__ import annotations
 
