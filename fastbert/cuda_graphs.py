@@ -18,8 +18,9 @@ normally runs on exactly the labelled rows, which nonzero() finds with a host sy
 runs on K rows instead — every labelled row, then unlabelled ones whose -100 labels add nothing —
 so K must bound the labelled tokens of any batch (fastbert's masking labels at most
 max(1, round(mask_prob · n)) of a row's n candidate tokens: rows × (round(mask_prob · seq) + 1) is safe).
-A batch whose labels are on the CPU is checked before it is copied (a clear error). One already on
-the GPU cannot be checked without a sync: if it holds more than K labelled tokens, its masked-LM
+A batch whose labels are on the CPU is checked before it is copied (a clear error for more than K
+labelled tokens or a label outside the vocabulary). One already on the GPU cannot be checked without
+a sync: if it holds more than K labelled tokens or a label outside the vocabulary, its masked-LM
 term is dropped — that step trains on the next-sentence loss alone — and the returned loss is NaN,
 so check the loss when you log it (or keep labels on the CPU).
 
@@ -55,6 +56,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+import fastbert.kernels as K
 from .modeling import graph_layout
 from .runtime import PLAIN_OUTPUTS
 
@@ -181,6 +183,9 @@ class GraphedTrainStep:
             if masked > self.max_masked_rows:
                 raise ValueError(f"batch has {masked} labelled tokens, more than max_masked_rows="
                                  f"{self.max_masked_rows}")
+            vocab = getattr(self.mlm_heads[0].decoder, "out_features", None)
+            if vocab is not None and K.mlm_labels_bad(labels, vocab, PAD_LABEL):
+                K.raise_bad_mlm_labels(labels, vocab, PAD_LABEL)
         # a copy: the graph's own output tensor may share memory with another bucket's activations
         # (one pool), so it is only valid until the next replay of any graph
         return _replay(self.graphs, shape, padded, self._capture, self.device).clone()

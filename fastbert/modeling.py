@@ -86,6 +86,13 @@ def _static_label_rows(flat_labels, k: int):
     return order[:k], labelled.sum() > k
 
 
+def _drop_bad_labels(labels, vocab: int):
+    """(labels with every one outside [0, vocab) that is not -100 set to -100, a 0-dim bool: whether
+    there was one), without a host sync."""
+    bad = (labels != -100) & ((labels < 0) | (labels >= vocab))
+    return labels.masked_fill(bad, -100), bad.any()
+
+
 _GRAPH_LAYOUT = False  # set by graph_layout()
 
 
@@ -1077,7 +1084,6 @@ class BertLMPredictionHead(nn.Module):
         static = getattr(self, "static_rows", None)
         plain = _plain(self.decoder, nn.Linear)  # a wrapped decoder need not have .weight / .bias
         vocab = self.decoder.weight.shape[0] if plain else None
-        validate = True
         if static is None:
             # The label check's answer is computed before nonzero's host sync and read after it, when
             # nothing is queued: one sync of the step's middle, not two (K.mlm_loss's own check would
@@ -1087,15 +1093,23 @@ class BertLMPredictionHead(nn.Module):
             rows = (flat_labels != -100).nonzero().squeeze(1)  # (M,)
             if bad is not None and bool(bad):
                 K.raise_bad_mlm_labels(flat_labels, vocab)
-            validate = False
         else:
+            # No host sync on this path (a CUDA graph, the eager pretraining loop): a label outside the
+            # vocabulary makes the loss NaN, as too many labelled rows do, and reaches no cross-entropy
+            # (on CUDA an out-of-range target is a device assert that ends the process).
             rows, overflow = _static_label_rows(flat_labels, static)  # (K,)
+            if plain:
+                flat_labels, bad = _drop_bad_labels(flat_labels, vocab)
+                overflow = overflow | bad
         h = sequence_output.reshape(-1, sequence_output.shape[-1]).index_select(0, rows)  # (M, D)
         h = self.transform(h)
         if not plain:  # a hooked or wrapped decoder: its own call, full logits
             target = flat_labels.index_select(0, rows)  # (M,)
             logits = self.decoder(h).float()  # (M, V)
-            if static is None and K._check_values() and bool(K.mlm_labels_bad(target, logits.shape[-1])):
+            if static is not None:
+                target, bad = _drop_bad_labels(target, logits.shape[-1])
+                overflow = overflow | bad
+            elif K._check_values() and bool(K.mlm_labels_bad(target, logits.shape[-1])):
                 K.raise_bad_mlm_labels(target, logits.shape[-1])
             total = F.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
             loss = total / (target != -100).sum().clamp(min=1)
@@ -1105,7 +1119,8 @@ class BertLMPredictionHead(nn.Module):
             self.decoder.out_features)
         # at least fp32: under bf16 autocast a bf16 loss would be rounded to ~3 significant digits
         loss = K.mlm_loss(h, self.decoder.weight, bias, flat_labels.index_select(0, rows),
-                          out_dtype=torch.promote_types(h.dtype, torch.float32), validate=validate)
+                          out_dtype=torch.promote_types(h.dtype, torch.float32),
+                          validate=False)  # checked above: raised, or dropped into a NaN loss
         return loss if static is None else loss.masked_fill(overflow, math.nan)
 
 

@@ -187,6 +187,72 @@ def test_static_mlm_rows_give_the_labelled_rows_loss_and_gradients(impl, capture
     head.static_rows = None
 
 
+@pytest.mark.parametrize("decoder", ["plain", "hooked"])
+@pytest.mark.parametrize("impl", ["fastbert", "transformers-patched"])
+def test_static_mlm_rows_read_nothing_on_the_host_and_a_bad_label_gives_nan(impl, decoder, monkeypatch):
+    """With static rows (a CUDA graph, the eager pretraining loop) the MLM head never reads a device
+    value on the host (K.mlm_loss's label check used to: a sync in the step's middle); a label outside
+    the vocabulary then makes the loss NaN, as too many labelled rows do, instead of raising, and the
+    other rows' gradients stay finite (it reached no cross-entropy). A hooked decoder (its own call)
+    alike."""
+    import transformers
+
+    cfg = dict(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = fastbert.BertForPreTraining(fastbert.BertConfig(**cfg)).train()
+    if impl == "transformers-patched":
+        model = fastbert.patch(transformers.BertForPreTraining(transformers.BertConfig(**cfg)).train())
+    head = model.cls.predictions
+    if decoder == "hooked":
+        head.decoder.register_forward_hook(lambda m, a, o: None)
+    batch = _pretraining_batch()
+    out = model.bert(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    seq = out.last_hidden_state.detach().requires_grad_()
+    n_labelled = int((batch["labels"] != -100).sum())
+    head.static_rows = n_labelled + 3
+    reads = []
+    real_bool, real_item = torch.Tensor.__bool__, torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append("bool") or real_bool(t))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append("item") or real_item(t))
+    good = head.masked_loss(seq, batch["labels"])
+    labels = batch["labels"].clone()
+    labelled = (labels != -100).nonzero()
+    labels[tuple(labelled[0])] = 97  # outside the vocabulary
+    labels[tuple(labelled[1])] = -5
+    bad = head.masked_loss(seq, labels)
+    monkeypatch.undo()
+    assert reads == []
+    assert torch.isfinite(good) and torch.isnan(bad)
+    bad.backward()
+    assert torch.isfinite(seq.grad).all() and torch.isfinite(head.transform.dense.weight.grad).all()
+    head.static_rows = None  # the exact rows: the error, as before
+    with pytest.raises(ValueError, match="labels must lie in"):
+        head.masked_loss(seq, labels)
+
+
+def test_graphed_step_checks_cpu_labels_before_the_copy():
+    """Labels still on the CPU are checked before anything reaches the graph: more labelled tokens
+    than max_masked_rows, or a label outside the vocabulary, is a clear error (in the graph either
+    would only make the loss NaN). The step is built without a GPU: the check runs before any replay."""
+    model = fastbert.BertForPreTraining(fastbert.BertConfig(vocab_size=97, hidden_size=16, num_hidden_layers=1,
+                                                            num_attention_heads=2, intermediate_size=32))
+    step = GraphedTrainStep.__new__(GraphedTrainStep)
+    step.mlm_heads, step.max_masked_rows, step.batch_size, step.seq_buckets = [model.cls.predictions], 8, 2, (5,)
+    batch = _pretraining_batch(rows=2, seq=5)
+    step.graphs = {}
+    step._capture = lambda *a: pytest.fail("the bad batch reached the graph")
+    for label, message in ((97, r"labels must lie in \[0, 97\) or equal ignore_index=-100; found \[97\]"),
+                           (-3, r"found \[-3\]")):
+        bad = {k: v.clone() for k, v in batch.items()}
+        bad["labels"][tuple((bad["labels"] != -100).nonzero()[0])] = label
+        with pytest.raises(ValueError, match=message):
+            step(bad)
+    step.max_masked_rows = int((batch["labels"] != -100).sum()) - 1
+    with pytest.raises(ValueError, match="more than max_masked_rows"):
+        step(batch)
+
+
 def test_pad_batch_next_sentence_label_and_masked_lm_needs_a_row_bound():
     batch = _pretraining_batch(rows=2, seq=5)
     out = pad_batch(batch, (3, 8))
@@ -231,6 +297,12 @@ def test_graphed_pretraining_steps_train_like_eager_steps(monkeypatch, impl):
     with pytest.raises(ValueError, match="max_masked_rows"):
         step(over)
     assert torch.isnan(step({k: v.cuda() for k, v in over.items()}))
+    assert all(torch.isfinite(p).all() for p in graphed.parameters())
+    outside = _pretraining_batch(rows=4, seq=16, seed=9)
+    outside["labels"][tuple((outside["labels"] != -100).nonzero()[0])] = 97  # past the vocabulary
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 97\)"):
+        step(outside)
+    assert torch.isnan(step({k: v.cuda() for k, v in outside.items()}))  # in the graph: NaN, no device assert
     assert all(torch.isfinite(p).all() for p in graphed.parameters())
 
 
