@@ -4,10 +4,20 @@ The interpreter runs kernels on the tensors' own CPU memory, so an out-of-range 
 corrupts the Python process's heap; the damage shows up later, elsewhere, as a random C++
 bad_alloc or length_error. This hook records the memory of every tensor argument of a launch and
 checks every unmasked lane of every load and store against it, raising at the faulty access.
+
+Also ``interpreted``: the mark for tests that send CPU tensors through the Triton kernels, which
+needs the interpreter; a GPU run (FASTBERT_TEST_GPU=1) leaves it off and skips them, its kernel
+tests covering the compiled path.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import pytest
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="CPU tensors through the Triton kernels need TRITON_INTERPRET=1")
 
 
 def install():

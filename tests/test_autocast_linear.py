@@ -13,6 +13,7 @@ from tolerance import assert_close_to_reference, max_err
 
 from fastbert import autocast_linear
 from fastbert.autocast_linear import linear
+from interpreter_bounds import interpreted
 
 
 def _inputs(n, k, m, bias=True, seed=0):
@@ -192,6 +193,7 @@ def test_off_the_cuda_autocast_path_it_is_f_linear():
         assert torch.equal(linear(x, w, b), F.linear(x, w, b))
 
 
+@interpreted
 def test_the_model_drops_five_casts_per_layer_and_keeps_its_gradients(triton_kernels, monkeypatch):
     """The model's Linears take the path (as they do on CUDA; here forced under CPU fp16 autocast, the
     Triton kernels interpreted): every parameter gradient stays within bf16-level rounding of the

@@ -6,6 +6,7 @@ import torch
 
 import fastbert
 from fastbert.cuda_graphs import GraphedEncoder, GraphedTrainStep, pad_batch, padded_embeddings
+from interpreter_bounds import INTERPRETED
 
 
 def test_pad_batch_rows_and_sequence():
@@ -363,13 +364,12 @@ def _ragged_batch(rows, seq, vocab=50, seed=0):
     return ids * mask, mask, types
 
 
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @pytest.mark.parametrize("pooling, normalize, kernels", [
     ("mean", False, "reference"), ("mean", True, "reference"), ("cls", False, "reference"),
     pytest.param("mean", False, "triton", marks=pytest.mark.skipif(
-        not _INTERPRETED, reason="CPU tensors through the Triton kernels need the interpreter (the GPU run covers "
+        not INTERPRETED, reason="CPU tensors through the Triton kernels need the interpreter (the GPU run covers "
                                  "the compiled kernels in test_graphed_encoder_*)"))])
 def test_padded_embeddings_equal_the_eager_encoder(pooling, normalize, kernels, monkeypatch):
     """What GraphedEncoder captures — the padded layout over a bucket with padding rows and columns —

@@ -11,7 +11,6 @@
   sweep's baseline), at widths 16, 768 / 1024, 4096 and 8192.
 """
 import itertools
-import os
 
 import pytest
 import torch
@@ -20,13 +19,10 @@ from aot import compile_in_subprocess
 from fastbert.kernels import embedding as E
 from fastbert.kernels import gelu as G
 from fastbert.kernels import layer_norm as L
+from interpreter_bounds import interpreted
 
 # ----------------------------------------------------------------------------------------- opcheck
 
-# opcheck and the compile test run the ops on CPU tensors: that needs the interpreter (not set on a
-# GPU run, where the kernel tests themselves cover the compiled path).
-interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
-                                 reason="CPU tensors through the Triton kernels need TRITON_INTERPRET=1")
 
 
 def _opcheck(op, args):

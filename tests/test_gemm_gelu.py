@@ -7,7 +7,6 @@ would leave uninitialised memory in the result), opcheck, the eager twin against
 input, and ahead-of-time compilation of the shipped launches for sm_90 and sm_80.
 """
 import itertools
-import os
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 import fastbert.kernels as K
 from aot import compile_in_subprocess
 from fastbert.kernels import gemm_gelu as GG
+from interpreter_bounds import interpreted
 from tolerance import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
@@ -170,15 +170,11 @@ def test_feed_forward_bad_input(triton_kernels, device):
         K.feed_forward(x, w1, b1, w2, approximate="sigmoid")
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="the interpreter's refusal")
+@interpreted  # the interpreter's refusal
 def test_feed_forward_refuses_interpreted_bf16(triton_kernels):
     x, w1, b1, w2 = (torch.randn(*s, dtype=torch.bfloat16) for s in ((3, 8), (16, 8), (16,), (4, 16)))
     with pytest.raises(TypeError, match="matrix products on bf16 CPU tensors"):
         K.feed_forward(x, w1, b1, w2)
-
-
-interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
-                                 reason="CPU tensors through the Triton kernels need TRITON_INTERPRET=1")
 
 
 @interpreted
