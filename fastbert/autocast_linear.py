@@ -50,32 +50,39 @@ class _AutocastLinear(torch.autograd.Function):
     changes) and a create_graph backward still reaches x through it."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, dtype):
+    def forward(ctx, x, bias, dtype, *weights):
+        # weights: the weight, or its row blocks (QKV's three), joined here so that the backward saves
+        # the parameters themselves, not an fp32 concatenation of them
+        weight = weights[0] if len(weights) == 1 else torch.cat(weights)  # (out, in)
         w_low = weight.to(dtype)
         y = F.linear(x, w_low, None if bias is None else bias.to(dtype))  # (..., out)
-        # weight itself (a parameter: no memory) only for a create_graph backward's dx
-        ctx.save_for_backward(x if weight.requires_grad else None, w_low if x.requires_grad else None,
-                              weight if x.requires_grad else None)
-        ctx.dtype = dtype
+        # the parameters (no memory) only for a create_graph backward's dx
+        wants_dw = any(w.requires_grad for w in weights)
+        ctx.save_for_backward(x if wants_dw else None, w_low if x.requires_grad else None,
+                              *(weights if x.requires_grad else [None] * len(weights)))
+        ctx.dtype, ctx.rows = dtype, [w.shape[0] for w in weights]
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, w_low, weight = ctx.saved_tensors
+        x, w_low, *weights = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
         # create_graph=True (a second derivative, a gradient penalty): the same products built from
-        # differentiable ops, so the graph reaches dy, the weight (through its cast) and x
+        # differentiable ops, so the graph reaches dy, the weights (through their cast) and x
         create_graph = torch.is_grad_enabled()
-        dx = dw = db = None
+        dx = db = None
+        dws = [None] * len(weights)
         if ctx.needs_input_grad[0]:
-            w = weight.to(ctx.dtype) if create_graph else w_low
+            w = (weights[0] if len(weights) == 1 else torch.cat(weights)).to(ctx.dtype) if create_graph else w_low
             dx = (dy2 @ w).view(*dy.shape[:-1], w.shape[1])  # (..., in), in the low dtype
-        if ctx.needs_input_grad[1]:
+        if any(ctx.needs_input_grad[3:]):
             x2 = x.reshape(-1, x.shape[-1])  # (N, in)
             dw = (dy2.t() @ x2).float() if create_graph else _mm_fp32(dy2.t(), x2)  # (out, in)
-        if ctx.needs_input_grad[2]:
+            blocks = dw.split(ctx.rows) if len(dws) > 1 else (dw,)
+            dws = [d if need else None for d, need in zip(blocks, ctx.needs_input_grad[3:])]
+        if ctx.needs_input_grad[1]:
             db = dy2.sum(0, dtype=torch.float32)  # (out,)
-        return dx, dw, db, None
+        return dx, db, None, *dws
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,11 +108,15 @@ def _path_dtype(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.dtype]:
     return None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+def linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None,
            dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """F.linear(x, weight, bias), with fp32 weight / bias gradients straight from the GEMM under CUDA
-    autocast (module docstring). dtype: force the low-precision path in that dtype (tests, CPU)."""
-    dtype = dtype or _path_dtype(x, weight)
+    autocast (module docstring). weight: a tensor, or a sequence of (out_i, in) row blocks that
+    torch.cat would join (QKV's three weights: the backward then keeps the parameters, not an fp32
+    copy of the joined weight). dtype: force the low-precision path in that dtype (tests, CPU)."""
+    weights = tuple(weight) if isinstance(weight, (tuple, list)) else (weight,)
+    if dtype is None and all(w.dtype == weights[0].dtype for w in weights):
+        dtype = _path_dtype(x, weights[0])
     if dtype is None:
-        return F.linear(x, weight, bias)
-    return _AutocastLinear.apply(x.to(dtype), weight, bias, dtype)
+        return F.linear(x, weights[0] if len(weights) == 1 else torch.cat(weights), bias)
+    return _AutocastLinear.apply(x.to(dtype), bias, dtype, *weights)

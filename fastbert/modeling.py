@@ -418,11 +418,11 @@ class BertSelfAttention(nn.Module):
         nh, hd = self.num_attention_heads, self.attention_head_size
         projections = (self.query, self.key, self.value)
         if all(_plain(m, nn.Linear) and m.bias is not None for m in projections):
-            # One GEMM for q, k and v; the concatenated weight is rebuilt each call so that the three
-            # Linear modules (and their state-dict keys) stay the source of truth.
-            weight = torch.cat([m.weight for m in projections])  # (3D, D)
+            # One GEMM for q, k and v; the concatenated weight is rebuilt each call (inside `linear`,
+            # from the three weights) so that the three Linear modules (and their state-dict keys)
+            # stay the source of truth.
             bias = torch.cat([m.bias for m in projections])  # (3D,)
-            qkv = linear(x, weight, bias)  # (N, 3D)
+            qkv = linear(x, [m.weight for m in projections], bias)  # (N, 3D)
         else:  # a hooked, wrapped (LoRA) or bias-free projection: each its own call
             qkv = torch.cat([m(x) for m in projections], dim=-1)  # (N, 3D)
         qkv = qkv.view(-1, 3, nh, hd)  # (N, 3, nh, hd)

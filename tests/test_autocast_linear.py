@@ -135,6 +135,53 @@ def test_only_the_low_precision_input_is_saved():
                               ref, name="dW")
 
 
+def test_row_blocks_of_one_weight_save_the_parameters_not_their_concatenation():
+    """QKV's three weights as row blocks: the same output and gradients as the joined weight (each
+    block's gradient the rows of the joined one's, a frozen block none), and the backward keeps the
+    parameters and the low-precision copy but no fp32 concatenation (at BERT-base 7 MB per layer held
+    from forward to backward), also through a second derivative."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(10, 8, generator=g).requires_grad_()
+    blocks = [(torch.randn(m, 8, generator=g) / 8 ** 0.5).requires_grad_() for m in (5, 3, 5)]
+    b = torch.randn(13, generator=g).requires_grad_()
+    dy = torch.randn(10, 13, generator=g).to(torch.bfloat16)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = linear(x, blocks, b, dtype=torch.bfloat16)
+    joined = torch.cat([w.detach() for w in blocks]).requires_grad_()
+    y_joined = linear(x, joined, b, dtype=torch.bfloat16)
+    assert torch.equal(y, y_joined)
+    assert not [t for t in saved if t.dtype == torch.float32 and t.shape == joined.shape]
+    assert sum(any(t is w for t in saved) for w in blocks) == 3  # the parameters themselves
+    (dx,) = torch.autograd.grad(y, x, dy, retain_graph=True)
+    y.backward(dy)
+    dx_joined, dw_joined = torch.autograd.grad(y_joined, (x, joined), dy)
+    assert torch.equal(dx, dx_joined)
+    for w, want in zip(blocks, dw_joined.split([5, 3, 5])):
+        assert w.grad.dtype == torch.float32 and torch.equal(w.grad, want)
+    blocks[1].requires_grad_(False)
+    for w in blocks:
+        w.grad = None
+    linear(x, blocks, b, dtype=torch.bfloat16).backward(dy)
+    assert blocks[1].grad is None and torch.equal(blocks[2].grad, dw_joined[8:])
+    blocks[1].requires_grad_()
+    # a gradient penalty through dx reaches every block as autocast's F.linear on the joined weight does
+    for w in blocks:
+        w.grad = None
+    (gx,) = torch.autograd.grad(linear(x, blocks, b, dtype=torch.bfloat16).float().sum(), x, create_graph=True)
+    (gx ** 2).sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        parts = [w.detach().requires_grad_() for w in blocks]
+        (gx_ac,) = torch.autograd.grad(F.linear(x, torch.cat(parts), b).float().sum(), x, create_graph=True)
+    (gx_ac ** 2).sum().backward()
+    for w, want in zip(blocks, parts):
+        assert torch.equal(w.grad, want.grad)
+
+
 def test_the_path_is_taken_only_where_it_runs(monkeypatch):
     """_path_dtype's conditions, with the device side faked: sm_80+ for bf16, not with cuBLAS fp16
     accumulation, not under ROCm, torch.compile, forward-mode AD or torch.func, nor without autograd
