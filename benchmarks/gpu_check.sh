@@ -32,14 +32,14 @@ set -u
 case "${PLAN:-}" in
   first) : "${STEPS:=tests model}" "${T_TESTS:=200}" "${T_MODEL:=200}"
          # the GPU-only CLI tests first (2026-11-27's run reached its limit before them), and of
-         # test_finetune_cli only the tests that train or encode on the GPU (its ~30 file-handling tests are
-         # CPU tests that cost the step a minute)
+         # test_finetune_cli only the tests that train or encode on the GPU (its file-handling tests and
+         # its --device cpu runs, test_finetune_each_task and the transformers arm, are CPU tests that
+         # cost the step a minute)
          : "${TEST_FILES:=tests/test_pretrain_cli.py::test_prefetching_on_a_gpu_changes_nothing
   tests/test_pretrain_cli.py::test_cuda_graphs_pretrain_like_the_eager_loop
   tests/test_pretrain_cli.py::test_cuda_graphs_pretrain_resumes_bitwise_with_dropout
   tests/test_finetune_cli.py::test_finetune_cuda_graphs_trains_like_the_eager_loop
   tests/test_finetune_cli.py::test_encode_cuda_graphs_gives_the_eager_commands_vectors
-  tests/test_finetune_cli.py::test_finetune_each_task tests/test_finetune_cli.py::test_transformers_arm_runs_the_same_loop
   tests/test_attention.py tests/test_layer_norm.py tests/test_embedding.py tests/test_gelu.py tests/test_fused_ops.py
   tests/test_gemm_gelu.py tests/test_autocast_linear.py
   tests/test_model_kernels.py tests/test_cuda_graphs.py tests/test_patch.py}" ;;
