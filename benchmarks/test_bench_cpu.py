@@ -401,7 +401,7 @@ def test_pretrain_loop_smoke(tmp_path, monkeypatch):
     assert rows[0]["vs_bare"] == 1.0 and rows[1]["n_steps"] == rows[2]["n_steps"] == 8  # 2 runs x 2 rows x 2 steps
 
 
-def test_bench_data_smoke(tmp_path, monkeypatch):
+def test_bench_data_smoke(tmp_path, monkeypatch, capsys):
     from benchmarks import bench_data
     monkeypatch.setenv("OUT", str(tmp_path))
     assert bench_data.main(["--batch-size", "8", "--seq-len", "32", "--steps", "4", "--vocab-size", "500"]) == 0
@@ -411,8 +411,11 @@ def test_bench_data_smoke(tmp_path, monkeypatch):
         assert 0 < r["step_ms_median"] and 0 < r["epoch_ms"] and r["pairs_per_epoch"] > 0
         assert r["examples_per_s"] == pytest.approx(r["examples_per_step"] / r["step_ms_median"] * 1e3)
     assert rows[0]["examples_per_step"] == 8 and rows[2]["examples_per_step"] > 8  # packed rows hold several
-    with pytest.raises(SystemExit):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
         bench_data.main(["--recipes", "plain,bogus"])
+    assert stop.value.code == 2
+    assert "unknown recipe(s) bogus; choose from plain, whole-word, packed" in capsys.readouterr().err
 
 
 def test_measure_cpu_percentiles_stay_within_the_samples(monkeypatch):

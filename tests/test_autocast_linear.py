@@ -243,7 +243,7 @@ def test_off_the_cuda_autocast_path_it_is_f_linear():
 @interpreted
 def test_the_model_drops_five_casts_per_layer_and_keeps_its_gradients(triton_kernels, monkeypatch):
     """The model's Linears take the path (as they do on CUDA; here forced under CPU fp16 autocast, the
-    Triton kernels interpreted): every parameter gradient stays within bf16-level rounding of the
+    Triton kernels interpreted): every parameter gradient stays within fp16-level rounding of the
     autocast run's, and the backward issues five fewer dtype casts per layer (QKV weight and bias,
     three weights) and five fewer in the heads."""
     from torch.profiler import ProfilerActivity, profile
@@ -293,8 +293,9 @@ def test_the_model_drops_five_casts_per_layer_and_keeps_its_gradients(triton_ker
     for name, g in grads.items():
         assert g.dtype == torch.float32
         scale = autocast_grads[name].abs().max().item()
-        # bf16 rounding of the autocast run's gradients and of everything before them: a few bf16 ulps
-        assert max_err(g, autocast_grads[name]) <= 0.05 * scale + 1e-6, name
+        # the autocast run's fp16 rounding of each weight gradient and of the activations before them: a
+        # few fp16 ulps of the largest entry (2.5e-3 of it measured; fp16's ulp is 9.8e-4 relative)
+        assert max_err(g, autocast_grads[name]) <= 0.01 * scale + 1e-6, name
 
 
 def _ancestors(event):

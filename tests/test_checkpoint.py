@@ -215,7 +215,7 @@ def test_config_takes_transformers_fields_it_does_not_model(tmp_path):
         fastbert.BertConfig(hidden_act="relu", some_new_field=1)
 
 
-@pytest.mark.parametrize("field, value", [("is_decoder", True), ("add_cross_attention", True),
+@pytest.mark.parametrize("field, value", [("is_decoder", True), ("add_cross_attention", True), ("is_causal", True),
                                           ("position_embedding_type", "relative_key")])
 def test_a_config_asking_for_what_fastbert_does_not_run_is_refused(tmp_path, field, value):
     """transformers runs is_decoder=True with causal attention (and relative_key with another

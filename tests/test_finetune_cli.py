@@ -139,16 +139,19 @@ def test_finetune_bad_input_is_a_clear_error(micro_model, tmp_path, capsys):
     assert "bad.jsonl:1: missing field 'label'" in capsys.readouterr().err
 
 
-def test_finetune_refuses_to_write_over_its_own_model(micro_model, tmp_path, capsys):
-    """--out naming the --model folder (by another spelling too) would replace the model the run
-    starts from: refused before anything is written."""
+def test_finetune_refuses_to_write_over_its_own_model(micro_model, tmp_path, capsys, monkeypatch):
+    """--out naming the --model folder (by another spelling too: a link to it, a relative path) would
+    replace the model the run starts from: refused before anything is written."""
     import shutil
 
     model = tmp_path / "model"
     shutil.copytree(micro_model, model)
+    (tmp_path / "alias").symlink_to(model, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
     before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
     tr = _jsonl(tmp_path / "tr.jsonl", [{"text": "good", "label": "a"}, {"text": "bad", "label": "b"}])
-    for out in (str(model), str(model) + "/", str(tmp_path / "." / "model")):
+    for out in (str(model), str(model) + "/", str(tmp_path / "." / "model"), str(tmp_path / "alias"), "model",
+                "alias/"):
         assert cli(["finetune", "--task", "classify", "--model", str(model), "--train", tr, "--dev", tr,
                     "--out", out, "--no-progress", "--device", "cpu"]) == 2
         assert "is the --model folder" in capsys.readouterr().err
@@ -601,6 +604,8 @@ def test_encode_bad_sizes_are_a_clear_error(micro_model, tmp_path, capsys):
     (["--warmup", "1.5"], "--warmup is a fraction of the steps in [0, 1]"),
     (["--train", "-"], "--train -: fastbert finetune reads files by name"),  # "-" is predict's stdin only
     (["--test", "-"], "--test -: fastbert finetune reads files by name"),
+    (["--dev", "-"], "--dev -: fastbert finetune reads files by name"),
+    (["--labels", "-"], "--labels -: fastbert finetune reads files by name"),
 ])
 def test_finetune_bad_sizes_are_a_usage_error(micro_model, tmp_path, capsys, extra, message):
     tr = _jsonl(tmp_path / "tr.jsonl", [{"text": "good", "label": 1}, {"text": "bad", "label": 0}])
@@ -778,6 +783,24 @@ def test_new_head_fine_tunes_a_classifier_for_another_label_count(micro_model, t
     encoder = "bert.encoder.layer.1.output.dense.weight"
     assert torch.equal(after[encoder], before[encoder])  # lr 0: the encoder as the checkpoint's
     assert json.loads((new / "config.json").read_text())["id2label"] == {"0": "a", "1": "b", "2": "c"}
+
+
+def test_new_head_does_not_start_an_encoder_of_another_shape_afresh(micro_model, tmp_path, capsys):
+    """--new-head is for the head: an encoder weight of another shape (here every feed-forward block)
+    is another model, an error naming it, not a silently re-initialised body."""
+    import shutil
+    other = tmp_path / "other"
+    shutil.copytree(micro_model, other)
+    config = json.loads((other / "config.json").read_text())
+    config["intermediate_size"] += 8
+    (other / "config.json").write_text(json.dumps(config))
+    tr = _jsonl(tmp_path / "tr.jsonl", [{"text": "good", "label": "a"}, {"text": "bad", "label": "b"}])
+    capsys.readouterr()
+    assert cli(["finetune", "--task", "classify", "--model", str(other), "--train", tr, "--dev", tr, "--out",
+                str(tmp_path / "o"), "--device", "cpu", "--no-progress", "--epochs", "1", "--new-head"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint weights have the wrong shape: bert.encoder.layer.0.intermediate.dense.bias" in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_qa_with_unanswerable_training_questions_may_answer_nothing(micro_model, tmp_path, capsys, monkeypatch):

@@ -141,6 +141,25 @@ def test_fp32_weight_with_half_hidden(triton_kernels, device, monkeypatch, rows,
         assert_close_to_reference(a, b, r, k=2, name=f"{name} rows={rows} h={h} vocab={vocab}")
 
 
+def test_fp32_weight_gradient_is_the_fp32_sum_scaled_once(triton_kernels, device):
+    """"Rounded once", pinned bit for bit: with fp16 hidden and an fp32 weight / bias, the gradients
+    autograd hands back are the forward's fp32 sums times grad / count, each product rounded once to
+    its parameter's dtype (fp32 for the weight and bias, fp16 for hidden) — no detour through fp16."""
+    hidden, weight, bias, labels = _inputs(45, 37, 1031, torch.float16, device)
+    hidden, weight, bias = hidden.to(torch.float16), weight.float(), bias.float()
+    loss, dh, dw, db = torch.ops.fastbert.mlm_loss(hidden, weight, bias, labels, IGNORE, True, True, True)
+    assert dh.dtype == dw.dtype == db.dtype == torch.float32
+    count = (labels != IGNORE).sum().float()
+    grad = torch.tensor(0.75, dtype=torch.float16, device=device)
+    scale = grad.float() / count
+    leaves = _leaves((hidden,), torch.float16) + _leaves((weight, bias), torch.float32)
+    K.mlm_loss(*leaves, labels).backward(grad)
+    vocab = weight.shape[0]
+    assert torch.equal(leaves[1].grad, dw[:vocab] * scale)
+    assert torch.equal(leaves[2].grad, db[:vocab] * scale)
+    assert torch.equal(leaves[0].grad, (dh * scale).to(torch.float16))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_float64_weight_with_other_hidden(triton_kernels, device, dtype):
     """A float64 decoder beside fp32 / fp16 hidden (a model cast by hand, a double-precision head):

@@ -150,17 +150,48 @@ def test_predict_choice_needs_one_number_of_choices(micro_model, tmp_path, capsy
     assert "c.jsonl:2: 2 choices, but the first question has 3 (every question needs the same number)" in capsys.readouterr().err
 
 
-def test_predict_reads_labels_numbered_by_config_as_the_files_integers(micro_model, tmp_path, capsys):
-    """A transformers head saved without label names (id2label LABEL_0, LABEL_1) and a file labelled 0 / 1:
-    the labels are the integers, scored and printed as such (not "LABEL_1", not an unknown-label error)."""
+def _transformers_classifier(micro_model, tmp_path):
+    """A transformers classification head saved without label names or finetune.json (64 positions)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(5)
     config = transformers.BertConfig.from_pretrained(micro_model, num_labels=2)
     config.initializer_range = 0.5
-    hf = transformers.BertForSequenceClassification(config).eval()
     ckpt = tmp_path / "hf"
-    hf.save_pretrained(str(ckpt))
+    transformers.BertForSequenceClassification(config).eval().save_pretrained(str(ckpt))
     (ckpt / "vocab.txt").write_text(open(f"{micro_model}/vocab.txt").read())
+    return ckpt
+
+
+def test_predict_without_finetune_json_cuts_at_the_models_positions(micro_model, tmp_path, capsys):
+    """No finetune.json and no --max-length: the default 128 is capped at the model's 64 positions,
+    so a long text is cut there (said once) instead of failing past the position table."""
+    ckpt = _transformers_classifier(micro_model, tmp_path)
+    assert json.loads((ckpt / "config.json").read_text())["max_position_embeddings"] == 64
+    inp = _jsonl(tmp_path / "long.jsonl", [{"text": "the cat sat on the mat " * 20}, {"text": "good movie"}])
+    capsys.readouterr()
+    assert cli(["predict", "--model", str(ckpt), "--task", "classify", "--input", inp, "--device", "cpu",
+                "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 2
+    assert "1 of 2 examples cut to 64 tokens" in captured.err
+    assert "using max length 64 (the model's positions)" in captured.err
+
+
+def test_predict_output_and_metrics_through_a_link_are_the_same_file(micro_model, tmp_path, capsys):
+    _, out = _finetune(micro_model, tmp_path, "classify")
+    inp = _jsonl(tmp_path / "in.jsonl", [{"text": "good movie", "label": "pos"}])
+    (tmp_path / "m.json").symlink_to(tmp_path / "p.jsonl")
+    capsys.readouterr()
+    assert cli(["predict", "--model", str(out), "--input", inp, "--device", "cpu", "--no-progress",
+                "--output", str(tmp_path / "p.jsonl"), "--metrics", str(tmp_path / "m.json")]) == 2
+    assert "--output and --metrics are the same file" in capsys.readouterr().err
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_predict_reads_labels_numbered_by_config_as_the_files_integers(micro_model, tmp_path, capsys):
+    """A transformers head saved without label names (id2label LABEL_0, LABEL_1) and a file labelled 0 / 1:
+    the labels are the integers, scored and printed as such (not "LABEL_1", not an unknown-label error)."""
+    ckpt = _transformers_classifier(micro_model, tmp_path)
     texts = ["the cat sat on the mat", "good movie", "where is the big red door ?", "bad", "it is paris", "near"]
     inp = _jsonl(tmp_path / "in.jsonl", [{"text": t, "label": i % 2} for i, t in enumerate(texts)])
     capsys.readouterr()
