@@ -165,6 +165,9 @@ def atomic_write_with(path: str, write, suffix: str = "") -> None:
     os.close(fd)
     try:
         write(tmp)
+        # again: a writer may replace tmp with a file of its own (safetensors >= 0.7 saves through its own
+        # mkstemp-like temporary and rename: mode 0600)
+        os.chmod(tmp, _umask_mode())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -800,20 +800,25 @@ def test_checkpoint_manager_keeps_the_newest_n_and_replaces_a_resaved_step(keep,
 def test_atomic_writes_make_files_an_ordinary_write_would(tmp_path):
     """atomic_write_* files get the mode open() would give them (0666 less the umask), not mkstemp's
     0600: a run folder's model and config stay readable to the group and others as a plain save's."""
+    import fastbert
     from fastbert.trainer import atomic_copy, atomic_write_json, atomic_write_text
     old = os.umask(0o022)
     try:
         atomic_write_text(str(tmp_path / "a.txt"), "x")
         atomic_write_json(str(tmp_path / "b.json"), {"k": 1})
         atomic_copy(str(tmp_path / "a.txt"), str(tmp_path / "c.txt"))
+        # safetensors' save_file (>= 0.7) replaces the temporary with its own 0600 file
+        fastbert.BertModel(fastbert.BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                               intermediate_size=8)).save_pretrained(str(tmp_path / "m"))
         with open(tmp_path / "plain.txt", "w") as f:
             f.write("x")
     finally:
         os.umask(old)
-    for name in ("a.txt", "b.json", "c.txt"):
+    for name in ("a.txt", "b.json", "c.txt", "m/model.safetensors", "m/config.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o644
     assert json.loads((tmp_path / "b.json").read_text()) == {"k": 1}
-    assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.json", "c.txt", "plain.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.json", "c.txt", "m", "plain.txt"]  # no temporary left
+    assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "model.safetensors"]
 
 
 def test_bad_lr_or_dropout_is_refused_before_the_run_folder_is_written(corpus, tmp_path, capsys):
