@@ -7,7 +7,9 @@ Three ways to get one (``build_tokenizer``):
   CJK characters split apart, lower case and accents stripped unless ``lowercase=False``);
 - ``"chinese"``: the character level of BERT's Chinese models. Every CJK character is its own token
   (the normaliser puts spaces around each one, so WordPiece never joins them); runs of other scripts
-  (Latin, digits) still get word pieces. Every character of the corpus is kept in the vocabulary.
+  (Latin, digits) still get word pieces ("1998" may be one token), and such a word whose pieces the
+  corpus never showed (a Latin word in a Chinese corpus with few) is [UNK]. Every character of the
+  corpus is kept in the vocabulary.
   Text is NFKC-normalised first, so full-width and half-width forms (１/1, ！/!) are one token.
 
 Caution: a vocab.txt carries no normaliser. A Chinese vocabulary loaded from vocab.txt alone, or by
