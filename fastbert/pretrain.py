@@ -542,6 +542,9 @@ def _run(args, dist: T.Distributed) -> int:
                     # a loaded vocab.txt keeps its own tokenizer_config.json's do_lower_case unless
                     # --cased says otherwise (the setting's default, False, would lower-case a cased one)
                     lowercase = not s["cased"] if trained else (False if s["cased"] else None)
+                    if trained:  # one pass over the corpus with no output of its own: minutes on gigabytes
+                        _log(dist, f"training a {spec} vocabulary of {s['vocab_size']} tokens on "
+                                   f"{', '.join(corpus_paths)} (one pass; kept for later runs of these files)")
                     tokenizer = build_tokenizer(None if spec == "wordpiece" else spec, sentences(),
                                                 vocab_size=s["vocab_size"], lowercase=lowercase)
                 except TokenizerError:

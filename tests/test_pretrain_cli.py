@@ -623,14 +623,17 @@ def test_runs_of_the_same_corpus_share_the_vocabulary_they_train(corpus, tmp_pat
     monkeypatch.setattr(pretraining_data, "_file_sha256", lambda path: hashed.append(path) or sha256(path))
     cache = tmp_path / "cache"
     common = ["--steps", "1", "--eval-examples", "0", "--vocab-size", "300"]
+    capsys.readouterr()
     assert run(corpus, tmp_path / "a", *common, cache=cache) == 0
+    assert f"training a wordpiece vocabulary of 300 tokens on {corpus} (one pass" in capsys.readouterr().err
     assert hashed == [corpus]
     cached = trained_vocab_path([corpus], "wordpiece", 300, True, str(cache))
     assert os.path.isfile(cached)
     shards = sorted(p.name for p in cache.iterdir() if p.is_dir())
     capsys.readouterr()
     assert run(corpus, tmp_path / "b", *common, cache=cache) == 0
-    assert "the one trained on these corpus files with these settings before" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the one trained on these corpus files with these settings before" in err and "training a" not in err
     assert (tmp_path / "a" / "vocab.txt").read_text() == (tmp_path / "b" / "vocab.txt").read_text()
     assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == shards  # no second tokenized copy
     assert run(corpus, tmp_path / "c", *common[:-1], "310", cache=cache) == 0
