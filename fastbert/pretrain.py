@@ -193,8 +193,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute encoder layers in the backward pass to save memory")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--cuda-graphs", action="store_true",
-                   help="GPU: replay each training step (forward, backward, clipping, AdamW) as one CUDA graph "
+    g.add_argument("--cuda-graphs", nargs="?", const="on", default="off", choices=("on", "off"),
+                   help="GPU (default off; the bare flag is on): replay each training step (forward, backward, "
+                        "clipping, AdamW) as one CUDA graph "
                         "(fastbert.cuda_graphs.GraphedTrainStep; batches padded to --seq-len, the MLM head on a "
                         "fixed bound of rows); one process, unpacked, --grad-accum 1, fp32 or bf16")
     g.add_argument("--prefetch", choices=["auto", "on", "off"], default="auto",
@@ -305,6 +306,11 @@ def _check_settings(s: dict, dist: T.Distributed) -> None:
     if s["batch_size"] % (dist.world_size * s["grad_accum"]):
         raise ValueError(f"--batch-size {s['batch_size']} must be a multiple of processes x --grad-accum "
                          f"= {dist.world_size} x {s['grad_accum']}")
+
+
+def _graphs_on(args) -> bool:
+    """--cuda-graphs on (the bare flag) / off; True / False from a caller's own namespace."""
+    return getattr(args, "cuda_graphs", False) in (True, "on")
 
 
 def _check_cuda_graphs(args, s: dict, dist: T.Distributed) -> None:
@@ -482,7 +488,7 @@ def _run(args, dist: T.Distributed) -> int:
             stored = json.load(f)
     s = _resolve_settings(args, stored, dist)
     _check_settings(s, dist)
-    if getattr(args, "cuda_graphs", False):
+    if _graphs_on(args):
         _check_cuda_graphs(args, s, dist)
     latest = ckpts.latest() if args.resume else None
     resume_state = T.load_state(os.path.join(latest, T.STATE_FILE)) if latest else None
@@ -638,7 +644,7 @@ def _run(args, dist: T.Distributed) -> int:
     lr = s["lr"] if s["lr"] is not None else SIZE_LR.get(s["config"], 1e-4)
     steps = s["steps"]
     warmup = s["warmup_steps"] if s["warmup_steps"] is not None else max(1, steps // 10)
-    graphs = bool(getattr(args, "cuda_graphs", False))
+    graphs = _graphs_on(args)
     optimizer = build_optimizer(model, lr=lr, weight_decay=s["weight_decay"], capturable=graphs)
     scheduler = warmup_linear_schedule(optimizer, warmup, steps)
 

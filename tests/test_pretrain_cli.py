@@ -293,6 +293,11 @@ def test_cuda_graphs_refuses_what_it_cannot_run(corpus, vocab, tmp_path, capsys)
         assert run(corpus, tmp_path / "g", "--tokenizer", vocab, "--steps", "2", "--cuda-graphs", *extra) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "g").exists()  # refused before the run folder is written
+    # the value form finetune and encode take: on is the bare flag, off the default (the eager loop)
+    assert run(corpus, tmp_path / "g", "--tokenizer", vocab, "--steps", "2", "--cuda-graphs", "on", "--pack") == 2
+    assert "--cuda-graphs does not run --pack" in capsys.readouterr().err
+    assert run(corpus, tmp_path / "g", "--tokenizer", vocab, "--steps", "1", "--eval-examples", "0", "--cuda-graphs",
+               "off", "--pack", "--device", "cpu") == 0
     import argparse
     from fastbert.pretrain import RUN_DEFAULTS, _check_cuda_graphs
     from fastbert.trainer import Distributed
