@@ -23,7 +23,7 @@ the schedule's length, when --patience stopped the run), "impl", "device", "prec
 As the run goes: ``history.jsonl`` gets the training loss of every 10 steps and each epoch's dev
 metrics (written after the epoch, outside the timed steps), and the model is saved to OUT whenever
 dev improves — so a crash or Ctrl-C keeps the best epoch so far (OUT then lacks metrics.json, which
-is written last). ``training_curve.png`` plots history.jsonl at the end.
+is written last). ``training_curve.png`` plots history.jsonl after each epoch.
 
 ``--device`` / ``--precision`` mean what they mean for ``fastbert pretrain`` (fastbert.runtime):
 default cuda when a GPU is visible; auto precision = bf16 autocast on a GPU with bf16, fp32 on the CPU.
@@ -664,6 +664,9 @@ def run(args) -> dict:
                      **{f"dev_{k}": dev_metrics[k] for k in _scores(dev_metrics)}, "saved": improved})
         for row in rows:
             log.write(row)
+        # each epoch, so that a run stopped later keeps its curve beside its best model (off the clock)
+        TR.plot_metrics(log.path, os.path.join(args.out, CURVE_FILE), title=f"fastbert finetune --task {task}",
+                        scores=tuple((f"dev_{k}", f"dev {k.replace('_', ' ')}") for k in _scores(dev_metrics)))
         if args.patience and epoch + 1 - best_epoch >= args.patience and epoch + 1 < args.epochs:
             stopped_after = epoch + 1
             _log(f"stopping early: no better dev {metric} for {R.count(args.patience, 'epoch')} (--patience)")
@@ -688,8 +691,6 @@ def run(args) -> dict:
         test_metrics, preds = evaluate(model, task, test_ex, test_f, labels, args, device=device,
                                        precision=precision)
         result["test"] = test_metrics
-    TR.plot_metrics(log.path, os.path.join(args.out, CURVE_FILE), title=f"fastbert finetune --task {task}",
-                   scores=tuple((f"dev_{k}", f"dev {k.replace('_', ' ')}") for k in _scores(best_dev)))
     if test_ex is not None:
         key = {"ner": "tags", "qa": "answer"}.get(task, "label")
         with open(os.path.join(args.out, "predictions.jsonl"), "w", encoding="utf-8") as f:

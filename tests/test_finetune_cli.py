@@ -867,6 +867,7 @@ def test_an_interrupted_finetune_keeps_the_best_epoch_so_far(micro_model, tmp_pa
     err = capsys.readouterr().err
     assert f"interrupted; {out} holds the best epoch so far (epoch 1: dev_accuracy" in err
     assert not (out / "metrics.json").exists()
+    assert (out / "training_curve.png").stat().st_size > 10_000  # plotted after each finished epoch
     from fastbert.modeling import BertForSequenceClassification
     model = BertForSequenceClassification.from_pretrained(str(out))  # the saved epoch loads, head included
     assert model.config.id2label == {0: "neg", 1: "pos"}
