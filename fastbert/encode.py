@@ -43,6 +43,7 @@ import torch
 
 from . import runtime as R
 from . import tasks as T
+from . import trainer as TR
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -281,6 +282,9 @@ def _main(args) -> int:
         if args.input and os.path.isdir(args.input):
             raise ValueError(f"--input {args.input}: is a folder; give a text file, one text per line")
         model = BertModel.from_pretrained(args.model).to(device)
+        if TR.initial_pretraining_weights(args.model):
+            print(f"fastbert encode: warning: {args.model} is a pretraining run that has not reached its first "
+                  f"checkpoint: its model is the run's initial random weights", file=sys.stderr)
         tok = T.load_tokenizer(args.model, "encoding", model.get_input_embeddings().num_embeddings)
         positions = model.config.max_position_embeddings
         if args.max_length is not None and args.max_length > positions:  # as `fastbert finetune` does

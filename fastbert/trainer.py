@@ -204,6 +204,15 @@ def atomic_copy(src: str, dst: str) -> None:
 STATE_FILE = "training_state.pt"
 
 
+def initial_pretraining_weights(folder: str) -> bool:
+    """Whether `folder` is a `fastbert pretrain` run that has not reached its first checkpoint: its
+    model.safetensors is then the run's random initialisation (written at step 0 so that the folder
+    loads from the start), which a caller fine-tuning or encoding from it should hear about."""
+    return (os.path.isfile(os.path.join(folder, "run_args.json"))
+            and os.path.isfile(os.path.join(folder, "model.safetensors"))
+            and CheckpointManager(folder).latest() is None)
+
+
 class CheckpointManager:
     """``RUN/checkpoints/step-NNNNNNNN/`` folders + ``RUN/checkpoints/latest`` naming the newest
     complete one. ``save`` writes a folder under a temporary name, renames it, then rewrites

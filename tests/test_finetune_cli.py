@@ -188,6 +188,38 @@ def test_finetune_counts_out_of_range_are_a_usage_error(micro_model, tmp_path, c
     assert not (tmp_path / "o").exists()
 
 
+def test_a_pretraining_run_before_its_first_checkpoint_is_said_to_hold_random_weights(micro_model, tmp_path, capsys):
+    """`fastbert pretrain` writes its step-0 model so that the run folder loads from the start; fine-tuning
+    or encoding from such a folder (a run stopped before its first checkpoint) warns that the weights
+    are the initial random ones. A run with a checkpoint, or any other model folder, is not warned about."""
+    import shutil
+
+    from fastbert.trainer import STATE_FILE
+    run = tmp_path / "run"
+    shutil.copytree(micro_model, run)
+    (run / "run_args.json").write_text("{}")
+    tr = _jsonl(tmp_path / "tr.jsonl", [{"text": "good", "label": "a"}, {"text": "bad", "label": "b"}])
+    (tmp_path / "in.txt").write_text("good movie\n")
+    warning = f"{run} is a pretraining run that has not reached its first checkpoint"
+
+    def warned():
+        capsys.readouterr()
+        assert cli(["finetune", "--task", "classify", "--model", str(run), "--train", tr, "--dev", tr, "--out",
+                    str(tmp_path / "o"), "--device", "cpu", "--no-progress", "--epochs", "1"]) == 0
+        finetune_err = capsys.readouterr().err
+        assert cli(["encode", "--model", str(run), "--input", str(tmp_path / "in.txt"), "--output",
+                    str(tmp_path / "e.npy"), "--device", "cpu"]) == 0
+        return warning in finetune_err, warning in capsys.readouterr().err
+    assert warned() == (True, True)
+    step = run / "checkpoints" / "step-00000010"
+    step.mkdir(parents=True)
+    (step / STATE_FILE).write_bytes(b"")
+    assert warned() == (False, False)
+    shutil.rmtree(run / "checkpoints")
+    (run / "run_args.json").unlink()  # an ordinary model folder
+    assert warned() == (False, False)
+
+
 def test_encode_npy_and_jsonl(micro_model, tmp_path, monkeypatch):
     from fastbert.modeling import BertModel
     from fastbert.tasks import load_tokenizer
