@@ -11,6 +11,8 @@ chapters of Jane Austen's Emma) and writes ``runs/pretrain-<date>-<time>/``:
     loss_curve.png                     the curves of metrics.jsonl
     run_args.json                      the settings of the run (what --resume continues with)
     corpus_sha256.json                 the corpus files' sha256 (--resume refuses files changed since)
+    initial_model.json                 until the first checkpoint: the model is the step-0 one (random,
+                                       or --init-from's); finetune and encode warn while it is there
     checkpoints/step-N/ + latest       resumable state: model, optimizer, schedule, RNG, data position
 
 ``--resume`` continues the run in ``--out`` from its last checkpoint with the settings saved in
@@ -313,6 +315,23 @@ def _graphs_on(args) -> bool:
     return getattr(args, "cuda_graphs", False) in (True, "on")
 
 
+def _hash_corpus(paths, dist: T.Distributed) -> dict:
+    """file_hashes, said first when it is a pass of its own worth waiting for (gigabytes)."""
+    size = sum(os.path.getsize(p) for p in paths)
+    if size > 256 << 20:
+        _log(dist, f"hashing {size / 2**30:.1f} GiB of corpus files (the key of their cached vocabulary and "
+                   f"tokenized shards)")
+    return file_hashes(paths)
+
+
+def _publish_model(checkpoint: str, out: str) -> None:
+    """The checkpoint's model becomes the run folder's own (the step-0 model's note goes with it)."""
+    for name in ("config.json", "model.safetensors"):
+        T.atomic_copy(os.path.join(checkpoint, name), os.path.join(out, name))
+    if os.path.exists(os.path.join(out, T.INITIAL_MODEL_FILE)):
+        os.unlink(os.path.join(out, T.INITIAL_MODEL_FILE))
+
+
 def _check_cuda_graphs(args, s: dict, dist: T.Distributed) -> None:
     why = None
     if s["pack"]:
@@ -494,8 +513,7 @@ def _run(args, dist: T.Distributed) -> int:
     resume_state = T.load_state(os.path.join(latest, T.STATE_FILE)) if latest else None
     if resume_state is not None and resume_state["step"] >= s["steps"]:
         if dist.is_main:  # a stop between publishing the last checkpoint and copying its model up left it stale
-            for name in ("config.json", "model.safetensors"):
-                T.atomic_copy(os.path.join(latest, name), os.path.join(out, name))
+            _publish_model(latest, out)
         _log(dist, f"{out} is finished (step {resume_state['step']} of {s['steps']}); nothing to do")
         return 0
 
@@ -537,7 +555,7 @@ def _run(args, dist: T.Distributed) -> int:
                 if ignored:
                     _log(dist, f"warning: {' and '.join(ignored)} ignored: the vocabulary is loaded from {spec}")
             if trained:
-                hashes = file_hashes(corpus_paths)
+                hashes = _hash_corpus(corpus_paths, dist)
             cached = (trained_vocab_path(corpus_paths, spec, s["vocab_size"], not s["cased"], args.cache_dir,
                                          hashes) if trained else None)
             if cached and os.path.isfile(cached):
@@ -571,7 +589,7 @@ def _run(args, dist: T.Distributed) -> int:
     # ---- corpus shards (the first process writes the cache, the others read it) ---------------
     changed = None
     if dist.is_main:
-        hashes = hashes or file_hashes(corpus_paths)  # the shard cache's keys need them anyway
+        hashes = hashes or _hash_corpus(corpus_paths, dist)  # the shard cache's keys need them anyway
         changed = _corpus_changed(out, hashes) if stored is not None else None
     changed = dist.broadcast(changed)
     if changed:  # every process stops alike
@@ -726,16 +744,16 @@ def _run(args, dist: T.Distributed) -> int:
             for name in TOKENIZER_FILES:
                 T.atomic_copy(os.path.join(out, name), os.path.join(folder, name))
             T.save_state(os.path.join(folder, T.STATE_FILE), state)
-        folder = ckpts.save(step_now, write)
-        for name in ("config.json", "model.safetensors"):
-            T.atomic_copy(os.path.join(folder, name), os.path.join(out, name))
+        _publish_model(ckpts.save(step_now, write), out)
         T.plot_metrics(metrics.path, os.path.join(out, "loss_curve.png"),
                        title=f"fastbert pretrain: {s['config']}, {os.path.basename(os.path.abspath(out))}")
         dist.barrier()
 
     if step == 0 and resume_state is None and dist.is_main:
-        # the run folder holds a loadable model from the first moment on
+        # the run folder holds a loadable model from the first moment on; the note says what it is
+        # until the first checkpoint replaces it (finetune and encode warn while it is there)
         model.save_pretrained(out)
+        T.atomic_write_json(os.path.join(out, T.INITIAL_MODEL_FILE), {"init_from": s["init_from"]})
 
     def prepare(at: tuple[int, int]) -> _StepBatches:
         """The batches of the step that starts at data position ``at`` (host tensors)."""

@@ -25,6 +25,7 @@ import signal
 import tempfile
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -141,6 +142,15 @@ def _fsync_dir(path: str) -> None:
 
 
 def _umask() -> int:
+    # Linux reports it without changing it; os.umask reads it only by setting it, and for that moment
+    # another thread's new files would get 0666 (the prefetch thread runs beside these writes)
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -204,13 +214,25 @@ def atomic_copy(src: str, dst: str) -> None:
 STATE_FILE = "training_state.pt"
 
 
-def initial_pretraining_weights(folder: str) -> bool:
-    """Whether `folder` is a `fastbert pretrain` run that has not reached its first checkpoint: its
-    model.safetensors is then the run's random initialisation (written at step 0 so that the folder
-    loads from the start), which a caller fine-tuning or encoding from it should hear about."""
-    return (os.path.isfile(os.path.join(folder, "run_args.json"))
-            and os.path.isfile(os.path.join(folder, "model.safetensors"))
-            and CheckpointManager(folder).latest() is None)
+# Beside the step-0 model a pretraining run writes (so that its folder loads from the start); the
+# first checkpoint's model replaces that model and removes this file.
+INITIAL_MODEL_FILE = "initial_model.json"
+
+
+def initial_model_note(folder: str) -> str | None:
+    """For a `fastbert pretrain` run that has not reached its first checkpoint, what its model is (a
+    phrase: "the run's random initialisation" or "the weights it started from (--init-from DIR)"),
+    which a caller fine-tuning or encoding from it should say; None for any other folder."""
+    path = os.path.join(folder, INITIAL_MODEL_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            init_from = json.load(f).get("init_from")
+    except (OSError, ValueError, AttributeError):
+        init_from = None
+    return (f"the weights it started from (--init-from {init_from})" if init_from
+            else "the run's random initialisation")
 
 
 class CheckpointManager:
@@ -350,7 +372,15 @@ PRETRAIN_SCORES = (("mlm_accuracy", "held-out MLM accuracy"), ("nsp_accuracy", "
 
 def plot_metrics(metrics_path: str, png_path: str, title: str = "", scores=PRETRAIN_SCORES) -> None:
     """Loss curves (left) and held-out scores in [0, 1] (right: the (key, label) pairs of ``scores``)
-    from a metrics.jsonl, written atomically."""
+    from a metrics.jsonl, written atomically. The runs draw it at every checkpoint or epoch: a curve
+    that cannot be drawn (a broken matplotlib, a full disk) is a warning, never the end of a run."""
+    try:
+        _plot_metrics(metrics_path, png_path, title, scores)
+    except Exception as e:  # noqa: BLE001 (KeyboardInterrupt and SystemExit still pass)
+        warnings.warn(f"{png_path} not drawn: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
+
+
+def _plot_metrics(metrics_path: str, png_path: str, title: str, scores) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

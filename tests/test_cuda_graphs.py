@@ -213,9 +213,9 @@ def test_static_mlm_rows_read_nothing_on_the_host_and_a_bad_label_gives_nan(impl
     n_labelled = int((batch["labels"] != -100).sum())
     head.static_rows = n_labelled + 3
     reads = []
-    real_bool, real_item = torch.Tensor.__bool__, torch.Tensor.item
-    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append("bool") or real_bool(t))
-    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append("item") or real_item(t))
+    for name in ("__bool__", "item", "__int__", "__float__", "__index__", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _real=real, _name=name: reads.append(_name) or _real(t, *a))
     good = head.masked_loss(seq, batch["labels"])
     labels = batch["labels"].clone()
     labelled = (labels != -100).nonzero()
@@ -232,7 +232,7 @@ def test_static_mlm_rows_read_nothing_on_the_host_and_a_bad_label_gives_nan(impl
         head.masked_loss(seq, labels)
 
 
-def test_graphed_step_checks_cpu_labels_before_the_copy():
+def test_graphed_step_checks_cpu_labels_before_the_copy(monkeypatch):
     """Labels still on the CPU are checked before anything reaches the graph: more labelled tokens
     than max_masked_rows, or a label outside the vocabulary, is a clear error (in the graph either
     would only make the loss NaN). The step is built without a GPU: the check runs before any replay."""
@@ -241,8 +241,9 @@ def test_graphed_step_checks_cpu_labels_before_the_copy():
     step = GraphedTrainStep.__new__(GraphedTrainStep)
     step.mlm_heads, step.max_masked_rows, step.batch_size, step.seq_buckets = [model.cls.predictions], 8, 2, (5,)
     batch = _pretraining_batch(rows=2, seq=5)
-    step.graphs = {}
-    step._capture = lambda *a: pytest.fail("the bad batch reached the graph")
+    step.graphs, step._capture, step.device = {}, None, torch.device("cpu")
+    from fastbert import cuda_graphs
+    monkeypatch.setattr(cuda_graphs, "_replay", lambda *a: pytest.fail("the bad batch reached the graph"))
     for label, message in ((97, r"labels must lie in \[0, 97\) or equal ignore_index=-100; found \[97\]"),
                            (-3, r"found \[-3\]")):
         bad = {k: v.clone() for k, v in batch.items()}
@@ -362,8 +363,6 @@ def _ragged_batch(rows, seq, vocab=50, seed=0):
     mask = (torch.arange(seq)[None] < lengths[:, None]).long()
     types = (torch.arange(seq)[None] >= lengths[:, None] // 2).long() * mask
     return ids * mask, mask, types
-
-
 
 
 @pytest.mark.parametrize("pooling, normalize, kernels", [

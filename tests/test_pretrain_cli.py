@@ -50,6 +50,30 @@ def metric_rows(out):
     return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(os.path.join(out, "metrics.jsonl"))]
 
 
+def test_the_step_zero_model_carries_a_note_until_the_first_checkpoint(corpus, vocab, tmp_path, monkeypatch):
+    """The run folder's step-0 model (random, or --init-from's weights) comes with initial_model.json,
+    which finetune and encode read to warn; publishing the first checkpoint's model removes it."""
+    from fastbert import pretrain
+    from fastbert.trainer import INITIAL_MODEL_FILE, initial_model_note
+    seen = []
+    publish = pretrain._publish_model
+
+    def spy(checkpoint, out):
+        seen.append(initial_model_note(out))
+        publish(checkpoint, out)
+    monkeypatch.setattr(pretrain, "_publish_model", spy)
+    first = tmp_path / "first"
+    assert run(corpus, first, "--tokenizer", vocab, "--steps", "2", "--save-every", "1", "--eval-examples", "0") == 0
+    assert seen == ["the run's random initialisation", None]
+    assert not (first / INITIAL_MODEL_FILE).exists() and initial_model_note(str(first)) is None
+    seen.clear()
+    assert cli_main(["pretrain", "--corpus", corpus, "--init-from", str(first), "--out", str(tmp_path / "second"),
+                     "--seq-len", "32", "--batch-size", "4", "--steps", "1", "--eval-examples", "0", "--no-progress",
+                     "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert seen == [f"the weights it started from (--init-from {first})"]
+    assert not (tmp_path / "second" / INITIAL_MODEL_FILE).exists()
+
+
 def test_run_folder_loads_into_transformers(corpus, tmp_path):
     out = tmp_path / "run"
     assert run(corpus, out, "--steps", "4", "--log-every", "2", "--eval-every", "2") == 0
@@ -803,6 +827,42 @@ def test_checkpoint_manager_keeps_the_newest_n_and_replaces_a_resaved_step(keep,
     assert m.latest().endswith("step-00000005")
     assert open(os.path.join(m.latest(), STATE_FILE)).read() == "again 5"
     assert len([n for n in os.listdir(tmp_path / "checkpoints") if n.startswith("step-")]) == keep
+
+
+def test_hashing_gigabytes_of_corpus_is_said_first(tmp_path, capsys):
+    """The corpus hash (the caches' key) is a whole pass over the files: on 0.3 GiB and more it is said
+    before it starts; on a small corpus nothing is said."""
+    import hashlib
+
+    from fastbert.pretrain import _hash_corpus
+    from fastbert.trainer import Distributed
+    small, big = tmp_path / "small.txt", tmp_path / "big.txt"
+    small.write_text("a sentence.\n")
+    with open(big, "wb") as f:
+        f.truncate(300 << 20)  # sparse: 300 MiB of zeros
+    dist = Distributed(rank=0, world_size=1, device=torch.device("cpu"))
+    assert _hash_corpus([str(small)], dist) == {str(small): hashlib.sha256(small.read_bytes()).hexdigest()}
+    assert capsys.readouterr().err == ""
+    _hash_corpus([str(small), str(big)], dist)
+    assert "hashing 0.3 GiB of corpus files" in capsys.readouterr().err
+
+
+def test_a_curve_that_cannot_be_drawn_is_a_warning_not_the_end_of_the_run(tmp_path, monkeypatch):
+    """Runs draw their curve at every checkpoint (pretrain) or epoch (finetune): a failure to draw it
+    warns and leaves no half-written file; the run goes on."""
+    import matplotlib.figure
+
+    from fastbert.trainer import plot_metrics
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"step": i, "loss": 5.0 - i}) + "\n" for i in range(1, 4)))
+    plot_metrics(str(tmp_path / "m.jsonl"), str(tmp_path / "ok.png"))
+    assert (tmp_path / "ok.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    with pytest.warns(RuntimeWarning, match=r"bad.png not drawn: OSError: \[Errno 28\] No space left on device"):
+        plot_metrics(str(tmp_path / "m.jsonl"), str(tmp_path / "bad.png"))
+    assert sorted(os.listdir(tmp_path)) == ["m.jsonl", "ok.png"]
 
 
 def test_atomic_writes_make_files_an_ordinary_write_would(tmp_path):
