@@ -343,11 +343,12 @@ def test_trainer_style_steps_give_fastbert_losses():
     assert losses[-1][0] < losses[0][0]  # it trains
 
 
-@pytest.mark.slow  # ~15 s, most of it Trainer's set-up
 def test_transformers_trainer_runs_the_patched_model(tmp_path):
-    """transformers.Trainer itself (it needs accelerate): three SGD steps and an evaluation, the
-    patched model against the unpatched one in float64. The optimizer is made before patching;
-    training runs the masked-rows MLM head, evaluation gets full logits back."""
+    """transformers.Trainer itself (it needs accelerate, a test extra; ~5 s): three SGD steps and an
+    evaluation, the patched model and fastbert's own class against the unpatched one in float64. The
+    optimizer is made before patching; training runs the masked-rows MLM head, evaluation gets full
+    logits back. (Trainer saves fastbert's own classes only as a bare state dict, which safetensors
+    refuses for the tied MLM weights: save_strategy "no" here, as the README says.)"""
     pytest.importorskip("accelerate")
     cfg = CONFIGS["gelu-2types"]
     name = "BertForMaskedLM"
@@ -359,29 +360,35 @@ def test_transformers_trainer_runs_the_patched_model(tmp_path):
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, per_device_eval_batch_size=8,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True)
     results = []
-    for patched in (False, True):
+    for arm in ("transformers", "patched", "fastbert"):
         model = hf_model(name, cfg, **NO_DROPOUT).double()
+        if arm == "fastbert":
+            ours = fastbert.BertForMaskedLM(fastbert.BertConfig(**cfg, **NO_DROPOUT)).double()
+            ours.load_state_dict(model.state_dict())
+            model = ours
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        if patched:
+        if arm == "patched":
             fastbert.patch(model)
         trainer = transformers.Trainer(model=model, args=args, train_dataset=examples, eval_dataset=examples,
                                        optimizers=(opt, None))
         trainer.train()
         prediction = trainer.predict(examples)
-        assert type(model) is not transformers.BertForMaskedLM if patched else type(model) is transformers.BertForMaskedLM
+        assert (type(model) is transformers.BertForMaskedLM) == (arm == "transformers")
         results.append((dict(model.named_parameters()), prediction))
-    (ref_params, ref_pred), (params, pred) = results
+    (ref_params, ref_pred), *arms = results
     initial = hf_model(name, cfg, **NO_DROPOUT).double().state_dict()
-    assert not torch.equal(params["bert.encoder.layer.0.attention.self.query.weight"],
-                           initial["bert.encoder.layer.0.attention.self.query.weight"])  # it trained
-    for pname, ref in ref_params.items():
-        assert_close_to_reference(params[pname], ref, ref, k=0, name=pname)
-    loss, ref_loss = torch.tensor(pred.metrics["test_loss"]), torch.tensor(ref_pred.metrics["test_loss"])
-    assert_close_to_reference(loss, ref_loss, ref_loss, k=0, name="eval loss")
-    logits, ref_logits = torch.as_tensor(pred.predictions), torch.as_tensor(ref_pred.predictions)
     mask = torch.stack([e["attention_mask"] for e in examples]).bool()
-    assert logits.shape == ref_logits.shape == (len(examples), mask.shape[1], cfg["vocab_size"])
-    assert_close_to_reference(logits[mask], ref_logits[mask], ref_logits[mask], k=0, name="eval logits")
+    for arm, (params, pred) in zip(("patched", "fastbert"), arms):
+        assert not torch.equal(params["bert.encoder.layer.0.attention.self.query.weight"],
+                               initial["bert.encoder.layer.0.attention.self.query.weight"])  # it trained
+        assert params.keys() == ref_params.keys()
+        for pname, ref in ref_params.items():
+            assert_close_to_reference(params[pname], ref, ref, k=0, name=f"{arm} {pname}")
+        loss, ref_loss = torch.tensor(pred.metrics["test_loss"]), torch.tensor(ref_pred.metrics["test_loss"])
+        assert_close_to_reference(loss, ref_loss, ref_loss, k=0, name=f"{arm} eval loss")
+        logits, ref_logits = torch.as_tensor(pred.predictions), torch.as_tensor(ref_pred.predictions)
+        assert logits.shape == ref_logits.shape == (len(examples), mask.shape[1], cfg["vocab_size"])
+        assert_close_to_reference(logits[mask], ref_logits[mask], ref_logits[mask], k=0, name=f"{arm} eval logits")
 
 
 @pytest.mark.parametrize("fused_ffn", [False, True], ids=["", "fused-ffn"])
