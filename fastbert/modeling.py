@@ -642,10 +642,17 @@ class BertEncoder(nn.Module):
 
     def forward(self, x, layout, output_hidden_states=False, output_attentions=False):
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        kwargs = {"use_reentrant": False, **getattr(self, "checkpoint_kwargs", {})}
+        if checkpointing and kwargs["use_reentrant"] and not x.requires_grad:
+            # A reentrant checkpoint differentiates only through inputs that need a gradient: with the
+            # embeddings frozen (an adapter, a frozen lower model) the layers would silently get none.
+            # transformers hooks the word embeddings for this (enable_input_require_grads, which its
+            # activation_checkpointing_enable calls); marking the encoder's input keeps the fused
+            # embedding kernel.
+            x = x.detach().requires_grad_()
 
         def checkpointed(layer):
-            return functools.partial(torch.utils.checkpoint.checkpoint, layer,
-                                     **{"use_reentrant": False, **getattr(self, "checkpoint_kwargs", {})})
+            return functools.partial(torch.utils.checkpoint.checkpoint, layer, **kwargs)
 
         return run_layers(self.layer, x, layout, output_hidden_states, output_attentions,
                           checkpointed if checkpointing else lambda layer: None)
@@ -707,6 +714,7 @@ class BertPreTrainedModel(nn.Module):
     """Weight initialisation and checkpoint I/O shared by every class (transformers' scheme)."""
 
     base_model_prefix = "bert"
+    main_input_name = "input_ids"  # transformers' Trainer reads it (token counts, FLOPs)
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -747,6 +755,33 @@ class BertPreTrainedModel(nn.Module):
         cls = getattr(self, "cls", None)
         predictions = getattr(cls, "predictions", None)
         return predictions.decoder if predictions is not None else None
+
+    @property
+    def base_model(self) -> nn.Module:
+        return getattr(self, self.base_model_prefix, self)
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """transformers' count: each Parameter once (the tied decoder is the word embeddings), only those
+        that require grad if asked, without the embedding tables' weights if asked (Trainer's FLOPs
+        estimate: 6 x tokens x this)."""
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
+        return sum(p.numel() for p in self.parameters()
+                   if id(p) not in embeddings and (p.requires_grad or not only_trainable))
+
+    def enable_input_require_grads(self):
+        """transformers' switch (PEFT calls it): the word embeddings' output requires grad, so that a
+        frozen model's reentrant checkpoints still pass gradients to adapters. A forward hook, as in
+        transformers: the embeddings then run as their own call, not in the fused kernel (fastbert's
+        own gradient checkpointing needs no hook: its encoder marks its input)."""
+        def make_inputs_require_grads(module, inputs, output):
+            output.requires_grad_(True)
+        self.disable_input_require_grads()
+        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(make_inputs_require_grads)
+
+    def disable_input_require_grads(self):
+        hook = self.__dict__.pop("_require_grads_hook", None)
+        if hook is not None:
+            hook.remove()
 
     def set_input_embeddings(self, value: nn.Embedding):
         getattr(self, self.base_model_prefix, self).embeddings.word_embeddings = value

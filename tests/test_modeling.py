@@ -321,6 +321,52 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert_close_to_reference(q.grad, p.grad, p.grad, k=0, name=name)
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointed_layers_of_a_model_with_frozen_embeddings_still_learn(reentrant):
+    """A reentrant checkpoint passes gradients only to inputs that need one: with the embeddings frozen
+    (adapters, a frozen lower model) the layers got none, silently. transformers marks the embeddings'
+    output (enable_input_require_grads, from activation_checkpointing_enable); fastbert's encoder marks
+    its input. Every layer's gradient must equal the unCheckpointed run's, as in transformers."""
+    cfg = CONFIGS["gelu-2types"]
+    hf64, plain = make_pair("BertForSequenceClassification", cfg)
+    plain.double().train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    inputs, labels = make_batch("BertForSequenceClassification", cfg)
+    for m in (plain, ckpt):
+        for p in m.bert.embeddings.parameters():
+            p.requires_grad_(False)
+        m(**inputs, **labels).loss.backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        if p.requires_grad:
+            assert q.grad is not None, name
+            assert_close_to_reference(q.grad, p.grad, p.grad, k=0, name=name)
+
+
+def test_transformers_helpers_trainer_and_peft_call():
+    """main_input_name, base_model, num_parameters (Trainer's FLOPs: 6 x tokens x non-embedding
+    parameters) and enable / disable_input_require_grads (PEFT) as transformers' models have them."""
+    cfg = CONFIGS["gelu-2types"]
+    hf, ours = make_pair("BertForMaskedLM", cfg)
+    assert ours.main_input_name == "input_ids" and ours.base_model is ours.bert
+    for only_trainable, exclude_embeddings in ((False, False), (False, True), (True, False)):
+        assert ours.num_parameters(only_trainable, exclude_embeddings) == hf.num_parameters(
+            only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+    for p in ours.bert.embeddings.parameters():
+        p.requires_grad_(False)
+    assert ours.num_parameters(only_trainable=True) == sum(p.numel() for p in ours.parameters() if p.requires_grad)
+    inputs, _ = make_batch("BertForMaskedLM", cfg)
+    for p in ours.parameters():  # a wholly frozen model: only the hook can make its output need a gradient
+        p.requires_grad_(False)
+    assert not ours.bert(**inputs).last_hidden_state.requires_grad
+    ours.enable_input_require_grads()
+    ours.enable_input_require_grads()  # twice: still one hook
+    assert ours.bert(**inputs).last_hidden_state.requires_grad
+    assert len(ours.get_input_embeddings()._forward_hooks) == 1
+    ours.disable_input_require_grads()
+    assert not ours.bert(**inputs).last_hidden_state.requires_grad
+
+
 def test_gradient_checkpointing_switches_take_transformers_arguments():
     """transformers' Trainer(activation_checkpointing=True) calls activation_checkpointing_enable (or the
     older gradient_checkpointing_enable) with keywords; a user script may call gradient_checkpointing_disable
