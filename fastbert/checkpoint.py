@@ -279,8 +279,9 @@ def _resolve_dtype(dtype):
     return resolved
 
 
-def save_pretrained(model, path) -> None:
-    """config.json + model.safetensors that the transformers class of the same name loads."""
+def save_pretrained(model, path, state_dict=None) -> None:
+    """config.json + model.safetensors that the transformers class of the same name loads; state_dict
+    (transformers' keyword, e.g. a gathered one) instead of the model's own."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
@@ -293,7 +294,7 @@ def save_pretrained(model, path) -> None:
         model.config.dtype = str(weights).removeprefix("torch.")
     model.config.save_pretrained(path)
     state, seen = {}, {}
-    for key, tensor in model.state_dict().items():
+    for key, tensor in (model.state_dict() if state_dict is None else state_dict).items():
         # safetensors stores no aliases: keep the first name of each shared tensor (as transformers does)
         ident = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype) if tensor.numel() else None
         if ident is not None and ident in seen:

@@ -36,14 +36,26 @@ from .config import BertConfig
 
 # ------------------------------------------------------------------------------------------ outputs
 
+# Every field a BERT output may have. An output rebuilt from its items (accelerate's mixed precision
+# calls type(output)(mapping), which has lost the None fields) reads each of these as None.
+_OUTPUT_FIELDS = ("loss", "logits", "prediction_logits", "seq_relationship_logits", "start_logits", "end_logits",
+                  "last_hidden_state", "pooler_output", "hidden_states", "attentions", "cross_attentions")
+
+
 class ModelOutput(OrderedDict):
     """Attribute- and key-addressable output, as transformers' ModelOutput: a None field is not a key
     (keys(), items(), to_tuple() and integer indexing skip it; Trainer's evaluation reads items())
-    but reads as None by attribute; an undeclared name is an AttributeError."""
+    but reads as None by attribute; an undeclared name is an AttributeError. Built from fields by
+    name, or, as transformers' is, from one mapping (then any BERT output field reads as None)."""
 
-    def __init__(self, **fields):
+    def __init__(self, mapping=None, /, **fields):
+        if mapping is not None:
+            fields = {**dict(mapping), **fields}
         super().__init__((k, v) for k, v in fields.items() if v is not None)
-        self.__dict__["_declared"] = tuple(fields)
+        declared = tuple(fields)
+        if mapping is not None:
+            declared += tuple(f for f in _OUTPUT_FIELDS if f not in fields)
+        self.__dict__["_declared"] = declared
 
     def __getattr__(self, name):
         try:
@@ -75,6 +87,29 @@ class ModelOutput(OrderedDict):
         return {k: getattr(self, k) for k in self._declared}
 
 
+def _output_flatten(out: ModelOutput):
+    return list(out.values()), (tuple(out.keys()), out._declared)
+
+
+def _output_flatten_with_keys(out: ModelOutput):
+    from torch.utils._pytree import MappingKey
+    return [(MappingKey(k), v) for k, v in out.items()], (tuple(out.keys()), out._declared)
+
+
+def _output_unflatten(values, context) -> ModelOutput:
+    keys, declared = context
+    out = ModelOutput(**dict(zip(keys, values)))
+    out.__dict__["_declared"] = tuple(declared)
+    return out
+
+
+# As transformers registers its outputs: torch.export (and other pytree users) see the tensors inside
+# an output as its leaves, and rebuild the output around them.
+torch.utils._pytree.register_pytree_node(ModelOutput, _output_flatten, _output_unflatten,
+                                         serialized_type_name="fastbert.modeling.ModelOutput",
+                                         flatten_with_keys_fn=_output_flatten_with_keys)
+
+
 def _static_label_rows(flat_labels, k: int):
     """(K,) row indices without a host sync: every labelled row (label != -100) in order, then
     unlabelled ones (their -100 labels add nothing to the loss) up to K = min(k, rows); and a 0-dim
@@ -97,8 +132,15 @@ _GRAPH_LAYOUT = False  # set by graph_layout()
 
 
 def _capturing() -> bool:
-    """Whether to run as a CUDA graph is captured: the padded layout, no host syncs."""
-    return _GRAPH_LAYOUT or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    """Whether to run as a CUDA graph is captured, or traced by torch.export (one graph, no
+    data-dependent shapes): the padded layout, no host syncs."""
+    return (_GRAPH_LAYOUT or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+            or _exporting())
+
+
+def _exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # PyTorch >= 2.5
+    return bool(is_exporting and is_exporting())
 
 
 @contextlib.contextmanager
@@ -895,9 +937,23 @@ class BertPreTrainedModel(nn.Module):
         from .checkpoint import load_pretrained
         return load_pretrained(cls, path, dtype=dtype, **config_overrides)
 
-    def save_pretrained(self, path):
+    def save_pretrained(self, path, *, is_main_process: bool = True, state_dict=None, safe_serialization: bool = True,
+                        max_shard_size=None, **unsupported):
+        """config.json + model.safetensors, with the keywords of transformers' save_pretrained that
+        libraries pass (Trainer, accelerate, sentence-transformers): is_main_process=False writes nothing,
+        state_dict replaces the model's own. Always one safetensors file: max_shard_size is accepted and
+        one file written (from_pretrained reads both), safe_serialization=False (a pickled
+        pytorch_model.bin) is refused; anything else (push_to_hub, ...) is a TypeError naming it."""
+        if unsupported:
+            raise TypeError(f"save_pretrained: fastbert does not support {', '.join(sorted(unsupported))} "
+                            f"(it writes config.json + model.safetensors to a local folder)")
+        if not safe_serialization:
+            raise ValueError("save_pretrained: fastbert writes safetensors only (safe_serialization=False asks for "
+                             "a pickled pytorch_model.bin)")
+        if not is_main_process:
+            return
         from .checkpoint import save_pretrained
-        save_pretrained(self, path)
+        save_pretrained(self, path, state_dict=state_dict)
 
 
 def _check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,

@@ -34,6 +34,27 @@ def _first_output(out):
     raise AssertionError(out.keys())
 
 
+def test_save_pretrained_takes_the_keywords_libraries_pass(tmp_path):
+    """Trainer, accelerate and sentence-transformers call save_pretrained with transformers' keywords:
+    safe_serialization=True and max_shard_size are taken (one safetensors file), is_main_process=False
+    writes nothing, state_dict= is what is saved; a pickle or the hub is refused, naming the keyword."""
+    model = fastbert.BertForMaskedLM(fastbert.BertConfig(**CFG))
+    model.save_pretrained(tmp_path / "a", safe_serialization=True, max_shard_size="10MB")
+    assert sorted(os.listdir(tmp_path / "a")) == ["config.json", "model.safetensors"]
+    model.save_pretrained(tmp_path / "b", is_main_process=False)
+    assert not (tmp_path / "b").exists()
+    other = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "c", state_dict=other)
+    reloaded = fastbert.BertForMaskedLM.from_pretrained(tmp_path / "c")
+    assert all(not v.any() for v in reloaded.state_dict().values())
+    assert reloaded.cls.predictions.decoder.weight is reloaded.bert.embeddings.word_embeddings.weight  # still tied
+    with pytest.raises(ValueError, match="safetensors only"):
+        model.save_pretrained(tmp_path / "d", safe_serialization=False)
+    with pytest.raises(TypeError, match="does not support push_to_hub"):
+        model.save_pretrained(tmp_path / "d", push_to_hub=True)
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.mark.parametrize("name", CLASSES)
 def test_save_pretrained_loads_in_transformers_and_back(name, tmp_path):
     ours = getattr(fastbert, name)(fastbert.BertConfig(**CFG)).eval()

@@ -367,6 +367,50 @@ def test_transformers_helpers_trainer_and_peft_call():
     assert not ours.bert(**inputs).last_hidden_state.requires_grad
 
 
+def test_an_output_rebuilt_from_its_items_as_accelerate_does_reads_like_the_original():
+    """accelerate's mixed precision (Trainer with bf16 / fp16) rebuilds a model's output as
+    type(output)(mapping) of its items; the None fields are gone from the mapping but still read as None.
+    Also flattened and rebuilt as a pytree (torch.export, as transformers registers its outputs)."""
+    import torch.utils._pytree as pytree
+    cfg = CONFIGS["gelu-2types"]
+    _, ours = make_pair("BertForSequenceClassification", cfg)
+    inputs, labels = make_batch("BertForSequenceClassification", cfg)
+    out = ours.eval()(**inputs, **labels)
+    rebuilt = type(out)({k: v.double() for k, v in out.items()})
+    assert list(rebuilt.keys()) == ["loss", "logits"] and rebuilt.hidden_states is None and rebuilt.attentions is None
+    assert torch.equal(rebuilt[1], out.logits.double())
+    with pytest.raises(AttributeError):
+        rebuilt.no_such_field
+    accelerate = pytest.importorskip("accelerate")
+    converted = accelerate.utils.convert_to_fp32(type(out)(loss=out.loss.half(), logits=out.logits.bfloat16()))
+    assert converted.logits.dtype == torch.float32 and converted.hidden_states is None
+    leaves, spec = pytree.tree_flatten(out)
+    assert len(leaves) == 2 and all(a is b for a, b in zip(leaves, out.values()))
+    back = pytree.tree_unflatten(leaves, spec)
+    assert type(back) is type(out) and list(back.keys()) == list(out.keys()) and back.hidden_states is None
+
+
+@pytest.mark.parametrize("name", ["BertModel", "BertForSequenceClassification"])
+def test_torch_export_traces_the_padded_layout_and_gives_eager_outputs(name):
+    """torch.export needs one graph without data-dependent shapes: exported, the model runs the padded
+    layout (the unpadded one needs the row lengths on the host) and gives the eager model's outputs."""
+    cfg = CONFIGS["gelu-2types"]
+    hf64, ours = make_pair(name, cfg)
+    ours.eval()
+    inputs, _ = make_batch(name, cfg)
+    args = (inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])
+    exported = torch.export.export(ours, args)
+    with torch.no_grad():
+        got, want, ref = exported.module()(*args), ours(*args), hf64.eval()(*args)
+    assert type(got) is type(want) and list(got.keys()) == list(want.keys())
+    real = inputs["attention_mask"].bool()
+    for key in want.keys():
+        g, w, r = got[key], want[key], ref[key]
+        if key == "last_hidden_state":
+            g, w, r = g[real], w[real], r[real]  # padding positions are unspecified
+        assert_close_to_reference(g, w, r, name=f"exported {key}")
+
+
 def test_gradient_checkpointing_switches_take_transformers_arguments():
     """transformers' Trainer(activation_checkpointing=True) calls activation_checkpointing_enable (or the
     older gradient_checkpointing_enable) with keywords; a user script may call gradient_checkpointing_disable
