@@ -21,6 +21,7 @@ import contextlib
 import functools
 import math
 import os
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -53,7 +54,9 @@ class ModelOutput(OrderedDict):
             fields = {**dict(mapping), **fields}
         super().__init__((k, v) for k, v in fields.items() if v is not None)
         declared = tuple(fields)
-        if mapping is not None:
+        if isinstance(mapping, ModelOutput):  # a copy: the same fields
+            declared += tuple(f for f in mapping._declared if f not in fields)
+        elif mapping is not None:
             declared += tuple(f for f in _OUTPUT_FIELDS if f not in fields)
         self.__dict__["_declared"] = declared
 
@@ -685,9 +688,12 @@ class BertEncoder(nn.Module):
     def forward(self, x, layout, output_hidden_states=False, output_attentions=False):
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         kwargs = {"use_reentrant": False, **getattr(self, "checkpoint_kwargs", {})}
-        if checkpointing and kwargs["use_reentrant"] and not x.requires_grad:
+        reentrant = kwargs["use_reentrant"] is not False  # torch reads None as reentrant
+        if (checkpointing and reentrant and not x.requires_grad
+                and any(p.requires_grad for p in self.layer.parameters())):
             # A reentrant checkpoint differentiates only through inputs that need a gradient: with the
-            # embeddings frozen (an adapter, a frozen lower model) the layers would silently get none.
+            # embeddings frozen (an adapter, a frozen lower model) the layers would silently get none
+            # (a wholly frozen encoder needs none: not marked, no backward through it).
             # transformers hooks the word embeddings for this (enable_input_require_grads, which its
             # activation_checkpointing_enable calls); marking the encoder's input keeps the fused
             # embedding kernel.
@@ -937,19 +943,20 @@ class BertPreTrainedModel(nn.Module):
         from .checkpoint import load_pretrained
         return load_pretrained(cls, path, dtype=dtype, **config_overrides)
 
-    def save_pretrained(self, path, *, is_main_process: bool = True, state_dict=None, safe_serialization: bool = True,
-                        max_shard_size=None, **unsupported):
-        """config.json + model.safetensors, with the keywords of transformers' save_pretrained that
-        libraries pass (Trainer, accelerate, sentence-transformers): is_main_process=False writes nothing,
-        state_dict replaces the model's own. Always one safetensors file: max_shard_size is accepted and
-        one file written (from_pretrained reads both), safe_serialization=False (a pickled
-        pytorch_model.bin) is refused; anything else (push_to_hub, ...) is a TypeError naming it."""
-        if unsupported:
-            raise TypeError(f"save_pretrained: fastbert does not support {', '.join(sorted(unsupported))} "
-                            f"(it writes config.json + model.safetensors to a local folder)")
+    def save_pretrained(self, path, is_main_process: bool = True, state_dict=None, *, push_to_hub: bool = False,
+                        variant=None, safe_serialization: bool = True, max_shard_size=None, **ignored):
+        """config.json + model.safetensors, taking transformers' save_pretrained arguments as libraries
+        pass them (Trainer, accelerate, sentence-transformers): is_main_process=False writes nothing,
+        state_dict replaces the model's own. Always one safetensors file, as transformers 5 writes:
+        max_shard_size is taken and one file written (from_pretrained reads both), safe_serialization=False
+        warns; other keywords (token, save_peft_format, ...) are ignored, as transformers ignores them
+        without a hub push. A hub push or a weights variant is refused (local files only)."""
+        if push_to_hub or variant is not None:
+            raise ValueError("save_pretrained: fastbert writes config.json + model.safetensors to a local folder "
+                             f"(push_to_hub={push_to_hub!r}, variant={variant!r} are not supported)")
         if not safe_serialization:
-            raise ValueError("save_pretrained: fastbert writes safetensors only (safe_serialization=False asks for "
-                             "a pickled pytorch_model.bin)")
+            warnings.warn("save_pretrained: fastbert writes safetensors only; safe_serialization=False ignored",
+                          UserWarning, stacklevel=2)
         if not is_main_process:
             return
         from .checkpoint import save_pretrained

@@ -37,7 +37,8 @@ def _first_output(out):
 def test_save_pretrained_takes_the_keywords_libraries_pass(tmp_path):
     """Trainer, accelerate and sentence-transformers call save_pretrained with transformers' keywords:
     safe_serialization=True and max_shard_size are taken (one safetensors file), is_main_process=False
-    writes nothing, state_dict= is what is saved; a pickle or the hub is refused, naming the keyword."""
+    writes nothing, state_dict= is what is saved, the no-op keywords are taken; safe_serialization=False
+    warns (safetensors still, as transformers 5 writes); a hub push or a variant is refused."""
     model = fastbert.BertForMaskedLM(fastbert.BertConfig(**CFG))
     model.save_pretrained(tmp_path / "a", safe_serialization=True, max_shard_size="10MB")
     assert sorted(os.listdir(tmp_path / "a")) == ["config.json", "model.safetensors"]
@@ -48,10 +49,16 @@ def test_save_pretrained_takes_the_keywords_libraries_pass(tmp_path):
     reloaded = fastbert.BertForMaskedLM.from_pretrained(tmp_path / "c")
     assert all(not v.any() for v in reloaded.state_dict().values())
     assert reloaded.cls.predictions.decoder.weight is reloaded.bert.embeddings.word_embeddings.weight  # still tied
-    with pytest.raises(ValueError, match="safetensors only"):
-        model.save_pretrained(tmp_path / "d", safe_serialization=False)
-    with pytest.raises(TypeError, match="does not support push_to_hub"):
-        model.save_pretrained(tmp_path / "d", push_to_hub=True)
+    # the no-op values transformers' callers pass, and its positional is_main_process
+    model.save_pretrained(tmp_path / "e", True, None, push_to_hub=False, variant=None, token=None,
+                          save_peft_format=True)
+    assert sorted(os.listdir(tmp_path / "e")) == ["config.json", "model.safetensors"]
+    with pytest.warns(UserWarning, match="safetensors only"):
+        model.save_pretrained(tmp_path / "f", safe_serialization=False)
+    assert sorted(os.listdir(tmp_path / "f")) == ["config.json", "model.safetensors"]
+    for bad in (dict(push_to_hub=True), dict(variant="fp16")):
+        with pytest.raises(ValueError, match="local folder"):
+            model.save_pretrained(tmp_path / "d", **bad)
     assert not (tmp_path / "d").exists()
 
 

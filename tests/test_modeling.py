@@ -321,7 +321,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert_close_to_reference(q.grad, p.grad, p.grad, k=0, name=name)
 
 
-@pytest.mark.parametrize("reentrant", [True, False])
+@pytest.mark.parametrize("reentrant", [True, None, False])  # None: torch's default, reentrant
 def test_checkpointed_layers_of_a_model_with_frozen_embeddings_still_learn(reentrant):
     """A reentrant checkpoint passes gradients only to inputs that need one: with the embeddings frozen
     (adapters, a frozen lower model) the layers got none, silently. transformers marks the embeddings'
@@ -341,6 +341,15 @@ def test_checkpointed_layers_of_a_model_with_frozen_embeddings_still_learn(reent
         if p.requires_grad:
             assert q.grad is not None, name
             assert_close_to_reference(q.grad, p.grad, p.grad, k=0, name=name)
+    # a wholly frozen encoder (only the head trains): nothing to mark, so no backward through the layers
+    for p in ckpt.bert.encoder.parameters():
+        p.requires_grad_(False)
+    calls = []
+    hook = ckpt.bert.encoder.layer[-1].register_forward_pre_hook(lambda *args: calls.append(1))
+    ckpt.zero_grad(set_to_none=True)
+    ckpt(**inputs, **labels).loss.backward()
+    hook.remove()
+    assert len(calls) == 1 and ckpt.classifier.weight.grad is not None  # no recomputation in a backward
 
 
 def test_transformers_helpers_trainer_and_peft_call():
@@ -381,7 +390,11 @@ def test_an_output_rebuilt_from_its_items_as_accelerate_does_reads_like_the_orig
     assert torch.equal(rebuilt[1], out.logits.double())
     with pytest.raises(AttributeError):
         rebuilt.no_such_field
-    accelerate = pytest.importorskip("accelerate")
+    copied = type(out)(out)  # a copy keeps the output's own fields: a classifier's has no last_hidden_state
+    assert copied.fields() == out.fields()
+    with pytest.raises(AttributeError):
+        copied.last_hidden_state
+    import accelerate  # a test extra
     converted = accelerate.utils.convert_to_fp32(type(out)(loss=out.loss.half(), logits=out.logits.bfloat16()))
     assert converted.logits.dtype == torch.float32 and converted.hidden_states is None
     leaves, spec = pytree.tree_flatten(out)

@@ -349,7 +349,7 @@ def test_transformers_trainer_runs_the_patched_model(tmp_path):
     optimizer is made before patching; training runs the masked-rows MLM head, evaluation gets full
     logits back. (Trainer saves fastbert's own classes only as a bare state dict, which safetensors
     refuses for the tied MLM weights: save_strategy "no" here, as the README says.)"""
-    pytest.importorskip("accelerate")
+    import accelerate  # noqa: F401  (a test extra: Trainer needs it)
     cfg = CONFIGS["gelu-2types"]
     name = "BertForMaskedLM"
     examples = []
