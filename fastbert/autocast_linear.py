@@ -43,6 +43,11 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.float(), b.float())
 
 
+def _joined(weights) -> torch.Tensor:
+    """The weight whose row blocks `weights` are (one block: itself, no copy)."""
+    return weights[0] if len(weights) == 1 else torch.cat(weights)
+
+
 class _AutocastLinear(torch.autograd.Function):
     """y = x·Wᵀ + b in `dtype` from x already in `dtype` and fp32 W, b (what autocast computes); dW, db
     in fp32. `linear` casts x outside, as autocast does: autograd records that cast, so only the
@@ -53,8 +58,7 @@ class _AutocastLinear(torch.autograd.Function):
     def forward(ctx, x, bias, dtype, *weights):
         # weights: the weight, or its row blocks (QKV's three), joined here so that the backward saves
         # the parameters themselves, not an fp32 concatenation of them
-        weight = weights[0] if len(weights) == 1 else torch.cat(weights)  # (out, in)
-        w_low = weight.to(dtype)
+        w_low = _joined(weights).to(dtype)  # (out, in)
         y = F.linear(x, w_low, None if bias is None else bias.to(dtype))  # (..., out)
         # the parameters (no memory) only for a create_graph backward's dx
         wants_dw = any(w.requires_grad for w in weights)
@@ -73,7 +77,7 @@ class _AutocastLinear(torch.autograd.Function):
         dx = db = None
         dws = [None] * len(weights)
         if ctx.needs_input_grad[0]:
-            w = (weights[0] if len(weights) == 1 else torch.cat(weights)).to(ctx.dtype) if create_graph else w_low
+            w = _joined(weights).to(ctx.dtype) if create_graph else w_low
             dx = (dy2 @ w).view(*dy.shape[:-1], w.shape[1])  # (..., in), in the low dtype
         if any(ctx.needs_input_grad[3:]):
             x2 = x.reshape(-1, x.shape[-1])  # (N, in)
@@ -118,5 +122,5 @@ def linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None,
     if dtype is None and all(w.dtype == weights[0].dtype for w in weights):
         dtype = _path_dtype(x, weights[0])
     if dtype is None:
-        return F.linear(x, weights[0] if len(weights) == 1 else torch.cat(weights), bias)
+        return F.linear(x, _joined(weights), bias)
     return _AutocastLinear.apply(x.to(dtype), bias, dtype, *weights)

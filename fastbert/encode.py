@@ -282,10 +282,9 @@ def _main(args) -> int:
         if args.input and os.path.isdir(args.input):
             raise ValueError(f"--input {args.input}: is a folder; give a text file, one text per line")
         model = BertModel.from_pretrained(args.model).to(device)
-        initial = TR.initial_model_note(args.model)
+        initial = TR.initial_model_warning(args.model)
         if initial:
-            print(f"fastbert encode: warning: {args.model} is a pretraining run that has not reached its first "
-                  f"checkpoint: its model is {initial}", file=sys.stderr)
+            print(f"fastbert encode: {initial}", file=sys.stderr)
         tok = T.load_tokenizer(args.model, "encoding", model.get_input_embeddings().num_embeddings)
         positions = model.config.max_position_embeddings
         if args.max_length is not None and args.max_length > positions:  # as `fastbert finetune` does

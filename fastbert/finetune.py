@@ -208,10 +208,9 @@ def build_model(task, model_dir, labels, freeze, random_init=False, new_head=Fal
         label_cfg = {"id2label": id2label, "label2id": {v: i for i, v in id2label.items()},
                      "num_labels": len(labels)}
     cls = M.BertModel if freeze == "all" else getattr(M, HEADS[task])
-    initial = None if random_init else TR.initial_model_note(model_dir)
+    initial = None if random_init else TR.initial_model_warning(model_dir)
     if initial:
-        _log(f"warning: {model_dir} is a pretraining run that has not reached its first checkpoint: "
-             f"its model is {initial}")
+        _log(initial)
     if random_init:
         model = cls(BertConfig.from_pretrained(model_dir, **label_cfg))
     else:

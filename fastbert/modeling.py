@@ -96,7 +96,8 @@ def _output_flatten(out: ModelOutput):
 
 def _output_flatten_with_keys(out: ModelOutput):
     from torch.utils._pytree import MappingKey
-    return [(MappingKey(k), v) for k, v in out.items()], (tuple(out.keys()), out._declared)
+    values, context = _output_flatten(out)
+    return [(MappingKey(k), v) for k, v in zip(context[0], values)], context
 
 
 def _output_unflatten(values, context) -> ModelOutput:
@@ -127,7 +128,7 @@ def _static_label_rows(flat_labels, k: int):
 def _drop_bad_labels(labels, vocab: int):
     """(labels with every one outside [0, vocab) that is not -100 set to -100, a 0-dim bool: whether
     there was one), without a host sync."""
-    bad = (labels != -100) & ((labels < 0) | (labels >= vocab))
+    bad = K.mlm_bad_labels(labels, vocab)
     return labels.masked_fill(bad, -100), bad.any()
 
 

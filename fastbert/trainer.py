@@ -235,6 +235,13 @@ def initial_model_note(folder: str) -> str | None:
             else "the run's random initialisation")
 
 
+def initial_model_warning(folder: str) -> str | None:
+    """The warning finetune and encode give for such a folder (None for any other)."""
+    note = initial_model_note(folder)
+    return note and (f"warning: {folder} is a pretraining run that has not reached its first checkpoint: "
+                     f"its model is {note}")
+
+
 class CheckpointManager:
     """``RUN/checkpoints/step-NNNNNNNN/`` folders + ``RUN/checkpoints/latest`` naming the newest
     complete one. ``save`` writes a folder under a temporary name, renames it, then rewrites

@@ -372,15 +372,20 @@ def embed_layer_norm(input_ids, token_type_ids, position_ids, word_weight, posit
 
 # ----------------------------------------------------------------------------------- masked-LM loss
 
+def mlm_bad_labels(labels, vocab: int, ignore_index: int = -100) -> torch.Tensor:
+    """Which labels are neither ignore_index nor in [0, vocab): a bool tensor of labels' shape."""
+    return (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+
+
 def mlm_labels_bad(labels, vocab: int, ignore_index: int = -100) -> torch.Tensor:
     """Whether some label is neither ignore_index nor in [0, vocab): a device bool, no host sync (a
     caller that syncs anyway, e.g. for the labelled rows' count, reads it after that sync for free)."""
-    return ((labels != ignore_index) & ((labels < 0) | (labels >= vocab))).any()
+    return mlm_bad_labels(labels, vocab, ignore_index).any()
 
 
 def raise_bad_mlm_labels(labels, vocab: int, ignore_index: int = -100):
     """The ValueError of mlm_loss's label check, naming the first offending labels."""
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    bad = mlm_bad_labels(labels, vocab, ignore_index)
     raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
                      f"found {labels[bad][:5].tolist()}")
 
