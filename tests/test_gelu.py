@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import fastbert.kernels as K
+from fastbert.kernels import gelu
+from fastbert.kernels._dispatch import sm_count
 from tolerance import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
@@ -45,13 +47,26 @@ def test_bias_gelu(triton_kernels, device, n, dtype, approximate):
            (x, bias), dtype, device, ("x", "bias"))
 
 
-def test_bias_gelu_many_rows_noncontiguous(triton_kernels, device):
-    # More rows than one backward program holds (partial dbias sums over several programs) and a
-    # transposed input.
+def test_bias_gelu_noncontiguous(triton_kernels, device):
     x = torch.randn(37, 50).t()  # (50, 37), non-contiguous
     bias = torch.randn(37)
     _check(lambda x, b: K.bias_gelu(x, b), lambda x, b: F.gelu(x + b), (x, bias), torch.float32, device,
            ("x", "bias"))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("n", [37, 1000])
+def test_bias_gelu_several_row_tiles_per_backward_program(triton_kernels, device, n, approximate):
+    # The backward sizes its grid by the device (4 programs per SM; 2 "SMs" off CUDA), so only enough
+    # rows give each program several row tiles to accumulate into its dbias partial: 2 tiles per
+    # program at the cap, plus one more and a ragged last tile.
+    block_m, block_n, _ = gelu.bwd_config(n)
+    programs = max(1, 4 * sm_count(torch.device(device)) // -(-n // block_n))
+    rows = block_m * (2 * programs + 1) + 3
+    x = torch.randn(rows, n) * 3
+    bias = torch.randn(n)
+    _check(lambda x, b: K.bias_gelu(x, b, approximate), lambda x, b: F.gelu(x + b, approximate=approximate),
+           (x, bias), torch.float32, device, ("x", "bias"))
 
 
 def test_bias_gelu_tails_finite(triton_kernels, device):

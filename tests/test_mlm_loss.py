@@ -160,6 +160,27 @@ def test_fp32_weight_gradient_is_the_fp32_sum_scaled_once(triton_kernels, device
     assert torch.equal(leaves[0].grad, (dh * scale).to(torch.float16))
 
 
+def test_fp32_weight_gradient_accumulates_in_fp32(triton_kernels, device, monkeypatch):
+    """The weight gradient of fp16 hidden is summed over rows in fp32, chunk after chunk (the
+    baseline above is autograd's fp16 GEMM, so that test only asks for fp16 accuracy). A zero weight
+    and bias make every softmax exactly 1/vocab and dlogits = 1/vocab - onehot exact, so the float64
+    answer (dlogitsᵀ @ hidden) / rows is known in closed form and fp32 sums must meet it to ~1e-7;
+    rounding each chunk's product to fp16 costs ~3e-4."""
+    monkeypatch.setattr(lce, "CHUNK_ROWS", 2)
+    rows, h, vocab = 64, 16, 64
+    hidden = torch.randn(rows, h, device=device).half().requires_grad_()
+    weight = torch.zeros(vocab, h, device=device, requires_grad=True)
+    bias = torch.zeros(vocab, device=device, requires_grad=True)
+    labels = torch.randint(0, vocab, (rows,), device=device)
+    K.mlm_loss(hidden, weight, bias, labels).backward()
+    dlogits = torch.full((rows, vocab), 1 / vocab, dtype=torch.float64, device=device)
+    dlogits -= F.one_hot(labels, vocab).double()
+    want = dlogits.t() @ hidden.detach().double() / rows
+    err = ((weight.grad.double() - want).abs().max() / want.abs().max()).item()
+    assert err <= 1e-6, err
+    torch.testing.assert_close(bias.grad.double(), dlogits.sum(0) / rows, rtol=0, atol=1e-7)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_float64_weight_with_other_hidden(triton_kernels, device, dtype):
     """A float64 decoder beside fp32 / fp16 hidden (a model cast by hand, a double-precision head):
