@@ -1,0 +1,120 @@
+"""Make Triton's interpreter compute where a GPU computes differently, so CI sees those slips.
+
+The interpreter evaluates a kernel with numpy: exactly rounded transcendentals, IEEE division, fp32
+`tl.dot` in full fp32 whatever the input precision, and zeros in the masked-off lanes of a load
+that gives no `other=`. A compiled kernel on an NVIDIA GPU does none of that, and a kernel whose
+accuracy or correctness leans on the interpreter's behaviour passes CI and fails on the device. (A
+mutation audit found three such slips that every CPU test let through: a dropped Newton step after
+`rsqrt`, a `dy` load without `other=0` summed into a bias gradient, an fp32 `tl.dot` left at tf32.)
+
+What `install()` changes, each to what a GPU is documented to do, never better:
+
+- a masked load without `other=` returns NaN in the masked lanes (the largest value for integers):
+  on a GPU those lanes hold whatever the registers held;
+- fp32 `tl.dot` at tf32 input precision (Triton's default for fp32) keeps 10 mantissa bits of each
+  operand, as the tensor cores read them; `input_precision="ieee"` (and tf32x3) stay fp32;
+- the fp32 results of `exp`, `exp2`, `log`, `log2`, `sqrt`, `rsqrt`, `erf` and `/` are off by
+  2**-22 relative (two fp32 ulps: the PTX ISA's worst case for ex2/lg2/rsqrt/sqrt `.approx.f32`
+  and `div.full.f32`, rounded up), with the sign alternating element by element so that a ratio or
+  a normalisation cannot cancel it; `tl.exp` / `tl.log` also go through base 2 with the argument
+  rounded to fp32 first (x * log2(e), then ex2), as Triton lowers them. The IEEE spellings
+  (`tl.sqrt_rn`, `tl.div_rn`) stay exact.
+
+- the programs of a launch run last to first: a GPU runs them in no promised order (and many at
+  once), so a kernel that reads what an earlier program of the same launch wrote must not pass
+  because the interpreter happens to run them in order.
+
+Deterministic: the sign pattern depends only on the element's position, so a test's result does
+not depend on what ran before it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+REL = np.float32(2.0 ** -22)
+LOG2E, LN2 = np.float32(1.4426950408889634), np.float32(0.6931471805599453)
+
+
+def _perturbed(x):
+    """x * (1 ± 2^-22), the sign alternating by flat position; only fp32 arrays (fp64 is exact on a
+    GPU too, and the 16-bit types are computed in fp32 by the kernels before they are rounded)."""
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+        return x
+    sign = np.where(np.arange(x.size).reshape(x.shape) % 2 == 0, REL, -REL).astype(np.float32)
+    return (x * (np.float32(1) + sign)).astype(np.float32)
+
+
+def _tf32(x):
+    """The top 19 bits of an fp32 value (sign, exponent, 10 mantissa bits): what a tf32 MMA reads."""
+    return (np.ascontiguousarray(x, dtype=np.float32).view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+def install():
+    from triton.runtime import interpreter as I
+
+    B = I.InterpreterBuilder
+    if getattr(B, "_fastbert_gpu_like", False):
+        return
+    TensorHandle = I.TensorHandle
+
+    original_load = B.create_masked_load
+
+    def create_masked_load(self, ptrs, mask, other, *args):
+        if other is None:
+            dtype = np.dtype(I._get_np_dtype(ptrs.get_element_ty()))
+            if np.issubdtype(dtype, np.floating):
+                fill = np.nan
+            elif np.issubdtype(dtype, np.integer):
+                fill = np.iinfo(dtype).max
+            else:  # bool: no value is "garbage" for a predicate
+                fill = 0
+            other = TensorHandle(np.full(np.shape(ptrs.data), fill, dtype=dtype), ptrs.get_element_ty())
+        return original_load(self, ptrs, mask, other, *args)
+
+    original_dot = B.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        precision = str(input_precision).upper()
+        if "TF32" in precision and "X3" not in precision and a.data.dtype == np.float32 and b.data.dtype == np.float32:
+            a, b = TensorHandle(_tf32(a.data), a.dtype), TensorHandle(_tf32(b.data), b.dtype)
+        return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    def unary(fn, base2=None):
+        def create(self, arg):
+            x = arg.data
+            if x.dtype == np.float32 and base2 is not None:
+                out = base2(x)
+            else:
+                out = fn(x)
+            return TensorHandle(_perturbed(np.asarray(out, dtype=x.dtype)), arg.dtype.scalar)
+        return create
+
+    def erf(self, arg):
+        exact = original_erf(self, arg)
+        return TensorHandle(_perturbed(exact.data), exact.dtype)
+
+    def fdiv(self, lhs, rhs):
+        exact = original_fdiv(self, lhs, rhs)
+        return TensorHandle(_perturbed(exact.data), exact.dtype)
+
+    original_erf, original_fdiv = B.create_erf, B.create_fdiv
+    original_set_grid_idx = B.set_grid_idx
+
+    def set_grid_idx(self, x, y, z):
+        # the executor walks x, y, z upward; each program sees its mirror image: last to first
+        gx, gy, gz = self.grid_dim
+        original_set_grid_idx(self, gx - 1 - x, gy - 1 - y, gz - 1 - z)
+
+    B.create_masked_load = create_masked_load
+    B.create_dot = create_dot
+    B.create_exp = unary(np.exp, lambda x: np.exp2((x * LOG2E).astype(np.float32)))
+    B.create_exp2 = unary(np.exp2)
+    B.create_log = unary(np.log, lambda x: (np.log2(x).astype(np.float32) * LN2).astype(np.float32))
+    B.create_log2 = unary(np.log2)
+    B.create_sqrt = unary(np.sqrt)
+    B.create_rsqrt = unary(lambda x: 1 / np.sqrt(x))
+    B.create_erf = erf
+    B.create_fdiv = fdiv
+    B.set_grid_idx = set_grid_idx
+    B._fastbert_gpu_like = True
