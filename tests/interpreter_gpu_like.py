@@ -20,9 +20,16 @@ What `install()` changes, each to what a GPU is documented to do, never better:
   rounded to fp32 first (x * log2(e), then ex2), as Triton lowers them. The IEEE spellings
   (`tl.sqrt_rn`, `tl.div_rn`) stay exact.
 
+- `tl.minimum` / `tl.maximum` without `propagate_nan=ALL` return the operand that is not NaN, as
+  PTX min.f32 / max.f32 do (numpy's minimum / maximum propagate it; reductions already ignore NaN);
 - the programs of a launch run last to first: a GPU runs them in no promised order (and many at
   once), so a kernel that reads what an earlier program of the same launch wrote must not pass
   because the interpreter happens to run them in order.
+
+- fresh memory is garbage: `torch.empty`, `empty_like`, `empty_strided` and `Tensor.new_empty` on
+  the CPU return NaN (integers: their max) instead of whatever the allocator handed back, which on
+  the CPU is often zeros; a kernel or launcher that leaves part of an output unwritten, or reads a
+  buffer before writing it, then fails here as it would on a GPU's recycled memory.
 
 Deterministic: the sign pattern depends only on the element's position, so a test's result does
 not depend on what ran before it.
@@ -50,7 +57,32 @@ def _tf32(x):
     return (np.ascontiguousarray(x, dtype=np.float32).view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
 
 
+def _garbage(factory):
+    import torch
+
+    def empty(*args, **kwargs):
+        t = factory(*args, **kwargs)
+        if t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling():
+            with torch.no_grad():
+                if t.is_floating_point() or t.is_complex():
+                    t.fill_(float("nan"))
+                elif t.dtype != torch.bool:
+                    t.fill_(torch.iinfo(t.dtype).max)
+        return t
+    empty.__wrapped__ = factory
+    return empty
+
+
 def install():
+    import torch
+
+    if not getattr(torch.empty, "_fastbert_garbage", False):
+        for owner, name in ((torch, "empty"), (torch, "empty_like"), (torch, "empty_strided"),
+                            (torch.Tensor, "new_empty")):
+            wrapped = _garbage(getattr(owner, name))
+            wrapped._fastbert_garbage = True
+            setattr(owner, name, wrapped)
+
     from triton.runtime import interpreter as I
 
     B = I.InterpreterBuilder
@@ -117,4 +149,6 @@ def install():
     B.create_erf = erf
     B.create_fdiv = fdiv
     B.set_grid_idx = set_grid_idx
+    B.create_minnumf = lambda self, lhs, rhs: self.binary_op(lhs, rhs, np.fmin)
+    B.create_maxnumf = lambda self, lhs, rhs: self.binary_op(lhs, rhs, np.fmax)
     B._fastbert_gpu_like = True

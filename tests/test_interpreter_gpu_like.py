@@ -121,3 +121,35 @@ def test_programs_run_last_to_first():
     counter, out = torch.zeros(1, dtype=torch.int32), torch.full((5,), -1, dtype=torch.int32)
     _arrival[(5,)](counter, out)
     assert out.tolist() == [4, 3, 2, 1, 0]
+
+
+def test_fresh_cpu_memory_is_garbage():
+    assert torch.isnan(torch.empty(3, 5)).all()
+    assert torch.isnan(torch.empty_like(torch.zeros(4), dtype=torch.float16)).all()
+    assert torch.isnan(torch.zeros(2).new_empty((6,))).all()
+    assert (torch.empty(7, dtype=torch.int32) == 2 ** 31 - 1).all()
+    assert torch.empty(2, 2, requires_grad=True).requires_grad  # a leaf: filled without autograd
+
+
+@triton.jit
+def _min_max(x_ptr, out_ptr, PROPAGATE: tl.constexpr):
+    offs = tl.arange(0, 4)
+    x = tl.load(x_ptr + offs)
+    if PROPAGATE:
+        lo = tl.minimum(x, 1.0, propagate_nan=tl.PropagateNan.ALL)
+        hi = tl.maximum(x, 1.0, propagate_nan=tl.PropagateNan.ALL)
+    else:
+        lo = tl.minimum(x, 1.0)
+        hi = tl.maximum(x, 1.0)
+    tl.store(out_ptr + offs, lo)
+    tl.store(out_ptr + 4 + offs, hi)
+
+
+@pytest.mark.parametrize("propagate", [False, True])
+def test_min_max_drop_nan_unless_told_to_propagate(propagate):
+    x = torch.tensor([0.5, float("nan"), 2.0, -3.0])
+    out = torch.empty(8)
+    _min_max[(1,)](x, out, PROPAGATE=propagate)
+    nan = float("nan")
+    want = [0.5, nan if propagate else 1.0, 1.0, -3.0, 1.0, nan if propagate else 1.0, 2.0, 1.0]
+    torch.testing.assert_close(out, torch.tensor(want), equal_nan=True)
