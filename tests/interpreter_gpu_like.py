@@ -14,11 +14,12 @@ What `install()` changes, each to what a GPU is documented to do, never better:
 - fp32 `tl.dot` at tf32 input precision (Triton's default for fp32) keeps 10 mantissa bits of each
   operand, as the tensor cores read them; `input_precision="ieee"` (and tf32x3) stay fp32;
 - the fp32 results of `exp`, `exp2`, `log`, `log2`, `sqrt`, `rsqrt`, `erf` and `/` are off by
-  2**-22 relative (two fp32 ulps: the PTX ISA's worst case for ex2/lg2/rsqrt/sqrt `.approx.f32`
-  and `div.full.f32`, rounded up), with the sign alternating element by element so that a ratio or
-  a normalisation cannot cancel it; `tl.exp` / `tl.log` also go through base 2 with the argument
-  rounded to fp32 first (x * log2(e), then ex2), as Triton lowers them. The IEEE spellings
-  (`tl.sqrt_rn`, `tl.div_rn`) stay exact.
+  2**-22 relative (two fp32 ulps), with the sign alternating element by element so that a ratio or
+  a normalisation cannot cancel it. Compiled for sm_90 by Triton 3.6, exp / exp2 / sqrt / rsqrt
+  are `ex2` / `sqrt` / `rsqrt.approx` and `/` is `div.full.f32` (the PTX ISA bounds them at about
+  two ulps), log / log2 / erf inline libdevice's polynomials (within two ulps); `tl.exp` also goes
+  through base 2 with the argument rounded to fp32 first (x * log2(e), then ex2), as it is
+  lowered. The IEEE spellings (`tl.sqrt_rn`, `tl.div_rn`) stay exact.
 
 - `tl.minimum` / `tl.maximum` without `propagate_nan=ALL` return the operand that is not NaN, as
   PTX min.f32 / max.f32 do (numpy's minimum / maximum propagate it; reductions already ignore NaN);
@@ -39,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 
 REL = np.float32(2.0 ** -22)
-LOG2E, LN2 = np.float32(1.4426950408889634), np.float32(0.6931471805599453)
+LOG2E = np.float32(1.4426950408889634)
 
 
 def _perturbed(x):
@@ -112,25 +113,20 @@ def install():
             a, b = TensorHandle(_tf32(a.data), a.dtype), TensorHandle(_tf32(b.data), b.dtype)
         return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
 
-    def unary(fn, base2=None):
-        def create(self, arg):
-            x = arg.data
-            if x.dtype == np.float32 and base2 is not None:
-                out = base2(x)
-            else:
-                out = fn(x)
-            return TensorHandle(_perturbed(np.asarray(out, dtype=x.dtype)), arg.dtype.scalar)
+    def approximate(original):
+        """The interpreter's op with its fp32 result off by 2^-22 (the module docstring says why)."""
+        def create(self, *args):
+            exact = original(self, *args)
+            return TensorHandle(_perturbed(exact.data), exact.dtype)
         return create
 
-    def erf(self, arg):
-        exact = original_erf(self, arg)
-        return TensorHandle(_perturbed(exact.data), exact.dtype)
+    original_exp = B.create_exp
 
-    def fdiv(self, lhs, rhs):
-        exact = original_fdiv(self, lhs, rhs)
-        return TensorHandle(_perturbed(exact.data), exact.dtype)
+    def exp_through_base2(self, arg):
+        if arg.data.dtype != np.float32:
+            return original_exp(self, arg)
+        return TensorHandle(np.exp2((arg.data * LOG2E).astype(np.float32)), arg.dtype.scalar)
 
-    original_erf, original_fdiv = B.create_erf, B.create_fdiv
     original_set_grid_idx = B.set_grid_idx
 
     def set_grid_idx(self, x, y, z):
@@ -140,14 +136,10 @@ def install():
 
     B.create_masked_load = create_masked_load
     B.create_dot = create_dot
-    B.create_exp = unary(np.exp, lambda x: np.exp2((x * LOG2E).astype(np.float32)))
-    B.create_exp2 = unary(np.exp2)
-    B.create_log = unary(np.log, lambda x: (np.log2(x).astype(np.float32) * LN2).astype(np.float32))
-    B.create_log2 = unary(np.log2)
-    B.create_sqrt = unary(np.sqrt)
-    B.create_rsqrt = unary(lambda x: 1 / np.sqrt(x))
-    B.create_erf = erf
-    B.create_fdiv = fdiv
+    for name in ("create_exp2", "create_log", "create_log2", "create_sqrt", "create_rsqrt", "create_erf",
+                 "create_fdiv"):
+        setattr(B, name, approximate(getattr(B, name)))
+    B.create_exp = approximate(exp_through_base2)
     B.set_grid_idx = set_grid_idx
     B.create_minnumf = lambda self, lhs, rhs: self.binary_op(lhs, rhs, np.fmin)
     B.create_maxnumf = lambda self, lhs, rhs: self.binary_op(lhs, rhs, np.fmax)
