@@ -504,10 +504,11 @@ def single_sentence_data(tokenizer, n_tokens, seq_len, **kw):
     return PretrainingData(corpus, tokenizer, np.arange(1), seq_len=seq_len, seed=0, nsp=False, **kw)
 
 
-def test_masks_are_redrawn_each_epoch_for_the_same_pair(tokenizer):
+@pytest.mark.parametrize("whole_word_mask", [False, True])
+def test_masks_are_redrawn_each_epoch_for_the_same_pair(tokenizer, whole_word_mask):
     """The mask of an example is seeded by (seed, epoch, index): the same pair in another epoch gets
-    another mask, and the same (epoch, index) always the same one."""
-    data = single_sentence_data(tokenizer, 60, 64)
+    another mask, and the same (epoch, index) always the same one — whole-word masks too."""
+    data = single_sentence_data(tokenizer, 60, 64, whole_word_mask=whole_word_mask)
     masks = [tuple(data.example(e, 0)["labels"].tolist()) for e in range(6)]
     assert all(len(data.epoch(e)) == 1 for e in range(6))
     assert len(set(masks)) == 6
@@ -528,6 +529,8 @@ def test_random_replacements_of_a_run_are_never_special_tokens(tokenizer):
         n_random += len(replaced)
         assert not specials & set(replaced.tolist()), e
     assert n_random > 100  # enough draws that a special among V tokens would have shown
+    # and the pool is every ordinary token: none left out (the last id once could have been)
+    assert sorted(data.random_ids.tolist()) == sorted(set(range(tokenizer.get_vocab_size())) - specials)
 
 
 def test_truncation_trims_the_longer_segment_from_both_ends():
@@ -542,6 +545,28 @@ def test_truncation_trims_the_longer_segment_from_both_ends():
         fronts += a[0]
         backs += 20 - a[1]
     assert within_binomial(fronts, 200 * 10, 0.5), (fronts, backs)
+
+
+def test_truncation_of_equal_segments_trims_b_as_bert():
+    """truncate_seq_pair trims A only when it is longer: on a tie B loses the token."""
+    from fastbert.pretraining_data import _truncate_pair
+    for seed in range(20):
+        a, b = [0, 10], [0, 10]
+        _truncate_pair(a, b, 19, np.random.default_rng(seed))
+        assert a == [0, 10] and b[1] - b[0] == 9, (seed, a, b)
+
+
+def test_nsp_coin_is_fair_on_a_large_corpus():
+    """~2,500 coin flips, so 5 sigma is 0.05: a coin of 0.35 or 0.65 fails (the layout tests see ~150
+    flips, whose 5 sigma band admits 0.30-0.70)."""
+    rng = np.random.default_rng(5)
+    lengths = [[int(x) for x in rng.integers(3, 12, size=30)] for _ in range(500)]
+    inst = create_instances(synthetic_corpus(lengths), np.arange(500), 64, np.random.default_rng(0), cls_id=CLS,
+                            sep_id=SEP)
+    n_coin = len(inst) - inst.forced_random
+    heads = int(inst.nsp_labels.sum()) - inst.forced_random
+    assert n_coin > 2000, n_coin
+    assert within_binomial(heads, n_coin, 0.5), (heads, n_coin)
 
 
 def test_unused_sentences_of_a_random_next_pair_start_the_next_chunk():
