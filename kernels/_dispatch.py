@@ -25,7 +25,9 @@ def backend() -> str:
 
 
 def _interpret_flag() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """TRITON_INTERPRET read as Triton 3.6 reads it (triton.knobs' env_bool): "false" or "2" is off,
+    and then Triton compiles real kernels whatever fastbert believes."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on", "y")
 
 
 # Triton reads TRITON_INTERPRET when fastbert.kernels defines its kernels (this module is imported
