@@ -145,8 +145,28 @@ def test_backend_switch_validates(monkeypatch):
      ValueError, "weight"),
     (lambda: K.mlm_loss(torch.randn(4, 8), torch.randn(10, 8), torch.randn(10), torch.tensor([1, 2, 3])),
      ValueError, "rows"),
+    # from a mutation audit of the checks: each of these passed silently (or failed obscurely) without its check
+    (lambda: K.varlen_attention(*(torch.randn(5, 2, 8) for _ in range(3)), torch.tensor([0, 2, 6], dtype=torch.int32), 4),
+     ValueError, "ends at 6"),
+    (lambda: K.varlen_attention(*(torch.randn(0, 2, 8) for _ in range(3)), torch.tensor([0], dtype=torch.int32), 4),
+     ValueError, "at least two"),
+    (lambda: K.varlen_attention(*(torch.randn(5, 2, 8) for _ in range(3)),
+                                torch.tensor([0, 2, 5], dtype=torch.int32, device="meta"), 3), ValueError, "device meta"),
+    (lambda: K.attention(torch.randn(2, 2, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)), ValueError, "agree"),
+    (lambda: K.attention(*(torch.randn(1, 2, 3, 8) for _ in range(3)),
+                         key_padding_mask=torch.ones(1, 3, dtype=torch.bool, device="meta")), ValueError, "device meta"),
+    (lambda: K.attention(*(torch.randn(1, 1, 2, 4) for _ in range(3)), dropout_p=-0.5), ValueError, "dropout_p"),
+    (lambda: K.embed_layer_norm(torch.tensor([[1, -1]]), None, None, torch.randn(9, 4), torch.randn(4, 4),
+                                torch.randn(2, 4), torch.ones(4), torch.zeros(4)), ValueError, r"input_ids.*min -1"),
+    (lambda: K.embed_layer_norm(torch.tensor([[1, 2]]), None, torch.tensor([[0, 6]]), torch.randn(9, 4),
+                                torch.randn(4, 4), torch.randn(2, 4), torch.ones(4), torch.zeros(4)), ValueError,
+     r"position_ids.*\[0, 4\)"),
+    (lambda: K.mlm_loss(torch.randn(4, 8), torch.randn(10, 8), torch.randn(10), torch.tensor([1, 2, 3, 4]),
+                        out_dtype=torch.int32), TypeError, "out_dtype"),
 ])
-def test_bad_input_raises_clear_error(call, exc, match):
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_bad_input_raises_clear_error(call, exc, match, backend, monkeypatch):
+    monkeypatch.setenv("FASTBERT_KERNELS", backend)  # the checks run before either path
     with pytest.raises(exc, match=match):
         call()
 
