@@ -1,4 +1,4 @@
-"""Make Triton's interpreter compute where a GPU computes differently, so CI sees those slips.
+"""Make Triton's interpreter compute as a GPU does where the two differ, so CI sees those slips.
 
 The interpreter evaluates a kernel with numpy: exactly rounded transcendentals, IEEE division, fp32
 `tl.dot` in full fp32 whatever the input precision, and zeros in the masked-off lanes of a load
@@ -19,14 +19,12 @@ What `install()` changes, each to what a GPU is documented to do, never better:
   are `ex2` / `sqrt` / `rsqrt.approx` and `/` is `div.full.f32` (the PTX ISA bounds them at about
   two ulps), log / log2 / erf inline libdevice's polynomials (within two ulps); `tl.exp` also goes
   through base 2 with the argument rounded to fp32 first (x * log2(e), then ex2), as it is
-  lowered. The IEEE spellings (`tl.sqrt_rn`, `tl.div_rn`) stay exact.
-
+  lowered. The IEEE spellings (`tl.sqrt_rn`, `tl.div_rn`) stay exact;
 - `tl.minimum` / `tl.maximum` without `propagate_nan=ALL` return the operand that is not NaN, as
   PTX min.f32 / max.f32 do (numpy's minimum / maximum propagate it; reductions already ignore NaN);
 - the programs of a launch run last to first: a GPU runs them in no promised order (and many at
   once), so a kernel that reads what an earlier program of the same launch wrote must not pass
-  because the interpreter happens to run them in order.
-
+  because the interpreter happens to run them in order;
 - fresh memory is garbage: `torch.empty`, `empty_like`, `empty_strided` and `Tensor.new_empty` on
   the CPU return NaN (integers: their max) instead of whatever the allocator handed back, which on
   the CPU is often zeros; a kernel or launcher that leaves part of an output unwritten, or reads a
