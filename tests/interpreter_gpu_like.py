@@ -47,8 +47,14 @@ def _perturbed(x):
     x = np.asarray(x)
     if x.dtype != np.float32:
         return x
-    sign = np.where(np.arange(x.size).reshape(x.shape) % 2 == 0, REL, -REL).astype(np.float32)
-    return (x * (np.float32(1) + sign)).astype(np.float32)
+    factor = _FACTORS.get(x.shape)
+    if factor is None:  # kernels reuse a handful of block shapes: build each factor array once
+        factor = _FACTORS[x.shape] = np.where(np.arange(x.size).reshape(x.shape) % 2 == 0,
+                                              1 + REL, 1 - REL).astype(np.float32)
+    return x * factor
+
+
+_FACTORS: dict = {}
 
 
 def _tf32(x):
