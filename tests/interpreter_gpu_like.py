@@ -41,6 +41,9 @@ REL = np.float32(2.0 ** -22)
 LOG2E = np.float32(1.4426950408889634)
 
 
+_FACTORS: dict = {}  # block shape -> its ±2^-22 factor array
+
+
 def _perturbed(x):
     """x * (1 ± 2^-22), the sign alternating by flat position; only fp32 arrays (fp64 is exact on a
     GPU too, and the 16-bit types are computed in fp32 by the kernels before they are rounded)."""
@@ -52,9 +55,6 @@ def _perturbed(x):
         factor = _FACTORS[x.shape] = np.where(np.arange(x.size).reshape(x.shape) % 2 == 0,
                                               1 + REL, 1 - REL).astype(np.float32)
     return x * factor
-
-
-_FACTORS: dict = {}
 
 
 def _tf32(x):
@@ -80,19 +80,13 @@ def _garbage(factory):
 
 def install():
     import torch
-
-    if not getattr(torch.empty, "_fastbert_garbage", False):
-        for owner, name in ((torch, "empty"), (torch, "empty_like"), (torch, "empty_strided"),
-                            (torch.Tensor, "new_empty")):
-            wrapped = _garbage(getattr(owner, name))
-            wrapped._fastbert_garbage = True
-            setattr(owner, name, wrapped)
-
     from triton.runtime import interpreter as I
 
     B = I.InterpreterBuilder
-    if getattr(B, "_fastbert_gpu_like", False):
+    if getattr(B, "_fastbert_gpu_like", False):  # one flag for both the torch and the Triton patches
         return
+    for owner, name in ((torch, "empty"), (torch, "empty_like"), (torch, "empty_strided"), (torch.Tensor, "new_empty")):
+        setattr(owner, name, _garbage(getattr(owner, name)))
     TensorHandle = I.TensorHandle
 
     original_load = B.create_masked_load

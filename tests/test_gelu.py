@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import fastbert.kernels as K
 from fastbert.kernels import gelu
 from fastbert.kernels._dispatch import sm_count
+from fastbert.kernels._host import cdiv
 from tolerance import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
@@ -61,7 +62,7 @@ def test_bias_gelu_several_row_tiles_per_backward_program(triton_kernels, device
     # rows give each program several row tiles to accumulate into its dbias partial: 2 tiles per
     # program at the cap, plus one more and a ragged last tile.
     block_m, block_n, _ = gelu.bwd_config(n)
-    programs = max(1, 4 * sm_count(torch.device(device)) // -(-n // block_n))
+    programs = max(1, 4 * sm_count(torch.device(device)) // cdiv(n, block_n))
     rows = block_m * (2 * programs + 1) + 3
     x = torch.randn(rows, n) * 3
     bias = torch.randn(n)
