@@ -26,10 +26,10 @@ sys.path.insert(0, os.path.dirname(__file__))  # for `from tolerance import ...`
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-if os.environ.get("TRITON_INTERPRET") not in (None, "", "0"):
-    if os.environ.get("FASTBERT_CHECK_BOUNDS", "1") != "0":
-        import interpreter_bounds  # noqa: E402
+import interpreter_bounds  # noqa: E402
 
+if interpreter_bounds.INTERPRETED:  # TRITON_INTERPRET as Triton reads it
+    if os.environ.get("FASTBERT_CHECK_BOUNDS", "1") != "0":
         interpreter_bounds.install()  # every interpreted load/store is checked against its launch's tensors
     if os.environ.get("FASTBERT_GPU_LIKE", "1") != "0":
         import interpreter_gpu_like  # noqa: E402

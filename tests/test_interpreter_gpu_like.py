@@ -9,7 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") in (None, "", "0")
+from interpreter_bounds import INTERPRETED
+
+pytestmark = pytest.mark.skipif(not INTERPRETED
                                 or os.environ.get("FASTBERT_GPU_LIKE", "1") == "0",
                                 reason="checks the interpreter's GPU-like numerics")
 
