@@ -42,8 +42,9 @@ Supports:
 
 Not supported:
   * head_dim > 128 (ValueError); float64 runs the PyTorch reference instead
-  * bf16 in Triton's CPU interpreter (fastbert.kernels raises TypeError: Triton 3.6's interpreter
-    computes bf16 tl.dot wrongly); compiled GPU kernels take bf16
+  * bf16 in Triton 3.6's own CPU interpreter, which multiplies bf16 bit patterns as integers:
+    fastbert.kernels asks the interpreter once (_interpreter_probe) and raises TypeError. Compiled
+    GPU kernels take bf16, and so does the test suite's interpreter (tests/interpreter_gpu_like.py)
   * attention bias / arbitrary (Sq, Sk) masks; only key padding and causal masks
   * seq_q * ceil(seq_k / 8) >= 2**31 with dropout (the Philox counter is an int32 per head; ValueError)
   * more than 65535 (sequences x heads) in one call: CUDA's grid y limit (ValueError; split the batch)

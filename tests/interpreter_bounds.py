@@ -7,18 +7,26 @@ checks every unmasked lane of every load and store against it, raising at the fa
 
 Also ``interpreted``: the mark for tests that send CPU tensors through the Triton kernels, which
 needs the interpreter; a GPU run (FASTBERT_TEST_GPU=1) leaves it off and skips them, its kernel
-tests covering the compiled path.
+tests covering the compiled path. And ``BF16``: torch.bfloat16 as a dtype parameter, run on a GPU
+and in the interpreter when tests/interpreter_gpu_like.py computes bf16 (Triton's own interpreter
+does not; FASTBERT_GPU_LIKE=0 turns that module off).
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+import torch
 
 from fastbert.kernels._dispatch import _interpret_flag
 
 # As Triton reads the flag ("false" or "2" is off): conftest has set it before this import.
 INTERPRETED = _interpret_flag()
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="CPU tensors through the Triton kernels need TRITON_INTERPRET=1")
+BF16_COMPUTED = not INTERPRETED or os.environ.get("FASTBERT_GPU_LIKE", "1") != "0"
+BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not BF16_COMPUTED, reason="Triton's own interpreter computes bf16 wrongly (tests/interpreter_gpu_like.py fixes it)"))
 
 
 def install():

@@ -19,9 +19,10 @@ from fastbert.kernels import flash_attention  # noqa: F401  (registers the fastb
 from fastbert.kernels import philox_dropout, reference
 from aot import compile_in_subprocess
 from philox_mask import philox_keep_mask
+from interpreter_bounds import BF16, interpreted
 from tolerance import assert_close_to_reference
 
-INTERPRETED_DTYPES = (torch.float32, torch.float16)
+INTERPRETED_DTYPES = (torch.float32, torch.float16, BF16)
 ON_GPU = bool(os.environ.get("FASTBERT_TEST_GPU")) and torch.cuda.is_available()
 # The interpreter matrices below would cost a GPU run dozens of kernel compilations for little news:
 # there the gpu-marked tests (bf16 included, realistic sizes) and the single cases cover CUDA.
@@ -628,12 +629,21 @@ def test_bad_inputs(triton_kernels, device):
             K.varlen_attention(packed, packed, packed, torch.tensor(cu, dtype=torch.int32, device=device), 6)
     with pytest.raises(ValueError, match="max_seqlen"):
         K.varlen_attention(packed, packed, packed, torch.tensor([0, 6], dtype=torch.int32, device=device), 4)
-    if device == "cpu":  # bf16 in the interpreter: refused, not a silently wrong result
-        with pytest.raises(TypeError, match="interpreter"):
-            K.attention(q.bfloat16(), q.bfloat16(), q.bfloat16())
-        with pytest.raises(TypeError, match="interpreter"):
-            b = packed.bfloat16()
-            K.varlen_attention(b, b, b, torch.tensor([0, 6], dtype=torch.int32, device=device), 6)
+
+
+@interpreted
+def test_bf16_refused_by_an_interpreter_that_multiplies_it_wrongly(triton_kernels, monkeypatch):
+    """Triton's own interpreter multiplies bf16 bit patterns as integers: refused, not a silently wrong
+    result (the suite's interpreter computes bf16 right, so the probe's verdict is forced here; that the
+    probe notices the stock product is tests/test_interpreter_gpu_like.py's)."""
+    from fastbert.kernels import _interpreter_probe
+    monkeypatch.setattr(_interpreter_probe, "_verdict", False)
+    q = torch.randn(1, 2, 8, 16).bfloat16()
+    with pytest.raises(TypeError, match="interpreter"):
+        K.attention(q, q, q)
+    packed = torch.randn(6, 2, 16).bfloat16()
+    with pytest.raises(TypeError, match="interpreter"):
+        K.varlen_attention(packed, packed, packed, torch.tensor([0, 6], dtype=torch.int32), 6)
 
 
 def test_config_override_for_gpu_sweeps(monkeypatch):

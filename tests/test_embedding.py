@@ -12,9 +12,10 @@ from fastbert.kernels import embedding as E
 from fastbert.kernels import layer_norm as L
 from fastbert.kernels import reference as R
 from fastbert.kernels.philox_dropout import effective_dropout_p
+from interpreter_bounds import BF16
 from tolerance import assert_close_to_reference
 
-DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+DTYPES = [torch.float32, torch.float16, BF16]
 WIDTHS = [37, 384, 768, 1000, 3072]
 EPS = 1e-5
 VOCAB, MAX_POS, TYPES = 13, 9, 2

@@ -1,7 +1,7 @@
 """K.bias_gelu's Triton kernels (interpreted on the CPU, compiled on CUDA) against float64.
 
 Tolerance rule (tests/tolerance.py): our error <= 2 x PyTorch's own error in the same dtype.
-bf16 runs on CUDA only (the interpreter mishandles bf16 arithmetic).
+bf16 runs on CUDA and in the interpreter as tests/interpreter_gpu_like.py makes it compute bf16.
 """
 import pytest
 import torch
@@ -11,9 +11,10 @@ import fastbert.kernels as K
 from fastbert.kernels import gelu
 from fastbert.kernels._dispatch import sm_count
 from fastbert.kernels._host import cdiv
+from interpreter_bounds import BF16
 from tolerance import assert_close_to_reference
 
-DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+DTYPES = [torch.float32, torch.float16, BF16]
 WIDTHS = [37, 384, 768, 1000, 1500, 3072]  # 1500: two column blocks, the second partial
 
 

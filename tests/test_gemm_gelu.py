@@ -1,7 +1,8 @@
 """K.feed_forward's Triton epilogue matmuls (interpreted on the CPU, compiled on CUDA) against float64.
 
 Tolerance rule (tests/tolerance.py): our error <= 2 x PyTorch's own error in the same dtype, for the
-output and all four gradients. bf16 runs on CUDA only (the interpreter computes bf16 tl.dot wrongly).
+output and all four gradients. bf16 runs on CUDA and in the interpreter as tests/interpreter_gpu_like.py
+makes it compute bf16 (Triton's own interpreter multiplies bf16 bit patterns as integers).
 Also: the launch order over several row and column groups with ragged tails (a tile the order skips
 would leave uninitialised memory in the result), opcheck, the eager twin against the custom ops, bad
 input, and ahead-of-time compilation of the shipped launches for sm_90 and sm_80.
@@ -15,10 +16,10 @@ import torch.nn.functional as F
 import fastbert.kernels as K
 from aot import compile_in_subprocess
 from fastbert.kernels import gemm_gelu as GG
-from interpreter_bounds import interpreted
+from interpreter_bounds import BF16, interpreted
 from tolerance import assert_close_to_reference
 
-DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+DTYPES = [torch.float32, torch.float16, BF16]
 # (M, K, N, H): odd sizes everywhere; K not a multiple of any BLOCK_K (the masked K loop), K a multiple
 # (the unmasked one), M over one 128-row block (column sums of dz from two blocks), K = 1.
 SHAPES = [(37, 45, 29, 19), (130, 64, 200, 33), (5, 1, 17, 3), (1, 24, 16, 8)]
@@ -170,8 +171,10 @@ def test_feed_forward_bad_input(triton_kernels, device):
         K.feed_forward(x, w1, b1, w2, approximate="sigmoid")
 
 
-@interpreted  # the interpreter's refusal
-def test_feed_forward_refuses_interpreted_bf16(triton_kernels):
+@interpreted  # the refusal by an interpreter that multiplies bf16 bit patterns (Triton's own)
+def test_feed_forward_refuses_interpreted_bf16(triton_kernels, monkeypatch):
+    from fastbert.kernels import _interpreter_probe
+    monkeypatch.setattr(_interpreter_probe, "_verdict", False)
     x, w1, b1, w2 = (torch.randn(*s, dtype=torch.bfloat16) for s in ((3, 8), (16, 8), (16,), (4, 16)))
     with pytest.raises(TypeError, match="matrix products on bf16 CPU tensors"):
         K.feed_forward(x, w1, b1, w2)

@@ -4,7 +4,7 @@ Tolerance rule (tests/tolerance.py): our error <= 2 x PyTorch's own error in the
 output and every gradient. Dropout: the kernels' Philox mask is rebuilt with
 layer_norm.dropout_mask from the same seed, so forward and backward are checked against the
 reference with that mask; repeatability under torch.manual_seed is checked bit for bit.
-bf16 runs on CUDA only (the interpreter mishandles bf16 arithmetic).
+bf16 runs on CUDA and in the interpreter as tests/interpreter_gpu_like.py makes it compute bf16.
 """
 import pytest
 import torch
@@ -14,9 +14,10 @@ import fastbert.kernels as K
 from fastbert.kernels import layer_norm as L
 from fastbert.kernels.philox_dropout import effective_dropout_p
 from philox_mask import philox_halves, philox_keep_mask
+from interpreter_bounds import BF16, BF16_COMPUTED
 from tolerance import assert_close_to_reference
 
-DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+DTYPES = [torch.float32, torch.float16, BF16]
 WIDTHS = [37, 384, 768, 1000, 3072]
 EPS = 1e-5
 
@@ -89,9 +90,11 @@ def test_add_layer_norm_dropout_repeatable(triton_kernels, device):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25])
-@pytest.mark.parametrize("x_dtype,res_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float16)])
+@pytest.mark.parametrize("x_dtype,res_dtype", [
+    (torch.float16, torch.float32), (torch.float32, torch.float16),
+    pytest.param(torch.bfloat16, torch.float32, marks=BF16.marks)], ids=str)
 def test_add_layer_norm_mixed_dtypes_noncontiguous(triton_kernels, device, x_dtype, res_dtype, p):
-    # The bf16-autocast pattern in fp16 (the interpreter's stand-in for bf16): a low-precision
+    # The bf16-autocast pattern (and fp16's): a low-precision
     # sublayer output added to an fp32 residual stream with fp32 LayerNorm parameters. The output is
     # promote_types(x, residual), as x + residual and transformers' fp32 LayerNorm give, and each
     # gradient comes back in its input's dtype. Transposed inputs (copied inside).
@@ -256,8 +259,9 @@ def test_max_width(triton_kernels, device):
 # ------------------------------------------------- add_layer_norm with a low-precision copy (autocast)
 
 def _low_dtype(device):
-    # bf16 is what autocast uses; the interpreter mishandles bf16 arithmetic, so on the CPU fp16 stands in
-    return torch.bfloat16 if device == "cuda" else torch.float16
+    # bf16 is what autocast uses; fp16 stands in only where the interpreter is Triton's own (it
+    # computes bf16 wrongly)
+    return torch.bfloat16 if BF16_COMPUTED else torch.float16
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25])

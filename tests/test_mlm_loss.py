@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import fastbert.kernels as K
 from fastbert.kernels import linear_cross_entropy as lce
+from interpreter_bounds import BF16
 from tolerance import assert_close_to_reference
 
 IGNORE = -100
@@ -86,7 +87,7 @@ def _check_against_reference(rows, h, vocab, dtype, device, noncontiguous=False,
 
 # ------------------------------------------------------------------------- interpreter (every CI)
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16])
 @pytest.mark.parametrize("rows,h,vocab,chunk_rows", [
     (45, 37, 1031, 16),     # 16 + 16 + 13 rows: fp32 d_weight accumulation across chunks, a short last chunk
     (33, 64, 1031, None),   # one chunk; vocab % 8 = 7: the big GEMMs see 1024 columns, a 7-column tail GEMM
