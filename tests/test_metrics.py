@@ -129,3 +129,33 @@ def test_squad_scores_take_the_best_gold_for_exact_match_and_f1_alike():
     stands in the list (first, middle or last)."""
     for golds in (["Paris", "London", "Rome"], ["London", "Paris", "Rome"], ["London", "Rome", "Paris"]):
         assert squad_scores(["paris"], [golds]) == {"exact_match": 1.0, "f1": 1.0}, golds
+
+
+# ------------------------------------------------------------------- mutation audit (second pass)
+
+@pytest.mark.parametrize("tag", ["B", "I", "B_PER", "IPER", "BPER"])
+def test_tags_without_a_prefix_and_dash_raise(tag):
+    """Only O, B-TYPE and I-TYPE are tags: a bare "B" / "I" or a prefix without its dash is refused
+    (read_conll turns the ValueError into an error naming the line), not read as some chunk type."""
+    with pytest.raises(ValueError, match="is not O, B-TYPE or I-TYPE"):
+        bio_entities(["O", tag])
+
+
+def test_entity_f1_refuses_a_different_number_of_sentences():
+    """A prediction file one sentence short must not be scored on the sentences the two share."""
+    with pytest.raises(ValueError, match="1 predicted sentences for 2 gold"):
+        entity_f1([["B-X"], ["B-Y"]], [["B-X"]])
+
+
+def test_squad_scores_refuse_mismatched_and_empty_inputs():
+    with pytest.raises(ValueError, match="1 predictions for 2 questions"):
+        squad_scores(["paris"], [["paris"], ["london"]])
+    with pytest.raises(ValueError, match="empty set"):
+        squad_scores([], [])
+
+
+def test_normalize_answer_replaces_an_article_with_a_space():
+    """The official script substitutes ' ' for an article (after dropping ASCII punctuation only), so an
+    article between two non-ASCII dashes leaves two tokens: 'rock– –bye', not 'rock––bye'."""
+    assert normalize_answer("Rock\u2013a\u2013bye") == "rock\u2013 \u2013bye"
+    assert token_f1_score("Rock\u2013a\u2013bye", "\u2013bye") == pytest.approx(2 * 0.5 * 1 / 1.5)

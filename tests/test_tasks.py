@@ -498,3 +498,148 @@ def test_unknown_label_for_a_fine_tuned_model_names_the_model(tmp_path):
     p = write(tmp_path / "t.jsonl", jl({"text": "good", "label": "pos"}, {"text": "bad", "label": "meh"}))
     with pytest.raises(DataError, match=r"t.jsonl:2: label 'meh' is not one of the labels OUT was fine-tuned on"):
         check_labels("classify", read_examples("classify", p), ["neg", "pos"], p, model_dir="OUT")
+
+
+# ------------------------------------------------------------------- mutation audit (second pass)
+
+@pytest.mark.parametrize("answers, message", [
+    ({"text": ["cat", "sat"], "answer_start": [4]}, r"answers has 2 texts but 1 answer_start"),
+    # "the cat sat"[-3:-1] == "sa": a negative start would pass the text check
+    ({"text": ["sa"], "answer_start": [-3]}, r"answer_start -3 does not point at the answer 'sa'"),
+    # true == 1 and "the cat sat"[1:3] == "he": a boolean start would pass the text check
+    ({"text": ["he"], "answer_start": [True]}, r"answers need string texts and integer answer_start"),
+])
+def test_qa_reader_refuses_answers_that_do_not_line_up(tmp_path, answers, message):
+    """The reader itself refuses answers whose texts and starts do not pair up one to one or whose
+    start is not a real character offset, naming the line (not a later error, or a silent zip)."""
+    p = write(tmp_path / "q.jsonl", jl({"question": "where", "context": "the cat sat", "answers": answers}))
+    with pytest.raises(DataError, match=rf"q.jsonl:1: {message}"):
+        read_examples("qa", p)
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"question": "q", "choices": ["a"], "label": 0}, r"'choices' should be a list of at least two strings"),
+    ({"question": "q", "choices": ["a", "b"], "label": -1}, r"label -1 is out of range for 2 choices"),
+])
+def test_choice_reader_refuses_one_choice_and_negative_labels(tmp_path, row, message):
+    """A negative label would index choices from the end (-1 = the last) instead of being refused."""
+    p = write(tmp_path / "c.jsonl", jl({"question": "q", "choices": ["a", "b"], "label": 1}, row))
+    with pytest.raises(DataError, match=rf"c.jsonl:2: {message}"):
+        read_examples("choice", p)
+
+
+def test_conll_sentences_name_their_first_line_and_blank_looking_lines_separate(tmp_path):
+    """A sentence's _where is its first token's line (after a -DOCSTART- header), _lines each token's;
+    a line of spaces or a lone tab separates sentences like an empty one; a tag with no token is refused."""
+    p = write(tmp_path / "n.conll", ["-DOCSTART- -X- O", "", "the\tO", "red\tB-X", "door\tI-X", "  ",
+                                     "cat\tB-Y", "\t", "mat\tO"])
+    ex = read_examples("ner", p)
+    assert [e["words"] for e in ex] == [["the", "red", "door"], ["cat"], ["mat"]]
+    assert [e["_where"] for e in ex] == [f"{p}:3", f"{p}:7", f"{p}:9"]
+    assert ex[0]["_lines"] == [3, 4, 5]
+    with pytest.raises(DataError, match=r"e.conll:2: expected 'token<TAB>tag'"):
+        read_examples("ner", write(tmp_path / "e.conll", ["the\tO", "\tB-X"]))
+    # the first token line, not line 1, is the one a mixed file is compared with
+    with pytest.raises(DataError, match=r"m.conll:4: lacks a tag, unlike line 3"):
+        read_examples("ner", write(tmp_path / "m.conll", ["-DOCSTART-", "", "the\tO", "cat"]), require_labels=False)
+
+
+def test_labelled_of_no_examples_is_false():
+    from fastbert.tasks import labelled
+    assert labelled("classify", []) is False
+
+
+def test_max_length_below_eight_is_refused(tok):
+    with pytest.raises(ValueError, match="max_length 7 is too small"):
+        build_features("classify", [{"text": "cat", "label": 0}], tok, max_length=7, label2id={0: 0})
+
+
+def test_pair_truncation_trims_the_longer_text_first(tok):
+    """Longest-first: a long first text gives up tokens for a short second one (only_second would
+    fail here; transformers' default truncation is longest_first too)."""
+    ex = [{"text_a": "the cat sat on the mat", "text_b": "door", "label": 0}]
+    feats, info = build_features("pair", ex, tok, max_length=8, label2id={0: 0})
+    # 6 + 1 tokens + 3 specials = 10: two come off the longer text_a
+    assert feats[0]["input_ids"] == [2, 5, 6, 7, 8, 3, 13, 3]
+    assert feats[0]["token_type_ids"] == [0] * 6 + [1] * 2
+    assert info["truncated"] == 1
+
+
+def test_qa_question_of_exactly_max_query_length_is_not_counted_truncated(tok):
+    ex = [{"question": "where is it", "context": "the cat sat"}]
+    feats, info = build_features("qa", ex, tok, max_length=32, max_query_length=3)
+    assert info["questions_truncated"] == 0
+    assert feats[0]["input_ids"][:5] == [2, 14, 15, 16, 3]
+
+
+def test_qa_default_doc_stride_shrinks_to_fit_a_small_context_room(tok):
+    """max_length 12 and an 8-token question leave 1 context token per window: the default stride
+    (12 // 4 = 3) must shrink to 0 rather than be refused as larger than the room."""
+    ex = [{"question": "where is it the big red door cat", "context": "the cat sat on the mat",
+           "answers": {"text": ["mat"], "answer_start": [19]}}]
+    feats, info = build_features("qa", ex, tok, max_length=12)
+    assert len(feats) == 6 and info["truncated"] == 1
+    # [CLS] + 8 question tokens + [SEP] = 10: each window's one context token sits at position 10
+    assert [(f["start_positions"], f["end_positions"]) for f in feats] == [(0, 0)] * 5 + [(10, 10)]
+    assert feats[5]["input_ids"][10] == 9
+
+
+def test_qa_training_label_is_the_first_answer(tok):
+    """With several gold answers (SQuAD dev files), the span label is the first one, as transformers'
+    run_qa.py takes answers["answer_start"][0]."""
+    ex = [{"question": "where", "context": "the cat sat on the mat",
+           "answers": {"text": ["cat", "mat"], "answer_start": [4, 19]}}]
+    feats, _ = build_features("qa", ex, tok, max_length=16)
+    assert (feats[0]["start_positions"], feats[0]["end_positions"]) == (4, 4)   # 'cat': 3 + 1
+
+
+def test_qa_null_answer_needs_a_strictly_higher_score(tok):
+    """null_answers: "" only where [CLS]'s score is strictly above the best span's (Google BERT's
+    run_squad.py: score_null - best_non_null > threshold 0.0); a tie keeps the span."""
+    ex = [{"question": "where", "context": "the cat sat"}]
+    feats, _ = build_features("qa", ex, tok, max_length=16)
+    n = len(feats[0]["input_ids"])     # [CLS] where [SEP] the cat sat [SEP]; 'cat' at position 4
+    for cls, want in ((5.0, "cat"), (5.5, "")):
+        s, e = [0.0] * n, [0.0] * n
+        s[0] = e[0] = cls
+        s[4] = e[4] = 5.0
+        assert qa_best_spans(ex, feats, [s], [e], null_answers=True) == [want], cls
+
+
+def test_qa_best_span_pairs_the_n_best_starts_with_the_n_best_ends(tok):
+    """Candidates are the n_best highest start logits and the n_best highest end logits (BERT's
+    run_squad.py): the best valid pair among them wins, even where a pair outside scores more."""
+    ex = [{"question": "where", "context": "the cat sat on the mat"}]
+    feats, _ = build_features("qa", ex, tok, max_length=16)
+    # positions:  [CLS] where [SEP] the  cat  sat  on   the  mat  [SEP]
+    s = [0.0, 0.0, 0.0, 0.5, 5.0, 2.0, 3.0, 4.0, 10.0, 0.0]
+    e = [0.0, 0.0, 0.0, 0.0, 10.0, 9.0, 1.0, 2.0, 8.0, 0.0]
+    assert len(feats[0]["input_ids"]) == len(s)
+    # top-2 starts: mat (10), cat (5); top-2 ends: cat (10), sat (9). Valid: cat-cat 15, cat-sat 14.
+    # mat-mat (18) needs the third-best end and is not a candidate.
+    assert qa_best_spans(ex, feats, [s], [e], n_best=2) == ["cat"]
+    assert qa_best_spans(ex, feats, [s], [e], n_best=3) == ["mat"]
+
+
+def test_bucket_batches_shuffle_the_examples_and_the_batches():
+    """Training batches are neither drawn in length order (the batches are shuffled after the cut) nor
+    cut from the file order (the examples are shuffled before the chunks are sorted)."""
+    lengths = list(range(40))                      # distinct lengths: sorted order = index order
+    for seed in (0, 1, 2):
+        tr = bucket_batches(lengths, 4, shuffle=True, seed=seed, bucket_factor=100)
+        assert tr != sorted(tr, key=min), seed     # one chunk: runs of the sorted order, not in order
+    same = [1] * 20                                # equal lengths: the sort keeps the shuffled order
+    tr = bucket_batches(same, 2, shuffle=True, seed=0, bucket_factor=1)
+    assert sorted(i for b in tr for i in b) == list(range(20))
+    assert {frozenset(b) for b in tr} != {frozenset((k, k + 1)) for k in range(0, 20, 2)}
+
+
+def test_collate_pads_token_types_with_zero_and_input_ids_with_pad_id():
+    feats = [{"input_ids": [2, 6, 3, 13, 3], "token_type_ids": [0, 0, 0, 1, 1], "labels": 1},
+             {"input_ids": [2, 6, 3], "token_type_ids": [0, 0, 0], "labels": 0}]
+    b = collate(feats, pad_id=7)
+    assert b["input_ids"].tolist() == [[2, 6, 3, 13, 3], [2, 6, 3, 7, 7]]
+    assert b["token_type_ids"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 0, 0]]
+    assert b["labels"].tolist() == [1, 0]
+    b = collate(feats, length=6)                   # a fixed length (grad accumulation pads as the whole batch)
+    assert b["input_ids"].shape == (2, 6) and b["attention_mask"].tolist()[1] == [1, 1, 1, 0, 0, 0]
