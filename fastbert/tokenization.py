@@ -177,17 +177,24 @@ def load_tokenizer(path: str, lowercase: bool | None = None) -> Tokenizer:
     return load_vocab_txt(path, lowercase)
 
 
-def is_lowercase(tok: Tokenizer) -> bool:
-    """Whether the tokenizer's normaliser lower-cases (read from its JSON form)."""
-    def walk(node) -> bool:
+def _normalizer_nodes(tok: Tokenizer) -> list[dict]:
+    """The tokenizer's normalisers (its JSON form), Sequence normalisers flattened, in order."""
+    def walk(node) -> list[dict]:
         if not node:
-            return False
-        if node.get("type") == "BertNormalizer":
-            return bool(node.get("lowercase"))
-        if node.get("type") == "Lowercase":
-            return True
-        return any(walk(n) for n in node.get("normalizers", []) or [])
+            return []
+        return [node] + [m for n in node.get("normalizers", []) or [] for m in walk(n)]
     return walk(json.loads(tok.to_str()).get("normalizer"))
+
+
+def is_lowercase(tok: Tokenizer) -> bool:
+    """Whether the tokenizer's normaliser lower-cases."""
+    return any(n.get("type") == "Lowercase" or (n.get("type") == "BertNormalizer" and n.get("lowercase"))
+               for n in _normalizer_nodes(tok))
+
+
+def _bert_normalizer_options(tok: Tokenizer) -> dict:
+    """The BertNormalizer's options in the tokenizer's normaliser; {} when it has none."""
+    return next((n for n in _normalizer_nodes(tok) if n.get("type") == "BertNormalizer"), {})
 
 
 def vocab_list(tok: Tokenizer) -> list[str]:
@@ -218,8 +225,12 @@ def save_tokenizer(tok: Tokenizer, folder: str, model_max_length: int = 512) -> 
     # The generic class returns only input_ids and attention_mask unless told BERT's inputs: without
     # token_type_ids a pair's second segment would run as type 0.
     bert_only = isinstance(tok.normalizer, normalizers.BertNormalizer)
+    # the normaliser's own CJK split and accent stripping (a vocab.txt's tokenizer_config.json may have
+    # set them): BertTokenizer rebuilds its normaliser from these flags, not from tokenizer.json
+    options = _bert_normalizer_options(tok)
     config = {"tokenizer_class": "BertTokenizer" if bert_only else "PreTrainedTokenizerFast", "do_lower_case": lowercase,
-              "tokenize_chinese_chars": True, "strip_accents": None,
+              "tokenize_chinese_chars": bool(options.get("handle_chinese_chars", True)),
+              "strip_accents": options.get("strip_accents"),
               "model_max_length": int(model_max_length), "clean_up_tokenization_spaces": False,
               "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
               **special}

@@ -651,3 +651,122 @@ def test_a_tied_checkpoint_that_stores_both_names_of_one_matrix_stays_tied_and_s
         warnings.simplefilter("error")
         ours = fastbert.BertForMaskedLM.from_pretrained(tmp_path)
     assert ours.cls.predictions.decoder.weight is ours.bert.embeddings.word_embeddings.weight
+
+
+# ------------------------------------------------------------------- mutation audit (session 27)
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_a_checkpoint_without_pooler_loads_into_every_class_missing_what_transformers_initialises(name, tmp_path):
+    """transformers.BertModel(add_pooling_layer=False) saved (a sentence-embedding checkpoint): every
+    class loads it, initialising and reporting exactly the head weights transformers does (the pooler,
+    bare or under bert., and each task head: qa_outputs too), never refusing it as an encoder gap."""
+    transformers.BertModel(transformers.BertConfig(**CFG), add_pooling_layer=False).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the "newly initialised" warnings: tested above
+        _, theirs = getattr(transformers, name).from_pretrained(tmp_path, output_loading_info=True)
+        _, ours = getattr(fastbert, name).from_pretrained(tmp_path, output_loading_info=True)
+    assert sorted(ours["missing_keys"]) == sorted(theirs["missing_keys"])
+    assert not ours["unexpected_keys"] and not theirs["unexpected_keys"]
+
+
+def test_a_pytorch_bin_that_is_not_a_state_dict_is_refused(tmp_path):
+    torch.save([torch.zeros(2)], tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="does not hold a state dict"):
+        read_state_dict(tmp_path)
+
+
+@pytest.mark.parametrize("index", [{"metadata": {}}, {"weight_map": ["model-1.safetensors"]},
+                                   {"weight_map": {"embeddings.word_embeddings.weight": 1}}],
+                         ids=["no-weight-map", "a-list", "a-number"])
+def test_a_malformed_checkpoint_index_raises_naming_it(tmp_path, index):
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="not a readable checkpoint index"):
+        read_state_dict(tmp_path)
+
+
+@pytest.mark.parametrize("shard", ["", ".", ".."])
+def test_an_index_naming_the_folder_or_its_parent_as_a_shard_is_refused(tmp_path, shard):
+    """A shard name that is the folder itself or its parent is not a file of the folder: reading it
+    would recurse into the same index (or load the parent folder's checkpoint)."""
+    fastbert.BertModel(fastbert.BertConfig(**CFG)).save_pretrained(tmp_path)  # a checkpoint one level up
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"pooler.dense.bias": shard}}))
+    with pytest.raises(ValueError, match="not a file of that folder"):
+        read_state_dict(sub)
+
+
+def test_from_pretrained_applies_keywords_on_top_of_a_given_config(tmp_path):
+    """config=c plus a field keyword (num_labels=4): the model gets c with that field changed; c itself
+    stays as it was. (transformers raises TypeError here; fastbert documents the override.)"""
+    fastbert.BertModel(fastbert.BertConfig(**CFG)).save_pretrained(tmp_path)
+    config = fastbert.BertConfig.from_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the classifier is new
+        model = fastbert.BertForSequenceClassification.from_pretrained(tmp_path, config=config, num_labels=4)
+    assert model.classifier.out_features == model.config.num_labels == 4 and config.num_labels == 2
+
+
+@pytest.mark.parametrize("device_map, error", [("gpu", "device_map='gpu': expected 'auto'"), ({}, "one device"),
+                                               ({"": "cpu"}, None)])
+def test_device_map_forms(tmp_path, device_map, error):
+    """transformers' whole-model form {"": device} loads there; a name torch does not know and an empty
+    map are ValueErrors naming the problem (not torch's RuntimeError or a KeyError)."""
+    fastbert.BertModel(fastbert.BertConfig(**CFG)).save_pretrained(tmp_path)
+    if error:
+        with pytest.raises(ValueError, match=error):
+            fastbert.BertModel.from_pretrained(tmp_path, device_map=device_map)
+    else:
+        assert fastbert.BertModel.from_pretrained(tmp_path, device_map=device_map).device.type == "cpu"
+
+
+@pytest.mark.parametrize("name", ["BertModel", "BertForTokenClassification"])
+def test_saved_config_names_the_architecture_as_transformers_writes_it(name, tmp_path):
+    """config.json's "architectures" (what AutoModel and the hub read) is the saved class, as
+    transformers writes it for the same class."""
+    getattr(fastbert, name)(fastbert.BertConfig(**CFG)).save_pretrained(tmp_path / "ours")
+    getattr(transformers, name)(transformers.BertConfig(**CFG)).save_pretrained(tmp_path / "hf")
+    ours, theirs = (json.loads((tmp_path / d / "config.json").read_text())["architectures"] for d in ("ours", "hf"))
+    assert ours == theirs == [name]
+
+
+def test_save_pretrained_writes_a_given_state_dict_whole(tmp_path):
+    """state_dict= may hold views (a transposed matrix: not contiguous, which safetensors refuses) and
+    several empty tensors (all at address 0): each is written under its own name with its values."""
+    from safetensors.torch import load_file
+    model = fastbert.BertModel(fastbert.BertConfig(**CFG))
+    state = dict(model.state_dict())
+    key = "encoder.layer.0.attention.self.query.weight"
+    square = torch.arange(32 * 32, dtype=torch.float32).reshape(32, 32)
+    state[key] = square.t()
+    assert not state[key].is_contiguous()
+    state["extra.a"], state["extra.b"] = torch.zeros(0), torch.zeros(0)
+    model.save_pretrained(tmp_path, state_dict=state)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(saved[key], square.t()) and saved[key][0, 1] == 32.0
+    assert saved["extra.a"].shape == saved["extra.b"].shape == (0,)
+
+
+def test_a_single_safetensors_file_wins_over_its_index_as_in_transformers(tmp_path):
+    """A folder with model.safetensors and a stale sharded copy (index + shards) of other weights:
+    transformers reads model.safetensors; so does fastbert."""
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(**CFG)).save_pretrained(tmp_path, max_shard_size="20KB")
+    transformers.BertModel(transformers.BertConfig(**CFG)).save_pretrained(tmp_path / "single")
+    os.replace(tmp_path / "single" / "model.safetensors", tmp_path / "model.safetensors")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    word = "embeddings.word_embeddings.weight"
+    want = transformers.BertModel.from_pretrained(tmp_path).state_dict()[word]
+    assert torch.equal(fastbert.BertModel.from_pretrained(tmp_path).state_dict()[word], want)
+    assert torch.equal(want, read_state_dict(tmp_path / "model.safetensors")[word])
+
+
+def test_shards_lacking_many_tensors_name_five_and_count_the_rest(tmp_path):
+    transformers.BertModel(transformers.BertConfig(**CFG)).save_pretrained(tmp_path, max_shard_size="20KB")
+    index = tmp_path / "model.safetensors.index.json"
+    good = json.loads(index.read_text())
+    shard = sorted(set(good["weight_map"].values()))[0]
+    extra = {f"encoder.extra{i}.weight": shard for i in range(7)}
+    index.write_text(json.dumps(dict(good, weight_map=dict(good["weight_map"], **extra))))
+    with pytest.raises(ValueError, match=r"encoder.extra4.weight \(.*\) and 2 more$"):
+        read_state_dict(tmp_path)

@@ -41,6 +41,7 @@ def test_build_optimizer_is_bert_adamw():
     (4, 10, [0.25, 0.5, 0.75, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0.0, 0.0]),
     (0, 4, [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]),
     (1, 3, [1.0, 1.0, 0.5, 0.0]),
+    (2, 2, [0.5, 1.0, 0.0, 0.0]),  # all warm-up (finetune --warmup 1.0): no decay span, no division by zero
 ])
 def test_schedule_warms_up_linearly_then_decays_to_zero(warmup, total, want):
     """Step s of warm-up runs at (s + 1) / warmup of the peak (the first step is not wasted at 0), the
@@ -97,3 +98,33 @@ def test_optimizer_step_clips_the_true_gradient_steps_and_frees_it(max_grad_norm
     if with_scaler:
         assert scaler.calls[0] == "unscale" and scaler.calls[-1] == "update"
         torch.testing.assert_close(torch.cat(scaler.calls[1][1]), torch.tensor([3.0, 0.0, 4.0]) * scale)
+
+
+# ------------------------------------------------------------------- mutation audit (session 27)
+
+def test_weight_decay_skips_every_vector_and_scalar_parameter():
+    """A 1-D or 0-D parameter that is neither a bias nor in a LayerNorm (LayerMixModel's scalar mix: its
+    softmax weights and gamma) gets no decay either: decaying gamma would pull the mixed features to 0.
+    Only the matrix is decayed."""
+    from fastbert.layer_mix import ScalarMix
+    model = torch.nn.ModuleDict({"mix": ScalarMix(3), "proj": torch.nn.Linear(4, 2)})
+    decay, no_decay = param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [names[id(p)] for p in decay["params"]] == ["proj.weight"]
+    assert sorted(names[id(p)] for p in no_decay["params"]) == ["mix.gamma", "mix.weights", "proj.bias"]
+
+
+def test_build_optimizer_defaults_and_options_reach_adamw():
+    """Without weight_decay= it is BERT's 0.01 (the paper's L2 decay); capturable=True (CUDA-graph
+    capture of the step) reaches every group and is off by default; the fused kernel is used wherever
+    torch has one for the device (the 267 -> 72 ms step the docstring records)."""
+    model = fastbert.BertForMaskedLM(fastbert.BertConfig(**CFG))
+    opt = build_optimizer(model, lr=1e-4)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
+    assert not any(g["capturable"] for g in opt.param_groups)
+    assert all(g["capturable"] for g in build_optimizer(model, lr=1e-4, capturable=True).param_groups)
+    try:  # does this torch have a fused AdamW for CPU float32?
+        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        pytest.skip("this torch has no fused AdamW on CPU")
+    assert all(g["fused"] for g in opt.param_groups)

@@ -99,7 +99,7 @@ def test_vocab_txt_lowercase_read_from_config(tmp_path):
     assert loaded.encode("Emma", add_special_tokens=False).tokens == ["Emma"]
 
 
-@pytest.mark.parametrize("drop", ["[MASK]", "[CLS]", "[SEP]"])
+@pytest.mark.parametrize("drop", ["[PAD]", "[UNK]", "[MASK]", "[CLS]", "[SEP]"])
 def test_vocab_without_special_token_is_refused(tmp_path, drop):
     tokens = [t for t in SPECIAL_TOKENS + ["the", "cat", "##s"] if t != drop]
     (tmp_path / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
@@ -247,3 +247,147 @@ def test_chinese_nfkc_folds_before_the_cjk_split():
     (the Kangxi radical ⽉ -> 月) is split off as that character, even beside a digit."""
     tok = train_tokenizer(ZH + ["今年2月2日。"], "chinese", vocab_size=5000, min_frequency=1)
     assert tok.encode("2⽉", add_special_tokens=False).tokens == ["2", "月"]
+
+
+# ------------------------------------------------------------------- mutation audit (session 27)
+
+def _vocab_dir(folder, words, config=None):
+    """A folder holding a vocab.txt of these lines (and a tokenizer_config.json of this text)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+    if config is not None:
+        (folder / "tokenizer_config.json").write_text(config, encoding="utf-8")
+    return str(folder)
+
+
+@pytest.mark.parametrize("text", ["the cat\x00s", "the cat\ufffds", "the\x07 cats"])
+def test_control_characters_are_cleaned_as_transformers_does(tmp_path, text):
+    """BERT's clean-up drops NUL, U+FFFD and control characters before word pieces are looked up
+    (scraped text carries them): 'cat\\x00s' reads as 'cats', not as one unknown word."""
+    from transformers import BertTokenizer
+    folder = _vocab_dir(tmp_path, SPECIAL_TOKENS + ["the", "cat", "##s"])
+    got = load_tokenizer(folder).encode(text)
+    assert got.tokens == ["[CLS]", "the", "cat", "##s", "[SEP]"]
+    assert got.ids == BertTokenizer.from_pretrained(folder)(text)["input_ids"]
+
+
+def test_decode_joins_word_pieces(tmp_path):
+    """decode (and the tokenizer.json that transformers' AutoTokenizer decodes with) glues '##' pieces
+    back onto their word: 'the cat ##s' is 'the cats'."""
+    from transformers import AutoTokenizer
+    tok = load_tokenizer(_vocab_dir(tmp_path / "vocab", SPECIAL_TOKENS + ["the", "cat", "##s"]))
+    ids = tok.encode("the cats", add_special_tokens=False).ids
+    assert tok.decode(ids) == "the cats"
+    save_tokenizer(tok, str(tmp_path / "saved"))
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "saved")).decode(ids) == "the cats"
+
+
+def test_training_refuses_an_unknown_kind_and_an_empty_corpus():
+    with pytest.raises(ValueError, match="unknown tokenizer kind 'bpe'"):
+        train_tokenizer(["the cat sat ."], "bpe")
+    with pytest.raises(TokenizerError, match="no tokens"):
+        train_tokenizer(["", "   "], vocab_size=100, min_frequency=1)
+
+
+def test_min_frequency_reaches_the_trainer():
+    """A word seen once becomes a token with min_frequency=1 and stays in pieces with 2: WordPiece merges
+    need a pair seen at least min_frequency times."""
+    assert "cat" in train_tokenizer(["cat dog ."], vocab_size=100, min_frequency=1).get_vocab()
+    assert "cat" not in train_tokenizer(["cat dog ."], vocab_size=100, min_frequency=2).get_vocab()
+
+
+def test_wordpiece_alphabet_keeps_the_thousand_most_frequent_characters():
+    """The English kind keeps BERT's 1000 most frequent characters (the Chinese kind keeps all, tested
+    above): of 1200 characters, the 200 seen once are left out when 1000 are seen twice."""
+    chars = [chr(0x4E00 + k) for k in range(1200)]
+    lines = ["".join(chars[k:k + 40]) for k in range(0, 1200, 40)] + ["".join(chars[k:k + 40]) for k in range(0, 1000, 40)]
+    vocab = train_tokenizer(lines, vocab_size=5000, min_frequency=1).get_vocab()
+    assert all(c in vocab for c in chars[:1000]) and not any(c in vocab for c in chars[1000:])
+
+
+@pytest.mark.parametrize("config, error", [("{not json", "not a readable JSON file"), ("[1, 2]", None),
+                                           ('{"do_lower_case": null, "strip_accents": null}', None),
+                                           ('{"do_lower_case": "no", "tokenize_chinese_chars": 0}', None)],
+                         ids=["junk", "not-a-dict", "nulls", "not-booleans"])
+def test_a_bad_tokenizer_config_is_refused_or_ignored(tmp_path, config, error):
+    """Beside a vocab.txt: a tokenizer_config.json that is not JSON is a TokenizerError naming it; one
+    that is not an object, or whose flags are not booleans, leaves BERT's defaults (lower case, strip
+    accents, split CJK), as with no config at all."""
+    from transformers import BertTokenizer
+    words = SPECIAL_TOKENS + ["cafe", "café", "Café", "北", "京", "北京"]
+    want = BertTokenizer.from_pretrained(_vocab_dir(tmp_path / "plain", words))("Café 北京")["input_ids"]
+    folder = _vocab_dir(tmp_path, words, config)
+    if error:
+        with pytest.raises(TokenizerError, match=error):
+            load_tokenizer(folder)
+    else:
+        assert load_tokenizer(folder).encode("Café 北京").ids == want == [2, 5, 8, 9, 3]  # cafe, 北, 京
+
+
+def test_a_vocab_txt_of_blank_lines_is_empty(tmp_path):
+    with pytest.raises(TokenizerError, match="vocabulary file is empty"):
+        load_tokenizer(_vocab_dir(tmp_path, ["", ""]))
+
+
+@pytest.mark.parametrize("config, lowercase, want", [('{"do_lower_case": true}', False, ["Emma"]),
+                                                     ('{"do_lower_case": false}', True, ["emma"])])
+def test_lowercase_argument_overrides_the_config_also_through_build_tokenizer(tmp_path, config, lowercase, want):
+    from fastbert.tokenization import build_tokenizer
+    folder = _vocab_dir(tmp_path, SPECIAL_TOKENS + ["emma", "Emma"], config)
+    for path in (folder, os.path.join(folder, "vocab.txt")):
+        assert load_tokenizer(path, lowercase=lowercase).encode("Emma", add_special_tokens=False).tokens == want
+        assert build_tokenizer(path, lowercase=lowercase).encode("Emma", add_special_tokens=False).tokens == want
+
+
+def test_vocab_list_refuses_ids_with_no_token(tmp_path):
+    """A vocab.txt repeating a token leaves the first line's id unused (the last line wins): a model
+    trained on it would have a row no token reaches, so vocab_list (what save_tokenizer writes) refuses."""
+    tok = load_tokenizer(_vocab_dir(tmp_path, SPECIAL_TOKENS + ["the", "cat", "the"]))
+    with pytest.raises(TokenizerError, match=r"no token has id 5: .* \(line 6 and a later one"):
+        vocab_list(tok)
+
+
+def test_special_ids_are_the_vocabularys_own(tmp_path):
+    """special_ids reads each special token's id from the vocabulary, here in a non-default order
+    ([SEP] before [CLS]), as transformers reports them."""
+    from transformers import BertTokenizerFast
+
+    from fastbert.tokenization import special_ids
+    folder = _vocab_dir(tmp_path, ["[PAD]", "a", "[UNK]", "[SEP]", "[CLS]", "[MASK]", "b"])
+    hf = BertTokenizerFast.from_pretrained(folder)
+    want = {"pad": 0, "unk": 2, "cls": 4, "sep": 3, "mask": 5}
+    assert special_ids(load_tokenizer(folder)) == want == {
+        "pad": hf.pad_token_id, "unk": hf.unk_token_id, "cls": hf.cls_token_id, "sep": hf.sep_token_id,
+        "mask": hf.mask_token_id}
+
+
+def test_saved_model_max_length_reaches_transformers(english, tmp_path):
+    """save_tokenizer's model_max_length is what transformers truncates to."""
+    from transformers import AutoTokenizer
+    save_tokenizer(english, str(tmp_path), model_max_length=16)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert hf.model_max_length == 16
+    assert len(hf("emma " * 40, truncation=True)["input_ids"]) == 16
+
+
+@pytest.mark.parametrize("config", [{"do_lower_case": True, "strip_accents": False},
+                                    {"do_lower_case": False, "strip_accents": True},
+                                    {"do_lower_case": True, "tokenize_chinese_chars": False}],
+                         ids=["lower-keep-accents", "cased-strip-accents", "no-cjk-split"])
+def test_saved_tokenizer_keeps_the_accent_and_cjk_options_it_was_loaded_with(tmp_path, config):
+    """A vocab.txt tokenizer loaded with strip_accents / tokenize_chinese_chars from its config, then
+    saved (a pretraining run's folder): transformers' BertTokenizer rebuilds its normaliser from the saved
+    tokenizer_config.json, so those flags must be written as loaded. They were always written as
+    strip_accents null / tokenize_chinese_chars true, and the run folder read 'Café' as 'cafe' in
+    transformers (and in fastbert's vocab.txt loader) although training kept the accent."""
+    from transformers import AutoTokenizer, BertTokenizer
+    words = ["café", "cafe", "naïve", "naive", "Café", "Cafe", "北京", "北", "京", "is", "in"]
+    source = _vocab_dir(tmp_path / "source", SPECIAL_TOKENS + words, json.dumps(config))
+    text = "Café is naïve in 北京"
+    want = BertTokenizer.from_pretrained(source)(text)["input_ids"]
+    tok = load_tokenizer(source)
+    assert tok.encode(text).ids == want
+    save_tokenizer(tok, str(tmp_path / "saved"))
+    for cls in (BertTokenizer, AutoTokenizer):
+        assert cls.from_pretrained(str(tmp_path / "saved"))(text)["input_ids"] == want, cls.__name__
+    assert load_tokenizer(str(tmp_path / "saved" / "vocab.txt")).encode(text).ids == want
