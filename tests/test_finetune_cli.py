@@ -1596,3 +1596,111 @@ def test_patience_leaves_the_best_epoch_on_disk(micro_model, tmp_path):
     assert cli(["predict", "--model", str(out), "--input", files["dev"], "--metrics", str(tmp_path / "m.json"),
                 "--output", str(tmp_path / "p.jsonl"), "--device", "cpu", "--threads", "1", "--no-progress"]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["accuracy"] == acc[best - 1] == m["dev"]["accuracy"]
+
+
+# `fastbert encode`: what a mutation audit found unpinned — truncation and --max-length's bounds, the default
+# cut, the text and the rounding of JSONL rows, eval mode in embed(), an empty input
+
+def test_encode_truncates_to_the_first_max_length_tokens(micro_model, tmp_path, capsys):
+    """--max-length 8 (the smallest allowed): a longer text's vector is that of [CLS] + its first 6 word
+    pieces + [SEP], recomputed here in float64; --max-length equal to the model's 64 positions is no note."""
+    from fastbert.modeling import BertModel
+    from fastbert.tasks import load_tokenizer
+    text = "the cat sat on the big red mat near the door"
+    inp = tmp_path / "in.txt"
+    inp.write_text(text + "\n")
+    out = tmp_path / "e.npy"
+    assert cli(["encode", "--model", micro_model, "--input", str(inp), "--output", str(out), "--device", "cpu",
+                "--precision", "fp32", "--max-length", "8", "--no-progress"]) == 0
+    assert "1 of 1 texts truncated to 8 tokens" in capsys.readouterr().err
+    model, tok = BertModel.from_pretrained(micro_model).double().eval(), load_tokenizer(micro_model)
+    ids = tok.encode(text).ids
+    assert len(ids) == 13  # [CLS] 11 words [SEP]
+    with torch.no_grad():
+        want = model(torch.tensor([ids[:7] + ids[-1:]])).last_hidden_state[0].mean(0).numpy()
+    np.testing.assert_allclose(np.load(out)[0], want, rtol=1e-4, atol=1e-5)
+    assert cli(["encode", "--model", micro_model, "--input", str(inp), "--output", str(out), "--device", "cpu",
+                "--max-length", "64", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "above the model's" not in err and "truncated" not in err, err
+
+
+@pytest.mark.parametrize("config, positions, expected", [
+    (None, 64, 64), (None, 1024, 512),  # no sentence-transformers file: the positions, at most 512
+    ({"max_seq_length": 256}, 512, 256), ({"max_seq_length": 600}, 512, 512),  # never past the positions
+    ({"max_seq_length": 8}, 512, 8), ({"max_seq_length": 7}, 512, 512),  # 8 is the smallest usable cut
+    ({"max_seq_length": True}, 512, 512), ({"max_seq_length": "256"}, 512, 512), ([256], 512, 512),
+])
+def test_encode_default_max_length_reads_sentence_bert_config(tmp_path, config, positions, expected):
+    """The default cut: sentence_bert_config.json's max_seq_length (an int of at least 8), never past the
+    model's positions; otherwise (no file, or a value that is no such int) the positions, at most 512."""
+    from fastbert.encode import _default_max_length
+    if config is not None:
+        (tmp_path / "sentence_bert_config.json").write_text(json.dumps(config))
+    assert _default_max_length(str(tmp_path), positions) == expected
+
+
+@pytest.mark.parametrize("from_stdin", [False, True])
+def test_encode_jsonl_keeps_each_lines_text_but_its_line_break(micro_model, tmp_path, monkeypatch, from_stdin):
+    """JSONL's "text" is the line as given: leading and trailing spaces and tabs kept, only the line break
+    ("\\n" or "\\r\\n") stripped — from a file and from stdin."""
+    lines = ["  the cat sat  ", "\tgood movie\t", "where is it ? ", ""]
+    data = "\r\n".join(lines[:2]) + "\r\n" + "\n".join(lines[2:]) + "\n"
+    inp = tmp_path / "in.txt"
+    inp.write_bytes(data.encode())
+    out = tmp_path / "e.jsonl"
+    args = ["encode", "--model", micro_model, "--output", str(out), "--device", "cpu", "--no-progress"]
+    if from_stdin:
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data.encode()), encoding="utf-8"))
+    else:
+        args += ["--input", str(inp)]
+    assert cli(args) == 0
+    assert [r["text"] for r in _rows(out)] == lines
+
+
+def test_encode_jsonl_values_are_the_npy_values_rounded_to_6_decimals(micro_model, tmp_path):
+    """The same run written both ways: each JSONL number is the .npy's float32 value rounded to 6 decimals
+    (the documented rounding; the batches are the same, so the values before rounding are too)."""
+    inp, lines = _encode_input(tmp_path, n=5)
+    base = _encode_base(micro_model, inp)
+    assert cli(base + ["--output", str(tmp_path / "e.npy")]) == 0
+    assert cli(base + ["--output", str(tmp_path / "e.jsonl")]) == 0
+    npy = np.load(tmp_path / "e.npy")
+    rows = _rows(tmp_path / "e.jsonl")
+    assert [r["embedding"] for r in rows] == [[round(float(x), 6) for x in v] for v in npy]
+    assert any(abs(float(x) - round(float(x), 5)) > 1e-6 for x in npy.ravel())  # 5 decimals would differ
+
+
+def test_encode_embed_gives_eval_vectors_for_a_model_in_training_mode(micro_model):
+    """embed() puts the model in eval mode: dropout (the micro model's 0.1) never touches the vectors, so a
+    model left in training mode gives the eval model's vectors, run after run."""
+    from fastbert.encode import embed
+    from fastbert.modeling import BertModel
+    from fastbert.tasks import load_tokenizer
+    model, tok = BertModel.from_pretrained(micro_model), load_tokenizer(micro_model)
+    assert model.config.hidden_dropout_prob > 0
+    texts = ["the cat sat on the mat", "good movie", "where is it ?"]
+    want, _ = embed(model.eval(), tok, texts, "mean", False, 2, 64)
+    for _ in range(2):
+        got, _ = embed(model.train(), tok, texts, "mean", False, 2, 64)
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("output, extra, stdin", [("e.npy", [], False), ("e.jsonl", ["--no-progress"], False),
+                                                  ("e.jsonl", [], True), ("e.npy", [], True)],
+                         ids=["npy-counted", "jsonl-streamed", "jsonl-stdin", "npy-stdin"])
+def test_encode_empty_input_is_an_error_and_writes_nothing(micro_model, tmp_path, monkeypatch, capsys, output, extra,
+                                                           stdin):
+    """No input lines at all (an empty file or stdin; not an empty line, which gets its row): exit 2 with
+    "no input lines", whether the input was counted first (.npy) or streamed (JSONL), and no output file
+    (not an empty array or an empty JSONL file that looks like a result)."""
+    inp = tmp_path / "in.txt"
+    inp.write_text("")
+    args = ["encode", "--model", micro_model, "--device", "cpu", "--output", str(tmp_path / output)] + extra
+    if stdin:
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b""), encoding="utf-8"))
+    else:
+        args += ["--input", str(inp)]
+    assert cli(args) == 2
+    assert "fastbert encode: error: no input lines" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]

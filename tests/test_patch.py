@@ -457,6 +457,11 @@ class _LoRALinear(nn.Linear):
     ("relative_positions", ValueError, "position_embedding_type='relative_key'"),
     ("adapter", TypeError, "bert.encoder.layer.0.attention.self.query is a .*_LoRALinear"),
     ("instance_forward", TypeError, "bert.pooler has its forward replaced on the instance"),
+    # a class of transformers' name that is not transformers' class (a user's subclass): its forward would be lost
+    ("same_name_subclass", TypeError, "subclass of a transformers Bert class"),
+    # what the kernels do not compute: max_norm renormalises looked-up rows in place; a LayerNorm without bias
+    ("embedding_max_norm", ValueError, "bert.embeddings.word_embeddings uses max_norm"),
+    ("layer_norm_without_bias", ValueError, "bert.encoder.layer.0.output.LayerNorm has no affine weight or bias"),
 ])
 def test_unsupported_models_raise_naming_the_reason(case, error, match):
     cfg = CONFIGS["gelu-2types"]
@@ -482,6 +487,12 @@ def test_unsupported_models_raise_naming_the_reason(case, error, match):
         model.bert.encoder.layer[0].attention.self.query = _LoRALinear(cfg["hidden_size"], cfg["hidden_size"])
     elif case == "instance_forward":
         model.bert.pooler.forward = lambda h: h[:, 0]
+    elif case == "same_name_subclass":
+        model = type(name, (transformers.BertForSequenceClassification,), {})(model.config)
+    elif case == "embedding_max_norm":
+        model.bert.embeddings.word_embeddings.max_norm = 1.0
+    elif case == "layer_norm_without_bias":
+        model.bert.encoder.layer[0].output.LayerNorm = nn.LayerNorm(cfg["hidden_size"], bias=False)
     with pytest.raises(error, match=match):
         fastbert.patch(model)
     assert all(not type(m).__qualname__.startswith("_patched") for m in model.modules())  # left as it was
@@ -604,3 +615,119 @@ def test_attentions_in_training_are_the_dropped_out_probabilities_as_in_transfor
         kept = dropped != 0
         assert 0.3 < kept[probs > 0].float().mean() < 0.7, type(m).__module__  # dropout acted on what is returned
         assert torch.allclose(dropped[kept], probs[kept] / 0.5, rtol=1e-5, atol=1e-6), type(m).__module__
+
+
+# ------------------------------------------------------------- mutation audit: pinned behaviours
+
+def test_every_argument_given_positionally_as_transformers_takes_them():
+    """transformers' forward takes all its named arguments positionally (labels last for the heads):
+    a call giving every one of them positionally must run, and give transformers' loss and logits."""
+    cfg = CONFIGS["gelu-2types"]
+    hf64 = hf_model("BertForSequenceClassification", cfg, **NO_DROPOUT).double().eval()
+    model = patched_copy(hf64).eval()
+    inputs, labels = make_batch("BertForSequenceClassification", cfg)
+    args = (inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"], None, None, labels["labels"])
+    assert len(args) == len(type(model)._fastbert_positional)  # every positional slot filled
+    with torch.no_grad():
+        ref, out = hf64(*args), model(*args)
+    compare("loss", out.loss, ref.loss, ref.loss, real_mask(inputs), k=0.0)
+    compare("logits", out.logits, ref.logits, ref.logits, real_mask(inputs), k=0.0)
+
+
+@pytest.mark.parametrize("selection", [-3, 2, -1, [-3], [0, 99], [-4], (1,)],
+                         ids=["int-n", "int", "int-1", "list-n", "out-of-range", "below-n", "tuple"])
+def test_hidden_states_selected_by_index_as_transformers_selects_them(selection):
+    """transformers 5.2x's output_hidden_states as an index or indices (n = layers + 1 = 3 here): an int
+    selects one, -n is index 0, out-of-range indices select nothing; the others come back None. The
+    patched BertModel must give the same slots (and the same values) as transformers itself."""
+    cfg = CONFIGS["gelu-2types"]
+    hf64 = hf_model("BertModel", cfg, **NO_DROPOUT).double().eval()
+    model = patched_copy(hf64).eval()
+    inputs, _ = make_batch("BertModel", cfg)
+    with torch.no_grad():
+        ref = hf64(**inputs, output_hidden_states=selection).hidden_states
+        out = model(**inputs, output_hidden_states=selection).hidden_states
+    assert len(out) == len(ref) == cfg["num_hidden_layers"] + 1
+    assert [h is None for h in out] == [h is None for h in ref]
+    for i, (a, b) in enumerate(zip(out, ref)):
+        if b is not None:
+            compare(f"hidden_states[{i}]", a, b, b, real_mask(inputs), k=0.0)
+
+
+@pytest.mark.parametrize("num_labels,labels,preset,expected", [
+    (3, torch.tensor([0, 2, 1, 1]), None, "single_label_classification"),  # class ids
+    (1, torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64), None, "regression"),  # one output
+    (3, torch.tensor([[1.0, 0, 1], [0, 0, 1], [0, 1, 0], [1, 1, 0]], dtype=torch.float64), None,
+     "multi_label_classification"),  # float targets, several outputs
+    (3, torch.tensor([[0.5, 0, 1], [0, 2, 1], [1, 1, 0], [0, 1, 3]], dtype=torch.float64), "regression",
+     "regression"),  # a problem type already set stays (inferred, it would be multi-label)
+], ids=["single-label", "regression", "multi-label", "preset-kept"])
+def test_sequence_classification_problem_type_as_transformers_infers_and_keeps_it(num_labels, labels, preset,
+                                                                                  expected):
+    """transformers infers config.problem_type from the first labels (num_labels 1: regression; integer
+    labels: single-label; else multi-label), records it (save_pretrained writes it; its pipeline reads it),
+    and never overrides one already set: the patched model records the same and computes the same loss."""
+    cfg = {**CONFIGS["gelu-2types"], "num_labels": num_labels, "problem_type": preset}
+    hf64 = hf_model("BertForSequenceClassification", cfg, **NO_DROPOUT).double().eval()
+    model = patched_copy(hf64, torch.float64).eval()
+    model.config = copy.deepcopy(hf64.config)  # each model records into its own config
+    inputs, _ = make_batch("BertForSequenceClassification", cfg)
+    with torch.no_grad():
+        ref, out = hf64(**inputs, labels=labels), model(**inputs, labels=labels)
+    assert model.config.problem_type == hf64.config.problem_type == expected
+    assert_close_to_reference(out.loss, ref.loss, ref.loss, k=0, name="loss")
+
+
+def test_return_dict_false_in_the_config_does_not_leak_into_later_calls():
+    """A head whose config says return_dict=False drives its encoder as an object (a context flag, set for
+    that call only): afterwards the encoder called on its own with return_dict=False returns a tuple, as
+    transformers' does."""
+    cfg = CONFIGS["gelu-2types"]
+    hf = hf_model("BertForSequenceClassification", cfg, **NO_DROPOUT).eval()
+    model = patched_copy(hf).eval()
+    model.config.return_dict = hf.config.return_dict = False
+    inputs, _ = make_batch("BertForSequenceClassification", cfg)
+    with torch.no_grad():
+        assert isinstance(model(**inputs), tuple)
+        ref, out = hf.bert(**inputs, return_dict=False), model.bert(**inputs, return_dict=False)
+    assert isinstance(ref, tuple) and isinstance(out, tuple) and len(out) == len(ref) == 2
+
+
+def test_context_manager_unpatches_and_lets_an_exception_through():
+    """`with fastbert.patch(model):` around code that raises: the exception propagates (not swallowed)
+    and the model has its transformers classes back."""
+    model = hf_model("BertModel", CONFIGS["gelu-2types"])
+    with pytest.raises(RuntimeError, match="inside the block"):
+        with fastbert.patch(model):
+            assert type(model) is not transformers.BertModel
+            raise RuntimeError("inside the block")
+    assert all(type(m).__module__.startswith(("transformers", "torch")) for m in model.modules())
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu_python", "gelu_pytorch_tanh", "gelu_python_tanh"])
+def test_other_spellings_of_the_gelus_run_as_transformers_runs_them(hidden_act):
+    """The module docstring's other GELU spellings: gelu_python is the exact GELU, gelu_pytorch_tanh and
+    gelu_python_tanh the tanh form (two spellings of one transformers class); patched eval outputs (MLM
+    logits: the encoder's and the head transform's activations) match transformers' in float64."""
+    cfg = {**CONFIGS["gelu-2types"], "hidden_act": hidden_act}
+    hf64 = hf_model("BertForMaskedLM", cfg, **NO_DROPOUT).double().eval()
+    model = patched_copy(hf64).eval()
+    inputs, _ = make_batch("BertForMaskedLM", cfg)
+    with torch.no_grad():
+        ref, out = hf64(**inputs).logits, model(**inputs).logits
+    compare("logits", out, ref, ref, real_mask(inputs), k=0.0)
+
+
+def test_head_whose_encoder_alone_was_unpatched_trains_as_transformers():
+    """The encoder alone unpatched, in training mode with MLM labels: the head is transformers' own then
+    (module docstring), so it returns transformers' full logits and loss, not fastbert's masked-rows-only
+    None logits."""
+    cfg = CONFIGS["tanh-1type"]
+    hf64 = hf_model("BertForMaskedLM", cfg, **NO_DROPOUT).double().train()
+    model = patched_copy(hf64).train()
+    fastbert.unpatch(model.bert)
+    inputs, labels = make_batch("BertForMaskedLM", cfg)
+    ref, out = hf64(**inputs, **labels), model(**inputs, **labels)
+    assert out.logits is not None, "fastbert's masked-rows head ran on transformers' encoder"
+    for key in ref.keys():
+        assert_close_to_reference(out[key], ref[key], ref[key], k=0, name=key)
