@@ -7,7 +7,7 @@ kept, and an empty line still gets an embedding, so row i always belongs to line
 ``mean`` = the mean of the last hidden layer over real tokens ([CLS] and [SEP] included, as
 sentence-transformers does), ``cls`` = the last hidden state of [CLS] (not the pooler's tanh output).
 ``--normalize`` divides each vector by its L2 norm (a sentence-transformers folder whose modules.json
-ends in Normalize is said to want it). Output: a float32 ``.npy`` array (lines, hidden) when --output
+lists a Normalize module is said to want it). Output: a float32 ``.npy`` array (lines, hidden) when --output
 ends in .npy (any case), otherwise JSONL rows ``{"text", "embedding"}`` with values rounded to 6
 decimals (stdout by default). Texts longer than --max-length tokens are truncated, and the count is
 printed to stderr; the default is sentence-transformers' max_seq_length where the folder has its
@@ -298,8 +298,8 @@ def _main(args) -> int:
         return 2
     max_length = args.max_length or _default_max_length(args.model, model.config.max_position_embeddings)
     if not args.normalize and _normalizes(args.model):
-        print("fastbert encode: the model's modules.json ends in Normalize (sentence-transformers L2-normalises its "
-              "embeddings): add --normalize for the same vectors", file=sys.stderr)
+        print("fastbert encode: the model's modules.json lists a Normalize module (sentence-transformers "
+              "L2-normalises its embeddings): add --normalize for the same vectors", file=sys.stderr)
     npy = _is_npy(args.output)
     spool = None
     try:

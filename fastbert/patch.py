@@ -45,6 +45,8 @@ Caution, where a patched model differs from transformers (exactly as fastbert's 
   eval. Not while a forward or backward hook is registered on bert, bert.encoder, the last layer or
   its submodules, or bert.pooler (or globally): then every row runs, so features read by hooks stay whole.
 - Values at padding positions are unspecified but finite.
+- output_hidden_states=None or output_attentions=None passed explicitly takes the config's value
+  (transformers 4.x's rule, and fastbert's own classes'); transformers 5.x reads an explicit None as off.
 - attention_mask must be (batch, seq) (0/1, bool or float); 4-D masks raise ValueError. Integer
   values above 1 are fastbert's packed rows (see fastbert.modeling.BertModel.forward).
 - config._attn_implementation is ignored: fastbert's attention always runs; output_attentions=True
@@ -57,7 +59,6 @@ Caution, where a patched model differs from transformers (exactly as fastbert's 
 """
 from __future__ import annotations
 
-import contextvars
 import functools
 import inspect
 import types
@@ -87,11 +88,6 @@ _OUTPUTS = {
 # transformers' Bert modules whose forward is left as it is (it computes what fastbert's would).
 _KEPT = ("BertPooler", "BertOnlyMLMHead", "BertOnlyNSPHead", "BertPreTrainingHeads")
 _PLAIN = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.Dropout, nn.ModuleList, nn.Tanh)
-
-# Set while a patched head runs its encoder, so that the encoder returns an output object even
-# when config.return_dict is False (fastbert's head forwards read its attributes).
-_INNER = contextvars.ContextVar("fastbert_patch_inner", default=False)
-
 
 def _bert_module():
     from transformers.models.bert import modeling_bert  # imported on first use: transformers is optional
@@ -166,6 +162,8 @@ def _flags(config, a):
     config's as transformers does (fastbert's own forward applies the same rule: modeling._flags)."""
     output_hidden_states, output_attentions, return_dict = fb._flags(
         config, a.pop("output_hidden_states", None), a.pop("output_attentions", None), a.pop("return_dict", None))
+    if not output_hidden_states:  # transformers records hidden states only for a truthy value: 0 and [] are off
+        output_hidden_states = False
     return return_dict, bool(output_attentions), output_hidden_states
 
 
@@ -177,7 +175,6 @@ def _output(self, fields: dict, return_dict: bool):
 def _model_forward(self, *args, **kwargs):
     a = _arguments(self, args, kwargs)
     return_dict, output_attentions, output_hidden_states = _flags(self.config, a)
-    return_dict = return_dict or _INNER.get()
     # transformers 5.2x: output_hidden_states may select layers by index (others come back None)
     selected = None
     if not isinstance(output_hidden_states, bool):
@@ -208,13 +205,9 @@ def _head_forward(self, *args, **kwargs):
     return_dict, a["output_attentions"], a["output_hidden_states"] = _flags(self.config, a)
     if name == "BertForSequenceClassification":
         _set_problem_type(self, a.get("labels"))
-    token = _INNER.set(True) if not getattr(self.config, "return_dict", True) else None
-    try:
-        # arguments fastbert does not take land in its **unused
-        out = getattr(fb, name).forward(self, **a, return_dict=True)
-    finally:
-        if token is not None:
-            _INNER.reset(token)
+    # arguments fastbert does not take land in its **unused; fastbert's heads drive their encoder with
+    # return_dict=True whatever the config says (they read its output's attributes)
+    out = getattr(fb, name).forward(self, **a, return_dict=True)
     return _output(self, out.fields(), return_dict)
 
 
@@ -338,11 +331,17 @@ def _check(model) -> None:
                         f"got {top.__module__}.{top.__qualname__}{hint}")
     config = model.config
     reasons = unsupported_features(config)
-    acts = [m.intermediate_act_fn for m in model.modules() if isinstance(m, mb.BertIntermediate)]
-    acts += [m.transform_act_fn for m in model.modules() if isinstance(m, mb.BertPredictionHeadTransform)]
-    if any(type(act) not in _gelu_types() for act in acts):
-        reasons.append(f"hidden_act={getattr(config, 'hidden_act', None)!r} (fastbert runs gelu, gelu_new and "
-                       f"gelu_pytorch_tanh)")
+    acts = [(f"{path}.intermediate_act_fn", m.intermediate_act_fn) for path, m in model.named_modules()
+            if isinstance(m, mb.BertIntermediate)]
+    acts += [(f"{path}.transform_act_fn", m.transform_act_fn) for path, m in model.named_modules()
+             if isinstance(m, mb.BertPredictionHeadTransform)]
+    others = [(where, act) for where, act in acts if type(act) not in _gelu_types()]
+    if others:
+        where, act = others[0]
+        # the config's hidden_act may still say gelu when a module's activation was swapped after loading
+        more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+        reasons.append(f"{where} is {type(act).__qualname__}{more}, hidden_act={getattr(config, 'hidden_act', None)!r} "
+                       f"(fastbert runs gelu, gelu_new and gelu_pytorch_tanh)")
     if reasons:
         raise ValueError(f"fastbert.patch cannot run this {top.__name__}: {'; '.join(reasons)}")
 

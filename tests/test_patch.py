@@ -452,6 +452,9 @@ class _LoRALinear(nn.Linear):
     ("subclass", TypeError, "subclass of a transformers Bert class"),
     ("compiled", TypeError, "patch the model before wrapping it"),
     ("relu", ValueError, "hidden_act='relu'"),
+    # one layer's activation swapped after loading: the config still says gelu, so the message names the module
+    ("swapped_activation", ValueError,
+     r"bert.encoder.layer.1.intermediate.intermediate_act_fn is ReLU, hidden_act='gelu'"),
     ("decoder", ValueError, "is_decoder=True"),
     ("cross_attention", ValueError, "add_cross_attention=True"),
     ("relative_positions", ValueError, "position_embedding_type='relative_key'"),
@@ -489,6 +492,8 @@ def test_unsupported_models_raise_naming_the_reason(case, error, match):
         model.bert.pooler.forward = lambda h: h[:, 0]
     elif case == "same_name_subclass":
         model = type(name, (transformers.BertForSequenceClassification,), {})(model.config)
+    elif case == "swapped_activation":
+        model.bert.encoder.layer[1].intermediate.intermediate_act_fn = nn.ReLU()
     elif case == "embedding_max_norm":
         model.bert.embeddings.word_embeddings.max_norm = 1.0
     elif case == "layer_norm_without_bias":
@@ -652,6 +657,22 @@ def test_hidden_states_selected_by_index_as_transformers_selects_them(selection)
     for i, (a, b) in enumerate(zip(out, ref)):
         if b is not None:
             compare(f"hidden_states[{i}]", a, b, b, real_mask(inputs), k=0.0)
+
+
+@pytest.mark.parametrize("name", ["BertModel", "BertForSequenceClassification"])
+@pytest.mark.parametrize("selection", [0, [], ()], ids=["zero", "empty-list", "empty-tuple"])
+def test_a_falsy_hidden_state_selection_records_none_as_transformers_does(name, selection):
+    """transformers records hidden states only for a truthy output_hidden_states: 0 (which as an index
+    would select the embeddings) and an empty selection give hidden_states None, not a tuple of Nones."""
+    cfg = CONFIGS["gelu-2types"]
+    hf64 = hf_model(name, cfg, **NO_DROPOUT).double().eval()
+    model = patched_copy(hf64).eval()
+    inputs, _ = make_batch(name, cfg)
+    with torch.no_grad():
+        ref, out = hf64(**inputs, output_hidden_states=selection), model(**inputs, output_hidden_states=selection)
+    assert ref.hidden_states is None
+    assert out.hidden_states is None
+    compare("first output", out[0], ref[0], ref[0], real_mask(inputs), k=0.0)
 
 
 @pytest.mark.parametrize("num_labels,labels,preset,expected", [
