@@ -1307,7 +1307,7 @@ def test_encode_write_errors_and_foreign_tokenizers_are_one_line_errors(micro_mo
 
 def test_encode_follows_a_sentence_transformers_folder(micro_model, tmp_path, capsys):
     """sentence_bert_config.json's max_seq_length is the default cut (all-MiniLM-L6-v2: 256, not 512), and
-    a modules.json ending in Normalize gets a note unless --normalize is given; .NPY is a .npy too."""
+    a modules.json listing a Normalize module gets a note unless --normalize is given; .NPY is a .npy too."""
     import shutil
     folder = tmp_path / "st"
     shutil.copytree(micro_model, folder)
