@@ -45,8 +45,10 @@ Caution, where a patched model differs from transformers (exactly as fastbert's 
   eval. Not while a forward or backward hook is registered on bert, bert.encoder, the last layer or
   its submodules, or bert.pooler (or globally): then every row runs, so features read by hooks stay whole.
 - Values at padding positions are unspecified but finite.
-- output_hidden_states=None or output_attentions=None passed explicitly takes the config's value
-  (transformers 4.x's rule, and fastbert's own classes'); transformers 5.x reads an explicit None as off.
+- output_hidden_states, output_attentions or return_dict passed as an explicit None takes the config's
+  value (transformers 4.x's rule, and fastbert's own classes'). transformers 5.x is not consistent there:
+  an explicit None turns hidden states and attentions off, and BertModel (not its heads) returns an
+  output object for return_dict=None even when the config says False.
 - attention_mask must be (batch, seq) (0/1, bool or float); 4-D masks raise ValueError. Integer
   values above 1 are fastbert's packed rows (see fastbert.modeling.BertModel.forward).
 - config._attn_implementation is ignored: fastbert's attention always runs; output_attentions=True
