@@ -114,8 +114,10 @@ class BertConfig:
     @classmethod
     def from_dict(cls, d: dict, **overrides) -> "BertConfig":
         d = {**d, **overrides}
-        if "num_labels" in overrides and "id2label" not in overrides:
-            # as in transformers: asking for a label count replaces the saved label names
+        if "num_labels" in overrides and "id2label" not in overrides and (
+                d.get("id2label") is None or len(d["id2label"]) != overrides["num_labels"]):
+            # as in transformers: asking for another label count replaces the saved label names (the
+            # count they already have keeps them: its num_labels setter renames only on a change)
             d.pop("id2label", None)
             d.pop("label2id", None)
         d.pop("extra", None)  # to_dict writes extras at the top level; the constructor files them again

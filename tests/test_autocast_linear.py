@@ -327,3 +327,46 @@ def test_cuda_autocast_takes_the_path_and_its_gemm(device, dtype):
     assert_close_to_reference(w.grad, dy_low.float().t() @ x_low.float(), ref, name="dW")
     assert_close_to_reference(b.grad, dy_low.float().sum(0), dy_low.double().sum(0), name="db")
     assert torch.equal(x.grad, (dy_low @ w_low).float())  # dx: the same low-precision GEMM as autocast's
+
+
+def test_the_path_at_the_edges_of_its_conditions(monkeypatch):
+    """An A100 (sm_80, the first with the fp32-output bf16 GEMM) takes the bf16 path; a CPU tensor under
+    a CUDA autocast does not (the CPU has no out_dtype kernel), nor a call inside torch.func's vmap."""
+    class FakeCuda:
+        is_cuda, device = True, torch.device("cuda", 0)
+    w = torch.empty(2, 2)
+    monkeypatch.setattr(autocast_linear, "_MM_OUT_DTYPE", True)
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device=None: True)
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda device=None: torch.bfloat16)
+    monkeypatch.setattr(autocast_linear, "_capability", lambda device: (8, 0))
+    assert autocast_linear._path_dtype(FakeCuda(), w) == torch.bfloat16
+    assert autocast_linear._path_dtype(torch.empty(2, 2), w) is None
+    seen = []
+
+    def probe(t):
+        seen.append(autocast_linear._path_dtype(FakeCuda(), w))
+        return t
+    torch.func.vmap(probe)(torch.ones(3))
+    assert seen == [None]
+
+
+
+def test_a_frozen_side_saves_nothing_for_its_gradient():
+    """A frozen weight's gradient is not computed, so the input copy it would need is not kept; an input
+    that needs no gradient keeps no low-precision weight copy (the layer-freezing recipe's memory)."""
+    x, w, b, dy = _inputs(6, 8, 4, seed=9)
+    x = x.detach()
+
+    def saved_shapes(x, w):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, tuple(t.shape))) or t,
+                                                      lambda t: t):
+            y = linear(x, w, b, dtype=torch.bfloat16)
+        y.backward(dy.to(y.dtype))
+        return saved
+    both = saved_shapes(x.requires_grad_(), w)
+    assert (torch.bfloat16, (6, 8)) in both and (torch.bfloat16, (4, 8)) in both
+    frozen_w = saved_shapes(x, w.detach())
+    assert (torch.bfloat16, (6, 8)) not in frozen_w and (torch.bfloat16, (4, 8)) in frozen_w
+    fixed_x = saved_shapes(x.detach(), w)
+    assert (torch.bfloat16, (6, 8)) in fixed_x and (torch.bfloat16, (4, 8)) not in fixed_x

@@ -414,3 +414,132 @@ def test_bench_json_names_its_machine_so_two_cpu_runs_compare(tmp_path, monkeypa
     capsys.readouterr()
     assert compare.main([str(tmp_path / "new"), "--baseline", str(tmp_path / "old")]) == 1
     assert "4 of 4 compared rows more than 10% slower" in capsys.readouterr().out
+
+
+def test_useful_flops_by_hand_at_sizes_that_tell_the_terms_apart():
+    """DESIGN.md's useful FLOPs, worked by hand at hidden D = 3, intermediate I = 5, vocab V = 7, two
+    layers, sequences of 4 and 2 tokens, 3 masked rows, 2 rows (at D = 2, as above, D² = 2D and
+    I = D², so a term written with the wrong power of D gave the same count).
+    Per token and layer 6 (4 D² + 2 D I) = 6 (36 + 30) = 396; attention per layer 12 D Σ n² = 36 · 20 = 720;
+    MLM head 6 (D² + D V) = 6 (9 + 21) = 180 per masked row; pooler 6 D² = 54 per row."""
+    all_read = 396 * 6 * 2 + 720 * 2 + 180 * 3 + 54 * 2
+    assert all_read == 6840
+    assert bench.training_flops(3, 2, 5, 7, [4, 2], 3, 2) == all_read
+    assert bench.training_flops(3, 2, 5, 7, [4, 2], 3, 2, read_rows=[4, 2]) == all_read
+    # last layer with 2 of the 4 tokens and 1 of the 2 read: 3 read tokens at 396; 3 unread ones keep
+    # their key and value projections, 6 · 2 D² = 108 each; attention 12 D Σ n_i r_i = 36 (4·2 + 2·1) = 360
+    first_layer = 396 * 6 + 720
+    last_layer = 396 * 3 + 108 * 3 + 360
+    assert bench.training_flops(3, 2, 5, 7, [4, 2], 3, 2, read_rows=[2, 1]) == first_layer + last_layer + 540 + 108
+    # a sequence nothing reads (0 rows) still has keys and values for nobody: only its K, V projections
+    assert bench.training_flops(3, 1, 5, 7, [4, 2], 0, 2, read_rows=[0, 2]) == 108 * 4 + 396 * 2 + 36 * 2 * 2 + 108
+    # the pooler and classifier count per row of the batch given, not per sequence
+    assert bench.training_flops(3, 1, 5, 7, [2], 0, 5) - bench.training_flops(3, 1, 5, 7, [2], 0, 1) == 54 * 4
+    for bad in ([2], [2, 1, 1], [5, 1], [-1, 2]):
+        with pytest.raises(ValueError, match="does not fit the sequence lengths"):
+            bench.training_flops(3, 1, 5, 7, [4, 2], 0, 2, read_rows=bad)
+
+
+def test_make_batches_pretrain_rows():
+    """Pretraining batches: every row full length, ids from 1000 up (clear of [PAD] and the special
+    tokens), the second half of each row sentence B, about 15% of the tokens labelled with their own id,
+    the masked count being the labelled count; the same seed gives the same batches."""
+    batches = bench.make_batches("pretrain", 3, 16, 128, 1301, 7, "cpu")
+    total = labelled = 0
+    for kw, lengths, masked in batches:
+        ids, labels = kw["input_ids"], kw["labels"]
+        assert lengths == [128] * 16 and ids.shape == (16, 128) and bool((kw["attention_mask"] == 1).all())
+        assert int(ids.min()) >= 1000 and int(ids.max()) < 1301
+        assert kw["token_type_ids"][:, :64].eq(0).all() and kw["token_type_ids"][:, 64:].eq(1).all()
+        is_label = labels != -100
+        assert torch.equal(labels[is_label], ids[is_label]) and masked == int(is_label.sum())
+        assert kw["next_sentence_label"].shape == (16,) and set(kw["next_sentence_label"].tolist()) <= {0, 1}
+        total, labelled = total + ids.numel(), labelled + masked
+    assert 0.13 < labelled / total < 0.17  # 6144 tokens drawn at 0.15: the standard deviation is 0.005
+    again = bench.make_batches("pretrain", 3, 16, 128, 1301, 7, "cpu")
+    assert all(torch.equal(a[0][k], b[0][k]) for a, b in zip(batches, again) for k in a[0])
+
+
+def test_make_batches_finetune_rows_follow_the_real_lengths():
+    """Fine-tuning batches: lengths drawn from sentiment_en's histogram, capped at seq, the batch padded
+    to its longest row ([PAD] = 0, mask 0 there), one label in {0, 1} per row, nothing masked; the
+    same seed gives the same lengths."""
+    batches = bench.make_batches("finetune", 4, 8, 16, 1301, 3, "cpu")
+    every = [n for _, lengths, _ in batches for n in lengths]
+    assert max(every) == 16 and min(every) >= 1 and len(set(every)) > 1  # 80% of the texts are longer than 16
+    for kw, lengths, masked in batches:
+        ids, mask = kw["input_ids"], kw["attention_mask"]
+        assert masked == 0 and ids.shape == (8, max(lengths)) and mask.sum(1).tolist() == lengths
+        assert ids[mask == 0].eq(0).all() and int(ids[mask == 1].min()) >= 1000
+        assert kw["token_type_ids"].eq(0).all() and set(kw["labels"].tolist()) <= {0, 1}
+    assert [b[1] for b in bench.make_batches("finetune", 4, 8, 16, 1301, 3, "cpu")] == [b[1] for b in batches]
+
+
+def test_competitor_list_by_device_case_and_compile():
+    base = ["fastbert", "transformers-eager", "transformers-sdpa"]
+    gpu = base + ["transformers-patched", "fastbert-graphs", "fastbert-unfused", "fastbert-before", "fastbert-ffn"]
+    assert bench.competitor_list(case="pretrain", device="cpu") == base + ["transformers-sdpa-masked-head"]
+    assert bench.competitor_list(case="finetune", device=torch.device("cpu")) == base
+    for device in ("cuda", "cuda:1", torch.device("cuda", 0)):  # main passes resolve_device's cuda:N
+        for case in ("pretrain", "finetune"):
+            assert bench.competitor_list(case=case, device=device) == gpu
+    assert bench.competitor_list(True, "finetune", "cpu") == base + ["transformers-sdpa-compile", "fastbert-compile"]
+
+
+def _main_with_recorded_runs(monkeypatch, argv, rows_for=None):
+    """cli.main(["bench", *argv]) with bench.run recording its arguments; rows_for(case) gives its rows."""
+    from fastbert import cli
+    pytest.importorskip("transformers")
+    calls = []
+
+    def fake_run(case, size, batch, seq, steps, warmup, competitors=None, device=None):
+        calls.append(dict(case=case, size=size, batch=batch, seq=seq, steps=steps, warmup=warmup,
+                          competitors=competitors, device=device))
+        return rows_for(case) if rows_for else []
+    monkeypatch.setattr(bench, "run", fake_run)
+    return cli.main(["bench"] + argv), calls
+
+
+def test_bench_defaults_on_the_cpu(monkeypatch):
+    """`fastbert bench` on the CPU: both cases, cpu-small, batch 16 (pretrain) / 32 (finetune), length
+    128, 5 timed steps after 2 untimed, the CPU competitors; --padded adds fastbert-padded to finetune
+    only, --compile the compiled pair; the smallest sizes allowed are taken as given."""
+    rc, calls = _main_with_recorded_runs(monkeypatch, ["--device", "cpu"])
+    assert rc == 0
+    assert calls == [dict(case="pretrain", size="cpu-small", batch=16, seq=128, steps=5, warmup=2,
+                          competitors=bench.competitor_list(False, "pretrain", "cpu"), device=torch.device("cpu")),
+                     dict(case="finetune", size="cpu-small", batch=32, seq=128, steps=5, warmup=2,
+                          competitors=bench.competitor_list(False, "finetune", "cpu"), device=torch.device("cpu"))]
+    rc, calls = _main_with_recorded_runs(monkeypatch, ["--device", "cpu", "--padded", "--compile"])
+    assert rc == 0 and [c["competitors"] for c in calls] == [
+        bench.competitor_list(True, "pretrain", "cpu"), bench.competitor_list(True, "finetune", "cpu") + ["fastbert-padded"]]
+    rc, calls = _main_with_recorded_runs(monkeypatch, ["--device", "cpu", "--case", "finetune", "--size", "base",
+                                                       "--batch-size", "1", "--seq-len", "1", "--steps", "1",
+                                                       "--warmup", "0"])
+    assert rc == 0 and [(c["case"], c["size"], c["batch"], c["seq"], c["steps"], c["warmup"]) for c in calls] == [
+        ("finetune", "base", 1, 1, 1, 0)]
+
+
+def test_bench_table_malloc_line_and_json_rows(tmp_path, monkeypatch, capsys):
+    """What `fastbert bench` prints and saves: a table of case, impl, median_ms, real_tokens_per_s,
+    speedup_vs_sdpa, peak_mem_gib (floats to 4 significant digits, a failed competitor's error in the
+    median_ms column), the CPU's malloc line, and rows carrying the malloc label; the JSON's machine
+    names no GPU on the CPU. The file does not exist while the run is going (nothing half-written)."""
+    out = tmp_path / "sub" / "rows.json"
+
+    def rows_for(case):
+        assert not out.exists() and out.parent.is_dir()  # checked writable, made, and removed again
+        return [{"case": case, "impl": "fastbert", "median_ms": 12.3456, "real_tokens_per_s": 1234.5678,
+                 "speedup_vs_sdpa": 2.0, "peak_mem_gib": None},
+                {"case": case, "impl": "transformers-eager", "error": "RuntimeError: boom"}]
+    rc, calls = _main_with_recorded_runs(monkeypatch, ["--device", "cpu", "--case", "pretrain", "--json", str(out)],
+                                         rows_for)
+    assert rc == 0 and len(calls) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["case | impl | median_ms | real_tokens_per_s | speedup_vs_sdpa | peak_mem_gib",
+                     "pretrain | fastbert | 12.35 | 1235 | 2 | None",
+                     "pretrain | transformers-eager | RuntimeError: boom |  |  | ",
+                     "malloc: glibc defaults for every competitor (--tuned-malloc: as the fastbert commands run)"]
+    saved = json.loads(out.read_text())
+    assert [r["malloc"] for r in saved["rows"]] == ["glibc-default", "glibc-default"]
+    assert "gpu" not in saved["machine"] and saved["machine"]["torch"] == torch.__version__

@@ -770,3 +770,71 @@ def test_shards_lacking_many_tensors_name_five_and_count_the_rest(tmp_path):
     index.write_text(json.dumps(dict(good, weight_map=dict(good["weight_map"], **extra))))
     with pytest.raises(ValueError, match=r"encoder.extra4.weight \(.*\) and 2 more$"):
         read_state_dict(tmp_path)
+
+
+# ------------------------------------------------------------------------------ BertConfig's own rules
+
+def test_named_sizes_and_activations():
+    """`fastbert pretrain --config NAME`: BERT-base and BERT-large are the published shapes, the
+    intermediate size is 4 x hidden unless given; hidden_act maps to GELU's approximate= as
+    transformers' ACT2FN does (gelu: erf; gelu_new, gelu_pytorch_tanh: tanh); head_dim an int."""
+    base, large = fastbert.BertConfig.from_size("base"), fastbert.BertConfig.from_size("large")
+    assert (base.hidden_size, base.num_hidden_layers, base.num_attention_heads, base.intermediate_size) == (768, 12, 12, 3072)
+    assert (large.hidden_size, large.num_hidden_layers, large.num_attention_heads, large.intermediate_size) == (
+        1024, 24, 16, 4096)
+    mini = fastbert.BertConfig.from_size("mini")
+    assert (mini.hidden_size, mini.num_hidden_layers, mini.num_attention_heads, mini.intermediate_size) == (256, 4, 4, 1024)
+    assert fastbert.BertConfig.from_size("tiny", intermediate_size=300, vocab_size=99).intermediate_size == 300
+    with pytest.raises(ValueError, match="unknown size 'huge'; choose one of micro, tiny"):
+        fastbert.BertConfig.from_size("huge")
+    assert [fastbert.BertConfig(hidden_act=a).gelu_approximate for a in ("gelu", "gelu_new", "gelu_pytorch_tanh")] == [
+        "none", "tanh", "tanh"]
+    head_dim = fastbert.BertConfig(**CFG).head_dim
+    assert head_dim == 8 and isinstance(head_dim, int)
+    with pytest.raises(ValueError, match="hidden_size 30 is not a multiple of num_attention_heads 4"):
+        fastbert.BertConfig(**{**CFG, "hidden_size": 30})
+    # transformers writes position_embedding_type None in some configs: absolute, as it reads it
+    assert fastbert.BertConfig(**CFG, position_embedding_type=None).extra["position_embedding_type"] is None
+
+
+def test_label_maps_are_made_consistent():
+    """label2id follows id2label: rebuilt where it names another count of labels, its ids made ints
+    (a hand-written config.json may quote them); num_labels=3 alone names LABEL_0..2; setting
+    num_labels to the count it already has keeps the names."""
+    cfg = fastbert.BertConfig(**CFG, id2label={0: "neg", 1: "pos", 2: "mixed"}, label2id={"LABEL_0": 0, "LABEL_1": 1})
+    assert cfg.label2id == {"neg": 0, "pos": 1, "mixed": 2}
+    cfg = fastbert.BertConfig(**CFG, id2label={"0": "a", "1": "b"}, label2id={"a": "0", "b": "1"})
+    assert cfg.id2label == {0: "a", 1: "b"} and cfg.label2id == {"a": 0, "b": 1}
+    three = fastbert.BertConfig(**CFG, num_labels=3)
+    assert three.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"} and three.label2id["LABEL_2"] == 2
+    cfg.num_labels = 2
+    assert cfg.id2label == {0: "a", 1: "b"} and cfg.label2id == {"a": 0, "b": 1}
+
+
+def test_from_pretrained_label_overrides_as_transformers(tmp_path):
+    """num_labels= and id2label= given together: both are taken. num_labels= alone: a different count
+    names new labels, the count the checkpoint has keeps its names (transformers 4.x and 5.x alike: its
+    num_labels setter renames only on a change of count)."""
+    fastbert.BertConfig(**CFG, id2label={0: "neg", 1: "pos"}).save_pretrained(tmp_path)
+    both = fastbert.BertConfig.from_pretrained(tmp_path, num_labels=3, id2label={0: "a", 1: "b", 2: "c"})
+    assert both.id2label == {0: "a", 1: "b", 2: "c"} and both.label2id == {"a": 0, "b": 1, "c": 2}
+    five = fastbert.BertConfig.from_pretrained(tmp_path, num_labels=5)
+    assert five.num_labels == 5 and five.id2label[4] == "LABEL_4"
+    same = fastbert.BertConfig.from_pretrained(tmp_path, num_labels=2)
+    hf = transformers.BertConfig.from_pretrained(tmp_path, num_labels=2)
+    assert same.id2label == dict(hf.id2label) == {0: "neg", 1: "pos"} and same.label2id == {"neg": 0, "pos": 1}
+
+
+def test_config_file_errors_and_copies_keep_extra_fields(tmp_path):
+    """A missing config.json is FileNotFoundError naming the folder, broken JSON a ValueError naming the
+    file; dataclasses.replace (the dataclass's own copy) keeps the fields fastbert does not model."""
+    import dataclasses
+    with pytest.raises(FileNotFoundError, match="no config.json at"):
+        fastbert.BertConfig.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"hidden_size": 32,')
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        fastbert.BertConfig.from_pretrained(tmp_path)
+    cfg = fastbert.BertConfig(**CFG, use_cache=False, transformers_version="5.0")
+    copy = dataclasses.replace(cfg, num_hidden_layers=1)
+    assert copy.num_hidden_layers == 1 and copy.extra == {"use_cache": False, "transformers_version": "5.0"}
+    assert copy.to_dict()["use_cache"] is False

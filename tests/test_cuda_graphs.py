@@ -512,3 +512,68 @@ def test_pad_batch_without_attention_mask_keeps_padding_out_of_attention():
     assert padded["attention_mask"].tolist() == [[1] * 5 + [0] * 11] * 2 + [[0] * 16] * 2
     with torch.no_grad(), modeling.graph_layout():
         torch.testing.assert_close(model(**padded).loss, model(**batch).loss, rtol=0, atol=1e-6)
+
+
+def test_buckets_and_their_checks():
+    """A batch runs in the graph of batch_size rows and the shortest bucket holding its length (a length
+    equal to a bucket fits it); more rows or a longer batch is refused, as are buckets that are empty,
+    unordered or not positive, and batch_size < 1 (host-side checks, before any GPU work)."""
+    from fastbert.cuda_graphs import _bucket, _check_buckets
+    assert _bucket(3, 16, 8, (16, 32)) == (8, 16)
+    assert _bucket(8, 17, 8, (16, 32)) == (8, 32)
+    assert _bucket(1, 1, 8, (16, 32)) == (8, 16) and _bucket(8, 32, 8, (16, 32)) == (8, 32)
+    with pytest.raises(ValueError, match="batch has 9 rows, more than batch_size=8"):
+        _bucket(9, 4, 8, (16, 32))
+    with pytest.raises(ValueError, match="sequence length 33 exceeds the largest bucket 32"):
+        _bucket(1, 33, 8, (16, 32))
+    _check_buckets(1, (1,))
+    _check_buckets(4, [8, 16, 128])
+    for batch_size, buckets, message in ((0, (8,), "batch_size must be positive, got 0"),
+                                         (4, (), "seq_buckets must be increasing positive lengths"),
+                                         (4, (16, 8), "increasing"), (4, (0, 8), "positive lengths")):
+        with pytest.raises(ValueError, match=message):
+            _check_buckets(batch_size, buckets)
+
+
+def test_pad_batch_skips_absent_inputs():
+    out = pad_batch({"input_ids": torch.ones(1, 2, dtype=torch.long), "token_type_ids": None,
+                     "labels": torch.tensor([1])}, (2, 4))
+    assert sorted(out) == ["attention_mask", "input_ids", "labels"]
+    assert out["attention_mask"].tolist() == [[1, 1, 0, 0], [0, 0, 0, 0]]
+
+
+def test_masked_row_bound_is_checked_before_the_device(monkeypatch):
+    """max_masked_rows < 1 is refused before anything else (a CPU model shows it); a CPU batch with
+    exactly max_masked_rows labelled tokens is accepted and reaches the graph."""
+    model = _tiny("BertForPreTraining")
+    with pytest.raises(ValueError, match="max_masked_rows must be positive, got 0"):
+        GraphedTrainStep(model, torch.optim.AdamW(model.parameters()), batch_size=2, seq_buckets=(8,),
+                         max_masked_rows=0)
+    step = GraphedTrainStep.__new__(GraphedTrainStep)
+    batch = _pretraining_batch(rows=2, seq=5, vocab=50)
+    n = int((batch["labels"] != -100).sum())
+    assert n > 0
+    step.mlm_heads, step.max_masked_rows, step.batch_size, step.seq_buckets = [model.cls.predictions], n, 2, (5,)
+    step.graphs, step._capture, step.device = {}, None, torch.device("cpu")
+    from fastbert import cuda_graphs
+    replayed = []
+    monkeypatch.setattr(cuda_graphs, "_replay", lambda graphs, shape, padded, *a: replayed.append(shape) or torch.zeros(2))
+    assert step(batch).tolist() == [0.0, 0.0] and replayed == [(2, 5)]
+
+
+def test_graphed_encoder_refuses_packed_masks_before_the_graph(monkeypatch):
+    """A CPU attention mask holding example numbers (packed rows: 2, 3, ...) is refused before any
+    copy or replay; a 0/1 mask of any integer dtype (or bool) goes on to the graph."""
+    from fastbert import cuda_graphs
+    enc = GraphedEncoder.__new__(GraphedEncoder)
+    enc.batch_size, enc.seq_buckets, enc.graphs, enc._capture, enc.device = 4, (8,), {}, None, torch.device("cpu")
+    replayed = []
+    monkeypatch.setattr(cuda_graphs, "_replay", lambda graphs, shape, padded, *a: replayed.append(
+        (shape, padded["attention_mask"].tolist())) or torch.arange(4.0)[:, None])
+    ids = torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="0/1 attention masks"):
+        enc(ids, torch.tensor([[1, 1, 2], [1, 1, 1]]))
+    assert replayed == []
+    assert enc(ids, torch.tensor([[1, 1, 0], [1, 1, 1]])).tolist() == [[0.0], [1.0]]
+    assert enc(ids, torch.tensor([[True, False, False], [True, True, True]])).shape == (2, 1)
+    assert replayed[0] == ((4, 8), [[1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0], [0] * 8, [0] * 8])

@@ -1,5 +1,8 @@
 """fastbert.runtime: the glibc malloc tuning the commands apply, checked by where glibc actually puts
-a large block (mallinfo2), each case in a fresh interpreter since the setting is process-wide."""
+a large block (mallinfo2), each case in a fresh interpreter since the setting is process-wide; and the
+--device / --precision / --cuda-graphs choices, with torch.cuda's answers faked where a GPU is asked about."""
+import argparse
+import io
 import json
 import os
 import platform
@@ -7,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fastbert import runtime
 
@@ -140,3 +144,145 @@ def test_malloc_flag_label(monkeypatch, capsys):
         out = subprocess.run([sys.executable, "-c", "from fastbert import runtime; print(runtime.apply_malloc_flag(True))"],
                              capture_output=True, text=True, check=True, env=base, timeout=120)
         assert out.stdout.split() == ["tuned"]
+
+
+# ------------------------------------------------------------------ --device, --precision, graphs (no GPU needed)
+
+
+def _fake_gpus(monkeypatch, count, current=0, bf16=True):
+    """torch.cuda as a machine with `count` GPUs (the current one `current`) reports it: resolve_device and
+    resolve_precision read only these, so their choices are checked on the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+
+
+def test_resolve_device_names_and_refusals(monkeypatch):
+    """--device: cpu (any index: the CPU is one device), cuda = the current GPU, cuda:N = GPU N if it
+    is there; anything else, or a GPU that is not there, a ValueError that says which."""
+    assert runtime.resolve_device("cpu") == runtime.resolve_device("cpu:0") == torch.device("cpu")
+    assert runtime.resolve_device("cpu:0").index is None
+    with pytest.raises(ValueError, match="only cpu and cuda devices are supported"):
+        runtime.resolve_device("meta")
+    with pytest.raises(ValueError, match="expected cpu, cuda or cuda:N"):
+        runtime.resolve_device("gpu0")
+    _fake_gpus(monkeypatch, 0)
+    assert runtime.resolve_device(None) == torch.device("cpu")
+    for name in ("cuda", "cuda:0"):
+        with pytest.raises(ValueError, match="no CUDA GPU is available"):
+            runtime.resolve_device(name)
+    _fake_gpus(monkeypatch, 2, current=1)
+    assert runtime.resolve_device(None) == runtime.resolve_device("cuda") == torch.device("cuda", 1)
+    assert runtime.resolve_device("cuda:0") == torch.device("cuda", 0)
+    assert runtime.resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"--device cuda:2: only 2 GPU\(s\) visible"):
+        runtime.resolve_device("cuda:2")
+
+
+def test_resolve_precision_on_each_device(monkeypatch):
+    """auto: bf16 on a CUDA GPU with bf16, else fp32 (always fp32 on the CPU); an explicit choice stands,
+    except fp16 on the CPU; an unknown name is refused with the choices."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    _fake_gpus(monkeypatch, 1, bf16=True)
+    assert runtime.resolve_precision("auto", cpu) == "fp32"
+    assert runtime.resolve_precision("auto", gpu) == "bf16"
+    assert [runtime.resolve_precision(p, cpu) for p in ("fp32", "bf16")] == ["fp32", "bf16"]
+    assert [runtime.resolve_precision(p, gpu) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        runtime.resolve_precision("fp16", cpu)
+    with pytest.raises(ValueError, match="'fp64': expected one of auto, fp32, bf16, fp16"):
+        runtime.resolve_precision("fp64", gpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a V100, a T4
+    assert runtime.resolve_precision("auto", gpu) == "fp32"
+
+
+def test_autocast_context_dtype_and_grad_scaler():
+    """bf16 / fp16 mean autocast in that dtype on the given device, fp32 no autocast; only fp16 gets a
+    GradScaler (bf16 has fp32's exponent range)."""
+    cpu = torch.device("cpu")
+    assert [runtime.autocast_dtype(p) for p in ("fp32", "bf16", "fp16")] == [None, torch.bfloat16, torch.float16]
+    with runtime.autocast("bf16", cpu):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert (torch.ones(2, 3) @ torch.ones(3, 2)).dtype == torch.bfloat16
+    with runtime.autocast("fp32", cpu):
+        assert not torch.is_autocast_enabled("cpu")
+        assert (torch.ones(2, 3) @ torch.ones(3, 2)).dtype == torch.float32
+    assert runtime.grad_scaler("fp32", cpu) is None and runtime.grad_scaler("bf16", cpu) is None
+    assert isinstance(runtime.grad_scaler("fp16", cpu), torch.amp.GradScaler)
+
+
+def test_device_and_graphs_arguments():
+    """--precision defaults to auto and takes only its four names; --cuda-graphs defaults to auto and
+    the bare flag means on."""
+    p = argparse.ArgumentParser()
+    runtime.add_device_arguments(p)
+    runtime.add_cuda_graphs_argument(p, "replays the step")
+    args = p.parse_args([])
+    assert (args.device, args.precision, args.cuda_graphs) == (None, "auto", "auto")
+    args = p.parse_args(["--device", "cuda:1", "--precision", "fp16", "--cuda-graphs"])
+    assert (args.device, args.precision, args.cuda_graphs) == ("cuda:1", "fp16", "on")
+    assert p.parse_args(["--cuda-graphs", "off"]).cuda_graphs == "off"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--precision", "fp64"])
+
+
+def test_count_synchronize_and_describe(monkeypatch):
+    assert [runtime.count(n, "step") for n in (0, 1, 2, 2048)] == ["0 steps", "1 step", "2 steps", "2,048 steps"]
+    assert runtime.count(3, "batch", "batches") == "3 batches"
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    runtime.synchronize(torch.device("cpu"))
+    assert synced == []
+    runtime.synchronize(torch.device("cuda", 1))
+    assert synced == [torch.device("cuda", 1)]
+    torch.set_num_threads(3)  # (conftest restores the thread count)
+    assert runtime.describe(torch.device("cpu")) == "cpu (3 threads)"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA FAKE")
+    assert runtime.describe(torch.device("cuda", 0)) == "cuda:0 (NVIDIA FAKE)"
+
+
+def test_cpu_model_reads_proc_cpuinfo(monkeypatch):
+    """The model name line of /proc/cpuinfo, stripped; without that file, platform's processor or machine."""
+    cpuinfo = "processor\t: 0\nvendor_id\t: FakeVendor\nmodel name\t: Fake CPU 9000 @ 2.00GHz  \nflags\t: fpu\n"
+    monkeypatch.setattr(runtime, "open", lambda path, *a, **k: io.StringIO(cpuinfo) if path == "/proc/cpuinfo"
+                        else open(path, *a, **k), raising=False)
+    assert runtime.cpu_model() == "Fake CPU 9000 @ 2.00GHz"
+
+    def missing(path, *a, **k):
+        raise FileNotFoundError(path)
+    monkeypatch.setattr(runtime, "open", missing, raising=False)
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    monkeypatch.setattr(platform, "machine", lambda: "fakearch64")
+    assert runtime.cpu_model() == "fakearch64"
+
+
+def test_allocator_tuning_is_kept_from_the_first_call(fresh_runtime):
+    """A second call (other arguments included) applies nothing and returns the first call's settings; a
+    caller changing the returned dict changes nothing kept. 0 is a value mallopt takes."""
+    libc = FakeGlibc()
+    fresh_runtime.setattr(runtime, "_glibc", lambda: libc)
+    with pytest.raises(ValueError, match="mmap_threshold=-1 must fit a C int"):
+        runtime.tune_cpu_allocator(mmap_threshold=-1)
+    first = runtime.tune_cpu_allocator(mmap_threshold=1 << 20, trim_threshold=0, top_pad=0)
+    assert first == {"mmap_threshold": 1 << 20, "trim_threshold": 0, "top_pad": 0}
+    assert sorted(libc.calls) == sorted([(runtime._M_MMAP_THRESHOLD, 1 << 20), (runtime._M_TRIM_THRESHOLD, 0),
+                                         (runtime._M_TOP_PAD, 0)])
+    first["top_pad"] = 123
+    again = runtime.tune_cpu_allocator(top_pad=5 << 20)
+    assert again == {"mmap_threshold": 1 << 20, "trim_threshold": 0, "top_pad": 0}
+    again["mmap_threshold"] = 7
+    assert len(libc.calls) == 3 and runtime.tune_cpu_allocator()["mmap_threshold"] == 1 << 20
+
+
+def test_a_setting_glibc_rejects_alone_is_left_at_its_default(fresh_runtime, capsys):
+    """Only the mmap threshold falls back to the 32 MB cap; another rejected setting is None (with a
+    warning) and the rest stay applied, which is still "tuned"."""
+    libc = FakeGlibc(lambda code, value: code != runtime._M_TRIM_THRESHOLD)
+    fresh_runtime.setattr(runtime, "_glibc", lambda: libc)
+    with pytest.warns(UserWarning, match=r"glibc rejected trim_threshold=2147483647") as caught:
+        assert runtime.apply_malloc_flag(True) == "tuned"
+    assert len(caught) == 1 and capsys.readouterr().err == ""
+    assert runtime._allocator_tuning == {"mmap_threshold": 1 << 30, "trim_threshold": None, "top_pad": 64 << 20}
+    assert sorted(libc.calls) == sorted([(runtime._M_MMAP_THRESHOLD, 1 << 30),
+                                         (runtime._M_TRIM_THRESHOLD, (1 << 31) - 1), (runtime._M_TOP_PAD, 64 << 20)])
