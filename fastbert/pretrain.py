@@ -17,7 +17,7 @@ chapters of Jane Austen's Emma) and writes ``runs/pretrain-<date>-<time>/``:
 
 ``--resume`` continues the run in ``--out`` from its last checkpoint with the settings saved in
 run_args.json (it starts from the beginning if there is no checkpoint yet, and exits 0 at once when
-the run is finished). SIGINT (Ctrl-C) or SIGTERM stops a run at the end of its step with a
+the run is finished); --save-every and --keep-checkpoints may be given again to change them. SIGINT (Ctrl-C) or SIGTERM stops a run at the end of its step with a
 checkpoint (under torchrun at the next metrics row, where the processes agree) and exits 128 +
 the signal's number. Under ``torchrun --nproc-per-node N`` each process takes 1/N of every global
 batch (``--batch-size`` is the global batch); the loss is the mean over all masked tokens of the
@@ -115,8 +115,9 @@ RUN_DEFAULTS = {
     "log_every": 10,
     "eval_every": None,        # None: 10 evaluations per run; 0: only at the end
     "save_every": None,        # None: a quarter of the run (may be changed on --resume)
+    "keep_checkpoints": 1,     # (may be changed on --resume)
 }
-RESUME_OVERRIDABLE = {"save_every"}
+RESUME_OVERRIDABLE = {"save_every", "keep_checkpoints"}
 # Peak learning rates that train the named sizes well in a short run (BERT-base used 1e-4).
 SIZE_LR = {"micro": 2e-3, "tiny": 1e-3, "mini": 5e-4, "small": 3e-4, "medium": 2e-4, "base": 1e-4,
            "large": 5e-5}
@@ -183,7 +184,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", metavar="DIR", help="run folder (default runs/pretrain-<date>-<time>)")
     g.add_argument("--save-every", type=int, default=None,
                    help="steps between checkpoints (default: a quarter of the run; the last step always)")
-    g.add_argument("--keep-checkpoints", type=int, default=1, help="checkpoints kept (default 1)")
+    g.add_argument("--keep-checkpoints", type=int, default=None,
+                   help="checkpoints kept (default 1; --resume keeps the run's own unless given)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (from the start if none; "
                         "exit 0 if it is finished)")
@@ -484,12 +486,12 @@ def _run(args, dist: T.Distributed) -> int:
     if args.resume and not args.out:
         raise ValueError("--resume needs --out DIR (the run to continue)")
     out = args.out or dist.broadcast(os.path.join("runs", time.strftime("pretrain-%Y%m%d-%H%M%S")))
-    if args.keep_checkpoints < 1:
+    if args.keep_checkpoints is not None and args.keep_checkpoints < 1:
         raise ValueError(f"--keep-checkpoints must be at least 1, got {args.keep_checkpoints}")
     _check_folder_arg("--out", out)  # before a vocabulary is trained and a corpus tokenized, not after
     if args.cache_dir:
         _check_folder_arg("--cache-dir", args.cache_dir)
-    ckpts = T.CheckpointManager(out, keep=args.keep_checkpoints)
+    ckpts = T.CheckpointManager(out)  # its keep count is the run's, known once run_args.json is read
     stored = None
     is_run = os.path.isdir(out) and (os.path.exists(os.path.join(out, "run_args.json")) or ckpts.latest() is not None)
     if is_run and not args.resume:
@@ -507,6 +509,7 @@ def _run(args, dist: T.Distributed) -> int:
             stored = json.load(f)
     s = _resolve_settings(args, stored, dist)
     _check_settings(s, dist)
+    ckpts.keep = s["keep_checkpoints"]
     if _graphs_on(args):
         _check_cuda_graphs(args, s, dist)
     latest = ckpts.latest() if args.resume else None

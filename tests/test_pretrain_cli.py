@@ -101,7 +101,7 @@ def test_run_folder_loads_into_transformers(corpus, tmp_path):
     assert tok.mask_token == "[MASK]" and tok.vocab_size == ours.config.vocab_size
 
 
-def test_resume_is_bitwise_identical(corpus, vocab, tmp_path):
+def test_resume_is_bitwise_identical(corpus, vocab, tmp_path, capsys):
     """6 steps straight vs. 3 steps, checkpoint, resume to 6: same metrics and same weights."""
     a, b = tmp_path / "a", tmp_path / "b"
     common = ["--tokenizer", vocab, "--steps", "6", "--log-every", "1", "--eval-every", "3", "--save-every", "3"]
@@ -113,7 +113,10 @@ def test_resume_is_bitwise_identical(corpus, vocab, tmp_path):
     (b / "checkpoints" / "latest").write_text("step-00000003\n")
     with open(b / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "torn')  # a line cut by the kill
+    capsys.readouterr()
     assert run(corpus, b, "--resume") == 0
+    err = capsys.readouterr().err
+    assert "resuming from" in err and "RNG states" not in err and "warning" not in err, err
     assert metric_rows(b) == metric_rows(a)
     assert [r["step"] for r in metric_rows(b)] == [1, 2, 3, 4, 5, 6]
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
@@ -801,8 +804,13 @@ def test_clean_partial_removes_the_torn_latest_pointer_file(tmp_path):
     # killed while rewriting `latest` (atomic_write_text's temporary file) and while writing a folder
     (tmp_path / "checkpoints" / ".tmp-k2j4x9").write_text("step-0000")
     (tmp_path / "checkpoints" / ".tmp-step-00000002-abc").mkdir()
+    # and in the run folder: a killed atomic write, a safetensors writer's temporary; the model stays
+    (tmp_path / ".tmp-x1y2").write_text("partial")
+    (tmp_path / "model.safetensors.tmp").write_text("partial")
+    (tmp_path / "model.safetensors").write_text("whole")
     cm.clean_partial()
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step-00000001"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints", "model.safetensors"]
     assert cm.latest() == str(tmp_path / "checkpoints" / "step-00000001")
 
 
@@ -865,13 +873,18 @@ def test_a_curve_that_cannot_be_drawn_is_a_warning_not_the_end_of_the_run(tmp_pa
     assert sorted(os.listdir(tmp_path)) == ["m.jsonl", "ok.png"]
 
 
-def test_atomic_writes_make_files_an_ordinary_write_would(tmp_path):
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)], ids=["umask-022", "umask-027"])
+def test_atomic_writes_make_files_an_ordinary_write_would(tmp_path, umask, mode):
     """atomic_write_* files get the mode open() would give them (0666 less the umask), not mkstemp's
-    0600: a run folder's model and config stay readable to the group and others as a plain save's."""
+    0600: a run folder's model and config stay readable to the group and others as a plain save's.
+    A checkpoint folder gets an ordinary folder's mode (0777 less the umask), not mkdtemp's 0700."""
     import fastbert
-    from fastbert.trainer import atomic_copy, atomic_write_json, atomic_write_text
-    old = os.umask(0o022)
+    from fastbert.trainer import STATE_FILE, CheckpointManager, atomic_copy, atomic_write_json, atomic_write_text
+    old = os.umask(umask)
     try:
+        ckpt = CheckpointManager(str(tmp_path / "run")).save(
+            1, lambda folder: open(os.path.join(folder, STATE_FILE), "w").write("s"))
+        os.mkdir(tmp_path / "plain_dir")
         atomic_write_text(str(tmp_path / "a.txt"), "x")
         atomic_write_json(str(tmp_path / "b.json"), {"k": 1})
         atomic_copy(str(tmp_path / "a.txt"), str(tmp_path / "c.txt"))
@@ -883,9 +896,10 @@ def test_atomic_writes_make_files_an_ordinary_write_would(tmp_path):
     finally:
         os.umask(old)
     for name in ("a.txt", "b.json", "c.txt", "m/model.safetensors", "m/config.json"):
-        assert (tmp_path / name).stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / name).stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777 == mode
+    assert os.stat(ckpt).st_mode & 0o777 == (tmp_path / "plain_dir").stat().st_mode & 0o777 == 0o777 & ~umask
     assert json.loads((tmp_path / "b.json").read_text()) == {"k": 1}
-    assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.json", "c.txt", "m", "plain.txt"]  # no temporary left
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.json", "c.txt", "m", "plain.txt", "plain_dir", "run"]  # no temporary left
     assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "model.safetensors"]
 
 
@@ -904,6 +918,9 @@ def test_bad_lr_or_dropout_is_refused_before_the_run_folder_is_written(corpus, t
     ("--save-every", "0"), ("--log-every", "0"), ("--eval-examples", "-1"), ("--keep-checkpoints", "0"),
     ("--eval-fraction", "1.5"), ("--eval-fraction", "-0.1"), ("--short-seq-prob", "1.5"), ("--vocab-size", "0"),
     ("--lr", "inf"), ("--weight-decay", "inf"),
+    ("--steps", "0"), ("--batch-size", "0"), ("--grad-accum", "0"), ("--lr", "nan"), ("--max-grad-norm", "nan"),
+    ("--vocab-size", "5"), ("--short-seq-prob", "-0.5"), ("--eval-fraction", "1"), ("--seq-len", "7"),
+    ("--max-example-len", "7"), ("--max-example-len", "33"), ("--mask-prob", "0"), ("--mask-prob", "1"),
     ("--vocab-size", "1000000000")])  # the tokenizers trainer aborted the process allocating 70 GB
 def test_out_of_range_settings_are_refused_before_the_run_folder_is_written(corpus, tmp_path, capsys, flag, value):
     """Each ran before: a negative --max-grad-norm flipped every gradient's sign, --eval-fraction 1.5
@@ -1077,3 +1094,517 @@ def test_a_corpus_outside_the_vocabulary_trains_nsp_with_a_zero_mlm_loss_and_a_w
     assert [r["mlm_loss"] for r in rows] == [0.0, 0.0]
     assert all(r["nsp_loss"] > 0 and r["loss"] == r["nsp_loss"] for r in rows)
     assert "100% of the corpus' tokens are [UNK]" in capsys.readouterr().err
+
+
+# ---- training-loop helpers (fastbert.trainer), one behaviour each ------------------------------------
+
+def _fd_path(fd):
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an fd through /proc")
+def test_durable_writes_fsync_the_data_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """A power cut must leave the old file or the whole new one: atomic writes fsync the temporary file
+    before renaming it over the target and the folder after; a checkpoint fsyncs every file and its folder
+    before the rename, then the parent; metrics.jsonl rows are fsynced as they are written."""
+    from fastbert.trainer import STATE_FILE, CheckpointManager, MetricsLog, atomic_write_text
+    events = []
+    fsync, replace, rename = os.fsync, os.replace, os.rename
+
+    def spy_fsync(fd):
+        events.append(("fsync", _fd_path(fd)))
+        return fsync(fd)
+
+    def spy_replace(a, b):
+        events.append(("replace", str(a), str(b)))
+        return replace(a, b)
+
+    def spy_rename(a, b):
+        events.append(("rename", str(a), str(b)))
+        return rename(a, b)
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    monkeypatch.setattr(os, "rename", spy_rename)
+    target = str(tmp_path / "a.txt")
+    atomic_write_text(target, "x")
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync"], events
+    tmp = events[0][1]
+    assert os.path.dirname(tmp) == str(tmp_path) and events[1] == ("replace", tmp, target)
+    assert events[2] == ("fsync", str(tmp_path))
+
+    events.clear()
+    root = str(tmp_path / "run" / "checkpoints")
+
+    def write(folder):
+        for name in ("model.bin", STATE_FILE):
+            with open(os.path.join(folder, name), "w") as f:
+                f.write(name)
+    final = CheckpointManager(str(tmp_path / "run")).save(7, write)
+    (i_rename,) = [i for i, e in enumerate(events) if e[0] == "rename"]
+    folder = events[i_rename][1]
+    assert events[i_rename] == ("rename", folder, final)
+    before = [e[1] for e in events[:i_rename] if e[0] == "fsync"]
+    assert sorted(before) == sorted([os.path.join(folder, "model.bin"), os.path.join(folder, STATE_FILE), folder])
+    assert before[-1] == folder  # the folder after its files
+    assert events[i_rename + 1] == ("fsync", root)
+    assert ("replace", events[i_rename + 2][1], os.path.join(root, "latest")) in events  # then `latest`, atomically
+
+    events.clear()
+    log = MetricsLog(str(tmp_path / "metrics.jsonl"))
+    log.write({"step": 1})
+    assert events == [("fsync", str(tmp_path / "metrics.jsonl"))]
+
+
+def test_training_state_loads_tensors_and_plain_values_only(tmp_path):
+    """load_state reads training_state.pt with weights_only: a file that would unpickle an object of
+    arbitrary code is refused, not run."""
+    import datetime
+    import pickle
+
+    from fastbert.trainer import load_state, rng_state, save_state
+    state = {"step": 3, "epoch": 0, "index": 12, "rng": [rng_state()], "log_acc": {"mlm": 1.5, "n": 2},
+             "w": torch.arange(4.0)}
+    save_state(str(tmp_path / "ok.pt"), state)
+    back = load_state(str(tmp_path / "ok.pt"))
+    assert back["step"] == 3 and back["log_acc"] == {"mlm": 1.5, "n": 2} and torch.equal(back["w"], state["w"])
+    assert torch.equal(back["rng"][0]["torch"], state["rng"][0]["torch"])
+    save_state(str(tmp_path / "bad.pt"), {"step": 3, "when": datetime.datetime(2026, 1, 1)})
+    with pytest.raises(pickle.UnpicklingError):
+        load_state(str(tmp_path / "bad.pt"))
+
+
+def test_read_metrics_stops_at_a_torn_line_and_a_disabled_log_writes_nothing(tmp_path):
+    from fastbert.trainer import MetricsLog, read_metrics
+    path = tmp_path / "metrics.jsonl"
+    assert read_metrics(str(path)) == []
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    assert read_metrics(str(path)) == [{"step": 1}]  # a torn line: nothing after it is trusted
+    path.write_text("".join(json.dumps({"step": i}) + "\n" for i in (1, 2, 3)))
+    MetricsLog(str(path), enabled=False).truncate_after(1)  # a process other than the first: no writes
+    MetricsLog(str(path), enabled=False).write({"step": 9})
+    assert [r["step"] for r in read_metrics(str(path))] == [1, 2, 3]
+    MetricsLog(str(tmp_path / "other.jsonl"), enabled=False).write({"step": 1})
+    assert not (tmp_path / "other.jsonl").exists()
+    MetricsLog(str(path)).truncate_after(2)
+    assert [r["step"] for r in read_metrics(str(path))] == [1, 2]
+
+
+def test_plot_metrics_closes_its_figures_warns_on_any_failure_and_skips_an_empty_log(tmp_path, monkeypatch):
+    """A run draws its curve at every checkpoint: each figure is closed (none pile up in a long run); a
+    broken matplotlib (an ImportError, not only an OSError) is a warning; no rows, no picture."""
+    import sys as _sys
+
+    import matplotlib.pyplot as plt
+
+    from fastbert.trainer import plot_metrics
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"step": i, "loss": 5.0 - i, "mlm_accuracy": 0.1 * i}) + "\n"
+                                              for i in range(1, 4)))
+    open_before = plt.get_fignums()
+    plot_metrics(str(tmp_path / "m.jsonl"), str(tmp_path / "ok.png"))
+    assert (tmp_path / "ok.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plt.get_fignums() == open_before
+    (tmp_path / "empty.jsonl").write_text("")
+    plot_metrics(str(tmp_path / "empty.jsonl"), str(tmp_path / "empty.png"))
+    assert not (tmp_path / "empty.png").exists()
+    monkeypatch.setitem(_sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    with pytest.warns(RuntimeWarning, match=r"broken.png not drawn: (ModuleNotFound|Import)Error"):
+        plot_metrics(str(tmp_path / "m.jsonl"), str(tmp_path / "broken.png"))
+    assert not (tmp_path / "broken.png").exists()
+
+
+def test_stop_signals_outside_the_main_thread_a_second_sigterm_and_errors_inside(capfd):
+    """Handlers can only be installed from the main thread: elsewhere StopSignals does nothing (instead
+    of raising ValueError). Only a second Ctrl-C interrupts: a scheduler repeating SIGTERM still gets its
+    checkpoint. An error inside the block is not swallowed."""
+    import threading
+
+    from fastbert.trainer import StopSignals
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    seen = []
+
+    def in_thread():
+        try:
+            with StopSignals() as s:
+                seen.append((s.enabled, signal.getsignal(signal.SIGTERM)))
+        except Exception as e:  # noqa: BLE001
+            seen.append(e)
+    t = threading.Thread(target=in_thread)
+    t.start()
+    t.join()
+    assert seen == [(False, before[1])]
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+        except KeyboardInterrupt:
+            pytest.fail("a second SIGTERM interrupted at once, as only a second Ctrl-C should")
+        assert stop.signal == signal.SIGTERM
+    assert capfd.readouterr().err.count("SIGTERM: stopping after this step") == 1
+    with pytest.raises(RuntimeError, match="inside"):
+        with StopSignals():
+            raise RuntimeError("inside")
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_prefetcher_never_runs_two_prepares_at_once():
+    """prepare reads the data objects without a lock: a get() for another position than the one started
+    waits for the running call before preparing its own."""
+    import threading
+
+    from fastbert.trainer import Prefetcher
+    lock, state = threading.Lock(), {"active": 0, "most": 0}
+
+    def prepare(at):
+        with lock:
+            state["active"] += 1
+            state["most"] = max(state["most"], state["active"])
+        time.sleep(0.2)
+        with lock:
+            state["active"] -= 1
+        return at
+
+    p = Prefetcher(prepare)
+    try:
+        p.start(1)
+        time.sleep(0.02)  # the thread has begun preparing 1
+        assert p.get(2) == 2
+        p.start(3)
+        p.start(4)  # dropping 3 waits for it too
+        assert p.get(4) == 4
+    finally:
+        p.close()
+    assert state["most"] == 1
+
+
+@pytest.mark.parametrize("note", ["[1, 2]", '{"init_from": ', '"a string"'])
+def test_a_malformed_initial_model_note_still_reads_as_the_random_initialisation(tmp_path, note):
+    """initial_model.json is only a note: a torn or odd one must not stop finetune / encode."""
+    from fastbert.trainer import INITIAL_MODEL_FILE, initial_model_note, initial_model_warning
+    (tmp_path / INITIAL_MODEL_FILE).write_text(note)
+    assert initial_model_note(str(tmp_path)) == "the run's random initialisation"
+    assert initial_model_warning(str(tmp_path)).endswith("its model is the run's random initialisation")
+
+
+def test_one_process_distributed_helpers_hand_values_back():
+    from fastbert.trainer import Distributed
+    d = Distributed()
+    assert not d.enabled and d.is_main
+    assert d.sum_floats([1.5, 2.0]) == [1.5, 2.0]
+    box = {"a": 1}
+    assert d.broadcast(box) is box and d.gather(box) == [box] and d.gather(box)[0] is box
+    t = torch.tensor([3.0])
+    assert d.all_reduce_(t) is t and t.item() == 3.0
+    assert not Distributed(rank=1, world_size=2).is_main and Distributed(rank=1, world_size=2).enabled
+
+
+# ---- `fastbert pretrain`: settings, resume, metrics rows ------------------------------------------
+
+def test_the_batch_must_split_over_processes_and_micro_batches():
+    from fastbert.pretrain import RUN_DEFAULTS, _check_settings
+    from fastbert.trainer import Distributed
+    two = Distributed(rank=0, world_size=2)
+    _check_settings(dict(RUN_DEFAULTS, batch_size=8, grad_accum=2), two)
+    _check_settings(dict(RUN_DEFAULTS, batch_size=6, grad_accum=1), two)
+    with pytest.raises(ValueError, match=r"--batch-size 8 must be a multiple of processes x --grad-accum = 2 x 3"):
+        _check_settings(dict(RUN_DEFAULTS, batch_size=8, grad_accum=3), two)
+    with pytest.raises(ValueError, match=r"= 2 x 1"):
+        _check_settings(dict(RUN_DEFAULTS, batch_size=7, grad_accum=1), two)
+
+
+def test_a_config_json_must_hold_the_vocabulary_and_may_end_at_seq_len(corpus, vocab, tmp_path, capsys):
+    """A config.json whose vocab_size is below the tokenizer's is refused (ids past the embedding table);
+    --seq-len equal to max_position_embeddings is the longest allowed, and trains."""
+    from fastbert.tokenization import load_tokenizer
+    n = load_tokenizer(vocab).get_vocab_size()
+    cfg = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+           "max_position_embeddings": 32, "vocab_size": n - 1}
+    (tmp_path / "small.json").write_text(json.dumps(cfg))
+    out = tmp_path / "never"
+    _fails_cleanly(capsys, out, run(corpus, out, "--tokenizer", vocab, "--config", str(tmp_path / "small.json"),
+                                    "--steps", "1", "--eval-examples", "0"),
+                   f"has vocab_size {n - 1}, smaller than the tokenizer's {n} tokens")
+    (tmp_path / "exact.json").write_text(json.dumps(dict(cfg, vocab_size=n)))
+    assert run(corpus, tmp_path / "ok", "--tokenizer", vocab, "--config", str(tmp_path / "exact.json"), "--steps", "1",
+               "--eval-examples", "0") == 0  # MICRO's --seq-len 32 == max_position_embeddings
+    assert json.loads((tmp_path / "ok" / "config.json").read_text())["max_position_embeddings"] == 32
+
+
+def _model_folder(vocab, folder, **config):
+    """A micro BertForPreTraining with the vocab fixture's tokenizer, saved as a run folder would be."""
+    import shutil
+
+    from fastbert import BertConfig, BertForPreTraining
+    from fastbert.tokenization import load_tokenizer
+    cfg = BertConfig.from_size("micro", vocab_size=load_tokenizer(vocab).get_vocab_size(), **config)
+    BertForPreTraining(cfg).save_pretrained(str(folder))
+    for name in os.listdir(vocab):
+        shutil.copy(os.path.join(vocab, name), folder / name)
+    return folder
+
+
+# (the small corpus and one step: a run that wrongly goes ahead stays short)
+SHORT = ["--seq-len", "32", "--batch-size", "4", "--steps", "1", "--eval-examples", "0", "--no-progress"]
+
+
+@pytest.mark.parametrize("flag", [["--tokenizer", "wordpiece"], ["--vocab-size", "300"], ["--cased"],
+                                  ["--config", "micro"]])
+def test_init_from_refuses_a_tokenizer_or_config_of_its_own(corpus, vocab, tmp_path, capsys, flag):
+    start = _model_folder(vocab, tmp_path / "start")
+    out = tmp_path / "never"
+    rc = cli_main(["pretrain", "--corpus", corpus, "--init-from", str(start), "--out", str(out), *SHORT,
+                   "--cache-dir", str(tmp_path / "cache"), *flag])
+    _fails_cleanly(capsys, out, rc, f"--init-from takes the tokenizer and config of {start}; do not pass {flag[0]}")
+
+
+def test_init_from_needs_the_model_weights(corpus, vocab, tmp_path, capsys):
+    start = _model_folder(vocab, tmp_path / "start")
+    (start / "model.safetensors").unlink()
+    out = tmp_path / "never"
+    rc = cli_main(["pretrain", "--corpus", corpus, "--init-from", str(start), "--out", str(out), *SHORT,
+                   "--cache-dir", str(tmp_path / "cache")])
+    _fails_cleanly(capsys, out, rc, f"--init-from {start}: no model.safetensors there")
+
+
+def test_init_from_with_dropout_trains_with_that_dropout(corpus, vocab, tmp_path, monkeypatch):
+    """--dropout with --init-from: the loaded model's dropout layers use it (the source folder says 0.1),
+    not only the config.json the run writes."""
+    from fastbert import pretrain
+    start = _model_folder(vocab, tmp_path / "start")
+    seen = []
+    forward = pretrain.PretrainingLoss.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(sorted({m.p for m in self.model.modules() if isinstance(m, torch.nn.Dropout)}))
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(pretrain.PretrainingLoss, "forward", spy)
+    assert cli_main(["pretrain", "--corpus", corpus, "--init-from", str(start), "--out", str(tmp_path / "run"),
+                     "--seq-len", "32", "--batch-size", "4", "--steps", "1", "--eval-examples", "0", "--no-progress",
+                     "--dropout", "0.25", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert seen == [[0.25]]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["attention_probs_dropout_prob"] == 0.25
+
+
+def test_resume_keeps_the_runs_settings_but_takes_save_every_and_the_checkpoints_rng(corpus, vocab, tmp_path, capsys):
+    """On --resume, settings that define the run come from run_args.json (a differing flag is said to be
+    ignored); --save-every may change. A checkpoint written by more processes than this run has gives its
+    rank-0 RNG state to this process (with a warning that dropout draws differ): here the first entry is
+    the real one, so the run still ends bitwise where the uninterrupted one did."""
+    import shutil
+
+    from fastbert.trainer import STATE_FILE, load_state, save_state
+    common = ["--tokenizer", vocab, "--steps", "4", "--log-every", "1", "--eval-every", "0", "--save-every", "2",
+              "--keep-checkpoints", "5"]
+    straight = tmp_path / "straight"
+    assert run(corpus, straight, *common) == 0
+    out = tmp_path / "stopped"
+    shutil.copytree(straight, out)
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
+    (out / "checkpoints" / "latest").write_text("step-00000002\n")
+    state_path = out / "checkpoints" / "step-00000002" / STATE_FILE
+    state = load_state(str(state_path))
+    other = torch.Generator().manual_seed(1234).get_state()
+    state["rng"] = [state["rng"][0], {"torch": other}]
+    save_state(str(state_path), state)
+    capsys.readouterr()
+    assert run(corpus, out, "--resume", "--steps", "9", "--lr", "5", "--save-every", "1", "--keep-checkpoints", "5") == 0
+    err = capsys.readouterr().err
+    assert "warning: --steps 9 ignored on --resume; the run uses 4" in err, err
+    assert "warning: --lr 5.0 ignored on --resume; the run uses its size default" in err, err
+    assert "--save-every" not in err, err
+    assert "warning: the checkpoint has 2 processes' RNG states, this run 1" in err, err
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert kept == ["step-00000002", "step-00000003", "step-00000004"]  # --save-every 1 from step 2 on
+    assert metric_rows(out) == metric_rows(straight)
+    assert (out / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
+
+
+def test_resume_keeps_the_runs_checkpoint_count_unless_given(corpus, vocab, tmp_path):
+    """--keep-checkpoints is the run's: a resume without the flag keeps as many as the run was started
+    with (it fell back to 1 and deleted the checkpoints the run was keeping); given again, it changes."""
+    import shutil
+    out = tmp_path / "run"
+    common = ["--tokenizer", vocab, "--eval-every", "0", "--save-every", "1", "--eval-examples", "0"]
+    assert run(corpus, out, *common, "--steps", "3", "--keep-checkpoints", "3") == 0
+    assert json.loads((out / "run_args.json").read_text())["keep_checkpoints"] == 3
+    stored = json.loads((out / "run_args.json").read_text())
+    kept = lambda: sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))  # noqa: E731
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    (out / "run_args.json").write_text(json.dumps(dict(stored, steps=5)))  # as if stopped at step 3 of 5
+    assert run(corpus, out, "--resume") == 0
+    assert kept() == ["step-00000003", "step-00000004", "step-00000005"]
+    (again / "run_args.json").write_text(json.dumps(dict(stored, steps=5)))
+    out = again
+    assert run(corpus, out, "--resume", "--keep-checkpoints", "1") == 0
+    assert kept() == ["step-00000005"]
+
+
+def test_resume_reads_the_run_folder_not_the_flags_inputs(corpus, vocab, tmp_path, capsys):
+    """--resume tokenizes with the run's own tokenizer.json (the --tokenizer source may be gone), sweeps
+    what a killed run left half-written, continues a run from before corpus_sha256.json was written, and
+    refuses (cleanly) one whose corpus_sha256.json is unreadable."""
+    import shutil
+    tok = tmp_path / "tok"
+    shutil.copytree(vocab, tok)
+    out = tmp_path / "r"
+    assert run(corpus, out, "--tokenizer", str(tok), "--steps", "1", "--eval-examples", "0") == 0
+    stored = json.loads((out / "run_args.json").read_text())
+    (out / "run_args.json").write_text(json.dumps(dict(stored, steps=2)))  # as if stopped at step 1 of 2
+    shutil.rmtree(tok)
+    (out / "corpus_sha256.json").write_text('{"torn')
+    capsys.readouterr()
+    assert run(corpus, out, "--resume") == 2
+    assert "corpus_sha256.json: unreadable" in capsys.readouterr().err
+    (out / "corpus_sha256.json").unlink()  # a run started before the file existed
+    (out / ".tmp-abc").write_text("half a copy")
+    (out / "checkpoints" / ".tmp-step-00000002-x").mkdir()
+    assert run(corpus, out, "--resume") == 0, capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+    assert not (out / ".tmp-abc").exists() and not (out / "checkpoints" / ".tmp-step-00000002-x").exists()
+
+
+def test_an_interrupt_before_the_loop_exits_130_with_a_word(corpus, tmp_path, capsys, monkeypatch):
+    from fastbert import pretrain
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pretrain, "tokenize_corpus", interrupted)
+    assert run(corpus, tmp_path / "r", "--steps", "1") == 130
+    assert "fastbert pretrain: interrupted (the last checkpoint, if any, is intact; --resume continues)" in \
+        capsys.readouterr().err
+
+
+def test_resume_needs_out(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["pretrain", "--resume", "--corpus", corpus, *MICRO, "--steps", "1", "--eval-examples", "0"]) == 2
+    assert "--resume needs --out DIR" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_seed_picks_the_initial_weights(corpus, vocab, tmp_path):
+    """--lr 0 leaves the weights as initialised: runs of two seeds start from different ones."""
+    from safetensors.torch import load_file
+    for seed in (0, 1):
+        assert run(corpus, tmp_path / f"s{seed}", "--tokenizer", vocab, "--steps", "1", "--lr", "0", "--seed", str(seed),
+                   "--eval-examples", "0") == 0
+    a, b = (load_file(str(tmp_path / f"s{seed}" / "model.safetensors")) for seed in (0, 1))
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    assert a[name].shape == b[name].shape and not torch.equal(a[name], b[name])
+
+
+def test_metrics_rows_are_window_means_with_the_steps_learning_rate(corpus, vocab, tmp_path):
+    """A row averages the losses of the steps since the previous row; its lr is the one its last step
+    trained with (default: micro's 2e-3, warm-up 10% of the steps, at least 1, then linear decay to 0);
+    with --eval-every 0 only the last row carries the held-out evaluation."""
+    common = ["--tokenizer", vocab, "--steps", "10", "--eval-every", "0"]
+    assert run(corpus, tmp_path / "each", *common, "--log-every", "1") == 0
+    assert run(corpus, tmp_path / "pairs", *common, "--log-every", "2") == 0
+    each, pairs = metric_rows(tmp_path / "each"), metric_rows(tmp_path / "pairs")
+    assert [r["step"] for r in each] == list(range(1, 11)) and [r["step"] for r in pairs] == [2, 4, 6, 8, 10]
+    for i, row in enumerate(pairs):
+        x, y = each[2 * i], each[2 * i + 1]
+        for key in ("loss", "mlm_loss", "nsp_loss"):
+            assert row[key] == pytest.approx((x[key] + y[key]) / 2, rel=1e-12), (row["step"], key)
+        assert row["lr"] == y["lr"]
+    # warm-up 1 step of 10 (10%): factor (step + 1) / 1 at step 0, then (10 - step) / 9
+    assert [r["lr"] for r in each] == pytest.approx([2e-3] + [2e-3 * (10 - j) / 9 for j in range(1, 10)], rel=1e-12)
+    assert ["mlm_accuracy" in r for r in each] == [False] * 9 + [True]
+    assert ["mlm_accuracy" in r for r in pairs] == [False] * 4 + [True]
+
+
+def test_tokens_per_s_counts_the_real_tokens_of_the_padded_batches(corpus, vocab, tmp_path, monkeypatch):
+    """tokens_per_s: the non-padding tokens the row's steps trained on over their time (a fake clock here:
+    0.5 s a step). --pad-to max pads every batch to --seq-len; the CPU builds batches in the loop (no
+    prefetch thread, which would take the step's cores)."""
+    import types
+
+    from fastbert import pretrain
+    from fastbert import trainer as T
+    batches, prefetch = [], []
+    collate = pretrain.collate
+    clock = {"t": 0.0}
+
+    def fake_perf_counter():
+        clock["t"] += 0.5  # each step reads the clock twice: 0.5 s apart
+        return clock["t"]
+
+    def spy_collate(*args, **kwargs):
+        b = collate(*args, **kwargs)
+        batches.append((int(b["attention_mask"].sum()), tuple(b["input_ids"].shape)))
+        return b
+
+    class SpyPrefetcher(T.Prefetcher):
+        def __init__(self, prepare, enabled=True, device=None):
+            prefetch.append(enabled)
+            super().__init__(prepare, enabled, device)
+    monkeypatch.setattr(pretrain, "collate", spy_collate)
+    monkeypatch.setattr(pretrain, "time", types.SimpleNamespace(perf_counter=fake_perf_counter, strftime=time.strftime))
+    monkeypatch.setattr(T, "Prefetcher", SpyPrefetcher)
+    assert run(corpus, tmp_path / "r", "--tokenizer", vocab, "--steps", "4", "--log-every", "2", "--eval-every", "0",
+               "--eval-examples", "0", "--pad-to", "max", "--max-example-len", "16") == 0  # (padding in every row)
+    assert prefetch == [False]
+    assert len(batches) == 4 and {shape for _, shape in batches} == {(4, 32)}
+    assert all(0 < real <= 4 * 16 for real, _ in batches)  # half a row at most: padded and real tokens differ
+    rows = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    want = [(batches[0][0] + batches[1][0]) / 1.0, (batches[2][0] + batches[3][0]) / 1.0]  # 2 steps x 0.5 s
+    assert [r["tokens_per_s"] for r in rows] == pytest.approx(want, abs=0.05)
+
+
+def test_metrics_rows_say_the_epoch_the_data_position_is_in(corpus, vocab, tmp_path, capsys):
+    """121 training examples per epoch here: batches of 64 end epoch 0 in step 2."""
+    assert run(corpus, tmp_path / "r", "--tokenizer", vocab, "--steps", "3", "--log-every", "1", "--eval-examples", "0",
+               "--batch-size", "64") == 0
+    assert "(121 examples per epoch)" in capsys.readouterr().err
+    assert [r["epoch"] for r in read_metrics(tmp_path / "r" / "metrics.jsonl")] == [0, 1, 1]
+
+
+def test_held_out_evaluation_scores_the_masked_tokens_and_pairs_in_eval_mode():
+    """evaluate(): MLM loss and accuracy over the labelled (masked) tokens only, NSP loss and accuracy
+    over the pairs, with dropout off whatever batches it forms, and the model handed back in training mode.
+    Checked against the model's own outputs, one example at a time."""
+    import contextlib
+
+    import torch.nn.functional as F
+
+    from fastbert import BertConfig, BertForPreTraining
+    from fastbert.pretrain import evaluate
+    torch.manual_seed(0)
+    model = BertForPreTraining(BertConfig.from_size("micro", vocab_size=60)).train()  # dropout 0.1
+    gen = torch.Generator().manual_seed(1)
+    examples = []
+    for n, m in ((12, 2), (9, 3), (16, 1), (7, 2), (11, 4)):
+        ids = torch.randint(5, 60, (n,), generator=gen)
+        labels = torch.full((n,), -100)
+        where = torch.randperm(n - 2, generator=gen)[:m] + 1
+        labels[where] = torch.randint(5, 60, (m,), generator=gen)
+        examples.append({"input_ids": ids.numpy(), "token_type_ids": (torch.arange(n) >= n // 2).long().numpy(),
+                         "labels": labels.numpy(), "next_sentence_label": int(torch.randint(0, 2, (), generator=gen))})
+    got = evaluate(model, examples, batch_size=2, device=torch.device("cpu"), pad_id=0, nsp=True,
+                   autocast=contextlib.nullcontext)
+    assert model.training
+    model.eval()
+    mlm_loss = nsp_loss = 0.0
+    mlm_right = nsp_right = n_masked = 0
+    with torch.no_grad():
+        for e in examples:
+            ids = torch.as_tensor(e["input_ids"])[None]
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                        token_type_ids=torch.as_tensor(e["token_type_ids"])[None])
+            labels = torch.as_tensor(e["labels"])
+            sel = labels != -100
+            logits = out.prediction_logits[0][sel]
+            mlm_loss += float(F.cross_entropy(logits, labels[sel], reduction="sum"))
+            mlm_right += int((logits.argmax(-1) == labels[sel]).sum())
+            n_masked += int(sel.sum())
+            nsp_target = torch.tensor([e["next_sentence_label"]])
+            nsp_loss += float(F.cross_entropy(out.seq_relationship_logits, nsp_target))
+            nsp_right += int(out.seq_relationship_logits.argmax(-1).item() == e["next_sentence_label"])
+    assert got["eval_mlm_loss"] == pytest.approx(mlm_loss / n_masked, rel=1e-5)
+    assert got["mlm_accuracy"] == mlm_right / n_masked
+    assert got["eval_nsp_loss"] == pytest.approx(nsp_loss / len(examples), rel=1e-5)
+    assert got["nsp_accuracy"] == nsp_right / len(examples)
+    no_nsp = evaluate(model, examples, batch_size=3, device=torch.device("cpu"), pad_id=0, nsp=False,
+                      autocast=contextlib.nullcontext)
+    assert set(no_nsp) == {"eval_mlm_loss", "mlm_accuracy"} and not model.training  # (it was in eval mode)
