@@ -221,6 +221,34 @@ def test_a_pretraining_run_before_its_first_checkpoint_is_said_to_hold_random_we
     assert not any(warning in err for err in warned())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pool_against_a_float64_loop(dtype):
+    """encode.pool: the mean over each row's real tokens (wherever they sit, not only a prefix), [CLS]'s
+    state, L2 normalisation, fp32 out whatever the hidden dtype; a row with no real token gives zeros,
+    normalised or not. The reference is a float64 loop over tokens."""
+    from fastbert.encode import pool
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(4, 7, 5, generator=g, dtype=torch.float64) * 3 + 1
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1], [0, 1, 0, 1, 1, 0, 0], [0] * 7])
+    x = hidden.to(dtype)
+    exact = x.double()  # what the pool sees: the input already rounded to dtype
+    mean = torch.zeros(4, 5, dtype=torch.float64)
+    for b in range(4):
+        rows = [exact[b, t] for t in range(7) if mask[b, t]]
+        if rows:
+            mean[b] = sum(rows) / len(rows)
+    for pooling, want in (("mean", mean), ("cls", exact[:, 0])):
+        for normalize in (False, True):
+            got = pool(x, mask, pooling, normalize)
+            ref = want / want.norm(dim=-1, keepdim=True).clamp(min=1e-12) if normalize else want
+            assert got.dtype == torch.float32 and got.shape == (4, 5)
+            torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
+            if normalize:
+                norms = got.norm(dim=-1)
+                torch.testing.assert_close(norms[:3], torch.ones(3), rtol=1e-6, atol=0)
+    assert pool(x, mask, "mean", True)[3].eq(0).all() and pool(x, mask, "mean")[3].eq(0).all()
+
+
 def test_encode_npy_and_jsonl(micro_model, tmp_path, monkeypatch):
     from fastbert.modeling import BertModel
     from fastbert.tasks import load_tokenizer
