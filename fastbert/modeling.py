@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 import warnings
 from collections import OrderedDict
 
@@ -33,6 +32,7 @@ from fastbert.kernels._workspace import ReusedBuffer
 
 from .autocast_linear import linear
 from .config import BertConfig
+from .runtime import env_switch
 
 
 # ------------------------------------------------------------------------------------------ outputs
@@ -623,7 +623,7 @@ class BertOutput(BertSelfOutput):
 # until a GPU run shows it beats cuBLAS + the bias-GELU kernel on the training step
 # (benchmarks.bench_ffn, the fastbert-ffn row of benchmarks.bench_model). Read once at import;
 # fastbert.bench.fused_ffn() turns it on for a block of code.
-FUSED_FFN = os.environ.get("FASTBERT_FUSED_FFN", "0") == "1"
+FUSED_FFN = env_switch("FASTBERT_FUSED_FFN", False)
 
 
 def _fuse_ffn(layer, residual) -> bool:

@@ -137,6 +137,20 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _allocator_tuning: dict | None = None
 
 
+_SWITCH = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
+
+
+def env_switch(name: str, default: bool) -> bool:
+    """An on/off environment variable: 1/true/on/yes or 0/false/off/no (any case); unset or empty is
+    ``default``. Anything else raises ValueError: a mistyped switch must not silently pick a side."""
+    text = os.environ.get(name, "").strip().lower()
+    if not text:
+        return default
+    if text not in _SWITCH:
+        raise ValueError(f"{name}={os.environ[name]!r}: expected 1/true/on/yes or 0/false/off/no")
+    return _SWITCH[text]
+
+
 def _glibc():
     """This process's C library when it is glibc, else None (musl's mallopt accepts the call and does
     nothing). A function of its own so tests can hand tune_cpu_allocator a fake one."""
@@ -173,7 +187,7 @@ def tune_cpu_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 <
     global _allocator_tuning
     if _allocator_tuning is not None:
         return dict(_allocator_tuning)
-    if os.environ.get("FASTBERT_MALLOC_TUNING", "1") == "0":
+    if not env_switch("FASTBERT_MALLOC_TUNING", True):
         return None
     libc = _glibc()
     if libc is None:

@@ -286,3 +286,44 @@ def test_a_setting_glibc_rejects_alone_is_left_at_its_default(fresh_runtime, cap
     assert runtime._allocator_tuning == {"mmap_threshold": 1 << 30, "trim_threshold": None, "top_pad": 64 << 20}
     assert sorted(libc.calls) == sorted([(runtime._M_MMAP_THRESHOLD, 1 << 30),
                                          (runtime._M_TRIM_THRESHOLD, (1 << 31) - 1), (runtime._M_TOP_PAD, 64 << 20)])
+
+
+@pytest.mark.parametrize("text,default,expected", [
+    (None, True, True), (None, False, False), ("", False, False), ("  ", True, True),
+    ("1", False, True), ("On", False, True), ("TRUE", False, True), ("yes", False, True),
+    ("0", True, False), ("off", True, False), ("False", True, False), (" no ", True, False),
+])
+def test_env_switch_reads_the_usual_spellings(monkeypatch, text, default, expected):
+    if text is None:
+        monkeypatch.delenv("FASTBERT_TEST_SWITCH", raising=False)
+    else:
+        monkeypatch.setenv("FASTBERT_TEST_SWITCH", text)
+    assert runtime.env_switch("FASTBERT_TEST_SWITCH", default) is expected
+
+
+@pytest.mark.parametrize("text", ["2", "of", "enable", "-1"])
+def test_env_switch_refuses_a_mistyped_value(monkeypatch, text):
+    monkeypatch.setenv("FASTBERT_TEST_SWITCH", text)
+    with pytest.raises(ValueError, match=f"FASTBERT_TEST_SWITCH='{text}': expected 1/true/on/yes or 0/false/off/no"):
+        runtime.env_switch("FASTBERT_TEST_SWITCH", True)
+
+
+def test_malloc_tuning_and_fused_ffn_switches_take_off_and_on_and_refuse_typos(fresh_runtime):
+    """FASTBERT_MALLOC_TUNING=off leaves glibc alone (only '0' did: 'off' tuned it); FASTBERT_FUSED_FFN=on
+    turns the fused feed-forward on at import (only '1' did), and a typo is a clear error at import."""
+    libc = FakeGlibc()
+    fresh_runtime.setattr(runtime, "_glibc", lambda: libc)
+    fresh_runtime.setenv("FASTBERT_MALLOC_TUNING", "off")
+    assert runtime.tune_cpu_allocator() is None and libc.calls == []
+    fresh_runtime.setenv("FASTBERT_MALLOC_TUNING", "maybe")
+    with pytest.raises(ValueError, match="FASTBERT_MALLOC_TUNING='maybe'"):
+        runtime.tune_cpu_allocator()
+    base = {k: v for k, v in os.environ.items() if k != "FASTBERT_FUSED_FFN"}
+    code = "import fastbert.modeling as m; print(m.FUSED_FFN)"
+    for text, expected in (("on", "True"), ("0", "False"), (None, "False")):
+        env = base if text is None else {**base, "FASTBERT_FUSED_FFN": text}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip() == expected, out.stderr
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**base, "FASTBERT_FUSED_FFN": "2"})
+    assert out.returncode != 0 and "FASTBERT_FUSED_FFN='2': expected" in out.stderr
