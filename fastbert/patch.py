@@ -91,6 +91,7 @@ _OUTPUTS = {
 _KEPT = ("BertPooler", "BertOnlyMLMHead", "BertOnlyNSPHead", "BertPreTrainingHeads")
 _PLAIN = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.Dropout, nn.ModuleList, nn.Tanh)
 
+
 def _bert_module():
     from transformers.models.bert import modeling_bert  # imported on first use: transformers is optional
     return modeling_bert
@@ -342,7 +343,8 @@ def _check(model) -> None:
         where, act = others[0]
         # the config's hidden_act may still say gelu when a module's activation was swapped after loading
         more = f" and {len(others) - 1} more" if len(others) > 1 else ""
-        reasons.append(f"{where} is {type(act).__qualname__}{more}, hidden_act={getattr(config, 'hidden_act', None)!r} "
+        reasons.append(f"{where} is {type(act).__qualname__}{more}, "
+                       f"hidden_act={getattr(config, 'hidden_act', None)!r} "
                        f"(fastbert runs gelu, gelu_new and gelu_pytorch_tanh)")
     if reasons:
         raise ValueError(f"fastbert.patch cannot run this {top.__name__}: {'; '.join(reasons)}")

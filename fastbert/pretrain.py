@@ -17,11 +17,12 @@ chapters of Jane Austen's Emma) and writes ``runs/pretrain-<date>-<time>/``:
 
 ``--resume`` continues the run in ``--out`` from its last checkpoint with the settings saved in
 run_args.json (it starts from the beginning if there is no checkpoint yet, and exits 0 at once when
-the run is finished); --save-every and --keep-checkpoints may be given again to change them. SIGINT (Ctrl-C) or SIGTERM stops a run at the end of its step with a
-checkpoint (under torchrun at the next metrics row, where the processes agree) and exits 128 +
-the signal's number. Under ``torchrun --nproc-per-node N`` each process takes 1/N of every global
-batch (``--batch-size`` is the global batch); the loss is the mean over all masked tokens of the
-global batch whatever N and ``--grad-accum`` are, so runs with the same seed train the same model.
+the run is finished); --save-every and --keep-checkpoints may be given again to change them.
+SIGINT (Ctrl-C) or SIGTERM stops a run at the end of its step with a checkpoint (under torchrun at
+the next metrics row, where the processes agree) and exits 128 + the signal's number. Under
+``torchrun --nproc-per-node N`` each process takes 1/N of every global batch (``--batch-size`` is the
+global batch); the loss is the mean over all masked tokens of the global batch whatever N and
+``--grad-accum`` are, so runs with the same seed train the same model.
 
 ``--pack`` fills each row of ``--seq-len`` tokens with several whole examples (best-fit, see
 fastbert.pretraining_data) instead of one example and padding; the model keeps them apart (each
