@@ -284,7 +284,7 @@ MAX_VOCAB = 1 << 20
 
 def _check_settings(s: dict, dist: T.Distributed) -> None:
     """Every setting checked before run_args.json is written (a resumed run would be stuck with it)."""
-    for k in ("seq_len", "batch_size", "grad_accum", "steps", "log_every", "save_every"):
+    for k in ("seq_len", "batch_size", "grad_accum", "steps", "log_every", "save_every", "keep_checkpoints"):
         if s[k] is not None and int(s[k]) < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be at least 1, got {s[k]}")
     # 0: no warm-up / evaluate at the end / no held-out evaluation / no decay / no clipping.
@@ -487,8 +487,6 @@ def _run(args, dist: T.Distributed) -> int:
     if args.resume and not args.out:
         raise ValueError("--resume needs --out DIR (the run to continue)")
     out = args.out or dist.broadcast(os.path.join("runs", time.strftime("pretrain-%Y%m%d-%H%M%S")))
-    if args.keep_checkpoints is not None and args.keep_checkpoints < 1:
-        raise ValueError(f"--keep-checkpoints must be at least 1, got {args.keep_checkpoints}")
     _check_folder_arg("--out", out)  # before a vocabulary is trained and a corpus tokenized, not after
     if args.cache_dir:
         _check_folder_arg("--cache-dir", args.cache_dir)
