@@ -50,6 +50,11 @@ def metric_rows(out):
     return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(os.path.join(out, "metrics.jsonl"))]
 
 
+def step_folders(out):
+    """The checkpoint folders of a run folder, oldest first (``latest`` and temporaries left out)."""
+    return sorted(n for n in os.listdir(os.path.join(out, "checkpoints")) if n.startswith("step-"))
+
+
 def test_the_step_zero_model_carries_a_note_until_the_first_checkpoint(corpus, vocab, tmp_path, monkeypatch):
     """The run folder's step-0 model (random, or --init-from's weights) comes with initial_model.json,
     which finetune and encode read to warn; publishing the first checkpoint's model removes it."""
@@ -637,8 +642,7 @@ def test_default_cadences_checkpoint_each_quarter_and_evaluate_each_tenth(corpus
     evaluation every steps // 10, a metrics row every 10 steps and at each evaluation."""
     out = tmp_path / "run"
     assert run(corpus, out, "--tokenizer", vocab, "--steps", "20", "--keep-checkpoints", "10") == 0
-    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
-    assert kept == [f"step-{n:08d}" for n in (5, 10, 15, 20)]
+    assert step_folders(out) == [f"step-{n:08d}" for n in (5, 10, 15, 20)]
     rows = metric_rows(out)
     assert [r["step"] for r in rows] == list(range(2, 21, 2))
     assert all("eval_mlm_loss" in r for r in rows)
@@ -828,13 +832,12 @@ def test_checkpoint_manager_keeps_the_newest_n_and_replaces_a_resaved_step(keep,
     m = CheckpointManager(str(tmp_path), keep=keep)
     for step in (1, 2, 3, 4, 5):
         m.save(step, writer(f"first {step}"))
-        kept = sorted(n for n in os.listdir(tmp_path / "checkpoints") if n.startswith("step-"))
-        assert kept == [f"step-{s:08d}" for s in range(max(1, step - keep + 1), step + 1)]
+        assert step_folders(tmp_path) == [f"step-{s:08d}" for s in range(max(1, step - keep + 1), step + 1)]
     (tmp_path / "checkpoints" / "latest").write_text(f"step-{5 - keep + 1:08d}\n")  # resumed from the oldest
     m.save(5, writer("again 5"))
     assert m.latest().endswith("step-00000005")
     assert open(os.path.join(m.latest(), STATE_FILE)).read() == "again 5"
-    assert len([n for n in os.listdir(tmp_path / "checkpoints") if n.startswith("step-")]) == keep
+    assert len(step_folders(tmp_path)) == keep
 
 
 def test_hashing_gigabytes_of_corpus_is_said_first(tmp_path, capsys):
@@ -964,7 +967,7 @@ def test_a_stop_signal_checkpoints_the_step_and_resume_matches(corpus, vocab, tm
     proc.send_signal(sig)
     err = proc.communicate(timeout=300)[1]
     assert proc.returncode == 128 + sig.value, err
-    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+    ckpts = step_folders(out)
     assert len(ckpts) == 1, ckpts
     stopped_at = int(ckpts[0].split("-")[1])
     assert 3 <= stopped_at < 30 and f"stopped by {sig.name} at step {stopped_at} of 30" in err
@@ -1414,8 +1417,7 @@ def test_resume_keeps_the_runs_settings_but_takes_save_every_and_the_checkpoints
     assert "warning: --lr 5.0 ignored on --resume; the run uses its size default" in err, err
     assert "--save-every" not in err, err
     assert "warning: the checkpoint has 2 processes' RNG states, this run 1" in err, err
-    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
-    assert kept == ["step-00000002", "step-00000003", "step-00000004"]  # --save-every 1 from step 2 on
+    assert step_folders(out) == ["step-00000002", "step-00000003", "step-00000004"]  # --save-every 1 from step 2 on
     assert metric_rows(out) == metric_rows(straight)
     assert (out / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
 
@@ -1429,16 +1431,14 @@ def test_resume_keeps_the_runs_checkpoint_count_unless_given(corpus, vocab, tmp_
     assert run(corpus, out, *common, "--steps", "3", "--keep-checkpoints", "3") == 0
     assert json.loads((out / "run_args.json").read_text())["keep_checkpoints"] == 3
     stored = json.loads((out / "run_args.json").read_text())
-    kept = lambda: sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))  # noqa: E731
     again = tmp_path / "again"
     shutil.copytree(out, again)
     (out / "run_args.json").write_text(json.dumps(dict(stored, steps=5)))  # as if stopped at step 3 of 5
     assert run(corpus, out, "--resume") == 0
-    assert kept() == ["step-00000003", "step-00000004", "step-00000005"]
+    assert step_folders(out) == ["step-00000003", "step-00000004", "step-00000005"]
     (again / "run_args.json").write_text(json.dumps(dict(stored, steps=5)))
-    out = again
-    assert run(corpus, out, "--resume", "--keep-checkpoints", "1") == 0
-    assert kept() == ["step-00000005"]
+    assert run(corpus, again, "--resume", "--keep-checkpoints", "1") == 0
+    assert step_folders(again) == ["step-00000005"]
 
 
 def test_resume_reads_the_run_folder_not_the_flags_inputs(corpus, vocab, tmp_path, capsys):
