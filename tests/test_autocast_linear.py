@@ -350,7 +350,6 @@ def test_the_path_at_the_edges_of_its_conditions(monkeypatch):
     assert seen == [None]
 
 
-
 def test_a_frozen_side_saves_nothing_for_its_gradient():
     """A frozen weight's gradient is not computed, so the input copy it would need is not kept; an input
     that needs no gradient keeps no low-precision weight copy (the layer-freezing recipe's memory)."""
