@@ -1553,10 +1553,14 @@ def test_tokens_per_s_counts_the_real_tokens_of_the_padded_batches(corpus, vocab
 
 
 def test_metrics_rows_say_the_epoch_the_data_position_is_in(corpus, vocab, tmp_path, capsys):
-    """121 training examples per epoch here: batches of 64 end epoch 0 in step 2."""
+    """About 121 training examples per epoch here (the count follows the session's trained vocabulary,
+    whose ties the tokenizers trainer breaks differently from run to run: see the vocab fixture):
+    batches of 64 end epoch 0 in step 2."""
+    import re
     assert run(corpus, tmp_path / "r", "--tokenizer", vocab, "--steps", "3", "--log-every", "1", "--eval-examples", "0",
                "--batch-size", "64") == 0
-    assert "(121 examples per epoch)" in capsys.readouterr().err
+    n = int(re.search(r"\((\d+) examples per epoch\)", capsys.readouterr().err).group(1))
+    assert 64 < n <= 128, n  # so that epoch 0 ends in step 2, not step 1 or 3
     assert [r["epoch"] for r in read_metrics(tmp_path / "r" / "metrics.jsonl")] == [0, 1, 1]
 
 
